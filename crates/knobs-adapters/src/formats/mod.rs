@@ -1,0 +1,2 @@
+//! Adapter files in the formats the ecosystem uses.
+pub mod peft;

@@ -1,0 +1,54 @@
+//! PEFT's folder format: `adapter_config.json` plus `adapter_model.safetensors` with keys
+//! `base_model.model.<path>.lora_A.weight`, `.lora_B.weight`, `.ia3_l`, ...
+use std::collections::HashMap;
+use std::path::Path;
+
+use knobs_nn::io::{atomic_write, read_safetensors, write_safetensors};
+use knobs_nn::{Error, Module};
+use serde_json::Value;
+
+use crate::{AdaptedModel, Result, config_from_peft_json};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// What `PeftModel.save_pretrained` puts in front of every key.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// Writes adapter `name` of `model` as a PEFT folder `dir`.
+pub fn save<M: Module>(model: &AdaptedModel<M>, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    let config = model.config(name)?.to_peft_json();
+    let tensors = model.adapter_state_dict(name)?.into_iter().map(|(k, v)| (format!("{KEY_PREFIX}{k}"), v)).collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(dir.join(WEIGHTS_FILE), &tensors, &meta)?;
+    let json = serde_json::to_vec_pretty(&config).expect("config serialises");
+    atomic_write(dir.join(CONFIG_FILE), &json)?;
+    Ok(())
+}
+
+/// Reads a PEFT `adapter_config.json`.
+pub fn read_config(dir: impl AsRef<Path>) -> Result<Box<dyn crate::AdapterConfig>> {
+    let path = dir.as_ref().join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
+    config_from_peft_json(&path, &json)
+}
+
+/// Loads the PEFT folder `dir` into `model` as adapter `name`, frozen (for inference; call
+/// `train_adapter` to keep training it). On any error the model is left as it was.
+pub fn load<M: Module>(model: &mut AdaptedModel<M>, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+    let dir = dir.as_ref();
+    let config = read_config(dir)?;
+    let sd = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    model.add_adapter(name, config).map_err(|e| match e {
+        crate::AdapterError::NoMatch { .. } => crate::AdapterError::Nn(Error::key(dir.join(CONFIG_FILE), "target_modules", e)),
+        other => other,
+    })?;
+    if let Err(e) = model.load_adapter_state_dict(name, &sd, KEY_PREFIX) {
+        model.delete_adapter(name)?;
+        return Err(e);
+    }
+    model.freeze();
+    Ok(())
+}

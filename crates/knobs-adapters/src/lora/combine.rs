@@ -1,0 +1,154 @@
+//! Combining several LoRA adapters into a new one, as PEFT's `add_weighted_adapter`:
+//! `linear` sums the factors (same ranks), `cat` stacks them (exact: the new delta is the
+//! weighted sum of the deltas), `svd` takes the best rank-k approximation of that sum.
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::{LayerMut, Module, ModuleExt, Tensor};
+
+use super::{LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear};
+use crate::{AdaptedModel, AdapterError, Pattern, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Combination {
+    Linear,
+    Cat,
+    Svd { rank: usize },
+}
+
+/// `(A, B)` factors of one source as 2-D matrices `[r, in]`, `[out, r]` with its scale.
+struct Factors {
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scale: f64,
+}
+
+fn factors(layer: &LayerMut<'_>, name: &str) -> Option<Factors> {
+    let any = layer.adapter(name)? as &dyn std::any::Any;
+    if let Some(l) = any.downcast_ref::<LoraLinear>() {
+        return Some(Factors { a: l.a.clone().inner(), b: l.b.clone().inner(), scale: l.scale });
+    }
+    if let Some(l) = any.downcast_ref::<LoraConv2d>() {
+        let [r, c, kh, kw] = l.a.dims();
+        let out = l.b.dims()[0];
+        return Some(Factors { a: l.a.clone().inner().reshape([r, c * kh * kw]), b: l.b.clone().inner().reshape([out, r]), scale: l.scale });
+    }
+    if let Some(l) = any.downcast_ref::<LoraEmbedding>() {
+        return Some(Factors { a: l.a.clone().inner(), b: l.b.clone().inner(), scale: l.scale });
+    }
+    None
+}
+
+/// Builds the new adapter of `layer` from combined 2-D factors (scale 1: the sources' scales
+/// and weights are folded into the factors).
+fn install(layer: LayerMut<'_>, name: &str, a: Tensor<2>, b: Tensor<2>) {
+    match layer {
+        LayerMut::Linear(l) => {
+            l.adapters.insert(name, Box::new(LoraLinear { a, b, scale: 1.0, dropout: 0.0, training: false }));
+        }
+        LayerMut::Conv2d(l) => {
+            let r = a.dims()[0];
+            let k = l.kernel();
+            let (stride, padding) = (l.stride, l.padding);
+            let a = a.reshape([r, l.c_in(), k, k]);
+            let b = b.reshape([l.c_out(), r, 1, 1]);
+            l.adapters.insert(name, Box::new(LoraConv2d { a, b, scale: 1.0, dropout: 0.0, training: false, stride, padding }));
+        }
+        LayerMut::Embedding(l) => {
+            l.adapters.insert(name, Box::new(LoraEmbedding { a, b, scale: 1.0 }));
+        }
+    }
+}
+
+fn signed_sqrt(w: f64) -> (f64, f64) {
+    let s = w.abs().sqrt();
+    (s, if w < 0.0 { -s } else { s })
+}
+
+/// Rank-`k` factors `(A [k, in], B [out, k])` of `delta [out, in]` by SVD.
+fn svd_factors(delta: Tensor<2>, k: usize) -> (Tensor<2>, Tensor<2>) {
+    let [out, d_in] = delta.dims();
+    let device = delta.device();
+    let values: Vec<f32> = delta.into_data().try_into_vec().unwrap();
+    let m = nalgebra::DMatrix::from_row_slice(out, d_in, &values.iter().map(|&v| v as f64).collect::<Vec<_>>());
+    let svd = m.svd(true, true);
+    let (u, vt) = (svd.u.unwrap(), svd.v_t.unwrap());
+    // nalgebra does not sort singular values; take the k largest.
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&i, &j| svd.singular_values[j].partial_cmp(&svd.singular_values[i]).unwrap());
+    let k = k.min(order.len());
+    let mut a = Vec::with_capacity(k * d_in);
+    for &i in &order[..k] {
+        a.extend(vt.row(i).iter().map(|&v| v as f32));
+    }
+    let mut b = vec![0f32; out * k];
+    for row in 0..out {
+        for (j, &i) in order[..k].iter().enumerate() {
+            b[row * k + j] = (u[(row, i)] * svd.singular_values[i]) as f32;
+        }
+    }
+    (Tensor::from_data(TensorData::new(a, [k, d_in]), &device), Tensor::from_data(TensorData::new(b, [out, k]), &device))
+}
+
+/// Adds adapter `new_name` that combines `sources` (adapter name, weight) on every layer that
+/// carries all of them. The new adapter is inactive until activated.
+pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], new_name: &str, how: Combination) -> Result<()> {
+    if sources.is_empty() {
+        return Err(AdapterError::Config("combine: no source adapters given".into()));
+    }
+    for (name, _) in sources {
+        let cfg = model.config(name)?;
+        if cfg.peft_type() != "LORA" {
+            return Err(AdapterError::Config(format!("combine: adapter `{name}` is {}, only LoRA adapters combine", cfg.peft_type())));
+        }
+    }
+    let mut paths = Vec::new();
+    let mut error = None;
+    let mut new_rank = 0;
+    model.model.for_each_layer_mut(|path, layer| {
+        if error.is_some() {
+            return;
+        }
+        let found: Vec<(Factors, f64)> = sources.iter().filter_map(|(n, w)| factors(&layer, n).map(|f| (f, *w))).collect();
+        if found.len() != sources.len() {
+            return;
+        }
+        let (a, b) = match how {
+            Combination::Linear | Combination::Cat => {
+                let ranks: Vec<usize> = found.iter().map(|(f, _)| f.a.dims()[0]).collect();
+                if how == Combination::Linear && ranks.iter().any(|&r| r != ranks[0]) {
+                    error = Some(AdapterError::Config(format!("combine linear: `{path}` has ranks {ranks:?}; linear needs equal ranks (use cat or svd)")));
+                    return;
+                }
+                let scaled: Vec<(Tensor<2>, Tensor<2>)> = found
+                    .into_iter()
+                    .map(|(f, w)| {
+                        let (sa, sb) = signed_sqrt(w * f.scale);
+                        (f.a * sa, f.b * sb)
+                    })
+                    .collect();
+                if how == Combination::Cat {
+                    let (a, b): (Vec<_>, Vec<_>) = scaled.into_iter().unzip();
+                    (Tensor::cat(a, 0), Tensor::cat(b, 1))
+                } else {
+                    scaled.into_iter().reduce(|(a1, b1), (a2, b2)| (a1 + a2, b1 + b2)).unwrap()
+                }
+            }
+            Combination::Svd { rank } => {
+                let delta = found.into_iter().map(|(f, w)| f.b.matmul(f.a) * (w * f.scale)).reduce(|x, y| x + y).unwrap();
+                svd_factors(delta, rank)
+            }
+        };
+        new_rank = a.dims()[0];
+        install(layer, new_name, a, b);
+        paths.push(path.to_string());
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if paths.is_empty() {
+        return Err(AdapterError::Config(format!("combine: no layer carries all of {:?}", sources.iter().map(|s| s.0).collect::<Vec<_>>())));
+    }
+    let config = LoraConfig::new(new_rank, new_rank as f64, Pattern::Names(paths));
+    model.register(new_name, Box::new(config));
+    model.set_state(new_name, |s| s.active = false);
+    Ok(())
+}

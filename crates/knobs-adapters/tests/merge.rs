@@ -1,0 +1,153 @@
+//! Merging, unmerging, multiple adapters with weights, disabling, deleting and combining.
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use knobs_adapters::ia3::Ia3Config;
+use knobs_adapters::lora::{Combination, LoraConfig, combine};
+use knobs_adapters::{AdaptedModel, Pattern};
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::state_dict;
+use knobs_nn::{Tensor, cpu};
+
+fn values(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().try_into_vec().unwrap()
+}
+
+/// max |a - b| / max |b|
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64)) / scale.max(1e-12)
+}
+
+fn rel_data(a: &TensorData, b: &TensorData) -> f64 {
+    rel(&a.clone().try_into_vec::<f32>().unwrap(), &b.clone().try_into_vec::<f32>().unwrap())
+}
+
+fn base_weights(m: &TinyNet) -> BTreeMap<String, TensorData> {
+    state_dict(m).into_iter().filter(|(k, _)| !k.contains(".lora_") && !k.contains(".ia3_l")).collect()
+}
+
+fn setup() -> (AdaptedModel<TinyNet>, Batch) {
+    let device = cpu();
+    let mut m = AdaptedModel::new(TinyNet::new(11, &device), 12);
+    m.add_adapter("lora", Box::new(LoraConfig::new(3, 6.0, Pattern::names(&["embed", "conv", "fc1", "fc2", "head"])))).unwrap();
+    m.add_adapter("ia3", Box::new(Ia3Config::new(Pattern::names(&["conv", "fc1", "fc2"]), Pattern::names(&["fc2"])))).unwrap();
+    randomize_adapters(&mut m.model, 0.3, 13);
+    (m, batch(7, 14, &device))
+}
+
+fn out(m: &TinyNet, b: &Batch) -> Vec<f32> {
+    values(m.forward(b.ids.clone(), b.img.clone()))
+}
+
+#[test]
+fn merged_output_equals_unmerged_and_unmerge_restores_base() {
+    let (mut m, b) = setup();
+    let base_before = base_weights(&m.model);
+    let base_out = m.with_disabled(|net| out(net, &b));
+    let adapted = out(&m.model, &b);
+    assert!(rel(&adapted, &base_out) > 1e-2, "adapters must change the output for this test to mean anything");
+
+    m.merge(&[]).unwrap();
+    let merged = out(&m.model, &b);
+    assert!(rel(&merged, &adapted) < 1e-5, "merged {}", rel(&merged, &adapted));
+    assert!(base_weights(&m.model).iter().any(|(k, v)| rel_data(v, &base_before[k]) > 1e-4), "merge changed no weight");
+
+    m.unmerge();
+    for (k, v) in base_weights(&m.model) {
+        assert!(rel_data(&v, &base_before[&k]) < 1e-5, "{k} not restored: {}", rel_data(&v, &base_before[&k]));
+    }
+    assert!(rel(&out(&m.model, &b), &adapted) < 1e-5);
+}
+
+#[test]
+fn merge_and_unload_gives_plain_model_with_same_output() {
+    let (m, b) = setup();
+    let adapted = out(&m.model, &b);
+    let plain = m.merge_and_unload();
+    assert!(knobs_nn::ModuleExt::param_paths(&plain).iter().all(|p| !p.contains("lora") && !p.contains("ia3")));
+    assert!(rel(&out(&plain, &b), &adapted) < 1e-5);
+}
+
+#[test]
+fn weights_active_set_disable_and_delete() {
+    let (mut m, b) = setup();
+    let base_out = m.with_disabled(|net| out(net, &b));
+    m.set_adapters(&[("lora", 0.0)]).unwrap();
+    assert!(rel(&out(&m.model, &b), &base_out) < 1e-6, "weight 0 must equal the base");
+    m.set_adapters(&[("lora", 1.0)]).unwrap();
+    let full = out(&m.model, &b);
+    m.set_adapters(&[("lora", 0.5)]).unwrap();
+    let half = out(&m.model, &b);
+    assert!(rel(&half, &full) > 1e-3 && rel(&half, &base_out) > 1e-3);
+    assert_eq!(m.active_adapters(), vec!["lora".to_string()]);
+
+    // Merging with a weight and unmerging after the weight changed must still restore the base.
+    let before = base_weights(&m.model);
+    m.merge(&["lora"]).unwrap();
+    assert!(rel(&out(&m.model, &b), &half) < 1e-5);
+    m.set_adapters(&[("lora", 2.0)]).unwrap();
+    m.unmerge();
+    for (k, v) in base_weights(&m.model) {
+        assert!(rel_data(&v, &before[&k]) < 1e-5, "{k}");
+    }
+
+    assert!(m.set_active(&["nope"]).is_err());
+    m.delete_adapter("lora").unwrap();
+    m.delete_adapter("ia3").unwrap();
+    assert!(m.adapter_names().is_empty());
+    assert!(rel(&out(&m.model, &b), &base_out) < 1e-6);
+    assert!(knobs_nn::ModuleExt::param_paths(&m.model).iter().all(|p| !p.contains("lora")));
+}
+
+fn two_loras(r1: usize, r2: usize) -> (AdaptedModel<TinyNet>, Batch) {
+    let device = cpu();
+    let mut m = AdaptedModel::new(TinyNet::new(21, &device), 22);
+    let targets = Pattern::names(&["embed", "conv", "fc1", "fc2", "head"]);
+    m.add_adapter("x", Box::new(LoraConfig::new(r1, 4.0, targets.clone()))).unwrap();
+    m.add_adapter("y", Box::new(LoraConfig::new(r2, 2.0, targets))).unwrap();
+    randomize_adapters(&mut m.model, 0.3, 23);
+    (m, batch(5, 24, &device))
+}
+
+#[test]
+fn combine_cat_equals_weighted_adapters_together() {
+    let (mut m, b) = two_loras(2, 3);
+    m.set_adapters(&[("x", 0.7), ("y", 1.3)]).unwrap();
+    let together = out(&m.model, &b);
+    combine(&mut m, &[("x", 0.7), ("y", 1.3)], "xy", Combination::Cat).unwrap();
+    m.set_active(&["xy"]).unwrap();
+    assert!(rel(&out(&m.model, &b), &together) < 1e-5);
+}
+
+#[test]
+fn combine_svd_at_full_rank_is_exact_and_lower_rank_is_close() {
+    let (mut m, b) = two_loras(2, 3);
+    m.set_adapters(&[("x", 1.0), ("y", 0.5)]).unwrap();
+    let together = out(&m.model, &b);
+    m.set_active(&[]).unwrap();
+    let base = out(&m.model, &b);
+    combine(&mut m, &[("x", 1.0), ("y", 0.5)], "full", Combination::Svd { rank: 5 }).unwrap();
+    m.set_active(&["full"]).unwrap();
+    assert!(rel(&out(&m.model, &b), &together) < 1e-4);
+    combine(&mut m, &[("x", 1.0), ("y", 0.5)], "low", Combination::Svd { rank: 2 }).unwrap();
+    m.set_active(&["low"]).unwrap();
+    let low = out(&m.model, &b);
+    let diff = |a: &[f32], c: &[f32]| a.iter().zip(c).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>();
+    assert!(diff(&low, &together) < diff(&base, &together), "rank-2 approximation should be nearer than no adapter");
+}
+
+#[test]
+fn combine_linear_needs_equal_ranks_and_sums_factors() {
+    let (mut m, _) = two_loras(2, 3);
+    assert!(combine(&mut m, &[("x", 1.0), ("y", 1.0)], "bad", Combination::Linear).is_err());
+    let (mut m, b) = two_loras(2, 2);
+    // One source with weight w: linear is exact (sqrt(w s) A, sqrt(w s) B).
+    m.set_adapters(&[("x", 0.6)]).unwrap();
+    let single = out(&m.model, &b);
+    combine(&mut m, &[("x", 0.6)], "lx", Combination::Linear).unwrap();
+    m.set_active(&["lx"]).unwrap();
+    assert!(rel(&out(&m.model, &b), &single) < 1e-5);
+}

@@ -1,0 +1,140 @@
+//! The one place where adapters meet layers. Each adaptable layer carries a [`Slot`]: the
+//! adapters attached to it, with their run-time state. Layers call the slot in `forward`;
+//! adapter methods (LoRA, IA3, ...) live in `knobs-adapters` and implement these traits, so
+//! adding a method never edits a layer or a model.
+use std::any::Any;
+use std::fmt::Debug;
+
+use burn::tensor::{Int, Tensor};
+
+use crate::module::{Visitor, VisitorMut};
+
+/// What every adapter, on any layer kind, provides.
+pub trait Adapter: Any + Send + Sync + Debug {
+    /// The method's name as PEFT writes it in `peft_type` (`LORA`, `IA3`, ...).
+    fn method(&self) -> &'static str;
+    /// Visits the adapter's parameters under the host layer's path, named as PEFT names them
+    /// in memory (`<layer>.lora_A.<adapter>.weight`), so trainability and optimizers see them
+    /// like any other parameter.
+    fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor);
+    fn visit_mut(&mut self, layer: &str, adapter: &str, v: &mut dyn VisitorMut);
+    /// Switches train-only behaviour such as dropout.
+    fn set_training(&mut self, _training: bool) {}
+}
+
+/// An adapter on a [`crate::Linear`]. Inputs and outputs are flattened to `[rows, features]`.
+///
+/// Adapters wrap the layer in the order they were attached, as PEFT's wrapper modules nest:
+/// `inner` is the layer with every earlier adapter applied. LoRA returns
+/// `inner(x) + delta(x)`, IA3 `inner(x) * l` or `inner(x * l)`. Merging in attachment order
+/// therefore gives exactly the same function.
+pub trait LinearAdapter: Adapter {
+    fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2>;
+    /// Folds the adapter into the layer's weight `[out, in]` and bias.
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>);
+    /// Undoes [`LinearAdapter::merge`].
+    fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>);
+}
+
+/// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].
+pub trait Conv2dAdapter: Adapter {
+    fn forward(&self, x: Tensor<4>, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4>;
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
+    fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
+}
+
+/// An adapter on an [`crate::Embedding`]: `y` is `[batch, seq, dim]` for token ids `ids`.
+pub trait EmbeddingAdapter: Adapter {
+    fn output(&self, _ids: &Tensor<2, Int>, y: Tensor<3>, _weight: f32) -> Tensor<3> {
+        y
+    }
+    fn merge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
+    fn unmerge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
+}
+
+/// The run-time state of one attached adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdapterState {
+    /// Takes part in `forward` (PEFT's active adapters).
+    pub active: bool,
+    /// Multiplies the adapter's effect (diffusers' `set_adapters` weights).
+    pub weight: f32,
+    /// Folded into the base weights with this weight: `forward` must not apply it again, and
+    /// unmerging subtracts exactly what was added.
+    pub merged: Option<f32>,
+}
+
+impl Default for AdapterState {
+    fn default() -> Self {
+        AdapterState { active: true, weight: 1.0, merged: None }
+    }
+}
+
+/// One attached adapter.
+#[derive(Debug)]
+pub struct SlotEntry<A: ?Sized> {
+    pub name: String,
+    pub adapter: Box<A>,
+    pub state: AdapterState,
+}
+
+impl<A: ?Sized> SlotEntry<A> {
+    pub fn weight(&self) -> f32 {
+        self.state.weight
+    }
+}
+
+#[derive(Debug)]
+pub struct Slot<A: ?Sized> {
+    pub entries: Vec<SlotEntry<A>>,
+    /// When false every unmerged adapter is bypassed (PEFT's `disable_adapter`).
+    pub enabled: bool,
+}
+
+impl<A: ?Sized> Default for Slot<A> {
+    fn default() -> Self {
+        Slot { entries: Vec::new(), enabled: true }
+    }
+}
+
+impl<A: ?Sized + Adapter> Slot<A> {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// The adapters that `forward` applies now.
+    pub fn live(&self) -> impl Iterator<Item = &SlotEntry<A>> {
+        let enabled = self.enabled;
+        self.entries.iter().filter(move |e| enabled && e.state.active && e.state.merged.is_none())
+    }
+    pub fn has_live(&self) -> bool {
+        self.live().next().is_some()
+    }
+    pub fn get(&self, name: &str) -> Option<&SlotEntry<A>> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut SlotEntry<A>> {
+        self.entries.iter_mut().find(|e| e.name == name)
+    }
+    /// Attaches `adapter` as `name`, replacing an adapter of the same name.
+    pub fn insert(&mut self, name: &str, adapter: Box<A>) {
+        let entry = SlotEntry { name: name.to_string(), adapter, state: AdapterState::default() };
+        match self.entries.iter_mut().position(|e| e.name == name) {
+            Some(i) => self.entries[i] = entry,
+            None => self.entries.push(entry),
+        }
+    }
+    pub fn remove(&mut self, name: &str) -> Option<SlotEntry<A>> {
+        let i = self.entries.iter().position(|e| e.name == name)?;
+        Some(self.entries.remove(i))
+    }
+    pub fn visit(&self, layer: &str, v: &mut dyn Visitor) {
+        for e in &self.entries {
+            e.adapter.visit(layer, &e.name, v);
+        }
+    }
+    pub fn visit_mut(&mut self, layer: &str, v: &mut dyn VisitorMut) {
+        for e in &mut self.entries {
+            e.adapter.visit_mut(layer, &e.name, v);
+        }
+    }
+}

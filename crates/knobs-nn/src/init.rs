@@ -1,0 +1,49 @@
+//! Seeded initialisation drawn on the CPU, so that a seed gives the same weights on every
+//! backend and every run.
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, Normal, Uniform};
+
+pub struct Init {
+    rng: StdRng,
+}
+
+impl Init {
+    pub fn new(seed: u64) -> Self {
+        Init { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
+    fn tensor<const D: usize>(shape: [usize; D], values: Vec<f32>, device: &Device) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+
+    /// Uniform in `[-bound, bound)`.
+    pub fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f64, device: &Device) -> Tensor<D> {
+        let n = shape.iter().product();
+        let dist = Uniform::new(-bound as f32, bound as f32).unwrap();
+        let values = (0..n).map(|_| dist.sample(&mut self.rng)).collect();
+        Self::tensor(shape, values, device)
+    }
+
+    /// Normal with mean 0.
+    pub fn normal<const D: usize>(&mut self, shape: [usize; D], std: f64, device: &Device) -> Tensor<D> {
+        let n = shape.iter().product();
+        let dist = Normal::new(0.0f32, std as f32).unwrap();
+        let values = (0..n).map(|_| dist.sample(&mut self.rng)).collect();
+        Self::tensor(shape, values, device)
+    }
+
+    /// Standard normal values (for noise) as a plain vector.
+    pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
+        let dist = Normal::new(0.0f32, 1.0).unwrap();
+        (0..n).map(|_| dist.sample(&mut self.rng)).collect()
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.rng.random()
+    }
+}

@@ -1,0 +1,177 @@
+//! safetensors in and out. Files are read whole and checked; writes are atomic (a temporary
+//! file in the same folder, then a rename) so an interrupted write never leaves half a file.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, TensorData};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::module::{Module, ModuleExt};
+use crate::{Error, Result};
+
+/// Named tensors read from one file, with the file's metadata.
+#[derive(Debug, Clone, Default)]
+pub struct StateDict {
+    pub file: PathBuf,
+    pub tensors: BTreeMap<String, TensorData>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl StateDict {
+    pub fn get(&self, key: &str) -> Result<&TensorData> {
+        self.tensors.get(key).ok_or_else(|| Error::key(&self.file, key, "missing from the file"))
+    }
+    /// The tensor as f32 values with its shape.
+    pub fn f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let d = self.get(key)?;
+        let shape = d.shape().as_slice().to_vec();
+        let values = d.clone().convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::key(&self.file, key, format!("{e:?}")))?;
+        Ok((values, shape))
+    }
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+fn to_i64(dtype: Dtype, bytes: &[u8]) -> Option<Vec<i64>> {
+    Some(match dtype {
+        Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64).collect(),
+        _ => return None,
+    })
+}
+
+/// Reads a safetensors file. Floating tensors become f32, integer tensors i64.
+pub fn read_safetensors(path: impl AsRef<Path>) -> Result<StateDict> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    read_safetensors_bytes(path, &bytes)
+}
+
+pub fn read_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<StateDict> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file ({e:?})")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::file(path, format!("{e:?}")))?;
+    let mut tensors = BTreeMap::new();
+    for (key, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let data = if let Some(v) = to_f32(view.dtype(), view.data()) {
+            TensorData::new(v, shape)
+        } else if let Some(v) = to_i64(view.dtype(), view.data()) {
+            TensorData::new(v, shape)
+        } else {
+            return Err(Error::key(path, key, format!("unsupported dtype {:?}", view.dtype())));
+        };
+        tensors.insert(key, data);
+    }
+    Ok(StateDict { file: path.to_path_buf(), tensors, metadata: meta.metadata().clone().unwrap_or_default() })
+}
+
+fn to_bytes(key: &str, data: &TensorData) -> Result<(Dtype, Vec<u8>)> {
+    let err = |e| Error::param(key, format!("{e:?}"));
+    Ok(match data.dtype() {
+        DType::I64 | DType::I32 => {
+            let v: Vec<i64> = data.clone().convert::<i64>().try_into_vec().map_err(err)?;
+            (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
+        _ => {
+            let v: Vec<f32> = data.clone().convert::<f32>().try_into_vec().map_err(err)?;
+            (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
+    })
+}
+
+/// Writes tensors (f32 or i64) and metadata atomically.
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let encoded = tensors
+        .iter()
+        .map(|(k, d)| Ok((k.clone(), to_bytes(k, d).map_err(|e| e.in_file(path))?, d.shape().as_slice().to_vec())))
+        .collect::<Result<Vec<_>>>()?;
+    let views = encoded
+        .iter()
+        .map(|(k, (dt, b), shape)| Ok((k.as_str(), TensorView::new(*dt, shape.clone(), b).map_err(|e| Error::key(path, k, format!("{e:?}")))?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = (!metadata.is_empty()).then(|| metadata.clone());
+    let bytes = safetensors::serialize(views, meta).map_err(|e| Error::file(path, format!("{e:?}")))?;
+    atomic_write(path, &bytes)
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.
+pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let path = path.as_ref();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    tmp.persist(path).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    Ok(())
+}
+
+/// Every parameter of `module` by path.
+pub fn state_dict<M: Module + ?Sized>(module: &M) -> BTreeMap<String, TensorData> {
+    let mut out = BTreeMap::new();
+    module.for_each_param(|path, p| {
+        out.insert(path.to_string(), p.to_data());
+    });
+    out
+}
+
+/// How strictly a file must fit a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Model parameters absent from the file keep their values.
+    pub allow_missing: bool,
+    /// File tensors that fit no parameter are ignored.
+    pub allow_unexpected: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+}
+
+/// Copies `sd` into `module` by path. Shapes must match; missing and unexpected keys are
+/// errors unless `opts` allows them, so a wrong file never loads half-way in silence.
+pub fn load_state_dict<M: Module + ?Sized>(module: &mut M, sd: &StateDict, opts: LoadOptions) -> Result<LoadReport> {
+    let mut report = LoadReport::default();
+    let mut first_err = None;
+    module.for_each_param_mut(|path, mut p| {
+        if first_err.is_some() {
+            return;
+        }
+        match sd.tensors.get(path) {
+            Some(data) => match p.assign(path, data.clone()) {
+                Ok(()) => report.loaded.push(path.to_string()),
+                Err(e) => first_err = Some(e.in_file(&sd.file)),
+            },
+            None => report.missing.push(path.to_string()),
+        }
+    });
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let loaded: std::collections::HashSet<&str> = report.loaded.iter().map(|s| s.as_str()).collect();
+    report.unexpected = sd.tensors.keys().filter(|k| !loaded.contains(k.as_str())).cloned().collect();
+    if !opts.allow_missing && !report.missing.is_empty() {
+        return Err(Error::key(&sd.file, &report.missing[0], format!("the model needs this tensor and the file lacks it ({} missing in all)", report.missing.len())));
+    }
+    if !opts.allow_unexpected && !report.unexpected.is_empty() {
+        return Err(Error::key(&sd.file, &report.unexpected[0], format!("no parameter of the model has this name ({} such keys in all)", report.unexpected.len())));
+    }
+    Ok(report)
+}

@@ -1,0 +1,118 @@
+use burn::tensor::Device;
+use burn::tensor::Tensor;
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+
+use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
+use crate::init::Init;
+use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::param::{ParamMut, ParamRef, like};
+
+/// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor<4>,
+    pub bias: Option<Tensor<1>>,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+    pub adapters: Slot<dyn Conv2dAdapter>,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        init: &mut Init,
+        device: &Device,
+    ) -> Self {
+        let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
+        Conv2d {
+            weight: init.uniform([c_out, c_in, kernel, kernel], bound, device),
+            bias: bias.then(|| init.uniform([c_out], bound, device)),
+            stride,
+            padding,
+            groups: 1,
+            adapters: Slot::default(),
+        }
+    }
+
+    pub fn kernel(&self) -> usize {
+        self.weight.dims()[2]
+    }
+    pub fn c_in(&self) -> usize {
+        self.weight.dims()[1] * self.groups
+    }
+    pub fn c_out(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn options(&self) -> ConvOptions<2> {
+        ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], self.groups)
+    }
+
+    pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
+        conv2d(x, self.weight.clone(), self.bias.clone(), self.options())
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let live: Vec<_> = self.adapters.live().collect();
+        self.chain(&live, x)
+    }
+
+    /// The layer wrapped by `live` adapters, the last one outermost.
+    fn chain(&self, live: &[&SlotEntry<dyn Conv2dAdapter>], x: Tensor<4>) -> Tensor<4> {
+        match live.split_last() {
+            None => self.forward_base(x),
+            Some((outer, rest)) => outer.adapter.forward(x, &|x| self.chain(rest, x), outer.weight()),
+        }
+    }
+
+    pub fn merge_adapter(&mut self, name: &str) -> bool {
+        let Some(e) = self.adapters.get(name).filter(|e| e.state.merged.is_none()) else { return false };
+        let weight = e.weight();
+        let (w, b) = e.adapter.merge(self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()), weight);
+        self.set_weights(w, b);
+        self.adapters.get_mut(name).unwrap().state.merged = Some(weight);
+        true
+    }
+
+    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+        let Some(e) = self.adapters.get(name) else { return false };
+        let Some(weight) = e.state.merged else { return false };
+        let (w, b) = e.adapter.unmerge(self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()), weight);
+        self.set_weights(w, b);
+        self.adapters.get_mut(name).unwrap().state.merged = None;
+        true
+    }
+
+    fn set_weights(&mut self, w: Tensor<4>, b: Option<Tensor<1>>) {
+        self.weight = like(&self.weight, w);
+        if let (Some(old), Some(new)) = (&self.bias, b) {
+            self.bias = Some(like(old, new));
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn visit(&self, prefix: &str, v: &mut dyn Visitor) {
+        v.layer(prefix, LayerRef::Conv2d(self));
+        v.param(&join(prefix, "weight"), ParamRef::D4(&self.weight));
+        if let Some(b) = &self.bias {
+            v.param(&join(prefix, "bias"), ParamRef::D1(b));
+        }
+        self.adapters.visit(prefix, v);
+    }
+    fn visit_mut(&mut self, prefix: &str, v: &mut dyn VisitorMut) {
+        v.layer(prefix, LayerMut::Conv2d(self));
+        v.param(&join(prefix, "weight"), ParamMut::D4(&mut self.weight));
+        if let Some(b) = &mut self.bias {
+            v.param(&join(prefix, "bias"), ParamMut::D1(b));
+        }
+        self.adapters.visit_mut(prefix, v);
+    }
+}

@@ -1,0 +1,67 @@
+use burn::tensor::module::embedding;
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::adapter::{EmbeddingAdapter, Slot};
+use crate::init::Init;
+use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::param::{ParamMut, ParamRef, like};
+
+/// A lookup table `[num_embeddings, dim]`.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor<2>,
+    pub adapters: Slot<dyn EmbeddingAdapter>,
+}
+
+impl Embedding {
+    /// PyTorch's default initialisation, N(0, 1).
+    pub fn new(num: usize, dim: usize, init: &mut Init, device: &Device) -> Self {
+        Embedding { weight: init.normal([num, dim], 1.0, device), adapters: Slot::default() }
+    }
+
+    pub fn num_embeddings(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let mut y = embedding(self.weight.clone(), ids.clone());
+        for e in self.adapters.live() {
+            y = e.adapter.output(&ids, y, e.weight());
+        }
+        y
+    }
+
+    pub fn merge_adapter(&mut self, name: &str) -> bool {
+        let Some(e) = self.adapters.get(name).filter(|e| e.state.merged.is_none()) else { return false };
+        let weight = e.weight();
+        let w = e.adapter.merge(self.weight.clone().inner(), weight);
+        self.weight = like(&self.weight, w);
+        self.adapters.get_mut(name).unwrap().state.merged = Some(weight);
+        true
+    }
+
+    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+        let Some(e) = self.adapters.get(name) else { return false };
+        let Some(weight) = e.state.merged else { return false };
+        let w = e.adapter.unmerge(self.weight.clone().inner(), weight);
+        self.weight = like(&self.weight, w);
+        self.adapters.get_mut(name).unwrap().state.merged = None;
+        true
+    }
+}
+
+impl Module for Embedding {
+    fn visit(&self, prefix: &str, v: &mut dyn Visitor) {
+        v.layer(prefix, LayerRef::Embedding(self));
+        v.param(&join(prefix, "weight"), ParamRef::D2(&self.weight));
+        self.adapters.visit(prefix, v);
+    }
+    fn visit_mut(&mut self, prefix: &str, v: &mut dyn VisitorMut) {
+        v.layer(prefix, LayerMut::Embedding(self));
+        v.param(&join(prefix, "weight"), ParamMut::D2(&mut self.weight));
+        self.adapters.visit_mut(prefix, v);
+    }
+}

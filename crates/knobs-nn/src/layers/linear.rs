@@ -1,0 +1,110 @@
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Tensor};
+
+use crate::adapter::{LinearAdapter, Slot, SlotEntry};
+use crate::init::Init;
+use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::param::{ParamMut, ParamRef, like};
+
+/// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+    pub adapters: Slot<dyn LinearAdapter>,
+}
+
+impl Linear {
+    /// PyTorch's default initialisation (uniform in ±1/sqrt(in)).
+    pub fn new(d_in: usize, d_out: usize, bias: bool, init: &mut Init, device: &Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Linear {
+            weight: init.uniform([d_out, d_in], bound, device),
+            bias: bias.then(|| init.uniform([d_out], bound, device)),
+            adapters: Slot::default(),
+        }
+    }
+
+    pub fn from_tensors(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Linear { weight, bias, adapters: Slot::default() }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// The base layer alone, ignoring adapters.
+    pub fn forward_base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.clone().transpose(), self.bias.clone())
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if !self.adapters.has_live() {
+            return self.forward_base(x);
+        }
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let live: Vec<_> = self.adapters.live().collect();
+        let y = self.chain(&live, x.reshape([rows, self.d_in()]));
+        dims[D - 1] = self.d_out();
+        y.reshape(dims)
+    }
+
+    /// The layer wrapped by `live` adapters, the last one outermost.
+    fn chain(&self, live: &[&SlotEntry<dyn LinearAdapter>], x: Tensor<2>) -> Tensor<2> {
+        match live.split_last() {
+            None => self.forward_base(x),
+            Some((outer, rest)) => outer.adapter.forward(x, &|x| self.chain(rest, x), outer.weight()),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn visit(&self, prefix: &str, v: &mut dyn Visitor) {
+        v.layer(prefix, LayerRef::Linear(self));
+        v.param(&join(prefix, "weight"), ParamRef::D2(&self.weight));
+        if let Some(b) = &self.bias {
+            v.param(&join(prefix, "bias"), ParamRef::D1(b));
+        }
+        self.adapters.visit(prefix, v);
+    }
+    fn visit_mut(&mut self, prefix: &str, v: &mut dyn VisitorMut) {
+        v.layer(prefix, LayerMut::Linear(self));
+        v.param(&join(prefix, "weight"), ParamMut::D2(&mut self.weight));
+        if let Some(b) = &mut self.bias {
+            v.param(&join(prefix, "bias"), ParamMut::D1(b));
+        }
+        self.adapters.visit_mut(prefix, v);
+    }
+}
+
+impl Linear {
+    /// Folds adapter `name` into the base weights; false when absent or already merged.
+    pub fn merge_adapter(&mut self, name: &str) -> bool {
+        let Some(e) = self.adapters.get(name).filter(|e| e.state.merged.is_none()) else { return false };
+        let weight = e.weight();
+        let (w, b) = e.adapter.merge(self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()), weight);
+        self.set_weights(w, b);
+        self.adapters.get_mut(name).unwrap().state.merged = Some(weight);
+        true
+    }
+
+    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+        let Some(e) = self.adapters.get(name) else { return false };
+        let Some(weight) = e.state.merged else { return false };
+        let (w, b) = e.adapter.unmerge(self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()), weight);
+        self.set_weights(w, b);
+        self.adapters.get_mut(name).unwrap().state.merged = None;
+        true
+    }
+
+    fn set_weights(&mut self, w: Tensor<2>, b: Option<Tensor<1>>) {
+        self.weight = like(&self.weight, w);
+        if let (Some(old), Some(new)) = (&self.bias, b) {
+            self.bias = Some(like(old, new));
+        }
+    }
+}

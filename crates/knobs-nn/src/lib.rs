@@ -1,0 +1,32 @@
+//! knobs-nn: layers whose parameters carry PyTorch `state_dict` paths, the visitor that walks
+//! them, the adapter slot every adaptable layer carries, safetensors io and optimisers.
+//! Nothing here knows about diffusion or about any particular adapter method.
+pub mod adapter;
+pub mod error;
+pub mod gradcheck;
+pub mod init;
+pub mod io;
+pub mod layers;
+pub mod module;
+pub mod optim;
+pub mod param;
+
+pub use adapter::{Adapter, AdapterState, Conv2dAdapter, EmbeddingAdapter, LinearAdapter, Slot, SlotEntry};
+pub use error::{Error, Result};
+pub use init::Init;
+pub use layers::{Conv2d, Embedding, GroupNorm, LayerNorm, Linear};
+pub use module::{LayerMut, LayerRef, Module, ModuleExt, ParamFn, ParamMutFn, Visitor, VisitorMut, join};
+pub use param::{ParamMut, ParamRef};
+
+pub use burn;
+pub use burn::tensor::{Device, Tensor};
+
+/// The CPU device used by default (burn's pure-Rust `flex` backend).
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
+/// The CPU device with autodiff, for training.
+pub fn cpu_autodiff() -> Device {
+    Device::flex().autodiff()
+}

@@ -1,0 +1,109 @@
+//! A borrowed view of one parameter, whatever its rank, so that visitors (optimizers,
+//! loaders, savers, freezers) handle every tensor of a model through one interface.
+use burn::tensor::{Gradients, Tensor, TensorData};
+
+use crate::{Error, Result};
+
+pub enum ParamRef<'a> {
+    D1(&'a Tensor<1>),
+    D2(&'a Tensor<2>),
+    D4(&'a Tensor<4>),
+}
+
+pub enum ParamMut<'a> {
+    D1(&'a mut Tensor<1>),
+    D2(&'a mut Tensor<2>),
+    D4(&'a mut Tensor<4>),
+}
+
+macro_rules! each {
+    ($self:expr, $t:ident => $body:expr) => {
+        match $self {
+            Self::D1($t) => $body,
+            Self::D2($t) => $body,
+            Self::D4($t) => $body,
+        }
+    };
+}
+
+impl ParamRef<'_> {
+    pub fn dims(&self) -> Vec<usize> {
+        each!(self, t => t.dims().to_vec())
+    }
+    pub fn numel(&self) -> usize {
+        self.dims().iter().product()
+    }
+    pub fn to_data(&self) -> TensorData {
+        each!(self, t => t.to_data())
+    }
+    pub fn is_trainable(&self) -> bool {
+        each!(self, t => t.is_require_grad())
+    }
+    /// The gradient flattened to one dimension; `None` for a frozen parameter or one the
+    /// loss did not reach.
+    pub fn grad(&self, grads: &Gradients) -> Option<Tensor<1>> {
+        let n = self.numel();
+        each!(self, t => t.grad(grads).map(|g| g.reshape([n])))
+    }
+    /// The value flattened to one dimension, outside the autodiff graph.
+    pub fn flat(&self) -> Tensor<1> {
+        let n = self.numel();
+        each!(self, t => (*t).clone().inner().reshape([n]))
+    }
+}
+
+impl ParamMut<'_> {
+    pub fn as_ref(&self) -> ParamRef<'_> {
+        match self {
+            Self::D1(t) => ParamRef::D1(t),
+            Self::D2(t) => ParamRef::D2(t),
+            Self::D4(t) => ParamRef::D4(t),
+        }
+    }
+
+    /// Marks the parameter trainable (a leaf that keeps its gradient) or frozen.
+    /// A trainable parameter needs an autodiff device.
+    pub fn set_trainable(&mut self, trainable: bool) {
+        each!(self, t => {
+            let leaf = t.clone().detach();
+            **t = if trainable { leaf.autodiff().require_grad() } else { leaf.set_require_grad(false) };
+        })
+    }
+
+    /// Replaces the value with `data`, which must have the same shape. Trainability is kept.
+    pub fn assign(&mut self, key: &str, data: TensorData) -> Result<()> {
+        let want = self.as_ref().dims();
+        if data.shape().as_slice() != want.as_slice() {
+            return Err(Error::param(
+                key,
+                format!("shape {:?} does not match the model's {:?}", data.shape().as_slice(), want),
+            ));
+        }
+        let n = self.as_ref().numel();
+        let values: Vec<f32> =
+            data.convert::<f32>().try_into_vec().map_err(|e| Error::param(key, format!("{e:?}")))?;
+        self.replace_flat(Tensor::from_data(TensorData::new(values, [n]), &self.device()));
+        Ok(())
+    }
+
+    /// Replaces the value with a flat tensor of the same number of elements, as an optimizer
+    /// does after a step. The new value is a fresh leaf with the old trainability.
+    pub fn replace_flat(&mut self, flat: Tensor<1>) {
+        each!(self, t => **t = like(t, flat.reshape(t.dims())))
+    }
+
+    pub fn device(&self) -> burn::tensor::Device {
+        each!(self, t => t.device())
+    }
+}
+
+/// `value` as a fresh leaf with `old`'s autodiff association and trainability, so that a
+/// weight rewritten by merging or an optimizer step keeps its role in training.
+pub fn like<const D: usize>(old: &Tensor<D>, value: Tensor<D>) -> Tensor<D> {
+    let v = value.inner();
+    match (old.is_autodiff(), old.is_require_grad()) {
+        (true, true) => v.autodiff().require_grad(),
+        (true, false) => v.autodiff(),
+        _ => v,
+    }
+}
