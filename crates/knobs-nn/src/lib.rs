@@ -10,6 +10,7 @@ pub mod layers;
 pub mod module;
 pub mod optim;
 pub mod param;
+pub mod toy;
 
 pub use adapter::{Adapter, AdapterState, Conv2dAdapter, EmbeddingAdapter, LinearAdapter, Slot, SlotEntry};
 pub use error::{Error, Result};

@@ -1,0 +1,8 @@
+//! knobs-diffusion: the Stable Diffusion 1.x / 2.x model family, config-driven from each
+//! component's diffusers `config.json`, with parameter paths equal to diffusers' and
+//! transformers' `state_dict` keys. Models know adapters only through the slots of the
+//! `knobs-nn` layers they are built from.
+pub mod clip;
+pub mod schedulers;
+pub mod unet;
+pub mod vae;

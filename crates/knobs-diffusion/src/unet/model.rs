@@ -1,0 +1,190 @@
+//! diffusers `UNet2DConditionModel`: predicts noise (or v) from a noisy latent, its timestep
+//! and the text encoder's hidden states.
+use std::path::Path;
+
+use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::io::{LoadOptions, load_state_dict, read_safetensors};
+use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};
+
+use super::config::UNetConfig;
+use super::down::{BlockCommon, DownBlock};
+use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::mid::UNetMidBlock2DCrossAttn;
+use super::up::UpBlock;
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    pub conv_in: Conv2d,
+    pub time_proj: Timesteps,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<UNetMidBlock2DCrossAttn>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+impl_module!(UNet2DConditionModel {
+    "conv_in" => conv_in, "time_embedding" => time_embedding, "down_blocks" => down_blocks,
+    "mid_block" => mid_block, "up_blocks" => up_blocks, "conv_norm_out" => conv_norm_out, "conv_out" => conv_out,
+});
+
+/// Block outputs of one forward pass, named as diffusers' modules (the first element of a
+/// block's tuple output: for a down block, the features after its downsampler).
+#[derive(Debug, Clone)]
+pub struct UNetIntermediates {
+    pub time_proj: Tensor<2>,
+    pub time_embedding: Tensor<2>,
+    pub conv_in: Tensor<4>,
+    pub down_blocks: Vec<Tensor<4>>,
+    pub mid_block: Option<Tensor<4>>,
+    pub up_blocks: Vec<Tensor<4>>,
+    pub conv_norm_out: Tensor<4>,
+}
+
+impl UNetIntermediates {
+    /// `(name, tensor)` pairs with diffusers' module names, tensors flattened to `[B, rest]`.
+    pub fn named(&self) -> Vec<(String, Tensor<2>)> {
+        let flat4 = |t: &Tensor<4>| -> Tensor<2> {
+            let [b, c, h, w] = t.dims();
+            t.clone().reshape([b, c * h * w])
+        };
+        let mut out = vec![("time_proj".to_string(), self.time_proj.clone()), ("time_embedding".to_string(), self.time_embedding.clone())];
+        out.push(("conv_in".into(), flat4(&self.conv_in)));
+        out.extend(self.down_blocks.iter().enumerate().map(|(i, t)| (format!("down_blocks.{i}"), flat4(t))));
+        out.extend(self.mid_block.iter().map(|t| ("mid_block".to_string(), flat4(t))));
+        out.extend(self.up_blocks.iter().enumerate().map(|(i, t)| (format!("up_blocks.{i}"), flat4(t))));
+        out.push(("conv_norm_out".into(), flat4(&self.conv_norm_out)));
+        out
+    }
+}
+
+impl UNet2DConditionModel {
+    /// A randomly initialised model (PyTorch's default initialisation).
+    pub fn new(config: UNetConfig, init: &mut Init, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let down = config.down_plans()?;
+        let up = config.up_plans()?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = config.time_embed_dim();
+        let common = BlockCommon { temb, groups: config.groups(), eps: config.norm_eps, use_linear_projection: config.use_linear_projection };
+        let (k_in, k_out) = (config.conv_in_kernel, config.conv_out_kernel);
+
+        let conv_in = Conv2d::new(config.in_channels, ch[0], k_in, 1, k_in / 2, true, init, device);
+        let time_proj = Timesteps::new(ch[0], config.flip_sin_to_cos, config.freq_shift);
+        let time_embedding = TimestepEmbedding::new(ch[0], temb, init, device);
+        let mut down_blocks = Vec::with_capacity(n);
+        for (i, plan) in down.iter().enumerate() {
+            let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
+            let downsample = (i + 1 < n).then_some(config.downsample_padding);
+            down_blocks.push(DownBlock::new(c_in, plan, downsample, common, init, device));
+        }
+        let mid_block = config
+            .mid_block_type
+            .is_some()
+            .then(|| UNetMidBlock2DCrossAttn::new(&down[n - 1], config.mid_block_scale_factor, common, init, device));
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, plan) in up.iter().enumerate() {
+            // Reversed channel list: the block below's width comes in, the next level up's skip.
+            let prev = if i == 0 { ch[n - 1] } else { ch[n - i] };
+            let skip_in = ch[n - 1 - (i + 1).min(n - 1)];
+            up_blocks.push(UpBlock::new(prev, skip_in, plan, i + 1 < n, common, init, device));
+        }
+        let conv_norm_out = GroupNorm::new(config.groups(), ch[0], config.norm_eps, device);
+        let conv_out = Conv2d::new(ch[0], config.out_channels, k_out, 1, k_out / 2, true, init, device);
+        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+    }
+
+    /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (every tensor
+    /// must match a parameter and vice versa).
+    pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = UNetConfig::from_file(dir.join("config.json"))?;
+        let mut model = Self::new(config, &mut Init::new(0), device).map_err(|e| e.in_file(dir.join("config.json")))?;
+        let sd = read_safetensors(dir.join("diffusion_pytorch_model.safetensors"))?;
+        load_state_dict(&mut model, &sd, LoadOptions::default())?;
+        Ok(model)
+    }
+
+    /// `sample` `[B, in, H, W]`, `timesteps` `[B]` (or `[1]`, shared), `encoder_hidden_states`
+    /// `[B, M, cross_attention_dim]` -> `[B, out, H, W]`.
+    pub fn forward(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>) -> Tensor<4> {
+        self.run(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// `forward`, also returning every block's output.
+    pub fn forward_with_intermediates(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>) -> (Tensor<4>, UNetIntermediates) {
+        let mut cap = None;
+        let out = self.run(sample, timesteps, encoder_hidden_states, Some(&mut cap));
+        (out, cap.expect("run fills the capture"))
+    }
+
+    /// Checks shapes up front so that a wrong input is an error, not a panic deep inside.
+    pub fn check_inputs(&self, sample: &Tensor<4>, timesteps: &Tensor<1>, encoder_hidden_states: &Tensor<3>) -> Result<()> {
+        let [b, c, _, _] = sample.dims();
+        let bad = |key: &str, msg: String| Err(Error::param(key, msg));
+        if c != self.config.in_channels {
+            return bad("sample", format!("has {c} channels, the UNet takes {}", self.config.in_channels));
+        }
+        let t = timesteps.dims()[0];
+        if t != b && t != 1 {
+            return bad("timesteps", format!("has {t} entries for a batch of {b}"));
+        }
+        let [eb, _, ed] = encoder_hidden_states.dims();
+        if eb != b {
+            return bad("encoder_hidden_states", format!("batch {eb} differs from the sample's {b}"));
+        }
+        for p in self.config.down_plans()? {
+            if p.cross_attn && p.cross_attention_dim != ed {
+                return bad("encoder_hidden_states", format!("width {ed} differs from cross_attention_dim {}", p.cross_attention_dim));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, mut cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
+        let b = sample.dims()[0];
+        let timesteps = if timesteps.dims()[0] == b { timesteps } else { timesteps.expand([b]) };
+        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
+        let t_proj = self.time_proj.forward(timesteps);
+        let temb = self.time_embedding.forward(t_proj.clone());
+        let temb_act = silu(temb.clone());
+
+        let mut x = self.conv_in.forward(sample);
+        let keep = cap.is_some();
+        let conv_in = keep.then(|| x.clone());
+        let mut skips = vec![x.clone()];
+        let mut downs = Vec::new();
+        for block in &self.down_blocks {
+            x = block.forward(x, &temb_act, &context, &mut skips);
+            if keep {
+                downs.push(x.clone());
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.forward(x, &temb_act, &context);
+        }
+        let mid = (keep && self.mid_block.is_some()).then(|| x.clone());
+        let mut ups = Vec::new();
+        for block in &self.up_blocks {
+            x = block.forward(x, &temb_act, &context, &mut skips);
+            if keep {
+                ups.push(x.clone());
+            }
+        }
+        let normed = self.conv_norm_out.forward(x);
+        if let Some(slot) = cap.as_deref_mut() {
+            *slot = Some(UNetIntermediates {
+                time_proj: t_proj,
+                time_embedding: temb,
+                conv_in: conv_in.expect("kept"),
+                down_blocks: downs,
+                mid_block: mid,
+                up_blocks: ups,
+                conv_norm_out: normed.clone(),
+            });
+        }
+        self.conv_out.forward(silu(normed))
+    }
+}

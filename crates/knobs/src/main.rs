@@ -1,0 +1,40 @@
+//! The `knobs` command line: one file per subcommand under `cmd/`.
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "knobs", version, about = "Fine-tune text-to-image diffusion models by turning only the knobs the job needs")]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train LoRA and IA3 adapters on the built-in toy classifier and report what they learned.
+    Demo(cmd::demo::Args),
+    /// Inspect adapter files.
+    #[command(subcommand)]
+    Adapter(cmd::adapter::Command),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = ["warn", "info", "debug", "trace"][cli.verbose.min(3) as usize];
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Adapter(c) => cmd::adapter::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
