@@ -226,3 +226,43 @@ fn timing_tiny_unet_batch2_32x32() {
     let fb = start.elapsed().as_secs_f64() / runs as f64;
     println!("tiny UNet, batch 2, 32x32: forward {:.1} ms, forward+backward (all params) {:.1} ms", fwd * 1e3, fb * 1e3);
 }
+
+#[test]
+#[ignore]
+fn zz_profile_ops() {
+    use knobs_nn::burn::tensor::activation::{gelu, silu, softmax};
+    use knobs_nn::{Conv2d, GroupNorm, Linear};
+    let device = cpu();
+    let time = |name: &str, f: &dyn Fn() -> Vec<f32>| {
+        let _ = f();
+        let start = Instant::now();
+        for _ in 0..5 {
+            let _ = f();
+        }
+        println!("{name:<40} {:.2} ms", start.elapsed().as_secs_f64() / 5.0 * 1e3);
+    };
+    let mut init = Init::new(0);
+    let x = random([2, 32, 32, 32], 1, &device);
+    let conv = Conv2d::new(32, 32, 3, 1, 1, true, &mut init, &device);
+    time("conv3x3 32->32 @32x32", &|| values(conv.forward(x.clone())));
+    let conv1 = Conv2d::new(32, 32, 1, 1, 0, true, &mut init, &device);
+    time("conv1x1 32->32 @32x32", &|| values(conv1.forward(x.clone())));
+    let gn = GroupNorm::new(32, 32, 1e-5, &device);
+    time("groupnorm", &|| values(gn.forward(x.clone())));
+    time("silu", &|| values(silu(x.clone())));
+    let tok = random([2, 1024, 32], 2, &device);
+    let lin = Linear::new(32, 32, false, &mut init, &device);
+    time("linear 32->32 x2048", &|| values(lin.forward(tok.clone())));
+    let ff = Linear::new(32, 256, true, &mut init, &device);
+    time("linear 32->256 x2048", &|| values(ff.forward(tok.clone())));
+    time("gelu [2,1024,128]", &|| values(gelu(random::<3>([2, 1024, 128], 3, &device))));
+    let q = random([16, 1024, 4], 4, &device);
+    time("qk^T [16,1024,4]x[16,4,1024]", &|| values(q.clone().matmul(q.clone().swap_dims(1, 2))));
+    let s = random([16, 1024, 1024], 5, &device);
+    time("softmax [16,1024,1024]", &|| values(softmax(s.clone(), 2)));
+    time("pv [16,1024,1024]x[16,1024,4]", &|| values(s.clone().matmul(q.clone())));
+    time("split heads", &|| values(tok.clone().reshape([2, 1024, 8, 4]).swap_dims(1, 2).reshape([16, 1024, 4])));
+    let attn = knobs_diffusion::unet::Attention::new(32, None, 8, 4, false, &mut init, &device);
+    time("attention self 1024", &|| values(attn.forward(tok.clone(), None)));
+    time("random 16M", &|| values(random::<3>([16, 1024, 1024], 5, &device)));
+}

@@ -123,6 +123,20 @@ impl<A: ?Sized + Adapter> Slot<A> {
             None => self.entries.push(entry),
         }
     }
+    /// Folds (`merge`) or unfolds adapter `name` by calling `apply(adapter, weight)` with the
+    /// weight to add or subtract, then records the new state. False when there is nothing to do.
+    pub fn set_merged(&mut self, name: &str, merge: bool, apply: impl FnOnce(&A, f32)) -> bool {
+        let Some(e) = self.get_mut(name) else { return false };
+        let weight = match (merge, e.state.merged) {
+            (true, None) => e.state.weight,
+            (false, Some(w)) => w,
+            _ => return false,
+        };
+        apply(&e.adapter, weight);
+        e.state.merged = merge.then_some(weight);
+        true
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<SlotEntry<A>> {
         let i = self.entries.iter().position(|e| e.name == name)?;
         Some(self.entries.remove(i))

@@ -228,9 +228,9 @@ impl LayerMut<'_> {
         on_layer!(self, l => if let Some(e) = l.adapters.get_mut(name) { e.adapter.visit_mut(path, name, v) })
     }
     pub fn merge_adapter(&mut self, name: &str) -> bool {
-        on_layer!(self, l => l.merge_adapter(name))
+        on_layer!(self, l => l.set_merged(name, true))
     }
     pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        on_layer!(self, l => l.unmerge_adapter(name))
+        on_layer!(self, l => l.set_merged(name, false))
     }
 }

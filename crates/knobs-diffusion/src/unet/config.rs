@@ -104,6 +104,7 @@ pub struct UNetConfig {
     /// mistake diffusers keeps for compatibility).
     #[serde(default = "d_heads")]
     pub attention_head_dim: PerBlock<usize>,
+    /// The true head count; diffusers' `UNet2DConditionModel` refuses it, we take it as given.
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
     #[serde(default)]

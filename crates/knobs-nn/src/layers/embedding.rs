@@ -34,22 +34,17 @@ impl Embedding {
         y
     }
 
-    pub fn merge_adapter(&mut self, name: &str) -> bool {
-        let Some(e) = self.adapters.get(name).filter(|e| e.state.merged.is_none()) else { return false };
-        let weight = e.weight();
-        let w = e.adapter.merge(self.weight.clone().inner(), weight);
-        self.weight = like(&self.weight, w);
-        self.adapters.get_mut(name).unwrap().state.merged = Some(weight);
-        true
-    }
-
-    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        let Some(e) = self.adapters.get(name) else { return false };
-        let Some(weight) = e.state.merged else { return false };
-        let w = e.adapter.unmerge(self.weight.clone().inner(), weight);
-        self.weight = like(&self.weight, w);
-        self.adapters.get_mut(name).unwrap().state.merged = None;
-        true
+    /// Folds adapter `name` into the table (`merge`) or takes it back out.
+    pub fn set_merged(&mut self, name: &str, merge: bool) -> bool {
+        let table = self.weight.clone().inner();
+        let mut new = None;
+        let done = self.adapters.set_merged(name, merge, |a, weight| {
+            new = Some(if merge { a.merge(table, weight) } else { a.unmerge(table, weight) });
+        });
+        if let Some(w) = new {
+            self.weight = like(&self.weight, w);
+        }
+        done
     }
 }
 

@@ -82,23 +82,18 @@ impl Module for Linear {
 }
 
 impl Linear {
-    /// Folds adapter `name` into the base weights; false when absent or already merged.
-    pub fn merge_adapter(&mut self, name: &str) -> bool {
-        let Some(e) = self.adapters.get(name).filter(|e| e.state.merged.is_none()) else { return false };
-        let weight = e.weight();
-        let (w, b) = e.adapter.merge(self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()), weight);
-        self.set_weights(w, b);
-        self.adapters.get_mut(name).unwrap().state.merged = Some(weight);
-        true
-    }
-
-    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        let Some(e) = self.adapters.get(name) else { return false };
-        let Some(weight) = e.state.merged else { return false };
-        let (w, b) = e.adapter.unmerge(self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()), weight);
-        self.set_weights(w, b);
-        self.adapters.get_mut(name).unwrap().state.merged = None;
-        true
+    /// Folds adapter `name` into the base weights (`merge`) or takes it back out; false when
+    /// there is nothing to do.
+    pub fn set_merged(&mut self, name: &str, merge: bool) -> bool {
+        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+        let mut new = None;
+        let done = self.adapters.set_merged(name, merge, |a, weight| {
+            new = Some(if merge { a.merge(w, b, weight) } else { a.unmerge(w, b, weight) });
+        });
+        if let Some((w, b)) = new {
+            self.set_weights(w, b);
+        }
+        done
     }
 
     fn set_weights(&mut self, w: Tensor<2>, b: Option<Tensor<1>>) {
