@@ -3,6 +3,7 @@
 //! transformers' `state_dict` keys. Models know adapters only through the slots of the
 //! `knobs-nn` layers they are built from.
 pub mod clip;
+pub mod pipeline;
 pub mod schedulers;
 pub mod unet;
 pub mod vae;

@@ -36,10 +36,24 @@ fn random<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tens
     Tensor::from_data(TensorData::new(Init::new(seed).normal_vec(n), shape), device)
 }
 
+/// Inference (fused attention kernel) on the plain device.
 #[test]
 fn matches_diffusers_golden_output_and_intermediates() {
-    let device = cpu();
-    let unet = UNet2DConditionModel::from_dir(unet_dir(), &device).unwrap();
+    check_golden(&cpu(), false);
+}
+
+/// Training: every parameter tracked, so attention takes the differentiable matmul path.
+#[test]
+fn matches_diffusers_golden_when_tracked_for_training() {
+    check_golden(&cpu_autodiff(), true);
+}
+
+fn check_golden(device: &Device, trainable: bool) {
+    let device = device.clone();
+    let mut unet = UNet2DConditionModel::from_dir(unet_dir(), &device).unwrap();
+    if trainable {
+        unet.train_only(|_| true);
+    }
     let g = read_safetensors(Path::new(GOLDEN).join("tensors/unet.safetensors")).unwrap();
     let sample: Tensor<4> = tensor(&g, "sample", &device);
     let timesteps: Tensor<1> = tensor(&g, "timestep", &device); // i64 in the file, f32 here
@@ -51,6 +65,7 @@ fn matches_diffusers_golden_output_and_intermediates() {
     let out_err = rel_err(&values(out), &g.f32("out").unwrap().0);
     report.push(("out".to_string(), out_err));
     let named = inter.named();
+    assert_eq!(named.iter().filter(|(_, t)| t.is_tracked()).count(), if trainable { 8 } else { 0 }, "all but time_proj");
     assert_eq!(named.len(), 9, "time_proj, time_embedding, conv_in, 2 down, mid, 2 up, conv_norm_out");
     for (name, t) in named {
         let (want, shape) = g.f32(&format!("intermediate.{name}")).unwrap();
@@ -120,6 +135,24 @@ fn unsupported_block_type_is_an_error_naming_the_key() {
     let bad = text.replace("\"UNetMidBlock2DCrossAttn\"", "\"UNetMidBlock2DSimpleCrossAttn\"");
     let err = UNetConfig::from_json(&bad).unwrap_err().to_string();
     assert!(err.contains("mid_block_type"), "{err}");
+}
+
+#[test]
+fn attention_fused_and_differentiable_paths_agree() {
+    use knobs_diffusion::unet::Attention;
+    let device = cpu_autodiff();
+    // Context as wide as the query, so the same layer also runs self-attention.
+    let mut attn = Attention::new(16, Some(16), 4, 4, false, &mut Init::new(5), &device);
+    let x = random([2, 9, 16], 20, &device);
+    let ctx = random([2, 7, 16], 21, &device);
+    let fused_self = values(attn.forward(x.clone(), None));
+    let fused_cross = values(attn.forward(x.clone(), Some(ctx.clone())));
+    attn.train_only(|_| true);
+    let out = attn.forward(x.clone(), Some(ctx.clone()));
+    assert!(out.is_tracked());
+    assert!(rel_err(&values(out), &fused_cross) < 1e-5);
+    assert!(rel_err(&values(attn.forward(x, None)), &fused_self) < 1e-5);
+    assert!(rel_err(&fused_self, &fused_cross) > 1e-2, "self and cross attention must differ");
 }
 
 /// A small forward: batch 1, 8x8 latent, 5 context tokens.
@@ -227,42 +260,3 @@ fn timing_tiny_unet_batch2_32x32() {
     println!("tiny UNet, batch 2, 32x32: forward {:.1} ms, forward+backward (all params) {:.1} ms", fwd * 1e3, fb * 1e3);
 }
 
-#[test]
-#[ignore]
-fn zz_profile_ops() {
-    use knobs_nn::burn::tensor::activation::{gelu, silu, softmax};
-    use knobs_nn::{Conv2d, GroupNorm, Linear};
-    let device = cpu();
-    let time = |name: &str, f: &dyn Fn() -> Vec<f32>| {
-        let _ = f();
-        let start = Instant::now();
-        for _ in 0..5 {
-            let _ = f();
-        }
-        println!("{name:<40} {:.2} ms", start.elapsed().as_secs_f64() / 5.0 * 1e3);
-    };
-    let mut init = Init::new(0);
-    let x = random([2, 32, 32, 32], 1, &device);
-    let conv = Conv2d::new(32, 32, 3, 1, 1, true, &mut init, &device);
-    time("conv3x3 32->32 @32x32", &|| values(conv.forward(x.clone())));
-    let conv1 = Conv2d::new(32, 32, 1, 1, 0, true, &mut init, &device);
-    time("conv1x1 32->32 @32x32", &|| values(conv1.forward(x.clone())));
-    let gn = GroupNorm::new(32, 32, 1e-5, &device);
-    time("groupnorm", &|| values(gn.forward(x.clone())));
-    time("silu", &|| values(silu(x.clone())));
-    let tok = random([2, 1024, 32], 2, &device);
-    let lin = Linear::new(32, 32, false, &mut init, &device);
-    time("linear 32->32 x2048", &|| values(lin.forward(tok.clone())));
-    let ff = Linear::new(32, 256, true, &mut init, &device);
-    time("linear 32->256 x2048", &|| values(ff.forward(tok.clone())));
-    time("gelu [2,1024,128]", &|| values(gelu(random::<3>([2, 1024, 128], 3, &device))));
-    let q = random([16, 1024, 4], 4, &device);
-    time("qk^T [16,1024,4]x[16,4,1024]", &|| values(q.clone().matmul(q.clone().swap_dims(1, 2))));
-    let s = random([16, 1024, 1024], 5, &device);
-    time("softmax [16,1024,1024]", &|| values(softmax(s.clone(), 2)));
-    time("pv [16,1024,1024]x[16,1024,4]", &|| values(s.clone().matmul(q.clone())));
-    time("split heads", &|| values(tok.clone().reshape([2, 1024, 8, 4]).swap_dims(1, 2).reshape([16, 1024, 4])));
-    let attn = knobs_diffusion::unet::Attention::new(32, None, 8, 4, false, &mut init, &device);
-    time("attention self 1024", &|| values(attn.forward(tok.clone(), None)));
-    time("random 16M", &|| values(random::<3>([16, 1024, 1024], 5, &device)));
-}

@@ -1,0 +1,144 @@
+//! What one text-to-image call asks for, with diffusers' `StableDiffusionPipeline.__call__`
+//! defaults, and the choice of sampler.
+use std::fmt;
+use std::str::FromStr;
+
+use knobs_nn::{Error, Result, Tensor};
+
+use crate::schedulers::{
+    DdimScheduler, DdpmScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, Scheduler, SchedulerConfig,
+};
+
+/// The samplers the pipeline can drive, each built from the model's scheduler config as
+/// diffusers' `SchedulerClass.from_config(pipe.scheduler.config)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    Ddim,
+    Euler,
+    EulerAncestral,
+    Ddpm,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 4] = [Self::Ddim, Self::Euler, Self::EulerAncestral, Self::Ddpm];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddim => "ddim",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::Ddpm => "ddpm",
+        }
+    }
+
+    /// The diffusers class a `model_index.json` names for this sampler.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Ddim => "DDIMScheduler",
+            Self::Euler => "EulerDiscreteScheduler",
+            Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            Self::Ddpm => "DDPMScheduler",
+        }
+    }
+
+    pub fn from_class_name(class: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.class_name() == class)
+    }
+
+    /// Whether a step draws fresh noise (then the pipeline feeds it from the request's seed).
+    pub fn is_stochastic(self) -> bool {
+        matches!(self, Self::EulerAncestral | Self::Ddpm)
+    }
+
+    pub fn build(self, config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
+        let c = config.clone();
+        Ok(match self {
+            Self::Ddim => Box::new(DdimScheduler::new(c)),
+            Self::Euler => Box::new(EulerDiscreteScheduler::new(c)?),
+            Self::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(c)?),
+            Self::Ddpm => Box::new(DdpmScheduler::new(c)),
+        })
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+            Error::param("scheduler", format!("unknown scheduler `{s}`; supported: {}", names.join(", ")))
+        })
+    }
+}
+
+/// One generation. `Default` gives diffusers' defaults (50 steps, guidance 7.5, empty
+/// negative prompt, size from the model, one image, the model's own scheduler).
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// The unconditional branch of classifier-free guidance; "" as diffusers.
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at or below 1 the unconditional branch is skipped.
+    pub guidance_scale: f64,
+    /// `None`: the scheduler class named in `model_index.json` (DDIM when unsupported).
+    pub scheduler: Option<SchedulerKind>,
+    /// Image size in pixels; `None`: the UNet's `sample_size` times the VAE scale factor
+    /// (or the size of `latents` when given).
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub num_images: usize,
+    /// Seeds the initial latents (unless `latents` is given) and every stochastic step.
+    pub seed: u64,
+    /// Unit-variance initial latents `[num_images, C, H/f, W/f]`, diffusers' `latents=`:
+    /// they are multiplied by the scheduler's `init_noise_sigma`.
+    pub latents: Option<Tensor<4>>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance_scale: 7.5,
+            scheduler: None,
+            height: None,
+            width: None,
+            num_images: 1,
+            seed: 0,
+            latents: None,
+        }
+    }
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        GenerateRequest { prompt: prompt.into(), ..Default::default() }
+    }
+
+    /// diffusers' `do_classifier_free_guidance`.
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::param("steps", "must be at least 1"));
+        }
+        if self.num_images == 0 {
+            return Err(Error::param("num_images", "must be at least 1"));
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(Error::param("guidance_scale", format!("must be finite, got {}", self.guidance_scale)));
+        }
+        Ok(())
+    }
+}
