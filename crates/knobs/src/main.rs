@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Train LoRA and IA3 adapters on the built-in toy classifier and report what they learned.
     Demo(cmd::demo::Args),
+    /// Generate images from a text prompt with a diffusers Stable Diffusion folder.
+    Generate(cmd::generate::Args),
     /// Inspect adapter files.
     #[command(subcommand)]
     Adapter(cmd::adapter::Command),
@@ -31,6 +33,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Adapter(c) => cmd::adapter::run(c),
     };
     if let Err(e) = result {

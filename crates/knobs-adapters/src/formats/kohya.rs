@@ -1,11 +1,16 @@
 //! kohya-ss (sd-scripts) LoRA / LoCon keys: `lora_unet_<module path with _ for .>.lora_down.weight`,
 //! `.lora_up.weight` and a scalar `.alpha` per module. Dots become underscores, so a name
 //! is turned back into a module path only against the layers of the model it is loaded into.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
-use knobs_nn::{LayerRef, Module, ModuleExt};
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{StateDict, write_safetensors};
+use knobs_nn::{Error, LayerRef, Module, ModuleExt};
+use serde_json::json;
 
-use super::lora_files::Part;
+use super::lora_files::{Collected, ComponentLora, Part, check_savable, mode};
+use crate::Result;
 
 /// kohya's name prefixes and the diffusers components they stand for. SDXL files call the
 /// first text encoder `te1`.
@@ -71,4 +76,57 @@ pub fn layer_names<M: Module + ?Sized>(model: &M) -> HashMap<String, Result<Stri
         out.insert(name, entry);
     });
     out
+}
+
+/// Reads the tensors of a kohya file. Module names stay underscore-joined (see
+/// [`ComponentLora::kohya_names`]); a module without `.alpha` has alpha = rank, as sd-scripts.
+pub fn read(sd: &StateDict) -> Result<BTreeMap<String, ComponentLora>> {
+    let mut found = Collected::default();
+    for (key, data) in &sd.tensors {
+        let (component, name, part) = parse(key).map_err(|msg| Error::key(&sd.file, key, msg))?.ok_or_else(|| {
+            Error::key(&sd.file, key, "not a kohya LoRA key: expected lora_unet_<name> / lora_te_<name> then .lora_down.weight, .lora_up.weight or .alpha")
+        })?;
+        found.add(&sd.file, component, name, part, false, key, data)?;
+    }
+    found.build(&sd.file, &HashMap::new(), true)
+}
+
+/// Writes a kohya-ss LoRA / LoCon file: `lora_unet_<name>.lora_down.weight`, `.lora_up.weight`,
+/// `.alpha` (= scale x rank, so the scale is exact) and sd-scripts' `ss_*` / `modelspec.*`
+/// metadata. `architecture` fills `modelspec.architecture` (e.g. `stable-diffusion-v1/lora`).
+pub fn save(path: impl AsRef<Path>, components: &[(&str, &ComponentLora)], architecture: Option<&str>) -> Result<()> {
+    let path = path.as_ref();
+    let mut tensors = BTreeMap::new();
+    let (mut linear, mut conv) = (Vec::new(), Vec::new());
+    for (prefix, lora) in components {
+        check_savable(path, prefix, lora)?;
+        let kp = prefix_for(prefix)
+            .ok_or_else(|| Error::file(path, format!("kohya files have no prefix for component `{prefix}`; known: unet, text_encoder, text_encoder_2")))?;
+        for m in lora.modules() {
+            if m.embedding {
+                return Err(Error::key(path, format!("{prefix}.{}", m.path), "kohya files cannot hold an embedding LoRA").into());
+            }
+            let name = format!("{kp}_{}", name_of(&m.path));
+            let alpha = m.scale * m.rank as f64;
+            tensors.insert(format!("{name}.lora_down.weight"), lora.state.tensors[&format!("{}.lora_A.weight", m.path)].clone());
+            tensors.insert(format!("{name}.lora_up.weight"), lora.state.tensors[&format!("{}.lora_B.weight", m.path)].clone());
+            tensors.insert(format!("{name}.alpha"), TensorData::new(vec![alpha as f32], [0usize; 0]));
+            if m.conv { conv.push((m.rank, alpha)) } else { linear.push((m.rank, alpha)) }
+        }
+    }
+    let mut meta = HashMap::new();
+    meta.insert("ss_network_module".to_string(), "networks.lora".to_string());
+    let main = if linear.is_empty() { &conv } else { &linear };
+    if let Some((r, a)) = mode(main) {
+        meta.insert("ss_network_dim".into(), r.to_string());
+        meta.insert("ss_network_alpha".into(), format!("{a:?}"));
+    }
+    if let (false, Some((r, a))) = (linear.is_empty(), mode(&conv)) {
+        meta.insert("ss_network_args".into(), json!({"conv_dim": r.to_string(), "conv_alpha": format!("{a:?}")}).to_string());
+    }
+    meta.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
+    if let Some(arch) = architecture {
+        meta.insert("modelspec.architecture".into(), arch.to_string());
+    }
+    Ok(write_safetensors(path, &tensors, &meta)?)
 }

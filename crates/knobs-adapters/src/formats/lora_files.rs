@@ -8,16 +8,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors, write_safetensors};
+use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Error, LayerRef, Module, ModuleExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::lora_read::{self, config_for};
-use super::{diffusers, kohya};
+use super::{diffusers, kohya, peft};
 use crate::lora::{LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear};
-use crate::{AdaptedModel, AdapterError, Result};
+use crate::{AdaptedModel, AdapterError, Pattern, Result};
 
-pub use super::lora_read::read;
+pub use super::diffusers::{DiffusersKeys, save as save_diffusers};
+pub use super::kohya::save as save_kohya;
 
 /// The file diffusers' `save_lora_weights` writes into its folder.
 pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
@@ -158,7 +158,7 @@ impl ComponentLora {
             };
             let reshape = |key: &str, shape: Vec<usize>, st: &mut StateDict| {
                 let d = st.tensors.remove(key).expect("module tensor");
-                let v: Vec<f32> = d.convert::<f32>().to_vec().expect("f32 tensor");
+                let v: Vec<f32> = d.convert::<f32>().try_into_vec::<f32>().expect("f32 tensor");
                 st.tensors.insert(key.to_string(), TensorData::new(v, shape));
             };
             let (sa, sb) = (state.tensors[&ka].shape().as_slice().to_vec(), state.tensors[&kb].shape().as_slice().to_vec());
@@ -198,6 +198,16 @@ pub(crate) fn split_state_key(key: &str) -> (&str, &str) {
     (key, "")
 }
 
+pub(crate) fn check_savable(path: &Path, prefix: &str, lora: &ComponentLora) -> Result<()> {
+    if prefix.is_empty() || prefix.contains('.') {
+        return Err(Error::file(path, format!("component prefix `{prefix}` must be one non-empty key segment such as `unet`")).into());
+    }
+    if lora.kohya_names {
+        return Err(Error::file(path, format!("component `{prefix}` still has kohya names; resolve them against the model first (ComponentLora::resolve_kohya)")).into());
+    }
+    Ok(())
+}
+
 /// Adds `lora` to `model` as adapter `name` and loads its tensors; the model is frozen
 /// afterwards (call `train_adapter` to keep training). kohya names are resolved against the
 /// model first. On any error the model is left as it was. Returns the adapted layer paths.
@@ -214,90 +224,183 @@ pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, lora: &Compone
     Ok(paths)
 }
 
-/// How [`save_diffusers`] spells the keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiffusersKeys {
-    /// `convert_state_dict_to_diffusers`: `to_q.lora.down.weight`, `q_proj.lora_linear_layer.down.weight`,
-    /// other modules keep `lora_A` / `lora_B` (what diffusers' SD-1.x training scripts save).
-    Diffusers,
-    /// PEFT's `lora_A` / `lora_B` everywhere, with `lora_adapter_metadata` (newer scripts).
-    Peft,
-}
 
-/// Writes `pytorch_lora_weights.safetensors`-style file `path` from `(prefix, lora)` pairs,
-/// as `save_lora_weights` does. diffusers files carry no alpha: when some module's scale is
-/// not 1 (or with [`DiffusersKeys::Peft`]) each component's PEFT config goes into the
-/// `lora_adapter_metadata` metadata, which diffusers >= 0.33 reads; older readers would
-/// load such a file with scale 1.
-pub fn save_diffusers(path: impl AsRef<Path>, components: &[(&str, &ComponentLora)], keys: DiffusersKeys) -> Result<()> {
+/// Reads a PEFT LoRA folder, a diffusers LoRA folder or file, or a kohya file. Returns one
+/// entry per component prefix (`unet`, `text_encoder`, ...); a PEFT folder has no prefix and
+/// gives one entry keyed `""`. kohya entries keep kohya names until [`attach`] resolves them.
+pub fn read(path: impl AsRef<Path>) -> Result<BTreeMap<String, ComponentLora>> {
     let path = path.as_ref();
-    let mut tensors = BTreeMap::new();
-    let mut adapter_meta = serde_json::Map::new();
-    let mut needs_meta = keys == DiffusersKeys::Peft;
-    for (prefix, lora) in components {
-        check_savable(path, prefix, lora)?;
-        needs_meta |= lora.modules().iter().any(|m| m.scale != 1.0);
-        for (k, v) in &lora.state.tensors {
-            let key = if keys == DiffusersKeys::Diffusers { diffusers::from_peft_key(k) } else { k.clone() };
-            tensors.insert(format!("{prefix}.{key}"), v.clone());
+    if path.is_dir() {
+        if path.join(peft::CONFIG_FILE).exists() {
+            return read_peft_folder(path);
         }
-        if let Value::Object(fields) = lora.config.to_peft_json() {
-            adapter_meta.extend(fields.into_iter().map(|(k, v)| (format!("{prefix}.{k}"), v)));
+        if path.join(DIFFUSERS_FILE).exists() {
+            return read(path.join(DIFFUSERS_FILE));
         }
+        return Err(Error::file(path, format!("neither a PEFT folder ({}) nor a diffusers LoRA folder ({DIFFUSERS_FILE})", peft::CONFIG_FILE)).into());
     }
-    let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    if needs_meta {
-        meta.insert("lora_adapter_metadata".into(), serde_json::to_string_pretty(&Value::Object(adapter_meta)).expect("JSON"));
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+    if ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str()) {
+        return Err(Error::file(path, "a PyTorch pickle file: knobs never executes pickles; convert it to .safetensors first").into());
     }
-    Ok(write_safetensors(path, &tensors, &meta)?)
+    let sd = read_safetensors(path)?;
+    let Some(first) = sd.tensors.keys().next() else {
+        return Err(Error::file(path, "holds no tensors").into());
+    };
+    if first.starts_with(peft::KEY_PREFIX) {
+        return Err(Error::key(path, first, format!("PEFT adapter weights: pass the folder with its {}", peft::CONFIG_FILE)).into());
+    }
+    if sd.tensors.keys().any(|k| kohya::is_kohya(k)) { kohya::read(&sd) } else { diffusers::read(&sd) }
 }
 
-fn check_savable(path: &Path, prefix: &str, lora: &ComponentLora) -> Result<()> {
-    if prefix.is_empty() || prefix.contains('.') {
-        return Err(Error::file(path, format!("component prefix `{prefix}` must be one non-empty key segment such as `unet`")).into());
+fn read_peft_folder(dir: &Path) -> Result<BTreeMap<String, ComponentLora>> {
+    let cfg_path = dir.join(peft::CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
+    if let Some(t) = json.get("peft_type").and_then(Value::as_str).filter(|t| *t != "LORA") {
+        return Err(Error::key(&cfg_path, "peft_type", format!("`{t}` is not LoRA; load it with formats::peft::load")).into());
     }
-    if lora.kohya_names {
-        return Err(Error::file(path, format!("component `{prefix}` still has kohya names; resolve them against the model first (ComponentLora::resolve_kohya)")).into());
+    if json.get("modules_to_save").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(Error::key(&cfg_path, "modules_to_save", "set: load this folder with formats::peft::load").into());
     }
-    Ok(())
+    let scaling = peft_scaling(&cfg_path, &json)?;
+    let sd = read_safetensors(dir.join(peft::WEIGHTS_FILE))?;
+    let mut found = Collected::default();
+    for (key, data) in &sd.tensors {
+        let parsed = key.strip_prefix(peft::KEY_PREFIX).and_then(|k| diffusers::parse("", k)).filter(|(_, p, _)| *p != Part::Alpha);
+        let Some((module, part, emb)) = parsed else {
+            return Err(Error::key(&sd.file, key, format!("not a PEFT LoRA key ({}<module>.lora_A.weight / .lora_B.weight)", peft::KEY_PREFIX)).into());
+        };
+        found.add(&sd.file, "", module, part, emb, key, data)?;
+    }
+    found.build(&sd.file, &HashMap::from([(String::new(), scaling)]), false)
 }
 
-/// Writes a kohya-ss LoRA / LoCon file: `lora_unet_<name>.lora_down.weight`, `.lora_up.weight`,
-/// `.alpha` (= scale x rank, so the scale is exact) and sd-scripts' `ss_*` / `modelspec.*`
-/// metadata. `architecture` fills `modelspec.architecture` (e.g. `stable-diffusion-v1/lora`).
-pub fn save_kohya(path: impl AsRef<Path>, components: &[(&str, &ComponentLora)], architecture: Option<&str>) -> Result<()> {
-    let path = path.as_ref();
-    let mut tensors = BTreeMap::new();
-    let (mut linear, mut conv) = (Vec::new(), Vec::new());
-    for (prefix, lora) in components {
-        check_savable(path, prefix, lora)?;
-        let kp = kohya::prefix_for(prefix)
-            .ok_or_else(|| Error::file(path, format!("kohya files have no prefix for component `{prefix}`; known: unet, text_encoder, text_encoder_2")))?;
-        for m in lora.modules() {
-            if m.embedding {
-                return Err(Error::key(path, format!("{prefix}.{}", m.path), "kohya files cannot hold an embedding LoRA").into());
+/// The scaling fields of a PEFT LoRA config (an `adapter_config.json`, or one component of
+/// diffusers' `lora_adapter_metadata`), as a config used only for [`LoraConfig::rank_alpha`].
+pub(crate) fn peft_scaling(file: &Path, json: &Value) -> Result<LoraConfig> {
+    let get = |k: &str| json.get(k).filter(|v| !v.is_null());
+    let bad = |k: &str, e: serde_json::Error| AdapterError::from(Error::key(file, k, e));
+    if get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(Error::key(file, "use_dora", "DoRA is not supported").into());
+    }
+    let mut cfg = LoraConfig::new(8, 8.0, Pattern::Names(vec![]));
+    if let Some(v) = get("r") { cfg.r = serde_json::from_value(v.clone()).map_err(|e| bad("r", e))?; }
+    if let Some(v) = get("lora_alpha") { cfg.lora_alpha = serde_json::from_value(v.clone()).map_err(|e| bad("lora_alpha", e))?; }
+    if let Some(v) = get("use_rslora") { cfg.use_rslora = serde_json::from_value(v.clone()).map_err(|e| bad("use_rslora", e))?; }
+    if let Some(v) = get("rank_pattern") { cfg.rank_pattern = serde_json::from_value(v.clone()).map_err(|e| bad("rank_pattern", e))?; }
+    if let Some(v) = get("alpha_pattern") { cfg.alpha_pattern = serde_json::from_value(v.clone()).map_err(|e| bad("alpha_pattern", e))?; }
+    Ok(cfg)
+}
+
+/// The tensors of one module as a file's keys are gathered.
+#[derive(Default)]
+struct Found {
+    down: Option<(String, TensorData)>,
+    up: Option<(String, TensorData)>,
+    alpha: Option<(String, f64)>,
+    embedding: bool,
+}
+
+/// Tensors gathered per component and module while a file is read.
+#[derive(Default)]
+pub(crate) struct Collected(BTreeMap<String, BTreeMap<String, Found>>);
+
+impl Collected {
+    pub(crate) fn add(&mut self, file: &Path, component: &str, module: String, part: Part, embedding: bool, key: &str, data: &TensorData) -> Result<()> {
+        let f = self.0.entry(component.to_string()).or_default().entry(module.clone()).or_default();
+        let dup = |other: &str| -> AdapterError { Error::key(file, key, format!("module `{module}` already has this tensor from `{other}`")).into() };
+        match part {
+            Part::Down | Part::Up => {
+                let slot = if part == Part::Down { &mut f.down } else { &mut f.up };
+                if let Some((other, _)) = slot {
+                    return Err(dup(other));
+                }
+                *slot = Some((key.to_string(), data.clone()));
+                f.embedding |= embedding;
             }
-            let name = format!("{kp}_{}", kohya::name_of(&m.path));
-            let alpha = m.scale * m.rank as f64;
-            tensors.insert(format!("{name}.lora_down.weight"), lora.state.tensors[&format!("{}.lora_A.weight", m.path)].clone());
-            tensors.insert(format!("{name}.lora_up.weight"), lora.state.tensors[&format!("{}.lora_B.weight", m.path)].clone());
-            tensors.insert(format!("{name}.alpha"), TensorData::new(vec![alpha as f32], [0usize; 0]));
-            if m.conv { conv.push((m.rank, alpha)) } else { linear.push((m.rank, alpha)) }
+            Part::Alpha => {
+                let v: Vec<f32> = data.clone().convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::key(file, key, format!("{e:?}")))?;
+                if v.len() != 1 {
+                    return Err(Error::key(file, key, format!("an alpha must be one number; this has shape {:?}", data.shape().as_slice())).into());
+                }
+                if let Some((other, _)) = &f.alpha {
+                    return Err(dup(other));
+                }
+                f.alpha = Some((key.to_string(), v[0] as f64));
+            }
+        }
+        Ok(())
+    }
+
+    /// One [`ComponentLora`] per component. A module's alpha is its `.alpha` tensor, else
+    /// what `scaling[component]` gives, else its rank (scale 1, as diffusers loads plain files).
+    pub(crate) fn build(self, file: &Path, scaling: &HashMap<String, LoraConfig>, kohya_names: bool) -> Result<BTreeMap<String, ComponentLora>> {
+        let mut out = BTreeMap::new();
+        for (component, found) in self.0 {
+            let cfg = scaling.get(&component);
+            let (mut tensors, mut origin, mut modules) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+            for (module, f) in found {
+                let any_key = f.down.as_ref().or(f.up.as_ref()).map(|(k, _)| k.clone()).or(f.alpha.as_ref().map(|(k, _)| k.clone())).unwrap_or_default();
+                let (Some((kd, down)), Some((ku, up))) = (f.down, f.up) else {
+                    return Err(Error::key(file, any_key, format!("module `{module}` needs both a down (A) and an up (B) tensor")).into());
+                };
+                let (sd, su) = (down.shape().as_slice().to_vec(), up.shape().as_slice().to_vec());
+                let dims_ok = sd.len() == su.len() && (sd.len() == 2 || (sd.len() == 4 && !f.embedding));
+                if !dims_ok || su[1] != sd[0] || sd[0] == 0 {
+                    return Err(Error::key(file, ku, format!("shape {su:?} does not pair with down tensor `{kd}` of shape {sd:?} (up must be [out, rank, ...] for down [rank, in, ...])")).into());
+                }
+                let rank = sd[0];
+                let alpha = match (f.alpha, cfg) {
+                    (Some((_, a)), _) => a,
+                    (None, Some(c)) => c.rank_alpha(&module).1,
+                    (None, None) => rank as f64,
+                };
+                let (a, b) = if f.embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A.weight", "lora_B.weight") };
+                for (suffix, key, data) in [(a, kd, down), (b, ku, up)] {
+                    origin.insert(format!("{module}.{suffix}"), key);
+                    tensors.insert(format!("{module}.{suffix}"), data);
+                }
+                modules.push((module, rank, alpha));
+            }
+            let config = config_for(file, &modules, cfg.is_some_and(|c| c.use_rslora))?;
+            let state = StateDict { file: file.to_path_buf(), tensors, metadata: HashMap::new() };
+            out.insert(component, ComponentLora { config, state, origin, kohya_names });
+        }
+        Ok(out)
+    }
+}
+
+/// The most common (rank, alpha) pair's parts, each the most frequent value (ties: smallest).
+pub(crate) fn mode(items: &[(usize, f64)]) -> Option<(usize, f64)> {
+    let most = |vals: Vec<u64>| {
+        let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+        vals.into_iter().for_each(|v| *counts.entry(v).or_default() += 1);
+        counts.into_iter().max_by_key(|(v, c)| (*c, std::cmp::Reverse(*v))).map(|(v, _)| v)
+    };
+    let r = most(items.iter().map(|(r, _)| *r as u64).collect())?;
+    let a = most(items.iter().map(|(_, a)| a.to_bits()).collect())?;
+    Some((r as usize, f64::from_bits(a)))
+}
+
+/// A config adapting exactly `modules` (path, rank, alpha): the most common rank and alpha as
+/// `r` / `lora_alpha`, the others as patterns keyed by full path.
+pub(crate) fn config_for(file: &Path, modules: &[(String, usize, f64)], use_rslora: bool) -> Result<LoraConfig> {
+    let pairs: Vec<(usize, f64)> = modules.iter().map(|(_, r, a)| (*r, *a)).collect();
+    let (r, alpha) = mode(&pairs).ok_or_else(|| Error::file(file, "holds no LoRA modules"))?;
+    let mut cfg = LoraConfig::new(r, alpha, Pattern::Names(modules.iter().map(|(p, _, _)| p.clone()).collect()));
+    cfg.use_rslora = use_rslora;
+    for (path, rank, a) in modules {
+        if *rank != r {
+            cfg.rank_pattern.insert(path.clone(), *rank);
+        }
+        if *a != alpha {
+            cfg.alpha_pattern.insert(path.clone(), *a);
         }
     }
-    let mut meta = HashMap::new();
-    meta.insert("ss_network_module".to_string(), "networks.lora".to_string());
-    let main = if linear.is_empty() { &conv } else { &linear };
-    if let Some((r, a)) = lora_read::mode(main) {
-        meta.insert("ss_network_dim".into(), r.to_string());
-        meta.insert("ss_network_alpha".into(), format!("{a:?}"));
+    // A full path that is also the tail of a longer one would give the longer one its pattern.
+    if let Some((p, _, _)) = modules.iter().find(|(p, rk, a)| cfg.rank_alpha(p) != (*rk, *a)) {
+        return Err(Error::file(file, format!("module `{p}`: its rank/alpha cannot be told apart from another module whose path ends with it")).into());
     }
-    if let (false, Some((r, a))) = (linear.is_empty(), lora_read::mode(&conv)) {
-        meta.insert("ss_network_args".into(), json!({"conv_dim": r.to_string(), "conv_alpha": format!("{a:?}")}).to_string());
-    }
-    meta.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
-    if let Some(arch) = architecture {
-        meta.insert("modelspec.architecture".into(), arch.to_string());
-    }
-    Ok(write_safetensors(path, &tensors, &meta)?)
+    Ok(cfg)
 }

@@ -1,2 +1,3 @@
 pub mod adapter;
 pub mod demo;
+pub mod generate;

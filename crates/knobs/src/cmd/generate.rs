@@ -1,0 +1,190 @@
+//! `knobs generate`: text to image with a diffusers Stable Diffusion folder. Loading the
+//! pipeline ([`load`]), building the request ([`request`]) and sampling ([`generate`]) are
+//! separate steps, so adapters and embeddings can be attached to the loaded pipeline before
+//! sampling.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use image::{ImageFormat, RgbImage};
+use indicatif::{ProgressBar, ProgressStyle};
+use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::read_safetensors;
+use knobs_nn::{Tensor, cpu};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (the unconditional branch of classifier-free guidance).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// ddim, euler, euler-a or ddpm (default: the model's own scheduler, DDIM if unsupported).
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Seeds the initial noise and the noise of stochastic samplers.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Initial latents: a safetensors file with a `latents` tensor [N, C, H/f, W/f] of unit
+    /// variance (diffusers' `latents=`); fixes the size and number of images.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Image height in pixels (default: from the model).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels (default: from the model).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Number of images; with more than one, each is written as OUT-<i>.png and OUT is a grid.
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// Output PNG file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Loads the pipeline named by `--model` on the CPU.
+pub fn load(args: &Args) -> Result<StableDiffusion> {
+    let start = Instant::now();
+    let sd = StableDiffusion::from_dir(&args.model, &cpu()).with_context(|| format!("loading model {}", args.model.display()))?;
+    if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
+        tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
+    }
+    tracing::info!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
+    Ok(sd)
+}
+
+/// Reads `--latents`: key `latents`, a 4-D float tensor.
+fn read_latents(path: &Path) -> Result<Tensor<4>> {
+    let file = read_safetensors(path)?;
+    let (values, shape) = file.f32("latents")?;
+    let Ok(shape4) = <[usize; 4]>::try_from(shape.as_slice()) else {
+        bail!("{}: key `latents`: shape {shape:?}, need 4 dimensions [N, C, H, W]", path.display());
+    };
+    Ok(Tensor::from_data(TensorData::new(values, shape4), &cpu()))
+}
+
+/// The request the arguments describe, checked against the loaded model.
+pub fn request(args: &Args, sd: &StableDiffusion) -> Result<GenerateRequest> {
+    let latents = args.latents.as_deref().map(read_latents).transpose()?;
+    let num_images = match (&latents, args.num_images) {
+        (Some(l), None) => l.dims()[0],
+        (_, n) => n.unwrap_or(1),
+    };
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        scheduler: args.scheduler,
+        height: args.height,
+        width: args.width,
+        num_images,
+        seed: args.seed,
+        latents,
+    };
+    if let Err(e) = sd.latent_shape(&req) {
+        match &args.latents {
+            Some(p) => bail!("{}: key `latents`: {e}", p.display()),
+            None => return Err(e.into()),
+        }
+    }
+    Ok(req)
+}
+
+/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1].
+pub fn generate(sd: &StableDiffusion, req: &GenerateRequest) -> Result<Tensor<4>> {
+    let bar = ProgressBar::new(req.steps as u64);
+    bar.set_style(ProgressStyle::with_template("denoise [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap());
+    let images = sd.generate_with(req, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    Ok(images)
+}
+
+/// 8-bit RGB images as diffusers' `numpy_to_pil`: `round(x * 255)`.
+pub fn to_rgb(images: Tensor<4>) -> Result<Vec<RgbImage>> {
+    let [n, c, h, w] = images.dims();
+    if c != 3 {
+        bail!("the VAE produced {c} channels; PNG output needs 3");
+    }
+    let v: Vec<f32> = images.into_data().convert::<f32>().try_into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let plane = h * w;
+    Ok((0..n)
+        .map(|i| {
+            RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let at = |ch: usize| {
+                    let p = v[(i * 3 + ch) * plane + y as usize * w + x as usize];
+                    (p.clamp(0.0, 1.0) * 255.0).round() as u8
+                };
+                image::Rgb([at(0), at(1), at(2)])
+            })
+        })
+        .collect())
+}
+
+/// The images side by side in a near-square grid (row-major), black where a row is short.
+pub fn grid(images: &[RgbImage]) -> RgbImage {
+    let n = images.len() as u32;
+    let cols = (n as f64).sqrt().ceil() as u32;
+    let rows = n.div_ceil(cols);
+    let (w, h) = images[0].dimensions();
+    let mut out = RgbImage::new(cols * w, rows * h);
+    for (i, img) in images.iter().enumerate() {
+        let i = i as u32;
+        image::imageops::replace(&mut out, img, ((i % cols) * w) as i64, ((i / cols) * h) as i64);
+    }
+    out
+}
+
+fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    img.save_with_format(path, ImageFormat::Png).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `out` (one image, or the grid) and, for several images, `out-<i>.png` beside it.
+pub fn save(images: &[RgbImage], out: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut written = Vec::new();
+    if images.len() > 1 {
+        let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+        let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+        for (i, img) in images.iter().enumerate() {
+            let path = out.with_file_name(format!("{stem}-{i}.{ext}"));
+            save_png(img, &path)?;
+            written.push(path);
+        }
+        save_png(&grid(images), out)?;
+    } else {
+        save_png(&images[0], out)?;
+    }
+    written.push(out.to_path_buf());
+    Ok(written)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let sd = load(&args)?;
+    // Adapters (--lora, --embedding) attach to `sd` here, before the request is built.
+    let req = request(&args, &sd)?;
+    let start = Instant::now();
+    let images = generate(&sd, &req)?;
+    let secs = start.elapsed().as_secs_f64();
+    let [n, _, h, w] = images.dims();
+    let written = save(&to_rgb(images)?, &args.out)?;
+    let scheduler = req.scheduler.unwrap_or_else(|| sd.default_scheduler());
+    println!("{n} image(s) {w}x{h}, {} {scheduler} steps, guidance {}, seed {}: {secs:.2} s", req.steps, req.guidance_scale, req.seed);
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
