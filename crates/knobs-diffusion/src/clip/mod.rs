@@ -4,6 +4,7 @@
 //! (without that level) load too, see [`model::normalize_keys`].
 pub mod attention;
 pub mod config;
+pub mod embeddings;
 pub mod encoder;
 pub mod model;
 pub mod tokenizer;

@@ -56,7 +56,8 @@ pub struct Args {
 /// Loads the pipeline named by `--model` on the CPU.
 pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
-    let sd = StableDiffusion::from_dir(&args.model, &cpu()).with_context(|| format!("loading model {}", args.model.display()))?;
+    // Errors already name the folder or file at fault.
+    let sd = StableDiffusion::from_dir(&args.model, &cpu())?;
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }

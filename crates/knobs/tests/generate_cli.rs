@@ -1,0 +1,134 @@
+//! `knobs generate` end to end on the tiny model: PNG files of the right size, the diffusers
+//! golden image from the golden latents, several images and a grid, and clear errors.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{read_safetensors, write_safetensors};
+
+const GOLDEN: &str = "/work/shared/golden";
+
+fn knobs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_knobs")).args(args).output().expect("the knobs binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = knobs(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "knobs {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fail(args: &[&str]) -> String {
+    let out = knobs(args);
+    assert!(!out.status.success(), "knobs {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn model() -> String {
+    format!("{GOLDEN}/tiny-sd")
+}
+
+fn png(path: &Path) -> image::RgbImage {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", path.display());
+    image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap().to_rgb8()
+}
+
+#[test]
+fn writes_a_png_of_the_model_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sub/cat.png");
+    let o = out.to_str().unwrap();
+    let stdout = ok(&["generate", "--model", &model(), "--prompt", "a photo of a cat", "--steps", "2", "--out", o]);
+    println!("{stdout}");
+    let img = png(&out);
+    assert_eq!(img.dimensions(), (64, 64));
+    // Not a flat image: the decoder drew something.
+    let first = img.get_pixel(0, 0);
+    assert!(img.pixels().any(|p| p != first));
+
+    // Same seed, same file; a given size is honoured.
+    let again = tmp.path().join("again.png");
+    ok(&["generate", "--model", &model(), "--prompt", "a photo of a cat", "--steps", "2", "--out", again.to_str().unwrap()]);
+    assert_eq!(png(&again), img);
+    let wide = tmp.path().join("wide.png");
+    ok(&["generate", "--model", &model(), "--prompt", "a cat", "--steps", "1", "--height", "32", "--width", "48",
+        "--scheduler", "euler-a", "--out", wide.to_str().unwrap()]);
+    assert_eq!(png(&wide).dimensions(), (48, 32));
+}
+
+#[test]
+fn golden_latents_reproduce_the_diffusers_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("golden.png");
+    let file = format!("{GOLDEN}/tensors/pipeline.safetensors");
+    let g = read_safetensors(&file).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&g.metadata["golden"]).unwrap();
+    ok(&[
+        "generate", "--model", &model(),
+        "--prompt", meta["prompt"].as_str().unwrap(),
+        "--negative-prompt", meta["negative_prompt"].as_str().unwrap(),
+        "--steps", &meta["num_inference_steps"].to_string(),
+        "--guidance", &meta["guidance_scale"].to_string(),
+        "--scheduler", "ddim",
+        "--latents", &file,
+        "--out", out.to_str().unwrap(),
+    ]);
+    let img = png(&out);
+    let (want, shape) = g.f32("image").unwrap();
+    assert_eq!(shape, vec![1, 3, 64, 64]);
+    assert_eq!(img.dimensions(), (64, 64));
+    let mut max = 0.0f32;
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            let w = want[(c * 64 + y as usize) * 64 + x as usize];
+            max = max.max((p[c] as f32 / 255.0 - w).abs());
+        }
+    }
+    println!("golden image vs PNG: max abs difference {max:.4} (quantisation alone <= {:.4})", 0.5 / 255.0);
+    assert!(max <= 1e-2, "PNG differs from the golden image by {max}");
+}
+
+#[test]
+fn several_images_and_a_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.png");
+    ok(&["generate", "--model", &model(), "--prompt", "a dog", "--steps", "1", "--num-images", "3", "--out", out.to_str().unwrap()]);
+    let parts: Vec<_> = (0..3).map(|i| png(&tmp.path().join(format!("out-{i}.png")))).collect();
+    assert!(parts.iter().all(|p| p.dimensions() == (64, 64)));
+    assert_ne!(parts[0], parts[1], "each image starts from its own noise");
+    let grid = png(&out);
+    assert_eq!(grid.dimensions(), (128, 128), "3 images: a 2 x 2 grid");
+    assert_eq!(grid.get_pixel(64 + 5, 7), parts[1].get_pixel(5, 7));
+    assert_eq!(grid.get_pixel(3, 64 + 9), parts[2].get_pixel(3, 9));
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let missing = tmp.path().join("no-such-model");
+    let e = fail(&["generate", "--model", missing.to_str().unwrap(), "--prompt", "x", "--out", o]);
+    assert!(e.contains("no-such-model"), "{e}");
+
+    let bad = tmp.path().join("bad.safetensors");
+    let mut t = BTreeMap::new();
+    t.insert("noise".to_string(), TensorData::new(vec![0.0f32; 16], [1, 4, 2, 2]));
+    write_safetensors(&bad, &t, &HashMap::new()).unwrap();
+    let b = bad.to_str().unwrap();
+    let e = fail(&["generate", "--model", &model(), "--prompt", "x", "--latents", b, "--out", o]);
+    assert!(e.contains("bad.safetensors") && e.contains("latents"), "{e}");
+
+    // Right key, wrong channel count.
+    t.insert("latents".to_string(), TensorData::new(vec![0.0f32; 48], [1, 3, 4, 4]));
+    write_safetensors(&bad, &t, &HashMap::new()).unwrap();
+    let e = fail(&["generate", "--model", &model(), "--prompt", "x", "--latents", b, "--out", o]);
+    assert!(e.contains("bad.safetensors") && e.contains("latents") && e.contains("[1, 3, 4, 4]"), "{e}");
+
+    let e = fail(&["generate", "--model", &model(), "--prompt", "x", "--scheduler", "pndm", "--out", o]);
+    assert!(e.contains("pndm") && e.contains("euler-a"), "{e}");
+    assert!(!out.exists());
+}
