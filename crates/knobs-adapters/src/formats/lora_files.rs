@@ -151,10 +151,11 @@ impl ComponentLora {
             let err = |msg: String| -> AdapterError { Error::key(&self.state.file, self.file_key(&ka), msg).into() };
             let Some(&(kind, kernel)) = layers.get(&m.path) else {
                 let last = m.path.rsplit('.').next().unwrap_or_default();
-                let mut near: Vec<&String> = layers.keys().filter(|p| p.ends_with(last)).collect();
+                let parent = |p: &str| p.rsplit_once('.').map(|(a, _)| a.to_string());
+                let mut near: Vec<&String> = layers.keys().filter(|p| p.ends_with(last) || parent(p) == parent(&m.path)).collect();
                 near.sort();
                 near.truncate(3);
-                return Err(err(format!("the model has no adaptable layer `{}` (layers ending alike: {near:?})", m.path)));
+                return Err(err(format!("the model has no adaptable layer `{}` (nearby layers: {near:?})", m.path)));
             };
             let reshape = |key: &str, shape: Vec<usize>, st: &mut StateDict| {
                 let d = st.tensors.remove(key).expect("module tensor");

@@ -18,6 +18,7 @@ pub struct Args {
     /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/).
     #[arg(long)]
     pub model: PathBuf,
+    /// What to draw.
     #[arg(long)]
     pub prompt: String,
     /// What to steer away from (the unconditional branch of classifier-free guidance).
