@@ -88,6 +88,16 @@ impl<M: Module> Module for Option<M> {
     }
 }
 
+/// Lets an adapter manager borrow a model that something else owns (a pipeline's UNet).
+impl<M: Module + ?Sized> Module for &mut M {
+    fn visit(&self, prefix: &str, v: &mut dyn Visitor) {
+        (**self).visit(prefix, v)
+    }
+    fn visit_mut(&mut self, prefix: &str, v: &mut dyn VisitorMut) {
+        (**self).visit_mut(prefix, v)
+    }
+}
+
 impl<M: Module + ?Sized> Module for Box<M> {
     fn visit(&self, prefix: &str, v: &mut dyn Visitor) {
         (**self).visit(prefix, v)

@@ -61,12 +61,13 @@ impl ParamMut<'_> {
         }
     }
 
-    /// Marks the parameter trainable (a leaf that keeps its gradient) or frozen.
-    /// A trainable parameter needs an autodiff device.
+    /// Marks the parameter trainable (an autodiff leaf that keeps its gradient) or frozen. A
+    /// frozen parameter leaves the autodiff graph entirely: operations treat it as a constant,
+    /// so it costs no gradient bookkeeping and no weight-gradient compute.
     pub fn set_trainable(&mut self, trainable: bool) {
         each!(self, t => {
-            let leaf = t.clone().detach();
-            **t = if trainable { leaf.autodiff().require_grad() } else { leaf.set_require_grad(false) };
+            let value = (*t).clone().inner();
+            **t = if trainable { value.autodiff().require_grad() } else { value };
         })
     }
 
