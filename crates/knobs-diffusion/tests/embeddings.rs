@@ -7,7 +7,7 @@ use knobs_diffusion::clip::embeddings::{self, LearnedEmbedding};
 use knobs_diffusion::clip::{ClipTextModel, ClipTokenizer};
 use knobs_nn::{Init, cpu};
 
-const GOLDEN: &str = "/work/shared/golden/tiny-sd";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd");
 
 fn pipeline() -> (ClipTokenizer, ClipTextModel) {
     let tok = ClipTokenizer::from_dir(Path::new(GOLDEN).join("tokenizer")).unwrap();

@@ -12,7 +12,7 @@ use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig, collect_grads};
 use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn tensors(sub: &str) -> PathBuf {
     Path::new(GOLDEN).join("tensors").join(sub)

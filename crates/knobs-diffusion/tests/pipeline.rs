@@ -9,7 +9,7 @@ use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Tensor, cpu};
 use serde_json::Value;
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn model_dir() -> String {
     format!("{GOLDEN}/tiny-sd")

@@ -9,7 +9,7 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Init, Tensor, cpu};
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn config() -> SchedulerConfig {
     SchedulerConfig::from_dir(format!("{GOLDEN}/tiny-sd/scheduler")).unwrap()

@@ -7,7 +7,7 @@ use knobs_nn::burn::tensor::{Int, TensorData};
 use knobs_nn::io::read_safetensors;
 use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, gradcheck};
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn tiny(part: &str) -> PathBuf {
     Path::new(GOLDEN).join("tiny-sd").join(part)

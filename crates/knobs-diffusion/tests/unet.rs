@@ -8,7 +8,7 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, gradcheck};
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn unet_dir() -> PathBuf {
     Path::new(GOLDEN).join("tiny-sd/unet")

@@ -5,7 +5,7 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, gradcheck};
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn vae_dir() -> String {
     format!("{GOLDEN}/tiny-sd/vae")

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{read_safetensors, write_safetensors};
 
-const GOLDEN: &str = "/work/shared/golden";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn knobs(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_knobs")).args(args).output().expect("the knobs binary runs")

@@ -12,6 +12,7 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{Device, Error, Init, Result, Tensor};
 use serde_json::Value;
 
+use crate::clip::embeddings::expand_prompt;
 use crate::clip::{ClipTextModel, ClipTokenizer};
 use crate::schedulers::SchedulerConfig;
 use crate::unet::UNet2DConditionModel;
@@ -131,8 +132,10 @@ impl StableDiffusion {
     /// `[cond x n]`, as diffusers' `encode_prompt` with `num_images_per_prompt = n`.
     pub fn encode_prompt(&self, req: &GenerateRequest) -> Result<Tensor<3>> {
         let n = req.num_images;
-        let texts: Vec<&str> =
-            if req.uses_guidance() { vec![&req.negative_prompt, &req.prompt] } else { vec![&req.prompt] };
+        // Multi-vector textual-inversion tokens expand to all their vectors, as diffusers does.
+        let prompt = expand_prompt(&req.prompt, &self.tokenizer)?;
+        let negative = expand_prompt(&req.negative_prompt, &self.tokenizer)?;
+        let texts: Vec<&str> = if req.uses_guidance() { vec![&negative, &prompt] } else { vec![&prompt] };
         let ids = self.tokenizer.encode_tensor(&texts, &self.device)?;
         let hidden = self.text_encoder.try_forward(ids)?.last_hidden_state;
         let parts = hidden.chunk(texts.len(), 0).into_iter().map(|t| t.repeat_dim(0, n)).collect();

@@ -8,6 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
+use knobs_adapters::AdaptedModel;
+use knobs_adapters::formats::lora_files;
+use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::read_safetensors;
@@ -49,9 +52,65 @@ pub struct Args {
     /// Number of images; with more than one, each is written as OUT-<i>.png and OUT is a grid.
     #[arg(long)]
     pub num_images: Option<usize>,
+    /// A LoRA to apply: a PEFT folder, or a diffusers or kohya .safetensors file; `:SCALE`
+    /// sets its weight (default 1). Several are applied together, as diffusers' `set_adapters`.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    pub lora: Vec<String>,
+    /// A textual-inversion embedding: diffusers `learned_embeds.safetensors` or an A1111
+    /// safetensors file (its token is the file name without extension).
+    #[arg(long = "embedding", value_name = "PATH")]
+    pub embedding: Vec<PathBuf>,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `PATH[:SCALE]`; a suffix that is not a number belongs to the path.
+fn lora_spec(spec: &str) -> (PathBuf, f32) {
+    match spec.rsplit_once(':') {
+        Some((path, scale)) if !path.is_empty() => match scale.parse() {
+            Ok(s) => (PathBuf::from(path), s),
+            Err(_) => (PathBuf::from(spec), 1.0),
+        },
+        _ => (PathBuf::from(spec), 1.0),
+    }
+}
+
+/// Attaches every `--lora` to the UNet and text encoder it carries weights for, then makes
+/// them active together with their scales.
+pub fn attach_loras(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
+    let mut unet = AdaptedModel::new(&mut sd.unet, 0);
+    let mut text_encoder = AdaptedModel::new(&mut sd.text_encoder, 0);
+    let (mut unet_weights, mut te_weights) = (Vec::new(), Vec::new());
+    for (i, spec) in specs.iter().enumerate() {
+        let (path, scale) = lora_spec(spec);
+        let name = format!("lora{i}");
+        for (component, lora) in lora_files::read(&path)? {
+            let attached = match component.as_str() {
+                "" | "unet" => lora_files::attach(&mut unet, &name, &lora).map(|_| unet_weights.push((name.clone(), scale))),
+                "text_encoder" => lora_files::attach(&mut text_encoder, &name, &lora).map(|_| te_weights.push((name.clone(), scale))),
+                other => bail!("{}: LoRA for component `{other}`, which an SD-1.x/2.x pipeline lacks (supported: unet, text_encoder)", path.display()),
+            };
+            attached.with_context(|| format!("--lora {}", path.display()))?;
+        }
+        tracing::info!("attached {} with scale {scale}", path.display());
+    }
+    unet.set_adapters(&as_refs(&unet_weights))?;
+    text_encoder.set_adapters(&as_refs(&te_weights))?;
+    Ok(())
+}
+
+fn as_refs(weights: &[(String, f32)]) -> Vec<(&str, f32)> {
+    weights.iter().map(|(n, s)| (n.as_str(), *s)).collect()
+}
+
+/// Adds every `--embedding`'s tokens to the tokenizer and text encoder.
+pub fn add_embeddings(sd: &mut StableDiffusion, paths: &[PathBuf]) -> Result<()> {
+    for path in paths {
+        let (emb, ids) = embeddings::load(path, None, &mut sd.tokenizer, &mut sd.text_encoder)?;
+        tracing::info!("token {} ({} vectors, ids {ids:?}) from {}", emb.token, emb.vectors.len(), path.display());
+    }
+    Ok(())
 }
 
 /// Loads the pipeline named by `--model` on the CPU.
@@ -175,8 +234,9 @@ pub fn save(images: &[RgbImage], out: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let sd = load(&args)?;
-    // Adapters (--lora, --embedding) attach to `sd` here, before the request is built.
+    let mut sd = load(&args)?;
+    attach_loras(&mut sd, &args.lora)?;
+    add_embeddings(&mut sd, &args.embedding)?;
     let req = request(&args, &sd)?;
     let start = Instant::now();
     let images = generate(&sd, &req)?;
