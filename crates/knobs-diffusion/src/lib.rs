@@ -6,4 +6,5 @@ pub mod clip;
 pub mod pipeline;
 pub mod schedulers;
 pub mod unet;
+mod upsample;
 pub mod vae;

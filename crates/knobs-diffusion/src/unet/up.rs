@@ -1,34 +1,13 @@
 //! `CrossAttnUpBlock2D` and `UpBlock2D`: each resnet takes the running features concatenated
 //! with one skip from the down path (last in, first out), then an optional nearest 2x
 //! upsampling followed by a 3x3 conv.
-use knobs_nn::burn::tensor::module::interpolate;
-use knobs_nn::burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use knobs_nn::{Conv2d, Device, Init, Tensor, impl_module};
+use knobs_nn::{Device, Init, Tensor, impl_module};
 
 use super::config::BlockPlan;
 use super::down::BlockCommon;
 use super::resnet::ResnetBlock2D;
 use super::transformer::Transformer2DModel;
-
-/// diffusers `Upsample2D` with a conv.
-#[derive(Debug)]
-pub struct Upsample2D {
-    pub conv: Conv2d,
-}
-impl_module!(Upsample2D { "conv" => conv });
-
-impl Upsample2D {
-    pub fn new(channels: usize, init: &mut Init, device: &Device) -> Self {
-        Upsample2D { conv: Conv2d::new(channels, channels, 3, 1, 1, true, init, device) }
-    }
-
-    /// Nearest upsampling to `size` (twice the input for sizes divisible by the UNet's
-    /// total downsampling; the skip's size otherwise, as diffusers' `upsample_size`).
-    pub fn forward(&self, x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-        let up = interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size));
-        self.conv.forward(up)
-    }
-}
+pub use crate::upsample::Upsample2D;
 
 /// One up block; `attentions` is empty for `UpBlock2D`.
 #[derive(Debug)]

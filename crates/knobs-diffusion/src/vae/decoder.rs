@@ -5,27 +5,7 @@ use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 use super::config::VaeConfig;
 use super::mid_block::MidBlock2D;
 use super::resnet::ResnetBlock2D;
-
-/// Nearest-neighbour 2x upsampling followed by a 3x3 conv.
-#[derive(Debug)]
-pub struct Upsample2D {
-    pub conv: Conv2d,
-}
-impl_module!(Upsample2D { "conv" => conv });
-
-impl Upsample2D {
-    pub fn new(channels: usize, init: &mut Init, device: &Device) -> Self {
-        Upsample2D { conv: Conv2d::new(channels, channels, 3, 1, 1, true, init, device) }
-    }
-
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        // Each pixel repeated into a 2x2 block, exactly torch's nearest 2x, by broadcasting
-        // (no dependence on a backend's interpolation index convention).
-        let [b, c, h, w] = x.dims();
-        let up: Tensor<6> = x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]);
-        self.conv.forward(up.reshape([b, c, 2 * h, 2 * w]))
-    }
-}
+use crate::upsample::Upsample2D;
 
 #[derive(Debug)]
 pub struct UpDecoderBlock2D {
@@ -40,7 +20,10 @@ impl UpDecoderBlock2D {
             x = r.forward(x);
         }
         match &self.upsampler {
-            Some(u) => u.forward(x),
+            Some(u) => {
+                let [_, _, h, w] = x.dims();
+                u.forward(x, [2 * h, 2 * w])
+            }
             None => x,
         }
     }
