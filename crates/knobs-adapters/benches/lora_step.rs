@@ -31,6 +31,15 @@ fn median_ms(mut f: impl FnMut(), iters: usize) -> f64 {
     t[iters / 2]
 }
 
+/// `KNOBS_BENCH_LINEAR=WIDTHxDEPTHxROWS` (default 320x4x2048).
+fn linear_shape() -> (usize, usize, usize) {
+    let parsed = std::env::var("KNOBS_BENCH_LINEAR").ok().and_then(|s| {
+        let v: Vec<usize> = s.split('x').filter_map(|p| p.parse().ok()).collect();
+        (v.len() == 3).then(|| (v[0], v[1], v[2]))
+    });
+    parsed.unwrap_or((320, 4, 2048))
+}
+
 fn report(name: &str, full: f64, lora: f64) {
     println!("{name:<34} full {full:>8.2} ms   lora {lora:>8.2} ms   lora/full {:.2}", lora / full);
 }
@@ -40,7 +49,7 @@ fn main() {
     let iters = std::env::var("KNOBS_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
     let mut init = Init::new(0);
 
-    let (width, depth, rows) = (320, 4, 2048);
+    let (width, depth, rows) = linear_shape();
     let x = init.normal([rows, width], 1.0, &device);
     let mlp = || Mlp { layers: (0..depth).map(|_| Linear::new(width, width, true, &mut Init::new(1), &device)).collect() };
     let step = |m: &Mlp| {
@@ -53,6 +62,10 @@ fn main() {
     let mut full = mlp();
     full.train_only(|_| true);
     let full_ms = median_ms(|| step(&full), iters);
+    let mut frozen = mlp();
+    frozen.train_only(|p| p == "layers.0.bias");
+    let frozen_ms = median_ms(|| step(&frozen), iters);
+    println!("linear: base frozen, only layers.0.bias trainable (input grads only): {frozen_ms:.2} ms");
     let mut lora = AdaptedModel::new(mlp(), 2);
     lora.add_adapter("a", Box::new(LoraConfig::new(8, 8.0, Pattern::Regex(r"layers\.\d+".into())))).unwrap();
     let lora_ms = median_ms(|| step(&lora.model), iters);

@@ -126,9 +126,9 @@ impl<M: Module> AdaptedModel<M> {
         Ok(())
     }
 
-    /// Freezes every parameter, for inference.
+    /// Freezes every parameter and takes it out of autodiff, for inference.
     pub fn freeze(&mut self) {
-        self.model.freeze_all();
+        self.model.for_inference();
     }
 
     pub(crate) fn set_state(&mut self, name: &str, mut f: impl FnMut(&mut AdapterState)) {

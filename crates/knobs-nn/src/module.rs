@@ -185,6 +185,11 @@ pub trait ModuleExt: Module {
     fn freeze_all(&mut self) {
         self.for_each_param_mut(|_, mut p| p.set_trainable(false));
     }
+    /// Takes every parameter out of autodiff: frozen, and as cheap as a model that never
+    /// trained.
+    fn for_inference(&mut self) {
+        self.for_each_param_mut(|_, mut p| p.set_inference());
+    }
     /// Makes every parameter whose path satisfies `pred` trainable and freezes the rest.
     fn train_only(&mut self, mut pred: impl FnMut(&str) -> bool) {
         self.for_each_param_mut(|path, mut p| p.set_trainable(pred(path)));

@@ -62,13 +62,19 @@ impl ParamMut<'_> {
     }
 
     /// Marks the parameter trainable (an autodiff leaf that keeps its gradient) or frozen. A
-    /// frozen parameter leaves the autodiff graph entirely: operations treat it as a constant,
-    /// so it costs no gradient bookkeeping and no weight-gradient compute.
+    /// frozen parameter keeps its autodiff association but records no gradient: burn then
+    /// skips its weight-gradient compute. (Dropping the association instead was measured
+    /// slower: mixing autodiff activations with plain weights converts on every op.)
     pub fn set_trainable(&mut self, trainable: bool) {
         each!(self, t => {
-            let value = (*t).clone().inner();
-            **t = if trainable { value.autodiff().require_grad() } else { value };
+            let value = (*t).clone().detach();
+            **t = if trainable { value.autodiff().require_grad() } else { value.set_require_grad(false) };
         })
+    }
+
+    /// Takes the parameter out of autodiff altogether, for inference.
+    pub fn set_inference(&mut self) {
+        each!(self, t => **t = (*t).clone().inner())
     }
 
     /// Replaces the value with `data`, which must have the same shape. Trainability is kept.

@@ -69,8 +69,10 @@ impl Adapter for LoraLinear {
 
 impl LinearAdapter for LoraLinear {
     fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
+        // Scaling the rank-r activations, not the full-width output, saves a full-size pass
+        // forward and backward.
         let h = dropout(x.clone(), self.dropout, self.training).matmul(self.a.clone().transpose());
-        inner(x) + h.matmul(self.b.clone().transpose()) * (self.scale * weight as f64)
+        inner(x) + (h * (self.scale * weight as f64)).matmul(self.b.clone().transpose())
     }
     fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
         (w + self.delta_weight() * weight as f64, b)
