@@ -76,14 +76,6 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: Tensor<4>, _t: i64) -> Result<Tensor<4>> {
-        Ok(sample)
-    }
-
     /// `noise` is needed only when `eta > 0`.
     fn step(&mut self, model_output: Tensor<4>, t: i64, sample: Tensor<4>, noise: Option<Tensor<4>>) -> Result<StepOutput> {
         let n = self

@@ -95,14 +95,6 @@ impl Scheduler for DdpmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: Tensor<4>, _t: i64) -> Result<Tensor<4>> {
-        Ok(sample)
-    }
-
     /// Ancestral step; `noise` is required for every `t > 0` (the last step adds none).
     fn step(&mut self, model_output: Tensor<4>, t: i64, sample: Tensor<4>, noise: Option<Tensor<4>>) -> Result<StepOutput> {
         let prev_t = self.previous_timestep(t)?;

@@ -48,9 +48,13 @@ pub trait Scheduler {
         self.timesteps().iter().map(|&t| t as f32).collect()
     }
     /// The standard deviation of the initial noise: multiply unit Gaussian latents by it.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// The model input for timestep `t` (identity except for sigma-based schedulers).
-    fn scale_model_input(&mut self, sample: Tensor<4>, t: i64) -> Result<Tensor<4>>;
+    fn scale_model_input(&mut self, sample: Tensor<4>, _t: i64) -> Result<Tensor<4>> {
+        Ok(sample)
+    }
     /// One step from `t` to the previous timestep. `noise` (unit Gaussian, shaped like `sample`)
     /// is needed only by stochastic steps; those return an error without it.
     fn step(&mut self, model_output: Tensor<4>, t: i64, sample: Tensor<4>, noise: Option<Tensor<4>>) -> Result<StepOutput>;
