@@ -3,8 +3,8 @@ use std::path::Path;
 
 use knobs_nn::{Error, Result, Tensor};
 
-use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
-use super::schedule::{NoiseSchedule, integer_timesteps, spaced_timesteps};
+use super::config::{PredictionType, SchedulerConfig};
+use super::schedule::{NoiseSchedule, integer_timesteps};
 use super::{Scheduler, StepOutput, need_noise, pred_original};
 
 #[derive(Debug, Clone)]
@@ -65,9 +65,7 @@ impl Scheduler for DdimScheduler {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let spacing = self.config.spacing_or(TimestepSpacing::Leading);
-        let values = spaced_timesteps(spacing, self.config.num_train_timesteps, self.config.steps_offset, n)?;
-        self.timesteps = integer_timesteps(&values);
+        self.timesteps = integer_timesteps(&self.config, n)?;
         self.num_inference_steps = Some(n);
         Ok(())
     }

@@ -147,7 +147,10 @@ pub fn spaced_timesteps(spacing: TimestepSpacing, num_train: usize, steps_offset
     })
 }
 
-/// Integer timesteps as DDPM and DDIM use them (numpy `round`, which ties to even).
-pub fn integer_timesteps(values: &[f64]) -> Vec<i64> {
-    values.iter().map(|v| v.round_ties_even() as i64).collect()
+/// The integer inference timesteps of DDPM and DDIM for `n` steps: the config's spacing
+/// (leading when unset), rounded as numpy's `round` does (ties to even).
+pub fn integer_timesteps(config: &SchedulerConfig, n: usize) -> Result<Vec<i64>> {
+    let spacing = config.spacing_or(TimestepSpacing::Leading);
+    let values = spaced_timesteps(spacing, config.num_train_timesteps, config.steps_offset, n)?;
+    Ok(values.iter().map(|v| v.round_ties_even() as i64).collect())
 }
