@@ -22,6 +22,11 @@ enum Command {
     /// Inspect adapter files.
     #[command(subcommand)]
     Adapter(cmd::adapter::Command),
+    /// Write the built-in synthetic world: a captioned base dataset or the held-out concepts.
+    #[command(subcommand)]
+    World(cmd::world::Command),
+    /// Train the built-in base model on the synthetic world (resumable).
+    Pretrain(cmd::pretrain::Args),
 }
 
 fn main() {
@@ -35,6 +40,8 @@ fn main() {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Adapter(c) => cmd::adapter::run(c),
+        Command::World(c) => cmd::world::run(c),
+        Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

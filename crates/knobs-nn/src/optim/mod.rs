@@ -1,8 +1,10 @@
 //! Optimisation over a model's trainable parameters, addressed by path. Gradients are
 //! collected once into [`Grads`] so that scaling and clipping happen before the step.
 mod adamw;
+mod ema;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use ema::Ema;
 
 use std::collections::BTreeMap;
 

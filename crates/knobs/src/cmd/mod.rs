@@ -1,3 +1,5 @@
 pub mod adapter;
 pub mod demo;
 pub mod generate;
+pub mod pretrain;
+pub mod world;

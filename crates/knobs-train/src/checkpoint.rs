@@ -1,0 +1,126 @@
+//! Training checkpoints: one safetensors file per save, `<prefix>-<step>.safetensors`, holding
+//! the model's parameters (`model.*`), the optimizer's moments (`optim.*`), EMA weights
+//! (`ema.*`) and string metadata (step, configuration). The file is written atomically, so a
+//! run killed mid-save still finds the previous checkpoint intact.
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors, state_dict, write_safetensors};
+use knobs_nn::optim::{AdamW, Ema};
+use knobs_nn::{Device, Module};
+
+/// Tensors and metadata gathered for one save.
+#[derive(Default)]
+pub struct State {
+    pub tensors: BTreeMap<String, TensorData>,
+    pub meta: HashMap<String, String>,
+}
+
+impl State {
+    pub fn add(&mut self, prefix: &str, tensors: BTreeMap<String, TensorData>, meta: HashMap<String, String>) {
+        self.tensors.extend(tensors.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+        self.meta.extend(meta);
+    }
+    pub fn model<M: Module + ?Sized>(&mut self, model: &M) {
+        self.add("model.", state_dict(model), HashMap::new());
+    }
+    pub fn optimizer(&mut self, opt: &AdamW) {
+        let (t, m) = opt.state();
+        self.add("optim.", t, m);
+    }
+    pub fn ema(&mut self, ema: &Ema) {
+        let (t, m) = ema.state();
+        self.add("", t, m);
+    }
+}
+
+/// The tensors of `sd` under `prefix`, with the prefix removed (metadata kept).
+pub fn sub_dict(sd: &StateDict, prefix: &str) -> StateDict {
+    let tensors = sd.tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect();
+    StateDict { file: sd.file.clone(), tensors, metadata: sd.metadata.clone() }
+}
+
+/// Restores what [`State::model`], [`State::optimizer`] and [`State::ema`] saved.
+pub fn restore<M: Module + ?Sized>(sd: &StateDict, model: &mut M, opt: &mut AdamW, ema: Option<&mut Ema>, device: &Device) -> Result<()> {
+    load_state_dict(model, &sub_dict(sd, "model."), LoadOptions::default())?;
+    opt.load_state(&sub_dict(sd, "optim."), device)?;
+    if let Some(ema) = ema {
+        ema.load_state(sd, device)?;
+    }
+    Ok(())
+}
+
+pub struct Checkpoints {
+    pub dir: PathBuf,
+    pub prefix: String,
+    /// How many of the newest checkpoints to keep.
+    pub keep: usize,
+}
+
+impl Checkpoints {
+    pub fn new(dir: impl Into<PathBuf>, prefix: &str) -> Self {
+        Checkpoints { dir: dir.into(), prefix: prefix.to_string(), keep: 2 }
+    }
+
+    fn path(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("{}-{step:08}.safetensors", self.prefix))
+    }
+
+    /// Every checkpoint of this prefix, oldest first.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        if !self.dir.exists() {
+            return Ok(out);
+        }
+        for entry in std::fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let step = name
+                .strip_prefix(&format!("{}-", self.prefix))
+                .and_then(|r| r.strip_suffix(".safetensors"))
+                .and_then(|s| s.parse::<u64>().ok());
+            if let Some(step) = step {
+                out.push((step, path));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn latest(&self) -> Result<Option<(u64, StateDict)>> {
+        match self.list()?.pop() {
+            Some((step, path)) => Ok(Some((step, read_safetensors(&path)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the checkpoint of `step`, then removes all but the newest `keep`.
+    pub fn save(&self, step: u64, mut state: State) -> Result<PathBuf> {
+        state.meta.insert("step".into(), step.to_string());
+        let path = self.path(step);
+        write_safetensors(&path, &state.tensors, &state.meta)?;
+        let all = self.list()?;
+        for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
+            std::fs::remove_file(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        }
+        Ok(path)
+    }
+}
+
+/// Reads a metadata field a checkpoint must have.
+pub fn meta<'a>(sd: &'a StateDict, key: &str) -> Result<&'a str> {
+    sd.metadata.get(key).map(String::as_str).with_context(|| format!("{}: checkpoint metadata lacks `{key}`", sd.file.display()))
+}
+
+pub fn check_same(sd: &StateDict, key: &str, want: &str) -> Result<()> {
+    let have = meta(sd, key)?;
+    anyhow::ensure!(
+        have == want,
+        "{}: checkpoint was made with {key} = {have}, this run has {want}; use a new --out or the same settings",
+        sd.file.display()
+    );
+    Ok(())
+}
+

@@ -1,0 +1,7 @@
+//! knobs-train: everything that changes weights. The base-model recipe (`pretrain`), the
+//! fine-tuning trainer and its methods, and the pieces they share: per-step random streams,
+//! learning-rate schedules, checkpoints and logs.
+pub mod checkpoint;
+pub mod lr;
+pub mod pretrain;
+pub mod rng;

@@ -1,0 +1,110 @@
+//! Phase 1: the VAE. It sees the base world and, so that it can also draw what users will
+//! fine-tune on later, patterned objects of the procedural concept family (never the held-out
+//! concepts). Loss: pixel MSE + L1 and a tiny KL term, as a plain (GAN-free) SD VAE.
+use std::ops::ControlFlow;
+
+use anyhow::{Result, bail};
+use image::RgbImage;
+use knobs_diffusion::vae::{AutoencoderKL, VaeConfig};
+use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
+use knobs_nn::{Init, ModuleExt, cpu, cpu_autodiff};
+use knobs_world::concept::random_concept;
+use knobs_world::{Placement, Scene, render};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+use super::{Deadline, PretrainConfig, Progress, Tick, folder, recipe};
+use crate::checkpoint::{Checkpoints, State, check_same, restore};
+use knobs_world::images::to_tensor;
+use crate::lr::LrSchedule;
+use crate::rng::{normal, step_rng};
+
+const KL_WEIGHT: f64 = 1e-6;
+
+/// Half base-world scenes, half patterned concepts, all at the recipe's image size.
+pub fn images(rng: &mut StdRng, n: usize) -> Vec<RgbImage> {
+    let size = recipe::IMAGE_SIZE as u32;
+    (0..n)
+        .map(|_| {
+            let scene = Scene::sample(rng);
+            if rng.random_bool(0.5) {
+                render(&scene, size)
+            } else {
+                random_concept(rng).render(&Placement::from(&scene), size)
+            }
+        })
+        .collect()
+}
+
+/// Trains (or resumes, or loads the finished) VAE. `Break(step)` means the deadline passed.
+pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -> Result<ControlFlow<u64, AutoencoderKL>> {
+    let dir = config.model_dir().join("vae");
+    if folder::is_complete(&dir) {
+        return Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &cpu())?));
+    }
+    let phase = config.vae;
+    let dev = cpu_autodiff();
+    let vae_config = VaeConfig::from_json_str(&recipe::vae_config().to_string())?;
+    let mut vae = AutoencoderKL::new(vae_config, &mut Init::new(config.seed), &dev)?;
+    vae.train_only(|_| true);
+    let mut opt = AdamW::new(AdamWConfig { lr: phase.lr, weight_decay: 0.0, ..Default::default() });
+    let ckpts = Checkpoints::new(config.checkpoint_dir(), "vae");
+    let fingerprint = serde_json::to_string(&(config.seed, phase))?;
+    let mut start = 0;
+    if let Some((step, sd)) = ckpts.latest()? {
+        check_same(&sd, "phase", &fingerprint)?;
+        restore(&sd, &mut vae, &mut opt, None, &dev)?;
+        start = step;
+    }
+    for step in start..phase.steps {
+        let mut rng = step_rng(config.seed, "vae", step);
+        let x = to_tensor(&images(&mut rng, phase.batch), &dev)?;
+        let posterior = vae.encode(x.clone());
+        let z = posterior.sample(normal(&mut rng, posterior.mean.dims(), &dev));
+        let diff = vae.decode(z) - x;
+        let loss = diff.clone().powi_scalar(2).mean() + diff.abs().mean() + posterior.kl().mean() * KL_WEIGHT;
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            bail!("VAE loss became {value} at step {step}; the last good checkpoint is in {}", ckpts.dir.display());
+        }
+        let mut grads = collect_grads(&vae, &loss.backward());
+        clip_grad_norm(&mut grads, 1.0);
+        let lr = phase.lr * LrSchedule::Cosine.factor(step, phase.warmup, phase.steps);
+        opt.step(&mut vae, &grads, |_| lr);
+        progress(&Tick { phase: "vae", step: step + 1, total: phase.steps, loss: value });
+        let done = step + 1 == phase.steps;
+        if done || (step + 1) % config.checkpoint_every == 0 || deadline.passed() {
+            let mut state = State::default();
+            state.model(&vae);
+            state.optimizer(&opt);
+            state.meta.insert("phase".into(), fingerprint.clone());
+            ckpts.save(step + 1, state)?;
+            if !done && deadline.passed() {
+                return Ok(ControlFlow::Break(step + 1));
+            }
+        }
+    }
+    vae.for_inference();
+    let scale = scaling_factor(&vae, config.seed)?;
+    folder::write_vae(&dir, &vae, scale)?;
+    Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &cpu())?))
+}
+
+/// SD's `scaling_factor`: one over the standard deviation of the latents, so that the UNet
+/// sees unit-variance inputs.
+fn scaling_factor(vae: &AutoencoderKL, seed: u64) -> Result<f64> {
+    let dev = cpu();
+    let mut rng = step_rng(seed, "vae-scale", 0);
+    let mut sum = 0.0;
+    let mut sum_sq = 0.0;
+    let mut n = 0usize;
+    for _ in 0..8 {
+        let x = to_tensor(&images(&mut rng, 64), &dev)?;
+        let z: Vec<f32> = vae.encode(x).mode().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        n += z.len();
+        sum += z.iter().map(|&v| v as f64).sum::<f64>();
+        sum_sq += z.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+    }
+    let mean = sum / n as f64;
+    Ok(1.0 / (sum_sq / n as f64 - mean * mean).sqrt())
+}
