@@ -1,7 +1,7 @@
 //! knobs-adapters: adapters that attach to any model built on `knobs-nn` layers, found by
 //! module path, with PEFT's semantics and file format. Nothing here knows about diffusion.
 //!
-//! One folder per method (`lora/`, `ia3/`), each holding its config, its layers and how it
+//! One folder per method (`lora/`, `ia3/`, `tokens/` for textual inversion), each holding its config, its layers and how it
 //! attaches, behind the [`AdapterConfig`] interface. [`AdaptedModel`] manages several named
 //! adapters on one model; `formats/` reads and writes files.
 pub mod formats;
@@ -10,6 +10,7 @@ pub mod lora;
 mod manager;
 mod method;
 mod target;
+pub mod tokens;
 
 pub use manager::AdaptedModel;
 pub use method::{AdapterConfig, config_from_peft_json, strip_adapter_name};

@@ -119,6 +119,18 @@ impl<M: Module> AdaptedModel<M> {
             .collect())
     }
 
+    /// Takes charge of adapter `name` that was attached to this model earlier (by another
+    /// `AdaptedModel` over the same layers), so that it can be saved, merged or deleted.
+    pub fn adopt(&mut self, name: &str, config: Box<dyn AdapterConfig>) -> Result<()> {
+        let mut found = false;
+        self.model.for_each_layer(|_, layer| found |= layer.adapter_states().iter().any(|(n, _)| n == name));
+        if !found {
+            return Err(AdapterError::Config(format!("no layer of the model carries an adapter named `{name}`")));
+        }
+        self.register(name, config);
+        Ok(())
+    }
+
     /// Freezes everything except adapter `name` and its `modules_to_save`.
     pub fn train_adapter(&mut self, name: &str) -> Result<()> {
         let trainable: HashSet<String> = self.adapter_param_paths(name).into_iter().chain(self.saved_module_params(name)?).collect();

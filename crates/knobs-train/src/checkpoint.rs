@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors, state_dict, write_safetensors};
 use knobs_nn::optim::{AdamW, Ema};
-use knobs_nn::{Device, Module};
+use knobs_nn::{Device, Module, ModuleExt};
 
 /// Tensors and metadata gathered for one save.
 #[derive(Default)]
@@ -25,6 +25,16 @@ impl State {
     }
     pub fn model<M: Module + ?Sized>(&mut self, model: &M) {
         self.add("model.", state_dict(model), HashMap::new());
+    }
+    /// Only the trainable parameters: all an adapter run needs to resume.
+    pub fn trainable<M: Module + ?Sized>(&mut self, model: &M) {
+        let mut tensors = BTreeMap::new();
+        model.for_each_param(|path, p| {
+            if p.is_trainable() {
+                tensors.insert(path.to_string(), p.to_data());
+            }
+        });
+        self.add("model.", tensors, HashMap::new());
     }
     pub fn optimizer(&mut self, opt: &AdamW) {
         let (t, m) = opt.state();

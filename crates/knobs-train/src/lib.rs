@@ -2,6 +2,9 @@
 //! fine-tuning trainer and its methods, and the pieces they share: per-step random streams,
 //! learning-rate schedules, checkpoints and logs.
 pub mod checkpoint;
+pub mod finetune;
+pub mod loss;
 pub mod lr;
 pub mod pretrain;
+pub mod progress;
 pub mod rng;

@@ -27,6 +27,8 @@ enum Command {
     World(cmd::world::Command),
     /// Train the built-in base model on the synthetic world (resumable).
     Pretrain(cmd::pretrain::Args),
+    /// Fine-tune on a concept: DreamBooth, textual inversion, LoRA, IA3 or pivotal tuning.
+    Train(Box<cmd::train::Args>),
 }
 
 fn main() {
@@ -42,6 +44,7 @@ fn main() {
         Command::Adapter(c) => cmd::adapter::run(c),
         Command::World(c) => cmd::world::run(c),
         Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
+        Command::Train(args) => cmd::train::run_cmd(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

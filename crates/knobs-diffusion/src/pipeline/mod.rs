@@ -9,7 +9,7 @@ pub use request::{GenerateRequest, SchedulerKind};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::{Device, Error, Init, Result, Tensor};
+use knobs_nn::{Device, Error, Init, Result, Tensor, impl_module};
 use serde_json::Value;
 
 use crate::clip::embeddings::expand_prompt;
@@ -33,6 +33,10 @@ pub struct StableDiffusion {
     pub scheduler_class: String,
     pub device: Device,
 }
+
+// The trainable components under their folder names, so that a trainer, an optimizer or an
+// adapter pattern sees the pipeline as one model (`unet.down_blocks...`, `text_encoder...`).
+impl_module!(StableDiffusion { "text_encoder" => text_encoder, "unet" => unet, "vae" => vae });
 
 /// Reads `model_index.json` and checks that every component is listed and has its folder.
 /// Returns the scheduler's class name.

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{Result, anyhow, bail};
 use knobs_diffusion::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
-use knobs_diffusion::schedulers::{DdpmScheduler, PredictionType, SchedulerConfig};
+use knobs_diffusion::schedulers::{DdpmScheduler, SchedulerConfig};
 use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
 use knobs_diffusion::vae::AutoencoderKL;
 use knobs_nn::burn::tensor::TensorData;
@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::{Deadline, PretrainConfig, Progress, Tick, folder, recipe};
 use crate::checkpoint::{Checkpoints, State, check_same, restore};
 use knobs_world::images::to_tensor;
+use crate::loss::{min_snr_weights, per_sample_mse};
 use crate::lr::LrSchedule;
 use crate::rng::{normal, normal_vec, step_rng};
 
@@ -66,17 +67,6 @@ impl LatentCache {
 
 fn to_vec(t: Tensor<4>) -> Result<Vec<f32>> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))
-}
-
-/// Min-SNR-gamma weights: `min(snr, gamma) / snr` for epsilon targets, `/(snr + 1)` for v.
-pub fn min_snr_weights(snr: &[f32], gamma: f64, prediction: PredictionType) -> Vec<f32> {
-    snr.iter()
-        .map(|&s| {
-            let s = s as f64;
-            let w = s.min(gamma) / if prediction == PredictionType::VPrediction { s + 1.0 } else { s };
-            w as f32
-        })
-        .collect()
 }
 
 pub fn new_base(config: &PretrainConfig, tokenizer: &ClipTokenizer, device: &Device) -> Result<(Base, Value)> {
@@ -131,7 +121,7 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
         let context = base.text_encoder.forward(tokenizer.encode_tensor(&refs, &dev)?).last_hidden_state;
         let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), &dev);
         let pred = base.unet.forward(noisy, t_float, context);
-        let per_sample: Tensor<1> = (pred - target).powi_scalar(2).reshape([b as i64, -1]).mean_dim(1).reshape([b]);
+        let per_sample = per_sample_mse(pred, target);
         let weights = min_snr_weights(&ddpm.snr(&t)?, config.snr_gamma, prediction);
         let loss = (per_sample * Tensor::<1>::from_floats(weights.as_slice(), &dev)).mean();
         let value = loss.clone().into_scalar::<f32>() as f64;

@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::progress::{Progress, Tick};
+
 /// One phase's optimisation budget.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Phase {
@@ -64,17 +66,6 @@ impl PretrainConfig {
         self.out.join("model")
     }
 }
-
-/// What a training loop reports after each step.
-#[derive(Debug, Clone, Copy)]
-pub struct Tick {
-    pub phase: &'static str,
-    pub step: u64,
-    pub total: u64,
-    pub loss: f64,
-}
-
-pub type Progress<'a> = &'a mut dyn FnMut(&Tick);
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,4 +2,5 @@ pub mod adapter;
 pub mod demo;
 pub mod generate;
 pub mod pretrain;
+pub mod train;
 pub mod world;

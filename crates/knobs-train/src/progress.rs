@@ -1,0 +1,18 @@
+//! What a training loop tells its caller after each optimizer step (the CLI draws a bar).
+#[derive(Debug, Clone, Copy)]
+pub struct Tick {
+    pub phase: &'static str,
+    pub step: u64,
+    pub total: u64,
+    pub loss: f64,
+}
+
+pub type Progress<'a> = &'a mut dyn FnMut(&Tick);
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
