@@ -1,0 +1,185 @@
+//! `knobs train` end to end on a tiny model: every method writes files the ecosystem loads,
+//! a killed run resumes bit-identically, textual inversion touches nothing but its rows,
+//! prior preservation caches its class images, and bad input names the flag at fault.
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{fail, knobs, ok, s, tiny_model};
+use knobs_nn::io::read_safetensors;
+
+fn train(out: &Path, method: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["train", "--model", s(tiny_model()), "--method", method, "--concept", "striped-star", "--out", s(out), "--json"];
+    args.extend_from_slice(extra);
+    let stdout = ok(&args);
+    serde_json::from_str(stdout.lines().last().unwrap()).expect("--json prints one JSON object")
+}
+
+fn checkpoint_keys(out: &Path) -> BTreeSet<String> {
+    let dir = out.join("checkpoints");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let sd = read_safetensors(files.last().unwrap()).unwrap();
+    sd.tensors.keys().filter_map(|k| k.strip_prefix("model.")).map(String::from).collect()
+}
+
+#[test]
+fn lora_files_reload_in_generate_and_reproduce_the_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora");
+    let summary = train(&out, "lora", &["--max-train-steps", "3", "--rank", "2"]);
+    assert_eq!(summary["method"], "lora");
+    assert_eq!(summary["steps"], 3);
+    assert!(summary["trainable_params"].as_u64().unwrap() > 0);
+    assert!(summary["output_bytes"].as_u64().unwrap() > 0);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("unet_lora/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 2);
+    assert_eq!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count(), 4);
+    let generated = tmp.path().join("gen.png");
+    ok(&["generate", "--model", s(tiny_model()), "--lora", s(&out.join("pytorch_lora_weights.safetensors")), "--prompt", "a sks star",
+        "--steps", "25", "--guidance", "5", "--seed", "0", "--num-images", "4", "--out", s(&generated)]);
+    for i in 0..4 {
+        let a = std::fs::read(tmp.path().join(format!("gen-{i}.png"))).unwrap();
+        let b = std::fs::read(out.join(format!("samples/{i}.png"))).unwrap();
+        assert!(a == b, "generate with the saved LoRA must reproduce sample {i}");
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = ["--max-train-steps", "30", "--checkpointing-steps", "2", "--rank", "2", "--train-batch-size", "1"];
+    let whole = tmp.path().join("whole");
+    train(&whole, "lora", &steps);
+    let cut = tmp.path().join("cut");
+    let mut args = vec!["train", "--model", s(tiny_model()), "--method", "lora", "--concept", "striped-star", "--out", s(&cut)];
+    args.extend_from_slice(&steps);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_knobs")).args(&args).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cut.join("checkpoints/train-00000004.safetensors").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!cut.join("summary.json").exists(), "the run must have been killed before it finished");
+    let mut resume = args.clone();
+    resume.extend_from_slice(&["--resume", s(&cut)]);
+    ok(&resume);
+    for file in ["pytorch_lora_weights.safetensors", "loss.csv", "samples/0.png"] {
+        assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(cut.join(file)).unwrap(), "{file} differs after resume");
+    }
+}
+
+#[test]
+fn textual_inversion_trains_only_the_new_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ti");
+    let summary = train(&out, "textual-inversion", &["--max-train-steps", "3", "--num-vectors", "2", "--a1111"]);
+    assert_eq!(summary["trainable_params"], 2 * 64);
+    let keys = checkpoint_keys(&out);
+    assert_eq!(keys.into_iter().collect::<Vec<_>>(), vec!["text_encoder.text_model.embeddings.token_embedding.token_rows.default".to_string()]);
+    let emb = read_safetensors(out.join("learned_embeds.safetensors")).unwrap();
+    let (rows, shape) = emb.f32("sks").unwrap();
+    assert_eq!(shape, vec![2, 64]);
+    // The rows started as the initializer token ("star") and must have moved.
+    let te = read_safetensors(tiny_model().join("text_encoder/model.safetensors")).unwrap();
+    let (table, tshape) = te.f32("text_model.embeddings.token_embedding.weight").unwrap();
+    let vocab: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny_model().join("tokenizer/vocab.json")).unwrap()).unwrap();
+    let star = vocab["star</w>"].as_u64().unwrap() as usize;
+    let init = &table[star * tshape[1]..(star + 1) * tshape[1]];
+    assert!(rows[..64] != *init, "the learned vector equals its initializer");
+    assert!(out.join("sks.safetensors").exists(), "--a1111 writes the A1111 file");
+    // The embedding loads into generate (new tokens, nothing else).
+    ok(&["generate", "--model", s(tiny_model()), "--embedding", s(&out.join("learned_embeds.safetensors")), "--prompt", "a sks star",
+        "--steps", "2", "--out", s(&tmp.path().join("g.png"))]);
+}
+
+#[test]
+fn dreambooth_with_prior_preservation_caches_class_images_and_writes_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let classes = tmp.path().join("classes");
+    let common = ["--max-train-steps", "2", "--class-prompt", "a star", "--num-class-images", "2", "--class-dir", s(&classes), "--train-batch-size", "1"];
+    train(&tmp.path().join("db1"), "dreambooth", &common);
+    let pngs = |d: &Path| std::fs::read_dir(d).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
+    assert_eq!(pngs(&classes), 2);
+    let stamp = std::fs::metadata(classes.join("class-00000.png")).unwrap().modified().unwrap();
+    let out = tmp.path().join("db2");
+    train(&out, "dreambooth", &common);
+    assert_eq!(std::fs::metadata(classes.join("class-00000.png")).unwrap().modified().unwrap(), stamp, "class images are reused");
+    ok(&["generate", "--model", s(&out.join("model")), "--prompt", "a sks star", "--steps", "2", "--out", s(&tmp.path().join("g.png"))]);
+    // The fine-tuned UNet differs from the base; the VAE is copied unchanged.
+    let base = std::fs::read(tiny_model().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(std::fs::read(out.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap() != base);
+    let vae = "vae/diffusion_pytorch_model.safetensors";
+    assert!(std::fs::read(out.join("model").join(vae)).unwrap() == std::fs::read(tiny_model().join(vae)).unwrap());
+}
+
+#[test]
+fn freezing_and_learning_rate_scales_control_what_moves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("block");
+    train(&out, "dreambooth", &["--max-train-steps", "1", "--train-only", r"^unet\.up_blocks\.1\.", "--train-batch-size", "1"]);
+    let keys = checkpoint_keys(&out);
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("unet.up_blocks.1.")), "{keys:?}");
+    // A zero learning rate everywhere: full training that changes nothing, bit for bit.
+    let out = tmp.path().join("zero");
+    train(&out, "dreambooth", &["--max-train-steps", "2", "--lr-scale", ".*=0", "--train-batch-size", "1"]);
+    let unet = "unet/diffusion_pytorch_model.safetensors";
+    let (a, b) = (read_safetensors(tiny_model().join(unet)).unwrap(), read_safetensors(out.join("model").join(unet)).unwrap());
+    for (k, v) in &a.tensors {
+        assert_eq!(v.as_slice::<f32>().unwrap(), b.tensors[k].as_slice::<f32>().unwrap(), "{k} moved with lr scale 0");
+    }
+}
+
+#[test]
+fn ia3_pivotal_kohya_and_config_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ia3");
+    train(&out, "ia3", &["--max-train-steps", "1"]);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("unet_ia3/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "IA3");
+    let out = tmp.path().join("pivotal");
+    train(&out, "pivotal", &["--max-train-steps", "1", "--format", "kohya"]);
+    let kohya = read_safetensors(out.join("lora_kohya.safetensors")).unwrap();
+    assert!(kohya.tensors.keys().any(|k| k.starts_with("lora_unet_") && k.ends_with(".alpha")));
+    assert_eq!(kohya.metadata["ss_network_dim"], "4");
+    assert!(out.join("learned_embeds.safetensors").exists());
+    // A TOML config holds the settings; a flag overrides it.
+    let toml = tmp.path().join("run.toml");
+    std::fs::write(&toml, "method = \"lora\"\nrank = 2\nmax_train_steps = 1\nconcept = \"ringed-circle\"\n").unwrap();
+    let out = tmp.path().join("toml");
+    ok(&["train", "--config", s(&toml), "--model", s(tiny_model()), "--rank", "3", "--out", s(&out)]);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("unet_lora/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 3);
+}
+
+#[test]
+fn bad_input_names_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let m = s(tiny_model());
+    let err = fail(&["train", "--model", m, "--method", "lora2", "--concept", "striped-star", "--out", s(&out)]);
+    assert!(err.contains("--method") && err.contains("lora2"), "{err}");
+    let err = fail(&["train", "--model", m, "--concept", "nope", "--out", s(&out)]);
+    assert!(err.contains("--concept") && err.contains("nope"), "{err}");
+    let err = fail(&["train", "--model", m, "--out", s(&out)]);
+    assert!(err.contains("--concept") && err.contains("--instance-dir"), "{err}");
+    let err = fail(&["train", "--model", m, "--concept", "striped-star", "--lr-scale", "unet", "--out", s(&out)]);
+    assert!(err.contains("--lr-scale"), "{err}");
+    let err = fail(&["train", "--model", m, "--concept", "striped-star", "--train-only", "no_such_layer", "--out", s(&out)]);
+    assert!(err.contains("--train-only"), "{err}");
+    let err = fail(&["train", "--model", s(&tmp.path().join("missing")), "--concept", "striped-star", "--out", s(&out)]);
+    assert!(err.contains("--model"), "{err}");
+    train(&out, "lora", &["--max-train-steps", "1"]);
+    let err = fail(&["train", "--model", m, "--concept", "striped-star", "--out", s(&out)]);
+    assert!(err.contains("--resume"), "{err}");
+    let dir = tmp.path().join("imgs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = fail(&["train", "--model", m, "--instance-dir", s(&dir), "--instance-prompt", "a sks star", "--out", s(&tmp.path().join("y"))]);
+    assert!(err.contains("--instance-dir"), "{err}");
+    let _ = knobs(&["--help"]);
+}
