@@ -45,7 +45,22 @@ pub fn world_words() -> Vec<String> {
     words
 }
 
+/// Applies `merges` (in rank order, lowest first) to a word's symbols, as BPE does.
+fn apply(mut symbols: Vec<String>, merges: &[(String, String)]) -> Vec<String> {
+    loop {
+        let best = (0..symbols.len().saturating_sub(1))
+            .filter_map(|i| merges.iter().position(|(a, b)| *a == symbols[i] && *b == symbols[i + 1]).map(|r| (r, i)))
+            .min();
+        let Some((_, i)) = best else { return symbols };
+        let joined = format!("{}{}", symbols[i], symbols[i + 1]);
+        symbols.splice(i..i + 2, [joined]);
+    }
+}
+
 /// `(vocab, merges)`: CLIP's layout (bytes, bytes + `</w>`, one entry per merge, specials).
+/// Merges are added until BPE turns every word into one token: each round joins the first
+/// pair of a word's current split, after all earlier merges, so a later merge can never
+/// undo how an earlier word is split.
 pub fn build(words: &[String]) -> (BTreeMap<String, u32>, Vec<(String, String)>) {
     let base = byte_chars();
     let mut order: Vec<String> = base.iter().map(|c| c.to_string()).collect();
@@ -56,14 +71,15 @@ pub fn build(words: &[String]) -> (BTreeMap<String, u32>, Vec<(String, String)>)
         if let Some(last) = symbols.last_mut() {
             last.push_str("</w>");
         }
-        // Left to right: (w0 w1), (w0w1 w2), ... so the whole word ends as one symbol.
-        let mut acc = symbols[0].clone();
-        for next in &symbols[1..] {
-            let pair = (acc.clone(), next.clone());
-            acc.push_str(next);
-            if !merges.contains(&pair) {
-                merges.push(pair);
-                order.push(acc.clone());
+        loop {
+            let split = apply(symbols.clone(), &merges);
+            if split.len() < 2 {
+                break;
+            }
+            merges.push((split[0].clone(), split[1].clone()));
+            let joined = format!("{}{}", split[0], split[1]);
+            if !order.contains(&joined) {
+                order.push(joined);
             }
         }
     }

@@ -18,8 +18,9 @@ use knobs_nn::{Tensor, cpu};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/).
-    #[arg(long)]
+    /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
+    /// scheduler/); default: the built-in base model.
+    #[arg(long, default_value_os_t = knobs_train::finetune::config::default_model())]
     pub model: PathBuf,
     /// What to draw.
     #[arg(long)]
