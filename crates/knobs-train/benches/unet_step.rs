@@ -1,0 +1,80 @@
+//! The training step of `../shared/reference/bench_lora_step.py`, in knobs: tiny-sd UNet,
+//! batch 8, 4x32x32 latents, precomputed 8x77x32 text states, DDPM noise, MSE on epsilon,
+//! backward, AdamW. Modes: full fine-tune, LoRA r=4 on to_q/to_k/to_v/to_out.0, IA3 on
+//! to_k/to_v/ff.net.2. Prints median / mean / min ms per step.
+//!
+//! KNOBS_BENCH_MODEL (default ../shared/golden/tiny-sd), KNOBS_BENCH_STEPS (20),
+//! KNOBS_BENCH_WARMUP (3), KNOBS_BENCH_BATCH (8), KNOBS_BENCH_MODES (full,lora,ia3).
+use std::time::Instant;
+
+use knobs_adapters::ia3::Ia3Config;
+use knobs_adapters::lora::LoraConfig;
+use knobs_adapters::{AdaptedModel, AdapterConfig, Pattern};
+use knobs_diffusion::schedulers::{DdpmScheduler, SchedulerConfig};
+use knobs_diffusion::unet::UNet2DConditionModel;
+use knobs_nn::optim::{AdamW, AdamWConfig, collect_grads};
+use knobs_nn::{ModuleExt, Tensor, cpu_autodiff};
+use knobs_train::rng::{normal, step_rng};
+use rand::Rng;
+
+fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn names(v: &[&str]) -> Pattern {
+    Pattern::Names(v.iter().map(|s| s.to_string()).collect())
+}
+
+fn main() {
+    let model = std::env::var("KNOBS_BENCH_MODEL").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd").into());
+    let (steps, warmup, batch): (usize, usize, usize) = (env("KNOBS_BENCH_STEPS", 20), env("KNOBS_BENCH_WARMUP", 3), env("KNOBS_BENCH_BATCH", 8));
+    let modes = std::env::var("KNOBS_BENCH_MODES").unwrap_or_else(|_| "full,lora,ia3".into());
+    let dev = cpu_autodiff();
+    let ddpm = DdpmScheduler::new(SchedulerConfig::from_dir(format!("{model}/scheduler")).expect("scheduler config"));
+    for mode in modes.split(',') {
+        let mut unet = UNet2DConditionModel::from_dir(format!("{model}/unet"), &dev).expect("unet");
+        let size = unet.config.sample_size.unwrap_or(32);
+        let ctx_dim = match &unet.config.cross_attention_dim {
+            knobs_diffusion::unet::PerBlock::One(d) => *d,
+            knobs_diffusion::unet::PerBlock::Many(v) => v[0],
+        };
+        let config: Option<Box<dyn AdapterConfig>> = match mode {
+            "full" => None,
+            "lora" => Some(Box::new(LoraConfig::new(4, 4.0, names(&["to_q", "to_k", "to_v", "to_out.0"])))),
+            "ia3" => Some(Box::new(Ia3Config::new(names(&["to_k", "to_v", "ff.net.2"]), names(&["ff.net.2"])))),
+            other => panic!("KNOBS_BENCH_MODES: unknown mode `{other}`"),
+        };
+        match config {
+            None => unet.train_only(|_| true),
+            Some(c) => {
+                AdaptedModel::new(&mut unet, 0).add_adapter("default", c).expect("attach");
+            }
+        }
+        let trainable = unet.num_trainable_params();
+        let mut opt = AdamW::new(AdamWConfig { lr: 1e-4, ..Default::default() });
+        let mut rng = step_rng(0, "bench", 0);
+        let latents = normal(&mut rng, [batch, 4, size, size], &dev);
+        let context = normal(&mut rng, [batch, 77, ctx_dim], &dev);
+        let mut times = Vec::new();
+        for i in 0..warmup + steps {
+            let start = Instant::now();
+            let noise = normal(&mut rng, latents.dims(), &dev);
+            let t: Vec<i64> = (0..batch).map(|_| rng.random_range(0..1000)).collect();
+            let noisy = ddpm.add_noise(latents.clone(), noise.clone(), &t).unwrap();
+            let tf = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), &dev);
+            let loss = (unet.forward(noisy, tf, context.clone()) - noise).powi_scalar(2).mean();
+            let grads = collect_grads(&unet, &loss.backward());
+            opt.step(&mut unet, &grads, |_| 1e-4);
+            if i >= warmup {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!(
+            "{mode:>5}: median {:.0} ms  mean {mean:.0} ms  min {:.0} ms  ({trainable} trainable params, batch {batch}, {size}x{size} latents)",
+            times[times.len() / 2],
+            times[0]
+        );
+    }
+}
