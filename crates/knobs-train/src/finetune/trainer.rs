@@ -147,12 +147,17 @@ fn resume_checkpoints(cfg: &TrainConfig, ckpts: &Checkpoints) -> Result<Option<(
             let found = Checkpoints::new(&dir, &ckpts.prefix).latest()?;
             found.map(Some).with_context(|| format!("--resume {}: no checkpoint found there", dir.display()))
         }
-        None => {
-            if !ckpts.list()?.is_empty() {
-                bail!("--out {} already holds checkpoints; pass --resume {} to continue that run, or choose another --out", cfg.out.display(), cfg.out.display());
-            }
-            Ok(None)
-        }
+        // The same command run again continues (or, finished, just re-saves) its own run;
+        // checkpoints of different settings are never mixed in.
+        None => match ckpts.latest()? {
+            Some((step, ck)) if meta(&ck, "config")? == cfg.fingerprint() => Ok(Some((step, ck))),
+            Some(_) => bail!(
+                "--out {} already holds checkpoints of a run with other settings; pass --resume {} to continue that run, or choose another --out",
+                cfg.out.display(),
+                cfg.out.display()
+            ),
+            None => Ok(None),
+        },
     }
 }
 
