@@ -106,6 +106,19 @@ fn add_grads(acc: &mut Option<Grads>, g: Grads) {
     }
 }
 
+/// The loss history as the bit patterns of its f64 values: JSON's decimal round trip is not
+/// exact in serde_json's default float parser, and a resumed run must log the same bytes.
+fn encode_history(history: &[f64]) -> String {
+    history.iter().map(|v| format!("{:016x}", v.to_bits())).collect::<Vec<_>>().join(",")
+}
+
+fn decode_history(text: &str) -> Result<Vec<f64>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| u64::from_str_radix(s, 16).map(f64::from_bits).with_context(|| format!("checkpoint loss_history: bad entry `{s}`")))
+        .collect()
+}
+
 fn write_log(out: &Path, history: &[f64]) -> Result<()> {
     let mut csv = String::from("step,loss\n");
     for (i, l) in history.iter().enumerate() {
@@ -195,7 +208,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         check_same(&ck, "config", &fingerprint)?;
         load_state_dict(&mut sd, &sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: false })?;
         opt.load_state(&sub_dict(&ck, "optim."), &dev)?;
-        history = serde_json::from_str(meta(&ck, "loss_history")?)?;
+        history = decode_history(meta(&ck, "loss_history")?)?;
         first = step;
     }
     let prompts = validation_prompts(cfg, &instances);
@@ -234,7 +247,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             state.trainable(&sd);
             state.optimizer(&opt);
             state.meta.insert("config".into(), fingerprint.clone());
-            state.meta.insert("loss_history".into(), serde_json::to_string(&history)?);
+            state.meta.insert("loss_history".into(), encode_history(&history));
             ckpts.save(step + 1, state)?;
             write_log(&cfg.out, &history)?;
         }
