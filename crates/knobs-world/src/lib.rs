@@ -8,6 +8,7 @@ pub mod caption;
 pub mod concept;
 pub mod dataset;
 pub mod images;
+pub mod judge;
 pub mod render;
 pub mod scene;
 

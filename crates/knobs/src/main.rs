@@ -29,6 +29,12 @@ enum Command {
     Pretrain(cmd::pretrain::Args),
     /// Fine-tune on a concept: DreamBooth, textual inversion, LoRA, IA3 or pivotal tuning.
     Train(Box<cmd::train::Args>),
+    /// Train the attribute judge, check it, or score images with it.
+    #[command(subcommand)]
+    Judge(cmd::judge::Command),
+    /// Generate with a model (and adapters) and measure it with the judge: base quality, or
+    /// DreamBooth's metrics for a held-out concept.
+    Eval(Box<cmd::eval::Args>),
 }
 
 fn main() {
@@ -45,6 +51,8 @@ fn main() {
         Command::World(c) => cmd::world::run(c),
         Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
         Command::Train(args) => cmd::train::run_cmd(*args),
+        Command::Judge(c) => cmd::judge::run(c),
+        Command::Eval(args) => cmd::eval::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
