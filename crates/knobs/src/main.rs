@@ -35,6 +35,9 @@ enum Command {
     /// Generate with a model (and adapters) and measure it with the judge: base quality, or
     /// DreamBooth's metrics for a held-out concept.
     Eval(Box<cmd::eval::Args>),
+    /// Train and evaluate every method on the same concepts and report the trade-offs:
+    /// parameters, file size, time, memory, the judge's measures, generation time.
+    Compare(Box<cmd::compare::Args>),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
         Command::Train(args) => cmd::train::run_cmd(*args),
         Command::Judge(c) => cmd::judge::run(c),
         Command::Eval(args) => cmd::eval::run(*args),
+        Command::Compare(args) => cmd::compare::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,180 @@
+//! What a `knobs compare` invocation will do: the checked concepts and methods, the settings
+//! every run must share, and one [`Job`] per (concept, method) with its folder.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use knobs_train::finetune::Method;
+use knobs_world::concept::{ConceptSpec, by_name, held_out};
+use serde_json::{Value, json};
+
+use super::Args;
+
+/// The reference row: the base model itself, evaluated once per concept.
+pub const BASE: &str = "base";
+
+/// Method names that are planned but not implemented yet, with the issue that adds them.
+const PLANNED: [(&str, &str); 2] = [("hyper-lora", "issue 6"), ("hypernetwork", "issue 6")];
+
+/// Every method `knobs train --method` accepts, in a fixed order (also the report's order).
+pub fn known_methods() -> Vec<String> {
+    Method::NAMES.split(", ").map(String::from).collect()
+}
+
+/// Checks `--methods`: a name is accepted exactly when `knobs train --method` accepts it.
+pub fn parse_methods(names: &[String]) -> Result<Vec<String>> {
+    ensure!(!names.is_empty(), "--methods: give at least one method; known: {}", Method::NAMES);
+    let mut out: Vec<String> = Vec::new();
+    for name in names.iter().map(|n| n.trim()) {
+        if Method::parse(name).is_err() {
+            if let Some((_, issue)) = PLANNED.iter().find(|(n, _)| *n == name) {
+                bail!("--methods: `{name}` is not available yet (hypernetworks are {issue}; `knobs train --method` does not accept it); available: {}", Method::NAMES);
+            }
+            bail!("--methods: unknown method `{name}`; known: {}", Method::NAMES);
+        }
+        if !out.iter().any(|m| m == name) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Checks `--concepts` (default: every held-out concept).
+pub fn parse_concepts(names: &[String]) -> Result<Vec<ConceptSpec>> {
+    let all = held_out();
+    if names.is_empty() {
+        return Ok(all);
+    }
+    let mut out: Vec<ConceptSpec> = Vec::new();
+    for name in names.iter().map(|n| n.trim()) {
+        let Some(c) = by_name(name) else {
+            let known: Vec<String> = all.iter().map(|c| c.name.clone()).collect();
+            bail!("--concepts: unknown concept `{name}`; the held-out concepts are {}", known.join(", "));
+        };
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// The checked invocation.
+pub struct Plan {
+    pub out: PathBuf,
+    pub model: PathBuf,
+    pub judge: PathBuf,
+    pub concepts: Vec<ConceptSpec>,
+    pub methods: Vec<String>,
+    pub budget_steps: u64,
+    pub images_per_prompt: usize,
+    pub eval_steps: usize,
+}
+
+impl Plan {
+    pub fn new(args: &Args) -> Result<Plan> {
+        ensure!(args.budget_steps >= 1, "--budget-steps must be at least 1");
+        ensure!(args.images_per_prompt >= 1, "--images-per-prompt must be at least 1");
+        ensure!(args.eval_steps >= 1, "--eval-steps must be at least 1");
+        let methods = parse_methods(&args.methods)?;
+        let concepts = parse_concepts(&args.concepts)?;
+        if !args.model.join("model_index.json").is_file() {
+            bail!("--model {}: not a diffusers pipeline folder (no model_index.json)", args.model.display());
+        }
+        let model = args.model.canonicalize().with_context(|| format!("--model {}", args.model.display()))?;
+        let judge = crate::cmd::judge::judge_dir(args.judge.as_deref());
+        if !judge.is_dir() {
+            bail!("--judge {}: judge folder not found", judge.display());
+        }
+        let judge = judge.canonicalize().with_context(|| format!("--judge {}", judge.display()))?;
+        std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}: cannot create", args.out.display()))?;
+        Ok(Plan {
+            out: args.out.clone(),
+            model,
+            judge,
+            concepts,
+            methods,
+            budget_steps: args.budget_steps,
+            images_per_prompt: args.images_per_prompt,
+            eval_steps: args.eval_steps,
+        })
+    }
+
+    /// Every job: per concept the base row first, then each method.
+    pub fn jobs(&self) -> Vec<Job> {
+        let mut out = Vec::new();
+        for c in &self.concepts {
+            for m in std::iter::once(BASE.to_string()).chain(self.methods.iter().cloned()) {
+                let dir = self.out.join("runs").join(&c.name).join(&m);
+                let settings = self.settings(&m);
+                out.push(Job { concept: c.clone(), method: m, dir, settings });
+            }
+        }
+        out
+    }
+
+    /// What decides a run's numbers; a finished run with other settings is never reused.
+    fn settings(&self, method: &str) -> Value {
+        let mut s = json!({
+            "model": self.model.display().to_string(),
+            "judge": self.judge.display().to_string(),
+            "images_per_prompt": self.images_per_prompt,
+            "eval_steps": self.eval_steps,
+            "seed": 0,
+        });
+        if method != BASE {
+            s["budget_steps"] = self.budget_steps.into();
+        }
+        s
+    }
+}
+
+/// One (concept, method) run in `OUT/runs/CONCEPT/METHOD`.
+pub struct Job {
+    pub concept: ConceptSpec,
+    pub method: String,
+    pub dir: PathBuf,
+    pub settings: Value,
+}
+
+pub const RESULT_FILE: &str = "result.json";
+pub const TRAIN_FILE: &str = "train.json";
+
+impl Job {
+    pub fn label(&self) -> String {
+        format!("{} / {}", self.concept.name, self.method)
+    }
+
+    /// A stage file (`result.json`, `train.json`) of this run, if it exists; an error if it
+    /// was written with other settings.
+    pub fn stage(&self, file: &str) -> Result<Option<Value>> {
+        let path = self.dir.join(file);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let v = read_json(&path)?;
+        if v["settings"] != self.settings {
+            bail!(
+                "{}: this run was made with other settings ({}; now {}). knobs compare never mixes settings in one --out: \
+                 choose another --out, or delete {} to redo it",
+                path.display(),
+                v["settings"],
+                self.settings,
+                self.dir.display()
+            );
+        }
+        Ok(Some(v))
+    }
+}
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// Writes `value` as pretty JSON, atomically (tmp + rename).
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    knobs_world::dataset::write_atomic(path, text.as_bytes())
+}
