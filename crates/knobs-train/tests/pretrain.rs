@@ -55,9 +55,14 @@ fn a_paused_and_resumed_pretraining_equals_an_uninterrupted_one() {
     let mut cfg = tiny(&pieces);
     cfg.max_seconds = Some(0.0); // stop after every step
     let mut pauses = 0;
-    while let Outcome::Paused { .. } = run(&cfg, &mut |_| {}).unwrap() {
+    while let Outcome::Paused { phase, .. } = run(&cfg, &mut |_| {}).unwrap() {
         pauses += 1;
         assert!(pauses < 20, "never finishes");
+        if phase == "base" {
+            // A paused base phase leaves a complete pipeline to evaluate.
+            let preview = pieces.join("preview");
+            knobs_diffusion::pipeline::StableDiffusion::from_dir(&preview, &knobs_nn::cpu()).unwrap();
+        }
     }
     assert!(pauses >= 4, "each phase must have paused at least twice, paused {pauses} times");
     let strip = |v: Vec<(String, Vec<u8>)>, root: &Path| -> Vec<(String, Vec<u8>)> {

@@ -143,14 +143,36 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
             state.meta.insert("phase".into(), fingerprint.clone());
             ckpts.save(step + 1, state)?;
             if !done && deadline.passed() {
+                write_preview(config, &tokenizer, &ema)?;
                 return Ok(ControlFlow::Break(step + 1));
             }
         }
     }
     ema.copy_to(&mut base);
     base.for_inference();
-    folder::write_text_encoder(&model_dir.join("text_encoder"), &te_json, &base.text_encoder)?;
-    folder::write_unet(&model_dir.join("unet"), &base.unet)?;
-    folder::write_pipeline_files(&model_dir)?;
+    write_components(&model_dir, &base, &te_json)?;
     Ok(ControlFlow::Continue(()))
+}
+
+fn write_components(dir: &std::path::Path, base: &Base, te_json: &Value) -> Result<()> {
+    folder::write_text_encoder(&dir.join("text_encoder"), te_json, &base.text_encoder)?;
+    folder::write_unet(&dir.join("unet"), &base.unet)?;
+    folder::write_pipeline_files(dir)
+}
+
+/// A paused run leaves `<out>/preview`: a complete pipeline with the EMA weights so far, so
+/// that a long run can be judged (`knobs eval --model <out>/preview`) before it finishes.
+fn write_preview(config: &PretrainConfig, tokenizer: &ClipTokenizer, ema: &Ema) -> Result<()> {
+    let dir = config.out.join("preview");
+    let model_dir = config.model_dir();
+    for part in ["tokenizer", "vae"] {
+        std::fs::create_dir_all(dir.join(part))?;
+        for entry in std::fs::read_dir(model_dir.join(part))? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), dir.join(part).join(entry.file_name()))?;
+        }
+    }
+    let (mut snapshot, te_json) = new_base(config, tokenizer, &cpu())?;
+    ema.copy_to(&mut snapshot);
+    write_components(&dir, &snapshot, &te_json)
 }

@@ -49,8 +49,8 @@ impl PretrainConfig {
         PretrainConfig {
             out,
             seed: 0,
-            vae: Phase { steps: 1200, batch: 16, lr: 1e-3, warmup: 50 },
-            base: Phase { steps: 6000, batch: 32, lr: 5e-4, warmup: 200 },
+            vae: Phase { steps: 2000, batch: 16, lr: 1e-3, warmup: 50 },
+            base: Phase { steps: 5000, batch: 32, lr: 5e-4, warmup: 200 },
             ema_decay: 0.999,
             snr_gamma: 5.0,
             caption_dropout: 0.1,

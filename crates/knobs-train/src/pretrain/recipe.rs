@@ -5,6 +5,10 @@ use serde_json::{Value, json};
 
 pub const IMAGE_SIZE: usize = 32;
 pub const LATENT_SIZE: usize = 8;
+/// Eight rather than SD's four: each latent pixel covers a 4x4 patch that must carry the
+/// background, the object's colour and its edge; with four channels the VAE learnt object
+/// colours markedly slower (RECIPE.md).
+pub const LATENT_CHANNELS: usize = 8;
 /// Longest caption of the world is 13 words; room for placeholder tokens on top.
 pub const MAX_TOKENS: usize = 24;
 
@@ -18,10 +22,10 @@ pub fn vae_config() -> Value {
         "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
         "in_channels": 3,
         "out_channels": 3,
-        "latent_channels": 4,
+        "latent_channels": LATENT_CHANNELS,
         "layers_per_block": 1,
         "mid_block_add_attention": false,
-        "norm_num_groups": 16,
+        "norm_num_groups": 4,
         "sample_size": IMAGE_SIZE,
         "scaling_factor": 1.0,
         "force_upcast": false,
@@ -68,8 +72,8 @@ pub fn unet_config() -> Value {
         "downsample_padding": 1,
         "flip_sin_to_cos": true,
         "freq_shift": 0,
-        "in_channels": 4,
-        "out_channels": 4,
+        "in_channels": LATENT_CHANNELS,
+        "out_channels": LATENT_CHANNELS,
         "layers_per_block": 1,
         "norm_eps": 1e-5,
         "norm_num_groups": 16,

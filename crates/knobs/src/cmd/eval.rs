@@ -79,7 +79,9 @@ fn load_pipeline(dir: &Path, flag: &str) -> Result<StableDiffusion> {
     if !dir.is_dir() {
         bail!("{flag} {}: model folder not found", dir.display());
     }
-    StableDiffusion::from_dir(dir, &cpu()).with_context(|| format!("{flag} {}", dir.display()))
+    let mut sd = StableDiffusion::from_dir(dir, &cpu()).with_context(|| format!("{flag} {}", dir.display()))?;
+    knobs_nn::ModuleExt::for_inference(&mut sd);
+    Ok(sd)
 }
 
 /// The images of one prompt and what the judge made of them.
@@ -191,6 +193,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut sd = load_pipeline(&args.model, "--model")?;
     attach_loras(&mut sd, &args.lora)?;
     add_embeddings(&mut sd, &args.embedding)?;
+    // Loaded weights still carry autodiff state; sampling is measurably faster without it.
+    knobs_nn::ModuleExt::for_inference(&mut sd);
     let mut load_seconds = load_start.elapsed().as_secs_f64();
 
     let mut settings = json!({

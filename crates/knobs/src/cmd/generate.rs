@@ -10,6 +10,7 @@ use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use knobs_adapters::AdaptedModel;
 use knobs_adapters::formats::lora_files;
+use knobs_adapters::hypernetwork;
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::burn::tensor::TensorData;
@@ -61,6 +62,11 @@ pub struct Args {
     /// safetensors file (its token is the file name without extension).
     #[arg(long = "embedding", value_name = "PATH")]
     pub embedding: Vec<PathBuf>,
+    /// An A1111-style hypernetwork (.safetensors, as `knobs train --method hypernetwork`
+    /// writes it; pickled .pt files are refused); `:STRENGTH` is A1111's multiplier (default
+    /// 1, 0 is the base model). Several are applied one after another.
+    #[arg(long = "hypernetwork", value_name = "PATH[:STRENGTH]")]
+    pub hypernetwork: Vec<String>,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
@@ -103,6 +109,19 @@ pub fn attach_loras(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
 
 fn as_refs(weights: &[(String, f32)]) -> Vec<(&str, f32)> {
     weights.iter().map(|(n, s)| (n.as_str(), *s)).collect()
+}
+
+/// Attaches every `--hypernetwork` to the UNet's key/value projections with its strength.
+/// The last one attached transforms the context first, so they are attached in reverse:
+/// the first given is applied first, as A1111 applies its list.
+pub fn attach_hypernetworks(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
+    let mut unet = AdaptedModel::new(&mut sd.unet, 0);
+    for (i, spec) in specs.iter().enumerate().rev() {
+        let (path, strength) = lora_spec(spec);
+        let layers = hypernetwork::load(&mut unet, &path, &format!("hypernetwork{i}"), strength).with_context(|| format!("--hypernetwork {}", path.display()))?;
+        tracing::info!("attached {} to {} layers with strength {strength}", path.display(), layers.len());
+    }
+    Ok(())
 }
 
 /// Adds every `--embedding`'s tokens to the tokenizer and text encoder.
@@ -238,6 +257,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut sd = load(&args)?;
     attach_loras(&mut sd, &args.lora)?;
     add_embeddings(&mut sd, &args.embedding)?;
+    attach_hypernetworks(&mut sd, &args.hypernetwork)?;
+    // Loaded weights still carry autodiff state; sampling is measurably faster without it.
+    knobs_nn::ModuleExt::for_inference(&mut sd);
     let req = request(&args, &sd)?;
     let start = Instant::now();
     let images = generate(&sd, &req)?;
