@@ -1,10 +1,13 @@
 //! knobs-adapters: adapters that attach to any model built on `knobs-nn` layers, found by
 //! module path, with PEFT's semantics and file format. Nothing here knows about diffusion.
 //!
-//! One folder per method (`lora/`, `ia3/`, `tokens/` for textual inversion), each holding its config, its layers and how it
+//! One folder per method (`lora/`, `ia3/`, `tokens/` for textual inversion, `hypernetwork/`), each holding its config, its layers and how it
 //! attaches, behind the [`AdapterConfig`] interface. [`AdaptedModel`] manages several named
 //! adapters on one model; `formats/` reads and writes files.
 pub mod formats;
+pub mod generated;
+pub mod hypernetwork;
+pub mod hyperlora;
 pub mod ia3;
 pub mod lora;
 mod manager;

@@ -216,6 +216,9 @@ impl<M: Module> AdaptedModel<M> {
     pub fn merge(&mut self, names: &[&str]) -> Result<()> {
         self.check_names(names)?;
         let names: Vec<String> = if names.is_empty() { self.active_adapters() } else { names.iter().map(|s| s.to_string()).collect() };
+        for n in &names {
+            self.config(n)?.check_merge().map_err(|e| AdapterError::Config(format!("adapter `{n}`: {e}")))?;
+        }
         self.model.for_each_layer_mut(|_, mut layer| {
             for n in &names {
                 layer.merge_adapter(n);
@@ -233,10 +236,11 @@ impl<M: Module> AdaptedModel<M> {
         });
     }
 
-    /// Merges the active adapters and returns the plain model.
-    pub fn merge_and_unload(mut self) -> M {
-        self.merge(&[]).expect("active adapters exist");
-        self.strip()
+    /// Merges the active adapters and returns the plain model; an error if one of them cannot
+    /// be merged (a hypernetwork).
+    pub fn merge_and_unload(mut self) -> Result<M> {
+        self.merge(&[])?;
+        Ok(self.strip())
     }
 
     /// Removes every adapter without merging and returns the base model.

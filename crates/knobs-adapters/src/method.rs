@@ -19,6 +19,10 @@ pub trait AdapterConfig: std::fmt::Debug + Send + Sync {
     /// The `adapter_config.json` that PEFT writes for this config.
     fn to_peft_json(&self) -> Value;
     fn clone_box(&self) -> Box<dyn AdapterConfig>;
+    /// Whether the method can be folded into the base weights; an error says why not.
+    fn check_merge(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Clone for Box<dyn AdapterConfig> {

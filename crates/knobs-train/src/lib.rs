@@ -3,6 +3,7 @@
 //! learning-rate schedules, checkpoints and logs.
 pub mod checkpoint;
 pub mod finetune;
+pub mod hyperlora;
 pub mod loss;
 pub mod lr;
 pub mod pretrain;

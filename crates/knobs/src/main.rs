@@ -29,6 +29,9 @@ enum Command {
     Pretrain(cmd::pretrain::Args),
     /// Fine-tune on a concept: DreamBooth, textual inversion, LoRA, IA3 or pivotal tuning.
     Train(Box<cmd::train::Args>),
+    /// HyperLoRA hypernetworks (HyperDreamBooth style): `knobs hyper pretrain`.
+    #[command(subcommand)]
+    Hyper(cmd::hyper::Command),
     /// Train the attribute judge, check it, or score images with it.
     #[command(subcommand)]
     Judge(cmd::judge::Command),
@@ -55,6 +58,7 @@ fn main() {
         Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
         Command::Train(args) => cmd::train::run_cmd(*args),
         Command::Judge(c) => cmd::judge::run(c),
+        Command::Hyper(c) => cmd::hyper::run(c),
         Command::Eval(args) => cmd::eval::run(*args),
         Command::Compare(args) => cmd::compare::run(*args),
     };

@@ -1,25 +1,10 @@
 //! `knobs eval` end to end on a tiny random base model (quality is irrelevant here: this
 //! checks the plumbing, the JSON keys, the value ranges and the errors).
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
+use common::{fail, knobs, ok};
 
 use serde_json::Value;
-
-fn knobs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_knobs")).args(args).output().expect("the knobs binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = knobs(args);
-    assert!(out.status.success(), "knobs {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fail(args: &[&str]) -> String {
-    let out = knobs(args);
-    assert!(!out.status.success(), "knobs {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// The one JSON object `--json` prints.
 fn json(stdout: &str) -> Value {
@@ -36,19 +21,10 @@ fn in_range(v: &Value, key: &str, lo: f64, hi: f64) -> f64 {
     x
 }
 
-/// A random base model in seconds: `knobs pretrain` with two steps per phase.
-fn tiny_model(dir: &Path) -> String {
-    let out = dir.join("pretrain");
-    ok(&["pretrain", "--out", out.to_str().unwrap(), "--vae-steps", "2", "--base-steps", "2", "--latent-cache", "32"]);
-    let model = out.join("model");
-    assert!(model.join("model_index.json").exists());
-    model.to_str().unwrap().to_string()
-}
-
 #[test]
 fn eval_reports_base_quality_and_concept_metrics() {
+    let model = common::s(common::tiny_model()).to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
 
     // Base quality: every shape x colour prompt once.
     let start = std::time::Instant::now();

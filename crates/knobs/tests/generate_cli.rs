@@ -1,30 +1,15 @@
 //! `knobs generate` end to end on the tiny model: PNG files of the right size, the diffusers
 //! golden image from the golden latents, several images and a grid, and clear errors.
+mod common;
+
+use common::{fail, ok};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::{Command, Output};
 
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{read_safetensors, write_safetensors};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
-
-fn knobs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_knobs")).args(args).output().expect("the knobs binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = knobs(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "knobs {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fail(args: &[&str]) -> String {
-    let out = knobs(args);
-    assert!(!out.status.success(), "knobs {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn model() -> String {
     format!("{GOLDEN}/tiny-sd")

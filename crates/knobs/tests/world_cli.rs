@@ -1,22 +1,8 @@
 //! `knobs world` end to end: the dataset and concept layouts, the concept list, clear errors.
+mod common;
+
+use common::{fail, ok};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn knobs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_knobs")).args(args).output().expect("the knobs binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = knobs(args);
-    assert!(out.status.success(), "knobs {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fail(args: &[&str]) -> String {
-    let out = knobs(args);
-    assert!(!out.status.success(), "knobs {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn names(dir: &Path, ext: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

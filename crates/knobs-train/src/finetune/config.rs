@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use knobs_adapters::hypernetwork::{Activation, Structure};
+
 use crate::lr::LrSchedule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,10 +18,15 @@ pub enum Method {
     Lora,
     Ia3,
     Pivotal,
+    /// A1111-style hypernetwork: residual MLPs on the key/value context.
+    Hypernetwork,
+    /// HyperDreamBooth-style: a pretrained hypernetwork predicts a LoRA from the instance
+    /// images (`--hypernetwork-dir`), then optional rank-relaxed fine-tuning.
+    HyperLora,
 }
 
 impl Method {
-    pub const NAMES: &'static str = "dreambooth, textual-inversion, lora, ia3, pivotal";
+    pub const NAMES: &'static str = "dreambooth, textual-inversion, lora, ia3, pivotal, hypernetwork, hyper-lora";
 
     pub fn parse(name: &str) -> Result<Self> {
         serde_json::from_value(serde_json::Value::String(name.to_string()))
@@ -32,6 +39,8 @@ impl Method {
             Method::Lora => "lora",
             Method::Ia3 => "ia3",
             Method::Pivotal => "pivotal",
+            Method::Hypernetwork => "hypernetwork",
+            Method::HyperLora => "hyper-lora",
         }
     }
     pub fn learns_tokens(self) -> bool {
@@ -49,6 +58,11 @@ impl Method {
             Method::Lora => (1e-3, 300),
             Method::Ia3 => (5e-3, 300),
             Method::Pivotal => (1e-3, 300),
+            // A1111's hypernetwork learning rate for SD is 5e-6; scaled like DreamBooth's
+            // (diffusers' 5e-6 -> 5e-5 here).
+            Method::Hypernetwork => (5e-5, 300),
+            // Zero-shot by default; `--max-train-steps N` adds rank-relaxed fine-tuning.
+            Method::HyperLora => (1e-3, 0),
         }
     }
 }
@@ -94,6 +108,23 @@ pub struct TrainConfig {
     pub grad_scale: Option<f64>,
     pub format: LoraFormat,
     pub a1111_embedding: bool,
+    /// Width multipliers of the hypernetwork's MLPs (A1111's layer structure).
+    pub hypernetwork_layers: Vec<f64>,
+    /// A1111's activation name (linear, relu, leakyrelu, elu, swish, tanh, sigmoid, ...).
+    pub hypernetwork_activation: String,
+    pub hypernetwork_layer_norm: bool,
+    /// One probability (after every hidden layer) or A1111's dropout structure (one per
+    /// layer-structure entry, first and last 0); empty: none.
+    pub hypernetwork_dropout: Vec<f64>,
+    /// Context widths that get a module pair (A1111's enable sizes); empty: every width.
+    pub hypernetwork_widths: Vec<usize>,
+    /// `--method hyper-lora`: the folder `knobs hyper pretrain` wrote (or its `hyperlora/`).
+    pub hypernetwork_dir: Option<PathBuf>,
+    /// Judge folder whose image embeddings feed the hyper-lora hypernetwork.
+    pub judge: Option<PathBuf>,
+    /// `--method hyper-lora`: steps optimising the concept's code through the frozen
+    /// hypernetwork (from the zero-shot code) before the rank-relaxed steps.
+    pub hyper_code_steps: u64,
     // Optimisation.
     pub learning_rate: Option<f64>,
     pub max_train_steps: Option<u64>,
@@ -149,6 +180,14 @@ impl Default for TrainConfig {
             grad_scale: None,
             format: LoraFormat::Diffusers,
             a1111_embedding: false,
+            hypernetwork_layers: vec![1.0, 2.0, 1.0],
+            hypernetwork_activation: "linear".to_string(),
+            hypernetwork_layer_norm: false,
+            hypernetwork_dropout: Vec::new(),
+            hypernetwork_widths: Vec::new(),
+            hypernetwork_dir: None,
+            judge: None,
+            hyper_code_steps: 0,
             learning_rate: None,
             max_train_steps: None,
             train_batch_size: 4,
@@ -197,6 +236,35 @@ impl TrainConfig {
     }
     pub fn with_prior_preservation(&self) -> bool {
         self.class_prompt.is_some() && self.prior_loss_weight > 0.0 && self.num_class_images > 0
+    }
+
+    /// The hypernetwork's structure from the `--hypernetwork-*` settings, checked; errors
+    /// name the flag.
+    pub fn hypernetwork_structure(&self) -> Result<Structure> {
+        let layers = &self.hypernetwork_layers;
+        let activation = Activation::parse(&self.hypernetwork_activation).map_err(|e| anyhow::anyhow!("--hypernetwork-activation: {e}"))?;
+        let dropout = match self.hypernetwork_dropout[..] {
+            [] => vec![0.0; layers.len()],
+            [p] => Structure::dropout_after_hidden(layers.len(), p),
+            _ => self.hypernetwork_dropout.clone(),
+        };
+        let s = Structure { layer_structure: layers.clone(), activation, add_layer_norm: self.hypernetwork_layer_norm, activate_output: false, dropout_structure: dropout };
+        if let Err(e) = s.validate() {
+            let flag = if e.starts_with("dropout") { "--hypernetwork-dropout" } else { "--hypernetwork-layers" };
+            bail!("{flag}: {e}");
+        }
+        if let [p] = self.hypernetwork_dropout[..] {
+            if !(0.0..1.0).contains(&p) {
+                bail!("--hypernetwork-dropout: {p} is not a probability in [0, 1)");
+            }
+            if p > 0.0 && layers.len() < 3 {
+                bail!("--hypernetwork-dropout {p}: --hypernetwork-layers {layers:?} has no hidden layer to drop out");
+            }
+        }
+        if self.hypernetwork_widths.contains(&0) {
+            bail!("--hypernetwork-widths: widths must be positive");
+        }
+        Ok(s)
     }
 
     /// `PATTERN=FACTOR` pairs of `--lr-scale`, checked.
@@ -250,10 +318,19 @@ impl TrainConfig {
                 bail!("--grad-scale must be a positive number, got {g}");
             }
         }
-        if self.max_train_steps() == 0 {
+        if self.method == Method::HyperLora && self.hypernetwork_dir.is_none() {
+            bail!("--method hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)");
+        }
+        if self.method != Method::HyperLora && (self.hypernetwork_dir.is_some() || self.hyper_code_steps > 0) {
+            bail!("--hypernetwork-dir and --hyper-code-steps are only for --method hyper-lora");
+        }
+        if self.max_train_steps() == 0 && self.method != Method::HyperLora {
             bail!("--max-train-steps must be at least 1");
         }
         self.lr_scales()?;
+        if self.method == Method::Hypernetwork {
+            self.hypernetwork_structure()?;
+        }
         for p in &self.train_only {
             regex::Regex::new(p).with_context(|| format!("--train-only `{p}`: bad pattern"))?;
         }

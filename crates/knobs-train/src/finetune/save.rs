@@ -1,12 +1,13 @@
 //! The files each method leaves behind, in the formats the ecosystem loads: a diffusers model
 //! folder (DreamBooth), PEFT folders and diffusers / kohya LoRA files, diffusers or A1111
-//! textual-inversion embeddings.
+//! textual-inversion embeddings, A1111-style hypernetworks as safetensors.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use knobs_adapters::formats::diffusers::{self as diffusers_lora, DiffusersKeys};
 use knobs_adapters::formats::lora_files::ComponentLora;
 use knobs_adapters::formats::{kohya, peft};
+use knobs_adapters::hypernetwork;
 use knobs_adapters::{AdaptedModel, AdapterConfig};
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -18,6 +19,8 @@ use super::setup::{ADAPTER, Prepared};
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const KOHYA_FILE: &str = "lora_kohya.safetensors";
 pub const EMBEDDING_FILE: &str = "learned_embeds.safetensors";
+/// The A1111-style hypernetwork (`knobs generate --hypernetwork`).
+pub const HYPERNETWORK_FILE: &str = "hypernetwork.safetensors";
 
 /// Copies every file of the base pipeline folder (what DreamBooth does not change).
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -57,6 +60,12 @@ fn save_adapters(cfg: &TrainConfig, sd: &mut StableDiffusion, p: &Prepared) -> R
     if let Some(config) = &p.unet_adapter {
         let mut unet = AdaptedModel::new(&mut sd.unet, 0);
         unet.adopt(ADAPTER, config.clone())?;
+        if cfg.method == Method::Hypernetwork {
+            // Not a PEFT method: one safetensors file with A1111's keys and settings.
+            let path = cfg.out.join(HYPERNETWORK_FILE);
+            hypernetwork::save(&unet, ADAPTER, &path)?;
+            return Ok(vec![path]);
+        }
         let dir = cfg.out.join(format!("unet_{folder}"));
         peft::save(&unet, ADAPTER, &dir)?;
         out.push(dir);

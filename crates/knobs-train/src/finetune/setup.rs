@@ -2,6 +2,7 @@
 //! with its adapters (or new token rows) attached and exactly the parameters it learns marked
 //! trainable, so one training loop serves them all.
 use anyhow::{Context, Result, bail};
+use knobs_adapters::hypernetwork::{self, A1111_KEY_MODULE, A1111_VALUE_MODULE, HypernetworkConfig};
 use knobs_adapters::ia3::Ia3Config;
 use knobs_adapters::lora::LoraConfig;
 use knobs_adapters::{AdaptedModel, AdapterConfig, Pattern, tokens};
@@ -28,16 +29,24 @@ fn names(list: &[String]) -> Pattern {
     Pattern::Names(list.to_vec())
 }
 
-pub fn unet_adapter_config(cfg: &TrainConfig) -> Option<Box<dyn AdapterConfig>> {
+/// The hypernetwork the `--hypernetwork-*` settings describe, on the UNet's `to_k` / `to_v`
+/// (every attention layer whose context width it covers, as A1111).
+pub fn hypernetwork_config(cfg: &TrainConfig) -> Result<HypernetworkConfig> {
+    let config = HypernetworkConfig::new(&[A1111_KEY_MODULE], &[A1111_VALUE_MODULE], cfg.hypernetwork_structure()?)?;
+    Ok(if cfg.hypernetwork_widths.is_empty() { config } else { config.with_sizes(cfg.hypernetwork_widths.clone())? })
+}
+
+pub fn unet_adapter_config(cfg: &TrainConfig) -> Result<Option<Box<dyn AdapterConfig>>> {
     let mut targets = cfg.target_modules.clone();
     if cfg.conv {
         targets.extend(["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"].map(String::from));
     }
-    match cfg.method {
+    Ok(match cfg.method {
         Method::Lora | Method::Pivotal => Some(Box::new(LoraConfig::new(cfg.rank, cfg.lora_alpha(), names(&targets)))),
         Method::Ia3 => Some(Box::new(Ia3Config::new(names(&["to_k", "to_v", "ff.net.2"].map(String::from)), names(&["ff.net.2".to_string()])))),
+        Method::Hypernetwork => Some(Box::new(hypernetwork_config(cfg)?)),
         _ => None,
-    }
+    })
 }
 
 /// Adds the placeholder tokens, grows the token table, starts the new rows at the
@@ -75,7 +84,15 @@ pub fn prepare(cfg: &TrainConfig, sd: &mut StableDiffusion) -> Result<Prepared> 
     if cfg.method.learns_tokens() {
         p.placeholder = Some(add_placeholder(cfg, sd)?);
     }
-    if let Some(config) = unet_adapter_config(cfg) {
+    if cfg.method == Method::Hypernetwork {
+        let config = hypernetwork_config(cfg)?;
+        let layers = match hypernetwork::attach(&mut AdaptedModel::new(&mut sd.unet, cfg.seed), ADAPTER, config.clone()) {
+            Err(e) if !cfg.hypernetwork_widths.is_empty() => return Err(anyhow::Error::new(e).context(format!("--hypernetwork-widths {:?}", cfg.hypernetwork_widths))),
+            other => other?,
+        };
+        tracing::info!("hypernetwork on {} layers", layers.len());
+        p.unet_adapter = Some(Box::new(config));
+    } else if let Some(config) = unet_adapter_config(cfg)? {
         AdaptedModel::new(&mut sd.unet, cfg.seed).add_adapter(ADAPTER, config.clone())?;
         p.unet_adapter = Some(config);
     }
@@ -94,10 +111,11 @@ fn learned_by(cfg: &TrainConfig, path: &str) -> bool {
     let rows = path.contains(".token_rows.");
     match cfg.method {
         Method::Dreambooth => path.starts_with("unet.") || (cfg.train_text_encoder && path.starts_with("text_encoder.")),
-        Method::Lora => lora,
+        Method::Lora | Method::HyperLora => lora,
         Method::Ia3 => path.contains(".ia3_l."),
         Method::TextualInversion => rows,
         Method::Pivotal => lora || rows,
+        Method::Hypernetwork => path.contains(&format!(".{}.", hypernetwork::PARAM_SEGMENT)),
     }
 }
 

@@ -136,6 +136,10 @@ pub fn validation_prompts(cfg: &TrainConfig, instances: &[Example]) -> Vec<Strin
 
 /// Images of each validation prompt with the seeds `knobs generate --seed 0 --num-images 4`
 /// uses, so that a saved adapter loaded there reproduces them.
+fn set_training(sd: &mut StableDiffusion, training: bool) {
+    sd.for_each_layer_mut(|_, mut layer| layer.set_training(training));
+}
+
 pub fn sample(cfg: &TrainConfig, sd: &StableDiffusion, prompts: &[String]) -> Result<Vec<RgbImage>> {
     let mut out = Vec::new();
     for p in prompts {
@@ -252,7 +256,11 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             write_log(&cfg.out, &history)?;
         }
         if cfg.validation_steps > 0 && (step + 1) % cfg.validation_steps == 0 && !done {
-            save_grid(&validation_dir.join(format!("step-{:06}.png", step + 1)), &sample(cfg, &sd, &prompts)?)?;
+            // Validation samples as inference draws them: adapter dropout off, then back on.
+            set_training(&mut sd, false);
+            let grid = sample(cfg, &sd, &prompts);
+            set_training(&mut sd, true);
+            save_grid(&validation_dir.join(format!("step-{:06}.png", step + 1)), &grid?)?;
         }
     }
     let train_seconds = started.elapsed().as_secs_f64();

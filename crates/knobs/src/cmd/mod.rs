@@ -3,6 +3,7 @@ pub mod compare;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod hyper;
 pub mod judge;
 pub mod pretrain;
 pub mod train;

@@ -13,7 +13,7 @@ pub struct Args {
     /// TOML file with any of the settings below.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// dreambooth, textual-inversion, lora, ia3 or pivotal.
+    /// dreambooth, textual-inversion, lora, ia3, pivotal, hypernetwork or hyper-lora.
     #[arg(long)]
     method: Option<String>,
     /// Base model folder (diffusers layout); default: the built-in model.
@@ -80,6 +80,25 @@ pub struct Args {
     /// Also write the embedding in A1111's format.
     #[arg(long)]
     a1111: bool,
+    /// Hypernetwork layer structure: comma-separated width multipliers, starting and ending
+    /// with 1 (default 1,2,1).
+    #[arg(long, value_delimiter = ',')]
+    hypernetwork_layers: Option<Vec<f64>>,
+    /// Hypernetwork activation, A1111's names: linear (default), relu, leakyrelu, elu, swish
+    /// (A1111's hard swish), tanh, sigmoid, silu, gelu, mish, ...
+    #[arg(long)]
+    hypernetwork_activation: Option<String>,
+    /// Add a LayerNorm after every hypernetwork layer (A1111's layer normalization).
+    #[arg(long)]
+    hypernetwork_layer_norm: bool,
+    /// Hypernetwork dropout while training: one probability (after every hidden layer) or
+    /// A1111's dropout structure, one value per layer entry (e.g. 0,0.3,0).
+    #[arg(long, value_delimiter = ',')]
+    hypernetwork_dropout: Option<Vec<f64>>,
+    /// Context widths that get a hypernetwork module pair (A1111's enable sizes),
+    /// comma-separated; default: every width of the UNet's attention layers.
+    #[arg(long, value_delimiter = ',')]
+    hypernetwork_widths: Option<Vec<usize>>,
     #[arg(long)]
     learning_rate: Option<f64>,
     #[arg(long)]
@@ -121,6 +140,16 @@ pub struct Args {
     /// Continue the run whose output folder (or checkpoints folder) this is.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// `--method hyper-lora`: the hypernetwork folder `knobs hyper pretrain` wrote.
+    #[arg(long)]
+    hypernetwork_dir: Option<PathBuf>,
+    /// `--method hyper-lora`: optimise the concept's code through the frozen hypernetwork for
+    /// this many steps (from the zero-shot code) before any rank-relaxed steps.
+    #[arg(long)]
+    hyper_code_steps: Option<u64>,
+    /// Judge folder for `--method hyper-lora` (default: models/judge).
+    #[arg(long)]
+    judge: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -151,14 +180,16 @@ pub fn config(args: &Args) -> Result<TrainConfig> {
     }
     set!(cfg, args, model, out, num_class_images, prior_loss_weight, num_vectors, rank, target_modules, train_batch_size,
         gradient_accumulation_steps, lr_warmup_steps, adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon, max_grad_norm,
-        noise_offset, seed, checkpointing_steps, validation_steps, guidance_scale);
+        noise_offset, seed, checkpointing_steps, validation_steps, guidance_scale, hypernetwork_layers, hypernetwork_activation,
+        hypernetwork_dropout, hypernetwork_widths, hyper_code_steps);
     set!(opt cfg, args, concept, instance_dir, instance_prompt, class_prompt, class_dir, resolution, placeholder_token,
-        initializer_token, alpha, grad_scale, learning_rate, max_train_steps, snr_gamma, resume);
+        initializer_token, alpha, grad_scale, learning_rate, max_train_steps, snr_gamma, resume, hypernetwork_dir, judge);
     cfg.center_crop &= !args.random_crop;
     cfg.random_flip |= args.random_flip;
     cfg.train_text_encoder |= args.train_text_encoder;
     cfg.conv |= args.conv;
     cfg.a1111_embedding |= args.a1111;
+    cfg.hypernetwork_layer_norm |= args.hypernetwork_layer_norm;
     cfg.train_only.extend(args.train_only.iter().cloned());
     cfg.lr_scale.extend(args.lr_scale.iter().cloned());
     cfg.validation_prompts.extend(args.validation_prompts.iter().cloned());
@@ -168,6 +199,26 @@ pub fn config(args: &Args) -> Result<TrainConfig> {
 pub fn run_cmd(args: Args) -> Result<()> {
     let cfg = config(&args)?;
     let interactive = std::io::stderr().is_terminal();
+    if cfg.method == Method::HyperLora {
+        let judge = super::judge::judge_dir(cfg.judge.as_deref());
+        let summary = knobs_train::hyperlora::run_train(&cfg, &judge, &mut |tick| {
+            if tick.step % 50 == 0 || tick.step == tick.total {
+                eprintln!("hyper-lora {}/{} loss {:.4}", tick.step, tick.total, tick.loss);
+            }
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            println!(
+                "hyper-lora: zero-shot in {:.2} s, {} code steps, {} rank-relaxed steps, {:.1} s in all; LoRA rank {}",
+                summary.zero_shot_seconds, summary.code_steps, summary.steps, summary.seconds, summary.lora_rank
+            );
+            for p in &summary.outputs {
+                println!("wrote {}", p.display());
+            }
+        }
+        return Ok(());
+    }
     let bar = ProgressBar::new(cfg.max_train_steps());
     bar.set_style(ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}").unwrap());
     let summary = run(&cfg, &mut |tick| {

@@ -91,7 +91,7 @@ fn apply<M: Module>(model: M, name: &str, op: Op) -> Result<()> {
         }
         Op::Fold(config) => {
             am.adopt(name, config)?;
-            am.merge_and_unload();
+            am.merge_and_unload()?;
         }
     }
     Ok(())
