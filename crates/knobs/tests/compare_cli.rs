@@ -26,7 +26,7 @@ const METRICS: [&str; 13] = [
 ];
 
 fn compare(out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec!["compare", "--model", s(tiny_model()), "--concepts", "striped-star", "--methods", "lora,textual-inversion"];
+    let mut args = vec!["compare", "--model", s(tiny_model()), "--concepts", "striped-star", "--methods", "lora,textual-inversion,hypernetwork"];
     args.extend_from_slice(&["--budget-steps", "2", "--images-per-prompt", "2", "--eval-steps", "2", "--json", "--out", s(out)]);
     args.extend_from_slice(extra);
     let out = knobs(&args);
@@ -53,8 +53,8 @@ fn compare_reports_every_metric_and_resumes() {
     let first = start.elapsed().as_secs_f64();
     eprintln!("first compare: {first:.1} s");
 
-    assert_eq!(v["runs"].as_array().unwrap().len(), 3, "base + 2 methods");
-    for method in ["lora", "textual-inversion"] {
+    assert_eq!(v["runs"].as_array().unwrap().len(), 4, "base + 3 methods");
+    for method in ["lora", "textual-inversion", "hypernetwork"] {
         let m = &run(&v, method)["metrics"];
         for key in METRICS {
             let x = m[key].as_f64().unwrap_or_else(|| panic!("{method}: {key} is not a number: {m}"));
@@ -88,12 +88,15 @@ fn compare_reports_every_metric_and_resumes() {
     }
     let lora_row = md.lines().find(|l| l.starts_with("| lora |")).unwrap();
     assert!(!lora_row.contains("n/a"), "every lora cell is a number: {lora_row}");
-    // report.html is one self-contained page: the plot, 3 sample grids and 2 loss curves inlined.
+    // A hypernetwork is non-linear: its "merged" time is its unmerged time.
+    let hn = &run(&v, "hypernetwork")["metrics"];
+    assert_eq!(hn["gen_ms_merged"], hn["gen_ms_unmerged"]);
+    // report.html is one self-contained page: the plot, 4 sample grids and 3 loss curves inlined.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 1 + 3 + 2, "inlined images");
+    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 1 + 4 + 3, "inlined images");
     assert!(!html.contains("src=\"runs/") && !html.contains("src=\"fidelity"), "no image is linked from outside the page");
     let plot = image::open(out.join("fidelity_vs_size.png")).unwrap().to_rgb8();
-    assert!(plot.pixels().filter(|p| p.0 != [255, 255, 255] && p.0 != [0, 0, 0] && p.0 != [225, 225, 225]).count() >= 2 * 25, "two coloured dots");
+    assert!(plot.pixels().filter(|p| p.0 != [255, 255, 255] && p.0 != [0, 0, 0] && p.0 != [225, 225, 225]).count() >= 3 * 25, "three coloured dots");
 
     // Again: every run is done, nothing is trained or evaluated, and it says so.
     let start = Instant::now();
@@ -101,7 +104,7 @@ fn compare_reports_every_metric_and_resumes() {
     let second = start.elapsed().as_secs_f64();
     eprintln!("second compare: {second:.1} s");
     let stderr = again["stderr"].as_str().unwrap();
-    assert_eq!(stderr.matches("skipped (done)").count(), 3, "{stderr}");
+    assert_eq!(stderr.matches("skipped (done)").count(), 4, "{stderr}");
     assert!(!stderr.contains("training") && !stderr.contains("evaluating"), "{stderr}");
     assert_eq!(again["runs"], v["runs"]);
     assert!(second < first / 2.0, "the second run took {second:.1} s, the first {first:.1} s");
@@ -123,8 +126,9 @@ fn bad_input_names_the_flag() {
     let o = s(&out);
     let err = fail(&["compare", "--methods", "lora,lorax", "--out", o]);
     assert!(err.contains("--methods") && err.contains("lorax") && err.contains("textual-inversion"), "{err}");
+    assert!(err.contains("dreambooth-prior"), "the compare-only variant is listed: {err}");
     let err = fail(&["compare", "--methods", "hyper-lora", "--out", o]);
-    assert!(err.contains("--methods") && err.contains("hyper-lora") && err.contains("not available yet"), "{err}");
+    assert!(err.contains("--hypernetwork-dir"), "{err}");
     let err = fail(&["compare", "--concepts", "purple-unicorn", "--out", o]);
     assert!(err.contains("--concepts") && err.contains("purple-unicorn") && err.contains("striped-star"), "{err}");
     let err = fail(&["compare", "--budget-steps", "0", "--out", o]);

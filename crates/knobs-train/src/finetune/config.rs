@@ -321,6 +321,19 @@ impl TrainConfig {
         if self.method == Method::HyperLora && self.hypernetwork_dir.is_none() {
             bail!("--method hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)");
         }
+        if self.method == Method::HyperLora {
+            // Its short steps draw batches the size of the instance set at a constant rate.
+            let defaults = TrainConfig::default();
+            let unused = [
+                ("--train-batch-size", self.train_batch_size != defaults.train_batch_size),
+                ("--gradient-accumulation-steps", self.gradient_accumulation_steps != defaults.gradient_accumulation_steps),
+                ("--lr-scheduler", self.lr_scheduler != defaults.lr_scheduler),
+                ("--validation-steps", self.validation_steps != defaults.validation_steps),
+            ];
+            if let Some((flag, _)) = unused.iter().find(|(_, set)| *set) {
+                bail!("{flag} is not used by --method hyper-lora");
+            }
+        }
         if self.method != Method::HyperLora && (self.hypernetwork_dir.is_some() || self.hyper_code_steps > 0) {
             bail!("--hypernetwork-dir and --hyper-code-steps are only for --method hyper-lora");
         }

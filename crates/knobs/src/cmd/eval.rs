@@ -20,7 +20,7 @@ use knobs_world::judge::{Judge, Judged};
 use knobs_world::{Background, PromptAttributes, parse_prompt};
 use serde_json::{Map, Value, json};
 
-use super::generate::{add_embeddings, attach_loras, to_rgb};
+use super::generate::{add_embeddings, attach_hypernetworks, attach_loras, to_rgb};
 use super::judge::load_judge;
 
 /// Where the built-in base model lives once it is trained.
@@ -37,6 +37,9 @@ pub struct Args {
     /// A textual-inversion embedding, as in `knobs generate` (repeatable).
     #[arg(long = "embedding", value_name = "PATH")]
     pub embedding: Vec<PathBuf>,
+    /// An A1111-style hypernetwork, as in `knobs generate` (PATH[:STRENGTH], repeatable).
+    #[arg(long = "hypernetwork", value_name = "PATH[:STRENGTH]")]
+    pub hypernetwork: Vec<String>,
     /// A held-out concept (`knobs world concepts --list`); without it, base-model quality.
     #[arg(long)]
     pub concept: Option<String>,
@@ -193,6 +196,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut sd = load_pipeline(&args.model, "--model")?;
     attach_loras(&mut sd, &args.lora)?;
     add_embeddings(&mut sd, &args.embedding)?;
+    attach_hypernetworks(&mut sd, &args.hypernetwork)?;
     // Loaded weights still carry autodiff state; sampling is measurably faster without it.
     knobs_nn::ModuleExt::for_inference(&mut sd);
     let mut load_seconds = load_start.elapsed().as_secs_f64();
@@ -200,6 +204,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut settings = json!({
         "model": args.model.display().to_string(),
         "lora": args.lora,
+        "hypernetwork": args.hypernetwork,
         "embedding": args.embedding.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "images_per_prompt": args.images_per_prompt,
         "steps": args.steps,
@@ -252,14 +257,16 @@ pub fn run(args: Args) -> Result<()> {
             let other_prompts = other_class_prompts(concept.shape);
 
             // The reference for prior preservation.
-            let base_source: Option<(PathBuf, bool)> = match (&args.base_model, args.lora.is_empty(), args.embedding.is_empty()) {
+            // LoRAs and hypernetworks change the model's function; embeddings only add tokens.
+            let no_model_adapters = args.lora.is_empty() && args.hypernetwork.is_empty();
+            let base_source: Option<(PathBuf, bool)> = match (&args.base_model, no_model_adapters, args.embedding.is_empty()) {
                 (Some(p), _, _) => Some((p.clone(), true)),
                 (None, false, _) => Some((args.model.clone(), false)),
                 // Embeddings only add tokens: other-class prompts run exactly as in the base.
                 (None, true, false) => None,
                 (None, true, true) => default_base_model().map(|p| (p, true)),
             };
-            let base_kind = match (&base_source, args.lora.is_empty(), args.embedding.is_empty()) {
+            let base_kind = match (&base_source, no_model_adapters, args.embedding.is_empty()) {
                 (Some((p, true)), _, _) => format!("{}", p.display()),
                 (Some((p, false)), _, _) => format!("{} without its adapters", p.display()),
                 (None, true, false) => "the same pipeline (embeddings only add tokens, so other-class prompts are unchanged)".into(),
@@ -286,7 +293,7 @@ pub fn run(args: Args) -> Result<()> {
                     grid_rows.extend(base_other.iter().map(|b| b.images.clone()));
                     Some(f)
                 }
-                None if base_source.is_none() && !args.embedding.is_empty() && args.lora.is_empty() => Some(other_fidelity),
+                None if base_source.is_none() && !args.embedding.is_empty() && no_model_adapters => Some(other_fidelity),
                 None => None,
             };
 
@@ -395,6 +402,7 @@ pub fn run(args: Args) -> Result<()> {
 fn adapters_note(args: &Args) -> String {
     let mut parts = Vec::new();
     parts.extend(args.lora.iter().map(|l| format!("--lora {l}")));
+    parts.extend(args.hypernetwork.iter().map(|h| format!("--hypernetwork {h}")));
     parts.extend(args.embedding.iter().map(|e| format!("--embedding {}", e.display())));
     if parts.is_empty() { String::new() } else { format!(" + {}", parts.join(" ")) }
 }

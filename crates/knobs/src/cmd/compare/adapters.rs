@@ -9,7 +9,7 @@ use knobs_adapters::formats::peft;
 use knobs_adapters::{AdaptedModel, AdapterConfig};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::Module;
-use knobs_train::finetune::save::{EMBEDDING_FILE, KOHYA_FILE, LORA_FILE, size_of};
+use knobs_train::finetune::save::{EMBEDDING_FILE, HYPERNETWORK_FILE, KOHYA_FILE, LORA_FILE, size_of};
 
 /// The files of a run that compare loads, by kind.
 #[derive(Debug, Default)]
@@ -22,6 +22,8 @@ pub struct Artefacts {
     pub embeddings: Vec<PathBuf>,
     /// PEFT folders of adapters that are not LoRA (IA3), with the component they adapt.
     pub peft: Vec<(String, PathBuf)>,
+    /// A1111-style hypernetworks (`knobs eval --hypernetwork`).
+    pub hypernetworks: Vec<PathBuf>,
 }
 
 fn peft_type(dir: &Path) -> Option<String> {
@@ -47,6 +49,8 @@ impl Artefacts {
                 a.loras.push(p.clone());
             } else if name == EMBEDDING_FILE {
                 a.embeddings.push(p.clone());
+            } else if name == HYPERNETWORK_FILE {
+                a.hypernetworks.push(p.clone());
             }
         }
         let lora_folder_only = a.loras.is_empty() && outputs.iter().any(|p| peft_type(p).as_deref() == Some("LORA"));
@@ -59,7 +63,8 @@ impl Artefacts {
     /// Everything that is loaded, i.e. what a user keeps to use the result.
     pub fn files(&self) -> Vec<PathBuf> {
         let peft = self.peft.iter().map(|(_, p)| p.clone());
-        self.model.iter().cloned().chain(self.loras.iter().cloned()).chain(self.embeddings.iter().cloned()).chain(peft).collect()
+        let files = self.model.iter().chain(&self.loras).chain(&self.embeddings).chain(&self.hypernetworks).cloned();
+        files.chain(peft).collect()
     }
 
     /// Bytes on disk of [`Artefacts::files`].

@@ -21,9 +21,13 @@ pub struct Args {
     /// Held-out concepts, comma-separated (default: all; `knobs world concepts --list`).
     #[arg(long, value_delimiter = ',')]
     pub concepts: Vec<String>,
-    /// Methods, comma-separated: any that `knobs train --method` accepts.
-    #[arg(long, value_delimiter = ',', default_value = "dreambooth,textual-inversion,lora,ia3,pivotal")]
+    /// Methods, comma-separated: any that `knobs train --method` accepts, and
+    /// `dreambooth-prior` (DreamBooth with prior preservation on generated class images).
+    #[arg(long, value_delimiter = ',', default_value = "dreambooth,textual-inversion,lora,ia3,pivotal,hypernetwork")]
     pub methods: Vec<String>,
+    /// The hypernetwork `hyper-lora` predicts with (made by `knobs hyper pretrain`).
+    #[arg(long)]
+    pub hypernetwork_dir: Option<PathBuf>,
     /// Training steps, the same for every method (each uses its own default learning rate).
     #[arg(long, default_value_t = 300)]
     pub budget_steps: u64,

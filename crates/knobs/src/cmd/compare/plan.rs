@@ -12,24 +12,28 @@ use super::Args;
 /// The reference row: the base model itself, evaluated once per concept.
 pub const BASE: &str = "base";
 
-/// Method names that are planned but not implemented yet, with the issue that adds them.
-const PLANNED: [(&str, &str); 2] = [("hyper-lora", "issue 6"), ("hypernetwork", "issue 6")];
+/// DreamBooth with prior preservation: a compare-only name for `knobs train --method
+/// dreambooth --class-prompt "a CLASS" --num-class-images N`, so that language drift with and
+/// without it sit side by side.
+pub const DREAMBOOTH_PRIOR: &str = "dreambooth-prior";
+/// Class images generated for `dreambooth-prior` (diffusers' example uses 100-200 for SD).
+pub const CLASS_IMAGES: usize = 50;
 
-/// Every method `knobs train --method` accepts, in a fixed order (also the report's order).
+/// Every method name `--methods` accepts, in a fixed order (also the report's order).
 pub fn known_methods() -> Vec<String> {
-    Method::NAMES.split(", ").map(String::from).collect()
+    let mut v: Vec<String> = Method::NAMES.split(", ").map(String::from).collect();
+    v.insert(1, DREAMBOOTH_PRIOR.to_string());
+    v
 }
 
-/// Checks `--methods`: a name is accepted exactly when `knobs train --method` accepts it.
+/// Checks `--methods`: every `knobs train --method` name, plus `dreambooth-prior`.
 pub fn parse_methods(names: &[String]) -> Result<Vec<String>> {
-    ensure!(!names.is_empty(), "--methods: give at least one method; known: {}", Method::NAMES);
+    let known = known_methods().join(", ");
+    ensure!(!names.is_empty(), "--methods: give at least one method; known: {known}");
     let mut out: Vec<String> = Vec::new();
     for name in names.iter().map(|n| n.trim()) {
-        if Method::parse(name).is_err() {
-            if let Some((_, issue)) = PLANNED.iter().find(|(n, _)| *n == name) {
-                bail!("--methods: `{name}` is not available yet (hypernetworks are {issue}; `knobs train --method` does not accept it); available: {}", Method::NAMES);
-            }
-            bail!("--methods: unknown method `{name}`; known: {}", Method::NAMES);
+        if name != DREAMBOOTH_PRIOR && Method::parse(name).is_err() {
+            bail!("--methods: unknown method `{name}`; known: {known}");
         }
         if !out.iter().any(|m| m == name) {
             out.push(name.to_string());
@@ -67,6 +71,7 @@ pub struct Plan {
     pub budget_steps: u64,
     pub images_per_prompt: usize,
     pub eval_steps: usize,
+    pub hypernetwork_dir: Option<PathBuf>,
 }
 
 impl Plan {
@@ -76,6 +81,12 @@ impl Plan {
         ensure!(args.eval_steps >= 1, "--eval-steps must be at least 1");
         let methods = parse_methods(&args.methods)?;
         let concepts = parse_concepts(&args.concepts)?;
+        let hypernetwork_dir = match (&args.hypernetwork_dir, methods.iter().any(|m| m == "hyper-lora")) {
+            (None, true) => bail!("--methods hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)"),
+            (Some(d), true) => Some(d.canonicalize().with_context(|| format!("--hypernetwork-dir {}", d.display()))?),
+            (Some(_), false) => bail!("--hypernetwork-dir is only used with --methods hyper-lora"),
+            (None, false) => None,
+        };
         if !args.model.join("model_index.json").is_file() {
             bail!("--model {}: not a diffusers pipeline folder (no model_index.json)", args.model.display());
         }
@@ -95,6 +106,7 @@ impl Plan {
             budget_steps: args.budget_steps,
             images_per_prompt: args.images_per_prompt,
             eval_steps: args.eval_steps,
+            hypernetwork_dir,
         })
     }
 
@@ -122,6 +134,9 @@ impl Plan {
         });
         if method != BASE {
             s["budget_steps"] = self.budget_steps.into();
+        }
+        if let (Some(d), "hyper-lora") = (&self.hypernetwork_dir, method) {
+            s["hypernetwork_dir"] = d.display().to_string().into();
         }
         s
     }

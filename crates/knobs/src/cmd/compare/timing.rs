@@ -11,7 +11,7 @@ use knobs_nn::ModuleExt;
 use serde_json::{Value, json};
 
 use super::adapters::{Artefacts, Attached, Op, attach_all, on_component};
-use crate::cmd::generate::add_embeddings;
+use crate::cmd::generate::{add_embeddings, attach_hypernetworks};
 
 /// Each configuration is timed this many times; the fastest counts.
 pub const REPEATS: usize = 5;
@@ -62,9 +62,14 @@ impl Timer {
             let mut sd = load(&self.base_dir)?;
             add_embeddings(&mut sd, &a.embeddings)?;
             let attached = attach_all(&mut sd, a)?;
+            let specs: Vec<String> = a.hypernetworks.iter().map(|p| p.display().to_string()).collect();
+            attach_hypernetworks(&mut sd, &specs)?;
             Ok((sd, attached))
         };
         let (unmerged, attached) = attach()?;
+        if !a.hypernetworks.is_empty() {
+            return Ok((unmerged, None, "a hypernetwork is non-linear: it cannot be merged"));
+        }
         if attached.is_empty() {
             return Ok((unmerged, None, "embeddings are rows of the token table: nothing to merge"));
         }
