@@ -134,3 +134,15 @@ pub fn check_same(sd: &StateDict, key: &str, want: &str) -> Result<()> {
     Ok(())
 }
 
+/// The loss history as the bit patterns of its f64 values: JSON's decimal round trip is not
+/// exact in serde_json's default float parser, and a resumed run must log the same bytes.
+pub fn encode_history(history: &[f64]) -> String {
+    history.iter().map(|v| format!("{:016x}", v.to_bits())).collect::<Vec<_>>().join(",")
+}
+
+pub fn decode_history(text: &str) -> Result<Vec<f64>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| u64::from_str_radix(s, 16).map(f64::from_bits).with_context(|| format!("checkpoint loss_history: bad entry `{s}`")))
+        .collect()
+}

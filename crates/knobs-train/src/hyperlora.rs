@@ -37,7 +37,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoints, State, check_same, meta, restore};
+use crate::checkpoint::{Checkpoints, State, check_same, decode_history, encode_history, meta, restore};
 use crate::finetune::data::{crop, instance_examples};
 use crate::finetune::trainer::validation_prompts;
 use crate::finetune::{LoraFormat, TrainConfig};
@@ -177,17 +177,6 @@ fn diffusion_loss(sd: &StableDiffusion, ddpm: &DdpmScheduler, images: &[RgbImage
     let context = sd.text_encoder.forward(sd.tokenizer.encode_tensor(&refs, dev)?).last_hidden_state;
     let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), dev);
     Ok(per_sample_mse(sd.unet.forward(noisy, t_float, context), target).mean())
-}
-
-fn encode_history(history: &[f64]) -> String {
-    history.iter().map(|v| format!("{:016x}", v.to_bits())).collect::<Vec<_>>().join(",")
-}
-
-fn decode_history(text: &str) -> Result<Vec<f64>> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| u64::from_str_radix(s, 16).map(f64::from_bits).with_context(|| format!("checkpoint loss_history: bad entry `{s}`")))
-        .collect()
 }
 
 /// Trains (or resumes) the hypernetwork; see the module docs.

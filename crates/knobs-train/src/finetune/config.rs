@@ -322,7 +322,7 @@ impl TrainConfig {
             bail!("--method hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)");
         }
         if self.method == Method::HyperLora {
-            // Its short steps draw batches the size of the instance set at a constant rate.
+            // Its short steps use batches of two at a constant rate.
             let defaults = TrainConfig::default();
             let unused = [
                 ("--train-batch-size", self.train_batch_size != defaults.train_batch_size),

@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::config::TrainConfig;
 use super::data::{self, Example};
 use super::{plot, save, setup};
-use crate::checkpoint::{Checkpoints, State, check_same, meta, sub_dict};
+use crate::checkpoint::{Checkpoints, State, check_same, decode_history, encode_history, meta, sub_dict};
 use crate::loss::{min_snr_weights, per_sample_mse};
 use crate::progress::{Progress, Tick, peak_rss_bytes};
 use crate::rng::{normal, step_rng};
@@ -104,19 +104,6 @@ fn add_grads(acc: &mut Option<Grads>, g: Grads) {
             }
         }
     }
-}
-
-/// The loss history as the bit patterns of its f64 values: JSON's decimal round trip is not
-/// exact in serde_json's default float parser, and a resumed run must log the same bytes.
-fn encode_history(history: &[f64]) -> String {
-    history.iter().map(|v| format!("{:016x}", v.to_bits())).collect::<Vec<_>>().join(",")
-}
-
-fn decode_history(text: &str) -> Result<Vec<f64>> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| u64::from_str_radix(s, 16).map(f64::from_bits).with_context(|| format!("checkpoint loss_history: bad entry `{s}`")))
-        .collect()
 }
 
 fn write_log(out: &Path, history: &[f64]) -> Result<()> {
