@@ -140,3 +140,20 @@ fn bad_input_names_the_flag() {
     let help = ok(&["compare", "--help"]);
     assert!(help.contains("--budget-steps") && help.contains("skipped (done)") && help.contains("refuses"), "{help}");
 }
+
+#[test]
+fn hyper_lora_runs_with_its_hypernetwork() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hyper = tmp.path().join("hyper");
+    let h = s(&hyper);
+    ok(&["hyper", "pretrain", "--model", s(tiny_model()), "--out", h, "--steps", "2", "--num-concepts", "2", "--images-per-concept", "2", "--batch", "1"]);
+    let out = tmp.path().join("cmp");
+    let text = ok(&[
+        "compare", "--model", s(tiny_model()), "--concepts", "striped-star", "--methods", "hyper-lora", "--hypernetwork-dir", h,
+        "--budget-steps", "1", "--images-per-prompt", "2", "--eval-steps", "2", "--json", "--out", s(&out),
+    ]);
+    let v: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let m = &run(&v, "hyper-lora")["metrics"];
+    assert!(m["subject_fidelity"].is_number() && m["file_bytes"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(out.join("runs/striped-star/hyper-lora/pytorch_lora_weights.safetensors").is_file());
+}
