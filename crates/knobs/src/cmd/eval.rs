@@ -20,7 +20,7 @@ use knobs_world::judge::{Judge, Judged};
 use knobs_world::{Background, PromptAttributes, parse_prompt};
 use serde_json::{Map, Value, json};
 
-use super::generate::{add_embeddings, attach_hypernetworks, attach_loras, to_rgb};
+use super::generate::{AdapterArgs, to_rgb};
 use super::judge::load_judge;
 
 /// Where the built-in base model lives once it is trained.
@@ -31,15 +31,8 @@ pub struct Args {
     /// The model to evaluate: a diffusers pipeline folder (a DreamBooth output, or the base).
     #[arg(long)]
     pub model: PathBuf,
-    /// A LoRA to apply, as in `knobs generate` (PATH[:SCALE], repeatable).
-    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
-    pub lora: Vec<String>,
-    /// A textual-inversion embedding, as in `knobs generate` (repeatable).
-    #[arg(long = "embedding", value_name = "PATH")]
-    pub embedding: Vec<PathBuf>,
-    /// An A1111-style hypernetwork, as in `knobs generate` (PATH[:STRENGTH], repeatable).
-    #[arg(long = "hypernetwork", value_name = "PATH[:STRENGTH]")]
-    pub hypernetwork: Vec<String>,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// A held-out concept (`knobs world concepts --list`); without it, base-model quality.
     #[arg(long)]
     pub concept: Option<String>,
@@ -165,7 +158,7 @@ fn subject_token(args: &Args, concept: &ConceptSpec) -> Result<String> {
         ensure!(!t.trim().is_empty(), "--token must not be empty");
         return Ok(t.clone());
     }
-    if let Some(path) = args.embedding.first() {
+    if let Some(path) = args.adapters.embedding.first() {
         let emb = embeddings::read(path, None).with_context(|| format!("--embedding {}", path.display()))?;
         return Ok(emb.token);
     }
@@ -194,18 +187,14 @@ pub fn run(args: Args) -> Result<()> {
     let judge = load_judge(args.judge.as_deref())?;
     let load_start = Instant::now();
     let mut sd = load_pipeline(&args.model, "--model")?;
-    attach_loras(&mut sd, &args.lora)?;
-    add_embeddings(&mut sd, &args.embedding)?;
-    attach_hypernetworks(&mut sd, &args.hypernetwork)?;
-    // Loaded weights still carry autodiff state; sampling is measurably faster without it.
-    knobs_nn::ModuleExt::for_inference(&mut sd);
+    args.adapters.apply(&mut sd)?;
     let mut load_seconds = load_start.elapsed().as_secs_f64();
 
     let mut settings = json!({
         "model": args.model.display().to_string(),
-        "lora": args.lora,
-        "hypernetwork": args.hypernetwork,
-        "embedding": args.embedding.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "lora": args.adapters.lora,
+        "hypernetwork": args.adapters.hypernetwork,
+        "embedding": args.adapters.embedding.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "images_per_prompt": args.images_per_prompt,
         "steps": args.steps,
         "guidance": args.guidance,
@@ -258,15 +247,15 @@ pub fn run(args: Args) -> Result<()> {
 
             // The reference for prior preservation.
             // LoRAs and hypernetworks change the model's function; embeddings only add tokens.
-            let no_model_adapters = args.lora.is_empty() && args.hypernetwork.is_empty();
-            let base_source: Option<(PathBuf, bool)> = match (&args.base_model, no_model_adapters, args.embedding.is_empty()) {
+            let no_model_adapters = args.adapters.lora.is_empty() && args.adapters.hypernetwork.is_empty();
+            let base_source: Option<(PathBuf, bool)> = match (&args.base_model, no_model_adapters, args.adapters.embedding.is_empty()) {
                 (Some(p), _, _) => Some((p.clone(), true)),
                 (None, false, _) => Some((args.model.clone(), false)),
                 // Embeddings only add tokens: other-class prompts run exactly as in the base.
                 (None, true, false) => None,
                 (None, true, true) => default_base_model().map(|p| (p, true)),
             };
-            let base_kind = match (&base_source, no_model_adapters, args.embedding.is_empty()) {
+            let base_kind = match (&base_source, no_model_adapters, args.adapters.embedding.is_empty()) {
                 (Some((p, true)), _, _) => format!("{}", p.display()),
                 (Some((p, false)), _, _) => format!("{} without its adapters", p.display()),
                 (None, true, false) => "the same pipeline (embeddings only add tokens, so other-class prompts are unchanged)".into(),
@@ -293,7 +282,7 @@ pub fn run(args: Args) -> Result<()> {
                     grid_rows.extend(base_other.iter().map(|b| b.images.clone()));
                     Some(f)
                 }
-                None if base_source.is_none() && !args.embedding.is_empty() && no_model_adapters => Some(other_fidelity),
+                None if base_source.is_none() && !args.adapters.embedding.is_empty() && no_model_adapters => Some(other_fidelity),
                 None => None,
             };
 
@@ -401,8 +390,8 @@ pub fn run(args: Args) -> Result<()> {
 
 fn adapters_note(args: &Args) -> String {
     let mut parts = Vec::new();
-    parts.extend(args.lora.iter().map(|l| format!("--lora {l}")));
-    parts.extend(args.hypernetwork.iter().map(|h| format!("--hypernetwork {h}")));
-    parts.extend(args.embedding.iter().map(|e| format!("--embedding {}", e.display())));
+    parts.extend(args.adapters.lora.iter().map(|l| format!("--lora {l}")));
+    parts.extend(args.adapters.hypernetwork.iter().map(|h| format!("--hypernetwork {h}")));
+    parts.extend(args.adapters.embedding.iter().map(|e| format!("--embedding {}", e.display())));
     if parts.is_empty() { String::new() } else { format!(" + {}", parts.join(" ")) }
 }

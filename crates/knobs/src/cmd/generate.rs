@@ -17,6 +17,37 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::read_safetensors;
 use knobs_nn::{Tensor, cpu};
 
+/// The adapter flags `generate` and `eval` share, and applying them to a loaded pipeline.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// A LoRA to apply: a PEFT folder, or a diffusers or kohya .safetensors file; `:SCALE`
+    /// sets its weight (default 1). Several are applied together, as diffusers' `set_adapters`.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    pub lora: Vec<String>,
+    /// A textual-inversion embedding: diffusers `learned_embeds.safetensors` or an A1111
+    /// safetensors file (its token is the file name without extension).
+    #[arg(long = "embedding", value_name = "PATH")]
+    pub embedding: Vec<PathBuf>,
+    /// An A1111-style hypernetwork (.safetensors, as `knobs train --method hypernetwork`
+    /// writes it; pickled .pt files are refused); `:STRENGTH` is A1111's multiplier (default
+    /// 1, 0 is the base model). Several are applied one after another.
+    #[arg(long = "hypernetwork", value_name = "PATH[:STRENGTH]")]
+    pub hypernetwork: Vec<String>,
+}
+
+impl AdapterArgs {
+    /// Attaches the LoRAs, adds the embeddings and attaches the hypernetworks, then takes the
+    /// pipeline out of autodiff: loaded weights still carry autodiff state, and sampling is
+    /// measurably faster without it.
+    pub fn apply(&self, sd: &mut StableDiffusion) -> Result<()> {
+        attach_loras(sd, &self.lora)?;
+        add_embeddings(sd, &self.embedding)?;
+        attach_hypernetworks(sd, &self.hypernetwork)?;
+        knobs_nn::ModuleExt::for_inference(sd);
+        Ok(())
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
@@ -54,19 +85,8 @@ pub struct Args {
     /// Number of images; with more than one, each is written as OUT-<i>.png and OUT is a grid.
     #[arg(long)]
     pub num_images: Option<usize>,
-    /// A LoRA to apply: a PEFT folder, or a diffusers or kohya .safetensors file; `:SCALE`
-    /// sets its weight (default 1). Several are applied together, as diffusers' `set_adapters`.
-    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
-    pub lora: Vec<String>,
-    /// A textual-inversion embedding: diffusers `learned_embeds.safetensors` or an A1111
-    /// safetensors file (its token is the file name without extension).
-    #[arg(long = "embedding", value_name = "PATH")]
-    pub embedding: Vec<PathBuf>,
-    /// An A1111-style hypernetwork (.safetensors, as `knobs train --method hypernetwork`
-    /// writes it; pickled .pt files are refused); `:STRENGTH` is A1111's multiplier (default
-    /// 1, 0 is the base model). Several are applied one after another.
-    #[arg(long = "hypernetwork", value_name = "PATH[:STRENGTH]")]
-    pub hypernetwork: Vec<String>,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
@@ -255,11 +275,7 @@ pub fn save(images: &[RgbImage], out: &Path) -> Result<Vec<PathBuf>> {
 
 pub fn run(args: Args) -> Result<()> {
     let mut sd = load(&args)?;
-    attach_loras(&mut sd, &args.lora)?;
-    add_embeddings(&mut sd, &args.embedding)?;
-    attach_hypernetworks(&mut sd, &args.hypernetwork)?;
-    // Loaded weights still carry autodiff state; sampling is measurably faster without it.
-    knobs_nn::ModuleExt::for_inference(&mut sd);
+    args.adapters.apply(&mut sd)?;
     let req = request(&args, &sd)?;
     let start = Instant::now();
     let images = generate(&sd, &req)?;
