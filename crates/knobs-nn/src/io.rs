@@ -104,8 +104,28 @@ pub fn write_safetensors(
         .map(|(k, (dt, b), shape)| Ok((k.as_str(), TensorView::new(*dt, shape.clone(), b).map_err(|e| Error::key(path, k, format!("{e:?}")))?)))
         .collect::<Result<Vec<_>>>()?;
     let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    let bytes = safetensors::serialize(views, meta).map_err(|e| Error::file(path, format!("{e:?}")))?;
+    let mut bytes = safetensors::serialize(views, meta).map_err(|e| Error::file(path, format!("{e:?}")))?;
+    sort_header(&mut bytes).map_err(|e| Error::file(path, e))?;
     atomic_write(path, &bytes)
+}
+
+/// safetensors writes its header's maps (tensors, `__metadata__`) in `HashMap` order, which
+/// changes from run to run; the same header with sorted keys has the same length, so it is
+/// rewritten in place and identical inputs give identical files.
+fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "short file")?) as usize;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    let sorted: BTreeMap<&String, BTreeMap<String, serde_json::Value>> = header
+        .iter()
+        .map(|(k, v)| Ok((k, serde_json::from_value(v.clone()).map_err(|e| e.to_string())?)))
+        .collect::<std::result::Result<_, String>>()?;
+    let mut text = serde_json::to_vec(&sorted).map_err(|e| e.to_string())?;
+    if text.len() > n {
+        return Err(format!("sorted header is longer ({} > {n} bytes)", text.len()));
+    }
+    text.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&text);
+    Ok(())
 }
 
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.

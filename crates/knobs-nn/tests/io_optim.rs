@@ -131,3 +131,26 @@ fn adamw_state_round_trips_and_clipping_bounds_the_norm() {
     assert!(before > 0.5);
     assert!((grad_norm(&g) - 0.5).abs() < 1e-4);
 }
+
+#[test]
+fn identical_inputs_give_identical_safetensors_bytes() {
+    // The metadata is a HashMap: without sorting, its key order (and the file's bytes) would
+    // follow each map's random iteration order.
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = std::collections::BTreeMap::from([
+        ("b.weight".to_string(), TensorData::new(vec![1.0f32, 2.0], [2])),
+        ("a.weight".to_string(), TensorData::new(vec![3.0f32], [1])),
+    ]);
+    let meta = || (0..12).map(|i| (format!("key{i}"), format!("value {i}"))).collect::<std::collections::HashMap<_, _>>();
+    let first = dir.path().join("first.safetensors");
+    write_safetensors(&first, &tensors, &meta()).unwrap();
+    let bytes = std::fs::read(&first).unwrap();
+    for k in 0..8 {
+        let path = dir.path().join(format!("{k}.safetensors"));
+        write_safetensors(&path, &tensors, &meta()).unwrap();
+        assert!(std::fs::read(&path).unwrap() == bytes, "write {k} differs from the first");
+    }
+    let back = read_safetensors(&first).unwrap();
+    assert_eq!(back.metadata.len(), 12);
+    assert_eq!(back.f32("b.weight").unwrap().0, vec![1.0, 2.0]);
+}

@@ -127,7 +127,8 @@ fn bad_input_names_the_flag() {
     let err = fail(&["compare", "--methods", "lora,lorax", "--out", o]);
     assert!(err.contains("--methods") && err.contains("lorax") && err.contains("textual-inversion"), "{err}");
     assert!(err.contains("dreambooth-prior"), "the compare-only variant is listed: {err}");
-    let err = fail(&["compare", "--methods", "hyper-lora", "--out", o]);
+    // The built-in hypernetwork is only the default for the built-in base model.
+    let err = fail(&["compare", "--model", s(tiny_model()), "--methods", "hyper-lora", "--out", o]);
     assert!(err.contains("--hypernetwork-dir"), "{err}");
     let err = fail(&["compare", "--concepts", "purple-unicorn", "--out", o]);
     assert!(err.contains("--concepts") && err.contains("purple-unicorn") && err.contains("striped-star"), "{err}");

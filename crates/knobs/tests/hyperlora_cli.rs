@@ -10,7 +10,7 @@ use common::{fail, ok, s, tiny_model};
 use knobs_nn::io::read_safetensors;
 
 fn pretrain_args(out: &Path, steps: &str) -> Vec<String> {
-    ["hyper", "pretrain", "--model", s(tiny_model()), "--out", s(out), "--steps", steps, "--num-concepts", "3", "--images-per-concept", "2", "--batch", "1", "--variational", "--image-prob", "0.5"]
+    ["hyper", "pretrain", "--model", s(tiny_model()), "--out", s(out), "--steps", steps, "--num-concepts", "3", "--images-per-concept", "2", "--batch", "1", "--rank", "1", "--aux", "16", "--variational", "--image-prob", "0.5"]
         .map(String::from)
         .to_vec()
 }

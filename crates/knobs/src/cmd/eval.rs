@@ -23,8 +23,6 @@ use serde_json::{Map, Value, json};
 use super::generate::{AdapterArgs, to_rgb};
 use super::judge::load_judge;
 
-/// Where the built-in base model lives once it is trained.
-pub const DEFAULT_BASE_MODEL: &str = "models/knobs-base";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -166,12 +164,7 @@ fn subject_token(args: &Args, concept: &ConceptSpec) -> Result<String> {
 }
 
 fn default_base_model() -> Option<PathBuf> {
-    let here = PathBuf::from(DEFAULT_BASE_MODEL);
-    if here.is_dir() {
-        return Some(here);
-    }
-    let built_in = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/knobs-base"));
-    built_in.is_dir().then_some(built_in)
+    super::builtin::dir(super::builtin::BASE_MODEL)
 }
 
 pub fn run(args: Args) -> Result<()> {

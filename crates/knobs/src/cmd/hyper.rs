@@ -25,7 +25,7 @@ pub struct PretrainArgs {
     /// Judge folder whose image embeddings condition the network (default: models/judge).
     #[arg(long)]
     judge: Option<PathBuf>,
-    /// Optimizer steps (one concept per step).
+    /// Optimizer steps, one concept per step (default 23547, the shipped models/hyperlora's).
     #[arg(long)]
     steps: Option<u64>,
     /// Save a checkpoint and stop after this many minutes; run again to continue.
@@ -33,22 +33,22 @@ pub struct PretrainArgs {
     max_minutes: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Procedural training concepts (never a held-out one).
+    /// Procedural training concepts, never a held-out one (default 1024).
     #[arg(long)]
     num_concepts: Option<usize>,
     #[arg(long)]
     images_per_concept: Option<usize>,
-    /// Images per step.
+    /// Images per step (default 4).
     #[arg(long)]
     batch: Option<usize>,
     #[arg(long)]
     learning_rate: Option<f64>,
-    /// LoRA rank of the predicted update.
+    /// LoRA rank of the predicted update (default 2).
     #[arg(long)]
     rank: Option<usize>,
     #[arg(long)]
     alpha: Option<f64>,
-    /// Inner width of the trained factors (A_train [r, aux], B_train [aux, r]).
+    /// Inner width of the trained factors (A_train [r, aux], B_train [aux, r]; default 32).
     #[arg(long)]
     aux: Option<usize>,
     #[arg(long)]
@@ -61,7 +61,8 @@ pub struct PretrainArgs {
     /// Weight of the KL term with --variational.
     #[arg(long)]
     kl_weight: Option<f64>,
-    /// Probability that a step conditions on image embeddings instead of the learned code.
+    /// Probability that a step conditions on image embeddings instead of the learned code
+    /// (default 0.7).
     #[arg(long)]
     image_prob: Option<f64>,
     /// Comma-separated module names (default to_q,to_k,to_v,to_out.0).

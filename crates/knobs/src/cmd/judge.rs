@@ -74,17 +74,9 @@ pub fn run(cmd: Command) -> Result<()> {
     }
 }
 
-/// `--judge`, else `models/judge` in the working folder, else the one in this source tree.
+/// `--judge`, else the built-in judge (`models/judge`).
 pub fn judge_dir(arg: Option<&Path>) -> PathBuf {
-    if let Some(p) = arg {
-        return p.to_path_buf();
-    }
-    let here = PathBuf::from(DEFAULT_JUDGE);
-    if here.is_dir() {
-        return here;
-    }
-    let built_in = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/judge"));
-    if built_in.is_dir() { built_in } else { here }
+    arg.map(Path::to_path_buf).or_else(|| super::builtin::dir(super::builtin::JUDGE)).unwrap_or_else(|| PathBuf::from(DEFAULT_JUDGE))
 }
 
 /// Loads the judge, naming `--judge` in the error.

@@ -140,7 +140,8 @@ pub struct Args {
     /// Continue the run whose output folder (or checkpoints folder) this is.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// `--method hyper-lora`: the hypernetwork folder `knobs hyper pretrain` wrote.
+    /// `--method hyper-lora`: the hypernetwork folder `knobs hyper pretrain` wrote (default
+    /// with the built-in base model: the built-in models/hyperlora).
     #[arg(long)]
     hypernetwork_dir: Option<PathBuf>,
     /// `--method hyper-lora`: optimise the concept's code through the frozen hypernetwork for
@@ -184,6 +185,9 @@ pub fn config(args: &Args) -> Result<TrainConfig> {
         hypernetwork_dropout, hypernetwork_widths, hyper_code_steps);
     set!(opt cfg, args, concept, instance_dir, instance_prompt, class_prompt, class_dir, resolution, placeholder_token,
         initializer_token, alpha, grad_scale, learning_rate, max_train_steps, snr_gamma, resume, hypernetwork_dir, judge);
+    if cfg.method == Method::HyperLora && cfg.hypernetwork_dir.is_none() {
+        cfg.hypernetwork_dir = super::builtin::hypernetwork_for(&cfg.model);
+    }
     cfg.center_crop &= !args.random_crop;
     cfg.random_flip |= args.random_flip;
     cfg.train_text_encoder |= args.train_text_encoder;

@@ -25,7 +25,8 @@ pub struct Args {
     /// `dreambooth-prior` (DreamBooth with prior preservation on generated class images).
     #[arg(long, value_delimiter = ',', default_value = "dreambooth,textual-inversion,lora,ia3,pivotal,hypernetwork")]
     pub methods: Vec<String>,
-    /// The hypernetwork `hyper-lora` predicts with (made by `knobs hyper pretrain`).
+    /// The hypernetwork `hyper-lora` predicts with (made by `knobs hyper pretrain`; default with
+    /// the built-in base model: the built-in models/hyperlora).
     #[arg(long)]
     pub hypernetwork_dir: Option<PathBuf>,
     /// Training steps, the same for every method (each uses its own default learning rate).

@@ -1,16 +1,5 @@
-//! HyperLoRA on the UNet (HyperDreamBooth's hypernetwork, see `knobs_adapters::hyperlora`):
-//!
-//! - [`pretrain`]: trains the hypernetwork over many procedural concepts
-//!   (`knobs_world::concept::random_concept`, never a held-out one) with the diffusion loss of
-//!   the frozen base model carrying the generated LoRA. Each step takes one concept, conditions
-//!   the network on its learned code or (with probability `image_prob`) on the frozen judge's
-//!   embeddings of some of its reference images, and steps AdamW on the network. Checkpoints
-//!   and per-step random streams make a paused run resume bit-identically. The result is
-//!   `OUT/hyperlora/` (safetensors + JSON config).
-//! - [`personalize`]: `knobs train --method hyper-lora`: one forward pass from the instance
-//!   images to a LoRA (zero-shot), then optionally a few steps of a zero-initialised
-//!   higher-rank LoRA on top ("rank-relaxed" fast fine-tuning). Writes an ordinary LoRA (PEFT
-//!   folder + diffusers file) and the compact code file.
+//! `knobs train --method hyper-lora`: zero-shot prediction, optional code optimisation and
+//! rank-relaxed fine-tuning, and the files.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,267 +9,28 @@ use image::RgbImage;
 use knobs_adapters::formats::diffusers::{self as diffusers_lora, DiffusersKeys};
 use knobs_adapters::formats::lora_files::ComponentLora;
 use knobs_adapters::formats::peft;
-use knobs_adapters::hyperlora::{HyperLora, HyperLoraConfig, Predicted};
+use knobs_adapters::hyperlora::{HyperLora, Predicted};
 use knobs_adapters::lora::LoraConfig;
 use knobs_adapters::{AdaptedModel, Pattern, generated};
-use knobs_diffusion::clip::embeddings::expand_prompt;
 use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
 use knobs_diffusion::schedulers::DdpmScheduler;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{atomic_write, read_safetensors, write_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
 use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
-use knobs_world::concept::{ConceptSpec, random_concept};
-use knobs_world::images::{from_tensor, grid, to_tensor};
+use knobs_world::images::{from_tensor, grid};
 use knobs_world::judge::Judge;
 use rand::Rng;
 use rand::rngs::StdRng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::checkpoint::{Checkpoints, State, check_same, decode_history, encode_history, meta, restore};
 use crate::finetune::data::{crop, instance_examples};
 use crate::finetune::trainer::validation_prompts;
 use crate::finetune::{LoraFormat, TrainConfig};
-use crate::loss::per_sample_mse;
-use crate::pretrain::Deadline;
 use crate::progress::{Progress, Tick};
-use crate::rng::{normal, step_rng};
+use crate::rng::step_rng;
 
-/// The adapter name of the generated LoRA while training.
-pub const ADAPTER: &str = "hyperlora";
-/// The folder `pretrain` writes under its `--out`.
-pub const SUBDIR: &str = "hyperlora";
-/// The compact per-concept file of `knobs train --method hyper-lora`.
-pub const CODE_FILE: &str = "hyperlora_code.safetensors";
-pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
-pub const PEFT_DIR: &str = "unet_lora";
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HyperPretrainConfig {
-    pub model: PathBuf,
-    pub judge: PathBuf,
-    pub out: PathBuf,
-    pub steps: u64,
-    pub max_seconds: Option<f64>,
-    pub seed: u64,
-    /// Procedural training concepts (rows of the code table).
-    pub num_concepts: usize,
-    /// Reference images rendered per concept.
-    pub images_per_concept: usize,
-    /// Images per step (all of the step's concept).
-    pub batch: usize,
-    pub lr: f64,
-    pub rank: usize,
-    pub alpha: f64,
-    pub aux: usize,
-    pub code_dim: usize,
-    pub hidden: usize,
-    pub variational: bool,
-    pub kl_weight: f64,
-    /// Probability that a step conditions on image embeddings instead of the learned code.
-    pub image_prob: f64,
-    pub target_modules: Vec<String>,
-    pub checkpoint_every: u64,
-}
-
-impl HyperPretrainConfig {
-    pub fn new(model: PathBuf, judge: PathBuf, out: PathBuf) -> Self {
-        HyperPretrainConfig {
-            model,
-            judge,
-            out,
-            steps: 2000,
-            max_seconds: None,
-            seed: 0,
-            num_concepts: 256,
-            images_per_concept: 5,
-            batch: 2,
-            lr: 1e-3,
-            rank: 1,
-            alpha: 1.0,
-            aux: 16,
-            code_dim: 32,
-            hidden: 64,
-            variational: false,
-            kl_weight: 1e-3,
-            image_prob: 0.5,
-            target_modules: ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec(),
-            checkpoint_every: 100,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        ensure!(self.steps >= 1, "--steps must be at least 1");
-        ensure!(self.num_concepts >= 1, "--num-concepts must be at least 1");
-        ensure!(self.images_per_concept >= 1, "--images-per-concept must be at least 1");
-        ensure!(self.batch >= 1, "--batch must be at least 1");
-        ensure!(self.lr.is_finite() && self.lr > 0.0, "--learning-rate must be positive");
-        ensure!(self.rank >= 1, "--rank must be at least 1");
-        ensure!(self.alpha.is_finite() && self.alpha > 0.0, "--alpha must be positive");
-        ensure!(self.aux >= 1, "--aux must be at least 1");
-        ensure!(self.code_dim >= 1 && self.hidden >= 1, "--code-dim and --hidden must be at least 1");
-        ensure!(self.kl_weight.is_finite() && self.kl_weight >= 0.0, "--kl-weight must be >= 0");
-        ensure!((0.0..=1.0).contains(&self.image_prob), "--image-prob must be in [0, 1]");
-        ensure!(self.checkpoint_every >= 1, "--checkpoint-every must be at least 1");
-        ensure!(!self.target_modules.is_empty(), "--target-modules must name at least one layer");
-        Ok(())
-    }
-
-    /// What a resumed run must share with the run that wrote the checkpoint (the step count
-    /// may grow: the learning rate is constant).
-    fn fingerprint(&self) -> Result<String> {
-        let mut c = self.clone();
-        c.out = PathBuf::new();
-        c.steps = 0;
-        c.max_seconds = None;
-        c.checkpoint_every = 0;
-        Ok(serde_json::to_string(&c)?)
-    }
-
-    fn checkpoint_dir(&self) -> PathBuf {
-        self.out.join("checkpoints")
-    }
-}
-
-pub enum Outcome {
-    Finished(PathBuf),
-    Paused { step: u64 },
-}
-
-/// The procedural training concepts: concept `i` is drawn from its own stream.
-pub fn training_concepts(seed: u64, n: usize) -> Vec<ConceptSpec> {
-    (0..n as u64).map(|i| random_concept(&mut step_rng(seed, "hyperlora-concepts", i))).collect()
-}
-
-/// The training resolution of `sd` (the UNet's sample size times the VAE factor).
-fn resolution(sd: &StableDiffusion) -> u32 {
-    (sd.unet.config.sample_size.unwrap_or(64) * sd.vae_scale_factor()) as u32
-}
-
-fn embeddings_tensor(rows: &[Vec<f32>], device: &Device) -> Tensor<2> {
-    let d = rows[0].len();
-    Tensor::from_data(TensorData::new(rows.concat(), [rows.len(), d]), device)
-}
-
-/// The denoising loss of `sd` (with whatever LoRA is attached) on `images` with `prompts`:
-/// VAE latents (outside autodiff), noise and timesteps from `rng`, epsilon / v target.
-fn diffusion_loss(sd: &StableDiffusion, ddpm: &DdpmScheduler, images: &[RgbImage], prompts: &[String], rng: &mut StdRng, dev: &Device) -> Result<Tensor<1>> {
-    let posterior = sd.vae.encode(to_tensor(images, &cpu())?);
-    let latents = posterior.sample(normal(rng, posterior.mean.dims(), &cpu())) * sd.vae.scaling_factor();
-    let latents = Tensor::<4>::from_data(latents.into_data(), dev);
-    let noise = normal(rng, latents.dims(), dev);
-    let t: Vec<i64> = (0..images.len()).map(|_| rng.random_range(0..ddpm.num_train_timesteps() as i64)).collect();
-    let noisy = ddpm.add_noise(latents.clone(), noise.clone(), &t)?;
-    let target = ddpm.training_target(latents, noise, &t)?;
-    let prompts = prompts.iter().map(|p| expand_prompt(p, &sd.tokenizer)).collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let context = sd.text_encoder.forward(sd.tokenizer.encode_tensor(&refs, dev)?).last_hidden_state;
-    let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), dev);
-    Ok(per_sample_mse(sd.unet.forward(noisy, t_float, context), target).mean())
-}
-
-/// Trains (or resumes) the hypernetwork; see the module docs.
-pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome> {
-    cfg.validate()?;
-    let deadline = Deadline::new(cfg.max_seconds);
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
-    let dev = cpu_autodiff();
-    let mut sd = StableDiffusion::from_dir(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
-    sd.vae.for_inference();
-    sd.freeze_all();
-    let judge = Judge::load(&cfg.judge).with_context(|| format!("--judge {}", cfg.judge.display()))?;
-    let res = resolution(&sd);
-    let concepts = training_concepts(cfg.seed, cfg.num_concepts);
-    let images: Vec<Vec<RgbImage>> = concepts.iter().map(|c| c.instance_images(cfg.images_per_concept, res).into_iter().map(|(i, _)| i).collect()).collect();
-    let embeds: Vec<Vec<Vec<f32>>> = images.iter().map(|imgs| judge.embed(imgs)).collect();
-    let image_dim = embeds[0][0].len();
-
-    let mut hc = HyperLoraConfig::for_model(&sd.unet, &cfg.target_modules).context("--target-modules")?;
-    hc.rank = cfg.rank;
-    hc.alpha = cfg.alpha;
-    hc.aux_a = cfg.aux;
-    hc.aux_b = cfg.aux;
-    hc.code_dim = cfg.code_dim;
-    hc.hidden = cfg.hidden;
-    hc.num_codes = cfg.num_concepts;
-    hc.image_dim = image_dim;
-    hc.variational = cfg.variational;
-    hc.seed = cfg.seed;
-    let mut net = HyperLora::new(hc, &dev)?;
-    net.attach(&mut AdaptedModel::new(&mut sd.unet, cfg.seed), ADAPTER)?;
-    sd.unet.freeze_all();
-
-    let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, ..Default::default() });
-    let ckpts = Checkpoints::new(cfg.checkpoint_dir(), "hyperlora");
-    let fingerprint = cfg.fingerprint()?;
-    let mut history = Vec::new();
-    let mut start = 0;
-    if let Some((step, ck)) = ckpts.latest()? {
-        check_same(&ck, "config", &fingerprint)?;
-        restore(&ck, &mut net, &mut opt, None, &dev)?;
-        history = decode_history(meta(&ck, "loss_history")?)?;
-        start = step;
-    }
-    let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
-    for step in start..cfg.steps {
-        let mut rng = step_rng(cfg.seed, "hyperlora", step);
-        let i = rng.random_range(0..cfg.num_concepts);
-        let code = if rng.random_bool(cfg.image_prob) {
-            let k = rng.random_range(1..=cfg.images_per_concept);
-            let rows: Vec<Vec<f32>> = (0..k).map(|_| embeds[i][rng.random_range(0..cfg.images_per_concept)].clone()).collect();
-            net.code_from_images(embeddings_tensor(&rows, &dev))?
-        } else {
-            net.code_of(i)?
-        };
-        let eps = cfg.variational.then(|| normal(&mut rng, [1, cfg.code_dim], &dev));
-        let pred = net.predict(code.sample(eps));
-        HyperLora::apply(&mut sd.unet, ADAPTER, &pred)?;
-        let picks: Vec<usize> = (0..cfg.batch).map(|_| rng.random_range(0..cfg.images_per_concept)).collect();
-        let batch: Vec<RgbImage> = picks.iter().map(|&j| images[i][j].clone()).collect();
-        let prompts = vec![concepts[i].instance_prompt(); cfg.batch];
-        let mut loss = diffusion_loss(&sd, &ddpm, &batch, &prompts, &mut rng, &dev)?;
-        if cfg.variational && cfg.kl_weight > 0.0 {
-            loss = loss + code.kl() * cfg.kl_weight;
-        }
-        let value = loss.clone().into_scalar::<f32>() as f64;
-        if !value.is_finite() {
-            bail!("hyperlora loss became {value} at step {step}; the last good checkpoint is in {}", ckpts.dir.display());
-        }
-        let mut grads = collect_grads(&net, &loss.backward());
-        clip_grad_norm(&mut grads, 1.0);
-        opt.step(&mut net, &grads, |_| cfg.lr);
-        history.push(value);
-        progress(&Tick { phase: "hyperlora", step: step + 1, total: cfg.steps, loss: value });
-        let done = step + 1 == cfg.steps;
-        let pause = !done && deadline.passed();
-        if done || pause || (step + 1) % cfg.checkpoint_every == 0 {
-            let mut state = State::default();
-            state.model(&net);
-            state.optimizer(&opt);
-            state.meta.insert("config".into(), fingerprint.clone());
-            state.meta.insert("loss_history".into(), encode_history(&history));
-            ckpts.save(step + 1, state)?;
-            let mut csv = String::from("step,loss\n");
-            for (k, l) in history.iter().enumerate() {
-                csv.push_str(&format!("{},{l}\n", k + 1));
-            }
-            atomic_write(cfg.out.join("loss.csv"), csv.as_bytes())?;
-        }
-        if pause {
-            return Ok(Outcome::Paused { step: step + 1 });
-        }
-    }
-    let dir = cfg.out.join(SUBDIR);
-    net.save(&dir)?;
-    let info = serde_json::json!({ "model": cfg.model, "judge": cfg.judge, "concepts": concepts.iter().map(|c| &c.name).collect::<Vec<_>>(), "steps": cfg.steps });
-    atomic_write(dir.join("training.json"), serde_json::to_string_pretty(&info)?.as_bytes())?;
-    Ok(Outcome::Finished(dir))
-}
-
-/// A hypernetwork folder: `DIR/hyperlora/` as `pretrain` writes it, or that folder itself.
-pub fn hyper_dir(dir: &Path) -> PathBuf {
-    if dir.join(SUBDIR).join(knobs_adapters::hyperlora::CONFIG_FILE).exists() { dir.join(SUBDIR) } else { dir.to_path_buf() }
-}
+use super::*;
 
 /// What `knobs train --method hyper-lora` asks for.
 #[derive(Debug, Clone)]
@@ -319,6 +69,11 @@ pub struct PersonalizeSummary {
     pub final_loss: Option<f64>,
     /// The diffusion loss of the last code-optimisation step.
     pub code_loss: Option<f64>,
+    /// What the optimisation steps train: the code, and the rank-relaxed LoRA (0 zero-shot).
+    pub trainable_params: usize,
+    /// Seconds per code or rank-relaxed step (none zero-shot).
+    pub seconds_per_step: Option<f64>,
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// A free code `[1, code_dim]` as the one trainable parameter (`code`).
@@ -352,6 +107,26 @@ fn concat(parts: &[&Plain]) -> Plain {
         out.insert(path.clone(), (a, b, 1.0));
     }
     out
+}
+
+/// The diffusion loss on a random pick of the instance images, one per prompt: the step body
+/// that code optimisation and rank-relaxed fine-tuning share.
+#[allow(clippy::too_many_arguments)]
+fn instance_loss(
+    sd: &StableDiffusion,
+    ddpm: &DdpmScheduler,
+    images: &[RgbImage],
+    prompts: &[String],
+    rng: &mut StdRng,
+    dev: &Device,
+    what: &str,
+    step: u64,
+) -> Result<(Tensor<1>, f64)> {
+    let batch: Vec<RgbImage> = (0..prompts.len()).map(|_| images[rng.random_range(0..images.len())].clone()).collect();
+    let loss = diffusion_loss(sd, ddpm, &batch, prompts, rng, dev)?;
+    let value = loss.clone().into_scalar::<f32>() as f64;
+    ensure!(value.is_finite(), "{what}: loss became {value} at step {step}");
+    Ok((loss, value))
 }
 
 /// Zero-shot prediction from the instance images, optional rank-relaxed fine-tuning, and the
@@ -389,6 +164,8 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     let code = net.code_from_images(embeddings_tensor(&emb, &cpu()))?;
     let mut mean = code.mean.clone();
     let mut code_loss = None;
+    let mut trainable_params = 0;
+    let mut step_seconds = 0.0;
     if cfg.code_steps > 0 {
         // The concept's own code, optimised with the diffusion loss through the frozen
         // hypernetwork: the generated LoRA is rebuilt from the code every step.
@@ -398,22 +175,22 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         sd.freeze_all();
         let mut free = FreeCode { z: Tensor::from_data(mean.to_data(), &dev) };
         free.train_only(|_| true);
+        trainable_params += free.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, weight_decay: 0.0, ..Default::default() });
         let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
         let prompts = vec![cfg.prompt.clone(); images.len().min(2)];
+        let looping = Instant::now();
         for step in 0..cfg.code_steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-code", step);
             HyperLora::apply(&mut sd.unet, ADAPTER, &frozen.predict(free.z.clone()))?;
-            let batch: Vec<RgbImage> = (0..prompts.len()).map(|_| images[rng.random_range(0..images.len())].clone()).collect();
-            let loss = diffusion_loss(&sd, &ddpm, &batch, &prompts, &mut rng, &dev)?;
-            let value = loss.clone().into_scalar::<f32>() as f64;
-            ensure!(value.is_finite(), "code optimisation: loss became {value} at step {step}");
+            let (loss, value) = instance_loss(&sd, &ddpm, &images, &prompts, &mut rng, &dev, "code optimisation", step)?;
             let mut grads = collect_grads(&free, &loss.backward());
             clip_grad_norm(&mut grads, 1.0);
             opt.step(&mut free, &grads, |_| cfg.lr);
             code_loss = Some(value);
             progress(&Tick { phase: "hyper-code", step: step + 1, total: cfg.code_steps, loss: value });
         }
+        step_seconds += looping.elapsed().as_secs_f64();
         sd.unet.for_each_layer_mut(|_, mut l| {
             l.remove_adapter(ADAPTER);
         });
@@ -441,21 +218,21 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
             .collect();
         generated::set_tensors(&mut sd.unet, &fixed)?;
         sd.train_only(|p| p.contains(".lora_") && p.contains(".relaxed."));
+        trainable_params += sd.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, ..Default::default() });
         let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
         let prompts = vec![cfg.prompt.clone(); images.len().min(2)];
+        let looping = Instant::now();
         for step in 0..cfg.steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-relaxed", step);
-            let batch: Vec<RgbImage> = (0..prompts.len()).map(|_| images[rng.random_range(0..images.len())].clone()).collect();
-            let loss = diffusion_loss(&sd, &ddpm, &batch, &prompts, &mut rng, &dev)?;
-            let value = loss.clone().into_scalar::<f32>() as f64;
-            ensure!(value.is_finite(), "rank-relaxed fine-tuning: loss became {value} at step {step}");
+            let (loss, value) = instance_loss(&sd, &ddpm, &images, &prompts, &mut rng, &dev, "rank-relaxed fine-tuning", step)?;
             let mut grads = collect_grads(&sd, &loss.backward());
             clip_grad_norm(&mut grads, 1.0);
             opt.step(&mut sd, &grads, |_| cfg.lr);
             final_loss = Some(value);
             progress(&Tick { phase: "hyper-lora", step: step + 1, total: cfg.steps, loss: value });
         }
+        step_seconds += looping.elapsed().as_secs_f64();
         let mut relaxed = Plain::new();
         sd.unet.for_each_param(|path, p| {
             if let Some(rest) = path.strip_suffix(".relaxed.weight") {
@@ -471,6 +248,8 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
             l.remove_adapter("relaxed");
         });
     }
+    // Like the trainer's: model loading and training, not the samples and files below.
+    let seconds = started.elapsed().as_secs_f64();
     sd.for_inference();
     sd.device = cpu();
 
@@ -522,7 +301,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         method: "hyper-lora",
         code_steps: cfg.code_steps,
         steps: cfg.steps,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         zero_shot_seconds,
         lora_rank: rank,
         code_bytes: size(&code_path),
@@ -530,6 +309,9 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         outputs,
         final_loss,
         code_loss,
+        trainable_params,
+        seconds_per_step: (cfg.steps + cfg.code_steps > 0).then(|| step_seconds / (cfg.steps + cfg.code_steps) as f64),
+        peak_rss_bytes: crate::progress::peak_rss_bytes(),
     };
     atomic_write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
@@ -604,29 +386,9 @@ fn model_resolution(model: &Path) -> Result<u32> {
     Ok((sample << (blocks.max(1) - 1)) as u32)
 }
 
-/// FNV-1a of the hypernetwork's config JSON: ties a code file to its network.
-fn config_hash(c: &HyperLoraConfig) -> Result<String> {
-    let text = serde_json::to_string(c)?;
-    Ok(format!("{:016x}", text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use knobs_world::concept::held_out;
-
-    #[test]
-    fn training_concepts_are_deterministic_and_never_held_out() {
-        let a = training_concepts(3, 300);
-        assert_eq!(a, training_concepts(3, 300));
-        assert_ne!(a, training_concepts(4, 300));
-        for c in &a {
-            for h in held_out() {
-                assert_ne!(c.name, h.name);
-                assert!(!(c.shape == h.shape && c.colour == h.colour && c.pattern.kind() == h.pattern.kind()), "{} looks like {}", c.name, h.name);
-            }
-        }
-    }
 
     #[test]
     fn concatenated_lora_is_the_sum_of_its_parts() {
