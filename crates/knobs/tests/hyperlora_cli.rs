@@ -63,7 +63,7 @@ fn hyper_pretrain_paused_and_resumed_equals_uninterrupted() {
     assert!(head.iter().any(|v| *v != 0.0), "pretraining did not change the head");
     // Other settings in the same folder are refused.
     let mut other = pretrain_args(&grown, "4");
-    other.extend(["--rank".to_string(), "2".to_string()]);
+    other.extend(["--hidden".to_string(), "32".to_string()]);
     let refs: Vec<&str> = other.iter().map(String::as_str).collect();
     let err = fail(&refs);
     assert!(err.contains("checkpoint was made with config"), "{err}");

@@ -322,10 +322,9 @@ impl TrainConfig {
             bail!("--method hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)");
         }
         if self.method == Method::HyperLora {
-            // Its short steps use batches of two at a constant rate.
+            // Its short steps run at a constant rate without accumulation or validation.
             let defaults = TrainConfig::default();
             let unused = [
-                ("--train-batch-size", self.train_batch_size != defaults.train_batch_size),
                 ("--gradient-accumulation-steps", self.gradient_accumulation_steps != defaults.gradient_accumulation_steps),
                 ("--lr-scheduler", self.lr_scheduler != defaults.lr_scheduler),
                 ("--validation-steps", self.validation_steps != defaults.validation_steps),

@@ -48,6 +48,8 @@ pub struct PersonalizeConfig {
     /// Rank-relaxed fine-tuning: steps (0: zero-shot only), rank and learning rate.
     pub steps: u64,
     pub rank: usize,
+    /// Images per code or rank-relaxed step (drawn with replacement from the instances).
+    pub batch: usize,
     pub lr: f64,
     pub seed: u64,
     /// `samples/`: 4 images of `prompt` as `knobs generate --seed 0 --num-images 4` makes them.
@@ -135,6 +137,7 @@ fn instance_loss(
 pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<PersonalizeSummary> {
     ensure!(!cfg.images.is_empty(), "no instance images");
     ensure!(cfg.rank >= 1, "--rank must be at least 1");
+    ensure!(cfg.batch >= 1, "--train-batch-size must be at least 1");
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let hdir = hyper_dir(&cfg.hypernetwork_dir);
@@ -178,7 +181,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         trainable_params += free.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, weight_decay: 0.0, ..Default::default() });
         let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
-        let prompts = vec![cfg.prompt.clone(); images.len().min(2)];
+        let prompts = vec![cfg.prompt.clone(); cfg.batch];
         let looping = Instant::now();
         for step in 0..cfg.code_steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-code", step);
@@ -221,7 +224,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         trainable_params += sd.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, ..Default::default() });
         let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
-        let prompts = vec![cfg.prompt.clone(); images.len().min(2)];
+        let prompts = vec![cfg.prompt.clone(); cfg.batch];
         let looping = Instant::now();
         for step in 0..cfg.steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-relaxed", step);
@@ -365,6 +368,7 @@ pub fn run_train(cfg: &TrainConfig, judge: &Path, progress: Progress) -> Result<
             code_steps: cfg.hyper_code_steps,
             steps: cfg.max_train_steps(),
             rank: cfg.rank,
+            batch: cfg.train_batch_size,
             lr: cfg.learning_rate(),
             seed: cfg.seed,
             sample_steps: cfg.validation_inference_steps,
