@@ -115,9 +115,9 @@ pub fn write_safetensors(
 fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
     let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "short file")?) as usize;
     let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
-    let sorted: BTreeMap<&String, BTreeMap<String, serde_json::Value>> = header
-        .iter()
-        .map(|(k, v)| Ok((k, serde_json::from_value(v.clone()).map_err(|e| e.to_string())?)))
+    let sorted: BTreeMap<String, BTreeMap<String, serde_json::Value>> = header
+        .into_iter()
+        .map(|(k, v)| Ok((k, serde_json::from_value(v).map_err(|e| e.to_string())?)))
         .collect::<std::result::Result<_, String>>()?;
     let mut text = serde_json::to_vec(&sorted).map_err(|e| e.to_string())?;
     if text.len() > n {

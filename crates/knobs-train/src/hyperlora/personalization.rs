@@ -169,6 +169,9 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     let mut code_loss = None;
     let mut trainable_params = 0;
     let mut step_seconds = 0.0;
+    // Both optional phases draw `cfg.batch` instance images a step under the instance prompt.
+    let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
+    let prompts = vec![cfg.prompt.clone(); cfg.batch];
     if cfg.code_steps > 0 {
         // The concept's own code, optimised with the diffusion loss through the frozen
         // hypernetwork: the generated LoRA is rebuilt from the code every step.
@@ -180,8 +183,6 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         free.train_only(|_| true);
         trainable_params += free.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, weight_decay: 0.0, ..Default::default() });
-        let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
-        let prompts = vec![cfg.prompt.clone(); cfg.batch];
         let looping = Instant::now();
         for step in 0..cfg.code_steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-code", step);
@@ -223,8 +224,6 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         sd.train_only(|p| p.contains(".lora_") && p.contains(".relaxed."));
         trainable_params += sd.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, ..Default::default() });
-        let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
-        let prompts = vec![cfg.prompt.clone(); cfg.batch];
         let looping = Instant::now();
         for step in 0..cfg.steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-relaxed", step);

@@ -23,7 +23,6 @@ use serde_json::{Map, Value, json};
 use super::generate::{AdapterArgs, to_rgb};
 use super::judge::load_judge;
 
-
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model to evaluate: a diffusers pipeline folder (a DreamBooth output, or the base).

@@ -81,13 +81,14 @@ impl Plan {
         ensure!(args.eval_steps >= 1, "--eval-steps must be at least 1");
         let methods = parse_methods(&args.methods)?;
         let concepts = parse_concepts(&args.concepts)?;
-        let named = args.hypernetwork_dir.clone().or_else(|| crate::cmd::builtin::hypernetwork_for(&args.model));
-        let hypernetwork_dir = match (&named, methods.iter().any(|m| m == "hyper-lora")) {
-            (None, true) => bail!("--methods hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)"),
-            (Some(d), true) => Some(d.canonicalize().with_context(|| format!("--hypernetwork-dir {}", d.display()))?),
-            (Some(_), false) if args.hypernetwork_dir.is_some() => bail!("--hypernetwork-dir is only used with --methods hyper-lora"),
-            (Some(_), false) => None,
-            (None, false) => None,
+        let hypernetwork_dir = if methods.iter().any(|m| m == "hyper-lora") {
+            let named = args.hypernetwork_dir.clone().or_else(|| crate::cmd::builtin::hypernetwork_for(&args.model));
+            let d = named.context("--methods hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)")?;
+            Some(d.canonicalize().with_context(|| format!("--hypernetwork-dir {}", d.display()))?)
+        } else if args.hypernetwork_dir.is_some() {
+            bail!("--hypernetwork-dir is only used with --methods hyper-lora");
+        } else {
+            None
         };
         if !args.model.join("model_index.json").is_file() {
             bail!("--model {}: not a diffusers pipeline folder (no model_index.json)", args.model.display());
