@@ -40,13 +40,17 @@ struct Subject {
 
 /// The built-in recipe's UNet with `block_out_channels` = `widths`, freshly initialised.
 fn recipe_unet(widths: &str, dev: &Device) -> Subject {
-    let chans: Vec<usize> = widths.split(',').map(|x| x.trim().parse().expect("KNOBS_BENCH_RECIPE_WIDTHS: a number")).collect();
     let mut cfg = recipe::unet_config();
-    cfg["block_out_channels"] = serde_json::json!(chans);
-    cfg["down_block_types"] = serde_json::json!(vec!["CrossAttnDownBlock2D"; chans.len()]);
-    cfg["up_block_types"] = serde_json::json!(vec!["CrossAttnUpBlock2D"; chans.len()]);
+    // "recipe" times the recipe's UNet as configured (KNOBS_PRETRAIN_VARIANT included).
+    if widths != "recipe" {
+        let chans: Vec<usize> = widths.split(',').map(|x| x.trim().parse().expect("KNOBS_BENCH_RECIPE_WIDTHS: a number")).collect();
+        cfg["block_out_channels"] = serde_json::json!(chans);
+        cfg["down_block_types"] = serde_json::json!(vec!["CrossAttnDownBlock2D"; chans.len()]);
+        cfg["up_block_types"] = serde_json::json!(vec!["CrossAttnUpBlock2D"; chans.len()]);
+    }
+    let channels = cfg["in_channels"].as_u64().expect("in_channels") as usize;
     let unet = UNet2DConditionModel::new(serde_json::from_value::<UNetConfig>(cfg).expect("recipe config"), &mut Init::new(0), dev).expect("unet");
-    Subject { unet, label: format!("recipe [{widths}]"), channels: recipe::LATENT_CHANNELS, tokens: recipe::MAX_TOKENS }
+    Subject { unet, label: format!("recipe [{widths}]"), channels, tokens: recipe::MAX_TOKENS }
 }
 
 fn main() {

@@ -35,6 +35,8 @@ pub struct LatentCache {
     mean: Vec<f32>,
     std: Vec<f32>,
     per: usize,
+    /// Latent side length.
+    side: usize,
 }
 
 impl LatentCache {
@@ -49,12 +51,13 @@ impl LatentCache {
             std.extend(to_vec(posterior.std())?);
         }
         let per = mean.len() / n;
-        Ok(LatentCache { scenes, mean, std, per })
+        let side = recipe::IMAGE_SIZE >> (vae.config.block_out_channels.len() - 1);
+        Ok(LatentCache { scenes, mean, std, per, side })
     }
 
     /// Latent samples of the scenes `idx` (reparameterised with `eps`), already scaled.
     fn batch(&self, idx: &[usize], eps: &[f32], scale: f32, device: &Device) -> Tensor<4> {
-        let s = recipe::LATENT_SIZE;
+        let s = self.side;
         let mut v = Vec::with_capacity(idx.len() * self.per);
         for (k, &i) in idx.iter().enumerate() {
             let r = i * self.per..(i + 1) * self.per;

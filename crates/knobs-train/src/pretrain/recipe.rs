@@ -9,10 +9,39 @@ pub const LATENT_SIZE: usize = 8;
 /// background, the object's colour and its edge; with four channels the VAE learnt object
 /// colours markedly slower (RECIPE.md).
 pub const LATENT_CHANNELS: usize = 8;
+
+/// Experimental architecture variants, picked with `KNOBS_PRETRAIN_VARIANT` while a new recipe
+/// is being measured: `wide8` (UNet [64, 128] on the same 8x8x8 latents) and `latent16`
+/// (16x16x4 latents from a stride-2 VAE, UNet [32, 64, 96] with attention below 16x16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Default,
+    Wide8,
+    Latent16,
+}
+
+pub fn variant() -> Variant {
+    match std::env::var("KNOBS_PRETRAIN_VARIANT").as_deref() {
+        Ok("wide8") => Variant::Wide8,
+        Ok("latent16") => Variant::Latent16,
+        _ => Variant::Default,
+    }
+}
 /// Longest caption of the world is 13 words; room for placeholder tokens on top.
 pub const MAX_TOKENS: usize = 24;
 
 pub fn vae_config() -> Value {
+    let mut v = vae_config_default();
+    if variant() == Variant::Latent16 {
+        v["block_out_channels"] = json!([16, 32]);
+        v["down_block_types"] = json!(["DownEncoderBlock2D", "DownEncoderBlock2D"]);
+        v["up_block_types"] = json!(["UpDecoderBlock2D", "UpDecoderBlock2D"]);
+        v["latent_channels"] = json!(4);
+    }
+    v
+}
+
+fn vae_config_default() -> Value {
     json!({
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.42.1",
@@ -58,6 +87,23 @@ pub fn text_encoder_config(vocab_size: usize, bos: u32, eos: u32) -> Value {
 }
 
 pub fn unet_config() -> Value {
+    let mut u = unet_config_default();
+    match variant() {
+        Variant::Default => {}
+        Variant::Wide8 => u["block_out_channels"] = json!([64, 128]),
+        Variant::Latent16 => {
+            u["block_out_channels"] = json!([32, 64, 96]);
+            u["down_block_types"] = json!(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]);
+            u["up_block_types"] = json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
+            u["in_channels"] = json!(4);
+            u["out_channels"] = json!(4);
+            u["sample_size"] = json!(16);
+        }
+    }
+    u
+}
+
+fn unet_config_default() -> Value {
     json!({
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": "0.42.1",
