@@ -19,6 +19,15 @@ pub struct State {
 }
 
 impl State {
+    /// What every training loop saves: its model, its optimiser, and the fingerprint of the
+    /// settings it started with (under `key`), so that a resume with other settings is refused.
+    pub fn of<M: Module + ?Sized>(model: &M, opt: &AdamW, key: &str, fingerprint: &str) -> Self {
+        let mut state = State::default();
+        state.model(model);
+        state.optimizer(opt);
+        state.meta.insert(key.into(), fingerprint.into());
+        state
+    }
     pub fn add(&mut self, prefix: &str, tensors: BTreeMap<String, TensorData>, meta: HashMap<String, String>) {
         self.tensors.extend(tensors.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
         self.meta.extend(meta);
@@ -104,6 +113,23 @@ impl Checkpoints {
             Some((step, path)) => Ok(Some((step, read_safetensors(&path)?))),
             None => Ok(None),
         }
+    }
+
+    /// The end of a training step that completed `step` of `total`: a checkpoint is due every
+    /// `every` steps, at the last step, and when the run pauses here. `state` is only built
+    /// when one is due. Returns whether one was written.
+    pub fn save_if_due(&self, step: u64, total: u64, every: u64, pausing: bool, state: impl FnOnce() -> State) -> Result<bool> {
+        let due = step == total || pausing || step % every == 0;
+        if due {
+            self.save(step, state())?;
+        }
+        Ok(due)
+    }
+
+    /// Stops a run whose loss is no longer finite, pointing at the checkpoint to go back to.
+    pub fn check_loss(&self, what: &str, value: f64, step: u64) -> Result<()> {
+        anyhow::ensure!(value.is_finite(), "{what} loss became {value} at step {step}; the last good checkpoint is in {}", self.dir.display());
+        Ok(())
     }
 
     /// Writes the checkpoint of `step`, then removes all but the newest `keep`.

@@ -37,6 +37,17 @@ impl AdamW {
         AdamW { config, steps: BTreeMap::new(), moments: BTreeMap::new() }
     }
 
+    /// The tail of a plain training step: backpropagates `loss`, clips the trainable
+    /// parameters' gradients to a global L2 norm of `max_norm` and steps every one at `lr`.
+    /// Returns the norm before clipping. Loops that scale gradients per block or accumulate
+    /// them over micro-batches call [`AdamW::step`] themselves.
+    pub fn minimise<M: Module + ?Sized>(&mut self, model: &mut M, loss: Tensor<1>, max_norm: f64, lr: f64) -> f64 {
+        let mut grads = super::collect_grads(&*model, &loss.backward());
+        let norm = super::clip_grad_norm(&mut grads, max_norm);
+        self.step(model, &grads, |_| lr);
+        norm
+    }
+
     /// Updates every parameter that has a gradient in `grads`. `lr_of(path)` gives the
     /// learning rate for that parameter (the base rate times any per-block factor).
     pub fn step<M: Module + ?Sized>(&mut self, model: &mut M, grads: &Grads, lr_of: impl Fn(&str) -> f64) {

@@ -16,7 +16,7 @@ use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
 use knobs_diffusion::schedulers::DdpmScheduler;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{atomic_write, read_safetensors, write_safetensors};
-use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
+use knobs_nn::optim::{AdamW, AdamWConfig};
 use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
 use knobs_world::images::{from_tensor, grid};
 use knobs_world::judge::Judge;
@@ -188,9 +188,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
             let mut rng = step_rng(cfg.seed, "hyperlora-code", step);
             HyperLora::apply(&mut sd.unet, ADAPTER, &frozen.predict(free.z.clone()))?;
             let (loss, value) = instance_loss(&sd, &ddpm, &images, &prompts, &mut rng, &dev, "code optimisation", step)?;
-            let mut grads = collect_grads(&free, &loss.backward());
-            clip_grad_norm(&mut grads, 1.0);
-            opt.step(&mut free, &grads, |_| cfg.lr);
+            opt.minimise(&mut free, loss, 1.0, cfg.lr);
             code_loss = Some(value);
             progress(&Tick { phase: "hyper-code", step: step + 1, total: cfg.code_steps, loss: value });
         }
@@ -228,9 +226,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         for step in 0..cfg.steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-relaxed", step);
             let (loss, value) = instance_loss(&sd, &ddpm, &images, &prompts, &mut rng, &dev, "rank-relaxed fine-tuning", step)?;
-            let mut grads = collect_grads(&sd, &loss.backward());
-            clip_grad_norm(&mut grads, 1.0);
-            opt.step(&mut sd, &grads, |_| cfg.lr);
+            opt.minimise(&mut sd, loss, 1.0, cfg.lr);
             final_loss = Some(value);
             progress(&Tick { phase: "hyper-lora", step: step + 1, total: cfg.steps, loss: value });
         }

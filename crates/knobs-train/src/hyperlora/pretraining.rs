@@ -1,14 +1,14 @@
 //! `knobs hyper pretrain`: the hypernetwork learns across many procedural concepts.
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use image::RgbImage;
 use knobs_adapters::hyperlora::{HyperLora, HyperLoraConfig};
 use knobs_adapters::AdaptedModel;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_diffusion::schedulers::DdpmScheduler;
 use knobs_nn::io::atomic_write;
-use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
+use knobs_nn::optim::{AdamW, AdamWConfig};
 use knobs_nn::{ModuleExt, cpu_autodiff};
 use knobs_world::concept::{ConceptSpec, random_concept};
 use knobs_world::judge::Judge;
@@ -185,23 +185,17 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
             loss = loss + code.kl() * cfg.kl_weight;
         }
         let value = loss.clone().into_scalar::<f32>() as f64;
-        if !value.is_finite() {
-            bail!("hyperlora loss became {value} at step {step}; the last good checkpoint is in {}", ckpts.dir.display());
-        }
-        let mut grads = collect_grads(&net, &loss.backward());
-        clip_grad_norm(&mut grads, 1.0);
-        opt.step(&mut net, &grads, |_| cfg.lr);
+        ckpts.check_loss("hyperlora", value, step)?;
+        opt.minimise(&mut net, loss, 1.0, cfg.lr);
         history.push(value);
         progress(&Tick { phase: "hyperlora", step: step + 1, total: cfg.steps, loss: value });
-        let done = step + 1 == cfg.steps;
-        let pause = !done && deadline.passed();
-        if done || pause || (step + 1) % cfg.checkpoint_every == 0 {
-            let mut state = State::default();
-            state.model(&net);
-            state.optimizer(&opt);
-            state.meta.insert("config".into(), fingerprint.clone());
+        let pause = deadline.pauses_at(step + 1, cfg.steps);
+        let saved = ckpts.save_if_due(step + 1, cfg.steps, cfg.checkpoint_every, pause, || {
+            let mut state = State::of(&net, &opt, "config", &fingerprint);
             state.meta.insert("loss_history".into(), encode_history(&history));
-            ckpts.save(step + 1, state)?;
+            state
+        })?;
+        if saved {
             let mut csv = String::from("step,loss\n");
             for (k, l) in history.iter().enumerate() {
                 csv.push_str(&format!("{},{l}\n", k + 1));

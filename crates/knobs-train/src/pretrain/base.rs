@@ -3,13 +3,13 @@
 //! classifier-free guidance, EMA weights for sampling.
 use std::ops::ControlFlow;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use knobs_diffusion::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use knobs_diffusion::schedulers::{DdpmScheduler, SchedulerConfig};
 use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
 use knobs_diffusion::vae::AutoencoderKL;
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::optim::{AdamW, AdamWConfig, Ema, clip_grad_norm, collect_grads};
+use knobs_nn::optim::{AdamW, AdamWConfig, Ema};
 use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, impl_module};
 use knobs_world::{Scene, caption, render};
 use rand::Rng;
@@ -128,27 +128,20 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
         let weights = min_snr_weights(&ddpm.snr(&t)?, config.snr_gamma, prediction);
         let loss = (per_sample * Tensor::<1>::from_floats(weights.as_slice(), &dev)).mean();
         let value = loss.clone().into_scalar::<f32>() as f64;
-        if !value.is_finite() {
-            bail!("base-model loss became {value} at step {step}; the last good checkpoint is in {}", ckpts.dir.display());
-        }
-        let mut grads = collect_grads(&base, &loss.backward());
-        clip_grad_norm(&mut grads, 1.0);
+        ckpts.check_loss("base-model", value, step)?;
         let lr = phase.lr * LrSchedule::Cosine.factor(step, phase.warmup, phase.steps);
-        opt.step(&mut base, &grads, |_| lr);
+        opt.minimise(&mut base, loss, 1.0, lr);
         ema.update(&base);
         progress(&Tick { phase: "base", step: step + 1, total: phase.steps, loss: value });
-        let done = step + 1 == phase.steps;
-        if done || (step + 1) % config.checkpoint_every == 0 || deadline.passed() {
-            let mut state = State::default();
-            state.model(&base);
-            state.optimizer(&opt);
+        let pausing = deadline.pauses_at(step + 1, phase.steps);
+        ckpts.save_if_due(step + 1, phase.steps, config.checkpoint_every, pausing, || {
+            let mut state = State::of(&base, &opt, "phase", &fingerprint);
             state.ema(&ema);
-            state.meta.insert("phase".into(), fingerprint.clone());
-            ckpts.save(step + 1, state)?;
-            if !done && deadline.passed() {
-                write_preview(config, &tokenizer, &ema)?;
-                return Ok(ControlFlow::Break(step + 1));
-            }
+            state
+        })?;
+        if pausing {
+            write_preview(config, &tokenizer, &ema)?;
+            return Ok(ControlFlow::Break(step + 1));
         }
     }
     ema.copy_to(&mut base);

@@ -88,6 +88,10 @@ impl Deadline {
     pub fn passed(&self) -> bool {
         self.limit.is_some_and(|l| self.start.elapsed().as_secs_f64() >= l)
     }
+    /// Whether a loop that has completed `step` of `total` steps stops here; a finished one never pauses.
+    pub fn pauses_at(&self, step: u64, total: u64) -> bool {
+        step < total && self.passed()
+    }
 }
 
 pub fn run(config: &PretrainConfig, progress: Progress) -> anyhow::Result<Outcome> {

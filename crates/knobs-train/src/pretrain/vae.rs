@@ -3,10 +3,10 @@
 //! concepts). Loss: pixel MSE + L1 and a tiny KL term, as a plain (GAN-free) SD VAE.
 use std::ops::ControlFlow;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use image::RgbImage;
 use knobs_diffusion::vae::{AutoencoderKL, VaeConfig};
-use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
+use knobs_nn::optim::{AdamW, AdamWConfig};
 use knobs_nn::{Init, ModuleExt, Tensor, cpu, cpu_autodiff};
 use knobs_world::concept::random_concept;
 use knobs_world::{Placement, Scene, render};
@@ -78,7 +78,7 @@ pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -
     let mut vae = AutoencoderKL::new(vae_config, &mut Init::new(config.seed), &dev)?;
     start_nearly_deterministic(&mut vae);
     vae.train_only(|_| true);
-        let mut opt = AdamW::new(AdamWConfig { lr: phase.lr, weight_decay: 0.0, ..Default::default() });
+    let mut opt = AdamW::new(AdamWConfig { lr: phase.lr, weight_decay: 0.0, ..Default::default() });
     let ckpts = Checkpoints::new(config.checkpoint_dir(), "vae");
     let fingerprint = serde_json::to_string(&(config.seed, phase))?;
     let mut start = 0;
@@ -97,24 +97,14 @@ pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -
         let pixel = (diff.clone().powi_scalar(2) + diff.abs()) * weight;
         let loss = pixel.mean() + posterior.kl().mean() * KL_WEIGHT;
         let value = loss.clone().into_scalar::<f32>() as f64;
-        if !value.is_finite() {
-            bail!("VAE loss became {value} at step {step}; the last good checkpoint is in {}", ckpts.dir.display());
-        }
-        let mut grads = collect_grads(&vae, &loss.backward());
-        clip_grad_norm(&mut grads, 1.0);
+        ckpts.check_loss("VAE", value, step)?;
         let lr = phase.lr * LrSchedule::Cosine.factor(step, phase.warmup, phase.steps);
-        opt.step(&mut vae, &grads, |_| lr);
+        opt.minimise(&mut vae, loss, 1.0, lr);
         progress(&Tick { phase: "vae", step: step + 1, total: phase.steps, loss: value });
-        let done = step + 1 == phase.steps;
-        if done || (step + 1) % config.checkpoint_every == 0 || deadline.passed() {
-            let mut state = State::default();
-            state.model(&vae);
-            state.optimizer(&opt);
-            state.meta.insert("phase".into(), fingerprint.clone());
-            ckpts.save(step + 1, state)?;
-            if !done && deadline.passed() {
-                return Ok(ControlFlow::Break(step + 1));
-            }
+        let pausing = deadline.pauses_at(step + 1, phase.steps);
+        ckpts.save_if_due(step + 1, phase.steps, config.checkpoint_every, pausing, || State::of(&vae, &opt, "phase", &fingerprint))?;
+        if pausing {
+            return Ok(ControlFlow::Break(step + 1));
         }
     }
     vae.for_inference();

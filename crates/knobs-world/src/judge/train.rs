@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::burn::tensor::activation::log_softmax;
 use knobs_nn::io::{atomic_write, state_dict, write_safetensors};
-use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
+use knobs_nn::optim::{AdamW, AdamWConfig};
 use knobs_nn::{ModuleExt, Tensor, cpu_autodiff};
 use serde::{Deserialize, Serialize};
 
@@ -106,10 +106,8 @@ pub fn train(config: &TrainConfig, progress: &mut dyn FnMut(&Tick)) -> Result<Ju
         if !value.is_finite() {
             bail!("judge loss became {value} at step {step}");
         }
-        let mut grads = collect_grads(&net, &l.backward());
-        clip_grad_norm(&mut grads, 5.0);
         let lr = config.lr * lr_factor(step, config.warmup, config.steps);
-        opt.step(&mut net, &grads, |_| lr);
+        opt.minimise(&mut net, l, 5.0, lr);
         progress(&Tick { step: step + 1, total: config.steps, loss: value, lr });
     }
     net.for_inference();
