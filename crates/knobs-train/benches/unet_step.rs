@@ -41,7 +41,7 @@ struct Subject {
 /// The built-in recipe's UNet with `block_out_channels` = `widths`, freshly initialised.
 fn recipe_unet(widths: &str, dev: &Device) -> Subject {
     let mut cfg = recipe::unet_config();
-    // "recipe" times the recipe's UNet as configured (KNOBS_PRETRAIN_VARIANT included).
+    // "recipe" times the recipe's UNet as shipped; a width list probes other sizes, all levels with attention.
     if widths != "recipe" {
         let chans: Vec<usize> = widths.split(',').map(|x| x.trim().parse().expect("KNOBS_BENCH_RECIPE_WIDTHS: a number")).collect();
         cfg["block_out_channels"] = serde_json::json!(chans);

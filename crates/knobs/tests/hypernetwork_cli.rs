@@ -33,18 +33,18 @@ fn trained_hypernetwork_reloads_in_generate_with_its_strength() {
     let file = out.join("hypernetwork.safetensors");
     assert_eq!(summary["outputs"], serde_json::json!([s(&file)]));
 
-    // A1111's keys for the three context widths of the built-in UNet (48 and 96 in
-    // self-attention, 64 in cross-attention), and its settings in the metadata.
+    // A1111's keys for the context widths of the built-in UNet (64 and 96 in self-attention,
+    // 64 in cross-attention too), and its settings in the metadata.
     let sd = read_safetensors(&file).unwrap();
-    assert_eq!(sd.metadata["enable_sizes"], "[48,64,96]");
+    assert_eq!(sd.metadata["enable_sizes"], "[64,96]");
     assert_eq!(sd.metadata["activation_func"], "tanh");
     assert_eq!(sd.metadata["layer_structure"], "[1.0,2.0,1.0]");
     assert_eq!(sd.metadata["dropout_structure"], "[0.0,0.1,0.0]");
-    assert_eq!(sd.tensors.len(), 3 * 2 * 4);
+    assert_eq!(sd.tensors.len(), 2 * 2 * 4);
     assert_eq!(sd.tensors["64.1.linear.0.weight"].shape().as_slice(), [128, 64]);
     // Linear, Tanh, Dropout, Linear: the output layer is Sequential index 3.
     assert_eq!(sd.tensors["96.0.linear.3.weight"].shape().as_slice(), [96, 192]);
-    let params: usize = [48, 64, 96].iter().map(|w| 2 * (4 * w * w + 3 * w)).sum();
+    let params: usize = [64, 96].iter().map(|w| 2 * (4 * w * w + 3 * w)).sum();
     assert_eq!(summary["trainable_params"], params);
 
     // What the trainer sampled (4 images, 25 steps) is what generate makes from the file.
@@ -75,7 +75,7 @@ fn bad_input_names_the_flag_or_file() {
     let e = train(&["--hypernetwork-dropout", "0,0.2,0.3"]);
     assert!(e.contains("--hypernetwork-dropout"), "{e}");
     let e = train(&["--hypernetwork-widths", "64,70"]);
-    assert!(e.contains("--hypernetwork-widths") && e.contains("width 70") && e.contains("[48, 64, 96]"), "{e}");
+    assert!(e.contains("--hypernetwork-widths") && e.contains("width 70") && e.contains("[64, 96]"), "{e}");
 
     let pt = tmp.path().join("style.pt");
     std::fs::write(&pt, b"\x80\x02}q\x00.").unwrap();

@@ -1,5 +1,5 @@
 //! `knobs pretrain`: the recipe that makes the built-in base model. Two phases, each resumable
-//! from its own checkpoints: the VAE learns to compress 32x32 renderings to 8x8x4 latents,
+//! from its own checkpoints: the VAE learns to compress 32x32 renderings to 16x16x4 latents,
 //! then the text encoder and UNet learn, together and from scratch, to denoise those latents
 //! given captions. The result is a diffusers folder (`<out>/model`).
 pub mod base;
@@ -50,7 +50,7 @@ impl PretrainConfig {
             out,
             seed: 0,
             vae: Phase { steps: 2000, batch: 16, lr: 1e-3, warmup: 50 },
-            base: Phase { steps: 5000, batch: 32, lr: 5e-4, warmup: 200 },
+            base: Phase { steps: 9000, batch: 32, lr: 5e-4, warmup: 200 },
             ema_decay: 0.999,
             snr_gamma: 5.0,
             caption_dropout: 0.1,

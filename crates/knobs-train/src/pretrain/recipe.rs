@@ -1,54 +1,27 @@
 //! The built-in base model's architecture: SD-1.x's components (CLIP text encoder, UNet,
-//! AutoencoderKL) sized for a laptop CPU. 32x32 RGB images become 8x8x4 latents, so every
-//! UNet step works on 64 positions; attention runs only there and at 4x4.
+//! AutoencoderKL) sized for a laptop CPU. 32x32 RGB images become 16x16x4 latents; the UNet's
+//! first level is convolution only and attention runs at 8x8 and 4x4, where it is cheap.
+//!
+//! Why 16x16x4 rather than 8x8 (RECIPE.md): an 8x8 latent VAE caps the judge's shape accuracy
+//! after an encode/decode round trip at 0.88, below the 0.9 bar, however long the UNet trains;
+//! the two-level VAE's round trip reaches 0.97.
 use serde_json::{Value, json};
 
 pub const IMAGE_SIZE: usize = 32;
-pub const LATENT_SIZE: usize = 8;
-/// Eight rather than SD's four: each latent pixel covers a 4x4 patch that must carry the
-/// background, the object's colour and its edge; with four channels the VAE learnt object
-/// colours markedly slower (RECIPE.md).
-pub const LATENT_CHANNELS: usize = 8;
-
-/// Experimental architecture variants, picked with `KNOBS_PRETRAIN_VARIANT` while a new recipe
-/// is being measured: `wide8` (UNet [64, 128] on the same 8x8x8 latents) and `latent16`
-/// (16x16x4 latents from a stride-2 VAE, UNet [32, 64, 96] with attention below 16x16).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    Default,
-    Wide8,
-    Latent16,
-}
-
-pub fn variant() -> Variant {
-    match std::env::var("KNOBS_PRETRAIN_VARIANT").as_deref() {
-        Ok("wide8") => Variant::Wide8,
-        Ok("latent16") => Variant::Latent16,
-        _ => Variant::Default,
-    }
-}
+/// One VAE downsampling (two levels in `block_out_channels`): 32 -> 16.
+pub const LATENT_SIZE: usize = 16;
+pub const LATENT_CHANNELS: usize = 4;
 /// Longest caption of the world is 13 words; room for placeholder tokens on top.
 pub const MAX_TOKENS: usize = 24;
 
 pub fn vae_config() -> Value {
-    let mut v = vae_config_default();
-    if variant() == Variant::Latent16 {
-        v["block_out_channels"] = json!([16, 32]);
-        v["down_block_types"] = json!(["DownEncoderBlock2D", "DownEncoderBlock2D"]);
-        v["up_block_types"] = json!(["UpDecoderBlock2D", "UpDecoderBlock2D"]);
-        v["latent_channels"] = json!(4);
-    }
-    v
-}
-
-fn vae_config_default() -> Value {
     json!({
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.42.1",
         "act_fn": "silu",
-        "block_out_channels": [16, 32, 64],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
         "in_channels": 3,
         "out_channels": 3,
         "latent_channels": LATENT_CHANNELS,
@@ -87,33 +60,16 @@ pub fn text_encoder_config(vocab_size: usize, bos: u32, eos: u32) -> Value {
 }
 
 pub fn unet_config() -> Value {
-    let mut u = unet_config_default();
-    match variant() {
-        Variant::Default => {}
-        Variant::Wide8 => u["block_out_channels"] = json!([64, 128]),
-        Variant::Latent16 => {
-            u["block_out_channels"] = json!([32, 64, 96]);
-            u["down_block_types"] = json!(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]);
-            u["up_block_types"] = json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
-            u["in_channels"] = json!(4);
-            u["out_channels"] = json!(4);
-            u["sample_size"] = json!(16);
-        }
-    }
-    u
-}
-
-fn unet_config_default() -> Value {
     json!({
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": "0.42.1",
         "act_fn": "silu",
         "attention_head_dim": 4,
-        "block_out_channels": [48, 96],
+        "block_out_channels": [32, 64, 96],
         "center_input_sample": false,
         "cross_attention_dim": 64,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "downsample_padding": 1,
         "flip_sin_to_cos": true,
