@@ -3,11 +3,11 @@
 //! classifier-free guidance, EMA weights for sampling.
 use std::ops::ControlFlow;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use knobs_diffusion::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use knobs_diffusion::schedulers::{DdpmScheduler, SchedulerConfig};
 use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
-use knobs_diffusion::vae::AutoencoderKL;
+use knobs_diffusion::vae::{AutoencoderKL, VaeConfig};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::optim::{AdamW, AdamWConfig, Ema};
 use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, impl_module};
@@ -51,8 +51,7 @@ impl LatentCache {
             std.extend(to_vec(posterior.std())?);
         }
         let per = mean.len() / n;
-        let side = recipe::IMAGE_SIZE >> (vae.config.block_out_channels.len() - 1);
-        Ok(LatentCache { scenes, mean, std, per, side })
+        Ok(LatentCache { scenes, mean, std, per, side: latent_side(&vae.config) })
     }
 
     /// Latent samples of the scenes `idx` (reparameterised with `eps`), already scaled.
@@ -66,6 +65,27 @@ impl LatentCache {
         }
         Tensor::from_data(TensorData::new(v, [idx.len(), self.per / (s * s), s, s]), device)
     }
+}
+
+/// The VAE halves the image side at every level but the last.
+fn latent_side(vae: &VaeConfig) -> usize {
+    recipe::IMAGE_SIZE >> (vae.block_out_channels.len() - 1)
+}
+
+/// A finished VAE from an earlier recipe is kept by design (phases resume), so one whose latents
+/// the recipe's UNet cannot take must be an error naming the folder, not a panic in the first step.
+fn check_vae_fits(vae: &VaeConfig, unet: &UNetConfig, model_dir: &std::path::Path) -> Result<()> {
+    let side = latent_side(vae);
+    let (channels, unet_side) = (unet.in_channels, unet.sample_size.unwrap_or(side));
+    if vae.latent_channels != channels || side != unet_side {
+        bail!(
+            "{}: this VAE makes {side}x{side}x{} latents, but the recipe's UNet takes {unet_side}x{unet_side}x{channels} \
+             (a VAE from another recipe?); delete that folder to train a new one",
+            model_dir.join("vae").display(),
+            vae.latent_channels
+        );
+    }
+    Ok(())
 }
 
 fn to_vec(t: Tensor<4>) -> Result<Vec<f32>> {
@@ -90,6 +110,7 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
     let dev = cpu_autodiff();
     let tokenizer = ClipTokenizer::from_dir(model_dir.join("tokenizer"))?;
     let (mut base, te_json) = new_base(config, &tokenizer, &dev)?;
+    check_vae_fits(&vae.config, &base.unet.config, &model_dir)?;
     base.train_only(|_| true);
     let mut ema = Ema::new(&base, config.ema_decay);
     let mut opt = AdamW::new(AdamWConfig { lr: phase.lr, ..Default::default() });
@@ -171,4 +192,33 @@ fn write_preview(config: &PretrainConfig, tokenizer: &ClipTokenizer, ema: &Ema) 
     let (mut snapshot, te_json) = new_base(config, tokenizer, &cpu())?;
     ema.copy_to(&mut snapshot);
     write_components(&dir, &snapshot, &te_json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> (VaeConfig, UNetConfig) {
+        let vae = VaeConfig::from_json_str(&recipe::vae_config().to_string()).unwrap();
+        let unet = serde_json::from_value::<UNetConfig>(recipe::unet_config()).unwrap();
+        (vae, unet)
+    }
+
+    #[test]
+    fn the_recipe_vae_fits_the_recipe_unet() {
+        let (vae, unet) = configs();
+        check_vae_fits(&vae, &unet, std::path::Path::new("out/model")).unwrap();
+    }
+
+    #[test]
+    fn a_vae_from_another_recipe_is_an_error_naming_its_folder() {
+        let (mut vae, unet) = configs();
+        vae.latent_channels = 8;
+        let e = check_vae_fits(&vae, &unet, std::path::Path::new("out/model")).unwrap_err().to_string();
+        assert!(e.contains("out/model/vae") && e.contains("16x16x8") && e.contains("16x16x4"), "{e}");
+        let (mut vae, unet) = configs();
+        vae.block_out_channels.push(64);
+        let e = check_vae_fits(&vae, &unet, std::path::Path::new("out/model")).unwrap_err().to_string();
+        assert!(e.contains("8x8x4") && e.contains("16x16x4"), "{e}");
+    }
 }
