@@ -101,3 +101,31 @@ pub fn scheduler_config() -> Value {
         "timestep_spacing": "leading"
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped models/knobs-base is what this recipe makes: every key the recipe sets has
+    /// the shipped config's value (the VAE's scaling factor is measured after training, the text
+    /// encoder's token ids depend on the tokenizer).
+    #[test]
+    fn the_shipped_base_model_has_the_recipes_architecture() {
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/knobs-base");
+        let te = text_encoder_config(0, 0, 0);
+        for (file, recipe, skip) in [
+            ("unet/config.json", unet_config(), &[][..]),
+            ("vae/config.json", vae_config(), &["scaling_factor"][..]),
+            ("scheduler/scheduler_config.json", scheduler_config(), &[][..]),
+            ("text_encoder/config.json", te, &["vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"][..]),
+        ] {
+            let text = std::fs::read_to_string(format!("{shipped}/{file}")).unwrap();
+            let shipped: Value = serde_json::from_str(&text).unwrap();
+            for (key, value) in recipe.as_object().unwrap() {
+                if !skip.contains(&key.as_str()) {
+                    assert_eq!(&shipped[key], value, "{file}: {key}");
+                }
+            }
+        }
+    }
+}
