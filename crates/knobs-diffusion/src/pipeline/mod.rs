@@ -95,7 +95,7 @@ impl StableDiffusion {
 
     /// Pixels per latent: `2^(len(vae.block_out_channels) - 1)`, diffusers' `vae_scale_factor`.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << (self.vae.config.block_out_channels.len() - 1)
+        self.vae.config.downscale_factor()
     }
 
     /// `[num_images, C, H/f, W/f]` for a request, checked against given latents.

@@ -67,9 +67,8 @@ impl LatentCache {
     }
 }
 
-/// The VAE halves the image side at every level but the last.
 fn latent_side(vae: &VaeConfig) -> usize {
-    recipe::IMAGE_SIZE >> (vae.block_out_channels.len() - 1)
+    recipe::IMAGE_SIZE / vae.downscale_factor()
 }
 
 /// A finished VAE from an earlier recipe is kept by design (phases resume), so one whose latents
