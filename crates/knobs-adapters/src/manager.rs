@@ -80,7 +80,7 @@ impl<M: Module> AdaptedModel<M> {
     }
 
     /// Paths of the adapter parameters of `name`, in memory (with the adapter name).
-    fn adapter_param_paths(&self, name: &str) -> Vec<String> {
+    pub fn adapter_param_paths(&self, name: &str) -> Vec<String> {
         let mut out = Vec::new();
         self.model.for_each_layer(|path, layer| {
             layer.visit_adapter(path, name, &mut ParamFn(|p: &str, _: knobs_nn::ParamRef<'_>| out.push(p.to_string())));

@@ -1,10 +1,12 @@
 //! Learning-rate schedules with diffusers' names and shapes (`get_scheduler`).
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum LrSchedule {
     Constant,
+    #[value(alias = "constant-with-warmup")]
     ConstantWithWarmup,
     Cosine,
 }

@@ -5,6 +5,8 @@ pub struct Tick {
     pub step: u64,
     pub total: u64,
     pub loss: f64,
+    /// Mean seconds per optimizer step so far in this process, where the loop measures it.
+    pub seconds_per_step: Option<f64>,
 }
 
 pub type Progress<'a> = &'a mut dyn FnMut(&Tick);

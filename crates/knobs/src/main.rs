@@ -1,7 +1,7 @@
 //! The `knobs` command line: one file per subcommand under `cmd/`.
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "knobs", version, about = "Fine-tune text-to-image diffusion models by turning only the knobs the job needs")]
@@ -27,7 +27,7 @@ enum Command {
     World(cmd::world::Command),
     /// Train the built-in base model on the synthetic world (resumable).
     Pretrain(cmd::pretrain::Args),
-    /// Fine-tune on a concept: DreamBooth, textual inversion, LoRA, IA3 or pivotal tuning.
+    /// Fine-tune on a concept with any method (`--method`, listed in `knobs train --help`).
     Train(Box<cmd::train::Args>),
     /// HyperLoRA hypernetworks (HyperDreamBooth style): `knobs hyper pretrain`.
     #[command(subcommand)]
@@ -44,7 +44,9 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // The matches are kept: `knobs train` tells flags given on the command line from defaults.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let level = ["warn", "info", "debug", "trace"][cli.verbose.min(3) as usize];
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
@@ -56,7 +58,7 @@ fn main() {
         Command::Adapter(c) => cmd::adapter::run(c),
         Command::World(c) => cmd::world::run(c),
         Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
-        Command::Train(args) => cmd::train::run_cmd(*args),
+        Command::Train(args) => cmd::train::run_cmd(*args, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Judge(c) => cmd::judge::run(c),
         Command::Hyper(c) => cmd::hyper::run(c),
         Command::Eval(args) => cmd::eval::run(*args),

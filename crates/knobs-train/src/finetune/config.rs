@@ -1,275 +1,245 @@
 //! Every setting of `knobs train`, with the defaults of diffusers' training scripts scaled to
-//! the built-in model. A TOML file (`--config`) holds any of them under the same names as the
-//! flags (with `_` for `-`); flags given on the command line override it.
-use std::path::PathBuf;
+//! the built-in model. Each group of settings is one struct that is both the command line
+//! (`clap::Args`) and the TOML file (`--config`, keys as the flags with `_`): one declaration
+//! serves both, and its defaults are the command line's. Flags given on the command line
+//! override the file.
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use clap::{Args, FromArgMatches};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use knobs_adapters::hypernetwork::{Activation, Structure};
-
+use super::methods::hyper_lora::HyperLoraOptions;
+use super::methods::hypernetwork::HypernetworkOptions;
+use super::methods::lora::LoraOptions;
+use super::methods::textual_inversion::TokenOptions;
+use super::methods::{Method, OptionGroup};
 use crate::lr::LrSchedule;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    Dreambooth,
-    TextualInversion,
-    Lora,
-    Ia3,
-    Pivotal,
-    /// A1111-style hypernetwork: residual MLPs on the key/value context.
-    Hypernetwork,
-    /// HyperDreamBooth-style: a pretrained hypernetwork predicts a LoRA from the instance
-    /// images (`--hypernetwork-dir`), then optional rank-relaxed fine-tuning.
-    HyperLora,
+/// The value of an options struct with every flag at its command-line default.
+pub fn clap_defaults<T: Args + FromArgMatches>() -> T {
+    let matches = T::augment_args(clap::Command::new("defaults").no_binary_name(true)).get_matches_from(Vec::<String>::new());
+    T::from_arg_matches(&matches).expect("every flag has a default")
 }
 
-impl Method {
-    pub const NAMES: &'static str = "dreambooth, textual-inversion, lora, ia3, pivotal, hypernetwork, hyper-lora";
-
-    pub fn parse(name: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::Value::String(name.to_string()))
-            .with_context(|| format!("--method: unknown method `{name}`; known: {}", Self::NAMES))
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Dreambooth => "dreambooth",
-            Method::TextualInversion => "textual-inversion",
-            Method::Lora => "lora",
-            Method::Ia3 => "ia3",
-            Method::Pivotal => "pivotal",
-            Method::Hypernetwork => "hypernetwork",
-            Method::HyperLora => "hyper-lora",
-        }
-    }
-    pub fn learns_tokens(self) -> bool {
-        matches!(self, Method::TextualInversion | Method::Pivotal)
-    }
-    pub fn learns_lora(self) -> bool {
-        matches!(self, Method::Lora | Method::Pivotal)
-    }
-    /// (learning rate, steps) as diffusers' example commands use them, scaled so that each
-    /// method finishes in minutes on the built-in model.
-    fn defaults(self) -> (f64, u64) {
-        match self {
-            Method::Dreambooth => (5e-5, 300),
-            Method::TextualInversion => (5e-3, 400),
-            Method::Lora => (1e-3, 300),
-            Method::Ia3 => (5e-3, 300),
-            Method::Pivotal => (1e-3, 300),
-            // A1111's hypernetwork learning rate for SD is 5e-6; scaled like DreamBooth's
-            // (diffusers' 5e-6 -> 5e-5 here).
-            Method::Hypernetwork => (5e-5, 300),
-            // Zero-shot by default; `--max-train-steps N` adds rank-relaxed fine-tuning.
-            Method::HyperLora => (1e-3, 0),
-        }
-    }
+macro_rules! defaults_from_clap {
+    ($($t:ty),*) => { $( impl Default for $t { fn default() -> Self { clap_defaults() } } )* };
 }
+pub(crate) use defaults_from_clap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LoraFormat {
-    /// PEFT folder + diffusers `pytorch_lora_weights.safetensors`.
-    Diffusers,
-    /// kohya-ss keys with `.alpha` and `ss_*` / `modelspec.*` metadata.
-    Kohya,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    pub method: Method,
-    pub model: PathBuf,
-    pub out: PathBuf,
-    // Data.
+/// Where the concept comes from, and prior preservation.
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataOptions {
+    /// A built-in concept (`knobs world concepts --list`).
+    #[arg(long)]
     pub concept: Option<String>,
+    /// Folder of instance images (png/jpg) with optional same-named .txt captions.
+    #[arg(long)]
     pub instance_dir: Option<PathBuf>,
+    /// The prompt of every instance image (overrides .txt captions).
+    #[arg(long)]
     pub instance_prompt: Option<String>,
+    /// Enables prior preservation with class images of this prompt.
+    #[arg(long)]
     pub class_prompt: Option<String>,
+    #[arg(long, default_value_t = 50)]
     pub num_class_images: usize,
+    #[arg(long, default_value_t = 1.0)]
     pub prior_loss_weight: f64,
+    /// Cache folder of generated class images (default OUT/class_images).
+    #[arg(long)]
     pub class_dir: Option<PathBuf>,
+    /// Training resolution in pixels (default: the model's sample size).
+    #[arg(long)]
     pub resolution: Option<usize>,
-    pub center_crop: bool,
+    /// Crop randomly instead of at the centre.
+    #[arg(long)]
+    pub random_crop: bool,
+    #[arg(long)]
     pub random_flip: bool,
-    // Methods.
-    pub train_text_encoder: bool,
-    pub placeholder_token: Option<String>,
-    pub initializer_token: Option<String>,
-    pub num_vectors: usize,
-    pub rank: usize,
-    pub alpha: Option<f64>,
-    pub target_modules: Vec<String>,
-    pub text_encoder_target_modules: Vec<String>,
-    pub conv: bool,
+}
+
+/// Tuning by freezing and controlled gradient updates, on top of any method.
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FreezeOptions {
+    /// Train only parameters whose path matches this regex (tuning by freezing); repeatable.
+    #[arg(long)]
     pub train_only: Vec<String>,
+    /// PATTERN=FACTOR: multiply the learning rate of matching parameters; repeatable.
+    #[arg(long)]
     pub lr_scale: Vec<String>,
+    /// Multiply every gradient by this factor after clipping (controlled gradient update).
+    #[arg(long)]
     pub grad_scale: Option<f64>,
-    pub format: LoraFormat,
-    pub a1111_embedding: bool,
-    /// Width multipliers of the hypernetwork's MLPs (A1111's layer structure).
-    pub hypernetwork_layers: Vec<f64>,
-    /// A1111's activation name (linear, relu, leakyrelu, elu, swish, tanh, sigmoid, ...).
-    pub hypernetwork_activation: String,
-    pub hypernetwork_layer_norm: bool,
-    /// One probability (after every hidden layer) or A1111's dropout structure (one per
-    /// layer-structure entry, first and last 0); empty: none.
-    pub hypernetwork_dropout: Vec<f64>,
-    /// Context widths that get a module pair (A1111's enable sizes); empty: every width.
-    pub hypernetwork_widths: Vec<usize>,
-    /// `--method hyper-lora`: the folder `knobs hyper pretrain` wrote (or its `hyperlora/`).
-    pub hypernetwork_dir: Option<PathBuf>,
-    /// Judge folder whose image embeddings feed the hyper-lora hypernetwork.
-    pub judge: Option<PathBuf>,
-    /// `--method hyper-lora`: steps optimising the concept's code through the frozen
-    /// hypernetwork (from the zero-shot code) before the rank-relaxed steps.
-    pub hyper_code_steps: u64,
-    // Optimisation.
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OptimOptions {
+    /// Default: the method's own.
+    #[arg(long)]
     pub learning_rate: Option<f64>,
+    /// Default: the method's own.
+    #[arg(long)]
     pub max_train_steps: Option<u64>,
+    #[arg(long, default_value_t = 4)]
     pub train_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: u64,
+    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
     pub lr_scheduler: LrSchedule,
+    #[arg(long, default_value_t = 0)]
     pub lr_warmup_steps: u64,
+    #[arg(long, default_value_t = 0.9)]
     pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-2)]
     pub adam_weight_decay: f64,
+    #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
+    #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Min-SNR loss weighting with this gamma (5 in the paper).
+    #[arg(long)]
     pub snr_gamma: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
     pub noise_offset: f64,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    // Running.
+}
+
+/// Checkpoints, validation, samples and resuming.
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunOptions {
+    /// Save a resumable checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
     pub checkpointing_steps: u64,
+    /// Sample the validation prompts every N steps into OUT/validation (0: never).
+    #[arg(long, default_value_t = 0)]
     pub validation_steps: u64,
+    /// Repeatable; default: the instance prompt.
+    #[arg(long = "validation-prompt")]
     pub validation_prompts: Vec<String>,
-    pub validation_inference_steps: usize,
+    /// Images per validation prompt sampled at the end into OUT/samples (0: none).
+    #[arg(long, default_value_t = 4)]
+    pub num_samples: usize,
+    /// Denoising steps of samples, validation images and generated class images.
+    #[arg(long, default_value_t = 25)]
+    pub sample_steps: usize,
+    #[arg(long, default_value_t = 5.0)]
     pub guidance_scale: f64,
-    /// An earlier run's output folder (or its `checkpoints/`) to continue from.
+    /// Continue the run whose output folder (or checkpoints folder) this is.
+    #[arg(long)]
     pub resume: Option<PathBuf>,
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            method: Method::Lora,
-            model: default_model(),
-            out: PathBuf::from("knobs-train-out"),
-            concept: None,
-            instance_dir: None,
-            instance_prompt: None,
-            class_prompt: None,
-            num_class_images: 50,
-            prior_loss_weight: 1.0,
-            class_dir: None,
-            resolution: None,
-            center_crop: true,
-            random_flip: false,
-            train_text_encoder: false,
-            placeholder_token: None,
-            initializer_token: None,
-            num_vectors: 1,
-            rank: 4,
-            alpha: None,
-            target_modules: ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec(),
-            text_encoder_target_modules: ["q_proj", "k_proj", "v_proj", "out_proj"].map(String::from).to_vec(),
-            conv: false,
-            train_only: Vec::new(),
-            lr_scale: Vec::new(),
-            grad_scale: None,
-            format: LoraFormat::Diffusers,
-            a1111_embedding: false,
-            hypernetwork_layers: vec![1.0, 2.0, 1.0],
-            hypernetwork_activation: "linear".to_string(),
-            hypernetwork_layer_norm: false,
-            hypernetwork_dropout: Vec::new(),
-            hypernetwork_widths: Vec::new(),
-            hypernetwork_dir: None,
-            judge: None,
-            hyper_code_steps: 0,
-            learning_rate: None,
-            max_train_steps: None,
-            train_batch_size: 4,
-            gradient_accumulation_steps: 1,
-            lr_scheduler: LrSchedule::Constant,
-            lr_warmup_steps: 0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_weight_decay: 1e-2,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
-            snr_gamma: None,
-            noise_offset: 0.0,
-            seed: 0,
-            checkpointing_steps: 100,
-            validation_steps: 0,
-            validation_prompts: Vec::new(),
-            validation_inference_steps: 25,
-            guidance_scale: 5.0,
-            resume: None,
-        }
+defaults_from_clap!(DataOptions, FreezeOptions, OptimOptions, RunOptions, TrainConfig);
+
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    #[arg(long, value_enum, default_value_t = Method::default())]
+    pub method: Method,
+    /// Base model folder (diffusers layout); default: the built-in model (models/knobs-base,
+    /// found at run time in $KNOBS_MODELS, ./models, beside the executable or the source tree).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "knobs-train-out")]
+    pub out: PathBuf,
+    /// Also train the text encoder (DreamBooth, LoRA, pivotal).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DataOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub tokens: TokenOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub hypernetwork: HypernetworkOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub hyper_lora: HyperLoraOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub freeze: FreezeOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunOptions,
+}
+
+/// A struct's fields as a JSON object (flattened groups give one flat object).
+fn fields<T: Serialize>(v: &T) -> serde_json::Map<String, Value> {
+    match serde_json::to_value(v).expect("options serialise") {
+        Value::Object(m) => m,
+        _ => unreachable!("options are structs"),
     }
 }
 
-/// The built-in base model, committed with knobs.
-pub fn default_model() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/knobs-base"))
+/// The flags of an options struct that differ from their defaults.
+pub fn changed_flags<T: Serialize + Default>(v: &T) -> Vec<String> {
+    let (now, default) = (fields(v), fields(&T::default()));
+    now.iter().filter(|(k, v)| default.get(*k) != Some(v)).map(|(k, _)| format!("--{}", k.replace('_', "-"))).collect()
 }
 
 impl TrainConfig {
-    pub fn from_toml(path: &std::path::Path) -> Result<Self> {
+    /// Reads a TOML file; a key that names no setting is an error naming it.
+    pub fn from_toml(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("--config {}: cannot read", path.display()))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("--config {}: invalid TOML", path.display()))?;
+        let known = fields(&TrainConfig::default());
+        if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
+            bail!("--config {}: unknown key `{k}`", path.display());
+        }
         toml::from_str(&text).with_context(|| format!("--config {}: invalid", path.display()))
     }
-    pub fn learning_rate(&self) -> f64 {
-        self.learning_rate.unwrap_or(self.method.defaults().0)
-    }
-    pub fn max_train_steps(&self) -> u64 {
-        self.max_train_steps.unwrap_or(self.method.defaults().1)
-    }
-    pub fn lora_alpha(&self) -> f64 {
-        self.alpha.unwrap_or(self.rank as f64)
-    }
-    pub fn class_dir(&self) -> PathBuf {
-        self.class_dir.clone().unwrap_or_else(|| self.out.join("class_images"))
-    }
-    pub fn with_prior_preservation(&self) -> bool {
-        self.class_prompt.is_some() && self.prior_loss_weight > 0.0 && self.num_class_images > 0
+
+    /// `file` with every setting that `given` says was on the command line taken from `cli`.
+    pub fn overridden_by(&self, cli: &TrainConfig, given: impl Fn(&str) -> bool) -> Result<TrainConfig> {
+        let mut merged = fields(self);
+        for (k, v) in fields(cli) {
+            if given(&k) {
+                merged.insert(k, v);
+            }
+        }
+        from_json(Value::Object(merged))
     }
 
-    /// The hypernetwork's structure from the `--hypernetwork-*` settings, checked; errors
-    /// name the flag.
-    pub fn hypernetwork_structure(&self) -> Result<Structure> {
-        let layers = &self.hypernetwork_layers;
-        let activation = Activation::parse(&self.hypernetwork_activation).map_err(|e| anyhow::anyhow!("--hypernetwork-activation: {e}"))?;
-        let dropout = match self.hypernetwork_dropout[..] {
-            [] => vec![0.0; layers.len()],
-            [p] => Structure::dropout_after_hidden(layers.len(), p),
-            _ => self.hypernetwork_dropout.clone(),
-        };
-        let s = Structure { layer_structure: layers.clone(), activation, add_layer_norm: self.hypernetwork_layer_norm, activate_output: false, dropout_structure: dropout };
-        if let Err(e) = s.validate() {
-            let flag = if e.starts_with("dropout") { "--hypernetwork-dropout" } else { "--hypernetwork-layers" };
-            bail!("{flag}: {e}");
-        }
-        if let [p] = self.hypernetwork_dropout[..] {
-            if !(0.0..1.0).contains(&p) {
-                bail!("--hypernetwork-dropout: {p} is not a probability in [0, 1)");
-            }
-            if p > 0.0 && layers.len() < 3 {
-                bail!("--hypernetwork-dropout {p}: --hypernetwork-layers {layers:?} has no hidden layer to drop out");
-            }
-        }
-        if self.hypernetwork_widths.contains(&0) {
-            bail!("--hypernetwork-widths: widths must be positive");
-        }
-        Ok(s)
+    /// The model folder: `--model`, or the built-in base model.
+    pub fn model(&self) -> Result<PathBuf> {
+        crate::builtin::model_or_default(self.model.as_deref())
+    }
+    pub fn learning_rate(&self) -> f64 {
+        self.optim.learning_rate.unwrap_or(self.method.defaults().learning_rate)
+    }
+    pub fn max_train_steps(&self) -> u64 {
+        self.optim.max_train_steps.unwrap_or(self.method.defaults().max_train_steps)
+    }
+    pub fn class_dir(&self) -> PathBuf {
+        self.data.class_dir.clone().unwrap_or_else(|| self.out.join("class_images"))
+    }
+    pub fn with_prior_preservation(&self) -> bool {
+        self.data.class_prompt.is_some() && self.data.prior_loss_weight > 0.0 && self.data.num_class_images > 0
     }
 
     /// `PATTERN=FACTOR` pairs of `--lr-scale`, checked.
     pub fn lr_scales(&self) -> Result<Vec<(regex::Regex, f64)>> {
-        self.lr_scale
+        self.freeze
+            .lr_scale
             .iter()
             .map(|s| {
                 let (pat, f) = s.rsplit_once('=').with_context(|| format!("--lr-scale `{s}`: expected PATTERN=FACTOR"))?;
@@ -286,66 +256,113 @@ impl TrainConfig {
     pub fn fingerprint(&self) -> String {
         let mut c = self.clone();
         c.out = PathBuf::new();
-        c.resume = None;
-        c.checkpointing_steps = 0;
-        c.validation_steps = 0;
-        c.validation_prompts.clear();
+        c.run = RunOptions::default();
         serde_json::to_string(&c).expect("config serialises")
     }
 
-    /// Checks combinations that would otherwise fail late or do nothing.
+    /// Checks combinations that would otherwise fail late or do nothing: the shared rules,
+    /// settings of option groups the method does not read, then the method's own rules.
     pub fn validate(&self) -> Result<()> {
-        if self.concept.is_none() && self.instance_dir.is_none() {
+        let (d, o) = (&self.data, &self.optim);
+        if d.concept.is_none() && d.instance_dir.is_none() {
             bail!("give --concept NAME (a built-in concept) or --instance-dir DIR");
         }
-        if self.concept.is_some() && self.instance_dir.is_some() {
+        if d.concept.is_some() && d.instance_dir.is_some() {
             bail!("--concept and --instance-dir exclude each other");
         }
-        if self.method.learns_tokens() && self.concept.is_none() && self.placeholder_token.is_none() {
-            bail!("--method {} needs --placeholder-token", self.method.name());
-        }
-        if self.num_vectors == 0 {
-            bail!("--num-vectors must be at least 1");
-        }
-        if self.train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+        if o.train_batch_size == 0 || o.gradient_accumulation_steps == 0 {
             bail!("--train-batch-size and --gradient-accumulation-steps must be at least 1");
         }
-        if self.rank == 0 {
+        if self.lora.rank == 0 {
             bail!("--rank must be at least 1");
         }
-        if let Some(g) = self.grad_scale {
+        if !(0.0..1.0).contains(&self.lora.lora_dropout) {
+            bail!("--lora-dropout must be in [0, 1), got {}", self.lora.lora_dropout);
+        }
+        if let Some(g) = self.freeze.grad_scale {
             if !(g > 0.0 && g.is_finite()) {
                 bail!("--grad-scale must be a positive number, got {g}");
             }
         }
-        if self.method == Method::HyperLora && self.hypernetwork_dir.is_none() {
-            bail!("--method hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)");
-        }
-        if self.method == Method::HyperLora {
-            // Its short steps run at a constant rate without accumulation or validation.
-            let defaults = TrainConfig::default();
-            let unused = [
-                ("--gradient-accumulation-steps", self.gradient_accumulation_steps != defaults.gradient_accumulation_steps),
-                ("--lr-scheduler", self.lr_scheduler != defaults.lr_scheduler),
-                ("--validation-steps", self.validation_steps != defaults.validation_steps),
-            ];
-            if let Some((flag, _)) = unused.iter().find(|(_, set)| *set) {
-                bail!("{flag} is not used by --method hyper-lora");
-            }
-        }
-        if self.method != Method::HyperLora && (self.hypernetwork_dir.is_some() || self.hyper_code_steps > 0) {
-            bail!("--hypernetwork-dir and --hyper-code-steps are only for --method hyper-lora");
-        }
-        if self.max_train_steps() == 0 && self.method != Method::HyperLora {
-            bail!("--max-train-steps must be at least 1");
-        }
         self.lr_scales()?;
-        if self.method == Method::Hypernetwork {
-            self.hypernetwork_structure()?;
-        }
-        for p in &self.train_only {
+        for p in &self.freeze.train_only {
             regex::Regex::new(p).with_context(|| format!("--train-only `{p}`: bad pattern"))?;
         }
-        Ok(())
+        let used = self.method.options();
+        let groups = [
+            (OptionGroup::Lora, changed_flags(&self.lora)),
+            (OptionGroup::Tokens, changed_flags(&self.tokens)),
+            (OptionGroup::Hypernetwork, changed_flags(&self.hypernetwork)),
+            (OptionGroup::HyperLora, changed_flags(&self.hyper_lora)),
+            (OptionGroup::TextEncoder, if self.train_text_encoder { vec!["--train-text-encoder".to_string()] } else { Vec::new() }),
+        ];
+        for (group, set) in groups {
+            if let (false, Some(flag)) = (used.contains(&group), set.first()) {
+                bail!("{flag} is not used by --method {}", self.method);
+            }
+        }
+        self.method.validate(self)
+    }
+}
+
+/// A typed value from JSON, naming the setting at fault.
+fn from_json<T: DeserializeOwned>(v: Value) -> Result<T> {
+    serde_json::from_value(v).context("invalid setting")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_command_lines() {
+        let c = TrainConfig::default();
+        assert_eq!(c.method.name(), "lora");
+        assert_eq!(c.lora.rank, 4);
+        assert_eq!(c.lora.target_modules, ["to_q", "to_k", "to_v", "to_out.0"]);
+        assert_eq!(c.optim.train_batch_size, 4);
+        assert_eq!(c.run.num_samples, 4);
+        assert_eq!(c.out, PathBuf::from("knobs-train-out"));
+        assert!(changed_flags(&c).is_empty());
+    }
+
+    #[test]
+    fn toml_keys_are_the_flags_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "method = \"ia3\"\nrank = 2\nmax_train_steps = 7\nlr_scheduler = \"cosine\"\nrandom_flip = true\nprior_loss_weight = 1\n").unwrap();
+        let c = TrainConfig::from_toml(&path).unwrap();
+        assert_eq!((c.method.name(), c.lora.rank, c.optim.max_train_steps), ("ia3", 2, Some(7)));
+        assert_eq!(c.optim.lr_scheduler, LrSchedule::Cosine);
+        assert!(c.data.random_flip);
+        std::fs::write(&path, "ranks = 2\n").unwrap();
+        let e = format!("{:#}", TrainConfig::from_toml(&path).unwrap_err());
+        assert!(e.contains("unknown key `ranks`"), "{e}");
+        std::fs::write(&path, "method = \"lokr2\"\n").unwrap();
+        let e = format!("{:#}", TrainConfig::from_toml(&path).unwrap_err());
+        assert!(e.contains("unknown method `lokr2`") && e.contains("dreambooth"), "{e}");
+    }
+
+    #[test]
+    fn flags_given_override_the_file_and_only_those() {
+        let file = TrainConfig { lora: LoraOptions { rank: 2, ..Default::default() }, optim: OptimOptions { seed: 9, ..Default::default() }, ..Default::default() };
+        // The command line left rank at its default but gave --seed 0 explicitly.
+        let cli = TrainConfig::default();
+        let merged = file.overridden_by(&cli, |id| id == "seed").unwrap();
+        assert_eq!(merged.lora.rank, 2);
+        assert_eq!(merged.optim.seed, 0);
+    }
+
+    #[test]
+    fn a_setting_of_another_method_is_refused_by_flag() {
+        let mut c = TrainConfig { method: Method::parse("ia3").unwrap(), ..Default::default() };
+        c.data.concept = Some("striped-star".into());
+        c.validate().unwrap();
+        c.lora.rank = 8;
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(e, "--rank is not used by --method ia3");
+        c.lora.rank = 4;
+        c.train_text_encoder = true;
+        assert_eq!(c.validate().unwrap_err().to_string(), "--train-text-encoder is not used by --method ia3");
     }
 }

@@ -1,12 +1,14 @@
-//! `knobs train`: one trainer for every method. The data, the noise-prediction loss and the
-//! optimizer are shared; a method only decides what is attached and trained (`setup`) and
-//! what is written at the end (`save`).
+//! `knobs train`: one trainer for every method. The data, the denoising loss, the optimizer,
+//! checkpoints and samples are shared (`trainer`); a method (`methods/`, one file each)
+//! decides what is attached and trained and what is written at the end.
 pub mod config;
 pub mod data;
+pub mod methods;
+pub mod outputs;
 pub mod plot;
-pub mod save;
-pub mod setup;
 pub mod trainer;
 
-pub use config::{LoraFormat, Method, TrainConfig};
-pub use trainer::{Summary, run};
+pub use config::TrainConfig;
+pub use methods::Method;
+pub use outputs::Summary;
+pub use trainer::run;

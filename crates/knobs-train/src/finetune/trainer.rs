@@ -1,45 +1,32 @@
 //! The training loop shared by every method: sample a batch (instance images, plus class
-//! images for prior preservation), encode with the frozen VAE, noise at random timesteps,
-//! predict with the UNet conditioned on the prompt, and step AdamW on whatever the method
-//! made trainable. Every random draw is keyed by (seed, step), and checkpoints hold the
-//! trained parameters, the optimizer moments and the loss history, so a killed run resumes
-//! bit-identically.
-use std::path::{Path, PathBuf};
+//! images for prior preservation), take the denoising loss, and step AdamW on exactly what
+//! the method made trainable. Every random draw is keyed by (seed, step), and checkpoints
+//! hold the trained parameters, the optimizer moments and the loss history, so a killed run
+//! resumes bit-identically.
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use image::RgbImage;
-use knobs_diffusion::clip::embeddings::expand_prompt;
-use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
-use knobs_diffusion::schedulers::{DdpmScheduler, PredictionType};
+use knobs_diffusion::loaders::PipelineAdapters;
+use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
 use knobs_nn::optim::{AdamW, AdamWConfig, Grads, clip_grad_norm, collect_grads, scale_grads};
-use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
-use knobs_world::images::{from_tensor, grid, to_tensor};
+use knobs_nn::{ModuleExt, cpu, cpu_autodiff};
 use rand::Rng;
 use rand::rngs::StdRng;
-use serde::Serialize;
+use regex::Regex;
 
+pub use super::outputs::Summary;
 use super::config::TrainConfig;
 use super::data::{self, Example};
-use super::{plot, save, setup};
+use super::outputs::{Sampling, save_grid, size_of, write_samples};
+use super::plot;
 use crate::checkpoint::{Checkpoints, State, check_same, decode_history, encode_history, meta, sub_dict};
-use crate::loss::{min_snr_weights, per_sample_mse};
+use crate::objective::{LossOptions, Objective, resolution};
 use crate::progress::{Progress, Tick, peak_rss_bytes};
-use crate::rng::{normal, step_rng};
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    pub method: String,
-    pub steps: u64,
-    pub seconds: f64,
-    pub seconds_per_step: f64,
-    pub trainable_params: usize,
-    pub outputs: Vec<PathBuf>,
-    pub output_bytes: u64,
-    pub peak_rss_bytes: Option<u64>,
-    pub final_loss: f64,
-}
+use crate::rng::step_rng;
 
 struct Batch {
     images: Vec<RgbImage>,
@@ -51,46 +38,8 @@ struct Batch {
 fn draw(examples: &[Example], n: usize, cfg: &TrainConfig, res: u32, rng: &mut StdRng, batch: &mut Batch) {
     for _ in 0..n {
         let ex = &examples[rng.random_range(0..examples.len())];
-        batch.images.push(data::crop(ex, res, cfg.center_crop, cfg.random_flip, rng));
+        batch.images.push(data::crop(ex, res, !cfg.data.random_crop, cfg.data.random_flip, rng));
         batch.prompts.push(ex.prompt.clone());
-    }
-}
-
-/// Everything the loss needs that does not change between steps.
-struct Objective {
-    ddpm: DdpmScheduler,
-    prediction: PredictionType,
-    latent_scale: f32,
-    device: Device,
-}
-
-impl Objective {
-    fn loss(&self, cfg: &TrainConfig, sd: &StableDiffusion, batch: &Batch, rng: &mut StdRng) -> Result<Tensor<1>> {
-        let b = batch.images.len();
-        let dev = &self.device;
-        // The VAE is frozen and runs outside autodiff; its latents enter the graph as data.
-        let posterior = sd.vae.encode(to_tensor(&batch.images, &cpu())?);
-        let latents = posterior.sample(normal(rng, posterior.mean.dims(), &cpu())) * self.latent_scale;
-        let latents = Tensor::<4>::from_data(latents.into_data(), dev);
-        let dims = latents.dims();
-        let mut noise = normal(rng, dims, dev);
-        if cfg.noise_offset > 0.0 {
-            noise = noise + normal(rng, [dims[0], dims[1], 1, 1], dev).mul_scalar(cfg.noise_offset).expand(dims);
-        }
-        let t: Vec<i64> = (0..b).map(|_| rng.random_range(0..self.ddpm.num_train_timesteps() as i64)).collect();
-        let noisy = self.ddpm.add_noise(latents.clone(), noise.clone(), &t)?;
-        let target = self.ddpm.training_target(latents, noise, &t)?;
-        let prompts = batch.prompts.iter().map(|p| expand_prompt(p, &sd.tokenizer)).collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let context = sd.text_encoder.forward(sd.tokenizer.encode_tensor(&refs, dev)?).last_hidden_state;
-        let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), dev);
-        let mut per = per_sample_mse(sd.unet.forward(noisy, t_float, context), target);
-        if let Some(gamma) = cfg.snr_gamma {
-            per = per * Tensor::<1>::from_floats(min_snr_weights(&self.ddpm.snr(&t)?, gamma, self.prediction).as_slice(), dev);
-        }
-        let n = batch.instances;
-        let instance = per.clone().slice([0..n]).mean();
-        Ok(if n < b { instance + per.slice([n..b]).mean() * cfg.prior_loss_weight } else { instance })
     }
 }
 
@@ -118,34 +67,11 @@ fn write_log(out: &Path, history: &[f64]) -> Result<()> {
 }
 
 pub fn validation_prompts(cfg: &TrainConfig, instances: &[Example]) -> Vec<String> {
-    if cfg.validation_prompts.is_empty() { vec![instances[0].prompt.clone()] } else { cfg.validation_prompts.clone() }
-}
-
-/// Images of each validation prompt with the seeds `knobs generate --seed 0 --num-images 4`
-/// uses, so that a saved adapter loaded there reproduces them.
-fn set_training(sd: &mut StableDiffusion, training: bool) {
-    sd.for_each_layer_mut(|_, mut layer| layer.set_training(training));
-}
-
-pub fn sample(cfg: &TrainConfig, sd: &StableDiffusion, prompts: &[String]) -> Result<Vec<RgbImage>> {
-    let mut out = Vec::new();
-    for p in prompts {
-        let mut req = GenerateRequest::new(p.clone());
-        req.steps = cfg.validation_inference_steps;
-        req.guidance_scale = cfg.guidance_scale;
-        req.num_images = 4;
-        req.seed = 0;
-        out.extend(from_tensor(sd.generate(&req)?.mul_scalar(2.0).sub_scalar(1.0))?);
-    }
-    Ok(out)
-}
-
-fn save_grid(path: &Path, images: &[RgbImage]) -> Result<()> {
-    Ok(atomic_write(path, &knobs_world::dataset::encode_png(&grid(images, 4))?)?)
+    if cfg.run.validation_prompts.is_empty() { vec![instances[0].prompt.clone()] } else { cfg.run.validation_prompts.clone() }
 }
 
 fn resume_checkpoints(cfg: &TrainConfig, ckpts: &Checkpoints) -> Result<Option<(u64, knobs_nn::io::StateDict)>> {
-    match &cfg.resume {
+    match &cfg.run.resume {
         Some(dir) => {
             let dir = if dir.join("checkpoints").is_dir() { dir.join("checkpoints") } else { dir.clone() };
             let found = Checkpoints::new(&dir, &ckpts.prefix).latest()?;
@@ -165,32 +91,43 @@ fn resume_checkpoints(cfg: &TrainConfig, ckpts: &Checkpoints) -> Result<Option<(
     }
 }
 
+/// Makes exactly `learned`, narrowed by `--train-only` (tuning by freezing), trainable and
+/// freezes everything else. Returns the number of trainable values.
+pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTreeSet<String>) -> Result<usize> {
+    let only: Vec<Regex> = cfg.freeze.train_only.iter().map(|p| Regex::new(p)).collect::<Result<_, _>>()?;
+    sd.train_only(|path| learned.contains(path) && (only.is_empty() || only.iter().any(|r| r.is_match(path))));
+    let n = sd.num_trainable_params();
+    if n == 0 {
+        bail!("nothing to train: --train-only {:?} matches none of the parameters that --method {} learns", cfg.freeze.train_only, cfg.method);
+    }
+    Ok(n)
+}
+
+/// Runs `cfg`: the method's own loop if it has one, else the shared one.
 pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     cfg.validate()?;
+    if cfg.method.own_loop() {
+        return cfg.method.run(cfg, progress);
+    }
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
+    let model = cfg.model()?;
     let dev = cpu_autodiff();
-    let mut sd = StableDiffusion::from_dir(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
+    let mut sd = StableDiffusion::from_dir(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
-    let res = cfg.resolution.unwrap_or(sd.unet.config.sample_size.unwrap_or(64) * sd.vae_scale_factor()) as u32;
+    let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
     let instances = data::instance_examples(cfg, res)?;
-    let classes = if cfg.with_prior_preservation() { data::class_examples(cfg, res)? } else { Vec::new() };
-    let prepared = setup::prepare(cfg, &mut sd)?;
-    let trainable_params = sd.num_trainable_params();
-    let objective = Objective {
-        ddpm: DdpmScheduler::new(sd.scheduler_config.clone()),
-        prediction: sd.scheduler_config.prediction_type,
-        latent_scale: sd.vae.scaling_factor() as f32,
-        device: dev.clone(),
-    };
+    let classes = if cfg.with_prior_preservation() { data::class_examples(cfg, &model, res)? } else { Vec::new() };
+    let mut adapters = PipelineAdapters::new(cfg.optim.seed);
+    let attached = cfg.method.attach(cfg, &mut sd, &mut adapters)?;
+    let trainable_params = set_trainable(cfg, &mut sd, &attached.trainable)?;
+    // Adapter dropout is on while training, for every method alike.
+    sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
+    let objective = Objective::new(&sd, &dev);
+    let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
     let lr_scales = cfg.lr_scales()?;
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: cfg.learning_rate(),
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.adam_weight_decay,
-    });
+    let o = &cfg.optim;
+    let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), beta1: o.adam_beta1, beta2: o.adam_beta2, eps: o.adam_epsilon, weight_decay: o.adam_weight_decay });
     let ckpts = Checkpoints::new(cfg.out.join("checkpoints"), "train");
     let fingerprint = cfg.fingerprint();
     let mut history: Vec<f64> = Vec::new();
@@ -203,20 +140,25 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         first = step;
     }
     let prompts = validation_prompts(cfg, &instances);
+    let sampling = Sampling { per_prompt: cfg.run.num_samples, steps: cfg.run.sample_steps, guidance: cfg.run.guidance_scale };
     let total = cfg.max_train_steps();
-    let accum = cfg.gradient_accumulation_steps;
-    let validation_dir = cfg.out.join("validation");
+    let accum = o.gradient_accumulation_steps;
+    let batch_size = o.train_batch_size;
+    let looping = Instant::now();
     for step in first..total {
         let mut grads = None;
         let mut value = 0.0;
         for micro in 0..accum {
-            let mut rng = step_rng(cfg.seed, "train", step * accum + micro);
-            let mut batch = Batch { images: Vec::new(), prompts: Vec::new(), instances: cfg.train_batch_size };
-            draw(&instances, cfg.train_batch_size, cfg, res, &mut rng, &mut batch);
+            let mut rng = step_rng(o.seed, "train", step * accum + micro);
+            let mut batch = Batch { images: Vec::new(), prompts: Vec::new(), instances: batch_size };
+            draw(&instances, batch_size, cfg, res, &mut rng, &mut batch);
             if !classes.is_empty() {
-                draw(&classes, cfg.train_batch_size, cfg, res, &mut rng, &mut batch);
+                draw(&classes, batch_size, cfg, res, &mut rng, &mut batch);
             }
-            let loss = objective.loss(cfg, &sd, &batch, &mut rng)? / accum as f64;
+            let per = objective.per_sample(&sd, &batch.images, &batch.prompts, &mut rng, loss_options)?;
+            let (n, b) = (batch.instances, batch.images.len());
+            let instance = per.clone().slice([0..n]).mean();
+            let loss = if n < b { instance + per.slice([n..b]).mean() * cfg.data.prior_loss_weight } else { instance } / accum as f64;
             value += loss.clone().into_scalar::<f32>() as f64;
             add_grads(&mut grads, collect_grads(&sd, &loss.backward()));
         }
@@ -224,16 +166,17 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             bail!("loss became {value} at step {step}; stopped. The last good checkpoint is in {}", ckpts.dir.display());
         }
         let mut grads = grads.expect("at least one micro-step");
-        clip_grad_norm(&mut grads, cfg.max_grad_norm);
-        if let Some(g) = cfg.grad_scale {
+        clip_grad_norm(&mut grads, o.max_grad_norm);
+        if let Some(g) = cfg.freeze.grad_scale {
             scale_grads(&mut grads, g, |_| true);
         }
-        let lr = cfg.learning_rate() * cfg.lr_scheduler.factor(step, cfg.lr_warmup_steps, total);
+        let lr = cfg.learning_rate() * o.lr_scheduler.factor(step, o.lr_warmup_steps, total);
         opt.step(&mut sd, &grads, |path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
         history.push(value);
-        progress(&Tick { phase: "train", step: step + 1, total, loss: value });
+        let seconds_per_step = looping.elapsed().as_secs_f64() / (step + 1 - first) as f64;
+        progress(&Tick { phase: "train", step: step + 1, total, loss: value, seconds_per_step: Some(seconds_per_step) });
         let done = step + 1 == total;
-        if done || (cfg.checkpointing_steps > 0 && (step + 1) % cfg.checkpointing_steps == 0) {
+        if done || (cfg.run.checkpointing_steps > 0 && (step + 1) % cfg.run.checkpointing_steps == 0) {
             let mut state = State::default();
             state.trainable(&sd);
             state.optimizer(&opt);
@@ -242,36 +185,33 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             ckpts.save(step + 1, state)?;
             write_log(&cfg.out, &history)?;
         }
-        if cfg.validation_steps > 0 && (step + 1) % cfg.validation_steps == 0 && !done {
+        if cfg.run.validation_steps > 0 && (step + 1) % cfg.run.validation_steps == 0 && !done {
             // Validation samples as inference draws them: adapter dropout off, then back on.
-            set_training(&mut sd, false);
-            let grid = sample(cfg, &sd, &prompts);
-            set_training(&mut sd, true);
-            save_grid(&validation_dir.join(format!("step-{:06}.png", step + 1)), &grid?)?;
+            sd.for_each_layer_mut(|_, mut layer| layer.set_training(false));
+            let images = super::outputs::sample(&sd, &prompts, Sampling { per_prompt: 4, ..sampling });
+            sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
+            save_grid(&cfg.out.join("validation").join(format!("step-{:06}.png", step + 1)), &images?, 4)?;
         }
     }
     let train_seconds = started.elapsed().as_secs_f64();
+    let steps_run = total - first;
     // From here on the pipeline is exactly what `knobs generate` builds from the saved files.
     sd.for_inference();
     sd.device = cpu();
-    let samples = sample(cfg, &sd, &prompts)?;
-    save_grid(&cfg.out.join("samples.png"), &samples)?;
-    for (i, img) in samples.iter().take(4).enumerate() {
-        atomic_write(cfg.out.join("samples").join(format!("{i}.png")), &knobs_world::dataset::encode_png(img)?)?;
-    }
-    let outputs = save::save_outputs(cfg, &mut sd, &prepared)?;
-    let steps_run = total - first;
+    write_samples(&cfg.out, &sd, &prompts, sampling)?;
+    let outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
     let summary = Summary {
-        method: cfg.method.name().to_string(),
+        method: cfg.method.to_string(),
         steps: total,
         seconds: train_seconds,
-        seconds_per_step: train_seconds / steps_run.max(1) as f64,
+        seconds_per_step: (steps_run > 0).then(|| train_seconds / steps_run as f64),
         trainable_params,
-        output_bytes: save::size_of(&outputs),
+        output_bytes: size_of(&outputs),
         outputs,
         peak_rss_bytes: peak_rss_bytes(),
-        final_loss: history.last().copied().unwrap_or(f64::NAN),
+        final_loss: history.last().copied(),
+        extra: Default::default(),
     };
-    atomic_write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    summary.write(&cfg.out)?;
     Ok(summary)
 }

@@ -12,21 +12,20 @@ use knobs_adapters::formats::peft;
 use knobs_adapters::hyperlora::{HyperLora, Predicted};
 use knobs_adapters::lora::LoraConfig;
 use knobs_adapters::{AdaptedModel, Pattern, generated};
-use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
-use knobs_diffusion::schedulers::DdpmScheduler;
+use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{atomic_write, read_safetensors, write_safetensors};
+use knobs_nn::io::{read_safetensors, write_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig};
 use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
-use knobs_world::images::{from_tensor, grid};
 use knobs_world::judge::Judge;
 use rand::Rng;
 use rand::rngs::StdRng;
-use serde::Serialize;
 
 use crate::finetune::data::{crop, instance_examples};
 use crate::finetune::trainer::validation_prompts;
-use crate::finetune::{LoraFormat, TrainConfig};
+use crate::finetune::TrainConfig;
+use crate::finetune::outputs::{Sampling, Summary, size_of, write_samples};
+use crate::objective::Objective;
 use crate::progress::{Progress, Tick};
 use crate::rng::step_rng;
 
@@ -52,30 +51,8 @@ pub struct PersonalizeConfig {
     pub batch: usize,
     pub lr: f64,
     pub seed: u64,
-    /// `samples/`: 4 images of `prompt` as `knobs generate --seed 0 --num-images 4` makes them.
-    pub sample_steps: usize,
-    pub guidance: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PersonalizeSummary {
-    pub method: &'static str,
-    pub code_steps: u64,
-    pub steps: u64,
-    pub seconds: f64,
-    pub zero_shot_seconds: f64,
-    pub lora_rank: usize,
-    pub code_bytes: u64,
-    pub lora_bytes: u64,
-    pub outputs: Vec<PathBuf>,
-    pub final_loss: Option<f64>,
-    /// The diffusion loss of the last code-optimisation step.
-    pub code_loss: Option<f64>,
-    /// What the optimisation steps train: the code, and the rank-relaxed LoRA (0 zero-shot).
-    pub trainable_params: usize,
-    /// Seconds per code or rank-relaxed step (none zero-shot).
-    pub seconds_per_step: Option<f64>,
-    pub peak_rss_bytes: Option<u64>,
+    /// `samples/`: images of `prompt` as `knobs generate --seed 0` makes them.
+    pub sampling: Sampling,
 }
 
 /// A free code `[1, code_dim]` as the one trainable parameter (`code`).
@@ -113,19 +90,9 @@ fn concat(parts: &[&Plain]) -> Plain {
 
 /// The diffusion loss on a random pick of the instance images, one per prompt: the step body
 /// that code optimisation and rank-relaxed fine-tuning share.
-#[allow(clippy::too_many_arguments)]
-fn instance_loss(
-    sd: &StableDiffusion,
-    ddpm: &DdpmScheduler,
-    images: &[RgbImage],
-    prompts: &[String],
-    rng: &mut StdRng,
-    dev: &Device,
-    what: &str,
-    step: u64,
-) -> Result<(Tensor<1>, f64)> {
+fn instance_loss(sd: &StableDiffusion, objective: &Objective, images: &[RgbImage], prompts: &[String], rng: &mut StdRng, what: &str, step: u64) -> Result<(Tensor<1>, f64)> {
     let batch: Vec<RgbImage> = (0..prompts.len()).map(|_| images[rng.random_range(0..images.len())].clone()).collect();
-    let loss = diffusion_loss(sd, ddpm, &batch, prompts, rng, dev)?;
+    let loss = objective.per_sample(sd, &batch, prompts, rng, Default::default())?.mean();
     let value = loss.clone().into_scalar::<f32>() as f64;
     ensure!(value.is_finite(), "{what}: loss became {value} at step {step}");
     Ok((loss, value))
@@ -134,7 +101,7 @@ fn instance_loss(
 /// Zero-shot prediction from the instance images, optional rank-relaxed fine-tuning, and the
 /// files: `pytorch_lora_weights.safetensors`, `unet_lora/` (PEFT), `hyperlora_code.safetensors`,
 /// `samples/` and `summary.json`.
-pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<PersonalizeSummary> {
+pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summary> {
     ensure!(!cfg.images.is_empty(), "no instance images");
     ensure!(cfg.rank >= 1, "--rank must be at least 1");
     ensure!(cfg.batch >= 1, "--train-batch-size must be at least 1");
@@ -152,7 +119,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     let mut sd = StableDiffusion::from_dir(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();
-    let res = resolution(&sd);
+    let res = crate::objective::resolution(&sd);
     let images: Vec<RgbImage> = cfg.images.iter().map(|i| image::imageops::resize(i, res, res, image::imageops::FilterType::Triangle)).collect();
 
     // Zero-shot: one forward pass of the judge and the hypernetwork.
@@ -170,7 +137,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     let mut trainable_params = 0;
     let mut step_seconds = 0.0;
     // Both optional phases draw `cfg.batch` instance images a step under the instance prompt.
-    let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
+    let objective = Objective::new(&sd, &dev);
     let prompts = vec![cfg.prompt.clone(); cfg.batch];
     if cfg.code_steps > 0 {
         // The concept's own code, optimised with the diffusion loss through the frozen
@@ -187,10 +154,10 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
         for step in 0..cfg.code_steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-code", step);
             HyperLora::apply(&mut sd.unet, ADAPTER, &frozen.predict(free.z.clone()))?;
-            let (loss, value) = instance_loss(&sd, &ddpm, &images, &prompts, &mut rng, &dev, "code optimisation", step)?;
+            let (loss, value) = instance_loss(&sd, &objective, &images, &prompts, &mut rng, "code optimisation", step)?;
             opt.minimise(&mut free, loss, 1.0, cfg.lr);
             code_loss = Some(value);
-            progress(&Tick { phase: "hyper-code", step: step + 1, total: cfg.code_steps, loss: value });
+            progress(&Tick { phase: "hyper-code", step: step + 1, total: cfg.code_steps, loss: value, seconds_per_step: None });
         }
         step_seconds += looping.elapsed().as_secs_f64();
         sd.unet.for_each_layer_mut(|_, mut l| {
@@ -207,11 +174,12 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     if cfg.steps > 0 {
         // Rank-relaxed: the predicted LoRA stays fixed; a zero-initialised LoRA of rank
         // `cfg.rank` learns on top of it.
-        {
+        let relaxed: std::collections::BTreeSet<String> = {
             let mut unet = AdaptedModel::new(&mut sd.unet, cfg.seed);
             unet.add_adapter(ADAPTER, Box::new(LoraConfig::new(net.config.rank, net.config.alpha, Pattern::Names(layers.clone()))))?;
             unet.add_adapter("relaxed", Box::new(LoraConfig::new(cfg.rank, cfg.rank as f64, Pattern::Names(layers.clone()))))?;
-        }
+            unet.adapter_param_paths("relaxed").into_iter().map(|p| format!("unet.{p}")).collect()
+        };
         let fixed: BTreeMap<String, Tensor<2>> = zero
             .iter()
             .flat_map(|(p, (a, b, _))| {
@@ -219,16 +187,16 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
             })
             .collect();
         generated::set_tensors(&mut sd.unet, &fixed)?;
-        sd.train_only(|p| p.contains(".lora_") && p.contains(".relaxed."));
+        sd.train_only(|p| relaxed.contains(p));
         trainable_params += sd.num_trainable_params();
         let mut opt = AdamW::new(AdamWConfig { lr: cfg.lr, ..Default::default() });
         let looping = Instant::now();
         for step in 0..cfg.steps {
             let mut rng = step_rng(cfg.seed, "hyperlora-relaxed", step);
-            let (loss, value) = instance_loss(&sd, &ddpm, &images, &prompts, &mut rng, &dev, "rank-relaxed fine-tuning", step)?;
+            let (loss, value) = instance_loss(&sd, &objective, &images, &prompts, &mut rng, "rank-relaxed fine-tuning", step)?;
             opt.minimise(&mut sd, loss, 1.0, cfg.lr);
             final_loss = Some(value);
-            progress(&Tick { phase: "hyper-lora", step: step + 1, total: cfg.steps, loss: value });
+            progress(&Tick { phase: "hyper-lora", step: step + 1, total: cfg.steps, loss: value, seconds_per_step: None });
         }
         step_seconds += looping.elapsed().as_secs_f64();
         let mut relaxed = Plain::new();
@@ -269,16 +237,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     diffusers_lora::save(&lora_path, &[("unet", &component)], DiffusersKeys::Diffusers)?;
     drop(unet);
 
-    let mut req = GenerateRequest::new(cfg.prompt.clone());
-    req.steps = cfg.sample_steps;
-    req.guidance_scale = cfg.guidance;
-    req.num_images = 4;
-    req.seed = 0;
-    let samples = from_tensor(sd.generate(&req)?.mul_scalar(2.0).sub_scalar(1.0))?;
-    for (i, img) in samples.iter().enumerate() {
-        atomic_write(cfg.out.join("samples").join(format!("{i}.png")), &knobs_world::dataset::encode_png(img)?)?;
-    }
-    atomic_write(cfg.out.join("samples.png"), &knobs_world::dataset::encode_png(&grid(&samples, 4))?)?;
+    write_samples(&cfg.out, &sd, std::slice::from_ref(&cfg.prompt), cfg.sampling)?;
 
     // The compact file: the code plus the hypernetwork it belongs to.
     let code_path = cfg.out.join(CODE_FILE);
@@ -294,24 +253,28 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Person
     write_safetensors(&code_path, &BTreeMap::from([("code".to_string(), TensorData::new(code_vec, [n]))]), &meta)?;
 
     let outputs = vec![lora_path.clone(), peft_dir, code_path.clone()];
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let summary = PersonalizeSummary {
-        method: "hyper-lora",
-        code_steps: cfg.code_steps,
+    let relaxing = cfg.steps + cfg.code_steps;
+    let extra = serde_json::json!({
+        "zero_shot_seconds": zero_shot_seconds,
+        "code_steps": cfg.code_steps,
+        "code_loss": code_loss,
+        "lora_rank": rank,
+        "code_bytes": size_of(std::slice::from_ref(&code_path)),
+        "lora_bytes": size_of(std::slice::from_ref(&lora_path)),
+    });
+    let summary = Summary {
+        method: "hyper-lora".into(),
         steps: cfg.steps,
         seconds,
-        zero_shot_seconds,
-        lora_rank: rank,
-        code_bytes: size(&code_path),
-        lora_bytes: size(&lora_path),
-        outputs,
-        final_loss,
-        code_loss,
+        seconds_per_step: (relaxing > 0).then(|| step_seconds / relaxing as f64),
         trainable_params,
-        seconds_per_step: (cfg.steps + cfg.code_steps > 0).then(|| step_seconds / (cfg.steps + cfg.code_steps) as f64),
+        output_bytes: size_of(&outputs),
+        outputs,
         peak_rss_bytes: crate::progress::peak_rss_bytes(),
+        final_loss,
+        extra: serde_json::from_value(extra)?,
     };
-    atomic_write(cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    summary.write(&cfg.out)?;
     Ok(summary)
 }
 
@@ -330,59 +293,36 @@ pub fn lora_from_code(code_file: &Path, hypernetwork_dir: &Path) -> Result<Predi
     Ok(net.predict(Tensor::from_data(TensorData::new(v, [1, net.config.code_dim]), &cpu())))
 }
 
-/// `knobs train --method hyper-lora`: the [`PersonalizeConfig`] a [`TrainConfig`] describes,
-/// run. Settings of other methods that would be silently ignored are refused by flag name.
-pub fn run_train(cfg: &TrainConfig, judge: &Path, progress: Progress) -> Result<PersonalizeSummary> {
-    cfg.validate()?;
-    let refuse = |flag: &str, set: bool| if set { bail!("{flag} is not used by --method hyper-lora") } else { Ok(()) };
-    refuse("--class-prompt", cfg.class_prompt.is_some())?;
-    refuse("--train-text-encoder", cfg.train_text_encoder)?;
-    refuse("--conv", cfg.conv)?;
-    refuse("--format kohya", cfg.format == LoraFormat::Kohya)?;
-    refuse("--resume", cfg.resume.is_some())?;
-    refuse("--train-only", !cfg.train_only.is_empty())?;
-    refuse("--placeholder-token", cfg.placeholder_token.is_some())?;
-    let hyper = cfg.hypernetwork_dir.clone().context("--method hyper-lora needs --hypernetwork-dir")?;
+/// `knobs train --method hyper-lora`: the [`PersonalizeConfig`] a [`TrainConfig`] describes
+/// (already validated), run with the hypernetwork in `hyper` and the judge in `judge`.
+pub fn run_train(cfg: &TrainConfig, model: &Path, hyper: &Path, judge: &Path, progress: Progress) -> Result<Summary> {
     // The instance images as the trainer reads them, at the resolution of the base model.
-    let res = match cfg.resolution {
+    let res = match cfg.data.resolution {
         Some(r) => r as u32,
-        None => model_resolution(&cfg.model).with_context(|| format!("--model {}", cfg.model.display()))?,
+        None => crate::objective::resolution_of(model).with_context(|| format!("--model {}", model.display()))?,
     };
     let examples = instance_examples(cfg, res)?;
-    let mut rng = step_rng(cfg.seed, "hyperlora-crop", 0);
+    let mut rng = step_rng(cfg.optim.seed, "hyperlora-crop", 0);
     let images = examples.iter().map(|e| crop(e, res, true, false, &mut rng)).collect();
     let prompt = validation_prompts(cfg, &examples)[0].clone();
     personalize(
         &PersonalizeConfig {
-            model: cfg.model.clone(),
+            model: model.to_path_buf(),
             judge: judge.to_path_buf(),
-            hypernetwork_dir: hyper,
+            hypernetwork_dir: hyper.to_path_buf(),
             out: cfg.out.clone(),
             images,
             prompt,
-            code_steps: cfg.hyper_code_steps,
+            code_steps: cfg.hyper_lora.hyper_code_steps,
             steps: cfg.max_train_steps(),
-            rank: cfg.rank,
-            batch: cfg.train_batch_size,
+            rank: cfg.lora.rank,
+            batch: cfg.optim.train_batch_size,
             lr: cfg.learning_rate(),
-            seed: cfg.seed,
-            sample_steps: cfg.validation_inference_steps,
-            guidance: cfg.guidance_scale,
+            seed: cfg.optim.seed,
+            sampling: Sampling { per_prompt: cfg.run.num_samples, steps: cfg.run.sample_steps, guidance: cfg.run.guidance_scale },
         },
         progress,
     )
-}
-
-/// The UNet's sample size times the VAE's downsampling factor, from the folder's configs.
-fn model_resolution(model: &Path) -> Result<u32> {
-    let read = |part: &str| -> Result<serde_json::Value> {
-        let path = model.join(part).join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
-    };
-    let sample = read("unet")?.get("sample_size").and_then(|v| v.as_u64()).unwrap_or(64);
-    let blocks = read("vae")?.get("block_out_channels").and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(4);
-    Ok((sample << (blocks.max(1) - 1)) as u32)
 }
 
 #[cfg(test)]

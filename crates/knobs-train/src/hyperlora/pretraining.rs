@@ -6,7 +6,6 @@ use image::RgbImage;
 use knobs_adapters::hyperlora::{HyperLora, HyperLoraConfig};
 use knobs_adapters::AdaptedModel;
 use knobs_diffusion::pipeline::StableDiffusion;
-use knobs_diffusion::schedulers::DdpmScheduler;
 use knobs_nn::io::atomic_write;
 use knobs_nn::optim::{AdamW, AdamWConfig};
 use knobs_nn::{ModuleExt, cpu_autodiff};
@@ -131,7 +130,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
     sd.vae.for_inference();
     sd.freeze_all();
     let judge = Judge::load(&cfg.judge).with_context(|| format!("--judge {}", cfg.judge.display()))?;
-    let res = resolution(&sd);
+    let res = crate::objective::resolution(&sd);
     let concepts = training_concepts(cfg.seed, cfg.num_concepts);
     let images: Vec<Vec<RgbImage>> = concepts.iter().map(|c| c.instance_images(cfg.images_per_concept, res).into_iter().map(|(i, _)| i).collect()).collect();
     let embeds: Vec<Vec<Vec<f32>>> = images.iter().map(|imgs| judge.embed(imgs)).collect();
@@ -163,7 +162,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
         history = decode_history(meta(&ck, "loss_history")?)?;
         start = step;
     }
-    let ddpm = DdpmScheduler::new(sd.scheduler_config.clone());
+    let objective = crate::objective::Objective::new(&sd, &dev);
     for step in start..cfg.steps {
         let mut rng = step_rng(cfg.seed, "hyperlora", step);
         let i = rng.random_range(0..cfg.num_concepts);
@@ -180,7 +179,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
         let picks: Vec<usize> = (0..cfg.batch).map(|_| rng.random_range(0..cfg.images_per_concept)).collect();
         let batch: Vec<RgbImage> = picks.iter().map(|&j| images[i][j].clone()).collect();
         let prompts = vec![concepts[i].instance_prompt(); cfg.batch];
-        let mut loss = diffusion_loss(&sd, &ddpm, &batch, &prompts, &mut rng, &dev)?;
+        let mut loss = objective.per_sample(&sd, &batch, &prompts, &mut rng, Default::default())?.mean();
         if cfg.variational && cfg.kl_weight > 0.0 {
             loss = loss + code.kl() * cfg.kl_weight;
         }
@@ -188,7 +187,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
         ckpts.check_loss("hyperlora", value, step)?;
         opt.minimise(&mut net, loss, 1.0, cfg.lr);
         history.push(value);
-        progress(&Tick { phase: "hyperlora", step: step + 1, total: cfg.steps, loss: value });
+        progress(&Tick { phase: "hyperlora", step: step + 1, total: cfg.steps, loss: value, seconds_per_step: None });
         let pause = deadline.pauses_at(step + 1, cfg.steps);
         let saved = ckpts.save_if_due(step + 1, cfg.steps, cfg.checkpoint_every, pause, || {
             let mut state = State::of(&net, &opt, "config", &fingerprint);

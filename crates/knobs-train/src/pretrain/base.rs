@@ -152,7 +152,7 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
         let lr = phase.lr * LrSchedule::Cosine.factor(step, phase.warmup, phase.steps);
         opt.minimise(&mut base, loss, 1.0, lr);
         ema.update(&base);
-        progress(&Tick { phase: "base", step: step + 1, total: phase.steps, loss: value });
+        progress(&Tick { phase: "base", step: step + 1, total: phase.steps, loss: value, seconds_per_step: None });
         let pausing = deadline.pauses_at(step + 1, phase.steps);
         ckpts.save_if_due(step + 1, phase.steps, config.checkpoint_every, pausing, || {
             let mut state = State::of(&base, &opt, "phase", &fingerprint);

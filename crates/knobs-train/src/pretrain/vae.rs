@@ -100,7 +100,7 @@ pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -
         ckpts.check_loss("VAE", value, step)?;
         let lr = phase.lr * LrSchedule::Cosine.factor(step, phase.warmup, phase.steps);
         opt.minimise(&mut vae, loss, 1.0, lr);
-        progress(&Tick { phase: "vae", step: step + 1, total: phase.steps, loss: value });
+        progress(&Tick { phase: "vae", step: step + 1, total: phase.steps, loss: value, seconds_per_step: None });
         let pausing = deadline.pauses_at(step + 1, phase.steps);
         ckpts.save_if_due(step + 1, phase.steps, config.checkpoint_every, pausing, || State::of(&vae, &opt, "phase", &fingerprint))?;
         if pausing {

@@ -25,9 +25,10 @@ use super::judge::load_judge;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model to evaluate: a diffusers pipeline folder (a DreamBooth output, or the base).
+    /// The model to evaluate: a diffusers pipeline folder (a DreamBooth output, or the base);
+    /// default: the built-in base model (models/knobs-base, found at run time).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub adapters: AdapterArgs,
     /// A held-out concept (`knobs world concepts --list`); without it, base-model quality.
@@ -163,7 +164,7 @@ fn subject_token(args: &Args, concept: &ConceptSpec) -> Result<String> {
 }
 
 fn default_base_model() -> Option<PathBuf> {
-    super::builtin::dir(super::builtin::BASE_MODEL)
+    knobs_train::builtin::dir(knobs_train::builtin::BASE_MODEL)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -176,14 +177,15 @@ pub fn run(args: Args) -> Result<()> {
         })?),
         None => None,
     };
+    let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     let judge = load_judge(args.judge.as_deref())?;
     let load_start = Instant::now();
-    let mut sd = load_pipeline(&args.model, "--model")?;
+    let mut sd = load_pipeline(&model, "--model")?;
     args.adapters.apply(&mut sd)?;
     let mut load_seconds = load_start.elapsed().as_secs_f64();
 
     let mut settings = json!({
-        "model": args.model.display().to_string(),
+        "model": model.display().to_string(),
         "lora": args.adapters.lora,
         "hypernetwork": args.adapters.hypernetwork,
         "embedding": args.adapters.embedding.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
@@ -220,7 +222,7 @@ pub fn run(args: Args) -> Result<()> {
             out.insert("prompt_fidelity".into(), num(fidelity));
             out.insert("diversity".into(), num(div));
             details.insert("prompts".into(), prompts.len().into());
-            lines.push(format!("base quality of {} on {} prompts (every shape x colour, with backgrounds)", args.model.display(), prompts.len()));
+            lines.push(format!("base quality of {} on {} prompts (every shape x colour, with backgrounds)", model.display(), prompts.len()));
             lines.push(format!("shape_colour_accuracy {}", fmt(quality.shape_colour_accuracy)));
             lines.push(format!("background_accuracy   {}", fmt(quality.background_accuracy)));
             lines.push(format!("prompt_fidelity       {}", fmt(fidelity)));
@@ -242,7 +244,7 @@ pub fn run(args: Args) -> Result<()> {
             let no_model_adapters = args.adapters.lora.is_empty() && args.adapters.hypernetwork.is_empty();
             let base_source: Option<(PathBuf, bool)> = match (&args.base_model, no_model_adapters, args.adapters.embedding.is_empty()) {
                 (Some(p), _, _) => Some((p.clone(), true)),
-                (None, false, _) => Some((args.model.clone(), false)),
+                (None, false, _) => Some((model.clone(), false)),
                 // Embeddings only add tokens: other-class prompts run exactly as in the base.
                 (None, true, false) => None,
                 (None, true, true) => default_base_model().map(|p| (p, true)),
@@ -310,7 +312,7 @@ pub fn run(args: Args) -> Result<()> {
             lines.push(format!(
                 "concept {} (\"{instance_prompt}\") with {}{}",
                 concept.name,
-                args.model.display(),
+                model.display(),
                 adapters_note(&args)
             ));
             lines.push(format!("subject_fidelity   {}   mean cosine to the {} instance images", fmt(sf), instances.len()));

@@ -8,10 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
-use knobs_adapters::AdaptedModel;
-use knobs_adapters::formats::lora_files;
-use knobs_adapters::hypernetwork;
-use knobs_diffusion::clip::embeddings;
+use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::read_safetensors;
@@ -36,24 +33,40 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    /// Attaches the LoRAs, adds the embeddings and attaches the hypernetworks, then takes the
+    /// Loads every `--lora` onto the components it carries weights for, adds the embeddings
+    /// and attaches the hypernetworks, all through one [`PipelineAdapters`], then takes the
     /// pipeline out of autodiff: loaded weights still carry autodiff state, and sampling is
     /// measurably faster without it.
-    pub fn apply(&self, sd: &mut StableDiffusion) -> Result<()> {
-        attach_loras(sd, &self.lora)?;
-        add_embeddings(sd, &self.embedding)?;
-        attach_hypernetworks(sd, &self.hypernetwork)?;
+    pub fn apply(&self, sd: &mut StableDiffusion) -> Result<PipelineAdapters> {
+        let mut adapters = PipelineAdapters::new(0);
+        for (i, spec) in self.lora.iter().enumerate() {
+            let (path, scale) = lora_spec(spec);
+            adapters.load_lora(sd, &path, &format!("lora{i}"), scale).with_context(|| format!("--lora {}", path.display()))?;
+            tracing::info!("attached {} with scale {scale}", path.display());
+        }
+        adapters.activate_all(sd)?;
+        for path in &self.embedding {
+            let (emb, ids) = adapters.load_embedding(sd, path)?;
+            tracing::info!("token {} ({} vectors, ids {ids:?}) from {}", emb.token, emb.vectors.len(), path.display());
+        }
+        // The last one attached transforms the context first, so they are attached in
+        // reverse: the first given is applied first, as A1111 applies its list.
+        for (i, spec) in self.hypernetwork.iter().enumerate().rev() {
+            let (path, strength) = lora_spec(spec);
+            let layers = adapters.load_hypernetwork(sd, &path, &format!("hypernetwork{i}"), strength).with_context(|| format!("--hypernetwork {}", path.display()))?;
+            tracing::info!("attached {} to {} layers with strength {strength}", path.display(), layers.len());
+        }
         knobs_nn::ModuleExt::for_inference(sd);
-        Ok(())
+        Ok(adapters)
     }
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
-    /// scheduler/); default: the built-in base model.
-    #[arg(long, default_value_os_t = knobs_train::finetune::config::default_model())]
-    pub model: PathBuf,
+    /// scheduler/); default: the built-in base model (models/knobs-base, found at run time).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -103,65 +116,16 @@ fn lora_spec(spec: &str) -> (PathBuf, f32) {
     }
 }
 
-/// Attaches every `--lora` to the UNet and text encoder it carries weights for, then makes
-/// them active together with their scales.
-pub fn attach_loras(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
-    let mut unet = AdaptedModel::new(&mut sd.unet, 0);
-    let mut text_encoder = AdaptedModel::new(&mut sd.text_encoder, 0);
-    let (mut unet_weights, mut te_weights) = (Vec::new(), Vec::new());
-    for (i, spec) in specs.iter().enumerate() {
-        let (path, scale) = lora_spec(spec);
-        let name = format!("lora{i}");
-        for (component, lora) in lora_files::read(&path)? {
-            let attached = match component.as_str() {
-                "" | "unet" => lora_files::attach(&mut unet, &name, &lora).map(|_| unet_weights.push((name.clone(), scale))),
-                "text_encoder" => lora_files::attach(&mut text_encoder, &name, &lora).map(|_| te_weights.push((name.clone(), scale))),
-                other => bail!("{}: LoRA for component `{other}`, which an SD-1.x/2.x pipeline lacks (supported: unet, text_encoder)", path.display()),
-            };
-            attached.with_context(|| format!("--lora {}", path.display()))?;
-        }
-        tracing::info!("attached {} with scale {scale}", path.display());
-    }
-    unet.set_adapters(&as_refs(&unet_weights))?;
-    text_encoder.set_adapters(&as_refs(&te_weights))?;
-    Ok(())
-}
-
-fn as_refs(weights: &[(String, f32)]) -> Vec<(&str, f32)> {
-    weights.iter().map(|(n, s)| (n.as_str(), *s)).collect()
-}
-
-/// Attaches every `--hypernetwork` to the UNet's key/value projections with its strength.
-/// The last one attached transforms the context first, so they are attached in reverse:
-/// the first given is applied first, as A1111 applies its list.
-pub fn attach_hypernetworks(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
-    let mut unet = AdaptedModel::new(&mut sd.unet, 0);
-    for (i, spec) in specs.iter().enumerate().rev() {
-        let (path, strength) = lora_spec(spec);
-        let layers = hypernetwork::load(&mut unet, &path, &format!("hypernetwork{i}"), strength).with_context(|| format!("--hypernetwork {}", path.display()))?;
-        tracing::info!("attached {} to {} layers with strength {strength}", path.display(), layers.len());
-    }
-    Ok(())
-}
-
-/// Adds every `--embedding`'s tokens to the tokenizer and text encoder.
-pub fn add_embeddings(sd: &mut StableDiffusion, paths: &[PathBuf]) -> Result<()> {
-    for path in paths {
-        let (emb, ids) = embeddings::load(path, None, &mut sd.tokenizer, &mut sd.text_encoder)?;
-        tracing::info!("token {} ({} vectors, ids {ids:?}) from {}", emb.token, emb.vectors.len(), path.display());
-    }
-    Ok(())
-}
-
 /// Loads the pipeline named by `--model` on the CPU.
 pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
+    let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
-    let sd = StableDiffusion::from_dir(&args.model, &cpu())?;
+    let sd = StableDiffusion::from_dir(&model, &cpu())?;
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }
-    tracing::info!("loaded {} in {:.2} s", args.model.display(), start.elapsed().as_secs_f64());
+    tracing::info!("loaded {} in {:.2} s", model.display(), start.elapsed().as_secs_f64());
     Ok(sd)
 }
 

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, ensure};
-use knobs_train::finetune::config::default_model;
 use knobs_train::hyperlora::{HyperPretrainConfig, Outcome, pretrain};
 
 #[derive(clap::Subcommand)]
@@ -80,7 +79,7 @@ pub fn run(c: Command) -> Result<()> {
 
 fn run_pretrain(a: PretrainArgs) -> Result<()> {
     let judge = super::judge::judge_dir(a.judge.as_deref());
-    let mut cfg = HyperPretrainConfig::new(a.model.unwrap_or_else(default_model), judge, a.out);
+    let mut cfg = HyperPretrainConfig::new(knobs_train::builtin::model_or_default(a.model.as_deref())?, judge, a.out);
     macro_rules! set {
         ($($field:ident => $name:ident),*) => { $( if let Some(v) = a.$field { cfg.$name = v; } )* };
     }

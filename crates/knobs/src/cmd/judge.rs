@@ -76,7 +76,7 @@ pub fn run(cmd: Command) -> Result<()> {
 
 /// `--judge`, else the built-in judge (`models/judge`).
 pub fn judge_dir(arg: Option<&Path>) -> PathBuf {
-    arg.map(Path::to_path_buf).or_else(|| super::builtin::dir(super::builtin::JUDGE)).unwrap_or_else(|| PathBuf::from(DEFAULT_JUDGE))
+    arg.map(Path::to_path_buf).or_else(|| knobs_train::builtin::dir(knobs_train::builtin::JUDGE)).unwrap_or_else(|| PathBuf::from(DEFAULT_JUDGE))
 }
 
 /// Loads the judge, naming `--judge` in the error.

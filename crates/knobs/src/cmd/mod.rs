@@ -1,5 +1,4 @@
 pub mod adapter;
-pub mod builtin;
 pub mod compare;
 pub mod demo;
 pub mod eval;

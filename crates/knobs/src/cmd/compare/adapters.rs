@@ -1,15 +1,14 @@
 //! What a training run left behind, sorted by how it loads (a model folder, LoRA files,
 //! embeddings, other PEFT adapters), and the few adapter operations compare needs on a loaded
-//! pipeline: attach, merge in place, or fold into the weights for good.
+//! pipeline (through its `PipelineAdapters`): attach, merge in place, or fold into the
+//! weights for good.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use knobs_adapters::formats::lora_files::{self, ComponentLora};
 use knobs_adapters::formats::peft;
-use knobs_adapters::{AdaptedModel, AdapterConfig};
+use knobs_diffusion::loaders::{Component, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
-use knobs_nn::Module;
-use knobs_train::finetune::save::{EMBEDDING_FILE, HYPERNETWORK_FILE, KOHYA_FILE, LORA_FILE, size_of};
+use knobs_train::finetune::outputs::{EMBEDDING_FILE, HYPERNETWORK_FILE, KOHYA_FILE, LORA_FILE, size_of};
 
 /// The files of a run that compare loads, by kind.
 #[derive(Debug, Default)]
@@ -21,7 +20,7 @@ pub struct Artefacts {
     /// Textual-inversion embeddings (`knobs eval --embedding`).
     pub embeddings: Vec<PathBuf>,
     /// PEFT folders of adapters that are not LoRA (IA3), with the component they adapt.
-    pub peft: Vec<(String, PathBuf)>,
+    pub peft: Vec<(Component, PathBuf)>,
     /// A1111-style hypernetworks (`knobs eval --hypernetwork`).
     pub hypernetworks: Vec<PathBuf>,
 }
@@ -43,7 +42,10 @@ impl Artefacts {
             } else if p.join(peft::CONFIG_FILE).is_file() {
                 match peft_type(p).as_deref() {
                     Some("LORA") => {}
-                    _ => a.peft.push((name.rsplit_once('_').map_or("unet", |(c, _)| c).to_string(), p.clone())),
+                    _ => {
+                        let prefix = name.rsplit_once('_').map_or("", |(c, _)| c);
+                        a.peft.push((Component::from_prefix(prefix).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?, p.clone()));
+                    }
                 }
             } else if name == LORA_FILE || name == KOHYA_FILE {
                 a.loras.push(p.clone());
@@ -73,63 +75,21 @@ impl Artefacts {
     }
 }
 
-/// An operation on one component's adapters.
-pub enum Op<'a> {
-    /// Attach a LoRA read from a file.
-    Lora(&'a ComponentLora),
-    /// Load a PEFT folder of any adapter type.
-    Peft(&'a Path),
-    /// Merge an attached adapter into the weights (it stays attached and can be unmerged).
-    Merge(Box<dyn AdapterConfig>),
-    /// Merge an attached adapter and remove it: plain weights, as a model folder stores them.
-    Fold(Box<dyn AdapterConfig>),
-}
-
-fn apply<M: Module>(model: M, name: &str, op: Op) -> Result<()> {
-    let mut am = AdaptedModel::new(model, 0);
-    match op {
-        Op::Lora(lora) => drop(lora_files::attach(&mut am, name, lora)?),
-        Op::Peft(dir) => peft::load(&mut am, dir, name)?,
-        Op::Merge(config) => {
-            am.adopt(name, config)?;
-            am.merge(&[name])?;
-        }
-        Op::Fold(config) => {
-            am.adopt(name, config)?;
-            am.merge_and_unload()?;
-        }
-    }
-    Ok(())
-}
-
-/// Applies `op` to the component (`unet`, or `""` for a file without prefixes; `text_encoder`).
-pub fn on_component(sd: &mut StableDiffusion, component: &str, name: &str, op: Op) -> Result<()> {
-    match component {
-        "" | "unet" => apply(&mut sd.unet, name, op),
-        "text_encoder" => apply(&mut sd.text_encoder, name, op),
-        other => bail!("an adapter for component `{other}`, which an SD-1.x/2.x pipeline lacks (supported: unet, text_encoder)"),
-    }
-}
-
-/// An attached adapter: its component, name and config (to merge it later).
-pub type Attached = (String, String, Box<dyn AdapterConfig>);
-
-/// Attaches every LoRA file and PEFT folder of `a` to `sd` (embeddings are added separately).
-pub fn attach_all(sd: &mut StableDiffusion, a: &Artefacts) -> Result<Vec<Attached>> {
-    let mut out: Vec<Attached> = Vec::new();
+/// Attaches every LoRA file and PEFT folder of `a` to `sd` (embeddings and hypernetworks
+/// are added separately); returns the adapter names.
+pub fn attach_all(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, a: &Artefacts) -> Result<Vec<String>> {
+    let mut names = Vec::new();
     for path in &a.loras {
-        for (component, lora) in lora_files::read(path)? {
-            let name = format!("adapter{}", out.len());
-            on_component(sd, &component, &name, Op::Lora(&lora)).with_context(|| path.display().to_string())?;
-            out.push((component, name, Box::new(lora.config.clone())));
-        }
+        let name = format!("adapter{}", names.len());
+        adapters.load_lora(sd, path, &name, 1.0).with_context(|| path.display().to_string())?;
+        names.push(name);
     }
     for (component, dir) in &a.peft {
-        let name = format!("adapter{}", out.len());
-        on_component(sd, component, &name, Op::Peft(dir)).with_context(|| dir.display().to_string())?;
-        out.push((component.clone(), name, peft::read_config(dir)?));
+        let name = format!("adapter{}", names.len());
+        adapters.load_peft(sd, *component, dir, &name).with_context(|| dir.display().to_string())?;
+        names.push(name);
     }
-    Ok(out)
+    Ok(names)
 }
 
 /// A pipeline folder `dir` equal to `base` with the PEFT adapters of `a` folded into their
@@ -137,20 +97,17 @@ pub fn attach_all(sd: &mut StableDiffusion, a: &Artefacts) -> Result<Vec<Attache
 /// measures them. Unchanged parts are symlinks to the base folder.
 pub fn merged_model(base: &Path, a: &Artefacts, dir: &Path) -> Result<()> {
     let mut sd = StableDiffusion::from_dir(base, &knobs_nn::cpu()).with_context(|| format!("--model {}", base.display()))?;
-    for (component, name, config) in attach_all(&mut sd, &Artefacts { peft: a.peft.clone(), ..Default::default() })? {
-        on_component(&mut sd, &component, &name, Op::Fold(config))?;
-    }
+    let mut adapters = PipelineAdapters::new(0);
+    attach_all(&mut sd, &mut adapters, &Artefacts { peft: a.peft.clone(), ..Default::default() })?;
+    adapters.fuse(&mut sd)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
-    let changed: Vec<&str> = a.peft.iter().map(|(c, _)| c.as_str()).collect();
+    let changed: Vec<&str> = a.peft.iter().map(|(c, _)| c.name()).collect();
     link_all(base, dir, &changed)?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     for component in changed {
-        let weights = match component {
-            "unet" => knobs_nn::io::state_dict(&sd.unet),
-            _ => knobs_nn::io::state_dict(&sd.text_encoder),
-        };
+        let weights = if component == Component::Unet.name() { knobs_nn::io::state_dict(&sd.unet) } else { knobs_nn::io::state_dict(&sd.text_encoder) };
         let (from, to) = (base.join(component), dir.join(component));
         link_all(&from, &to, &[])?;
         for entry in std::fs::read_dir(&from).with_context(|| format!("cannot read {}", from.display()))? {

@@ -32,9 +32,10 @@ pub struct Args {
     /// Training steps, the same for every method (each uses its own default learning rate).
     #[arg(long, default_value_t = 300)]
     pub budget_steps: u64,
-    /// Base model folder (diffusers layout); default: the built-in model.
-    #[arg(long, default_value_os_t = knobs_train::finetune::config::default_model())]
-    pub model: PathBuf,
+    /// Base model folder (diffusers layout); default: the built-in model (models/knobs-base,
+    /// found at run time).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Images per prompt in the evaluation (diversity needs at least 2).
     #[arg(long, default_value_t = 4)]
     pub images_per_prompt: usize,

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use knobs_train::finetune::Method;
+use knobs_train::finetune::methods::OptionGroup;
 use knobs_world::concept::{ConceptSpec, by_name, held_out};
 use serde_json::{Value, json};
 
@@ -12,18 +13,36 @@ use super::Args;
 /// The reference row: the base model itself, evaluated once per concept.
 pub const BASE: &str = "base";
 
-/// DreamBooth with prior preservation: a compare-only name for `knobs train --method
-/// dreambooth --class-prompt "a CLASS" --num-class-images N`, so that language drift with and
-/// without it sit side by side.
-pub const DREAMBOOTH_PRIOR: &str = "dreambooth-prior";
-/// Class images generated for `dreambooth-prior` (diffusers' example uses 100-200 for SD).
+/// Compare-only rows: a registered method run with prior preservation (`--class-prompt "a
+/// CLASS" --num-class-images N`), so that language drift with and without it sit side by
+/// side. (row name, method)
+pub const WITH_PRIOR: &[(&str, &str)] = &[("dreambooth-prior", "dreambooth")];
+/// Class images generated for the prior-preservation rows (diffusers' example uses 100-200
+/// for SD).
 pub const CLASS_IMAGES: usize = 50;
 
-/// Every method name `--methods` accepts, in a fixed order (also the report's order).
+/// What a row trains: its method, and whether with prior preservation.
+pub fn row_method(row: &str) -> Result<(Method, bool)> {
+    match WITH_PRIOR.iter().find(|(r, _)| *r == row) {
+        Some((_, m)) => Ok((Method::parse(m)?, true)),
+        None => Ok((Method::parse(row)?, false)),
+    }
+}
+
+/// Every row name `--methods` accepts, in a fixed order (also the report's order): each
+/// registered method, followed by its prior-preservation row if it has one.
 pub fn known_methods() -> Vec<String> {
-    let mut v: Vec<String> = Method::NAMES.split(", ").map(String::from).collect();
-    v.insert(1, DREAMBOOTH_PRIOR.to_string());
+    let mut v = Vec::new();
+    for m in Method::names() {
+        v.push(m.to_string());
+        v.extend(WITH_PRIOR.iter().filter(|(_, base)| *base == m).map(|(r, _)| r.to_string()));
+    }
     v
+}
+
+/// Whether the row's method reads `--hypernetwork-dir`.
+fn uses_hypernetwork_dir(row: &str) -> bool {
+    row_method(row).is_ok_and(|(m, _)| m.options().contains(&OptionGroup::HyperLora))
 }
 
 /// Checks `--methods`: every `knobs train --method` name, plus `dreambooth-prior`.
@@ -32,7 +51,7 @@ pub fn parse_methods(names: &[String]) -> Result<Vec<String>> {
     ensure!(!names.is_empty(), "--methods: give at least one method; known: {known}");
     let mut out: Vec<String> = Vec::new();
     for name in names.iter().map(|n| n.trim()) {
-        if name != DREAMBOOTH_PRIOR && Method::parse(name).is_err() {
+        if row_method(name).is_err() {
             bail!("--methods: unknown method `{name}`; known: {known}");
         }
         if !out.iter().any(|m| m == name) {
@@ -81,19 +100,20 @@ impl Plan {
         ensure!(args.eval_steps >= 1, "--eval-steps must be at least 1");
         let methods = parse_methods(&args.methods)?;
         let concepts = parse_concepts(&args.concepts)?;
-        let hypernetwork_dir = if methods.iter().any(|m| m == "hyper-lora") {
-            let named = args.hypernetwork_dir.clone().or_else(|| crate::cmd::builtin::hypernetwork_for(&args.model));
-            let d = named.context("--methods hyper-lora needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)")?;
-            Some(d.canonicalize().with_context(|| format!("--hypernetwork-dir {}", d.display()))?)
-        } else if args.hypernetwork_dir.is_some() {
-            bail!("--hypernetwork-dir is only used with --methods hyper-lora");
-        } else {
-            None
+        let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
+        let hypernetwork_dir = match methods.iter().find(|m| uses_hypernetwork_dir(m)) {
+            Some(row) => {
+                let named = args.hypernetwork_dir.clone().or_else(|| knobs_train::builtin::hypernetwork_for(&model));
+                let d = named.with_context(|| format!("--methods {row} needs --hypernetwork-dir DIR (made by `knobs hyper pretrain`)"))?;
+                Some(d.canonicalize().with_context(|| format!("--hypernetwork-dir {}", d.display()))?)
+            }
+            None if args.hypernetwork_dir.is_some() => bail!("--hypernetwork-dir: none of --methods uses it"),
+            None => None,
         };
-        if !args.model.join("model_index.json").is_file() {
-            bail!("--model {}: not a diffusers pipeline folder (no model_index.json)", args.model.display());
+        if !model.join("model_index.json").is_file() {
+            bail!("--model {}: not a diffusers pipeline folder (no model_index.json)", model.display());
         }
-        let model = args.model.canonicalize().with_context(|| format!("--model {}", args.model.display()))?;
+        let model = model.canonicalize().with_context(|| format!("--model {}", model.display()))?;
         let judge = crate::cmd::judge::judge_dir(args.judge.as_deref());
         if !judge.is_dir() {
             bail!("--judge {}: judge folder not found", judge.display());
@@ -138,7 +158,7 @@ impl Plan {
         if method != BASE {
             s["budget_steps"] = self.budget_steps.into();
         }
-        if let (Some(d), "hyper-lora") = (&self.hypernetwork_dir, method) {
+        if let (Some(d), true) = (&self.hypernetwork_dir, uses_hypernetwork_dir(method)) {
             s["hypernetwork_dir"] = d.display().to_string().into();
         }
         s

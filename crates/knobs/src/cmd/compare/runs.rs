@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::adapters::{Artefacts, merged_model};
-use super::plan::{BASE, CLASS_IMAGES, DREAMBOOTH_PRIOR, Job, Plan, RESULT_FILE, TRAIN_FILE, write_json};
+use super::plan::{BASE, CLASS_IMAGES, Job, Plan, RESULT_FILE, TRAIN_FILE, row_method, write_json};
 use super::timing::Timer;
 
 /// Runs `knobs ARGS` (this executable) and parses the JSON object it prints last. Its stderr
@@ -38,8 +38,8 @@ fn args(items: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
 
 fn train(plan: &Plan, job: &Job) -> Result<Value> {
     let steps = plan.budget_steps.to_string();
-    let prior = job.method == DREAMBOOTH_PRIOR;
-    let method = if prior { "dreambooth" } else { job.method.as_str() };
+    let (method, prior) = row_method(&job.method)?;
+    let method = method.name();
     let mut a = args(&[
         &"train", &"--method", &method, &"--concept", &job.concept.name, &"--model", &plan.model, &"--out", &job.dir,
         &"--max-train-steps", &steps, &"--json",
@@ -48,7 +48,7 @@ fn train(plan: &Plan, job: &Job) -> Result<Value> {
         let (class_prompt, n) = (job.concept.class_prompt(), CLASS_IMAGES.to_string());
         a.extend(args(&[&"--class-prompt", &class_prompt, &"--num-class-images", &n]));
     }
-    if let (Some(d), "hyper-lora") = (&plan.hypernetwork_dir, method) {
+    if let (Some(d), Some(_)) = (&plan.hypernetwork_dir, job.settings.get("hypernetwork_dir")) {
         a.extend(args(&[&"--hypernetwork-dir", d]));
     }
     knobs_json(&a)

@@ -10,8 +10,9 @@ use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
 use knobs_nn::ModuleExt;
 use serde_json::{Value, json};
 
-use super::adapters::{Artefacts, Attached, Op, attach_all, on_component};
-use crate::cmd::generate::{add_embeddings, attach_hypernetworks};
+use knobs_diffusion::loaders::PipelineAdapters;
+
+use super::adapters::{Artefacts, attach_all};
 
 /// Each configuration is timed this many times; the fastest counts.
 pub const REPEATS: usize = 5;
@@ -58,24 +59,28 @@ impl Timer {
         if let Some(model) = &a.model {
             return Ok((load(model)?, None, "a full model folder: nothing to merge"));
         }
-        let attach = || -> Result<(StableDiffusion, Vec<Attached>)> {
+        let attach = || -> Result<(StableDiffusion, PipelineAdapters, Vec<String>)> {
             let mut sd = load(&self.base_dir)?;
-            add_embeddings(&mut sd, &a.embeddings)?;
-            let attached = attach_all(&mut sd, a)?;
-            let specs: Vec<String> = a.hypernetworks.iter().map(|p| p.display().to_string()).collect();
-            attach_hypernetworks(&mut sd, &specs)?;
-            Ok((sd, attached))
+            let mut adapters = PipelineAdapters::new(0);
+            for e in &a.embeddings {
+                adapters.load_embedding(&mut sd, e)?;
+            }
+            let attached = attach_all(&mut sd, &mut adapters, a)?;
+            for (i, h) in a.hypernetworks.iter().enumerate().rev() {
+                adapters.load_hypernetwork(&mut sd, h, &format!("hypernetwork{i}"), 1.0)?;
+            }
+            Ok((sd, adapters, attached))
         };
-        let (unmerged, attached) = attach()?;
+        let (unmerged, _, attached) = attach()?;
         if !a.hypernetworks.is_empty() {
             return Ok((unmerged, None, "a hypernetwork is non-linear: it cannot be merged"));
         }
         if attached.is_empty() {
             return Ok((unmerged, None, "embeddings are rows of the token table: nothing to merge"));
         }
-        let (mut merged, attached) = attach()?;
-        for (component, name, config) in attached {
-            on_component(&mut merged, &component, &name, Op::Merge(config))?;
+        let (mut merged, mut adapters, attached) = attach()?;
+        for name in &attached {
+            adapters.merge(&mut merged, name)?;
         }
         Ok((unmerged, Some(merged), "adapters attached (unmerged), and merged into the weights"))
     }

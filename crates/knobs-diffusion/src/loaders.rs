@@ -1,0 +1,330 @@
+//! The one owner of a pipeline's adapters, as diffusers' loader mixins are: which component
+//! an adapter lives on (`unet`, `text_encoder`), reading every file format onto the right
+//! component, weights, merging, saving, and each adapter's config for as long as it is
+//! attached, so that training, saving, generating and serving all go through one place.
+//!
+//! The models themselves know adapters only through the slots of their layers; this module
+//! builds a short-lived [`AdaptedModel`] over one component for each operation and keeps the
+//! configs between operations.
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use knobs_adapters::formats::diffusers::{self as diffusers_lora, DiffusersKeys};
+use knobs_adapters::formats::lora_files::{self, ComponentLora};
+use knobs_adapters::formats::{kohya, peft};
+use knobs_adapters::{AdaptedModel, AdapterConfig, AdapterError, Result, hypernetwork};
+use knobs_nn::{Error, Module};
+
+use crate::clip::embeddings::{self, LearnedEmbedding};
+use crate::pipeline::StableDiffusion;
+
+/// A pipeline part that adapters attach to, named as its folder and its key prefix in
+/// diffusers / kohya files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub const ALL: [Component; 2] = [Component::Unet, Component::TextEncoder];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// The component of a file's key prefix; a file without prefixes (a PEFT folder) adapts
+    /// the UNet, as diffusers assumes.
+    pub fn from_prefix(prefix: &str) -> std::result::Result<Component, String> {
+        match prefix {
+            "" | "unet" => Ok(Component::Unet),
+            "text_encoder" => Ok(Component::TextEncoder),
+            other => Err(format!("component `{other}`, which an SD-1.x/2.x pipeline lacks (supported: unet, text_encoder)")),
+        }
+    }
+
+    fn model(self, sd: &mut StableDiffusion) -> &mut dyn Module {
+        match self {
+            Component::Unet => &mut sd.unet,
+            Component::TextEncoder => &mut sd.text_encoder,
+        }
+    }
+
+    /// Seeds new adapters of each component differently, so that a UNet and a text-encoder
+    /// LoRA trained together do not start from the same random matrices.
+    fn seed(self, seed: u64) -> u64 {
+        match self {
+            Component::Unet => seed,
+            Component::TextEncoder => seed ^ 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// LoRA single-file layouts this loader writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFile {
+    /// `pytorch_lora_weights.safetensors` (`unet.` / `text_encoder.` prefixes).
+    Diffusers,
+    /// kohya-ss (`lora_unet_` / `lora_te_`, `.alpha`, `ss_*` metadata).
+    Kohya,
+}
+
+/// One attached adapter.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub name: String,
+    pub component: Component,
+    pub config: Box<dyn AdapterConfig>,
+    /// Its weight in the active set (diffusers' `set_adapters`).
+    pub weight: f32,
+}
+
+/// The adapters of one pipeline. Every method takes the pipeline it manages; use one
+/// `PipelineAdapters` per pipeline.
+#[derive(Debug, Default)]
+pub struct PipelineAdapters {
+    attached: Vec<Attached>,
+    embeddings: Vec<LearnedEmbedding>,
+    seed: u64,
+}
+
+fn file_error(path: &Path, e: impl std::fmt::Display) -> AdapterError {
+    AdapterError::Nn(Error::file(path, e.to_string()))
+}
+
+impl PipelineAdapters {
+    /// `seed` drives the initialisation of adapters added for training.
+    pub fn new(seed: u64) -> Self {
+        PipelineAdapters { seed, ..Default::default() }
+    }
+
+    pub fn attached(&self) -> &[Attached] {
+        &self.attached
+    }
+
+    /// The textual-inversion embeddings loaded so far.
+    pub fn embeddings(&self) -> &[LearnedEmbedding] {
+        &self.embeddings
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Attached> {
+        self.attached.iter().find(|a| a.name == name)
+    }
+
+    fn components_of(&self, name: &str) -> Vec<Component> {
+        let set: BTreeSet<Component> = self.attached.iter().filter(|a| a.name == name).map(|a| a.component).collect();
+        set.into_iter().collect()
+    }
+
+    /// Runs `f` on a manager of `component` that knows every adapter attached there, and
+    /// keeps what `f` leaves (adapters added, deleted or merged away).
+    pub fn on<R>(&mut self, sd: &mut StableDiffusion, component: Component, f: impl FnOnce(&mut AdaptedModel<&mut dyn Module>) -> Result<R>) -> Result<R> {
+        let mut am = AdaptedModel::new(component.model(sd), component.seed(self.seed));
+        for a in self.attached.iter().filter(|a| a.component == component) {
+            am.adopt(&a.name, a.config.clone())?;
+        }
+        let out = f(&mut am);
+        let now: Vec<(String, Box<dyn AdapterConfig>)> = am.adapter_names().into_iter().map(|n| (n.clone(), am.config(&n).expect("listed").clone_box())).collect();
+        // Keep the order and weights of adapters still there; append new ones.
+        self.attached.retain(|a| a.component != component || now.iter().any(|(n, _)| *n == a.name));
+        for (name, config) in now {
+            if !self.attached.iter().any(|a| a.component == component && a.name == name) {
+                self.attached.push(Attached { name, component, config, weight: 1.0 });
+            }
+        }
+        out
+    }
+
+    /// Attaches a new adapter for training: initialised from the seed, its parameters
+    /// trainable and everything else on that component frozen. Returns the adapted layers.
+    pub fn add(&mut self, sd: &mut StableDiffusion, component: Component, name: &str, config: Box<dyn AdapterConfig>) -> Result<Vec<String>> {
+        self.on(sd, component, |am| am.add_adapter(name, config))
+    }
+
+    /// Attaches an A1111-style hypernetwork described by `config` for training.
+    pub fn add_hypernetwork(&mut self, sd: &mut StableDiffusion, name: &str, config: hypernetwork::HypernetworkConfig) -> Result<Vec<String>> {
+        self.on(sd, Component::Unet, |am| hypernetwork::attach(am, name, config))
+    }
+
+    /// Pipeline paths (`unet.…`) of every parameter of adapter `name`: exactly what training
+    /// the adapter changes.
+    pub fn parameter_paths(&mut self, sd: &mut StableDiffusion, name: &str) -> Result<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        for c in self.components_of(name) {
+            let paths = self.on(sd, c, |am| Ok(am.adapter_param_paths(name)))?;
+            out.extend(paths.into_iter().map(|p| format!("{}.{p}", c.name())));
+        }
+        Ok(out)
+    }
+
+    /// Reads a LoRA in any format knobs knows (PEFT folder, diffusers folder or file, kohya
+    /// file) and attaches each component's part as adapter `name` with `weight`; frozen.
+    /// On an error nothing of the file stays attached.
+    pub fn load_lora(&mut self, sd: &mut StableDiffusion, path: &Path, name: &str, weight: f32) -> Result<Vec<Component>> {
+        let parts = lora_files::read(path)?;
+        let mut done = Vec::new();
+        for (prefix, lora) in &parts {
+            let attached = Component::from_prefix(prefix).map_err(|e| file_error(path, e)).and_then(|c| {
+                self.on(sd, c, |am| lora_files::attach(am, name, lora))?;
+                Ok(c)
+            });
+            match attached {
+                Ok(c) => done.push(c),
+                Err(e) => {
+                    for c in done {
+                        self.on(sd, c, |am| am.delete_adapter(name))?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.set_weight(name, weight);
+        Ok(done)
+    }
+
+    /// Loads a PEFT folder of any adapter type onto `component` as `name`; frozen.
+    pub fn load_peft(&mut self, sd: &mut StableDiffusion, component: Component, dir: &Path, name: &str) -> Result<()> {
+        self.on(sd, component, |am| peft::load(am, dir, name))
+    }
+
+    /// Loads an A1111-style hypernetwork file onto the UNet with A1111's `strength`.
+    /// Hypernetworks apply one after another: the last one loaded transforms the context
+    /// first.
+    pub fn load_hypernetwork(&mut self, sd: &mut StableDiffusion, path: &Path, name: &str, strength: f32) -> Result<Vec<String>> {
+        self.on(sd, Component::Unet, |am| hypernetwork::load(am, path, name, strength))
+    }
+
+    /// Adds a textual-inversion embedding's tokens to the tokenizer and text encoder.
+    pub fn load_embedding(&mut self, sd: &mut StableDiffusion, path: &Path) -> Result<(LearnedEmbedding, Vec<u32>)> {
+        let (emb, ids) = embeddings::load(path, None, &mut sd.tokenizer, &mut sd.text_encoder)?;
+        self.embeddings.push(emb.clone());
+        Ok((emb, ids))
+    }
+
+    fn set_weight(&mut self, name: &str, weight: f32) {
+        for a in self.attached.iter_mut().filter(|a| a.name == name) {
+            a.weight = weight;
+        }
+    }
+
+    /// diffusers' `set_adapters`: exactly `weights` active, each with its weight, on every
+    /// component that carries it. An unknown name is an error.
+    pub fn set_adapters(&mut self, sd: &mut StableDiffusion, weights: &[(&str, f32)]) -> Result<()> {
+        if let Some((n, _)) = weights.iter().find(|(n, _)| self.get(n).is_none()) {
+            let known: Vec<String> = self.attached.iter().map(|a| a.name.clone()).collect();
+            return Err(AdapterError::Unknown(n.to_string(), known));
+        }
+        for (n, w) in weights {
+            self.set_weight(n, *w);
+        }
+        for c in Component::ALL {
+            let here: Vec<(String, f32)> =
+                weights.iter().filter(|(n, _)| self.components_of(n).contains(&c)).map(|(n, w)| (n.to_string(), *w)).collect();
+            let refs: Vec<(&str, f32)> = here.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+            self.on(sd, c, |am| am.set_adapters(&refs))?;
+        }
+        Ok(())
+    }
+
+    /// Makes every attached adapter active with the weight it was loaded with.
+    pub fn activate_all(&mut self, sd: &mut StableDiffusion) -> Result<()> {
+        let mut weights: Vec<(String, f32)> = Vec::new();
+        for a in &self.attached {
+            if !weights.iter().any(|(n, _)| *n == a.name) {
+                weights.push((a.name.clone(), a.weight));
+            }
+        }
+        let refs: Vec<(&str, f32)> = weights.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+        self.set_adapters(sd, &refs)
+    }
+
+    /// Folds adapter `name` into the base weights on every component (it stays attached and
+    /// can be unmerged exactly).
+    pub fn merge(&mut self, sd: &mut StableDiffusion, name: &str) -> Result<()> {
+        for c in self.components_of(name) {
+            self.on(sd, c, |am| am.merge(&[name]))?;
+        }
+        Ok(())
+    }
+
+    /// Subtracts every merged adapter back out.
+    pub fn unmerge(&mut self, sd: &mut StableDiffusion) -> Result<()> {
+        for c in Component::ALL {
+            self.on(sd, c, |am| {
+                am.unmerge();
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Merges every active adapter for good and removes them all: plain weights, as a model
+    /// folder stores them.
+    pub fn fuse(&mut self, sd: &mut StableDiffusion) -> Result<()> {
+        for c in Component::ALL {
+            let model = c.model(sd);
+            let mut am = AdaptedModel::new(model, 0);
+            for a in self.attached.iter().filter(|a| a.component == c) {
+                am.adopt(&a.name, a.config.clone())?;
+            }
+            am.merge_and_unload()?;
+        }
+        self.attached.clear();
+        Ok(())
+    }
+
+    /// Removes adapter `name` (unmerging it first) from every component.
+    pub fn delete(&mut self, sd: &mut StableDiffusion, name: &str) -> Result<()> {
+        let components = self.components_of(name);
+        if components.is_empty() {
+            let known: Vec<String> = self.attached.iter().map(|a| a.name.clone()).collect();
+            return Err(AdapterError::Unknown(name.to_string(), known));
+        }
+        for c in components {
+            self.on(sd, c, |am| am.delete_adapter(name))?;
+        }
+        Ok(())
+    }
+
+    /// Writes adapter `name` as one PEFT folder per component, `{component}_{suffix}` in
+    /// `dir` (diffusers' training scripts' `unet_lora/`). Returns the folders.
+    pub fn save_peft(&mut self, sd: &mut StableDiffusion, name: &str, dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for c in self.components_of(name) {
+            let folder = dir.join(format!("{}_{suffix}", c.name()));
+            self.on(sd, c, |am| peft::save(am, name, &folder))?;
+            out.push(folder);
+        }
+        Ok(out)
+    }
+
+    /// Writes LoRA adapter `name` (every component it is on) as one file.
+    pub fn save_lora_file(&mut self, sd: &mut StableDiffusion, name: &str, path: &Path, layout: LoraFile) -> Result<()> {
+        let mut parts = Vec::new();
+        for c in self.components_of(name) {
+            parts.push((c.name(), self.on(sd, c, |am| ComponentLora::from_adapter(am, name))?));
+        }
+        if parts.is_empty() {
+            return Err(file_error(path, format!("no adapter named `{name}` to save")));
+        }
+        let refs: Vec<(&str, &ComponentLora)> = parts.iter().map(|(n, c)| (*n, c)).collect();
+        match layout {
+            LoraFile::Diffusers => diffusers_lora::save(path, &refs, DiffusersKeys::Diffusers),
+            LoraFile::Kohya => kohya::save(path, &refs, Some("stable-diffusion-v1/lora")),
+        }
+    }
+
+    /// Writes hypernetwork `name` with A1111's keys and settings.
+    pub fn save_hypernetwork(&mut self, sd: &mut StableDiffusion, name: &str, path: &Path) -> Result<()> {
+        self.on(sd, Component::Unet, |am| hypernetwork::save(am, name, path))
+    }
+}
