@@ -25,7 +25,7 @@ pub fn clap_defaults<T: Args + FromArgMatches>() -> T {
 }
 
 macro_rules! defaults_from_clap {
-    ($($t:ty),*) => { $( impl Default for $t { fn default() -> Self { clap_defaults() } } )* };
+    ($($t:ty),*) => { $( impl Default for $t { fn default() -> Self { $crate::finetune::config::clap_defaults() } } )* };
 }
 pub(crate) use defaults_from_clap;
 

@@ -34,6 +34,11 @@ pub const CODE_FILE: &str = "hyperlora_code.safetensors";
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const PEFT_DIR: &str = "unet_lora";
 
+fn embeddings_tensor(rows: &[Vec<f32>], device: &Device) -> Tensor<2> {
+    let d = rows[0].len();
+    Tensor::from_data(TensorData::new(rows.concat(), [rows.len(), d]), device)
+}
+
 /// A hypernetwork folder: `DIR/hyperlora/` as `pretrain` writes it, or that folder itself.
 pub fn hyper_dir(dir: &Path) -> PathBuf {
     if dir.join(SUBDIR).join(knobs_adapters::hyperlora::CONFIG_FILE).exists() { dir.join(SUBDIR) } else { dir.to_path_buf() }

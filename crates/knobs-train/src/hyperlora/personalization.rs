@@ -16,7 +16,7 @@ use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{read_safetensors, write_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig};
-use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
+use knobs_nn::{ModuleExt, Tensor, cpu, cpu_autodiff};
 use knobs_world::judge::Judge;
 use rand::Rng;
 use rand::rngs::StdRng;

@@ -9,7 +9,7 @@ use knobs_diffusion::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use super::{Attached, Defaults, OptionGroup, TrainMethod};
-use crate::finetune::config::{TrainConfig, clap_defaults};
+use crate::finetune::config::{TrainConfig, defaults_from_clap};
 use crate::finetune::trainer::Summary;
 use crate::progress::Progress;
 
@@ -29,11 +29,7 @@ pub struct HyperLoraOptions {
     pub hyper_code_steps: u64,
 }
 
-impl Default for HyperLoraOptions {
-    fn default() -> Self {
-        clap_defaults()
-    }
-}
+defaults_from_clap!(HyperLoraOptions);
 
 pub struct HyperLora;
 

@@ -9,7 +9,7 @@ use knobs_diffusion::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
-use crate::finetune::config::{TrainConfig, clap_defaults};
+use crate::finetune::config::{TrainConfig, defaults_from_clap};
 use crate::finetune::outputs::HYPERNETWORK_FILE;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,11 +35,7 @@ pub struct HypernetworkOptions {
     pub hypernetwork_widths: Vec<usize>,
 }
 
-impl Default for HypernetworkOptions {
-    fn default() -> Self {
-        clap_defaults()
-    }
-}
+defaults_from_clap!(HypernetworkOptions);
 
 impl HypernetworkOptions {
     /// The structure these settings describe, checked; errors name the flag.

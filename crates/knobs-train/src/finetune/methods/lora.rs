@@ -10,7 +10,7 @@ use knobs_diffusion::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
-use crate::finetune::config::{TrainConfig, clap_defaults};
+use crate::finetune::config::{TrainConfig, defaults_from_clap};
 use crate::finetune::outputs::{KOHYA_FILE, LORA_FILE};
 
 /// LoRA file layouts `--format` writes.
@@ -50,11 +50,7 @@ pub struct LoraOptions {
     pub format: LoraFormat,
 }
 
-impl Default for LoraOptions {
-    fn default() -> Self {
-        clap_defaults()
-    }
-}
+defaults_from_clap!(LoraOptions);
 
 impl LoraOptions {
     pub fn alpha(&self) -> f64 {

@@ -11,7 +11,7 @@ use knobs_diffusion::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
-use crate::finetune::config::{TrainConfig, clap_defaults};
+use crate::finetune::config::{TrainConfig, defaults_from_clap};
 use crate::finetune::data::concept;
 use crate::finetune::outputs::EMBEDDING_FILE;
 
@@ -33,11 +33,7 @@ pub struct TokenOptions {
     pub a1111_embedding: bool,
 }
 
-impl Default for TokenOptions {
-    fn default() -> Self {
-        clap_defaults()
-    }
-}
+defaults_from_clap!(TokenOptions);
 
 /// Adds the placeholder tokens, grows the token table, starts the new rows at the
 /// initializer token's embedding and attaches them as trainable rows. Returns the token and
