@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use image::Rgb;
-use knobs_train::finetune::plot::scatter;
+use knobs_train::finetune::plot::{Scatter, Series, scatter};
 use serde_json::{Map, Value, json};
 
 use super::plan::{BASE, Plan, known_methods, write_json};
@@ -175,23 +175,26 @@ pub fn write(plan: &Plan, runs: &[Value]) -> Result<Value> {
     let results = json!({ "settings": settings, "columns": COLUMNS.map(|c| c.key), "mean": mean, "runs": runs });
     write_json(&plan.out.join("results.json"), &results)?;
 
-    // The scatter plot: one point per trained run.
-    let points: Vec<(f64, f64, Rgb<u8>)> = runs
-        .iter()
-        .filter_map(|r| {
-            let m = &r["metrics"];
-            Some((m["file_bytes"].as_f64()?, m["subject_fidelity"].as_f64()?, colour(r["method"].as_str()?)))
-        })
-        .collect();
-    let (plot, xr, yr) = scatter(&points, true);
+    // The scatter plot: one point per trained run, a series (colour, legend entry) per method.
+    let mut series: Vec<Series> = Vec::new();
+    for r in runs {
+        let m = &r["metrics"];
+        let (Some(x), Some(y), Some(method)) = (m["file_bytes"].as_f64(), m["subject_fidelity"].as_f64(), r["method"].as_str()) else {
+            continue;
+        };
+        match series.iter_mut().find(|s| s.label == method) {
+            Some(s) => s.points.push((x, y)),
+            None => series.push(Series { label: method.to_string(), colour: colour(method), points: vec![(x, y)] }),
+        }
+    }
+    let n_points: usize = series.iter().map(|s| s.points.len()).sum();
+    let plot = scatter(
+        &Scatter { title: "Subject fidelity against file size", x_title: "file size (bytes, log scale)", y_title: "subject fidelity", log_x: true },
+        &series,
+    );
     let plot_path = plan.out.join("fidelity_vs_size.png");
     knobs_world::dataset::write_atomic(&plot_path, &knobs_world::dataset::encode_png(&plot)?)?;
-    let plot_caption = format!(
-        "Subject fidelity (y, {:.3} to {:.3}) against file size (x, log scale, 10^{} to 10^{} bytes; a tick per power of ten), \
-         one point per trained run ({} points).",
-        yr.0, yr.1, xr.0, xr.1, points.len()
-    );
-    let legend: Vec<String> = plan.methods.iter().map(|m| format!("{m} = rgb{:?}", colour(m).0)).collect();
+    let plot_caption = format!("Subject fidelity against file size (log scale), one point per trained run ({n_points} points), a colour per method.");
 
     let header = format!(
         "Base model `{}`, {} training steps per method (each with its own default learning rate), judge `{}`. Evaluation: {} image(s) per prompt, \
@@ -208,8 +211,7 @@ pub fn write(plan: &Plan, runs: &[Value]) -> Result<Value> {
         md.push_str(&format!("## {c}\n\n{}\n", markdown_table(&rows_of(rs))));
     }
     md.push_str(&format!(
-        "## Fidelity against size\n\n![fidelity vs size](fidelity_vs_size.png)\n\n{plot_caption} Colours: {}.\n\n{NOTES}\n",
-        legend.join(", ")
+        "## Fidelity against size\n\n![fidelity vs size](fidelity_vs_size.png)\n\n{plot_caption}\n\n{NOTES}\n"
     ));
     knobs_world::dataset::write_atomic(&plan.out.join("report.md"), md.as_bytes())?;
 
@@ -255,6 +257,46 @@ mod tests {
         for (input, want) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
             assert_eq!(base64(input.as_bytes()), want);
         }
+    }
+
+    #[test]
+    fn the_scatter_plot_has_a_dot_per_run_in_its_method_colour() {
+        use knobs_train::finetune::plot::SCATTER_SIZE;
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = Plan {
+            out: tmp.path().to_path_buf(),
+            model: "m".into(),
+            judge: "j".into(),
+            concepts: vec![],
+            methods: vec!["lora".into(), "textual-inversion".into()],
+            budget_steps: 3,
+            images_per_prompt: 1,
+            eval_steps: 2,
+            hypernetwork_dir: None,
+        };
+        let run = |method: &str, concept: &str, bytes: Option<f64>, fidelity: f64| {
+            json!({ "method": method, "concept": concept, "metrics": { "file_bytes": bytes, "subject_fidelity": fidelity }, "files": {} })
+        };
+        let runs = [
+            run(BASE, "a", None, 0.1),
+            run("lora", "a", Some(2.0e5), 0.6),
+            run("lora", "b", Some(2.1e5), 0.5),
+            run("textual-inversion", "a", Some(3.0e3), 0.3),
+        ];
+        write(&plan, &runs).unwrap();
+        let img = image::open(tmp.path().join("fidelity_vs_size.png")).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), SCATTER_SIZE);
+        // Two lora dots and one textual-inversion dot, each colour also once in the legend;
+        // nothing for the base model (no file).
+        let px = |m: &str| img.pixels().filter(|p| **p == colour(m)).count();
+        let (lora, ti) = (px("lora"), px("textual-inversion"));
+        assert!(lora > 3 * 40 && lora < 3 * 70, "{lora}");
+        assert!(ti > 2 * 40 && ti < 2 * 70, "{ti}");
+        assert_eq!(px(BASE), 0);
+        let md = std::fs::read_to_string(tmp.path().join("report.md")).unwrap();
+        assert!(md.contains("![fidelity vs size](fidelity_vs_size.png)") && md.contains("(3 points)"), "{md}");
+        let html = std::fs::read_to_string(tmp.path().join("report.html")).unwrap();
+        assert_eq!(html.matches("src=\"data:image/png;base64,iVBORw0KGgo").count(), 1, "the plot is inlined as a PNG");
     }
 
     #[test]
