@@ -156,3 +156,22 @@ fn judge_train_writes_a_judge_that_check_loads() {
     let err = fail(&["judge", "train", "--out", o, "--steps", "0"]);
     assert!(err.contains("--steps"), "{err}");
 }
+
+#[test]
+fn eval_defaults_to_the_built_in_model_found_at_run_time() {
+    // No --model: the built-in base model, looked up when the command runs.
+    let v = json(&ok(&["eval", "--images-per-prompt", "1", "--steps", "1", "--json"]));
+    let model = v["settings"]["model"].as_str().unwrap();
+    assert!(model.ends_with("knobs-base"), "{model}");
+    in_range(&v, "shape_colour_accuracy", 0.0, 1.0);
+    // From another folder, with a KNOBS_MODELS that lacks it, the search goes on to the
+    // places after it.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knobs"))
+        .args(["eval", "--images-per-prompt", "1", "--steps", "1", "--json"])
+        .env("KNOBS_MODELS", empty.path())
+        .current_dir(empty.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

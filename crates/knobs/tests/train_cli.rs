@@ -183,3 +183,43 @@ fn bad_input_names_the_flag() {
     assert!(err.contains("--instance-dir"), "{err}");
     let _ = knobs(&["--help"]);
 }
+
+#[test]
+fn samples_are_optional_and_lora_dropout_is_on_from_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain");
+    let args = ["--max-train-steps", "1", "--num-samples", "0", "--rank", "2"];
+    let a = train(&plain, "lora", &args);
+    assert!(!plain.join("samples.png").exists() && !plain.join("samples").exists(), "--num-samples 0 draws no samples");
+    assert!(plain.join("pytorch_lora_weights.safetensors").exists());
+    assert!(a["seconds_per_step"].as_f64().unwrap() > 0.0);
+    // Dropout changes the very first step's loss: it must be on before the first step, not
+    // only after a validation pass switched training mode back on.
+    let mut with_dropout = args.to_vec();
+    with_dropout.extend_from_slice(&["--lora-dropout", "0.5"]);
+    let b = train(&tmp.path().join("dropout"), "lora", &with_dropout);
+    assert_ne!(a["final_loss"], b["final_loss"], "--lora-dropout 0.5 left the first loss unchanged");
+    // The training log reports seconds per step as it goes.
+    let out = knobs(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-train-steps", "1", "--num-samples", "0", "--out", s(&tmp.path().join("log"))]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("s/step"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn settings_of_another_method_and_unknown_config_keys_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let m = s(tiny_model());
+    let err = fail(&["train", "--model", m, "--method", "ia3", "--rank", "8", "--concept", "striped-star", "--out", s(&out)]);
+    assert!(err.contains("--rank is not used by --method ia3"), "{err}");
+    let err = fail(&["train", "--model", m, "--method", "dreambooth", "--placeholder-token", "<x>", "--concept", "striped-star", "--out", s(&out)]);
+    assert!(err.contains("--placeholder-token is not used by --method dreambooth"), "{err}");
+    let toml = tmp.path().join("bad.toml");
+    std::fs::write(&toml, "method = \"lora\"\nrnak = 2\n").unwrap();
+    let err = fail(&["train", "--config", s(&toml), "--model", m, "--concept", "striped-star", "--out", s(&out)]);
+    assert!(err.contains("unknown key `rnak`") && err.contains("bad.toml"), "{err}");
+    // `--help` lists every registered method with its line.
+    let help = ok(&["train", "--help"]);
+    for name in knobs_train::finetune::Method::names() {
+        assert!(help.contains(name), "--help lacks {name}");
+    }
+}

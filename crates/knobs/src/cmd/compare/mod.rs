@@ -23,7 +23,8 @@ pub struct Args {
     pub concepts: Vec<String>,
     /// Methods, comma-separated: any that `knobs train --method` accepts, and
     /// `dreambooth-prior` (DreamBooth with prior preservation on generated class images).
-    #[arg(long, value_delimiter = ',', default_value = "dreambooth,textual-inversion,lora,ia3,pivotal,hypernetwork")]
+    /// Default: every registered method that trains in the shared loop (not hyper-lora).
+    #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// The hypernetwork `hyper-lora` predicts with (made by `knobs hyper pretrain`; default with
     /// the built-in base model: the built-in models/hyperlora).

@@ -48,7 +48,9 @@ fn uses_hypernetwork_dir(row: &str) -> bool {
 /// Checks `--methods`: every `knobs train --method` name, plus `dreambooth-prior`.
 pub fn parse_methods(names: &[String]) -> Result<Vec<String>> {
     let known = known_methods().join(", ");
-    ensure!(!names.is_empty(), "--methods: give at least one method; known: {known}");
+    if names.is_empty() {
+        return Ok(Method::all().iter().filter(|m| !m.own_loop()).map(|m| m.name().to_string()).collect());
+    }
     let mut out: Vec<String> = Vec::new();
     for name in names.iter().map(|n| n.trim()) {
         if row_method(name).is_err() {
