@@ -3,7 +3,8 @@
 //! strength 0 is the base, files round-trip exactly with A1111's keys, and pickles and bad
 //! files are refused by name.
 use knobs_adapters::hypernetwork::{self, Activation, HypernetworkConfig, Structure};
-use knobs_adapters::AdaptedModel;
+use knobs_adapters::lora::LoraConfig;
+use knobs_adapters::{AdaptedModel, Pattern, PeftType};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::burn::tensor::activation::softmax;
 use knobs_nn::io::{read_safetensors, write_safetensors};
@@ -282,7 +283,7 @@ fn files_round_trip_exactly_with_a1111_keys() {
     assert_eq!(values(other.model.forward(x.clone(), ctx.clone())), want, "a loaded file must reproduce the outputs exactly");
     let cfg = hypernetwork::config_of(&other, "loaded").unwrap();
     assert_eq!(cfg.structure, s);
-    assert_eq!(other.config("loaded").unwrap().peft_type(), "HYPERNETWORK");
+    assert_eq!(other.config("loaded").unwrap().peft_type(), PeftType::Hypernetwork);
     // Saving the loaded one gives the same tensors.
     let again = dir.path().join("again.safetensors");
     hypernetwork::save(&other, "loaded", &again).unwrap();

@@ -82,7 +82,7 @@ fn ia3_folder_round_trip_reproduces_outputs_exactly() {
 #[test]
 fn configs_written_by_peft_parse() {
     let lora = peft::read_config(Path::new(GOLDEN).join("lora_peft")).unwrap();
-    assert_eq!(lora.peft_type(), "LORA");
+    assert_eq!(lora.peft_type(), knobs_adapters::PeftType::Lora);
     let json = lora.to_peft_json();
     assert_eq!(json["r"], 4);
     assert_eq!(json["lora_alpha"], 4.0);
@@ -92,7 +92,7 @@ fn configs_written_by_peft_parse() {
     assert_eq!(targets, ["to_k", "to_out.0", "to_q", "to_v"]);
 
     let ia3 = peft::read_config(Path::new(GOLDEN).join("ia3_peft")).unwrap();
-    assert_eq!(ia3.peft_type(), "IA3");
+    assert_eq!(ia3.peft_type(), knobs_adapters::PeftType::Ia3);
     assert_eq!(ia3.to_peft_json()["feedforward_modules"], serde_json::json!(["ff.net.2"]));
 }
 
@@ -176,4 +176,20 @@ fn gaussian_init_has_the_requested_spread_and_b_starts_at_zero() {
     let var = a.iter().map(|v| (v * v) as f64).sum::<f64>() / a.len() as f64;
     assert!((var.sqrt() - 0.25).abs() < 0.08, "std of A {} (want 1/r = 0.25)", var.sqrt());
     assert!(b.iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn peft_type_names_round_trip() {
+    use knobs_adapters::PeftType;
+    for t in PeftType::ALL {
+        assert_eq!(PeftType::parse(t.as_str()), Some(t));
+        assert_eq!(t.to_string().parse::<PeftType>().unwrap(), t);
+    }
+    assert_eq!(PeftType::Lora.to_string(), "LORA");
+    assert_eq!(PeftType::Ia3.as_str(), "IA3");
+    assert_eq!(PeftType::parse("lora"), None, "files spell it in capitals");
+    let e = "LOHA".parse::<PeftType>().unwrap_err().to_string();
+    assert!(e.contains("LOHA") && e.contains("LORA"), "{e}");
+    // What a saved folder's config says is what the type says.
+    assert_eq!(trained_lora().config("style").unwrap().to_peft_json()["peft_type"], PeftType::Lora.as_str());
 }

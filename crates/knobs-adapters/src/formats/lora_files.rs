@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{diffusers, kohya, peft};
 use crate::lora::{LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear};
-use crate::{AdaptedModel, AdapterError, Pattern, Result};
+use crate::{AdaptedModel, AdapterError, Pattern, PeftType, Result};
 
 pub use super::diffusers::{DiffusersKeys, save as save_diffusers};
 pub use super::kohya::save as save_kohya;
@@ -81,7 +81,7 @@ impl ComponentLora {
     /// rsLoRA adapters keep their exact scale in formats that only know `alpha / r`.
     pub fn from_adapter<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<Self> {
         let config = model.config(name)?;
-        if config.peft_type() != "LORA" {
+        if config.peft_type() != PeftType::Lora {
             return Err(AdapterError::Config(format!("adapter `{name}` is {}: diffusers and kohya files hold LoRA only; save it as a PEFT folder", config.peft_type())));
         }
         if !config.modules_to_save().is_empty() {
@@ -258,7 +258,7 @@ fn read_peft_folder(dir: &Path) -> Result<BTreeMap<String, ComponentLora>> {
     let cfg_path = dir.join(peft::CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
-    if let Some(t) = json.get("peft_type").and_then(Value::as_str).filter(|t| *t != "LORA") {
+    if let Some(t) = json.get("peft_type").and_then(Value::as_str).filter(|t| PeftType::parse(t) != Some(PeftType::Lora)) {
         return Err(Error::key(&cfg_path, "peft_type", format!("`{t}` is not LoRA; load it with formats::peft::load")).into());
     }
     if json.get("modules_to_save").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {

@@ -105,7 +105,7 @@ pub fn set_strength<M: Module + ?Sized>(model: &mut M, name: &str, strength: f32
 /// The config of adapter `name` of `model`, which must be a hypernetwork.
 pub fn config_of<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<HypernetworkConfig> {
     let config = model.config(name)?;
-    if config.peft_type() != METHOD {
+    if config.peft_type() != crate::PeftType::Hypernetwork {
         return Err(AdapterError::Config(format!("adapter `{name}` is {}, not a hypernetwork", config.peft_type())));
     }
     HypernetworkConfig::from_json(&config.to_peft_json())

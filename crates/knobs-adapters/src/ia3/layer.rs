@@ -3,6 +3,8 @@
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2dAdapter, LinearAdapter, Tensor, Visitor, VisitorMut};
 
+use crate::PeftType;
+
 /// PEFT guards the division in unmerge the same way.
 const UNMERGE_EPS: f64 = 1e-8;
 
@@ -20,7 +22,7 @@ pub struct Ia3Linear {
 
 impl Adapter for Ia3Linear {
     fn method(&self) -> &'static str {
-        "IA3"
+        PeftType::Ia3.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.ia3_l.{adapter}"), ParamRef::D2(&self.l));
@@ -70,7 +72,7 @@ pub struct Ia3Conv2d {
 
 impl Adapter for Ia3Conv2d {
     fn method(&self) -> &'static str {
-        "IA3"
+        PeftType::Ia3.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.ia3_l.{adapter}"), ParamRef::D4(&self.l));

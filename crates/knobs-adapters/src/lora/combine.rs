@@ -5,7 +5,7 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{LayerMut, Module, ModuleExt, Tensor};
 
 use super::{LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear};
-use crate::{AdaptedModel, AdapterError, Pattern, Result};
+use crate::{AdaptedModel, AdapterError, Pattern, PeftType, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Combination {
@@ -96,7 +96,7 @@ pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], 
     }
     for (name, _) in sources {
         let cfg = model.config(name)?;
-        if cfg.peft_type() != "LORA" {
+        if cfg.peft_type() != PeftType::Lora {
             return Err(AdapterError::Config(format!("combine: adapter `{name}` is {}, only LoRA adapters combine", cfg.peft_type())));
         }
     }

@@ -6,6 +6,8 @@ use knobs_nn::burn::tensor::{Distribution, Int};
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Embedding, EmbeddingAdapter, Init, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
 
+use crate::PeftType;
+
 fn dropout<const D: usize>(x: Tensor<D>, p: f64, training: bool) -> Tensor<D> {
     if !training || p == 0.0 {
         return x;
@@ -52,7 +54,7 @@ impl LoraLinear {
 
 impl Adapter for LoraLinear {
     fn method(&self) -> &'static str {
-        "LORA"
+        PeftType::Lora.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.lora_A.{adapter}.weight"), ParamRef::D2(&self.a));
@@ -124,7 +126,7 @@ impl LoraConv2d {
 
 impl Adapter for LoraConv2d {
     fn method(&self) -> &'static str {
-        "LORA"
+        PeftType::Lora.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.lora_A.{adapter}.weight"), ParamRef::D4(&self.a));
@@ -185,7 +187,7 @@ impl LoraEmbedding {
 
 impl Adapter for LoraEmbedding {
     fn method(&self) -> &'static str {
-        "LORA"
+        PeftType::Lora.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.lora_embedding_A.{adapter}"), ParamRef::D2(&self.a));

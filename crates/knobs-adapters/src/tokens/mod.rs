@@ -10,7 +10,7 @@ use knobs_nn::{Embedding, ParamMut, ParamRef, Visitor, VisitorMut, join};
 
 use crate::{AdapterError, Result};
 
-pub const METHOD: &str = "TOKENS";
+pub const METHOD: &str = crate::PeftType::Tokens.as_str();
 
 #[derive(Debug)]
 pub struct TokenRows {

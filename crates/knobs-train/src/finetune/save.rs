@@ -69,7 +69,7 @@ fn save_adapters(cfg: &TrainConfig, sd: &mut StableDiffusion, p: &Prepared) -> R
         let dir = cfg.out.join(format!("unet_{folder}"));
         peft::save(&unet, ADAPTER, &dir)?;
         out.push(dir);
-        if config.peft_type() == "LORA" {
+        if config.peft_type() == knobs_adapters::PeftType::Lora {
             components.push(("unet", ComponentLora::from_adapter(&unet, ADAPTER)?));
         }
     }
