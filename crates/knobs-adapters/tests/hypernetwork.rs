@@ -343,3 +343,49 @@ fn bad_files_name_the_file_and_key_and_leave_the_model_alone() {
     }
     hypernetwork::load(&mut m, &good, "x", 1.0).unwrap();
 }
+
+#[test]
+fn layer_level_merge_is_an_error_not_a_panic() {
+    let dev = cpu();
+    let (x, ctx, _) = inputs(&dev);
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Tanh, false, 0.0), &dev);
+    m.freeze();
+    let before = values(m.model.forward(x.clone(), ctx.clone()));
+    let mut errors = Vec::new();
+    m.model.for_each_layer_mut(|_, mut layer| {
+        if layer.has_adapter("hn") {
+            errors.push(layer.merge_adapter("hn").unwrap_err().to_string());
+        }
+    });
+    assert_eq!(errors.len(), 6);
+    assert!(errors.iter().all(|e| e.contains("`hn`") && e.contains("cannot be merged")), "{errors:?}");
+    m.model.for_each_layer(|path, l| assert!(l.adapter_states().iter().all(|(_, s)| s.merged.is_none()), "{path} recorded a merge"));
+    assert_eq!(values(m.model.forward(x, ctx)), before, "a refused merge changed the model");
+}
+
+#[test]
+fn a_merge_a_layer_refuses_is_an_error_and_undoes_the_whole_call() {
+    let dev = cpu();
+    let (x, ctx, _) = inputs(&dev);
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Tanh, false, 0.0), &dev);
+    m.add_adapter("lo", Box::new(LoraConfig::new(2, 2.0, Pattern::names(&["to_q", "to_k"])))).unwrap();
+    let mut init = Init::new(4);
+    m.model.for_each_param_mut(|path, mut p| {
+        if path.contains(".lora_B.") {
+            let n = p.as_ref().numel();
+            p.replace_flat(Tensor::from_data(TensorData::new(init.normal_vec(n), [n]), &p.device()));
+        }
+    });
+    m.freeze();
+    m.set_adapters(&[("hn", 1.0), ("lo", 1.0)]).unwrap();
+    let before = values(m.model.forward(x.clone(), ctx.clone()));
+    // A config that says it merges (as a careless new method might) passes the up-front check;
+    // the layers must still refuse, after `lo` was merged into the same layers.
+    m.adopt("hn", Box::new(LoraConfig::new(1, 1.0, Pattern::names(&["to_k"])))).unwrap();
+    let e = m.merge(&["lo", "hn"]).unwrap_err().to_string();
+    assert!(e.contains("`hn`") && e.contains("to_k") && e.contains("cannot be merged"), "{e}");
+    m.model.for_each_layer(|path, l| assert!(l.adapter_states().iter().all(|(_, s)| s.merged.is_none()), "{path} is still merged"));
+    let after = values(m.model.forward(x, ctx));
+    let diff = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-5, "the failed merge changed the outputs by {diff}");
+}

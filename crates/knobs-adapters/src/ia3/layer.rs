@@ -43,13 +43,13 @@ impl LinearAdapter for Ia3Linear {
             inner(x) * l.reshape([1, n])
         }
     }
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         let l = weighted(&self.l.clone().inner(), weight);
         if self.feedforward {
-            (w * l, b)
+            Ok((w * l, b))
         } else {
             let n = l.dims()[0];
-            (w * l.clone(), b.map(|b| b * l.reshape([n])))
+            Ok((w * l.clone(), b.map(|b| b * l.reshape([n]))))
         }
     }
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
@@ -95,11 +95,11 @@ impl Conv2dAdapter for Ia3Conv2d {
         let l = weighted(&self.l, weight);
         if self.feedforward { inner(x * l) } else { inner(x) * l }
     }
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
         let l = self.along_weight(weight);
         let n = l.dims().iter().product::<usize>();
         let b = if self.feedforward { b } else { b.map(|b| b * l.clone().reshape([n])) };
-        (w * l, b)
+        Ok((w * l, b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
         let l = self.along_weight(weight) + UNMERGE_EPS;

@@ -102,9 +102,9 @@ fn save_adapters(cfg: &TrainConfig, sd: &mut StableDiffusion, p: &Prepared) -> R
 
 fn save_embedding(cfg: &TrainConfig, sd: &mut StableDiffusion, token: &str) -> Result<Vec<PathBuf>> {
     let table = &mut sd.text_encoder.text_model.embeddings.token_embedding;
-    table.set_merged(ADAPTER, true);
+    table.merge_adapter(ADAPTER)?;
     let emb = embeddings::from_model(token, &sd.tokenizer, &sd.text_encoder);
-    sd.text_encoder.text_model.embeddings.token_embedding.set_merged(ADAPTER, false);
+    sd.text_encoder.text_model.embeddings.token_embedding.unmerge_adapter(ADAPTER);
     let emb = emb?;
     let path = cfg.out.join(EMBEDDING_FILE);
     embeddings::save_diffusers(&path, &emb)?;
