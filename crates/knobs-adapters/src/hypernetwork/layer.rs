@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use knobs_nn::burn::tensor::module::{layer_norm, linear};
+use knobs_nn::hash::{fnv1a, fnv1a_seeded};
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Device, Init, LinearAdapter, Tensor, Visitor, VisitorMut};
 
@@ -116,16 +117,12 @@ impl Mlp {
 
 /// FNV-1a over the tensor's bytes.
 fn content_hash(x: &Tensor<2>) -> u64 {
-    fnv(x.to_data().as_bytes(), 0xcbf2_9ce4_8422_2325)
+    fnv1a(x.to_data().as_bytes())
 }
 
-fn fnv(bytes: &[u8], mut h: u64) -> u64 {
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+/// The basis of the layer-path seeds: the standard one with its halves swapped, so a path's
+/// seed differs from the plain hash of the same bytes. Changing it changes every dropout mask.
+const PATH_SEED_BASIS: u64 = 0x8422_2325_cbf2_9ce4;
 
 /// Inverted dropout with a mask drawn from `seed`. The seed mixes the layer's path with the
 /// content of the module's input, so a training step draws the same masks however often it
@@ -154,7 +151,7 @@ pub struct HyperLinear {
 
 impl HyperLinear {
     pub fn new(mlp: Arc<Mutex<Mlp>>, width: usize, kind: Kind, owner: bool, path: &str) -> Self {
-        HyperLinear { mlp, width, kind, owner, training: None, seed: fnv(path.as_bytes(), 0x84222325cbf29ce4) }
+        HyperLinear { mlp, width, kind, owner, training: None, seed: fnv1a_seeded(path.as_bytes(), PATH_SEED_BASIS) }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Mlp> {
