@@ -364,6 +364,36 @@ fn layer_level_merge_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn non_finite_tensors_are_refused_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = cpu();
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Relu, false, 0.0), &dev);
+    let good = dir.path().join("good.safetensors");
+    hypernetwork::save(&m, "hn", &good).unwrap();
+    m.delete_adapter("hn").unwrap();
+    let mut sd = read_safetensors(&good).unwrap();
+    let n = sd.tensors["8.1.linear.2.bias"].num_elements();
+    let mut v = vec![0.5f32; n];
+    v[n - 1] = f32::NAN;
+    sd.tensors.insert("8.1.linear.2.bias".into(), TensorData::new(v, [n]));
+    let bad = dir.path().join("poisoned.safetensors");
+    write_safetensors(&bad, &sd.tensors, &sd.metadata).unwrap();
+    let e = hypernetwork::load(&mut m, &bad, "x", 1.0).unwrap_err().to_string();
+    assert!(e.contains("poisoned.safetensors") && e.contains("8.1.linear.2.bias") && e.contains("NaN"), "{e}");
+    assert!(m.adapter_names().is_empty());
+}
+
+#[test]
+fn every_pickle_extension_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for ext in ["pt", "pth", "bin", "ckpt", "pkl", "PT"] {
+        let path = dir.path().join(format!("style.{ext}"));
+        let e = hypernetwork::read(&path).unwrap_err().to_string();
+        assert!(e.contains(&format!("style.{ext}")) && e.contains("pickle"), "{e}");
+    }
+}
+
+#[test]
 fn a_merge_a_layer_refuses_is_an_error_and_undoes_the_whole_call() {
     let dev = cpu();
     let (x, ctx, _) = inputs(&dev);

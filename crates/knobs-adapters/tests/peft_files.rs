@@ -178,6 +178,32 @@ fn gaussian_init_has_the_requested_spread_and_b_starts_at_zero() {
     assert!(b.iter().all(|&v| v == 0.0));
 }
 
+/// Replaces every value of `key` in the folder's weights file with `bad`.
+fn poison_folder(dir: &Path, key: &str, bad: f32) {
+    let file = dir.join("adapter_model.safetensors");
+    let mut tensors = read_safetensors(&file).unwrap().tensors;
+    let shape = tensors[key].shape().as_slice().to_vec();
+    tensors.insert(key.into(), TensorData::new(vec![bad; shape.iter().product()], shape));
+    write_safetensors(&file, &tensors, &HashMap::new()).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_file_and_key() {
+    let key = "base_model.model.blocks.0.fc1.lora_B.weight";
+    let (dir, _) = saved_folder();
+    poison_folder(dir.path(), key, f32::NEG_INFINITY);
+    let err = load_err(dir.path());
+    assert!(err.contains("adapter_model.safetensors") && err.contains(key) && err.contains("inf"), "{err}");
+    // A plain LoRA folder read by the reader of every LoRA format is refused the same way.
+    let mut m = AdaptedModel::new(TinyNet::new(41, &cpu()), 42);
+    m.add_adapter("s", Box::new(LoraConfig::new(2, 2.0, Pattern::names(&["fc1"])))).unwrap();
+    let plain = tempfile::tempdir().unwrap();
+    peft::save(&m, "s", plain.path()).unwrap();
+    poison_folder(plain.path(), key, f32::NAN);
+    let err = knobs_adapters::formats::lora_files::read(plain.path()).unwrap_err().to_string();
+    assert!(err.contains("adapter_model.safetensors") && err.contains(key) && err.contains("NaN"), "{err}");
+}
+
 #[test]
 fn peft_type_names_round_trip() {
     use knobs_adapters::PeftType;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors};
+use knobs_nn::io::{StateDict, read_checked};
 use knobs_nn::{Error, LayerRef, Module, ModuleExt};
 use serde_json::Value;
 
@@ -240,11 +240,7 @@ pub fn read(path: impl AsRef<Path>) -> Result<BTreeMap<String, ComponentLora>> {
         }
         return Err(Error::file(path, format!("neither a PEFT folder ({}) nor a diffusers LoRA folder ({DIFFUSERS_FILE})", peft::CONFIG_FILE)).into());
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    if ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str()) {
-        return Err(Error::file(path, "a PyTorch pickle file: knobs never executes pickles; convert it to .safetensors first").into());
-    }
-    let sd = read_safetensors(path)?;
+    let sd = read_checked(path, "")?;
     let Some(first) = sd.tensors.keys().next() else {
         return Err(Error::file(path, "holds no tensors").into());
     };
@@ -265,7 +261,7 @@ fn read_peft_folder(dir: &Path) -> Result<BTreeMap<String, ComponentLora>> {
         return Err(Error::key(&cfg_path, "modules_to_save", "set: load this folder with formats::peft::load").into());
     }
     let scaling = peft_scaling(&cfg_path, &json)?;
-    let sd = read_safetensors(dir.join(peft::WEIGHTS_FILE))?;
+    let sd = read_checked(dir.join(peft::WEIGHTS_FILE), "")?;
     let mut found = Collected::default();
     for (key, data) in &sd.tensors {
         let parsed = key.strip_prefix(peft::KEY_PREFIX).and_then(|k| diffusers::parse("", k)).filter(|(_, p, _)| *p != Part::Alpha);
