@@ -197,7 +197,7 @@ impl<M: Module> AdaptedModel<M> {
         out
     }
 
-    fn remove_from_layers(&mut self, name: &str) {
+    pub(crate) fn remove_from_layers(&mut self, name: &str) {
         self.model.for_each_layer_mut(|_, mut layer| {
             layer.unmerge_adapter(name);
             layer.remove_adapter(name);
