@@ -16,7 +16,7 @@ mod target;
 pub mod tokens;
 
 pub use manager::AdaptedModel;
-pub use method::{AdapterConfig, config_from_peft_json, strip_adapter_name};
+pub use method::{AdapterConfig, PeftType, config_from_peft_json, strip_adapter_name};
 pub use target::{Pattern, Targets};
 
 #[derive(Debug, thiserror::Error)]

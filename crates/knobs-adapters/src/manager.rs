@@ -1,6 +1,6 @@
 //! Several named adapters on one model, managed as PEFT's `PeftModel` and diffusers'
 //! `set_adapters` do: add, activate, weigh, disable, delete, merge, unmerge, unload.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use knobs_nn::adapter::AdapterState;
 use knobs_nn::burn::tensor::TensorData;
@@ -197,7 +197,7 @@ impl<M: Module> AdaptedModel<M> {
         out
     }
 
-    fn remove_from_layers(&mut self, name: &str) {
+    pub(crate) fn remove_from_layers(&mut self, name: &str) {
         self.model.for_each_layer_mut(|_, mut layer| {
             layer.unmerge_adapter(name);
             layer.remove_adapter(name);
@@ -219,12 +219,28 @@ impl<M: Module> AdaptedModel<M> {
         for n in &names {
             self.config(n)?.check_merge().map_err(|e| AdapterError::Config(format!("adapter `{n}`: {e}")))?;
         }
-        self.model.for_each_layer_mut(|_, mut layer| {
+        let mut merged: HashMap<String, Vec<String>> = HashMap::new();
+        let mut error = None;
+        self.model.for_each_layer_mut(|path, mut layer| {
             for n in &names {
-                layer.merge_adapter(n);
+                if error.is_some() {
+                    return;
+                }
+                match layer.merge_adapter(n) {
+                    Ok(true) => merged.entry(path.to_string()).or_default().push(n.clone()),
+                    Ok(false) => {}
+                    Err(e) => error = Some(AdapterError::Config(format!("merging into `{path}`: {e}"))),
+                }
             }
         });
-        Ok(())
+        let Some(e) = error else { return Ok(()) };
+        // Take out what this call merged, last first, so a failed merge leaves the model as it was.
+        self.model.for_each_layer_mut(|path, mut layer| {
+            for n in merged.get(path).into_iter().flatten().rev() {
+                layer.unmerge_adapter(n);
+            }
+        });
+        Err(e)
     }
 
     /// Subtracts every merged adapter back out of the base weights.

@@ -7,10 +7,54 @@ use serde_json::Value;
 
 use crate::{AdapterError, Result, Targets, ia3, lora};
 
+/// Which adapter method a config or layer belongs to, as `adapter_config.json` names it in
+/// `peft_type`. `Lora` and `Ia3` are PEFT's; `Hypernetwork` and `Tokens` (textual inversion)
+/// are knobs' own names for methods PEFT lacks, never found in a PEFT folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeftType {
+    Lora,
+    Ia3,
+    Hypernetwork,
+    Tokens,
+}
+
+impl PeftType {
+    pub const ALL: [PeftType; 4] = [PeftType::Lora, PeftType::Ia3, PeftType::Hypernetwork, PeftType::Tokens];
+
+    /// The name as written in files (`LORA`); `const` so that layers' `Adapter::method` and
+    /// constants can use it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PeftType::Lora => "LORA",
+            PeftType::Ia3 => "IA3",
+            PeftType::Hypernetwork => "HYPERNETWORK",
+            PeftType::Tokens => "TOKENS",
+        }
+    }
+
+    /// The method named `name` exactly as files write it; `None` for any other string.
+    pub fn parse(name: &str) -> Option<PeftType> {
+        PeftType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for PeftType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PeftType {
+    type Err = AdapterError;
+    fn from_str(name: &str) -> Result<Self> {
+        PeftType::parse(name).ok_or_else(|| AdapterError::Config(format!("unknown peft_type `{name}`; known: {:?}", PeftType::ALL.map(PeftType::as_str))))
+    }
+}
+
 /// A method's configuration: what to attach where. Mirrors a PEFT config class.
 pub trait AdapterConfig: std::fmt::Debug + Send + Sync {
-    /// PEFT's `peft_type` (`LORA`, `IA3`).
-    fn peft_type(&self) -> &'static str;
+    /// The method, PEFT's `peft_type`.
+    fn peft_type(&self) -> PeftType;
     fn targets(&self) -> &Targets;
     /// Base modules trained fully with the adapter (PEFT's `modules_to_save`).
     fn modules_to_save(&self) -> &[String];
@@ -34,15 +78,15 @@ impl Clone for Box<dyn AdapterConfig> {
 type Parser = fn(&Value) -> Result<Box<dyn AdapterConfig>>;
 
 /// Every method that a PEFT `adapter_config.json` may name. A new method adds one line.
-const METHODS: &[(&str, Parser)] = &[("LORA", lora::LoraConfig::from_peft_json), ("IA3", ia3::Ia3Config::from_peft_json)];
+const METHODS: &[(PeftType, Parser)] = &[(PeftType::Lora, lora::LoraConfig::from_peft_json), (PeftType::Ia3, ia3::Ia3Config::from_peft_json)];
 
 /// Reads an `adapter_config.json` value; `file` is named in errors.
 pub fn config_from_peft_json(file: &Path, json: &Value) -> Result<Box<dyn AdapterConfig>> {
     let peft_type = json.get("peft_type").and_then(Value::as_str).ok_or_else(|| {
         AdapterError::Nn(knobs_nn::Error::key(file, "peft_type", "missing or not a string"))
     })?;
-    let (_, parse) = METHODS.iter().find(|(name, _)| *name == peft_type).ok_or_else(|| {
-        let known: Vec<&str> = METHODS.iter().map(|(n, _)| *n).collect();
+    let (_, parse) = METHODS.iter().find(|(t, _)| t.as_str() == peft_type).ok_or_else(|| {
+        let known: Vec<&str> = METHODS.iter().map(|(t, _)| t.as_str()).collect();
         AdapterError::Nn(knobs_nn::Error::key(file, "peft_type", format!("unknown value `{peft_type}`; supported: {known:?}")))
     })?;
     parse(json).map_err(|e| match e {

@@ -3,7 +3,8 @@
 //! strength 0 is the base, files round-trip exactly with A1111's keys, and pickles and bad
 //! files are refused by name.
 use knobs_adapters::hypernetwork::{self, Activation, HypernetworkConfig, Structure};
-use knobs_adapters::AdaptedModel;
+use knobs_adapters::lora::LoraConfig;
+use knobs_adapters::{AdaptedModel, Pattern, PeftType};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::burn::tensor::activation::softmax;
 use knobs_nn::io::{read_safetensors, write_safetensors};
@@ -282,7 +283,7 @@ fn files_round_trip_exactly_with_a1111_keys() {
     assert_eq!(values(other.model.forward(x.clone(), ctx.clone())), want, "a loaded file must reproduce the outputs exactly");
     let cfg = hypernetwork::config_of(&other, "loaded").unwrap();
     assert_eq!(cfg.structure, s);
-    assert_eq!(other.config("loaded").unwrap().peft_type(), "HYPERNETWORK");
+    assert_eq!(other.config("loaded").unwrap().peft_type(), PeftType::Hypernetwork);
     // Saving the loaded one gives the same tensors.
     let again = dir.path().join("again.safetensors");
     hypernetwork::save(&other, "loaded", &again).unwrap();
@@ -341,4 +342,80 @@ fn bad_files_name_the_file_and_key_and_leave_the_model_alone() {
         assert!(hypernetwork::adapted_layers(&m.model, "x").is_empty());
     }
     hypernetwork::load(&mut m, &good, "x", 1.0).unwrap();
+}
+
+#[test]
+fn layer_level_merge_is_an_error_not_a_panic() {
+    let dev = cpu();
+    let (x, ctx, _) = inputs(&dev);
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Tanh, false, 0.0), &dev);
+    m.freeze();
+    let before = values(m.model.forward(x.clone(), ctx.clone()));
+    let mut errors = Vec::new();
+    m.model.for_each_layer_mut(|_, mut layer| {
+        if layer.has_adapter("hn") {
+            errors.push(layer.merge_adapter("hn").unwrap_err().to_string());
+        }
+    });
+    assert_eq!(errors.len(), 6);
+    assert!(errors.iter().all(|e| e.contains("`hn`") && e.contains("cannot be merged")), "{errors:?}");
+    m.model.for_each_layer(|path, l| assert!(l.adapter_states().iter().all(|(_, s)| s.merged.is_none()), "{path} recorded a merge"));
+    assert_eq!(values(m.model.forward(x, ctx)), before, "a refused merge changed the model");
+}
+
+#[test]
+fn non_finite_tensors_are_refused_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = cpu();
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Relu, false, 0.0), &dev);
+    let good = dir.path().join("good.safetensors");
+    hypernetwork::save(&m, "hn", &good).unwrap();
+    m.delete_adapter("hn").unwrap();
+    let mut sd = read_safetensors(&good).unwrap();
+    let n = sd.tensors["8.1.linear.2.bias"].num_elements();
+    let mut v = vec![0.5f32; n];
+    v[n - 1] = f32::NAN;
+    sd.tensors.insert("8.1.linear.2.bias".into(), TensorData::new(v, [n]));
+    let bad = dir.path().join("poisoned.safetensors");
+    write_safetensors(&bad, &sd.tensors, &sd.metadata).unwrap();
+    let e = hypernetwork::load(&mut m, &bad, "x", 1.0).unwrap_err().to_string();
+    assert!(e.contains("poisoned.safetensors") && e.contains("8.1.linear.2.bias") && e.contains("NaN"), "{e}");
+    assert!(m.adapter_names().is_empty());
+}
+
+#[test]
+fn every_pickle_extension_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for ext in ["pt", "pth", "bin", "ckpt", "pkl", "PT"] {
+        let path = dir.path().join(format!("style.{ext}"));
+        let e = hypernetwork::read(&path).unwrap_err().to_string();
+        assert!(e.contains(&format!("style.{ext}")) && e.contains("pickle"), "{e}");
+    }
+}
+
+#[test]
+fn a_merge_a_layer_refuses_is_an_error_and_undoes_the_whole_call() {
+    let dev = cpu();
+    let (x, ctx, _) = inputs(&dev);
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Tanh, false, 0.0), &dev);
+    m.add_adapter("lo", Box::new(LoraConfig::new(2, 2.0, Pattern::names(&["to_q", "to_k"])))).unwrap();
+    let mut init = Init::new(4);
+    m.model.for_each_param_mut(|path, mut p| {
+        if path.contains(".lora_B.") {
+            let n = p.as_ref().numel();
+            p.replace_flat(Tensor::from_data(TensorData::new(init.normal_vec(n), [n]), &p.device()));
+        }
+    });
+    m.freeze();
+    m.set_adapters(&[("hn", 1.0), ("lo", 1.0)]).unwrap();
+    let before = values(m.model.forward(x.clone(), ctx.clone()));
+    // A config that says it merges (as a careless new method might) passes the up-front check;
+    // the layers must still refuse, after `lo` was merged into the same layers.
+    m.adopt("hn", Box::new(LoraConfig::new(1, 1.0, Pattern::names(&["to_k"])))).unwrap();
+    let e = m.merge(&["lo", "hn"]).unwrap_err().to_string();
+    assert!(e.contains("`hn`") && e.contains("to_k") && e.contains("cannot be merged"), "{e}");
+    m.model.for_each_layer(|path, l| assert!(l.adapter_states().iter().all(|(_, s)| s.merged.is_none()), "{path} is still merged"));
+    let after = values(m.model.forward(x, ctx));
+    let diff = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-5, "the failed merge changed the outputs by {diff}");
 }

@@ -234,3 +234,39 @@ fn golden_diffusers_files_keep_their_keys() {
     let b = &lora_files::read(g.join("lora_diffusers")).unwrap()["unet"].state.tensors["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"];
     assert_eq!(a, b, "all three golden files hold the same LoRA");
 }
+
+/// `file` written as a diffusers or kohya LoRA with one value of `key` replaced by `bad`.
+fn poisoned(dir: &Path, name: &str, keys: [&str; 2], bad: f32) -> PathBuf {
+    let file = dir.join(name);
+    let mut down = randn(&[2, DIM], 1);
+    down[3] = bad;
+    let t = BTreeMap::from([(keys[0].to_string(), data(down, &[2, DIM])), (keys[1].to_string(), data(randn(&[HIDDEN, 2], 2), &[HIDDEN, 2]))]);
+    write_safetensors(&file, &t, &HashMap::new()).unwrap();
+    file
+}
+
+#[test]
+fn non_finite_tensors_are_refused_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = ["lora_unet_blocks_0_fc1.lora_down.weight", "lora_unet_blocks_0_fc1.lora_up.weight"];
+    let diffusers = ["unet.blocks.0.fc1.lora.down.weight", "unet.blocks.0.fc1.lora.up.weight"];
+    for (name, keys, bad, word) in [("k.safetensors", kohya, f32::NAN, "NaN"), ("d.safetensors", diffusers, f32::INFINITY, "inf")] {
+        let file = poisoned(dir.path(), name, keys, bad);
+        let e = lora_files::read(&file).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(keys[0]) && e.contains(word), "{e}");
+    }
+}
+
+#[test]
+fn every_pickle_extension_is_refused_and_a_disguised_pickle_too() {
+    let dir = tempfile::tempdir().unwrap();
+    for ext in ["pt", "pth", "bin", "ckpt", "pkl", "Ckpt"] {
+        let path = dir.path().join(format!("style.{ext}"));
+        let e = lora_files::read(&path).unwrap_err().to_string();
+        assert!(e.contains(&format!("style.{ext}")) && e.contains("pickle"), "{e}");
+    }
+    let disguised = dir.path().join("disguised.safetensors");
+    std::fs::write(&disguised, b"\x80\x02}q\x00.").unwrap();
+    let e = lora_files::read(&disguised).unwrap_err().to_string();
+    assert!(e.contains("disguised.safetensors") && e.contains("pickle"), "{e}");
+}

@@ -151,3 +151,62 @@ fn combine_linear_needs_equal_ranks_and_sums_factors() {
     m.set_active(&["lx"]).unwrap();
     assert!(rel(&out(&m.model, &b), &single) < 1e-5);
 }
+
+/// Sets every value of parameter `path` to `v`.
+fn poison(m: &mut TinyNet, path: &str, v: f32) {
+    let mut found = false;
+    knobs_nn::ModuleExt::for_each_param_mut(m, |p, mut t| {
+        if p == path {
+            let n = t.as_ref().numel();
+            t.replace_flat(Tensor::from_data(TensorData::new(vec![v; n], [n]), &t.device()));
+            found = true;
+        }
+    });
+    assert!(found, "no parameter {path}");
+}
+
+/// The layers that carry an adapter named `name`.
+fn layers_with(m: &TinyNet, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    knobs_nn::ModuleExt::for_each_layer(m, |path, l| {
+        if l.adapter_states().iter().any(|(n, _)| n == name) {
+            out.push(path.to_string());
+        }
+    });
+    out
+}
+
+#[test]
+fn combine_failing_on_a_later_layer_leaves_no_adapter_behind() {
+    let device = cpu();
+    let mut m = AdaptedModel::new(TinyNet::new(21, &device), 22);
+    let targets = Pattern::names(&["embed", "conv", "fc1", "fc2", "head"]);
+    // Equal ranks everywhere but on `head`, the last layer visited: linear fails only there.
+    let mut x = LoraConfig::new(2, 4.0, targets.clone());
+    x.rank_pattern.insert("head".into(), 3);
+    m.add_adapter("x", Box::new(x)).unwrap();
+    m.add_adapter("y", Box::new(LoraConfig::new(2, 2.0, targets))).unwrap();
+    let e = combine(&mut m, &[("x", 1.0), ("y", 1.0)], "xy", Combination::Linear).unwrap_err().to_string();
+    assert!(e.contains("head"), "{e}");
+    assert_eq!(layers_with(&m.model, "xy"), Vec::<String>::new());
+    assert_eq!(m.adapter_names(), vec!["x", "y"]);
+    // A name already in use is refused and the adapter holding it is left as it was.
+    let before = state_dict(&m.model);
+    let e = combine(&mut m, &[("y", 1.0)], "x", Combination::Cat).unwrap_err().to_string();
+    assert!(e.contains("`x`"), "{e}");
+    assert_eq!(state_dict(&m.model).keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
+    assert_eq!(layers_with(&m.model, "x").len(), 5);
+}
+
+#[test]
+fn combine_refuses_non_finite_sources_naming_adapter_and_layer() {
+    let cases = [(Combination::Linear, f32::NAN), (Combination::Cat, f32::INFINITY), (Combination::Svd { rank: 2 }, f32::NAN), (Combination::Svd { rank: 2 }, f32::NEG_INFINITY)];
+    for (how, bad) in cases {
+        let (mut m, _) = two_loras(2, 2);
+        poison(&mut m.model, "blocks.0.fc2.lora_B.y.weight", bad);
+        let e = combine(&mut m, &[("x", 1.0), ("y", 1.0)], "xy", how).unwrap_err().to_string();
+        assert!(e.contains("`y`") && e.contains("blocks.0.fc2") && e.contains("finite"), "{how:?} {bad}: {e}");
+        assert!(layers_with(&m.model, "xy").is_empty(), "{how:?}: a refused combine attached adapters");
+        assert!(m.config("xy").is_err());
+    }
+}

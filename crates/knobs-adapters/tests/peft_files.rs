@@ -82,7 +82,7 @@ fn ia3_folder_round_trip_reproduces_outputs_exactly() {
 #[test]
 fn configs_written_by_peft_parse() {
     let lora = peft::read_config(Path::new(GOLDEN).join("lora_peft")).unwrap();
-    assert_eq!(lora.peft_type(), "LORA");
+    assert_eq!(lora.peft_type(), knobs_adapters::PeftType::Lora);
     let json = lora.to_peft_json();
     assert_eq!(json["r"], 4);
     assert_eq!(json["lora_alpha"], 4.0);
@@ -92,7 +92,7 @@ fn configs_written_by_peft_parse() {
     assert_eq!(targets, ["to_k", "to_out.0", "to_q", "to_v"]);
 
     let ia3 = peft::read_config(Path::new(GOLDEN).join("ia3_peft")).unwrap();
-    assert_eq!(ia3.peft_type(), "IA3");
+    assert_eq!(ia3.peft_type(), knobs_adapters::PeftType::Ia3);
     assert_eq!(ia3.to_peft_json()["feedforward_modules"], serde_json::json!(["ff.net.2"]));
 }
 
@@ -176,4 +176,46 @@ fn gaussian_init_has_the_requested_spread_and_b_starts_at_zero() {
     let var = a.iter().map(|v| (v * v) as f64).sum::<f64>() / a.len() as f64;
     assert!((var.sqrt() - 0.25).abs() < 0.08, "std of A {} (want 1/r = 0.25)", var.sqrt());
     assert!(b.iter().all(|&v| v == 0.0));
+}
+
+/// Replaces every value of `key` in the folder's weights file with `bad`.
+fn poison_folder(dir: &Path, key: &str, bad: f32) {
+    let file = dir.join("adapter_model.safetensors");
+    let mut tensors = read_safetensors(&file).unwrap().tensors;
+    let shape = tensors[key].shape().as_slice().to_vec();
+    tensors.insert(key.into(), TensorData::new(vec![bad; shape.iter().product()], shape));
+    write_safetensors(&file, &tensors, &HashMap::new()).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_file_and_key() {
+    let key = "base_model.model.blocks.0.fc1.lora_B.weight";
+    let (dir, _) = saved_folder();
+    poison_folder(dir.path(), key, f32::NEG_INFINITY);
+    let err = load_err(dir.path());
+    assert!(err.contains("adapter_model.safetensors") && err.contains(key) && err.contains("inf"), "{err}");
+    // A plain LoRA folder read by the reader of every LoRA format is refused the same way.
+    let mut m = AdaptedModel::new(TinyNet::new(41, &cpu()), 42);
+    m.add_adapter("s", Box::new(LoraConfig::new(2, 2.0, Pattern::names(&["fc1"])))).unwrap();
+    let plain = tempfile::tempdir().unwrap();
+    peft::save(&m, "s", plain.path()).unwrap();
+    poison_folder(plain.path(), key, f32::NAN);
+    let err = knobs_adapters::formats::lora_files::read(plain.path()).unwrap_err().to_string();
+    assert!(err.contains("adapter_model.safetensors") && err.contains(key) && err.contains("NaN"), "{err}");
+}
+
+#[test]
+fn peft_type_names_round_trip() {
+    use knobs_adapters::PeftType;
+    for t in PeftType::ALL {
+        assert_eq!(PeftType::parse(t.as_str()), Some(t));
+        assert_eq!(t.to_string().parse::<PeftType>().unwrap(), t);
+    }
+    assert_eq!(PeftType::Lora.to_string(), "LORA");
+    assert_eq!(PeftType::Ia3.as_str(), "IA3");
+    assert_eq!(PeftType::parse("lora"), None, "files spell it in capitals");
+    let e = "LOHA".parse::<PeftType>().unwrap_err().to_string();
+    assert!(e.contains("LOHA") && e.contains("LORA"), "{e}");
+    // What a saved folder's config says is what the type says.
+    assert_eq!(trained_lora().config("style").unwrap().to_peft_json()["peft_type"], PeftType::Lora.as_str());
 }

@@ -103,3 +103,23 @@ fn single_vector_and_wrong_width_and_pickles() {
     let err = embeddings::read(&pt, None).unwrap_err().to_string();
     assert!(err.contains("emb.pt") && err.contains("pickle") && err.contains("safetensors"), "{err}");
 }
+
+#[test]
+fn non_finite_vectors_and_every_pickle_extension_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (bad, word)) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")].into_iter().enumerate() {
+        let mut emb = learned("<bad>", 2, 32, 6);
+        emb.vectors[1][7] = bad;
+        let file = dir.path().join(format!("bad{i}.safetensors"));
+        embeddings::save_a1111(&file, &emb).unwrap();
+        let (mut tok, mut te) = pipeline();
+        let err = embeddings::load(&file, None, &mut tok, &mut te).unwrap_err().to_string();
+        assert!(err.contains(&format!("bad{i}.safetensors")) && err.contains(embeddings::A1111_KEY) && err.contains(word), "{err}");
+        assert_eq!(tok.vocab_size(), 1000, "nothing added on error");
+    }
+    for ext in ["pt", "pth", "bin", "ckpt", "pkl"] {
+        let path = dir.path().join(format!("emb.{ext}"));
+        let err = embeddings::read(&path, None).unwrap_err().to_string();
+        assert!(err.contains(&format!("emb.{ext}")) && err.contains("pickle"), "{err}");
+    }
+}

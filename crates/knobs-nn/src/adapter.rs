@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use burn::tensor::{Int, Tensor};
 
 use crate::module::{Visitor, VisitorMut};
+use crate::{Error, Result};
 
 /// What every adapter, on any layer kind, provides.
 pub trait Adapter: Any + Send + Sync + Debug {
@@ -30,16 +31,17 @@ pub trait Adapter: Any + Send + Sync + Debug {
 /// therefore gives exactly the same function.
 pub trait LinearAdapter: Adapter {
     fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2>;
-    /// Folds the adapter into the layer's weight `[out, in]` and bias.
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>);
-    /// Undoes [`LinearAdapter::merge`].
+    /// Folds the adapter into the layer's weight `[out, in]` and bias; an error when the
+    /// adapter has no weight form (a hypernetwork transforms the input non-linearly).
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> Result<(Tensor<2>, Option<Tensor<1>>)>;
+    /// Undoes [`LinearAdapter::merge`]; only called after a merge succeeded, so it cannot fail.
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>);
 }
 
 /// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].
 pub trait Conv2dAdapter: Adapter {
     fn forward(&self, x: Tensor<4>, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4>;
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> Result<(Tensor<4>, Option<Tensor<1>>)>;
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
 }
 
@@ -48,7 +50,7 @@ pub trait EmbeddingAdapter: Adapter {
     fn output(&self, _ids: &Tensor<2, Int>, y: Tensor<3>, _weight: f32) -> Tensor<3> {
         y
     }
-    fn merge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
+    fn merge(&self, table: Tensor<2>, weight: f32) -> Result<Tensor<2>>;
     fn unmerge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
 }
 
@@ -123,18 +125,22 @@ impl<A: ?Sized + Adapter> Slot<A> {
             None => self.entries.push(entry),
         }
     }
-    /// Folds (`merge`) or unfolds adapter `name` by calling `apply(adapter, weight)` with the
-    /// weight to add or subtract, then records the new state. False when there is nothing to do.
-    pub fn set_merged(&mut self, name: &str, merge: bool, apply: impl FnOnce(&A, f32)) -> bool {
-        let Some(e) = self.get_mut(name) else { return false };
-        let weight = match (merge, e.state.merged) {
-            (true, None) => e.state.weight,
-            (false, Some(w)) => w,
-            _ => return false,
-        };
-        apply(&e.adapter, weight);
-        e.state.merged = merge.then_some(weight);
-        true
+    /// Folds adapter `name` in: `apply(adapter, weight)` computes the new base weights, and
+    /// the state records the merge only once that succeeded. `None` when there is nothing to
+    /// do (no such adapter, or already merged); an error, naming the adapter, when it refuses.
+    pub fn merge<T>(&mut self, name: &str, apply: impl FnOnce(&A, f32) -> Result<T>) -> Result<Option<T>> {
+        let Some(e) = self.get_mut(name).filter(|e| e.state.merged.is_none()) else { return Ok(None) };
+        let out = apply(&e.adapter, e.state.weight).map_err(|err| Error::Invalid(format!("adapter `{name}`: {err}")))?;
+        e.state.merged = Some(e.state.weight);
+        Ok(Some(out))
+    }
+    /// Takes merged adapter `name` back out with the weight it was merged with (the weight may
+    /// have changed since); `None` when it is not merged.
+    pub fn unmerge<T>(&mut self, name: &str, apply: impl FnOnce(&A, f32) -> T) -> Option<T> {
+        let e = self.get_mut(name)?;
+        let out = apply(&e.adapter, e.state.merged?);
+        e.state.merged = None;
+        Some(out)
     }
 
     pub fn remove(&mut self, name: &str) -> Option<SlotEntry<A>> {

@@ -28,6 +28,54 @@ impl StateDict {
         let values = d.clone().convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::key(&self.file, key, format!("{e:?}")))?;
         Ok((values, shape))
     }
+    /// Refuses NaN and infinite values, naming the first tensor that holds one: such a file
+    /// (diverged training, a bad conversion) otherwise loads and silently breaks every output.
+    pub fn refuse_non_finite(&self) -> Result<()> {
+        for (key, data) in &self.tensors {
+            // Integer tensors are always finite; every float tensor is read as f32.
+            let Ok(values) = data.as_slice::<f32>() else { continue };
+            let bad: Vec<(usize, f32)> = values.iter().copied().enumerate().filter(|(_, v)| !v.is_finite()).collect();
+            if let Some(&(i, v)) = bad.first() {
+                let msg = format!("{} of {} values are not finite (the first, at flat index {i}, is {v}): the file is corrupt or its training diverged", bad.len(), values.len());
+                return Err(Error::key(&self.file, key, msg));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The extensions of PyTorch pickle files. Unpickling can run arbitrary code, so knobs never
+/// opens such a file; every reader of user-supplied weights refuses these by name.
+pub const PICKLE_EXTENSIONS: &[&str] = &["pt", "pth", "bin", "ckpt", "pkl"];
+
+/// Refuses `path` unread when its extension says it is a pickle. `how_to_convert`, when not
+/// empty, tells the user what the .safetensors file must hold.
+pub fn refuse_pickle(path: impl AsRef<Path>, how_to_convert: &str) -> Result<()> {
+    let path = path.as_ref();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+    if !PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+        return Ok(());
+    }
+    let how = if how_to_convert.is_empty() { String::new() } else { format!(" ({how_to_convert})") };
+    Err(Error::file(path, format!("a PyTorch pickle (.{ext}): knobs never executes pickles; convert it to .safetensors first{how}")))
+}
+
+/// True for the first bytes of a torch pickle: a zip archive (torch >= 1.6) or a bare pickle
+/// stream (protocol 2+ starts with 0x80), unless they are a safetensors header (an 8-byte
+/// length, then `{`).
+fn looks_pickled(bytes: &[u8]) -> bool {
+    let safetensors = bytes.get(8) == Some(&b'{');
+    !safetensors && (bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80))
+}
+
+/// Reads user-supplied weights (adapters, embeddings): pickles are refused by extension,
+/// unread, and tensors holding NaN or infinity by name.
+pub fn read_checked(path: impl AsRef<Path>, how_to_convert: &str) -> Result<StateDict> {
+    let path = path.as_ref();
+    refuse_pickle(path, how_to_convert)?;
+    let sd = read_safetensors(path)?;
+    sd.refuse_non_finite()?;
+    Ok(sd)
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
@@ -56,8 +104,13 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<StateDict> {
 }
 
 pub fn read_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<StateDict> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file ({e:?})")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        if looks_pickled(bytes) {
+            Error::file(path, "a PyTorch pickle by its content, whatever its name: knobs never executes pickles; convert it to .safetensors first")
+        } else {
+            Error::file(path, format!("not a valid safetensors file ({e:?})"))
+        }
+    })?;
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::file(path, format!("{e:?}")))?;
     let mut tensors = BTreeMap::new();
     for (key, view) in st.tensors() {

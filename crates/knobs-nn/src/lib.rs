@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod error;
 pub mod gradcheck;
+pub mod hash;
 pub mod init;
 pub mod io;
 pub mod layers;

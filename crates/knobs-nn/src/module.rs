@@ -242,10 +242,12 @@ impl LayerMut<'_> {
     pub fn visit_adapter_mut(&mut self, path: &str, name: &str, v: &mut dyn VisitorMut) {
         on_layer!(self, l => if let Some(e) = l.adapters.get_mut(name) { e.adapter.visit_mut(path, name, v) })
     }
-    pub fn merge_adapter(&mut self, name: &str) -> bool {
-        on_layer!(self, l => l.set_merged(name, true))
+    /// Folds adapter `name` into the layer; false when there is nothing to do, an error naming
+    /// the adapter (and the layer unchanged) when it cannot be merged.
+    pub fn merge_adapter(&mut self, name: &str) -> crate::Result<bool> {
+        on_layer!(self, l => l.merge_adapter(name))
     }
     pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        on_layer!(self, l => l.set_merged(name, false))
+        on_layer!(self, l => l.unmerge_adapter(name))
     }
 }

@@ -154,3 +154,32 @@ fn identical_inputs_give_identical_safetensors_bytes() {
     assert_eq!(back.metadata.len(), 12);
     assert_eq!(back.f32("b.weight").unwrap().0, vec![1.0, 2.0]);
 }
+
+#[test]
+fn read_checked_refuses_pickles_and_non_finite_tensors_by_name() {
+    use knobs_nn::io::{PICKLE_EXTENSIONS, read_checked, refuse_pickle};
+    let dir = tempfile::tempdir().unwrap();
+    for ext in PICKLE_EXTENSIONS.iter().copied().chain(["PTH"]) {
+        let path = dir.path().join(format!("w.{ext}"));
+        let e = read_checked(&path, "its `emb_params` tensor").unwrap_err().to_string();
+        assert!(e.contains(&format!("w.{ext}")) && e.contains("pickle") && e.contains("emb_params"), "{e}");
+    }
+    refuse_pickle(dir.path().join("w.safetensors"), "").unwrap();
+    // A pickle under a safetensors name is recognised by its first bytes.
+    let disguised = dir.path().join("w.safetensors");
+    std::fs::write(&disguised, b"PK\x03\x04archive/data.pkl").unwrap();
+    let e = read_safetensors(&disguised).unwrap_err().to_string();
+    assert!(e.contains("w.safetensors") && e.contains("pickle"), "{e}");
+
+    let file = dir.path().join("poisoned.safetensors");
+    let t = BTreeMap::from([
+        ("a.ok".to_string(), TensorData::new(vec![1f32, 2.0], [2])),
+        ("b.ids".to_string(), TensorData::new(vec![3i64, 4], [2])),
+        ("c.bad".to_string(), TensorData::new(vec![0f32, f32::NAN, f32::INFINITY], [3])),
+    ]);
+    write_safetensors(&file, &t, &HashMap::new()).unwrap();
+    let e = read_checked(&file, "").unwrap_err().to_string();
+    assert!(e.contains("poisoned.safetensors") && e.contains("c.bad") && e.contains("2 of 3") && e.contains("NaN"), "{e}");
+    // The plain reader (base checkpoints) still reads it: only user-supplied weights are checked.
+    assert_eq!(read_safetensors(&file).unwrap().tensors.len(), 3);
+}

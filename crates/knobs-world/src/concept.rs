@@ -128,7 +128,7 @@ pub struct ConceptSpec {
 
 /// FNV-1a: a hash that is stable across Rust versions, for seeds derived from names.
 pub(crate) fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    knobs_nn::hash::fnv1a(s.as_bytes())
 }
 
 impl ConceptSpec {
@@ -260,5 +260,15 @@ pub fn random_concept(rng: &mut impl Rng) -> ConceptSpec {
             let name = format!("{}-{}-{}-{token}", colour.name(), pattern.kind(), shape.name());
             return ConceptSpec { name, shape, colour, pattern, mark, token };
         }
+    }
+}
+
+#[cfg(test)]
+mod hash_tests {
+    /// Concept seeds come from this hash: a changed value changes every rendered data set.
+    #[test]
+    fn stable_hash_keeps_its_values() {
+        assert_eq!(super::stable_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::stable_hash("red"), 0x89e9_be19_60f4_c21c);
     }
 }

@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors};
+use knobs_nn::io::{StateDict, read_checked};
 use knobs_nn::{Error, LayerRef, Module, ModuleExt};
 use serde_json::Value;
 
 use super::{diffusers, kohya, peft};
 use crate::lora::{LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear};
-use crate::{AdaptedModel, AdapterError, Pattern, Result};
+use crate::{AdaptedModel, AdapterError, Pattern, PeftType, Result};
 
 pub use super::diffusers::{DiffusersKeys, save as save_diffusers};
 pub use super::kohya::save as save_kohya;
@@ -81,7 +81,7 @@ impl ComponentLora {
     /// rsLoRA adapters keep their exact scale in formats that only know `alpha / r`.
     pub fn from_adapter<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<Self> {
         let config = model.config(name)?;
-        if config.peft_type() != "LORA" {
+        if config.peft_type() != PeftType::Lora {
             return Err(AdapterError::Config(format!("adapter `{name}` is {}: diffusers and kohya files hold LoRA only; save it as a PEFT folder", config.peft_type())));
         }
         if !config.modules_to_save().is_empty() {
@@ -240,11 +240,7 @@ pub fn read(path: impl AsRef<Path>) -> Result<BTreeMap<String, ComponentLora>> {
         }
         return Err(Error::file(path, format!("neither a PEFT folder ({}) nor a diffusers LoRA folder ({DIFFUSERS_FILE})", peft::CONFIG_FILE)).into());
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    if ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str()) {
-        return Err(Error::file(path, "a PyTorch pickle file: knobs never executes pickles; convert it to .safetensors first").into());
-    }
-    let sd = read_safetensors(path)?;
+    let sd = read_checked(path, "")?;
     let Some(first) = sd.tensors.keys().next() else {
         return Err(Error::file(path, "holds no tensors").into());
     };
@@ -258,14 +254,14 @@ fn read_peft_folder(dir: &Path) -> Result<BTreeMap<String, ComponentLora>> {
     let cfg_path = dir.join(peft::CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
-    if let Some(t) = json.get("peft_type").and_then(Value::as_str).filter(|t| *t != "LORA") {
+    if let Some(t) = json.get("peft_type").and_then(Value::as_str).filter(|t| PeftType::parse(t) != Some(PeftType::Lora)) {
         return Err(Error::key(&cfg_path, "peft_type", format!("`{t}` is not LoRA; load it with formats::peft::load")).into());
     }
     if json.get("modules_to_save").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(Error::key(&cfg_path, "modules_to_save", "set: load this folder with formats::peft::load").into());
     }
     let scaling = peft_scaling(&cfg_path, &json)?;
-    let sd = read_safetensors(dir.join(peft::WEIGHTS_FILE))?;
+    let sd = read_checked(dir.join(peft::WEIGHTS_FILE), "")?;
     let mut found = Collected::default();
     for (key, data) in &sd.tensors {
         let parsed = key.strip_prefix(peft::KEY_PREFIX).and_then(|k| diffusers::parse("", k)).filter(|(_, p, _)| *p != Part::Alpha);

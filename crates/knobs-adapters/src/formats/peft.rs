@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use knobs_nn::io::{atomic_write, read_safetensors, write_safetensors};
+use knobs_nn::io::{atomic_write, read_checked, write_safetensors};
 use knobs_nn::{Error, Module};
 use serde_json::Value;
 
@@ -40,7 +40,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<Box<dyn crate::AdapterConfig
 pub fn load<M: Module>(model: &mut AdaptedModel<M>, dir: impl AsRef<Path>, name: &str) -> Result<()> {
     let dir = dir.as_ref();
     let config = read_config(dir)?;
-    let sd = read_safetensors(dir.join(WEIGHTS_FILE))?;
+    let sd = read_checked(dir.join(WEIGHTS_FILE), "")?;
     model.add_adapter(name, config).map_err(|e| match e {
         crate::AdapterError::NoMatch { .. } => crate::AdapterError::Nn(Error::key(dir.join(CONFIG_FILE), "target_modules", e)),
         other => other,

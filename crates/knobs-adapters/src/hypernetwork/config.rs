@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 
 use super::layer::{HyperLinear, Mlp};
 use crate::method::AdapterConfig;
-use crate::{AdapterError, Pattern, Result, Targets};
+use crate::{AdapterError, Pattern, PeftType, Result, Targets};
 
 /// What `peft_type` / `to_peft_json` call this method. PEFT has no such method: the JSON is
 /// knobs' own description of the config, never a PEFT file.
-pub const METHOD: &str = "HYPERNETWORK";
+pub const METHOD: &str = PeftType::Hypernetwork.as_str();
 
 /// The non-linearity between layers, by A1111's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,8 +378,8 @@ impl HypernetworkConfig {
 }
 
 impl AdapterConfig for HypernetworkConfig {
-    fn peft_type(&self) -> &'static str {
-        METHOD
+    fn peft_type(&self) -> PeftType {
+        PeftType::Hypernetwork
     }
     fn targets(&self) -> &Targets {
         &self.targets

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use knobs_nn::burn::tensor::module::{layer_norm, linear};
+use knobs_nn::hash::{fnv1a, fnv1a_seeded};
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Device, Init, LinearAdapter, Tensor, Visitor, VisitorMut};
 
@@ -116,16 +117,12 @@ impl Mlp {
 
 /// FNV-1a over the tensor's bytes.
 fn content_hash(x: &Tensor<2>) -> u64 {
-    fnv(x.to_data().as_bytes(), 0xcbf2_9ce4_8422_2325)
+    fnv1a(x.to_data().as_bytes())
 }
 
-fn fnv(bytes: &[u8], mut h: u64) -> u64 {
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+/// The basis of the layer-path seeds: the standard one with its halves swapped, so a path's
+/// seed differs from the plain hash of the same bytes. Changing it changes every dropout mask.
+const PATH_SEED_BASIS: u64 = 0x8422_2325_cbf2_9ce4;
 
 /// Inverted dropout with a mask drawn from `seed`. The seed mixes the layer's path with the
 /// content of the module's input, so a training step draws the same masks however often it
@@ -154,7 +151,7 @@ pub struct HyperLinear {
 
 impl HyperLinear {
     pub fn new(mlp: Arc<Mutex<Mlp>>, width: usize, kind: Kind, owner: bool, path: &str) -> Self {
-        HyperLinear { mlp, width, kind, owner, training: None, seed: fnv(path.as_bytes(), 0x84222325cbf29ce4) }
+        HyperLinear { mlp, width, kind, owner, training: None, seed: fnv1a_seeded(path.as_bytes(), PATH_SEED_BASIS) }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Mlp> {
@@ -205,13 +202,34 @@ impl LinearAdapter for HyperLinear {
         inner(context)
     }
 
-    /// Never called: `AdaptedModel::merge` refuses hypernetworks with an error (see
-    /// `HypernetworkConfig::check_merge`), since a non-linear input transform has no weight
-    /// form.
-    fn merge(&self, _w: Tensor<2>, _b: Option<Tensor<1>>, _weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
-        unreachable!("a hypernetwork cannot be merged; AdaptedModel::merge reports this as an error")
+    /// A non-linear transform of the input has no weight form. `AdaptedModel::merge` refuses
+    /// up front (`HypernetworkConfig::check_merge`); this refuses a merge asked of the layer.
+    fn merge(&self, _w: Tensor<2>, _b: Option<Tensor<1>>, _weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
+        Err(knobs_nn::Error::Invalid("a hypernetwork cannot be merged into the weights: it transforms the layer's input non-linearly; apply it at inference instead".into()))
     }
-    fn unmerge(&self, _w: Tensor<2>, _b: Option<Tensor<1>>, _weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
-        unreachable!("a hypernetwork is never merged, so never unmerged")
+    /// Merging always fails, so the slot never records a merge and never asks for this; the
+    /// weights stay as they are.
+    fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
+        (w, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use knobs_nn::burn::tensor::TensorData;
+
+    use super::*;
+    use crate::hypernetwork::Activation;
+
+    /// Dropout seeds come from these hashes: a changed value changes every trained result.
+    #[test]
+    fn seeds_and_content_hashes_keep_their_values() {
+        let dev = knobs_nn::cpu();
+        let s = Structure { layer_structure: vec![1.0, 1.0], activation: Activation::Linear, add_layer_norm: false, activate_output: false, dropout_structure: vec![0.0, 0.0] };
+        let mlp = Mlp::new(2, &s, &mut Init::new(0), &dev).unwrap();
+        let h = HyperLinear::new(Arc::new(Mutex::new(mlp)), 2, Kind::Key, true, "blocks.0.attn2.to_k");
+        assert_eq!(h.seed, 0xf132_2dcf_9c42_e6f6);
+        let x = Tensor::<2>::from_data(TensorData::new(vec![1f32, -2.0], [1, 2]), &dev);
+        assert_eq!(content_hash(&x), 0x0979_e9ee_2da2_2858);
     }
 }

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors_bytes, write_safetensors};
+use knobs_nn::io::{StateDict, read_checked, write_safetensors};
 use knobs_nn::{Adapter, Error, LayerRef, Module, ModuleExt, ParamFn, ParamMutFn};
 
 pub use config::{Activation, HypernetworkConfig, Kind, METHOD, Stage, Structure};
@@ -105,7 +105,7 @@ pub fn set_strength<M: Module + ?Sized>(model: &mut M, name: &str, strength: f32
 /// The config of adapter `name` of `model`, which must be a hypernetwork.
 pub fn config_of<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<HypernetworkConfig> {
     let config = model.config(name)?;
-    if config.peft_type() != METHOD {
+    if config.peft_type() != crate::PeftType::Hypernetwork {
         return Err(AdapterError::Config(format!("adapter `{name}` is {}, not a hypernetwork", config.peft_type())));
     }
     HypernetworkConfig::from_json(&config.to_peft_json())
@@ -168,14 +168,6 @@ pub struct HypernetworkFile {
     pub tensors: StateDict,
 }
 
-/// True for the first bytes of a torch pickle: a zip archive (torch >= 1.6) or a bare
-/// pickle stream (protocol 2+ starts with 0x80), unless they are a safetensors header (an
-/// 8-byte length, then `{`).
-fn looks_pickled(bytes: &[u8]) -> bool {
-    let safetensors = bytes.get(8) == Some(&b'{');
-    !safetensors && (bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80))
-}
-
 fn meta_bool(sd: &StateDict, key: &str, default: bool) -> Result<bool> {
     match sd.metadata.get(key).map(|v| v.trim().to_ascii_lowercase()) {
         None => Ok(default),
@@ -213,19 +205,12 @@ fn structure_from_meta(sd: &StateDict) -> Result<Structure> {
     Ok(s)
 }
 
-/// Reads a hypernetwork safetensors file. Pickles (`.pt`, `.ckpt`, ...) are refused unread.
+/// Reads a hypernetwork safetensors file. Pickles (A1111's `.pt`, ...) are refused unread,
+/// NaN or infinite tensors by key.
 pub fn read(path: impl AsRef<Path>) -> Result<HypernetworkFile> {
     let path = path.as_ref();
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    let pickle_msg = "a PyTorch pickle (A1111 saves hypernetworks as .pt): knobs never executes pickles; convert it to .safetensors first (its tensors under keys like `768.0.linear.0.weight`, and layer_structure, activation_func, is_layer_norm, dropout_structure and activate_output as metadata)";
-    if ["pt", "pth", "ckpt", "bin", "pkl"].contains(&ext.as_str()) {
-        return Err(Error::file(path, pickle_msg).into());
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    if looks_pickled(&bytes) {
-        return Err(Error::file(path, pickle_msg).into());
-    }
-    let sd = read_safetensors_bytes(path, &bytes)?;
+    let how = "A1111 saves hypernetworks as .pt; the .safetensors file holds its tensors under keys like `768.0.linear.0.weight`, and layer_structure, activation_func, is_layer_norm, dropout_structure and activate_output as metadata";
+    let sd = read_checked(path, how)?;
     if sd.tensors.is_empty() {
         return Err(Error::file(path, "holds no tensors").into());
     }

@@ -3,7 +3,7 @@ use serde_json::{Value, json};
 
 use super::layer::{Ia3Conv2d, Ia3Linear};
 use crate::method::{AdapterConfig, field};
-use crate::{AdapterError, Pattern, Result, Targets};
+use crate::{AdapterError, Pattern, PeftType, Result, Targets};
 
 /// PEFT's `IA3Config`.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,8 +41,8 @@ impl Ia3Config {
 }
 
 impl AdapterConfig for Ia3Config {
-    fn peft_type(&self) -> &'static str {
-        "IA3"
+    fn peft_type(&self) -> PeftType {
+        PeftType::Ia3
     }
     fn targets(&self) -> &Targets {
         &self.targets
@@ -73,7 +73,7 @@ impl AdapterConfig for Ia3Config {
 
     fn to_peft_json(&self) -> Value {
         json!({
-            "peft_type": "IA3",
+            "peft_type": PeftType::Ia3.as_str(),
             "target_modules": self.targets.target_modules,
             "exclude_modules": self.targets.exclude_modules,
             "feedforward_modules": self.feedforward_modules,

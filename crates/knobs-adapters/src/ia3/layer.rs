@@ -3,6 +3,8 @@
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2dAdapter, LinearAdapter, Tensor, Visitor, VisitorMut};
 
+use crate::PeftType;
+
 /// PEFT guards the division in unmerge the same way.
 const UNMERGE_EPS: f64 = 1e-8;
 
@@ -20,7 +22,7 @@ pub struct Ia3Linear {
 
 impl Adapter for Ia3Linear {
     fn method(&self) -> &'static str {
-        "IA3"
+        PeftType::Ia3.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.ia3_l.{adapter}"), ParamRef::D2(&self.l));
@@ -41,13 +43,13 @@ impl LinearAdapter for Ia3Linear {
             inner(x) * l.reshape([1, n])
         }
     }
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         let l = weighted(&self.l.clone().inner(), weight);
         if self.feedforward {
-            (w * l, b)
+            Ok((w * l, b))
         } else {
             let n = l.dims()[0];
-            (w * l.clone(), b.map(|b| b * l.reshape([n])))
+            Ok((w * l.clone(), b.map(|b| b * l.reshape([n]))))
         }
     }
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
@@ -70,7 +72,7 @@ pub struct Ia3Conv2d {
 
 impl Adapter for Ia3Conv2d {
     fn method(&self) -> &'static str {
-        "IA3"
+        PeftType::Ia3.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.ia3_l.{adapter}"), ParamRef::D4(&self.l));
@@ -93,11 +95,11 @@ impl Conv2dAdapter for Ia3Conv2d {
         let l = weighted(&self.l, weight);
         if self.feedforward { inner(x * l) } else { inner(x) * l }
     }
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
         let l = self.along_weight(weight);
         let n = l.dims().iter().product::<usize>();
         let b = if self.feedforward { b } else { b.map(|b| b * l.clone().reshape([n])) };
-        (w * l, b)
+        Ok((w * l, b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
         let l = self.along_weight(weight) + UNMERGE_EPS;

@@ -5,7 +5,7 @@ use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{LayerMut, Module, ModuleExt, Tensor};
 
 use super::{LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear};
-use crate::{AdaptedModel, AdapterError, Pattern, Result};
+use crate::{AdaptedModel, AdapterError, Pattern, PeftType, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Combination {
@@ -37,6 +37,12 @@ fn factors(layer: &LayerMut<'_>, name: &str) -> Option<Factors> {
     None
 }
 
+/// Whether every value of `t` is finite: NaN or infinity in a source would spread through the
+/// combined factors (and stall or break the SVD).
+fn finite(t: &Tensor<2>) -> bool {
+    t.to_data().convert::<f32>().as_slice::<f32>().is_ok_and(|v| v.iter().all(|x| x.is_finite()))
+}
+
 /// Builds the new adapter of `layer` from combined 2-D factors (scale 1: the sources' scales
 /// and weights are folded into the factors).
 fn install(layer: LayerMut<'_>, name: &str, a: Tensor<2>, b: Tensor<2>) {
@@ -63,17 +69,21 @@ fn signed_sqrt(w: f64) -> (f64, f64) {
     (s, if w < 0.0 { -s } else { s })
 }
 
-/// Rank-`k` factors `(A [k, in], B [out, k])` of `delta [out, in]` by SVD.
-fn svd_factors(delta: Tensor<2>, k: usize) -> (Tensor<2>, Tensor<2>) {
+/// Rank-`k` factors `(A [k, in], B [out, k])` of `delta [out, in]` by SVD; `None` when
+/// `delta` is not finite (finite sources can still overflow).
+fn svd_factors(delta: Tensor<2>, k: usize) -> Option<(Tensor<2>, Tensor<2>)> {
     let [out, d_in] = delta.dims();
     let device = delta.device();
-    let values: Vec<f32> = delta.into_data().try_into_vec().unwrap();
+    let values: Vec<f32> = delta.into_data().convert::<f32>().try_into_vec().ok()?;
+    if !values.iter().all(|v| v.is_finite()) {
+        return None;
+    }
     let m = nalgebra::DMatrix::from_row_slice(out, d_in, &values.iter().map(|&v| v as f64).collect::<Vec<_>>());
     let svd = m.svd(true, true);
-    let (u, vt) = (svd.u.unwrap(), svd.v_t.unwrap());
+    let (u, vt) = (svd.u?, svd.v_t?);
     // nalgebra does not sort singular values; take the k largest.
     let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-    order.sort_by(|&i, &j| svd.singular_values[j].partial_cmp(&svd.singular_values[i]).unwrap());
+    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
     let k = k.min(order.len());
     let mut a = Vec::with_capacity(k * d_in);
     for &i in &order[..k] {
@@ -85,18 +95,22 @@ fn svd_factors(delta: Tensor<2>, k: usize) -> (Tensor<2>, Tensor<2>) {
             b[row * k + j] = (u[(row, i)] * svd.singular_values[i]) as f32;
         }
     }
-    (Tensor::from_data(TensorData::new(a, [k, d_in]), &device), Tensor::from_data(TensorData::new(b, [out, k]), &device))
+    Some((Tensor::from_data(TensorData::new(a, [k, d_in]), &device), Tensor::from_data(TensorData::new(b, [out, k]), &device)))
 }
 
 /// Adds adapter `new_name` that combines `sources` (adapter name, weight) on every layer that
-/// carries all of them. The new adapter is inactive until activated.
+/// carries all of them. The new adapter is inactive until activated. On any error (sources
+/// that differ in rank for `linear`, NaN or infinite values) the model is left as it was.
 pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], new_name: &str, how: Combination) -> Result<()> {
     if sources.is_empty() {
         return Err(AdapterError::Config("combine: no source adapters given".into()));
     }
+    if model.config(new_name).is_ok() {
+        return Err(AdapterError::Config(format!("combine: an adapter named `{new_name}` is already loaded; delete it first or pick another name")));
+    }
     for (name, _) in sources {
         let cfg = model.config(name)?;
-        if cfg.peft_type() != "LORA" {
+        if cfg.peft_type() != PeftType::Lora {
             return Err(AdapterError::Config(format!("combine: adapter `{name}` is {}, only LoRA adapters combine", cfg.peft_type())));
         }
     }
@@ -109,6 +123,11 @@ pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], 
         }
         let found: Vec<(Factors, f64)> = sources.iter().filter_map(|(n, w)| factors(&layer, n).map(|f| (f, *w))).collect();
         if found.len() != sources.len() {
+            return;
+        }
+        let not_finite = sources.iter().zip(&found).find(|(_, (f, w))| !w.is_finite() || !finite(&f.a) || !finite(&f.b));
+        if let Some(((name, _), _)) = not_finite {
+            error = Some(AdapterError::Config(format!("combine: adapter `{name}` on `{path}` (or its weight) is not finite (NaN or infinity); fix or drop that adapter")));
             return;
         }
         let (a, b) = match how {
@@ -134,7 +153,14 @@ pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], 
             }
             Combination::Svd { rank } => {
                 let delta = found.into_iter().map(|(f, w)| f.b.matmul(f.a) * (w * f.scale)).reduce(|x, y| x + y).unwrap();
-                svd_factors(delta, rank)
+                match svd_factors(delta, rank) {
+                    Some(ab) => ab,
+                    None => {
+                        let names: Vec<&str> = sources.iter().map(|s| s.0).collect();
+                        error = Some(AdapterError::Config(format!("combine svd: the weighted sum of {names:?} on `{path}` is not finite (it overflows)")));
+                        return;
+                    }
+                }
             }
         };
         new_rank = a.dims()[0];
@@ -142,6 +168,8 @@ pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], 
         paths.push(path.to_string());
     });
     if let Some(e) = error {
+        // Layers visited before the failure already carry the new adapter.
+        model.remove_from_layers(new_name);
         return Err(e);
     }
     if paths.is_empty() {

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::layer::{LoraConv2d, LoraEmbedding, LoraLinear};
 use crate::method::{AdapterConfig, field};
-use crate::{AdapterError, Pattern, Result, Targets};
+use crate::{AdapterError, Pattern, PeftType, Result, Targets};
 
 /// How the down projection A starts (B starts at zero, so a new adapter changes nothing).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,8 +92,8 @@ impl LoraConfig {
 }
 
 impl AdapterConfig for LoraConfig {
-    fn peft_type(&self) -> &'static str {
-        "LORA"
+    fn peft_type(&self) -> PeftType {
+        PeftType::Lora
     }
     fn targets(&self) -> &Targets {
         &self.targets
@@ -125,7 +125,7 @@ impl AdapterConfig for LoraConfig {
 
     fn to_peft_json(&self) -> Value {
         json!({
-            "peft_type": "LORA",
+            "peft_type": PeftType::Lora.as_str(),
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "target_modules": self.targets.target_modules,

@@ -6,6 +6,8 @@ use knobs_nn::burn::tensor::{Distribution, Int};
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Embedding, EmbeddingAdapter, Init, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
 
+use crate::PeftType;
+
 fn dropout<const D: usize>(x: Tensor<D>, p: f64, training: bool) -> Tensor<D> {
     if !training || p == 0.0 {
         return x;
@@ -52,7 +54,7 @@ impl LoraLinear {
 
 impl Adapter for LoraLinear {
     fn method(&self) -> &'static str {
-        "LORA"
+        PeftType::Lora.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.lora_A.{adapter}.weight"), ParamRef::D2(&self.a));
@@ -74,8 +76,8 @@ impl LinearAdapter for LoraLinear {
         let h = dropout(x.clone(), self.dropout, self.training).matmul(self.a.clone().transpose());
         inner(x) + (h * (self.scale * weight as f64)).matmul(self.b.clone().transpose())
     }
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
-        (w + self.delta_weight() * weight as f64, b)
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
+        Ok((w + self.delta_weight() * weight as f64, b))
     }
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
         (w - self.delta_weight() * weight as f64, b)
@@ -124,7 +126,7 @@ impl LoraConv2d {
 
 impl Adapter for LoraConv2d {
     fn method(&self) -> &'static str {
-        "LORA"
+        PeftType::Lora.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.lora_A.{adapter}.weight"), ParamRef::D4(&self.a));
@@ -146,8 +148,8 @@ impl Conv2dAdapter for LoraConv2d {
         let h = conv2d(h, self.b.clone(), None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1));
         inner(x) + h * (self.scale * weight as f64)
     }
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
-        (w + self.delta_weight() * weight as f64, b)
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
+        Ok((w + self.delta_weight() * weight as f64, b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
         (w - self.delta_weight() * weight as f64, b)
@@ -185,7 +187,7 @@ impl LoraEmbedding {
 
 impl Adapter for LoraEmbedding {
     fn method(&self) -> &'static str {
-        "LORA"
+        PeftType::Lora.as_str()
     }
     fn visit(&self, layer: &str, adapter: &str, v: &mut dyn Visitor) {
         v.param(&format!("{layer}.lora_embedding_A.{adapter}"), ParamRef::D2(&self.a));
@@ -204,8 +206,8 @@ impl EmbeddingAdapter for LoraEmbedding {
         let h = h.reshape([bsz * seq, r]).matmul(self.b.clone().transpose());
         y + h.reshape([bsz, seq, self.b.dims()[0]]) * (self.scale * weight as f64)
     }
-    fn merge(&self, table: Tensor<2>, weight: f32) -> Tensor<2> {
-        table + self.delta_weight() * weight as f64
+    fn merge(&self, table: Tensor<2>, weight: f32) -> knobs_nn::Result<Tensor<2>> {
+        Ok(table + self.delta_weight() * weight as f64)
     }
     fn unmerge(&self, table: Tensor<2>, weight: f32) -> Tensor<2> {
         table - self.delta_weight() * weight as f64

@@ -10,7 +10,7 @@ use knobs_nn::{Embedding, ParamMut, ParamRef, Visitor, VisitorMut, join};
 
 use crate::{AdapterError, Result};
 
-pub const METHOD: &str = "TOKENS";
+pub const METHOD: &str = crate::PeftType::Tokens.as_str();
 
 #[derive(Debug)]
 pub struct TokenRows {
@@ -70,10 +70,10 @@ impl EmbeddingAdapter for TokenRows {
         let new = embedding(rows, local);
         y.mask_where(mine.unsqueeze_dim::<3>(2).expand([b, l, dim]), new)
     }
-    fn merge(&self, table: Tensor<2>, weight: f32) -> Tensor<2> {
+    fn merge(&self, table: Tensor<2>, weight: f32) -> knobs_nn::Result<Tensor<2>> {
         let dim = table.dims()[1];
         let rows = self.rows.clone().inner() * weight;
-        table.slice_assign([self.first_id..self.first_id + self.num_tokens(), 0..dim], rows)
+        Ok(table.slice_assign([self.first_id..self.first_id + self.num_tokens(), 0..dim], rows))
     }
     fn unmerge(&self, table: Tensor<2>, _weight: f32) -> Tensor<2> {
         let dim = table.dims()[1];
@@ -109,10 +109,10 @@ mod tests {
         let live: Vec<f32> = table.forward(ids.clone()).into_data().convert::<f32>().try_into_vec().unwrap();
         assert_eq!(&live[3..9], &[1., 2., 3., 4., 5., 6.]);
         let before: Vec<f32> = table.weight.to_data().convert::<f32>().try_into_vec().unwrap();
-        assert!(table.set_merged("ti", true));
+        assert!(table.merge_adapter("ti").unwrap());
         let merged: Vec<f32> = table.forward(ids.clone()).into_data().convert::<f32>().try_into_vec().unwrap();
         assert_eq!(live, merged);
-        assert!(table.set_merged("ti", false));
+        assert!(table.unmerge_adapter("ti"));
         let after: Vec<f32> = table.weight.to_data().convert::<f32>().try_into_vec().unwrap();
         assert_eq!(before, after, "unmerge restores the table exactly");
     }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{read_safetensors, write_safetensors};
+use knobs_nn::io::{read_checked, write_safetensors};
 use knobs_nn::param::like;
 use knobs_nn::{Error, Result, Tensor};
 
@@ -49,11 +49,7 @@ impl LearnedEmbedding {
 /// their token in the key; A1111 files are named by their file stem, as A1111 does.
 pub fn read(path: impl AsRef<Path>, token: Option<&str>) -> Result<LearnedEmbedding> {
     let path = path.as_ref();
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    if ["pt", "pth", "bin", "ckpt"].contains(&ext.as_str()) {
-        return Err(Error::file(path, "a PyTorch pickle (A1111 .pt / diffusers .bin): knobs never executes pickles; convert it to .safetensors (its `emb_params` or `string_to_param.*` tensor) first"));
-    }
-    let sd = read_safetensors(path)?;
+    let sd = read_checked(path, "A1111 writes .pt, diffusers .bin; the .safetensors file holds its `emb_params` or `string_to_param.*` tensor")?;
     let keys: Vec<&String> = sd.tensors.keys().collect();
     let stem = || path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
     let (key, name) = match keys.as_slice() {

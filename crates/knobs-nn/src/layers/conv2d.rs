@@ -6,6 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::Result;
 use crate::param::{ParamMut, ParamRef, like};
 
 /// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
@@ -72,18 +73,21 @@ impl Conv2d {
         }
     }
 
-    /// Folds adapter `name` into the base weights (`merge`) or takes it back out; false when
-    /// there is nothing to do.
-    pub fn set_merged(&mut self, name: &str, merge: bool) -> bool {
+    /// Folds adapter `name` into the base weights; false when there is nothing to do, an
+    /// error (and the layer unchanged) when the adapter cannot be merged.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
         let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
-        let mut new = None;
-        let done = self.adapters.set_merged(name, merge, |a, weight| {
-            new = Some(if merge { a.merge(w, b, weight) } else { a.unmerge(w, b, weight) });
-        });
-        if let Some((w, b)) = new {
-            self.set_weights(w, b);
-        }
-        done
+        let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
+        self.set_weights(w, b);
+        Ok(true)
+    }
+
+    /// Takes merged adapter `name` back out of the base weights; false when it is not merged.
+    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+        let Some((w, b)) = self.adapters.unmerge(name, |a, weight| a.unmerge(w, b, weight)) else { return false };
+        self.set_weights(w, b);
+        true
     }
 
     fn set_weights(&mut self, w: Tensor<4>, b: Option<Tensor<1>>) {

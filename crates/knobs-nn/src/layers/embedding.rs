@@ -4,6 +4,7 @@ use burn::tensor::{Device, Int, Tensor};
 use crate::adapter::{EmbeddingAdapter, Slot};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::Result;
 use crate::param::{ParamMut, ParamRef, like};
 
 /// A lookup table `[num_embeddings, dim]`.
@@ -34,17 +35,21 @@ impl Embedding {
         y
     }
 
-    /// Folds adapter `name` into the table (`merge`) or takes it back out.
-    pub fn set_merged(&mut self, name: &str, merge: bool) -> bool {
+    /// Folds adapter `name` into the table; false when there is nothing to do, an error (and
+    /// the table unchanged) when the adapter cannot be merged.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
         let table = self.weight.clone().inner();
-        let mut new = None;
-        let done = self.adapters.set_merged(name, merge, |a, weight| {
-            new = Some(if merge { a.merge(table, weight) } else { a.unmerge(table, weight) });
-        });
-        if let Some(w) = new {
-            self.weight = like(&self.weight, w);
-        }
-        done
+        let Some(w) = self.adapters.merge(name, |a, weight| a.merge(table, weight))? else { return Ok(false) };
+        self.weight = like(&self.weight, w);
+        Ok(true)
+    }
+
+    /// Takes merged adapter `name` back out of the table; false when it is not merged.
+    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+        let table = self.weight.clone().inner();
+        let Some(w) = self.adapters.unmerge(name, |a, weight| a.unmerge(table, weight)) else { return false };
+        self.weight = like(&self.weight, w);
+        true
     }
 }
 

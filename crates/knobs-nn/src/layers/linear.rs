@@ -4,6 +4,7 @@ use burn::tensor::{Device, Tensor};
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::Result;
 use crate::param::{ParamMut, ParamRef, like};
 
 /// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
@@ -82,18 +83,21 @@ impl Module for Linear {
 }
 
 impl Linear {
-    /// Folds adapter `name` into the base weights (`merge`) or takes it back out; false when
-    /// there is nothing to do.
-    pub fn set_merged(&mut self, name: &str, merge: bool) -> bool {
+    /// Folds adapter `name` into the base weights; false when there is nothing to do, an
+    /// error (and the layer unchanged) when the adapter cannot be merged.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
         let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
-        let mut new = None;
-        let done = self.adapters.set_merged(name, merge, |a, weight| {
-            new = Some(if merge { a.merge(w, b, weight) } else { a.unmerge(w, b, weight) });
-        });
-        if let Some((w, b)) = new {
-            self.set_weights(w, b);
-        }
-        done
+        let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
+        self.set_weights(w, b);
+        Ok(true)
+    }
+
+    /// Takes merged adapter `name` back out of the base weights; false when it is not merged.
+    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+        let Some((w, b)) = self.adapters.unmerge(name, |a, weight| a.unmerge(w, b, weight)) else { return false };
+        self.set_weights(w, b);
+        true
     }
 
     fn set_weights(&mut self, w: Tensor<2>, b: Option<Tensor<1>>) {

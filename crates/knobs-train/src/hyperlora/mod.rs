@@ -47,5 +47,5 @@ pub fn hyper_dir(dir: &Path) -> PathBuf {
 /// FNV-1a of the hypernetwork's config JSON: ties a code file to its network.
 fn config_hash(c: &HyperLoraConfig) -> Result<String> {
     let text = serde_json::to_string(c)?;
-    Ok(format!("{:016x}", text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))))
+    Ok(format!("{:016x}", knobs_nn::hash::fnv1a(text.as_bytes())))
 }

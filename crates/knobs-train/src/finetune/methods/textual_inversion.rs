@@ -71,10 +71,10 @@ pub fn add_placeholder(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &m
 /// `learned_embeds.safetensors` (diffusers) and, with `--a1111`, `TOKEN.safetensors`.
 pub fn save_embedding(cfg: &TrainConfig, sd: &mut StableDiffusion, attached: &Attached) -> Result<Vec<PathBuf>> {
     let token = attached.placeholder.as_deref().context("no placeholder token was added")?;
-    let table = &mut sd.text_encoder.text_model.embeddings.token_embedding;
-    table.set_merged(ADAPTER, true);
+    // The learned rows are read from the table with them merged in, then taken out again.
+    sd.text_encoder.text_model.embeddings.token_embedding.merge_adapter(ADAPTER)?;
     let emb = embeddings::from_model(token, &sd.tokenizer, &sd.text_encoder);
-    sd.text_encoder.text_model.embeddings.token_embedding.set_merged(ADAPTER, false);
+    sd.text_encoder.text_model.embeddings.token_embedding.unmerge_adapter(ADAPTER);
     let emb = emb?;
     let path = cfg.out.join(EMBEDDING_FILE);
     embeddings::save_diffusers(&path, &emb)?;

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use knobs_adapters::PeftType;
 use knobs_adapters::formats::peft;
 use knobs_diffusion::loaders::{Component, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -25,9 +26,9 @@ pub struct Artefacts {
     pub hypernetworks: Vec<PathBuf>,
 }
 
-fn peft_type(dir: &Path) -> Option<String> {
+fn peft_type(dir: &Path) -> Option<PeftType> {
     let json = super::plan::read_json(&dir.join(peft::CONFIG_FILE)).ok()?;
-    json["peft_type"].as_str().map(String::from)
+    json["peft_type"].as_str().and_then(PeftType::parse)
 }
 
 impl Artefacts {
@@ -40,8 +41,8 @@ impl Artefacts {
             if p.join("model_index.json").is_file() {
                 a.model = Some(p.clone());
             } else if p.join(peft::CONFIG_FILE).is_file() {
-                match peft_type(p).as_deref() {
-                    Some("LORA") => {}
+                match peft_type(p) {
+                    Some(PeftType::Lora) => {}
                     _ => {
                         let prefix = name.rsplit_once('_').map_or("", |(c, _)| c);
                         a.peft.push((Component::from_prefix(prefix).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?, p.clone()));
@@ -55,7 +56,7 @@ impl Artefacts {
                 a.hypernetworks.push(p.clone());
             }
         }
-        let lora_folder_only = a.loras.is_empty() && outputs.iter().any(|p| peft_type(p).as_deref() == Some("LORA"));
+        let lora_folder_only = a.loras.is_empty() && outputs.iter().any(|p| peft_type(p) == Some(PeftType::Lora));
         if a.files().is_empty() || lora_folder_only {
             bail!("the run wrote nothing compare knows how to load: {outputs:?}");
         }
