@@ -52,7 +52,8 @@ impl std::str::FromStr for PeftType {
 }
 
 /// A method's configuration: what to attach where. Mirrors a PEFT config class.
-pub trait AdapterConfig: std::fmt::Debug + Send + Sync {
+/// `Any` lets a caller that knows the method get its typed config back (`downcast_ref`).
+pub trait AdapterConfig: std::any::Any + std::fmt::Debug + Send + Sync {
     /// The method, PEFT's `peft_type`.
     fn peft_type(&self) -> PeftType;
     fn targets(&self) -> &Targets;

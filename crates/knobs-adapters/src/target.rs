@@ -94,7 +94,7 @@ impl Targets {
 }
 
 /// Up to five layer names closest to `pattern` by edit distance of the last path segments.
-fn near_matches(pattern: &str, layers: &[(String, &'static str)]) -> Vec<String> {
+fn near_matches(pattern: &str, layers: &[(String, knobs_nn::LayerKind)]) -> Vec<String> {
     let segs = pattern.split('.').count();
     let mut names: Vec<String> = layers
         .iter()

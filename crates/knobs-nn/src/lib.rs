@@ -17,7 +17,7 @@ pub use adapter::{Adapter, AdapterState, Conv2dAdapter, EmbeddingAdapter, Linear
 pub use error::{Error, Result};
 pub use init::Init;
 pub use layers::{Conv2d, Embedding, GroupNorm, LayerNorm, Linear};
-pub use module::{LayerMut, LayerRef, Module, ModuleExt, ParamFn, ParamMutFn, Visitor, VisitorMut, join};
+pub use module::{LayerKind, LayerMut, LayerRef, Module, ModuleExt, ParamFn, ParamMutFn, Visitor, VisitorMut, join};
 pub use param::{ParamMut, ParamRef};
 
 pub use burn;

@@ -16,12 +16,30 @@ pub enum LayerMut<'a> {
     Embedding(&'a mut Embedding),
 }
 
+/// Which adaptable layer a [`LayerRef`] / [`LayerMut`] is; displays as PyTorch's class name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerKind {
+    Linear,
+    Conv2d,
+    Embedding,
+}
+
+impl std::fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LayerKind::Linear => "Linear",
+            LayerKind::Conv2d => "Conv2d",
+            LayerKind::Embedding => "Embedding",
+        })
+    }
+}
+
 impl LayerRef<'_> {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> LayerKind {
         match self {
-            LayerRef::Linear(_) => "Linear",
-            LayerRef::Conv2d(_) => "Conv2d",
-            LayerRef::Embedding(_) => "Embedding",
+            LayerRef::Linear(_) => LayerKind::Linear,
+            LayerRef::Conv2d(_) => LayerKind::Conv2d,
+            LayerRef::Embedding(_) => LayerKind::Embedding,
         }
     }
     /// Each attached adapter's name and state.
@@ -209,11 +227,11 @@ macro_rules! on_layer {
 
 /// Slot operations that do not depend on the layer kind, for adapter managers.
 impl LayerMut<'_> {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> LayerKind {
         match self {
-            LayerMut::Linear(_) => "Linear",
-            LayerMut::Conv2d(_) => "Conv2d",
-            LayerMut::Embedding(_) => "Embedding",
+            LayerMut::Linear(_) => LayerKind::Linear,
+            LayerMut::Conv2d(_) => LayerKind::Conv2d,
+            LayerMut::Embedding(_) => LayerKind::Embedding,
         }
     }
     pub fn adapter_names(&self) -> Vec<String> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{StateDict, read_checked};
-use knobs_nn::{Error, LayerRef, Module, ModuleExt};
+use knobs_nn::{Error, LayerKind, LayerRef, Module, ModuleExt};
 use serde_json::Value;
 
 use super::{diffusers, kohya, peft};
@@ -139,7 +139,7 @@ impl ComponentLora {
     /// right kind. A 2-D LoRA on a 1x1 Conv2d (or a [r, in, 1, 1] one on a Linear) is
     /// reshaped, as SD-2 checkpoints with linear `proj_in` and kohya files meet both.
     fn fit_to<M: Module + ?Sized>(&self, model: &M) -> Result<StateDict> {
-        let mut layers: HashMap<String, (&'static str, usize)> = HashMap::new();
+        let mut layers: HashMap<String, (LayerKind, usize)> = HashMap::new();
         model.for_each_layer(|path, l| {
             let k = if let LayerRef::Conv2d(c) = &l { c.kernel() } else { 0 };
             layers.insert(path.to_string(), (l.kind(), k));
@@ -164,13 +164,13 @@ impl ComponentLora {
             };
             let (sa, sb) = (state.tensors[&ka].shape().as_slice().to_vec(), state.tensors[&kb].shape().as_slice().to_vec());
             match (kind, m.embedding, sa.len()) {
-                ("Embedding", true, 2) | ("Linear", false, 2) => {}
-                ("Conv2d", false, 4) => {}
-                ("Conv2d", false, 2) if kernel == 1 => {
+                (LayerKind::Embedding, true, 2) | (LayerKind::Linear, false, 2) => {}
+                (LayerKind::Conv2d, false, 4) => {}
+                (LayerKind::Conv2d, false, 2) if kernel == 1 => {
                     reshape(&ka, vec![sa[0], sa[1], 1, 1], &mut state);
                     reshape(&kb, vec![sb[0], sb[1], 1, 1], &mut state);
                 }
-                ("Linear", false, 4) if sa[2..] == [1, 1] && sb[2..] == [1, 1] => {
+                (LayerKind::Linear, false, 4) if sa[2..] == [1, 1] && sb[2..] == [1, 1] => {
                     reshape(&ka, sa[..2].to_vec(), &mut state);
                     reshape(&kb, sb[..2].to_vec(), &mut state);
                 }

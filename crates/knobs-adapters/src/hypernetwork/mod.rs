@@ -108,7 +108,8 @@ pub fn config_of<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<Hyper
     if config.peft_type() != crate::PeftType::Hypernetwork {
         return Err(AdapterError::Config(format!("adapter `{name}` is {}, not a hypernetwork", config.peft_type())));
     }
-    HypernetworkConfig::from_json(&config.to_peft_json())
+    let any: &dyn std::any::Any = config;
+    any.downcast_ref::<HypernetworkConfig>().cloned().ok_or_else(|| AdapterError::Config(format!("adapter `{name}`: its config is not a HypernetworkConfig")))
 }
 
 /// The tensors of hypernetwork `name` under A1111's keys (`768.0.linear.0.weight`).
