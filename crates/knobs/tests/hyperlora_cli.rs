@@ -148,7 +148,7 @@ fn bad_flags_are_named() {
         fail(&a)
     };
     assert!(with(&["--method", "hyper-lora"]).contains("--hypernetwork-dir"));
-    assert!(with(&["--method", "lora", "--hypernetwork-dir", "/x"]).contains("are only for --method hyper-lora"));
+    assert!(with(&["--method", "lora", "--hypernetwork-dir", "/x"]).contains("--hypernetwork-dir is not used by --method lora"));
     let err = with(&["--method", "hyper-lora", "--hypernetwork-dir", "/no/such/hyper"]);
     assert!(err.contains("--hypernetwork-dir /no/such/hyper") && err.contains("hyperlora_config.json"), "{err}");
     let err = with(&["--method", "hyper-lora", "--hypernetwork-dir", s(hyper()), "--class-prompt", "a star"]);

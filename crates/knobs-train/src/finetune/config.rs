@@ -32,6 +32,7 @@ pub(crate) use defaults_from_clap;
 /// Where the concept comes from, and prior preservation.
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "Data")]
 pub struct DataOptions {
     /// A built-in concept (`knobs world concepts --list`).
     #[arg(long)]
@@ -65,6 +66,7 @@ pub struct DataOptions {
 /// Tuning by freezing and controlled gradient updates, on top of any method.
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "Freezing and gradient control")]
 pub struct FreezeOptions {
     /// Train only parameters whose path matches this regex (tuning by freezing); repeatable.
     #[arg(long)]
@@ -79,6 +81,7 @@ pub struct FreezeOptions {
 
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "Optimisation")]
 pub struct OptimOptions {
     /// Default: the method's own.
     #[arg(long)]
@@ -116,6 +119,7 @@ pub struct OptimOptions {
 /// Checkpoints, validation, samples and resuming.
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "Checkpoints, samples, resuming")]
 pub struct RunOptions {
     /// Save a resumable checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 100)]

@@ -15,6 +15,7 @@ use crate::progress::Progress;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "HyperLoRA (hyper-lora)")]
 pub struct HyperLoraOptions {
     /// The hypernetwork folder `knobs hyper pretrain` wrote (default with the built-in base
     /// model: the built-in models/hyperlora).

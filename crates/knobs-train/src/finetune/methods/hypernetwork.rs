@@ -14,6 +14,7 @@ use crate::finetune::outputs::HYPERNETWORK_FILE;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "A1111 hypernetwork (hypernetwork)")]
 pub struct HypernetworkOptions {
     /// Layer structure: comma-separated width multipliers, starting and ending with 1.
     #[arg(long, value_delimiter = ',', default_value = "1,2,1")]

@@ -27,6 +27,7 @@ pub enum LoraFormat {
 /// LoRA's settings (also the rank of IA3-free methods that train a LoRA: pivotal, hyper-lora).
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "LoRA (lora, pivotal, hyper-lora)")]
 pub struct LoraOptions {
     #[arg(long, default_value_t = 4)]
     pub rank: usize,

@@ -17,6 +17,7 @@ use crate::finetune::outputs::EMBEDDING_FILE;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[command(next_help_heading = "Tokens (textual-inversion, pivotal)")]
 pub struct TokenOptions {
     /// The new token (default with --concept: the concept's own, e.g. `sks`).
     #[arg(long)]
