@@ -195,7 +195,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     }
     let train_seconds = started.elapsed().as_secs_f64();
     let steps_run = total - first;
-    // From here on the pipeline is exactly what `knobs generate` builds from the saved files.
+    // From here on the pipeline is exactly what `knobs generate` builds from the saved files:
+    // adapter dropout off, every parameter out of autodiff.
+    sd.for_each_layer_mut(|_, mut layer| layer.set_training(false));
     sd.for_inference();
     sd.device = cpu();
     write_samples(&cfg.out, &sd, &prompts, sampling)?;
