@@ -94,6 +94,17 @@ fn values(t: Tensor<3>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec().unwrap()
 }
 
+/// A hypernetwork saved to `dir/good.safetensors`, its tensors, and the model it was taken
+/// off again.
+fn saved_then_removed(dir: &std::path::Path) -> (AdaptedModel<Net>, std::path::PathBuf, knobs_nn::io::StateDict) {
+    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Relu, false, 0.0), &cpu());
+    let good = dir.join("good.safetensors");
+    hypernetwork::save(&m, "hn", &good).unwrap();
+    m.delete_adapter("hn").unwrap();
+    let sd = read_safetensors(&good).unwrap();
+    (m, good, sd)
+}
+
 fn adapted(s: Structure, dev: &Device) -> AdaptedModel<Net> {
     let mut m = AdaptedModel::new(Net::new(dev), 3);
     hypernetwork::attach(&mut m, "hn", config(s)).unwrap();
@@ -307,12 +318,7 @@ fn pickles_are_refused_unread() {
 #[test]
 fn bad_files_name_the_file_and_key_and_leave_the_model_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = cpu();
-    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Relu, false, 0.0), &dev);
-    let good = dir.path().join("good.safetensors");
-    hypernetwork::save(&m, "hn", &good).unwrap();
-    m.delete_adapter("hn").unwrap();
-    let sd = read_safetensors(&good).unwrap();
+    let (mut m, good, sd) = saved_then_removed(dir.path());
 
     let write = |name: &str, edit: &dyn Fn(&mut knobs_nn::io::StateDict)| {
         let mut s = sd.clone();
@@ -366,12 +372,7 @@ fn layer_level_merge_is_an_error_not_a_panic() {
 #[test]
 fn non_finite_tensors_are_refused_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = cpu();
-    let mut m = adapted(structure(&[1.0, 2.0, 1.0], Activation::Relu, false, 0.0), &dev);
-    let good = dir.path().join("good.safetensors");
-    hypernetwork::save(&m, "hn", &good).unwrap();
-    m.delete_adapter("hn").unwrap();
-    let mut sd = read_safetensors(&good).unwrap();
+    let (mut m, _, mut sd) = saved_then_removed(dir.path());
     let n = sd.tensors["8.1.linear.2.bias"].num_elements();
     let mut v = vec![0.5f32; n];
     v[n - 1] = f32::NAN;

@@ -6,8 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::Result;
-use crate::param::{ParamMut, ParamRef, like};
+use crate::param::{ParamMut, ParamRef};
 
 /// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
 #[derive(Debug)]
@@ -19,6 +18,8 @@ pub struct Conv2d {
     pub groups: usize,
     pub adapters: Slot<dyn Conv2dAdapter>,
 }
+
+weight_and_bias_merging!(Conv2d, 4);
 
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]
@@ -73,29 +74,6 @@ impl Conv2d {
         }
     }
 
-    /// Folds adapter `name` into the base weights; false when there is nothing to do, an
-    /// error (and the layer unchanged) when the adapter cannot be merged.
-    pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
-        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
-        let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
-        self.set_weights(w, b);
-        Ok(true)
-    }
-
-    /// Takes merged adapter `name` back out of the base weights; false when it is not merged.
-    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
-        let Some((w, b)) = self.adapters.unmerge(name, |a, weight| a.unmerge(w, b, weight)) else { return false };
-        self.set_weights(w, b);
-        true
-    }
-
-    fn set_weights(&mut self, w: Tensor<4>, b: Option<Tensor<1>>) {
-        self.weight = like(&self.weight, w);
-        if let (Some(old), Some(new)) = (&self.bias, b) {
-            self.bias = Some(like(old, new));
-        }
-    }
 }
 
 impl Module for Conv2d {

@@ -4,8 +4,7 @@ use burn::tensor::{Device, Tensor};
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::Result;
-use crate::param::{ParamMut, ParamRef, like};
+use crate::param::{ParamMut, ParamRef};
 
 /// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
 #[derive(Debug)]
@@ -82,28 +81,4 @@ impl Module for Linear {
     }
 }
 
-impl Linear {
-    /// Folds adapter `name` into the base weights; false when there is nothing to do, an
-    /// error (and the layer unchanged) when the adapter cannot be merged.
-    pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
-        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
-        let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
-        self.set_weights(w, b);
-        Ok(true)
-    }
-
-    /// Takes merged adapter `name` back out of the base weights; false when it is not merged.
-    pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
-        let Some((w, b)) = self.adapters.unmerge(name, |a, weight| a.unmerge(w, b, weight)) else { return false };
-        self.set_weights(w, b);
-        true
-    }
-
-    fn set_weights(&mut self, w: Tensor<2>, b: Option<Tensor<1>>) {
-        self.weight = like(&self.weight, w);
-        if let (Some(old), Some(new)) = (&self.bias, b) {
-            self.bias = Some(like(old, new));
-        }
-    }
-}
+weight_and_bias_merging!(Linear, 2);

@@ -1,4 +1,38 @@
 //! One file per layer. Each is a plain struct with a `forward`, named like its PyTorch twin.
+
+/// `merge_adapter` / `unmerge_adapter` of a layer with a `weight` of rank `$d`, an optional
+/// `bias` and a slot of adapters whose merge maps `(w, b, weight)` to new `(w, b)`.
+macro_rules! weight_and_bias_merging {
+    ($layer:ty, $d:literal) => {
+        impl $layer {
+            /// Folds adapter `name` into the base weights; false when there is nothing to do,
+            /// an error (and the layer unchanged) when the adapter cannot be merged.
+            pub fn merge_adapter(&mut self, name: &str) -> $crate::Result<bool> {
+                let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+                let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
+                self.set_weights(w, b);
+                Ok(true)
+            }
+
+            /// Takes merged adapter `name` back out of the base weights; false when it is not
+            /// merged.
+            pub fn unmerge_adapter(&mut self, name: &str) -> bool {
+                let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+                let Some((w, b)) = self.adapters.unmerge(name, |a, weight| a.unmerge(w, b, weight)) else { return false };
+                self.set_weights(w, b);
+                true
+            }
+
+            fn set_weights(&mut self, w: burn::tensor::Tensor<$d>, b: Option<burn::tensor::Tensor<1>>) {
+                self.weight = $crate::param::like(&self.weight, w);
+                if let (Some(old), Some(new)) = (&self.bias, b) {
+                    self.bias = Some($crate::param::like(old, new));
+                }
+            }
+        }
+    };
+}
+
 mod conv2d;
 mod embedding;
 mod linear;
