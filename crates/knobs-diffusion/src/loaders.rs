@@ -46,6 +46,14 @@ impl Component {
         }
     }
 
+    /// The component's model in `sd`.
+    pub fn module(self, sd: &StableDiffusion) -> &dyn Module {
+        match self {
+            Component::Unet => &sd.unet,
+            Component::TextEncoder => &sd.text_encoder,
+        }
+    }
+
     fn model(self, sd: &mut StableDiffusion) -> &mut dyn Module {
         match self {
             Component::Unet => &mut sd.unet,

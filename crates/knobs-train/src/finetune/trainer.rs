@@ -91,6 +91,11 @@ fn resume_checkpoints(cfg: &TrainConfig, ckpts: &Checkpoints) -> Result<Option<(
     }
 }
 
+/// Switches train-only adapter behaviour (dropout) on every layer.
+fn set_adapter_training(sd: &mut StableDiffusion, training: bool) {
+    sd.for_each_layer_mut(|_, mut layer| layer.set_training(training));
+}
+
 /// Makes exactly `learned`, narrowed by `--train-only` (tuning by freezing), trainable and
 /// freezes everything else. Returns the number of trainable values.
 pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTreeSet<String>) -> Result<usize> {
@@ -122,7 +127,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let attached = cfg.method.attach(cfg, &mut sd, &mut adapters)?;
     let trainable_params = set_trainable(cfg, &mut sd, &attached.trainable)?;
     // Adapter dropout is on while training, for every method alike.
-    sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
+    set_adapter_training(&mut sd, true);
     let objective = Objective::new(&sd, &dev);
     let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
     let lr_scales = cfg.lr_scales()?;
@@ -187,9 +192,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         }
         if cfg.run.validation_steps > 0 && (step + 1) % cfg.run.validation_steps == 0 && !done {
             // Validation samples as inference draws them: adapter dropout off, then back on.
-            sd.for_each_layer_mut(|_, mut layer| layer.set_training(false));
+            set_adapter_training(&mut sd, false);
             let images = super::outputs::sample(&sd, &prompts, Sampling { per_prompt: 4, ..sampling });
-            sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
+            set_adapter_training(&mut sd, true);
             save_grid(&cfg.out.join("validation").join(format!("step-{:06}.png", step + 1)), &images?, 4)?;
         }
     }
@@ -197,7 +202,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let steps_run = total - first;
     // From here on the pipeline is exactly what `knobs generate` builds from the saved files:
     // adapter dropout off, every parameter out of autodiff.
-    sd.for_each_layer_mut(|_, mut layer| layer.set_training(false));
+    set_adapter_training(&mut sd, false);
     sd.for_inference();
     sd.device = cpu();
     write_samples(&cfg.out, &sd, &prompts, sampling)?;

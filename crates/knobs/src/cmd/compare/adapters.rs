@@ -27,8 +27,7 @@ pub struct Artefacts {
 }
 
 fn peft_type(dir: &Path) -> Option<PeftType> {
-    let json = super::plan::read_json(&dir.join(peft::CONFIG_FILE)).ok()?;
-    json["peft_type"].as_str().and_then(PeftType::parse)
+    peft::read_config(dir).ok().map(|c| c.peft_type())
 }
 
 impl Artefacts {
@@ -107,9 +106,9 @@ pub fn merged_model(base: &Path, a: &Artefacts, dir: &Path) -> Result<()> {
     let changed: Vec<&str> = a.peft.iter().map(|(c, _)| c.name()).collect();
     link_all(base, dir, &changed)?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    for component in changed {
-        let weights = if component == Component::Unet.name() { knobs_nn::io::state_dict(&sd.unet) } else { knobs_nn::io::state_dict(&sd.text_encoder) };
-        let (from, to) = (base.join(component), dir.join(component));
+    for (component, _) in &a.peft {
+        let weights = knobs_nn::io::state_dict(component.module(&sd));
+        let (from, to) = (base.join(component.name()), dir.join(component.name()));
         link_all(&from, &to, &[])?;
         for entry in std::fs::read_dir(&from).with_context(|| format!("cannot read {}", from.display()))? {
             let name = entry?.file_name();

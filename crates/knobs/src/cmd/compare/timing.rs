@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use knobs_diffusion::loaders::PipelineAdapters;
 
 use super::adapters::{Artefacts, attach_all};
+use crate::cmd::generate::AdapterArgs;
 
 /// Each configuration is timed this many times; the fastest counts.
 pub const REPEATS: usize = 5;
@@ -61,14 +62,10 @@ impl Timer {
         }
         let attach = || -> Result<(StableDiffusion, PipelineAdapters, Vec<String>)> {
             let mut sd = load(&self.base_dir)?;
-            let mut adapters = PipelineAdapters::new(0);
-            for e in &a.embeddings {
-                adapters.load_embedding(&mut sd, e)?;
-            }
+            // Embeddings and hypernetworks exactly as `knobs generate` attaches them.
+            let specs = a.hypernetworks.iter().map(|p| p.display().to_string()).collect();
+            let mut adapters = AdapterArgs { lora: Vec::new(), embedding: a.embeddings.clone(), hypernetwork: specs }.apply(&mut sd)?;
             let attached = attach_all(&mut sd, &mut adapters, a)?;
-            for (i, h) in a.hypernetworks.iter().enumerate().rev() {
-                adapters.load_hypernetwork(&mut sd, h, &format!("hypernetwork{i}"), 1.0)?;
-            }
             Ok((sd, adapters, attached))
         };
         let (unmerged, _, attached) = attach()?;
