@@ -9,6 +9,7 @@ pub mod init;
 pub mod io;
 pub mod layers;
 pub mod module;
+pub mod ops;
 pub mod optim;
 pub mod param;
 pub mod toy;
@@ -31,4 +32,19 @@ pub fn cpu() -> Device {
 /// The CPU device with autodiff, for training.
 pub fn cpu_autodiff() -> Device {
     Device::flex().autodiff()
+}
+
+/// Sets how many threads tensor work uses (rayon's global pool, shared by matmul, conv and
+/// the fused kernels); `None` means every core. Call it once, before the first tensor op.
+/// Returns the thread count in effect.
+pub fn set_threads(threads: Option<usize>) -> Result<usize> {
+    if threads == Some(0) {
+        return Err(Error::Invalid("--threads must be at least 1".into()));
+    }
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    builder.build_global().map_err(|e| Error::Invalid(format!("cannot set the thread count: {e}")))?;
+    Ok(rayon::current_num_threads())
 }

@@ -1,8 +1,6 @@
 //! diffusers `Attention` (the default processor): multi-head scaled dot-product attention,
 //! self-attention when no context is given, cross-attention over `context` otherwise.
-use knobs_nn::burn::tensor::activation::softmax;
-use knobs_nn::burn::tensor::module::attention;
-use knobs_nn::burn::tensor::ops::AttentionModuleOptions;
+use knobs_nn::ops::attention;
 use knobs_nn::{Device, Init, Linear, Tensor, impl_module};
 
 #[derive(Debug)]
@@ -50,39 +48,8 @@ impl Attention {
 
     /// `hidden` `[B, N, query_dim]`, `context` `[B, M, context_dim]` -> `[B, N, query_dim]`.
     pub fn forward(&self, hidden: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
-        let [b, n, _] = hidden.dims();
         let (k, v) = self.key_value(context.unwrap_or_else(|| hidden.clone()));
         let q = self.to_q.forward(hidden);
-        let inner = q.dims()[2];
-        let out = self.attend(self.split_heads(q), self.split_heads(k), self.split_heads(v));
-        self.to_out.forward(out.swap_dims(1, 2).reshape([b, n, inner]))
-    }
-
-    /// `[B, N, heads * d]` -> `[B, heads, N, d]`.
-    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
-        let [b, n, inner] = x.dims();
-        x.reshape([b, n, self.heads, inner / self.heads]).swap_dims(1, 2)
-    }
-
-    /// softmax(q k^T * scale) v per head, `[B, H, N, d]`.
-    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-        if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
-            // No gradient needed: the backend's fused kernel (flash attention on the CPU)
-            // never materialises the N x M scores, about twice as fast here. Autodiff has no
-            // fused backward, so it would decompose the op anyway.
-            let autodiff = q.is_autodiff();
-            let options = AttentionModuleOptions { scale: Some(self.scale), ..Default::default() };
-            let out = attention(q.inner(), k.inner(), v.inner(), None, None, options);
-            return if autodiff { out.autodiff() } else { out };
-        }
-        let [b, h, n, d] = q.dims();
-        let m = k.dims()[2];
-        // Scaling q (N x d) is cheaper than scaling the scores (N x M); heads fold into the
-        // batch so that one batched matmul covers them all.
-        let q = (q * self.scale).reshape([b * h, n, d]);
-        let k = k.reshape([b * h, m, d]);
-        let v = v.reshape([b * h, m, d]);
-        let probs = softmax(q.matmul(k.swap_dims(1, 2)), 2);
-        probs.matmul(v).reshape([b, h, n, d])
+        self.to_out.forward(attention(q, k, v, self.heads, self.scale))
     }
 }

@@ -1,7 +1,7 @@
 //! The VAE mid-block self-attention over spatial positions: diffusers' `Attention` with a
 //! GroupNorm in front, biased `to_q/to_k/to_v/to_out.0` and a residual connection. The SD VAE
 //! uses one head as wide as the channels.
-use knobs_nn::burn::tensor::activation::softmax;
+use knobs_nn::ops::attention;
 use knobs_nn::{Device, GroupNorm, Init, Linear, Tensor, impl_module};
 
 #[derive(Debug)]
@@ -30,21 +30,14 @@ impl VaeAttention {
         }
     }
 
-    /// `[B, HW, C]` -> `[B, heads, HW, C / heads]`.
-    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
-        let [b, n, c] = x.dims();
-        x.reshape([b, n, self.heads, c / self.heads]).swap_dims(1, 2)
-    }
-
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let tokens: Tensor<3> = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
-        let q = self.split_heads(self.to_q.forward(tokens.clone()));
-        let k = self.split_heads(self.to_k.forward(tokens.clone()));
-        let v = self.split_heads(self.to_v.forward(tokens));
+        let q = self.to_q.forward(tokens.clone());
+        let k = self.to_k.forward(tokens.clone());
+        let v = self.to_v.forward(tokens);
         let scale = ((c / self.heads) as f64).powf(-0.5);
-        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
-        let out: Tensor<3> = attn.matmul(v).swap_dims(1, 2).reshape([b, h * w, c]);
+        let out = attention(q, k, v, self.heads, scale);
         let out: Tensor<4> = self.to_out.forward(out).swap_dims(1, 2).reshape([b, c, h, w]);
         out + x
     }

@@ -30,7 +30,26 @@ pub fn collect_grads<M: Module + ?Sized>(model: &M, grads: &Gradients) -> Grads 
 
 /// Global L2 norm over all gradients.
 pub fn grad_norm(grads: &Grads) -> f64 {
-    grads.values().map(|g| g.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64).sum::<f64>().sqrt()
+    grads.values().map(|g| squared_sum(g.clone())).sum::<f64>().sqrt()
+}
+
+/// Sum of squares of a flat tensor, bit-identical for any thread count: flex sums a long
+/// tensor (4M elements or more) in adaptively split parallel pieces, so rows of a fixed
+/// width are summed first.
+fn squared_sum(g: Tensor<1>) -> f64 {
+    const ROW: usize = 4096;
+    let n = g.dims()[0];
+    let squares = g.powi_scalar(2);
+    let rows = n / ROW;
+    let mut total = 0.0f64;
+    if rows > 0 {
+        let body = squares.clone().slice(0..rows * ROW).reshape([rows, ROW]);
+        total += body.sum_dim(1).sum().into_scalar::<f32>() as f64;
+    }
+    if rows * ROW < n {
+        total += squares.slice(rows * ROW..n).sum().into_scalar::<f32>() as f64;
+    }
+    total
 }
 
 /// Scales every gradient so that the global norm is at most `max_norm` (PyTorch's

@@ -1,0 +1,244 @@
+//! Multi-head softmax attention as one operation with its own backward pass. Autodiff would
+//! otherwise record the decomposed ops and keep every head's N x M probabilities alive until
+//! the backward pass (at 1024 tokens and 8 heads, 32 MB a sample and layer).
+//!
+//! On the CPU backend the fused kernel (`attention_kernel`) runs forward and backward; other
+//! backends, other dtypes, and heads too wide for the kernel's row-at-a-time loop take burn's
+//! ops: its flash attention when no gradient is needed, else the decomposed path, which is also
+//! the tests' reference.
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::softmax;
+use burn::tensor::module;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use super::attention_kernel::{self, Dims};
+
+/// Above this many key floats per head (head width x keys), one head's keys no longer stay
+/// in cache across query rows and the decomposed matmuls are faster (the VAE's single
+/// 512-wide head at 4096 tokens).
+const MAX_FUSED_KEY_FLOATS: usize = 1 << 18;
+
+/// softmax(q k^T * scale) v over `heads` heads: `q` `[B, N, heads * d]`, `k` and `v`
+/// `[B, M, heads * d]` -> `[B, N, heads * d]`.
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    let [batch, n, width] = q.dims();
+    let m = k.dims()[1];
+    let dims = Dims { batch, n, m, heads, head_dim: width / heads };
+    let fusable = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32)
+        && dims.head_dim * m <= MAX_FUSED_KEY_FLOATS
+        && width % heads == 0;
+    if fusable && let Some(out) = fused(q.clone(), k.clone(), v.clone(), dims, scale as f32) {
+        return out;
+    }
+    if q.is_tracked() || k.is_tracked() || v.is_tracked() {
+        return decomposed(q, k, v, heads, scale);
+    }
+    // No gradient needed: the backend's own flash attention, blocked for wide heads.
+    let autodiff = q.is_autodiff();
+    let split = |x: Tensor<3>, rows: usize| x.inner().reshape([batch, rows, heads, dims.head_dim]).swap_dims(1, 2);
+    let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
+    let out = module::attention(split(q, n), split(k, m), split(v, m), None, None, options);
+    let out = out.swap_dims(1, 2).reshape([batch, n, width]);
+    if autodiff { out.autodiff() } else { out }
+}
+
+/// The same attention from burn's ops (matmul, softmax, matmul).
+pub fn decomposed(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    let [b, n, width] = q.dims();
+    let m = k.dims()[1];
+    let d = width / heads;
+    let split = |x: Tensor<3>, rows: usize| x.reshape([b, rows, heads, d]).swap_dims(1, 2).reshape([b * heads, rows, d]);
+    // Scaling q (N x d) is cheaper than scaling the scores (N x M).
+    let probs = softmax(split(q * scale, n).matmul(split(k, m).swap_dims(1, 2)), 2);
+    probs.matmul(split(v, m)).reshape([b, heads, n, d]).swap_dims(1, 2).reshape([b, n, width])
+}
+
+/// The fused kernel on the CPU backend, with or without autodiff; `None` on other backends.
+fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32) -> Option<Tensor<3>> {
+    if !q.is_autodiff() {
+        let q = q.try_into_primitive::<Flex>().ok()?;
+        let k = k.try_into_primitive::<Flex>().ok()?;
+        let v = v.try_into_primitive::<Flex>().ok()?;
+        let (out, _) = forward(&q, &k, &v, dims, scale);
+        return Some(Tensor::from_primitive::<Flex>(out));
+    }
+    let q = q.try_into_primitive::<Autodiff<Flex>>().ok()?;
+    let k = k.try_into_primitive::<Autodiff<Flex>>().ok()?;
+    let v = v.try_into_primitive::<Autodiff<Flex>>().ok()?;
+    let (q, q_node) = q.into_parts();
+    let (k, k_node) = k.into_parts();
+    let (v, v_node) = v.into_parts();
+    let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+    let (out, lse) = forward(&q, &k, &v, dims, scale);
+    let out = match FusedAttention.prepare::<NoCheckpointing>([q_node, k_node, v_node]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(Saved { q, k, v, out: out.clone(), lse, dims, scale }, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 (checked before fusing)")
+}
+
+fn flex(data: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// Output `[B, N, H * d]` and the log-sum-exp `[B * H * N]`.
+fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dims: Dims, scale: f32) -> (FlexTensor, FlexTensor) {
+    let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+    let (out, lse) = attention_kernel::forward(slice(&q), slice(&k), slice(&v), dims, scale);
+    let lse_len = lse.len();
+    (flex(out, [dims.batch, dims.n, dims.heads * dims.head_dim]), flex(lse, [1, 1, lse_len]))
+}
+
+#[derive(Debug)]
+struct FusedAttention;
+
+/// What the backward pass recomputes the probabilities from.
+#[derive(Clone, Debug)]
+struct Saved {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    out: FlexTensor,
+    lse: FlexTensor,
+    dims: Dims,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for FusedAttention {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (dq, dk, dv) = attention_kernel::backward(
+            slice(&s.q),
+            slice(&s.k),
+            slice(&s.v),
+            slice(&s.out),
+            slice(&s.lse),
+            slice(&grad),
+            s.dims,
+            s.scale,
+        );
+        let Dims { batch, n, m, heads, head_dim } = s.dims;
+        let width = heads * head_dim;
+        let [pq, pk, pv] = ops.parents;
+        for (parent, g, rows) in [(pq, dq, n), (pk, dk, m), (pv, dv, m)] {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, flex(g, [batch, rows, width]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cpu, cpu_autodiff};
+    use burn::tensor::Distribution;
+
+    fn rand(shape: [usize; 3], device: &burn::tensor::Device) -> Tensor<3> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    fn max_rel(a: Tensor<3>, b: Tensor<3>) -> f32 {
+        let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn forward_matches_the_decomposed_ops() {
+        let device = cpu();
+        // Uneven sizes: rows and keys not multiples of the kernel's blocks or SIMD lanes.
+        for (n, m, heads, d) in [(70, 77, 2, 5), (130, 600, 3, 4), (9, 9, 1, 40)] {
+            let q = rand([2, n, heads * d], &device);
+            let k = rand([2, m, heads * d], &device);
+            let v = rand([2, m, heads * d], &device);
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = decomposed(q.clone(), k.clone(), v.clone(), heads, scale);
+            let got = attention(q, k, v, heads, scale);
+            assert!(max_rel(got, want) < 1e-5, "n {n} m {m} heads {heads} d {d}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_the_decomposed_ops() {
+        let device = cpu_autodiff();
+        for (n, m, heads, d) in [(70, 77, 2, 5), (40, 600, 2, 8)] {
+            let q = rand([2, n, heads * d], &device).require_grad();
+            let k = rand([2, m, heads * d], &device).require_grad();
+            let v = rand([2, m, heads * d], &device).require_grad();
+            let w = rand([2, n, heads * d], &device);
+            let grads_of = |f: fn(Tensor<3>, Tensor<3>, Tensor<3>, usize, f64) -> Tensor<3>| {
+                let out = f(q.clone(), k.clone(), v.clone(), heads, 0.3);
+                let g = (out * w.clone()).sum().backward();
+                [&q, &k, &v].map(|t| t.grad(&g).expect("a gradient"))
+            };
+            let fused = grads_of(attention);
+            let reference = grads_of(decomposed);
+            for (name, (a, b)) in ["q", "k", "v"].iter().zip(fused.into_iter().zip(reference)) {
+                let err = max_rel(a, b);
+                assert!(err < 1e-5, "d{name}: relative error {err} (n {n} m {m})");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let device = cpu_autodiff();
+        let (heads, d) = (2, 3);
+        let q = rand([1, 5, heads * d], &device);
+        let k = rand([1, 7, heads * d], &device);
+        let v = rand([1, 7, heads * d], &device);
+        let w = rand([1, 5, heads * d], &device);
+        let loss = |q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>| {
+            (attention(q.clone(), k.clone(), v.clone(), heads, 0.5) * w.clone()).sum()
+        };
+        let (qg, kg, vg) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+        let g = loss(&qg, &kg, &vg).backward();
+        let analytic = [&qg, &kg, &vg].map(|t| t.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap());
+        let inputs = [&q, &k, &v];
+        for (which, grad) in analytic.iter().enumerate() {
+            for idx in [0, 4, grad.len() - 1] {
+                let bump = |delta: f32| {
+                    let mut x: Vec<f32> = inputs[which].clone().into_data().to_vec().unwrap();
+                    x[idx] += delta;
+                    let t = Tensor::<1>::from_floats(x.as_slice(), &device).reshape(inputs[which].dims());
+                    let mut args = inputs.map(|t| t.clone());
+                    args[which] = t;
+                    loss(&args[0], &args[1], &args[2]).into_scalar::<f32>() as f64
+                };
+                let eps = 1e-2;
+                let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps as f64);
+                let err = (numeric - grad[idx] as f64).abs();
+                assert!(err < 2e-3 * (1.0 + numeric.abs()), "input {which} [{idx}]: {} vs {numeric}", grad[idx]);
+            }
+        }
+    }
+
+    #[test]
+    fn only_tracked_inputs_get_gradients_and_untracked_calls_work() {
+        let device = cpu_autodiff();
+        let q0 = rand([1, 6, 4], &device);
+        let q = q0.clone().require_grad();
+        let k = rand([1, 5, 4], &device);
+        let v = rand([1, 5, 4], &device);
+        let g = attention(q.clone(), k.clone(), v.clone(), 2, 0.5).sum().backward();
+        assert!(q.grad(&g).is_some());
+        assert!(k.grad(&g).is_none() && v.grad(&g).is_none());
+        let untracked = attention(q0.clone(), k.clone(), v.clone(), 2, 0.5);
+        assert!(!untracked.is_tracked());
+        assert!(max_rel(untracked, decomposed(q0, k, v, 2, 0.5)) < 1e-5);
+    }
+}

@@ -1,0 +1,278 @@
+//! Fused multi-head attention on f32 slices, flash-attention style: each query row's scores,
+//! softmax and weighted sum are computed in one pass over the keys, so no N x M matrix is ever
+//! stored; the backward pass recomputes the probabilities from the saved log-sum-exp.
+//!
+//! Layouts are the projections' own, `[B, N, H * d]` for queries and outputs and
+//! `[B, M, H * d]` for keys and values, so heads need no transposed copies. Work is split in
+//! pieces fixed by the shapes alone (per batch, head and row or key block) and every sum runs
+//! in a fixed order, so results are bit-identical for any thread count.
+use rayon::prelude::*;
+
+use super::simd::{self, axpy, dot, exp_shifted, scale_into};
+
+/// Query rows per forward task.
+const ROW_BLOCK: usize = 64;
+/// Keys per backward task: each task owns its keys' gradients and adds a partial query
+/// gradient, summed in block order afterwards.
+const KEY_BLOCK: usize = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub batch: usize,
+    /// Query rows.
+    pub n: usize,
+    /// Key / value rows.
+    pub m: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl Dims {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// `x[b, row, h * d + c]` rearranged to `[b, h, c, row]`: one contiguous row of length
+/// `rows` per (head, channel), what the score and output loops stream over.
+fn per_head_transposed(x: &[f32], batch: usize, rows: usize, heads: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; batch * heads * d * rows];
+    out.par_chunks_mut(d * rows).enumerate().for_each(|(bh, dst)| {
+        let (b, h) = (bh / heads, bh % heads);
+        let width = heads * d;
+        for j in 0..rows {
+            let src = &x[(b * rows + j) * width + h * d..][..d];
+            for c in 0..d {
+                dst[c * rows + j] = src[c];
+            }
+        }
+    });
+    out
+}
+
+/// Softmax attention; returns the output `[B, N, H * d]` and the log-sum-exp of each row's
+/// scaled scores `[B, H, N]`, which the backward pass needs.
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let Dims { batch, n, m, heads, head_dim: d } = dims;
+    let kt = per_head_transposed(k, batch, m, heads, d);
+    let vt = per_head_transposed(v, batch, m, heads, d);
+    let blocks = n.div_ceil(ROW_BLOCK);
+    let fma = simd::has_avx2_fma();
+    let pieces: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let rows = blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(n);
+            let kt = &kt[bh * d * m..][..d * m];
+            let vt = &vt[bh * d * m..][..d * m];
+            let args = RowArgs { q, kt, vt, dims, scale, b: bh / heads, h: bh % heads, rows };
+            if fma { unsafe { forward_rows_fma(args) } } else { forward_rows::<false>(args) }
+        })
+        .collect();
+    let mut out = vec![0.0f32; batch * n * dims.width()];
+    let mut lse = vec![0.0f32; batch * heads * n];
+    for (task, (o, l)) in pieces.into_iter().enumerate() {
+        let (bh, blk) = (task / blocks, task % blocks);
+        let (b, h) = (bh / heads, bh % heads);
+        let first = blk * ROW_BLOCK;
+        for (r, o) in o.chunks_exact(d).enumerate() {
+            out[(b * n + first + r) * dims.width() + h * d..][..d].copy_from_slice(o);
+        }
+        lse[bh * n + first..][..l.len()].copy_from_slice(&l);
+    }
+    (out, lse)
+}
+
+struct RowArgs<'a> {
+    q: &'a [f32],
+    /// This head's keys and values, `[d, M]`.
+    kt: &'a [f32],
+    vt: &'a [f32],
+    dims: Dims,
+    scale: f32,
+    b: usize,
+    h: usize,
+    rows: std::ops::Range<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_rows_fma(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
+    forward_rows::<true>(args)
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn forward_rows_fma(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
+    forward_rows::<false>(args)
+}
+
+/// One head's output rows `[rows, d]` and their log-sum-exp.
+#[inline(always)]
+fn forward_rows<const FMA: bool>(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
+    let Dims { n, m, head_dim: d, .. } = a.dims;
+    let width = a.dims.width();
+    let mut out = vec![0.0f32; a.rows.len() * d];
+    let mut lse = vec![0.0f32; a.rows.len()];
+    let mut s = vec![0.0f32; m];
+    for (r, i) in a.rows.clone().enumerate() {
+        let q = &a.q[(a.b * n + i) * width + a.h * d..][..d];
+        scale_into(&mut s, q[0] * a.scale, &a.kt[..m]);
+        for c in 1..d {
+            axpy::<FMA>(&mut s, q[c] * a.scale, &a.kt[c * m..][..m]);
+        }
+        let top = simd::max(&s);
+        let total = exp_shifted::<FMA>(&mut s, top);
+        let inv = 1.0 / total;
+        for c in 0..d {
+            out[r * d + c] = dot::<FMA>(&s, &a.vt[c * m..][..m]) * inv;
+        }
+        lse[r] = top + total.ln();
+    }
+    (out, lse)
+}
+
+/// Gradients of `forward` with respect to q, k and v, from the output gradient `grad`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    grad: &[f32],
+    dims: Dims,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { batch, n, m, heads, head_dim: d } = dims;
+    let width = dims.width();
+    let kt = per_head_transposed(k, batch, m, heads, d);
+    let vt = per_head_transposed(v, batch, m, heads, d);
+    // D_i = dO_i . O_i, the softmax backward's per-row term, laid out [B, H, N].
+    let mut delta = vec![0.0f32; batch * heads * n];
+    delta.par_chunks_mut(n).enumerate().for_each(|(bh, dst)| {
+        let (b, h) = (bh / heads, bh % heads);
+        for (i, dst) in dst.iter_mut().enumerate() {
+            let at = (b * n + i) * width + h * d;
+            *dst = (0..d).map(|c| grad[at + c] * out[at + c]).sum();
+        }
+    });
+    let blocks = m.div_ceil(KEY_BLOCK);
+    let fma = simd::has_avx2_fma();
+    let pieces: Vec<KeyBlockGrads> = (0..batch * heads * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let keys = blk * KEY_BLOCK..((blk + 1) * KEY_BLOCK).min(m);
+            let args = KeyArgs {
+                q,
+                grad,
+                kt: &kt[bh * d * m..][..d * m],
+                vt: &vt[bh * d * m..][..d * m],
+                lse: &lse[bh * n..][..n],
+                delta: &delta[bh * n..][..n],
+                dims,
+                scale,
+                b: bh / heads,
+                h: bh % heads,
+                keys,
+            };
+            if fma { unsafe { backward_keys_fma(args) } } else { backward_keys::<false>(args) }
+        })
+        .collect();
+    let mut dq = vec![0.0f32; batch * n * width];
+    let mut dk = vec![0.0f32; batch * m * width];
+    let mut dv = vec![0.0f32; batch * m * width];
+    for (task, piece) in pieces.into_iter().enumerate() {
+        let (bh, blk) = (task / blocks, task % blocks);
+        let (b, h) = (bh / heads, bh % heads);
+        let first = blk * KEY_BLOCK;
+        let len = piece.dkt.len() / d;
+        for j in 0..len {
+            let at = (b * m + first + j) * width + h * d;
+            for c in 0..d {
+                dk[at + c] = piece.dkt[c * len + j];
+                dv[at + c] = piece.dvt[c * len + j];
+            }
+        }
+        // Blocks arrive in order, so each dq element sums its partials in block order.
+        for i in 0..n {
+            let dst = &mut dq[(b * n + i) * width + h * d..][..d];
+            for (dst, src) in dst.iter_mut().zip(&piece.dq[i * d..][..d]) {
+                *dst += src;
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+struct KeyArgs<'a> {
+    q: &'a [f32],
+    grad: &'a [f32],
+    kt: &'a [f32],
+    vt: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+    dims: Dims,
+    scale: f32,
+    b: usize,
+    h: usize,
+    keys: std::ops::Range<usize>,
+}
+
+/// One (batch, head, key block)'s share of the gradients: its keys' and values' gradients
+/// `[d, keys]` and its partial query gradient `[N, d]`.
+struct KeyBlockGrads {
+    dkt: Vec<f32>,
+    dvt: Vec<f32>,
+    dq: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_keys_fma(args: KeyArgs) -> KeyBlockGrads {
+    backward_keys::<true>(args)
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn backward_keys_fma(args: KeyArgs) -> KeyBlockGrads {
+    backward_keys::<false>(args)
+}
+
+#[inline(always)]
+fn backward_keys<const FMA: bool>(a: KeyArgs) -> KeyBlockGrads {
+    let Dims { n, m, head_dim: d, .. } = a.dims;
+    let width = a.dims.width();
+    let (start, len) = (a.keys.start, a.keys.len());
+    let kt = |c: usize| &a.kt[c * m + start..][..len];
+    let vt = |c: usize| &a.vt[c * m + start..][..len];
+    let mut dkt = vec![0.0f32; d * len];
+    let mut dvt = vec![0.0f32; d * len];
+    let mut dq = vec![0.0f32; n * d];
+    let mut p = vec![0.0f32; len];
+    let mut ds = vec![0.0f32; len];
+    let mut qs = vec![0.0f32; d];
+    for i in 0..n {
+        let at = (a.b * n + i) * width + a.h * d;
+        let (q, go) = (&a.q[at..][..d], &a.grad[at..][..d]);
+        scale_into(&mut qs, a.scale, q);
+        // p_j = exp(s_j - lse_i), the forward's probabilities.
+        scale_into(&mut p, qs[0], kt(0));
+        for c in 1..d {
+            axpy::<FMA>(&mut p, qs[c], kt(c));
+        }
+        exp_shifted::<FMA>(&mut p, a.lse[i]);
+        // dS_j = p_j (dO_i . v_j - D_i)
+        scale_into(&mut ds, go[0], vt(0));
+        for c in 1..d {
+            axpy::<FMA>(&mut ds, go[c], vt(c));
+        }
+        let di = a.delta[i];
+        for (s, p) in ds.iter_mut().zip(&p) {
+            *s = p * (*s - di);
+        }
+        for c in 0..d {
+            dq[i * d + c] = dot::<FMA>(&ds, kt(c)) * a.scale;
+            axpy::<FMA>(&mut dkt[c * len..][..len], qs[c], &ds);
+            axpy::<FMA>(&mut dvt[c * len..][..len], go[c], &p);
+        }
+    }
+    KeyBlockGrads { dkt, dvt, dq }
+}

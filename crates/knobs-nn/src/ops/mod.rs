@@ -1,0 +1,6 @@
+//! Fused operations with their own kernels (forward and backward) on the CPU backend.
+pub mod attention;
+mod attention_kernel;
+mod simd;
+
+pub use attention::attention;
