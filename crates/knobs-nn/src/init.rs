@@ -6,11 +6,20 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 pub struct Init {
     rng: StdRng,
+    /// False: `uniform` and `normal` give zeros (see [`Init::for_loading`]).
+    draw: bool,
 }
 
 impl Init {
     pub fn new(seed: u64) -> Self {
-        Init { rng: StdRng::seed_from_u64(seed) }
+        Init { rng: StdRng::seed_from_u64(seed), draw: true }
+    }
+
+    /// Zeros instead of random draws, for a model whose every weight is about to be loaded
+    /// from a file: drawing SD-1.5's 860M values would take seconds, and zeroed memory is
+    /// mapped lazily, so the placeholders cost neither time nor resident memory.
+    pub fn for_loading() -> Self {
+        Init { rng: StdRng::seed_from_u64(0), draw: false }
     }
 
     pub fn rng(&mut self) -> &mut StdRng {
@@ -23,6 +32,9 @@ impl Init {
 
     /// Uniform in `[-bound, bound)`.
     pub fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f64, device: &Device) -> Tensor<D> {
+        if !self.draw {
+            return Tensor::zeros(shape, device);
+        }
         let n = shape.iter().product();
         let dist = Uniform::new(-bound as f32, bound as f32).unwrap();
         let values = (0..n).map(|_| dist.sample(&mut self.rng)).collect();
@@ -31,6 +43,9 @@ impl Init {
 
     /// Normal with mean 0.
     pub fn normal<const D: usize>(&mut self, shape: [usize; D], std: f64, device: &Device) -> Tensor<D> {
+        if !self.draw {
+            return Tensor::zeros(shape, device);
+        }
         let n = shape.iter().product();
         let dist = Normal::new(0.0f32, std as f32).unwrap();
         let values = (0..n).map(|_| dist.sample(&mut self.rng)).collect();

@@ -48,3 +48,8 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
     builder.build_global().map_err(|e| Error::Invalid(format!("cannot set the thread count: {e}")))?;
     Ok(rayon::current_num_threads())
 }
+
+/// Threads tensor work runs on.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -183,3 +183,56 @@ fn read_checked_refuses_pickles_and_non_finite_tensors_by_name() {
     // The plain reader (base checkpoints) still reads it: only user-supplied weights are checked.
     assert_eq!(read_safetensors(&file).unwrap().tensors.len(), 3);
 }
+
+/// Users' checkpoints are mostly fp16 or bf16: `load_file` reads them tensor by tensor into
+/// f32 parameters, exactly the values `half` gives, with the same strict key checks.
+#[test]
+fn half_precision_files_load_tensor_by_tensor() {
+    use knobs_nn::io::{SafetensorsReader, load_file};
+    use safetensors::{Dtype, tensor::TensorView};
+    let dir = tempfile::tempdir().unwrap();
+    let want = state_dict(&two(5));
+    for (dtype, name) in [(Dtype::F16, "f16"), (Dtype::BF16, "bf16")] {
+        let round = |v: f32| if dtype == Dtype::F16 { half::f16::from_f32(v).to_f32() } else { half::bf16::from_f32(v).to_f32() };
+        let encoded: Vec<(String, Vec<u8>, Vec<usize>)> = want
+            .iter()
+            .map(|(k, d)| {
+                let v: Vec<f32> = d.try_to_vec::<f32>().unwrap();
+                let bytes = v.iter().flat_map(|&x| if dtype == Dtype::F16 { half::f16::from_f32(x).to_le_bytes() } else { half::bf16::from_f32(x).to_le_bytes() }).collect();
+                (k.clone(), bytes, d.shape().as_slice().to_vec())
+            })
+            .collect();
+        let views: Vec<(&str, TensorView)> = encoded.iter().map(|(k, b, s)| (k.as_str(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
+        let file = dir.path().join(format!("m-{name}.safetensors"));
+        std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+
+        let mut m = two(6);
+        let report = load_file(&mut m, &file, LoadOptions::default()).unwrap();
+        assert_eq!(report.loaded.len(), 3);
+        for (k, d) in state_dict(&m) {
+            let got: Vec<f32> = d.try_to_vec::<f32>().unwrap();
+            let expect: Vec<f32> = want[&k].try_to_vec::<f32>().unwrap().into_iter().map(round).collect();
+            assert_eq!(got, expect, "{name} {k}");
+            assert_ne!(got, want[&k].try_to_vec::<f32>().unwrap(), "{name} {k}: the values went through half precision");
+        }
+        assert_eq!(SafetensorsReader::open(&file).unwrap().keys().count(), 3);
+
+        // A truncated file is refused when opened, naming it.
+        let bytes = std::fs::read(&file).unwrap();
+        let cut = dir.path().join(format!("cut-{name}.safetensors"));
+        std::fs::write(&cut, &bytes[..bytes.len() - 2]).unwrap();
+        let e = load_file(&mut two(6), &cut, LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains(&format!("cut-{name}.safetensors")), "{e}");
+    }
+    // Strictness as load_state_dict: a model with a parameter the file lacks names it.
+    struct Three {
+        a: Linear,
+        b: Linear,
+        c: Linear,
+    }
+    impl_module!(Three { "a" => a, "to_out.0" => b, "c" => c });
+    let mut init = Init::new(0);
+    let mut three = Three { a: Linear::new(3, 4, true, &mut init, &cpu()), b: Linear::new(4, 2, false, &mut init, &cpu()), c: Linear::new(2, 2, false, &mut init, &cpu()) };
+    let e = load_file(&mut three, dir.path().join("m-f16.safetensors"), LoadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("c.weight") && e.contains("m-f16.safetensors"), "{e}");
+}

@@ -45,6 +45,9 @@ enum Command {
     /// Train and evaluate every method on the same concepts and report the trade-offs:
     /// parameters, file size, time, memory, the judge's measures, generation time.
     Compare(Box<cmd::compare::Args>),
+    /// Time each method's training step and one generation step on a model (median of N),
+    /// with threads, peak memory and the model's size.
+    Bench(cmd::bench::Args),
 }
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         Command::Hyper(c) => cmd::hyper::run(c),
         Command::Eval(args) => cmd::eval::run(*args),
         Command::Compare(args) => cmd::compare::run(*args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

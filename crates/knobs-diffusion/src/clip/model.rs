@@ -81,7 +81,7 @@ impl ClipTextModel {
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ClipTextConfig::from_file(dir.join("config.json"))?;
-        let mut model = Self::new(config, &mut Init::new(0), device)?;
+        let mut model = Self::new(config, &mut Init::for_loading(), device)?;
         model.load_file(dir.join("model.safetensors"))?;
         Ok(model)
     }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use knobs_nn::burn::tensor::activation::silu;
-use knobs_nn::io::{LoadOptions, load_state_dict, read_safetensors};
+use knobs_nn::io::{LoadOptions, load_file};
 use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};
 
 use super::config::UNetConfig;
@@ -101,9 +101,8 @@ impl UNet2DConditionModel {
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let config = UNetConfig::from_file(dir.join("config.json"))?;
-        let mut model = Self::new(config, &mut Init::new(0), device).map_err(|e| e.in_file(dir.join("config.json")))?;
-        let sd = read_safetensors(dir.join("diffusion_pytorch_model.safetensors"))?;
-        load_state_dict(&mut model, &sd, LoadOptions::default())?;
+        let mut model = Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))?;
+        load_file(&mut model, dir.join("diffusion_pytorch_model.safetensors"), LoadOptions::default())?;
         Ok(model)
     }
 

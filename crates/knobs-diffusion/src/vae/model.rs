@@ -2,7 +2,7 @@
 //! `post_quant_conv` + decoder back to images. Parameter paths equal diffusers' keys.
 use std::path::Path;
 
-use knobs_nn::io::{LoadOptions, load_state_dict, read_safetensors};
+use knobs_nn::io::{LoadOptions, load_file};
 use knobs_nn::{Conv2d, Device, Error, Init, Result, Tensor, impl_module};
 
 use super::config::VaeConfig;
@@ -85,9 +85,8 @@ impl AutoencoderKL {
         if !weights.is_file() {
             return Err(Error::file(&weights, "weights file not found"));
         }
-        let mut model = Self::new(config, &mut Init::new(0), device)?;
-        let sd = read_safetensors(&weights)?;
-        load_state_dict(&mut model, &sd, LoadOptions::default())?;
+        let mut model = Self::new(config, &mut Init::for_loading(), device)?;
+        load_file(&mut model, &weights, LoadOptions::default())?;
         Ok(model)
     }
 

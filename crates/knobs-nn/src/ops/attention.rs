@@ -152,7 +152,7 @@ mod tests {
     }
 
     fn max_rel(a: Tensor<3>, b: Tensor<3>) -> f32 {
-        let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+        let (a, b) = (a.into_data().try_into_vec::<f32>().unwrap(), b.into_data().try_into_vec::<f32>().unwrap());
         let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
@@ -207,12 +207,12 @@ mod tests {
         };
         let (qg, kg, vg) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
         let g = loss(&qg, &kg, &vg).backward();
-        let analytic = [&qg, &kg, &vg].map(|t| t.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap());
+        let analytic = [&qg, &kg, &vg].map(|t| t.grad(&g).unwrap().into_data().try_into_vec::<f32>().unwrap());
         let inputs = [&q, &k, &v];
         for (which, grad) in analytic.iter().enumerate() {
             for idx in [0, 4, grad.len() - 1] {
                 let bump = |delta: f32| {
-                    let mut x: Vec<f32> = inputs[which].clone().into_data().to_vec().unwrap();
+                    let mut x: Vec<f32> = inputs[which].clone().into_data().try_into_vec().unwrap();
                     x[idx] += delta;
                     let t = Tensor::<1>::from_floats(x.as_slice(), &device).reshape(inputs[which].dims());
                     let mut args = inputs.map(|t| t.clone());

@@ -1,4 +1,5 @@
 pub mod adapter;
+pub mod bench;
 pub mod compare;
 pub mod demo;
 pub mod eval;

@@ -1,0 +1,158 @@
+//! `knobs bench`: the training step of each method and one generation step, timed the way
+//! `knobs train` and `knobs generate` run them, so that the README's speed tables come from
+//! one command. A training step is the trainer's: VAE encode and text encoder (frozen), UNet
+//! forward and backward, gradient clipping, AdamW, as `../shared/reference/bench_builtin.py`
+//! does in PyTorch. A generation step is one DDIM step with classifier-free guidance plus the
+//! VAE decode, as `gen_time.py --steps 1`.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use image::RgbImage;
+use knobs_diffusion::loaders::PipelineAdapters;
+use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
+use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
+use knobs_nn::{ModuleExt, cpu, cpu_autodiff};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::finetune::config::TrainConfig;
+use crate::finetune::methods::Method;
+use crate::finetune::trainer::set_trainable;
+use crate::objective::{LossOptions, Objective, resolution};
+use crate::progress::peak_rss_bytes;
+use crate::rng::step_rng;
+
+/// What can be timed, with the `--method` each training mode stands for.
+pub const MODES: &[(&str, Option<&str>)] =
+    &[("full", Some("dreambooth")), ("lora", Some("lora")), ("ia3", Some("ia3")), ("ti", Some("textual-inversion")), ("generate", None)];
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: PathBuf,
+    /// Pixels; `None`: the model's own.
+    pub resolution: Option<u32>,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurement {
+    pub mode: String,
+    pub median_s: f64,
+    pub mean_s: f64,
+    pub min_s: f64,
+    pub steps: usize,
+    pub batch: usize,
+    pub resolution: u32,
+    pub threads: usize,
+    pub load_s: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub trainable_params: usize,
+    pub model_bytes: u64,
+}
+
+/// Bytes of the model's weight files.
+fn model_bytes(dir: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|d| d.filter_map(|e| e.ok()).map(|e| walk(&e.path())).sum()).unwrap_or(0),
+            Ok(m) if p.extension().is_some_and(|e| e == "safetensors") => m.len(),
+            _ => 0,
+        }
+    }
+    walk(dir)
+}
+
+/// Times `mode` (one of [`MODES`]) in this process.
+pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
+    let Some(&(_, method)) = MODES.iter().find(|(m, _)| *m == mode) else {
+        bail!("--modes: unknown mode `{mode}`; known: {}", MODES.iter().map(|(m, _)| *m).collect::<Vec<_>>().join(", "));
+    };
+    if o.steps == 0 || o.batch == 0 {
+        bail!("--steps and --batch must be at least 1");
+    }
+    let dev = if method.is_some() { cpu_autodiff() } else { cpu() };
+    let loaded = Instant::now();
+    let mut sd = StableDiffusion::from_dir(&o.model, &dev).with_context(|| format!("--model {}", o.model.display()))?;
+    let load_s = loaded.elapsed().as_secs_f64();
+    let res = o.resolution.unwrap_or_else(|| resolution(&sd));
+    let (times, trainable_params) = match method {
+        Some(method) => train_steps(method, &mut sd, res, o)?,
+        None => (generate_steps(&sd, res, o)?, 0),
+    };
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Measurement {
+        mode: mode.to_string(),
+        median_s: sorted[sorted.len() / 2],
+        mean_s: times.iter().sum::<f64>() / times.len() as f64,
+        min_s: sorted[0],
+        steps: times.len(),
+        batch: o.batch,
+        resolution: res,
+        threads: knobs_nn::threads(),
+        load_s,
+        peak_rss_bytes: peak_rss_bytes(),
+        trainable_params,
+        model_bytes: model_bytes(&o.model),
+    })
+}
+
+/// Seconds of each timed step, and the number of trainable values.
+fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOptions) -> Result<(Vec<f64>, usize)> {
+    let mut cfg = TrainConfig { method: Method::parse(method)?, model: Some(o.model.clone()), ..Default::default() };
+    cfg.tokens.placeholder_token = Some("<knobs-bench>".into());
+    cfg.tokens.initializer_token = Some(one_token_word(sd)?);
+    sd.vae.for_inference();
+    let mut adapters = PipelineAdapters::new(0);
+    let attached = cfg.method.attach(&cfg, sd, &mut adapters)?;
+    let trainable = set_trainable(&cfg, sd, &attached.trainable)?;
+    let objective = Objective::new(sd, &cpu_autodiff());
+    let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), ..Default::default() });
+    let word = attached.placeholder.as_deref().unwrap_or("sks");
+    let prompts = vec![format!("a photo of {word}"); o.batch];
+    let mut times = Vec::new();
+    for step in 0..o.warmup + o.steps {
+        let mut rng = step_rng(0, "bench", step as u64);
+        let images: Vec<RgbImage> = (0..o.batch).map(|_| RgbImage::from_fn(res, res, |_, _| image::Rgb(rng.random()))).collect();
+        let started = Instant::now();
+        let loss = objective.per_sample(sd, &images, &prompts, &mut rng, LossOptions::default())?.mean();
+        let mut grads = collect_grads(sd, &loss.backward());
+        clip_grad_norm(&mut grads, cfg.optim.max_grad_norm);
+        opt.step(sd, &grads, |_| cfg.learning_rate());
+        if step >= o.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok((times, trainable))
+}
+
+/// A word the tokenizer holds as one token, to start the textual-inversion rows from.
+fn one_token_word(sd: &StableDiffusion) -> Result<String> {
+    for word in ["photo", "a", "star", "dog"] {
+        if sd.tokenizer.tokenize(word).map(|ids| ids.len() == 1).unwrap_or(false) {
+            return Ok(word.to_string());
+        }
+    }
+    bail!("{}: the tokenizer has none of the words the textual-inversion bench starts from", sd.dir.display())
+}
+
+fn generate_steps(sd: &StableDiffusion, res: u32, o: &BenchOptions) -> Result<Vec<f64>> {
+    let mut req = GenerateRequest::new("a photo of a sks dog");
+    req.steps = 1;
+    req.guidance_scale = 7.5;
+    req.scheduler = Some(SchedulerKind::Ddim);
+    req.height = Some(res as usize);
+    req.width = Some(res as usize);
+    let mut times = Vec::new();
+    for step in 0..o.warmup + o.steps {
+        let started = Instant::now();
+        sd.generate(&req)?;
+        if step >= o.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}

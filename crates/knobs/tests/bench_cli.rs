@@ -1,0 +1,44 @@
+//! `knobs bench` on the golden tiny SD pipeline: every mode measured in its own process, with
+//! the trainable sizes each method implies, and bad input named.
+mod common;
+
+use common::{fail, ok};
+
+const TINY_SD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd");
+
+#[test]
+fn every_mode_is_timed_with_its_memory_and_trainable_size() {
+    let out = ok(&["--threads", "1", "bench", "--model", TINY_SD, "--resolution", "32", "--batch", "1", "--steps", "2", "--warmup", "0", "--json"]);
+    let results: Vec<serde_json::Value> = serde_json::from_str(&out).expect("--json prints a JSON array");
+    let modes: Vec<&str> = results.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["full", "lora", "ia3", "ti", "generate"]);
+    let weights: u64 = ["unet", "vae", "text_encoder"]
+        .iter()
+        .map(|c| std::fs::metadata(format!("{TINY_SD}/{c}/diffusion_pytorch_model.safetensors")).or_else(|_| std::fs::metadata(format!("{TINY_SD}/{c}/model.safetensors"))).unwrap().len())
+        .sum();
+    let trainable = |mode: &str| results.iter().find(|m| m["mode"] == mode).unwrap()["trainable_params"].as_u64().unwrap();
+    for m in &results {
+        let median = m["median_s"].as_f64().unwrap();
+        assert!(median > 0.0 && median.is_finite(), "{m}");
+        assert!(m["min_s"].as_f64().unwrap() <= median && m["steps"] == 2, "{m}");
+        assert_eq!(m["threads"], 1, "--threads reaches each mode's process");
+        assert!(m["peak_rss_bytes"].as_u64().unwrap() > 10 << 20, "{m}");
+        assert_eq!(m["model_bytes"].as_u64().unwrap(), weights);
+        assert_eq!(m["resolution"], 32);
+    }
+    // Full fine-tune: the whole UNet (tiny-sd's 1,106,212 values); adapters a small part of it.
+    assert_eq!(trainable("full"), 1_106_212);
+    assert!(trainable("lora") > 0 && trainable("lora") < trainable("full") / 10);
+    assert!(trainable("ia3") > 0 && trainable("ia3") < trainable("lora"));
+    // Textual inversion: one new row of the 32-wide token embedding.
+    assert_eq!(trainable("ti"), 32);
+    assert_eq!(trainable("generate"), 0);
+}
+
+#[test]
+fn bad_modes_and_thread_counts_are_named() {
+    let err = fail(&["bench", "--model", TINY_SD, "--modes", "lora,warp"]);
+    assert!(err.contains("--modes") && err.contains("warp"), "{err}");
+    let err = fail(&["--threads", "0", "bench", "--model", TINY_SD]);
+    assert!(err.contains("--threads"), "{err}");
+}
