@@ -8,6 +8,8 @@
 //! in a fixed order, so results are bit-identical for any thread count.
 use rayon::prelude::*;
 
+use super::attention_small;
+use super::lanes::{self, Isa};
 use super::simd::{self, axpy, dot, exp_shifted, scale_into};
 
 /// Query rows per forward task.
@@ -28,7 +30,7 @@ pub struct Dims {
 }
 
 impl Dims {
-    fn width(&self) -> usize {
+    pub(super) fn width(&self) -> usize {
         self.heads * self.head_dim
     }
 }
@@ -50,14 +52,35 @@ fn per_head_transposed(x: &[f32], batch: usize, rows: usize, heads: usize, d: us
     out
 }
 
+/// Which loops run: the one-pass kernels of `attention_small` on the given lanes, or the
+/// multi-pass ones here (with AVX2 + FMA or portable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Path {
+    Small(Isa),
+    MultiPass { fma: bool },
+}
+
+impl Path {
+    /// The fastest path the running CPU has for this head size.
+    fn best(head_dim: usize) -> Path {
+        match lanes::isa() {
+            isa @ (Isa::Avx512 | Isa::Avx2) if head_dim <= attention_small::MAX_HEAD_DIM => Path::Small(isa),
+            _ => Path::MultiPass { fma: simd::has_avx2_fma() },
+        }
+    }
+}
+
 /// Softmax attention; returns the output `[B, N, H * d]` and the log-sum-exp of each row's
 /// scaled scores `[B, H, N]`, which the backward pass needs.
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    forward_on(q, k, v, dims, scale, Path::best(dims.head_dim))
+}
+
+pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, path: Path) -> (Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let kt = per_head_transposed(k, batch, m, heads, d);
     let vt = per_head_transposed(v, batch, m, heads, d);
     let blocks = n.div_ceil(ROW_BLOCK);
-    let fma = simd::has_avx2_fma();
     let pieces: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads * blocks)
         .into_par_iter()
         .map(|task| {
@@ -66,7 +89,12 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<
             let kt = &kt[bh * d * m..][..d * m];
             let vt = &vt[bh * d * m..][..d * m];
             let args = RowArgs { q, kt, vt, dims, scale, b: bh / heads, h: bh % heads, rows };
-            if fma { unsafe { forward_rows_fma(args) } } else { forward_rows::<false>(args) }
+            match path {
+                Path::Small(isa) => attention_small::forward_rows(args, isa),
+                // SAFETY: `Path::best` (or a test) chose `fma` only where the CPU has it.
+                Path::MultiPass { fma: true } => unsafe { forward_rows_fma(args) },
+                Path::MultiPass { fma: false } => forward_rows::<false>(args),
+            }
         })
         .collect();
     let mut out = vec![0.0f32; batch * n * dims.width()];
@@ -83,16 +111,16 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<
     (out, lse)
 }
 
-struct RowArgs<'a> {
-    q: &'a [f32],
+pub(super) struct RowArgs<'a> {
+    pub q: &'a [f32],
     /// This head's keys and values, `[d, M]`.
-    kt: &'a [f32],
-    vt: &'a [f32],
-    dims: Dims,
-    scale: f32,
-    b: usize,
-    h: usize,
-    rows: std::ops::Range<usize>,
+    pub kt: &'a [f32],
+    pub vt: &'a [f32],
+    pub dims: Dims,
+    pub scale: f32,
+    pub b: usize,
+    pub h: usize,
+    pub rows: std::ops::Range<usize>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -142,6 +170,21 @@ pub fn backward(
     dims: Dims,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    backward_on(q, k, v, out, lse, grad, dims, scale, Path::best(dims.head_dim))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_on(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    grad: &[f32],
+    dims: Dims,
+    scale: f32,
+    path: Path,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let width = dims.width();
     let kt = per_head_transposed(k, batch, m, heads, d);
@@ -156,7 +199,6 @@ pub fn backward(
         }
     });
     let blocks = m.div_ceil(KEY_BLOCK);
-    let fma = simd::has_avx2_fma();
     let pieces: Vec<KeyBlockGrads> = (0..batch * heads * blocks)
         .into_par_iter()
         .map(|task| {
@@ -175,7 +217,12 @@ pub fn backward(
                 h: bh % heads,
                 keys,
             };
-            if fma { unsafe { backward_keys_fma(args) } } else { backward_keys::<false>(args) }
+            match path {
+                Path::Small(isa) => attention_small::backward_keys(args, isa),
+                // SAFETY: as in `forward_on`.
+                Path::MultiPass { fma: true } => unsafe { backward_keys_fma(args) },
+                Path::MultiPass { fma: false } => backward_keys::<false>(args),
+            }
         })
         .collect();
     let mut dq = vec![0.0f32; batch * n * width];
@@ -204,26 +251,26 @@ pub fn backward(
     (dq, dk, dv)
 }
 
-struct KeyArgs<'a> {
-    q: &'a [f32],
-    grad: &'a [f32],
-    kt: &'a [f32],
-    vt: &'a [f32],
-    lse: &'a [f32],
-    delta: &'a [f32],
-    dims: Dims,
-    scale: f32,
-    b: usize,
-    h: usize,
-    keys: std::ops::Range<usize>,
+pub(super) struct KeyArgs<'a> {
+    pub q: &'a [f32],
+    pub grad: &'a [f32],
+    pub kt: &'a [f32],
+    pub vt: &'a [f32],
+    pub lse: &'a [f32],
+    pub delta: &'a [f32],
+    pub dims: Dims,
+    pub scale: f32,
+    pub b: usize,
+    pub h: usize,
+    pub keys: std::ops::Range<usize>,
 }
 
 /// One (batch, head, key block)'s share of the gradients: its keys' and values' gradients
 /// `[d, keys]` and its partial query gradient `[N, d]`.
-struct KeyBlockGrads {
-    dkt: Vec<f32>,
-    dvt: Vec<f32>,
-    dq: Vec<f32>,
+pub(super) struct KeyBlockGrads {
+    pub dkt: Vec<f32>,
+    pub dvt: Vec<f32>,
+    pub dq: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -275,4 +322,50 @@ fn backward_keys<const FMA: bool>(a: KeyArgs) -> KeyBlockGrads {
         }
     }
     KeyBlockGrads { dkt, dvt, dq }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * 0.731 + seed).sin() * 1.7).clamp(-1.5, 1.5)).collect()
+    }
+
+    /// Every loop the running CPU can take (the one-pass small-head kernels on each lane
+    /// width, the multi-pass ones with and without FMA) gives the portable loop's values.
+    #[test]
+    fn every_path_matches_the_portable_one() {
+        let mut paths = vec![Path::MultiPass { fma: false }, Path::Small(Isa::Portable)];
+        if simd::has_avx2_fma() {
+            paths.extend([Path::MultiPass { fma: true }, Path::Small(Isa::Avx2)]);
+        }
+        if lanes::isa() == Isa::Avx512 {
+            paths.push(Path::Small(Isa::Avx512));
+        }
+        // Keys and rows off the lane widths and block sizes; head sizes each side of the
+        // small kernels' limit.
+        for (n, m, heads, d) in [(70, 77, 2, 4), (9, 530, 1, 8), (33, 19, 3, 1), (5, 40, 2, 40)] {
+            let dims = Dims { batch: 2, n, m, heads, head_dim: d };
+            let (q, k, v) = (values(2 * n * heads * d, 0.1), values(2 * m * heads * d, 0.7), values(2 * m * heads * d, 1.3));
+            let go = values(2 * n * heads * d, 2.9);
+            let reference = Path::MultiPass { fma: false };
+            let (out0, lse0) = forward_on(&q, &k, &v, dims, 0.4, reference);
+            let grads0 = backward_on(&q, &k, &v, &out0, &lse0, &go, dims, 0.4, reference);
+            for &path in paths.iter().filter(|p| !matches!(p, Path::Small(_)) || d <= attention_small::MAX_HEAD_DIM) {
+                let close = |a: &[f32], b: &[f32], what: &str| {
+                    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                    let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                    assert!(err < 2e-6, "{what} on {path:?}, n {n} m {m} d {d}: relative error {err}");
+                };
+                let (out, lse) = forward_on(&q, &k, &v, dims, 0.4, path);
+                close(&out, &out0, "output");
+                close(&lse, &lse0, "log-sum-exp");
+                let grads = backward_on(&q, &k, &v, &out0, &lse0, &go, dims, 0.4, path);
+                close(&grads.0, &grads0.0, "dq");
+                close(&grads.1, &grads0.1, "dk");
+                close(&grads.2, &grads0.2, "dv");
+            }
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! Fused operations with their own kernels (forward and backward) on the CPU backend.
 pub mod attention;
 mod attention_kernel;
+mod attention_small;
+mod lanes;
 mod simd;
 
 pub use attention::attention;
