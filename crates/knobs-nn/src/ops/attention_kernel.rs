@@ -5,12 +5,17 @@
 //! Layouts are the projections' own, `[B, N, H * d]` for queries and outputs and
 //! `[B, M, H * d]` for keys and values, so heads need no transposed copies. Work is split in
 //! pieces fixed by the shapes alone (per batch, head and row or key block) and every sum runs
-//! in a fixed order, so results are bit-identical for any thread count.
+//! in a fixed order, so results are bit-identical for any thread count (each CPU takes the
+//! widest lanes it has, so two kinds of CPU may differ in the last bits).
+//!
+//! The loops here make a few passes over each row's scores per head channel; heads of up to 8
+//! channels take `attention_small`'s one-pass loops instead.
 use rayon::prelude::*;
 
 use super::attention_small;
 use super::lanes::{self, Isa};
-use super::simd::{self, axpy, dot, exp_shifted, scale_into};
+use super::lanes::Lanes;
+use super::simd::{axpy, dot, exp_shifted, max, scale_into};
 
 /// Query rows per forward task.
 const ROW_BLOCK: usize = 64;
@@ -52,12 +57,12 @@ fn per_head_transposed(x: &[f32], batch: usize, rows: usize, heads: usize, d: us
     out
 }
 
-/// Which loops run: the one-pass kernels of `attention_small` on the given lanes, or the
-/// multi-pass ones here (with AVX2 + FMA or portable).
+/// Which loops run, on which lanes: the one-pass kernels of `attention_small`, or the
+/// multi-pass ones here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Path {
     Small(Isa),
-    MultiPass { fma: bool },
+    MultiPass(Isa),
 }
 
 impl Path {
@@ -65,7 +70,7 @@ impl Path {
     fn best(head_dim: usize) -> Path {
         match lanes::isa() {
             isa @ (Isa::Avx512 | Isa::Avx2) if head_dim <= attention_small::MAX_HEAD_DIM => Path::Small(isa),
-            _ => Path::MultiPass { fma: simd::has_avx2_fma() },
+            isa => Path::MultiPass(isa),
         }
     }
 }
@@ -91,9 +96,7 @@ pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32
             let args = RowArgs { q, kt, vt, dims, scale, b: bh / heads, h: bh % heads, rows };
             match path {
                 Path::Small(isa) => attention_small::forward_rows(args, isa),
-                // SAFETY: `Path::best` (or a test) chose `fma` only where the CPU has it.
-                Path::MultiPass { fma: true } => unsafe { forward_rows_fma(args) },
-                Path::MultiPass { fma: false } => forward_rows::<false>(args),
+                Path::MultiPass(isa) => forward_rows(args, isa),
             }
         })
         .collect();
@@ -123,19 +126,34 @@ pub(super) struct RowArgs<'a> {
     pub rows: std::ops::Range<usize>,
 }
 
+/// The multi-pass loops on `isa`'s lanes, which the caller has checked the CPU has.
+fn forward_rows(args: RowArgs, isa: Isa) -> (Vec<f32>, Vec<f32>) {
+    // SAFETY: the caller checked that the CPU has `isa`; one-lane f32 needs nothing.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => forward_avx512(args),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => forward_avx2(args),
+            _ => forward_rows_with::<f32>(args),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn forward_avx512(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
+    unsafe { forward_rows_with::<lanes::Avx512>(args) }
+}
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn forward_rows_fma(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
-    forward_rows::<true>(args)
-}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn forward_rows_fma(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
-    forward_rows::<false>(args)
+unsafe fn forward_avx2(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
+    unsafe { forward_rows_with::<lanes::Avx2>(args) }
 }
 
 /// One head's output rows `[rows, d]` and their log-sum-exp.
 #[inline(always)]
-fn forward_rows<const FMA: bool>(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
+unsafe fn forward_rows_with<L: Lanes>(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
     let Dims { n, m, head_dim: d, .. } = a.dims;
     let width = a.dims.width();
     let mut out = vec![0.0f32; a.rows.len() * d];
@@ -144,16 +162,19 @@ fn forward_rows<const FMA: bool>(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
     for (r, i) in a.rows.clone().enumerate() {
         let q = &a.q[(a.b * n + i) * width + a.h * d..][..d];
         scale_into(&mut s, q[0] * a.scale, &a.kt[..m]);
-        for c in 1..d {
-            axpy::<FMA>(&mut s, q[c] * a.scale, &a.kt[c * m..][..m]);
+        // SAFETY: the caller vouches for L's features.
+        unsafe {
+            for c in 1..d {
+                axpy::<L>(&mut s, q[c] * a.scale, &a.kt[c * m..][..m]);
+            }
+            let top = max::<L>(&s);
+            let total = exp_shifted::<L>(&mut s, top);
+            let inv = 1.0 / total;
+            for c in 0..d {
+                out[r * d + c] = dot::<L>(&s, &a.vt[c * m..][..m]) * inv;
+            }
+            lse[r] = top + total.ln();
         }
-        let top = simd::max(&s);
-        let total = exp_shifted::<FMA>(&mut s, top);
-        let inv = 1.0 / total;
-        for c in 0..d {
-            out[r * d + c] = dot::<FMA>(&s, &a.vt[c * m..][..m]) * inv;
-        }
-        lse[r] = top + total.ln();
     }
     (out, lse)
 }
@@ -219,9 +240,7 @@ pub(super) fn backward_on(
             };
             match path {
                 Path::Small(isa) => attention_small::backward_keys(args, isa),
-                // SAFETY: as in `forward_on`.
-                Path::MultiPass { fma: true } => unsafe { backward_keys_fma(args) },
-                Path::MultiPass { fma: false } => backward_keys::<false>(args),
+                Path::MultiPass(isa) => backward_keys(args, isa),
             }
         })
         .collect();
@@ -273,18 +292,33 @@ pub(super) struct KeyBlockGrads {
     pub dq: Vec<f32>,
 }
 
+/// The multi-pass loops on `isa`'s lanes, as [`forward_rows`].
+fn backward_keys(args: KeyArgs, isa: Isa) -> KeyBlockGrads {
+    // SAFETY: as in `forward_rows`.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => backward_avx512(args),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => backward_avx2(args),
+            _ => backward_keys_with::<f32>(args),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn backward_avx512(args: KeyArgs) -> KeyBlockGrads {
+    unsafe { backward_keys_with::<lanes::Avx512>(args) }
+}
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn backward_keys_fma(args: KeyArgs) -> KeyBlockGrads {
-    backward_keys::<true>(args)
-}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn backward_keys_fma(args: KeyArgs) -> KeyBlockGrads {
-    backward_keys::<false>(args)
+unsafe fn backward_avx2(args: KeyArgs) -> KeyBlockGrads {
+    unsafe { backward_keys_with::<lanes::Avx2>(args) }
 }
 
 #[inline(always)]
-fn backward_keys<const FMA: bool>(a: KeyArgs) -> KeyBlockGrads {
+unsafe fn backward_keys_with<L: Lanes>(a: KeyArgs) -> KeyBlockGrads {
     let Dims { n, m, head_dim: d, .. } = a.dims;
     let width = a.dims.width();
     let (start, len) = (a.keys.start, a.keys.len());
@@ -300,25 +334,28 @@ fn backward_keys<const FMA: bool>(a: KeyArgs) -> KeyBlockGrads {
         let at = (a.b * n + i) * width + a.h * d;
         let (q, go) = (&a.q[at..][..d], &a.grad[at..][..d]);
         scale_into(&mut qs, a.scale, q);
-        // p_j = exp(s_j - lse_i), the forward's probabilities.
-        scale_into(&mut p, qs[0], kt(0));
-        for c in 1..d {
-            axpy::<FMA>(&mut p, qs[c], kt(c));
-        }
-        exp_shifted::<FMA>(&mut p, a.lse[i]);
-        // dS_j = p_j (dO_i . v_j - D_i)
-        scale_into(&mut ds, go[0], vt(0));
-        for c in 1..d {
-            axpy::<FMA>(&mut ds, go[c], vt(c));
-        }
-        let di = a.delta[i];
-        for (s, p) in ds.iter_mut().zip(&p) {
-            *s = p * (*s - di);
-        }
-        for c in 0..d {
-            dq[i * d + c] = dot::<FMA>(&ds, kt(c)) * a.scale;
-            axpy::<FMA>(&mut dkt[c * len..][..len], qs[c], &ds);
-            axpy::<FMA>(&mut dvt[c * len..][..len], go[c], &p);
+        // SAFETY: the caller vouches for L's features.
+        unsafe {
+            // p_j = exp(s_j - lse_i), the forward's probabilities.
+            scale_into(&mut p, qs[0], kt(0));
+            for c in 1..d {
+                axpy::<L>(&mut p, qs[c], kt(c));
+            }
+            exp_shifted::<L>(&mut p, a.lse[i]);
+            // dS_j = p_j (dO_i . v_j - D_i)
+            scale_into(&mut ds, go[0], vt(0));
+            for c in 1..d {
+                axpy::<L>(&mut ds, go[c], vt(c));
+            }
+            let di = a.delta[i];
+            for (s, p) in ds.iter_mut().zip(&p) {
+                *s = p * (*s - di);
+            }
+            for c in 0..d {
+                dq[i * d + c] = dot::<L>(&ds, kt(c)) * a.scale;
+                axpy::<L>(&mut dkt[c * len..][..len], qs[c], &ds);
+                axpy::<L>(&mut dvt[c * len..][..len], go[c], &p);
+            }
         }
     }
     KeyBlockGrads { dkt, dvt, dq }
@@ -333,15 +370,15 @@ mod tests {
     }
 
     /// Every loop the running CPU can take (the one-pass small-head kernels on each lane
-    /// width, the multi-pass ones with and without FMA) gives the portable loop's values.
+    /// width, the multi-pass ones, each on every lane width) gives the portable loop's values.
     #[test]
     fn every_path_matches_the_portable_one() {
-        let mut paths = vec![Path::MultiPass { fma: false }, Path::Small(Isa::Portable)];
-        if simd::has_avx2_fma() {
-            paths.extend([Path::MultiPass { fma: true }, Path::Small(Isa::Avx2)]);
+        let mut paths = vec![Path::MultiPass(Isa::Portable), Path::Small(Isa::Portable)];
+        if lanes::isa() != Isa::Portable {
+            paths.extend([Path::MultiPass(Isa::Avx2), Path::Small(Isa::Avx2)]);
         }
         if lanes::isa() == Isa::Avx512 {
-            paths.push(Path::Small(Isa::Avx512));
+            paths.extend([Path::MultiPass(Isa::Avx512), Path::Small(Isa::Avx512)]);
         }
         // Keys and rows off the lane widths and block sizes; head sizes each side of the
         // small kernels' limit.
@@ -349,7 +386,7 @@ mod tests {
             let dims = Dims { batch: 2, n, m, heads, head_dim: d };
             let (q, k, v) = (values(2 * n * heads * d, 0.1), values(2 * m * heads * d, 0.7), values(2 * m * heads * d, 1.3));
             let go = values(2 * n * heads * d, 2.9);
-            let reference = Path::MultiPass { fma: false };
+            let reference = Path::MultiPass(Isa::Portable);
             let (out0, lse0) = forward_on(&q, &k, &v, dims, 0.4, reference);
             let grads0 = backward_on(&q, &k, &v, &out0, &lse0, &go, dims, 0.4, reference);
             for &path in paths.iter().filter(|p| !matches!(p, Path::Small(_)) || d <= attention_small::MAX_HEAD_DIM) {

@@ -61,7 +61,7 @@ impl Lanes for f32 {
     }
     #[inline(always)]
     unsafe fn exp(self) -> Self {
-        super::simd::exp::<true>(self)
+        super::simd::exp(self)
     }
     #[inline(always)]
     unsafe fn sum(self) -> f32 {
