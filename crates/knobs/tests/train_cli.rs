@@ -204,9 +204,12 @@ fn samples_are_optional_and_lora_dropout_is_on_from_the_first_step() {
     with_dropout.extend_from_slice(&["--lora-dropout", "0.5"]);
     let b = train(&tmp.path().join("dropout"), "lora", &with_dropout);
     assert_ne!(a["final_loss"], b["final_loss"], "--lora-dropout 0.5 left the loss unchanged");
-    // The training log reports seconds per step as it goes.
+    // The training log reports seconds per step and peak memory as it goes.
     let out = knobs(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-train-steps", "1", "--num-samples", "0", "--out", s(&tmp.path().join("log"))]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("s/step"), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let line = log.lines().find(|l| l.contains("s/step")).unwrap_or_else(|| panic!("no s/step line in {log}"));
+    let peak: f64 = line.split(", peak ").nth(1).and_then(|r| r.strip_suffix(" MiB")).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no peak MiB in `{line}`"));
+    assert!(peak > 10.0 && peak < 64.0 * 1024.0, "{line}");
 }
 
 #[test]

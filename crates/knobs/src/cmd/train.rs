@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::parser::ValueSource;
 use indicatif::{ProgressBar, ProgressStyle};
 use knobs_train::finetune::{TrainConfig, run};
+use knobs_train::progress::peak_rss_bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,7 +36,11 @@ pub fn run_cmd(args: Args, matches: &clap::ArgMatches) -> Result<()> {
     let bar = ProgressBar::new(cfg.max_train_steps());
     bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}").unwrap());
     let summary = run(&cfg, &mut |tick| {
-        let pace = tick.seconds_per_step.map(|s| format!(", {s:.3} s/step")).unwrap_or_default();
+        let mut pace = tick.seconds_per_step.map(|s| format!(", {s:.3} s/step")).unwrap_or_default();
+        // Peak memory so far, so that a run too large for the machine shows it early.
+        if let Some(peak) = peak_rss_bytes() {
+            pace.push_str(&format!(", peak {:.0} MiB", peak as f64 / (1u64 << 20) as f64));
+        }
         bar.set_prefix(tick.phase);
         bar.set_length(tick.total);
         bar.set_position(tick.step);
