@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::attention_small;
-use super::lanes::{self, Isa};
+use super::lanes::{self, Isa, on_lanes};
 use super::lanes::Lanes;
 use super::simd::{axpy, dot, exp_shifted, max, scale_into};
 
@@ -126,29 +126,9 @@ pub(super) struct RowArgs<'a> {
     pub rows: std::ops::Range<usize>,
 }
 
-/// The multi-pass loops on `isa`'s lanes, which the caller has checked the CPU has.
-fn forward_rows(args: RowArgs, isa: Isa) -> (Vec<f32>, Vec<f32>) {
-    // SAFETY: the caller checked that the CPU has `isa`; one-lane f32 needs nothing.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => forward_avx512(args),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => forward_avx2(args),
-            _ => forward_rows_with::<f32>(args),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn forward_avx512(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
-    unsafe { forward_rows_with::<lanes::Avx512>(args) }
-}
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_avx2(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
-    unsafe { forward_rows_with::<lanes::Avx2>(args) }
+on_lanes! {
+    /// The multi-pass loops on `isa`'s lanes, which the caller has checked the CPU has.
+    fn forward_rows(args: RowArgs) -> (Vec<f32>, Vec<f32>) { L => forward_rows_with::<L>(args) }
 }
 
 /// One head's output rows `[rows, d]` and their log-sum-exp.
@@ -292,29 +272,9 @@ pub(super) struct KeyBlockGrads {
     pub dq: Vec<f32>,
 }
 
-/// The multi-pass loops on `isa`'s lanes, as [`forward_rows`].
-fn backward_keys(args: KeyArgs, isa: Isa) -> KeyBlockGrads {
-    // SAFETY: as in `forward_rows`.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => backward_avx512(args),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => backward_avx2(args),
-            _ => backward_keys_with::<f32>(args),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn backward_avx512(args: KeyArgs) -> KeyBlockGrads {
-    unsafe { backward_keys_with::<lanes::Avx512>(args) }
-}
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn backward_avx2(args: KeyArgs) -> KeyBlockGrads {
-    unsafe { backward_keys_with::<lanes::Avx2>(args) }
+on_lanes! {
+    /// The multi-pass loops on `isa`'s lanes, as [`forward_rows`].
+    fn backward_keys(args: KeyArgs) -> KeyBlockGrads { L => backward_keys_with::<L>(args) }
 }
 
 #[inline(always)]

@@ -8,7 +8,7 @@
 //! Same layouts, tasks and fixed summation order as `attention_kernel`, so results are
 //! bit-identical for any thread count.
 use super::attention_kernel::{KeyArgs, KeyBlockGrads, RowArgs};
-use super::lanes::{self, Isa, Lanes};
+use super::lanes::{Lanes, on_lanes};
 
 /// The largest head_dim these kernels take.
 pub const MAX_HEAD_DIM: usize = 8;
@@ -28,56 +28,25 @@ macro_rules! for_head_dim {
     };
 }
 
-/// One (batch, head, row block)'s output rows `[rows, d]` and log-sum-exp, on `isa`'s lanes,
-/// which the caller has checked the CPU has (see [`lanes::isa`]).
-pub fn forward_rows(args: RowArgs, isa: Isa) -> (Vec<f32>, Vec<f32>) {
-    assert!(args.dims.head_dim <= MAX_HEAD_DIM);
-    // SAFETY: the caller checked that the CPU has `isa`; one-lane f32 needs nothing.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => forward_avx512(args),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => forward_avx2(args),
-            _ => for_head_dim!(args.dims.head_dim, forward_rows_with::<f32>, args),
+on_lanes! {
+    /// One (batch, head, row block)'s output rows `[rows, d]` and log-sum-exp, on `isa`'s
+    /// lanes, which the caller has checked the CPU has (see [`super::lanes::isa`]).
+    pub fn forward_rows(args: RowArgs) -> (Vec<f32>, Vec<f32>) {
+        L => {
+            assert!(args.dims.head_dim <= MAX_HEAD_DIM);
+            for_head_dim!(args.dims.head_dim, forward_rows_with::<L>, args)
         }
     }
 }
 
-/// One (batch, head, key block)'s share of the gradients, as [`forward_rows`].
-pub fn backward_keys(args: KeyArgs, isa: Isa) -> KeyBlockGrads {
-    assert!(args.dims.head_dim <= MAX_HEAD_DIM);
-    // SAFETY: as in `forward_rows`.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => backward_avx512(args),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => backward_avx2(args),
-            _ => for_head_dim!(args.dims.head_dim, backward_keys_with::<f32>, args),
+on_lanes! {
+    /// One (batch, head, key block)'s share of the gradients, as [`forward_rows`].
+    pub fn backward_keys(args: KeyArgs) -> KeyBlockGrads {
+        L => {
+            assert!(args.dims.head_dim <= MAX_HEAD_DIM);
+            for_head_dim!(args.dims.head_dim, backward_keys_with::<L>, args)
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn forward_avx512(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
-    unsafe { for_head_dim!(a.dims.head_dim, forward_rows_with::<lanes::Avx512>, a) }
-}
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_avx2(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
-    unsafe { for_head_dim!(a.dims.head_dim, forward_rows_with::<lanes::Avx2>, a) }
-}
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn backward_avx512(a: KeyArgs) -> KeyBlockGrads {
-    unsafe { for_head_dim!(a.dims.head_dim, backward_keys_with::<lanes::Avx512>, a) }
-}
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn backward_avx2(a: KeyArgs) -> KeyBlockGrads {
-    unsafe { for_head_dim!(a.dims.head_dim, backward_keys_with::<lanes::Avx2>, a) }
 }
 
 /// `L::W` keys (or values) from `j` of a head's `[d, M]` rows, one vector per channel.

@@ -220,6 +220,42 @@ mod x86 {
     }
 }
 
+/// Defines `fn $name($arg, isa: Isa) -> $Ret` that runs `$body` with `$L` standing for
+/// `isa`'s lane type. The body is compiled once per instruction set inside a
+/// `#[target_feature]` entry point, so the `#[inline(always)]` kernels it calls become that
+/// set's instructions; the caller promises the CPU has `isa` (see [`isa`]).
+macro_rules! on_lanes {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($arg:ident: $Arg:ty) -> $Ret:ty { $L:ident => $body:expr }) => {
+        $(#[$doc])*
+        $vis fn $name($arg: $Arg, isa: $crate::ops::lanes::Isa) -> $Ret {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512($arg: $Arg) -> $Ret {
+                type $L = $crate::ops::lanes::Avx512;
+                unsafe { $body }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($arg: $Arg) -> $Ret {
+                type $L = $crate::ops::lanes::Avx2;
+                unsafe { $body }
+            }
+            // SAFETY: the caller checked that the CPU has `isa`; one-lane f32 needs nothing.
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                $crate::ops::lanes::Isa::Avx512 => unsafe { avx512($arg) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::ops::lanes::Isa::Avx2 => unsafe { avx2($arg) },
+                _ => {
+                    type $L = f32;
+                    unsafe { $body }
+                }
+            }
+        }
+    };
+}
+pub(super) use on_lanes;
+
 /// The widest lane type the running CPU has, checked once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
