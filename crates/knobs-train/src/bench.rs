@@ -65,11 +65,17 @@ fn model_bytes(dir: &Path) -> u64 {
     walk(dir)
 }
 
+/// The `--method` a mode times (`None`: generation), or an error naming `--modes`.
+pub fn method_of(mode: &str) -> Result<Option<&'static str>> {
+    match MODES.iter().find(|(m, _)| *m == mode) {
+        Some(&(_, method)) => Ok(method),
+        None => bail!("--modes: unknown mode `{mode}`; known: {}", MODES.iter().map(|(m, _)| *m).collect::<Vec<_>>().join(", ")),
+    }
+}
+
 /// Times `mode` (one of [`MODES`]) in this process.
 pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
-    let Some(&(_, method)) = MODES.iter().find(|(m, _)| *m == mode) else {
-        bail!("--modes: unknown mode `{mode}`; known: {}", MODES.iter().map(|(m, _)| *m).collect::<Vec<_>>().join(", "));
-    };
+    let method = method_of(mode)?;
     if o.steps == 0 || o.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }

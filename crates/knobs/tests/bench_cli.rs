@@ -41,4 +41,6 @@ fn bad_modes_and_thread_counts_are_named() {
     assert!(err.contains("--modes") && err.contains("warp"), "{err}");
     let err = fail(&["--threads", "0", "bench", "--model", TINY_SD]);
     assert!(err.contains("--threads"), "{err}");
+    let err = fail(&["bench", "--model", TINY_SD, "--modes", "generate", "--steps", "0"]);
+    assert!(err.contains("--steps"), "{err}");
 }

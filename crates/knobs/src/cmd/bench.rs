@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use knobs_train::bench::{BenchOptions, MODES, Measurement, measure};
+use knobs_train::bench::{BenchOptions, Measurement, measure, method_of};
 use knobs_train::builtin;
 
 #[derive(clap::Args, Debug)]
@@ -43,9 +43,7 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     for mode in &args.modes {
-        if !MODES.iter().any(|(m, _)| m == mode) {
-            bail!("--modes: unknown mode `{mode}`; known: {}", MODES.iter().map(|(m, _)| *m).collect::<Vec<_>>().join(", "));
-        }
+        method_of(mode)?;
     }
     let mut results = Vec::new();
     for mode in &args.modes {
