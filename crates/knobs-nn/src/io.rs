@@ -141,7 +141,7 @@ impl SafetensorsReader {
         self.tensors.keys().map(|k| k.as_str())
     }
 
-    /// One tensor: floating types as f32, integer types as i64.
+    /// One tensor: floating types as f32, integer types as i64, u8 as u8.
     pub fn read(&self, key: &str) -> Result<TensorData> {
         use std::os::unix::fs::FileExt;
         let info = self.tensors.get(key).ok_or_else(|| Error::key(&self.path, key, "missing from the file"))?;
@@ -162,6 +162,12 @@ impl SafetensorsReader {
                 let mut bits = vec![0u16; n];
                 read(as_bytes_mut(&mut bits))?;
                 TensorData::new(half_to_f32(&bits, info.dtype == Dtype::BF16), shape)
+            }
+            // Optimizer state kept as 8-bit codes (8-bit AdamW).
+            Dtype::U8 => {
+                let mut v = vec![0u8; n];
+                read(&mut v)?;
+                TensorData::new(v, shape)
             }
             Dtype::F64 | Dtype::I64 | Dtype::I32 => {
                 let mut bytes = vec![0u8; end - start];
@@ -217,6 +223,7 @@ fn half_to_f32(bits: &[u16], bf16: bool) -> Vec<f32> {
 fn to_bytes(key: &str, data: &TensorData) -> Result<(Dtype, Vec<u8>)> {
     let err = |e| Error::param(key, format!("{e:?}"));
     Ok(match data.dtype() {
+        DType::U8 => (Dtype::U8, data.as_slice::<u8>().map_err(err)?.to_vec()),
         DType::I64 | DType::I32 => {
             let v: Vec<i64> = data.clone().convert::<i64>().try_into_vec().map_err(err)?;
             (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -228,7 +235,7 @@ fn to_bytes(key: &str, data: &TensorData) -> Result<(Dtype, Vec<u8>)> {
     })
 }
 
-/// Writes tensors (f32 or i64) and metadata atomically.
+/// Writes tensors (f32, i64 or u8) and metadata atomically.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &BTreeMap<String, TensorData>,

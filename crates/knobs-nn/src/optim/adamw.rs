@@ -105,3 +105,18 @@ impl AdamW {
         Ok(())
     }
 }
+
+impl super::Optimizer for AdamW {
+    fn step(&mut self, model: &mut dyn Module, grads: &Grads, lr_of: &dyn Fn(&str) -> f64) {
+        AdamW::step(self, model, grads, lr_of)
+    }
+    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
+        AdamW::state(self)
+    }
+    fn load_state(&mut self, sd: &crate::io::StateDict, device: &burn::tensor::Device) -> Result<()> {
+        AdamW::load_state(self, sd, device)
+    }
+    fn state_bytes(&self) -> usize {
+        self.moments.values().map(|(m, _)| 2 * 4 * m.dims()[0]).sum()
+    }
+}

@@ -1,19 +1,71 @@
 //! Optimisation over a model's trainable parameters, addressed by path. Gradients are
 //! collected once into [`Grads`] so that scaling and clipping happen before the step.
+mod adafactor;
 mod adamw;
+mod adamw8bit;
 mod ema;
 
+pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig};
+pub use adamw8bit::{AdamW8bit, BLOCK, Blockwise, MIN_8BIT_SIZE, QuantMap};
 pub use ema::Ema;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
+use crate::io::StateDict;
 use crate::module::{Module, ModuleExt};
+use crate::Result;
 
 /// Flattened gradients of the trainable parameters, by path.
 pub type Grads = BTreeMap<String, Tensor<1>>;
+
+/// What a training loop needs of an optimizer, whichever it is: the loop and its checkpoints
+/// hold a `dyn Optimizer` and never ask which.
+pub trait Optimizer {
+    /// Updates every parameter that has a gradient in `grads`. `lr_of(path)` gives the
+    /// learning rate for that parameter (the base rate times any per-block factor).
+    fn step(&mut self, model: &mut dyn Module, grads: &Grads, lr_of: &dyn Fn(&str) -> f64);
+    /// The state as named tensors and string metadata, for checkpoints; [`Optimizer::load_state`]
+    /// restores it exactly.
+    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>);
+    fn load_state(&mut self, sd: &StateDict, device: &Device) -> Result<()>;
+    /// Bytes the per-parameter state takes in memory.
+    fn state_bytes(&self) -> usize;
+}
+
+/// A flat f32 tensor's values (the optimizers that work element by element use plain slices).
+pub(crate) fn values(t: &Tensor<1>) -> Vec<f32> {
+    t.to_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor")
+}
+
+pub(crate) fn flat_tensor(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+/// Per-parameter step counts from the checkpoint metadata key `key`.
+pub(crate) fn load_steps(sd: &StateDict, key: &str) -> Result<BTreeMap<String, u64>> {
+    let text = sd.metadata.get(key).ok_or_else(|| crate::Error::key(&sd.file, key, "missing from the metadata"))?;
+    serde_json::from_str(text).map_err(|e| crate::Error::key(&sd.file, key, e))
+}
+
+/// `key`'s f32 values, which must number `n` when given.
+pub(crate) fn load_f32(sd: &StateDict, key: &str, n: Option<usize>) -> Result<Vec<f32>> {
+    let (v, _) = sd.f32(key)?;
+    match n {
+        Some(n) if v.len() != n => Err(crate::Error::key(&sd.file, key, format!("has {} values, expected {n}", v.len()))),
+        _ => Ok(v),
+    }
+}
+
+/// Sum of squares in fixed-size pieces added in order: the same bits on any thread count.
+pub(crate) fn sum_squares(v: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let parts: Vec<f64> = v.par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+    parts.iter().sum()
+}
 
 /// Takes the gradient of every trainable parameter out of `grads`. A trainable parameter the
 /// loss did not reach gets a zero gradient, as in PyTorch after `zero_grad(set_to_none=False)`.
