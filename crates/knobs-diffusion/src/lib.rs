@@ -7,6 +7,7 @@ pub mod clip;
 pub mod loaders;
 pub mod pipeline;
 pub mod schedulers;
+pub mod single_file;
 pub mod unet;
 mod upsample;
 pub mod vae;

@@ -136,6 +136,16 @@ impl SafetensorsReader {
         &self.path
     }
 
+    /// The shape of `key`, from the header (nothing is read).
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.tensors.get(key).map(|t| t.shape.as_slice())
+    }
+
+    /// The string metadata of the header.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
     /// Tensor names, sorted.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|k| k.as_str())
@@ -220,7 +230,28 @@ fn half_to_f32(bits: &[u16], bf16: bool) -> Vec<f32> {
     out
 }
 
-fn to_bytes(key: &str, data: &TensorData) -> Result<(Dtype, Vec<u8>)> {
+/// The precision floating tensors are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FloatDtype {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl std::str::FromStr for FloatDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "fp32" | "float32" => Ok(FloatDtype::F32),
+            "f16" | "fp16" | "float16" => Ok(FloatDtype::F16),
+            "bf16" | "bfloat16" => Ok(FloatDtype::BF16),
+            other => Err(format!("`{other}` is not a weight precision (f32, f16 or bf16)")),
+        }
+    }
+}
+
+fn to_bytes(key: &str, data: &TensorData, float: FloatDtype) -> Result<(Dtype, Vec<u8>)> {
     let err = |e| Error::param(key, format!("{e:?}"));
     Ok(match data.dtype() {
         DType::U8 => (Dtype::U8, data.as_slice::<u8>().map_err(err)?.to_vec()),
@@ -230,7 +261,11 @@ fn to_bytes(key: &str, data: &TensorData) -> Result<(Dtype, Vec<u8>)> {
         }
         _ => {
             let v: Vec<f32> = data.clone().convert::<f32>().try_into_vec().map_err(err)?;
-            (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            match float {
+                FloatDtype::F32 => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                FloatDtype::F16 => (Dtype::F16, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()),
+                FloatDtype::BF16 => (Dtype::BF16, v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
+            }
         }
     })
 }
@@ -241,10 +276,20 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, TensorData>,
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
+    write_safetensors_as(path, tensors, metadata, FloatDtype::F32)
+}
+
+/// [`write_safetensors`] with floating tensors rounded to `float` (to nearest even).
+pub fn write_safetensors_as(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: &HashMap<String, String>,
+    float: FloatDtype,
+) -> Result<()> {
     let path = path.as_ref();
     let encoded = tensors
         .iter()
-        .map(|(k, d)| Ok((k.clone(), to_bytes(k, d).map_err(|e| e.in_file(path))?, d.shape().as_slice().to_vec())))
+        .map(|(k, d)| Ok((k.clone(), to_bytes(k, d, float).map_err(|e| e.in_file(path))?, d.shape().as_slice().to_vec())))
         .collect::<Result<Vec<_>>>()?;
     let views = encoded
         .iter()
@@ -327,7 +372,10 @@ pub fn load_file<M: Module + ?Sized>(module: &mut M, path: impl AsRef<Path>, opt
     load_from(module, file.path(), &keys, |key| file.tensors.contains_key(key).then(|| file.read(key)), opts)
 }
 
-fn load_from<M: Module + ?Sized>(
+/// Loads `module` from any source of tensors by parameter path: `tensor(path)` gives the
+/// parameter's data, or `None` when the source lacks it. `keys` are the source's own names,
+/// for the report of unexpected ones (a source read through a name map passes none).
+pub fn load_from<M: Module + ?Sized>(
     module: &mut M,
     file: &Path,
     keys: &[&str],

@@ -107,6 +107,31 @@ impl ClipTokenizer {
         &self.tok
     }
 
+    /// The same tokenizer, padding with `token` (SD-2.x's tokenizer pads with "!").
+    pub fn with_pad_token(mut self, token: &str) -> Result<Self> {
+        self.pad = self.tok.token_to_id(token).ok_or_else(|| Error::param("pad_token", format!("`{token}` is not in the vocabulary")))?;
+        Ok(self)
+    }
+
+    /// Writes a diffusers `tokenizer/` folder (`tokenizer.json`, `tokenizer_config.json`) that
+    /// [`Self::from_dir`] and transformers read back as this tokenizer.
+    pub fn save_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
+        let name = |id: u32| self.tok.id_to_token(id).unwrap_or_default();
+        let config = json!({
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": self.max_len,
+            "bos_token": name(self.bos),
+            "eos_token": name(self.eos),
+            "pad_token": name(self.pad),
+            "unk_token": name(self.eos),
+        });
+        let json = self.tok.to_string(true).map_err(|e| Error::Invalid(format!("tokenizer: {e}")))?;
+        knobs_nn::io::atomic_write(dir.join("tokenizer.json"), json.as_bytes())?;
+        knobs_nn::io::atomic_write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).expect("JSON").as_bytes())
+    }
+
     /// The BPE ids of `text` without begin/end tokens, untruncated.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.tok.encode(text, false).map_err(|e| Error::Invalid(format!("cannot tokenize {text:?}: {e}")))?;

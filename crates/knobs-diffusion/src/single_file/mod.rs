@@ -1,0 +1,246 @@
+//! Single-file checkpoints: one `.safetensors` holding UNet, VAE and text encoder under the
+//! original CompVis / A1111 key names (SD-1.x and SD-2.x), as most users have their models.
+//! The configs come from the tensor shapes ([`infer`]) or from a diffusers folder (`config`,
+//! as diffusers' `from_single_file(config=...)`), the names from one map ([`keys`]), and the
+//! tokenizer, which such files lack, from a folder found beside the file or in the Hugging
+//! Face cache. The same map writes a pipeline back as one file.
+pub mod infer;
+pub mod keys;
+mod save;
+
+use std::path::{Path, PathBuf};
+
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{LoadOptions, SafetensorsReader, load_from, refuse_pickle};
+use knobs_nn::{Device, Error, Init, Module, Result};
+use serde_json::Value;
+
+pub use infer::Family;
+pub use save::{save_pretrained, save_single_file};
+
+use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::pipeline::StableDiffusion;
+use crate::schedulers::SchedulerConfig;
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
+use keys::Source;
+
+/// What a single file cannot say about itself.
+#[derive(Debug, Clone, Default)]
+pub struct SingleFileOptions {
+    /// A diffusers pipeline folder whose configs, tokenizer and scheduler are used instead
+    /// of the inferred ones (the tensors must fit them).
+    pub config: Option<PathBuf>,
+    /// A `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json).
+    pub tokenizer: Option<PathBuf>,
+    /// `epsilon` or `v_prediction`; default: SD-1.x epsilon, SD-2.x v_prediction.
+    pub prediction_type: Option<String>,
+    /// Default: 512 (SD-1.x), 768 (SD-2.x).
+    pub image_size: Option<usize>,
+    /// Load the UNet's EMA weights (`model_ema.*`) where the file has them.
+    pub ema: bool,
+}
+
+/// The diffusers `config.json` of each component, as written into a pipeline folder.
+#[derive(Debug, Clone)]
+pub struct PipelineConfigs {
+    pub unet: Value,
+    pub vae: Value,
+    pub text_encoder: Value,
+    pub scheduler: Value,
+}
+
+/// An opened single-file checkpoint: its header read, its configs settled.
+pub struct SingleFile {
+    pub file: SafetensorsReader,
+    pub family: Family,
+    pub configs: PipelineConfigs,
+    tokenizer: PathBuf,
+    /// Whether the tokenizer was found by search, not given (SD-2.x then pads with "!").
+    tokenizer_searched: bool,
+    ema: bool,
+}
+
+/// True when `path` names a file rather than a pipeline folder.
+pub fn is_single_file(path: &Path) -> bool {
+    path.is_file()
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}
+
+impl SingleFile {
+    pub fn open(path: impl AsRef<Path>, opts: &SingleFileOptions) -> Result<Self> {
+        let path = path.as_ref();
+        refuse_pickle(path, "e.g. with diffusers' convert_original_stable_diffusion_to_diffusers.py, or save its state dict with safetensors")?;
+        let file = SafetensorsReader::open(path)?;
+        let family = Family::of(&file)?;
+        let configs = match &opts.config {
+            Some(dir) => PipelineConfigs {
+                unet: read_json(&dir.join("unet/config.json"))?,
+                vae: read_json(&dir.join("vae/config.json"))?,
+                text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+                scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
+            },
+            None => {
+                let image = opts.image_size.unwrap_or(family.image_size());
+                let vae = infer::vae(&file, image)?;
+                let scale = 1 << (vae["block_out_channels"].as_array().map_or(1, |a| a.len()) - 1);
+                PipelineConfigs {
+                    unet: infer::unet(&file, family, image, scale)?,
+                    vae,
+                    text_encoder: infer::text_encoder(&file, family)?,
+                    scheduler: infer::scheduler(family.prediction_type()),
+                }
+            }
+        };
+        let mut configs = configs;
+        if let Some(p) = &opts.prediction_type {
+            if p != "epsilon" && p != "v_prediction" {
+                return Err(Error::param("--prediction-type", format!("`{p}` is not epsilon or v_prediction")));
+            }
+            configs.scheduler["prediction_type"] = Value::from(p.as_str());
+        }
+        let given = opts.tokenizer.clone().or_else(|| opts.config.as_ref().map(|d| d.join("tokenizer")));
+        let tokenizer_searched = given.is_none();
+        let tokenizer = match given {
+            Some(dir) => dir,
+            None => find_tokenizer(path, family)?,
+        };
+        Ok(SingleFile { file, family, configs, tokenizer, tokenizer_searched, ema: opts.ema })
+    }
+
+    /// Builds the pipeline and reads every weight, one tensor at a time.
+    pub fn load(&self, device: &Device) -> Result<StableDiffusion> {
+        let cfg = |v: &Value| serde_json::to_string(v).expect("JSON");
+        let unet_config = UNetConfig::from_json(&cfg(&self.configs.unet)).map_err(|e| e.in_file(self.file.path()))?;
+        let layout = keys::UnetLayout::of(&unet_config)?;
+        let mut unet = UNet2DConditionModel::new(unet_config, &mut Init::for_loading(), device)?;
+        self.load_into(&mut unet, |p| keys::unet(p, &layout))?;
+
+        let vae_config = VaeConfig::from_json_str(&cfg(&self.configs.vae))?;
+        let levels = vae_config.block_out_channels.len();
+        let mut vae = AutoencoderKL::new(vae_config, &mut Init::for_loading(), device)?;
+        self.load_into(&mut vae, |p| keys::vae(p, levels))?;
+
+        let te_config = ClipTextConfig::from_json(&cfg(&self.configs.text_encoder))?;
+        let mut text_encoder = ClipTextModel::new(te_config, &mut Init::for_loading(), device)?;
+        match self.family {
+            Family::Sd1 => {
+                let drop = infer::clip_prefix(&self.file);
+                self.load_into(&mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
+            }
+            Family::Sd2 => self.load_into(&mut text_encoder, keys::open_clip)?,
+        }
+
+        let mut tokenizer = ClipTokenizer::from_dir(&self.tokenizer)?;
+        if self.family == Family::Sd2 && self.tokenizer_searched {
+            tokenizer = tokenizer.with_pad_token("!")?;
+        }
+        let scheduler_class = self.configs.scheduler["_class_name"].as_str().unwrap_or("DDIMScheduler").to_string();
+        Ok(StableDiffusion {
+            dir: self.file.path().to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config: SchedulerConfig::from_json_str(&cfg(&self.configs.scheduler))?,
+            scheduler_class,
+            device: device.clone(),
+        })
+    }
+
+    /// Every parameter of `model` from the file key `map` gives it; a parameter without a
+    /// key, or a key the file lacks, is an error naming it.
+    fn load_into<M: Module>(&self, model: &mut M, map: impl Fn(&str) -> Option<Source>) -> Result<()> {
+        let path = self.file.path();
+        load_from(model, path, &[], |param| {
+            let Some(src) = map(param) else {
+                return Some(Err(Error::param(param, "has no place in the single-file layout")));
+            };
+            let key = match keys::ema(&src.key).filter(|k| self.ema && self.file.shape(k).is_some()) {
+                Some(ema) => ema,
+                None => src.key.clone(),
+            };
+            if self.file.shape(&key).is_none() {
+                return Some(Err(Error::key(path, &key, format!("missing from the file (the model's `{param}`)"))));
+            }
+            Some(self.file.read(&key).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
+        }, LoadOptions::default())?;
+        Ok(())
+    }
+}
+
+/// One third of a fused q/k/v tensor, or a 1x1 convolution as a linear weight.
+fn reshape(data: TensorData, src: &Source, key: &str) -> Result<TensorData> {
+    let shape = data.shape().as_slice().to_vec();
+    let values: Vec<f32> = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(key, format!("{e:?}")))?;
+    if let Some(third) = src.third {
+        if shape[0] % 3 != 0 {
+            return Err(Error::param(key, format!("shape {shape:?}: a fused q/k/v tensor needs 3n rows")));
+        }
+        let rows = shape[0] / 3;
+        let row: usize = shape[1..].iter().product();
+        let part = values[third * rows * row..(third + 1) * rows * row].to_vec();
+        let mut dims = shape.clone();
+        dims[0] = rows;
+        return Ok(TensorData::new(part, dims));
+    }
+    if src.conv1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
+        return Ok(TensorData::new(values, [shape[0], shape[1]]));
+    }
+    Ok(TensorData::new(values, shape))
+}
+
+/// The tokenizer of a single file: a `tokenizer/` folder beside it, else the copy diffusers
+/// or transformers left in the Hugging Face cache.
+fn find_tokenizer(file: &Path, family: Family) -> Result<PathBuf> {
+    let beside = file.parent().unwrap_or(Path::new(".")).join("tokenizer");
+    let mut tried = vec![beside.clone()];
+    if beside.is_dir() {
+        return Ok(beside);
+    }
+    let hub = std::env::var_os("HF_HUB_CACHE").map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("HF_HOME").map(PathBuf::from).or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(cache.join("huggingface"))
+        })?;
+        Some(home.join("hub"))
+    });
+    let repos: &[(&str, &str)] = match family {
+        Family::Sd1 => &[
+            ("openai--clip-vit-large-patch14", ""),
+            ("stable-diffusion-v1-5--stable-diffusion-v1-5", "tokenizer"),
+            ("runwayml--stable-diffusion-v1-5", "tokenizer"),
+        ],
+        Family::Sd2 => &[("stabilityai--stable-diffusion-2-1", "tokenizer"), ("stabilityai--stable-diffusion-2", "tokenizer")],
+    };
+    if let Some(hub) = hub {
+        for (repo, sub) in repos {
+            let snapshots = hub.join(format!("models--{repo}")).join("snapshots");
+            tried.push(snapshots.join("*").join(sub));
+            let Ok(entries) = std::fs::read_dir(&snapshots) else { continue };
+            let mut found: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path().join(sub))).filter(|d| d.join("vocab.json").is_file() || d.join("tokenizer.json").is_file()).collect();
+            found.sort();
+            if let Some(dir) = found.pop() {
+                return Ok(dir);
+            }
+        }
+    }
+    let tried = tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    Err(Error::file(file, format!("a single file has no tokenizer and none was found (looked in {tried}); pass --tokenizer DIR or --config DIR")))
+}
+
+impl StableDiffusion {
+    /// A diffusers pipeline folder, or a single-file checkpoint with everything inferred.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        if is_single_file(path) {
+            SingleFile::open(path, &SingleFileOptions::default())?.load(device)
+        } else {
+            Self::from_dir(path, device)
+        }
+    }
+}

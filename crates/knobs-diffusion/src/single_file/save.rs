@@ -1,0 +1,115 @@
+//! Writing a pipeline out: as one original-layout file, or as a diffusers folder.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{FloatDtype, atomic_write, state_dict, write_safetensors_as};
+use knobs_nn::{Error, Module, Result};
+use serde_json::{Value, json};
+
+use super::PipelineConfigs;
+use super::keys::{self, Source};
+use crate::pipeline::StableDiffusion;
+
+/// Writes `sd` as one original-layout file: SD-2.x layout (OpenCLIP) when its text encoder
+/// is a GELU CLIP, as only SD-2.x's is, else SD-1.x. Atomic.
+pub fn save_single_file(sd: &StableDiffusion, path: impl AsRef<Path>, dtype: FloatDtype) -> Result<()> {
+    let path = path.as_ref();
+    let mut out = BTreeMap::new();
+    let layout = keys::UnetLayout::of(&sd.unet.config)?;
+    place(&sd.unet, |p| keys::unet(p, &layout), &mut out)?;
+    let levels = sd.vae.config.block_out_channels.len();
+    place(&sd.vae, |p| keys::vae(p, levels), &mut out)?;
+    if sd.text_encoder.config.hidden_act == "gelu" {
+        place(&sd.text_encoder, keys::open_clip, &mut out)?;
+    } else {
+        place(&sd.text_encoder, keys::clip, &mut out)?;
+    }
+    let tensors = out.into_iter().map(|(k, parts)| Ok((k.clone(), parts.finish(&k)?))).collect::<Result<BTreeMap<_, _>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors_as(path, &tensors, &meta, dtype)
+}
+
+/// A tensor of the file being assembled: whole, or the thirds of a fused q/k/v tensor.
+enum Parts {
+    Whole(TensorData),
+    Thirds([Option<TensorData>; 3]),
+}
+
+impl Parts {
+    fn finish(self, key: &str) -> Result<TensorData> {
+        match self {
+            Parts::Whole(d) => Ok(d),
+            Parts::Thirds(parts) => {
+                let mut values = Vec::new();
+                let mut shape = Vec::new();
+                for (i, part) in parts.into_iter().enumerate() {
+                    let part = part.ok_or_else(|| Error::param(key, format!("part {i} of q/k/v is missing")))?;
+                    shape = part.shape().as_slice().to_vec();
+                    values.extend(part.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(key, format!("{e:?}")))?);
+                }
+                shape[0] *= 3;
+                Ok(TensorData::new(values, shape))
+            }
+        }
+    }
+}
+
+fn place<M: Module>(model: &M, map: impl Fn(&str) -> Option<Source>, out: &mut BTreeMap<String, Parts>) -> Result<()> {
+    for (path, data) in state_dict(model) {
+        let src = map(&path).ok_or_else(|| Error::param(&path, "has no place in the single-file layout"))?;
+        let data = if src.conv1x1 {
+            let s = data.shape().as_slice().to_vec();
+            let values = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(&path, format!("{e:?}")))?;
+            TensorData::new(values, [s[0], s[1], 1, 1])
+        } else {
+            data
+        };
+        match src.third {
+            None => {
+                out.insert(src.key, Parts::Whole(data));
+            }
+            Some(i) => {
+                let entry = out.entry(src.key).or_insert_with(|| Parts::Thirds([None, None, None]));
+                if let Parts::Thirds(parts) = entry {
+                    parts[i] = Some(data);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    atomic_write(path, serde_json::to_string_pretty(value).expect("JSON").as_bytes())
+}
+
+/// Writes `sd` as a diffusers pipeline folder with `configs` as its components' configs.
+pub fn save_pretrained(sd: &StableDiffusion, configs: &PipelineConfigs, dir: impl AsRef<Path>, dtype: FloatDtype) -> Result<()> {
+    let dir = dir.as_ref();
+    let scheduler = configs.scheduler["_class_name"].as_str().unwrap_or("DDIMScheduler");
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [null, null],
+            "safety_checker": [null, null],
+            "requires_safety_checker": false,
+            "scheduler": ["diffusers", scheduler],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    )?;
+    let none = HashMap::new();
+    let weights = "diffusion_pytorch_model.safetensors";
+    write_json(&dir.join("unet/config.json"), &configs.unet)?;
+    write_safetensors_as(dir.join("unet").join(weights), &state_dict(&sd.unet), &none, dtype)?;
+    write_json(&dir.join("vae/config.json"), &configs.vae)?;
+    write_safetensors_as(dir.join("vae").join(weights), &state_dict(&sd.vae), &none, dtype)?;
+    write_json(&dir.join("text_encoder/config.json"), &configs.text_encoder)?;
+    write_safetensors_as(dir.join("text_encoder/model.safetensors"), &state_dict(&sd.text_encoder), &none, dtype)?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &configs.scheduler)?;
+    sd.tokenizer.save_dir(dir.join("tokenizer"))
+}

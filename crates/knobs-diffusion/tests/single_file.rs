@@ -1,0 +1,200 @@
+//! Single-file checkpoints against the layout diffusers reads (`fixtures/single_file_layout.json`,
+//! made by `scripts/make_single_file_goldens.py` and checked there with diffusers'
+//! `from_single_file`): writing a pipeline gives exactly those keys, shapes and values, and
+//! reading the file back gives the folder's weights and the folder's image.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use knobs_diffusion::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
+use knobs_diffusion::schedulers::SchedulerConfig;
+use knobs_diffusion::single_file::{Family, PipelineConfigs, SingleFile, SingleFileOptions, infer, save_pretrained, save_single_file};
+use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
+use knobs_diffusion::vae::{AutoencoderKL, VaeConfig};
+use knobs_nn::io::{FloatDtype, SafetensorsReader, state_dict};
+use knobs_nn::{Init, cpu};
+use serde_json::Value;
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
+
+fn tiny_sd() -> PathBuf {
+    PathBuf::from(GOLDEN).join("tiny-sd")
+}
+
+fn layout() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/single_file_layout.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn values(file: &SafetensorsReader, key: &str) -> Vec<f32> {
+    file.read(key).unwrap().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+/// Every parameter of the three models, bit for bit.
+fn assert_same_weights(a: &StableDiffusion, b: &StableDiffusion) {
+    for (name, x, y) in [
+        ("unet", state_dict(&a.unet), state_dict(&b.unet)),
+        ("vae", state_dict(&a.vae), state_dict(&b.vae)),
+        ("text_encoder", state_dict(&a.text_encoder), state_dict(&b.text_encoder)),
+    ] {
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{name}");
+        for (k, v) in &x {
+            assert_eq!(v, &y[k], "{name}.{k}");
+        }
+    }
+}
+
+fn image(sd: &StableDiffusion) -> Vec<f32> {
+    let req = GenerateRequest { steps: 2, seed: 7, height: Some(32), width: Some(32), ..GenerateRequest::new("a red star") };
+    sd.generate(&req).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn sd1_single_file_has_the_layout_and_values_diffusers_reads() {
+    let folder = StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-sd.safetensors");
+    save_single_file(&folder, &path, FloatDtype::F32).unwrap();
+
+    let file = SafetensorsReader::open(&path).unwrap();
+    let golden = layout();
+    let want: BTreeMap<&String, &Value> = golden["sd1"].as_object().unwrap().iter().collect();
+    assert_eq!(file.keys().collect::<Vec<_>>(), want.keys().map(|k| k.as_str()).collect::<Vec<_>>());
+    for (key, g) in want {
+        let shape: Vec<usize> = serde_json::from_value(g["shape"].clone()).unwrap();
+        assert_eq!(file.shape(key).unwrap(), shape.as_slice(), "{key}");
+        let v = values(&file, key);
+        let sum: f64 = v.iter().map(|x| *x as f64).sum();
+        let weighted: f64 = v.iter().enumerate().map(|(i, x)| *x as f64 * (i % 7 + 1) as f64).sum();
+        let scale: f64 = v.iter().map(|x| x.abs() as f64).sum::<f64>() * 7.0 + 1e-12;
+        for (got, want) in [sum, weighted].into_iter().zip(g["checksums"].as_array().unwrap()) {
+            assert!((got - want.as_f64().unwrap()).abs() <= 1e-9 * scale, "{key}: checksum {got} vs {want}");
+        }
+    }
+
+    // Back through the same map, with the folder's configs (tiny CLIP heads are not inferable).
+    let opts = SingleFileOptions { config: Some(tiny_sd()), ..Default::default() };
+    let single = SingleFile::open(&path, &opts).unwrap();
+    assert_eq!(single.family, Family::Sd1);
+    let loaded = single.load(&cpu()).unwrap();
+    assert_same_weights(&folder, &loaded);
+    assert_eq!(max_abs_diff(&image(&folder), &image(&loaded)), 0.0);
+
+    // The shapes alone give the tiny UNet's and VAE's architecture.
+    let unet = infer::unet(&file, Family::Sd1, 64, 2).unwrap();
+    let cfg = UNetConfig::from_file(tiny_sd().join("unet/config.json")).unwrap();
+    assert_eq!(unet["block_out_channels"], serde_json::json!(cfg.block_out_channels));
+    assert_eq!(unet["down_block_types"], serde_json::json!(cfg.down_block_types));
+    assert_eq!(unet["up_block_types"], serde_json::json!(cfg.up_block_types));
+    assert_eq!((unet["layers_per_block"].as_u64(), unet["cross_attention_dim"].as_u64()), (Some(2), Some(32)));
+    assert_eq!((unet["attention_head_dim"].as_u64(), unet["use_linear_projection"].as_bool()), (Some(8), Some(false)));
+    let vae = infer::vae(&file, 64).unwrap();
+    assert_eq!(VaeConfig::from_json_str(&vae.to_string()).unwrap(), VaeConfig::from_file(tiny_sd().join("vae/config.json")).unwrap());
+}
+
+/// A tiny SD-2.x-style pipeline with the golden configs and random weights.
+fn tiny_sd2(golden: &Value) -> (StableDiffusion, PipelineConfigs) {
+    let configs = PipelineConfigs {
+        unet: golden["unet"].clone(),
+        vae: golden["vae"].clone(),
+        text_encoder: golden["text_encoder"].clone(),
+        scheduler: infer::scheduler("v_prediction"),
+    };
+    let dev = cpu();
+    let mut init = Init::new(3);
+    let sd = StableDiffusion {
+        dir: PathBuf::new(),
+        tokenizer: ClipTokenizer::from_dir(tiny_sd().join("tokenizer")).unwrap().with_pad_token("!").unwrap(),
+        text_encoder: ClipTextModel::new(ClipTextConfig::from_json(&configs.text_encoder.to_string()).unwrap(), &mut init, &dev).unwrap(),
+        unet: UNet2DConditionModel::new(UNetConfig::from_json(&configs.unet.to_string()).unwrap(), &mut init, &dev).unwrap(),
+        vae: AutoencoderKL::new(VaeConfig::from_json_str(&configs.vae.to_string()).unwrap(), &mut init, &dev).unwrap(),
+        scheduler_config: SchedulerConfig::from_json_str(&configs.scheduler.to_string()).unwrap(),
+        scheduler_class: "DDIMScheduler".into(),
+        device: dev,
+    };
+    (sd, configs)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn sd2_single_file_infers_v_prediction_and_gives_the_folder_image() {
+    let golden = layout();
+    let (sd, configs) = tiny_sd2(&golden["sd2"]["configs"]);
+    let dir = tempfile::tempdir().unwrap();
+    let folder_dir = dir.path().join("folder");
+    save_pretrained(&sd, &configs, &folder_dir, FloatDtype::F32).unwrap();
+    let folder = StableDiffusion::from_dir(&folder_dir, &cpu()).unwrap();
+
+    let path = dir.path().join("model.safetensors");
+    save_single_file(&folder, &path, FloatDtype::F32).unwrap();
+    let file = SafetensorsReader::open(&path).unwrap();
+    let mut want: BTreeMap<String, Vec<usize>> = serde_json::from_value(golden["sd2"]["keys"].clone()).unwrap();
+    // OpenCLIP's projection is unused by SD (diffusers drops it too); a folder has none to write.
+    want.remove("cond_stage_model.model.text_projection");
+    let got: BTreeMap<String, Vec<usize>> = file.keys().map(|k| (k.to_string(), file.shape(k).unwrap().to_vec())).collect();
+    assert_eq!(got, want);
+
+    // No --config: everything from the shapes, the tokenizer from beside the file.
+    copy_dir(&tiny_sd().join("tokenizer"), &dir.path().join("tokenizer"));
+    let single = SingleFile::open(&path, &SingleFileOptions::default()).unwrap();
+    assert_eq!(single.family, Family::Sd2);
+    assert_eq!(single.configs.scheduler["prediction_type"], "v_prediction");
+    assert_eq!(single.configs.unet["attention_head_dim"], serde_json::json!([1, 1]));
+    assert_eq!(single.configs.text_encoder["hidden_act"], "gelu");
+    let loaded = StableDiffusion::load(&path, &cpu()).unwrap();
+    assert_eq!(loaded.tokenizer.pad_id(), loaded.tokenizer.token_to_id("!").unwrap());
+    assert_same_weights(&folder, &loaded);
+    let (a, b) = (image(&folder), image(&loaded));
+    assert!(max_abs_diff(&a, &b) <= 1.0 / 255.0, "{}", max_abs_diff(&a, &b));
+
+    // fp16 files read back to the f16-rounded weights.
+    let half = dir.path().join("half.safetensors");
+    save_single_file(&folder, &half, FloatDtype::F16).unwrap();
+    let h = SafetensorsReader::open(&half).unwrap();
+    let key = "model.diffusion_model.out.2.weight";
+    let rounded: Vec<f32> = values(&file, key).iter().map(|x| half::f16::from_f32(*x).to_f32()).collect();
+    assert_eq!(values(&h, key), rounded);
+}
+
+#[test]
+fn bad_single_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04").unwrap();
+    let err = SingleFile::open(&ckpt, &SingleFileOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("model.ckpt") && err.contains("pickle"), "{err}");
+
+    // A diffusers component file is not a pipeline checkpoint.
+    let unet_only = tiny_sd().join("unet/diffusion_pytorch_model.safetensors");
+    let err = SingleFile::open(&unet_only, &SingleFileOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("model.diffusion_model."), "{err}");
+
+    // A file missing one tensor names that key.
+    let folder = StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap();
+    let full = dir.path().join("full.safetensors");
+    save_single_file(&folder, &full, FloatDtype::F32).unwrap();
+    let mut tensors = SafetensorsReader::open(&full).unwrap().read_all().unwrap().tensors;
+    let gone = "first_stage_model.decoder.up.0.block.0.conv1.weight";
+    assert!(tensors.remove(gone).is_some());
+    let broken = dir.path().join("broken.safetensors");
+    knobs_nn::io::write_safetensors(&broken, &tensors, &Default::default()).unwrap();
+    let opts = SingleFileOptions { config: Some(tiny_sd()), ..Default::default() };
+    let err = SingleFile::open(&broken, &opts).unwrap().load(&cpu()).err().unwrap().to_string();
+    assert!(err.contains(gone) && err.contains("broken.safetensors"), "{err}");
+
+    // SD-2 inference needs 64-channel heads: a tiny SD-1 CLIP cannot be inferred, and says how.
+    let err = SingleFile::open(&full, &SingleFileOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("--config"), "{err}");
+}
