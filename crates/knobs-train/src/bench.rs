@@ -81,7 +81,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     }
     let dev = if method.is_some() { cpu_autodiff() } else { cpu() };
     let loaded = Instant::now();
-    let mut sd = StableDiffusion::from_dir(&o.model, &dev).with_context(|| format!("--model {}", o.model.display()))?;
+    let mut sd = StableDiffusion::load(&o.model, &dev).with_context(|| format!("--model {}", o.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
     let (times, trainable_params) = match method {

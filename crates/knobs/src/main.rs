@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Train LoRA and IA3 adapters on the built-in toy classifier and report what they learned.
     Demo(cmd::demo::Args),
-    /// Generate images from a text prompt with a diffusers Stable Diffusion folder.
+    /// Generate images from a text prompt with a Stable Diffusion model (diffusers folder or single file).
     Generate(cmd::generate::Args),
     /// Inspect adapter files.
     #[command(subcommand)]
@@ -48,6 +48,9 @@ enum Command {
     /// Time each method's training step and one generation step on a model (median of N),
     /// with threads, peak memory and the model's size.
     Bench(cmd::bench::Args),
+    /// Convert between a single-file SD-1.x/2.x checkpoint (original CompVis / A1111 keys) and a
+    /// diffusers pipeline folder, either way.
+    Convert(cmd::convert::Args),
 }
 
 fn main() {
@@ -75,6 +78,7 @@ fn main() {
         Command::Eval(args) => cmd::eval::run(*args),
         Command::Compare(args) => cmd::compare::run(*args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -95,7 +95,7 @@ pub fn class_examples(cfg: &TrainConfig, model: &Path, res: u32) -> Result<Vec<E
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create class image folder {}", dir.display()))?;
     let missing: Vec<usize> = (0..cfg.data.num_class_images).filter(|&i| !class_image_path(&dir, i).exists()).collect();
     if !missing.is_empty() {
-        let sd = StableDiffusion::from_dir(model, &cpu())?;
+        let sd = StableDiffusion::load(model, &cpu())?;
         for i in missing {
             let mut req = GenerateRequest::new(prompt.clone());
             req.steps = cfg.run.sample_steps;

@@ -116,7 +116,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
     );
     let judge = Judge::load(&cfg.judge).with_context(|| format!("--judge {}", cfg.judge.display()))?;
     let dev = if cfg.steps > 0 || cfg.code_steps > 0 { cpu_autodiff() } else { cpu() };
-    let mut sd = StableDiffusion::from_dir(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
+    let mut sd = StableDiffusion::load(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();
     let res = crate::objective::resolution(&sd);

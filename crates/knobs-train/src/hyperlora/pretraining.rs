@@ -126,7 +126,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
     let deadline = Deadline::new(cfg.max_seconds);
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let dev = cpu_autodiff();
-    let mut sd = StableDiffusion::from_dir(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
+    let mut sd = StableDiffusion::load(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();
     let judge = Judge::load(&cfg.judge).with_context(|| format!("--judge {}", cfg.judge.display()))?;

@@ -9,7 +9,7 @@ use knobs_train::builtin;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Diffusers model folder (default: the built-in base model).
+    /// Diffusers model folder or single-file checkpoint (default: the built-in base model).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Pixels (default: the model's own).

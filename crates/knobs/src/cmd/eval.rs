@@ -68,12 +68,12 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Loads a pipeline folder, naming the flag it came from in errors.
+/// Loads a pipeline folder or single file, naming the flag it came from in errors.
 fn load_pipeline(dir: &Path, flag: &str) -> Result<StableDiffusion> {
-    if !dir.is_dir() {
+    if !dir.exists() {
         bail!("{flag} {}: model folder not found", dir.display());
     }
-    let mut sd = StableDiffusion::from_dir(dir, &cpu()).with_context(|| format!("{flag} {}", dir.display()))?;
+    let mut sd = StableDiffusion::load(dir, &cpu()).with_context(|| format!("{flag} {}", dir.display()))?;
     knobs_nn::ModuleExt::for_inference(&mut sd);
     Ok(sd)
 }

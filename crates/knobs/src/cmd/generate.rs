@@ -64,7 +64,7 @@ impl AdapterArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
-    /// scheduler/); default: the built-in base model (models/knobs-base, found at run time).
+    /// scheduler/) or a single-file SD-1.x/2.x `.safetensors` checkpoint; default: the built-in base model (models/knobs-base, found at run time).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// What to draw.
@@ -121,7 +121,7 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
-    let sd = StableDiffusion::from_dir(&model, &cpu())?;
+    let sd = StableDiffusion::load(&model, &cpu())?;
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }

@@ -1,6 +1,7 @@
 pub mod adapter;
 pub mod bench;
 pub mod compare;
+pub mod convert;
 pub mod demo;
 pub mod eval;
 pub mod generate;
