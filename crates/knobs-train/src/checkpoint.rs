@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors, state_dict, write_safetensors};
-use knobs_nn::optim::{AdamW, Ema};
+use knobs_nn::optim::{Ema, Optimizer};
 use knobs_nn::{Device, Module, ModuleExt};
 
 /// Tensors and metadata gathered for one save.
@@ -21,7 +21,7 @@ pub struct State {
 impl State {
     /// What every training loop saves: its model, its optimiser, and the fingerprint of the
     /// settings it started with (under `key`), so that a resume with other settings is refused.
-    pub fn of<M: Module + ?Sized>(model: &M, opt: &AdamW, key: &str, fingerprint: &str) -> Self {
+    pub fn of<M: Module + ?Sized>(model: &M, opt: &dyn Optimizer, key: &str, fingerprint: &str) -> Self {
         let mut state = State::default();
         state.model(model);
         state.optimizer(opt);
@@ -45,7 +45,7 @@ impl State {
         });
         self.add("model.", tensors, HashMap::new());
     }
-    pub fn optimizer(&mut self, opt: &AdamW) {
+    pub fn optimizer(&mut self, opt: &dyn Optimizer) {
         let (t, m) = opt.state();
         self.add("optim.", t, m);
     }
@@ -62,7 +62,7 @@ pub fn sub_dict(sd: &StateDict, prefix: &str) -> StateDict {
 }
 
 /// Restores what [`State::model`], [`State::optimizer`] and [`State::ema`] saved.
-pub fn restore<M: Module + ?Sized>(sd: &StateDict, model: &mut M, opt: &mut AdamW, ema: Option<&mut Ema>, device: &Device) -> Result<()> {
+pub fn restore<M: Module + ?Sized>(sd: &StateDict, model: &mut M, opt: &mut dyn Optimizer, ema: Option<&mut Ema>, device: &Device) -> Result<()> {
     load_state_dict(model, &sub_dict(sd, "model."), LoadOptions::default())?;
     opt.load_state(&sub_dict(sd, "optim."), device)?;
     if let Some(ema) = ema {

@@ -1,5 +1,5 @@
 //! `knobs train` end to end on a tiny model: every method writes files the ecosystem loads,
-//! a killed run resumes bit-identically (on another thread count), textual inversion touches nothing but its rows,
+//! a killed run resumes bit-identically (on another thread count, with AdamW and 8-bit AdamW), textual inversion touches nothing but its rows,
 //! prior preservation caches its class images, and bad input names the flag at fault.
 mod common;
 
@@ -74,6 +74,45 @@ fn a_killed_run_resumes_to_the_same_result() {
     resume.extend_from_slice(&["--resume", s(&cut)]);
     ok(&resume);
     for file in ["pytorch_lora_weights.safetensors", "loss.csv", "samples/0.png"] {
+        assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(cut.join(file)).unwrap(), "{file} differs after resume");
+    }
+}
+
+/// A full fine-tune with 8-bit AdamW: its checkpoints hold 8-bit moments, a killed run resumes
+/// bit-identically (on another thread count), and resuming it with another optimizer is refused.
+#[test]
+fn an_adamw8bit_run_resumes_to_the_same_result_and_keeps_its_optimizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = ["--optimizer", "adamw8bit", "--max-train-steps", "12", "--checkpointing-steps", "2", "--train-batch-size", "1", "--num-samples", "1", "--sample-steps", "4"];
+    let whole = tmp.path().join("whole");
+    let mut one_thread = steps.to_vec();
+    one_thread.extend_from_slice(&["--threads", "1"]);
+    train(&whole, "dreambooth", &one_thread);
+    let ck = read_safetensors(whole.join("checkpoints/train-00000012.safetensors")).unwrap();
+    let codes = ck.tensors.iter().filter(|(k, v)| k.starts_with("optim.exp_avg.") && v.as_slice::<u8>().is_ok()).count();
+    assert!(codes > 10 && ck.tensors.keys().any(|k| k.starts_with("optim.exp_avg_sq_absmax.")), "the checkpoint must hold 8-bit moments ({codes} u8 tensors)");
+    let cut = tmp.path().join("cut");
+    let mut args = vec!["--threads", "2", "train", "--model", s(tiny_model()), "--method", "dreambooth", "--concept", "striped-star", "--out", s(&cut)];
+    args.extend_from_slice(&steps);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_knobs")).args(&args).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cut.join("checkpoints/train-00000004.safetensors").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!cut.join("summary.json").exists(), "the run must have been killed before it finished");
+    let mut other = args.clone();
+    let at = other.iter().position(|a| *a == "adamw8bit").unwrap();
+    other[at] = "adafactor";
+    other.extend_from_slice(&["--resume", s(&cut)]);
+    let err = fail(&other);
+    assert!(err.contains("--optimizer adafactor") && err.contains("adamw8bit"), "{err}");
+    let mut resume = args.clone();
+    resume.extend_from_slice(&["--resume", s(&cut)]);
+    ok(&resume);
+    for file in ["model/unet/diffusion_pytorch_model.safetensors", "loss.csv", "samples/0.png"] {
         assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(cut.join(file)).unwrap(), "{file} differs after resume");
     }
 }
@@ -174,6 +213,10 @@ fn bad_input_names_the_flag() {
     assert!(err.contains("--concept") && err.contains("--instance-dir"), "{err}");
     let err = fail(&["train", "--model", m, "--concept", "striped-star", "--lr-scale", "unet", "--out", s(&out)]);
     assert!(err.contains("--lr-scale"), "{err}");
+    let err = fail(&["train", "--model", m, "--concept", "striped-star", "--optimizer", "adam9", "--out", s(&out)]);
+    assert!(err.contains("--optimizer") && err.contains("adam9") && err.contains("adamw8bit"), "{err}");
+    let err = fail(&["train", "--model", m, "--concept", "striped-star", "--optimizer", "adafactor", "--adam-beta1", "0.8", "--out", s(&out)]);
+    assert!(err.contains("--adam-beta1 is not used by --optimizer adafactor"), "{err}");
     let err = fail(&["train", "--model", m, "--concept", "striped-star", "--train-only", "no_such_layer", "--out", s(&out)]);
     assert!(err.contains("--train-only"), "{err}");
     let err = fail(&["train", "--model", s(&tmp.path().join("missing")), "--concept", "striped-star", "--out", s(&out)]);

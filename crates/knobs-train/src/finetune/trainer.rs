@@ -12,7 +12,7 @@ use image::RgbImage;
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
-use knobs_nn::optim::{AdamW, AdamWConfig, Grads, clip_grad_norm, collect_grads, scale_grads};
+use knobs_nn::optim::{Grads, clip_grad_norm, collect_grads, scale_grads};
 use knobs_nn::{ModuleExt, cpu, cpu_autodiff};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -91,6 +91,33 @@ fn resume_checkpoints(cfg: &TrainConfig, ckpts: &Checkpoints) -> Result<Option<(
     }
 }
 
+/// Refuses a checkpoint made with other settings, naming each setting that differs.
+fn check_settings(ck: &knobs_nn::io::StateDict, fingerprint: &str) -> Result<()> {
+    let have = meta(ck, "config")?;
+    if have == fingerprint {
+        return Ok(());
+    }
+    let settings = |s: &str| match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            // Fingerprints of AdamW runs carry no optimizer (see TrainConfig::fingerprint).
+            m.entry("optimizer").or_insert("adamw".into());
+            m
+        }
+        _ => Default::default(),
+    };
+    let (then, now) = (settings(have), settings(fingerprint));
+    let show = |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.as_str().map_or_else(|| v.to_string(), String::from));
+    let differ: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| then.get(*k) != Some(*v))
+        .map(|(k, v)| format!("--{} {} (the checkpoint's run: {})", k.replace('_', "-"), show(Some(v)), show(then.get(k))))
+        .collect();
+    if differ.is_empty() {
+        return check_same(ck, "config", fingerprint);
+    }
+    bail!("{}: this run's settings differ from the checkpoint's: {}; resume with the same settings or choose another --out", ck.file.display(), differ.join(", "))
+}
+
 /// Switches train-only adapter behaviour (dropout) on every layer.
 fn set_adapter_training(sd: &mut StableDiffusion, training: bool) {
     sd.for_each_layer_mut(|_, mut layer| layer.set_training(training));
@@ -132,13 +159,13 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
     let lr_scales = cfg.lr_scales()?;
     let o = &cfg.optim;
-    let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), beta1: o.adam_beta1, beta2: o.adam_beta2, eps: o.adam_epsilon, weight_decay: o.adam_weight_decay });
+    let mut opt = o.optimizer.build(o, cfg.learning_rate());
     let ckpts = Checkpoints::new(cfg.out.join("checkpoints"), "train");
     let fingerprint = cfg.fingerprint();
     let mut history: Vec<f64> = Vec::new();
     let mut first = 0;
     if let Some((step, ck)) = resume_checkpoints(cfg, &ckpts)? {
-        check_same(&ck, "config", &fingerprint)?;
+        check_settings(&ck, &fingerprint)?;
         load_state_dict(&mut sd, &sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: false })?;
         opt.load_state(&sub_dict(&ck, "optim."), &dev)?;
         history = decode_history(meta(&ck, "loss_history")?)?;
@@ -176,7 +203,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             scale_grads(&mut grads, g, |_| true);
         }
         let lr = cfg.learning_rate() * o.lr_scheduler.factor(step, o.lr_warmup_steps, total);
-        opt.step(&mut sd, &grads, |path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
+        opt.step(&mut sd, &grads, &|path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
         history.push(value);
         let seconds_per_step = looping.elapsed().as_secs_f64() / (step + 1 - first) as f64;
         progress(&Tick { phase: "train", step: step + 1, total, loss: value, seconds_per_step: Some(seconds_per_step) });
@@ -184,7 +211,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         if done || (cfg.run.checkpointing_steps > 0 && (step + 1) % cfg.run.checkpointing_steps == 0) {
             let mut state = State::default();
             state.trainable(&sd);
-            state.optimizer(&opt);
+            state.optimizer(opt.as_ref());
             state.meta.insert("config".into(), fingerprint.clone());
             state.meta.insert("loss_history".into(), encode_history(&history));
             ckpts.save(step + 1, state)?;

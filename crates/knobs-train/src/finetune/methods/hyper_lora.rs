@@ -56,6 +56,7 @@ impl TrainMethod for HyperLora {
         let unused = [
             ("--gradient-accumulation-steps", cfg.optim.gradient_accumulation_steps != o.gradient_accumulation_steps),
             ("--lr-scheduler", cfg.optim.lr_scheduler != o.lr_scheduler),
+            ("--optimizer", cfg.optim.optimizer != o.optimizer),
             ("--validation-steps", cfg.run.validation_steps != defaults.run.validation_steps),
             ("--class-prompt", cfg.data.class_prompt.is_some()),
             ("--resume", cfg.run.resume.is_some()),
