@@ -115,8 +115,8 @@ pub struct OptimOptions {
     pub noise_offset: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// adamw8bit and adafactor keep far smaller state than adamw (about 2 and under 1 byte per
-    /// trained value against 8), for full fine-tunes of large models.
+    /// adamw8bit and adafactor keep about a quarter of adamw's state (some 2 bytes per trained
+    /// value against 8), for full fine-tunes of large models.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
 }
