@@ -145,7 +145,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let model = cfg.model()?;
     let dev = cpu_autodiff();
-    let mut sd = StableDiffusion::from_dir(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
+    let mut sd = StableDiffusion::load(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
     let instances = data::instance_examples(cfg, res)?;
