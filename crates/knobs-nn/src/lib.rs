@@ -34,6 +34,12 @@ pub fn cpu_autodiff() -> Device {
     Device::flex().autodiff()
 }
 
+/// [`cpu_autodiff`] with burn's balanced gradient checkpointing: element-wise results are
+/// recomputed in the backward pass instead of kept, matmul and conv outputs are kept.
+pub fn cpu_autodiff_checkpointed() -> Device {
+    Device::flex().autodiff().gradient_checkpointing()
+}
+
 /// Sets how many threads tensor work uses (rayon's global pool, shared by matmul, conv and
 /// the fused kernels); `None` means every core. Call it once, before the first tensor op.
 /// Returns the thread count in effect.

@@ -104,13 +104,14 @@ impl ParamMut<'_> {
     }
 }
 
-/// `value` as a fresh leaf with `old`'s autodiff association and trainability, so that a
+/// `value` as a fresh leaf with `old`'s autodiff association (and its checkpointing
+/// strategy: burn refuses to mix strategies in one operation) and trainability, so that a
 /// weight rewritten by merging or an optimizer step keeps its role in training.
 pub fn like<const D: usize>(old: &Tensor<D>, value: Tensor<D>) -> Tensor<D> {
     let v = value.inner();
-    match (old.is_autodiff(), old.is_require_grad()) {
-        (true, true) => v.autodiff().require_grad(),
-        (true, false) => v.autodiff(),
+    match (old.gradient_checkpointing_strategy(), old.is_require_grad()) {
+        (Some(strategy), true) => v.autodiff().with_gradient_checkpointing_strategy(strategy).require_grad(),
+        (Some(strategy), false) => v.autodiff().with_gradient_checkpointing_strategy(strategy),
         _ => v,
     }
 }

@@ -274,3 +274,28 @@ fn settings_of_another_method_and_unknown_config_keys_are_refused() {
         assert!(help.contains(name), "--help lacks {name}");
     }
 }
+
+#[test]
+fn memory_savers_keep_what_is_learned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = ["--max-train-steps", "3", "--num-samples", "0", "--random-flip"];
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        train(&out, "dreambooth", &args);
+        (std::fs::read(out.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap(), std::fs::read_to_string(out.join("loss.csv")).unwrap())
+    };
+    let (plain, plain_loss) = run("plain", &[]);
+    // Checkpointing recomputes what the backward pass needs: the same bits.
+    assert!(run("checkpointed", &["--gradient-checkpointing"]).0 == plain, "--gradient-checkpointing changed the weights");
+    // Cached latents are encoded one image at a time instead of per batch: the same losses to
+    // float rounding.
+    let (_, cached_loss) = run("cached", &["--cache-latents"]);
+    let losses = |csv: &str| csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse::<f64>().unwrap()).collect::<Vec<_>>();
+    for (a, b) in losses(&plain_loss).iter().zip(losses(&cached_loss)) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{plain_loss} vs {cached_loss}");
+    }
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--cache-latents", "--random-crop", "--out", s(&tmp.path().join("x"))]);
+    assert!(err.contains("--cache-latents") && err.contains("--random-crop"), "{err}");
+}

@@ -7,7 +7,7 @@
 //! ops: its flash attention when no gradient is needed, else the decomposed path, which is also
 //! the tests' reference.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
@@ -15,7 +15,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::softmax;
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
 
 use super::attention_kernel::{self, Dims};
 
@@ -40,12 +40,15 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
         return decomposed(q, k, v, heads, scale);
     }
     // No gradient needed: the backend's own flash attention, blocked for wide heads.
-    let autodiff = q.is_autodiff();
+    let strategy = q.gradient_checkpointing_strategy();
     let split = |x: Tensor<3>, rows: usize| x.inner().reshape([batch, rows, heads, dims.head_dim]).swap_dims(1, 2);
     let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
     let out = module::attention(split(q, n), split(k, m), split(v, m), None, None, options);
     let out = out.swap_dims(1, 2).reshape([batch, n, width]);
-    if autodiff { out.autodiff() } else { out }
+    match strategy {
+        Some(s) => out.autodiff().with_gradient_checkpointing_strategy(s),
+        None => out,
+    }
 }
 
 /// The same attention from burn's ops (matmul, softmax, matmul).
@@ -68,19 +71,27 @@ fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32) -> Op
         let (out, _) = forward(&q, &k, &v, dims, scale);
         return Some(Tensor::from_primitive::<Flex>(out));
     }
-    let q = q.try_into_primitive::<Autodiff<Flex>>().ok()?;
-    let k = k.try_into_primitive::<Autodiff<Flex>>().ok()?;
-    let v = v.try_into_primitive::<Autodiff<Flex>>().ok()?;
-    let (q, q_node) = q.into_parts();
-    let (k, k_node) = k.into_parts();
-    let (v, v_node) = v.into_parts();
-    let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-    let (out, lse) = forward(&q, &k, &v, dims, scale);
-    let out = match FusedAttention.prepare::<NoCheckpointing>([q_node, k_node, v_node]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(Saved { q, k, v, out: out.clone(), lse, dims, scale }, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
+    // The op is compute bound: under the device's checkpointing strategy its output is kept,
+    // so nothing before it is recomputed. Each strategy is its own backend type.
+    macro_rules! tracked {
+        ($strategy:ty) => {{
+            type B = Autodiff<Flex, $strategy>;
+            let (q, q_node) = q.try_into_primitive::<B>().ok()?.into_parts();
+            let (k, k_node) = k.try_into_primitive::<B>().ok()?.into_parts();
+            let (v, v_node) = v.try_into_primitive::<B>().ok()?.into_parts();
+            let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+            let (out, lse) = forward(&q, &k, &v, dims, scale);
+            let out = match FusedAttention.prepare::<$strategy>([q_node, k_node, v_node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(Saved { q, k, v, out: out.clone(), lse, dims, scale }, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Some(Tensor::from_primitive::<B>(out))
+        }};
+    }
+    match q.gradient_checkpointing_strategy() {
+        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
+        _ => tracked!(NoCheckpointing),
+    }
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {

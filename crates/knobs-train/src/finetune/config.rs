@@ -177,6 +177,23 @@ pub struct RunOptions {
 
 defaults_from_clap!(DataOptions, FreezeOptions, OptimOptions, RunOptions, TrainConfig);
 
+/// Ways to trade speed for memory; none changes what is learned, so a run may resume with
+/// other values (they are not part of its fingerprint).
+#[derive(Args, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[command(next_help_heading = "Memory")]
+pub struct MemoryOptions {
+    /// VAE-encode each distinct training image (and its flip) once instead of every step.
+    /// Refused with --random-crop, whose crops differ every step.
+    #[arg(long)]
+    pub cache_latents: bool,
+    /// Recompute activations in the backward pass instead of keeping them (burn's balanced
+    /// checkpointing: element-wise results are recomputed, matmul and conv outputs kept);
+    /// same gradients, less memory, slower steps.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+}
+
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
@@ -216,6 +233,10 @@ pub struct TrainConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub run: RunOptions,
+    /// Read from config files, never written: a run's fingerprint stays what it was.
+    #[command(flatten)]
+    #[serde(flatten, skip_serializing)]
+    pub memory: MemoryOptions,
 }
 
 /// A struct's fields as a JSON object (flattened groups give one flat object).
@@ -312,6 +333,9 @@ impl TrainConfig {
         }
         if d.concept.is_some() && d.instance_dir.is_some() {
             bail!("--concept and --instance-dir exclude each other");
+        }
+        if self.memory.cache_latents && d.random_crop {
+            bail!("--cache-latents and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");
         }
         if o.train_batch_size == 0 || o.gradient_accumulation_steps == 0 {
             bail!("--train-batch-size and --gradient-accumulation-steps must be at least 1");

@@ -13,7 +13,7 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
 use knobs_nn::optim::{Grads, clip_grad_norm, collect_grads, scale_grads};
-use knobs_nn::{ModuleExt, cpu, cpu_autodiff};
+use knobs_nn::{ModuleExt, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
 use rand::Rng;
 use rand::rngs::StdRng;
 use regex::Regex;
@@ -144,7 +144,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let model = cfg.model()?;
-    let dev = cpu_autodiff();
+    let dev = if cfg.memory.gradient_checkpointing { cpu_autodiff_checkpointed() } else { cpu_autodiff() };
     let mut sd = StableDiffusion::load(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
@@ -156,6 +156,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     // Adapter dropout is on while training, for every method alike.
     set_adapter_training(&mut sd, true);
     let objective = Objective::new(&sd, &dev);
+    let objective = if cfg.memory.cache_latents { objective.cache_latents() } else { objective };
     let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
     let lr_scales = cfg.lr_scales()?;
     let o = &cfg.optim;

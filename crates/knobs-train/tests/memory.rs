@@ -1,4 +1,4 @@
-//! The objective's caches give the loss the uncached objective gives: cached latents (each
+//! Memory savers change no result. The objective's caches give the loss the uncached objective gives: cached latents (each
 //! image and its flip encoded once) and prompt embeddings (only while the text encoder is
 //! frozen; a trainable one still gets its gradient).
 use std::path::PathBuf;
@@ -71,4 +71,28 @@ fn a_trainable_text_encoder_is_never_served_from_the_cache() {
     assert_eq!(objective.cached_counts().1, 0);
     // The batch encoding of a trainable encoder and the per-prompt cache agree.
     assert_close(&first, &from_cache);
+}
+
+/// Gradients of a full UNet fine-tune, with and without burn's balanced checkpointing: the
+/// same bits.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let grads = |dev: knobs_nn::Device| {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd"));
+        let mut sd = StableDiffusion::from_dir(dir, &dev).unwrap();
+        sd.vae.for_inference();
+        sd.train_only(|path| path.starts_with("unet."));
+        let objective = Objective::new(&sd, &dev);
+        let prompts: Vec<String> = ["a red star", "a blue cube", "a red star", "a star"].map(String::from).to_vec();
+        let mut rng = step_rng(5, "checkpointing", 0);
+        let loss = objective.per_sample(&sd, &images(), &prompts, &mut rng, LossOptions::default()).unwrap().mean();
+        collect_grads(&sd, &loss.backward())
+    };
+    let plain = grads(cpu_autodiff());
+    let checkpointed = grads(knobs_nn::cpu_autodiff_checkpointed());
+    assert_eq!(plain.len(), checkpointed.len());
+    assert!(plain.len() > 100);
+    for (path, g) in &plain {
+        assert_eq!(g.to_data(), checkpointed[path].to_data(), "{path}");
+    }
 }
