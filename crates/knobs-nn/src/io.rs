@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
-use safetensors::{Dtype, tensor::TensorView};
+use safetensors::Dtype;
 
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
@@ -287,47 +287,66 @@ pub fn write_safetensors_as(
     float: FloatDtype,
 ) -> Result<()> {
     let path = path.as_ref();
-    let encoded = tensors
-        .iter()
-        .map(|(k, d)| Ok((k.clone(), to_bytes(k, d, float).map_err(|e| e.in_file(path))?, d.shape().as_slice().to_vec())))
-        .collect::<Result<Vec<_>>>()?;
-    let views = encoded
-        .iter()
-        .map(|(k, (dt, b), shape)| Ok((k.as_str(), TensorView::new(*dt, shape.clone(), b).map_err(|e| Error::key(path, k, format!("{e:?}")))?)))
-        .collect::<Result<Vec<_>>>()?;
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    let mut bytes = safetensors::serialize(views, meta).map_err(|e| Error::file(path, format!("{e:?}")))?;
-    sort_header(&mut bytes).map_err(|e| Error::file(path, e))?;
-    atomic_write(path, &bytes)
-}
-
-/// safetensors writes its header's maps (tensors, `__metadata__`) in `HashMap` order, which
-/// changes from run to run; the same header with sorted keys has the same length, so it is
-/// rewritten in place and identical inputs give identical files.
-fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "short file")?) as usize;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
-    let sorted: BTreeMap<String, BTreeMap<String, serde_json::Value>> = header
-        .into_iter()
-        .map(|(k, v)| Ok((k, serde_json::from_value(v).map_err(|e| e.to_string())?)))
-        .collect::<std::result::Result<_, String>>()?;
-    let mut text = serde_json::to_vec(&sorted).map_err(|e| e.to_string())?;
-    if text.len() > n {
-        return Err(format!("sorted header is longer ({} > {n} bytes)", text.len()));
+    let stored = |d: &TensorData| match d.dtype() {
+        DType::U8 => Dtype::U8,
+        DType::I64 | DType::I32 => Dtype::I64,
+        _ => match float {
+            FloatDtype::F32 => Dtype::F32,
+            FloatDtype::F16 => Dtype::F16,
+            FloatDtype::BF16 => Dtype::BF16,
+        },
+    };
+    let width = |dt: Dtype| match dt {
+        Dtype::I64 => 8,
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        _ => 1,
+    };
+    // Wider types first (then by name), so every tensor starts aligned to its element size.
+    let mut order: Vec<(&String, &TensorData, Dtype)> = tensors.iter().map(|(k, d)| (k, d, stored(d))).collect();
+    order.sort_by(|a, b| width(b.2).cmp(&width(a.2)).then(a.0.cmp(b.0)));
+    let mut header = BTreeMap::new();
+    let mut offset = 0usize;
+    for (k, d, dt) in &order {
+        let bytes = d.num_elements() * width(*dt);
+        header.insert((*k).clone(), serde_json::json!({ "dtype": dt, "shape": d.shape().as_slice(), "data_offsets": [offset, offset + bytes] }));
+        offset += bytes;
     }
-    text.resize(n, b' ');
-    bytes[8..8 + n].copy_from_slice(&text);
-    Ok(())
+    if !metadata.is_empty() {
+        let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), serde_json::json!(sorted));
+    }
+    let mut text = serde_json::to_vec(&header).map_err(|e| Error::file(path, e.to_string()))?;
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    // Streamed tensor by tensor: a checkpoint of a full-size UNet never exists twice in memory.
+    atomic_write_with(path, |w| {
+        w.write_all(&(text.len() as u64).to_le_bytes())?;
+        w.write_all(&text)?;
+        for (k, d, _) in &order {
+            let (_, bytes) = to_bytes(k, d, float).map_err(|e| std::io::Error::other(e.to_string()))?;
+            w.write_all(&bytes)?;
+        }
+        Ok(())
+    })
 }
 
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.
 pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes what `write` produces to `path` atomically: into a temporary file beside it, synced,
+/// then renamed over it.
+pub fn atomic_write_with(path: impl AsRef<Path>, write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>) -> Result<()> {
     use std::io::Write;
     let path = path.as_ref();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
-    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
+    write(&mut out).and_then(|_| out.flush()).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    let tmp = out.into_inner().map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    tmp.as_file().sync_all().map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
     tmp.persist(path).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
     Ok(())
 }

@@ -205,6 +205,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         }
         let lr = cfg.learning_rate() * o.lr_scheduler.factor(step, o.lr_warmup_steps, total);
         opt.step(&mut sd, &grads, &|path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
+        // Before any checkpoint is written: a full fine-tune's gradients are a model's size.
+        drop(grads);
         history.push(value);
         let seconds_per_step = looping.elapsed().as_secs_f64() / (step + 1 - first) as f64;
         progress(&Tick { phase: "train", step: step + 1, total, loss: value, seconds_per_step: Some(seconds_per_step) });
