@@ -166,6 +166,14 @@ fn sd2_single_file_infers_v_prediction_and_gives_the_folder_image() {
     let key = "model.diffusion_model.out.2.weight";
     let rounded: Vec<f32> = values(&file, key).iter().map(|x| half::f16::from_f32(*x).to_f32()).collect();
     assert_eq!(values(&h, key), rounded);
+
+    // An fp16 file's weights kept in f16 in memory: the same image as widened to f32.
+    let widened = StableDiffusion::load(&half, &cpu()).unwrap();
+    let mut narrow = StableDiffusion::load(&half, &cpu()).unwrap();
+    knobs_nn::ModuleExt::store_frozen_as(&mut narrow, knobs_nn::burn::tensor::DType::F16);
+    let unet_weight = state_dict(&narrow.unet)["conv_in.weight"].dtype();
+    assert_eq!(unet_weight, knobs_nn::burn::tensor::DType::F16);
+    assert_eq!(image(&widened), image(&narrow));
 }
 
 #[test]
@@ -197,4 +205,26 @@ fn bad_single_files_are_named() {
     // SD-2 inference needs 64-channel heads: a tiny SD-1 CLIP cannot be inferred, and says how.
     let err = SingleFile::open(&full, &SingleFileOptions::default()).err().unwrap().to_string();
     assert!(err.contains("--config"), "{err}");
+}
+
+#[test]
+fn ema_weights_are_taken_on_request() {
+    let folder = StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    save_single_file(&folder, &plain, FloatDtype::F32).unwrap();
+    let mut tensors = SafetensorsReader::open(&plain).unwrap().read_all().unwrap().tensors;
+    // An EMA copy of one UNet weight, under the original's flattened name.
+    let bias = tensors["model.diffusion_model.out.2.bias"].clone();
+    let n = bias.num_elements();
+    let ema = knobs_nn::burn::tensor::TensorData::new((0..n).map(|i| i as f32 + 0.5).collect::<Vec<f32>>(), [n]);
+    tensors.insert("model_ema.diffusion_modelout2bias".into(), ema.clone());
+    let path = dir.path().join("with-ema.safetensors");
+    knobs_nn::io::write_safetensors(&path, &tensors, &Default::default()).unwrap();
+    let load = |ema: bool| {
+        let opts = SingleFileOptions { config: Some(tiny_sd()), ema, ..Default::default() };
+        state_dict(&SingleFile::open(&path, &opts).unwrap().load(&cpu()).unwrap().unet)["conv_out.bias"].clone()
+    };
+    assert_eq!(load(false), bias);
+    assert_eq!(load(true), ema);
 }

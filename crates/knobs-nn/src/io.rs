@@ -230,13 +230,34 @@ fn half_to_f32(bits: &[u16], bf16: bool) -> Vec<f32> {
     out
 }
 
-/// The precision floating tensors are written in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A floating-point precision: of tensors written to files, or of frozen weights in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FloatDtype {
     #[default]
     F32,
     F16,
     BF16,
+}
+
+impl FloatDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            FloatDtype::F32 => DType::F32,
+            FloatDtype::F16 => DType::F16,
+            FloatDtype::BF16 => DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for FloatDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FloatDtype::F32 => "f32",
+            FloatDtype::F16 => "f16",
+            FloatDtype::BF16 => "bf16",
+        })
+    }
 }
 
 impl std::str::FromStr for FloatDtype {

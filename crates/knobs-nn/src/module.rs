@@ -208,6 +208,10 @@ pub trait ModuleExt: Module {
     fn for_inference(&mut self) {
         self.for_each_param_mut(|_, mut p| p.set_inference());
     }
+    /// Stores every frozen weight matrix and kernel in `dtype` (see [`ParamMut::store_frozen_as`]).
+    fn store_frozen_as(&mut self, dtype: burn::tensor::DType) {
+        self.for_each_param_mut(|_, mut p| p.store_frozen_as(dtype));
+    }
     /// Makes every parameter whose path satisfies `pred` trainable and freezes the rest.
     fn train_only(&mut self, mut pred: impl FnMut(&str) -> bool) {
         self.for_each_param_mut(|path, mut p| p.set_trainable(pred(path)));

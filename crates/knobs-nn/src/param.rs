@@ -1,6 +1,6 @@
 //! A borrowed view of one parameter, whatever its rank, so that visitors (optimizers,
 //! loaders, savers, freezers) handle every tensor of a model through one interface.
-use burn::tensor::{Gradients, Tensor, TensorData};
+use burn::tensor::{DType, Gradients, Tensor, TensorData};
 
 use crate::{Error, Result};
 
@@ -68,7 +68,30 @@ impl ParamMut<'_> {
     pub fn set_trainable(&mut self, trainable: bool) {
         each!(self, t => {
             let value = (*t).clone().detach();
-            **t = if trainable { value.autodiff().require_grad() } else { value.set_require_grad(false) };
+            **t = if trainable {
+                // Trained values are f32 whatever precision they were stored in.
+                let strategy = value.gradient_checkpointing_strategy();
+                let v = f32_value(&value).inner().autodiff();
+                match strategy {
+                    Some(s) => v.with_gradient_checkpointing_strategy(s),
+                    None => v,
+                }
+                .require_grad()
+            } else {
+                value.set_require_grad(false)
+            };
+        })
+    }
+
+    /// Keeps a frozen matrix or kernel in `dtype` (f16 / bf16): half the memory; layers compute
+    /// with its f32 value ([`f32_value`]). Vectors (biases, norms) and trainable parameters
+    /// stay f32.
+    pub fn store_frozen_as(&mut self, dtype: DType) {
+        if self.as_ref().is_trainable() || self.as_ref().dims().len() < 2 {
+            return;
+        }
+        each!(self, t => if t.dtype() != dtype {
+            **t = (*t).clone().cast(dtype)
         })
     }
 
@@ -102,6 +125,13 @@ impl ParamMut<'_> {
     pub fn device(&self) -> burn::tensor::Device {
         each!(self, t => t.device())
     }
+}
+
+/// `t` as f32: itself when it is, else its f32 conversion (weights stored in half precision
+/// are widened where a layer uses them; the conversion is element-wise, so under gradient
+/// checkpointing it is recomputed in the backward pass rather than kept).
+pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    if t.dtype() == DType::F32 { t.clone() } else { t.clone().cast(DType::F32) }
 }
 
 /// `value` as a fresh leaf with `old`'s autodiff association (and its checkpointing

@@ -96,3 +96,38 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert_eq!(g.to_data(), checkpointed[path].to_data(), "{path}");
     }
 }
+
+/// Frozen weights kept in f16 give the gradients of f32 weights holding the same f16 values,
+/// bit for bit, with and without checkpointing (the widening to f32 is exact).
+#[test]
+fn half_precision_frozen_weights_change_nothing_but_their_rounding() {
+    use knobs_nn::burn::tensor::DType;
+    let grads = |dev: knobs_nn::Device, store_half: bool| {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd"));
+        let mut sd = StableDiffusion::from_dir(dir, &dev).unwrap();
+        sd.vae.for_inference();
+        // Every matrix and kernel rounded to f16 first, so both runs hold the same values.
+        sd.store_frozen_as(DType::F16);
+        if !store_half {
+            // Training widens back to f32 (the same values).
+            sd.for_each_param_mut(|_, mut p| p.set_trainable(true));
+        }
+        sd.train_only(|path| path.contains("attn2.to_k") || path.contains("conv_out"));
+        let mut half = 0;
+        sd.for_each_param(|_, p| half += (p.to_data().dtype() == DType::F16) as usize);
+        assert_eq!(half > 0, store_half);
+        let objective = Objective::new(&sd, &dev);
+        let prompts: Vec<String> = ["a red star", "a blue cube", "a red star", "a star"].map(String::from).to_vec();
+        let mut rng = step_rng(5, "half", 0);
+        let loss = objective.per_sample(&sd, &images(), &prompts, &mut rng, LossOptions::default()).unwrap().mean();
+        collect_grads(&sd, &loss.backward())
+    };
+    let widened = grads(cpu_autodiff(), false);
+    assert!(!widened.is_empty());
+    for dev in [cpu_autodiff(), knobs_nn::cpu_autodiff_checkpointed()] {
+        let half = grads(dev, true);
+        for (path, g) in &widened {
+            assert_eq!(g.to_data(), half[path].to_data(), "{path}");
+        }
+    }
+}

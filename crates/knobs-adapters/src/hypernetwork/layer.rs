@@ -100,7 +100,7 @@ impl Mlp {
         let key = dropout_seed.filter(|_| self.layers.iter().any(|l| l.dropout > 0.0)).map(|seed| seed ^ content_hash(&x));
         let mut h = x;
         for (i, l) in self.layers.iter().enumerate() {
-            h = linear(h, l.weight.clone().transpose(), Some(l.bias.clone()));
+            h = linear(h, knobs_nn::param::f32_value(&l.weight).transpose(), Some(l.bias.clone()));
             if l.activate {
                 h = self.activation().apply(h);
             }

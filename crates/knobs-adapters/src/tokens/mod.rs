@@ -39,7 +39,7 @@ pub fn attach(table: &mut Embedding, name: &str, first_id: usize, count: usize) 
             first_id + count
         )));
     }
-    let original = table.weight.clone().inner().slice([first_id..first_id + count, 0..dim]);
+    let original = knobs_nn::param::f32_value(&table.weight).inner().slice([first_id..first_id + count, 0..dim]);
     let rows = original.clone().autodiff().require_grad();
     table.adapters.insert(name, Box::new(TokenRows { first_id, rows, original }));
     Ok(())

@@ -173,7 +173,7 @@ impl ClipTextModel {
     pub fn resize_token_embeddings(&mut self, n: usize) {
         let emb = &mut self.text_model.embeddings.token_embedding;
         let [old, d] = emb.weight.dims();
-        let w = emb.weight.clone().inner();
+        let w = knobs_nn::param::f32_value(&emb.weight).inner();
         let new = if n <= old {
             w.slice([0..n, 0..d])
         } else {

@@ -6,7 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::param::{ParamMut, ParamRef};
+use crate::param::{ParamMut, ParamRef, f32_value};
 
 /// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
 #[derive(Debug)]
@@ -58,7 +58,7 @@ impl Conv2d {
     }
 
     pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, self.weight.clone(), self.bias.clone(), self.options())
+        conv2d(x, f32_value(&self.weight), self.bias.clone(), self.options())
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

@@ -5,7 +5,7 @@ use crate::adapter::{EmbeddingAdapter, Slot};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
 use crate::Result;
-use crate::param::{ParamMut, ParamRef, like};
+use crate::param::{ParamMut, ParamRef, f32_value, like};
 
 /// A lookup table `[num_embeddings, dim]`.
 #[derive(Debug)]
@@ -28,7 +28,7 @@ impl Embedding {
     }
 
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let mut y = embedding(self.weight.clone(), ids.clone());
+        let mut y = embedding(f32_value(&self.weight), ids.clone());
         for e in self.adapters.live() {
             y = e.adapter.output(&ids, y, e.weight());
         }
@@ -38,7 +38,7 @@ impl Embedding {
     /// Folds adapter `name` into the table; false when there is nothing to do, an error (and
     /// the table unchanged) when the adapter cannot be merged.
     pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
-        let table = self.weight.clone().inner();
+        let table = f32_value(&self.weight).inner();
         let Some(w) = self.adapters.merge(name, |a, weight| a.merge(table, weight))? else { return Ok(false) };
         self.weight = like(&self.weight, w);
         Ok(true)
@@ -46,7 +46,7 @@ impl Embedding {
 
     /// Takes merged adapter `name` back out of the table; false when it is not merged.
     pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-        let table = self.weight.clone().inner();
+        let table = f32_value(&self.weight).inner();
         let Some(w) = self.adapters.unmerge(name, |a, weight| a.unmerge(table, weight)) else { return false };
         self.weight = like(&self.weight, w);
         true

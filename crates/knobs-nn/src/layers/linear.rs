@@ -4,7 +4,7 @@ use burn::tensor::{Device, Tensor};
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::param::{ParamMut, ParamRef};
+use crate::param::{ParamMut, ParamRef, f32_value};
 
 /// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ impl Linear {
 
     /// The base layer alone, ignoring adapters.
     pub fn forward_base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.clone().transpose(), self.bias.clone())
+        linear(x, f32_value(&self.weight).transpose(), self.bias.clone())
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

@@ -8,7 +8,7 @@ macro_rules! weight_and_bias_merging {
             /// Folds adapter `name` into the base weights; false when there is nothing to do,
             /// an error (and the layer unchanged) when the adapter cannot be merged.
             pub fn merge_adapter(&mut self, name: &str) -> $crate::Result<bool> {
-                let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+                let (w, b) = ($crate::param::f32_value(&self.weight).inner(), self.bias.clone().map(|b| b.inner()));
                 let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
                 self.set_weights(w, b);
                 Ok(true)
@@ -17,7 +17,7 @@ macro_rules! weight_and_bias_merging {
             /// Takes merged adapter `name` back out of the base weights; false when it is not
             /// merged.
             pub fn unmerge_adapter(&mut self, name: &str) -> bool {
-                let (w, b) = (self.weight.clone().inner(), self.bias.clone().map(|b| b.inner()));
+                let (w, b) = ($crate::param::f32_value(&self.weight).inner(), self.bias.clone().map(|b| b.inner()));
                 let Some((w, b)) = self.adapters.unmerge(name, |a, weight| a.unmerge(w, b, weight)) else { return false };
                 self.set_weights(w, b);
                 true

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::read_safetensors;
+use knobs_nn::io::{FloatDtype, read_safetensors};
 use knobs_nn::{Tensor, cpu};
 
 /// The adapter flags `generate` and `eval` share, and applying them to a loaded pipeline.
@@ -100,9 +100,17 @@ pub struct Args {
     pub num_images: Option<usize>,
     #[command(flatten)]
     pub adapters: AdapterArgs,
+    /// Keep the weight matrices and kernels in f16 or bf16 (computed with in f32): half the
+    /// memory; exact for f16 when the model's files are fp16.
+    #[arg(long, default_value = "f32", value_parser = parse_weights_dtype)]
+    pub weights_dtype: FloatDtype,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+fn parse_weights_dtype(s: &str) -> std::result::Result<FloatDtype, String> {
+    s.parse()
 }
 
 /// `PATH[:SCALE]`; a suffix that is not a number belongs to the path.
@@ -121,7 +129,9 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
-    let sd = StableDiffusion::load(&model, &cpu())?;
+    let mut sd = StableDiffusion::load(&model, &cpu())?;
+    // Before adapters attach, so that only the model's own weights are narrowed.
+    knobs_nn::ModuleExt::store_frozen_as(&mut sd, args.weights_dtype.dtype());
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }
