@@ -27,6 +27,16 @@ fn folder_to_single_file_and_back_gives_the_same_image() {
     let original = generate(tiny_model(), "a.png");
     assert_eq!(original, generate(&back, "b.png"));
 
+    // A folder of fp16 weights: kept in f16 in memory, the same image as widened to f32.
+    let half = dir.path().join("half");
+    ok(&["convert", "--model", s(&file), "--out", s(&half), "--config", s(tiny_model()), "--dtype", "f16"]);
+    let wide = generate(&half, "c.png");
+    let out = dir.path().join("d.png");
+    ok(&["generate", "--model", s(&half), "--prompt", "a red star", "--steps", "2", "--seed", "3", "--weights-dtype", "f16", "--out", s(&out)]);
+    assert_eq!(wide, png(&out));
+    let err = fail(&["generate", "--model", s(&half), "--prompt", "x", "--weights-dtype", "f8", "--out", s(&out)]);
+    assert!(err.contains("--weights-dtype"), "{err}");
+
     // Refusals name the flag.
     let err = fail(&["convert", "--model", s(&file), "--out", s(&back), "--to", "single-file"]);
     assert!(err.contains("--model") && err.contains("already a single file"), "{err}");

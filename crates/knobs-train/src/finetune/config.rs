@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, FromArgMatches};
-use knobs_nn::io::FloatDtype;
 use knobs_nn::optim::{Adafactor, AdafactorConfig, AdamW, AdamW8bit, AdamWConfig, Optimizer};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -193,15 +192,6 @@ pub struct MemoryOptions {
     /// same gradients, less memory, slower steps.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// Keep the frozen weight matrices and kernels in f16 or bf16 (computed with in f32):
-    /// half their memory. Exact for f16 when the model's files are fp16; pair it with
-    /// --gradient-checkpointing, or the widened copies are kept for the backward pass.
-    #[arg(long, default_value = "f32", value_parser = parse_weights_dtype)]
-    pub weights_dtype: FloatDtype,
-}
-
-fn parse_weights_dtype(s: &str) -> std::result::Result<FloatDtype, String> {
-    s.parse()
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
