@@ -77,7 +77,7 @@ impl SingleFile {
         refuse_pickle(path, "e.g. with diffusers' convert_original_stable_diffusion_to_diffusers.py, or save its state dict with safetensors")?;
         let file = SafetensorsReader::open(path)?;
         let family = Family::of(&file)?;
-        let configs = match &opts.config {
+        let mut configs = match &opts.config {
             Some(dir) => PipelineConfigs {
                 unet: read_json(&dir.join("unet/config.json"))?,
                 vae: read_json(&dir.join("vae/config.json"))?,
@@ -96,7 +96,6 @@ impl SingleFile {
                 }
             }
         };
-        let mut configs = configs;
         if let Some(p) = &opts.prediction_type {
             if p != "epsilon" && p != "v_prediction" {
                 return Err(Error::param("--prediction-type", format!("`{p}` is not epsilon or v_prediction")));
