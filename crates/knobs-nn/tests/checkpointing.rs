@@ -40,3 +40,27 @@ fn every_layer_gives_the_same_gradient_with_checkpointing() {
         assert_eq!(d, 0.0, "case {which}: gradients differ by {d} (largest {m})");
     }
 }
+
+/// A frozen Linear weight stored in f16 gives the output and input gradient of an f32 weight
+/// holding the same values, bit for bit, under either strategy (its own backward widens again).
+#[test]
+fn a_half_precision_frozen_linear_matches_its_f32_widening() {
+    use knobs_nn::ModuleExt;
+    use knobs_nn::burn::tensor::DType;
+    for dev in [cpu_autodiff(), cpu_autodiff_checkpointed()] {
+        let run = |half: bool| {
+            let mut layer = Linear::new(24, 40, true, &mut Init::new(4), &dev);
+            layer.store_frozen_matrices_as(DType::F16);
+            if !half {
+                layer.for_each_param_mut(|_, mut p| p.set_trainable(true));
+                layer.for_each_param_mut(|_, mut p| p.set_trainable(false));
+            }
+            assert_eq!(layer.weight.dtype() == DType::F16, half);
+            let x = data([3, 5, 24], 0.21, &dev).require_grad();
+            let y = activation::silu(layer.forward(x.clone()));
+            let g = x.grad(&(y.clone() * data([3, 5, 40], 0.07, &dev)).sum().backward()).unwrap();
+            (y.into_data(), g.into_data())
+        };
+        assert_eq!(run(true), run(false));
+    }
+}

@@ -296,6 +296,11 @@ fn memory_savers_keep_what_is_learned() {
     for (a, b) in losses(&plain_loss).iter().zip(losses(&cached_loss)) {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "{plain_loss} vs {cached_loss}");
     }
+    // Frozen matrices in f16: the run trains (exactness against f32 is tested in knobs-train).
+    let (half, half_loss) = run("half", &["--weights-dtype", "f16"]);
+    assert!(!half.is_empty() && losses(&half_loss).iter().all(|l| l.is_finite()));
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--weights-dtype", "f8", "--out", s(&tmp.path().join("y"))]);
+    assert!(err.contains("--weights-dtype"), "{err}");
     let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--cache-latents", "--random-crop", "--out", s(&tmp.path().join("x"))]);
     assert!(err.contains("--cache-latents") && err.contains("--random-crop"), "{err}");
 }

@@ -38,6 +38,16 @@ impl Linear {
 
     /// The base layer alone, ignoring adapters.
     pub fn forward_base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        if let Some(y) = crate::ops::frozen_linear::linear(&x.clone().reshape([rows, self.d_in()]), &self.weight) {
+            dims[D - 1] = self.d_out();
+            let y = match &self.bias {
+                Some(b) => y + b.clone().unsqueeze(),
+                None => y,
+            };
+            return y.reshape(dims);
+        }
         linear(x, f32_value(&self.weight).transpose(), self.bias.clone())
     }
 

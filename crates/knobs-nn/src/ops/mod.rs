@@ -2,6 +2,7 @@
 pub mod attention;
 mod attention_kernel;
 mod attention_small;
+pub mod frozen_linear;
 mod lanes;
 mod simd;
 

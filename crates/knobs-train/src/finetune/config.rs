@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, FromArgMatches};
+use knobs_nn::io::FloatDtype;
 use knobs_nn::optim::{Adafactor, AdafactorConfig, AdamW, AdamW8bit, AdamWConfig, Optimizer};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -192,6 +193,15 @@ pub struct MemoryOptions {
     /// same gradients, less memory, slower steps.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Keep the frozen weight matrices (not convolution kernels) in f16 or bf16, widened to
+    /// f32 where a layer uses them: less memory, the same results as f32 weights holding
+    /// those values (exact for f16 when the model's files are fp16).
+    #[arg(long, default_value = "f32", value_parser = parse_weights_dtype)]
+    pub weights_dtype: FloatDtype,
+}
+
+fn parse_weights_dtype(s: &str) -> std::result::Result<FloatDtype, String> {
+    s.parse()
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -146,6 +146,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let model = cfg.model()?;
     let dev = if cfg.memory.gradient_checkpointing { cpu_autodiff_checkpointed() } else { cpu_autodiff() };
     let mut sd = StableDiffusion::load(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
+    // Before adapters attach: what the method trains is widened back to f32 by set_trainable.
+    sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
     sd.vae.for_inference();
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
     let instances = data::instance_examples(cfg, res)?;
