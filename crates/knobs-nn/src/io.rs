@@ -250,16 +250,6 @@ impl FloatDtype {
     }
 }
 
-impl std::fmt::Display for FloatDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            FloatDtype::F32 => "f32",
-            FloatDtype::F16 => "f16",
-            FloatDtype::BF16 => "bf16",
-        })
-    }
-}
-
 impl std::str::FromStr for FloatDtype {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -272,22 +262,32 @@ impl std::str::FromStr for FloatDtype {
     }
 }
 
-fn to_bytes(key: &str, data: &TensorData, float: FloatDtype) -> Result<(Dtype, Vec<u8>)> {
+/// How `data` is stored in a file: bytes as u8, integers as i64, floats as `float`.
+fn stored_dtype(data: &TensorData, float: FloatDtype) -> Dtype {
+    match (data.dtype(), float) {
+        (DType::U8, _) => Dtype::U8,
+        (DType::I64 | DType::I32, _) => Dtype::I64,
+        (_, FloatDtype::F32) => Dtype::F32,
+        (_, FloatDtype::F16) => Dtype::F16,
+        (_, FloatDtype::BF16) => Dtype::BF16,
+    }
+}
+
+/// The little-endian bytes of `data` stored as `stored` (from [`stored_dtype`]).
+fn to_bytes(key: &str, data: &TensorData, stored: Dtype) -> Result<Vec<u8>> {
     let err = |e| Error::param(key, format!("{e:?}"));
-    Ok(match data.dtype() {
-        DType::U8 => (Dtype::U8, data.as_slice::<u8>().map_err(err)?.to_vec()),
-        DType::I64 | DType::I32 => {
-            let v: Vec<i64> = data.clone().convert::<i64>().try_into_vec().map_err(err)?;
-            (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        }
-        _ => {
-            let v: Vec<f32> = data.clone().convert::<f32>().try_into_vec().map_err(err)?;
-            match float {
-                FloatDtype::F32 => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                FloatDtype::F16 => (Dtype::F16, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()),
-                FloatDtype::BF16 => (Dtype::BF16, v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
-            }
-        }
+    if stored == Dtype::U8 {
+        return Ok(data.as_slice::<u8>().map_err(err)?.to_vec());
+    }
+    if stored == Dtype::I64 {
+        let v: Vec<i64> = data.clone().convert::<i64>().try_into_vec().map_err(err)?;
+        return Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+    }
+    let v: Vec<f32> = data.clone().convert::<f32>().try_into_vec().map_err(err)?;
+    Ok(match stored {
+        Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     })
 }
 
@@ -308,23 +308,9 @@ pub fn write_safetensors_as(
     float: FloatDtype,
 ) -> Result<()> {
     let path = path.as_ref();
-    let stored = |d: &TensorData| match d.dtype() {
-        DType::U8 => Dtype::U8,
-        DType::I64 | DType::I32 => Dtype::I64,
-        _ => match float {
-            FloatDtype::F32 => Dtype::F32,
-            FloatDtype::F16 => Dtype::F16,
-            FloatDtype::BF16 => Dtype::BF16,
-        },
-    };
-    let width = |dt: Dtype| match dt {
-        Dtype::I64 => 8,
-        Dtype::F32 => 4,
-        Dtype::F16 | Dtype::BF16 => 2,
-        _ => 1,
-    };
+    let width = |dt: Dtype| dt.bitsize() / 8;
     // Wider types first (then by name), so every tensor starts aligned to its element size.
-    let mut order: Vec<(&String, &TensorData, Dtype)> = tensors.iter().map(|(k, d)| (k, d, stored(d))).collect();
+    let mut order: Vec<(&String, &TensorData, Dtype)> = tensors.iter().map(|(k, d)| (k, d, stored_dtype(d, float))).collect();
     order.sort_by(|a, b| width(b.2).cmp(&width(a.2)).then(a.0.cmp(b.0)));
     let mut header = BTreeMap::new();
     let mut offset = 0usize;
@@ -343,8 +329,8 @@ pub fn write_safetensors_as(
     atomic_write_with(path, |w| {
         w.write_all(&(text.len() as u64).to_le_bytes())?;
         w.write_all(&text)?;
-        for (k, d, _) in &order {
-            let (_, bytes) = to_bytes(k, d, float).map_err(|e| std::io::Error::other(e.to_string()))?;
+        for (k, d, dt) in &order {
+            let bytes = to_bytes(k, d, *dt).map_err(|e| std::io::Error::other(e.to_string()))?;
             w.write_all(&bytes)?;
         }
         Ok(())

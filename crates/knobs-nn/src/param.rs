@@ -1,6 +1,6 @@
 //! A borrowed view of one parameter, whatever its rank, so that visitors (optimizers,
 //! loaders, savers, freezers) handle every tensor of a model through one interface.
-use burn::tensor::{DType, Gradients, Tensor, TensorData};
+use burn::tensor::{DType, GradientCheckpointingStrategy, Gradients, Tensor, TensorData};
 
 use crate::{Error, Result};
 
@@ -71,12 +71,7 @@ impl ParamMut<'_> {
             **t = if trainable {
                 // Trained values are f32 whatever precision they were stored in.
                 let strategy = value.gradient_checkpointing_strategy();
-                let v = f32_value(&value).inner().autodiff();
-                match strategy {
-                    Some(s) => v.with_gradient_checkpointing_strategy(s),
-                    None => v,
-                }
-                .require_grad()
+                autodiff_with(f32_value(&value).inner(), strategy).autodiff().require_grad()
             } else {
                 value.set_require_grad(false)
             };
@@ -132,8 +127,9 @@ impl ParamMut<'_> {
 }
 
 /// `t` as f32: itself when it is, else its f32 conversion (weights stored in half precision
-/// are widened where a layer uses them; the conversion is element-wise, so under gradient
-/// checkpointing it is recomputed in the backward pass rather than kept).
+/// are widened where a layer uses them). burn's matmul and convolution keep the widened copy
+/// for the backward pass, even with checkpointing; linear layers therefore go through
+/// [`crate::ops::frozen_linear`] in training.
 pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
     if t.dtype() == DType::F32 { t.clone() } else { t.clone().cast(DType::F32) }
 }
@@ -142,10 +138,15 @@ pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
 /// strategy: burn refuses to mix strategies in one operation) and trainability, so that a
 /// weight rewritten by merging or an optimizer step keeps its role in training.
 pub fn like<const D: usize>(old: &Tensor<D>, value: Tensor<D>) -> Tensor<D> {
-    let v = value.inner();
-    match (old.gradient_checkpointing_strategy(), old.is_require_grad()) {
-        (Some(strategy), true) => v.autodiff().with_gradient_checkpointing_strategy(strategy).require_grad(),
-        (Some(strategy), false) => v.autodiff().with_gradient_checkpointing_strategy(strategy),
-        _ => v,
+    let v = autodiff_with(value.inner(), old.gradient_checkpointing_strategy());
+    if old.is_require_grad() { v.require_grad() } else { v }
+}
+
+/// `t` on autodiff with `strategy` (another tensor's `gradient_checkpointing_strategy()`), or
+/// as it is when that is `None`: burn refuses to mix strategies in one operation.
+pub fn autodiff_with<const D: usize>(t: Tensor<D>, strategy: Option<GradientCheckpointingStrategy>) -> Tensor<D> {
+    match strategy {
+        Some(s) => t.autodiff().with_gradient_checkpointing_strategy(s),
+        None => t,
     }
 }

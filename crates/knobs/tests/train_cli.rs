@@ -18,6 +18,20 @@ fn train(out: &Path, method: &str, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).expect("--json prints one JSON object")
 }
 
+/// Runs `knobs args` writing into `out` and kills it once checkpoint `step` exists, before
+/// the run finishes.
+fn kill_after_checkpoint(args: &[&str], out: &Path, step: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_knobs")).args(args).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !out.join(format!("checkpoints/train-{step:08}.safetensors")).exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.join("summary.json").exists(), "the run must have been killed before it finished");
+}
+
 fn checkpoint_keys(out: &Path) -> BTreeSet<String> {
     let dir = out.join("checkpoints");
     let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
@@ -61,15 +75,7 @@ fn a_killed_run_resumes_to_the_same_result() {
     let cut = tmp.path().join("cut");
     let mut args = vec!["--threads", "2", "train", "--model", s(tiny_model()), "--method", "lora", "--concept", "striped-star", "--out", s(&cut)];
     args.extend_from_slice(&steps);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_knobs")).args(&args).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cut.join("checkpoints/train-00000004.safetensors").exists() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!cut.join("summary.json").exists(), "the run must have been killed before it finished");
+    kill_after_checkpoint(&args, &cut, 4);
     let mut resume = args.clone();
     resume.extend_from_slice(&["--resume", s(&cut)]);
     ok(&resume);
@@ -94,15 +100,7 @@ fn an_adamw8bit_run_resumes_to_the_same_result_and_keeps_its_optimizer() {
     let cut = tmp.path().join("cut");
     let mut args = vec!["--threads", "2", "train", "--model", s(tiny_model()), "--method", "dreambooth", "--concept", "striped-star", "--out", s(&cut)];
     args.extend_from_slice(&steps);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_knobs")).args(&args).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cut.join("checkpoints/train-00000004.safetensors").exists() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!cut.join("summary.json").exists(), "the run must have been killed before it finished");
+    kill_after_checkpoint(&args, &cut, 4);
     let mut other = args.clone();
     let at = other.iter().position(|a| *a == "adamw8bit").unwrap();
     other[at] = "adafactor";

@@ -45,10 +45,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
     let out = module::attention(split(q, n), split(k, m), split(v, m), None, None, options);
     let out = out.swap_dims(1, 2).reshape([batch, n, width]);
-    match strategy {
-        Some(s) => out.autodiff().with_gradient_checkpointing_strategy(s),
-        None => out,
-    }
+    crate::param::autodiff_with(out, strategy)
 }
 
 /// The same attention from burn's ops (matmul, softmax, matmul).

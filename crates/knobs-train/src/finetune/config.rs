@@ -196,12 +196,8 @@ pub struct MemoryOptions {
     /// Keep the frozen weight matrices (not convolution kernels) in f16 or bf16, widened to
     /// f32 where a layer uses them: less memory, the same results as f32 weights holding
     /// those values (exact for f16 when the model's files are fp16).
-    #[arg(long, default_value = "f32", value_parser = parse_weights_dtype)]
+    #[arg(long, default_value = "f32")]
     pub weights_dtype: FloatDtype,
-}
-
-fn parse_weights_dtype(s: &str) -> std::result::Result<FloatDtype, String> {
-    s.parse()
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]

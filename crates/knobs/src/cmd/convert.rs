@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     to: Option<Target>,
     /// Precision of the written weights: f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    #[arg(long, default_value = "f32")]
     dtype: FloatDtype,
     /// Single file in: a diffusers folder whose configs, tokenizer and scheduler to use
     /// instead of inferring them from the tensor shapes.
@@ -47,10 +47,6 @@ pub struct Args {
     /// Single file in: take the UNet's EMA weights (`model_ema.*`) where present.
     #[arg(long)]
     ema: bool,
-}
-
-fn parse_dtype(s: &str) -> std::result::Result<FloatDtype, String> {
-    s.parse()
 }
 
 pub fn run(args: Args) -> Result<()> {

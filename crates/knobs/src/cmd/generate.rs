@@ -102,15 +102,11 @@ pub struct Args {
     pub adapters: AdapterArgs,
     /// Keep the weight matrices and kernels in f16 or bf16 (computed with in f32): half the
     /// memory; exact for f16 when the model's files are fp16.
-    #[arg(long, default_value = "f32", value_parser = parse_weights_dtype)]
+    #[arg(long, default_value = "f32")]
     pub weights_dtype: FloatDtype,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
-}
-
-fn parse_weights_dtype(s: &str) -> std::result::Result<FloatDtype, String> {
-    s.parse()
 }
 
 /// `PATH[:SCALE]`; a suffix that is not a number belongs to the path.
