@@ -202,6 +202,11 @@ fn bad_single_files_are_named() {
     let err = SingleFile::open(&broken, &opts).unwrap().load(&cpu()).err().unwrap().to_string();
     assert!(err.contains(gone) && err.contains("broken.safetensors"), "{err}");
 
+    // A prediction type the schedulers lack is named with its flag.
+    let opts = SingleFileOptions { config: Some(tiny_sd()), prediction_type: Some("sample".into()), ..Default::default() };
+    let err = SingleFile::open(&full, &opts).err().unwrap().to_string();
+    assert!(err.contains("--prediction-type") && err.contains("sample"), "{err}");
+
     // SD-2 inference needs 64-channel heads: a tiny SD-1 CLIP cannot be inferred, and says how.
     let err = SingleFile::open(&full, &SingleFileOptions::default()).err().unwrap().to_string();
     assert!(err.contains("--config"), "{err}");
