@@ -1,7 +1,8 @@
 //! knobs-adapters: adapters that attach to any model built on `knobs-nn` layers, found by
 //! module path, with PEFT's semantics and file format. Nothing here knows about diffusion.
 //!
-//! One folder per method (`lora/`, `ia3/`, `tokens/` for textual inversion, `hypernetwork/`), each holding its config, its layers and how it
+//! One folder per method (`lora/` with DoRA, `loha/`, `lokr/`, `oft/`, `ia3/`, `tokens/` for textual
+//! inversion, `hypernetwork/`, `hyperlora/`), each holding its config, its layers and how it
 //! attaches, behind the [`AdapterConfig`] interface. [`AdaptedModel`] manages several named
 //! adapters on one model; `formats/` reads and writes files.
 pub mod formats;
@@ -9,9 +10,13 @@ pub mod generated;
 pub mod hypernetwork;
 pub mod hyperlora;
 pub mod ia3;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 mod manager;
 mod method;
+pub mod oft;
 mod target;
 pub mod tokens;
 

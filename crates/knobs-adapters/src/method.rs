@@ -5,27 +5,33 @@ use std::path::Path;
 use knobs_nn::{Init, LayerMut};
 use serde_json::Value;
 
-use crate::{AdapterError, Result, Targets, ia3, lora};
+use crate::{AdapterError, Result, Targets, ia3, loha, lokr, lora, oft};
 
 /// Which adapter method a config or layer belongs to, as `adapter_config.json` names it in
-/// `peft_type`. `Lora` and `Ia3` are PEFT's; `Hypernetwork` and `Tokens` (textual inversion)
+/// `peft_type`. `Lora` (with DoRA), `Loha`, `Lokr`, `Oft` and `Ia3` are PEFT's; `Hypernetwork` and `Tokens` (textual inversion)
 /// are knobs' own names for methods PEFT lacks, never found in a PEFT folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeftType {
     Lora,
+    Loha,
+    Lokr,
+    Oft,
     Ia3,
     Hypernetwork,
     Tokens,
 }
 
 impl PeftType {
-    pub const ALL: [PeftType; 4] = [PeftType::Lora, PeftType::Ia3, PeftType::Hypernetwork, PeftType::Tokens];
+    pub const ALL: [PeftType; 7] = [PeftType::Lora, PeftType::Loha, PeftType::Lokr, PeftType::Oft, PeftType::Ia3, PeftType::Hypernetwork, PeftType::Tokens];
 
     /// The name as written in files (`LORA`); `const` so that layers' `Adapter::method` and
     /// constants can use it.
     pub const fn as_str(self) -> &'static str {
         match self {
             PeftType::Lora => "LORA",
+            PeftType::Loha => "LOHA",
+            PeftType::Lokr => "LOKR",
+            PeftType::Oft => "OFT",
             PeftType::Ia3 => "IA3",
             PeftType::Hypernetwork => "HYPERNETWORK",
             PeftType::Tokens => "TOKENS",
@@ -79,7 +85,13 @@ impl Clone for Box<dyn AdapterConfig> {
 type Parser = fn(&Value) -> Result<Box<dyn AdapterConfig>>;
 
 /// Every method that a PEFT `adapter_config.json` may name. A new method adds one line.
-const METHODS: &[(PeftType, Parser)] = &[(PeftType::Lora, lora::LoraConfig::from_peft_json), (PeftType::Ia3, ia3::Ia3Config::from_peft_json)];
+const METHODS: &[(PeftType, Parser)] = &[
+    (PeftType::Lora, lora::LoraConfig::from_peft_json),
+    (PeftType::Loha, loha::LohaConfig::from_peft_json),
+    (PeftType::Lokr, lokr::LokrConfig::from_peft_json),
+    (PeftType::Oft, oft::OftConfig::from_peft_json),
+    (PeftType::Ia3, ia3::Ia3Config::from_peft_json),
+];
 
 /// Reads an `adapter_config.json` value; `file` is named in errors.
 pub fn config_from_peft_json(file: &Path, json: &Value) -> Result<Box<dyn AdapterConfig>> {

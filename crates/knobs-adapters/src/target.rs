@@ -124,3 +124,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     row[b.len()]
 }
+
+/// The value of the first key in `patterns` that matches `path` by PEFT's rule for
+/// `rank_pattern` / `alpha_pattern`: the key, as a regex, matches the path's end after a `.`.
+pub fn pattern_value<V: Copy>(patterns: &std::collections::BTreeMap<String, V>, path: &str) -> Option<V> {
+    patterns.iter().find(|(k, _)| Regex::new(&format!("^(.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))).map(|(_, v)| *v)
+}

@@ -84,3 +84,76 @@ fn lora_gradients_match_finite_differences() {
 fn ia3_gradients_match_finite_differences() {
     finite_differences(Box::new(Ia3Config::new(Pattern::names(&["conv", "fc1", "fc2", "head"]), Pattern::names(&["fc2", "conv"]))), &["conv.ia3_l", "fc1.ia3_l", "fc2.ia3_l", "head.ia3_l"]);
 }
+
+fn lycoris(r: usize, alpha: f64, cp: bool) -> knobs_adapters::lycoris::LycorisOptions {
+    let mut o = knobs_adapters::lycoris::LycorisOptions::new(r, alpha, Pattern::names(&["conv", "fc1", "fc2", "head"]));
+    o.use_effective_conv2d = cp;
+    o
+}
+
+fn lokr(decompose_both: bool, factor: i64, cp: bool) -> knobs_adapters::lokr::LokrConfig {
+    let mut c = knobs_adapters::lokr::LokrConfig::new(lycoris(1, 2.0, cp));
+    c.decompose_both = decompose_both;
+    c.decompose_factor = factor;
+    c
+}
+
+fn dora() -> LoraConfig {
+    LoraConfig { use_dora: true, ..LoraConfig::new(2, 3.0, Pattern::names(&["conv", "fc1", "fc2", "head"])) }
+}
+
+fn oft(coft: bool, share: bool) -> knobs_adapters::oft::OftConfig {
+    let mut c = knobs_adapters::oft::OftConfig::new(4, Pattern::names(&["conv", "fc1", "fc2", "head"]));
+    c.coft = coft;
+    c.eps = 100.0; // inside the ball: the projection is the identity, so the gradient is exact
+    c.block_share = share;
+    c
+}
+
+#[test]
+fn new_methods_train_only_their_parameters() {
+    use knobs_adapters::loha::LohaConfig;
+    check_flow(Box::new(LohaConfig::new(lycoris(2, 4.0, false))), &[".hada_"]);
+    check_flow(Box::new(LohaConfig::new(lycoris(2, 4.0, true))), &[".hada_"]);
+    check_flow(Box::new(lokr(false, -1, false)), &[".lokr_"]);
+    check_flow(Box::new(lokr(true, 2, true)), &[".lokr_"]);
+    check_flow(Box::new(dora()), &[".lora_A.", ".lora_B.", ".lora_magnitude_vector."]);
+    check_flow(Box::new(oft(false, false)), &[".oft_R."]);
+    check_flow(Box::new(oft(true, true)), &[".oft_R."]);
+}
+
+#[test]
+fn loha_gradients_match_finite_differences() {
+    use knobs_adapters::loha::LohaConfig;
+    finite_differences(Box::new(LohaConfig::new(lycoris(2, 4.0, false))), &["conv.hada_w1_a", "fc1.hada_w2_b", "head.hada_w1_b"]);
+    finite_differences(Box::new(LohaConfig::new(lycoris(2, 4.0, true))), &["conv.hada_t1", "conv.hada_t2", "conv.hada_w2_a"]);
+}
+
+#[test]
+fn lokr_gradients_match_finite_differences() {
+    finite_differences(Box::new(lokr(false, -1, false)), &["conv.lokr_w1", "fc1.lokr_w2", "head.lokr_w1"]);
+    finite_differences(Box::new(lokr(true, 4, true)), &["conv.lokr_t2", "fc1.lokr_w1_a", "fc2.lokr_w2_b"]);
+}
+
+#[test]
+fn dora_gradients_match_finite_differences_with_the_norm_held_constant() {
+    // PEFT treats ||W + s B A|| as a constant in the backward pass; a finite difference moves
+    // it, so B is checked where the norm's share is small: with the magnitude and A.
+    let device = cpu_autodiff();
+    let mut m = AdaptedModel::new(TinyNet::new(5, &device), 6);
+    m.add_adapter("a", Box::new(dora())).unwrap();
+    randomize_adapters(&mut m.model, 0.5, 7);
+    let b = batch(5, 8, &device);
+    let samples = gradcheck::check(&mut m.model, |net| cross_entropy(net.forward(b.ids.clone(), b.img.clone()), &b.labels), 1e-2, 6);
+    for s in samples.iter().filter(|s| s.path.contains("lora_magnitude_vector")) {
+        assert!(s.rel_error() < 2e-2, "{}[{}]: autodiff {} vs numeric {}", s.path, s.index, s.analytic, s.numeric);
+    }
+    assert!(samples.iter().any(|s| s.path.contains("conv.lora_magnitude_vector")));
+    assert!(samples.iter().any(|s| s.path.contains("fc1.lora_magnitude_vector")));
+}
+
+#[test]
+fn oft_gradients_match_finite_differences() {
+    finite_differences(Box::new(oft(false, false)), &["conv.oft_R", "fc1.oft_R", "head.oft_R"]);
+    finite_differences(Box::new(oft(true, true)), &["conv.oft_R", "fc2.oft_R"]);
+}

@@ -26,7 +26,8 @@ fn rel_data(a: &TensorData, b: &TensorData) -> f64 {
 }
 
 fn base_weights(m: &TinyNet) -> BTreeMap<String, TensorData> {
-    state_dict(m).into_iter().filter(|(k, _)| !k.contains(".lora_") && !k.contains(".ia3_l")).collect()
+    let adapter = [".lora_", ".ia3_l", ".hada_", ".lokr_", ".oft_R"];
+    state_dict(m).into_iter().filter(|(k, _)| !adapter.iter().any(|a| k.contains(a))).collect()
 }
 
 fn setup() -> (AdaptedModel<TinyNet>, Batch) {
@@ -209,4 +210,75 @@ fn combine_refuses_non_finite_sources_naming_adapter_and_layer() {
         assert!(layers_with(&m.model, "xy").is_empty(), "{how:?}: a refused combine attached adapters");
         assert!(m.config("xy").is_err());
     }
+}
+
+/// Each new method, stacked on a LoRA added first: merged output equals unmerged, unmerging
+/// restores the base bit for bit up to rounding, and merging with a weight then unmerging
+/// after the weight changed still restores it.
+fn merge_roundtrip(name: &str, config: Box<dyn knobs_adapters::AdapterConfig>, weight_zero_is_base: bool) {
+    let device = cpu();
+    let mut m = AdaptedModel::new(TinyNet::new(31, &device), 32);
+    let targets = Pattern::names(&["conv", "fc1", "fc2", "head"]);
+    m.add_adapter("lora", Box::new(LoraConfig::new(2, 4.0, targets))).unwrap();
+    m.add_adapter(name, config).unwrap();
+    randomize_adapters(&mut m.model, 0.3, 33);
+    let b = batch(6, 34, &device);
+    let base_before = base_weights(&m.model);
+    let base_out = m.with_disabled(|net| out(net, &b));
+    let adapted = out(&m.model, &b);
+    assert!(rel(&adapted, &base_out) > 1e-2, "{name}: the adapters must change the output");
+
+    m.merge(&[]).unwrap();
+    assert!(rel(&out(&m.model, &b), &adapted) < 1e-5, "{name}: merged {}", rel(&out(&m.model, &b), &adapted));
+    m.unmerge();
+    for (k, v) in base_weights(&m.model) {
+        assert!(rel_data(&v, &base_before[&k]) < 1e-5, "{name}: {k} not restored: {}", rel_data(&v, &base_before[&k]));
+    }
+    assert!(rel(&out(&m.model, &b), &adapted) < 1e-5);
+
+    m.set_adapters(&[(name, 0.5)]).unwrap();
+    let half = out(&m.model, &b);
+    m.merge(&[name]).unwrap();
+    assert!(rel(&out(&m.model, &b), &half) < 1e-5, "{name}: merged at weight 0.5");
+    m.set_adapters(&[(name, 2.0)]).unwrap();
+    m.unmerge();
+    for (k, v) in base_weights(&m.model) {
+        assert!(rel_data(&v, &base_before[&k]) < 1e-5, "{name}: {k} after a weighted merge");
+    }
+    if weight_zero_is_base {
+        m.set_adapters(&[(name, 0.0)]).unwrap();
+        assert!(rel(&out(&m.model, &b), &base_out) < 1e-6, "{name}: weight 0 must equal the base");
+    }
+    let plain = { m.set_adapters(&[("lora", 1.0), (name, 1.0)]).unwrap(); m.merge_and_unload().unwrap() };
+    assert!(rel(&out(&plain, &b), &adapted) < 1e-5, "{name}: merge_and_unload");
+}
+
+fn lycoris(cp: bool) -> knobs_adapters::lycoris::LycorisOptions {
+    let mut o = knobs_adapters::lycoris::LycorisOptions::new(2, 3.0, Pattern::names(&["conv", "fc1", "fc2", "head"]));
+    o.use_effective_conv2d = cp;
+    o
+}
+
+#[test]
+fn loha_and_lokr_merge_and_unmerge_exactly() {
+    use knobs_adapters::{loha::LohaConfig, lokr::LokrConfig};
+    merge_roundtrip("loha", Box::new(LohaConfig::new(lycoris(false))), true);
+    merge_roundtrip("loha_cp", Box::new(LohaConfig::new(lycoris(true))), true);
+    merge_roundtrip("lokr", Box::new(LokrConfig::new(lycoris(false))), true);
+    merge_roundtrip("lokr_both", Box::new(LokrConfig { decompose_both: true, decompose_factor: 2, ..LokrConfig::new(lycoris(true)) }), true);
+}
+
+#[test]
+fn dora_merges_and_unmerges_exactly() {
+    let cfg = LoraConfig { use_dora: true, ..LoraConfig::new(2, 3.0, Pattern::names(&["conv", "fc1", "fc2", "head"])) };
+    merge_roundtrip("dora", Box::new(cfg), false);
+}
+
+#[test]
+fn oft_merges_and_unmerges_exactly() {
+    use knobs_adapters::oft::OftConfig;
+    let targets = Pattern::names(&["conv", "fc1", "fc2", "head"]);
+    merge_roundtrip("oft", Box::new(OftConfig::new(4, targets.clone())), true);
+    merge_roundtrip("oft_exact", Box::new(OftConfig { use_cayley_neumann: false, ..OftConfig::new(4, targets.clone()) }), true);
+    merge_roundtrip("oft_coft", Box::new(OftConfig { coft: true, eps: 1e-2, block_share: true, ..OftConfig::new(4, targets) }), true);
 }

@@ -28,20 +28,24 @@ pub trait Adapter: Any + Send + Sync + Debug {
 /// Adapters wrap the layer in the order they were attached, as PEFT's wrapper modules nest:
 /// `inner` is the layer with every earlier adapter applied. LoRA returns
 /// `inner(x) + delta(x)`, IA3 `inner(x) * l` or `inner(x * l)`. Merging in attachment order
-/// therefore gives exactly the same function.
+/// therefore gives exactly the same function. `base` is the host layer, for methods that read
+/// its weights (DoRA's column norms); its own forward is `inner` with no adapters left.
 pub trait LinearAdapter: Adapter {
-    fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2>;
+    fn forward(&self, x: Tensor<2>, base: &crate::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2>;
     /// Folds the adapter into the layer's weight `[out, in]` and bias; an error when the
     /// adapter has no weight form (a hypernetwork transforms the input non-linearly).
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> Result<(Tensor<2>, Option<Tensor<1>>)>;
+    /// `unmerged` is the layer's own weight without any merged adapter, for methods whose
+    /// change depends on it (DoRA's norms, OFT's rotated kernel), as PEFT's
+    /// `_unmerged_base_weight`.
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, unmerged: &Tensor<2>, weight: f32) -> Result<(Tensor<2>, Option<Tensor<1>>)>;
     /// Undoes [`LinearAdapter::merge`]; only called after a merge succeeded, so it cannot fail.
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>);
 }
 
 /// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].
 pub trait Conv2dAdapter: Adapter {
-    fn forward(&self, x: Tensor<4>, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4>;
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> Result<(Tensor<4>, Option<Tensor<1>>)>;
+    fn forward(&self, x: Tensor<4>, base: &crate::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4>;
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, unmerged: &Tensor<4>, weight: f32) -> Result<(Tensor<4>, Option<Tensor<1>>)>;
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
 }
 
@@ -141,6 +145,12 @@ impl<A: ?Sized + Adapter> Slot<A> {
         let out = apply(&e.adapter, e.state.merged?);
         e.state.merged = None;
         Some(out)
+    }
+
+    /// The merged adapters with their merge weights, last merged first: the order in which
+    /// unmerging them gives back the layer's own weights.
+    pub fn merged_rev(&self) -> impl Iterator<Item = (&A, f32)> {
+        self.entries.iter().rev().filter_map(|e| e.state.merged.map(|w| (&*e.adapter, w)))
     }
 
     pub fn remove(&mut self, name: &str) -> Option<SlotEntry<A>> {

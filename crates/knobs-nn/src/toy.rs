@@ -86,13 +86,14 @@ pub fn accuracy(logits: Tensor<2>, labels: &[usize]) -> f64 {
     pred.iter().zip(labels).filter(|(p, l)| **p as usize == **l).count() as f64 / labels.len() as f64
 }
 
-/// Gives every zero-initialised LoRA B (and IA3 vector) random values so that every
-/// adapter parameter receives a gradient, as the diffusers golden files do.
+/// Adds random noise to every adapter parameter (zero-initialised LoRA B, IA3 vectors, LoHa /
+/// LoKr factors, OFT generators) so that every one receives a gradient, as the diffusers
+/// golden files do.
 pub fn randomize_adapters(model: &mut TinyNet, std: f64, seed: u64) {
     let mut init = Init::new(seed);
     use crate::ModuleExt;
     model.for_each_param_mut(|path, mut p| {
-        if path.contains(".lora_") || path.contains(".ia3_l.") {
+        if [".lora_", ".ia3_l.", ".hada_", ".lokr_", ".oft_R."].iter().any(|m| path.contains(m)) {
             let dims = p.as_ref().dims();
             let n: usize = dims.iter().product();
             let base: Vec<f32> = p.as_ref().flat().into_data().try_into_vec().unwrap();

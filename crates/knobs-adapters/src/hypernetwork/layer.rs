@@ -189,7 +189,7 @@ impl Adapter for HyperLinear {
 impl LinearAdapter for HyperLinear {
     /// `inner(x + weight * mlp(x))`. The weight is A1111's strength multiplier. Departure:
     /// A1111 ignores the multiplier while training; knobs applies it always (training uses 1).
-    fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         if weight == 0.0 {
             return inner(x);
         }
@@ -204,7 +204,7 @@ impl LinearAdapter for HyperLinear {
 
     /// A non-linear transform of the input has no weight form. `AdaptedModel::merge` refuses
     /// up front (`HypernetworkConfig::check_merge`); this refuses a merge asked of the layer.
-    fn merge(&self, _w: Tensor<2>, _b: Option<Tensor<1>>, _weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
+    fn merge(&self, _w: Tensor<2>, _b: Option<Tensor<1>>, _unmerged: &Tensor<2>, _weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         Err(knobs_nn::Error::Invalid("a hypernetwork cannot be merged into the weights: it transforms the layer's input non-linearly; apply it at inference instead".into()))
     }
     /// Merging always fails, so the slot never records a merge and never asks for this; the

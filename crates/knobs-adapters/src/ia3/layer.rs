@@ -33,7 +33,7 @@ impl Adapter for Ia3Linear {
 }
 
 impl LinearAdapter for Ia3Linear {
-    fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let l = weighted(&self.l, weight);
         if self.feedforward {
             let n = l.dims()[1];
@@ -43,7 +43,7 @@ impl LinearAdapter for Ia3Linear {
             inner(x) * l.reshape([1, n])
         }
     }
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _unmerged: &Tensor<2>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         let l = weighted(&self.l.clone().inner(), weight);
         if self.feedforward {
             Ok((w * l, b))
@@ -91,11 +91,11 @@ impl Ia3Conv2d {
 }
 
 impl Conv2dAdapter for Ia3Conv2d {
-    fn forward(&self, x: Tensor<4>, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, _: &knobs_nn::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let l = weighted(&self.l, weight);
         if self.feedforward { inner(x * l) } else { inner(x) * l }
     }
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, _unmerged: &Tensor<4>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
         let l = self.along_weight(weight);
         let n = l.dims().iter().product::<usize>();
         let b = if self.feedforward { b } else { b.map(|b| b * l.clone().reshape([n])) };

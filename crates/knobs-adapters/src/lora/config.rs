@@ -30,6 +30,8 @@ pub struct LoraConfig {
     /// Per-layer rank and alpha overrides: a key matches a layer whose path ends with it.
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// DoRA: a learned magnitude per output beside the low-rank direction change.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -44,15 +46,14 @@ impl LoraConfig {
             modules_to_save: Vec::new(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            use_dora: false,
         }
     }
 
     /// Rank and alpha for the layer at `path`, with PEFT's pattern rule `(.*\.)?key$`.
     pub fn rank_alpha(&self, path: &str) -> (usize, f64) {
-        let find = |keys: Vec<&String>| keys.into_iter().find(|k| regex::Regex::new(&format!("^(.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))).cloned();
-        let r = find(self.rank_pattern.keys().collect()).map(|k| self.rank_pattern[&k]).unwrap_or(self.r);
-        let alpha = find(self.alpha_pattern.keys().collect()).map(|k| self.alpha_pattern[&k]).unwrap_or(self.lora_alpha);
-        (r, alpha)
+        use crate::target::pattern_value;
+        (pattern_value(&self.rank_pattern, path).unwrap_or(self.r), pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha))
     }
 
     pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
@@ -69,9 +70,6 @@ impl LoraConfig {
         if field::<bool>(json, "fan_in_fan_out")?.unwrap_or(false) {
             return Err(AdapterError::Config("key `fan_in_fan_out`: true is for transposed Conv1D weights (GPT-2), which no knobs layer has".into()));
         }
-        if field::<bool>(json, "use_dora")?.unwrap_or(false) {
-            return Err(AdapterError::Config("key `use_dora`: DoRA is not supported".into()));
-        }
         let init = match json.get("init_lora_weights") {
             None | Some(Value::Null) | Some(Value::Bool(true)) => LoraInit::Kaiming,
             Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
@@ -87,6 +85,7 @@ impl LoraConfig {
             modules_to_save: field(json, "modules_to_save")?.unwrap_or_default(),
             rank_pattern: field(json, "rank_pattern")?.unwrap_or_default(),
             alpha_pattern: field(json, "alpha_pattern")?.unwrap_or_default(),
+            use_dora: field(json, "use_dora")?.unwrap_or(false),
         }))
     }
 }
@@ -106,6 +105,9 @@ impl AdapterConfig for LoraConfig {
         let (r, alpha) = self.rank_alpha(path);
         let scale = self.scaling(r, alpha);
         let gaussian = self.init == LoraInit::Gaussian;
+        if self.use_dora {
+            return super::dora::attach(layer, name, r, scale, self.lora_dropout, gaussian, init);
+        }
         match layer {
             LayerMut::Linear(l) => {
                 let a = LoraLinear::new(l, r, scale, self.lora_dropout, gaussian, init);
@@ -138,7 +140,7 @@ impl AdapterConfig for LoraConfig {
             "alpha_pattern": self.alpha_pattern,
             "fan_in_fan_out": false,
             "bias": "none",
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "task_type": null,
             "inference_mode": true,
         })

@@ -8,7 +8,7 @@ use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Embedding, EmbeddingAdapter, Init
 
 use crate::PeftType;
 
-fn dropout<const D: usize>(x: Tensor<D>, p: f64, training: bool) -> Tensor<D> {
+pub(crate) fn dropout<const D: usize>(x: Tensor<D>, p: f64, training: bool) -> Tensor<D> {
     if !training || p == 0.0 {
         return x;
     }
@@ -70,13 +70,13 @@ impl Adapter for LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
-    fn forward(&self, x: Tensor<2>, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         // Scaling the rank-r activations, not the full-width output, saves a full-size pass
         // forward and backward.
         let h = dropout(x.clone(), self.dropout, self.training).matmul(self.a.clone().transpose());
         inner(x) + (h * (self.scale * weight as f64)).matmul(self.b.clone().transpose())
     }
-    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
+    fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _unmerged: &Tensor<2>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         Ok((w + self.delta_weight() * weight as f64, b))
     }
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
@@ -142,13 +142,13 @@ impl Adapter for LoraConv2d {
 }
 
 impl Conv2dAdapter for LoraConv2d {
-    fn forward(&self, x: Tensor<4>, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, _: &knobs_nn::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let down = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
         let h = conv2d(dropout(x.clone(), self.dropout, self.training), self.a.clone(), None, down);
         let h = conv2d(h, self.b.clone(), None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1));
         inner(x) + h * (self.scale * weight as f64)
     }
-    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
+    fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, _unmerged: &Tensor<4>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
         Ok((w + self.delta_weight() * weight as f64, b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {

@@ -2,8 +2,10 @@
 //! Conv2d (LoCon) and Embedding layers.
 mod combine;
 mod config;
+pub mod dora;
 mod layer;
 
 pub use combine::{Combination, combine};
 pub use config::{LoraConfig, LoraInit};
+pub use dora::{DoraConv2d, DoraLinear};
 pub use layer::{LoraConv2d, LoraEmbedding, LoraLinear};

@@ -70,7 +70,7 @@ impl Conv2d {
     fn chain(&self, live: &[&SlotEntry<dyn Conv2dAdapter>], x: Tensor<4>) -> Tensor<4> {
         match live.split_last() {
             None => self.forward_base(x),
-            Some((outer, rest)) => outer.adapter.forward(x, &|x| self.chain(rest, x), outer.weight()),
+            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x), outer.weight()),
         }
     }
 

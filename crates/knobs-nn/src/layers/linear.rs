@@ -67,7 +67,7 @@ impl Linear {
     fn chain(&self, live: &[&SlotEntry<dyn LinearAdapter>], x: Tensor<2>) -> Tensor<2> {
         match live.split_last() {
             None => self.forward_base(x),
-            Some((outer, rest)) => outer.adapter.forward(x, &|x| self.chain(rest, x), outer.weight()),
+            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x), outer.weight()),
         }
     }
 }

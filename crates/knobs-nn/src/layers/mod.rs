@@ -9,7 +9,11 @@ macro_rules! weight_and_bias_merging {
             /// an error (and the layer unchanged) when the adapter cannot be merged.
             pub fn merge_adapter(&mut self, name: &str) -> $crate::Result<bool> {
                 let (w, b) = ($crate::param::f32_value(&self.weight).inner(), self.bias.clone().map(|b| b.inner()));
-                let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, weight))? else { return Ok(false) };
+                let mut unmerged = (w.clone(), b.clone());
+                for (a, weight) in self.adapters.merged_rev() {
+                    unmerged = a.unmerge(unmerged.0, unmerged.1, weight);
+                }
+                let Some((w, b)) = self.adapters.merge(name, |a, weight| a.merge(w, b, &unmerged.0, weight))? else { return Ok(false) };
                 self.set_weights(w, b);
                 Ok(true)
             }
