@@ -58,8 +58,11 @@ fn each_method_trains_exactly_what_it_attaches() {
         let with_grad: std::collections::BTreeSet<String> = grads.keys().cloned().collect();
         assert_eq!(with_grad, trainable, "{method}: gradients reach exactly the trainable parameters");
         let nonzero = grads.values().filter(|g| (*g).clone().abs().sum().into_scalar::<f32>() > 0.0).count();
-        // A new LoRA's B is zero, so its A gets no gradient on the first step (as in PEFT).
-        let lora_a = grads.keys().filter(|k| k.contains(".lora_A.")).count();
-        assert!(nonzero + lora_a >= grads.len() && nonzero > 0, "{method}: {nonzero} of {} gradients are non-zero", grads.len());
+        // A factor that starts at zero silences its partners' gradients on the first step (as
+        // in PEFT): LoRA's B gates A, LoHa's hada_w2_b gates the other factors, LoKr's w1
+        // gates w2.
+        let gated = [".lora_A.", ".hada_w1_", ".hada_w2_a.", ".hada_t", ".lokr_w2", ".lokr_t2", ".lokr_w1_b."];
+        let silent = grads.keys().filter(|k| gated.iter().any(|g| k.contains(g))).count();
+        assert!(nonzero + silent >= grads.len() && nonzero > 0, "{method}: {nonzero} of {} gradients are non-zero", grads.len());
     }
 }

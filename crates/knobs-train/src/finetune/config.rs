@@ -15,7 +15,9 @@ use serde_json::Value;
 
 use super::methods::hyper_lora::HyperLoraOptions;
 use super::methods::hypernetwork::HypernetworkOptions;
+use super::methods::lokr::LokrOptions;
 use super::methods::lora::LoraOptions;
+use super::methods::oft::OftOptions;
 use super::methods::textual_inversion::TokenOptions;
 use super::methods::{Method, OptionGroup};
 use crate::lr::LrSchedule;
@@ -223,6 +225,12 @@ pub struct TrainConfig {
     pub lora: LoraOptions,
     #[command(flatten)]
     #[serde(flatten)]
+    pub lokr: LokrOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub oft: OftOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub tokens: TokenOptions,
     #[command(flatten)]
     #[serde(flatten)]
@@ -374,6 +382,8 @@ impl TrainConfig {
             (OptionGroup::Tokens, changed_flags(&self.tokens)),
             (OptionGroup::Hypernetwork, changed_flags(&self.hypernetwork)),
             (OptionGroup::HyperLora, changed_flags(&self.hyper_lora)),
+            (OptionGroup::Lokr, changed_flags(&self.lokr)),
+            (OptionGroup::Oft, changed_flags(&self.oft)),
             (OptionGroup::TextEncoder, if self.train_text_encoder { vec!["--train-text-encoder".to_string()] } else { Vec::new() }),
         ];
         for (group, set) in groups {

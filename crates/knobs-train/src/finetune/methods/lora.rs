@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use knobs_adapters::Pattern;
+use knobs_adapters::{AdapterConfig, Pattern};
 use knobs_adapters::lora::LoraConfig;
 use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -57,7 +57,7 @@ impl LoraOptions {
     pub fn alpha(&self) -> f64 {
         self.alpha.unwrap_or(self.rank as f64)
     }
-    fn config(&self, targets: Vec<String>) -> LoraConfig {
+    pub fn config(&self, targets: Vec<String>) -> LoraConfig {
         LoraConfig { lora_dropout: self.lora_dropout, ..LoraConfig::new(self.rank, self.alpha(), Pattern::Names(targets)) }
     }
 }
@@ -65,16 +65,31 @@ impl LoraOptions {
 /// Attaches the UNet LoRA (and the text encoder's with `--train-text-encoder`); returns its
 /// parameters.
 pub fn attach_lora(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters) -> Result<Attached> {
+    attach_with(cfg, sd, adapters, |targets| Box::new(cfg.lora.config(targets)))
+}
+
+/// Attaches `config(targets)` to the UNet at LoRA's target flags (with `--conv` its
+/// convolutions) and, with `--train-text-encoder`, to the text encoder; the shared attach of
+/// every low-rank-family method.
+pub fn attach_with(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, config: impl Fn(Vec<String>) -> Box<dyn AdapterConfig>) -> Result<Attached> {
     let o = &cfg.lora;
     let mut targets = o.target_modules.clone();
     if o.conv {
         targets.extend(["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"].map(String::from));
     }
-    adapters.add(sd, Component::Unet, ADAPTER, Box::new(o.config(targets)))?;
+    adapters.add(sd, Component::Unet, ADAPTER, config(targets))?;
     if cfg.train_text_encoder {
-        adapters.add(sd, Component::TextEncoder, ADAPTER, Box::new(o.config(o.text_encoder_target_modules.clone())))?;
+        adapters.add(sd, Component::TextEncoder, ADAPTER, config(o.text_encoder_target_modules.clone()))?;
     }
     Ok(Attached { trainable: adapters.parameter_paths(sd, ADAPTER)?, placeholder: None })
+}
+
+/// Methods saved only as PEFT folders refuse `--format kohya`.
+pub fn require_peft_format(cfg: &TrainConfig, method: &str) -> Result<()> {
+    if cfg.lora.format != LoraFormat::Diffusers {
+        anyhow::bail!("--format kohya is not available for --method {method}: it is saved as a PEFT folder");
+    }
+    Ok(())
 }
 
 /// PEFT folders (`unet_lora/`, `text_encoder_lora/`) and the LoRA file in `--format`.

@@ -5,11 +5,15 @@
 //!
 //! Adding a method: a new file here implementing [`TrainMethod`] and one line in
 //! [`REGISTRY`]; options of its own are one more struct flattened into `TrainConfig`.
+pub mod dora;
 pub mod dreambooth;
 pub mod hyper_lora;
 pub mod hypernetwork;
 pub mod ia3;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
+pub mod oft;
 pub mod pivotal;
 pub mod textual_inversion;
 
@@ -44,6 +48,8 @@ pub enum OptionGroup {
     Tokens,
     Hypernetwork,
     HyperLora,
+    Lokr,
+    Oft,
     /// `--train-text-encoder`.
     TextEncoder,
 }
@@ -99,6 +105,10 @@ pub static REGISTRY: &[Method] = &[
     Method(&dreambooth::Dreambooth),
     Method(&textual_inversion::TextualInversion),
     Method(&lora::Lora),
+    Method(&dora::Dora),
+    Method(&loha::Loha),
+    Method(&lokr::Lokr),
+    Method(&oft::Oft),
     Method(&ia3::Ia3),
     Method(&pivotal::Pivotal),
     Method(&hypernetwork::Hypernetwork),
