@@ -178,6 +178,9 @@ impl PipelineAdapters {
     /// file) and attaches each component's part as adapter `name` with `weight`; frozen.
     /// On an error nothing of the file stays attached.
     pub fn load_lora(&mut self, sd: &mut StableDiffusion, path: &Path, name: &str, weight: f32) -> Result<Vec<Component>> {
+        if let Some(folders) = peft_folders(path)? {
+            return self.load_peft_folders(sd, &folders, name, weight);
+        }
         let parts = lora_files::read(path)?;
         let mut done = Vec::new();
         for (prefix, lora) in &parts {
@@ -194,6 +197,22 @@ impl PipelineAdapters {
                     return Err(e);
                 }
             }
+        }
+        self.set_weight(name, weight);
+        Ok(done)
+    }
+
+    /// Loads PEFT folders (component, folder) as adapter `name`, all or none.
+    fn load_peft_folders(&mut self, sd: &mut StableDiffusion, folders: &[(Component, PathBuf)], name: &str, weight: f32) -> Result<Vec<Component>> {
+        let mut done = Vec::new();
+        for (c, dir) in folders {
+            if let Err(e) = self.load_peft(sd, *c, dir, name) {
+                for c in done {
+                    self.on(sd, c, |am| am.delete_adapter(name))?;
+                }
+                return Err(e);
+            }
+            done.push(*c);
         }
         self.set_weight(name, weight);
         Ok(done)
@@ -335,4 +354,45 @@ impl PipelineAdapters {
     pub fn save_hypernetwork(&mut self, sd: &mut StableDiffusion, name: &str, path: &Path) -> Result<()> {
         self.on(sd, Component::Unet, |am| hypernetwork::save(am, name, path))
     }
+}
+
+/// The PEFT folders that `path` stands for when they are not plain LoRA (which the LoRA file
+/// readers take, with their key-style tolerance): a PEFT folder of another method (DoRA, LoHa,
+/// LoKr, OFT, IA3), onto the component its name starts with (`text_encoder_loha` ->
+/// text encoder, anything else the UNet); or a `knobs train` output folder holding
+/// `<component>_<method>/` PEFT folders. `None`: read `path` as a LoRA file or folder.
+fn peft_folders(path: &Path) -> Result<Option<Vec<(Component, PathBuf)>>> {
+    let component_of = |dir: &Path| {
+        let n = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if n.starts_with("text_encoder") { Component::TextEncoder } else { Component::Unet }
+    };
+    let plain_lora = |dir: &Path| -> Result<bool> {
+        let file = dir.join(peft::CONFIG_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|e| file_error(&file, format!("cannot read: {e}")))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_error(&file, format!("not valid JSON: {e}")))?;
+        Ok(json.get("peft_type").and_then(|v| v.as_str()) == Some("LORA") && json.get("use_dora").and_then(|v| v.as_bool()) != Some(true))
+    };
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    if path.join(peft::CONFIG_FILE).exists() {
+        return Ok(if plain_lora(path)? { None } else { Some(vec![(component_of(path), path.to_path_buf())]) });
+    }
+    if path.join(lora_files::DIFFUSERS_FILE).exists() {
+        return Ok(None);
+    }
+    let mut found = Vec::new();
+    for c in Component::ALL {
+        let entries = std::fs::read_dir(path).map_err(|e| file_error(path, format!("cannot list: {e}")))?;
+        let mut here: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(peft::CONFIG_FILE).exists() && p.file_name().is_some_and(|n| n.to_string_lossy().strip_prefix(c.name()).is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("_2"))))
+            .collect();
+        here.sort();
+        if here.len() > 1 {
+            return Err(file_error(path, format!("holds several {} adapters ({here:?}); pass one of them", c.name())));
+        }
+        found.extend(here.into_iter().map(|p| (c, p)));
+    }
+    Ok(if found.is_empty() { None } else { Some(found) })
 }
