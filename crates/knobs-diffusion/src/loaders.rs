@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use knobs_adapters::formats::diffusers::{self as diffusers_lora, DiffusersKeys};
 use knobs_adapters::formats::lora_files::{self, ComponentLora};
-use knobs_adapters::formats::{kohya, peft};
+use knobs_adapters::formats::{kohya, lycoris, peft};
 use knobs_adapters::{AdaptedModel, AdapterConfig, AdapterError, Result, hypernetwork};
+use knobs_nn::io::{StateDict, read_checked};
 use knobs_nn::{Error, Module};
 
 use crate::clip::embeddings::{self, LearnedEmbedding};
@@ -181,6 +182,12 @@ impl PipelineAdapters {
         if let Some(folders) = peft_folders(path)? {
             return self.load_peft_folders(sd, &folders, name, weight);
         }
+        if path.is_file() {
+            let file = read_checked(path, "")?;
+            if lycoris::is_lycoris(&file) {
+                return self.load_lycoris(sd, &file, name, weight);
+            }
+        }
         let parts = lora_files::read(path)?;
         let mut done = Vec::new();
         for (prefix, lora) in &parts {
@@ -200,6 +207,42 @@ impl PipelineAdapters {
         }
         self.set_weight(name, weight);
         Ok(done)
+    }
+
+    /// Loads a LyCORIS file (LoHa, LoKr, DoRA) as adapter `name`, all components or none.
+    fn load_lycoris(&mut self, sd: &mut StableDiffusion, file: &StateDict, name: &str, weight: f32) -> Result<Vec<Component>> {
+        let parts = lycoris::read(file)?;
+        let mut done = Vec::new();
+        for (prefix, part) in &parts {
+            let attached = Component::from_prefix(prefix).map_err(|e| file_error(&file.file, e)).and_then(|c| {
+                self.on(sd, c, |am| lycoris::attach(am, name, part, &file.file))?;
+                Ok(c)
+            });
+            match attached {
+                Ok(c) => done.push(c),
+                Err(e) => {
+                    for c in done {
+                        self.on(sd, c, |am| am.delete_adapter(name))?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.set_weight(name, weight);
+        Ok(done)
+    }
+
+    /// Writes adapter `name` (LoHa, LoKr or DoRA; every component it is on) as one LyCORIS file.
+    pub fn save_lycoris_file(&mut self, sd: &mut StableDiffusion, name: &str, path: &Path) -> Result<()> {
+        let mut parts = Vec::new();
+        for c in self.components_of(name) {
+            parts.push((c.name(), self.on(sd, c, |am| lycoris::from_adapter(am, name))?));
+        }
+        if parts.is_empty() {
+            return Err(file_error(path, format!("no adapter named `{name}` to save")));
+        }
+        let refs: Vec<(&str, &lycoris::LycorisPart)> = parts.iter().map(|(n, p)| (*n, p)).collect();
+        lycoris::save(path, &refs)
     }
 
     /// Loads PEFT folders (component, folder) as adapter `name`, all or none.

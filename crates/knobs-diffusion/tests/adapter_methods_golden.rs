@@ -102,3 +102,36 @@ fn oft_matches_peft() {
     // output even at the identity); knobs runs what PEFT merges, unmerged and merged.
     peft_case("oft_conv3x3", "out_oft_conv3x3_merged", "out_oft_conv3x3_merged");
 }
+
+/// A LyCORIS file (made by LyCORIS 4.1.3 through its kohya wrapper, F16 tensors) gives
+/// LyCORIS's output unmerged and merged; knobs writes it back as a file that loads to the same.
+fn lycoris_case(case: &str) {
+    use knobs_adapters::formats::lycoris;
+    let g = read_safetensors(fixtures().join("unet_methods.safetensors")).unwrap();
+    let file = read_safetensors(fixtures().join(format!("{case}.safetensors"))).unwrap();
+    assert!(lycoris::is_lycoris(&file));
+    let parts = lycoris::read(&file).unwrap();
+    assert_eq!(parts.keys().collect::<Vec<_>>(), ["unet"]);
+    let mut m = unet(&cpu());
+    let paths = lycoris::attach(&mut m, case, &parts["unet"], &file.file).unwrap();
+    assert_eq!(paths.len(), 66, "{case}: 48 attention projections, 12 resnet conv1, 6 proj_in");
+    let want = format!("out_{case}");
+    check(&mut m, &g, &want, &want, case);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("written.safetensors");
+    lycoris::save(&out, &[("unet", &lycoris::from_adapter(&m, case).unwrap())]).unwrap();
+    let written = read_safetensors(&out).unwrap();
+    assert_eq!(written.tensors.keys().collect::<Vec<_>>(), file.tensors.keys().collect::<Vec<_>>(), "{case}: the same keys as LyCORIS writes");
+    let mut back = unet(&cpu());
+    lycoris::attach(&mut back, case, &lycoris::read(&written).unwrap()["unet"], &out).unwrap();
+    let e = rel_err(&run(&back.model, &g), &g.f32(&want).unwrap().0);
+    assert!(e <= 1e-4, "{case}: written by knobs and read back {e}");
+}
+
+#[test]
+fn lycoris_files_match_lycoris() {
+    for case in ["loha_lycoris", "lokr_lycoris", "lokr_both_lycoris", "dora_lycoris"] {
+        lycoris_case(case);
+    }
+}

@@ -18,6 +18,7 @@ const PREFIXES: &[(&str, &str)] =
     &[("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder")];
 
 /// LyCORIS algorithms whose tensors are not a plain down/up pair.
+/// (LoHa, LoKr, DoRA and diag-OFT files are read by `formats::lycoris`.)
 const UNSUPPORTED: &[(&str, &str)] = &[
     (".lora_mid.weight", "LoCon with a Tucker mid tensor"),
     (".hada_", "LoHa"),
@@ -26,6 +27,11 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     (".dora_scale", "DoRA"),
     (".diff", "full weight differences"),
 ];
+
+/// The component a kohya key belongs to and the rest of the key after its prefix.
+pub fn split_prefix(key: &str) -> Option<(&'static str, &str)> {
+    PREFIXES.iter().find(|(p, _)| key.starts_with(p)).map(|(p, c)| (*c, &key[p.len()..]))
+}
 
 /// Whether a key looks like kohya's.
 pub fn is_kohya(key: &str) -> bool {

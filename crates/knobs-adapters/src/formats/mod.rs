@@ -2,4 +2,5 @@
 pub mod diffusers;
 pub mod kohya;
 pub mod lora_files;
+pub mod lycoris;
 pub mod peft;

@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use knobs_nn::{Init, LayerMut};
 use serde_json::{Value, json};
 
@@ -17,11 +19,14 @@ pub struct LokrConfig {
     /// Divide by the kept fraction after rank dropout.
     pub rank_dropout_scale: bool,
     pub init: KronInit,
+    /// Layouts fixed per layer path, for files whose factor shapes were chosen by other rules
+    /// (LyCORIS splits an explicit factor the other way round); not part of PEFT's config.
+    pub layouts: BTreeMap<String, KronPlan>,
 }
 
 impl LokrConfig {
     pub fn new(options: LycorisOptions) -> Self {
-        LokrConfig { options, decompose_both: false, decompose_factor: -1, rank_dropout_scale: false, init: KronInit::Peft }
+        LokrConfig { options, decompose_both: false, decompose_factor: -1, rank_dropout_scale: false, init: KronInit::Peft, layouts: BTreeMap::new() }
     }
 
     pub fn from_peft_json(json: &Value) -> Result<Box<dyn AdapterConfig>> {
@@ -42,6 +47,7 @@ impl LokrConfig {
             decompose_factor,
             rank_dropout_scale: field(json, "rank_dropout_scale")?.unwrap_or(false),
             init,
+            layouts: BTreeMap::new(),
         }))
     }
 }
@@ -61,7 +67,10 @@ impl AdapterConfig for LokrConfig {
         let (shape, device) = layer_shape(&layer, path, "LoKr")?;
         let (r, alpha) = self.options.rank_alpha(path);
         let conv = matches!(layer, LayerMut::Conv2d(_));
-        let plan = KronPlan::new(shape, r, self.decompose_factor, self.decompose_both, self.options.use_effective_conv2d, conv);
+        let plan = match self.layouts.get(path) {
+            Some(plan) => plan.clone(),
+            None => KronPlan::new(shape, r, self.decompose_factor, self.decompose_both, self.options.use_effective_conv2d, conv),
+        };
         let kron = Kron::new(&plan, r, self.init, init, &device);
         let adapter = DeltaAdapter { rank_dropout_scale: self.rank_dropout_scale, ..DeltaAdapter::new(kron, alpha / r as f64, &self.options) };
         insert(layer, name, adapter);

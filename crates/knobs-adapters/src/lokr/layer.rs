@@ -37,6 +37,7 @@ pub struct Kron {
 }
 
 /// How [`Kron::new`] lays out one layer's factors.
+#[derive(Debug, Clone, PartialEq)]
 pub struct KronPlan {
     /// `(a, b)` with out = a*b, and `(c, d)` with in = c*d.
     pub out: (usize, usize),

@@ -5,4 +5,4 @@ mod config;
 mod layer;
 
 pub use config::LokrConfig;
-pub use layer::{Kron, factorization};
+pub use layer::{Kron, KronInit, KronPlan, factorization};
