@@ -135,3 +135,70 @@ fn lycoris_files_match_lycoris() {
         lycoris_case(case);
     }
 }
+
+/// Writes adapters made by knobs (fresh, with every parameter moved off its identity start)
+/// as PEFT folders and LyCORIS files, with knobs' UNet output for each, into
+/// `$KNOBS_EXPORT_DIR`; `scripts/check_knobs_adapters_in_peft.sh` loads them with PEFT and
+/// LyCORIS and compares. Ignored in CI (it needs the Python reference stack).
+#[test]
+#[ignore]
+fn export_knobs_adapters_for_peft() {
+    use knobs_adapters::formats::lycoris;
+    use knobs_adapters::loha::LohaConfig;
+    use knobs_adapters::lokr::LokrConfig;
+    use knobs_adapters::lora::LoraConfig;
+    use knobs_adapters::lycoris::LycorisOptions;
+    use knobs_adapters::oft::OftConfig;
+    use knobs_adapters::{AdapterConfig, Pattern};
+    use knobs_nn::{Init, ModuleExt};
+
+    let Ok(dir) = std::env::var("KNOBS_EXPORT_DIR") else { panic!("set KNOBS_EXPORT_DIR") };
+    let dir = PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = read_safetensors(fixtures().join("unet_methods.safetensors")).unwrap();
+    let targets = || Pattern::names(&["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]);
+    let lyc = |r, a, cp| LycorisOptions { use_effective_conv2d: cp, ..LycorisOptions::new(r, a, targets()) };
+    let cases: Vec<(&str, Box<dyn AdapterConfig>, bool)> = vec![
+        ("knobs_loha", Box::new(LohaConfig::new(lyc(4, 8.0, false))), true),
+        ("knobs_loha_cp", Box::new(LohaConfig::new(lyc(4, 8.0, true))), false),
+        ("knobs_lokr", Box::new(LokrConfig::new(lyc(4, 8.0, false))), true),
+        ("knobs_lokr_both", Box::new(LokrConfig { decompose_both: true, decompose_factor: 8, ..LokrConfig::new(lyc(2, 4.0, true)) }), false),
+        ("knobs_dora", Box::new(LoraConfig { use_dora: true, ..LoraConfig::new(4, 8.0, targets()) }), true),
+        ("knobs_oft", Box::new(OftConfig::new(32, Pattern::names(&["to_q", "to_k", "to_v", "to_out.0", "proj_in"]))), false),
+        ("knobs_oft_cayley", Box::new(OftConfig { use_cayley_neumann: false, ..OftConfig::new(8, Pattern::names(&["to_q", "to_k", "to_v", "proj_in"])) }), false),
+    ];
+    let mut outputs = std::collections::BTreeMap::new();
+    for (k, v) in &g.tensors {
+        if ["sample", "timestep", "encoder_hidden_states"].contains(&k.as_str()) {
+            outputs.insert(k.clone(), v.clone());
+        }
+    }
+    for (i, (case, config, lyc_file)) in cases.into_iter().enumerate() {
+        let mut m = unet(&cpu());
+        m.add_adapter(case, config).unwrap();
+        let mut init = Init::new(100 + i as u64);
+        let markers = [".hada_", ".lokr_", ".lora_", ".oft_R."];
+        m.model.for_each_param_mut(|path, mut p| {
+            if markers.iter().any(|s| path.contains(s)) {
+                let n = p.as_ref().numel();
+                let base: Vec<f32> = p.as_ref().flat().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+                let std = if path.contains(".oft_R.") { 0.02 } else if path.contains("magnitude") { 0.0 } else { 0.15 };
+                let v: Vec<f32> = base.iter().zip(init.normal_vec(n)).map(|(b, z)| b + z * std).collect();
+                p.replace_flat(Tensor::from_data(TensorData::new(v, [n]), &p.device()));
+            }
+        });
+        m.freeze();
+        let out = run(&m.model, &g);
+        let change = rel_err(&out, &g.f32("out_base").unwrap().0);
+        println!("{case}: changes the output by {change:.3}");
+        assert!(change > 0.01, "{case}");
+        let shape = g.get("out_base").unwrap().shape().as_slice().to_vec();
+        outputs.insert(format!("out_{case}"), TensorData::new(out.clone(), shape.clone()));
+        peft::save(&m, case, dir.join(format!("{case}_peft"))).unwrap();
+        if lyc_file {
+            lycoris::save(dir.join(format!("{case}_lycoris.safetensors")), &[("unet", &lycoris::from_adapter(&m, case).unwrap())]).unwrap();
+            outputs.insert(format!("out_{case}_lycoris"), TensorData::new(out, shape));
+        }
+    }
+    knobs_nn::io::write_safetensors(dir.join("expect.safetensors"), &outputs, &Default::default()).unwrap();
+}
