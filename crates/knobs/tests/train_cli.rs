@@ -302,3 +302,42 @@ fn memory_savers_keep_what_is_learned() {
     let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--cache-latents", "--random-crop", "--out", s(&tmp.path().join("x"))]);
     assert!(err.contains("--cache-latents") && err.contains("--random-crop"), "{err}");
 }
+
+/// LoHa, LoKr, DoRA and OFT train from the command line, write PEFT folders (and LyCORIS files
+/// with --format kohya), and `knobs generate --lora` takes either back.
+#[test]
+fn lycoris_family_methods_train_and_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (method, peft_type, extra) in [
+        ("loha", "LOHA", &["--format", "kohya"][..]),
+        ("lokr", "LOKR", &["--format", "kohya", "--decompose-both"][..]),
+        ("dora", "LORA", &["--format", "kohya", "--conv"][..]),
+        ("oft", "OFT", &["--oft-block-size", "8"][..]),
+    ] {
+        let out = tmp.path().join(method);
+        let mut args = vec!["--max-train-steps", "2"];
+        args.extend_from_slice(extra);
+        train(&out, method, &args);
+        let folder = out.join(format!("unet_{method}"));
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["peft_type"], peft_type, "{method}");
+        let mut sources = vec![out.clone()];
+        if method != "oft" {
+            let file = out.join("lycoris_kohya.safetensors");
+            let sd = read_safetensors(&file).unwrap();
+            assert!(sd.tensors.keys().all(|k| k.starts_with("lora_unet_")), "{method}");
+            assert!(sd.metadata["ss_network_module"] == "lycoris.kohya", "{method}");
+            sources.push(file);
+        }
+        for (i, src) in sources.iter().enumerate() {
+            let png = tmp.path().join(format!("{method}{i}.png"));
+            ok(&["generate", "--model", s(tiny_model()), "--prompt", "a striped star", "--steps", "2", "--lora", s(src), "--out", s(&png)]);
+            assert!(png.exists(), "{method}: {}", src.display());
+        }
+    }
+    // Bad input names the flag.
+    let err = fail(&["train", "--model", s(tiny_model()), "--method", "oft", "--rank", "8", "--concept", "striped-star", "--out", s(&tmp.path().join("x"))]);
+    assert!(err.contains("--rank") && err.contains("oft"), "{err}");
+    let err = fail(&["train", "--model", s(tiny_model()), "--method", "lokr", "--decompose-factor", "0", "--concept", "striped-star", "--out", s(&tmp.path().join("y"))]);
+    assert!(err.contains("--decompose-factor"), "{err}");
+}

@@ -12,6 +12,8 @@ use serde::Serialize;
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const KOHYA_FILE: &str = "lora_kohya.safetensors";
+/// LoHa, LoKr and DoRA with `--format kohya`.
+pub const LYCORIS_FILE: &str = "lycoris_kohya.safetensors";
 pub const EMBEDDING_FILE: &str = "learned_embeds.safetensors";
 /// The A1111-style hypernetwork (`knobs generate --hypernetwork`).
 pub const HYPERNETWORK_FILE: &str = "hypernetwork.safetensors";

@@ -7,8 +7,8 @@ use knobs_adapters::AdapterConfig;
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 
-use super::lora::{attach_with, require_peft_format};
-use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
+use super::lora::{attach_with, save_peft_and_lycoris};
+use super::{Attached, Defaults, OptionGroup, TrainMethod};
 use crate::finetune::config::TrainConfig;
 
 pub struct Dora;
@@ -26,10 +26,6 @@ impl TrainMethod for Dora {
     fn options(&self) -> &'static [OptionGroup] {
         &[OptionGroup::Lora, OptionGroup::TextEncoder]
     }
-    fn validate(&self, cfg: &TrainConfig) -> Result<()> {
-        require_peft_format(cfg, self.name())?;
-        super::require_steps(cfg)
-    }
     fn attach(&self, cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters) -> Result<Attached> {
         attach_with(cfg, sd, adapters, |targets| -> Box<dyn AdapterConfig> {
             let mut c = cfg.lora.config(targets);
@@ -38,6 +34,6 @@ impl TrainMethod for Dora {
         })
     }
     fn save(&self, cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, _: &Attached) -> Result<Vec<PathBuf>> {
-        Ok(adapters.save_peft(sd, ADAPTER, &cfg.out, self.name())?)
+        save_peft_and_lycoris(cfg, sd, adapters, self.name())
     }
 }

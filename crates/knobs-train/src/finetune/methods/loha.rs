@@ -1,5 +1,5 @@
 //! LoHa: Hadamard product of two low-rank products on the UNet's attention (and convolutions
-//! with --conv), saved as a PEFT folder. Rank, alpha and targets are LoRA's flags.
+//! with --conv), saved as a PEFT folder (and a LyCORIS file with --format kohya). Rank, alpha and targets are LoRA's flags.
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -9,8 +9,8 @@ use knobs_adapters::{AdapterConfig, Pattern};
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 
-use super::lora::{attach_with, require_peft_format};
-use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
+use super::lora::{attach_with, save_peft_and_lycoris};
+use super::{Attached, Defaults, OptionGroup, TrainMethod};
 use crate::finetune::config::TrainConfig;
 
 pub struct Loha;
@@ -28,16 +28,12 @@ impl TrainMethod for Loha {
     fn options(&self) -> &'static [OptionGroup] {
         &[OptionGroup::Lora, OptionGroup::TextEncoder]
     }
-    fn validate(&self, cfg: &TrainConfig) -> Result<()> {
-        require_peft_format(cfg, self.name())?;
-        super::require_steps(cfg)
-    }
     fn attach(&self, cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters) -> Result<Attached> {
         attach_with(cfg, sd, adapters, |targets| -> Box<dyn AdapterConfig> {
             Box::new(LohaConfig::new(LycorisOptions::new(cfg.lora.rank, cfg.lora.alpha(), Pattern::Names(targets))))
         })
     }
     fn save(&self, cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, _: &Attached) -> Result<Vec<PathBuf>> {
-        Ok(adapters.save_peft(sd, ADAPTER, &cfg.out, self.name())?)
+        save_peft_and_lycoris(cfg, sd, adapters, self.name())
     }
 }

@@ -1,4 +1,4 @@
-//! LoKr: Kronecker product of a small and a (low-rank) large factor, saved as a PEFT folder.
+//! LoKr: Kronecker product of a small and a (low-rank) large factor, saved as a PEFT folder (and a LyCORIS file with --format kohya).
 //! Rank, alpha and targets are LoRA's flags; the split is its own.
 use std::path::PathBuf;
 
@@ -10,8 +10,8 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
-use super::lora::{attach_with, require_peft_format};
-use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
+use super::lora::{attach_with, save_peft_and_lycoris};
+use super::{Attached, Defaults, OptionGroup, TrainMethod};
 use crate::finetune::config::{TrainConfig, defaults_from_clap};
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,7 +44,6 @@ impl TrainMethod for Lokr {
         &[OptionGroup::Lora, OptionGroup::Lokr, OptionGroup::TextEncoder]
     }
     fn validate(&self, cfg: &TrainConfig) -> Result<()> {
-        require_peft_format(cfg, self.name())?;
         let f = cfg.lokr.decompose_factor;
         if f == 0 || f < -1 {
             bail!("--decompose-factor must be -1 or a positive size, got {f}");
@@ -58,6 +57,6 @@ impl TrainMethod for Lokr {
         })
     }
     fn save(&self, cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, _: &Attached) -> Result<Vec<PathBuf>> {
-        Ok(adapters.save_peft(sd, ADAPTER, &cfg.out, self.name())?)
+        save_peft_and_lycoris(cfg, sd, adapters, self.name())
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ADAPTER, Attached, Defaults, OptionGroup, TrainMethod};
 use crate::finetune::config::{TrainConfig, defaults_from_clap};
-use crate::finetune::outputs::{KOHYA_FILE, LORA_FILE};
+use crate::finetune::outputs::{KOHYA_FILE, LORA_FILE, LYCORIS_FILE};
 
 /// LoRA file layouts `--format` writes.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,12 +84,16 @@ pub fn attach_with(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut P
     Ok(Attached { trainable: adapters.parameter_paths(sd, ADAPTER)?, placeholder: None })
 }
 
-/// Methods saved only as PEFT folders refuse `--format kohya`.
-pub fn require_peft_format(cfg: &TrainConfig, method: &str) -> Result<()> {
-    if cfg.lora.format != LoraFormat::Diffusers {
-        anyhow::bail!("--format kohya is not available for --method {method}: it is saved as a PEFT folder");
+/// PEFT folders (`unet_<method>/`, ...) and, with `--format kohya`, one LyCORIS file as
+/// kohya's trainers write for LoHa, LoKr and DoRA.
+pub fn save_peft_and_lycoris(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, method: &str) -> Result<Vec<PathBuf>> {
+    let mut out = adapters.save_peft(sd, ADAPTER, &cfg.out, method)?;
+    if cfg.lora.format == LoraFormat::Kohya {
+        let path = cfg.out.join(LYCORIS_FILE);
+        adapters.save_lycoris_file(sd, ADAPTER, &path)?;
+        out.push(path);
     }
-    Ok(())
+    Ok(out)
 }
 
 /// PEFT folders (`unet_lora/`, `text_encoder_lora/`) and the LoRA file in `--format`.
