@@ -257,6 +257,9 @@ fn read_peft_folder(dir: &Path) -> Result<BTreeMap<String, ComponentLora>> {
     if let Some(t) = json.get("peft_type").and_then(Value::as_str).filter(|t| PeftType::parse(t) != Some(PeftType::Lora)) {
         return Err(Error::key(&cfg_path, "peft_type", format!("`{t}` is not LoRA; load it with formats::peft::load")).into());
     }
+    if json.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(Error::key(&cfg_path, "use_dora", "a DoRA folder: load it with formats::peft::load").into());
+    }
     if json.get("modules_to_save").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(Error::key(&cfg_path, "modules_to_save", "set: load this folder with formats::peft::load").into());
     }
@@ -279,7 +282,7 @@ pub(crate) fn peft_scaling(file: &Path, json: &Value) -> Result<LoraConfig> {
     let get = |k: &str| json.get(k).filter(|v| !v.is_null());
     let bad = |k: &str, e: serde_json::Error| AdapterError::from(Error::key(file, k, e));
     if get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return Err(Error::key(file, "use_dora", "DoRA is not supported").into());
+        return Err(Error::key(file, "use_dora", "DoRA in a diffusers LoRA file is not supported; load its PEFT folder or a LyCORIS file").into());
     }
     let mut cfg = LoraConfig::new(8, 8.0, Pattern::Names(vec![]));
     if let Some(v) = get("r") { cfg.r = serde_json::from_value(v.clone()).map_err(|e| bad("r", e))?; }

@@ -204,6 +204,6 @@ mod tests {
             assert_eq!(v.get_name(), m.name());
             assert!(!m.about().is_empty());
         }
-        assert!(Method::parse("lokr").unwrap_err().to_string().contains("known: dreambooth"));
+        assert!(Method::parse("boft").unwrap_err().to_string().contains("known: dreambooth"));
     }
 }
