@@ -20,14 +20,18 @@ pub struct Artefacts {
     pub loras: Vec<PathBuf>,
     /// Textual-inversion embeddings (`knobs eval --embedding`).
     pub embeddings: Vec<PathBuf>,
-    /// PEFT folders of adapters that are not LoRA (IA3), with the component they adapt.
+    /// PEFT folders of adapters that are not plain LoRA (DoRA, LoHa, LoKr, OFT, IA3), with the
+    /// component they adapt.
     pub peft: Vec<(Component, PathBuf)>,
     /// A1111-style hypernetworks (`knobs eval --hypernetwork`).
     pub hypernetworks: Vec<PathBuf>,
 }
 
-fn peft_type(dir: &Path) -> Option<PeftType> {
-    peft::read_config(dir).ok().map(|c| c.peft_type())
+/// A PEFT folder of plain LoRA (not DoRA), whose weights the LoRA file beside it also holds.
+fn plain_lora(dir: &Path) -> bool {
+    peft::read_config(dir).ok().is_some_and(|c| {
+        c.peft_type() == PeftType::Lora && !(c.as_ref() as &dyn std::any::Any).downcast_ref::<knobs_adapters::lora::LoraConfig>().is_some_and(|l| l.use_dora)
+    })
 }
 
 impl Artefacts {
@@ -40,12 +44,9 @@ impl Artefacts {
             if p.join("model_index.json").is_file() {
                 a.model = Some(p.clone());
             } else if p.join(peft::CONFIG_FILE).is_file() {
-                match peft_type(p) {
-                    Some(PeftType::Lora) => {}
-                    _ => {
-                        let prefix = name.rsplit_once('_').map_or("", |(c, _)| c);
-                        a.peft.push((Component::from_prefix(prefix).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?, p.clone()));
-                    }
+                if !plain_lora(p) {
+                    let prefix = name.rsplit_once('_').map_or("", |(c, _)| c);
+                    a.peft.push((Component::from_prefix(prefix).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?, p.clone()));
                 }
             } else if name == LORA_FILE || name == KOHYA_FILE {
                 a.loras.push(p.clone());
@@ -55,7 +56,7 @@ impl Artefacts {
                 a.hypernetworks.push(p.clone());
             }
         }
-        let lora_folder_only = a.loras.is_empty() && outputs.iter().any(|p| peft_type(p) == Some(PeftType::Lora));
+        let lora_folder_only = a.loras.is_empty() && outputs.iter().any(|p| plain_lora(p));
         if a.files().is_empty() || lora_folder_only {
             bail!("the run wrote nothing compare knows how to load: {outputs:?}");
         }
