@@ -53,3 +53,22 @@ fn ia3_learns_task_with_base_frozen() {
     assert!(last < 0.7 * first, "loss {first} -> {last}");
     assert!(acc > 0.5, "accuracy {acc}");
 }
+
+#[test]
+fn loha_lokr_dora_and_oft_learn_the_task_with_base_frozen() {
+    use knobs_adapters::loha::LohaConfig;
+    use knobs_adapters::lokr::LokrConfig;
+    use knobs_adapters::lycoris::LycorisOptions;
+    use knobs_adapters::oft::OftConfig;
+    let targets = || Pattern::names(&["conv", "fc1", "fc2", "head"]);
+    let cases: Vec<(&str, Box<dyn AdapterConfig>, f64)> = vec![
+        ("loha", Box::new(LohaConfig::new(LycorisOptions::new(1, 2.0, targets()))), 2e-2),
+        ("lokr", Box::new(LokrConfig::new(LycorisOptions::new(1, 2.0, targets()))), 2e-2),
+        ("dora", Box::new(LoraConfig { use_dora: true, ..LoraConfig::new(1, 2.0, targets()) }), 2e-2),
+        ("oft", Box::new(OftConfig::new(4, targets())), 5e-2),
+    ];
+    for (name, cfg, lr) in cases {
+        let (first, last, _) = train(cfg, lr, 120);
+        assert!(last < 0.7 * first, "{name}: loss {first} -> {last}");
+    }
+}
