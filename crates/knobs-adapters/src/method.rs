@@ -70,6 +70,10 @@ pub trait AdapterConfig: std::any::Any + std::fmt::Debug + Send + Sync {
     /// The `adapter_config.json` that PEFT writes for this config.
     fn to_peft_json(&self) -> Value;
     fn clone_box(&self) -> Box<dyn AdapterConfig>;
+    /// Whether the config has a PEFT folder form; an error says why not.
+    fn check_peft(&self) -> Result<()> {
+        Ok(())
+    }
     /// Whether the method can be folded into the base weights; an error says why not.
     fn check_merge(&self) -> Result<()> {
         Ok(())

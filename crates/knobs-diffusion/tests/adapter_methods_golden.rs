@@ -131,7 +131,7 @@ fn lycoris_case(case: &str) {
 
 #[test]
 fn lycoris_files_match_lycoris() {
-    for case in ["loha_lycoris", "lokr_lycoris", "lokr_both_lycoris", "dora_lycoris"] {
+    for case in ["loha_lycoris", "lokr_lycoris", "lokr_both_lycoris", "dora_lycoris", "oft_lycoris", "oft_constrained_lycoris"] {
         lycoris_case(case);
     }
 }
@@ -200,5 +200,21 @@ fn export_knobs_adapters_for_peft() {
             outputs.insert(format!("out_{case}_lycoris"), TensorData::new(out, shape));
         }
     }
+    // diag-OFT has no config of its own to start from: LyCORIS's file, its blocks moved.
+    let file = read_safetensors(fixtures().join("oft_constrained_lycoris.safetensors")).unwrap();
+    let mut m = unet(&cpu());
+    lycoris::attach(&mut m, "d", &lycoris::read(&file).unwrap()["unet"], &file.file).unwrap();
+    let mut init = Init::new(99);
+    m.model.for_each_param_mut(|path, mut p| {
+        if path.contains(".oft_blocks.") {
+            let n = p.as_ref().numel();
+            let base: Vec<f32> = p.as_ref().flat().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+            let v: Vec<f32> = base.iter().zip(init.normal_vec(n)).map(|(b, z)| b + z * 0.05).collect();
+            p.replace_flat(Tensor::from_data(TensorData::new(v, [n]), &p.device()));
+        }
+    });
+    let out = run(&m.model, &g);
+    outputs.insert("out_knobs_diag_oft_lycoris".into(), TensorData::new(out, g.get("out_base").unwrap().shape().as_slice().to_vec()));
+    lycoris::save(dir.join("knobs_diag_oft_lycoris.safetensors"), &[("unet", &lycoris::from_adapter(&m, "d").unwrap())]).unwrap();
     knobs_nn::io::write_safetensors(dir.join("expect.safetensors"), &outputs, &Default::default()).unwrap();
 }

@@ -1,6 +1,6 @@
 //! LyCORIS single files, as kohya's trainers and LyCORIS write them and A1111 / ComfyUI load
-//! them: LoHa (`hada_w1_a` ...), LoKr (`lokr_w1`, `lokr_w2_a` ...) and DoRA (LoCon's
-//! `lora_down` / `lora_up` with `dora_scale`), each module under a kohya name
+//! them: LoHa (`hada_w1_a` ...), LoKr (`lokr_w1`, `lokr_w2_a` ...), DoRA (LoCon's
+//! `lora_down` / `lora_up` with `dora_scale`) and diag-OFT (`oft_blocks`), each module under a kohya name
 //! (`lora_unet_<path with _>`) with a scalar `.alpha`. The tensors are PEFT's own factors under
 //! other names, so a file becomes a PEFT-style adapter with one rank and alpha per module.
 //! Scales as LyCORIS loaders apply them: `alpha / r` with `r` the rank of the low-rank factors,
@@ -20,6 +20,7 @@ use crate::loha::{Hada, LohaConfig};
 use crate::lokr::{Kron, KronPlan, LokrConfig};
 use crate::lora::{DoraConv2d, DoraLinear, LoraConfig};
 use crate::lycoris::{DeltaAdapter, LycorisOptions};
+use crate::oft::diag::{DiagOft, DiagOftConfig};
 use crate::{AdaptedModel, AdapterConfig, AdapterError, Pattern, PeftType, Result, strip_adapter_name};
 
 /// The method of a LyCORIS file.
@@ -28,6 +29,8 @@ pub enum Algo {
     Loha,
     Lokr,
     Dora,
+    /// LyCORIS's output-side block rotation (`oft_blocks`).
+    DiagOft,
 }
 
 impl Algo {
@@ -37,6 +40,7 @@ impl Algo {
             Algo::Loha => "loha",
             Algo::Lokr => "lokr",
             Algo::Dora => "locon",
+            Algo::DiagOft => "diag-oft",
         }
     }
 }
@@ -57,6 +61,7 @@ const PARAMS: &[(&str, Option<Algo>)] = &[
     ("lokr_w2_b", Some(Algo::Lokr)),
     ("lokr_t2", Some(Algo::Lokr)),
     ("dora_scale", Some(Algo::Dora)),
+    ("oft_blocks", Some(Algo::DiagOft)),
     ("lora_down.weight", None),
     ("lora_up.weight", None),
     ("alpha", None),
@@ -98,12 +103,9 @@ pub fn read(sd: &StateDict) -> Result<BTreeMap<String, LycorisPart>> {
     let file = &sd.file;
     let mut found: BTreeMap<String, BTreeMap<String, LycorisModule>> = BTreeMap::new();
     for (key, data) in &sd.tensors {
-        if key.contains(".oft_blocks") {
-            return Err(Error::key(file, key, "LyCORIS diag-OFT (output-side rotation) is not supported; PEFT OFT folders are").into());
-        }
         let (component, rest) = kohya::split_prefix(key).ok_or_else(|| Error::key(file, key, "not a LyCORIS key: expected lora_unet_<name> / lora_te_<name> then .hada_*, .lokr_*, .lora_down/up.weight, .dora_scale or .alpha"))?;
         let Some((module, param)) = PARAMS.iter().find_map(|(p, _)| rest.strip_suffix(p).and_then(|m| m.strip_suffix('.')).filter(|m| !m.is_empty() && !m.contains('.')).map(|m| (m, *p))) else {
-            return Err(Error::key(file, key, "not a LyCORIS tensor of LoHa, LoKr or DoRA").into());
+            return Err(Error::key(file, key, "not a LyCORIS tensor of LoHa, LoKr, DoRA or diag-OFT").into());
         };
         let m = found.entry(component.to_string()).or_default().entry(module.to_string()).or_default();
         if param == "alpha" {
@@ -183,6 +185,7 @@ pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &Lycoris
     let mut ranks = Vec::new();
     let mut layouts = BTreeMap::new();
     let mut cp = false;
+    let mut diag = BTreeMap::new();
     for (kname, m) in &part.modules {
         let key = m.any_key();
         let path = match names.get(kname) {
@@ -243,6 +246,17 @@ pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &Lycoris
                 let up = m.tensors.get("lora_up.weight").ok_or_else(|| AdapterError::from(Error::key(file, &key, format!("module `{kname}` lacks `lora_up.weight`"))))?;
                 state.insert(format!("{path}.lora_B.weight"), up.1.clone());
             }
+            Algo::DiagOft => {
+                let s = need("oft_blocks")?;
+                let [n, bs, bs2] = s[..] else { return Err(Error::key(file, key, format!("oft_blocks of shape {s:?}; expected [blocks, size, size]")).into()) };
+                if bs != bs2 || n * bs != out {
+                    return Err(Error::key(file, key, format!("oft_blocks {s:?} do not cover the {out} outputs of `{path}`")).into());
+                }
+                diag.insert(path.clone(), (n, bs, m.alpha.unwrap_or(0.0)));
+                ranks.push((path.clone(), 1, 1.0));
+                let d = m.tensors["oft_blocks"].1.clone().convert::<f32>();
+                state.insert(format!("{path}.oft_blocks"), TensorData::new(d.try_into_vec::<f32>().expect("float"), [n * bs, bs]));
+            }
         }
     }
     let (r, alpha, rank_pattern, alpha_pattern) = patterns(file, &ranks)?;
@@ -256,6 +270,7 @@ pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &Lycoris
             if part.algo == Algo::Loha { Box::new(LohaConfig::new(o)) } else { Box::new(LokrConfig { layouts, ..LokrConfig::new(o) }) }
         }
         Algo::Dora => Box::new(LoraConfig { use_dora: true, rank_pattern, alpha_pattern, ..LoraConfig::new(r, alpha, targets) }),
+        Algo::DiagOft => Box::new(DiagOftConfig { targets: crate::Targets::new(targets), layers: diag }),
     };
     let paths = model.add_adapter(name, config)?;
     let sd = StateDict { file: file.to_path_buf(), tensors: state, metadata: HashMap::new() };
@@ -271,11 +286,13 @@ pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &Lycoris
 pub fn from_adapter<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<LycorisPart> {
     let config = model.config(name)?;
     let dora = config.peft_type() == PeftType::Lora && (config as &dyn Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
+    let diag_oft = (config as &dyn Any).downcast_ref::<DiagOftConfig>().is_some();
     let algo = match config.peft_type() {
+        _ if diag_oft => Algo::DiagOft,
         PeftType::Loha => Algo::Loha,
         PeftType::Lokr => Algo::Lokr,
         _ if dora => Algo::Dora,
-        other => return Err(AdapterError::Config(format!("adapter `{name}` is {other}: LyCORIS files here hold LoHa, LoKr or DoRA"))),
+        other => return Err(AdapterError::Config(format!("adapter `{name}` is {other}: LyCORIS files here hold LoHa, LoKr, DoRA or diag-OFT"))),
     };
     if !config.modules_to_save().is_empty() {
         return Err(AdapterError::Config(format!("adapter `{name}` has modules_to_save, which LyCORIS files cannot hold; save it as a PEFT folder")));
@@ -302,6 +319,8 @@ pub fn from_adapter<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<Ly
             a.lora.scale
         } else if let Some(a) = any.downcast_ref::<DoraConv2d>() {
             a.lora.scale
+        } else if let Some(a) = any.downcast_ref::<DiagOft>() {
+            a.constraint
         } else {
             return;
         };
@@ -339,6 +358,14 @@ fn with_lycoris_names(algo: Algo, mut t: BTreeMap<String, (String, TensorData)>,
             t.insert("lora_up.weight".into(), (kb, b));
             t.insert("dora_scale".into(), (km, TensorData::new(v, shape)));
             scale * r as f64
+        }
+        // The "scale" of a diag-OFT module is its constraint, LyCORIS's alpha.
+        Algo::DiagOft => {
+            let (k, d) = t.remove("oft_blocks").expect("diag-OFT has blocks");
+            let [rows, bs] = d.shape().as_slice()[..] else { unreachable!("stored 2-D") };
+            let v: Vec<f32> = d.convert::<f32>().try_into_vec::<f32>().expect("float");
+            t.insert("oft_blocks".into(), (k, TensorData::new(v, [rows / bs, bs, bs])));
+            scale
         }
     };
     LycorisModule { tensors: t, alpha: Some(alpha) }

@@ -17,6 +17,7 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 /// Writes adapter `name` of `model` as a PEFT folder `dir`.
 pub fn save<M: Module>(model: &AdaptedModel<M>, name: &str, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
+    model.config(name)?.check_peft()?;
     let config = model.config(name)?.to_peft_json();
     let tensors = model.adapter_state_dict(name)?.into_iter().map(|(k, v)| (format!("{KEY_PREFIX}{k}"), v)).collect();
     let mut meta = HashMap::new();

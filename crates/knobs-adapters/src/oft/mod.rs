@@ -3,6 +3,7 @@
 //! a skew-symmetric `Q` by the Cayley transform `(I - Q)(I + Q)^-1` or its Neumann series;
 //! COFT keeps each `Q` within a radius of zero.
 mod config;
+pub mod diag;
 mod layer;
 mod rotation;
 
