@@ -13,9 +13,28 @@ pub struct Rotation {
     pub eps: f64,
     /// `None`: the exact Cayley transform; `Some(n)`: PEFT's n-term Neumann series.
     pub neumann_terms: Option<usize>,
+    /// Scatters a parameter row into its skew-symmetric block: `[n, bs * bs]` of 0 / +1 / -1,
+    /// built once (a single matmul forward and backward).
+    place: Tensor<2>,
 }
 
 impl Rotation {
+    pub fn new(block_size: usize, blocks: usize, block_share: bool, coft: bool, eps: f64, neumann_terms: Option<usize>, device: &knobs_nn::Device) -> Self {
+        let bs = block_size;
+        let n = bs * (bs - 1) / 2;
+        let mut place = vec![0f32; n * bs * bs];
+        let mut k = 0;
+        for i in 0..bs {
+            for j in i + 1..bs {
+                place[k * bs * bs + i * bs + j] = 1.0;
+                place[k * bs * bs + j * bs + i] = -1.0;
+                k += 1;
+            }
+        }
+        let place = Tensor::<2>::from_data(TensorData::new(place, [n, bs * bs]), device);
+        Rotation { block_size, blocks, block_share, coft, eps, neumann_terms, place }
+    }
+
     pub fn n_elements(&self) -> usize {
         self.block_size * (self.block_size - 1) / 2
     }
@@ -43,21 +62,9 @@ impl Rotation {
 
     /// The skew-symmetric blocks `[rows, bs, bs]` from the parameter `[rows, n]`.
     fn skew(&self, q: Tensor<2>) -> Tensor<3> {
-        let (bs, n) = (self.block_size, self.n_elements());
+        let bs = self.block_size;
         let rows = q.dims()[0];
-        // Scatter the upper triangle through a fixed 0/1 matrix [n, bs*bs]: differentiable and
-        // a single matmul.
-        let mut place = vec![0f32; n * bs * bs];
-        let mut k = 0;
-        for i in 0..bs {
-            for j in i + 1..bs {
-                place[k * bs * bs + i * bs + j] = 1.0;
-                place[k * bs * bs + j * bs + i] = -1.0;
-                k += 1;
-            }
-        }
-        let place = Tensor::<2>::from_data(TensorData::new(place, [n, bs * bs]), &q.device());
-        q.matmul(place).reshape([rows, bs, bs])
+        q.matmul(self.place.clone()).reshape([rows, bs, bs])
     }
 
     /// The rotation blocks `[blocks, bs, bs]` for parameter `q` scaled by `weight` (the
