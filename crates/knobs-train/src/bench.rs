@@ -24,8 +24,17 @@ use crate::progress::peak_rss_bytes;
 use crate::rng::step_rng;
 
 /// What can be timed, with the `--method` each training mode stands for.
-pub const MODES: &[(&str, Option<&str>)] =
-    &[("full", Some("dreambooth")), ("lora", Some("lora")), ("ia3", Some("ia3")), ("ti", Some("textual-inversion")), ("generate", None)];
+pub const MODES: &[(&str, Option<&str>)] = &[
+    ("full", Some("dreambooth")),
+    ("lora", Some("lora")),
+    ("dora", Some("dora")),
+    ("loha", Some("loha")),
+    ("lokr", Some("lokr")),
+    ("oft", Some("oft")),
+    ("ia3", Some("ia3")),
+    ("ti", Some("textual-inversion")),
+    ("generate", None),
+];
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

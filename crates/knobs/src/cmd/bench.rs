@@ -24,7 +24,8 @@ pub struct Args {
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// What to time, comma-separated: full, lora, ia3, ti (training steps), generate.
+    /// What to time, comma-separated: full, lora, dora, loha, lokr, oft, ia3, ti (training
+    /// steps), generate.
     #[arg(long, value_delimiter = ',', default_value = "full,lora,ia3,ti,generate")]
     modes: Vec<String>,
     /// Print the measurements as JSON.
