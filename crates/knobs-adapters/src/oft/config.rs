@@ -120,7 +120,7 @@ impl AdapterConfig for OftConfig {
             return Err(AdapterError::Config(format!("OFT on `{path}`: a block size of {block_size} leaves nothing to rotate; use a larger oft_block_size")));
         }
         let neumann = self.use_cayley_neumann.then_some(self.num_cayley_neumann_terms);
-        let rotation = Rotation::new(block_size, blocks, self.block_share, self.coft, self.eps, neumann, &device);
+        let rotation = Rotation::new(block_size, blocks, self.block_share, self.coft, self.eps, neumann);
         let shape = [rotation.param_rows(), rotation.n_elements()];
         let q = if self.init_weights { Tensor::zeros(shape, &device) } else { init.normal(shape, 0.1, &device) };
         match layer {

@@ -1,7 +1,7 @@
 //! The block rotation: PEFT's `OFTRotationModule` (`weight` `[blocks, bs(bs-1)/2]`, the upper
 //! triangle of each skew-symmetric block, row by row).
 use knobs_nn::Tensor;
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{IndexingUpdateOp, Int, TensorData};
 
 #[derive(Debug, Clone)]
 pub struct Rotation {
@@ -13,26 +13,17 @@ pub struct Rotation {
     pub eps: f64,
     /// `None`: the exact Cayley transform; `Some(n)`: PEFT's n-term Neumann series.
     pub neumann_terms: Option<usize>,
-    /// Scatters a parameter row into its skew-symmetric block: `[n, bs * bs]` of 0 / +1 / -1,
-    /// built once (a single matmul forward and backward).
-    place: Tensor<2>,
+    /// Where each parameter of a row lands in its flattened block: the `n` upper-triangle
+    /// positions `i * bs + j`, then their mirrors `j * bs + i` (which take the negated value).
+    positions: Vec<i64>,
 }
 
 impl Rotation {
-    pub fn new(block_size: usize, blocks: usize, block_share: bool, coft: bool, eps: f64, neumann_terms: Option<usize>, device: &knobs_nn::Device) -> Self {
-        let bs = block_size;
-        let n = bs * (bs - 1) / 2;
-        let mut place = vec![0f32; n * bs * bs];
-        let mut k = 0;
-        for i in 0..bs {
-            for j in i + 1..bs {
-                place[k * bs * bs + i * bs + j] = 1.0;
-                place[k * bs * bs + j * bs + i] = -1.0;
-                k += 1;
-            }
-        }
-        let place = Tensor::<2>::from_data(TensorData::new(place, [n, bs * bs]), device);
-        Rotation { block_size, blocks, block_share, coft, eps, neumann_terms, place }
+    pub fn new(block_size: usize, blocks: usize, block_share: bool, coft: bool, eps: f64, neumann_terms: Option<usize>) -> Self {
+        let bs = block_size as i64;
+        let upper: Vec<(i64, i64)> = (0..bs).flat_map(|i| (i + 1..bs).map(move |j| (i, j))).collect();
+        let positions = upper.iter().map(|(i, j)| i * bs + j).chain(upper.iter().map(|(i, j)| j * bs + i)).collect();
+        Rotation { block_size, blocks, block_share, coft, eps, neumann_terms, positions }
     }
 
     pub fn n_elements(&self) -> usize {
@@ -63,8 +54,12 @@ impl Rotation {
     /// The skew-symmetric blocks `[rows, bs, bs]` from the parameter `[rows, n]`.
     fn skew(&self, q: Tensor<2>) -> Tensor<3> {
         let bs = self.block_size;
-        let rows = q.dims()[0];
-        q.matmul(self.place.clone()).reshape([rows, bs, bs])
+        let [rows, n] = q.dims();
+        let device = q.device();
+        let idx: Vec<i64> = (0..rows).flat_map(|_| self.positions.iter().copied()).collect();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [rows, 2 * n]), &device);
+        let values = Tensor::cat(vec![q.clone(), q.neg()], 1);
+        Tensor::<2>::zeros([rows, bs * bs], &device).scatter(1, idx, values, IndexingUpdateOp::Add).reshape([rows, bs, bs])
     }
 
     /// The rotation blocks `[blocks, bs, bs]` for parameter `q` scaled by `weight` (the
