@@ -133,8 +133,16 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
+    /// `"text_time"` (SDXL): the pooled text embedding and the size / crop time ids add to
+    /// the time embedding; null otherwise.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Sinusoidal features per time id (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Width of `add_embedding`'s input: pooled text width + time ids x `addition_time_embed_dim`.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     #[serde(default)]
@@ -283,13 +291,21 @@ impl UNetConfig {
         must("mid_block_only_cross_attention", &self.mid_block_only_cross_attention.unwrap_or(false), false)?;
         for (key, v) in [
             ("class_embed_type", &self.class_embed_type),
-            ("addition_embed_type", &self.addition_embed_type),
             ("encoder_hid_dim_type", &self.encoder_hid_dim_type),
             ("time_embedding_act_fn", &self.time_embedding_act_fn),
             ("timestep_post_act", &self.timestep_post_act),
             ("cross_attention_norm", &self.cross_attention_norm),
         ] {
             must(key, v, None)?;
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
+                    return Err(Error::param("addition_embed_type", "\"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"));
+                }
+            }
+            Some(other) => return Err(Error::param("addition_embed_type", format!("{other:?} is not supported (only \"text_time\" or null)"))),
         }
         for (key, v) in [("num_class_embeds", self.num_class_embeds), ("encoder_hid_dim", self.encoder_hid_dim), ("time_cond_proj_dim", self.time_cond_proj_dim)] {
             must(key, &v, None)?;

@@ -1,4 +1,4 @@
-//! diffusers `UNet2DConditionModel` (SD 1.x / 2.x), one file per block. Parameter paths equal
+//! diffusers `UNet2DConditionModel` (SD 1.x / 2.x, and SDXL's `text_time` conditioning), one file per block. Parameter paths equal
 //! diffusers' `state_dict` keys, so checkpoints and adapter files map one to one.
 pub mod attention;
 pub mod config;
@@ -15,7 +15,7 @@ pub use config::{BlockPlan, PerBlock, UNetConfig};
 pub use down::{DownBlock, Downsample2D};
 pub use embeddings::{TimestepEmbedding, Timesteps};
 pub use mid::UNetMidBlock2DCrossAttn;
-pub use model::{UNet2DConditionModel, UNetIntermediates};
+pub use model::{AddedCond, UNet2DConditionModel, UNetIntermediates};
 pub use resnet::ResnetBlock2D;
 pub use transformer::{BasicTransformerBlock, FeedForward, Projection, Transformer2DModel};
 pub use up::{UpBlock, Upsample2D};

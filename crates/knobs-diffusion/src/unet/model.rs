@@ -18,6 +18,10 @@ pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_proj: Timesteps,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `text_time` conditioning: sinusoidal features of each time id, and the MLP that
+    /// maps them with the pooled text embedding onto the time embedding.
+    pub add_time_proj: Option<Timesteps>,
+    pub add_embedding: Option<TimestepEmbedding>,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<UNetMidBlock2DCrossAttn>,
     pub up_blocks: Vec<UpBlock>,
@@ -25,9 +29,18 @@ pub struct UNet2DConditionModel {
     pub conv_out: Conv2d,
 }
 impl_module!(UNet2DConditionModel {
-    "conv_in" => conv_in, "time_embedding" => time_embedding, "down_blocks" => down_blocks,
+    "conv_in" => conv_in, "time_embedding" => time_embedding, "add_embedding" => add_embedding, "down_blocks" => down_blocks,
     "mid_block" => mid_block, "up_blocks" => up_blocks, "conv_norm_out" => conv_norm_out, "conv_out" => conv_out,
 });
+
+/// SDXL's added conditioning (diffusers' `added_cond_kwargs`): the pooled text embedding
+/// `[B, pooled]` and the time ids `[B, n]` (original height and width, crop top and left,
+/// target height and width).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    pub text_embeds: Tensor<2>,
+    pub time_ids: Tensor<2>,
+}
 
 /// Block outputs of one forward pass, named as diffusers' modules (the first element of a
 /// block's tuple output: for a down block, the features after its downsampler).
@@ -74,6 +87,12 @@ impl UNet2DConditionModel {
         let conv_in = Conv2d::new(config.in_channels, ch[0], k_in, 1, k_in / 2, true, init, device);
         let time_proj = Timesteps::new(ch[0], config.flip_sin_to_cos, config.freq_shift);
         let time_embedding = TimestepEmbedding::new(ch[0], temb, init, device);
+        let (add_time_proj, add_embedding) = match (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
+            (Some(dim), Some(input)) if config.addition_embed_type.is_some() => {
+                (Some(Timesteps::new(dim, config.flip_sin_to_cos, config.freq_shift)), Some(TimestepEmbedding::new(input, temb, init, device)))
+            }
+            _ => (None, None),
+        };
         let mut down_blocks = Vec::with_capacity(n);
         for (i, plan) in down.iter().enumerate() {
             let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
@@ -93,7 +112,7 @@ impl UNet2DConditionModel {
         }
         let conv_norm_out = GroupNorm::new(config.groups(), ch[0], config.norm_eps, device);
         let conv_out = Conv2d::new(ch[0], config.out_channels, k_out, 1, k_out / 2, true, init, device);
-        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
     }
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (every tensor
@@ -109,13 +128,27 @@ impl UNet2DConditionModel {
     /// `sample` `[B, in, H, W]`, `timesteps` `[B]` (or `[1]`, shared), `encoder_hidden_states`
     /// `[B, M, cross_attention_dim]` -> `[B, out, H, W]`.
     pub fn forward(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>) -> Tensor<4> {
-        self.run(sample, timesteps, encoder_hidden_states, None)
+        self.run(sample, timesteps, encoder_hidden_states, None, None)
+    }
+
+    /// `forward` of a UNet with added conditioning (SDXL's `text_time`).
+    pub fn forward_with_cond(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>, added: &AddedCond) -> Tensor<4> {
+        self.run(sample, timesteps, encoder_hidden_states, Some(added), None)
+    }
+
+    /// The `text_time` embedding added to the time embedding: `add_embedding(cat(text_embeds,
+    /// add_time_proj(time_ids) per row))`, `[B, time_embed_dim]`.
+    pub fn added_embedding(&self, added: &AddedCond) -> Option<Tensor<2>> {
+        let (proj, mlp) = (self.add_time_proj.as_ref()?, self.add_embedding.as_ref()?);
+        let [b, n] = added.time_ids.dims();
+        let features = proj.forward(added.time_ids.clone().reshape([b * n])).reshape([b, n * proj.dim]);
+        Some(mlp.forward(Tensor::cat(vec![added.text_embeds.clone(), features], 1)))
     }
 
     /// `forward`, also returning every block's output.
     pub fn forward_with_intermediates(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>) -> (Tensor<4>, UNetIntermediates) {
         let mut cap = None;
-        let out = self.run(sample, timesteps, encoder_hidden_states, Some(&mut cap));
+        let out = self.run(sample, timesteps, encoder_hidden_states, None, Some(&mut cap));
         (out, cap.expect("run fills the capture"))
     }
 
@@ -134,6 +167,9 @@ impl UNet2DConditionModel {
         if eb != b {
             return bad("encoder_hidden_states", format!("batch {eb} differs from the sample's {b}"));
         }
+        if self.add_embedding.is_some() {
+            return bad("added_cond", "this UNet (addition_embed_type \"text_time\") needs the pooled text embedding and time ids: use forward_with_cond".into());
+        }
         for p in self.config.down_plans()? {
             if p.cross_attn && p.cross_attention_dim != ed {
                 return bad("encoder_hidden_states", format!("width {ed} differs from cross_attention_dim {}", p.cross_attention_dim));
@@ -142,12 +178,16 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
-    fn run(&self, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, mut cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
+    fn run(&self, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, added: Option<&AddedCond>, mut cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
         let b = sample.dims()[0];
         let timesteps = if timesteps.dims()[0] == b { timesteps } else { timesteps.expand([b]) };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
         let t_proj = self.time_proj.forward(timesteps);
         let temb = self.time_embedding.forward(t_proj.clone());
+        let temb = match added.and_then(|a| self.added_embedding(a)) {
+            Some(aug) => temb + aug,
+            None => temb,
+        };
         let temb_act = silu(temb.clone());
 
         let mut x = self.conv_in.forward(sample);

@@ -1,0 +1,46 @@
+//! SDXL's UNet (tiny random, `fixtures/tiny-sdxl`, made by `scripts/make_tiny_sdxl.py`)
+//! against diffusers: the `text_time` added embedding and the whole prediction, with
+//! `transformer_layers_per_block` per level and a first level without attention.
+use std::path::{Path, PathBuf};
+
+use knobs_diffusion::unet::{AddedCond, UNet2DConditionModel};
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{StateDict, read_safetensors};
+use knobs_nn::{Device, Tensor, cpu};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+}
+
+fn tensor<const D: usize>(sd: &StateDict, key: &str, device: &Device) -> Tensor<D> {
+    let (values, shape) = sd.f32(key).unwrap();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// max |a - b| / max |b|.
+fn rel_err<const D: usize>(got: Tensor<D>, g: &StateDict, key: &str) -> f32 {
+    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let want = g.f32(key).unwrap().0;
+    assert_eq!(got.len(), want.len(), "{key}");
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    diff / want.iter().map(|b| b.abs()).fold(0f32, f32::max)
+}
+
+#[test]
+fn sdxl_unet_matches_diffusers() {
+    let device = cpu();
+    let unet = UNet2DConditionModel::from_dir(fixture().join("unet"), &device).unwrap();
+    let g = read_safetensors(fixture().join("goldens/unet.safetensors")).unwrap();
+    let added = AddedCond { text_embeds: tensor(&g, "text_embeds", &device), time_ids: tensor(&g, "time_ids", &device) };
+    let aug = unet.added_embedding(&added).expect("a text_time UNet");
+    let e = rel_err(aug, &g, "intermediate.add_embedding");
+    assert!(e < 1e-5, "add_embedding {e}");
+
+    let (sample, t, ehs) = (tensor(&g, "sample", &device), tensor(&g, "timestep", &device), tensor(&g, "encoder_hidden_states", &device));
+    let err = unet.check_inputs(&sample, &t, &ehs).unwrap_err().to_string();
+    assert!(err.contains("forward_with_cond"), "{err}");
+    let out = unet.forward_with_cond(sample, t, ehs, &added);
+    let e = rel_err(out, &g, "out");
+    println!("SDXL UNet: rel {e:.2e}");
+    assert!(e < 1e-4, "output {e}");
+}
