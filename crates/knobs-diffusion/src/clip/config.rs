@@ -52,6 +52,9 @@ pub struct ClipTextConfig {
     pub bos_token_id: i64,
     #[serde(default = "d::eos_token_id")]
     pub eos_token_id: i64,
+    /// `["CLIPTextModelWithProjection"]` (SDXL's second encoder) adds `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 mod d {
@@ -69,6 +72,11 @@ mod d {
 }
 
 impl ClipTextConfig {
+    /// The width of `text_projection` when the config is a `CLIPTextModelWithProjection`.
+    pub fn with_projection(&self) -> Option<usize> {
+        self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection").then_some(self.projection_dim.unwrap_or(512))
+    }
+
     /// Reads and checks a `config.json`; every error names the file (and the key when one is at fault).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -5,7 +5,7 @@ use std::path::Path;
 use knobs_nn::burn::tensor::{Int, TensorData};
 use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors};
 use knobs_nn::param::like;
-use knobs_nn::{Device, Embedding, Error, Init, LayerNorm, Result, Tensor, impl_module};
+use knobs_nn::{Device, Embedding, Error, Init, LayerNorm, Linear, Result, Tensor, impl_module};
 
 use super::config::ClipTextConfig;
 use super::encoder::ClipEncoder;
@@ -56,9 +56,12 @@ pub struct ClipOutput {
 #[derive(Debug)]
 pub struct ClipTextModel {
     pub text_model: ClipTextTransformer,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias): the pooled output mapped to
+    /// `text_embeds`, SDXL's pooled prompt embedding.
+    pub text_projection: Option<Linear>,
     pub config: ClipTextConfig,
 }
-impl_module!(ClipTextModel { "text_model" => text_model });
+impl_module!(ClipTextModel { "text_model" => text_model, "text_projection" => text_projection });
 
 impl ClipTextModel {
     /// A randomly initialised model; `config` must be valid (see [`ClipTextConfig::validate`]).
@@ -74,7 +77,8 @@ impl ClipTextModel {
             encoder: ClipEncoder::new(&config, act, init, device),
             final_layer_norm: LayerNorm::new(d, config.layer_norm_eps, device),
         };
-        Ok(ClipTextModel { text_model, config })
+        let text_projection = config.with_projection().map(|p| Linear::new(d, p, false, init, device));
+        Ok(ClipTextModel { text_model, text_projection, config })
     }
 
     /// Loads a diffusers `text_encoder/` folder: `config.json` and `model.safetensors`.
@@ -108,6 +112,12 @@ impl ClipTextModel {
         let (hidden_states, last_hidden_state) = self.encode(ids.clone(), self.num_layers());
         let pooled = self.pool(&ids, last_hidden_state.clone());
         ClipOutput { last_hidden_state, pooled, hidden_states }
+    }
+
+    /// `text_embeds` of a `CLIPTextModelWithProjection`: `text_projection(pooled)`, `[B, P]`;
+    /// `None` for a plain `CLIPTextModel`.
+    pub fn text_embeds(&self, out: &ClipOutput) -> Option<Tensor<2>> {
+        self.text_projection.as_ref().map(|p| p.forward(out.pooled.clone()))
     }
 
     /// [`Self::forward`] after checking the ids' shape and range (this reads the ids back
@@ -203,7 +213,7 @@ pub fn normalize_keys(mut sd: StateDict) -> StateDict {
     sd.tensors = tensors
         .into_iter()
         .filter(|(k, _)| !k.ends_with("embeddings.position_ids"))
-        .map(|(k, v)| if k.starts_with(PREFIX) { (k, v) } else { (format!("{PREFIX}{k}"), v) })
+        .map(|(k, v)| if k.starts_with(PREFIX) || k.starts_with("text_projection.") { (k, v) } else { (format!("{PREFIX}{k}"), v) })
         .collect();
     sd
 }
