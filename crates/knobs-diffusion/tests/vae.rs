@@ -167,3 +167,18 @@ fn bad_configs_and_files_are_clear_errors() {
     let e = AutoencoderKL::from_dir(dir.path(), &cpu()).unwrap_err().to_string();
     assert!(e.contains("resnets.") && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
 }
+
+/// SDXL's VAE config (tiny-sdxl: `scaling_factor` 0.13025, `force_upcast`) loads, and encode
+/// and decode match diffusers.
+#[test]
+fn sdxl_vae_matches_diffusers() {
+    let device = cpu();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sdxl");
+    let vae = AutoencoderKL::from_dir(format!("{dir}/vae"), &device).unwrap();
+    assert_eq!(vae.config.scaling_factor, 0.13025);
+    let g = read_safetensors(format!("{dir}/goldens/vae.safetensors")).unwrap();
+    let posterior = vae.encode(tensor(&g, "encode_in", &device));
+    assert_close("sdxl encode mean", posterior.mean, &g, "encode_mean", 1e-5);
+    assert_close("sdxl encode logvar", posterior.logvar, &g, "encode_logvar", 1e-5);
+    assert_close("sdxl decode", vae.decode(tensor(&g, "decode_in", &device)), &g, "decode_out", 1e-5);
+}
