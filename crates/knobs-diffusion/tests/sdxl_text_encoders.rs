@@ -49,3 +49,48 @@ fn both_sdxl_text_encoders_match_transformers() {
     println!("te2 text_embeds rel {e:.2e}");
     assert!(e < 1e-5, "text_embeds {e}");
 }
+
+/// `StableDiffusionXLPipeline.encode_prompt`'s five cases: a negative prompt, zeros for an
+/// empty one (`force_zeros_for_empty_prompt`), "" without it, `prompt_2`, and `clip_skip`
+/// (positive branch only).
+#[test]
+fn sdxl_encode_prompt_matches_diffusers() {
+    use knobs_diffusion::clip::ClipTokenizer;
+    use knobs_diffusion::pipeline::sdxl::SdxlText;
+    let device = cpu();
+    let g = read_safetensors(fixture().join("goldens/text_encoders.safetensors")).unwrap();
+    let te1 = ClipTextModel::from_dir(fixture().join("text_encoder"), &device).unwrap();
+    let te2 = ClipTextModel::from_dir(fixture().join("text_encoder_2"), &device).unwrap();
+    let tok1 = ClipTokenizer::from_dir(fixture().join("tokenizer")).unwrap();
+    let tok2 = ClipTokenizer::from_dir(fixture().join("tokenizer_2")).unwrap();
+    // The tokenizers give transformers' ids ("!" is the second tokenizer's pad, id 0).
+    let want2: Vec<i64> = g.get("tok2_ids").unwrap().clone().convert::<i64>().try_into_vec::<i64>().unwrap();
+    let got2: Vec<i64> = tok2.encode("a photo of a sks dog, high quality!").unwrap().into_iter().map(i64::from).collect();
+    assert_eq!(got2, want2[..77], "tokenizer_2 ids");
+    let text = SdxlText { te1: &te1, tok1: &tok1, te2: &te2, tok2: &tok2 };
+    let prompt = "a photo of a sks dog, high quality!";
+    let check = |case: &str, p: &knobs_diffusion::pipeline::sdxl::SdxlPrompt, neg: bool| {
+        let pre = if neg { "negative_" } else { "" };
+        let e = rel_err(p.embeds.clone(), &g, &format!("encode.{case}.{pre}prompt_embeds"));
+        assert!(e < 1e-5, "{case} {pre}prompt_embeds {e}");
+        if g.tensors.contains_key(&format!("encode.{case}.{pre}pooled_prompt_embeds")) {
+            let e = rel_err(p.pooled.clone(), &g, &format!("encode.{case}.{pre}pooled_prompt_embeds"));
+            assert!(e < 1e-5, "{case} {pre}pooled {e}");
+        }
+    };
+    let pos = text.encode(prompt, None, 0, &device).unwrap();
+    check("neg", &pos, false);
+    check("neg", &text.negative(Some("blurry, dark"), None, true, &pos, &device).unwrap(), true);
+    let zeros = text.negative(None, None, true, &pos, &device).unwrap();
+    // diffusers' goldens are all zeros here (a relative error has nothing to divide by).
+    for key in ["encode.zeros.negative_prompt_embeds", "encode.zeros.negative_pooled_prompt_embeds"] {
+        assert!(g.f32(key).unwrap().0.iter().all(|v| *v == 0.0), "{key}");
+    }
+    assert_eq!(zeros.embeds.dims(), pos.embeds.dims());
+    assert_eq!(zeros.embeds.abs().sum().into_scalar::<f32>() + zeros.pooled.abs().sum().into_scalar::<f32>(), 0.0);
+    check("nozeros", &text.negative(None, None, false, &pos, &device).unwrap(), true);
+    check("prompt_2", &text.encode(prompt, Some("an oil painting of a cat"), 0, &device).unwrap(), false);
+    check("clip_skip1", &text.encode(prompt, None, 1, &device).unwrap(), false);
+    check("clip_skip1", &text.negative(Some("blurry, dark"), None, true, &pos, &device).unwrap(), true);
+    assert!(text.encode(prompt, None, 5, &device).unwrap_err().to_string().contains("clip_skip"));
+}

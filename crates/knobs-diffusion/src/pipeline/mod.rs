@@ -3,6 +3,7 @@
 //! decode with the VAE. Loading and generating are separate steps and every component is a
 //! public field, so adapters or new token embeddings can be attached in between.
 pub mod request;
+pub mod sdxl;
 
 pub use request::{GenerateRequest, SchedulerKind};
 
