@@ -186,14 +186,7 @@ impl StableDiffusion {
                 self.unet.check_inputs(&input, &tt, &context)?;
             }
             let pred = self.unet.forward(input, tt, context.clone());
-            let pred = if guided {
-                let mut halves = pred.chunk(2, 0);
-                let cond = halves.pop().expect("two halves");
-                let uncond = halves.pop().expect("two halves");
-                uncond.clone() + (cond - uncond).mul_scalar(req.guidance_scale)
-            } else {
-                pred
-            };
+            let pred = if guided { guide(pred, req.guidance_scale) } else { pred };
             let noise = kind.is_stochastic().then(|| self.noise(&mut rng, shape));
             x = sched.step(pred, t, x, noise)?.prev_sample;
             progress(i + 1, total);
@@ -216,4 +209,12 @@ impl StableDiffusion {
     pub fn generate_with(&self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Tensor<4>> {
         Ok(self.decode_latents(self.generate_latents_with(req, progress)?))
     }
+}
+
+/// Classifier-free guidance on a `[uncond; cond]` prediction: `u + scale (c - u)`.
+pub(crate) fn guide(pred: Tensor<4>, scale: f64) -> Tensor<4> {
+    let mut halves = pred.chunk(2, 0);
+    let cond = halves.pop().expect("two halves");
+    let uncond = halves.pop().expect("two halves");
+    uncond.clone() + (cond - uncond).mul_scalar(scale)
 }

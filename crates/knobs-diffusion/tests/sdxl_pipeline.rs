@@ -1,6 +1,6 @@
-//! SDXL's two text encoders (tiny random, `fixtures/tiny-sdxl`) against transformers: the
-//! penultimate hidden states of both (what SDXL concatenates), and the second encoder's
-//! `text_embeds` (its `text_projection` of the pooled token, SDXL's pooled prompt embedding).
+//! SDXL's text side and sampling loop (tiny random, `fixtures/tiny-sdxl`) against diffusers:
+//! both text encoders and the projected pooled token, `encode_prompt`'s cases, and the whole
+//! 3-step Euler call with guidance and non-default time ids, to the decoded image.
 use std::path::{Path, PathBuf};
 
 use knobs_diffusion::clip::ClipTextModel;
@@ -93,4 +93,42 @@ fn sdxl_encode_prompt_matches_diffusers() {
     check("clip_skip1", &text.encode(prompt, None, 1, &device).unwrap(), false);
     check("clip_skip1", &text.negative(Some("blurry, dark"), None, true, &pos, &device).unwrap(), true);
     assert!(text.encode(prompt, None, 5, &device).unwrap_err().to_string().contains("clip_skip"));
+}
+
+/// The whole SDXL call of the golden (3 Euler steps, guidance 5, negative prompt,
+/// original size (96, 128), crop (8, 16), target (64, 80), 32x48): the time ids, the final
+/// latents and the decoded image as diffusers gives them.
+#[test]
+fn sdxl_denoising_matches_the_diffusers_pipeline() {
+    use knobs_diffusion::clip::ClipTokenizer;
+    use knobs_diffusion::pipeline::sdxl::{SdxlCondition, SdxlText, denoise, time_ids};
+    use knobs_diffusion::schedulers::{EulerDiscreteScheduler, Scheduler, SchedulerConfig};
+    use knobs_diffusion::unet::UNet2DConditionModel;
+    use knobs_diffusion::vae::AutoencoderKL;
+    let device = cpu();
+    let g = read_safetensors(fixture().join("goldens/pipeline.safetensors")).unwrap();
+    let te1 = ClipTextModel::from_dir(fixture().join("text_encoder"), &device).unwrap();
+    let te2 = ClipTextModel::from_dir(fixture().join("text_encoder_2"), &device).unwrap();
+    let tok1 = ClipTokenizer::from_dir(fixture().join("tokenizer")).unwrap();
+    let tok2 = ClipTokenizer::from_dir(fixture().join("tokenizer_2")).unwrap();
+    let unet = UNet2DConditionModel::from_dir(fixture().join("unet"), &device).unwrap();
+    let vae = AutoencoderKL::from_dir(fixture().join("vae"), &device).unwrap();
+    let text = SdxlText { te1: &te1, tok1: &tok1, te2: &te2, tok2: &tok2 };
+    let pos = text.encode("a photo of a sks dog, high quality!", None, 0, &device).unwrap();
+    let neg = text.negative(Some("blurry, dark"), None, true, &pos, &device).unwrap();
+    let ids = time_ids((96, 128), (8, 16), (64, 80));
+    assert_eq!(ids.to_vec(), g.f32("add_time_ids").unwrap().0);
+    let mut sched = EulerDiscreteScheduler::new(SchedulerConfig::from_dir(fixture().join("scheduler")).unwrap()).unwrap();
+    sched.set_timesteps(3).unwrap();
+    let cond = SdxlCondition { positive: &pos, time_ids: ids, negative: Some((&neg, ids)), guidance_scale: 5.0 };
+    let (values, shape) = g.f32("latents").unwrap();
+    let latents = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
+    let out = denoise(&unet, &mut sched, &cond, latents).unwrap();
+    let e = rel_err(out.clone(), &g, "final_latents");
+    println!("SDXL 3-step latents rel {e:.2e}");
+    assert!(e < 1e-4, "final latents {e}");
+    let image = vae.decode(out.div_scalar(vae.scaling_factor())).div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+    let e = rel_err(image.permute([0, 2, 3, 1]), &g, "image");
+    println!("SDXL image rel {e:.2e}");
+    assert!(e < 1e-4, "image {e}");
 }
