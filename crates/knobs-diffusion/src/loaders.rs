@@ -13,7 +13,7 @@ use knobs_adapters::formats::diffusers::{self as diffusers_lora, DiffusersKeys};
 use knobs_adapters::formats::lora_files::{self, ComponentLora};
 use knobs_adapters::formats::{kohya, lycoris, peft};
 use knobs_adapters::{AdaptedModel, AdapterConfig, AdapterError, Result, hypernetwork};
-use knobs_nn::io::{StateDict, read_checked};
+use knobs_nn::io::read_checked;
 use knobs_nn::{Error, Module};
 
 use crate::clip::embeddings::{self, LearnedEmbedding};
@@ -180,53 +180,31 @@ impl PipelineAdapters {
     /// On an error nothing of the file stays attached.
     pub fn load_lora(&mut self, sd: &mut StableDiffusion, path: &Path, name: &str, weight: f32) -> Result<Vec<Component>> {
         if let Some(folders) = peft_folders(path)? {
-            return self.load_peft_folders(sd, &folders, name, weight);
+            return self.attach_each(sd, name, weight, &folders, |am, dir| peft::load(am, dir, name));
         }
         if path.is_file() {
             let file = read_checked(path, "")?;
             if lycoris::is_lycoris(&file) {
-                return self.load_lycoris(sd, &file, name, weight);
+                let parts = components(path, lycoris::read(&file)?)?;
+                return self.attach_each(sd, name, weight, &parts, |am, part| lycoris::attach(am, name, part, path).map(drop));
             }
         }
-        let parts = lora_files::read(path)?;
-        let mut done = Vec::new();
-        for (prefix, lora) in &parts {
-            let attached = Component::from_prefix(prefix).map_err(|e| file_error(path, e)).and_then(|c| {
-                self.on(sd, c, |am| lora_files::attach(am, name, lora))?;
-                Ok(c)
-            });
-            match attached {
-                Ok(c) => done.push(c),
-                Err(e) => {
-                    for c in done {
-                        self.on(sd, c, |am| am.delete_adapter(name))?;
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        self.set_weight(name, weight);
-        Ok(done)
+        let parts = components(path, lora_files::read(path)?)?;
+        self.attach_each(sd, name, weight, &parts, |am, lora| lora_files::attach(am, name, lora).map(drop))
     }
 
-    /// Loads a LyCORIS file (LoHa, LoKr, DoRA) as adapter `name`, all components or none.
-    fn load_lycoris(&mut self, sd: &mut StableDiffusion, file: &StateDict, name: &str, weight: f32) -> Result<Vec<Component>> {
-        let parts = lycoris::read(file)?;
+    /// Attaches one part per component as adapter `name` with `weight`, all or none: on an
+    /// error the components already done lose the adapter again.
+    fn attach_each<T>(&mut self, sd: &mut StableDiffusion, name: &str, weight: f32, parts: &[(Component, T)], attach: impl Fn(&mut AdaptedModel<&mut dyn Module>, &T) -> Result<()>) -> Result<Vec<Component>> {
         let mut done = Vec::new();
-        for (prefix, part) in &parts {
-            let attached = Component::from_prefix(prefix).map_err(|e| file_error(&file.file, e)).and_then(|c| {
-                self.on(sd, c, |am| lycoris::attach(am, name, part, &file.file))?;
-                Ok(c)
-            });
-            match attached {
-                Ok(c) => done.push(c),
-                Err(e) => {
-                    for c in done {
-                        self.on(sd, c, |am| am.delete_adapter(name))?;
-                    }
-                    return Err(e);
+        for (c, part) in parts {
+            if let Err(e) = self.on(sd, *c, |am| attach(am, part)) {
+                for c in done {
+                    self.on(sd, c, |am| am.delete_adapter(name))?;
                 }
+                return Err(e);
             }
+            done.push(*c);
         }
         self.set_weight(name, weight);
         Ok(done)
@@ -243,22 +221,6 @@ impl PipelineAdapters {
         }
         let refs: Vec<(&str, &lycoris::LycorisPart)> = parts.iter().map(|(n, p)| (*n, p)).collect();
         lycoris::save(path, &refs)
-    }
-
-    /// Loads PEFT folders (component, folder) as adapter `name`, all or none.
-    fn load_peft_folders(&mut self, sd: &mut StableDiffusion, folders: &[(Component, PathBuf)], name: &str, weight: f32) -> Result<Vec<Component>> {
-        let mut done = Vec::new();
-        for (c, dir) in folders {
-            if let Err(e) = self.load_peft(sd, *c, dir, name) {
-                for c in done {
-                    self.on(sd, c, |am| am.delete_adapter(name))?;
-                }
-                return Err(e);
-            }
-            done.push(*c);
-        }
-        self.set_weight(name, weight);
-        Ok(done)
     }
 
     /// Loads a PEFT folder of any adapter type onto `component` as `name`; frozen.
@@ -409,27 +371,23 @@ fn peft_folders(path: &Path) -> Result<Option<Vec<(Component, PathBuf)>>> {
         let n = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         if n.starts_with("text_encoder") { Component::TextEncoder } else { Component::Unet }
     };
-    let plain_lora = |dir: &Path| -> Result<bool> {
-        let file = dir.join(peft::CONFIG_FILE);
-        let text = std::fs::read_to_string(&file).map_err(|e| file_error(&file, format!("cannot read: {e}")))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_error(&file, format!("not valid JSON: {e}")))?;
-        Ok(json.get("peft_type").and_then(|v| v.as_str()) == Some("LORA") && json.get("use_dora").and_then(|v| v.as_bool()) != Some(true))
-    };
     if !path.is_dir() {
         return Ok(None);
     }
     if path.join(peft::CONFIG_FILE).exists() {
-        return Ok(if plain_lora(path)? { None } else { Some(vec![(component_of(path), path.to_path_buf())]) });
+        return Ok(if peft::is_plain_lora(path)? { None } else { Some(vec![(component_of(path), path.to_path_buf())]) });
     }
     if path.join(lora_files::DIFFUSERS_FILE).exists() {
         return Ok(None);
     }
+    let entries = std::fs::read_dir(path).map_err(|e| file_error(path, format!("cannot list: {e}")))?;
+    let folders: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(peft::CONFIG_FILE).exists()).collect();
     let mut found = Vec::new();
     for c in Component::ALL {
-        let entries = std::fs::read_dir(path).map_err(|e| file_error(path, format!("cannot list: {e}")))?;
-        let mut here: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(peft::CONFIG_FILE).exists() && p.file_name().is_some_and(|n| n.to_string_lossy().strip_prefix(c.name()).is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("_2"))))
+        let mut here: Vec<PathBuf> = folders
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().strip_prefix(c.name()).is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("_2"))))
+            .cloned()
             .collect();
         here.sort();
         if here.len() > 1 {
@@ -438,4 +396,10 @@ fn peft_folders(path: &Path) -> Result<Option<Vec<(Component, PathBuf)>>> {
         found.extend(here.into_iter().map(|p| (c, p)));
     }
     Ok(if found.is_empty() { None } else { Some(found) })
+}
+
+/// A reader's parts keyed by component prefix (`unet`, `text_encoder`, `""`), as components;
+/// a prefix the pipeline lacks names the file.
+fn components<T>(path: &Path, parts: std::collections::BTreeMap<String, T>) -> Result<Vec<(Component, T)>> {
+    parts.into_iter().map(|(prefix, part)| Ok((Component::from_prefix(&prefix).map_err(|e| file_error(path, e))?, part))).collect()
 }

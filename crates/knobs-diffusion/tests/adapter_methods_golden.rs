@@ -218,3 +218,43 @@ fn export_knobs_adapters_for_peft() {
     lycoris::save(dir.join("knobs_diag_oft_lycoris.safetensors"), &[("unet", &lycoris::from_adapter(&m, "d").unwrap())]).unwrap();
     knobs_nn::io::write_safetensors(dir.join("expect.safetensors"), &outputs, &Default::default()).unwrap();
 }
+
+/// Bad LyCORIS files are refused naming the file key at fault.
+#[test]
+fn bad_lycoris_files_name_the_key() {
+    use knobs_adapters::formats::lycoris;
+    let file = read_safetensors(fixtures().join("dora_lycoris.safetensors")).unwrap();
+    let module = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k";
+    let err = |sd: &StateDict| -> String {
+        match lycoris::read(sd) {
+            Err(e) => e.to_string(),
+            Ok(parts) => lycoris::attach(&mut unet(&cpu()), "x", &parts["unet"], &sd.file).unwrap_err().to_string(),
+        }
+    };
+    // A magnitude per input channel (LyCORIS wd_on_out=False).
+    let mut sd = file.clone();
+    sd.tensors.insert(format!("{module}.dora_scale"), TensorData::new(vec![1f32; 32], [1, 32]));
+    let e = err(&sd);
+    assert!(e.contains(&format!("{module}.dora_scale")) && e.contains("wd_on_out"), "{e}");
+    // A tensor name LyCORIS does not write.
+    let mut sd = file.clone();
+    sd.tensors.insert(format!("{module}.lora_mid.weight"), TensorData::new(vec![0f32; 4], [2, 2]));
+    let e = err(&sd);
+    assert!(e.contains(&format!("{module}.lora_mid.weight")), "{e}");
+    // A module whose kohya name no layer has.
+    let mut sd = file.clone();
+    let (key, t) = sd.tensors.iter().find(|(k, _)| k.starts_with(module) && k.ends_with(".dora_scale")).map(|(k, t)| (k.clone(), t.clone())).unwrap();
+    sd.tensors.remove(&key);
+    sd.tensors.insert("lora_unet_no_such_layer.dora_scale".into(), t);
+    for suffix in ["lora_down.weight", "lora_up.weight", "alpha"] {
+        let t = sd.tensors.remove(&format!("{module}.{suffix}")).unwrap();
+        sd.tensors.insert(format!("lora_unet_no_such_layer.{suffix}"), t);
+    }
+    let e = err(&sd);
+    assert!(e.contains("lora_unet_no_such_layer") && e.contains("no layer"), "{e}");
+    // Two methods in one file.
+    let mut sd = file;
+    sd.tensors.insert("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a".into(), TensorData::new(vec![0f32; 4], [2, 2]));
+    let e = err(&sd);
+    assert!(e.contains("proj_in") && e.contains("two methods"), "{e}");
+}

@@ -340,4 +340,8 @@ fn lycoris_family_methods_train_and_generate() {
     assert!(err.contains("--rank") && err.contains("oft"), "{err}");
     let err = fail(&["train", "--model", s(tiny_model()), "--method", "lokr", "--decompose-factor", "0", "--concept", "striped-star", "--out", s(&tmp.path().join("y"))]);
     assert!(err.contains("--decompose-factor"), "{err}");
+    let err = fail(&["train", "--model", s(tiny_model()), "--method", "oft", "--oft-block-size", "1", "--concept", "striped-star", "--out", s(&tmp.path().join("z"))]);
+    assert!(err.contains("--oft-block-size"), "{err}");
+    let err = fail(&["train", "--model", s(tiny_model()), "--method", "lora", "--oft-block-size", "8", "--concept", "striped-star", "--out", s(&tmp.path().join("w"))]);
+    assert!(err.contains("--oft-block-size") && err.contains("lora"), "{err}");
 }

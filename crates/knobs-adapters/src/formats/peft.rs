@@ -28,6 +28,14 @@ pub fn save<M: Module>(model: &AdaptedModel<M>, name: &str, dir: impl AsRef<Path
     Ok(())
 }
 
+/// Whether the PEFT folder `dir` holds plain LoRA (`peft_type` LORA without `use_dora`), the
+/// one method whose weights the LoRA file formats also carry.
+pub fn is_plain_lora(dir: impl AsRef<Path>) -> Result<bool> {
+    let config = read_config(dir)?;
+    let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<crate::lora::LoraConfig>().is_some_and(|c| c.use_dora);
+    Ok(config.peft_type() == crate::PeftType::Lora && !dora)
+}
+
 /// Reads a PEFT `adapter_config.json`.
 pub fn read_config(dir: impl AsRef<Path>) -> Result<Box<dyn crate::AdapterConfig>> {
     let path = dir.as_ref().join(CONFIG_FILE);

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use knobs_adapters::PeftType;
 use knobs_adapters::formats::peft;
 use knobs_diffusion::loaders::{Component, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -29,9 +28,7 @@ pub struct Artefacts {
 
 /// A PEFT folder of plain LoRA (not DoRA), whose weights the LoRA file beside it also holds.
 fn plain_lora(dir: &Path) -> bool {
-    peft::read_config(dir).ok().is_some_and(|c| {
-        c.peft_type() == PeftType::Lora && !(c.as_ref() as &dyn std::any::Any).downcast_ref::<knobs_adapters::lora::LoraConfig>().is_some_and(|l| l.use_dora)
-    })
+    peft::is_plain_lora(dir).unwrap_or(false)
 }
 
 impl Artefacts {
