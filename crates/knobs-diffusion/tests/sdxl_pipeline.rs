@@ -95,40 +95,65 @@ fn sdxl_encode_prompt_matches_diffusers() {
     assert!(text.encode(prompt, None, 5, &device).unwrap_err().to_string().contains("clip_skip"));
 }
 
-/// The whole SDXL call of the golden (3 Euler steps, guidance 5, negative prompt,
-/// original size (96, 128), crop (8, 16), target (64, 80), 32x48): the time ids, the final
-/// latents and the decoded image as diffusers gives them.
+/// The whole SDXL call of the golden through `StableDiffusion` loaded from the folder (3
+/// Euler steps, guidance 5, negative prompt, original size (96, 128), crop (8, 16), target
+/// (64, 80), 32x48): the final latents and the decoded image as diffusers gives them.
 #[test]
-fn sdxl_denoising_matches_the_diffusers_pipeline() {
-    use knobs_diffusion::clip::ClipTokenizer;
-    use knobs_diffusion::pipeline::sdxl::{SdxlCondition, SdxlText, denoise, time_ids};
-    use knobs_diffusion::schedulers::{EulerDiscreteScheduler, Scheduler, SchedulerConfig};
-    use knobs_diffusion::unet::UNet2DConditionModel;
-    use knobs_diffusion::vae::AutoencoderKL;
+fn sdxl_pipeline_matches_diffusers() {
+    use knobs_diffusion::pipeline::sdxl::time_ids;
+    use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
     let device = cpu();
     let g = read_safetensors(fixture().join("goldens/pipeline.safetensors")).unwrap();
-    let te1 = ClipTextModel::from_dir(fixture().join("text_encoder"), &device).unwrap();
-    let te2 = ClipTextModel::from_dir(fixture().join("text_encoder_2"), &device).unwrap();
-    let tok1 = ClipTokenizer::from_dir(fixture().join("tokenizer")).unwrap();
-    let tok2 = ClipTokenizer::from_dir(fixture().join("tokenizer_2")).unwrap();
-    let unet = UNet2DConditionModel::from_dir(fixture().join("unet"), &device).unwrap();
-    let vae = AutoencoderKL::from_dir(fixture().join("vae"), &device).unwrap();
-    let text = SdxlText { te1: &te1, tok1: &tok1, te2: &te2, tok2: &tok2 };
-    let pos = text.encode("a photo of a sks dog, high quality!", None, 0, &device).unwrap();
-    let neg = text.negative(Some("blurry, dark"), None, true, &pos, &device).unwrap();
-    let ids = time_ids((96, 128), (8, 16), (64, 80));
-    assert_eq!(ids.to_vec(), g.f32("add_time_ids").unwrap().0);
-    let mut sched = EulerDiscreteScheduler::new(SchedulerConfig::from_dir(fixture().join("scheduler")).unwrap()).unwrap();
-    sched.set_timesteps(3).unwrap();
-    let cond = SdxlCondition { positive: &pos, time_ids: ids, negative: Some((&neg, ids)), guidance_scale: 5.0 };
+    let sd = StableDiffusion::from_dir(fixture(), &device).unwrap();
+    assert!(sd.is_sdxl() && sd.force_zeros_for_empty_prompt);
+    assert_eq!(sd.default_scheduler(), SchedulerKind::Euler);
+    assert_eq!(time_ids((96, 128), (8, 16), (64, 80)).to_vec(), g.f32("add_time_ids").unwrap().0);
     let (values, shape) = g.f32("latents").unwrap();
-    let latents = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-    let out = denoise(&unet, &mut sched, &cond, latents).unwrap();
+    let req = GenerateRequest {
+        negative_prompt: "blurry, dark".into(),
+        steps: 3,
+        guidance_scale: 5.0,
+        original_size: Some((96, 128)),
+        crop_top_left: Some((8, 16)),
+        target_size: Some((64, 80)),
+        latents: Some(Tensor::<4>::from_data(TensorData::new(values, shape), &device)),
+        ..GenerateRequest::new("a photo of a sks dog, high quality!")
+    };
+    let cond = sd.condition(&req, 32, 48).unwrap();
+    let added = cond.added.as_ref().expect("SDXL conditioning");
+    for (got, key) in [(cond.context.clone().reshape([2, 77 * 48]), "cfg.prompt_embeds"), (added.text_embeds.clone(), "cfg.text_embeds"), (added.time_ids.clone(), "cfg.time_ids")] {
+        let e = rel_err(got, &g, key);
+        assert!(e < 1e-5, "{key} {e}");
+    }
+    let out = sd.generate_latents(&req).unwrap();
     let e = rel_err(out.clone(), &g, "final_latents");
     println!("SDXL 3-step latents rel {e:.2e}");
     assert!(e < 1e-4, "final latents {e}");
-    let image = vae.decode(out.div_scalar(vae.scaling_factor())).div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
-    let e = rel_err(image.permute([0, 2, 3, 1]), &g, "image");
+    let e = rel_err(sd.decode_latents(out).permute([0, 2, 3, 1]), &g, "image");
     println!("SDXL image rel {e:.2e}");
     assert!(e < 1e-4, "image {e}");
+}
+
+/// Without a negative prompt SDXL's unconditional branch is zeros; `num_images` repeats
+/// every row; SDXL fields on an SD-1.x model are refused by name.
+#[test]
+fn sdxl_request_shapes_and_refusals() {
+    use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
+    let device = cpu();
+    let sd = StableDiffusion::from_dir(fixture(), &device).unwrap();
+    let req = GenerateRequest { num_images: 2, crop_top_left: Some((4, 2)), ..GenerateRequest::new("a dog") };
+    let cond = sd.condition(&req, 32, 48).unwrap();
+    assert_eq!(cond.context.dims(), [4, 77, 48]);
+    let added = cond.added.unwrap();
+    let ids: Vec<f32> = added.time_ids.into_data().convert::<f32>().try_into_vec().unwrap();
+    assert_eq!(ids, [32., 48., 4., 2., 32., 48.].repeat(4));
+    let uncond: Vec<f32> = cond.context.narrow(0, 0, 2).into_data().convert::<f32>().try_into_vec().unwrap();
+    assert!(uncond.iter().all(|v| *v == 0.0));
+    let pooled: Vec<f32> = added.text_embeds.narrow(0, 2, 2).into_data().convert::<f32>().try_into_vec().unwrap();
+    assert!(pooled.iter().any(|v| *v != 0.0));
+
+    let sd1 = StableDiffusion::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/tiny-sd"), &device).unwrap();
+    assert!(!sd1.is_sdxl());
+    let err = sd1.generate_latents(&GenerateRequest { steps: 1, prompt_2: Some("x".into()), ..GenerateRequest::new("a dog") }).unwrap_err().to_string();
+    assert!(err.contains("prompt_2"), "{err}");
 }

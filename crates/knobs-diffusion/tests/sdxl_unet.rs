@@ -37,9 +37,13 @@ fn sdxl_unet_matches_diffusers() {
     assert!(e < 1e-5, "add_embedding {e}");
 
     let (sample, t, ehs) = (tensor(&g, "sample", &device), tensor(&g, "timestep", &device), tensor(&g, "encoder_hidden_states", &device));
-    let err = unet.check_inputs(&sample, &t, &ehs).unwrap_err().to_string();
+    let err = unet.check_inputs(&sample, &t, &ehs, None).unwrap_err().to_string();
     assert!(err.contains("forward_with_cond"), "{err}");
-    let out = unet.forward_with_cond(sample, t, ehs, &added);
+    let short = AddedCond { text_embeds: added.text_embeds.clone().narrow(1, 0, 20), time_ids: added.time_ids.clone() };
+    let err = unet.check_inputs(&sample, &t, &ehs, Some(&short)).unwrap_err().to_string();
+    assert!(err.contains("projection_class_embeddings_input_dim"), "{err}");
+    unet.check_inputs(&sample, &t, &ehs, Some(&added)).unwrap();
+    let out = unet.forward_with_cond(sample, t, ehs, Some(&added));
     let e = rel_err(out, &g, "out");
     println!("SDXL UNet: rel {e:.2e}");
     assert!(e < 1e-4, "output {e}");

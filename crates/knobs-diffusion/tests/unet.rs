@@ -58,7 +58,7 @@ fn check_golden(device: &Device, trainable: bool) {
     let sample: Tensor<4> = tensor(&g, "sample", &device);
     let timesteps: Tensor<1> = tensor(&g, "timestep", &device); // i64 in the file, f32 here
     let ehs: Tensor<3> = tensor(&g, "encoder_hidden_states", &device);
-    unet.check_inputs(&sample, &timesteps, &ehs).unwrap();
+    unet.check_inputs(&sample, &timesteps, &ehs, None).unwrap();
 
     let (out, inter) = unet.forward_with_intermediates(sample, timesteps, ehs);
     let mut report = Vec::new();

@@ -117,3 +117,38 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("pndm") && e.contains("euler-a"), "{e}");
     assert!(!out.exists());
 }
+
+const TINY_SDXL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../knobs-diffusion/tests/fixtures/tiny-sdxl");
+
+/// `generate` on an SDXL folder with the golden call's micro-conditioning flags gives
+/// diffusers' image; SDXL flags on an SD-1.x model and malformed sizes are named errors.
+#[test]
+fn sdxl_folder_reproduces_the_diffusers_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sdxl.png");
+    let file = format!("{TINY_SDXL}/goldens/pipeline.safetensors");
+    ok(&[
+        "generate", "--model", TINY_SDXL, "--prompt", "a photo of a sks dog, high quality!", "--negative-prompt", "blurry, dark",
+        "--steps", "3", "--guidance", "5", "--original-size", "96x128", "--crop", "8,16", "--target-size", "64x80",
+        "--latents", &file, "--out", out.to_str().unwrap(),
+    ]);
+    let img = png(&out);
+    assert_eq!(img.dimensions(), (48, 32));
+    let want = read_safetensors(&file).unwrap().f32("image").unwrap().0; // [1, 32, 48, 3]
+    let max = img.enumerate_pixels().flat_map(|(x, y, p)| (0..3).map(move |c| (x, y, c, p[c]))).fold(0f32, |m, (x, y, c, v)| {
+        m.max((v as f32 / 255.0 - want[(y as usize * 48 + x as usize) * 3 + c]).abs())
+    });
+    assert!(max <= 1e-2, "PNG differs from the golden SDXL image by {max}");
+    // Other micro-conditioning gives another image.
+    let other = tmp.path().join("other.png");
+    ok(&["generate", "--model", TINY_SDXL, "--prompt", "a photo of a sks dog, high quality!", "--negative-prompt", "blurry, dark",
+        "--steps", "3", "--guidance", "5", "--latents", &file, "--out", other.to_str().unwrap()]);
+    assert_ne!(png(&other), img);
+
+    let o = tmp.path().join("x.png");
+    let e = fail(&["generate", "--model", &model(), "--prompt", "x", "--crop", "8,16", "--out", o.to_str().unwrap()]);
+    assert!(e.contains("--crop") && e.contains("SDXL"), "{e}");
+    let e = fail(&["generate", "--model", TINY_SDXL, "--prompt", "x", "--original-size", "96", "--out", o.to_str().unwrap()]);
+    assert!(e.contains("--original-size") && e.contains("HEIGHTxWIDTH"), "{e}");
+    assert!(!o.exists());
+}

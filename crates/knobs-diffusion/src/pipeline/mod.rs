@@ -1,7 +1,9 @@
-//! Text to image, as diffusers' `StableDiffusionPipeline`: encode the prompt (and the negative
-//! prompt for classifier-free guidance), denoise seeded latents with the chosen scheduler,
-//! decode with the VAE. Loading and generating are separate steps and every component is a
-//! public field, so adapters or new token embeddings can be attached in between.
+//! Text to image, as diffusers' `StableDiffusionPipeline` and `StableDiffusionXLPipeline`:
+//! encode the prompt (and the negative prompt for classifier-free guidance), denoise seeded
+//! latents with the chosen scheduler, decode with the VAE. An SDXL folder is the same
+//! pipeline with a second tokenizer and text encoder and the UNet's added conditioning
+//! (`sdxl`). Loading and generating are separate steps and every component is a public
+//! field, so adapters or new token embeddings can be attached in between.
 pub mod request;
 pub mod sdxl;
 
@@ -16,11 +18,13 @@ use serde_json::Value;
 use crate::clip::embeddings::expand_prompt;
 use crate::clip::{ClipTextModel, ClipTokenizer};
 use crate::schedulers::SchedulerConfig;
-use crate::unet::UNet2DConditionModel;
+use crate::unet::{AddedCond, UNet2DConditionModel};
 use crate::vae::AutoencoderKL;
 
 /// The component folders a pipeline needs, as named in `model_index.json`.
 pub const COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "scheduler"];
+/// The further folders of an SDXL pipeline.
+pub const SDXL_COMPONENTS: [&str; 2] = ["tokenizer_2", "text_encoder_2"];
 
 #[derive(Debug)]
 pub struct StableDiffusion {
@@ -29,6 +33,13 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
+    /// SDXL's second tokenizer and text encoder (a `CLIPTextModelWithProjection`); `None`
+    /// for SD-1.x/2.x.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// SDXL's `force_zeros_for_empty_prompt` (`model_index.json`): without a negative
+    /// prompt the unconditional branch gets zero embeddings instead of `""`'s.
+    pub force_zeros_for_empty_prompt: bool,
     pub scheduler_config: SchedulerConfig,
     /// The scheduler class `model_index.json` names (e.g. `DDIMScheduler`).
     pub scheduler_class: String,
@@ -37,11 +48,18 @@ pub struct StableDiffusion {
 
 // The trainable components under their folder names, so that a trainer, an optimizer or an
 // adapter pattern sees the pipeline as one model (`unet.down_blocks...`, `text_encoder...`).
-impl_module!(StableDiffusion { "text_encoder" => text_encoder, "unet" => unet, "vae" => vae });
+impl_module!(StableDiffusion { "text_encoder" => text_encoder, "text_encoder_2" => text_encoder_2, "unet" => unet, "vae" => vae });
 
-/// Reads `model_index.json` and checks that every component is listed and has its folder.
-/// Returns the scheduler's class name.
-fn check_index(dir: &Path) -> Result<String> {
+/// What `model_index.json` says beyond the component folders.
+struct Index {
+    scheduler_class: String,
+    sdxl: bool,
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// Reads `model_index.json` and checks that every component is listed and has its folder
+/// (SDXL's second tokenizer and text encoder too when it lists them).
+fn check_index(dir: &Path) -> Result<Index> {
     if !dir.is_dir() {
         return Err(Error::file(dir, "model folder not found"));
     }
@@ -49,11 +67,17 @@ fn check_index(dir: &Path) -> Result<String> {
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::file(&path, format!("cannot read ({e}); a diffusers pipeline folder has one")))?;
     let index: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+    // Each entry is `[library, class]`; `[null, null]` means the component is absent.
+    let class_of = |name: &str| index.get(name).and_then(|v| v.get(1)).and_then(Value::as_str);
+    let sdxl = class_of("text_encoder_2").is_some();
+    if sdxl && class_of("text_encoder").is_none() {
+        return Err(Error::key(&path, "text_encoder", "is null: an SDXL refiner (text_encoder_2 only) is not supported; use an SDXL base pipeline"));
+    }
     let mut scheduler_class = String::new();
-    for name in COMPONENTS {
-        // Each entry is `[library, class]`; `[null, null]` means the component is absent.
-        let class = index.get(name).and_then(|v| v.get(1)).and_then(Value::as_str).ok_or_else(|| {
-            Error::key(&path, name, "component not listed; a Stable Diffusion pipeline needs tokenizer, text_encoder, unet, vae and scheduler")
+    let needed = if sdxl { [&COMPONENTS[..], &SDXL_COMPONENTS[..]].concat() } else { COMPONENTS.to_vec() };
+    for name in needed {
+        let class = class_of(name).ok_or_else(|| {
+            Error::key(&path, name, "component not listed; a Stable Diffusion pipeline needs tokenizer, text_encoder, unet, vae and scheduler (SDXL also tokenizer_2 and text_encoder_2)")
         })?;
         let folder = dir.join(name);
         if !folder.is_dir() {
@@ -63,26 +87,54 @@ fn check_index(dir: &Path) -> Result<String> {
             scheduler_class = class.to_string();
         }
     }
-    Ok(scheduler_class)
+    // diffusers' SDXL pipelines default the flag to true.
+    let force_zeros_for_empty_prompt = sdxl && index.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true);
+    Ok(Index { scheduler_class, sdxl, force_zeros_for_empty_prompt })
+}
+
+/// What the UNet is conditioned on through one sampling run: `context` (its
+/// `encoder_hidden_states`) and, for SDXL, the pooled embedding and time ids; with guidance
+/// the batch is `[negative x n, positive x n]`.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub context: Tensor<3>,
+    pub added: Option<AddedCond>,
 }
 
 impl StableDiffusion {
     /// Loads a diffusers pipeline folder (`model_index.json` plus the `tokenizer`,
-    /// `text_encoder`, `unet`, `vae` and `scheduler` folders). Inference wants the plain
-    /// (non-autodiff) device, `knobs_nn::cpu()`.
+    /// `text_encoder`, `unet`, `vae` and `scheduler` folders; SDXL's also `tokenizer_2` and
+    /// `text_encoder_2`). Inference wants the plain (non-autodiff) device, `knobs_nn::cpu()`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let scheduler_class = check_index(dir)?;
+        let index = check_index(dir)?;
+        let (tokenizer_2, text_encoder_2) = if index.sdxl {
+            let te2 = ClipTextModel::from_dir(dir.join("text_encoder_2"), device)?;
+            if te2.text_projection.is_none() {
+                return Err(Error::file(dir.join("text_encoder_2"), "SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection found)"));
+            }
+            (Some(ClipTokenizer::from_dir(dir.join("tokenizer_2"))?), Some(te2))
+        } else {
+            (None, None)
+        };
         Ok(StableDiffusion {
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_dir(dir.join("text_encoder"), device)?,
             unet: UNet2DConditionModel::from_dir(dir.join("unet"), device)?,
             vae: AutoencoderKL::from_dir(dir.join("vae"), device)?,
+            tokenizer_2,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             scheduler_config: SchedulerConfig::from_dir(dir.join("scheduler"))?,
-            scheduler_class,
+            scheduler_class: index.scheduler_class,
             device: device.clone(),
         })
+    }
+
+    /// Whether this is an SDXL pipeline (two text encoders, added conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
     }
 
     /// The model's own scheduler when it is one we implement (PNDM, the SD-1.5 default, is
@@ -133,6 +185,18 @@ impl StableDiffusion {
         Ok([req.num_images, c, h / f, w / f])
     }
 
+    /// Everything the UNet is conditioned on for `req` (whose image is `height` x `width`):
+    /// the prompt encodings and, for SDXL, the pooled embedding and time ids.
+    pub fn condition(&self, req: &GenerateRequest, height: usize, width: usize) -> Result<Conditioning> {
+        if self.is_sdxl() {
+            return sdxl::condition(self, req, height, width);
+        }
+        if let Some(field) = req.sdxl_fields().first() {
+            return Err(Error::param(*field, "is SDXL conditioning; this is an SD-1.x/2.x model"));
+        }
+        Ok(Conditioning { context: self.encode_prompt(req)?, added: None })
+    }
+
     /// The UNet's `encoder_hidden_states`: `[uncond x n, cond x n]` with guidance, else
     /// `[cond x n]`, as diffusers' `encode_prompt` with `num_images_per_prompt = n`.
     pub fn encode_prompt(&self, req: &GenerateRequest) -> Result<Tensor<3>> {
@@ -171,7 +235,8 @@ impl StableDiffusion {
             None => self.noise(&mut rng, shape),
         };
         let mut x = start.mul_scalar(sched.init_noise_sigma());
-        let context = self.encode_prompt(req)?;
+        let f = self.vae_scale_factor();
+        let Conditioning { context, added } = self.condition(req, shape[2] * f, shape[3] * f)?;
         let guided = req.uses_guidance();
         let batch = if guided { 2 * shape[0] } else { shape[0] };
         let timesteps = sched.timesteps().to_vec();
@@ -183,9 +248,9 @@ impl StableDiffusion {
             let tt = Tensor::<1>::from_data(TensorData::new(vec![model_t[i]], [1]), &self.device);
             if i == 0 {
                 debug_assert_eq!(input.dims()[0], batch);
-                self.unet.check_inputs(&input, &tt, &context)?;
+                self.unet.check_inputs(&input, &tt, &context, added.as_ref())?;
             }
-            let pred = self.unet.forward(input, tt, context.clone());
+            let pred = self.unet.forward_with_cond(input, tt, context.clone(), added.as_ref());
             let pred = if guided { guide(pred, req.guidance_scale) } else { pred };
             let noise = kind.is_stochastic().then(|| self.noise(&mut rng, shape));
             x = sched.step(pred, t, x, noise)?.prev_sample;

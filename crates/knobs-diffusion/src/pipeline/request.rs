@@ -100,6 +100,18 @@ pub struct GenerateRequest {
     /// Unit-variance initial latents `[num_images, C, H/f, W/f]`, diffusers' `latents=`:
     /// they are multiplied by the scheduler's `init_noise_sigma`.
     pub latents: Option<Tensor<4>>,
+    /// SDXL only (an error on other models). What the second text encoder reads; `None`:
+    /// `prompt` (diffusers' `prompt_2`).
+    pub prompt_2: Option<String>,
+    /// SDXL: the negative prompt of the second encoder; `None`: `negative_prompt`.
+    pub negative_prompt_2: Option<String>,
+    /// SDXL micro-conditioning, in pixels `(height, width)`: the size the image is meant to
+    /// have come from (default: the output size) ...
+    pub original_size: Option<(usize, usize)>,
+    /// ... its crop's top-left corner `(top, left)` (default `(0, 0)`) ...
+    pub crop_top_left: Option<(usize, usize)>,
+    /// ... and the target size (default: the output size).
+    pub target_size: Option<(usize, usize)>,
 }
 
 impl Default for GenerateRequest {
@@ -115,6 +127,11 @@ impl Default for GenerateRequest {
             num_images: 1,
             seed: 0,
             latents: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            original_size: None,
+            crop_top_left: None,
+            target_size: None,
         }
     }
 }
@@ -140,5 +157,17 @@ impl GenerateRequest {
             return Err(Error::param("guidance_scale", format!("must be finite, got {}", self.guidance_scale)));
         }
         Ok(())
+    }
+
+    /// The SDXL-only fields that are set, by name (an SD-1.x/2.x pipeline refuses them).
+    pub fn sdxl_fields(&self) -> Vec<&'static str> {
+        let set = [
+            ("prompt_2", self.prompt_2.is_some()),
+            ("negative_prompt_2", self.negative_prompt_2.is_some()),
+            ("original_size", self.original_size.is_some()),
+            ("crop_top_left", self.crop_top_left.is_some()),
+            ("target_size", self.target_size.is_some()),
+        ];
+        set.into_iter().filter(|(_, on)| *on).map(|(n, _)| n).collect()
     }
 }

@@ -5,10 +5,10 @@
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{Device, Error, Result, Tensor};
 
-use super::guide;
+use super::{Conditioning, GenerateRequest, StableDiffusion};
+use crate::clip::embeddings::expand_prompt;
 use crate::clip::{ClipTextModel, ClipTokenizer};
-use crate::schedulers::Scheduler;
-use crate::unet::{AddedCond, UNet2DConditionModel};
+use crate::unet::AddedCond;
 
 /// The two encoders with their tokenizers (`text_encoder` + `tokenizer`, then
 /// `text_encoder_2` + `tokenizer_2`).
@@ -27,10 +27,15 @@ pub struct SdxlPrompt {
     pub pooled: Tensor<2>,
 }
 
-impl SdxlText<'_> {
-    /// `prompt` through the first encoder, `prompt_2` (default: `prompt`) through the second;
-    /// `clip_skip` k takes the hidden states k layers further down (diffusers applies it to
-    /// the positive prompt only).
+impl<'a> SdxlText<'a> {
+    /// The text side of `sd`; `None` unless it is an SDXL pipeline.
+    pub fn of(sd: &'a StableDiffusion) -> Option<Self> {
+        Some(SdxlText { te1: &sd.text_encoder, tok1: &sd.tokenizer, te2: sd.text_encoder_2.as_ref()?, tok2: sd.tokenizer_2.as_ref()? })
+    }
+
+    /// `prompt` through the first encoder, `prompt_2` (default: `prompt`) through the second,
+    /// each with its tokenizer's multi-vector embeddings expanded; `clip_skip` k takes the
+    /// hidden states k layers further down (diffusers applies it to the positive prompt only).
     pub fn encode(&self, prompt: &str, prompt_2: Option<&str>, clip_skip: usize, device: &Device) -> Result<SdxlPrompt> {
         let penultimate = |te: &ClipTextModel, hidden: &[Tensor<3>]| -> Result<Tensor<3>> {
             let n = hidden.len();
@@ -38,8 +43,10 @@ impl SdxlText<'_> {
                 Error::param("clip_skip", format!("{clip_skip} leaves no layer of a {}-layer text encoder", te.num_layers()))
             })
         };
-        let out1 = self.te1.try_forward(self.tok1.encode_tensor(&[prompt], device)?)?;
-        let out2 = self.te2.try_forward(self.tok2.encode_tensor(&[prompt_2.unwrap_or(prompt)], device)?)?;
+        let p1 = expand_prompt(prompt, self.tok1)?;
+        let p2 = expand_prompt(prompt_2.unwrap_or(prompt), self.tok2)?;
+        let out1 = self.te1.try_forward(self.tok1.encode_tensor(&[p1.as_str()], device)?)?;
+        let out2 = self.te2.try_forward(self.tok2.encode_tensor(&[p2.as_str()], device)?)?;
         let pooled = self.te2.text_embeds(&out2).ok_or_else(|| Error::param("text_encoder_2", "is not a CLIPTextModelWithProjection (no text_projection)"))?;
         let embeds = Tensor::cat(vec![penultimate(self.te1, &out1.hidden_states)?, penultimate(self.te2, &out2.hidden_states)?], 2);
         Ok(SdxlPrompt { embeds, pooled })
@@ -64,39 +71,36 @@ pub fn time_ids(original: (u32, u32), crop_top_left: (u32, u32), target: (u32, u
     [original.0, original.1, crop_top_left.0, crop_top_left.1, target.0, target.1].map(|v| v as f32)
 }
 
-/// What one SDXL sampling run is conditioned on; `negative` (with its own time ids, diffusers'
-/// default being the positive ones) turns classifier-free guidance on.
-pub struct SdxlCondition<'a> {
-    pub positive: &'a SdxlPrompt,
-    pub time_ids: [f32; 6],
-    pub negative: Option<(&'a SdxlPrompt, [f32; 6])>,
-    pub guidance_scale: f64,
-}
-
-/// Denoises `latents` (unit noise, `[1, C, h, w]`) along `sched`'s chain (already set to its
-/// steps) with a deterministic scheduler, as `StableDiffusionXLPipeline.__call__`; returns the
-/// final latents (divide by the VAE's scaling factor before decoding).
-pub fn denoise(unet: &UNet2DConditionModel, sched: &mut dyn Scheduler, cond: &SdxlCondition<'_>, latents: Tensor<4>) -> Result<Tensor<4>> {
-    let device = latents.device();
-    let ids = |v: [f32; 6]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [1, 6]), &device);
-    let (context, added) = match cond.negative {
-        Some((neg, neg_ids)) => (
-            Tensor::cat(vec![neg.embeds.clone(), cond.positive.embeds.clone()], 0),
-            AddedCond { text_embeds: Tensor::cat(vec![neg.pooled.clone(), cond.positive.pooled.clone()], 0), time_ids: Tensor::cat(vec![ids(neg_ids), ids(cond.time_ids)], 0) },
-        ),
-        None => (cond.positive.embeds.clone(), AddedCond { text_embeds: cond.positive.pooled.clone(), time_ids: ids(cond.time_ids) }),
+/// [`super::StableDiffusion::condition`] for an SDXL pipeline: both encoders' prompt
+/// embeddings, the pooled embedding and the time ids, each repeated for `num_images` and, with
+/// guidance, preceded by the negative branch (whose time ids are the positive ones, diffusers'
+/// default). An empty `negative_prompt` stands for diffusers' `None`: zeros when the model
+/// forces them, else `""` encoded.
+pub(crate) fn condition(sd: &StableDiffusion, req: &GenerateRequest, height: usize, width: usize) -> Result<Conditioning> {
+    let text = SdxlText::of(sd).expect("an SDXL pipeline");
+    let px = |key: &str, (h, w): (usize, usize)| -> Result<(u32, u32)> {
+        let fit = |v: usize| u32::try_from(v).map_err(|_| Error::param(key, format!("{v} is too large")));
+        Ok((fit(h)?, fit(w)?))
     };
-    let guided = cond.negative.is_some();
-    let mut x = latents.mul_scalar(sched.init_noise_sigma());
-    let timesteps = sched.timesteps().to_vec();
-    let model_t = sched.model_timesteps();
-    for (i, &t) in timesteps.iter().enumerate() {
-        let input = if guided { Tensor::cat(vec![x.clone(), x.clone()], 0) } else { x.clone() };
-        let input = sched.scale_model_input(input, t)?;
-        let tt = Tensor::<1>::from_data(TensorData::new(vec![model_t[i]], [1]), &device);
-        let pred = unet.forward_with_cond(input, tt, context.clone(), &added);
-        let pred = if guided { guide(pred, cond.guidance_scale) } else { pred };
-        x = sched.step(pred, t, x, None)?.prev_sample;
+    let ids = time_ids(
+        px("original_size", req.original_size.unwrap_or((height, width)))?,
+        px("crop_top_left", req.crop_top_left.unwrap_or((0, 0)))?,
+        px("target_size", req.target_size.unwrap_or((height, width)))?,
+    );
+    let positive = text.encode(&req.prompt, req.prompt_2.as_deref(), 0, &sd.device)?;
+    let n = req.num_images;
+    let ids = Tensor::<2>::from_data(TensorData::new(ids.to_vec(), [1, 6]), &sd.device);
+    let mut branches = vec![positive.clone()];
+    if req.uses_guidance() {
+        let negative = (!req.negative_prompt.is_empty()).then_some(req.negative_prompt.as_str());
+        branches.insert(0, text.negative(negative, req.negative_prompt_2.as_deref(), sd.force_zeros_for_empty_prompt, &positive, &sd.device)?);
     }
-    Ok(x)
+    let rows = branches.len() * n;
+    Ok(Conditioning {
+        context: Tensor::cat(branches.iter().map(|b| b.embeds.clone().repeat_dim(0, n)).collect(), 0),
+        added: Some(AddedCond {
+            text_embeds: Tensor::cat(branches.iter().map(|b| b.pooled.clone().repeat_dim(0, n)).collect(), 0),
+            time_ids: ids.repeat_dim(0, rows),
+        }),
+    })
 }

@@ -131,9 +131,10 @@ impl UNet2DConditionModel {
         self.run(sample, timesteps, encoder_hidden_states, None, None)
     }
 
-    /// `forward` of a UNet with added conditioning (SDXL's `text_time`).
-    pub fn forward_with_cond(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>, added: &AddedCond) -> Tensor<4> {
-        self.run(sample, timesteps, encoder_hidden_states, Some(added), None)
+    /// `forward` with the added conditioning a `text_time` UNet (SDXL) needs; `None` is
+    /// `forward`.
+    pub fn forward_with_cond(&self, sample: Tensor<4>, timesteps: Tensor<1>, encoder_hidden_states: Tensor<3>, added: Option<&AddedCond>) -> Tensor<4> {
+        self.run(sample, timesteps, encoder_hidden_states, added, None)
     }
 
     /// The `text_time` embedding added to the time embedding: `add_embedding(cat(text_embeds,
@@ -152,8 +153,9 @@ impl UNet2DConditionModel {
         (out, cap.expect("run fills the capture"))
     }
 
-    /// Checks shapes up front so that a wrong input is an error, not a panic deep inside.
-    pub fn check_inputs(&self, sample: &Tensor<4>, timesteps: &Tensor<1>, encoder_hidden_states: &Tensor<3>) -> Result<()> {
+    /// Checks shapes up front so that a wrong input is an error, not a panic deep inside;
+    /// `added` must be given exactly when the UNet has `addition_embed_type: "text_time"`.
+    pub fn check_inputs(&self, sample: &Tensor<4>, timesteps: &Tensor<1>, encoder_hidden_states: &Tensor<3>, added: Option<&AddedCond>) -> Result<()> {
         let [b, c, _, _] = sample.dims();
         let bad = |key: &str, msg: String| Err(Error::param(key, msg));
         if c != self.config.in_channels {
@@ -167,8 +169,21 @@ impl UNet2DConditionModel {
         if eb != b {
             return bad("encoder_hidden_states", format!("batch {eb} differs from the sample's {b}"));
         }
-        if self.add_embedding.is_some() {
-            return bad("added_cond", "this UNet (addition_embed_type \"text_time\") needs the pooled text embedding and time ids: use forward_with_cond".into());
+        match (&self.add_time_proj, &self.add_embedding, added) {
+            (Some(proj), Some(mlp), Some(a)) => {
+                let ([tb, n], [pb, pd]) = (a.time_ids.dims(), a.text_embeds.dims());
+                if tb != b || pb != b {
+                    return bad("added_cond", format!("time_ids batch {tb} and text_embeds batch {pb} must equal the sample's {b}"));
+                }
+                if pd + n * proj.dim != mlp.linear_1.d_in() {
+                    return bad("added_cond", format!("text_embeds width {pd} + {n} time ids x {} = {}, the UNet's add_embedding takes {} (projection_class_embeddings_input_dim)", proj.dim, pd + n * proj.dim, mlp.linear_1.d_in()));
+                }
+            }
+            (Some(_), _, None) => {
+                return bad("added_cond", "this UNet (addition_embed_type \"text_time\") needs the pooled text embedding and time ids: use forward_with_cond".into());
+            }
+            (None, _, Some(_)) => return bad("added_cond", "this UNet has no added conditioning (addition_embed_type) to take text_embeds / time_ids".into()),
+            _ => {}
         }
         for p in self.config.down_plans()? {
             if p.cross_attn && p.cross_attention_dim != ed {

@@ -64,15 +64,34 @@ impl AdapterArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
-    /// scheduler/) or a single-file SD-1.x/2.x `.safetensors` checkpoint; default: the built-in base model (models/knobs-base, found at run time).
+    /// scheduler/; SDXL also tokenizer_2/, text_encoder_2/) or a single-file SD-1.x/2.x `.safetensors` checkpoint; default: the built-in base model (models/knobs-base, found at run time).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
-    /// What to steer away from (the unconditional branch of classifier-free guidance).
+    /// What to steer away from (the unconditional branch of classifier-free guidance). On
+    /// SDXL, none (or "") gives zero embeddings when the model sets
+    /// `force_zeros_for_empty_prompt`, as diffusers without a negative prompt.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
+    /// SDXL: the prompt of the second text encoder (default: --prompt).
+    #[arg(long)]
+    pub prompt_2: Option<String>,
+    /// SDXL: the negative prompt of the second text encoder (default: --negative-prompt).
+    #[arg(long)]
+    pub negative_prompt_2: Option<String>,
+    /// SDXL micro-conditioning: the size HEIGHTxWIDTH the image is meant to come from
+    /// (default: the output size; smaller values look like upscaled small images).
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL: the top-left corner TOP,LEFT of the crop the image is meant to be (default 0,0:
+    /// centred, uncropped subjects).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_crop)]
+    pub crop: Option<(usize, usize)>,
+    /// SDXL: the target size HEIGHTxWIDTH (default: the output size).
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    pub target_size: Option<(usize, usize)>,
     /// Denoising steps.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
@@ -107,6 +126,22 @@ pub struct Args {
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+fn parse_pair(s: &str, sep: char, what: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("`{s}`: expected {what}, two whole numbers such as 1024{sep}768");
+    let (a, b) = s.split_once(sep).ok_or_else(bad)?;
+    Ok((a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?))
+}
+
+/// `HEIGHTxWIDTH`.
+fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
+    parse_pair(s, 'x', "HEIGHTxWIDTH")
+}
+
+/// `TOP,LEFT`.
+fn parse_crop(s: &str) -> std::result::Result<(usize, usize), String> {
+    parse_pair(s, ',', "TOP,LEFT")
 }
 
 /// `PATH[:SCALE]`; a suffix that is not a number belongs to the path.
@@ -163,7 +198,16 @@ pub fn request(args: &Args, sd: &StableDiffusion) -> Result<GenerateRequest> {
         num_images,
         seed: args.seed,
         latents,
+        prompt_2: args.prompt_2.clone(),
+        negative_prompt_2: args.negative_prompt_2.clone(),
+        original_size: args.original_size,
+        crop_top_left: args.crop,
+        target_size: args.target_size,
     };
+    if let (false, Some(field)) = (sd.is_sdxl(), req.sdxl_fields().first()) {
+        let flag = if *field == "crop_top_left" { "--crop".to_string() } else { format!("--{}", field.replace('_', "-")) };
+        bail!("{flag} is SDXL conditioning; {} is an SD-1.x/2.x model", sd.dir.display());
+    }
     if let Err(e) = sd.latent_shape(&req) {
         match &args.latents {
             Some(p) => bail!("{}: key `latents`: {e}", p.display()),
