@@ -14,10 +14,11 @@ use knobs_adapters::formats::lora_files::{self, ComponentLora};
 use knobs_adapters::formats::{kohya, lycoris, peft};
 use knobs_adapters::{AdaptedModel, AdapterConfig, AdapterError, Result, hypernetwork};
 use knobs_nn::io::read_checked;
-use knobs_nn::{Error, Module};
+use knobs_nn::{Error, Module, ModuleExt};
 
 use crate::clip::embeddings::{self, LearnedEmbedding};
 use crate::pipeline::StableDiffusion;
+use crate::single_file::keys::{self, UnetLayout};
 
 /// A pipeline part that adapters attach to, named as its folder and its key prefix in
 /// diffusers / kohya files.
@@ -25,16 +26,29 @@ use crate::pipeline::StableDiffusion;
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
-    pub const ALL: [Component; 2] = [Component::Unet, Component::TextEncoder];
+    pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
 
     pub fn name(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
+    }
+
+    /// Whether `sd` has this component (only SDXL has a second text encoder).
+    pub fn is_in(self, sd: &StableDiffusion) -> bool {
+        self != Component::TextEncoder2 || sd.is_sdxl()
+    }
+
+    /// The components `sd` has.
+    pub fn all_in(sd: &StableDiffusion) -> Vec<Component> {
+        Component::ALL.into_iter().filter(|c| c.is_in(sd)).collect()
     }
 
     /// The component of a file's key prefix; a file without prefixes (a PEFT folder) adapts
@@ -43,15 +57,18 @@ impl Component {
         match prefix {
             "" | "unet" => Ok(Component::Unet),
             "text_encoder" => Ok(Component::TextEncoder),
-            other => Err(format!("component `{other}`, which an SD-1.x/2.x pipeline lacks (supported: unet, text_encoder)")),
+            "text_encoder_2" => Ok(Component::TextEncoder2),
+            other => Err(format!("component `{other}`, which a Stable Diffusion pipeline lacks (supported: unet, text_encoder, text_encoder_2)")),
         }
     }
 
-    /// The component's model in `sd`.
+    /// The component's model in `sd` (an SD-1.x/2.x pipeline's absent second text encoder
+    /// is an empty module).
     pub fn module(self, sd: &StableDiffusion) -> &dyn Module {
         match self {
             Component::Unet => &sd.unet,
             Component::TextEncoder => &sd.text_encoder,
+            Component::TextEncoder2 => &sd.text_encoder_2,
         }
     }
 
@@ -59,6 +76,7 @@ impl Component {
         match self {
             Component::Unet => &mut sd.unet,
             Component::TextEncoder => &mut sd.text_encoder,
+            Component::TextEncoder2 => &mut sd.text_encoder_2,
         }
     }
 
@@ -68,6 +86,7 @@ impl Component {
         match self {
             Component::Unet => seed,
             Component::TextEncoder => seed ^ 1,
+            Component::TextEncoder2 => seed ^ 2,
         }
     }
 }
@@ -137,6 +156,9 @@ impl PipelineAdapters {
     /// Runs `f` on a manager of `component` that knows every adapter attached there, and
     /// keeps what `f` leaves (adapters added, deleted or merged away).
     pub fn on<R>(&mut self, sd: &mut StableDiffusion, component: Component, f: impl FnOnce(&mut AdaptedModel<&mut dyn Module>) -> Result<R>) -> Result<R> {
+        if !component.is_in(sd) {
+            return Err(AdapterError::Nn(Error::param(component.name(), "this SD-1.x/2.x pipeline has no second text encoder (an SDXL component)")));
+        }
         let mut am = AdaptedModel::new(component.model(sd), component.seed(self.seed));
         for a in self.attached.iter().filter(|a| a.component == component) {
             am.adopt(&a.name, a.config.clone())?;
@@ -185,11 +207,14 @@ impl PipelineAdapters {
         if path.is_file() {
             let file = read_checked(path, "")?;
             if lycoris::is_lycoris(&file) {
-                let parts = components(path, lycoris::read(&file)?)?;
-                return self.attach_each(sd, name, weight, &parts, |am, part| lycoris::attach(am, name, part, path).map(drop));
+                let parts: Vec<_> = components(path, lycoris::read(&file)?)?.into_iter().map(|(c, p)| (c, (p, kohya_names(sd, c)))).collect();
+                return self.attach_each(sd, name, weight, &parts, |am, (part, names)| lycoris::attach_named(am, name, part, path, names).map(drop));
             }
         }
-        let parts = components(path, lora_files::read(path)?)?;
+        let mut parts = components(path, lora_files::read(path)?)?;
+        for (c, part) in parts.iter_mut().filter(|(_, p)| p.kohya_names) {
+            part.resolve_kohya_in(&kohya_names(sd, *c))?;
+        }
         self.attach_each(sd, name, weight, &parts, |am, lora| lora_files::attach(am, name, lora).map(drop))
     }
 
@@ -210,17 +235,22 @@ impl PipelineAdapters {
         Ok(done)
     }
 
-    /// Writes adapter `name` (LoHa, LoKr or DoRA; every component it is on) as one LyCORIS file.
+    /// Writes adapter `name` (LoHa, LoKr or DoRA; every component it is on) as one LyCORIS file
+    /// (for SDXL with sd-scripts' names: SGM UNet blocks, `te1` / `te2`).
     pub fn save_lycoris_file(&mut self, sd: &mut StableDiffusion, name: &str, path: &Path) -> Result<()> {
         let mut parts = Vec::new();
         for c in self.components_of(name) {
-            parts.push((c.name(), self.on(sd, c, |am| lycoris::from_adapter(am, name))?));
+            let mut part = self.on(sd, c, |am| lycoris::from_adapter(am, name))?;
+            if let Some(sgm) = sgm_names(sd, c) {
+                part.modules = std::mem::take(&mut part.modules).into_iter().map(|(p, m)| (sgm(&p), m)).collect();
+            }
+            parts.push((c.name(), part));
         }
         if parts.is_empty() {
             return Err(file_error(path, format!("no adapter named `{name}` to save")));
         }
         let refs: Vec<(&str, &lycoris::LycorisPart)> = parts.iter().map(|(n, p)| (*n, p)).collect();
-        lycoris::save(path, &refs)
+        lycoris::save(path, &refs, sd.is_sdxl().then_some(kohya::SDXL_ARCHITECTURE))
     }
 
     /// Loads a PEFT folder of any adapter type onto `component` as `name`; frozen.
@@ -258,7 +288,7 @@ impl PipelineAdapters {
         for (n, w) in weights {
             self.set_weight(n, *w);
         }
-        for c in Component::ALL {
+        for c in Component::all_in(sd) {
             let here: Vec<(String, f32)> =
                 weights.iter().filter(|(n, _)| self.components_of(n).contains(&c)).map(|(n, w)| (n.to_string(), *w)).collect();
             let refs: Vec<(&str, f32)> = here.iter().map(|(n, w)| (n.as_str(), *w)).collect();
@@ -290,7 +320,7 @@ impl PipelineAdapters {
 
     /// Subtracts every merged adapter back out.
     pub fn unmerge(&mut self, sd: &mut StableDiffusion) -> Result<()> {
-        for c in Component::ALL {
+        for c in Component::all_in(sd) {
             self.on(sd, c, |am| {
                 am.unmerge();
                 Ok(())
@@ -302,7 +332,7 @@ impl PipelineAdapters {
     /// Merges every active adapter for good and removes them all: plain weights, as a model
     /// folder stores them.
     pub fn fuse(&mut self, sd: &mut StableDiffusion) -> Result<()> {
-        for c in Component::ALL {
+        for c in Component::all_in(sd) {
             let model = c.model(sd);
             let mut am = AdaptedModel::new(model, 0);
             for a in self.attached.iter().filter(|a| a.component == c) {
@@ -339,11 +369,16 @@ impl PipelineAdapters {
         Ok(out)
     }
 
-    /// Writes LoRA adapter `name` (every component it is on) as one file.
+    /// Writes LoRA adapter `name` (every component it is on) as one file; kohya files of SDXL
+    /// get sd-scripts' names (SGM UNet blocks, `te1` / `te2`).
     pub fn save_lora_file(&mut self, sd: &mut StableDiffusion, name: &str, path: &Path, layout: LoraFile) -> Result<()> {
         let mut parts = Vec::new();
         for c in self.components_of(name) {
-            parts.push((c.name(), self.on(sd, c, |am| ComponentLora::from_adapter(am, name))?));
+            let mut part = self.on(sd, c, |am| ComponentLora::from_adapter(am, name))?;
+            if let (LoraFile::Kohya, Some(sgm)) = (layout, sgm_names(sd, c)) {
+                part.rename_modules(sgm)?;
+            }
+            parts.push((c.name(), part));
         }
         if parts.is_empty() {
             return Err(file_error(path, format!("no adapter named `{name}` to save")));
@@ -351,7 +386,7 @@ impl PipelineAdapters {
         let refs: Vec<(&str, &ComponentLora)> = parts.iter().map(|(n, c)| (*n, c)).collect();
         match layout {
             LoraFile::Diffusers => diffusers_lora::save(path, &refs, DiffusersKeys::Diffusers),
-            LoraFile::Kohya => kohya::save(path, &refs, Some("stable-diffusion-v1/lora")),
+            LoraFile::Kohya => kohya::save(path, &refs, Some(if sd.is_sdxl() { kohya::SDXL_ARCHITECTURE } else { "stable-diffusion-v1/lora" })),
         }
     }
 
@@ -369,7 +404,11 @@ impl PipelineAdapters {
 fn peft_folders(path: &Path) -> Result<Option<Vec<(Component, PathBuf)>>> {
     let component_of = |dir: &Path| {
         let n = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        if n.starts_with("text_encoder") { Component::TextEncoder } else { Component::Unet }
+        match n.strip_prefix("text_encoder") {
+            Some(rest) if rest.starts_with("_2") => Component::TextEncoder2,
+            Some(_) => Component::TextEncoder,
+            None => Component::Unet,
+        }
     };
     if !path.is_dir() {
         return Ok(None);
@@ -386,7 +425,8 @@ fn peft_folders(path: &Path) -> Result<Option<Vec<(Component, PathBuf)>>> {
     for c in Component::ALL {
         let mut here: Vec<PathBuf> = folders
             .iter()
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().strip_prefix(c.name()).is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("_2"))))
+            // `unet/` (diffusers' SDXL PEFT layout) or `unet_lora/` (knobs train output).
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().strip_prefix(c.name()).is_some_and(|rest| rest.is_empty() || (rest.starts_with('_') && !rest.starts_with("_2")))))
             .cloned()
             .collect();
         here.sort();
@@ -396,6 +436,27 @@ fn peft_folders(path: &Path) -> Result<Option<Vec<(Component, PathBuf)>>> {
         found.extend(here.into_iter().map(|p| (c, p)));
     }
     Ok(if found.is_empty() { None } else { Some(found) })
+}
+
+/// The kohya names of `c`'s layers: their own (`down_blocks_1_attentions_0_proj_in`) and,
+/// for the UNet, the original code's block names (`input_blocks_4_1_proj_in`), which
+/// sd-scripts writes for SDXL.
+fn kohya_names(sd: &StableDiffusion, c: Component) -> kohya::KohyaNames {
+    let mut names = kohya::KohyaNames::of(c.module(sd));
+    let Some(layout) = (c == Component::Unet).then(|| UnetLayout::of(&sd.unet.config).ok()).flatten() else { return names };
+    sd.unet.for_each_layer(|path, _| {
+        if let Some(sgm) = keys::unet_layer(path, &layout) {
+            names.alias(path, &sgm);
+        }
+    });
+    names
+}
+
+/// For an SDXL UNet, the map from layer paths to the original code's (what sd-scripts'
+/// SDXL files name); `None` elsewhere.
+fn sgm_names(sd: &StableDiffusion, c: Component) -> Option<impl Fn(&str) -> String> {
+    let layout = (sd.is_sdxl() && c == Component::Unet).then(|| UnetLayout::of(&sd.unet.config).ok()).flatten()?;
+    Some(move |path: &str| keys::unet_layer(path, &layout).unwrap_or_else(|| path.to_string()))
 }
 
 /// A reader's parts keyed by component prefix (`unet`, `text_encoder`, `""`), as components;

@@ -120,7 +120,7 @@ fn lycoris_case(case: &str) {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("written.safetensors");
-    lycoris::save(&out, &[("unet", &lycoris::from_adapter(&m, case).unwrap())]).unwrap();
+    lycoris::save(&out, &[("unet", &lycoris::from_adapter(&m, case).unwrap())], None).unwrap();
     let written = read_safetensors(&out).unwrap();
     assert_eq!(written.tensors.keys().collect::<Vec<_>>(), file.tensors.keys().collect::<Vec<_>>(), "{case}: the same keys as LyCORIS writes");
     let mut back = unet(&cpu());
@@ -196,7 +196,7 @@ fn export_knobs_adapters_for_peft() {
         outputs.insert(format!("out_{case}"), TensorData::new(out.clone(), shape.clone()));
         peft::save(&m, case, dir.join(format!("{case}_peft"))).unwrap();
         if lyc_file {
-            lycoris::save(dir.join(format!("{case}_lycoris.safetensors")), &[("unet", &lycoris::from_adapter(&m, case).unwrap())]).unwrap();
+            lycoris::save(dir.join(format!("{case}_lycoris.safetensors")), &[("unet", &lycoris::from_adapter(&m, case).unwrap())], None).unwrap();
             outputs.insert(format!("out_{case}_lycoris"), TensorData::new(out, shape));
         }
     }
@@ -215,7 +215,7 @@ fn export_knobs_adapters_for_peft() {
     });
     let out = run(&m.model, &g);
     outputs.insert("out_knobs_diag_oft_lycoris".into(), TensorData::new(out, g.get("out_base").unwrap().shape().as_slice().to_vec()));
-    lycoris::save(dir.join("knobs_diag_oft_lycoris.safetensors"), &[("unet", &lycoris::from_adapter(&m, "d").unwrap())]).unwrap();
+    lycoris::save(dir.join("knobs_diag_oft_lycoris.safetensors"), &[("unet", &lycoris::from_adapter(&m, "d").unwrap())], None).unwrap();
     knobs_nn::io::write_safetensors(dir.join("expect.safetensors"), &outputs, &Default::default()).unwrap();
 }
 

@@ -54,34 +54,63 @@ pub fn parse(key: &str) -> Result<Option<(&'static str, String, Part)>, String> 
     Ok(parsed.map(|(name, part)| (*component, name, part)))
 }
 
-/// The kohya prefix for a component, without the trailing `_`.
-pub fn prefix_for(component: &str) -> Option<&'static str> {
+/// The kohya prefix for a component, without the trailing `_`; SDXL files (with two text
+/// encoders) call the first one `te1`.
+pub fn prefix_for(component: &str, sdxl: bool) -> Option<&'static str> {
     match component {
         "unet" => Some("lora_unet"),
+        "text_encoder" if sdxl => Some("lora_te1"),
         "text_encoder" => Some("lora_te"),
         "text_encoder_2" => Some("lora_te2"),
         _ => None,
     }
 }
 
+/// `modelspec.architecture` of SDXL base LoRAs (sd-scripts' value).
+pub const SDXL_ARCHITECTURE: &str = "stable-diffusion-xl-v1-base/lora";
+
 /// kohya's name of a module path.
 pub fn name_of(path: &str) -> String {
     path.replace('.', "_")
 }
 
-/// Underscore name -> module path for every adaptable layer of `model`. Two paths that
-/// collapse to one name are ambiguous and map to `Err` with both paths.
-pub fn layer_names<M: Module + ?Sized>(model: &M) -> HashMap<String, Result<String, (String, String)>> {
-    let mut out: HashMap<String, Result<String, (String, String)>> = HashMap::new();
-    model.for_each_layer(|path, _: LayerRef<'_>| {
-        let name = name_of(path);
-        let entry = match out.remove(&name) {
+/// kohya names -> module paths for every adaptable layer of a model: each layer's own path
+/// with `_` for `.`, plus aliases a loader adds for another naming of the same layers (SDXL
+/// files name UNet blocks as the original SGM code does). Two layers that collapse to one
+/// name are ambiguous, kept as both paths.
+#[derive(Debug, Clone, Default)]
+pub struct KohyaNames(HashMap<String, Result<String, (String, String)>>);
+
+impl KohyaNames {
+    pub fn of<M: Module + ?Sized>(model: &M) -> Self {
+        let mut names = KohyaNames::default();
+        model.for_each_layer(|path, _: LayerRef<'_>| names.insert(path, path));
+        names
+    }
+
+    /// Also resolves `alias` (a dotted path in another naming) to layer `path`.
+    pub fn alias(&mut self, path: &str, alias: &str) {
+        self.insert(alias, path);
+    }
+
+    fn insert(&mut self, spelled: &str, path: &str) {
+        let name = name_of(spelled);
+        let entry = match self.0.remove(&name) {
             None => Ok(path.to_string()),
+            Some(Ok(other)) if other == path => Ok(other),
             Some(Ok(other)) | Some(Err((other, _))) => Err((other, path.to_string())),
         };
-        out.insert(name, entry);
-    });
-    out
+        self.0.insert(name, entry);
+    }
+
+    /// The layer path of kohya name `name`, or why there is none.
+    pub fn resolve(&self, name: &str) -> Result<String, String> {
+        match self.0.get(name) {
+            Some(Ok(p)) => Ok(p.clone()),
+            Some(Err((a, b))) => Err(format!("ambiguous: layers `{a}` and `{b}` both have the kohya name `{name}`")),
+            None => Err(format!("no layer of the model has the kohya name `{name}`")),
+        }
+    }
 }
 
 /// Reads the tensors of a kohya file. Module names stay underscore-joined (see
@@ -99,14 +128,16 @@ pub fn read(sd: &StateDict) -> Result<BTreeMap<String, ComponentLora>> {
 
 /// Writes a kohya-ss LoRA / LoCon file: `lora_unet_<name>.lora_down.weight`, `.lora_up.weight`,
 /// `.alpha` (= scale x rank, so the scale is exact) and sd-scripts' `ss_*` / `modelspec.*`
-/// metadata. `architecture` fills `modelspec.architecture` (e.g. `stable-diffusion-v1/lora`).
+/// metadata. `architecture` fills `modelspec.architecture` (e.g. `stable-diffusion-v1/lora`);
+/// with [`SDXL_ARCHITECTURE`] the text encoders are `te1` / `te2`, as sd-scripts writes SDXL.
 pub fn save(path: impl AsRef<Path>, components: &[(&str, &ComponentLora)], architecture: Option<&str>) -> Result<()> {
     let path = path.as_ref();
+    let sdxl = architecture == Some(SDXL_ARCHITECTURE);
     let mut tensors = BTreeMap::new();
     let (mut linear, mut conv) = (Vec::new(), Vec::new());
     for (prefix, lora) in components {
         check_savable(path, prefix, lora)?;
-        let kp = prefix_for(prefix)
+        let kp = prefix_for(prefix, sdxl)
             .ok_or_else(|| Error::file(path, format!("kohya files have no prefix for component `{prefix}`; known: unet, text_encoder, text_encoder_2")))?;
         for m in lora.modules() {
             if m.embedding {
@@ -129,6 +160,9 @@ pub fn save(path: impl AsRef<Path>, components: &[(&str, &ComponentLora)], archi
     }
     if let (false, Some((r, a))) = (linear.is_empty(), mode(&conv)) {
         meta.insert("ss_network_args".into(), json!({"conv_dim": r.to_string(), "conv_alpha": format!("{a:?}")}).to_string());
+    }
+    if sdxl {
+        meta.insert("ss_base_model_version".into(), "sdxl_base_v1-0".into());
     }
     meta.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
     if let Some(arch) = architecture {

@@ -105,18 +105,32 @@ impl ComponentLora {
 
     /// Turns kohya's underscore-joined names into the module paths of `model`'s layers.
     pub fn resolve_kohya<M: Module + ?Sized>(&mut self, model: &M) -> Result<()> {
+        self.resolve_kohya_in(&kohya::KohyaNames::of(model))
+    }
+
+    /// Turns kohya's names into module paths through `names` (a model's names with aliases).
+    pub fn resolve_kohya_in(&mut self, names: &kohya::KohyaNames) -> Result<()> {
         if !self.kohya_names {
             return Ok(());
         }
-        let names = kohya::layer_names(model);
+        let file = self.state.file.clone();
+        self.rename(|m, file_key| names.resolve(&m.path).map_err(|msg| Error::key(&file, file_key, msg).into()))?;
+        self.kohya_names = false;
+        Ok(())
+    }
+
+    /// Renames every module path with `f` (e.g. to another naming of the same layers before
+    /// saving); the tensors stay as they are.
+    pub fn rename_modules(&mut self, f: impl Fn(&str) -> String) -> Result<()> {
+        self.rename(|m, _| Ok(f(&m.path)))
+    }
+
+    /// Renames modules; `f` gets the module and the file key of its `lora_A`, for errors.
+    fn rename(&mut self, f: impl Fn(&ModuleLora, &str) -> Result<String>) -> Result<()> {
         let mut renamed = HashMap::new();
         for m in self.modules() {
             let file_key = self.file_key(&format!("{}.lora_A.weight", m.path));
-            let path = match names.get(&m.path) {
-                Some(Ok(p)) => p.clone(),
-                Some(Err((a, b))) => return Err(Error::key(&self.state.file, file_key, format!("ambiguous: layers `{a}` and `{b}` both have the kohya name `{}`", m.path)).into()),
-                None => return Err(Error::key(&self.state.file, file_key, format!("no layer of the model has the kohya name `{}`", m.path)).into()),
-            };
+            let path = f(&m, &file_key)?;
             renamed.insert(m.path.clone(), (path, m));
         }
         let rename = |key: &str| -> String {
@@ -127,7 +141,6 @@ impl ComponentLora {
         self.origin = std::mem::take(&mut self.origin).into_iter().map(|(k, v)| (rename(&k), v)).collect();
         let modules: Vec<(String, usize, f64)> = renamed.into_values().map(|(p, m)| (p, m.rank, m.alpha)).collect();
         self.config = config_for(&self.state.file, &modules, self.config.use_rslora)?;
-        self.kohya_names = false;
         Ok(())
     }
 

@@ -170,7 +170,12 @@ fn patterns(file: &Path, modules: &[(String, usize, f64)]) -> Result<(usize, f64
 /// afterwards. kohya names resolve against the model's layers. On any error the model is left
 /// as it was. Returns the adapted layer paths.
 pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &LycorisPart, file: &Path) -> Result<Vec<String>> {
-    let names = kohya::layer_names(&model.model);
+    let names = kohya::KohyaNames::of(&model.model);
+    attach_named(model, name, part, file, &names)
+}
+
+/// [`attach`] with kohya names resolved through `names` (the model's own plus aliases).
+pub fn attach_named<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &LycorisPart, file: &Path, names: &kohya::KohyaNames) -> Result<Vec<String>> {
     // Each layer's weight shape `[out, in, k, k]` (k = 1 for Linear) and whether it is a conv.
     let mut shapes: HashMap<String, ([usize; 4], bool)> = HashMap::new();
     model.model.for_each_layer(|path, l| {
@@ -188,11 +193,7 @@ pub fn attach<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &Lycoris
     let mut diag = BTreeMap::new();
     for (kname, m) in &part.modules {
         let key = m.any_key();
-        let path = match names.get(kname) {
-            Some(Ok(p)) => p.clone(),
-            Some(Err((a, b))) => return Err(Error::key(file, key, format!("ambiguous: layers `{a}` and `{b}` both have the kohya name `{kname}`")).into()),
-            None => return Err(Error::key(file, key, format!("no layer of the model has the kohya name `{kname}`")).into()),
-        };
+        let path = names.resolve(kname).map_err(|msg| Error::key(file, &key, msg))?;
         let ([out, c_in, kh, kw], conv) = shapes[&path];
         let need = |t: &str| m.shape(t).ok_or_else(|| AdapterError::from(Error::key(file, &key, format!("module `{kname}` lacks `{t}`"))));
         match part.algo {
@@ -372,14 +373,16 @@ fn with_lycoris_names(algo: Algo, mut t: BTreeMap<String, (String, TensorData)>,
 }
 
 /// Writes LyCORIS parts (`(component, part)`, modules under layer paths) as one file with
-/// kohya names and LyCORIS's `ss_network_module` / `ss_network_args` metadata.
-pub fn save(path: impl AsRef<Path>, components: &[(&str, &LycorisPart)]) -> Result<()> {
+/// kohya names and LyCORIS's `ss_network_module` / `ss_network_args` metadata;
+/// `architecture` as for [`kohya::save`] (SDXL: text encoders `te1` / `te2`).
+pub fn save(path: impl AsRef<Path>, components: &[(&str, &LycorisPart)], architecture: Option<&str>) -> Result<()> {
     let path = path.as_ref();
+    let sdxl = architecture == Some(kohya::SDXL_ARCHITECTURE);
     let mut tensors = BTreeMap::new();
     let mut dims = Vec::new();
     let mut algo = None;
     for (prefix, part) in components {
-        let kp = prefix_for(prefix).ok_or_else(|| Error::file(path, format!("LyCORIS files have no prefix for component `{prefix}`; known: unet, text_encoder, text_encoder_2")))?;
+        let kp = prefix_for(prefix, sdxl).ok_or_else(|| Error::file(path, format!("LyCORIS files have no prefix for component `{prefix}`; known: unet, text_encoder, text_encoder_2")))?;
         if algo.is_some_and(|a| a != part.algo) {
             return Err(Error::file(path, "one LyCORIS file holds one method").into());
         }
@@ -404,6 +407,12 @@ pub fn save(path: impl AsRef<Path>, components: &[(&str, &LycorisPart)]) -> Resu
         args["wd_on_output"] = json!("True");
     }
     meta.insert("ss_network_args".into(), args.to_string());
+    if let Some(arch) = architecture {
+        meta.insert("modelspec.architecture".into(), arch.to_string());
+    }
+    if sdxl {
+        meta.insert("ss_base_model_version".into(), "sdxl_base_v1-0".into());
+    }
     if let Some((r, a)) = mode(&dims) {
         meta.insert("ss_network_dim".into(), r.to_string());
         meta.insert("ss_network_alpha".into(), format!("{a:?}"));

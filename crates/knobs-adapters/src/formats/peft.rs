@@ -1,6 +1,6 @@
 //! PEFT's folder format: `adapter_config.json` plus `adapter_model.safetensors` with keys
 //! `base_model.model.<path>.lora_A.weight`, `.lora_B.weight`, `.ia3_l`, ...
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use knobs_nn::io::{atomic_write, read_checked, write_safetensors};
@@ -49,15 +49,31 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<Box<dyn crate::AdapterConfig
 pub fn load<M: Module>(model: &mut AdaptedModel<M>, dir: impl AsRef<Path>, name: &str) -> Result<()> {
     let dir = dir.as_ref();
     let config = read_config(dir)?;
-    let sd = read_checked(dir.join(WEIGHTS_FILE), "")?;
+    let mut sd = read_checked(dir.join(WEIGHTS_FILE), "")?;
     model.add_adapter(name, config).map_err(|e| match e {
         crate::AdapterError::NoMatch { .. } => crate::AdapterError::Nn(Error::key(dir.join(CONFIG_FILE), "target_modules", e)),
         other => other,
     })?;
+    let expected: Vec<String> = model.adapter_state_dict(name)?.into_keys().collect();
+    rewrap(&mut sd, &expected);
     if let Err(e) = model.load_adapter_state_dict(name, &sd, KEY_PREFIX) {
         model.delete_adapter(name)?;
         return Err(e);
     }
     model.freeze();
     Ok(())
+}
+
+/// A folder saved from the model without its outer wrapper module gets the wrapper's name
+/// back: transformers 5 saves a CLIPTextModel's adapter without `text_model.`, which every
+/// other writer (and the checkpoints) have. `expected`: the adapter's keys in the model.
+fn rewrap(sd: &mut knobs_nn::io::StateDict, expected: &[String]) {
+    let firsts: HashSet<&str> = expected.iter().filter_map(|k| k.split_once('.').map(|(a, _)| a)).collect();
+    let [wrapper] = firsts.into_iter().collect::<Vec<_>>()[..] else { return };
+    let inner = |k: &String| k.strip_prefix(KEY_PREFIX).map(str::to_string);
+    let wrapped = |k: &str| format!("{KEY_PREFIX}{wrapper}.{k}");
+    let all_inner = sd.tensors.keys().all(|k| inner(k).is_some_and(|r| !r.starts_with(&format!("{wrapper}.")) && expected.iter().any(|e| *e == format!("{wrapper}.{r}"))));
+    if all_inner && !sd.tensors.is_empty() {
+        sd.tensors = std::mem::take(&mut sd.tensors).into_iter().map(|(k, v)| (wrapped(&inner(&k).expect("checked")), v)).collect();
+    }
 }

@@ -72,6 +72,8 @@ pub fn unet(path: &str, layout: &UnetLayout) -> Option<Source> {
     for (ours, theirs) in [
         ("time_embedding.linear_1.", "time_embed.0."),
         ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
         ("conv_in.", "input_blocks.0.0."),
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),
@@ -114,6 +116,13 @@ pub fn unet(path: &str, layout: &UnetLayout) -> Option<Source> {
     let leaf = rest.strip_prefix("upsamplers.0.conv.")?;
     let slot = if *layout.up_attention.get(b)? { 2 } else { 1 };
     key(format!("output_blocks.{}.{slot}.conv.{leaf}", b * stride + layout.layers))
+}
+
+/// A UNet layer path (`down_blocks.1.attentions.0.proj_in`) -> the original code's
+/// (`input_blocks.4.1.proj_in`), the block names kohya's SDXL LoRA files use.
+pub fn unet_layer(path: &str, layout: &UnetLayout) -> Option<String> {
+    let key = unet(&format!("{path}.weight"), layout)?.key;
+    Some(key.strip_prefix(UNET)?.strip_suffix(".weight")?.to_string())
 }
 
 /// A VAE parameter path -> its single-file key. `levels`: the number of encoder blocks (the
@@ -224,6 +233,7 @@ mod tests {
         assert_eq!(k("up_blocks.0.upsamplers.0.conv.weight").unwrap(), "output_blocks.2.1.conv.weight");
         assert_eq!(k("up_blocks.1.upsamplers.0.conv.weight").unwrap(), "output_blocks.5.2.conv.weight");
         assert_eq!(k("up_blocks.3.resnets.2.time_emb_proj.weight").unwrap(), "output_blocks.11.0.emb_layers.1.weight");
+        assert_eq!(k("add_embedding.linear_2.bias").unwrap(), "label_emb.0.2.bias");
         assert_eq!(k("down_blocks.0.mystery.weight"), None);
     }
 

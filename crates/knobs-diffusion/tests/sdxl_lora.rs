@@ -1,0 +1,100 @@
+//! SDXL LoRA files (tiny random, `fixtures/tiny-sdxl/goldens/lora`) against diffusers'
+//! `load_lora_weights`: one adapter on the UNet and both text encoders, in every layout people
+//! hold (PEFT folders, diffusers' two key spellings, kohya with SGM or diffusers block names),
+//! gives diffusers' 3-step image; what knobs writes for SDXL reads back the same.
+use std::path::{Path, PathBuf};
+
+use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
+use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
+use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::io::{StateDict, read_safetensors};
+use knobs_nn::{Tensor, cpu};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+}
+
+fn rel_err<const D: usize>(got: Tensor<D>, g: &StateDict, key: &str) -> f32 {
+    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let want = g.f32(key).unwrap().0;
+    assert_eq!(got.len(), want.len(), "{key}");
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    diff / want.iter().map(|b| b.abs()).fold(0f32, f32::max)
+}
+
+/// The golden call (pipeline.safetensors' arguments) with the LoRA golden's latents.
+fn golden_request(g: &StateDict) -> GenerateRequest {
+    let (values, shape) = g.f32("pipeline.latents").unwrap();
+    GenerateRequest {
+        negative_prompt: "blurry, dark".into(),
+        steps: 3,
+        guidance_scale: 5.0,
+        original_size: Some((96, 128)),
+        crop_top_left: Some((8, 16)),
+        target_size: Some((64, 80)),
+        latents: Some(Tensor::<4>::from_data(TensorData::new(values, shape), &cpu())),
+        ..GenerateRequest::new("a photo of a sks dog, high quality!")
+    }
+}
+
+fn generate_with(path: &Path, g: &StateDict) -> (Tensor<4>, Vec<Component>) {
+    let mut sd = StableDiffusion::from_dir(fixture(), &cpu()).unwrap();
+    let mut adapters = PipelineAdapters::new(0);
+    let mut on = adapters.load_lora(&mut sd, path, "lora", 1.0).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    on.sort();
+    adapters.activate_all(&mut sd).unwrap();
+    (sd.generate_latents(&golden_request(g)).unwrap(), on)
+}
+
+#[test]
+fn every_sdxl_lora_layout_gives_the_diffusers_image() {
+    let g = read_safetensors(fixture().join("goldens/lora.safetensors")).unwrap();
+    let dir = fixture().join("goldens/lora");
+    let files = [
+        "peft",
+        "diffusers/pytorch_lora_weights.safetensors",
+        "diffusers_old_keys/pytorch_lora_weights.safetensors",
+        "kohya/tiny_sdxl_lora_kohya.safetensors",
+        "kohya/tiny_sdxl_lora_kohya_diffusers_names.safetensors",
+    ];
+    for f in files {
+        let (latents, on) = generate_with(&dir.join(f), &g);
+        assert_eq!(on, [Component::Unet, Component::TextEncoder, Component::TextEncoder2], "{f}");
+        let e = rel_err(latents, &g, "pipeline.final_latents");
+        println!("{f}: final latents rel {e:.2e}");
+        assert!(e < 1e-4, "{f}: {e}");
+    }
+}
+
+/// knobs' own SDXL files (diffusers, and kohya with sd-scripts' SDXL names) read back to the
+/// same image; the kohya file uses SGM block names and `te1` / `te2`.
+#[test]
+fn sdxl_lora_files_written_by_knobs_read_back() {
+    let g = read_safetensors(fixture().join("goldens/lora.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sd = StableDiffusion::from_dir(fixture(), &cpu()).unwrap();
+    let mut adapters = PipelineAdapters::new(0);
+    adapters.load_lora(&mut sd, &fixture().join("goldens/lora/peft"), "lora", 1.0).unwrap();
+    for (layout, file) in [(LoraFile::Kohya, "kohya.safetensors"), (LoraFile::Diffusers, "diffusers.safetensors")] {
+        let path = tmp.path().join(file);
+        adapters.save_lora_file(&mut sd, "lora", &path, layout).unwrap();
+        let (latents, _) = generate_with(&path, &g);
+        let e = rel_err(latents, &g, "pipeline.final_latents");
+        assert!(e < 1e-4, "{file}: {e}");
+    }
+    let kohya = read_safetensors(tmp.path().join("kohya.safetensors")).unwrap();
+    let want = read_safetensors(fixture().join("goldens/lora/kohya/tiny_sdxl_lora_kohya.safetensors")).unwrap();
+    let keys = |s: &StateDict| s.tensors.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&kohya), keys(&want), "sd-scripts' SDXL key set");
+    assert_eq!(kohya.metadata.get("ss_base_model_version").map(String::as_str), Some("sdxl_base_v1-0"));
+}
+
+/// A file for a second text encoder on an SD-1.x model names the component.
+#[test]
+fn sdxl_lora_on_an_sd1_model_is_refused() {
+    let mut sd = StableDiffusion::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/tiny-sd"), &cpu()).unwrap();
+    let mut adapters = PipelineAdapters::new(0);
+    let err = adapters.load_lora(&mut sd, &fixture().join("goldens/lora/diffusers/pytorch_lora_weights.safetensors"), "x", 1.0).unwrap_err().to_string();
+    assert!(err.contains("text_encoder") || err.contains("unet"), "{err}");
+    assert!(adapters.attached().is_empty());
+}
