@@ -265,11 +265,32 @@ impl PipelineAdapters {
         self.on(sd, Component::Unet, |am| hypernetwork::load(am, path, name, strength))
     }
 
-    /// Adds a textual-inversion embedding's tokens to the tokenizer and text encoder.
+    /// Adds a textual-inversion embedding's tokens to the tokenizer and text encoder (both
+    /// of them for an SDXL `clip_l` / `clip_g` file). Returns the first encoder's embedding
+    /// and ids.
     pub fn load_embedding(&mut self, sd: &mut StableDiffusion, path: &Path) -> Result<(LearnedEmbedding, Vec<u32>)> {
-        let (emb, ids) = embeddings::load(path, None, &mut sd.tokenizer, &mut sd.text_encoder)?;
-        self.embeddings.push(emb.clone());
-        Ok((emb, ids))
+        self.load_embedding_as(sd, path, None)
+    }
+
+    /// [`Self::load_embedding`] under `token` instead of the name the file gives.
+    pub fn load_embedding_as(&mut self, sd: &mut StableDiffusion, path: &Path, token: Option<&str>) -> Result<(LearnedEmbedding, Vec<u32>)> {
+        let sdxl_file = embeddings::is_sdxl_file(path)?;
+        let (Some(tok2), Some(te2)) = (sd.tokenizer_2.as_mut(), sd.text_encoder_2.as_mut()) else {
+            let (emb, ids) = embeddings::load(path, token, &mut sd.tokenizer, &mut sd.text_encoder)?;
+            self.embeddings.push(emb.clone());
+            return Ok((emb, ids));
+        };
+        if !sdxl_file {
+            return Err(file_error(path, "an SD-1.x/2.x embedding (one table); an SDXL pipeline needs clip_l and clip_g tables, one per text encoder"));
+        }
+        let [l, g] = embeddings::read_sdxl(path, token)?;
+        // Both or neither.
+        embeddings::check(&l, &sd.tokenizer, &sd.text_encoder)?;
+        embeddings::check(&g, tok2, te2)?;
+        embeddings::add(&g, tok2, te2)?;
+        let ids = embeddings::add(&l, &mut sd.tokenizer, &mut sd.text_encoder)?;
+        self.embeddings.push(l.clone());
+        Ok((l, ids))
     }
 
     fn set_weight(&mut self, name: &str, weight: f32) {

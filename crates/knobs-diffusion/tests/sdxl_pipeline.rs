@@ -157,3 +157,37 @@ fn sdxl_request_shapes_and_refusals() {
     let err = sd1.generate_latents(&GenerateRequest { steps: 1, prompt_2: Some("x".into()), ..GenerateRequest::new("a dog") }).unwrap_err().to_string();
     assert!(err.contains("prompt_2"), "{err}");
 }
+
+/// An SDXL embedding (`clip_l` / `clip_g`) loaded as diffusers' `load_textual_inversion` into
+/// both encoders gives diffusers' prompt embeddings, the pooled one taken at the new token
+/// (te2 pools at argmax(ids)); an SD-1.x embedding is refused by an SDXL pipeline.
+#[test]
+fn sdxl_textual_inversion_matches_diffusers() {
+    use knobs_diffusion::loaders::PipelineAdapters;
+    use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
+    let device = cpu();
+    let g = read_safetensors(fixture().join("goldens/textual_inversion.safetensors")).unwrap();
+    let mut sd = StableDiffusion::from_dir(fixture(), &device).unwrap();
+    let mut adapters = PipelineAdapters::new(0);
+    let file = fixture().join("goldens/textual_inversion/tiny-ti.safetensors");
+    let (emb, ids) = adapters.load_embedding_as(&mut sd, &file, Some("<tiny-ti>")).unwrap();
+    assert_eq!((emb.token.as_str(), ids), ("<tiny-ti>", vec![1000]));
+    let req = GenerateRequest { negative_prompt: "blurry, dark".into(), ..GenerateRequest::new("a photo of <tiny-ti> on the beach") };
+    let cond = sd.condition(&req, 32, 48).unwrap();
+    let added = cond.added.unwrap();
+    for (i, side) in [(1, ""), (0, "negative_")] {
+        let e = rel_err(cond.context.clone().narrow(0, i, 1), &g, &format!("encode.neg.{side}prompt_embeds"));
+        assert!(e < 1e-5, "{side}prompt_embeds {e}");
+        let e = rel_err(added.text_embeds.clone().narrow(0, i, 1), &g, &format!("encode.neg.{side}pooled_prompt_embeds"));
+        assert!(e < 1e-5, "{side}pooled {e}");
+    }
+    // Loading it again is refused (the token exists), and leaves both tokenizers as they were.
+    assert!(adapters.load_embedding_as(&mut sd, &file, Some("<tiny-ti>")).unwrap_err().to_string().contains("<tiny-ti>"));
+    assert_eq!(sd.tokenizer_2.as_ref().unwrap().vocab_size(), 1001);
+    let tmp = tempfile::tempdir().unwrap();
+    let sd1 = tmp.path().join("learned_embeds.safetensors");
+    let one = knobs_diffusion::clip::embeddings::LearnedEmbedding { token: "<x>".into(), vectors: vec![vec![0.5; 16]], file: sd1.clone() };
+    knobs_diffusion::clip::embeddings::save_diffusers(&sd1, &one).unwrap();
+    let err = adapters.load_embedding(&mut sd, &sd1).unwrap_err().to_string();
+    assert!(err.contains("clip_l"), "{err}");
+}

@@ -19,6 +19,9 @@ use super::tokenizer::ClipTokenizer;
 pub const DIFFUSERS_FILE: &str = "learned_embeds.safetensors";
 /// The key of the A1111 / kohya safetensors layout.
 pub const A1111_KEY: &str = "emb_params";
+/// The keys of an SDXL embedding, one table per text encoder (CLIP-L, OpenCLIP bigG), as
+/// A1111, ComfyUI and diffusers' SDXL docs use them.
+pub const SDXL_KEYS: [&str; 2] = ["clip_l", "clip_g"];
 
 /// One placeholder token and its learned vectors.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,8 +58,8 @@ pub fn read(path: impl AsRef<Path>, token: Option<&str>) -> Result<LearnedEmbedd
     let (key, name) = match keys.as_slice() {
         [k] if k.as_str() == A1111_KEY || k.starts_with("string_to_param.") => (k.as_str(), token.map_or_else(stem, str::to_string)),
         [k] => (k.as_str(), token.unwrap_or(k).to_string()),
-        _ if keys.iter().any(|k| *k == "clip_l" || *k == "clip_g") => {
-            return Err(Error::file(path, "an SDXL embedding (clip_l / clip_g, one table per text encoder) is not supported"));
+        _ if keys.iter().any(|k| SDXL_KEYS.contains(&k.as_str())) => {
+            return Err(Error::file(path, "an SDXL embedding (clip_l / clip_g, one table per text encoder): load it into an SDXL pipeline"));
         }
         _ => return Err(Error::file(path, format!("expected one tensor ({{token: [n, dim]}} or `{A1111_KEY}`), found keys {keys:?}"))),
     };
@@ -76,14 +79,8 @@ pub fn read(path: impl AsRef<Path>, token: Option<&str>) -> Result<LearnedEmbedd
 /// Adds `emb`'s tokens to the tokenizer and their vectors to the text encoder's token table
 /// (grown as transformers' `resize_token_embeddings`). Returns the new ids, in token order.
 pub fn add(emb: &LearnedEmbedding, tokenizer: &mut ClipTokenizer, text_encoder: &mut ClipTextModel) -> Result<Vec<u32>> {
-    let hidden = text_encoder.config.hidden_size;
-    if emb.dim() != hidden {
-        return Err(Error::key(&emb.file, &emb.token, format!("embedding width {} does not match the text encoder's hidden size {hidden}", emb.dim())));
-    }
+    check(emb, tokenizer, text_encoder)?;
     let tokens = emb.tokens();
-    if let Some(t) = tokens.iter().find(|t| tokenizer.token_to_id(t).is_some()) {
-        return Err(Error::key(&emb.file, t, "token already in the tokenizer's vocabulary; pass another token name"));
-    }
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let ids = tokenizer.add_tokens(&refs).map_err(|e| e.in_file(&emb.file))?;
     if tokenizer.vocab_size() > text_encoder.vocab_size() {
@@ -101,6 +98,56 @@ pub fn add(emb: &LearnedEmbedding, tokenizer: &mut ClipTokenizer, text_encoder: 
     }
     *table = like(table, Tensor::from_data(TensorData::new(values, [rows, d]), &table.device()));
     Ok(ids)
+}
+
+/// Whether `path` is an SDXL embedding (`clip_l` / `clip_g` tables).
+pub fn is_sdxl_file(path: impl AsRef<Path>) -> Result<bool> {
+    let sd = read_checked(path, "")?;
+    Ok(SDXL_KEYS.iter().any(|k| sd.tensors.contains_key(*k)))
+}
+
+/// Reads an SDXL embedding: `[clip_l, clip_g]`, both under `token` (default: the file stem,
+/// as A1111 names embeddings), with the same number of vectors.
+pub fn read_sdxl(path: impl AsRef<Path>, token: Option<&str>) -> Result<[LearnedEmbedding; 2]> {
+    let path = path.as_ref();
+    let sd = read_checked(path, "")?;
+    let token = token.map(str::to_string).unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string());
+    if let Some(k) = sd.tensors.keys().find(|k| !SDXL_KEYS.contains(&k.as_str())) {
+        return Err(Error::key(path, k, "an SDXL embedding holds only clip_l and clip_g"));
+    }
+    let table = |key: &str| -> Result<LearnedEmbedding> {
+        let (values, shape) = sd.f32(key).map_err(|_| Error::key(path, key, "missing: an SDXL embedding has one table per text encoder"))?;
+        let [n, dim] = shape[..] else { return Err(Error::key(path, key, format!("shape {shape:?}: expected [n_vectors, dim]"))) };
+        if n == 0 || dim == 0 || token.trim().is_empty() {
+            return Err(Error::key(path, key, format!("empty embedding (shape {shape:?}, token {token:?})")));
+        }
+        Ok(LearnedEmbedding { token: token.clone(), vectors: values.chunks(dim).map(<[f32]>::to_vec).collect(), file: path.to_path_buf() })
+    };
+    let (l, g) = (table("clip_l")?, table("clip_g")?);
+    if l.vectors.len() != g.vectors.len() {
+        return Err(Error::key(path, "clip_g", format!("{} vectors, clip_l has {}", g.vectors.len(), l.vectors.len())));
+    }
+    Ok([l, g])
+}
+
+/// Writes an SDXL embedding: `clip_l` (first text encoder) and `clip_g` (second), `[n, dim]`
+/// each; the metadata records the token.
+pub fn save_sdxl(path: impl AsRef<Path>, clip_l: &LearnedEmbedding, clip_g: &LearnedEmbedding) -> Result<()> {
+    let tensors = BTreeMap::from([(SDXL_KEYS[0].to_string(), clip_l.data()), (SDXL_KEYS[1].to_string(), clip_g.data())]);
+    let meta = HashMap::from([("name".to_string(), clip_l.token.clone()), ("format".to_string(), "pt".to_string())]);
+    write_safetensors(path, &tensors, &meta)
+}
+
+/// What [`add`] would refuse: a width other than the encoder's, or a token the tokenizer has.
+pub fn check(emb: &LearnedEmbedding, tokenizer: &ClipTokenizer, text_encoder: &ClipTextModel) -> Result<()> {
+    let hidden = text_encoder.config.hidden_size;
+    if emb.dim() != hidden {
+        return Err(Error::key(&emb.file, &emb.token, format!("embedding width {} does not match the text encoder's hidden size {hidden}", emb.dim())));
+    }
+    if let Some(t) = emb.tokens().iter().find(|t| tokenizer.token_to_id(t).is_some()) {
+        return Err(Error::key(&emb.file, t, "token already in the tokenizer's vocabulary; pass another token name"));
+    }
+    Ok(())
 }
 
 /// [`read`] then [`add`].
