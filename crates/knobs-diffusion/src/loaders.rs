@@ -51,6 +51,11 @@ impl Component {
         Component::ALL.into_iter().filter(|c| c.is_in(sd)).collect()
     }
 
+    /// The text encoders `sd` has (both of SDXL's, which its trainers train together).
+    pub fn text_encoders(sd: &StableDiffusion) -> Vec<Component> {
+        Component::all_in(sd).into_iter().filter(|c| *c != Component::Unet).collect()
+    }
+
     /// The component of a file's key prefix; a file without prefixes (a PEFT folder) adapts
     /// the UNet, as diffusers assumes.
     pub fn from_prefix(prefix: &str) -> std::result::Result<Component, String> {

@@ -13,6 +13,9 @@ use anyhow::Result;
 use image::RgbImage;
 use knobs_diffusion::clip::embeddings::expand_prompt;
 use knobs_diffusion::pipeline::StableDiffusion;
+use knobs_diffusion::pipeline::sdxl::{SdxlText, time_ids};
+use knobs_diffusion::unet::AddedCond;
+use knobs_nn::burn::tensor::TensorData;
 use knobs_diffusion::schedulers::{DdpmScheduler, PredictionType};
 use knobs_diffusion::unet::UNetConfig;
 use knobs_diffusion::vae::{DiagonalGaussian, VaeConfig};
@@ -60,8 +63,32 @@ pub struct Objective {
     device: Device,
     /// Posteriors by image content, when latents are cached.
     latents: Option<Mutex<HashMap<u64, DiagonalGaussian>>>,
-    /// Prompt embeddings `[1, 77, D]` by expanded prompt, used while the text encoder is frozen.
-    contexts: Mutex<HashMap<String, Tensor<3>>>,
+    /// Prompt encodings by prompt, used while the text encoders are frozen.
+    contexts: Mutex<HashMap<String, Encoded>>,
+}
+
+/// One prompt's encoding: the UNet's context `[1, 77, D]` and, for SDXL, the pooled
+/// embedding `[1, P]`.
+#[derive(Clone)]
+struct Encoded {
+    context: Tensor<3>,
+    pooled: Option<Tensor<2>>,
+}
+
+/// Where a training image came from, for SDXL's micro-conditioning (diffusers' SDXL scripts):
+/// its size before resizing and the top-left corner of the crop taken from the resized image,
+/// both `(height, width)` / `(top, left)` in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSizes {
+    pub original: (u32, u32),
+    pub crop_top_left: (u32, u32),
+}
+
+impl ImageSizes {
+    /// An image used as it is: its own size, uncropped.
+    pub fn of(image: &RgbImage) -> Self {
+        ImageSizes { original: (image.height(), image.width()), crop_top_left: (0, 0) }
+    }
 }
 
 /// A key for an image's content (pixels and size).
@@ -116,12 +143,22 @@ impl Objective {
         Ok(DiagonalGaussian { mean: Tensor::cat(means, 0), logvar: Tensor::cat(logvars, 0) })
     }
 
-    /// The text encoder's last hidden state for each prompt, `[B, 77, D]`.
-    fn context(&self, sd: &StableDiffusion, prompts: &[String]) -> Result<Tensor<3>> {
+    /// Each prompt's encoding: SD-1.x/2.x's last hidden state, or SDXL's two penultimate
+    /// states side by side plus the pooled embedding (as its pipeline encodes prompts).
+    fn encode(&self, sd: &StableDiffusion, prompts: &[String]) -> Result<Encoded> {
         let dev = &self.device;
-        let encode = |texts: &[&str]| -> Result<Tensor<3>> { Ok(sd.text_encoder.forward(sd.tokenizer.encode_tensor(texts, dev)?).last_hidden_state) };
-        if sd.text_encoder.num_trainable_params() > 0 {
-            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let encode = |texts: &[&str]| -> Result<Encoded> {
+            if let Some(text) = SdxlText::of(sd) {
+                let parts = texts.iter().map(|t| text.encode(t, None, 0, dev)).collect::<Result<Vec<_>, _>>()?;
+                let pooled = Tensor::cat(parts.iter().map(|p| p.pooled.clone()).collect(), 0);
+                return Ok(Encoded { context: Tensor::cat(parts.into_iter().map(|p| p.embeds).collect(), 0), pooled: Some(pooled) });
+            }
+            let texts = texts.iter().map(|p| expand_prompt(p, &sd.tokenizer)).collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            Ok(Encoded { context: sd.text_encoder.forward(sd.tokenizer.encode_tensor(&refs, dev)?).last_hidden_state, pooled: None })
+        };
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        if sd.text_encoder.num_trainable_params() > 0 || sd.text_encoder_2.num_trainable_params() > 0 {
             return encode(&refs);
         }
         let mut cache = self.contexts.lock().expect("prompt cache");
@@ -132,12 +169,21 @@ impl Objective {
             }
             rows.push(cache[p].clone());
         }
-        Ok(Tensor::cat(rows, 0))
+        let pooled = rows.iter().map(|r| r.pooled.clone()).collect::<Option<Vec<_>>>().map(|p| Tensor::cat(p, 0));
+        Ok(Encoded { context: Tensor::cat(rows.into_iter().map(|r| r.context).collect(), 0), pooled })
     }
 
-    /// The loss of each image under its prompt, `[B]`. Draws, in order: the posterior
-    /// sample, the noise, the offset noise (only when used), the timesteps.
+    /// The loss of each image under its prompt, `[B]`, each image taken as it is (SDXL: its
+    /// own size, uncropped). Draws, in order: the posterior sample, the noise, the offset
+    /// noise (only when used), the timesteps.
     pub fn per_sample(&self, sd: &StableDiffusion, images: &[RgbImage], prompts: &[String], rng: &mut StdRng, o: LossOptions) -> Result<Tensor<1>> {
+        let sizes: Vec<ImageSizes> = images.iter().map(ImageSizes::of).collect();
+        self.per_sample_sized(sd, images, &sizes, prompts, rng, o)
+    }
+
+    /// [`Self::per_sample`] with each image's original size and crop, SDXL's time ids
+    /// (the target size is the training image's).
+    pub fn per_sample_sized(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions) -> Result<Tensor<1>> {
         let dev = &self.device;
         let posterior = self.posterior(sd, images)?;
         let latents = posterior.sample(normal(rng, posterior.mean.dims(), &cpu())) * self.latent_scale;
@@ -150,10 +196,13 @@ impl Objective {
         let t: Vec<i64> = (0..images.len()).map(|_| rng.random_range(0..self.ddpm.num_train_timesteps() as i64)).collect();
         let noisy = self.ddpm.add_noise(latents.clone(), noise.clone(), &t)?;
         let target = self.ddpm.training_target(latents, noise, &t)?;
-        let prompts = prompts.iter().map(|p| expand_prompt(p, &sd.tokenizer)).collect::<Result<Vec<_>, _>>()?;
-        let context = self.context(sd, &prompts)?;
+        let Encoded { context, pooled } = self.encode(sd, prompts)?;
+        let added = pooled.map(|text_embeds| {
+            let ids: Vec<f32> = images.iter().zip(sizes).flat_map(|(img, s)| time_ids(s.original, s.crop_top_left, (img.height(), img.width()))).collect();
+            AddedCond { text_embeds, time_ids: Tensor::from_data(TensorData::new(ids, [images.len(), 6]), dev) }
+        });
         let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), dev);
-        let mut per = per_sample_mse(sd.unet.forward(noisy, t_float, context), target);
+        let mut per = per_sample_mse(sd.unet.forward_with_cond(noisy, t_float, context, added.as_ref()), target);
         if let Some(gamma) = o.snr_gamma {
             per = per * Tensor::<1>::from_floats(min_snr_weights(&self.ddpm.snr(&t)?, gamma, self.prediction).as_slice(), dev);
         }

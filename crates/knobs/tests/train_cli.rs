@@ -122,7 +122,7 @@ fn textual_inversion_trains_only_the_new_rows() {
     let summary = train(&out, "textual-inversion", &["--max-train-steps", "3", "--num-vectors", "2", "--a1111"]);
     assert_eq!(summary["trainable_params"], 2 * 64);
     let keys = checkpoint_keys(&out);
-    assert_eq!(keys.into_iter().collect::<Vec<_>>(), vec!["text_encoder.text_model.embeddings.token_embedding.token_rows.default".to_string()]);
+    assert_eq!(keys.into_iter().collect::<Vec<_>>(), vec!["text_encoder.text_model.embeddings.token_embedding.token_rows.placeholder".to_string()]);
     let emb = read_safetensors(out.join("learned_embeds.safetensors")).unwrap();
     let (rows, shape) = emb.f32("sks").unwrap();
     assert_eq!(shape, vec![2, 64]);

@@ -107,11 +107,14 @@ pub fn is_sdxl_file(path: impl AsRef<Path>) -> Result<bool> {
 }
 
 /// Reads an SDXL embedding: `[clip_l, clip_g]`, both under `token` (default: the file stem,
-/// as A1111 names embeddings), with the same number of vectors.
+/// as A1111 names embeddings; for a `learned_embeds.safetensors`, which names no token, the
+/// `name` its writer recorded), with the same number of vectors.
 pub fn read_sdxl(path: impl AsRef<Path>, token: Option<&str>) -> Result<[LearnedEmbedding; 2]> {
     let path = path.as_ref();
     let sd = read_checked(path, "")?;
-    let token = token.map(str::to_string).unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string());
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let recorded = sd.metadata.get("name").filter(|_| path.file_name().and_then(|n| n.to_str()) == Some(DIFFUSERS_FILE));
+    let token = token.or(recorded.map(String::as_str)).unwrap_or(stem).to_string();
     if let Some(k) = sd.tensors.keys().find(|k| !SDXL_KEYS.contains(&k.as_str())) {
         return Err(Error::key(path, k, "an SDXL embedding holds only clip_l and clip_g"));
     }

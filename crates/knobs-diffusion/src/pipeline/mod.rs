@@ -137,6 +137,15 @@ impl StableDiffusion {
         self.text_encoder_2.is_some()
     }
 
+    /// Each tokenizer with its text encoder: one pair, or SDXL's two.
+    pub fn text_pairs_mut(&mut self) -> Vec<(&mut ClipTokenizer, &mut ClipTextModel)> {
+        let mut pairs = vec![(&mut self.tokenizer, &mut self.text_encoder)];
+        if let (Some(t), Some(e)) = (self.tokenizer_2.as_mut(), self.text_encoder_2.as_mut()) {
+            pairs.push((t, e));
+        }
+        pairs
+    }
+
     /// The model's own scheduler when it is one we implement (PNDM, the SD-1.5 default, is
     /// not: DDIM is then used, and [`Self::default_scheduler_is_substitute`] says so).
     pub fn default_scheduler(&self) -> SchedulerKind {

@@ -14,12 +14,23 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::config::TrainConfig;
+use crate::objective::ImageSizes;
 
 #[derive(Debug, Clone)]
 pub struct Example {
     /// Resized so that the shorter side is the training resolution; cropped per step.
     pub image: RgbImage,
     pub prompt: String,
+    /// `(height, width)` before resizing (SDXL's `original_size`).
+    pub original_size: (u32, u32),
+}
+
+impl Example {
+    /// An image and its prompt, resized to `res` on the shorter side.
+    pub fn new(image: RgbImage, prompt: String, res: u32) -> Self {
+        let original_size = (image.height(), image.width());
+        Example { image: resize_short_side(image, res), prompt, original_size }
+    }
 }
 
 pub fn concept(name: &str) -> Result<ConceptSpec> {
@@ -44,7 +55,7 @@ pub fn instance_examples(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
     if let Some(name) = &cfg.data.concept {
         let spec = concept(name)?;
         let prompt = cfg.data.instance_prompt.clone().unwrap_or_else(|| spec.instance_prompt());
-        return Ok(spec.instance_images(DEFAULT_INSTANCES, res).into_iter().map(|(image, _)| Example { image, prompt: prompt.clone() }).collect());
+        return Ok(spec.instance_images(DEFAULT_INSTANCES, res).into_iter().map(|(image, _)| Example::new(image, prompt.clone(), res)).collect());
     }
     let dir = cfg.data.instance_dir.as_ref().expect("validated: concept or instance dir");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -66,20 +77,29 @@ pub fn instance_examples(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
                 (None, true) => std::fs::read_to_string(&caption).with_context(|| format!("{}: cannot read", caption.display()))?.trim().to_string(),
                 (None, false) => bail!("{}: no caption file {} and no --instance-prompt", path.display(), caption.display()),
             };
-            Ok(Example { image: resize_short_side(image, res), prompt })
+            Ok(Example::new(image, prompt, res))
         })
         .collect()
 }
 
 /// A `res` x `res` crop (centred or random) with an optional random horizontal flip.
 pub fn crop(ex: &Example, res: u32, center: bool, flip: bool, rng: &mut StdRng) -> RgbImage {
+    crop_sized(ex, res, center, flip, rng).0
+}
+
+/// [`crop`], also giving the image's SDXL sizes: its original size and the crop's top-left
+/// corner in the resized image, as diffusers' SDXL scripts count it (they flip before
+/// cropping, so a flipped crop's left edge is measured from the other side).
+pub fn crop_sized(ex: &Example, res: u32, center: bool, flip: bool, rng: &mut StdRng) -> (RgbImage, ImageSizes) {
     let (w, h) = ex.image.dimensions();
     let (x, y) = if center { ((w - res) / 2, (h - res) / 2) } else { (rng.random_range(0..=w - res), rng.random_range(0..=h - res)) };
     let mut out = image::imageops::crop_imm(&ex.image, x, y, res, res).to_image();
+    let mut left = x;
     if flip && rng.random_bool(0.5) {
         out = image::imageops::flip_horizontal(&out);
+        left = w - res - x;
     }
-    out
+    (out, ImageSizes { original: ex.original_size, crop_top_left: (y, left) })
 }
 
 fn class_image_path(dir: &Path, i: usize) -> PathBuf {
@@ -110,7 +130,7 @@ pub fn class_examples(cfg: &TrainConfig, model: &Path, res: u32) -> Result<Vec<E
         .map(|i| {
             let path = class_image_path(&dir, i);
             let image = image::open(&path).with_context(|| format!("{}: cannot decode class image", path.display()))?.to_rgb8();
-            Ok(Example { image: resize_short_side(image, res), prompt: prompt.clone() })
+            Ok(Example::new(image, prompt.clone(), res))
         })
         .collect()
 }

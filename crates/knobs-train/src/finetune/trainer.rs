@@ -24,12 +24,13 @@ use super::data::{self, Example};
 use super::outputs::{Sampling, save_grid, size_of, write_samples};
 use super::plot;
 use crate::checkpoint::{Checkpoints, State, check_same, decode_history, encode_history, meta, sub_dict};
-use crate::objective::{LossOptions, Objective, resolution};
+use crate::objective::{ImageSizes, LossOptions, Objective, resolution};
 use crate::progress::{Progress, Tick, peak_rss_bytes};
 use crate::rng::step_rng;
 
 struct Batch {
     images: Vec<RgbImage>,
+    sizes: Vec<ImageSizes>,
     prompts: Vec<String>,
     /// The first `instances` entries are instance examples, the rest class examples.
     instances: usize,
@@ -38,7 +39,9 @@ struct Batch {
 fn draw(examples: &[Example], n: usize, cfg: &TrainConfig, res: u32, rng: &mut StdRng, batch: &mut Batch) {
     for _ in 0..n {
         let ex = &examples[rng.random_range(0..examples.len())];
-        batch.images.push(data::crop(ex, res, !cfg.data.random_crop, cfg.data.random_flip, rng));
+        let (image, sizes) = data::crop_sized(ex, res, !cfg.data.random_crop, cfg.data.random_flip, rng);
+        batch.images.push(image);
+        batch.sizes.push(sizes);
         batch.prompts.push(ex.prompt.clone());
     }
 }
@@ -185,12 +188,12 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         let mut value = 0.0;
         for micro in 0..accum {
             let mut rng = step_rng(o.seed, "train", step * accum + micro);
-            let mut batch = Batch { images: Vec::new(), prompts: Vec::new(), instances: batch_size };
+            let mut batch = Batch { images: Vec::new(), sizes: Vec::new(), prompts: Vec::new(), instances: batch_size };
             draw(&instances, batch_size, cfg, res, &mut rng, &mut batch);
             if !classes.is_empty() {
                 draw(&classes, batch_size, cfg, res, &mut rng, &mut batch);
             }
-            let per = objective.per_sample(&sd, &batch.images, &batch.prompts, &mut rng, loss_options)?;
+            let per = objective.per_sample_sized(&sd, &batch.images, &batch.sizes, &batch.prompts, &mut rng, loss_options)?;
             let (n, b) = (batch.instances, batch.images.len());
             let instance = per.clone().slice([0..n]).mean();
             let loss = if n < b { instance + per.slice([n..b]).mean() * cfg.data.prior_loss_weight } else { instance } / accum as f64;

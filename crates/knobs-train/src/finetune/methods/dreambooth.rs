@@ -50,7 +50,7 @@ impl TrainMethod for Dreambooth {
     fn attach(&self, cfg: &TrainConfig, sd: &mut StableDiffusion, _: &mut PipelineAdapters) -> Result<Attached> {
         let mut parts = vec![Component::Unet];
         if cfg.train_text_encoder {
-            parts.push(Component::TextEncoder);
+            parts.extend(Component::text_encoders(sd));
         }
         let trainable = sd.param_paths().into_iter().filter(|p| parts.iter().any(|c| p.starts_with(&format!("{c}.")))).collect();
         Ok(Attached { trainable, placeholder: None })
@@ -62,6 +62,9 @@ impl TrainMethod for Dreambooth {
         write_safetensors(weights_file(&dir.join("unet")), &state_dict(&sd.unet), &meta)?;
         if cfg.train_text_encoder {
             write_safetensors(weights_file(&dir.join("text_encoder")), &state_dict(&sd.text_encoder), &meta)?;
+            if let Some(te2) = &sd.text_encoder_2 {
+                write_safetensors(weights_file(&dir.join("text_encoder_2")), &state_dict(te2), &meta)?;
+            }
         }
         Ok(vec![dir])
     }

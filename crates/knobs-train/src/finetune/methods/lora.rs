@@ -69,7 +69,8 @@ pub fn attach_lora(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut P
 }
 
 /// Attaches `config(targets)` to the UNet at LoRA's target flags (with `--conv` its
-/// convolutions) and, with `--train-text-encoder`, to the text encoder; the shared attach of
+/// convolutions) and, with `--train-text-encoder`, to the text encoder (both of SDXL's, as
+/// diffusers' and kohya's SDXL scripts); the shared attach of
 /// every low-rank-family method.
 pub fn attach_with(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, config: impl Fn(Vec<String>) -> Box<dyn AdapterConfig>) -> Result<Attached> {
     let o = &cfg.lora;
@@ -79,7 +80,9 @@ pub fn attach_with(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut P
     }
     adapters.add(sd, Component::Unet, ADAPTER, config(targets))?;
     if cfg.train_text_encoder {
-        adapters.add(sd, Component::TextEncoder, ADAPTER, config(o.text_encoder_target_modules.clone()))?;
+        for c in Component::text_encoders(sd) {
+            adapters.add(sd, c, ADAPTER, config(o.text_encoder_target_modules.clone()))?;
+        }
     }
     Ok(Attached { trainable: adapters.parameter_paths(sd, ADAPTER)?, placeholder: None })
 }
