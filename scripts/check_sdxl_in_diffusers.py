@@ -4,10 +4,13 @@
 On the tiny random SDXL fixture (crates/knobs-diffusion/tests/fixtures/tiny-sdxl) this script
 trains, with the knobs binary, (1) a LoRA on the UNet and both text encoders saved as a diffusers
 file, (2) the same as a kohya file (sd-scripts' SDXL names), (3) a textual-inversion embedding
-(clip_l / clip_g). Then it generates one image with knobs (`knobs generate --latents`) and the same
+(clip_l / clip_g), and converts the fixture to an SDXL single file and back to a folder
+(`knobs convert`). Then it generates one image with knobs (`knobs generate --latents`) and the same
 call with diffusers' StableDiffusionXLPipeline after `load_lora_weights` /
 `load_textual_inversion`, and compares them: the two must agree to within 8-bit rounding, and the
-adapter must move the image well beyond that (so a loader that dropped it would fail).
+adapter must move the image well beyond that (so a loader that dropped it would fail). The
+single file (`from_single_file(config=...)`) and the folder converted back must give diffusers'
+own image of the fixture exactly.
 
     /tmp/ref-venv/bin/python scripts/check_sdxl_in_diffusers.py --knobs target/release/knobs
 
@@ -102,6 +105,21 @@ def main():
         ok = diff <= 2.0 / 255.0 and moved > 8.0 / 255.0
         bad += not ok
         print(f"{name:26s} knobs vs diffusers max |diff| {diff * 255:.1f}/255, adapter moved the image {moved * 255:.1f}/255  {'ok' if ok else 'FAIL'}")
+    from diffusers import StableDiffusionXLPipeline
+
+    single, back = os.path.join(tmp, "xl.safetensors"), os.path.join(tmp, "back")
+    run([args.knobs, "convert", "--model", TINY, "--out", single])
+    run([args.knobs, "convert", "--model", single, "--config", TINY, "--out", back])
+    for name, load in [
+        ("SDXL single file", lambda: StableDiffusionXLPipeline.from_single_file(single, config=TINY, local_files_only=True, add_watermarker=False)),
+        ("single file -> folder", lambda: StableDiffusionXLPipeline.from_pretrained(back, local_files_only=True, add_watermarker=False)),
+    ]:
+        pipe = load()
+        pipe.set_progress_bar_config(disable=True)
+        theirs = pipe(PROMPT, num_inference_steps=3, guidance_scale=5.0, latents=latents, output_type="np").images[0]
+        diff = float(np.abs(np.round(theirs * 255.0) / 255.0 - base).max())
+        bad += diff != 0.0
+        print(f"{name:26s} in diffusers vs the fixture folder: max |diff| {diff * 255:.1f}/255  {'ok' if diff == 0.0 else 'FAIL'}")
     sys.exit(1 if bad else 0)
 
 

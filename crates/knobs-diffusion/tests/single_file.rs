@@ -103,6 +103,7 @@ fn tiny_sd2(golden: &Value) -> (StableDiffusion, PipelineConfigs) {
         unet: golden["unet"].clone(),
         vae: golden["vae"].clone(),
         text_encoder: golden["text_encoder"].clone(),
+        text_encoder_2: None,
         scheduler: infer::scheduler("v_prediction"),
     };
     let dev = cpu();
@@ -235,4 +236,145 @@ fn ema_weights_are_taken_on_request() {
     };
     assert_eq!(load(false), bias);
     assert_eq!(load(true), ema);
+}
+
+const TINY_SDXL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sdxl");
+
+/// The golden SDXL call (fixtures/tiny-sdxl/goldens/pipeline.safetensors) on `sd`.
+fn sdxl_golden_latents(sd: &StableDiffusion) -> (Vec<f32>, Vec<f32>) {
+    let g = knobs_nn::io::read_safetensors(Path::new(TINY_SDXL).join("goldens/pipeline.safetensors")).unwrap();
+    let (values, shape) = g.f32("latents").unwrap();
+    let req = GenerateRequest {
+        negative_prompt: "blurry, dark".into(),
+        steps: 3,
+        guidance_scale: 5.0,
+        original_size: Some((96, 128)),
+        crop_top_left: Some((8, 16)),
+        target_size: Some((64, 80)),
+        latents: Some(knobs_nn::Tensor::<4>::from_data(knobs_nn::burn::tensor::TensorData::new(values, shape), &cpu())),
+        ..GenerateRequest::new("a photo of a sks dog, high quality!")
+    };
+    let got = sd.generate_latents(&req).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    (got, g.f32("final_latents").unwrap().0)
+}
+
+fn same_te2(a: &StableDiffusion, b: &StableDiffusion) {
+    let (x, y) = (state_dict(a.text_encoder_2.as_ref().unwrap()), state_dict(b.text_encoder_2.as_ref().unwrap()));
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    for (k, v) in &x {
+        assert_eq!(v, &y[k], "text_encoder_2.{k}");
+    }
+}
+
+/// SDXL in SGM's layout: `conditioner.embedders.0.transformer.*` (CLIP-L),
+/// `conditioner.embedders.1.model.*` (OpenCLIP bigG, fused q/k/v, `text_projection` as
+/// `x @ P`), `label_emb` for the added conditioning; read back it gives diffusers' golden call.
+#[test]
+fn sdxl_single_file_round_trips_to_the_golden_call() {
+    let folder = StableDiffusion::from_dir(TINY_SDXL, &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-sdxl.safetensors");
+    save_single_file(&folder, &path, FloatDtype::F32).unwrap();
+    let file = SafetensorsReader::open(&path).unwrap();
+    for key in [
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+        "conditioner.embedders.1.model.ln_final.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.input_blocks.8.1.transformer_blocks.1.attn2.to_k.weight",
+        "model.diffusion_model.output_blocks.2.1.transformer_blocks.1.ff.net.2.weight",
+    ] {
+        assert!(file.shape(key).is_some(), "{key}");
+    }
+    assert_eq!(file.shape("conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight").unwrap(), [96, 32]);
+    // diffusers' Linear [projection, hidden] is stored as OpenCLIP's [hidden, projection].
+    assert_eq!(file.shape("conditioner.embedders.1.model.text_projection").unwrap(), [32, 24]);
+
+    let opts = SingleFileOptions { config: Some(TINY_SDXL.into()), ..Default::default() };
+    let single = SingleFile::open(&path, &opts).unwrap();
+    assert_eq!(single.family, Family::Sdxl);
+    let loaded = single.load(&cpu()).unwrap();
+    assert!(loaded.is_sdxl() && loaded.force_zeros_for_empty_prompt);
+    assert_same_weights(&folder, &loaded);
+    same_te2(&folder, &loaded);
+    let (got, want) = sdxl_golden_latents(&loaded);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(max_abs_diff(&got, &want) / scale < 1e-4);
+}
+
+/// Without --config every SDXL setting comes from the shapes (64-channel heads per level,
+/// transformer depth per level, the time-id width from `label_emb`, the second encoder's
+/// projection), the scheduler and VAE scale are SDXL base's, and the tokenizers come from
+/// beside the file: the pipeline is the one that was saved.
+#[test]
+fn sdxl_single_file_infers_its_configs() {
+    let read = |p: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(Path::new(TINY_SDXL).join(p)).unwrap()).unwrap() };
+    let mut unet = read("unet/config.json");
+    unet["block_out_channels"] = serde_json::json!([64, 128, 192]);
+    unet["norm_num_groups"] = serde_json::json!(32);
+    unet["cross_attention_dim"] = serde_json::json!(64 + 128);
+    unet["projection_class_embeddings_input_dim"] = serde_json::json!(64 + 6 * 8);
+    unet["sample_size"] = serde_json::json!(8);
+    let mut te1 = read("text_encoder/config.json");
+    te1["hidden_size"] = serde_json::json!(64);
+    te1["num_attention_heads"] = serde_json::json!(1);
+    let mut te2 = read("text_encoder_2/config.json");
+    te2["hidden_size"] = serde_json::json!(128);
+    te2["num_attention_heads"] = serde_json::json!(2);
+    te2["projection_dim"] = serde_json::json!(64);
+    let mut vae = read("vae/config.json");
+    vae["block_out_channels"] = serde_json::json!([32, 32]);
+    vae["norm_num_groups"] = serde_json::json!(32);
+    let configs = PipelineConfigs { unet, vae, text_encoder: te1, text_encoder_2: Some(te2), scheduler: infer::sdxl_scheduler() };
+    let dev = cpu();
+    let mut init = Init::new(5);
+    let te = |v: &Value, init: &mut Init| ClipTextModel::new(ClipTextConfig::from_json(&v.to_string()).unwrap(), init, &dev).unwrap();
+    let sd = StableDiffusion {
+        dir: PathBuf::new(),
+        tokenizer: ClipTokenizer::from_dir(Path::new(TINY_SDXL).join("tokenizer")).unwrap(),
+        text_encoder: te(&configs.text_encoder, &mut init),
+        unet: UNet2DConditionModel::new(UNetConfig::from_json(&configs.unet.to_string()).unwrap(), &mut init, &dev).unwrap(),
+        vae: AutoencoderKL::new(VaeConfig::from_json_str(&configs.vae.to_string()).unwrap(), &mut init, &dev).unwrap(),
+        tokenizer_2: Some(ClipTokenizer::from_dir(Path::new(TINY_SDXL).join("tokenizer_2")).unwrap()),
+        text_encoder_2: Some(te(configs.text_encoder_2.as_ref().unwrap(), &mut init)),
+        force_zeros_for_empty_prompt: true,
+        scheduler_config: SchedulerConfig::from_json_str(&configs.scheduler.to_string()).unwrap(),
+        scheduler_class: "EulerDiscreteScheduler".into(),
+        device: dev.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let folder_dir = dir.path().join("folder");
+    save_pretrained(&sd, &configs, &folder_dir, FloatDtype::F32).unwrap();
+    let folder = StableDiffusion::from_dir(&folder_dir, &dev).unwrap();
+    assert!(folder.is_sdxl());
+    let path = dir.path().join("xl.safetensors");
+    save_single_file(&folder, &path, FloatDtype::F32).unwrap();
+    copy_dir(&Path::new(TINY_SDXL).join("tokenizer"), &dir.path().join("tokenizer"));
+    copy_dir(&Path::new(TINY_SDXL).join("tokenizer_2"), &dir.path().join("tokenizer_2"));
+
+    let single = SingleFile::open(&path, &SingleFileOptions::default()).unwrap();
+    assert_eq!(single.family, Family::Sdxl);
+    let u = &single.configs.unet;
+    assert_eq!(u["attention_head_dim"], serde_json::json!([1, 2, 3]));
+    assert_eq!(u["transformer_layers_per_block"], serde_json::json!([1, 1, 2]));
+    assert_eq!((u["addition_time_embed_dim"].as_u64(), u["projection_class_embeddings_input_dim"].as_u64()), (Some(8), Some(112)));
+    assert_eq!(u["cross_attention_dim"], 192);
+    assert_eq!(single.configs.vae["scaling_factor"], 0.13025);
+    assert_eq!(single.configs.text_encoder_2.as_ref().unwrap()["projection_dim"], 64);
+    assert_eq!(single.configs.scheduler["_class_name"], "EulerDiscreteScheduler");
+    let loaded = StableDiffusion::load(&path, &dev).unwrap();
+    assert_same_weights(&folder, &loaded);
+    same_te2(&folder, &loaded);
+    let req = GenerateRequest { steps: 2, seed: 3, height: Some(32), width: Some(32), ..GenerateRequest::new("a red star") };
+    let img = |sd: &StableDiffusion| sd.generate(&req).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    assert_eq!(max_abs_diff(&img(&folder), &img(&loaded)), 0.0);
+
+    // A file with only one SDXL text encoder (a refiner) is refused by name.
+    let mut tensors = SafetensorsReader::open(&path).unwrap().read_all().unwrap().tensors;
+    tensors.retain(|k, _| !k.starts_with("conditioner.embedders.0."));
+    let refiner = dir.path().join("refiner.safetensors");
+    knobs_nn::io::write_safetensors(&refiner, &tensors, &Default::default()).unwrap();
+    let err = SingleFile::open(&refiner, &SingleFileOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("refiner") && err.contains("conditioner.embedders.0.transformer."), "{err}");
 }

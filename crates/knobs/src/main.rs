@@ -48,7 +48,7 @@ enum Command {
     /// Time each method's training step and one generation step on a model (median of N),
     /// with threads, peak memory and the model's size.
     Bench(cmd::bench::Args),
-    /// Convert between a single-file SD-1.x/2.x checkpoint (original CompVis / A1111 keys) and a
+    /// Convert between a single-file SD-1.x/2.x/SDXL checkpoint (original CompVis / A1111 / SGM keys) and a
     /// diffusers pipeline folder, either way.
     Convert(cmd::convert::Args),
 }

@@ -11,6 +11,10 @@ pub const VAE: &str = "first_stage_model.";
 pub const CLIP: &str = "cond_stage_model.transformer.";
 /// The text encoder of SD-2.x: OpenCLIP's text tower.
 pub const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (transformers' CLIP ViT-L names).
+pub const SDXL_CLIP: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second text encoder (OpenCLIP ViT-bigG, with its projection).
+pub const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 /// Where one parameter lives in a single file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,11 +24,14 @@ pub struct Source {
     pub third: Option<usize>,
     /// The VAE's attention projections are 1x1 convolutions there, linear layers here.
     pub conv1x1: bool,
+    /// OpenCLIP's `text_projection` multiplies from the right (`x @ P`): the transpose of
+    /// the Linear weight here.
+    pub transposed: bool,
 }
 
 impl Source {
     fn plain(key: String) -> Self {
-        Source { key, third: None, conv1x1: false }
+        Source { key, third: None, conv1x1: false, transposed: false }
     }
 }
 
@@ -149,7 +156,7 @@ pub fn vae(path: &str, levels: usize) -> Option<Source> {
             _ => return None,
         };
         let conv1x1 = layer != "group_norm" && leaf == "weight";
-        return Some(Source { key: format!("{VAE}{part}.mid.attn_1.{theirs}.{leaf}"), third: None, conv1x1 });
+        return Some(Source { key: format!("{VAE}{part}.mid.attn_1.{theirs}.{leaf}"), third: None, conv1x1, transposed: false });
     }
     if let Some(leaf) = rest.strip_prefix("conv_norm_out.") {
         return key(format!("{part}.norm_out.{leaf}"));
@@ -174,12 +181,26 @@ pub fn vae(path: &str, levels: usize) -> Option<Source> {
 
 /// A CLIP text-encoder parameter path (`text_model.…`) -> its key in an SD-1.x file.
 pub fn clip(path: &str) -> Option<Source> {
-    Some(Source::plain(format!("{CLIP}{path}")))
+    clip_at(CLIP, path)
+}
+
+/// [`clip`] under another prefix (SDXL's [`SDXL_CLIP`]).
+pub fn clip_at(prefix: &str, path: &str) -> Option<Source> {
+    Some(Source::plain(format!("{prefix}{path}")))
 }
 
 /// A CLIP text-encoder parameter path -> its place in an SD-2.x file's OpenCLIP tower.
 pub fn open_clip(path: &str) -> Option<Source> {
-    let key = |k: String| Some(Source::plain(format!("{OPEN_CLIP}{k}")));
+    open_clip_at(OPEN_CLIP, path)
+}
+
+/// [`open_clip`] under another prefix (SDXL's [`SDXL_OPEN_CLIP`]); also maps the
+/// projection of a `CLIPTextModelWithProjection`.
+pub fn open_clip_at(prefix: &str, path: &str) -> Option<Source> {
+    let key = |k: String| Some(Source::plain(format!("{prefix}{k}")));
+    if path == "text_projection.weight" {
+        return Some(Source { transposed: true, ..Source::plain(format!("{prefix}text_projection")) });
+    }
     let rest = path.strip_prefix("text_model.")?;
     match rest {
         "embeddings.token_embedding.weight" => return key("token_embedding.weight".into()),
@@ -195,7 +216,7 @@ pub fn open_clip(path: &str) -> Option<Source> {
     let theirs = match layer {
         "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => {
             let third = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].iter().position(|l| *l == layer);
-            return Some(Source { key: format!("{OPEN_CLIP}{block}.attn.in_proj_{leaf}"), third, conv1x1: false });
+            return Some(Source { third, ..Source::plain(format!("{prefix}{block}.attn.in_proj_{leaf}")) });
         }
         "self_attn.out_proj" => "attn.out_proj",
         "layer_norm1" => "ln_1",

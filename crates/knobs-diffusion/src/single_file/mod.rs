@@ -1,5 +1,6 @@
-//! Single-file checkpoints: one `.safetensors` holding UNet, VAE and text encoder under the
-//! original CompVis / A1111 key names (SD-1.x and SD-2.x), as most users have their models.
+//! Single-file checkpoints: one `.safetensors` holding UNet, VAE and text encoder(s) under the
+//! original CompVis / A1111 / SGM key names (SD-1.x, SD-2.x and SDXL base), as most users have
+//! their models.
 //! The configs come from the tensor shapes ([`infer`]) or from a diffusers folder (`config`,
 //! as diffusers' `from_single_file(config=...)`), the names from one map ([`keys`]), and the
 //! tokenizer, which such files lack, from a folder found beside the file or in the Hugging
@@ -47,6 +48,8 @@ pub struct PipelineConfigs {
     pub unet: Value,
     pub vae: Value,
     pub text_encoder: Value,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: Option<Value>,
     pub scheduler: Value,
 }
 
@@ -56,6 +59,8 @@ pub struct SingleFile {
     pub family: Family,
     pub configs: PipelineConfigs,
     tokenizer: PathBuf,
+    /// SDXL's second tokenizer (the first one's folder when only that was given).
+    tokenizer_2: Option<PathBuf>,
     /// Whether the tokenizer was found by search, not given (SD-2.x then pads with "!").
     tokenizer_searched: bool,
     ema: bool,
@@ -82,17 +87,25 @@ impl SingleFile {
                 unet: read_json(&dir.join("unet/config.json"))?,
                 vae: read_json(&dir.join("vae/config.json"))?,
                 text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+                text_encoder_2: (family == Family::Sdxl).then(|| read_json(&dir.join("text_encoder_2/config.json"))).transpose()?,
                 scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
             },
             None => {
                 let image = opts.image_size.unwrap_or(family.image_size());
-                let vae = infer::vae(&file, image)?;
+                let mut vae = infer::vae(&file, image)?;
                 let scale = 1 << (vae["block_out_channels"].as_array().map_or(1, |a| a.len()) - 1);
+                let sdxl = family == Family::Sdxl;
+                if sdxl {
+                    // SDXL's VAE: its own latent scale, and it overflows in fp16.
+                    vae["scaling_factor"] = Value::from(0.13025);
+                    vae["force_upcast"] = Value::from(true);
+                }
                 PipelineConfigs {
                     unet: infer::unet(&file, family, image, scale)?,
                     vae,
                     text_encoder: infer::text_encoder(&file, family)?,
-                    scheduler: infer::scheduler(family.prediction_type()),
+                    text_encoder_2: sdxl.then(|| infer::text_encoder_2(&file)).transpose()?,
+                    scheduler: if sdxl { infer::sdxl_scheduler() } else { infer::scheduler(family.prediction_type()) },
                 }
             }
         };
@@ -106,9 +119,15 @@ impl SingleFile {
         let tokenizer_searched = given.is_none();
         let tokenizer = match given {
             Some(dir) => dir,
-            None => find_tokenizer(path, family)?,
+            None => find_tokenizer(path, family, "tokenizer")?,
         };
-        Ok(SingleFile { file, family, configs, tokenizer, tokenizer_searched, ema: opts.ema })
+        let tokenizer_2 = match (family, &opts.config, &opts.tokenizer) {
+            (Family::Sdxl, Some(dir), None) => Some(dir.join("tokenizer_2")),
+            (Family::Sdxl, _, Some(dir)) => Some(dir.clone()),
+            (Family::Sdxl, None, None) => Some(find_tokenizer(path, family, "tokenizer_2")?),
+            _ => None,
+        };
+        Ok(SingleFile { file, family, configs, tokenizer, tokenizer_2, tokenizer_searched, ema: opts.ema })
     }
 
     /// Builds the pipeline and reads every weight, one tensor at a time.
@@ -132,7 +151,22 @@ impl SingleFile {
                 self.load_into(&mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
             }
             Family::Sd2 => self.load_into(&mut text_encoder, keys::open_clip)?,
+            Family::Sdxl => self.load_into(&mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
         }
+        let (tokenizer_2, text_encoder_2) = match (&self.configs.text_encoder_2, &self.tokenizer_2) {
+            (Some(config), Some(dir)) => {
+                let config = ClipTextConfig::from_json(&cfg(config))?;
+                let mut te2 = ClipTextModel::new(config, &mut Init::for_loading(), device)?;
+                self.load_into(&mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
+                let mut tok2 = ClipTokenizer::from_dir(dir)?;
+                // SDXL's second tokenizer pads with "!"; a copy of the first one does not.
+                if tok2.token_to_id("!").is_some_and(|id| id != tok2.pad_id()) {
+                    tok2 = tok2.with_pad_token("!")?;
+                }
+                (Some(tok2), Some(te2))
+            }
+            _ => (None, None),
+        };
 
         let mut tokenizer = ClipTokenizer::from_dir(&self.tokenizer)?;
         if self.family == Family::Sd2 && self.tokenizer_searched {
@@ -145,9 +179,9 @@ impl SingleFile {
             text_encoder,
             unet,
             vae,
-            tokenizer_2: None,
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
+            tokenizer_2,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: self.family == Family::Sdxl,
             scheduler_config: SchedulerConfig::from_json_str(&cfg(&self.configs.scheduler))?,
             scheduler_class,
             device: device.clone(),
@@ -175,7 +209,8 @@ impl SingleFile {
     }
 }
 
-/// One third of a fused q/k/v tensor, or a 1x1 convolution as a linear weight.
+/// One third of a fused q/k/v tensor, a 1x1 convolution as a linear weight, or a
+/// right-multiplied projection as a Linear weight.
 fn reshape(data: TensorData, src: &Source, key: &str) -> Result<TensorData> {
     let shape = data.shape().as_slice().to_vec();
     let values: Vec<f32> = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(key, format!("{e:?}")))?;
@@ -193,13 +228,23 @@ fn reshape(data: TensorData, src: &Source, key: &str) -> Result<TensorData> {
     if src.conv1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
         return Ok(TensorData::new(values, [shape[0], shape[1]]));
     }
+    if src.transposed {
+        let [r, c] = shape[..] else { return Err(Error::param(key, format!("shape {shape:?}: a projection matrix has 2 dimensions"))) };
+        return Ok(transpose(&values, r, c));
+    }
     Ok(TensorData::new(values, shape))
 }
 
-/// The tokenizer of a single file: a `tokenizer/` folder beside it, else the copy diffusers
-/// or transformers left in the Hugging Face cache.
-fn find_tokenizer(file: &Path, family: Family) -> Result<PathBuf> {
-    let beside = file.parent().unwrap_or(Path::new(".")).join("tokenizer");
+/// A row-major `[r, c]` matrix as `[c, r]`.
+pub(crate) fn transpose(values: &[f32], r: usize, c: usize) -> TensorData {
+    let t: Vec<f32> = (0..c * r).map(|i| values[(i % r) * c + i / r]).collect();
+    TensorData::new(t, [c, r])
+}
+
+/// The tokenizer of a single file (`name`: `tokenizer`, or SDXL's `tokenizer_2`): a folder of
+/// that name beside it, else the copy diffusers or transformers left in the Hugging Face cache.
+fn find_tokenizer(file: &Path, family: Family, name: &str) -> Result<PathBuf> {
+    let beside = file.parent().unwrap_or(Path::new(".")).join(name);
     let mut tried = vec![beside.clone()];
     if beside.is_dir() {
         return Ok(beside);
@@ -218,6 +263,8 @@ fn find_tokenizer(file: &Path, family: Family) -> Result<PathBuf> {
             ("runwayml--stable-diffusion-v1-5", "tokenizer"),
         ],
         Family::Sd2 => &[("stabilityai--stable-diffusion-2-1", "tokenizer"), ("stabilityai--stable-diffusion-2", "tokenizer")],
+        Family::Sdxl if name == "tokenizer_2" => &[("stabilityai--stable-diffusion-xl-base-1.0", "tokenizer_2")],
+        Family::Sdxl => &[("stabilityai--stable-diffusion-xl-base-1.0", "tokenizer"), ("openai--clip-vit-large-patch14", "")],
     };
     if let Some(hub) = hub {
         for (repo, sub) in repos {

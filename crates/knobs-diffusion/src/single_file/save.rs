@@ -11,8 +11,9 @@ use super::PipelineConfigs;
 use super::keys::{self, Source};
 use crate::pipeline::StableDiffusion;
 
-/// Writes `sd` as one original-layout file: SD-2.x layout (OpenCLIP) when its text encoder
-/// is a GELU CLIP, as only SD-2.x's is, else SD-1.x. Atomic.
+/// Writes `sd` as one original-layout file: SDXL's (`conditioner.embedders.*`) for an SDXL
+/// pipeline, SD-2.x's (OpenCLIP) when its text encoder is a GELU CLIP, as only SD-2.x's is,
+/// else SD-1.x's. Atomic.
 pub fn save_single_file(sd: &StableDiffusion, path: impl AsRef<Path>, dtype: FloatDtype) -> Result<()> {
     let path = path.as_ref();
     let mut out = BTreeMap::new();
@@ -20,7 +21,10 @@ pub fn save_single_file(sd: &StableDiffusion, path: impl AsRef<Path>, dtype: Flo
     place(&sd.unet, |p| keys::unet(p, &layout), &mut out)?;
     let levels = sd.vae.config.block_out_channels.len();
     place(&sd.vae, |p| keys::vae(p, levels), &mut out)?;
-    if sd.text_encoder.config.hidden_act == "gelu" {
+    if let Some(te2) = &sd.text_encoder_2 {
+        place(&sd.text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p), &mut out)?;
+        place(te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p), &mut out)?;
+    } else if sd.text_encoder.config.hidden_act == "gelu" {
         place(&sd.text_encoder, keys::open_clip, &mut out)?;
     } else {
         place(&sd.text_encoder, keys::clip, &mut out)?;
@@ -58,10 +62,10 @@ impl Parts {
 fn place<M: Module>(model: &M, map: impl Fn(&str) -> Option<Source>, out: &mut BTreeMap<String, Parts>) -> Result<()> {
     for (path, data) in state_dict(model) {
         let src = map(&path).ok_or_else(|| Error::param(&path, "has no place in the single-file layout"))?;
-        let data = if src.conv1x1 {
+        let data = if src.conv1x1 || src.transposed {
             let s = data.shape().as_slice().to_vec();
             let values = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(&path, format!("{e:?}")))?;
-            TensorData::new(values, [s[0], s[1], 1, 1])
+            if src.transposed { super::transpose(&values, s[0], s[1]) } else { TensorData::new(values, [s[0], s[1], 1, 1]) }
         } else {
             data
         };
@@ -88,20 +92,33 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 pub fn save_pretrained(sd: &StableDiffusion, configs: &PipelineConfigs, dir: impl AsRef<Path>, dtype: FloatDtype) -> Result<()> {
     let dir = dir.as_ref();
     let scheduler = configs.scheduler["_class_name"].as_str().unwrap_or("DDIMScheduler");
-    write_json(
-        &dir.join("model_index.json"),
-        &json!({
-            "_class_name": "StableDiffusionPipeline",
-            "feature_extractor": [null, null],
-            "safety_checker": [null, null],
-            "requires_safety_checker": false,
-            "scheduler": ["diffusers", scheduler],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }),
-    )?;
+    let mut index = json!({
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [null, null],
+        "safety_checker": [null, null],
+        "requires_safety_checker": false,
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    let sdxl = match (&sd.text_encoder_2, &sd.tokenizer_2, &configs.text_encoder_2) {
+        (Some(te2), Some(tok2), Some(config)) => Some((te2, tok2, config)),
+        (None, _, _) => None,
+        _ => return Err(Error::file(dir, "an SDXL pipeline needs its second tokenizer and text-encoder config to be saved")),
+    };
+    if sdxl.is_some() {
+        let fields = index.as_object_mut().expect("object");
+        fields.remove("safety_checker");
+        fields.remove("requires_safety_checker");
+        fields.insert("_class_name".into(), json!("StableDiffusionXLPipeline"));
+        fields.insert("image_encoder".into(), json!([null, null]));
+        fields.insert("force_zeros_for_empty_prompt".into(), json!(sd.force_zeros_for_empty_prompt));
+        fields.insert("text_encoder_2".into(), json!(["transformers", "CLIPTextModelWithProjection"]));
+        fields.insert("tokenizer_2".into(), json!(["transformers", "CLIPTokenizer"]));
+    }
+    write_json(&dir.join("model_index.json"), &index)?;
     let none = HashMap::new();
     let weights = "diffusion_pytorch_model.safetensors";
     write_json(&dir.join("unet/config.json"), &configs.unet)?;
@@ -110,6 +127,11 @@ pub fn save_pretrained(sd: &StableDiffusion, configs: &PipelineConfigs, dir: imp
     write_safetensors_as(dir.join("vae").join(weights), &state_dict(&sd.vae), &none, dtype)?;
     write_json(&dir.join("text_encoder/config.json"), &configs.text_encoder)?;
     write_safetensors_as(dir.join("text_encoder/model.safetensors"), &state_dict(&sd.text_encoder), &none, dtype)?;
+    if let Some((te2, tok2, config)) = sdxl {
+        write_json(&dir.join("text_encoder_2/config.json"), config)?;
+        write_safetensors_as(dir.join("text_encoder_2/model.safetensors"), &state_dict(te2), &none, dtype)?;
+        tok2.save_dir(dir.join("tokenizer_2"))?;
+    }
     write_json(&dir.join("scheduler/scheduler_config.json"), &configs.scheduler)?;
     sd.tokenizer.save_dir(dir.join("tokenizer"))
 }

@@ -1,4 +1,4 @@
-//! `knobs convert`: a single-file SD-1.x/2.x checkpoint to a diffusers folder, or back.
+//! `knobs convert`: a single-file SD-1.x/2.x/SDXL checkpoint to a diffusers folder, or back.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Single file in: the tokenizer folder (default: `tokenizer/` beside the file, or the
-    /// Hugging Face cache).
+    /// Hugging Face cache; SDXL also `tokenizer_2/`, or this folder padded with "!").
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Single file in: epsilon or v_prediction (default: SD-1.x epsilon, SD-2.x v_prediction).

@@ -64,7 +64,7 @@ impl AdapterArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A diffusers pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
-    /// scheduler/; SDXL also tokenizer_2/, text_encoder_2/) or a single-file SD-1.x/2.x `.safetensors` checkpoint; default: the built-in base model (models/knobs-base, found at run time).
+    /// scheduler/; SDXL also tokenizer_2/, text_encoder_2/) or a single-file SD-1.x/2.x/SDXL `.safetensors` checkpoint; default: the built-in base model (models/knobs-base, found at run time).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// What to draw.
