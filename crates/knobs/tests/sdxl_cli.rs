@@ -72,6 +72,14 @@ fn every_adapter_method_trains_sdxl_and_loads_back() {
     let out = dir("hypernetwork");
     train(&out, "hypernetwork", &[]);
     reproduces_sample(TINY_SDXL, &out, &["--hypernetwork", s(&out.join("hypernetwork.safetensors"))], "hypernetwork");
+
+    // HyperDreamBooth: a hypernetwork pretrained on the SDXL model predicts the LoRA, then
+    // fast fine-tuning refines it.
+    let hyper = dir("hyper");
+    ok(&["hyper", "pretrain", "--model", TINY_SDXL, "--out", s(&hyper), "--steps", "2", "--num-concepts", "2", "--images-per-concept", "2", "--batch", "2"]);
+    let out = dir("hyper-lora");
+    train(&out, "hyper-lora", &["--hypernetwork-dir", s(&hyper)]);
+    reproduces_sample(TINY_SDXL, &out, &["--lora", s(&out.join("pytorch_lora_weights.safetensors"))], "hyper-lora");
 }
 
 /// Textual inversion learns one row per encoder (saved as `clip_l` / `clip_g`); pivotal tuning
