@@ -2,40 +2,15 @@
 //! `load_lora_weights`: one adapter on the UNet and both text encoders, in every layout people
 //! hold (PEFT folders, diffusers' two key spellings, kohya with SGM or diffusers block names),
 //! gives diffusers' 3-step image; what knobs writes for SDXL reads back the same.
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
-use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
-use knobs_nn::burn::tensor::TensorData;
+use common::{golden_request, rel_err, tiny_sdxl as fixture};
+use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Tensor, cpu};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
-}
-
-fn rel_err<const D: usize>(got: Tensor<D>, g: &StateDict, key: &str) -> f32 {
-    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-    let want = g.f32(key).unwrap().0;
-    assert_eq!(got.len(), want.len(), "{key}");
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    diff / want.iter().map(|b| b.abs()).fold(0f32, f32::max)
-}
-
-/// The golden call (pipeline.safetensors' arguments) with the LoRA golden's latents.
-fn golden_request(g: &StateDict) -> GenerateRequest {
-    let (values, shape) = g.f32("pipeline.latents").unwrap();
-    GenerateRequest {
-        negative_prompt: "blurry, dark".into(),
-        steps: 3,
-        guidance_scale: 5.0,
-        original_size: Some((96, 128)),
-        crop_top_left: Some((8, 16)),
-        target_size: Some((64, 80)),
-        latents: Some(Tensor::<4>::from_data(TensorData::new(values, shape), &cpu())),
-        ..GenerateRequest::new("a photo of a sks dog, high quality!")
-    }
-}
 
 fn generate_with(path: &Path, g: &StateDict) -> (Tensor<4>, Vec<Component>) {
     let mut sd = StableDiffusion::from_dir(fixture(), &cpu()).unwrap();
@@ -43,7 +18,7 @@ fn generate_with(path: &Path, g: &StateDict) -> (Tensor<4>, Vec<Component>) {
     let mut on = adapters.load_lora(&mut sd, path, "lora", 1.0).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     on.sort();
     adapters.activate_all(&mut sd).unwrap();
-    (sd.generate_latents(&golden_request(g)).unwrap(), on)
+    (sd.generate_latents(&golden_request(g, "pipeline.latents")).unwrap(), on)
 }
 
 #[test]

@@ -1,30 +1,21 @@
 //! SDXL's text side and sampling loop (tiny random, `fixtures/tiny-sdxl`) against diffusers:
 //! both text encoders and the projected pooled token, `encode_prompt`'s cases, and the whole
 //! 3-step Euler call with guidance and non-default time ids, to the decoded image.
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use knobs_diffusion::clip::ClipTextModel;
 use knobs_nn::burn::tensor::{Int, TensorData};
 use knobs_nn::io::{StateDict, read_safetensors};
+use common::{golden_request, rel_err, tiny_sdxl as fixture};
 use knobs_nn::{Tensor, cpu};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
-}
 
 fn ids(g: &StateDict, key: &str) -> Tensor<2, Int> {
     let d = g.get(key).unwrap().clone();
     let shape = d.shape().as_slice().to_vec();
     let v: Vec<i64> = d.convert::<i64>().try_into_vec::<i64>().unwrap();
     Tensor::from_data(TensorData::new(v, shape), &cpu())
-}
-
-fn rel_err<const D: usize>(got: Tensor<D>, g: &StateDict, key: &str) -> f32 {
-    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-    let want = g.f32(key).unwrap().0;
-    assert_eq!(got.len(), want.len(), "{key}");
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    diff / want.iter().map(|b| b.abs()).fold(0f32, f32::max)
 }
 
 #[test]
@@ -101,24 +92,14 @@ fn sdxl_encode_prompt_matches_diffusers() {
 #[test]
 fn sdxl_pipeline_matches_diffusers() {
     use knobs_diffusion::pipeline::sdxl::time_ids;
-    use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
+    use knobs_diffusion::pipeline::{SchedulerKind, StableDiffusion};
     let device = cpu();
     let g = read_safetensors(fixture().join("goldens/pipeline.safetensors")).unwrap();
     let sd = StableDiffusion::from_dir(fixture(), &device).unwrap();
     assert!(sd.is_sdxl() && sd.force_zeros_for_empty_prompt);
     assert_eq!(sd.default_scheduler(), SchedulerKind::Euler);
     assert_eq!(time_ids((96, 128), (8, 16), (64, 80)).to_vec(), g.f32("add_time_ids").unwrap().0);
-    let (values, shape) = g.f32("latents").unwrap();
-    let req = GenerateRequest {
-        negative_prompt: "blurry, dark".into(),
-        steps: 3,
-        guidance_scale: 5.0,
-        original_size: Some((96, 128)),
-        crop_top_left: Some((8, 16)),
-        target_size: Some((64, 80)),
-        latents: Some(Tensor::<4>::from_data(TensorData::new(values, shape), &device)),
-        ..GenerateRequest::new("a photo of a sks dog, high quality!")
-    };
+    let req = golden_request(&g, "latents");
     let cond = sd.condition(&req, 32, 48).unwrap();
     let added = cond.added.as_ref().expect("SDXL conditioning");
     for (got, key) in [(cond.context.clone().reshape([2, 77 * 48]), "cfg.prompt_embeds"), (added.text_embeds.clone(), "cfg.text_embeds"), (added.time_ids.clone(), "cfg.time_ids")] {

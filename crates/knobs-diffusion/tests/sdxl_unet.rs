@@ -1,30 +1,12 @@
 //! SDXL's UNet (tiny random, `fixtures/tiny-sdxl`, made by `scripts/make_tiny_sdxl.py`)
 //! against diffusers: the `text_time` added embedding and the whole prediction, with
 //! `transformer_layers_per_block` per level and a first level without attention.
-use std::path::{Path, PathBuf};
+mod common;
 
 use knobs_diffusion::unet::{AddedCond, UNet2DConditionModel};
-use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors};
-use knobs_nn::{Device, Tensor, cpu};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
-}
-
-fn tensor<const D: usize>(sd: &StateDict, key: &str, device: &Device) -> Tensor<D> {
-    let (values, shape) = sd.f32(key).unwrap();
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-/// max |a - b| / max |b|.
-fn rel_err<const D: usize>(got: Tensor<D>, g: &StateDict, key: &str) -> f32 {
-    let got: Vec<f32> = got.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-    let want = g.f32(key).unwrap().0;
-    assert_eq!(got.len(), want.len(), "{key}");
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    diff / want.iter().map(|b| b.abs()).fold(0f32, f32::max)
-}
+use common::{rel_err, tensor, tiny_sdxl as fixture};
+use knobs_nn::io::read_safetensors;
+use knobs_nn::cpu;
 
 #[test]
 fn sdxl_unet_matches_diffusers() {

@@ -2,6 +2,8 @@
 //! made by `scripts/make_single_file_goldens.py` and checked there with diffusers'
 //! `from_single_file`): writing a pipeline gives exactly those keys, shapes and values, and
 //! reading the file back gives the folder's weights and the folder's image.
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -243,17 +245,7 @@ const TINY_SDXL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tin
 /// The golden SDXL call (fixtures/tiny-sdxl/goldens/pipeline.safetensors) on `sd`.
 fn sdxl_golden_latents(sd: &StableDiffusion) -> (Vec<f32>, Vec<f32>) {
     let g = knobs_nn::io::read_safetensors(Path::new(TINY_SDXL).join("goldens/pipeline.safetensors")).unwrap();
-    let (values, shape) = g.f32("latents").unwrap();
-    let req = GenerateRequest {
-        negative_prompt: "blurry, dark".into(),
-        steps: 3,
-        guidance_scale: 5.0,
-        original_size: Some((96, 128)),
-        crop_top_left: Some((8, 16)),
-        target_size: Some((64, 80)),
-        latents: Some(knobs_nn::Tensor::<4>::from_data(knobs_nn::burn::tensor::TensorData::new(values, shape), &cpu())),
-        ..GenerateRequest::new("a photo of a sks dog, high quality!")
-    };
+    let req = common::golden_request(&g, "latents");
     let got = sd.generate_latents(&req).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
     (got, g.f32("final_latents").unwrap().0)
 }

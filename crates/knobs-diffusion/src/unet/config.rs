@@ -30,6 +30,11 @@ pub const DOWN_BLOCK_TYPES: [&str; 2] = ["CrossAttnDownBlock2D", "DownBlock2D"];
 pub const UP_BLOCK_TYPES: [&str; 2] = ["CrossAttnUpBlock2D", "UpBlock2D"];
 pub const MID_BLOCK_TYPES: [&str; 1] = ["UNetMidBlock2DCrossAttn"];
 
+/// A `null` flag is off, as diffusers reads it (SDXL's config has `upcast_attention: null`).
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 fn d_in() -> usize { 4 }
 fn d_flip() -> bool { true }
 fn d_down() -> Vec<String> {
@@ -63,7 +68,7 @@ pub struct UNetConfig {
     pub in_channels: usize,
     #[serde(default = "d_in")]
     pub out_channels: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub center_input_sample: bool,
     #[serde(default = "d_flip")]
     pub flip_sin_to_cos: bool,
@@ -107,16 +112,16 @@ pub struct UNetConfig {
     /// The true head count; diffusers' `UNet2DConditionModel` refuses it, we take it as given.
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub dual_cross_attention: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
     /// Attention always runs in f32 here, so upcasting changes nothing.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     #[serde(default = "d_default")]
     pub resnet_time_scale_shift: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub resnet_skip_time_act: bool,
     #[serde(default = "d_positional")]
     pub time_embedding_type: String,
