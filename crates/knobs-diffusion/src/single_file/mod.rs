@@ -53,6 +53,28 @@ pub struct PipelineConfigs {
     pub scheduler: Value,
 }
 
+impl PipelineConfigs {
+    /// The component configs of a diffusers pipeline folder (SDXL's second text encoder's
+    /// when it has one).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let te2 = dir.join("text_encoder_2/config.json");
+        Ok(PipelineConfigs {
+            unet: read_json(&dir.join("unet/config.json"))?,
+            vae: read_json(&dir.join("vae/config.json"))?,
+            text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+            text_encoder_2: te2.exists().then(|| read_json(&te2)).transpose()?,
+            scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
+        })
+    }
+
+    /// The configs of `model`: a pipeline folder's own, or those a single file is read with.
+    pub fn of_model(model: impl AsRef<Path>) -> Result<Self> {
+        let model = model.as_ref();
+        if is_single_file(model) { Ok(SingleFile::open(model, &SingleFileOptions::default())?.configs) } else { Self::from_dir(model) }
+    }
+}
+
 /// An opened single-file checkpoint: its header read, its configs settled.
 pub struct SingleFile {
     pub file: SafetensorsReader,
@@ -83,13 +105,13 @@ impl SingleFile {
         let file = SafetensorsReader::open(path)?;
         let family = Family::of(&file)?;
         let mut configs = match &opts.config {
-            Some(dir) => PipelineConfigs {
-                unet: read_json(&dir.join("unet/config.json"))?,
-                vae: read_json(&dir.join("vae/config.json"))?,
-                text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
-                text_encoder_2: (family == Family::Sdxl).then(|| read_json(&dir.join("text_encoder_2/config.json"))).transpose()?,
-                scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
-            },
+            Some(dir) => {
+                let mut configs = PipelineConfigs::from_dir(dir)?;
+                if family != Family::Sdxl {
+                    configs.text_encoder_2 = None;
+                }
+                configs
+            }
             None => {
                 let image = opts.image_size.unwrap_or(family.image_size());
                 let mut vae = infer::vae(&file, image)?;

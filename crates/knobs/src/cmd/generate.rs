@@ -145,7 +145,7 @@ fn parse_crop(s: &str) -> std::result::Result<(usize, usize), String> {
 }
 
 /// `PATH[:SCALE]`; a suffix that is not a number belongs to the path.
-fn lora_spec(spec: &str) -> (PathBuf, f32) {
+pub fn lora_spec(spec: &str) -> (PathBuf, f32) {
     match spec.rsplit_once(':') {
         Some((path, scale)) if !path.is_empty() => match scale.parse() {
             Ok(s) => (PathBuf::from(path), s),

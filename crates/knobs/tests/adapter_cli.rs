@@ -1,0 +1,57 @@
+//! `knobs adapter merge`: adapters fused into a model draw what the adapters draw on the base,
+//! as a folder and as a single file, for SD-1.x and SDXL; bad input is named.
+mod common;
+
+use std::path::Path;
+
+use common::{fail, ok, s};
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
+const TINY_SDXL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../knobs-diffusion/tests/fixtures/tiny-sdxl");
+
+fn png(path: &Path) -> image::RgbImage {
+    image::open(path).unwrap().to_rgb8()
+}
+
+/// The largest channel difference of two images, of 255.
+fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+}
+
+fn draw(model: &str, extra: &[&str], out: &Path) -> image::RgbImage {
+    let mut args = vec!["generate", "--model", model, "--prompt", "a photo of a cat", "--steps", "3", "--seed", "1", "--out", s(out)];
+    args.extend_from_slice(extra);
+    ok(&args);
+    png(out)
+}
+
+#[test]
+fn merged_models_draw_what_their_adapters_draw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+    let sd1 = format!("{GOLDEN}/tiny-sd");
+    let lora = format!("{GOLDEN}/tensors/lora_diffusers/pytorch_lora_weights.safetensors:0.7");
+    ok(&["adapter", "merge", "--model", &sd1, "--lora", &lora, "--out", s(&t("merged"))]);
+    let merged = draw(s(&t("merged")), &[], &t("a.png"));
+    let adapted = draw(&sd1, &["--lora", &lora], &t("b.png"));
+    let base = draw(&sd1, &[], &t("c.png"));
+    assert!(max_diff(&merged, &adapted) <= 1, "merged vs --lora: {}", max_diff(&merged, &adapted));
+    assert!(max_diff(&base, &adapted) > 8, "the LoRA must move the image");
+
+    // SDXL, a kohya file with SGM names, fused into one single file (read back with the
+    // folder's configs: the tiny model's heads cannot be inferred).
+    let kohya = format!("{TINY_SDXL}/goldens/lora/kohya/tiny_sdxl_lora_kohya.safetensors");
+    ok(&["adapter", "merge", "--model", TINY_SDXL, "--lora", &kohya, "--out", s(&t("xl.safetensors"))]);
+    ok(&["convert", "--model", s(&t("xl.safetensors")), "--config", TINY_SDXL, "--out", s(&t("xl"))]);
+    let merged = draw(s(&t("xl")), &[], &t("d.png"));
+    let adapted = draw(TINY_SDXL, &["--lora", &kohya], &t("e.png"));
+    assert!(max_diff(&merged, &adapted) <= 1, "SDXL merged vs --lora: {}", max_diff(&merged, &adapted));
+    assert!(max_diff(&draw(TINY_SDXL, &[], &t("f.png")), &adapted) > 8);
+
+    // An existing --out is not overwritten; a missing adapter is named.
+    let e = fail(&["adapter", "merge", "--model", &sd1, "--lora", &lora, "--out", s(&t("merged"))]);
+    assert!(e.contains("--out") && e.contains("exists"), "{e}");
+    let e = fail(&["adapter", "merge", "--model", &sd1, "--lora", s(&t("nope.safetensors")), "--out", s(&t("m2"))]);
+    assert!(e.contains("nope.safetensors"), "{e}");
+    assert!(!t("m2").exists());
+}
