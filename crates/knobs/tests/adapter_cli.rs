@@ -55,3 +55,42 @@ fn merged_models_draw_what_their_adapters_draw() {
     assert!(e.contains("nope.safetensors"), "{e}");
     assert!(!t("m2").exists());
 }
+
+/// `knobs adapter convert`: a LoRA goes diffusers -> kohya -> PEFT -> diffusers and LoHa / DoRA
+/// PEFT folders to LyCORIS files, each drawing the original's image exactly; formats that
+/// cannot hold an adapter are refused by name; SDXL embeddings go to A1111's file unchanged.
+#[test]
+fn converted_adapters_draw_the_same_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+    let sd1 = format!("{GOLDEN}/tiny-sd");
+    let lora = format!("{GOLDEN}/tensors/lora_diffusers/pytorch_lora_weights.safetensors");
+    let want = draw(&sd1, &["--lora", &lora], &t("want.png"));
+    let chain = [("kohya", "kohya.safetensors"), ("peft", "peft"), ("diffusers", "back.safetensors")];
+    let mut from = lora.clone();
+    for (to, out) in chain {
+        ok(&["adapter", "convert", &from, "--to", to, "--out", s(&t(out)), "--model", &sd1]);
+        assert_eq!(draw(&sd1, &["--lora", s(&t(out))], &t(&format!("{to}.png"))), want, "--to {to}");
+        from = s(&t(out)).to_string();
+    }
+    assert!(t("peft/unet_lora/adapter_config.json").exists());
+
+    let methods = concat!(env!("CARGO_MANIFEST_DIR"), "/../knobs-diffusion/tests/fixtures/adapter_methods");
+    for m in ["loha", "dora"] {
+        let peft = format!("{methods}/{m}_peft");
+        let out = t(&format!("{m}.safetensors"));
+        ok(&["adapter", "convert", &peft, "--to", "kohya", "--out", s(&out), "--model", &sd1]);
+        let want = draw(&sd1, &["--lora", &peft], &t(&format!("{m}-want.png")));
+        assert_eq!(draw(&sd1, &["--lora", s(&out)], &t(&format!("{m}-got.png"))), want, "{m}");
+    }
+    let e = fail(&["adapter", "convert", &format!("{methods}/dora_peft"), "--to", "diffusers", "--out", s(&t("x.safetensors")), "--model", &sd1]);
+    assert!(e.contains("DoRA"), "{e}");
+    let e = fail(&["adapter", "convert", &format!("{GOLDEN}/tensors/ia3_peft"), "--to", "kohya", "--out", s(&t("y.safetensors")), "--model", &sd1]);
+    assert!(e.contains("IA3") && e.contains("--to peft"), "{e}");
+    assert!(!t("x.safetensors").exists() && !t("y.safetensors").exists());
+
+    let ti = format!("{TINY_SDXL}/goldens/textual_inversion/tiny-ti.safetensors");
+    ok(&["adapter", "convert", &ti, "--to", "a1111", "--out", s(&t("tiny.safetensors"))]);
+    let (a, b) = (knobs_nn::io::read_safetensors(&ti).unwrap(), knobs_nn::io::read_safetensors(t("tiny.safetensors")).unwrap());
+    assert_eq!(a.tensors, b.tensors);
+}

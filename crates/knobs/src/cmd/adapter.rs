@@ -1,11 +1,14 @@
-//! `knobs adapter inspect`: what an adapter file holds; `knobs adapter merge`: adapters fused
-//! into a model's weights, written as a model.
+//! `knobs adapter inspect`: what an adapter file holds; `convert`: an adapter or embedding in
+//! another format; `merge`: adapters fused into a model's weights, written as a model.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use knobs_adapters::formats::peft;
-use knobs_diffusion::loaders::PipelineAdapters;
+use knobs_adapters::PeftType;
+use knobs_adapters::lora::LoraConfig;
+use knobs_diffusion::clip::embeddings;
+use knobs_diffusion::loaders::{LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_diffusion::single_file::{PipelineConfigs, save_pretrained, save_single_file};
 use knobs_nn::cpu;
@@ -23,6 +26,39 @@ pub enum Command {
     /// Fuse adapters into a model's weights (diffusers' `fuse_lora`, kohya's merge) and write
     /// the result as a diffusers folder, or as one original-layout file for `--out X.safetensors`.
     Merge(MergeArgs),
+    /// Write an adapter in another format (LoRA: PEFT folders, diffusers or kohya file; LoHa,
+    /// LoKr, DoRA: PEFT folders or a LyCORIS file; IA3, OFT: PEFT) or a textual-inversion
+    /// embedding as diffusers' or A1111's file. A format that cannot hold the adapter is
+    /// refused, naming what it lacks.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// PEFT folders, one per component (`unet_<method>/`, `text_encoder_<method>/`, ...).
+    Peft,
+    /// `pytorch_lora_weights.safetensors` layout (LoRA), or `learned_embeds` (embeddings).
+    Diffusers,
+    /// kohya-ss keys (LoRA), a LyCORIS file (LoHa, LoKr, DoRA).
+    Kohya,
+    /// A1111's embedding file (`emb_params`; SDXL: `clip_l` / `clip_g`).
+    A1111,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The adapter: a PEFT folder, a train output folder, a diffusers, kohya or LyCORIS file,
+    /// or an embedding file.
+    input: PathBuf,
+    #[arg(long, value_enum)]
+    to: Format,
+    /// A folder (--to peft) or a .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model the adapter belongs to (kohya names resolve against its layers; default: the
+    /// built-in base model). Embeddings need none.
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,7 +82,59 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Inspect { path } => inspect(&path),
         Command::Merge(args) => merge(&args),
+        Command::Convert(args) => convert(&args),
     }
+}
+
+/// Whether `path` is a textual-inversion embedding file rather than an adapter.
+fn is_embedding(path: &Path) -> bool {
+    path.is_file() && (embeddings::is_sdxl_file(path).unwrap_or(false) || embeddings::read(path, None).is_ok())
+}
+
+fn convert(args: &ConvertArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("--out {}: already exists; convert writes a new one", args.out.display());
+    }
+    let input = || format!("{}", args.input.display());
+    if is_embedding(&args.input) {
+        let a1111 = match args.to {
+            Format::A1111 => true,
+            Format::Diffusers => false,
+            other => bail!("{}: an embedding converts --to diffusers or a1111, not {other:?}", input()),
+        };
+        if embeddings::is_sdxl_file(&args.input)? {
+            let [l, g] = embeddings::read_sdxl(&args.input, None)?;
+            embeddings::save_sdxl(&args.out, &l, &g)?;
+        } else {
+            let emb = embeddings::read(&args.input, None)?;
+            if a1111 { embeddings::save_a1111(&args.out, &emb)? } else { embeddings::save_diffusers(&args.out, &emb)? }
+        }
+        eprintln!("{} -> {}", input(), args.out.display());
+        return Ok(());
+    }
+    let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
+    let mut sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
+    let mut adapters = PipelineAdapters::new(0);
+    adapters.load_lora(&mut sd, &args.input, "adapter", 1.0).with_context(input)?;
+    let config = &adapters.get("adapter").context("nothing was loaded")?.config;
+    let method = config.peft_type();
+    let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
+    let written = match (args.to, method) {
+        (Format::Kohya, PeftType::Lora) if dora => adapters.save_lycoris_file(&mut sd, "adapter", &args.out).map(|_| 1).map_err(Into::into),
+        (Format::Peft, _) => {
+            std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+            let folders = adapters.save_peft(&mut sd, "adapter", &args.out, &method.to_string().to_lowercase());
+            folders.map(|f| f.len()).map_err(anyhow::Error::from)
+        }
+        (Format::Diffusers, PeftType::Lora) => adapters.save_lora_file(&mut sd, "adapter", &args.out, LoraFile::Diffusers).map(|_| 1).map_err(Into::into),
+        (Format::Kohya, PeftType::Lora) => adapters.save_lora_file(&mut sd, "adapter", &args.out, LoraFile::Kohya).map(|_| 1).map_err(Into::into),
+        (Format::Kohya, PeftType::Loha | PeftType::Lokr) => adapters.save_lycoris_file(&mut sd, "adapter", &args.out).map(|_| 1).map_err(Into::into),
+        (Format::A1111, _) => bail!("{}: --to a1111 is for embeddings; this is a {method} adapter", input()),
+        (to, _) => bail!("{}: a {method} adapter cannot be written --to {to:?}; it can go --to peft{}", input(), if method == PeftType::Lora { ", diffusers or kohya" } else { "" }),
+    };
+    written.with_context(|| format!("--out {}", args.out.display()))?;
+    eprintln!("{} ({method}) -> {}", input(), args.out.display());
+    Ok(())
 }
 
 fn merge(args: &MergeArgs) -> Result<()> {
