@@ -345,3 +345,26 @@ fn lycoris_family_methods_train_and_generate() {
     let err = fail(&["train", "--model", s(tiny_model()), "--method", "lora", "--oft-block-size", "8", "--concept", "striped-star", "--out", s(&tmp.path().join("w"))]);
     assert!(err.contains("--oft-block-size") && err.contains("lora"), "{err}");
 }
+
+/// `--caption-prefix` and `--caption-dropout` change what the instance images are trained
+/// under (so the losses move), a dropout outside [0, 1] is named, and a run without them keeps
+/// its fingerprint (its checkpoints from before the flags existed still resume).
+#[test]
+fn caption_prefix_and_dropout_change_the_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let losses = |name: &str, extra: &[&str]| -> String {
+        let out = tmp.path().join(name);
+        let mut args = vec!["--max-train-steps", "3", "--num-samples", "0", "--train-batch-size", "2"];
+        args.extend_from_slice(extra);
+        train(&out, "lora", &args);
+        std::fs::read_to_string(out.join("loss.csv")).unwrap()
+    };
+    let plain = losses("plain", &[]);
+    assert_eq!(losses("again", &[]), plain, "deterministic");
+    assert_ne!(losses("prefix", &["--caption-prefix", "a drawing,"]), plain);
+    assert_ne!(losses("dropout", &["--caption-dropout", "0.5"]), plain);
+    let ck = read_safetensors(tmp.path().join("plain/checkpoints/train-00000003.safetensors")).unwrap();
+    assert!(!ck.metadata["config"].contains("caption"), "defaults stay out of the fingerprint");
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--caption-dropout", "1.5", "--out", s(&tmp.path().join("x"))]);
+    assert!(err.contains("--caption-dropout"), "{err}");
+}

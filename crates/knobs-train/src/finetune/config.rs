@@ -65,6 +65,21 @@ pub struct DataOptions {
     pub random_crop: bool,
     #[arg(long)]
     pub random_flip: bool,
+    /// Train an instance image under the empty prompt with this probability (kohya's
+    /// `caption_dropout_rate`), so that the model keeps its unconditional branch.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(skip_serializing_if = "is_zero")]
+    pub caption_dropout: f64,
+    /// Text put before every instance caption, with a space (kohya's `caption_prefix`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_prefix: Option<String>,
+}
+
+// Settings left at their defaults stay out of the fingerprint, so that checkpoints of runs
+// made before the setting existed still resume.
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Tuning by freezing and controlled gradient updates, on top of any method.
@@ -347,6 +362,9 @@ impl TrainConfig {
         }
         if d.concept.is_some() && d.instance_dir.is_some() {
             bail!("--concept and --instance-dir exclude each other");
+        }
+        if !(0.0..=1.0).contains(&d.caption_dropout) {
+            bail!("--caption-dropout must be a probability in [0, 1], got {}", d.caption_dropout);
         }
         if self.memory.cache_latents && d.random_crop {
             bail!("--cache-latents and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");

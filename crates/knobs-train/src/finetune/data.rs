@@ -50,8 +50,19 @@ fn resize_short_side(img: RgbImage, res: u32) -> RgbImage {
     image::imageops::resize(&img, nw, nh, FilterType::CatmullRom)
 }
 
-/// The instance examples with their prompts (`--instance-prompt` overrides per-image captions).
+/// The instance examples with their prompts (`--instance-prompt` overrides per-image captions;
+/// `--caption-prefix` goes before each).
 pub fn instance_examples(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
+    let mut examples = instance_examples_as_given(cfg, res)?;
+    if let Some(prefix) = &cfg.data.caption_prefix {
+        for ex in &mut examples {
+            ex.prompt = format!("{prefix} {}", ex.prompt);
+        }
+    }
+    Ok(examples)
+}
+
+fn instance_examples_as_given(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
     if let Some(name) = &cfg.data.concept {
         let spec = concept(name)?;
         let prompt = cfg.data.instance_prompt.clone().unwrap_or_else(|| spec.instance_prompt());

@@ -36,13 +36,16 @@ struct Batch {
     instances: usize,
 }
 
-fn draw(examples: &[Example], n: usize, cfg: &TrainConfig, res: u32, rng: &mut StdRng, batch: &mut Batch) {
+/// Draws `n` examples into `batch`; `caption_dropout` is the chance of training one under the
+/// empty prompt (drawn only when positive, so that runs without it keep their random stream).
+fn draw(examples: &[Example], n: usize, cfg: &TrainConfig, res: u32, caption_dropout: f64, rng: &mut StdRng, batch: &mut Batch) {
     for _ in 0..n {
         let ex = &examples[rng.random_range(0..examples.len())];
         let (image, sizes) = data::crop_sized(ex, res, !cfg.data.random_crop, cfg.data.random_flip, rng);
         batch.images.push(image);
         batch.sizes.push(sizes);
-        batch.prompts.push(ex.prompt.clone());
+        let dropped = caption_dropout > 0.0 && rng.random_bool(caption_dropout);
+        batch.prompts.push(if dropped { String::new() } else { ex.prompt.clone() });
     }
 }
 
@@ -189,9 +192,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         for micro in 0..accum {
             let mut rng = step_rng(o.seed, "train", step * accum + micro);
             let mut batch = Batch { images: Vec::new(), sizes: Vec::new(), prompts: Vec::new(), instances: batch_size };
-            draw(&instances, batch_size, cfg, res, &mut rng, &mut batch);
+            draw(&instances, batch_size, cfg, res, cfg.data.caption_dropout, &mut rng, &mut batch);
             if !classes.is_empty() {
-                draw(&classes, batch_size, cfg, res, &mut rng, &mut batch);
+                draw(&classes, batch_size, cfg, res, 0.0, &mut rng, &mut batch);
             }
             let per = objective.per_sample_sized(&sd, &batch.images, &batch.sizes, &batch.prompts, &mut rng, loss_options)?;
             let (n, b) = (batch.instances, batch.images.len());
