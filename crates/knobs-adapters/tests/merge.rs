@@ -282,3 +282,33 @@ fn oft_merges_and_unmerges_exactly() {
     merge_roundtrip("oft_exact", Box::new(OftConfig { use_cayley_neumann: false, ..OftConfig::new(4, targets.clone()) }), true);
     merge_roundtrip("oft_coft", Box::new(OftConfig { coft: true, eps: 1e-2, block_share: true, ..OftConfig::new(4, targets) }), true);
 }
+
+/// kohya's resize: at the adapter's own rank the output is unchanged and every layer keeps all
+/// its energy; at rank 1 the reported energy is what the kept singular value holds, and the
+/// model lies between the base and the full adapter; an energy target picks per-layer ranks.
+#[test]
+fn resize_is_exact_at_full_rank_and_reports_the_energy_kept() {
+    use knobs_adapters::lora::{RankTarget, resize};
+    let (mut m, b) = two_loras(3, 2);
+    m.set_active(&["x"]).unwrap();
+    let full = out(&m.model, &b);
+    m.set_active(&[]).unwrap();
+    let base = out(&m.model, &b);
+    m.set_active(&["x"]).unwrap();
+    let rows = resize(&mut m, "x", RankTarget::Rank(3)).unwrap();
+    assert_eq!(rows.len(), 5);
+    assert!(rows.iter().all(|r| r.to == r.from.min(3) && (r.energy - 1.0).abs() < 1e-9), "{rows:?}");
+    assert!(rel(&out(&m.model, &b), &full) < 1e-5);
+
+    let rows = resize(&mut m, "x", RankTarget::Rank(1)).unwrap();
+    assert!(rows.iter().all(|r| r.to == 1 && r.energy > 0.0 && r.energy < 1.0), "{rows:?}");
+    let low = out(&m.model, &b);
+    let diff = |a: &[f32], c: &[f32]| a.iter().zip(c).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>();
+    assert!(diff(&low, &full) < diff(&base, &full));
+    assert!(diff(&low, &full) > 0.0);
+    // Resizing a rank-1 adapter to energy 1 keeps rank 1 everywhere.
+    let rows = resize(&mut m, "x", RankTarget::Energy(1.0)).unwrap();
+    assert!(rows.iter().all(|r| r.to == 1 && (r.energy - 1.0).abs() < 1e-9));
+    assert!(resize(&mut m, "x", RankTarget::Energy(0.0)).is_err());
+    assert!(resize(&mut m, "nope", RankTarget::Rank(1)).is_err());
+}

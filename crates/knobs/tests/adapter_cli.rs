@@ -94,3 +94,38 @@ fn converted_adapters_draw_the_same_image() {
     let (a, b) = (knobs_nn::io::read_safetensors(&ti).unwrap(), knobs_nn::io::read_safetensors(t("tiny.safetensors")).unwrap());
     assert_eq!(a.tensors, b.tensors);
 }
+
+/// `knobs adapter resize`: at the LoRA's own rank it is exact (the same image), a lower rank
+/// keeps less energy and moves the image, `--energy 1` keeps all; bad targets are named.
+#[test]
+fn resized_loras_keep_what_they_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+    let sd1 = format!("{GOLDEN}/tiny-sd");
+    let lora = format!("{GOLDEN}/tensors/lora_diffusers/pytorch_lora_weights.safetensors");
+    let rank = knobs_nn::io::read_safetensors(lora.as_str()).unwrap().tensors.iter().find(|(k, _)| k.contains("down") || k.contains("lora_A")).map(|(_, v)| v.shape()[0]).unwrap();
+    let want = draw(&sd1, &["--lora", &lora], &t("want.png"));
+    let resize = |extra: &[&str], out: &str| -> serde_json::Value {
+        let path = t(out);
+        let mut args = vec!["adapter", "resize", &lora, "--to", "kohya", "--out", s(&path), "--model", &sd1, "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let full = resize(&["--rank", &rank.to_string()], "full.safetensors");
+    assert!(full.as_array().unwrap().iter().all(|r| (r["energy"].as_f64().unwrap() - 1.0).abs() < 1e-9 && r["to"] == rank));
+    let got = draw(&sd1, &["--lora", s(&t("full.safetensors"))], &t("full.png"));
+    assert!(max_diff(&got, &want) <= 1, "full rank: {}", max_diff(&got, &want));
+
+    let one = resize(&["--rank", "1"], "one.safetensors");
+    let energies: Vec<f64> = one.as_array().unwrap().iter().map(|r| r["energy"].as_f64().unwrap()).collect();
+    assert!(energies.iter().all(|e| *e > 0.0 && *e < 1.0), "{energies:?}");
+    let got = draw(&sd1, &["--lora", s(&t("one.safetensors"))], &t("one.png"));
+    assert!(max_diff(&got, &want) > 0, "rank 1 must change the image");
+    let all = resize(&["--energy", "1"], "all.safetensors");
+    assert!(all.as_array().unwrap().iter().all(|r| r["to"] == rank || r["energy"].as_f64().unwrap() >= 1.0 - 1e-9));
+
+    let e = fail(&["adapter", "resize", &lora, "--energy", "1.5", "--to", "kohya", "--out", s(&t("x.safetensors")), "--model", &sd1]);
+    assert!(e.contains("--energy") && e.contains("1.5"), "{e}");
+    let e = fail(&["adapter", "resize", &lora, "--rank", "0", "--to", "kohya", "--out", s(&t("y.safetensors")), "--model", &sd1]);
+    assert!(e.contains("--rank"), "{e}");
+}

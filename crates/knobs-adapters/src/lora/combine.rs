@@ -15,13 +15,13 @@ pub enum Combination {
 }
 
 /// `(A, B)` factors of one source as 2-D matrices `[r, in]`, `[out, r]` with its scale.
-struct Factors {
-    a: Tensor<2>,
-    b: Tensor<2>,
-    scale: f64,
+pub(super) struct Factors {
+    pub(super) a: Tensor<2>,
+    pub(super) b: Tensor<2>,
+    pub(super) scale: f64,
 }
 
-fn factors(layer: &LayerMut<'_>, name: &str) -> Option<Factors> {
+pub(super) fn factors(layer: &LayerMut<'_>, name: &str) -> Option<Factors> {
     let any = layer.adapter(name)? as &dyn std::any::Any;
     if let Some(l) = any.downcast_ref::<LoraLinear>() {
         return Some(Factors { a: l.a.clone().inner(), b: l.b.clone().inner(), scale: l.scale });
@@ -45,7 +45,7 @@ fn finite(t: &Tensor<2>) -> bool {
 
 /// Builds the new adapter of `layer` from combined 2-D factors (scale 1: the sources' scales
 /// and weights are folded into the factors).
-fn install(layer: LayerMut<'_>, name: &str, a: Tensor<2>, b: Tensor<2>) {
+pub(super) fn install(layer: LayerMut<'_>, name: &str, a: Tensor<2>, b: Tensor<2>) {
     match layer {
         LayerMut::Linear(l) => {
             l.adapters.insert(name, Box::new(LoraLinear { a, b, scale: 1.0, dropout: 0.0, training: false }));
@@ -72,6 +72,13 @@ fn signed_sqrt(w: f64) -> (f64, f64) {
 /// Rank-`k` factors `(A [k, in], B [out, k])` of `delta [out, in]` by SVD; `None` when
 /// `delta` is not finite (finite sources can still overflow).
 fn svd_factors(delta: Tensor<2>, k: usize) -> Option<(Tensor<2>, Tensor<2>)> {
+    svd_truncated(delta, |_| k).map(|(a, b, _)| (a, b))
+}
+
+/// The best rank-k factors `(A [k, in], B [out, k])` of `delta [out, in]`, k chosen by
+/// `rank(singular values, largest first)`, with the singular values; `None` when `delta` is
+/// not finite.
+pub(super) fn svd_truncated(delta: Tensor<2>, rank: impl FnOnce(&[f64]) -> usize) -> Option<(Tensor<2>, Tensor<2>, Vec<f64>)> {
     let [out, d_in] = delta.dims();
     let device = delta.device();
     let values: Vec<f32> = delta.into_data().convert::<f32>().try_into_vec().ok()?;
@@ -84,7 +91,8 @@ fn svd_factors(delta: Tensor<2>, k: usize) -> Option<(Tensor<2>, Tensor<2>)> {
     // nalgebra does not sort singular values; take the k largest.
     let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
     order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
-    let k = k.min(order.len());
+    let sigma: Vec<f64> = order.iter().map(|&i| svd.singular_values[i]).collect();
+    let k = rank(&sigma).clamp(1, order.len());
     let mut a = Vec::with_capacity(k * d_in);
     for &i in &order[..k] {
         a.extend(vt.row(i).iter().map(|&v| v as f32));
@@ -95,7 +103,7 @@ fn svd_factors(delta: Tensor<2>, k: usize) -> Option<(Tensor<2>, Tensor<2>)> {
             b[row * k + j] = (u[(row, i)] * svd.singular_values[i]) as f32;
         }
     }
-    Some((Tensor::from_data(TensorData::new(a, [k, d_in]), &device), Tensor::from_data(TensorData::new(b, [out, k]), &device)))
+    Some((Tensor::from_data(TensorData::new(a, [k, d_in]), &device), Tensor::from_data(TensorData::new(b, [out, k]), &device), sigma))
 }
 
 /// Adds adapter `new_name` that combines `sources` (adapter name, weight) on every layer that

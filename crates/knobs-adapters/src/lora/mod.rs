@@ -4,8 +4,10 @@ mod combine;
 mod config;
 pub mod dora;
 mod layer;
+mod resize;
 
 pub use combine::{Combination, combine};
 pub use config::{LoraConfig, LoraInit};
 pub use dora::{DoraConv2d, DoraLinear};
 pub use layer::{LoraConv2d, LoraEmbedding, LoraLinear};
+pub use resize::{RankTarget, Resized, resize};

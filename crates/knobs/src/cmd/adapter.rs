@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use knobs_adapters::formats::peft;
 use knobs_adapters::PeftType;
-use knobs_adapters::lora::LoraConfig;
+use knobs_adapters::lora::{LoraConfig, RankTarget, Resized};
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::loaders::{LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -31,6 +31,33 @@ pub enum Command {
     /// embedding as diffusers' or A1111's file. A format that cannot hold the adapter is
     /// refused, naming what it lacks.
     Convert(ConvertArgs),
+    /// Lower a LoRA's rank by truncated SVD of each layer's update (kohya's resize_lora), to a
+    /// fixed rank or to the smallest rank keeping a fraction of each layer's energy; prints
+    /// the energy kept.
+    Resize(ResizeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ResizeArgs {
+    /// The LoRA: a PEFT folder, a train output folder, a diffusers or kohya file.
+    input: PathBuf,
+    /// The largest rank kept per layer.
+    #[arg(long, conflicts_with = "energy", required_unless_present = "energy")]
+    rank: Option<usize>,
+    /// Keep, per layer, the fewest ranks holding this fraction of the update's energy (0-1].
+    #[arg(long)]
+    energy: Option<f64>,
+    #[arg(long, value_enum)]
+    to: Format,
+    /// A folder (--to peft) or a .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model the LoRA belongs to (default: the built-in base model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Print every layer's result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +110,74 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Inspect { path } => inspect(&path),
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => convert(&args),
+        Command::Resize(args) => resize(&args),
     }
+}
+
+fn resize(args: &ResizeArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("--out {}: already exists; resize writes a new one", args.out.display());
+    }
+    let target = match (args.rank, args.energy) {
+        (Some(r), _) => RankTarget::Rank(r),
+        (_, Some(e)) => RankTarget::Energy(e),
+        _ => bail!("give --rank R or --energy E"),
+    };
+    let flag = if args.rank.is_some() { "--rank" } else { "--energy" };
+    let (mut sd, mut adapters) = load_adapter(&args.input, args.model.as_deref())?;
+    let results = resize_all(&mut sd, &mut adapters, target).with_context(|| flag.to_string())?;
+    write(&mut sd, &mut adapters, args.to, &args.out, &args.input)?;
+    if args.json {
+        let rows: Vec<_> = results.iter().map(|(c, r)| serde_json::json!({"layer": format!("{c}.{}", r.path), "from": r.from, "to": r.to, "energy": r.energy})).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    let n = results.len().max(1) as f64;
+    let mean = results.iter().map(|(_, r)| r.energy).sum::<f64>() / n;
+    let min = results.iter().map(|(_, r)| r.energy).fold(1.0, f64::min);
+    let (from, to): (usize, usize) = results.iter().fold((0, 0), |(f, t), (_, r)| (f + r.from, t + r.to));
+    eprintln!("{} layers: rank {from} -> {to} in all, energy kept mean {mean:.4}, min {min:.4}; wrote {}", results.len(), args.out.display());
+    Ok(())
+}
+
+/// Resizes adapter "adapter" on every component it is on.
+fn resize_all(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, target: RankTarget) -> knobs_adapters::Result<Vec<(knobs_diffusion::loaders::Component, Resized)>> {
+    let mut out = Vec::new();
+    let on: Vec<_> = adapters.attached().iter().filter(|a| a.name == "adapter").map(|a| a.component).collect();
+    for c in on {
+        let rows = adapters.on(sd, c, |am| knobs_adapters::lora::resize(am, "adapter", target))?;
+        out.extend(rows.into_iter().map(|r| (c, r)));
+    }
+    Ok(out)
+}
+
+/// A model (`--model`, default the built-in one) with the adapter at `input` loaded as "adapter".
+fn load_adapter(input: &Path, model: Option<&Path>) -> Result<(StableDiffusion, PipelineAdapters)> {
+    let model = knobs_train::builtin::model_or_default(model)?;
+    let mut sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
+    let mut adapters = PipelineAdapters::new(0);
+    adapters.load_lora(&mut sd, input, "adapter", 1.0).with_context(|| input.display().to_string())?;
+    Ok((sd, adapters))
+}
+
+/// Writes adapter "adapter" in format `to`, refusing a format that cannot hold it.
+fn write(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, to: Format, out: &Path, input: &Path) -> Result<()> {
+    let config = &adapters.get("adapter").context("nothing was loaded")?.config;
+    let method = config.peft_type();
+    let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
+    let input = input.display();
+    let written: knobs_adapters::Result<()> = match (to, method) {
+        (Format::Peft, _) => {
+            std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+            adapters.save_peft(sd, "adapter", out, &method.to_string().to_lowercase()).map(drop)
+        }
+        (Format::Kohya, PeftType::Lora) if dora => adapters.save_lycoris_file(sd, "adapter", out),
+        (Format::Diffusers, PeftType::Lora) => adapters.save_lora_file(sd, "adapter", out, LoraFile::Diffusers),
+        (Format::Kohya, PeftType::Lora) => adapters.save_lora_file(sd, "adapter", out, LoraFile::Kohya),
+        (Format::Kohya, PeftType::Loha | PeftType::Lokr) => adapters.save_lycoris_file(sd, "adapter", out),
+        (Format::A1111, _) => bail!("{input}: --to a1111 is for embeddings; this is a {method} adapter"),
+        (to, _) => bail!("{input}: a {method} adapter cannot be written --to {to:?}; it can go --to peft{}", if method == PeftType::Lora { ", diffusers or kohya" } else { "" }),
+    };
+    written.with_context(|| format!("--out {}", out.display()))
 }
 
 /// Whether `path` is a textual-inversion embedding file rather than an adapter.
@@ -112,27 +206,9 @@ fn convert(args: &ConvertArgs) -> Result<()> {
         eprintln!("{} -> {}", input(), args.out.display());
         return Ok(());
     }
-    let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
-    let mut sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
-    let mut adapters = PipelineAdapters::new(0);
-    adapters.load_lora(&mut sd, &args.input, "adapter", 1.0).with_context(input)?;
-    let config = &adapters.get("adapter").context("nothing was loaded")?.config;
-    let method = config.peft_type();
-    let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
-    let written = match (args.to, method) {
-        (Format::Kohya, PeftType::Lora) if dora => adapters.save_lycoris_file(&mut sd, "adapter", &args.out).map(|_| 1).map_err(Into::into),
-        (Format::Peft, _) => {
-            std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
-            let folders = adapters.save_peft(&mut sd, "adapter", &args.out, &method.to_string().to_lowercase());
-            folders.map(|f| f.len()).map_err(anyhow::Error::from)
-        }
-        (Format::Diffusers, PeftType::Lora) => adapters.save_lora_file(&mut sd, "adapter", &args.out, LoraFile::Diffusers).map(|_| 1).map_err(Into::into),
-        (Format::Kohya, PeftType::Lora) => adapters.save_lora_file(&mut sd, "adapter", &args.out, LoraFile::Kohya).map(|_| 1).map_err(Into::into),
-        (Format::Kohya, PeftType::Loha | PeftType::Lokr) => adapters.save_lycoris_file(&mut sd, "adapter", &args.out).map(|_| 1).map_err(Into::into),
-        (Format::A1111, _) => bail!("{}: --to a1111 is for embeddings; this is a {method} adapter", input()),
-        (to, _) => bail!("{}: a {method} adapter cannot be written --to {to:?}; it can go --to peft{}", input(), if method == PeftType::Lora { ", diffusers or kohya" } else { "" }),
-    };
-    written.with_context(|| format!("--out {}", args.out.display()))?;
+    let (mut sd, mut adapters) = load_adapter(&args.input, args.model.as_deref())?;
+    write(&mut sd, &mut adapters, args.to, &args.out, &args.input)?;
+    let method = adapters.get("adapter").map(|a| a.config.peft_type().to_string()).unwrap_or_default();
     eprintln!("{} ({method}) -> {}", input(), args.out.display());
     Ok(())
 }
