@@ -129,3 +129,39 @@ fn resized_loras_keep_what_they_report() {
     let e = fail(&["adapter", "resize", &lora, "--rank", "0", "--to", "kohya", "--out", s(&t("y.safetensors")), "--model", &sd1]);
     assert!(e.contains("--rank"), "{e}");
 }
+
+/// `knobs adapter extract`: from a DreamBooth run that trained only attention, the full-rank
+/// extraction merged back into the base reproduces the tuned attention weights (and nothing
+/// else changes); a lower rank reports what it leaves out; a model against itself is refused.
+#[test]
+fn extracted_lora_reproduces_the_tuned_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+    let sd1 = format!("{GOLDEN}/tiny-sd");
+    ok(&["train", "--model", &sd1, "--method", "dreambooth", "--concept", "striped-star", "--out", s(&t("db")), "--max-train-steps", "2",
+        "--learning-rate", "1e-2", "--train-only", r"attn[12]\.to_(q|k|v|out\.0)\.weight", "--num-samples", "0"]);
+    let tuned = t("db/model");
+    let rows: serde_json::Value = serde_json::from_str(&ok(&["adapter", "extract", "--base", &sd1, "--tuned", s(&tuned), "--rank", "512", "--to", "diffusers",
+        "--out", s(&t("full.safetensors")), "--json"])).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert!(!rows.is_empty() && rows.iter().all(|r| r["rel_error"].as_f64().unwrap() < 1e-6 && r["layer"].as_str().unwrap().contains("attn")), "{rows:?}");
+    ok(&["adapter", "merge", "--model", &sd1, "--lora", s(&t("full.safetensors")), "--out", s(&t("merged"))]);
+    let file = |dir: &Path| knobs_nn::io::read_safetensors(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let (base, tuned, merged) = (file(Path::new(&sd1)), file(&tuned), file(&t("merged")));
+    let mut moved = 0;
+    for (k, want) in &tuned.tensors {
+        let v = |d: &knobs_nn::burn::tensor::TensorData| d.clone().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let (w, m, b) = (v(want), v(&merged.tensors[k]), v(&base.tensors[k]));
+        let err = w.iter().zip(&m).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let scale = w.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-5 * scale.max(1e-3), "{k}: merged differs from tuned by {err}");
+        moved += (w != b) as usize;
+    }
+    assert!(moved > 0, "the DreamBooth run changed nothing");
+
+    let low: serde_json::Value = serde_json::from_str(&ok(&["adapter", "extract", "--base", &sd1, "--tuned", s(&t("db/model")), "--rank", "1", "--to", "kohya",
+        "--out", s(&t("low.safetensors")), "--json"])).unwrap();
+    assert!(low.as_array().unwrap().iter().any(|r| r["rel_error"].as_f64().unwrap() > 1e-3));
+    let e = fail(&["adapter", "extract", "--base", &sd1, "--tuned", &sd1, "--rank", "4", "--to", "kohya", "--out", s(&t("same.safetensors"))]);
+    assert!(e.contains("no linear layer differs"), "{e}");
+}

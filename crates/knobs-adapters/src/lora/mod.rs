@@ -3,11 +3,13 @@
 mod combine;
 mod config;
 pub mod dora;
+mod extract;
 mod layer;
 mod resize;
 
 pub use combine::{Combination, combine};
 pub use config::{LoraConfig, LoraInit};
 pub use dora::{DoraConv2d, DoraLinear};
+pub use extract::{Extracted, extract};
 pub use layer::{LoraConv2d, LoraEmbedding, LoraLinear};
 pub use resize::{RankTarget, Resized, resize};

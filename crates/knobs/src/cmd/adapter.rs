@@ -8,7 +8,7 @@ use knobs_adapters::formats::peft;
 use knobs_adapters::PeftType;
 use knobs_adapters::lora::{LoraConfig, RankTarget, Resized};
 use knobs_diffusion::clip::embeddings;
-use knobs_diffusion::loaders::{LoraFile, PipelineAdapters};
+use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_diffusion::single_file::{PipelineConfigs, save_pretrained, save_single_file};
 use knobs_nn::cpu;
@@ -35,6 +35,33 @@ pub enum Command {
     /// fixed rank or to the smallest rank keeping a fraction of each layer's energy; prints
     /// the energy kept.
     Resize(ResizeArgs),
+    /// A LoRA from the difference of two models of one architecture (kohya's
+    /// extract_lora_from_models), e.g. a DreamBooth output and its base: the SVD of each
+    /// changed layer's weight difference at --rank; prints what the rank leaves out.
+    Extract(ExtractArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExtractArgs {
+    /// The model the LoRA will apply to.
+    #[arg(long)]
+    base: PathBuf,
+    /// The fine-tuned model (same architecture).
+    #[arg(long)]
+    tuned: PathBuf,
+    #[arg(long)]
+    rank: usize,
+    /// Also extract convolutions (LoCon); default: linear layers only.
+    #[arg(long)]
+    conv: bool,
+    #[arg(long, value_enum)]
+    to: Format,
+    /// A folder (--to peft) or a .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Print every layer's result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,7 +138,35 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => convert(&args),
         Command::Resize(args) => resize(&args),
+        Command::Extract(args) => extract(&args),
     }
+}
+
+fn extract(args: &ExtractArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("--out {}: already exists; extract writes a new one", args.out.display());
+    }
+    let mut sd = StableDiffusion::load(&args.base, &cpu()).with_context(|| format!("--base {}", args.base.display()))?;
+    let tuned = StableDiffusion::load(&args.tuned, &cpu()).with_context(|| format!("--tuned {}", args.tuned.display()))?;
+    let mut adapters = PipelineAdapters::new(0);
+    let mut rows = Vec::new();
+    for c in Component::all_in(&sd) {
+        let found = adapters
+            .on(&mut sd, c, |am| knobs_adapters::lora::extract(am, c.module(&tuned), "adapter", args.rank, args.conv))
+            .with_context(|| format!("--tuned {}: {c}", args.tuned.display()))?;
+        rows.extend(found.into_iter().map(|r| (c, r)));
+    }
+    if rows.is_empty() {
+        bail!("--tuned {}: no {}layer differs from --base {}", args.tuned.display(), if args.conv { "" } else { "linear " }, args.base.display());
+    }
+    write(&mut sd, &mut adapters, args.to, &args.out, &args.tuned)?;
+    if args.json {
+        let out: Vec<_> = rows.iter().map(|(c, r)| serde_json::json!({"layer": format!("{c}.{}", r.path), "rank": r.rank, "rel_error": r.rel_error})).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    let worst = rows.iter().map(|(_, r)| r.rel_error).fold(0.0, f64::max);
+    eprintln!("{} layers differ; at rank {} the largest relative error is {worst:.2e}; wrote {}", rows.len(), args.rank, args.out.display());
+    Ok(())
 }
 
 fn resize(args: &ResizeArgs) -> Result<()> {
@@ -140,7 +195,7 @@ fn resize(args: &ResizeArgs) -> Result<()> {
 }
 
 /// Resizes adapter "adapter" on every component it is on.
-fn resize_all(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, target: RankTarget) -> knobs_adapters::Result<Vec<(knobs_diffusion::loaders::Component, Resized)>> {
+fn resize_all(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, target: RankTarget) -> knobs_adapters::Result<Vec<(Component, Resized)>> {
     let mut out = Vec::new();
     let on: Vec<_> = adapters.attached().iter().filter(|a| a.name == "adapter").map(|a| a.component).collect();
     for c in on {
