@@ -165,3 +165,29 @@ fn extracted_lora_reproduces_the_tuned_attention() {
     let e = fail(&["adapter", "extract", "--base", &sd1, "--tuned", &sd1, "--rank", "4", "--to", "kohya", "--out", s(&t("same.safetensors"))]);
     assert!(e.contains("no linear layer differs"), "{e}");
 }
+
+/// `knobs adapter combine`: one LoRA at weights 0.3 and 0.7 combined by cat, or by svd at
+/// twice its rank, is the LoRA at weight 1; by ties at density 1 (all signs agree) it is
+/// their mean, the LoRA at 0.5; missing ranks and bad densities are named.
+#[test]
+fn combined_loras_draw_their_weighted_sum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |n: &str| tmp.path().join(n);
+    let sd1 = format!("{GOLDEN}/tiny-sd");
+    let lora = format!("{GOLDEN}/tensors/lora_diffusers/pytorch_lora_weights.safetensors");
+    let (a, b) = (format!("{lora}:0.3"), format!("{lora}:0.7"));
+    let whole = draw(&sd1, &["--lora", &lora], &t("whole.png"));
+    let half = draw(&sd1, &["--lora", &format!("{lora}:0.5")], &t("half.png"));
+    for (how, extra, want) in [("cat", &[][..], &whole), ("svd", &["--rank", "64"][..], &whole), ("ties", &["--rank", "64", "--density", "1"][..], &half)] {
+        let out = t(&format!("{how}.safetensors"));
+        let mut args = vec!["adapter", "combine", "--lora", &a, "--lora", &b, "--how", how, "--to", "diffusers", "--out", s(&out), "--model", &sd1];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let got = draw(&sd1, &["--lora", s(&out)], &t(&format!("{how}.png")));
+        assert!(max_diff(&got, want) <= 1, "{how}: {}", max_diff(&got, want));
+    }
+    let e = fail(&["adapter", "combine", "--lora", &a, "--lora", &b, "--how", "svd", "--to", "diffusers", "--out", s(&t("x.safetensors")), "--model", &sd1]);
+    assert!(e.contains("--rank"), "{e}");
+    let e = fail(&["adapter", "combine", "--lora", &a, "--lora", &b, "--how", "ties", "--rank", "4", "--density", "0", "--to", "diffusers", "--out", s(&t("y.safetensors")), "--model", &sd1]);
+    assert!(e.contains("--density"), "{e}");
+}

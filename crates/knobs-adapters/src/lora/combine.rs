@@ -1,6 +1,8 @@
 //! Combining several LoRA adapters into a new one, as PEFT's `add_weighted_adapter`:
 //! `linear` sums the factors (same ranks), `cat` stacks them (exact: the new delta is the
-//! weighted sum of the deltas), `svd` takes the best rank-k approximation of that sum.
+//! weighted sum of the deltas), `svd` takes the best rank-k approximation of that sum, `ties`
+//! (Yadav et al. 2023, PEFT's `ties`) that of the deltas trimmed to their largest entries,
+//! sign-elected and averaged where they agree.
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{LayerMut, Module, ModuleExt, Tensor};
 
@@ -12,6 +14,9 @@ pub enum Combination {
     Linear,
     Cat,
     Svd { rank: usize },
+    /// TIES: each delta keeps its `density` fraction of largest entries, each entry takes the
+    /// sign of the deltas' sum, agreeing weighted entries are averaged; then rank-k SVD.
+    Ties { rank: usize, density: f64 },
 }
 
 /// `(A, B)` factors of one source as 2-D matrices `[r, in]`, `[out, r]` with its scale.
@@ -106,6 +111,35 @@ pub(super) fn svd_truncated(delta: Tensor<2>, rank: impl FnOnce(&[f64]) -> usize
     Some((Tensor::from_data(TensorData::new(a, [k, d_in]), &device), Tensor::from_data(TensorData::new(b, [out, k]), &device), sigma))
 }
 
+/// PEFT's `ties` on `(delta, weight)` pairs: magnitude pruning to `density`, the majority
+/// sign of the pruned deltas' sum, and the mean of the weighted entries that carry it.
+fn ties(deltas: Vec<(Tensor<2>, f64)>, density: f64) -> Tensor<2> {
+    let shape = deltas[0].0.dims();
+    let device = deltas[0].0.device();
+    let pruned: Vec<(Vec<f32>, f64)> = deltas
+        .into_iter()
+        .map(|(d, w)| {
+            let mut v: Vec<f32> = d.into_data().convert::<f32>().try_into_vec().expect("f32");
+            let keep = (density * v.len() as f64) as usize;
+            let mut order: Vec<usize> = (0..v.len()).collect();
+            order.sort_by(|&i, &j| v[j].abs().total_cmp(&v[i].abs()));
+            for &i in &order[keep..] {
+                v[i] = 0.0;
+            }
+            (v, w)
+        })
+        .collect();
+    let n = pruned[0].0.len();
+    let mut out = vec![0f32; n];
+    for (i, o) in out.iter_mut().enumerate() {
+        let total: f32 = pruned.iter().map(|(v, _)| v[i]).sum();
+        let majority = if total >= 0.0 { 1.0 } else { -1.0 };
+        let agreeing: Vec<f64> = pruned.iter().filter(|(v, _)| v[i] != 0.0 && v[i].signum() == majority).map(|(v, w)| v[i] as f64 * w).collect();
+        *o = (agreeing.iter().sum::<f64>() / agreeing.len().max(1) as f64) as f32;
+    }
+    Tensor::from_data(TensorData::new(out, shape), &device)
+}
+
 /// Adds adapter `new_name` that combines `sources` (adapter name, weight) on every layer that
 /// carries all of them. The new adapter is inactive until activated. On any error (sources
 /// that differ in rank for `linear`, NaN or infinite values) the model is left as it was.
@@ -159,8 +193,11 @@ pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], 
                     scaled.into_iter().reduce(|(a1, b1), (a2, b2)| (a1 + a2, b1 + b2)).unwrap()
                 }
             }
-            Combination::Svd { rank } => {
-                let delta = found.into_iter().map(|(f, w)| f.b.matmul(f.a) * (w * f.scale)).reduce(|x, y| x + y).unwrap();
+            Combination::Svd { rank } | Combination::Ties { rank, .. } => {
+                let delta = match how {
+                    Combination::Ties { density, .. } => ties(found.into_iter().map(|(f, w)| (f.b.matmul(f.a) * f.scale, w)).collect(), density),
+                    _ => found.into_iter().map(|(f, w)| f.b.matmul(f.a) * (w * f.scale)).reduce(|x, y| x + y).unwrap(),
+                };
                 match svd_factors(delta, rank) {
                     Some(ab) => ab,
                     None => {
@@ -187,4 +224,20 @@ pub fn combine<M: Module>(model: &mut AdaptedModel<M>, sources: &[(&str, f64)], 
     model.register(new_name, Box::new(config));
     model.set_state(new_name, |s| s.active = false);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// By hand, as PEFT's `ties` computes it: prune to the top half by magnitude, elect the
+    /// sign of the sum (ties to +), average the weighted entries that agree, zeros never vote.
+    #[test]
+    fn ties_trims_elects_and_averages() {
+        let dev = knobs_nn::cpu();
+        let t = |v: [f32; 4]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [1, 4]), &dev);
+        let out = ties(vec![(t([3.0, -1.0, 2.0, 0.5]), 1.0), (t([-2.0, -4.0, 1.0, 0.1]), 0.5)], 0.5);
+        let v: Vec<f32> = out.into_data().convert::<f32>().try_into_vec().unwrap();
+        assert_eq!(v, [3.0, -2.0, 2.0, 0.0]);
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use knobs_adapters::formats::peft;
 use knobs_adapters::PeftType;
-use knobs_adapters::lora::{LoraConfig, RankTarget, Resized};
+use knobs_adapters::lora::{Combination, LoraConfig, RankTarget, Resized};
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -39,6 +39,41 @@ pub enum Command {
     /// extract_lora_from_models), e.g. a DreamBooth output and its base: the SVD of each
     /// changed layer's weight difference at --rank; prints what the rank leaves out.
     Extract(ExtractArgs),
+    /// Combine LoRAs into one, as PEFT's add_weighted_adapter: linear (equal ranks, factors
+    /// summed), cat (exact: the weighted sum of the updates), svd (its rank-R approximation),
+    /// ties (trimmed, sign-elected, averaged updates, then rank R).
+    Combine(CombineArgs),
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    Linear,
+    Cat,
+    Svd,
+    Ties,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CombineArgs {
+    /// A LoRA and its weight (default 1); give two or more.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]", required = true)]
+    lora: Vec<String>,
+    #[arg(long, value_enum)]
+    how: How,
+    /// The rank of the result (svd, ties).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// ties: the fraction of each update's largest entries kept.
+    #[arg(long, default_value_t = 0.2)]
+    density: f64,
+    #[arg(long, value_enum)]
+    to: Format,
+    /// A folder (--to peft) or a .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model the LoRAs belong to (default: the built-in base model).
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -139,7 +174,41 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Convert(args) => convert(&args),
         Command::Resize(args) => resize(&args),
         Command::Extract(args) => extract(&args),
+        Command::Combine(args) => combine(&args),
     }
+}
+
+fn combine(args: &CombineArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("--out {}: already exists; combine writes a new one", args.out.display());
+    }
+    let how = match (args.how, args.rank) {
+        (How::Linear, _) => Combination::Linear,
+        (How::Cat, _) => Combination::Cat,
+        (How::Svd | How::Ties, None | Some(0)) => bail!("--rank R (at least 1) is needed with --how {:?}", args.how),
+        (How::Svd, Some(rank)) => Combination::Svd { rank },
+        (How::Ties, Some(_)) if !(args.density > 0.0 && args.density <= 1.0) => bail!("--density must be in (0, 1], got {}", args.density),
+        (How::Ties, Some(rank)) => Combination::Ties { rank, density: args.density },
+    };
+    let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
+    let mut sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
+    let mut adapters = PipelineAdapters::new(0);
+    let mut sources = Vec::new();
+    for (i, spec) in args.lora.iter().enumerate() {
+        let (path, weight) = lora_spec(spec);
+        let name = format!("lora{i}");
+        adapters.load_lora(&mut sd, &path, &name, 1.0).with_context(|| format!("--lora {}", path.display()))?;
+        sources.push((name, weight as f64, path));
+    }
+    for c in Component::all_in(&sd) {
+        let here: Vec<(&str, f64)> = sources.iter().filter(|(n, _, _)| adapters.attached().iter().any(|a| a.name == *n && a.component == c)).map(|(n, w, _)| (n.as_str(), *w)).collect();
+        if !here.is_empty() {
+            adapters.on(&mut sd, c, |am| knobs_adapters::lora::combine(am, &here, "adapter", how)).with_context(|| format!("--how {:?} on {c}", args.how))?;
+        }
+    }
+    write(&mut sd, &mut adapters, args.to, &args.out, &sources[0].2)?;
+    eprintln!("combined {} LoRAs ({:?}) -> {}", sources.len(), args.how, args.out.display());
+    Ok(())
 }
 
 fn extract(args: &ExtractArgs) -> Result<()> {
