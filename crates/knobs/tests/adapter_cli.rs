@@ -191,3 +191,26 @@ fn combined_loras_draw_their_weighted_sum() {
     let e = fail(&["adapter", "combine", "--lora", &a, "--lora", &b, "--how", "ties", "--rank", "4", "--density", "0", "--to", "diffusers", "--out", s(&t("y.safetensors")), "--model", &sd1]);
     assert!(e.contains("--density"), "{e}");
 }
+
+/// `knobs adapter inspect --json` names the format, method, ranks, alphas and base model of
+/// kohya SDXL, PEFT LoHa and embedding files.
+#[test]
+fn inspect_reports_format_method_ranks_and_base() {
+    let json = |p: &str| -> serde_json::Value { serde_json::from_str(&ok(&["adapter", "inspect", p, "--json"])).unwrap() };
+    let k = json(&format!("{TINY_SDXL}/goldens/lora/kohya/tiny_sdxl_lora_kohya.safetensors"));
+    assert_eq!((k["format"].as_str(), k["method"].as_str(), k["base_model"].as_str()), (Some("kohya"), Some("LoRA"), Some("sdxl_base_v1-0")));
+    let modules = k["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 222);
+    assert!(modules.iter().all(|m| m["rank"] == 2 && m["alpha"] == 4.0));
+    assert!(modules.iter().any(|m| m["block"] == "lora_unet_input_blocks_8"));
+    let methods = concat!(env!("CARGO_MANIFEST_DIR"), "/../knobs-diffusion/tests/fixtures/adapter_methods");
+    let l = json(&format!("{methods}/loha_peft"));
+    assert_eq!((l["format"].as_str(), l["method"].as_str()), (Some("PEFT folder"), Some("LOHA")));
+    assert!(l["modules"].as_array().unwrap().iter().all(|m| !m["module"].as_str().unwrap().starts_with("base_model")));
+    let d = json(&format!("{methods}/dora_lycoris.safetensors"));
+    assert_eq!(d["format"], "LyCORIS (kohya names)");
+    assert!(d["method"].as_str().unwrap().contains("DoRA"));
+    let e = json(&format!("{TINY_SDXL}/goldens/textual_inversion/tiny-ti.safetensors"));
+    assert_eq!(e["format"], "textual-inversion embedding");
+    assert!(e["method"].as_str().unwrap().contains("clip_g [1, 32]"));
+}

@@ -1,10 +1,10 @@
-//! `knobs adapter inspect`: what an adapter file holds; `convert`: an adapter or embedding in
-//! another format; `merge`: adapters fused into a model's weights, written as a model.
+//! `knobs adapter`: `inspect` what an adapter file holds (`inspect.rs`); `convert` an adapter
+//! or embedding to another format; `resize`, `extract` and `combine` LoRAs; `merge` adapters
+//! into a model's weights.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use knobs_adapters::formats::peft;
 use knobs_adapters::PeftType;
 use knobs_adapters::lora::{Combination, LoraConfig, RankTarget, Resized};
 use knobs_diffusion::clip::embeddings;
@@ -12,16 +12,22 @@ use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_diffusion::single_file::{PipelineConfigs, save_pretrained, save_single_file};
 use knobs_nn::cpu;
-use knobs_nn::io::{FloatDtype, read_safetensors};
+use knobs_nn::io::FloatDtype;
 
 use super::generate::lora_spec;
 
+mod inspect;
+
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Print the method, config and tensors of a PEFT folder or a safetensors adapter file.
+    /// What an adapter or embedding file holds: format, method, adapted modules grouped by
+    /// block with their ranks and alphas, size, dtype, metadata, the model it was made for.
     Inspect {
         /// A PEFT folder (adapter_config.json + adapter_model.safetensors) or a .safetensors file.
         path: PathBuf,
+        /// Everything as one JSON object, every module with its rank and alpha.
+        #[arg(long)]
+        json: bool,
     },
     /// Fuse adapters into a model's weights (diffusers' `fuse_lora`, kohya's merge) and write
     /// the result as a diffusers folder, or as one original-layout file for `--out X.safetensors`.
@@ -169,7 +175,7 @@ pub struct MergeArgs {
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Inspect { path } => inspect(&path),
+        Command::Inspect { path, json } => inspect::inspect(&path, json),
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => convert(&args),
         Command::Resize(args) => resize(&args),
@@ -305,7 +311,7 @@ fn write(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, to: Format, 
 }
 
 /// Whether `path` is a textual-inversion embedding file rather than an adapter.
-fn is_embedding(path: &Path) -> bool {
+pub(crate) fn is_embedding(path: &Path) -> bool {
     path.is_file() && (embeddings::is_sdxl_file(path).unwrap_or(false) || embeddings::read(path, None).is_ok())
 }
 
@@ -363,27 +369,5 @@ fn merge(args: &MergeArgs) -> Result<()> {
         std::fs::rename(&partial, &args.out).with_context(|| format!("--out {}: cannot move the merged model into place", args.out.display()))?;
     }
     eprintln!("fused {} adapter(s) into {} -> {} in {:.1} s", args.lora.len(), args.model.display(), args.out.display(), start.elapsed().as_secs_f64());
-    Ok(())
-}
-
-fn inspect(path: &Path) -> Result<()> {
-    let weights = if path.is_dir() {
-        let config = peft::read_config(path)?;
-        println!("{}", serde_json::to_string_pretty(&config.to_peft_json())?);
-        path.join(peft::WEIGHTS_FILE)
-    } else {
-        path.to_path_buf()
-    };
-    let sd = read_safetensors(&weights)?;
-    let mut total = 0usize;
-    for (key, t) in &sd.tensors {
-        let n: usize = t.shape().as_slice().iter().product();
-        total += n;
-        println!("{key} {:?}", t.shape().as_slice());
-    }
-    for (k, v) in &sd.metadata {
-        println!("metadata {k} = {}", if v.len() > 200 { &v[..200] } else { v });
-    }
-    println!("{} tensors, {total} values, {} bytes", sd.tensors.len(), std::fs::metadata(&weights)?.len());
     Ok(())
 }
