@@ -368,3 +368,34 @@ fn caption_prefix_and_dropout_change_the_prompts() {
     let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--caption-dropout", "1.5", "--out", s(&tmp.path().join("x"))]);
     assert!(err.contains("--caption-dropout"), "{err}");
 }
+
+/// `--ema-decay`: the averaged parameters are written beside the trained ones (OUT/ema/),
+/// differ from them after a few steps, are kept in checkpoints, and a resumed run ends with
+/// the same average as an uninterrupted one; a decay outside [0, 1) is named.
+#[test]
+fn ema_weights_are_saved_alongside_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = ["--rank", "2", "--num-samples", "0", "--train-batch-size", "1", "--ema-decay", "0.5", "--learning-rate", "1e-2"];
+    let args = |out: &Path| -> Vec<String> {
+        let mut a: Vec<&str> = vec!["train", "--model", s(tiny_model()), "--method", "lora", "--concept", "striped-star", "--out", s(out), "--max-train-steps", "24", "--checkpointing-steps", "2"];
+        a.extend_from_slice(&common);
+        a.into_iter().map(String::from).collect()
+    };
+    let whole = tmp.path().join("whole");
+    let a = args(&whole);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let read = |p: &Path| read_safetensors(p.join("unet_lora/adapter_model.safetensors")).unwrap().tensors;
+    let (trained, averaged) = (read(&whole), read(&whole.join("ema")));
+    assert_eq!(trained.keys().collect::<Vec<_>>(), averaged.keys().collect::<Vec<_>>());
+    assert_ne!(trained, averaged, "the average lags the trained values");
+    let ck = read_safetensors(whole.join("checkpoints/train-00000024.safetensors")).unwrap();
+    assert!(ck.tensors.keys().any(|k| k.starts_with("ema.")) && ck.metadata.contains_key("ema_updates"));
+    let split = tmp.path().join("split");
+    let a = args(&split);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    kill_after_checkpoint(&a, &split, 2);
+    ok(&a);
+    assert_eq!(read(&split.join("ema")), averaged, "a resumed run ends with the same average");
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--ema-decay", "1", "--out", s(&tmp.path().join("x"))]);
+    assert!(err.contains("--ema-decay"), "{err}");
+}

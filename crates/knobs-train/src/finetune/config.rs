@@ -137,6 +137,12 @@ pub struct OptimOptions {
     /// value against 8), for full fine-tunes of large models.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
+    /// Keep an exponential moving average of the trained parameters (diffusers' EMAModel:
+    /// decay (1 + n) / (10 + n) capped at this value) and also write the method's files from
+    /// it, into OUT/ema/.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
 }
 
 /// The optimizer of `knobs train` (`--optimizer`).
@@ -362,6 +368,9 @@ impl TrainConfig {
         }
         if d.concept.is_some() && d.instance_dir.is_some() {
             bail!("--concept and --instance-dir exclude each other");
+        }
+        if let Some(e) = o.ema_decay.filter(|e| !(0.0..1.0).contains(e)) {
+            bail!("--ema-decay must be in [0, 1), got {e}");
         }
         if !(0.0..=1.0).contains(&d.caption_dropout) {
             bail!("--caption-dropout must be a probability in [0, 1], got {}", d.caption_dropout);

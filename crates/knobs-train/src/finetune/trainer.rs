@@ -12,7 +12,7 @@ use image::RgbImage;
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
-use knobs_nn::optim::{Grads, clip_grad_norm, collect_grads, scale_grads};
+use knobs_nn::optim::{Ema, Grads, clip_grad_norm, collect_grads, scale_grads};
 use knobs_nn::{ModuleExt, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -173,10 +173,15 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let fingerprint = cfg.fingerprint();
     let mut history: Vec<f64> = Vec::new();
     let mut first = 0;
+    // The average starts from the parameters as attached; a resumed run loads its own.
+    let mut ema = o.ema_decay.map(|d| Ema::new(&sd, d));
     if let Some((step, ck)) = resume_checkpoints(cfg, &ckpts)? {
         check_settings(&ck, &fingerprint)?;
         load_state_dict(&mut sd, &sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: false })?;
         opt.load_state(&sub_dict(&ck, "optim."), &dev)?;
+        if let Some(e) = &mut ema {
+            e.load_state(&ck, &dev)?;
+        }
         history = decode_history(meta(&ck, "loss_history")?)?;
         first = step;
     }
@@ -213,6 +218,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         }
         let lr = cfg.learning_rate() * o.lr_scheduler.factor(step, o.lr_warmup_steps, total);
         opt.step(&mut sd, &grads, &|path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
+        if let Some(e) = &mut ema {
+            e.update(&sd);
+        }
         // Before any checkpoint is written: a full fine-tune's gradients are a model's size.
         drop(grads);
         history.push(value);
@@ -223,6 +231,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             let mut state = State::default();
             state.trainable(&sd);
             state.optimizer(opt.as_ref());
+            if let Some(e) = &ema {
+                state.ema(e);
+            }
             state.meta.insert("config".into(), fingerprint.clone());
             state.meta.insert("loss_history".into(), encode_history(&history));
             ckpts.save(step + 1, state)?;
@@ -241,10 +252,21 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     // From here on the pipeline is exactly what `knobs generate` builds from the saved files:
     // adapter dropout off, every parameter out of autodiff.
     set_adapter_training(&mut sd, false);
+    // The trained values, taken while they are still marked trainable, to restore after the
+    // EMA files are written.
+    let trained = ema.as_ref().map(|_| Ema::new(&sd, 0.0));
     sd.for_inference();
     sd.device = cpu();
     write_samples(&cfg.out, &sd, &prompts, sampling)?;
-    let outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
+    let mut outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
+    if let (Some(e), Some(trained)) = (&ema, &trained) {
+        // The same files from the averaged parameters, then the trained ones back.
+        e.copy_to(&mut sd);
+        let ema_cfg = TrainConfig { out: cfg.out.join("ema"), ..cfg.clone() };
+        std::fs::create_dir_all(&ema_cfg.out).with_context(|| format!("--out {}: cannot create ema/", cfg.out.display()))?;
+        outputs.extend(cfg.method.save(&ema_cfg, &mut sd, &mut adapters, &attached)?);
+        trained.copy_to(&mut sd);
+    }
     let summary = Summary {
         method: cfg.method.to_string(),
         steps: total,
