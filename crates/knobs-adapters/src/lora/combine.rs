@@ -69,6 +69,22 @@ pub(super) fn install(layer: LayerMut<'_>, name: &str, a: Tensor<2>, b: Tensor<2
     }
 }
 
+/// Installs `planned` `(layer path, A, B)` factors as adapter `name` (scale 1, each layer its
+/// own rank), registers its config (alpha = rank per module) and makes it active.
+pub(super) fn install_all<M: Module>(model: &mut AdaptedModel<M>, name: &str, planned: Vec<(String, Tensor<2>, Tensor<2>)>) -> Result<()> {
+    let modules: Vec<(String, usize, f64)> = planned.iter().map(|(p, a, _)| (p.clone(), a.dims()[0], a.dims()[0] as f64)).collect();
+    let config = crate::formats::lora_files::config_for(std::path::Path::new(&format!("<adapter `{name}`>")), &modules, false)?;
+    let mut factors: std::collections::HashMap<String, (Tensor<2>, Tensor<2>)> = planned.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
+    model.model.for_each_layer_mut(|path, layer| {
+        if let Some((a, b)) = factors.remove(path) {
+            install(layer, name, a, b);
+        }
+    });
+    model.register(name, Box::new(config));
+    model.set_state(name, |s| s.active = true);
+    Ok(())
+}
+
 fn signed_sqrt(w: f64) -> (f64, f64) {
     let s = w.abs().sqrt();
     (s, if w < 0.0 { -s } else { s })

@@ -2,13 +2,11 @@
 //! adaptable layer's `W_tuned - W_base`, truncated by SVD to the rank asked for, becomes the
 //! LoRA of that layer. The model being adapted is the base; layers that did not change get none.
 use std::collections::HashMap;
-use std::path::Path;
 
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{LayerRef, Module, ModuleExt, Tensor};
 
-use super::combine::{install, svd_truncated};
-use crate::formats::lora_files::config_for;
+use super::combine::{install_all, svd_truncated};
 use crate::{AdaptedModel, AdapterError, Result};
 
 /// One layer's result.
@@ -88,21 +86,8 @@ pub fn extract<M: Module, T: Module + ?Sized>(model: &mut AdaptedModel<M>, tuned
     if planned.is_empty() {
         return Ok(Vec::new());
     }
-    let modules: Vec<(String, usize, f64)> = planned.iter().map(|(p, _, _, r)| (p.clone(), r.rank, r.rank as f64)).collect();
-    let config = config_for(Path::new(&format!("<adapter `{name}`>")), &modules, false)?;
-    let mut factors: HashMap<String, (Tensor<2>, Tensor<2>)> = HashMap::new();
-    let mut rows = Vec::new();
-    for (p, a, b, r) in planned {
-        factors.insert(p, (a, b));
-        rows.push(r);
-    }
-    model.model.for_each_layer_mut(|path, layer| {
-        if let Some((a, b)) = factors.remove(path) {
-            install(layer, name, a, b);
-        }
-    });
-    model.register(name, Box::new(config));
-    model.set_state(name, |s| s.active = true);
+    let (factors, rows): (Vec<_>, Vec<_>) = planned.into_iter().map(|(p, a, b, r)| ((p, a, b), r)).unzip();
+    install_all(model, name, factors)?;
     model.freeze();
     Ok(rows)
 }

@@ -3,9 +3,8 @@
 //! fraction of the update's energy (the sum of its squared singular values).
 use knobs_nn::ModuleExt;
 
-use super::combine::{factors, install, svd_truncated};
+use super::combine::{factors, install_all, svd_truncated};
 use super::LoraConfig;
-use crate::formats::lora_files::config_for;
 use crate::{AdaptedModel, AdapterError, PeftType, Result};
 
 /// How many ranks each layer keeps.
@@ -74,21 +73,8 @@ pub fn resize<M: knobs_nn::Module>(model: &mut AdaptedModel<M>, name: &str, targ
     if planned.is_empty() {
         return Err(AdapterError::Config(format!("resize: no layer carries adapter `{name}`")));
     }
-    let modules: Vec<(String, usize, f64)> = planned.iter().map(|(p, _, _, r)| (p.clone(), r.to, r.to as f64)).collect();
     // The scale is folded into the factors: alpha = rank, scale 1.
-    let config = config_for(std::path::Path::new(&format!("<adapter `{name}`>")), &modules, false)?;
-    let mut results = Vec::new();
-    let mut by_path: std::collections::HashMap<String, (knobs_nn::Tensor<2>, knobs_nn::Tensor<2>)> = std::collections::HashMap::new();
-    for (p, a, b, r) in planned {
-        by_path.insert(p, (a, b));
-        results.push(r);
-    }
-    model.model.for_each_layer_mut(|path, layer| {
-        if let Some((a, b)) = by_path.remove(path) {
-            install(layer, name, a, b);
-        }
-    });
-    model.register(name, Box::new(config));
-    model.set_state(name, |s| s.active = true);
+    let (factors, results): (Vec<_>, Vec<_>) = planned.into_iter().map(|(p, a, b, r)| ((p, a, b), r)).unzip();
+    install_all(model, name, factors)?;
     Ok(results)
 }

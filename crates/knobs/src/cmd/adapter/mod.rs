@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use knobs_adapters::PeftType;
-use knobs_adapters::lora::{Combination, LoraConfig, RankTarget, Resized};
+use knobs_adapters::lora::LoraConfig;
 use knobs_diffusion::clip::embeddings;
-use knobs_diffusion::loaders::{Component, LoraFile, PipelineAdapters};
+use knobs_diffusion::loaders::{LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_diffusion::single_file::{PipelineConfigs, save_pretrained, save_single_file};
 use knobs_nn::cpu;
@@ -17,6 +17,9 @@ use knobs_nn::io::FloatDtype;
 use super::generate::lora_spec;
 
 mod inspect;
+mod lora_tools;
+
+pub use lora_tools::{CombineArgs, ExtractArgs, ResizeArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -52,83 +55,6 @@ pub enum Command {
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum How {
-    Linear,
-    Cat,
-    Svd,
-    Ties,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct CombineArgs {
-    /// A LoRA and its weight (default 1); give two or more.
-    #[arg(long = "lora", value_name = "PATH[:WEIGHT]", required = true)]
-    lora: Vec<String>,
-    #[arg(long, value_enum)]
-    how: How,
-    /// The rank of the result (svd, ties).
-    #[arg(long)]
-    rank: Option<usize>,
-    /// ties: the fraction of each update's largest entries kept.
-    #[arg(long, default_value_t = 0.2)]
-    density: f64,
-    #[arg(long, value_enum)]
-    to: Format,
-    /// A folder (--to peft) or a .safetensors file.
-    #[arg(long)]
-    out: PathBuf,
-    /// The model the LoRAs belong to (default: the built-in base model).
-    #[arg(long)]
-    model: Option<PathBuf>,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ExtractArgs {
-    /// The model the LoRA will apply to.
-    #[arg(long)]
-    base: PathBuf,
-    /// The fine-tuned model (same architecture).
-    #[arg(long)]
-    tuned: PathBuf,
-    #[arg(long)]
-    rank: usize,
-    /// Also extract convolutions (LoCon); default: linear layers only.
-    #[arg(long)]
-    conv: bool,
-    #[arg(long, value_enum)]
-    to: Format,
-    /// A folder (--to peft) or a .safetensors file.
-    #[arg(long)]
-    out: PathBuf,
-    /// Print every layer's result as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ResizeArgs {
-    /// The LoRA: a PEFT folder, a train output folder, a diffusers or kohya file.
-    input: PathBuf,
-    /// The largest rank kept per layer.
-    #[arg(long, conflicts_with = "energy", required_unless_present = "energy")]
-    rank: Option<usize>,
-    /// Keep, per layer, the fewest ranks holding this fraction of the update's energy (0-1].
-    #[arg(long)]
-    energy: Option<f64>,
-    #[arg(long, value_enum)]
-    to: Format,
-    /// A folder (--to peft) or a .safetensors file.
-    #[arg(long)]
-    out: PathBuf,
-    /// The model the LoRA belongs to (default: the built-in base model).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Print every layer's result as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// PEFT folders, one per component (`unet_<method>/`, `text_encoder_<method>/`, ...).
     Peft,
@@ -140,16 +66,33 @@ pub enum Format {
     A1111,
 }
 
+/// Where and in which format a tool writes its adapter.
 #[derive(clap::Args, Debug)]
-pub struct ConvertArgs {
-    /// The adapter: a PEFT folder, a train output folder, a diffusers, kohya or LyCORIS file,
-    /// or an embedding file.
-    input: PathBuf,
+pub struct Output {
     #[arg(long, value_enum)]
     to: Format,
     /// A folder (--to peft) or a .safetensors file.
     #[arg(long)]
     out: PathBuf,
+}
+
+impl Output {
+    /// Refuses an existing --out: the tools write new files, never over the user's.
+    fn check_new(&self, tool: &str) -> Result<()> {
+        if self.out.exists() {
+            bail!("--out {}: already exists; {tool} writes a new one", self.out.display());
+        }
+        Ok(())
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// The adapter: a PEFT folder, a train output folder, a diffusers, kohya or LyCORIS file,
+    /// or an embedding file.
+    input: PathBuf,
+    #[command(flatten)]
+    output: Output,
     /// The model the adapter belongs to (kohya names resolve against its layers; default: the
     /// built-in base model). Embeddings need none.
     #[arg(long)]
@@ -178,110 +121,14 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Inspect { path, json } => inspect::inspect(&path, json),
         Command::Merge(args) => merge(&args),
         Command::Convert(args) => convert(&args),
-        Command::Resize(args) => resize(&args),
-        Command::Extract(args) => extract(&args),
-        Command::Combine(args) => combine(&args),
+        Command::Resize(args) => lora_tools::resize(&args),
+        Command::Extract(args) => lora_tools::extract(&args),
+        Command::Combine(args) => lora_tools::combine(&args),
     }
-}
-
-fn combine(args: &CombineArgs) -> Result<()> {
-    if args.out.exists() {
-        bail!("--out {}: already exists; combine writes a new one", args.out.display());
-    }
-    let how = match (args.how, args.rank) {
-        (How::Linear, _) => Combination::Linear,
-        (How::Cat, _) => Combination::Cat,
-        (How::Svd | How::Ties, None | Some(0)) => bail!("--rank R (at least 1) is needed with --how {:?}", args.how),
-        (How::Svd, Some(rank)) => Combination::Svd { rank },
-        (How::Ties, Some(_)) if !(args.density > 0.0 && args.density <= 1.0) => bail!("--density must be in (0, 1], got {}", args.density),
-        (How::Ties, Some(rank)) => Combination::Ties { rank, density: args.density },
-    };
-    let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
-    let mut sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
-    let mut adapters = PipelineAdapters::new(0);
-    let mut sources = Vec::new();
-    for (i, spec) in args.lora.iter().enumerate() {
-        let (path, weight) = lora_spec(spec);
-        let name = format!("lora{i}");
-        adapters.load_lora(&mut sd, &path, &name, 1.0).with_context(|| format!("--lora {}", path.display()))?;
-        sources.push((name, weight as f64, path));
-    }
-    for c in Component::all_in(&sd) {
-        let here: Vec<(&str, f64)> = sources.iter().filter(|(n, _, _)| adapters.attached().iter().any(|a| a.name == *n && a.component == c)).map(|(n, w, _)| (n.as_str(), *w)).collect();
-        if !here.is_empty() {
-            adapters.on(&mut sd, c, |am| knobs_adapters::lora::combine(am, &here, "adapter", how)).with_context(|| format!("--how {:?} on {c}", args.how))?;
-        }
-    }
-    write(&mut sd, &mut adapters, args.to, &args.out, &sources[0].2)?;
-    eprintln!("combined {} LoRAs ({:?}) -> {}", sources.len(), args.how, args.out.display());
-    Ok(())
-}
-
-fn extract(args: &ExtractArgs) -> Result<()> {
-    if args.out.exists() {
-        bail!("--out {}: already exists; extract writes a new one", args.out.display());
-    }
-    let mut sd = StableDiffusion::load(&args.base, &cpu()).with_context(|| format!("--base {}", args.base.display()))?;
-    let tuned = StableDiffusion::load(&args.tuned, &cpu()).with_context(|| format!("--tuned {}", args.tuned.display()))?;
-    let mut adapters = PipelineAdapters::new(0);
-    let mut rows = Vec::new();
-    for c in Component::all_in(&sd) {
-        let found = adapters
-            .on(&mut sd, c, |am| knobs_adapters::lora::extract(am, c.module(&tuned), "adapter", args.rank, args.conv))
-            .with_context(|| format!("--tuned {}: {c}", args.tuned.display()))?;
-        rows.extend(found.into_iter().map(|r| (c, r)));
-    }
-    if rows.is_empty() {
-        bail!("--tuned {}: no {}layer differs from --base {}", args.tuned.display(), if args.conv { "" } else { "linear " }, args.base.display());
-    }
-    write(&mut sd, &mut adapters, args.to, &args.out, &args.tuned)?;
-    if args.json {
-        let out: Vec<_> = rows.iter().map(|(c, r)| serde_json::json!({"layer": format!("{c}.{}", r.path), "rank": r.rank, "rel_error": r.rel_error})).collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
-    let worst = rows.iter().map(|(_, r)| r.rel_error).fold(0.0, f64::max);
-    eprintln!("{} layers differ; at rank {} the largest relative error is {worst:.2e}; wrote {}", rows.len(), args.rank, args.out.display());
-    Ok(())
-}
-
-fn resize(args: &ResizeArgs) -> Result<()> {
-    if args.out.exists() {
-        bail!("--out {}: already exists; resize writes a new one", args.out.display());
-    }
-    let target = match (args.rank, args.energy) {
-        (Some(r), _) => RankTarget::Rank(r),
-        (_, Some(e)) => RankTarget::Energy(e),
-        _ => bail!("give --rank R or --energy E"),
-    };
-    let flag = if args.rank.is_some() { "--rank" } else { "--energy" };
-    let (mut sd, mut adapters) = load_adapter(&args.input, args.model.as_deref())?;
-    let results = resize_all(&mut sd, &mut adapters, target).with_context(|| flag.to_string())?;
-    write(&mut sd, &mut adapters, args.to, &args.out, &args.input)?;
-    if args.json {
-        let rows: Vec<_> = results.iter().map(|(c, r)| serde_json::json!({"layer": format!("{c}.{}", r.path), "from": r.from, "to": r.to, "energy": r.energy})).collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    }
-    let n = results.len().max(1) as f64;
-    let mean = results.iter().map(|(_, r)| r.energy).sum::<f64>() / n;
-    let min = results.iter().map(|(_, r)| r.energy).fold(1.0, f64::min);
-    let (from, to): (usize, usize) = results.iter().fold((0, 0), |(f, t), (_, r)| (f + r.from, t + r.to));
-    eprintln!("{} layers: rank {from} -> {to} in all, energy kept mean {mean:.4}, min {min:.4}; wrote {}", results.len(), args.out.display());
-    Ok(())
-}
-
-/// Resizes adapter "adapter" on every component it is on.
-fn resize_all(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, target: RankTarget) -> knobs_adapters::Result<Vec<(Component, Resized)>> {
-    let mut out = Vec::new();
-    let on: Vec<_> = adapters.attached().iter().filter(|a| a.name == "adapter").map(|a| a.component).collect();
-    for c in on {
-        let rows = adapters.on(sd, c, |am| knobs_adapters::lora::resize(am, "adapter", target))?;
-        out.extend(rows.into_iter().map(|r| (c, r)));
-    }
-    Ok(out)
 }
 
 /// A model (`--model`, default the built-in one) with the adapter at `input` loaded as "adapter".
-fn load_adapter(input: &Path, model: Option<&Path>) -> Result<(StableDiffusion, PipelineAdapters)> {
+pub(super) fn load_adapter(input: &Path, model: Option<&Path>) -> Result<(StableDiffusion, PipelineAdapters)> {
     let model = knobs_train::builtin::model_or_default(model)?;
     let mut sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
     let mut adapters = PipelineAdapters::new(0);
@@ -290,7 +137,8 @@ fn load_adapter(input: &Path, model: Option<&Path>) -> Result<(StableDiffusion, 
 }
 
 /// Writes adapter "adapter" in format `to`, refusing a format that cannot hold it.
-fn write(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, to: Format, out: &Path, input: &Path) -> Result<()> {
+pub(super) fn write(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, output: &Output, input: &Path) -> Result<()> {
+    let (to, out) = (output.to, output.out.as_path());
     let config = &adapters.get("adapter").context("nothing was loaded")?.config;
     let method = config.peft_type();
     let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
@@ -316,30 +164,28 @@ pub(crate) fn is_embedding(path: &Path) -> bool {
 }
 
 fn convert(args: &ConvertArgs) -> Result<()> {
-    if args.out.exists() {
-        bail!("--out {}: already exists; convert writes a new one", args.out.display());
-    }
+    args.output.check_new("convert")?;
     let input = || format!("{}", args.input.display());
     if is_embedding(&args.input) {
-        let a1111 = match args.to {
+        let a1111 = match args.output.to {
             Format::A1111 => true,
             Format::Diffusers => false,
             other => bail!("{}: an embedding converts --to diffusers or a1111, not {other:?}", input()),
         };
         if embeddings::is_sdxl_file(&args.input)? {
             let [l, g] = embeddings::read_sdxl(&args.input, None)?;
-            embeddings::save_sdxl(&args.out, &l, &g)?;
+            embeddings::save_sdxl(&args.output.out, &l, &g)?;
         } else {
             let emb = embeddings::read(&args.input, None)?;
-            if a1111 { embeddings::save_a1111(&args.out, &emb)? } else { embeddings::save_diffusers(&args.out, &emb)? }
+            if a1111 { embeddings::save_a1111(&args.output.out, &emb)? } else { embeddings::save_diffusers(&args.output.out, &emb)? }
         }
-        eprintln!("{} -> {}", input(), args.out.display());
+        eprintln!("{} -> {}", input(), args.output.out.display());
         return Ok(());
     }
     let (mut sd, mut adapters) = load_adapter(&args.input, args.model.as_deref())?;
-    write(&mut sd, &mut adapters, args.to, &args.out, &args.input)?;
+    write(&mut sd, &mut adapters, &args.output, &args.input)?;
     let method = adapters.get("adapter").map(|a| a.config.peft_type().to_string()).unwrap_or_default();
-    eprintln!("{} ({method}) -> {}", input(), args.out.display());
+    eprintln!("{} ({method}) -> {}", input(), args.output.out.display());
     Ok(())
 }
 
