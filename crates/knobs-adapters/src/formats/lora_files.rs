@@ -84,7 +84,7 @@ impl ComponentLora {
         if config.peft_type() != PeftType::Lora {
             return Err(AdapterError::Config(format!("adapter `{name}` is {}: diffusers and kohya files hold LoRA only; save it as a PEFT folder", config.peft_type())));
         }
-        if (config as &dyn Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora) {
+        if LoraConfig::is_dora(config) {
             return Err(AdapterError::Config(format!("adapter `{name}` is DoRA: diffusers and kohya LoRA files cannot hold its magnitudes; save it as a PEFT folder or a LyCORIS file")));
         }
         if !config.modules_to_save().is_empty() {

@@ -286,7 +286,7 @@ pub fn attach_named<M: Module>(model: &mut AdaptedModel<M>, name: &str, part: &L
 /// Adapter `name` of `model` (LoHa, LoKr or DoRA) as a LyCORIS part under layer paths.
 pub fn from_adapter<M: Module>(model: &AdaptedModel<M>, name: &str) -> Result<LycorisPart> {
     let config = model.config(name)?;
-    let dora = config.peft_type() == PeftType::Lora && (config as &dyn Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
+    let dora = LoraConfig::is_dora(config);
     let diag_oft = (config as &dyn Any).downcast_ref::<DiagOftConfig>().is_some();
     let algo = match config.peft_type() {
         _ if diag_oft => Algo::DiagOft,

@@ -32,7 +32,7 @@ pub fn save<M: Module>(model: &AdaptedModel<M>, name: &str, dir: impl AsRef<Path
 /// one method whose weights the LoRA file formats also carry.
 pub fn is_plain_lora(dir: impl AsRef<Path>) -> Result<bool> {
     let config = read_config(dir)?;
-    let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<crate::lora::LoraConfig>().is_some_and(|c| c.use_dora);
+    let dora = crate::lora::LoraConfig::is_dora(config.as_ref());
     Ok(config.peft_type() == crate::PeftType::Lora && !dora)
 }
 

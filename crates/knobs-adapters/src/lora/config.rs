@@ -35,6 +35,12 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Whether `config` is DoRA: a LoRA config with `use_dora` (DoRA shares LoRA's
+    /// `peft_type`, so the type alone cannot tell).
+    pub fn is_dora(config: &dyn AdapterConfig) -> bool {
+        (config as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora)
+    }
+
     pub fn new(r: usize, lora_alpha: f64, target_modules: Pattern) -> Self {
         LoraConfig {
             r,

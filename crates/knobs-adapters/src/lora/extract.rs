@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::{LayerRef, Module, ModuleExt, Tensor};
+use knobs_nn::{Device, LayerRef, Module, ModuleExt, Tensor};
 
 use super::combine::{install_all, svd_truncated};
 use crate::{AdaptedModel, AdapterError, Result};
@@ -18,17 +18,18 @@ pub struct Extracted {
     pub rel_error: f64,
 }
 
-/// A layer's weight as `[out, in * k * k]` f32 values, for Linear and (with `convs`) Conv2d.
-fn weight(layer: &LayerRef<'_>, convs: bool) -> Option<(Vec<f32>, [usize; 2])> {
-    let (data, shape) = match layer {
-        LayerRef::Linear(l) => (l.weight.to_data(), l.weight.dims()),
+/// A layer's weight as `[out, in * k * k]` f32 values with its device, for Linear and (with
+/// `convs`) Conv2d.
+fn weight(layer: &LayerRef<'_>, convs: bool) -> Option<(Vec<f32>, [usize; 2], Device)> {
+    let (data, shape, device) = match layer {
+        LayerRef::Linear(l) => (l.weight.to_data(), l.weight.dims(), l.weight.device()),
         LayerRef::Conv2d(c) if convs => {
             let [o, i, kh, kw] = c.weight.dims();
-            (c.weight.to_data(), [o, i * kh * kw])
+            (c.weight.to_data(), [o, i * kh * kw], c.weight.device())
         }
         _ => return None,
     };
-    Some((data.convert::<f32>().try_into_vec::<f32>().ok()?, shape))
+    Some((data.convert::<f32>().try_into_vec::<f32>().ok()?, shape, device))
 }
 
 /// Adds LoRA adapter `name` (active, frozen) to `model` holding, on every Linear (and with
@@ -44,14 +45,14 @@ pub fn extract<M: Module, T: Module + ?Sized>(model: &mut AdaptedModel<M>, tuned
     }
     let mut theirs: HashMap<String, (Vec<f32>, [usize; 2])> = HashMap::new();
     tuned.for_each_layer(|path, layer| {
-        if let Some(w) = weight(&layer, convs) {
-            theirs.insert(path.to_string(), w);
+        if let Some((values, shape, _)) = weight(&layer, convs) {
+            theirs.insert(path.to_string(), (values, shape));
         }
     });
     let mut planned = Vec::new();
     let mut error = None;
     model.model.for_each_layer(|path, layer| {
-        let Some((ours, shape)) = weight(&layer, convs).filter(|_| error.is_none()) else { return };
+        let Some((ours, shape, device)) = weight(&layer, convs).filter(|_| error.is_none()) else { return };
         let Some((t, tshape)) = theirs.get(path) else {
             error = Some(AdapterError::Config(format!("extract: the tuned model has no layer `{path}`")));
             return;
@@ -64,11 +65,6 @@ pub fn extract<M: Module, T: Module + ?Sized>(model: &mut AdaptedModel<M>, tuned
         if delta.iter().all(|d| *d == 0.0) {
             return;
         }
-        let device = match &layer {
-            LayerRef::Linear(l) => l.weight.device(),
-            LayerRef::Conv2d(c) => c.weight.device(),
-            LayerRef::Embedding(e) => e.weight.device(),
-        };
         let delta = Tensor::<2>::from_data(TensorData::new(delta, shape), &device);
         match svd_truncated(delta, |_| rank) {
             Some((a, b, sigma)) => {

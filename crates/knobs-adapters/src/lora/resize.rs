@@ -30,7 +30,7 @@ pub struct Resized {
 /// folded into the factors). The adapter must not be merged. On an error the model is as it was.
 pub fn resize<M: knobs_nn::Module>(model: &mut AdaptedModel<M>, name: &str, target: RankTarget) -> Result<Vec<Resized>> {
     let config = model.config(name)?;
-    let dora = (config as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
+    let dora = LoraConfig::is_dora(config);
     if config.peft_type() != PeftType::Lora || dora {
         return Err(AdapterError::Config(format!("resize: adapter `{name}` is {}, only plain LoRA resizes", if dora { "DoRA".to_string() } else { config.peft_type().to_string() })));
     }

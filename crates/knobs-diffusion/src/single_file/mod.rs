@@ -67,12 +67,6 @@ impl PipelineConfigs {
             scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
         })
     }
-
-    /// The configs of `model`: a pipeline folder's own, or those a single file is read with.
-    pub fn of_model(model: impl AsRef<Path>) -> Result<Self> {
-        let model = model.as_ref();
-        if is_single_file(model) { Ok(SingleFile::open(model, &SingleFileOptions::default())?.configs) } else { Self::from_dir(model) }
-    }
 }
 
 /// An opened single-file checkpoint: its header read, its configs settled.
@@ -312,6 +306,19 @@ impl StableDiffusion {
             SingleFile::open(path, &SingleFileOptions::default())?.load(device)
         } else {
             Self::from_dir(path, device)
+        }
+    }
+
+    /// [`Self::load`], also giving the component configs the pipeline was built from (to
+    /// write it back as a folder); a single file is opened once for both.
+    pub fn load_with_configs(path: impl AsRef<Path>, device: &Device) -> Result<(Self, PipelineConfigs)> {
+        let path = path.as_ref();
+        if is_single_file(path) {
+            let file = SingleFile::open(path, &SingleFileOptions::default())?;
+            let sd = file.load(device)?;
+            Ok((sd, file.configs))
+        } else {
+            Ok((Self::from_dir(path, device)?, PipelineConfigs::from_dir(path)?))
         }
     }
 }

@@ -10,7 +10,7 @@ use knobs_adapters::lora::LoraConfig;
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::loaders::{LoraFile, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
-use knobs_diffusion::single_file::{PipelineConfigs, save_pretrained, save_single_file};
+use knobs_diffusion::single_file::{save_pretrained, save_single_file};
 use knobs_nn::cpu;
 use knobs_nn::io::FloatDtype;
 
@@ -141,7 +141,7 @@ pub(super) fn write(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, o
     let (to, out) = (output.to, output.out.as_path());
     let config = &adapters.get("adapter").context("nothing was loaded")?.config;
     let method = config.peft_type();
-    let dora = (config.as_ref() as &dyn std::any::Any).downcast_ref::<LoraConfig>().is_some_and(|c| c.use_dora);
+    let dora = LoraConfig::is_dora(config.as_ref());
     let input = input.display();
     let written: knobs_adapters::Result<()> = match (to, method) {
         (Format::Peft, _) => {
@@ -195,8 +195,7 @@ fn merge(args: &MergeArgs) -> Result<()> {
     if args.out.exists() {
         bail!("--out {}: already exists; merge writes a new {}", args.out.display(), if to_file { "file" } else { "folder" });
     }
-    let configs = PipelineConfigs::of_model(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
-    let mut sd = StableDiffusion::load(&args.model, &cpu()).with_context(|| format!("--model {}", args.model.display()))?;
+    let (mut sd, configs) = StableDiffusion::load_with_configs(&args.model, &cpu()).with_context(|| format!("--model {}", args.model.display()))?;
     let mut adapters = PipelineAdapters::new(0);
     for (i, spec) in args.lora.iter().enumerate() {
         let (path, weight) = lora_spec(spec);
