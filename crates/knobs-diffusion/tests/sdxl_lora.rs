@@ -69,7 +69,17 @@ fn sdxl_lora_files_written_by_knobs_read_back() {
 fn sdxl_lora_on_an_sd1_model_is_refused() {
     let mut sd = StableDiffusion::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/tiny-sd"), &cpu()).unwrap();
     let mut adapters = PipelineAdapters::new(0);
-    let err = adapters.load_lora(&mut sd, &fixture().join("goldens/lora/diffusers/pytorch_lora_weights.safetensors"), "x", 1.0).unwrap_err().to_string();
+    let file = fixture().join("goldens/lora/diffusers/pytorch_lora_weights.safetensors");
+    let err = adapters.load_lora(&mut sd, &file, "x", 1.0).unwrap_err().to_string();
     assert!(err.contains("text_encoder") || err.contains("unet"), "{err}");
+    assert!(adapters.attached().is_empty());
+    // Only the second text encoder's part: refused by that component's name, nothing left.
+    let mut full = read_safetensors(&file).unwrap();
+    full.tensors.retain(|k, _| k.starts_with("text_encoder_2."));
+    let tmp = tempfile::tempdir().unwrap();
+    let te2_only = tmp.path().join("te2.safetensors");
+    knobs_nn::io::write_safetensors(&te2_only, &full.tensors, &full.metadata).unwrap();
+    let err = adapters.load_lora(&mut sd, &te2_only, "x", 1.0).unwrap_err().to_string();
+    assert!(err.contains("text_encoder_2") && err.contains("second text encoder"), "{err}");
     assert!(adapters.attached().is_empty());
 }

@@ -1,6 +1,6 @@
-//! Every registered method on the golden tiny SD pipeline: what it attaches trains exactly
-//! the parameters it says, every one of them gets a gradient from the denoising loss, and no
-//! frozen parameter does.
+//! Every registered method on the golden tiny SD pipeline and on the tiny SDXL one: what it
+//! attaches trains exactly the parameters it says, every one of them gets a gradient from the
+//! denoising loss, and no frozen parameter does.
 use std::path::PathBuf;
 
 use knobs_diffusion::loaders::PipelineAdapters;
@@ -18,8 +18,12 @@ fn tiny_sd() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd"))
 }
 
-fn config(method: Method) -> TrainConfig {
-    let mut cfg = TrainConfig { method, model: Some(tiny_sd()), ..Default::default() };
+fn tiny_sdxl() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../knobs-diffusion/tests/fixtures/tiny-sdxl"))
+}
+
+fn config(method: Method, model: PathBuf) -> TrainConfig {
+    let mut cfg = TrainConfig { method, model: Some(model), ..Default::default() };
     cfg.data.concept = Some("striped-star".into());
     if method.options().contains(&OptionGroup::Tokens) {
         // `sks` is a word of the real CLIP vocabulary tiny-sd carries.
@@ -31,11 +35,22 @@ fn config(method: Method) -> TrainConfig {
 
 #[test]
 fn each_method_trains_exactly_what_it_attaches() {
+    trains_exactly_what_it_attaches(tiny_sd());
+}
+
+/// On SDXL the loss also runs through the second text encoder, the pooled embedding and the
+/// time ids; textual inversion's rows in both encoders must get gradients.
+#[test]
+fn each_method_trains_exactly_what_it_attaches_on_sdxl() {
+    trains_exactly_what_it_attaches(tiny_sdxl());
+}
+
+fn trains_exactly_what_it_attaches(model: PathBuf) {
     for &method in Method::all().iter().filter(|m| !m.own_loop()) {
-        let cfg = config(method);
+        let cfg = config(method, model.clone());
         cfg.validate().unwrap();
         let dev = knobs_nn::cpu_autodiff();
-        let mut sd = StableDiffusion::from_dir(tiny_sd(), &dev).unwrap();
+        let mut sd = StableDiffusion::from_dir(&model, &dev).unwrap();
         sd.vae.for_inference();
         let mut adapters = PipelineAdapters::new(0);
         let attached = method.attach(&cfg, &mut sd, &mut adapters).unwrap();
