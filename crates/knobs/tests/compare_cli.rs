@@ -117,6 +117,28 @@ fn compare_reports_every_metric_and_resumes() {
     assert!(!out2.status.success());
     let err = String::from_utf8_lossy(&out2.stderr);
     assert!(err.contains("other settings") && err.contains("--out") && err.contains("lora"), "{err}");
+
+    // The same concept as the user's own folder: every method trains on the same pixels with
+    // the same prompts and token, so every measure is the same.
+    let concepts = tmp.path().join("concepts");
+    ok(&["world", "concepts", "--out", s(&concepts), "--concept", "striped-star"]);
+    let folder = concepts.join("striped-star");
+    let mine_out = tmp.path().join("mine");
+    let mine = knobs(&[
+        "compare", "--model", s(tiny_model()), "--instance-dir", s(&folder), "--class-prompt", "a star", "--methods",
+        "lora,textual-inversion", "--budget-steps", "2", "--images-per-prompt", "2", "--eval-steps", "2", "--json", "--out", s(&mine_out),
+    ]);
+    assert!(mine.status.success(), "{}", String::from_utf8_lossy(&mine.stderr));
+    let mine: Value = serde_json::from_str(String::from_utf8_lossy(&mine.stdout).trim()).unwrap();
+    for method in ["base", "lora", "textual-inversion"] {
+        let (a, b) = (&run(&mine, method)["metrics"], &run(&v, method)["metrics"]);
+        for key in ["trainable_params", "file_bytes", "subject_fidelity", "prompt_fidelity", "prior_preservation", "language_drift", "diversity"] {
+            assert_eq!(a[key], b[key], "{method} {key}: --instance-dir {a} vs --concepts {b}");
+        }
+    }
+    assert_eq!(run(&mine, "lora")["concept"], "striped-star", "runs are named by the folder");
+    assert!(mine_out.join("runs/striped-star/textual-inversion/result.json").is_file());
+    assert_eq!(run(&mine, "lora")["settings"]["subject"]["class_prompt"], "a star");
 }
 
 #[test]
@@ -132,6 +154,11 @@ fn bad_input_names_the_flag() {
     assert!(err.contains("--hypernetwork-dir"), "{err}");
     let err = fail(&["compare", "--concepts", "purple-unicorn", "--out", o]);
     assert!(err.contains("--concepts") && err.contains("purple-unicorn") && err.contains("striped-star"), "{err}");
+    let empty = s(tmp.path());
+    let err = fail(&["compare", "--instance-dir", empty, "--class-prompt", "a dog", "--out", o]);
+    assert!(err.contains("--instance-dir") && err.contains("no .png"), "{err}");
+    let err = fail(&["compare", "--instance-dir", empty, "--concepts", "striped-star", "--class-prompt", "a star", "--out", o]);
+    assert!(err.contains("--concepts") && err.contains("--instance-dir"), "{err}");
     let err = fail(&["compare", "--budget-steps", "0", "--out", o]);
     assert!(err.contains("--budget-steps"), "{err}");
     let err = fail(&["compare", "--images-per-prompt", "0", "--out", o]);

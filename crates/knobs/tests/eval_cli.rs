@@ -81,6 +81,22 @@ fn eval_reports_base_quality_and_concept_metrics() {
     // as many columns as the widest row (the 5 instance images).
     assert_eq!(img.dimensions(), (5 * 32, 19 * 32));
 
+    // The same concept as the user's own folder (its images and captions as `knobs world`
+    // writes them): the same numbers.
+    let concepts = tmp.path().join("concepts");
+    ok(&["world", "concepts", "--out", concepts.to_str().unwrap(), "--concept", "striped-star"]);
+    let folder = concepts.join("striped-star");
+    let mine = json(&ok(&[
+        "eval", "--model", &model, "--instance-dir", folder.to_str().unwrap(), "--class-prompt", "a star", "--base-model", &model,
+        "--images-per-prompt", "2", "--steps", "2", "--json",
+    ]));
+    for key in ["subject_fidelity", "prompt_fidelity", "prior_preservation", "language_drift", "diversity"] {
+        assert_eq!(mine[key], v[key], "{key}: --instance-dir {mine} vs --concept {v}");
+    }
+    assert_eq!(mine["details"]["instance_prompt"], "a sks star");
+    assert_eq!(mine["details"]["drift_threshold"], details["drift_threshold"]);
+    assert_eq!(mine["settings"]["instance_dir"], folder.to_str().unwrap());
+
     // Text output names every metric.
     let text = ok(&["eval", "--model", &model, "--concept", "ringed-circle", "--base-model", &model, "--images-per-prompt", "1", "--steps", "1"]);
     for key in ["subject_fidelity", "prompt_fidelity", "prior_preservation", "language_drift", "diversity", "\"a zwx circle\""] {
@@ -94,6 +110,13 @@ fn eval_errors_name_the_flag() {
     let missing = tmp.path().join("nope");
     let err = fail(&["eval", "--model", missing.to_str().unwrap()]);
     assert!(err.contains("--model") && err.contains("nope"), "{err}");
+
+    let err = fail(&["eval", "--instance-dir", missing.to_str().unwrap(), "--class-prompt", "a star"]);
+    assert!(err.contains("--instance-dir") && err.contains("nope"), "{err}");
+    let err = fail(&["eval", "--instance-dir", tmp.path().to_str().unwrap()]);
+    assert!(err.contains("--class-prompt"), "{err}");
+    let err = fail(&["eval", "--instance-dir", tmp.path().to_str().unwrap(), "--class-prompt", "a star"]);
+    assert!(err.contains("no .png or .jpg images"), "{err}");
 
     let err = fail(&["eval", "--model", missing.to_str().unwrap(), "--concept", "purple-unicorn"]);
     assert!(err.contains("--concept purple-unicorn") && err.contains("striped-star"), "{err}");

@@ -69,19 +69,10 @@ fn instance_examples_as_given(cfg: &TrainConfig, res: u32) -> Result<Vec<Example
         return Ok(spec.instance_images(DEFAULT_INSTANCES, res).into_iter().map(|(image, _)| Example::new(image, prompt.clone(), res)).collect());
     }
     let dir = cfg.data.instance_dir.as_ref().expect("validated: concept or instance dir");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("--instance-dir {}: cannot read", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref(), Some("png" | "jpg" | "jpeg")))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("--instance-dir {}: no .png or .jpg images", dir.display());
-    }
-    files
+    image_files(dir, "--instance-dir")?
         .iter()
         .map(|path| {
-            let image = image::open(path).with_context(|| format!("{}: cannot decode image", path.display()))?.to_rgb8();
+            let image = open_rgb(path)?;
             let caption = path.with_extension("txt");
             let prompt = match (&cfg.data.instance_prompt, caption.exists()) {
                 (Some(p), _) => p.clone(),
@@ -91,6 +82,26 @@ fn instance_examples_as_given(cfg: &TrainConfig, res: u32) -> Result<Vec<Example
             Ok(Example::new(image, prompt, res))
         })
         .collect()
+}
+
+/// The .png / .jpg files of an image folder, sorted by name; an error naming `flag` when there
+/// are none.
+pub fn image_files(dir: &Path, flag: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{flag} {}: cannot read", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref(), Some("png" | "jpg" | "jpeg")))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{flag} {}: no .png or .jpg images", dir.display());
+    }
+    Ok(files)
+}
+
+/// An image file as RGB, naming the file when it cannot be decoded.
+pub fn open_rgb(path: &Path) -> Result<RgbImage> {
+    Ok(image::open(path).with_context(|| format!("{}: cannot decode image", path.display()))?.to_rgb8())
 }
 
 /// A `res` x `res` crop (centred or random) with an optional random horizontal flip.

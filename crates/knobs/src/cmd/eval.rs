@@ -1,7 +1,8 @@
 //! `knobs eval`: generate with a model (plus any adapters) and measure the images with the
-//! judge. Without `--concept`: base-model quality on a fixed prompt set covering every shape x
-//! colour. With `--concept NAME`: DreamBooth's measures for that held-out concept (subject and
-//! prompt fidelity, prior preservation, language drift, diversity).
+//! judge. Without a subject: base-model quality on a fixed prompt set covering every shape x
+//! colour. With `--concept NAME` (a held-out concept) or `--instance-dir DIR` (the user's own
+//! images with their prompts): DreamBooth's measures for that subject (subject and prompt
+//! fidelity, prior preservation, language drift, diversity).
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::cpu;
-use knobs_world::concept::{ConceptSpec, DEFAULT_INSTANCES, by_name, held_out};
+use knobs_world::concept::{by_name, held_out};
 use knobs_world::judge::metrics::{
     base_quality, base_quality_prompts, diversity, drift_threshold, language_drift, other_class_prompts, prior_preservation,
     prompt_fidelity, subject_fidelity,
@@ -22,6 +23,7 @@ use serde_json::{Map, Value, json};
 
 use super::generate::{AdapterArgs, to_rgb};
 use super::judge::load_judge;
+use super::subject::Subject;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,12 +33,25 @@ pub struct Args {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub adapters: AdapterArgs,
-    /// A held-out concept (`knobs world concepts --list`); without it, base-model quality.
-    #[arg(long)]
+    /// A held-out concept (`knobs world concepts --list`); without it or --instance-dir,
+    /// base-model quality.
+    #[arg(long, conflicts_with = "instance_dir")]
     pub concept: Option<String>,
+    /// Your own subject: a folder of its images (png/jpg), measured as --concept measures a
+    /// built-in one.
+    #[arg(long, requires = "class_prompt")]
+    pub instance_dir: Option<PathBuf>,
+    /// The prompt naming the subject, e.g. "a sks circle" (default: the images' .txt caption
+    /// when they all agree).
+    #[arg(long, requires = "instance_dir")]
+    pub instance_prompt: Option<String>,
+    /// The subject's class, e.g. "a circle": language drift and prior preservation are
+    /// measured against it.
+    #[arg(long, requires = "instance_dir")]
+    pub class_prompt: Option<String>,
     /// The subject's word in prompts (default: the first --embedding's token, else the
     /// concept's own token, e.g. `sks`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "instance_dir")]
     pub token: Option<String>,
     /// The model prior preservation compares with. Default: for adapters, the same model
     /// without them; for a full model, models/knobs-base if it exists.
@@ -151,7 +166,7 @@ fn fmt(x: f64) -> String {
 }
 
 /// The subject's word: --token, else the first embedding's token, else the concept's.
-fn subject_token(args: &Args, concept: &ConceptSpec) -> Result<String> {
+fn subject_token(args: &Args, concept: &knobs_world::ConceptSpec) -> Result<String> {
     if let Some(t) = &args.token {
         ensure!(!t.trim().is_empty(), "--token must not be empty");
         return Ok(t.clone());
@@ -170,12 +185,17 @@ fn default_base_model() -> Option<PathBuf> {
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.images_per_prompt >= 1, "--images-per-prompt must be at least 1");
     ensure!(args.steps >= 1, "--steps must be at least 1");
-    let concept = match &args.concept {
-        Some(name) => Some(by_name(name).ok_or_else(|| {
-            let names: Vec<String> = held_out().into_iter().map(|c| c.name).collect();
-            anyhow::anyhow!("--concept {name}: unknown concept; the held-out concepts are {}", names.join(", "))
-        })?),
-        None => None,
+    let subject = match (&args.concept, &args.instance_dir) {
+        (Some(name), _) => {
+            let spec = by_name(name).ok_or_else(|| {
+                let names: Vec<String> = held_out().into_iter().map(|c| c.name).collect();
+                anyhow::anyhow!("--concept {name}: unknown concept; the held-out concepts are {}", names.join(", "))
+            })?;
+            let token = subject_token(&args, &spec)?;
+            Some((Subject::concept(spec, &token), Some(token)))
+        }
+        (None, Some(dir)) => Some((Subject::folder(dir, args.instance_prompt.as_deref(), args.class_prompt.as_deref())?, None)),
+        (None, None) => None,
     };
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     let judge = load_judge(args.judge.as_deref())?;
@@ -208,7 +228,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut grid_rows: Vec<Vec<RgbImage>> = Vec::new();
     let mut lines: Vec<String> = Vec::new();
 
-    match &concept {
+    match &subject {
         None => {
             let prompts = base_quality_prompts();
             runner.bar.set_length(prompts.len() as u64);
@@ -229,15 +249,20 @@ pub fn run(args: Args) -> Result<()> {
             lines.push(format!("diversity             {}", fmt(div)));
             grid_rows.extend(batches.into_iter().map(|b| b.images));
         }
-        Some(concept) => {
-            let token = subject_token(&args, concept)?;
-            settings["concept"] = concept.name.clone().into();
-            settings["token"] = token.clone().into();
-            let instance_prompt = format!("a {token} {}", concept.shape.name());
+        Some((subject, token)) => {
+            match (&args.instance_dir, token) {
+                (Some(dir), _) => settings["instance_dir"] = dir.display().to_string().into(),
+                (None, token) => {
+                    settings["concept"] = subject.name.clone().into();
+                    settings["token"] = token.clone().into();
+                }
+            }
+            settings["instance_prompt"] = subject.instance_prompt.clone().into();
+            let instance_prompt = subject.instance_prompt.clone();
             let mut subject_prompts = vec![instance_prompt.clone()];
             subject_prompts.extend(Background::ALL.iter().map(|b| format!("{instance_prompt} on a {} background", b.name())));
-            let class_prompt = concept.class_prompt();
-            let other_prompts = other_class_prompts(concept.shape);
+            let class_prompt = subject.class_prompt.clone();
+            let other_prompts = other_class_prompts(subject.class);
 
             // The reference for prior preservation.
             // LoRAs and hypernetworks change the model's function; embeddings only add tokens.
@@ -265,7 +290,7 @@ pub fn run(args: Args) -> Result<()> {
             let n_prompts = subject_prompts.len() + 1 + other_prompts.len() * (1 + usize::from(base_sd.is_some()));
             runner.bar.set_length(n_prompts as u64);
 
-            let subject = runner.run(&sd, &subject_prompts)?;
+            let subject_batches = runner.run(&sd, &subject_prompts)?;
             let class = runner.run(&sd, std::slice::from_ref(&class_prompt))?;
             let other = runner.run(&sd, &other_prompts)?;
             let other_fidelity = prompt_fidelity(&all(&other, Batch::items));
@@ -280,18 +305,17 @@ pub fn run(args: Args) -> Result<()> {
                 None => None,
             };
 
-            let instances: Vec<RgbImage> =
-                concept.instance_images(DEFAULT_INSTANCES, judge.image_size()).into_iter().map(|(img, _)| img).collect();
+            let instances = subject.instance_images(judge.image_size())?;
             let start = Instant::now();
             let instance_emb: Vec<Vec<f32>> = judge.embed(&instances);
             runner.judge_seconds += start.elapsed().as_secs_f64();
 
-            let subject_emb = all(&subject, Batch::embeddings);
+            let subject_emb = all(&subject_batches, Batch::embeddings);
             let sf = subject_fidelity(&subject_emb, &instance_emb);
-            let pf = prompt_fidelity(&all(&subject, Batch::items));
+            let pf = prompt_fidelity(&all(&subject_batches, Batch::items));
             let pp = base_other_fidelity.map_or(f64::NAN, |b| prior_preservation(other_fidelity, b));
             let drift = language_drift(&class[0].embeddings(), &instance_emb);
-            let div = diversity(&subject[0].embeddings());
+            let div = diversity(&subject_batches[0].embeddings());
             out.insert("subject_fidelity".into(), num(sf));
             out.insert("prompt_fidelity".into(), num(pf));
             out.insert("prior_preservation".into(), num(pp));
@@ -310,8 +334,9 @@ pub fn run(args: Args) -> Result<()> {
             details.insert("instance_images".into(), instances.len().into());
 
             lines.push(format!(
-                "concept {} (\"{instance_prompt}\") with {}{}",
-                concept.name,
+                "{} {} (\"{instance_prompt}\") with {}{}",
+                if args.instance_dir.is_some() { "instances" } else { "concept" },
+                subject.name,
                 model.display(),
                 adapters_note(&args)
             ));
@@ -327,7 +352,7 @@ pub fn run(args: Args) -> Result<()> {
             lines.push(format!("diversity          {}   mean pairwise 1 - cosine among \"{instance_prompt}\" images", fmt(div)));
 
             let mut rows = vec![instances];
-            rows.extend(subject.into_iter().map(|b| b.images));
+            rows.extend(subject_batches.into_iter().map(|b| b.images));
             rows.extend(class.into_iter().map(|b| b.images));
             rows.extend(other.into_iter().map(|b| b.images));
             rows.append(&mut grid_rows);

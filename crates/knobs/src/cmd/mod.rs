@@ -8,5 +8,6 @@ pub mod generate;
 pub mod hyper;
 pub mod judge;
 pub mod pretrain;
+pub mod subject;
 pub mod train;
 pub mod world;

@@ -1,11 +1,14 @@
-//! What a `knobs compare` invocation will do: the checked concepts and methods, the settings
-//! every run must share, and one [`Job`] per (concept, method) with its folder.
+//! What a `knobs compare` invocation will do: the checked subjects (built-in concepts or the
+//! user's folder) and methods, the settings every run must share, and one [`Job`] per
+//! (subject, method) with its folder.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use knobs_train::finetune::Method;
 use knobs_train::finetune::methods::OptionGroup;
 use knobs_world::concept::{ConceptSpec, by_name, held_out};
+
+use crate::cmd::subject::Subject;
 use serde_json::{Value, json};
 
 use super::Args;
@@ -87,7 +90,7 @@ pub struct Plan {
     pub out: PathBuf,
     pub model: PathBuf,
     pub judge: PathBuf,
-    pub concepts: Vec<ConceptSpec>,
+    pub subjects: Vec<Subject>,
     pub methods: Vec<String>,
     pub budget_steps: u64,
     pub images_per_prompt: usize,
@@ -101,7 +104,13 @@ impl Plan {
         ensure!(args.images_per_prompt >= 1, "--images-per-prompt must be at least 1");
         ensure!(args.eval_steps >= 1, "--eval-steps must be at least 1");
         let methods = parse_methods(&args.methods)?;
-        let concepts = parse_concepts(&args.concepts)?;
+        let subjects = match &args.instance_dir {
+            Some(dir) => {
+                let dir = dir.canonicalize().with_context(|| format!("--instance-dir {}", dir.display()))?;
+                vec![Subject::folder(&dir, args.instance_prompt.as_deref(), args.class_prompt.as_deref())?]
+            }
+            None => parse_concepts(&args.concepts)?.into_iter().map(|c| Subject::concept(c.clone(), &c.token)).collect(),
+        };
         let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
         let hypernetwork_dir = match methods.iter().find(|m| uses_hypernetwork_dir(m)) {
             Some(row) => {
@@ -126,7 +135,7 @@ impl Plan {
             out: args.out.clone(),
             model,
             judge,
-            concepts,
+            subjects,
             methods,
             budget_steps: args.budget_steps,
             images_per_prompt: args.images_per_prompt,
@@ -135,21 +144,21 @@ impl Plan {
         })
     }
 
-    /// Every job: per concept the base row first, then each method.
+    /// Every job: per subject the base row first, then each method.
     pub fn jobs(&self) -> Vec<Job> {
         let mut out = Vec::new();
-        for c in &self.concepts {
+        for c in &self.subjects {
             for m in std::iter::once(BASE.to_string()).chain(self.methods.iter().cloned()) {
                 let dir = self.out.join("runs").join(&c.name).join(&m);
-                let settings = self.settings(&m);
-                out.push(Job { concept: c.clone(), method: m, dir, settings });
+                let settings = self.settings(c, &m);
+                out.push(Job { subject: c.clone(), method: m, dir, settings });
             }
         }
         out
     }
 
     /// What decides a run's numbers; a finished run with other settings is never reused.
-    fn settings(&self, method: &str) -> Value {
+    fn settings(&self, subject: &Subject, method: &str) -> Value {
         let mut s = json!({
             "model": self.model.display().to_string(),
             "judge": self.judge.display().to_string(),
@@ -160,6 +169,10 @@ impl Plan {
         if method != BASE {
             s["budget_steps"] = self.budget_steps.into();
         }
+        // A built-in concept is named by its folder already (and older runs stay reusable).
+        if subject.settings().is_object() {
+            s["subject"] = subject.settings();
+        }
         if let (Some(d), true) = (&self.hypernetwork_dir, uses_hypernetwork_dir(method)) {
             s["hypernetwork_dir"] = d.display().to_string().into();
         }
@@ -167,9 +180,9 @@ impl Plan {
     }
 }
 
-/// One (concept, method) run in `OUT/runs/CONCEPT/METHOD`.
+/// One (subject, method) run in `OUT/runs/SUBJECT/METHOD`.
 pub struct Job {
-    pub concept: ConceptSpec,
+    pub subject: Subject,
     pub method: String,
     pub dir: PathBuf,
     pub settings: Value,
@@ -180,7 +193,7 @@ pub const TRAIN_FILE: &str = "train.json";
 
 impl Job {
     pub fn label(&self) -> String {
-        format!("{} / {}", self.concept.name, self.method)
+        format!("{} / {}", self.subject.name, self.method)
     }
 
     /// A stage file (`result.json`, `train.json`) of this run, if it exists; an error if it

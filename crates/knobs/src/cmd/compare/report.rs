@@ -149,7 +149,7 @@ fn rows_of(runs: &[&Value]) -> Vec<(String, Value)> {
 
 const NOTES: &str = "Columns: trainable params and s/step, train s (wall time of the whole `knobs train` run, model loading included) and \
 peak RSS (of that training process) come from `knobs train --json`; file size is what a user keeps to use the result (the LoRA file, \
-the embedding, the IA3 folder, or DreamBooth's whole model folder). The judge's measures come from `knobs eval --concept`: subject \
+the embedding, the IA3 folder, or DreamBooth's whole model folder). The judge's measures come from `knobs eval --concept` (or `--instance-dir`): subject \
 fidelity (mean cosine of generations to the instance images), prompt fidelity, prior preservation (other-class prompt fidelity \
 relative to the base model, 1 = unchanged), language drift (share of the plain class prompt's images that look like the subject; lower \
 is better) and diversity (mean pairwise 1 - cosine; n/a with one image per prompt). gen ms: one image of the instance prompt, best of \
@@ -166,7 +166,7 @@ pub fn write(plan: &Plan, runs: &[Value]) -> Result<Value> {
     let settings = json!({
         "model": plan.model.display().to_string(),
         "judge": plan.judge.display().to_string(),
-        "concepts": plan.concepts.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+        "concepts": plan.subjects.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
         "methods": plan.methods,
         "budget_steps": plan.budget_steps,
         "images_per_prompt": plan.images_per_prompt,
@@ -267,7 +267,7 @@ mod tests {
             out: tmp.path().to_path_buf(),
             model: "m".into(),
             judge: "j".into(),
-            concepts: vec![],
+            subjects: vec![],
             methods: vec!["lora".into(), "textual-inversion".into()],
             budget_steps: 3,
             images_per_prompt: 1,

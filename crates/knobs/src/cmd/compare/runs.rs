@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::adapters::{Artefacts, merged_model};
 use super::plan::{BASE, CLASS_IMAGES, Job, Plan, RESULT_FILE, TRAIN_FILE, row_method, write_json};
 use super::timing::Timer;
+use knobs_train::finetune::methods::OptionGroup;
 
 /// Runs `knobs ARGS` (this executable) and parses the JSON object it prints last. Its stderr
 /// (progress, errors) passes through.
@@ -40,12 +41,12 @@ fn train(plan: &Plan, job: &Job) -> Result<Value> {
     let steps = plan.budget_steps.to_string();
     let (method, prior) = row_method(&job.method)?;
     let method = method.name();
-    let mut a = args(&[
-        &"train", &"--method", &method, &"--concept", &job.concept.name, &"--model", &plan.model, &"--out", &job.dir,
-        &"--max-train-steps", &steps, &"--json",
-    ]);
+    let learns_token = row_method(&job.method)?.0.options().contains(&OptionGroup::Tokens);
+    let mut a = args(&[&"train", &"--method", &method]);
+    a.extend(job.subject.train_flags(learns_token));
+    a.extend(args(&[&"--model", &plan.model, &"--out", &job.dir, &"--max-train-steps", &steps, &"--json"]));
     if prior {
-        let (class_prompt, n) = (job.concept.class_prompt(), CLASS_IMAGES.to_string());
+        let (class_prompt, n) = (job.subject.class_prompt.clone(), CLASS_IMAGES.to_string());
         a.extend(args(&[&"--class-prompt", &class_prompt, &"--num-class-images", &n]));
     }
     if let (Some(d), Some(_)) = (&plan.hypernetwork_dir, job.settings.get("hypernetwork_dir")) {
@@ -58,10 +59,11 @@ fn train(plan: &Plan, job: &Job) -> Result<Value> {
 fn eval(plan: &Plan, job: &Job, model: &Path, base_model: Option<&Path>, a: &Artefacts) -> Result<Value> {
     let (k, s) = (plan.images_per_prompt.to_string(), plan.eval_steps.to_string());
     let grid = job.dir.join("eval_grid.png");
-    let mut v = args(&[
-        &"eval", &"--model", &model, &"--concept", &job.concept.name, &"--judge", &plan.judge, &"--images-per-prompt", &k, &"--steps", &s,
-        &"--seed", &"0", &"--save-grid", &grid, &"--json",
-    ]);
+    let mut v = args(&[&"eval", &"--model", &model]);
+    v.extend(job.subject.eval_flags());
+    v.extend(args(&[
+        &"--judge", &plan.judge, &"--images-per-prompt", &k, &"--steps", &s, &"--seed", &"0", &"--save-grid", &grid, &"--json",
+    ]));
     if let Some(b) = base_model {
         v.extend(args(&[&"--base-model", &b]));
     }
@@ -142,11 +144,11 @@ pub fn run(plan: &Plan, job: &Job, timer: &mut Timer, say: &dyn Fn(String)) -> R
     }
     .with_context(|| format!("{}: evaluating", job.label()))?;
     say(format!("{}: timing generation", job.label()));
-    let timing = timer.measure(&job.concept.instance_prompt(), artefacts.as_ref()).with_context(|| format!("{}: timing", job.label()))?;
+    let timing = timer.measure(&job.subject.instance_prompt, artefacts.as_ref()).with_context(|| format!("{}: timing", job.label()))?;
     let bytes = artefacts.as_ref().map(Artefacts::bytes);
     let files = artefacts.as_ref().map_or(Vec::new(), |a| a.files().iter().map(|p| p.display().to_string()).collect());
     let result = json!({
-        "concept": job.concept.name,
+        "concept": job.subject.name,
         "method": job.method,
         "settings": job.settings,
         "metrics": metrics(train_summary.as_ref(), bytes, &evaluated, &timing),
