@@ -399,3 +399,62 @@ fn ema_weights_are_saved_alongside_and_resume() {
     let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--ema-decay", "1", "--out", s(&tmp.path().join("x"))]);
     assert!(err.contains("--ema-decay"), "{err}");
 }
+
+/// `--bucket`: a folder of mixed 48x32, 32x48 and 32x32 images of the built-in world trains
+/// each ratio in its own bucket (within 32x32 pixels, kohya's rule), the files generate at every
+/// ratio, and a checkpoint made with buckets is not resumed without them.
+#[test]
+fn bucketing_trains_every_ratio_and_generates_at_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    ok(&["world", "render", "--out", s(&world), "--n", "6", "--size", "48"]);
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    for i in 0..6 {
+        let img = image::open(world.join(format!("{i:05}.png"))).unwrap().to_rgb8();
+        let img = match i % 3 {
+            0 => image::imageops::crop_imm(&img, 0, 8, 48, 32).to_image(),
+            1 => image::imageops::crop_imm(&img, 8, 0, 32, 48).to_image(),
+            _ => image::imageops::resize(&img, 32, 32, image::imageops::FilterType::Triangle),
+        };
+        img.save(mixed.join(format!("{i:05}.png"))).unwrap();
+        std::fs::copy(world.join(format!("{i:05}.txt")), mixed.join(format!("{i:05}.txt"))).unwrap();
+    }
+    let args = |out: &Path, bucket: bool| -> Vec<String> {
+        let mut a = vec!["train", "--model", s(tiny_model()), "--method", "lora", "--instance-dir", s(&mixed), "--out", s(out), "--rank", "2",
+            "--max-train-steps", "6", "--train-batch-size", "2", "--checkpointing-steps", "3", "--num-samples", "0", "--json"];
+        if bucket {
+            a.push("--bucket");
+        }
+        a.into_iter().map(String::from).collect()
+    };
+    let run = |out: &Path, bucket: bool| -> serde_json::Value {
+        let a = args(out, bucket);
+        let stdout = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let out = tmp.path().join("bucketed");
+    let summary = run(&out, true);
+    assert_eq!(summary["buckets"], serde_json::json!({ "24x40": 2, "32x32": 2, "40x24": 2 }), "{summary}");
+    let losses = std::fs::read_to_string(out.join("loss.csv")).unwrap();
+    assert_eq!(losses.lines().count(), 7);
+    let square = tmp.path().join("square");
+    let plain = run(&square, false);
+    assert!(plain.get("buckets").is_none(), "{plain}");
+    assert_ne!(std::fs::read_to_string(square.join("loss.csv")).unwrap(), losses, "buckets train on other crops");
+
+    let lora = out.join("pytorch_lora_weights.safetensors");
+    for (w, h) in [(48, 32), (32, 48), (40, 24), (32, 32)] {
+        let png = tmp.path().join(format!("gen-{w}x{h}.png"));
+        ok(&["generate", "--model", s(tiny_model()), "--lora", s(&lora), "--prompt", "a red circle", "--steps", "2", "--width", &w.to_string(),
+            "--height", &h.to_string(), "--out", s(&png)]);
+        assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (w, h));
+    }
+
+    // The same folder without --bucket in a bucketed run's folder is another run.
+    let a = args(&out, false);
+    let err = fail(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("other settings"), "{err}");
+    let err = fail(&["train", "--model", s(tiny_model()), "--method", "hyper-lora", "--concept", "striped-star", "--bucket", "--out", s(&tmp.path().join("h"))]);
+    assert!(err.contains("--bucket") && err.contains("hyper-lora"), "{err}");
+}

@@ -74,12 +74,21 @@ pub struct DataOptions {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption_prefix: Option<String>,
+    /// Aspect-ratio bucketing (kohya's `enable_bucket`): each instance image trains at the
+    /// bucket nearest its ratio, within the resolution's pixel count, a batch per bucket.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub bucket: bool,
 }
 
 // Settings left at their defaults stay out of the fingerprint, so that checkpoints of runs
 // made before the setting existed still resume.
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// Tuning by freezing and controlled gradient updates, on top of any method.
@@ -374,6 +383,9 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&d.caption_dropout) {
             bail!("--caption-dropout must be a probability in [0, 1], got {}", d.caption_dropout);
+        }
+        if d.bucket && self.method.own_loop() {
+            bail!("--bucket is not used by --method {}: it trains in its own loop on square images", self.method);
         }
         if self.memory.cache_latents && d.random_crop {
             bail!("--cache-latents and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");

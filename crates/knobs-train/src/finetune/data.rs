@@ -13,6 +13,7 @@ use knobs_world::images::from_tensor;
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use super::buckets::{Buckets, Size, cover};
 use super::config::TrainConfig;
 use crate::objective::ImageSizes;
 
@@ -23,14 +24,28 @@ pub struct Example {
     pub prompt: String,
     /// `(height, width)` before resizing (SDXL's `original_size`).
     pub original_size: (u32, u32),
+    /// The `(width, height)` it trains at: the square resolution, or its bucket.
+    pub size: Size,
 }
 
 impl Example {
     /// An image and its prompt, resized to `res` on the shorter side.
     pub fn new(image: RgbImage, prompt: String, res: u32) -> Self {
         let original_size = (image.height(), image.width());
-        Example { image: resize_short_side(image, res), prompt, original_size }
+        Example { image: resize_short_side(image, res), prompt, original_size, size: (res, res) }
     }
+
+    /// An image and its prompt in the bucket nearest its ratio, resized to cover it.
+    pub fn bucketed(image: RgbImage, prompt: String, buckets: &Buckets) -> Self {
+        let original_size = (image.height(), image.width());
+        let size = buckets.nearest(image.dimensions());
+        Example { image: resize_to_cover(image, size), prompt, original_size, size }
+    }
+}
+
+fn resize_to_cover(image: RgbImage, size: Size) -> RgbImage {
+    let (w, h) = cover(image.dimensions(), size);
+    if (w, h) == image.dimensions() { image } else { image::imageops::resize(&image, w, h, FilterType::CatmullRom) }
 }
 
 pub fn concept(name: &str) -> Result<ConceptSpec> {
@@ -53,7 +68,18 @@ fn resize_short_side(img: RgbImage, res: u32) -> RgbImage {
 /// The instance examples with their prompts (`--instance-prompt` overrides per-image captions;
 /// `--caption-prefix` goes before each).
 pub fn instance_examples(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
-    let mut examples = instance_examples_as_given(cfg, res)?;
+    instance_examples_with(cfg, res, &|image, prompt| Example::new(image, prompt, res))
+}
+
+/// [`instance_examples`], each in the bucket nearest its ratio (`--bucket`).
+pub fn instance_examples_bucketed(cfg: &TrainConfig, res: u32, buckets: &Buckets) -> Result<Vec<Example>> {
+    instance_examples_with(cfg, res, &|image, prompt| Example::bucketed(image, prompt, buckets))
+}
+
+type MakeExample<'a> = &'a dyn Fn(RgbImage, String) -> Example;
+
+fn instance_examples_with(cfg: &TrainConfig, res: u32, make: MakeExample) -> Result<Vec<Example>> {
+    let mut examples = instance_examples_as_given(cfg, res, make)?;
     if let Some(prefix) = &cfg.data.caption_prefix {
         for ex in &mut examples {
             ex.prompt = format!("{prefix} {}", ex.prompt);
@@ -62,11 +88,11 @@ pub fn instance_examples(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
     Ok(examples)
 }
 
-fn instance_examples_as_given(cfg: &TrainConfig, res: u32) -> Result<Vec<Example>> {
+fn instance_examples_as_given(cfg: &TrainConfig, res: u32, make: MakeExample) -> Result<Vec<Example>> {
     if let Some(name) = &cfg.data.concept {
         let spec = concept(name)?;
         let prompt = cfg.data.instance_prompt.clone().unwrap_or_else(|| spec.instance_prompt());
-        return Ok(spec.instance_images(DEFAULT_INSTANCES, res).into_iter().map(|(image, _)| Example::new(image, prompt.clone(), res)).collect());
+        return Ok(spec.instance_images(DEFAULT_INSTANCES, res).into_iter().map(|(image, _)| make(image, prompt.clone())).collect());
     }
     let dir = cfg.data.instance_dir.as_ref().expect("validated: concept or instance dir");
     image_files(dir, "--instance-dir")?
@@ -79,7 +105,7 @@ fn instance_examples_as_given(cfg: &TrainConfig, res: u32) -> Result<Vec<Example
                 (None, true) => std::fs::read_to_string(&caption).with_context(|| format!("{}: cannot read", caption.display()))?.trim().to_string(),
                 (None, false) => bail!("{}: no caption file {} and no --instance-prompt", path.display(), caption.display()),
             };
-            Ok(Example::new(image, prompt, res))
+            Ok(make(image, prompt))
         })
         .collect()
 }
@@ -113,13 +139,27 @@ pub fn crop(ex: &Example, res: u32, center: bool, flip: bool, rng: &mut StdRng) 
 /// corner in the resized image, as diffusers' SDXL scripts count it (they flip before
 /// cropping, so a flipped crop's left edge is measured from the other side).
 pub fn crop_sized(ex: &Example, res: u32, center: bool, flip: bool, rng: &mut StdRng) -> (RgbImage, ImageSizes) {
+    crop_to(ex, (res, res), center, flip, rng)
+}
+
+/// [`crop_sized`] to a `(width, height)`; an image that does not cover it (a square class
+/// image in a bucket) is first resized to cover it.
+pub fn crop_to(ex: &Example, (cw, ch): Size, center: bool, flip: bool, rng: &mut StdRng) -> (RgbImage, ImageSizes) {
     let (w, h) = ex.image.dimensions();
-    let (x, y) = if center { ((w - res) / 2, (h - res) / 2) } else { (rng.random_range(0..=w - res), rng.random_range(0..=h - res)) };
-    let mut out = image::imageops::crop_imm(&ex.image, x, y, res, res).to_image();
+    let resized;
+    let (image, (w, h)) = if w < cw || h < ch {
+        resized = resize_to_cover(ex.image.clone(), (cw, ch));
+        let dims = resized.dimensions();
+        (&resized, dims)
+    } else {
+        (&ex.image, (w, h))
+    };
+    let (x, y) = if center { ((w - cw) / 2, (h - ch) / 2) } else { (rng.random_range(0..=w - cw), rng.random_range(0..=h - ch)) };
+    let mut out = image::imageops::crop_imm(image, x, y, cw, ch).to_image();
     let mut left = x;
     if flip && rng.random_bool(0.5) {
         out = image::imageops::flip_horizontal(&out);
-        left = w - res - x;
+        left = w - cw - x;
     }
     (out, ImageSizes { original: ex.original_size, crop_top_left: (y, left) })
 }

@@ -1,6 +1,7 @@
 //! `knobs train`: one trainer for every method. The data, the denoising loss, the optimizer,
 //! checkpoints and samples are shared (`trainer`); a method (`methods/`, one file each)
 //! decides what is attached and trained and what is written at the end.
+pub mod buckets;
 pub mod config;
 pub mod data;
 pub mod methods;

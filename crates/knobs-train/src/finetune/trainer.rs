@@ -19,6 +19,7 @@ use rand::rngs::StdRng;
 use regex::Regex;
 
 pub use super::outputs::Summary;
+use super::buckets::{self, Buckets, Size};
 use super::config::TrainConfig;
 use super::data::{self, Example};
 use super::outputs::{Sampling, save_grid, size_of, write_samples};
@@ -36,12 +37,15 @@ struct Batch {
     instances: usize,
 }
 
-/// Draws `n` examples into `batch`; `caption_dropout` is the chance of training one under the
+/// Draws `n` examples into `batch`, each cropped to `size`; with `same_size`, only examples that
+/// train at that size (its bucket). `caption_dropout` is the chance of training one under the
 /// empty prompt (drawn only when positive, so that runs without it keep their random stream).
-fn draw(examples: &[Example], n: usize, cfg: &TrainConfig, res: u32, caption_dropout: f64, rng: &mut StdRng, batch: &mut Batch) {
+#[allow(clippy::too_many_arguments)]
+fn draw(examples: &[Example], n: usize, cfg: &TrainConfig, size: Size, same_size: bool, caption_dropout: f64, rng: &mut StdRng, batch: &mut Batch) {
+    let pool: Vec<&Example> = examples.iter().filter(|e| !same_size || e.size == size).collect();
     for _ in 0..n {
-        let ex = &examples[rng.random_range(0..examples.len())];
-        let (image, sizes) = data::crop_sized(ex, res, !cfg.data.random_crop, cfg.data.random_flip, rng);
+        let ex = pool[rng.random_range(0..pool.len())];
+        let (image, sizes) = data::crop_to(ex, size, !cfg.data.random_crop, cfg.data.random_flip, rng);
         batch.images.push(image);
         batch.sizes.push(sizes);
         let dropped = caption_dropout > 0.0 && rng.random_bool(caption_dropout);
@@ -124,6 +128,16 @@ fn check_settings(ck: &knobs_nn::io::StateDict, fingerprint: &str) -> Result<()>
     bail!("{}: this run's settings differ from the checkpoint's: {}; resume with the same settings or choose another --out", ck.file.display(), differ.join(", "))
 }
 
+/// The pixel multiple every training size must be: the VAE's downscale times the UNet's
+/// (each down block but the last halves the latents).
+fn size_unit(sd: &StableDiffusion, res: u32) -> Result<u32> {
+    let unit = (sd.vae.config.downscale_factor() << (sd.unet.config.block_out_channels.len() - 1)) as u32;
+    if res < unit {
+        bail!("--bucket: the resolution {res} is below this model's size unit of {unit} pixels");
+    }
+    Ok(unit)
+}
+
 /// Switches train-only adapter behaviour (dropout) on every layer.
 fn set_adapter_training(sd: &mut StableDiffusion, training: bool) {
     sd.for_each_layer_mut(|_, mut layer| layer.set_training(training));
@@ -156,7 +170,11 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
     sd.vae.for_inference();
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
-    let instances = data::instance_examples(cfg, res)?;
+    let buckets = if cfg.data.bucket { Some(Buckets::new(res, size_unit(&sd, res)?)) } else { None };
+    let instances = match &buckets {
+        Some(b) => data::instance_examples_bucketed(cfg, res, b)?,
+        None => data::instance_examples(cfg, res)?,
+    };
     let classes = if cfg.with_prior_preservation() { data::class_examples(cfg, &model, res)? } else { Vec::new() };
     let mut adapters = PipelineAdapters::new(cfg.optim.seed);
     let attached = cfg.method.attach(cfg, &mut sd, &mut adapters)?;
@@ -197,9 +215,15 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         for micro in 0..accum {
             let mut rng = step_rng(o.seed, "train", step * accum + micro);
             let mut batch = Batch { images: Vec::new(), sizes: Vec::new(), prompts: Vec::new(), instances: batch_size };
-            draw(&instances, batch_size, cfg, res, cfg.data.caption_dropout, &mut rng, &mut batch);
+            // With buckets, a batch is one bucket's, picked by drawing an image (so buckets come
+            // up as often as they hold images); class images are fitted to it.
+            let size = match &buckets {
+                Some(_) => instances[rng.random_range(0..instances.len())].size,
+                None => (res, res),
+            };
+            draw(&instances, batch_size, cfg, size, buckets.is_some(), cfg.data.caption_dropout, &mut rng, &mut batch);
             if !classes.is_empty() {
-                draw(&classes, batch_size, cfg, res, 0.0, &mut rng, &mut batch);
+                draw(&classes, batch_size, cfg, size, false, 0.0, &mut rng, &mut batch);
             }
             let per = objective.per_sample_sized(&sd, &batch.images, &batch.sizes, &batch.prompts, &mut rng, loss_options)?;
             let (n, b) = (batch.instances, batch.images.len());
@@ -277,7 +301,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         outputs,
         peak_rss_bytes: peak_rss_bytes(),
         final_loss: history.last().copied(),
-        extra: Default::default(),
+        extra: buckets.iter().map(|_| ("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size))))).collect(),
     };
     summary.write(&cfg.out)?;
     Ok(summary)
