@@ -45,9 +45,28 @@ fn each_method_trains_exactly_what_it_attaches_on_sdxl() {
     trains_exactly_what_it_attaches(tiny_sdxl());
 }
 
+/// Every method that can train the text encoders, training them (on SDXL: both, but not the
+/// first encoder's last layer, which SDXL never reads).
+#[test]
+fn each_method_trains_the_text_encoders_on_sdxl() {
+    let methods: Vec<Method> = Method::all().iter().copied().filter(|m| !m.own_loop() && m.options().contains(&OptionGroup::TextEncoder)).collect();
+    assert!(methods.len() >= 2, "{methods:?}");
+    for method in methods {
+        let mut cfg = config(method, tiny_sdxl());
+        cfg.train_text_encoder = true;
+        check_method(cfg, tiny_sdxl());
+    }
+}
+
 fn trains_exactly_what_it_attaches(model: PathBuf) {
     for &method in Method::all().iter().filter(|m| !m.own_loop()) {
-        let cfg = config(method, model.clone());
+        check_method(config(method, model.clone()), model.clone());
+    }
+}
+
+fn check_method(cfg: TrainConfig, model: PathBuf) {
+    let method = cfg.method;
+    {
         cfg.validate().unwrap();
         let dev = knobs_nn::cpu_autodiff();
         let mut sd = StableDiffusion::from_dir(&model, &dev).unwrap();
@@ -62,7 +81,15 @@ fn trains_exactly_what_it_attaches(model: PathBuf) {
                 trainable.insert(p.to_string());
             }
         });
-        assert_eq!(trainable, attached.trainable, "{method}: the trainable parameters are exactly the attached ones");
+        let unused = knobs_diffusion::pipeline::sdxl::unused_param_prefixes(&sd);
+        let expected: std::collections::BTreeSet<String> =
+            attached.trainable.iter().filter(|p| !unused.iter().any(|u| p.starts_with(u.as_str()))).cloned().collect();
+        assert_eq!(trainable, expected, "{method}: the trainable parameters are exactly the attached ones the pipeline reads");
+        if cfg.train_text_encoder {
+            for encoder in ["text_encoder.", "text_encoder_2."] {
+                assert!(trainable.iter().any(|p| p.starts_with(encoder)), "{method}: nothing of {encoder} trains");
+            }
+        }
         let res = resolution(&sd);
         let examples = data::instance_examples(&cfg, res).unwrap();
         let mut rng = step_rng(0, "test", 0);

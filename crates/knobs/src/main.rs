@@ -23,8 +23,8 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Generate images from a text prompt with a Stable Diffusion model (diffusers folder or single file).
     Generate(cmd::generate::Args),
-    /// Inspect adapter files.
-    #[command(subcommand)]
+    /// Adapter tools: inspect, convert, merge, resize, extract, combine (alias: `knobs lora`).
+    #[command(subcommand, visible_alias = "lora")]
     Adapter(cmd::adapter::Command),
     /// Write the built-in synthetic world: a captioned base dataset or the held-out concepts.
     #[command(subcommand)]

@@ -198,6 +198,9 @@ fn combined_loras_draw_their_weighted_sum() {
 fn inspect_reports_format_method_ranks_and_base() {
     let json = |p: &str| -> serde_json::Value { serde_json::from_str(&ok(&["adapter", "inspect", p, "--json"])).unwrap() };
     let k = json(&format!("{TINY_SDXL}/goldens/lora/kohya/tiny_sdxl_lora_kohya.safetensors"));
+    let alias: serde_json::Value =
+        serde_json::from_str(&ok(&["lora", "inspect", &format!("{TINY_SDXL}/goldens/lora/kohya/tiny_sdxl_lora_kohya.safetensors"), "--json"])).unwrap();
+    assert_eq!(alias, k, "`knobs lora` is `knobs adapter`");
     assert_eq!((k["format"].as_str(), k["method"].as_str(), k["base_model"].as_str()), (Some("kohya"), Some("LoRA"), Some("sdxl_base_v1-0")));
     let modules = k["modules"].as_array().unwrap();
     assert_eq!(modules.len(), 222);

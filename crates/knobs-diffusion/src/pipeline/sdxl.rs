@@ -64,6 +64,17 @@ impl<'a> SdxlText<'a> {
     }
 }
 
+/// Path prefixes of the parameters an SDXL pipeline never reads: it takes the first text
+/// encoder's penultimate hidden state and not its pooled output, so that encoder's last layer
+/// and final layer norm never reach an image (or a loss). Empty for SD-1.x/2.x.
+pub fn unused_param_prefixes(sd: &StableDiffusion) -> Vec<String> {
+    if !sd.is_sdxl() {
+        return Vec::new();
+    }
+    let last = sd.text_encoder.num_layers() - 1;
+    vec![format!("text_encoder.text_model.encoder.layers.{last}."), "text_encoder.text_model.final_layer_norm.".to_string()]
+}
+
 /// SDXL's micro-conditioning: `[original height, original width, crop top, crop left, target
 /// height, target width]` (diffusers' `add_time_ids`). Defaults: original = target = the
 /// image size, crop (0, 0).

@@ -144,10 +144,14 @@ fn set_adapter_training(sd: &mut StableDiffusion, training: bool) {
 }
 
 /// Makes exactly `learned`, narrowed by `--train-only` (tuning by freezing), trainable and
-/// freezes everything else. Returns the number of trainable values.
+/// freezes everything else. What the pipeline never reads (SDXL's first text encoder's last
+/// layer) stays frozen: it would get no gradient. Returns the number of trainable values.
 pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTreeSet<String>) -> Result<usize> {
     let only: Vec<Regex> = cfg.freeze.train_only.iter().map(|p| Regex::new(p)).collect::<Result<_, _>>()?;
-    sd.train_only(|path| learned.contains(path) && (only.is_empty() || only.iter().any(|r| r.is_match(path))));
+    let unused = knobs_diffusion::pipeline::sdxl::unused_param_prefixes(sd);
+    sd.train_only(|path| {
+        learned.contains(path) && (only.is_empty() || only.iter().any(|r| r.is_match(path))) && !unused.iter().any(|u| path.starts_with(u.as_str()))
+    });
     let n = sd.num_trainable_params();
     if n == 0 {
         bail!("nothing to train: --train-only {:?} matches none of the parameters that --method {} learns", cfg.freeze.train_only, cfg.method);
