@@ -23,6 +23,9 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Generate images from a text prompt with a Stable Diffusion model (diffusers folder or single file).
     Generate(cmd::generate::Args),
+    /// Serve one base model and a store of adapters over HTTP (generate, list, upload, delete,
+    /// metrics, and a web page at /).
+    Serve(cmd::serve::Args),
     /// Adapter tools: inspect, convert, merge, resize, extract, combine (alias: `knobs lora`).
     #[command(subcommand, visible_alias = "lora")]
     Adapter(cmd::adapter::Command),
@@ -70,6 +73,7 @@ fn main() {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Adapter(c) => cmd::adapter::run(c),
+        Command::Serve(args) => cmd::serve::run(args),
         Command::World(c) => cmd::world::run(c),
         Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
         Command::Train(args) => cmd::train::run_cmd(*args, matches.subcommand_matches("train").expect("the train subcommand")),

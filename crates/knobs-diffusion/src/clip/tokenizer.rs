@@ -18,6 +18,7 @@ const EOS: &str = "<|endoftext|>";
 /// and runs of other non-space characters.
 const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+#[derive(Clone)]
 pub struct ClipTokenizer {
     tok: Tokenizer,
     max_len: usize,

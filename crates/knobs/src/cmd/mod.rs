@@ -8,6 +8,7 @@ pub mod generate;
 pub mod hyper;
 pub mod judge;
 pub mod pretrain;
+pub mod serve;
 pub mod subject;
 pub mod train;
 pub mod world;

@@ -40,7 +40,9 @@ fn block_of(module: &str) -> String {
     }
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<()> {
+/// What `inspect --json` prints: format, method, modules with rank and alpha, sizes, dtypes,
+/// the base model when recorded, the PEFT config and the file's metadata.
+pub fn describe(path: &Path) -> Result<Value> {
     let (weights, config) = if path.is_dir() {
         let config = peft::read_config(path).with_context(|| format!("{}: a PEFT folder has {}", path.display(), peft::CONFIG_FILE))?;
         (path.join(peft::WEIGHTS_FILE), Some(config.to_peft_json()))
@@ -79,40 +81,47 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
         None => modules.values().next().map_or("-".to_string(), |m| m.0.to_string()),
     };
     let method = if dora { format!("{method} (DoRA)") } else { method };
-    let mut blocks: BTreeMap<String, (usize, BTreeSet<usize>)> = BTreeMap::new();
-    for (m, (_, rank, _)) in &modules {
-        let b = blocks.entry(block_of(m)).or_default();
-        b.0 += 1;
-        b.1.insert(*rank);
-    }
     let values: usize = sd.tensors.values().map(|t| t.shape().num_elements()).sum();
     let dtypes: BTreeSet<String> = sd.tensors.values().map(|t| format!("{:?}", t.dtype())).collect();
     let base = BASE_KEYS.iter().find_map(|k| sd.metadata.get(*k).cloned().or_else(|| from_config(k).and_then(|v| v.as_str().map(str::to_string))));
     let bytes = std::fs::metadata(&weights)?.len();
+    let rows: Vec<Value> = modules.iter().map(|(m, (meth, r, a))| json!({"module": m, "block": block_of(m), "method": meth, "rank": r, "alpha": a})).collect();
+    Ok(json!({
+        "path": path, "format": format, "method": method, "modules": rows, "tensors": sd.tensors.len(), "values": values,
+        "bytes": bytes, "dtypes": dtypes, "base_model": base, "config": config, "metadata": sd.metadata,
+    }))
+}
+
+pub fn inspect(path: &Path, json: bool) -> Result<()> {
+    let d = describe(path)?;
     if json {
-        let rows: Vec<Value> = modules.iter().map(|(m, (meth, r, a))| json!({"module": m, "block": block_of(m), "method": meth, "rank": r, "alpha": a})).collect();
-        let out = json!({
-            "path": path, "format": format, "method": method, "modules": rows, "tensors": sd.tensors.len(), "values": values,
-            "bytes": bytes, "dtypes": dtypes, "base_model": base, "config": config, "metadata": sd.metadata,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(());
     }
-    println!("{}: {format}, {method}", path.display());
-    println!("{} modules, {} tensors, {values} values, {bytes} bytes, {}", modules.len(), sd.tensors.len(), dtypes.into_iter().collect::<Vec<_>>().join("/"));
-    println!("made for: {}", base.as_deref().unwrap_or("not recorded"));
-    for (block, (n, ranks)) in &blocks {
-        println!("  {block}: {n} modules, rank {}", ranks.iter().map(usize::to_string).collect::<Vec<_>>().join("/"));
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let modules = d["modules"].as_array().cloned().unwrap_or_default();
+    let dtypes: Vec<String> = d["dtypes"].as_array().into_iter().flatten().map(text).collect();
+    println!("{}: {}, {}", path.display(), text(&d["format"]), text(&d["method"]));
+    println!("{} modules, {} tensors, {} values, {} bytes, {}", modules.len(), d["tensors"], d["values"], d["bytes"], dtypes.join("/"));
+    println!("made for: {}", d["base_model"].as_str().unwrap_or("not recorded"));
+    let mut blocks: BTreeMap<String, (usize, BTreeSet<u64>)> = BTreeMap::new();
+    for m in &modules {
+        let b = blocks.entry(text(&m["block"])).or_default();
+        b.0 += 1;
+        b.1.insert(m["rank"].as_u64().unwrap_or(0));
     }
-    let alphas: BTreeSet<String> = modules.values().filter_map(|m| m.2.map(|a| a.to_string())).collect();
+    for (block, (n, ranks)) in &blocks {
+        println!("  {block}: {n} modules, rank {}", ranks.iter().map(u64::to_string).collect::<Vec<_>>().join("/"));
+    }
+    let alphas: BTreeSet<String> = modules.iter().filter_map(|m| m["alpha"].as_f64().map(|a| (a as f32).to_string())).collect();
     if !alphas.is_empty() {
         println!("alpha: {}", alphas.into_iter().collect::<Vec<_>>().join(", "));
     }
-    if let Some(c) = &config {
-        println!("config: {}", serde_json::to_string(c)?);
+    if !d["config"].is_null() {
+        println!("config: {}", serde_json::to_string(&d["config"])?);
     }
-    for (k, v) in &sd.metadata {
-        let shown: String = v.chars().take(200).collect();
+    for (k, v) in d["metadata"].as_object().into_iter().flatten() {
+        let shown: String = text(v).chars().take(200).collect();
         println!("metadata {k} = {shown}");
     }
     Ok(())

@@ -16,7 +16,7 @@ use knobs_nn::io::FloatDtype;
 
 use super::generate::lora_spec;
 
-mod inspect;
+pub mod inspect;
 mod lora_tools;
 
 pub use lora_tools::{CombineArgs, ExtractArgs, ResizeArgs};
