@@ -196,6 +196,10 @@ fn ia3_pivotal_kohya_and_config_files() {
     ok(&["train", "--config", s(&toml), "--model", s(tiny_model()), "--rank", "3", "--out", s(&out)]);
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("unet_lora/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["r"], 3);
+    // Memory settings are read from the file too.
+    std::fs::write(&toml, "method = \"lora\"\nmax_train_steps = 1\nconcept = \"ringed-circle\"\ncache_latents = true\nrandom_crop = true\n").unwrap();
+    let err = fail(&["train", "--config", s(&toml), "--model", s(tiny_model()), "--out", s(&tmp.path().join("mem"))]);
+    assert!(err.contains("--cache-latents"), "the file's cache_latents is read: {err}");
 }
 
 #[test]

@@ -104,6 +104,18 @@ impl ClipTextConfig {
                 return Err(Error::param(key, "must be positive"));
             }
         }
+        use crate::limits::{CHANNELS, HEADS, LAYERS, POSITIONS, VOCAB, at_most};
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, VOCAB),
+            ("hidden_size", self.hidden_size, CHANNELS),
+            ("intermediate_size", self.intermediate_size, 4 * CHANNELS),
+            ("num_attention_heads", self.num_attention_heads, HEADS),
+            ("max_position_embeddings", self.max_position_embeddings, POSITIONS),
+            ("num_hidden_layers", self.num_hidden_layers, LAYERS),
+            ("projection_dim", self.projection_dim.unwrap_or(0), CHANNELS),
+        ] {
+            at_most(key, v, max)?;
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::param(
                 "num_attention_heads",

@@ -13,6 +13,19 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::model::ClipTextModel;
 
 const BOS: &str = "<|startoftext|>";
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+/// Runs a tokenizers-crate call that may panic on a malformed file (it unwraps inside its
+/// deserializers), turning a panic into an error naming `file`.
+fn unpanicked<T>(file: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Error::file(file, format!("malformed tokenizer file ({})", panic_text(&p)))))
+}
+
+/// Text tokenized once when a tokenizer folder is read: letters, digits, punctuation, words
+/// that split into several merges.
+const PROBE: &str = "a photograph of an astronaut riding a horse, 4k, highly detailed! <sks> zwx dog's";
 const EOS: &str = "<|endoftext|>";
 /// CLIP's word splitting: the specials, English contractions, letter runs, single digits,
 /// and runs of other non-space characters.
@@ -48,9 +61,9 @@ impl ClipTokenizer {
         let fast = dir.join("tokenizer.json");
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         let tok = if fast.exists() {
-            Tokenizer::from_file(&fast).map_err(|e| Error::file(&fast, format!("cannot load tokenizer: {e}")))?
+            unpanicked(&fast, || Tokenizer::from_file(&fast).map_err(|e| Error::file(&fast, format!("cannot load tokenizer: {e}"))))?
         } else if vocab.exists() && merges.exists() {
-            from_vocab_merges(&vocab, &merges)?
+            unpanicked(&vocab, || from_vocab_merges(&vocab, &merges))?
         } else {
             return Err(Error::file(dir, "no tokenizer: needs tokenizer.json, or vocab.json and merges.txt"));
         };
@@ -71,7 +84,12 @@ impl ClipTokenizer {
         let (bos, eos) = (special("bos_token", BOS)?, special("eos_token", EOS)?);
         // SD-2's tokenizer pads with "!" (id 0), SD-1's with the end-of-text token.
         let pad = special("pad_token", EOS)?;
-        Self::new(tok, max_len, bos, eos, pad)
+        let clip = Self::new(tok, max_len, bos, eos, pad)?;
+        // A vocabulary and merges that disagree make the tokenizers crate panic mid-prompt;
+        // one probe finds most such files here, where the error can name them.
+        let file = if fast.exists() { fast } else { merges };
+        clip.tokenize(PROBE).map_err(|e| Error::file(&file, format!("the tokenizer is inconsistent: {e}")))?;
+        Ok(clip)
     }
 
     /// Wraps a loaded tokenizer. Its own truncation and padding are switched off: this type
@@ -133,9 +151,12 @@ impl ClipTokenizer {
         knobs_nn::io::atomic_write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).expect("JSON").as_bytes())
     }
 
-    /// The BPE ids of `text` without begin/end tokens, untruncated.
+    /// The BPE ids of `text` without begin/end tokens, untruncated. A panic inside the
+    /// tokenizers crate (inconsistent vocabulary and merges) becomes an error.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tok.encode(text, false).map_err(|e| Error::Invalid(format!("cannot tokenize {text:?}: {e}")))?;
+        let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tok.encode(text, false)))
+            .map_err(|p| Error::Invalid(format!("the tokenizer failed on {text:?} ({}): its vocabulary and merges disagree", panic_text(&p))))?
+            .map_err(|e| Error::Invalid(format!("cannot tokenize {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -92,6 +92,11 @@ fn check_index(dir: &Path) -> Result<Index> {
     Ok(Index { scheduler_class, sdxl, force_zeros_for_empty_prompt })
 }
 
+/// Checks a pipeline folder's `model_index.json` and component folders without loading them.
+pub fn check_model_index(dir: impl AsRef<Path>) -> Result<()> {
+    check_index(dir.as_ref()).map(drop)
+}
+
 /// What the UNet is conditioned on through one sampling run: `context` (its
 /// `encoder_hidden_states`) and, for SDXL, the pooled embedding and time ids; with guidance
 /// the batch is `[negative x n, positive x n]`.

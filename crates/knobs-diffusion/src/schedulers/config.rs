@@ -159,6 +159,7 @@ impl Raw {
         if self.num_train_timesteps < 2 {
             return Err(Error::param("num_train_timesteps", "must be at least 2"));
         }
+        crate::limits::at_most("num_train_timesteps", self.num_train_timesteps, crate::limits::TIMESTEPS)?;
         if let Some(b) = self.trained_betas.as_ref().filter(|b| b.len() != self.num_train_timesteps) {
             return Err(Error::param(
                 "trained_betas",

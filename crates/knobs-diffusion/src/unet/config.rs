@@ -327,6 +327,27 @@ impl UNetConfig {
             return Err(Error::param("downsample_padding", format!("{} is not supported (0 or 1)", self.downsample_padding)));
         }
         let groups = self.groups();
+        use crate::limits::{BLOCKS, CHANNELS, HEADS, LAYERS, SAMPLE_SIZE, at_most};
+        at_most("block_out_channels", self.num_blocks(), BLOCKS)?;
+        for (key, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("sample_size", self.sample_size.unwrap_or(0))] {
+            at_most(key, v, SAMPLE_SIZE)?;
+        }
+        for (key, v) in [("addition_time_embed_dim", self.addition_time_embed_dim), ("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim)] {
+            at_most(key, v.unwrap_or(0), CHANNELS)?;
+        }
+        for (key, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
+            at_most(key, k, 15)?;
+        }
+        for p in self.down_plans()? {
+            at_most("block_out_channels", p.channels, CHANNELS)?;
+            at_most("layers_per_block", p.layers, LAYERS)?;
+            at_most("transformer_layers_per_block", p.transformer_layers, LAYERS)?;
+            at_most("attention_head_dim", p.heads, HEADS)?;
+            at_most("cross_attention_dim", p.cross_attention_dim, CHANNELS)?;
+        }
+        if let Some(v) = &self.reverse_transformer_layers_per_block {
+            v.iter().try_for_each(|&l| at_most("reverse_transformer_layers_per_block", l, LAYERS))?;
+        }
         for (i, p) in self.down_plans()?.iter().enumerate() {
             if p.channels % groups != 0 {
                 return Err(Error::param("block_out_channels", format!("block {i}: {} channels do not split into {groups} groups", p.channels)));

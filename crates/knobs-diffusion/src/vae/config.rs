@@ -81,6 +81,15 @@ impl VaeConfig {
         if self.layers_per_block == 0 {
             return Err(Error::param("layers_per_block", "must be at least 1"));
         }
+        use crate::limits::{BLOCKS, CHANNELS, LAYERS, SAMPLE_SIZE, at_most};
+        at_most("block_out_channels", n, BLOCKS)?;
+        at_most("layers_per_block", self.layers_per_block, LAYERS)?;
+        for &c in &self.block_out_channels {
+            at_most("block_out_channels", c, CHANNELS)?;
+        }
+        for (key, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("latent_channels", self.latent_channels)] {
+            at_most(key, v, SAMPLE_SIZE)?;
+        }
         if self.act_fn != "silu" {
             return Err(Error::param("act_fn", format!("unsupported value `{}`; supported: silu", self.act_fn)));
         }

@@ -302,7 +302,9 @@ impl TrainConfig {
     pub fn from_toml(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("--config {}: cannot read", path.display()))?;
         let table: toml::Table = toml::from_str(&text).with_context(|| format!("--config {}: invalid TOML", path.display()))?;
-        let known = fields(&TrainConfig::default());
+        // The memory options are read but never serialised (see `memory`): known all the same.
+        let mut known = fields(&TrainConfig::default());
+        known.extend(fields(&MemoryOptions::default()));
         if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
             bail!("--config {}: unknown key `{k}`", path.display());
         }
@@ -311,13 +313,15 @@ impl TrainConfig {
 
     /// `file` with every setting that `given` says was on the command line taken from `cli`.
     pub fn overridden_by(&self, cli: &TrainConfig, given: impl Fn(&str) -> bool) -> Result<TrainConfig> {
-        let mut merged = fields(self);
-        for (k, v) in fields(cli) {
-            if given(&k) {
-                merged.insert(k, v);
-            }
-        }
-        from_json(Value::Object(merged))
+        let merge = |file: serde_json::Map<String, Value>, flags: serde_json::Map<String, Value>| {
+            let mut merged = file;
+            merged.extend(flags.into_iter().filter(|(k, _)| given(k)));
+            Value::Object(merged)
+        };
+        let mut out: TrainConfig = from_json(merge(fields(self), fields(cli)))?;
+        // Never serialised with the rest (see `memory`), so merged on their own.
+        out.memory = from_json(merge(fields(&self.memory), fields(&cli.memory)))?;
+        Ok(out)
     }
 
     /// The model folder: `--model`, or the built-in base model.

@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 
 use super::generate::{AdapterArgs, to_rgb};
 use super::judge::load_judge;
-use super::subject::Subject;
+use super::subject::{FolderArgs, Subject};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,18 +37,8 @@ pub struct Args {
     /// base-model quality.
     #[arg(long, conflicts_with = "instance_dir")]
     pub concept: Option<String>,
-    /// Your own subject: a folder of its images (png/jpg), measured as --concept measures a
-    /// built-in one.
-    #[arg(long, requires = "class_prompt")]
-    pub instance_dir: Option<PathBuf>,
-    /// The prompt naming the subject, e.g. "a sks circle" (default: the images' .txt caption
-    /// when they all agree).
-    #[arg(long, requires = "instance_dir")]
-    pub instance_prompt: Option<String>,
-    /// The subject's class, e.g. "a circle": language drift and prior preservation are
-    /// measured against it.
-    #[arg(long, requires = "instance_dir")]
-    pub class_prompt: Option<String>,
+    #[command(flatten)]
+    pub folder: FolderArgs,
     /// The subject's word in prompts (default: the first --embedding's token, else the
     /// concept's own token, e.g. `sks`).
     #[arg(long, conflicts_with = "instance_dir")]
@@ -185,7 +175,7 @@ fn default_base_model() -> Option<PathBuf> {
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.images_per_prompt >= 1, "--images-per-prompt must be at least 1");
     ensure!(args.steps >= 1, "--steps must be at least 1");
-    let subject = match (&args.concept, &args.instance_dir) {
+    let subject = match (&args.concept, &args.folder.instance_dir) {
         (Some(name), _) => {
             let spec = by_name(name).ok_or_else(|| {
                 let names: Vec<String> = held_out().into_iter().map(|c| c.name).collect();
@@ -194,7 +184,7 @@ pub fn run(args: Args) -> Result<()> {
             let token = subject_token(&args, &spec)?;
             Some((Subject::concept(spec, &token), Some(token)))
         }
-        (None, Some(dir)) => Some((Subject::folder(dir, args.instance_prompt.as_deref(), args.class_prompt.as_deref())?, None)),
+        (None, Some(_)) => args.folder.subject()?.map(|s| (s, None)),
         (None, None) => None,
     };
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
@@ -250,7 +240,7 @@ pub fn run(args: Args) -> Result<()> {
             grid_rows.extend(batches.into_iter().map(|b| b.images));
         }
         Some((subject, token)) => {
-            match (&args.instance_dir, token) {
+            match (&args.folder.instance_dir, token) {
                 (Some(dir), _) => settings["instance_dir"] = dir.display().to_string().into(),
                 (None, token) => {
                     settings["concept"] = subject.name.clone().into();
@@ -335,7 +325,7 @@ pub fn run(args: Args) -> Result<()> {
 
             lines.push(format!(
                 "{} {} (\"{instance_prompt}\") with {}{}",
-                if args.instance_dir.is_some() { "instances" } else { "concept" },
+                if args.folder.instance_dir.is_some() { "instances" } else { "concept" },
                 subject.name,
                 model.display(),
                 adapters_note(&args)

@@ -11,6 +11,33 @@ use knobs_train::finetune::data::{image_files, open_rgb};
 use knobs_world::concept::{ConceptSpec, DEFAULT_INSTANCES};
 use knobs_world::{Shape, parse_prompt};
 
+/// The flags that name the user's own subject, shared by `eval` and `compare`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FolderArgs {
+    /// Your own subject: a folder of its images (png/jpg), measured as --concept measures a
+    /// built-in one.
+    #[arg(long, requires = "class_prompt")]
+    pub instance_dir: Option<PathBuf>,
+    /// The prompt naming the subject, e.g. "a sks circle" (default: the images' .txt caption
+    /// when they all agree); its own word is the token textual inversion learns.
+    #[arg(long, requires = "instance_dir")]
+    pub instance_prompt: Option<String>,
+    /// The subject's class, e.g. "a circle": language drift and prior preservation are
+    /// measured against it.
+    #[arg(long, requires = "instance_dir")]
+    pub class_prompt: Option<String>,
+}
+
+impl FolderArgs {
+    /// The subject these flags name, if `--instance-dir` is given.
+    pub fn subject(&self) -> Result<Option<Subject>> {
+        match &self.instance_dir {
+            Some(dir) => Ok(Some(Subject::folder(dir, self.instance_prompt.as_deref(), self.class_prompt.as_deref())?)),
+            None => Ok(None),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum Images {
     Concept(ConceptSpec),

@@ -21,17 +21,9 @@ pub struct Args {
     /// Held-out concepts, comma-separated (default: all; `knobs world concepts --list`).
     #[arg(long, value_delimiter = ',', conflicts_with = "instance_dir")]
     pub concepts: Vec<String>,
-    /// Your own subject instead of the built-in concepts: a folder of its images (png/jpg);
-    /// every method trains on it and `knobs eval --instance-dir` measures it.
-    #[arg(long, requires = "class_prompt")]
-    pub instance_dir: Option<PathBuf>,
-    /// The prompt naming the subject, e.g. "a sks circle" (default: the images' .txt caption
-    /// when they all agree); its own word is the token that textual inversion learns.
-    #[arg(long, requires = "instance_dir")]
-    pub instance_prompt: Option<String>,
-    /// The subject's class, e.g. "a circle" (prior preservation's class images, language drift).
-    #[arg(long, requires = "instance_dir")]
-    pub class_prompt: Option<String>,
+    /// Your own subject instead of the built-in concepts (every method trains on it).
+    #[command(flatten)]
+    pub folder: crate::cmd::subject::FolderArgs,
     /// Methods, comma-separated: any that `knobs train --method` accepts, and
     /// `dreambooth-prior` (DreamBooth with prior preservation on generated class images).
     /// Default: every registered method that trains in the shared loop (not hyper-lora).

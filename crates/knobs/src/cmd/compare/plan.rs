@@ -104,10 +104,11 @@ impl Plan {
         ensure!(args.images_per_prompt >= 1, "--images-per-prompt must be at least 1");
         ensure!(args.eval_steps >= 1, "--eval-steps must be at least 1");
         let methods = parse_methods(&args.methods)?;
-        let subjects = match &args.instance_dir {
+        let f = &args.folder;
+        let subjects = match &f.instance_dir {
             Some(dir) => {
                 let dir = dir.canonicalize().with_context(|| format!("--instance-dir {}", dir.display()))?;
-                vec![Subject::folder(&dir, args.instance_prompt.as_deref(), args.class_prompt.as_deref())?]
+                vec![Subject::folder(&dir, f.instance_prompt.as_deref(), f.class_prompt.as_deref())?]
             }
             None => parse_concepts(&args.concepts)?.into_iter().map(|c| Subject::concept(c.clone(), &c.token)).collect(),
         };
