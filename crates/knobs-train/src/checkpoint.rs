@@ -108,11 +108,24 @@ impl Checkpoints {
         Ok(out)
     }
 
+    /// The newest checkpoint that reads. One that does not (cut short by a crash or a full
+    /// disk outside knobs' atomic writes) is reported and passed over, so a run resumes from
+    /// the last good one; none readable is an error naming each.
     pub fn latest(&self) -> Result<Option<(u64, StateDict)>> {
-        match self.list()?.pop() {
-            Some((step, path)) => Ok(Some((step, read_safetensors(&path)?))),
-            None => Ok(None),
+        let all = self.list()?;
+        let mut bad = Vec::new();
+        for (step, path) in all.into_iter().rev() {
+            match read_safetensors(&path) {
+                Ok(sd) => {
+                    if !bad.is_empty() {
+                        eprintln!("warning: passed over unreadable checkpoint(s): {}; resuming from step {step}", bad.join("; "));
+                    }
+                    return Ok(Some((step, sd)));
+                }
+                Err(e) => bad.push(format!("{e}")),
+            }
         }
+        if bad.is_empty() { Ok(None) } else { anyhow::bail!("no readable checkpoint in {}: {}", self.dir.display(), bad.join("; ")) }
     }
 
     /// The end of a training step that completed `step` of `total`: a checkpoint is due every
@@ -140,6 +153,13 @@ impl Checkpoints {
         let all = self.list()?;
         for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
             std::fs::remove_file(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        }
+        // A run killed while writing leaves its temporary file (atomic writes rename only
+        // finished files); this run's own is renamed by now, so any left is stale.
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
         Ok(path)
     }

@@ -23,7 +23,10 @@ fn run(args: &[String]) -> String {
 /// A hypernetwork pretrained for 3 steps, once per test binary.
 fn hyper() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| common::cached_dir("hyper-3-steps", |dir| run(&pretrain_args(&dir.join("hyper"), "3"))).join("hyper"))
+    DIR.get_or_init(|| common::cached_dir("hyper-3-steps", |dir| {
+        run(&pretrain_args(&dir.join("hyper"), "3"));
+    })
+    .join("hyper"))
 }
 
 #[test]

@@ -348,6 +348,9 @@ impl UNetConfig {
         if let Some(v) = &self.reverse_transformer_layers_per_block {
             v.iter().try_for_each(|&l| at_most("reverse_transformer_layers_per_block", l, LAYERS))?;
         }
+        if groups == 0 {
+            return Err(Error::param("norm_num_groups", "must be positive"));
+        }
         for (i, p) in self.down_plans()?.iter().enumerate() {
             if p.channels % groups != 0 {
                 return Err(Error::param("block_out_channels", format!("block {i}: {} channels do not split into {groups} groups", p.channels)));
