@@ -33,6 +33,10 @@ impl ParamRef<'_> {
     pub fn numel(&self) -> usize {
         self.dims().iter().product()
     }
+    /// Bytes its values take as stored (half-precision frozen weights take half).
+    pub fn bytes(&self) -> usize {
+        self.numel() * each!(self, t => t.dtype().size())
+    }
     pub fn to_data(&self) -> TensorData {
         each!(self, t => t.to_data())
     }

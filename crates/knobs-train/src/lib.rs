@@ -8,6 +8,7 @@ pub mod finetune;
 pub mod hyperlora;
 pub mod loss;
 pub mod lr;
+pub mod memory;
 pub mod objective;
 pub mod pretrain;
 pub mod progress;

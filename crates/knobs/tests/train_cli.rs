@@ -462,3 +462,34 @@ fn bucketing_trains_every_ratio_and_generates_at_each() {
     let err = fail(&["train", "--model", s(tiny_model()), "--method", "hyper-lora", "--concept", "striped-star", "--bucket", "--out", s(&tmp.path().join("h"))]);
     assert!(err.contains("--bucket") && err.contains("hyper-lora"), "{err}");
 }
+
+/// `--max-memory`: the estimate made before the first step is within 25% of the measured peak
+/// RSS on the built-in architecture (LoRA and full, batch 1 and 8) and on tiny-sd, and a limit
+/// below it refuses the run, saying what to change.
+#[test]
+fn max_memory_predicts_the_peak_and_refuses_runs_above_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny_sd = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd");
+    let cases: [(&str, &str, &str); 5] = [
+        (s(tiny_model()), "lora", "1"),
+        (s(tiny_model()), "lora", "8"),
+        (s(tiny_model()), "dreambooth", "8"),
+        (tiny_sd, "lora", "4"),
+        (tiny_sd, "dreambooth", "4"),
+    ];
+    for (i, (model, method, batch)) in cases.into_iter().enumerate() {
+        let out = tmp.path().join(format!("m{i}"));
+        let stdout = ok(&["train", "--model", model, "--method", method, "--concept", "striped-star", "--max-train-steps", "2", "--train-batch-size", batch,
+            "--num-samples", "0", "--json", "--out", s(&out)]);
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let (estimate, peak) = (v["estimated_peak_bytes"].as_f64().unwrap(), v["peak_rss_bytes"].as_f64().unwrap());
+        let ratio = estimate / peak;
+        eprintln!("{model} {method} batch {batch}: estimate {:.1} MiB, peak {:.1} MiB ({ratio:.2})", estimate / 1048576.0, peak / 1048576.0);
+        assert!((0.75..=1.25).contains(&ratio), "{method} batch {batch} on {model}: estimate {estimate} vs peak RSS {peak}");
+    }
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--train-batch-size", "8", "--max-memory", "0.02", "--out", s(&tmp.path().join("x"))]);
+    assert!(err.contains("--max-memory 0.02") && err.contains("GiB") && err.contains("--gradient-checkpointing") && err.contains("--train-batch-size 1"), "{err}");
+    assert!(!tmp.path().join("x/checkpoints").exists(), "refused before the first step");
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-memory", "0", "--out", s(&tmp.path().join("y"))]);
+    assert!(err.contains("--max-memory"), "{err}");
+}

@@ -230,6 +230,10 @@ pub struct MemoryOptions {
     /// those values (exact for f16 when the model's files are fp16).
     #[arg(long, default_value = "f32")]
     pub weights_dtype: FloatDtype,
+    /// Refuse to start when the run's estimated peak memory exceeds this many GiB, saying
+    /// what to change (the estimate is in the summary either way).
+    #[arg(long, value_name = "GB")]
+    pub max_memory: Option<f64>,
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,6 +385,9 @@ impl TrainConfig {
         }
         if d.concept.is_some() && d.instance_dir.is_some() {
             bail!("--concept and --instance-dir exclude each other");
+        }
+        if let Some(m) = self.memory.max_memory.filter(|m| !(*m > 0.0 && m.is_finite())) {
+            bail!("--max-memory must be a positive number of GiB, got {m}");
         }
         if let Some(e) = o.ema_decay.filter(|e| !(0.0..1.0).contains(e)) {
             bail!("--ema-decay must be in [0, 1), got {e}");

@@ -183,6 +183,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let mut adapters = PipelineAdapters::new(cfg.optim.seed);
     let attached = cfg.method.attach(cfg, &mut sd, &mut adapters)?;
     let trainable_params = set_trainable(cfg, &mut sd, &attached.trainable)?;
+    let memory = crate::memory::estimate(cfg, &sd, res);
+    crate::memory::check(cfg, &memory)?;
     // Adapter dropout is on while training, for every method alike.
     set_adapter_training(&mut sd, true);
     let objective = Objective::new(&sd, &dev);
@@ -275,6 +277,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             save_grid(&cfg.out.join("validation").join(format!("step-{:06}.png", step + 1)), &images?, 4)?;
         }
     }
+    // Again here: a run killed between its last checkpoint and that checkpoint's log, then
+    // resumed with nothing left to train, still ends with the whole history.
+    write_log(&cfg.out, &history)?;
     let train_seconds = started.elapsed().as_secs_f64();
     let steps_run = total - first;
     // From here on the pipeline is exactly what `knobs generate` builds from the saved files:
@@ -305,7 +310,11 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         outputs,
         peak_rss_bytes: peak_rss_bytes(),
         final_loss: history.last().copied(),
-        extra: buckets.iter().map(|_| ("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size))))).collect(),
+        extra: buckets
+            .iter()
+            .map(|_| ("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size)))))
+            .chain([("estimated_peak_bytes".to_string(), serde_json::json!(memory.total()))])
+            .collect(),
     };
     summary.write(&cfg.out)?;
     Ok(summary)
