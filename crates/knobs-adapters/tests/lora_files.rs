@@ -270,3 +270,29 @@ fn every_pickle_extension_is_refused_and_a_disguised_pickle_too() {
     let e = lora_files::read(&disguised).unwrap_err().to_string();
     assert!(e.contains("disguised.safetensors") && e.contains("pickle"), "{e}");
 }
+
+/// A zero or negative alpha (a file's `.alpha` tensor, or `lora_alpha` / `alpha_pattern` in a
+/// PEFT config) and a zero rank in `rank_pattern` are refused by key, not applied silently.
+#[test]
+fn zero_or_negative_alphas_and_ranks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for alpha in [0.0f32, -2.0] {
+        let mut t = BTreeMap::new();
+        t.insert("lora_unet_blocks_0_fc1.lora_down.weight".to_string(), data(randn(&[2, DIM], 1), &[2, DIM]));
+        t.insert("lora_unet_blocks_0_fc1.lora_up.weight".to_string(), data(randn(&[HIDDEN, 2], 2), &[HIDDEN, 2]));
+        t.insert("lora_unet_blocks_0_fc1.alpha".to_string(), data(vec![alpha], &[]));
+        let file = dir.path().join(format!("a{alpha}.safetensors"));
+        write_safetensors(&file, &t, &HashMap::new()).unwrap();
+        let err = lora_files::read(&file).unwrap_err().to_string();
+        assert!(err.contains("lora_unet_blocks_0_fc1.alpha") && err.contains("must be positive"), "{err}");
+    }
+    for (json, key) in [
+        (serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 0, "target_modules": ["fc1"]}), "lora_alpha"),
+        (serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": -4, "target_modules": ["fc1"]}), "lora_alpha"),
+        (serde_json::json!({"peft_type": "LORA", "r": 4, "rank_pattern": {"fc1": 0}, "target_modules": ["fc1"]}), "rank_pattern"),
+        (serde_json::json!({"peft_type": "LORA", "r": 4, "alpha_pattern": {"fc1": -1.0}, "target_modules": ["fc1"]}), "alpha_pattern"),
+    ] {
+        let err = LoraConfig::from_peft_json(&json).err().unwrap_or_else(|| panic!("{json} was accepted")).to_string();
+        assert!(err.contains(key), "{err}");
+    }
+}

@@ -368,6 +368,9 @@ impl Collected {
                 }
                 let rank = sd[0];
                 let alpha = match (f.alpha, cfg) {
+                    (Some((k, a)), _) if !(a > 0.0) => {
+                        return Err(Error::key(file, k, format!("alpha {a}: must be positive (a zero alpha silences the module, a negative one flips it)")).into());
+                    }
                     (Some((_, a)), _) => a,
                     (None, Some(c)) => c.rank_alpha(&module).1,
                     (None, None) => rank as f64,

@@ -81,16 +81,29 @@ impl LoraConfig {
             Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
             Some(other) => return Err(AdapterError::Config(format!("key `init_lora_weights`: unsupported value {other}; supported: true, \"gaussian\""))),
         };
+        let lora_alpha: f64 = field(json, "lora_alpha")?.unwrap_or(8.0);
+        let rank_pattern: std::collections::BTreeMap<String, usize> = field(json, "rank_pattern")?.unwrap_or_default();
+        let alpha_pattern: std::collections::BTreeMap<String, f64> = field(json, "alpha_pattern")?.unwrap_or_default();
+        // A zero or negative alpha silences or flips the adapter: a broken file, not a choice.
+        if !(lora_alpha > 0.0 && lora_alpha.is_finite()) {
+            return Err(AdapterError::Config(format!("key `lora_alpha`: {lora_alpha} must be a positive number")));
+        }
+        if let Some((k, _)) = rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return Err(AdapterError::Config(format!("key `rank_pattern`: `{k}` has rank 0; ranks must be at least 1")));
+        }
+        if let Some((k, a)) = alpha_pattern.iter().find(|(_, a)| !(**a > 0.0 && a.is_finite())) {
+            return Err(AdapterError::Config(format!("key `alpha_pattern`: `{k}` has alpha {a}; alphas must be positive")));
+        }
         Ok(Box::new(LoraConfig {
             r,
-            lora_alpha: field(json, "lora_alpha")?.unwrap_or(8.0),
+            lora_alpha,
             targets: Targets { target_modules, exclude_modules: field(json, "exclude_modules")? },
             lora_dropout: field(json, "lora_dropout")?.unwrap_or(0.0),
             use_rslora: field(json, "use_rslora")?.unwrap_or(false),
             init,
             modules_to_save: field(json, "modules_to_save")?.unwrap_or_default(),
-            rank_pattern: field(json, "rank_pattern")?.unwrap_or_default(),
-            alpha_pattern: field(json, "alpha_pattern")?.unwrap_or_default(),
+            rank_pattern,
+            alpha_pattern,
             use_dora: field(json, "use_dora")?.unwrap_or(false),
         }))
     }
