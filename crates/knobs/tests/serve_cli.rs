@@ -246,6 +246,7 @@ fn bad_requests_and_uploads_are_refused_by_field_and_change_nothing() {
     check(b"{\"prompt\": \"a\", ", 400, "body");
     check(br#"{"prompt": "a", "width": 30}"#, 400, "width");
     check(br#"{"prompt": "a", "sed": 1}"#, 400, "sed");
+    check(br#"{"prompt": "a", "prompt_2": "b"}"#, 400, "prompt_2");
     // None of that disturbed the loaded state.
     let (status, body) = post(&generate, &request(PROMPT, &[("mine", 1.0)], &[]));
     assert_eq!(status, 200);
@@ -273,4 +274,25 @@ fn bad_requests_and_uploads_are_refused_by_field_and_change_nothing() {
     assert!(!store.join("mine.safetensors").exists());
     assert_eq!(del("mine"), 404);
     check(&request(PROMPT, &[("mine", 1.0)], &[]), 404, "adapters[0].name");
+}
+
+/// On an SDXL pipeline the second prompt and the micro-conditioning sizes reach the model as
+/// `knobs generate --prompt-2 --original-size --crop --target-size` pass them.
+#[test]
+fn sdxl_conditioning_matches_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../knobs-diffusion/tests/fixtures/tiny-sdxl");
+    let png = tmp.path().join("xl.png");
+    ok(&["generate", "--model", model, "--prompt", "a red circle", "--prompt-2", "a blue square", "--original-size", "48x64", "--crop", "4,8",
+        "--target-size", "64x64", "--steps", "3", "--guidance", "5", "--seed", "2", "--out", s(&png)]);
+    let want = image::open(&png).unwrap().to_rgb8();
+    let plain = tmp.path().join("plain.png");
+    ok(&["generate", "--model", model, "--prompt", "a red circle", "--steps", "3", "--guidance", "5", "--seed", "2", "--out", s(&plain)]);
+    assert_ne!(image::open(&plain).unwrap().to_rgb8(), want, "the conditioning changes the image");
+    let server = serve(&tmp.path().join("store"), &["--model", model]);
+    let body = json!({ "prompt": "a red circle", "prompt_2": "a blue square", "original_size": [48, 64], "crop_top_left": [4, 8],
+        "target_size": [64, 64], "steps": 3, "guidance": 5, "seed": 2 });
+    let (status, out) = post(&format!("{}/v1/generate", server.url), &serde_json::to_vec(&body).unwrap());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(pixels(&out), want);
 }

@@ -84,6 +84,13 @@ pub struct GenerateBody {
     /// `png` (default; several images come as one grid) or `json` (each image as base64).
     #[serde(default)]
     pub format: Option<String>,
+    /// SDXL only (as `knobs generate --prompt-2 ...`): the second encoder's prompts and the
+    /// micro-conditioning sizes, `[height, width]` / `[top, left]`.
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    pub original_size: Option<(usize, usize)>,
+    pub crop_top_left: Option<(usize, usize)>,
+    pub target_size: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +177,11 @@ impl GenerateBody {
             width: self.width,
             num_images: self.num_images,
             seed: self.seed,
+            prompt_2: self.prompt_2,
+            negative_prompt_2: self.negative_prompt_2,
+            original_size: self.original_size,
+            crop_top_left: self.crop_top_left,
+            target_size: self.target_size,
             ..Default::default()
         };
         let adapters = self.adapters.into_iter().map(|a| (a.name, a.weight)).collect();

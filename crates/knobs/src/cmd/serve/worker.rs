@@ -168,6 +168,9 @@ impl Worker {
     }
 
     fn generate(&mut self, job: GenerateJob) -> Result<Generated, ApiError> {
+        if let (false, Some(field)) = (self.sd.is_sdxl(), job.request.sdxl_fields().first()) {
+            return Err(ApiError::bad_request(field, format!("is SDXL conditioning; {} is an SD-1.x/2.x model", self.sd.dir.display())));
+        }
         self.attach(&job.adapters)?;
         let embeddings: Vec<Entry> =
             job.embeddings.iter().enumerate().map(|(i, n)| self.entry(n, &format!("embeddings[{i}]"), true)).collect::<Result<_, _>>()?;
