@@ -13,6 +13,11 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::model::ClipTextModel;
 
 const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+/// CLIP's word splitting: the specials, English contractions, letter runs, single digits,
+/// and runs of other non-space characters.
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }
@@ -26,10 +31,6 @@ fn unpanicked<T>(file: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Text tokenized once when a tokenizer folder is read: letters, digits, punctuation, words
 /// that split into several merges.
 const PROBE: &str = "a photograph of an astronaut riding a horse, 4k, highly detailed! <sks> zwx dog's";
-const EOS: &str = "<|endoftext|>";
-/// CLIP's word splitting: the specials, English contractions, letter runs, single digits,
-/// and runs of other non-space characters.
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 #[derive(Clone)]
 pub struct ClipTokenizer {

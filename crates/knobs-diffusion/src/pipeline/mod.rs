@@ -166,6 +166,12 @@ impl StableDiffusion {
     }
 
     /// `[num_images, C, H/f, W/f]` for a request, checked against given latents.
+    /// The pixel multiple every image side must be: the VAE's downscale times the UNet's (each
+    /// level halves the latent; odd sizes would not line up with the skips).
+    pub fn size_unit(&self) -> usize {
+        self.vae_scale_factor() << (self.unet.config.block_out_channels.len() - 1)
+    }
+
     pub fn latent_shape(&self, req: &GenerateRequest) -> Result<[usize; 4]> {
         let f = self.vae_scale_factor();
         let c = self.unet.config.in_channels;
@@ -189,8 +195,7 @@ impl StableDiffusion {
             v.or(default).ok_or_else(|| Error::param(key, "the UNet config has no sample_size: give height and width"))
         };
         let (h, w) = (need("height", h)?, need("width", w)?);
-        // Each UNet level halves the latent; odd sizes would not line up with the skips.
-        let unit = f << (self.unet.config.block_out_channels.len() - 1);
+        let unit = self.size_unit();
         for (key, v) in [("height", h), ("width", w)] {
             if v == 0 || v % unit != 0 {
                 return Err(Error::param(key, format!("{v} is not a positive multiple of {unit} (VAE scale x UNet downsampling)")));

@@ -338,13 +338,6 @@ impl UNetConfig {
         for (key, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
             at_most(key, k, 15)?;
         }
-        for p in self.down_plans()? {
-            at_most("block_out_channels", p.channels, CHANNELS)?;
-            at_most("layers_per_block", p.layers, LAYERS)?;
-            at_most("transformer_layers_per_block", p.transformer_layers, LAYERS)?;
-            at_most("attention_head_dim", p.heads, HEADS)?;
-            at_most("cross_attention_dim", p.cross_attention_dim, CHANNELS)?;
-        }
         if let Some(v) = &self.reverse_transformer_layers_per_block {
             v.iter().try_for_each(|&l| at_most("reverse_transformer_layers_per_block", l, LAYERS))?;
         }
@@ -352,6 +345,11 @@ impl UNetConfig {
             return Err(Error::param("norm_num_groups", "must be positive"));
         }
         for (i, p) in self.down_plans()?.iter().enumerate() {
+            at_most("block_out_channels", p.channels, CHANNELS)?;
+            at_most("layers_per_block", p.layers, LAYERS)?;
+            at_most("transformer_layers_per_block", p.transformer_layers, LAYERS)?;
+            at_most("attention_head_dim", p.heads, HEADS)?;
+            at_most("cross_attention_dim", p.cross_attention_dim, CHANNELS)?;
             if p.channels % groups != 0 {
                 return Err(Error::param("block_out_channels", format!("block {i}: {} channels do not split into {groups} groups", p.channels)));
             }

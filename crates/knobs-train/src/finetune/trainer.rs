@@ -128,10 +128,9 @@ fn check_settings(ck: &knobs_nn::io::StateDict, fingerprint: &str) -> Result<()>
     bail!("{}: this run's settings differ from the checkpoint's: {}; resume with the same settings or choose another --out", ck.file.display(), differ.join(", "))
 }
 
-/// The pixel multiple every training size must be: the VAE's downscale times the UNet's
-/// (each down block but the last halves the latents).
+/// [`StableDiffusion::size_unit`], which bucket sides are multiples of.
 fn size_unit(sd: &StableDiffusion, res: u32) -> Result<u32> {
-    let unit = (sd.vae.config.downscale_factor() << (sd.unet.config.block_out_channels.len() - 1)) as u32;
+    let unit = sd.size_unit() as u32;
     if res < unit {
         bail!("--bucket: the resolution {res} is below this model's size unit of {unit} pixels");
     }
@@ -267,7 +266,10 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             state.meta.insert("config".into(), fingerprint.clone());
             state.meta.insert("loss_history".into(), encode_history(&history));
             ckpts.save(step + 1, state)?;
-            write_log(&cfg.out, &history)?;
+            // The final log is written once, after the loop.
+            if !done {
+                write_log(&cfg.out, &history)?;
+            }
         }
         if cfg.run.validation_steps > 0 && (step + 1) % cfg.run.validation_steps == 0 && !done {
             // Validation samples as inference draws them: adapter dropout off, then back on.
@@ -277,8 +279,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             save_grid(&cfg.out.join("validation").join(format!("step-{:06}.png", step + 1)), &images?, 4)?;
         }
     }
-    // Again here: a run killed between its last checkpoint and that checkpoint's log, then
-    // resumed with nothing left to train, still ends with the whole history.
+    // After the loop, not with the last checkpoint: a run killed between the two and resumed
+    // with nothing left to train still ends with the whole history.
     write_log(&cfg.out, &history)?;
     let train_seconds = started.elapsed().as_secs_f64();
     let steps_run = total - first;
@@ -300,6 +302,11 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         outputs.extend(cfg.method.save(&ema_cfg, &mut sd, &mut adapters, &attached)?);
         trained.copy_to(&mut sd);
     }
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("estimated_peak_bytes".to_string(), serde_json::json!(memory.total()));
+    if buckets.is_some() {
+        extra.insert("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size))));
+    }
     let summary = Summary {
         method: cfg.method.to_string(),
         steps: total,
@@ -310,11 +317,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         outputs,
         peak_rss_bytes: peak_rss_bytes(),
         final_loss: history.last().copied(),
-        extra: buckets
-            .iter()
-            .map(|_| ("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size)))))
-            .chain([("estimated_peak_bytes".to_string(), serde_json::json!(memory.total()))])
-            .collect(),
+        extra,
     };
     summary.write(&cfg.out)?;
     Ok(summary)

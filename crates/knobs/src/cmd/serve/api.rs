@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
-use super::store::{Store, check_name, describe_entry};
+use super::store::{Store, check_name};
 use super::worker::{GenerateJob, Job, Shared};
 use crate::cmd::generate::grid;
 
@@ -253,7 +253,7 @@ async fn list_adapters(State(app): State<AppState>) -> Response {
     let start = Instant::now();
     let loaded = app.shared.loaded.lock().expect("loaded list").clone();
     let result = app.store.list().map_err(|e| ApiError::internal(format!("{e:#}"))).map(|entries| {
-        let rows: Vec<Value> = entries.iter().map(|e| describe_entry(e, loaded.contains(&e.name))).collect();
+        let rows: Vec<Value> = entries.iter().map(|e| app.store.describe(e, loaded.contains(&e.name))).collect();
         axum::Json(json!({ "adapters": rows, "loaded": loaded })).into_response()
     });
     finish(&app, "adapters", start, result)
@@ -279,7 +279,7 @@ async fn upload(State(app): State<AppState>, Query(q): Query<UploadQuery>, body:
         let staged = app.store.staging(&name);
         tokio::fs::write(&staged, &body).await.map_err(|e| ApiError::internal(format!("writing {}: {e}", staged.display())))?;
         let entry = app.submit(|tx| Job::Upload(name, tx)).await?;
-        Ok((StatusCode::CREATED, axum::Json(describe_entry(&entry, false))).into_response())
+        Ok((StatusCode::CREATED, axum::Json(app.store.describe(&entry, false))).into_response())
     }
     .await;
     finish(&app, "upload", start, result)

@@ -2,9 +2,13 @@
 //! LoRA-family file (diffusers, kohya, LyCORIS) or a textual-inversion embedding; `NAME/` is
 //! a PEFT folder (any method) or a diffusers LoRA folder. Uploads are written beside the
 //! entries under a hidden name and renamed into place once the worker has loaded them.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
+use knobs_train::finetune::outputs::size_of;
 use serde_json::{Value, json};
 
 use crate::cmd::adapter::inspect::describe;
@@ -20,6 +24,17 @@ pub struct Entry {
 
 pub struct Store {
     pub dir: PathBuf,
+    /// What reading each entry told (its kind, its `inspect` description), kept while its size
+    /// and modification time stay the same: requests and listings do not read the files again.
+    known: Mutex<HashMap<PathBuf, Facts>>,
+}
+
+#[derive(Clone)]
+struct Facts {
+    stamp: (Option<SystemTime>, u64),
+    embedding: bool,
+    /// Read on the first listing that shows the entry.
+    description: Option<Value>,
 }
 
 /// Names are file names without the extension, and adapter names on the pipeline: letters,
@@ -34,23 +49,30 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn size_of(path: &Path) -> u64 {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).map(|e| size_of(&e.path())).sum()).unwrap_or(0),
-        Ok(m) => m.len(),
-        Err(_) => 0,
-    }
-}
-
 impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("--adapters {}: cannot create the folder", dir.display()))?;
-        Ok(Store { dir: dir.to_path_buf() })
+        Ok(Store { dir: dir.to_path_buf(), known: Mutex::new(HashMap::new()) })
+    }
+
+    /// The facts about `path`, read again only when it changed; with `describe`, its
+    /// description too.
+    fn facts(&self, path: &Path, describe_it: bool) -> (Facts, u64) {
+        let bytes = size_of(std::slice::from_ref(&path.to_path_buf()));
+        let stamp = (std::fs::metadata(path).and_then(|m| m.modified()).ok(), bytes);
+        let mut known = self.known.lock().expect("store facts");
+        let fresh = known.get(path).filter(|f| f.stamp == stamp).cloned();
+        let mut facts = fresh.unwrap_or_else(|| Facts { stamp, embedding: crate::cmd::adapter::is_embedding(path), description: None });
+        if describe_it && facts.description.is_none() {
+            facts.description = Some(describe(path).unwrap_or_else(|e| json!({ "error": format!("{e:#}") })));
+        }
+        known.insert(path.to_path_buf(), facts.clone());
+        (facts, bytes)
     }
 
     fn entry_at(&self, name: &str, path: PathBuf) -> Entry {
-        let embedding = crate::cmd::adapter::is_embedding(&path);
-        Entry { name: name.to_string(), bytes: size_of(&path), path, embedding }
+        let (facts, bytes) = self.facts(&path, false);
+        Entry { name: name.to_string(), bytes, path, embedding: facts.embedding }
     }
 
     /// The entry called `name`, if the store holds one.
@@ -102,20 +124,20 @@ impl Store {
         }
         .with_context(|| format!("cannot remove {}", entry.path.display()))
     }
-}
 
-/// What `GET /v1/adapters` shows of an entry: its name, kind, method and ranks as `knobs
-/// adapter inspect` reads them, its size and whether it is loaded now.
-pub fn describe_entry(entry: &Entry, loaded: bool) -> Value {
-    let d = describe(&entry.path).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
-    let ranks: std::collections::BTreeSet<u64> = d["modules"].as_array().into_iter().flatten().filter_map(|m| m["rank"].as_u64()).collect();
-    json!({
-        "name": entry.name,
-        "kind": if entry.embedding { "embedding" } else { "adapter" },
-        "format": d["format"],
-        "method": d["method"],
-        "rank": ranks.iter().max(),
-        "bytes": entry.bytes,
-        "loaded": loaded,
-    })
+    /// What `GET /v1/adapters` shows of an entry: its name, kind, method and ranks as `knobs
+    /// adapter inspect` reads them, its size and whether it is loaded now.
+    pub fn describe(&self, entry: &Entry, loaded: bool) -> Value {
+        let d = self.facts(&entry.path, true).0.description.unwrap_or_default();
+        let ranks: std::collections::BTreeSet<u64> = d["modules"].as_array().into_iter().flatten().filter_map(|m| m["rank"].as_u64()).collect();
+        json!({
+            "name": entry.name,
+            "kind": if entry.embedding { "embedding" } else { "adapter" },
+            "format": d["format"],
+            "method": d["method"],
+            "rank": ranks.iter().max(),
+            "bytes": entry.bytes,
+            "loaded": loaded,
+        })
+    }
 }

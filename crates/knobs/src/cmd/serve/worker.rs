@@ -79,10 +79,6 @@ impl TextSnapshot {
     }
 }
 
-fn field(name: String) -> impl Fn(String) -> ApiError {
-    move |msg| ApiError::bad_request(&name, msg)
-}
-
 impl Worker {
     pub fn new(mut sd: StableDiffusion, cache_bytes: u64, store: Arc<Store>, shared: Arc<Shared>, metrics: Arc<Metrics>) -> Self {
         sd.for_inference();
@@ -153,7 +149,7 @@ impl Worker {
             let start = Instant::now();
             self.adapters
                 .load_lora(&mut self.sd, &entry.path, name, *weight)
-                .map_err(|e| field(format!("adapters[{i}].name"))(format!("`{name}` does not load onto this model: {e}")))?;
+                .map_err(|e| ApiError::bad_request(&format!("adapters[{i}].name"), format!("`{name}` does not load onto this model: {e}")))?;
             self.sd.for_inference();
             self.metrics.cache_misses.inc();
             self.metrics.bytes_loaded.inc_by(entry.bytes);
@@ -192,7 +188,6 @@ impl Worker {
         if !embeddings.is_empty() {
             self.sd.for_inference();
         }
-        self.sd.latent_shape(req).map_err(ApiError::from_param)?;
         let start = Instant::now();
         let images = self.sd.generate(req).map_err(ApiError::from_param)?;
         let seconds = start.elapsed().as_secs_f64();
