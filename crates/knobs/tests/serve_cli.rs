@@ -212,6 +212,13 @@ fn bad_requests_and_uploads_are_refused_by_field_and_change_nothing() {
     std::fs::create_dir_all(&refs).unwrap();
     let want = reference(&refs, "mine", PROMPT, &["--lora", s(&file)]);
 
+    // Bad flags are named before anything is served.
+    for (flags, named) in [(vec!["--max-queue", "0"], "--max-queue"), (vec!["--cache-mb=-1"], "--cache-mb"), (vec!["--model", "/nonexistent/model"], "/nonexistent/model")] {
+        let mut a = vec!["serve", "--adapters", s(&store), "--addr", "127.0.0.1:0"];
+        a.extend(flags);
+        let err = common::fail(&a);
+        assert!(err.contains(named), "{err}");
+    }
     let server = serve(&store, &["--max-queue", "1"]);
     let (status, page) = get(&server.url);
     assert!(status == 200 && page.contains("knobs serve") && page.contains("/v1/generate"));
