@@ -3,14 +3,14 @@
 //! training step (noising, prediction, loss, gradients, AdamW) lands on PyTorch's numbers.
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use knobs_adapters::formats::{lora_files, peft};
-use knobs_adapters::{AdaptedModel, strip_adapter_name};
-use knobs_diffusion::schedulers::DdpmScheduler;
+use knobs_adapters::AdaptedModel;
 use knobs_diffusion::unet::UNet2DConditionModel;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{StateDict, read_safetensors};
-use knobs_nn::optim::{AdamW, AdamWConfig, collect_grads};
-use knobs_nn::{Device, ModuleExt, Tensor, cpu, cpu_autodiff};
+use knobs_nn::{Device, Tensor, cpu, cpu_autodiff};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
@@ -109,51 +109,7 @@ fn ia3_from_peft_folder_and_raw_file_matches_golden() {
 
 #[test]
 fn lora_training_step_matches_torch() {
-    let g = read_safetensors(tensors("lora_train_step.safetensors")).unwrap();
-    let device = cpu_autodiff();
-    let mut m = unet(&device);
-    peft::load(&mut m, tensors("lora_peft"), "default").unwrap();
-    m.train_adapter("default").unwrap();
-    let name = |p: &str| strip_adapter_name(p, "default");
-
-    let mut before = 0f32;
-    m.model.for_each_param(|p, t| {
-        if t.is_trainable() {
-            before = before.max(rel_err(&values(t.flat()), &g.f32(&format!("param_before.{}", name(p))).unwrap().0));
-        }
-    });
-    assert_eq!(before, 0.0, "the PEFT folder holds the golden's starting LoRA");
-
-    let ddpm = DdpmScheduler::from_dir(Path::new(GOLDEN).join("tiny-sd/scheduler")).unwrap();
-    let ts: Vec<i64> = g.get("timesteps").unwrap().clone().convert::<i64>().try_into_vec().unwrap();
-    let (latents, noise): (Tensor<4>, Tensor<4>) = (tensor(&g, "latents", &device), tensor(&g, "noise", &device));
-    let noisy = ddpm.add_noise(latents, noise.clone(), &ts).unwrap();
-    let noisy_err = rel_err(&values(noisy.clone()), &g.f32("noisy_latents").unwrap().0);
-    let t = Tensor::<1>::from_data(TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [ts.len()]), &device);
-    let pred = m.model.forward(noisy, t, tensor(&g, "encoder_hidden_states", &device));
-    let pred_err = rel_err(&values(pred.clone()), &g.f32("model_pred").unwrap().0);
-    let loss = (pred - noise).powi_scalar(2).mean();
-    let loss_err = rel_err(&values(loss.clone()), &g.f32("loss").unwrap().0);
-
-    let grads = collect_grads(&m.model, &loss.backward());
-    assert_eq!(grads.len(), 96);
-    let (mut grad_err, mut worst) = (0f32, String::new());
-    for (p, grad) in &grads {
-        let e = rel_err(&values(grad.clone()), &g.f32(&format!("grad.{}", name(p))).unwrap().0);
-        if e > grad_err {
-            (grad_err, worst) = (e, name(p));
-        }
-    }
-    let config = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
-    AdamW::new(config).step(&mut m.model, &grads, |_| config.lr);
-    let mut after_err = 0f32;
-    m.model.for_each_param(|p, t| {
-        if t.is_trainable() {
-            after_err = after_err.max(rel_err(&values(t.flat()), &g.f32(&format!("param_after.{}", name(p))).unwrap().0));
-        }
-    });
-    println!("train step rel errors: noisy {noisy_err:.2e}, model_pred {pred_err:.2e}, loss {loss_err:.2e}, worst grad {grad_err:.2e} ({worst}), param_after {after_err:.2e}");
-    assert!(noisy_err <= 1e-6 && pred_err <= 1e-4 && loss_err <= 1e-4, "{noisy_err} {pred_err} {loss_err}");
-    assert!(grad_err <= 1e-4, "{worst}: {grad_err}");
-    assert!(after_err <= 1e-4, "{after_err}");
+    let report = common::sd_goldens::lora_train_step(&cpu_autodiff());
+    common::sd_goldens::assert_within(&report, 1e-4);
+    assert!(report[0].1 <= 1e-6, "noising: {:?}", report[0]);
 }

@@ -2,6 +2,8 @@
 //! (4 DDIM steps, CFG 7.5, given latents), seeding, guidance, every scheduler, and errors.
 use std::path::Path;
 
+mod common;
+
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_diffusion::schedulers::{DdimScheduler, Scheduler};
 use knobs_nn::burn::tensor::TensorData;
@@ -43,38 +45,7 @@ fn small(prompt: &str, seed: u64) -> GenerateRequest {
 
 #[test]
 fn matches_diffusers_pipeline_golden() {
-    let sd = load();
-    assert_eq!(sd.default_scheduler(), SchedulerKind::Ddim);
-    assert!(!sd.default_scheduler_is_substitute());
-    assert_eq!(sd.vae_scale_factor(), 2);
-
-    let g = read_safetensors(format!("{GOLDEN}/tensors/pipeline.safetensors")).unwrap();
-    let meta: Value = serde_json::from_str(&g.metadata["golden"]).unwrap();
-    let (lat, shape) = g.f32("latents").unwrap();
-    let latents = Tensor::<4>::from_data(TensorData::new(lat, shape), &sd.device);
-    let req = GenerateRequest {
-        negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
-        steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
-        latents: Some(latents),
-        ..GenerateRequest::new(meta["prompt"].as_str().unwrap())
-    };
-    assert_eq!(sd.latent_shape(&req).unwrap(), [1, 4, 32, 32]);
-
-    let mut ddim = DdimScheduler::new(sd.scheduler_config.clone());
-    ddim.set_timesteps(req.steps).unwrap();
-    let want: Vec<i64> = g.get("ddim_timesteps").unwrap().clone().convert::<i64>().try_into_vec().unwrap();
-    assert_eq!(ddim.timesteps(), want.as_slice());
-
-    let mut calls = 0;
-    let final_latents = sd.generate_latents_with(&req, &mut |done, total| {
-        calls += 1;
-        assert_eq!((done, total), (calls, 4));
-    }).unwrap();
-    assert_eq!(calls, 4);
-    assert_close("final_latents", final_latents.clone(), &g, "final_latents", 1e-4);
-    assert_close("image (decode)", sd.decode_latents(final_latents), &g, "image", 1e-4);
-    assert_close("image (generate)", sd.generate(&req).unwrap(), &g, "image", 1e-4);
+    common::sd_goldens::assert_within(&common::sd_goldens::pipeline(&cpu()), 1e-4);
 }
 
 #[test]

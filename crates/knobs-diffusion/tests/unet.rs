@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod common;
+
 use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{StateDict, read_safetensors};
@@ -49,36 +51,7 @@ fn matches_diffusers_golden_when_tracked_for_training() {
 }
 
 fn check_golden(device: &Device, trainable: bool) {
-    let device = device.clone();
-    let mut unet = UNet2DConditionModel::from_dir(unet_dir(), &device).unwrap();
-    if trainable {
-        unet.train_only(|_| true);
-    }
-    let g = read_safetensors(Path::new(GOLDEN).join("tensors/unet.safetensors")).unwrap();
-    let sample: Tensor<4> = tensor(&g, "sample", &device);
-    let timesteps: Tensor<1> = tensor(&g, "timestep", &device); // i64 in the file, f32 here
-    let ehs: Tensor<3> = tensor(&g, "encoder_hidden_states", &device);
-    unet.check_inputs(&sample, &timesteps, &ehs, None).unwrap();
-
-    let (out, inter) = unet.forward_with_intermediates(sample, timesteps, ehs);
-    let mut report = Vec::new();
-    let out_err = rel_err(&values(out), &g.f32("out").unwrap().0);
-    report.push(("out".to_string(), out_err));
-    let named = inter.named();
-    assert_eq!(named.iter().filter(|(_, t)| t.is_tracked()).count(), if trainable { 8 } else { 0 }, "all but time_proj");
-    assert_eq!(named.len(), 9, "time_proj, time_embedding, conv_in, 2 down, mid, 2 up, conv_norm_out");
-    for (name, t) in named {
-        let (want, shape) = g.f32(&format!("intermediate.{name}")).unwrap();
-        assert_eq!(t.dims()[0], shape[0], "{name}");
-        assert_eq!(t.dims()[1], shape[1..].iter().product::<usize>(), "{name}: {shape:?}");
-        report.push((name.clone(), rel_err(&values(t), &want)));
-    }
-    for (name, err) in &report {
-        println!("{name:>16}: rel err {err:.2e}");
-    }
-    for (name, err) in report {
-        assert!(err <= 1e-4, "{name}: relative error {err:.3e} > 1e-4");
-    }
+    common::sd_goldens::assert_within(&common::sd_goldens::unet(device, trainable), 1e-4);
 }
 
 #[test]

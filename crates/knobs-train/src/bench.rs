@@ -12,7 +12,7 @@ use image::RgbImage;
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
-use knobs_nn::{ModuleExt, cpu, cpu_autodiff};
+use knobs_nn::ModuleExt;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,9 @@ pub struct Measurement {
     pub batch: usize,
     pub resolution: u32,
     pub threads: usize,
+    /// Where it ran, as `--device` names it.
+    #[serde(default)]
+    pub device: String,
     pub load_s: f64,
     pub peak_rss_bytes: Option<u64>,
     pub trainable_params: usize,
@@ -88,7 +91,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     if o.steps == 0 || o.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
-    let dev = if method.is_some() { cpu_autodiff() } else { cpu() };
+    let dev = if method.is_some() { knobs_nn::device::training(false) } else { knobs_nn::device::inference() };
     let loaded = Instant::now();
     let mut sd = StableDiffusion::load(&o.model, &dev).with_context(|| format!("--model {}", o.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
@@ -108,6 +111,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         batch: o.batch,
         resolution: res,
         threads: knobs_nn::threads(),
+        device: knobs_nn::device::selected().to_string(),
         load_s,
         peak_rss_bytes: peak_rss_bytes(),
         trainable_params,
@@ -124,7 +128,7 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     let mut adapters = PipelineAdapters::new(0);
     let attached = cfg.method.attach(&cfg, sd, &mut adapters)?;
     let trainable = set_trainable(&cfg, sd, &attached.trainable)?;
-    let objective = Objective::new(sd, &cpu_autodiff());
+    let objective = Objective::new(sd, &knobs_nn::device::training(false));
     let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), ..Default::default() });
     let word = attached.placeholder.as_deref().unwrap_or("sks");
     let prompts = vec![format!("a photo of {word}"); o.batch];
@@ -137,6 +141,8 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
         let mut grads = collect_grads(sd, &loss.backward());
         clip_grad_norm(&mut grads, cfg.optim.max_grad_norm);
         opt.step(sd, &grads, |_| cfg.learning_rate());
+        // A GPU queues work: the step ends when the device has run it.
+        knobs_nn::device::inference().sync().map_err(|e| anyhow::anyhow!("--device {}: {e:?}", knobs_nn::device::selected()))?;
         if step >= o.warmup {
             times.push(started.elapsed().as_secs_f64());
         }

@@ -20,7 +20,7 @@ use knobs_diffusion::schedulers::{DdpmScheduler, PredictionType};
 use knobs_diffusion::unet::UNetConfig;
 use knobs_diffusion::vae::{DiagonalGaussian, VaeConfig};
 use knobs_nn::hash::fnv1a_seeded;
-use knobs_nn::{Device, ModuleExt, Tensor, cpu};
+use knobs_nn::{Device, ModuleExt, Tensor};
 use knobs_world::images::to_tensor;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -126,7 +126,7 @@ impl Objective {
     /// The VAE posterior of each image, `[B, C, h, w]` on the CPU.
     fn posterior(&self, sd: &StableDiffusion, images: &[RgbImage]) -> Result<DiagonalGaussian> {
         let Some(cache) = &self.latents else {
-            return Ok(sd.vae.encode(to_tensor(images, &cpu())?));
+            return Ok(sd.vae.encode(to_tensor(images, &self.device.clone().inner())?));
         };
         let mut cache = cache.lock().expect("latent cache");
         let mut means = Vec::with_capacity(images.len());
@@ -134,7 +134,7 @@ impl Objective {
         for image in images {
             let key = image_key(image);
             if !cache.contains_key(&key) {
-                cache.insert(key, sd.vae.encode(to_tensor(std::slice::from_ref(image), &cpu())?));
+                cache.insert(key, sd.vae.encode(to_tensor(std::slice::from_ref(image), &self.device.clone().inner())?));
             }
             let p = &cache[&key];
             means.push(p.mean.clone());
@@ -186,7 +186,7 @@ impl Objective {
     pub fn per_sample_sized(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions) -> Result<Tensor<1>> {
         let dev = &self.device;
         let posterior = self.posterior(sd, images)?;
-        let latents = posterior.sample(normal(rng, posterior.mean.dims(), &cpu())) * self.latent_scale;
+        let latents = posterior.sample(normal(rng, posterior.mean.dims(), &posterior.mean.device())) * self.latent_scale;
         let latents = Tensor::<4>::from_data(latents.into_data(), dev);
         let dims = latents.dims();
         let mut noise = normal(rng, dims, dev);

@@ -13,6 +13,10 @@ struct Cli {
     /// Results are the same for any count.
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Where tensor work runs: cpu, cuda[:N], wgpu[:N|:cpu] or vulkan[:N|:cpu]. GPU backends
+    /// need a build with the matching cargo feature (`--features cuda`, `wgpu`, `vulkan`).
+    #[arg(long, global = true, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
+    device: knobs_nn::device::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +60,10 @@ enum Command {
     Convert(cmd::convert::Args),
 }
 
+fn parse_device(s: &str) -> Result<knobs_nn::device::Target, String> {
+    s.parse().map_err(|e: knobs_nn::Error| e.to_string())
+}
+
 fn main() {
     // The matches are kept: `knobs train` tells flags given on the command line from defaults.
     let matches = Cli::command().get_matches();
@@ -66,6 +74,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = knobs_nn::set_threads(cli.threads) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    if let Err(e) = knobs_nn::device::select(cli.device) {
         eprintln!("error: {e}");
         std::process::exit(2);
     }

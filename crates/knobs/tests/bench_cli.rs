@@ -22,6 +22,7 @@ fn every_mode_is_timed_with_its_memory_and_trainable_size() {
         assert!(median > 0.0 && median.is_finite(), "{m}");
         assert!(m["min_s"].as_f64().unwrap() <= median && m["steps"] == 2, "{m}");
         assert_eq!(m["threads"], 1, "--threads reaches each mode's process");
+        assert_eq!(m["device"], "cpu", "--device reaches each mode's process");
         assert!(m["peak_rss_bytes"].as_u64().unwrap() > 10 << 20, "{m}");
         assert_eq!(m["model_bytes"].as_u64().unwrap(), weights);
         assert_eq!(m["resolution"], 32);
@@ -43,4 +44,16 @@ fn bad_modes_and_thread_counts_are_named() {
     assert!(err.contains("--threads"), "{err}");
     let err = fail(&["bench", "--model", TINY_SD, "--modes", "generate", "--steps", "0"]);
     assert!(err.contains("--steps"), "{err}");
+}
+
+/// `--device` is parsed and checked before any work: a backend this build lacks is named with
+/// the cargo feature that brings it, a misspelt device with the accepted forms.
+#[test]
+fn devices_not_built_in_or_misspelt_are_named() {
+    if !cfg!(feature = "cuda") {
+        let err = fail(&["--device", "cuda:1", "generate", "--prompt", "a red star"]);
+        assert!(err.contains("--device cuda:1") && err.contains("`cuda` feature") && err.contains("compiled in: cpu"), "{err}");
+    }
+    let err = fail(&["--device", "tpu", "bench", "--model", TINY_SD]);
+    assert!(err.contains("--device") && err.contains("cuda[:N]"), "{err}");
 }

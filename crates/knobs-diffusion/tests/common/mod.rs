@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 
+pub mod sd_goldens;
+
 use knobs_diffusion::pipeline::GenerateRequest;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::StateDict;

@@ -7,7 +7,6 @@ use anyhow::{Context, Result, bail};
 use image::imageops::FilterType;
 use image::RgbImage;
 use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
-use knobs_nn::cpu;
 use knobs_world::concept::{ConceptSpec, DEFAULT_INSTANCES, by_name, held_out};
 use knobs_world::images::from_tensor;
 use rand::Rng;
@@ -177,7 +176,7 @@ pub fn class_examples(cfg: &TrainConfig, model: &Path, res: u32) -> Result<Vec<E
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create class image folder {}", dir.display()))?;
     let missing: Vec<usize> = (0..cfg.data.num_class_images).filter(|&i| !class_image_path(&dir, i).exists()).collect();
     if !missing.is_empty() {
-        let sd = StableDiffusion::load(model, &cpu())?;
+        let sd = StableDiffusion::load(model, &knobs_nn::device::inference())?;
         for i in missing {
             let mut req = GenerateRequest::new(prompt.clone());
             req.steps = cfg.run.sample_steps;

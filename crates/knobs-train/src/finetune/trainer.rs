@@ -13,7 +13,7 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
 use knobs_nn::optim::{Ema, Grads, clip_grad_norm, collect_grads, scale_grads};
-use knobs_nn::{ModuleExt, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
+use knobs_nn::ModuleExt;
 use rand::Rng;
 use rand::rngs::StdRng;
 use regex::Regex;
@@ -167,7 +167,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let model = cfg.model()?;
-    let dev = if cfg.memory.gradient_checkpointing { cpu_autodiff_checkpointed() } else { cpu_autodiff() };
+    let dev = knobs_nn::device::training(cfg.memory.gradient_checkpointing);
     let mut sd = StableDiffusion::load(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
     // Before adapters attach: what the method trains is widened back to f32 by set_trainable.
     sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
@@ -291,7 +291,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     // EMA files are written.
     let trained = ema.as_ref().map(|_| Ema::new(&sd, 0.0));
     sd.for_inference();
-    sd.device = cpu();
+    sd.device = dev.clone().inner();
     write_samples(&cfg.out, &sd, &prompts, sampling)?;
     let mut outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
     if let (Some(e), Some(trained)) = (&ema, &trained) {

@@ -16,7 +16,7 @@ use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{read_safetensors, write_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig};
-use knobs_nn::{ModuleExt, Tensor, cpu, cpu_autodiff};
+use knobs_nn::{ModuleExt, Tensor};
 use knobs_world::judge::Judge;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -108,14 +108,14 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let hdir = hyper_dir(&cfg.hypernetwork_dir);
-    let net = HyperLora::load(&hdir, &cpu()).with_context(|| format!("--hypernetwork-dir {}", cfg.hypernetwork_dir.display()))?;
+    let net = HyperLora::load(&hdir, &knobs_nn::device::inference()).with_context(|| format!("--hypernetwork-dir {}", cfg.hypernetwork_dir.display()))?;
     ensure!(
         net.config.image_dim > 0,
         "--hypernetwork-dir {}: this hypernetwork has no image path, so it cannot predict from instance images",
         cfg.hypernetwork_dir.display()
     );
     let judge = Judge::load(&cfg.judge).with_context(|| format!("--judge {}", cfg.judge.display()))?;
-    let dev = if cfg.steps > 0 || cfg.code_steps > 0 { cpu_autodiff() } else { cpu() };
+    let dev = if cfg.steps > 0 || cfg.code_steps > 0 { knobs_nn::device::training(false) } else { knobs_nn::device::inference() };
     let mut sd = StableDiffusion::load(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();
@@ -131,7 +131,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
         emb[0].len(),
         net.config.image_dim
     );
-    let code = net.code_from_images(embeddings_tensor(&emb, &cpu()))?;
+    let code = net.code_from_images(embeddings_tensor(&emb, &knobs_nn::device::inference()))?;
     let mut mean = code.mean.clone();
     let mut code_loss = None;
     let mut trainable_params = 0;
@@ -163,7 +163,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
         sd.unet.for_each_layer_mut(|_, mut l| {
             l.remove_adapter(ADAPTER);
         });
-        mean = Tensor::from_data(free.z.to_data(), &cpu());
+        mean = Tensor::from_data(free.z.to_data(), &knobs_nn::device::inference());
     }
     let zero = plain(&net.predict(mean.clone()), net.config.scale());
     let zero_shot_seconds = started.elapsed().as_secs_f64();
@@ -202,7 +202,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
         let mut relaxed = Plain::new();
         sd.unet.for_each_param(|path, p| {
             if let Some(rest) = path.strip_suffix(".relaxed.weight") {
-                let t = Tensor::<2>::from_data(p.to_data(), &cpu());
+                let t = Tensor::<2>::from_data(p.to_data(), &knobs_nn::device::inference());
                 let (layer, part) = rest.rsplit_once('.').expect("lora path");
                 let e = relaxed.entry(layer.to_string()).or_insert_with(|| (t.clone(), t.clone(), 1.0));
                 if part == "lora_A" { e.0 = t } else { e.1 = t }
@@ -217,7 +217,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
     // Like the trainer's: model loading and training, not the samples and files below.
     let seconds = started.elapsed().as_secs_f64();
     sd.for_inference();
-    sd.device = cpu();
+    sd.device = knobs_nn::device::inference();
 
     // The final LoRA, attached as `default` and written like any LoRA.
     let rank = total.values().next().map(|(a, _, _)| a.dims()[0]).unwrap_or(1);
@@ -281,7 +281,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
 /// The LoRA a code file describes, predicted again by its hypernetwork (`[path -> (A, B)]`).
 pub fn lora_from_code(code_file: &Path, hypernetwork_dir: &Path) -> Result<Predicted> {
     let sd = read_safetensors(code_file)?;
-    let net = HyperLora::load(hyper_dir(hypernetwork_dir), &cpu())?;
+    let net = HyperLora::load(hyper_dir(hypernetwork_dir), &knobs_nn::device::inference())?;
     let want = config_hash(&net.config)?;
     if sd.metadata.get("hyperlora_config_fnv1a") != Some(&want) {
         bail!("{}: key `hyperlora_config_fnv1a`: the code belongs to another hypernetwork than {}", code_file.display(), hypernetwork_dir.display());
@@ -290,7 +290,7 @@ pub fn lora_from_code(code_file: &Path, hypernetwork_dir: &Path) -> Result<Predi
     if shape != [net.config.code_dim] {
         bail!("{}: key `code`: shape {shape:?}, the hypernetwork takes [{}]", code_file.display(), net.config.code_dim);
     }
-    Ok(net.predict(Tensor::from_data(TensorData::new(v, [1, net.config.code_dim]), &cpu())))
+    Ok(net.predict(Tensor::from_data(TensorData::new(v, [1, net.config.code_dim]), &knobs_nn::device::inference())))
 }
 
 /// `knobs train --method hyper-lora`: the [`PersonalizeConfig`] a [`TrainConfig`] describes
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn concatenated_lora_is_the_sum_of_its_parts() {
-        let dev = cpu();
+        let dev = knobs_nn::device::inference();
         let mut init = knobs_nn::Init::new(1);
         let mut part = |r: usize, s: f64| -> Plain { BTreeMap::from([("l".to_string(), (init.normal([r, 5], 1.0, &dev), init.normal([4, r], 1.0, &dev), s))]) };
         let (p, q) = (part(1, 0.5), part(3, 2.0));

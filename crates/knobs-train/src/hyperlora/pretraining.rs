@@ -8,7 +8,7 @@ use knobs_adapters::AdaptedModel;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::atomic_write;
 use knobs_nn::optim::{AdamW, AdamWConfig};
-use knobs_nn::{ModuleExt, cpu_autodiff};
+use knobs_nn::ModuleExt;
 use knobs_world::concept::{ConceptSpec, random_concept};
 use knobs_world::judge::Judge;
 use rand::Rng;
@@ -125,7 +125,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
     cfg.validate()?;
     let deadline = Deadline::new(cfg.max_seconds);
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
-    let dev = cpu_autodiff();
+    let dev = knobs_nn::device::training(false);
     let mut sd = StableDiffusion::load(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();

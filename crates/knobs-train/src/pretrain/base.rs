@@ -10,7 +10,7 @@ use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
 use knobs_diffusion::vae::{AutoencoderKL, VaeConfig};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::optim::{AdamW, AdamWConfig, Ema};
-use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, impl_module};
+use knobs_nn::{Device, Init, ModuleExt, Tensor, impl_module};
 use knobs_world::{Scene, caption, render};
 use rand::Rng;
 use serde_json::Value;
@@ -41,7 +41,7 @@ pub struct LatentCache {
 
 impl LatentCache {
     pub fn build(vae: &AutoencoderKL, seed: u64, n: usize) -> Result<Self> {
-        let dev = cpu();
+        let dev = knobs_nn::device::inference();
         let scenes: Vec<Scene> = (0..n as u64).map(|i| knobs_world::sample(seed, i).0).collect();
         let (mut mean, mut std) = (Vec::new(), Vec::new());
         for chunk in scenes.chunks(128) {
@@ -106,7 +106,7 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
         return Ok(ControlFlow::Continue(()));
     }
     let phase = config.base;
-    let dev = cpu_autodiff();
+    let dev = knobs_nn::device::training(false);
     let tokenizer = ClipTokenizer::from_dir(model_dir.join("tokenizer"))?;
     let (mut base, te_json) = new_base(config, &tokenizer, &dev)?;
     check_vae_fits(&vae.config, &base.unet.config, &model_dir)?;
@@ -188,7 +188,7 @@ fn write_preview(config: &PretrainConfig, tokenizer: &ClipTokenizer, ema: &Ema) 
             std::fs::copy(entry.path(), dir.join(part).join(entry.file_name()))?;
         }
     }
-    let (mut snapshot, te_json) = new_base(config, tokenizer, &cpu())?;
+    let (mut snapshot, te_json) = new_base(config, tokenizer, &knobs_nn::device::inference())?;
     ema.copy_to(&mut snapshot);
     write_components(&dir, &snapshot, &te_json)
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use image::RgbImage;
 use knobs_diffusion::vae::{AutoencoderKL, VaeConfig};
 use knobs_nn::optim::{AdamW, AdamWConfig};
-use knobs_nn::{Init, ModuleExt, Tensor, cpu, cpu_autodiff};
+use knobs_nn::{Init, ModuleExt, Tensor};
 use knobs_world::concept::random_concept;
 use knobs_world::{Placement, Scene, render};
 use rand::Rng;
@@ -70,10 +70,10 @@ pub fn images(rng: &mut StdRng, n: usize) -> Vec<RgbImage> {
 pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -> Result<ControlFlow<u64, AutoencoderKL>> {
     let dir = config.model_dir().join("vae");
     if folder::is_complete(&dir) {
-        return Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &cpu())?));
+        return Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &knobs_nn::device::inference())?));
     }
     let phase = config.vae;
-    let dev = cpu_autodiff();
+    let dev = knobs_nn::device::training(false);
     let vae_config = VaeConfig::from_json_str(&recipe::vae_config().to_string())?;
     let mut vae = AutoencoderKL::new(vae_config, &mut Init::new(config.seed), &dev)?;
     start_nearly_deterministic(&mut vae);
@@ -110,13 +110,13 @@ pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -
     vae.for_inference();
     let scale = scaling_factor(&vae, config.seed)?;
     folder::write_vae(&dir, &vae, scale)?;
-    Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &cpu())?))
+    Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &knobs_nn::device::inference())?))
 }
 
 /// SD's `scaling_factor`: one over the standard deviation of the latents, so that the UNet
 /// sees unit-variance inputs.
 fn scaling_factor(vae: &AutoencoderKL, seed: u64) -> Result<f64> {
-    let dev = cpu();
+    let dev = knobs_nn::device::inference();
     let mut rng = step_rng(seed, "vae-scale", 0);
     let mut sum = 0.0;
     let mut sum_sq = 0.0;

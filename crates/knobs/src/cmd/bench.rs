@@ -66,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
 fn in_child(mode: &str, args: &Args, model: &std::path::Path) -> Result<Measurement> {
     let exe = std::env::current_exe().context("cannot find the knobs executable to run a mode in")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--threads").arg(knobs_nn::threads().to_string()).arg("bench").arg("--child").arg(mode).arg("--model").arg(model);
+    cmd.arg("--threads").arg(knobs_nn::threads().to_string()).arg("--device").arg(knobs_nn::device::selected().to_string()).arg("bench").arg("--child").arg(mode).arg("--model").arg(model);
     cmd.args(["--batch", &args.batch.to_string(), "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
     if let Some(r) = args.resolution {
         cmd.args(["--resolution", &r.to_string()]);
@@ -85,7 +85,7 @@ fn mib(bytes: Option<u64>) -> String {
 }
 
 fn print_header(m: &Measurement, model: &std::path::Path) {
-    println!("model {} ({:.1} MB of weights), {} threads, median of {} steps", model.display(), m.model_bytes as f64 / 1e6, m.threads, m.steps);
+    println!("model {} ({:.1} MB of weights), device {}, {} threads, median of {} steps", model.display(), m.model_bytes as f64 / 1e6, m.device, m.threads, m.steps);
     println!("{:<9} {:>10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>12} {:>8}", "mode", "median s", "mean s", "min s", "batch", "px", "peak RSS MiB", "trainable", "load s");
 }
 

@@ -13,7 +13,7 @@ use knobs_adapters::{AdaptedModel, AdapterConfig, Pattern};
 use knobs_nn::io::state_dict;
 use knobs_nn::optim::{AdamW, AdamWConfig, collect_grads};
 use knobs_nn::toy::{TinyNet, accuracy, batch, cross_entropy};
-use knobs_nn::{ModuleExt, cpu_autodiff};
+use knobs_nn::ModuleExt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,7 +42,7 @@ fn config(method: &str) -> Result<(Box<dyn AdapterConfig>, f64)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = cpu_autodiff();
+    let device = knobs_nn::device::training(false);
     let data = batch(64, args.seed + 1, &device);
     let held_out = batch(64, args.seed + 2, &device);
     let mut rows = Vec::new();

@@ -11,7 +11,6 @@ use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use knobs_diffusion::clip::embeddings;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
-use knobs_nn::cpu;
 use knobs_world::concept::{by_name, held_out};
 use knobs_world::judge::metrics::{
     base_quality, base_quality_prompts, diversity, drift_threshold, language_drift, other_class_prompts, prior_preservation,
@@ -78,7 +77,7 @@ fn load_pipeline(dir: &Path, flag: &str) -> Result<StableDiffusion> {
     if !dir.exists() {
         bail!("{flag} {}: model folder not found", dir.display());
     }
-    let mut sd = StableDiffusion::load(dir, &cpu()).with_context(|| format!("{flag} {}", dir.display()))?;
+    let mut sd = StableDiffusion::load(dir, &knobs_nn::device::inference()).with_context(|| format!("{flag} {}", dir.display()))?;
     knobs_nn::ModuleExt::for_inference(&mut sd);
     Ok(sd)
 }

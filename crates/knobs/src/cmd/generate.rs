@@ -12,7 +12,7 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{FloatDtype, read_safetensors};
-use knobs_nn::{Tensor, cpu};
+use knobs_nn::Tensor;
 
 /// The adapter flags `generate` and `eval` share, and applying them to a loaded pipeline.
 #[derive(clap::Args, Debug, Clone)]
@@ -160,7 +160,7 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
-    let mut sd = StableDiffusion::load(&model, &cpu())?;
+    let mut sd = StableDiffusion::load(&model, &knobs_nn::device::inference())?;
     // Before adapters attach, so that only the model's own weights are narrowed.
     knobs_nn::ModuleExt::store_frozen_as(&mut sd, args.weights_dtype.dtype());
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
@@ -177,7 +177,7 @@ fn read_latents(path: &Path) -> Result<Tensor<4>> {
     let Ok(shape4) = <[usize; 4]>::try_from(shape.as_slice()) else {
         bail!("{}: key `latents`: shape {shape:?}, need 4 dimensions [N, C, H, W]", path.display());
     };
-    Ok(Tensor::from_data(TensorData::new(values, shape4), &cpu()))
+    Ok(Tensor::from_data(TensorData::new(values, shape4), &knobs_nn::device::inference()))
 }
 
 /// The request the arguments describe, checked against the loaded model.

@@ -94,7 +94,7 @@ pub fn attach_all(sd: &mut StableDiffusion, adapters: &mut PipelineAdapters, a: 
 /// component's weights: how `knobs eval` (which loads LoRA files and embeddings, not IA3)
 /// measures them. Unchanged parts are symlinks to the base folder.
 pub fn merged_model(base: &Path, a: &Artefacts, dir: &Path) -> Result<()> {
-    let mut sd = StableDiffusion::from_dir(base, &knobs_nn::cpu()).with_context(|| format!("--model {}", base.display()))?;
+    let mut sd = StableDiffusion::from_dir(base, &knobs_nn::device::inference()).with_context(|| format!("--model {}", base.display()))?;
     let mut adapters = PipelineAdapters::new(0);
     attach_all(&mut sd, &mut adapters, &Artefacts { peft: a.peft.clone(), ..Default::default() })?;
     adapters.fuse(&mut sd)?;

@@ -19,7 +19,10 @@ use knobs_train::finetune::methods::OptionGroup;
 fn knobs_json(args: &[OsString]) -> Result<Value> {
     let exe = std::env::current_exe().context("cannot find the knobs executable")?;
     let shown = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    // Children run where this process runs.
     let out = Command::new(&exe)
+        .arg("--device")
+        .arg(knobs_nn::device::selected().to_string())
         .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())

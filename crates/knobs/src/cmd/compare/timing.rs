@@ -29,7 +29,7 @@ pub struct Timer {
 /// A pipeline for inference: every parameter out of autodiff (as attaching an adapter leaves
 /// its component), so that every configuration runs the same kind of tensors.
 fn load(dir: &Path) -> Result<StableDiffusion> {
-    let mut sd = StableDiffusion::from_dir(dir, &knobs_nn::cpu()).with_context(|| format!("loading {}", dir.display()))?;
+    let mut sd = StableDiffusion::from_dir(dir, &knobs_nn::device::inference()).with_context(|| format!("loading {}", dir.display()))?;
     sd.for_inference();
     Ok(sd)
 }

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use knobs_diffusion::pipeline::StableDiffusion;
-use knobs_nn::cpu;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -51,7 +50,7 @@ pub fn run(args: Args) -> Result<()> {
     let shared = Arc::new(worker::Shared::default());
 
     let start = Instant::now();
-    let sd = StableDiffusion::load(&model, &cpu()).with_context(|| format!("--model {}", model.display()))?;
+    let sd = StableDiffusion::load(&model, &knobs_nn::device::inference()).with_context(|| format!("--model {}", model.display()))?;
     let load_seconds = start.elapsed().as_secs_f64();
     metrics.base_load_seconds.set(load_seconds);
     let (jobs, queue) = std::sync::mpsc::sync_channel(args.max_queue);

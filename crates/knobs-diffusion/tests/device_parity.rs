@@ -1,0 +1,60 @@
+//! The SD-1.x goldens on a backend other than the CPU one: the same checks as unet.rs,
+//! pipeline.rs and lora_golden.rs, on the device named by `KNOBS_TEST_DEVICE` (as `--device`
+//! spells it; default `wgpu:cpu`, Mesa's lavapipe Vulkan driver running on the CPU, which is
+//! what CI has). Tolerances, relative to the golden's largest value: `KNOBS_TEST_TOL` for
+//! every forward result (default 1e-5), `KNOBS_TEST_GRAD_TOL` for the LoRA gradients and the
+//! parameters after the AdamW step (default 1e-3: on lavapipe they land within 3e-4, the
+//! forward within 3e-6; a gradient is a sum over every token of the batch, 2048 rows here,
+//! and its order of accumulation differs from PyTorch's CPU kernels; AdamW's update passes
+//! that on). Built only with a GPU feature:
+//! `cargo test -p knobs-diffusion --features wgpu --test device_parity`.
+#![cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+mod common;
+
+use common::sd_goldens::{self, assert_within};
+use knobs_nn::Device;
+use knobs_nn::device::Target;
+
+fn target() -> Target {
+    std::env::var("KNOBS_TEST_DEVICE").unwrap_or_else(|_| "wgpu:cpu".into()).parse().expect("KNOBS_TEST_DEVICE")
+}
+
+fn tolerance(var: &str, default: f32) -> f32 {
+    std::env::var(var).map_or(default, |t| t.parse().unwrap_or_else(|_| panic!("{var}={t}: not a number")))
+}
+
+fn forward_tol() -> f32 {
+    tolerance("KNOBS_TEST_TOL", 1e-5)
+}
+
+/// The device, brought up once (its first tensor checked), or the reason it cannot come up.
+fn device() -> Device {
+    let target = target();
+    assert!(!target.is_cpu(), "KNOBS_TEST_DEVICE names the CPU; this test is for other backends");
+    knobs_nn::device::select(target).unwrap_or_else(|e| panic!("{e}"));
+    target.device().unwrap()
+}
+
+#[test]
+fn unet_matches_the_golden_on_the_device() {
+    assert_within(&sd_goldens::unet(&device(), false), forward_tol());
+}
+
+#[test]
+fn unet_training_path_matches_the_golden_on_the_device() {
+    assert_within(&sd_goldens::unet(&device().autodiff(), true), forward_tol());
+}
+
+#[test]
+fn pipeline_matches_the_golden_on_the_device() {
+    assert_within(&sd_goldens::pipeline(&device()), forward_tol());
+}
+
+#[test]
+fn lora_training_step_matches_torch_on_the_device() {
+    let report = sd_goldens::lora_train_step(&device().autodiff());
+    let (forward, grads): (Vec<_>, Vec<_>) = report.into_iter().partition(|(name, _)| ["noisy_latents", "model_pred", "loss"].contains(&name.as_str()));
+    assert_eq!((forward.len(), grads.len()), (3, 2));
+    assert_within(&forward, forward_tol());
+    assert_within(&grads, tolerance("KNOBS_TEST_GRAD_TOL", 1e-3));
+}

@@ -1,0 +1,79 @@
+"""The PyTorch peer of `knobs bench --device cuda` on one GPU: a PEFT LoRA training step
+(rank 4 on to_q/to_k/to_v/to_out.0, AdamW, batch B, prompt encoded each step as knobs does)
+and one generation step (DDIM, CFG 7.5, VAE decode) at --resolution, median of --steps after
+--warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode.
+
+    python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3]
+"""
+import argparse, json, os, statistics, time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from peft import LoraConfig
+
+p = argparse.ArgumentParser()
+p.add_argument("model")
+p.add_argument("--resolution", type=int, default=512)
+p.add_argument("--batch", type=int, default=1)
+p.add_argument("--steps", type=int, default=10)
+p.add_argument("--warmup", type=int, default=3)
+p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+a = p.parse_args()
+dev = torch.device("cuda")
+dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
+
+
+def timed(step):
+    times = []
+    for i in range(a.warmup + a.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(i)
+        torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+t0 = time.perf_counter()
+pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False).to(dev)
+load_s = time.perf_counter() - t0
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+
+with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+    gen = timed(lambda i: pipe("a photo of a sks dog", num_inference_steps=1, guidance_scale=7.5, height=a.resolution, width=a.resolution,
+                               generator=torch.Generator(dev).manual_seed(i), output_type="np"))
+print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "load_s": load_s}))
+
+unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+for m in (vae, te):
+    m.requires_grad_(False)
+unet.requires_grad_(False)
+unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+params = [p for p in unet.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4)
+ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+images = torch.rand(a.batch, 3, a.resolution, a.resolution, device=dev) * 2 - 1
+
+
+def train_step(i):
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+            ids = tok(["a photo of sks"] * a.batch, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(dev)
+            ctx = te(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (a.batch,), device=dev)
+        pred = unet(ddpm.add_noise(latents, noise, t), t, ctx).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+lora = timed(train_step)
+print(json.dumps({"peer": "peft", "mode": "lora", "median_s": lora, "resolution": a.resolution, "batch": a.batch, "dtype": a.dtype,
+                  "peak_gpu_bytes": torch.cuda.max_memory_allocated()}))
