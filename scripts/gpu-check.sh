@@ -3,14 +3,16 @@
 # tool lends one): builds knobs with `cuda`, runs the SD-1.x goldens on the GPU in f32 (the
 # same checks as the CPU tests, tests/device_parity.rs, relative error <= 1e-5), then times a
 # LoRA training step and one 512x512 generation step of a full-size SD-1.5 architecture with
-# random weights, knobs and PyTorch on the same GPU, and prints the ratios.
+# random weights, in f32 and in bf16 mixed precision, knobs and PyTorch on the same GPU, and
+# prints the ratios.
 #
 #   scripts/gpu-check.sh [DEVICE]        DEVICE as --device spells it, default cuda:0
 #
 # The SD-1.5 folder: $SD15 if set, else made by ../shared/reference/make_sd15_random.py
 # (needs torch, diffusers, transformers and open_clip). Without PyTorch on the machine the
 # knobs side is still timed and the peer's lines say why they are missing.
-# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs.json, peer.jsonl.
+# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs-{fp32,bf16}.json,
+# peer-{fp32,bf16}.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cuda:0}
@@ -31,6 +33,9 @@ KNOBS=$CARGO_TARGET_DIR/release/knobs
 step "goldens on $DEVICE (f32, relative error <= 1e-5)"
 KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_TOL=1e-5 cargo test --release -p knobs-diffusion --features cuda --test device_parity -- --nocapture --test-threads 1 2>&1 | tee "$OUT/goldens.txt" | grep -E "rel err|test result|panicked|FAILED"
 
+step "the UNet in bf16 on $DEVICE (mixed precision against the f32 golden)"
+KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=bf16 cargo test --release -p knobs-diffusion --features cuda --test device_parity half -- --nocapture 2>&1 | tee "$OUT/goldens-bf16.txt" | grep -E "rel err|test result|panicked|FAILED"
+
 step "a full-size SD-1.5 architecture with random weights"
 SD15=${SD15:-/tmp/sd15-random}
 if [ ! -f "$SD15/model_index.json" ]; then
@@ -41,19 +46,20 @@ if [ ! -f "$SD15/model_index.json" ]; then
   exit 0
 fi
 
-step "knobs on $DEVICE: LoRA step (batch 1) and one generation step, 512x512"
-"$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps 10 --warmup 3 --modes lora,generate --json | tee "$OUT/knobs.json"
-
-step "PyTorch on the same GPU"
-: > "$OUT/peer.jsonl"
-if python3 -c "import torch, diffusers, peft; assert torch.cuda.is_available()" 2>/dev/null; then
-  python3 scripts/peer_gpu.py "$SD15" --resolution 512 --batch 1 --steps 10 --warmup 3 | tee "$OUT/peer.jsonl"
-else
-  echo "no PyTorch with CUDA here (python3 -c 'import torch, diffusers, peft' failed): no peer, no ratios"
-fi
-
-step "ratios (knobs / PyTorch, median seconds; <= 1.0 is the goal)"
-python3 - "$OUT/knobs.json" "$OUT/peer.jsonl" <<'PY'
+has_peer=0
+python3 -c "import torch, diffusers, peft; assert torch.cuda.is_available()" 2>/dev/null && has_peer=1
+[ $has_peer = 1 ] || echo "no PyTorch with CUDA here (python3 -c 'import torch, diffusers, peft' failed): no peer, no ratios"
+for dtype in fp32 bf16; do
+  mp=no; [ $dtype = bf16 ] && mp=bf16
+  step "knobs on $DEVICE, $dtype: LoRA step (batch 1) and one generation step, 512x512"
+  "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps 10 --warmup 3 --modes lora,generate --mixed-precision $mp --json | tee "$OUT/knobs-$dtype.json"
+  : > "$OUT/peer-$dtype.jsonl"
+  if [ $has_peer = 1 ]; then
+    step "PyTorch on the same GPU, $dtype (autocast)"
+    python3 scripts/peer_gpu.py "$SD15" --resolution 512 --batch 1 --steps 10 --warmup 3 --dtype $dtype | tee "$OUT/peer-$dtype.jsonl"
+  fi
+  step "ratios, $dtype (knobs / PyTorch, median seconds; <= 1.0 is the goal)"
+  python3 - "$OUT/knobs-$dtype.json" "$OUT/peer-$dtype.jsonl" <<'PY'
 import json, sys
 knobs = {m["mode"]: m for m in json.load(open(sys.argv[1]))}
 peer = {m["mode"]: m for m in map(json.loads, filter(str.strip, open(sys.argv[2])))}
@@ -64,3 +70,4 @@ for mode in ("lora", "generate"):
     elif k:
         print(f"{mode:>9}: knobs {k['median_s']:.3f} s, no peer")
 PY
+done

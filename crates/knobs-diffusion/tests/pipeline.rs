@@ -5,11 +5,8 @@ use std::path::Path;
 mod common;
 
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
-use knobs_diffusion::schedulers::{DdimScheduler, Scheduler};
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::{Tensor, cpu};
-use serde_json::Value;
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
@@ -29,14 +26,6 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
     diff / want.iter().map(|b| b.abs() as f64).fold(0.0, f64::max)
-}
-
-fn assert_close<const D: usize>(name: &str, got: Tensor<D>, g: &StateDict, key: &str, tol: f64) {
-    let (want, shape) = g.f32(key).unwrap();
-    assert_eq!(got.dims().to_vec(), shape, "{name} shape");
-    let e = rel_err(&values(got), &want);
-    println!("{name}: relative error {e:.3e}");
-    assert!(e <= tol, "{name}: relative error {e:.3e} > {tol:.0e}");
 }
 
 fn small(prompt: &str, seed: u64) -> GenerateRequest {

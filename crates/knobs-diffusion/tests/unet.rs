@@ -7,18 +7,13 @@ mod common;
 
 use knobs_diffusion::unet::{UNet2DConditionModel, UNetConfig};
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{StateDict, read_safetensors};
+use knobs_nn::io::read_safetensors;
 use knobs_nn::{Device, Init, ModuleExt, Tensor, cpu, cpu_autodiff, gradcheck};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden");
 
 fn unet_dir() -> PathBuf {
     Path::new(GOLDEN).join("tiny-sd/unet")
-}
-
-fn tensor<const D: usize>(sd: &StateDict, key: &str, device: &Device) -> Tensor<D> {
-    let (values, shape) = sd.f32(key).unwrap();
-    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -52,6 +47,36 @@ fn matches_diffusers_golden_when_tracked_for_training() {
 
 fn check_golden(device: &Device, trainable: bool) {
     common::sd_goldens::assert_within(&common::sd_goldens::unet(device, trainable), 1e-4);
+}
+
+/// Mixed precision: bf16 / fp16 compute over f32 weights stays near diffusers' f32 golden
+/// (bf16 keeps 8 mantissa bits, fp16 11), and training through it hands every parameter an
+/// f32 gradient that is finite and, somewhere in each tensor, non-zero.
+#[test]
+fn half_precision_compute_stays_near_the_golden_and_trains_f32_weights() {
+    use knobs_nn::burn::tensor::DType;
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 4e-3)] {
+        let report = common::sd_goldens::unet_in(&cpu(), false, dtype);
+        println!("{dtype:?}");
+        let (out, _) = &report[0];
+        assert_eq!(out, "out");
+        common::sd_goldens::assert_within(&report, tol);
+    }
+    let device = cpu_autodiff();
+    let mut unet = UNet2DConditionModel::from_dir(unet_dir(), &device).unwrap();
+    unet.compute_dtype = DType::BF16;
+    unet.train_only(|_| true);
+    let out = unet.forward(random([1, 4, 32, 32], 1, &device), Tensor::from_floats([10.0], &device), random([1, 77, 32], 2, &device));
+    assert_eq!(out.dtype(), DType::F32, "the prediction comes back in f32 for the loss");
+    let grads = out.powi_scalar(2).mean().backward();
+    let mut checked = 0;
+    unet.for_each_param(|path, p| {
+        assert_eq!(p.to_data().dtype(), DType::F32, "{path}: master weights stay f32");
+        let g: Vec<f32> = p.grad(&grads).unwrap_or_else(|| panic!("{path}: no gradient")).into_data().try_into_vec().unwrap();
+        assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0), "{path}: gradient not finite or all zero");
+        checked += 1;
+    });
+    assert!(checked > 200, "{checked} parameter tensors");
 }
 
 #[test]

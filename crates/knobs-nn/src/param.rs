@@ -135,7 +135,14 @@ impl ParamMut<'_> {
 /// for the backward pass, even with checkpointing; linear layers therefore go through
 /// [`crate::ops::frozen_linear`] in training.
 pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
-    if t.dtype() == DType::F32 { t.clone() } else { t.clone().cast(DType::F32) }
+    value_as(t, DType::F32)
+}
+
+/// `t` in `dtype`: itself when it is, else its conversion. Under mixed precision a layer
+/// computes in its input's dtype and casts its (f32 master) weights to it; the cast's
+/// backward hands f32 gradients to the master weights.
+pub fn value_as<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype { t.clone() } else { t.clone().cast(dtype) }
 }
 
 /// `value` as a fresh leaf with `old`'s autodiff association (and its checkpointing

@@ -16,7 +16,7 @@ use knobs_nn::ModuleExt;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::finetune::config::TrainConfig;
+use crate::finetune::config::{MixedPrecision, TrainConfig};
 use crate::finetune::methods::Method;
 use crate::finetune::trainer::set_trainable;
 use crate::objective::{LossOptions, Objective, resolution};
@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub batch: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// What the UNet computes in (`--mixed-precision`; no loss scaling: timing only).
+    pub mixed_precision: MixedPrecision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +61,8 @@ pub struct Measurement {
     /// Where it ran, as `--device` names it.
     #[serde(default)]
     pub device: String,
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
     pub load_s: f64,
     pub peak_rss_bytes: Option<u64>,
     pub trainable_params: usize,
@@ -95,6 +99,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     let loaded = Instant::now();
     let mut sd = StableDiffusion::load(&o.model, &dev).with_context(|| format!("--model {}", o.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
+    sd.unet.compute_dtype = o.mixed_precision.compute_dtype();
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
     let (times, trainable_params) = match method {
         Some(method) => train_steps(method, &mut sd, res, o)?,
@@ -112,6 +117,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         resolution: res,
         threads: knobs_nn::threads(),
         device: knobs_nn::device::selected().to_string(),
+        mixed_precision: o.mixed_precision,
         load_s,
         peak_rss_bytes: peak_rss_bytes(),
         trainable_params,

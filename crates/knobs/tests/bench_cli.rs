@@ -51,7 +51,7 @@ fn bad_modes_and_thread_counts_are_named() {
 #[test]
 fn devices_not_built_in_or_misspelt_are_named() {
     if !cfg!(feature = "cuda") {
-        let err = fail(&["--device", "cuda:1", "generate", "--prompt", "a red star"]);
+        let err = fail(&["--device", "cuda:1", "generate", "--prompt", "a red star", "--out", "never-written.png"]);
         assert!(err.contains("--device cuda:1") && err.contains("`cuda` feature") && err.contains("compiled in: cpu"), "{err}");
     }
     let err = fail(&["--device", "tpu", "bench", "--model", TINY_SD]);

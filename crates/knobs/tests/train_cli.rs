@@ -493,3 +493,47 @@ fn max_memory_predicts_the_peak_and_refuses_runs_above_it() {
     let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-memory", "0", "--out", s(&tmp.path().join("y"))]);
     assert!(err.contains("--max-memory"), "{err}");
 }
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().skip(1).map(|l| l.split_once(',').unwrap().1.parse().unwrap()).collect()
+}
+
+/// Mixed precision: bf16 and fp16 compute follow the f32 run's loss curve step by step (same
+/// draws, only the UNet's arithmetic is narrower), the LoRA files stay f32, an fp16 run (its
+/// loss scale in the checkpoints) resumes bit-identically, and methods with their own loop
+/// refuse the flag.
+#[test]
+fn mixed_precision_follows_f32_and_fp16_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = ["--max-train-steps", "8", "--checkpointing-steps", "2", "--rank", "2", "--train-batch-size", "2", "--num-samples", "1", "--sample-steps", "4"];
+    let reference = tmp.path().join("f32");
+    train(&reference, "lora", &steps);
+    let want = losses(&reference);
+    for mp in ["bf16", "fp16"] {
+        let out = tmp.path().join(mp);
+        let mut args = steps.to_vec();
+        args.extend_from_slice(&["--mixed-precision", mp]);
+        train(&out, "lora", &args);
+        let got = losses(&out);
+        let worst = got.iter().zip(&want).map(|(g, w)| ((g - w) / w).abs()).fold(0.0, f64::max);
+        println!("{mp}: losses {got:?} against f32 {want:?}, worst relative difference {worst:.2e}");
+        assert!(worst < 5e-3 && worst > 0.0, "{mp}: worst relative loss difference {worst}");
+        let file = read_safetensors(out.join("pytorch_lora_weights.safetensors")).unwrap();
+        assert!(file.tensors.values().all(|t| t.dtype() == knobs_nn::burn::tensor::DType::F32), "{mp}: LoRA files stay f32");
+        if mp == "fp16" {
+            let ck = read_safetensors(out.join("checkpoints/train-00000008.safetensors")).unwrap();
+            assert_eq!(ck.metadata["loss_scale"], "65536 8", "no overflow on this tiny run: the scale stays, 8 good steps");
+        }
+    }
+    let cut = tmp.path().join("cut");
+    let mut args = vec!["train", "--model", s(tiny_model()), "--method", "lora", "--concept", "striped-star", "--out", s(&cut), "--mixed-precision", "fp16"];
+    args.extend_from_slice(&steps);
+    kill_after_checkpoint(&args, &cut, 4);
+    args.extend_from_slice(&["--resume", s(&cut)]);
+    ok(&args);
+    for file in ["pytorch_lora_weights.safetensors", "loss.csv"] {
+        assert!(std::fs::read(tmp.path().join("fp16").join(file)).unwrap() == std::fs::read(cut.join(file)).unwrap(), "{file} differs after resume");
+    }
+    let err = fail(&["train", "--model", s(tiny_model()), "--method", "hyper-lora", "--concept", "striped-star", "--out", s(&tmp.path().join("h")), "--mixed-precision", "bf16"]);
+    assert!(err.contains("--mixed-precision") && err.contains("hyper-lora"), "{err}");
+}

@@ -2,6 +2,7 @@
 //! and the text encoder's hidden states.
 use std::path::Path;
 
+use knobs_nn::burn::tensor::DType;
 use knobs_nn::burn::tensor::activation::silu;
 use knobs_nn::io::{LoadOptions, load_file};
 use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};
@@ -27,6 +28,9 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// What the forward pass computes in: f32, or bf16 / f16 for mixed precision (inputs
+    /// cast on entry, weights cast where used, norms and softmax in f32, output in f32).
+    pub compute_dtype: DType,
 }
 impl_module!(UNet2DConditionModel {
     "conv_in" => conv_in, "time_embedding" => time_embedding, "add_embedding" => add_embedding, "down_blocks" => down_blocks,
@@ -112,7 +116,7 @@ impl UNet2DConditionModel {
         }
         let conv_norm_out = GroupNorm::new(config.groups(), ch[0], config.norm_eps, device);
         let conv_out = Conv2d::new(ch[0], config.out_channels, k_out, 1, k_out / 2, true, init, device);
-        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out, compute_dtype: DType::F32 })
     }
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (every tensor
@@ -143,6 +147,8 @@ impl UNet2DConditionModel {
         let (proj, mlp) = (self.add_time_proj.as_ref()?, self.add_embedding.as_ref()?);
         let [b, n] = added.time_ids.dims();
         let features = proj.forward(added.time_ids.clone().reshape([b * n])).reshape([b, n * proj.dim]);
+        // In the pooled embedding's dtype (f32, or the compute dtype under mixed precision).
+        let features = knobs_nn::param::value_as(&features, added.text_embeds.dtype());
         Some(mlp.forward(Tensor::cat(vec![added.text_embeds.clone(), features], 1)))
     }
 
@@ -197,9 +203,13 @@ impl UNet2DConditionModel {
         let b = sample.dims()[0];
         let timesteps = if timesteps.dims()[0] == b { timesteps } else { timesteps.expand([b]) };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
-        let t_proj = self.time_proj.forward(timesteps);
+        let dtype = self.compute_dtype;
+        let cast = |t: Tensor<2>| if dtype == DType::F32 { t } else { t.cast(dtype) };
+        let (sample, context) = if dtype == DType::F32 { (sample, context) } else { (sample.cast(dtype), context.cast(dtype)) };
+        let t_proj = cast(self.time_proj.forward(timesteps));
         let temb = self.time_embedding.forward(t_proj.clone());
-        let temb = match added.and_then(|a| self.added_embedding(a)) {
+        let added = added.map(|a| AddedCond { text_embeds: cast(a.text_embeds.clone()), time_ids: a.time_ids.clone() });
+        let temb = match added.as_ref().and_then(|a| self.added_embedding(a)) {
             Some(aug) => temb + aug,
             None => temb,
         };
@@ -239,6 +249,7 @@ impl UNet2DConditionModel {
                 conv_norm_out: normed.clone(),
             });
         }
-        self.conv_out.forward(silu(normed))
+        let out = self.conv_out.forward(silu(normed));
+        if dtype == DType::F32 { out } else { out.cast(DType::F32) }
     }
 }

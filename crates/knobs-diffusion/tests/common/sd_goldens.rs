@@ -8,7 +8,7 @@ use knobs_adapters::{AdaptedModel, strip_adapter_name};
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_diffusion::schedulers::{DdimScheduler, DdpmScheduler, Scheduler};
 use knobs_diffusion::unet::UNet2DConditionModel;
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{DType, TensorData};
 use knobs_nn::io::{StateDict, read_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig, collect_grads};
 use knobs_nn::{Device, ModuleExt, Tensor};
@@ -60,7 +60,13 @@ pub fn assert_within(report: &Report, tol: f32) {
 /// The UNet's output and intermediates on diffusers' inputs; `trainable` tracks every
 /// parameter (the training path of each layer).
 pub fn unet(device: &Device, trainable: bool) -> Report {
+    unet_in(device, trainable, DType::F32)
+}
+
+/// [`unet`] computing in `dtype` (mixed precision: weights stay f32).
+pub fn unet_in(device: &Device, trainable: bool, dtype: DType) -> Report {
     let mut unet = UNet2DConditionModel::from_dir(Path::new(SD_GOLDEN).join("tiny-sd/unet"), device).unwrap();
+    unet.compute_dtype = dtype;
     if trainable {
         unet.train_only(|_| true);
     }

@@ -1,4 +1,4 @@
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use burn::tensor::Tensor;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
@@ -6,7 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::param::{ParamMut, ParamRef, f32_value};
+use crate::param::{ParamMut, ParamRef, f32_value, value_as};
 
 /// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
 #[derive(Debug)]
@@ -58,19 +58,26 @@ impl Conv2d {
     }
 
     pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(x, f32_value(&self.weight), self.bias.clone(), self.options())
+        let dtype = x.dtype();
+        // Mixed precision: the convolution in the input's dtype.
+        conv2d(x, value_as(&self.weight, dtype), self.bias.as_ref().map(|b| value_as(b, dtype)), self.options())
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let live: Vec<_> = self.adapters.live().collect();
-        self.chain(&live, x)
+        if live.is_empty() {
+            return self.forward_base(x);
+        }
+        // Adapters compute in f32, the base convolution in the input's dtype (as Linear).
+        let dtype = x.dtype();
+        value_as(&self.chain(&live, f32_value(&x), dtype), dtype)
     }
 
     /// The layer wrapped by `live` adapters, the last one outermost.
-    fn chain(&self, live: &[&SlotEntry<dyn Conv2dAdapter>], x: Tensor<4>) -> Tensor<4> {
+    fn chain(&self, live: &[&SlotEntry<dyn Conv2dAdapter>], x: Tensor<4>, base_dtype: DType) -> Tensor<4> {
         match live.split_last() {
-            None => self.forward_base(x),
-            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x), outer.weight()),
+            None => f32_value(&self.forward_base(value_as(&x, base_dtype))),
+            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x, base_dtype), outer.weight()),
         }
     }
 

@@ -1,10 +1,10 @@
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::param::{ParamMut, ParamRef, f32_value};
+use crate::param::{ParamMut, ParamRef, f32_value, value_as};
 
 /// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
 #[derive(Debug)]
@@ -48,6 +48,11 @@ impl Linear {
             };
             return y.reshape(dims);
         }
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            // Mixed precision: the matmul in the input's dtype.
+            return linear(x, value_as(&self.weight, dtype).transpose(), self.bias.as_ref().map(|b| value_as(b, dtype)));
+        }
         linear(x, f32_value(&self.weight).transpose(), self.bias.clone())
     }
 
@@ -58,16 +63,19 @@ impl Linear {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let live: Vec<_> = self.adapters.live().collect();
-        let y = self.chain(&live, x.reshape([rows, self.d_in()]));
+        let dtype = x.dtype();
+        // Adapters compute in f32 (they are small, and what trains); under mixed precision
+        // only the base matmul runs in the input's dtype.
+        let y = self.chain(&live, f32_value(&x.reshape([rows, self.d_in()])), dtype);
         dims[D - 1] = self.d_out();
-        y.reshape(dims)
+        value_as(&y, dtype).reshape(dims)
     }
 
     /// The layer wrapped by `live` adapters, the last one outermost.
-    fn chain(&self, live: &[&SlotEntry<dyn LinearAdapter>], x: Tensor<2>) -> Tensor<2> {
+    fn chain(&self, live: &[&SlotEntry<dyn LinearAdapter>], x: Tensor<2>, base_dtype: DType) -> Tensor<2> {
         match live.split_last() {
-            None => self.forward_base(x),
-            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x), outer.weight()),
+            None => f32_value(&self.forward_base(value_as(&x, base_dtype))),
+            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x, base_dtype), outer.weight()),
         }
     }
 }

@@ -1,5 +1,7 @@
 use burn::tensor::module::layer_norm;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::param::value_as;
 
 use crate::module::{Module, Visitor, VisitorMut, join};
 use crate::param::{ParamMut, ParamRef};
@@ -18,7 +20,12 @@ impl GroupNorm {
         GroupNorm { weight: Tensor::ones([channels], device), bias: Tensor::zeros([channels], device), groups, eps }
     }
 
+    /// Statistics in f32 whatever the input's dtype (mixed precision), the result in it.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            return value_as(&self.forward(x.cast(DType::F32)), dtype);
+        }
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let per_group = dims[1..].iter().product::<usize>() / self.groups;
@@ -45,7 +52,12 @@ impl LayerNorm {
         LayerNorm { weight: Tensor::ones([dim], device), bias: Tensor::zeros([dim], device), eps }
     }
 
+    /// Statistics in f32 whatever the input's dtype (mixed precision), the result in it.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            return value_as(&self.forward(x.cast(DType::F32)), dtype);
+        }
         layer_norm(x, self.weight.clone(), Some(self.bias.clone()), self.eps)
     }
 }

@@ -55,7 +55,10 @@ pub fn decomposed(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale:
     let d = width / heads;
     let split = |x: Tensor<3>, rows: usize| x.reshape([b, rows, heads, d]).swap_dims(1, 2).reshape([b * heads, rows, d]);
     // Scaling q (N x d) is cheaper than scaling the scores (N x M).
-    let probs = softmax(split(q * scale, n).matmul(split(k, m).swap_dims(1, 2)), 2);
+    let scores = split(q * scale, n).matmul(split(k, m).swap_dims(1, 2));
+    let dtype = scores.dtype();
+    // Under mixed precision the softmax still runs in f32, as autocast runs it.
+    let probs = if dtype == DType::F32 { softmax(scores, 2) } else { softmax(scores.cast(DType::F32), 2).cast(dtype) };
     probs.matmul(split(v, m)).reshape([b, heads, n, d]).swap_dims(1, 2).reshape([b, n, width])
 }
 

@@ -12,7 +12,7 @@ use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor};
 /// `x` `[rows, in]` times the transpose of the frozen half-precision `w` `[out, in]`; `None`
 /// when this op does not apply (no autodiff, a trainable or f32 weight, another backend).
 pub fn linear(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
-    if !x.is_autodiff() || w.is_require_grad() || w.dtype() == DType::F32 {
+    if !x.is_autodiff() || w.is_require_grad() || w.dtype() == DType::F32 || x.dtype() != DType::F32 {
         return None;
     }
     let half = w.clone().inner();

@@ -4,11 +4,13 @@ mod adafactor;
 mod adamw;
 mod adamw8bit;
 mod ema;
+mod loss_scale;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig};
 pub use adamw8bit::{AdamW8bit, BLOCK, Blockwise, MIN_8BIT_SIZE, QuantMap};
 pub use ema::Ema;
+pub use loss_scale::LossScaler;
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -146,12 +146,42 @@ pub struct OptimOptions {
     /// value against 8), for full fine-tunes of large models.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
+    /// Mixed precision: the UNet computes in bf16 or fp16 (norms and softmax in f32) while
+    /// the trained parameters, their gradients and the optimizer stay f32; fp16 adds dynamic
+    /// loss scaling. `no`: everything in f32. Meant for GPUs; the CPU runs bf16 slower.
+    #[arg(long, value_enum, default_value_t = MixedPrecision::No)]
+    pub mixed_precision: MixedPrecision,
     /// Keep an exponential moving average of the trained parameters (diffusers' EMAModel:
     /// decay (1 + n) / (10 + n) capped at this value) and also write the method's files from
     /// it, into OUT/ema/.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema_decay: Option<f64>,
+}
+
+/// What the UNet computes in while training (`--mixed-precision`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// f32 throughout.
+    #[default]
+    No,
+    /// bfloat16 compute: f32's range, so no loss scaling.
+    Bf16,
+    /// float16 compute, with dynamic loss scaling against gradient underflow.
+    Fp16,
+}
+
+impl MixedPrecision {
+    pub fn compute_dtype(self) -> knobs_nn::burn::tensor::DType {
+        use knobs_nn::burn::tensor::DType;
+        match self {
+            MixedPrecision::No => DType::F32,
+            MixedPrecision::Bf16 => DType::BF16,
+            MixedPrecision::Fp16 => DType::F16,
+        }
+    }
 }
 
 /// The optimizer of `knobs train` (`--optimizer`).
@@ -370,6 +400,11 @@ impl TrainConfig {
         // AdamW runs keep the fingerprint they had before --optimizer existed, so that their
         // checkpoints still resume. (A quote inside a string value is escaped, so this text
         // can only be the key itself.)
+        // Likewise f32 runs (no mixed precision) keep theirs.
+        let json = match c.optim.mixed_precision {
+            MixedPrecision::No => json.replacen(r#","mixed_precision":"no""#, "", 1),
+            _ => json,
+        };
         match c.optim.optimizer {
             OptimizerKind::Adamw => json.replacen(r#","optimizer":"adamw""#, "", 1),
             _ => json,
@@ -380,6 +415,9 @@ impl TrainConfig {
     /// settings of option groups the method does not read, then the method's own rules.
     pub fn validate(&self) -> Result<()> {
         let (d, o) = (&self.data, &self.optim);
+        if o.mixed_precision != MixedPrecision::No && self.method.own_loop() {
+            bail!("--mixed-precision {:?}: --method {} runs its own loop, in f32 only", o.mixed_precision, self.method);
+        }
         if d.concept.is_none() && d.instance_dir.is_none() {
             bail!("give --concept NAME (a built-in concept) or --instance-dir DIR");
         }

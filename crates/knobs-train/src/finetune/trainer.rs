@@ -12,7 +12,7 @@ use image::RgbImage;
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
-use knobs_nn::optim::{Ema, Grads, clip_grad_norm, collect_grads, scale_grads};
+use knobs_nn::optim::{Ema, Grads, LossScaler, clip_grad_norm, collect_grads, scale_grads};
 use knobs_nn::ModuleExt;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -20,7 +20,7 @@ use regex::Regex;
 
 pub use super::outputs::Summary;
 use super::buckets::{self, Buckets, Size};
-use super::config::TrainConfig;
+use super::config::{MixedPrecision, TrainConfig};
 use super::data::{self, Example};
 use super::outputs::{Sampling, save_grid, size_of, write_samples};
 use super::plot;
@@ -172,6 +172,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     // Before adapters attach: what the method trains is widened back to f32 by set_trainable.
     sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
     sd.vae.for_inference();
+    sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
     let buckets = if cfg.data.bucket { Some(Buckets::new(res, size_unit(&sd, res)?)) } else { None };
     let instances = match &buckets {
@@ -198,6 +199,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let mut first = 0;
     // The average starts from the parameters as attached; a resumed run loads its own.
     let mut ema = o.ema_decay.map(|d| Ema::new(&sd, d));
+    let mut scaler = (o.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
     if let Some((step, ck)) = resume_checkpoints(cfg, &ckpts)? {
         check_settings(&ck, &fingerprint)?;
         load_state_dict(&mut sd, &sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: false })?;
@@ -206,6 +208,10 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             e.load_state(&ck, &dev)?;
         }
         history = decode_history(meta(&ck, "loss_history")?)?;
+        if let Some(s) = &mut scaler {
+            let text = meta(&ck, "loss_scale")?;
+            *s = LossScaler::decode(text).with_context(|| format!("{}: unreadable loss_scale `{text}`", ck.file.display()))?;
+        }
         first = step;
     }
     let prompts = validation_prompts(cfg, &instances);
@@ -235,20 +241,28 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             let instance = per.clone().slice([0..n]).mean();
             let loss = if n < b { instance + per.slice([n..b]).mean() * cfg.data.prior_loss_weight } else { instance } / accum as f64;
             value += loss.clone().into_scalar::<f32>() as f64;
+            let loss = match &scaler {
+                Some(s) => loss * s.scale(),
+                None => loss,
+            };
             add_grads(&mut grads, collect_grads(&sd, &loss.backward()));
         }
         if !value.is_finite() {
             bail!("loss became {value} at step {step}; stopped. The last good checkpoint is in {}", ckpts.dir.display());
         }
         let mut grads = grads.expect("at least one micro-step");
-        clip_grad_norm(&mut grads, o.max_grad_norm);
-        if let Some(g) = cfg.freeze.grad_scale {
-            scale_grads(&mut grads, g, |_| true);
-        }
-        let lr = cfg.learning_rate() * o.lr_scheduler.factor(step, o.lr_warmup_steps, total);
-        opt.step(&mut sd, &grads, &|path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
-        if let Some(e) = &mut ema {
-            e.update(&sd);
+        // fp16: a step whose scaled gradients overflowed is skipped (the scale is halved).
+        let finite = scaler.as_mut().is_none_or(|s| s.unscale_and_update(&mut grads));
+        if finite {
+            clip_grad_norm(&mut grads, o.max_grad_norm);
+            if let Some(g) = cfg.freeze.grad_scale {
+                scale_grads(&mut grads, g, |_| true);
+            }
+            let lr = cfg.learning_rate() * o.lr_scheduler.factor(step, o.lr_warmup_steps, total);
+            opt.step(&mut sd, &grads, &|path| lr * lr_scales.iter().find(|(r, _)| r.is_match(path)).map_or(1.0, |(_, f)| *f));
+            if let Some(e) = &mut ema {
+                e.update(&sd);
+            }
         }
         // Before any checkpoint is written: a full fine-tune's gradients are a model's size.
         drop(grads);
@@ -265,6 +279,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             }
             state.meta.insert("config".into(), fingerprint.clone());
             state.meta.insert("loss_history".into(), encode_history(&history));
+            if let Some(s) = &scaler {
+                state.meta.insert("loss_scale".into(), s.encode());
+            }
             ckpts.save(step + 1, state)?;
             // The final log is written once, after the loop.
             if !done {
@@ -292,6 +309,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let trained = ema.as_ref().map(|_| Ema::new(&sd, 0.0));
     sd.for_inference();
     sd.device = dev.clone().inner();
+    // Samples and files as `knobs generate` makes them: in f32.
+    sd.unet.compute_dtype = knobs_nn::burn::tensor::DType::F32;
     write_samples(&cfg.out, &sd, &prompts, sampling)?;
     let mut outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
     if let (Some(e), Some(trained)) = (&ema, &trained) {

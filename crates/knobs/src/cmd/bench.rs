@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use knobs_train::bench::{BenchOptions, Measurement, measure, method_of};
 use knobs_train::builtin;
+use knobs_train::finetune::config::MixedPrecision;
+use clap::ValueEnum;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,6 +30,10 @@ pub struct Args {
     /// steps), generate.
     #[arg(long, value_delimiter = ',', default_value = "full,lora,ia3,ti,generate")]
     modes: Vec<String>,
+    /// Time the UNet computing in bf16 or fp16 over f32 weights (as `train --mixed-precision`,
+    /// without loss scaling).
+    #[arg(long, value_enum, default_value_t = MixedPrecision::No)]
+    mixed_precision: MixedPrecision,
     /// Print the measurements as JSON.
     #[arg(long)]
     json: bool,
@@ -38,7 +44,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = builtin::model_or_default(args.model.as_deref())?;
-    let options = BenchOptions { model: model.clone(), resolution: args.resolution, batch: args.batch, steps: args.steps, warmup: args.warmup };
+    let options = BenchOptions { model: model.clone(), resolution: args.resolution, batch: args.batch, steps: args.steps, warmup: args.warmup, mixed_precision: args.mixed_precision };
     if let Some(mode) = &args.child {
         println!("{}", serde_json::to_string(&measure(mode, &options)?)?);
         return Ok(());
@@ -68,6 +74,9 @@ fn in_child(mode: &str, args: &Args, model: &std::path::Path) -> Result<Measurem
     let mut cmd = Command::new(exe);
     cmd.arg("--threads").arg(knobs_nn::threads().to_string()).arg("--device").arg(knobs_nn::device::selected().to_string()).arg("bench").arg("--child").arg(mode).arg("--model").arg(model);
     cmd.args(["--batch", &args.batch.to_string(), "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
+    if let Some(mp) = args.mixed_precision.to_possible_value() {
+        cmd.args(["--mixed-precision", mp.get_name()]);
+    }
     if let Some(r) = args.resolution {
         cmd.args(["--resolution", &r.to_string()]);
     }
