@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, sized for about 15 minutes on one large NVIDIA GPU (run it where the device
 # tool lends one): builds knobs with `cuda`, runs the SD-1.x goldens on the GPU in f32 (the
-# same checks as the CPU tests, tests/device_parity.rs, relative error <= 1e-5), then times a
+# same checks as the CPU tests, tests/device_parity.rs, relative error <= 1e-5), a LoRA run of
+# `knobs train` against the CPU's (knobs-train/tests/device_train.rs), then times a
 # LoRA training step and one 512x512 generation step of a full-size SD-1.5 architecture with
 # random weights, in f32 and in bf16 mixed precision, knobs and PyTorch on the same GPU, and
 # prints the ratios.
@@ -32,6 +33,9 @@ KNOBS=$CARGO_TARGET_DIR/release/knobs
 
 step "goldens on $DEVICE (f32, relative error <= 1e-5)"
 KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_TOL=1e-5 cargo test --release -p knobs-diffusion --features cuda --test device_parity -- --nocapture --test-threads 1 2>&1 | tee "$OUT/goldens.txt" | grep -E "rel err|test result|panicked|FAILED"
+
+step "a LoRA run on $DEVICE against the same run on the CPU (knobs train end to end)"
+KNOBS_TEST_DEVICE=$DEVICE cargo test --release -p knobs-train --features cuda --test device_train -- --nocapture 2>&1 | tee "$OUT/train.txt" | grep -E "losses|test result|panicked|FAILED"
 
 step "the UNet in bf16 on $DEVICE (mixed precision against the f32 golden)"
 KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=bf16 cargo test --release -p knobs-diffusion --features cuda --test device_parity half -- --nocapture 2>&1 | tee "$OUT/goldens-bf16.txt" | grep -E "rel err|test result|panicked|FAILED"

@@ -192,6 +192,15 @@ pub fn training(checkpointed: bool) -> Device {
     if checkpointed { device.gradient_checkpointing() } else { device }
 }
 
+/// `target` with autodiff, for a training replica on it (data-parallel training); brought
+/// up like [`select`] does.
+pub fn training_on(target: Target, checkpointed: bool) -> Result<Device> {
+    let device = target.device()?;
+    probe(&device, target)?;
+    let device = device.autodiff();
+    Ok(if checkpointed { device.gradient_checkpointing() } else { device })
+}
+
 /// A backend that is compiled in may still find no device (no driver, no GPU): burn panics
 /// inside its runtime then. Caught here once, so the user reads which device and why.
 fn probe(device: &Device, target: Target) -> Result<()> {

@@ -26,7 +26,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use crate::loss::{min_snr_weights, per_sample_mse};
-use crate::rng::normal;
+use crate::rng::normal_vec;
 
 /// The training resolution a model was made for: its UNet's sample size (64 when unset, as
 /// diffusers) times the VAE's downscale factor.
@@ -184,22 +184,40 @@ impl Objective {
     /// [`Self::per_sample`] with each image's original size and crop, SDXL's time ids
     /// (the target size is the training image's).
     pub fn per_sample_sized(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions) -> Result<Tensor<1>> {
+        let all: Vec<usize> = (0..images.len()).collect();
+        self.per_sample_rows(sd, images, sizes, prompts, rng, o, &all)
+    }
+
+    /// [`Self::per_sample_sized`] of the batch's `rows` only, in that order: the random draws
+    /// are the whole batch's (so a batch split over devices, each taking its rows, draws what
+    /// one device would), the work only the rows'. The batch's images share one size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn per_sample_rows(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions, rows: &[usize]) -> Result<Tensor<1>> {
         let dev = &self.device;
-        let posterior = self.posterior(sd, images)?;
-        let latents = posterior.sample(normal(rng, posterior.mean.dims(), &posterior.mean.device())) * self.latent_scale;
+        let n = images.len();
+        let pick = |v: Vec<f32>, per: usize| -> Vec<f32> { rows.iter().flat_map(|&r| v[r * per..(r + 1) * per].to_vec()).collect() };
+        let chosen: Vec<RgbImage> = rows.iter().map(|&r| images[r].clone()).collect();
+        let posterior = self.posterior(sd, &chosen)?;
+        let [_, c, h, w] = posterior.mean.dims();
+        let dims = [rows.len(), c, h, w];
+        let per = c * h * w;
+        let eps = Tensor::from_data(TensorData::new(pick(normal_vec(rng, n * per), per), dims), &posterior.mean.device());
+        let latents = posterior.sample(eps) * self.latent_scale;
         let latents = Tensor::<4>::from_data(latents.into_data(), dev);
-        let dims = latents.dims();
-        let mut noise = normal(rng, dims, dev);
+        let mut noise = Tensor::<4>::from_data(TensorData::new(pick(normal_vec(rng, n * per), per), dims), dev);
         if o.noise_offset > 0.0 {
-            noise = noise + normal(rng, [dims[0], dims[1], 1, 1], dev).mul_scalar(o.noise_offset).expand(dims);
+            let offset = Tensor::<4>::from_data(TensorData::new(pick(normal_vec(rng, n * c), c), [rows.len(), c, 1, 1]), dev);
+            noise = noise + offset.mul_scalar(o.noise_offset).expand(dims);
         }
-        let t: Vec<i64> = (0..images.len()).map(|_| rng.random_range(0..self.ddpm.num_train_timesteps() as i64)).collect();
+        let all_t: Vec<i64> = (0..n).map(|_| rng.random_range(0..self.ddpm.num_train_timesteps() as i64)).collect();
+        let t: Vec<i64> = rows.iter().map(|&r| all_t[r]).collect();
         let noisy = self.ddpm.add_noise(latents.clone(), noise.clone(), &t)?;
         let target = self.ddpm.training_target(latents, noise, &t)?;
-        let Encoded { context, pooled } = self.encode(sd, prompts)?;
+        let prompts: Vec<String> = rows.iter().map(|&r| prompts[r].clone()).collect();
+        let Encoded { context, pooled } = self.encode(sd, &prompts)?;
         let added = pooled.map(|text_embeds| {
-            let ids: Vec<f32> = images.iter().zip(sizes).flat_map(|(img, s)| time_ids(s.original, s.crop_top_left, (img.height(), img.width()))).collect();
-            AddedCond { text_embeds, time_ids: Tensor::from_data(TensorData::new(ids, [images.len(), 6]), dev) }
+            let ids: Vec<f32> = rows.iter().flat_map(|&r| time_ids(sizes[r].original, sizes[r].crop_top_left, (images[r].height(), images[r].width()))).collect();
+            AddedCond { text_embeds, time_ids: Tensor::from_data(TensorData::new(ids, [rows.len(), 6]), dev) }
         });
         let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), dev);
         let mut per = per_sample_mse(sd.unet.forward_with_cond(noisy, t_float, context, added.as_ref()), target);

@@ -42,15 +42,18 @@ fn a_lora_run_on_the_device_follows_the_cpu_run() {
     let read = |dir: &str| read_safetensors(tmp.path().join(dir).join("pytorch_lora_weights.safetensors")).unwrap();
     let (a, b) = (read("cpu"), read("device"));
     assert_eq!(a.tensors.keys().collect::<Vec<_>>(), b.tensors.keys().collect::<Vec<_>>());
-    let mut weight_err = 0f32;
+    // Against the file's largest value: AdamW moves a value by about the learning rate
+    // whatever its gradient's size, so rounding-level gradient differences show per value.
+    let (mut diff, mut scale) = (0f32, 0f32);
     for key in a.tensors.keys() {
         let (x, _) = a.f32(key).unwrap();
         let (y, _) = b.f32(key).unwrap();
-        let scale = x.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        weight_err = weight_err.max(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max) / scale);
+        scale = scale.max(x.iter().map(|v| v.abs()).fold(0f32, f32::max));
+        diff = diff.max(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max));
     }
+    let weight_err = diff / scale;
     println!("{target}: losses {dev:?} against the CPU's {cpu:?}; worst loss difference {loss_err:.2e}, worst LoRA weight difference {weight_err:.2e}");
     assert!(loss_err < 1e-3, "loss curves differ by {loss_err}");
-    assert!(weight_err < 1e-2, "LoRA weights differ by {weight_err}");
+    assert!(weight_err < 1e-3, "LoRA weights differ by {weight_err}");
     assert!(tmp.path().join("device/samples/0.png").exists());
 }

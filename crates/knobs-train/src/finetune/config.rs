@@ -216,6 +216,12 @@ impl OptimizerKind {
 #[serde(default)]
 #[command(next_help_heading = "Checkpoints, samples, resuming")]
 pub struct RunOptions {
+    /// Data-parallel training: split each step over these devices (comma-separated, each as
+    /// `--device` spells it; the first one is the run's own and keeps the optimizer). The
+    /// batch size is per device; the run equals one device with the batch size times the
+    /// device count.
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
     /// Save a resumable checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
     pub checkpointing_steps: u64,

@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod methods;
 pub mod outputs;
+mod parallel;
 pub mod plot;
 pub mod trainer;
 

@@ -20,6 +20,7 @@ use regex::Regex;
 
 pub use super::outputs::Summary;
 use super::buckets::{self, Buckets, Size};
+use super::parallel;
 use super::config::{MixedPrecision, TrainConfig};
 use super::data::{self, Example};
 use super::outputs::{Sampling, save_grid, size_of, write_samples};
@@ -29,12 +30,12 @@ use crate::objective::{ImageSizes, LossOptions, Objective, resolution};
 use crate::progress::{Progress, Tick, peak_rss_bytes};
 use crate::rng::step_rng;
 
-struct Batch {
-    images: Vec<RgbImage>,
-    sizes: Vec<ImageSizes>,
-    prompts: Vec<String>,
+pub(crate) struct Batch {
+    pub images: Vec<RgbImage>,
+    pub sizes: Vec<ImageSizes>,
+    pub prompts: Vec<String>,
     /// The first `instances` entries are instance examples, the rest class examples.
-    instances: usize,
+    pub instances: usize,
 }
 
 /// Draws `n` examples into `batch`, each cropped to `size`; with `same_size`, only examples that
@@ -189,6 +190,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     set_adapter_training(&mut sd, true);
     let objective = Objective::new(&sd, &dev);
     let objective = if cfg.memory.cache_latents { objective.cache_latents() } else { objective };
+    let devices = parallel::targets(cfg)?;
+    let mut replicas = parallel::replicas(cfg, &model, &devices)?;
     let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
     let lr_scales = cfg.lr_scales()?;
     let o = &cfg.optim;
@@ -208,6 +211,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             e.load_state(&ck, &dev)?;
         }
         history = decode_history(meta(&ck, "loss_history")?)?;
+        parallel::broadcast(&sd, &mut replicas)?;
         if let Some(s) = &mut scaler {
             let text = meta(&ck, "loss_scale")?;
             *s = LossScaler::decode(text).with_context(|| format!("{}: unreadable loss_scale `{text}`", ck.file.display()))?;
@@ -218,7 +222,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let sampling = Sampling { per_prompt: cfg.run.num_samples, steps: cfg.run.sample_steps, guidance: cfg.run.guidance_scale };
     let total = cfg.max_train_steps();
     let accum = o.gradient_accumulation_steps;
-    let batch_size = o.train_batch_size;
+    // Per device: the step's batch is split over --devices.
+    let batch_size = o.train_batch_size * devices.len();
     let looping = Instant::now();
     for step in first..total {
         let mut grads = None;
@@ -235,6 +240,12 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             draw(&instances, batch_size, cfg, size, buckets.is_some(), cfg.data.caption_dropout, &mut rng, &mut batch);
             if !classes.is_empty() {
                 draw(&classes, batch_size, cfg, size, false, 0.0, &mut rng, &mut batch);
+            }
+            if !replicas.is_empty() {
+                let (v, g) = parallel::step((&sd, &objective), &replicas, &batch, &rng, loss_options, cfg.data.prior_loss_weight, accum as usize)?;
+                value += v;
+                add_grads(&mut grads, g);
+                continue;
             }
             let per = objective.per_sample_sized(&sd, &batch.images, &batch.sizes, &batch.prompts, &mut rng, loss_options)?;
             let (n, b) = (batch.instances, batch.images.len());
@@ -263,6 +274,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             if let Some(e) = &mut ema {
                 e.update(&sd);
             }
+            parallel::broadcast(&sd, &mut replicas)?;
         }
         // Before any checkpoint is written: a full fine-tune's gradients are a model's size.
         drop(grads);
