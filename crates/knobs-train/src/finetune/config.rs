@@ -221,6 +221,7 @@ pub struct RunOptions {
     /// batch size is per device; the run equals one device with the batch size times the
     /// device count.
     #[arg(long, value_name = "LIST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub devices: Option<String>,
     /// Save a resumable checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
@@ -544,9 +545,14 @@ mod tests {
         // What the fingerprint was before --optimizer: the same settings without that key.
         let mut legacy = fields(&TrainConfig { out: PathBuf::new(), ..TrainConfig::default() });
         legacy.remove("optimizer");
+        legacy.remove("mixed_precision");
         legacy.extend(fields(&RunOptions::default()));
         assert_eq!(serde_json::from_str::<Value>(&fp).unwrap(), Value::Object(legacy));
         assert!(!fp.contains("optimizer"), "{fp}");
+        assert!(!fp.contains("mixed_precision") && !fp.contains("devices"), "{fp}");
+        let mut bf16 = adamw.clone();
+        bf16.optim.mixed_precision = MixedPrecision::Bf16;
+        assert!(bf16.fingerprint().contains(r#""mixed_precision":"bf16""#));
         let mut eight = adamw.clone();
         eight.optim.optimizer = OptimizerKind::Adamw8bit;
         assert!(eight.fingerprint().contains(r#""optimizer":"adamw8bit""#));

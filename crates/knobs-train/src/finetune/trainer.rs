@@ -112,6 +112,8 @@ fn check_settings(ck: &knobs_nn::io::StateDict, fingerprint: &str) -> Result<()>
         Ok(serde_json::Value::Object(mut m)) => {
             // Fingerprints of AdamW runs carry no optimizer (see TrainConfig::fingerprint).
             m.entry("optimizer").or_insert("adamw".into());
+            // Nor do f32 runs a mixed precision.
+            m.entry("mixed_precision").or_insert("no".into());
             m
         }
         _ => Default::default(),
