@@ -28,6 +28,26 @@ impl StateDict {
         let values = d.clone().convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::key(&self.file, key, format!("{e:?}")))?;
         Ok((values, shape))
     }
+    /// How far `other` is from `self`: the largest absolute difference of any value over the
+    /// largest absolute value of `self`, across every tensor (one scale for the whole file:
+    /// a freshly zero-initialised tensor has no scale of its own). Both must hold the same
+    /// keys and shapes.
+    pub fn relative_distance(&self, other: &StateDict) -> Result<f32> {
+        let (mut diff, mut scale) = (0f32, 0f32);
+        for key in self.tensors.keys() {
+            let (a, shape) = self.f32(key)?;
+            let (b, other_shape) = other.f32(key)?;
+            if shape != other_shape {
+                return Err(Error::key(&other.file, key, format!("shape {other_shape:?}, {} has {shape:?}", self.file.display())));
+            }
+            scale = a.iter().fold(scale, |m, v| m.max(v.abs()));
+            diff = a.iter().zip(&b).fold(diff, |m, (x, y)| m.max((x - y).abs()));
+        }
+        if let Some(key) = other.tensors.keys().find(|k| !self.tensors.contains_key(*k)) {
+            return Err(Error::key(&self.file, key, format!("missing; {} has it", other.file.display())));
+        }
+        Ok(diff / scale)
+    }
     /// Refuses NaN and infinite values, naming the first tensor that holds one: such a file
     /// (diverged training, a bad conversion) otherwise loads and silently breaks every output.
     pub fn refuse_non_finite(&self) -> Result<()> {

@@ -236,3 +236,21 @@ fn half_precision_files_load_tensor_by_tensor() {
     let e = load_file(&mut three, dir.path().join("m-f16.safetensors"), LoadOptions::default()).unwrap_err().to_string();
     assert!(e.contains("c.weight") && e.contains("m-f16.safetensors"), "{e}");
 }
+
+/// One scale for the whole file: the largest difference over the largest value; a key or a
+/// shape that differs is named.
+#[test]
+fn relative_distance_uses_the_files_largest_value() {
+    let dict = |pairs: &[(&str, Vec<f32>)]| knobs_nn::io::StateDict {
+        tensors: pairs.iter().map(|(k, v)| (k.to_string(), TensorData::new(v.clone(), [v.len()]))).collect(),
+        ..Default::default()
+    };
+    let a = dict(&[("up", vec![0.0, 0.0]), ("down", vec![4.0, -2.0])]);
+    let b = dict(&[("up", vec![0.0, 0.5]), ("down", vec![4.0, -2.0])]);
+    assert_eq!(a.relative_distance(&b).unwrap(), 0.125);
+    assert_eq!(a.relative_distance(&a).unwrap(), 0.0);
+    let short = dict(&[("up", vec![0.0]), ("down", vec![4.0, -2.0])]);
+    assert!(a.relative_distance(&short).unwrap_err().to_string().contains("up"));
+    let more = dict(&[("up", vec![0.0, 0.0]), ("down", vec![4.0, -2.0]), ("extra", vec![1.0])]);
+    assert!(a.relative_distance(&more).unwrap_err().to_string().contains("extra"));
+}
