@@ -71,6 +71,13 @@ impl Target {
         Ok(self.device_unchecked())
     }
 
+    /// [`Self::device`], checked to come up: a first tensor made and read back there.
+    fn bring_up(self) -> Result<Device> {
+        let device = self.device()?;
+        probe(&device, self)?;
+        Ok(device)
+    }
+
     #[allow(unused_variables)]
     fn device_unchecked(self) -> Device {
         match self {
@@ -169,8 +176,7 @@ static SELECTED: RwLock<Target> = RwLock::new(Target::Cpu);
 /// Makes `target` the device of this process's commands (`--device`), after checking that it
 /// is compiled in and comes up (a first tensor is made and read back there).
 pub fn select(target: Target) -> Result<()> {
-    let device = target.device()?;
-    probe(&device, target)?;
+    target.bring_up()?;
     *SELECTED.write().unwrap_or_else(|e| e.into_inner()) = target;
     Ok(())
 }
@@ -188,17 +194,18 @@ pub fn inference() -> Device {
 /// The selected device with autodiff, for training; `checkpointed` turns on burn's balanced
 /// gradient checkpointing (element-wise results recomputed in the backward pass).
 pub fn training(checkpointed: bool) -> Device {
-    let device = inference().autodiff();
-    if checkpointed { device.gradient_checkpointing() } else { device }
+    with_autodiff(inference(), checkpointed)
 }
 
 /// `target` with autodiff, for a training replica on it (data-parallel training); brought
 /// up like [`select`] does.
 pub fn training_on(target: Target, checkpointed: bool) -> Result<Device> {
-    let device = target.device()?;
-    probe(&device, target)?;
+    Ok(with_autodiff(target.bring_up()?, checkpointed))
+}
+
+fn with_autodiff(device: Device, checkpointed: bool) -> Device {
     let device = device.autodiff();
-    Ok(if checkpointed { device.gradient_checkpointing() } else { device })
+    if checkpointed { device.gradient_checkpointing() } else { device }
 }
 
 /// A backend that is compiled in may still find no device (no driver, no GPU): burn panics
@@ -213,8 +220,7 @@ fn probe(device: &Device, target: Target) -> Result<()> {
         Ok(Some(v)) if v == [2.0, 4.0] => Ok(()),
         Ok(other) => Err(Error::Invalid(format!("--device {target}: a first tensor came back wrong ({other:?})"))),
         Err(panic) => {
-            let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            Err(Error::Invalid(format!("--device {target}: the device did not come up: {why}")))
+            Err(Error::Invalid(format!("--device {target}: the device did not come up: {}", crate::error::panic_message(&*panic))))
         }
     }
 }

@@ -123,7 +123,8 @@ impl Objective {
         (latents, self.contexts.lock().expect("prompt cache").len())
     }
 
-    /// The VAE posterior of each image, `[B, C, h, w]` on the CPU.
+    /// The VAE posterior of each image, `[B, C, h, w]` on the objective's device, outside
+    /// autodiff.
     fn posterior(&self, sd: &StableDiffusion, images: &[RgbImage]) -> Result<DiagonalGaussian> {
         let Some(cache) = &self.latents else {
             return Ok(sd.vae.encode(to_tensor(images, &self.device.clone().inner())?));
@@ -195,9 +196,14 @@ impl Objective {
     pub fn per_sample_rows(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions, rows: &[usize]) -> Result<Tensor<1>> {
         let dev = &self.device;
         let n = images.len();
-        let pick = |v: Vec<f32>, per: usize| -> Vec<f32> { rows.iter().flat_map(|&r| v[r * per..(r + 1) * per].to_vec()).collect() };
-        let chosen: Vec<RgbImage> = rows.iter().map(|&r| images[r].clone()).collect();
-        let posterior = self.posterior(sd, &chosen)?;
+        // The whole batch in order (one device) takes its draws and images as they are.
+        let whole = rows.iter().copied().eq(0..n);
+        let pick = |v: Vec<f32>, per: usize| -> Vec<f32> { if whole { v } else { rows.iter().flat_map(|&r| v[r * per..(r + 1) * per].to_vec()).collect() } };
+        let posterior = if whole {
+            self.posterior(sd, images)?
+        } else {
+            self.posterior(sd, &rows.iter().map(|&r| images[r].clone()).collect::<Vec<_>>())?
+        };
         let [_, c, h, w] = posterior.mean.dims();
         let dims = [rows.len(), c, h, w];
         let per = c * h * w;

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use knobs_nn::burn::tensor::Int;
+use knobs_nn::error::panic_message;
 use knobs_nn::{Device, Error, Result, Tensor};
 use serde_json::{Value, json};
 use tokenizers::{AddedToken, Tokenizer};
@@ -18,14 +19,10 @@ const EOS: &str = "<|endoftext|>";
 /// and runs of other non-space characters.
 const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
-}
-
 /// Runs a tokenizers-crate call that may panic on a malformed file (it unwraps inside its
 /// deserializers), turning a panic into an error naming `file`.
 fn unpanicked<T>(file: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Error::file(file, format!("malformed tokenizer file ({})", panic_text(&p)))))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Error::file(file, format!("malformed tokenizer file ({})", panic_message(&*p)))))
 }
 
 /// Text tokenized once when a tokenizer folder is read: letters, digits, punctuation, words
@@ -156,7 +153,7 @@ impl ClipTokenizer {
     /// tokenizers crate (inconsistent vocabulary and merges) becomes an error.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tok.encode(text, false)))
-            .map_err(|p| Error::Invalid(format!("the tokenizer failed on {text:?} ({}): its vocabulary and merges disagree", panic_text(&p))))?
+            .map_err(|p| Error::Invalid(format!("the tokenizer failed on {text:?} ({}): its vocabulary and merges disagree", panic_message(&*p))))?
             .map_err(|e| Error::Invalid(format!("cannot tokenize {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

@@ -165,13 +165,13 @@ impl StableDiffusion {
         self.vae.config.downscale_factor()
     }
 
-    /// `[num_images, C, H/f, W/f]` for a request, checked against given latents.
     /// The pixel multiple every image side must be: the VAE's downscale times the UNet's (each
     /// level halves the latent; odd sizes would not line up with the skips).
     pub fn size_unit(&self) -> usize {
         self.vae_scale_factor() << (self.unet.config.block_out_channels.len() - 1)
     }
 
+    /// `[num_images, C, H/f, W/f]` for a request, checked against given latents.
     pub fn latent_shape(&self, req: &GenerateRequest) -> Result<[usize; 4]> {
         let f = self.vae_scale_factor();
         let c = self.unet.config.in_channels;

@@ -5,6 +5,7 @@ use std::path::Path;
 use knobs_nn::burn::tensor::DType;
 use knobs_nn::burn::tensor::activation::silu;
 use knobs_nn::io::{LoadOptions, load_file};
+use knobs_nn::param::{f32_value, value_as};
 use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};
 
 use super::config::UNetConfig;
@@ -148,7 +149,7 @@ impl UNet2DConditionModel {
         let [b, n] = added.time_ids.dims();
         let features = proj.forward(added.time_ids.clone().reshape([b * n])).reshape([b, n * proj.dim]);
         // In the pooled embedding's dtype (f32, or the compute dtype under mixed precision).
-        let features = knobs_nn::param::value_as(&features, added.text_embeds.dtype());
+        let features = value_as(&features, added.text_embeds.dtype());
         Some(mlp.forward(Tensor::cat(vec![added.text_embeds.clone(), features], 1)))
     }
 
@@ -204,11 +205,10 @@ impl UNet2DConditionModel {
         let timesteps = if timesteps.dims()[0] == b { timesteps } else { timesteps.expand([b]) };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
         let dtype = self.compute_dtype;
-        let cast = |t: Tensor<2>| if dtype == DType::F32 { t } else { t.cast(dtype) };
-        let (sample, context) = if dtype == DType::F32 { (sample, context) } else { (sample.cast(dtype), context.cast(dtype)) };
-        let t_proj = cast(self.time_proj.forward(timesteps));
+        let (sample, context) = (value_as(&sample, dtype), value_as(&context, dtype));
+        let t_proj = value_as(&self.time_proj.forward(timesteps), dtype);
         let temb = self.time_embedding.forward(t_proj.clone());
-        let added = added.map(|a| AddedCond { text_embeds: cast(a.text_embeds.clone()), time_ids: a.time_ids.clone() });
+        let added = added.map(|a| AddedCond { text_embeds: value_as(&a.text_embeds, dtype), time_ids: a.time_ids.clone() });
         let temb = match added.as_ref().and_then(|a| self.added_embedding(a)) {
             Some(aug) => temb + aug,
             None => temb,
@@ -249,7 +249,6 @@ impl UNet2DConditionModel {
                 conv_norm_out: normed.clone(),
             });
         }
-        let out = self.conv_out.forward(silu(normed));
-        if dtype == DType::F32 { out } else { out.cast(DType::F32) }
+        f32_value(&self.conv_out.forward(silu(normed)))
     }
 }

@@ -48,12 +48,9 @@ impl Linear {
             };
             return y.reshape(dims);
         }
+        // In the input's dtype: f32, or the narrower one of mixed precision.
         let dtype = x.dtype();
-        if dtype != DType::F32 {
-            // Mixed precision: the matmul in the input's dtype.
-            return linear(x, value_as(&self.weight, dtype).transpose(), self.bias.as_ref().map(|b| value_as(b, dtype)));
-        }
-        linear(x, f32_value(&self.weight).transpose(), self.bias.clone())
+        linear(x, value_as(&self.weight, dtype).transpose(), self.bias.as_ref().map(|b| value_as(b, dtype)))
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

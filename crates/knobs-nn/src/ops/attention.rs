@@ -18,6 +18,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
 
 use super::attention_kernel::{self, Dims};
+use crate::param::{f32_value, value_as};
 
 /// Above this many key floats per head (head width x keys), one head's keys no longer stay
 /// in cache across query rows and the decomposed matmuls are faster (the VAE's single
@@ -56,9 +57,9 @@ pub fn decomposed(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale:
     let split = |x: Tensor<3>, rows: usize| x.reshape([b, rows, heads, d]).swap_dims(1, 2).reshape([b * heads, rows, d]);
     // Scaling q (N x d) is cheaper than scaling the scores (N x M).
     let scores = split(q * scale, n).matmul(split(k, m).swap_dims(1, 2));
-    let dtype = scores.dtype();
     // Under mixed precision the softmax still runs in f32, as autocast runs it.
-    let probs = if dtype == DType::F32 { softmax(scores, 2) } else { softmax(scores.cast(DType::F32), 2).cast(dtype) };
+    let dtype = scores.dtype();
+    let probs = value_as(&softmax(f32_value(&scores), 2), dtype);
     probs.matmul(split(v, m)).reshape([b, heads, n, d]).swap_dims(1, 2).reshape([b, n, width])
 }
 

@@ -16,7 +16,7 @@ use knobs_nn::{ModuleExt, Tensor};
 use rand::rngs::StdRng;
 
 use super::config::TrainConfig;
-use super::trainer::{Batch, set_trainable};
+use super::trainer::{Batch, attach_for_training, load_for_training, objective_for};
 use crate::objective::{LossOptions, Objective};
 
 /// One extra device's copy of the pipeline and its objective.
@@ -50,16 +50,10 @@ pub fn replicas(cfg: &TrainConfig, model: &Path, targets: &[Target]) -> Result<V
         .skip(1)
         .map(|&target| {
             let dev = knobs_nn::device::training_on(target, cfg.memory.gradient_checkpointing).with_context(|| format!("--devices: {target}"))?;
-            let mut sd = StableDiffusion::load(model, &dev).with_context(|| format!("--model {} on {target}", model.display()))?;
-            sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
-            sd.vae.for_inference();
-            sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
+            let mut sd = load_for_training(cfg, model, &dev).with_context(|| format!("on {target}"))?;
             let mut adapters = PipelineAdapters::new(cfg.optim.seed);
-            let attached = cfg.method.attach(cfg, &mut sd, &mut adapters)?;
-            set_trainable(cfg, &mut sd, &attached.trainable)?;
-            sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
-            let objective = Objective::new(&sd, &dev);
-            let objective = if cfg.memory.cache_latents { objective.cache_latents() } else { objective };
+            attach_for_training(cfg, &mut sd, &mut adapters)?;
+            let objective = objective_for(cfg, &sd, &dev);
             Ok(Replica { target, sd, objective, _adapters: adapters })
         })
         .collect()

@@ -13,7 +13,7 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::io::{LoadOptions, atomic_write, load_state_dict};
 use knobs_nn::optim::{Ema, Grads, LossScaler, clip_grad_norm, collect_grads, scale_grads};
-use knobs_nn::ModuleExt;
+use knobs_nn::{Device, ModuleExt};
 use rand::Rng;
 use rand::rngs::StdRng;
 use regex::Regex;
@@ -22,6 +22,7 @@ pub use super::outputs::Summary;
 use super::buckets::{self, Buckets, Size};
 use super::parallel;
 use super::config::{MixedPrecision, TrainConfig};
+use super::methods::Attached;
 use super::data::{self, Example};
 use super::outputs::{Sampling, save_grid, size_of, write_samples};
 use super::plot;
@@ -161,6 +162,32 @@ pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTre
     Ok(n)
 }
 
+/// The pipeline as the shared loop holds it, on `dev`: frozen weight matrices in
+/// --weights-dtype (before adapters attach: what the method trains is widened back to f32 by
+/// set_trainable), the VAE out of autodiff, the UNet computing in --mixed-precision's dtype.
+pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -> Result<StableDiffusion> {
+    let mut sd = StableDiffusion::load(model, dev).with_context(|| format!("--model {}", model.display()))?;
+    sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
+    sd.vae.for_inference();
+    sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
+    Ok(sd)
+}
+
+/// The method's adapters attached to `sd` and its trainable set made (with how many values
+/// train); adapter dropout on, as for every method while training.
+pub(crate) fn attach_for_training(cfg: &TrainConfig, sd: &mut StableDiffusion, adapters: &mut PipelineAdapters) -> Result<(Attached, usize)> {
+    let attached = cfg.method.attach(cfg, sd, adapters)?;
+    let trainable = set_trainable(cfg, sd, &attached.trainable)?;
+    set_adapter_training(sd, true);
+    Ok((attached, trainable))
+}
+
+/// The denoising objective on `dev`, caching latents under --cache-latents.
+pub(crate) fn objective_for(cfg: &TrainConfig, sd: &StableDiffusion, dev: &Device) -> Objective {
+    let objective = Objective::new(sd, dev);
+    if cfg.memory.cache_latents { objective.cache_latents() } else { objective }
+}
+
 /// Runs `cfg`: the method's own loop if it has one, else the shared one.
 pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     cfg.validate()?;
@@ -171,11 +198,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let model = cfg.model()?;
     let dev = knobs_nn::device::training(cfg.memory.gradient_checkpointing);
-    let mut sd = StableDiffusion::load(&model, &dev).with_context(|| format!("--model {}", model.display()))?;
-    // Before adapters attach: what the method trains is widened back to f32 by set_trainable.
-    sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
-    sd.vae.for_inference();
-    sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
+    let mut sd = load_for_training(cfg, &model, &dev)?;
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
     let buckets = if cfg.data.bucket { Some(Buckets::new(res, size_unit(&sd, res)?)) } else { None };
     let instances = match &buckets {
@@ -184,14 +207,10 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     };
     let classes = if cfg.with_prior_preservation() { data::class_examples(cfg, &model, res)? } else { Vec::new() };
     let mut adapters = PipelineAdapters::new(cfg.optim.seed);
-    let attached = cfg.method.attach(cfg, &mut sd, &mut adapters)?;
-    let trainable_params = set_trainable(cfg, &mut sd, &attached.trainable)?;
+    let (attached, trainable_params) = attach_for_training(cfg, &mut sd, &mut adapters)?;
     let memory = crate::memory::estimate(cfg, &sd, res);
     crate::memory::check(cfg, &memory)?;
-    // Adapter dropout is on while training, for every method alike.
-    set_adapter_training(&mut sd, true);
-    let objective = Objective::new(&sd, &dev);
-    let objective = if cfg.memory.cache_latents { objective.cache_latents() } else { objective };
+    let objective = objective_for(cfg, &sd, &dev);
     let devices = parallel::targets(cfg)?;
     let mut replicas = parallel::replicas(cfg, &model, &devices)?;
     let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
