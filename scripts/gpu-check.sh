@@ -38,7 +38,7 @@ step "a LoRA run on $DEVICE against the same run on the CPU (knobs train end to 
 KNOBS_TEST_DEVICE=$DEVICE cargo test --release -p knobs-train --features cuda --test device_train -- --nocapture 2>&1 | tee "$OUT/train.txt" | grep -E "losses|test result|panicked|FAILED"
 
 step "the UNet in bf16 on $DEVICE (mixed precision against the f32 golden)"
-KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=bf16 cargo test --release -p knobs-diffusion --features cuda --test device_parity half -- --nocapture 2>&1 | tee "$OUT/goldens-bf16.txt" | grep -E "rel err|test result|panicked|FAILED"
+KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=bf16 cargo test --release -p knobs-diffusion --features cuda --test device_parity half -- --ignored --nocapture 2>&1 | tee "$OUT/goldens-bf16.txt" | grep -E "rel err|test result|panicked|FAILED"
 
 step "a full-size SD-1.5 architecture with random weights"
 SD15=${SD15:-/tmp/sd15-random}
