@@ -56,6 +56,25 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
     Ok(rayon::current_num_threads())
 }
 
+/// Runs `f` on one of the pool's own threads: tensor work started there runs in that thread
+/// and the others steal from it, where a call from outside the pool would hand every op to a
+/// worker and sleep until it is done (two thread switches per op).
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// Joins a scoped thread whose tensor work runs in the pool. A pool thread that waited with a
+/// plain `join` would be lost to that work, and with one thread the two would wait on each
+/// other forever; this one runs the pool's pending jobs until the thread has finished.
+pub fn join_helping<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> std::thread::Result<T> {
+    while !handle.is_finished() {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+    handle.join()
+}
+
 /// Threads tensor work runs on.
 pub fn threads() -> usize {
     rayon::current_num_threads()

@@ -54,6 +54,11 @@ fn recipe_unet(widths: &str, dev: &Device) -> Subject {
 }
 
 fn main() {
+    // As `knobs` runs its commands: on a pool thread (see knobs_nn::on_worker).
+    knobs_nn::on_worker(run);
+}
+
+fn run() {
     let model = std::env::var("KNOBS_BENCH_MODEL").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/tiny-sd").into());
     let recipe_widths = std::env::var("KNOBS_BENCH_RECIPE_WIDTHS").ok();
     let (steps, warmup, batch): (usize, usize, usize) = (env("KNOBS_BENCH_STEPS", 20), env("KNOBS_BENCH_WARMUP", 3), env("KNOBS_BENCH_BATCH", 8));

@@ -81,7 +81,20 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
+    // The server's thread answers requests and never touches tensors; its generation worker
+    // enters the pool itself.
     let result = match cli.command {
+        Command::Serve(args) => cmd::serve::run(args),
+        command => knobs_nn::on_worker(|| dispatch(command, &matches)),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    match command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Adapter(c) => cmd::adapter::run(c),
@@ -95,9 +108,5 @@ fn main() {
         Command::Compare(args) => cmd::compare::run(*args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Convert(args) => cmd::convert::run(args),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

@@ -554,7 +554,9 @@ fn two_replicas_equal_one_device_with_the_whole_batch() {
         let two = tmp.path().join(format!("{name}-two"));
         let mut args: Vec<&str> = steps.to_vec();
         args.extend_from_slice(&extra);
-        args.extend_from_slice(&["--train-batch-size", "1", "--devices", "cpu,cpu"]);
+        // One thread: the replicas' work then runs in a pool whose only thread is the one
+        // that waits for them (knobs_nn::join_helping).
+        args.extend_from_slice(&["--train-batch-size", "1", "--devices", "cpu,cpu", "--threads", "1"]);
         train(&two, "lora", &args);
         let (a, b) = (losses(&one), losses(&two));
         let loss_err = a.iter().zip(&b).map(|(x, y)| ((x - y) / x).abs()).fold(0.0, f64::max);

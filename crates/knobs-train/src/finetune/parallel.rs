@@ -125,7 +125,7 @@ pub fn step(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a device's step panicked")))).collect()
+        handles.into_iter().map(|h| knobs_nn::join_helping(h).unwrap_or_else(|_| Err(anyhow::anyhow!("a device's step panicked")))).collect()
     });
     let mut value = 0.0;
     let mut total: Option<Grads> = None;

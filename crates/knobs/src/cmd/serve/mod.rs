@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
     metrics.base_load_seconds.set(load_seconds);
     let (jobs, queue) = std::sync::mpsc::sync_channel(args.max_queue);
     let w = worker::Worker::new(sd, (args.cache_mb * 1024.0 * 1024.0) as u64, store.clone(), shared.clone(), metrics.clone());
-    std::thread::Builder::new().name("knobs-worker".into()).spawn(move || w.run(queue)).context("cannot start the worker thread")?;
+    std::thread::Builder::new().name("knobs-worker".into()).spawn(move || knobs_nn::on_worker(move || w.run(queue))).context("cannot start the worker thread")?;
 
     let app = api::AppState { jobs, store, shared, metrics };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
