@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use knobs_nn::burn::tensor::Distribution;
-use knobs_nn::burn::tensor::module::conv2d;
+use knobs_nn::ops::conv2d;
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Init, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
 use serde_json::{Value, json};

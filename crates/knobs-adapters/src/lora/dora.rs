@@ -6,7 +6,7 @@
 //! several adapters DoRA rescales what the earlier ones added too, as PEFT does.
 use std::sync::Mutex;
 
-use knobs_nn::burn::tensor::module::conv2d;
+use knobs_nn::ops::conv2d;
 use knobs_nn::burn::tensor::ops::ConvOptions;
 use knobs_nn::param::{ParamMut, ParamRef, f32_value};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Init, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};

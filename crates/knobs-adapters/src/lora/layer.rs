@@ -1,6 +1,7 @@
 //! LoRA on each layer kind: `y = base(x) + scale * B(A(dropout(x)))`, scale applying to the
 //! adapter branch only, exactly as PEFT.
-use knobs_nn::burn::tensor::module::{conv2d, embedding};
+use knobs_nn::burn::tensor::module::embedding;
+use knobs_nn::ops::conv2d;
 use knobs_nn::burn::tensor::ops::ConvOptions;
 use knobs_nn::burn::tensor::{Distribution, Int};
 use knobs_nn::param::{ParamMut, ParamRef};

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use knobs_nn::burn::tensor::module::conv2d;
+use knobs_nn::ops::conv2d;
 use knobs_nn::param::{ParamMut, ParamRef, f32_value};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Init, LayerMut, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
 use serde_json::{Value, json};

@@ -5,7 +5,7 @@
 //! its own merged layer, so knobs follows the merged form).
 use std::sync::Mutex;
 
-use knobs_nn::burn::tensor::module::conv2d;
+use knobs_nn::ops::conv2d;
 use knobs_nn::param::{ParamMut, ParamRef, f32_value};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
 

@@ -1,6 +1,6 @@
 use burn::tensor::{DType, Device};
 use burn::tensor::Tensor;
-use burn::tensor::module::conv2d;
+use crate::ops::conv2d;
 use burn::tensor::ops::ConvOptions;
 
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};

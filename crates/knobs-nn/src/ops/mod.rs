@@ -2,8 +2,11 @@
 pub mod attention;
 mod attention_kernel;
 mod attention_small;
+pub mod conv2d;
+mod conv_kernel;
 pub mod frozen_linear;
 mod lanes;
 mod simd;
 
 pub use attention::attention;
+pub use conv2d::conv2d;

@@ -1,0 +1,55 @@
+//! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
+//! forward and its input and weight gradients, and a linear layer's matmul. Run:
+//! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
+//! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
+use std::time::Instant;
+
+use burn::tensor::ops::ConvOptions;
+use knobs_nn::ops::conv2d;
+use knobs_nn::{Init, Tensor, cpu, cpu_autodiff};
+
+fn median_ms(mut f: impl FnMut(), iters: usize) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..iters)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[iters / 2]
+}
+
+fn main() {
+    knobs_nn::on_worker(run);
+}
+
+fn run() {
+    let iters = std::env::var("KNOBS_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let mut init = Init::new(0);
+    println!("threads {}", knobs_nn::threads());
+    // (batch, channels in, channels out, size): SD-1.5's 64x64 and 32x32 levels at 512 px, CFG batch 2.
+    for (b, ci, co, hw) in [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)] {
+        let dev = cpu();
+        let x: Tensor<4> = init.normal([b, ci, hw, hw], 1.0, &dev);
+        let w: Tensor<4> = init.normal([co, ci, 3, 3], 0.05, &dev);
+        let opts = || ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let fwd = median_ms(|| drop(conv2d(x.clone(), w.clone(), None, opts()).into_data()), iters);
+        let dev = cpu_autodiff();
+        let xa: Tensor<4> = Tensor::from_data(x.to_data(), &dev).require_grad();
+        let wa: Tensor<4> = Tensor::from_data(w.to_data(), &dev).require_grad();
+        let both = median_ms(|| drop(conv2d(xa.clone(), wa.clone(), None, opts()).sum().backward()), iters);
+        let wfrozen: Tensor<4> = Tensor::from_data(w.to_data(), &dev);
+        let input_only = median_ms(|| drop(conv2d(xa.clone(), wfrozen.clone(), None, opts()).sum().backward()), iters);
+        println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.1} ms, fwd+bwd(x) {input_only:.1} ms, fwd+bwd(x,w) {both:.1} ms");
+    }
+    for (rows, k, n) in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)] {
+        let dev = cpu();
+        let a: Tensor<2> = init.normal([rows, k], 1.0, &dev);
+        let bm: Tensor<2> = init.normal([k, n], 0.05, &dev);
+        let ms = median_ms(|| drop(a.clone().matmul(bm.clone()).into_data()), iters);
+        let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
+        println!("matmul [{rows},{k}]x[{k},{n}]: {ms:.1} ms ({gflops:.0} GFLOP/s)");
+    }
+}

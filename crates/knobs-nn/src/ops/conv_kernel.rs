@@ -1,0 +1,237 @@
+//! 2-D convolution (groups 1, NCHW, f32) as matrix products, forward and both gradients.
+//!
+//! Each sample's patches are laid out as columns `[ci * kh * kw, positions]` (one shifted copy
+//! of an input plane per row, so building them is a run of row copies), a block of output rows
+//! at a time so the buffer stays small. Then:
+//! - output `[co, positions]` = W `[co, K]` x columns;
+//! - weight gradient `[co, K]` += grad `[co, positions]` x columns^T, one product with the
+//!   positions as its long inner dimension (burn's default runs a convolution with the gradient
+//!   as a 64x64 kernel instead, a product with 9 columns, at a quarter of this speed);
+//! - input gradient: columns = W^T x grad, added back onto the input planes.
+//! A 1x1 convolution with stride 1 and no padding uses the input itself as its columns.
+//!
+//! Blocks are fixed by the shapes and every sum runs in a fixed order (gemm splits its work
+//! over output tiles only), so results do not depend on the thread count.
+use rayon::prelude::*;
+
+/// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
+const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
+/// Products smaller than this (m * n * k) run on one thread.
+const PARALLEL_WORK: usize = 192 * 192 * 192;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl ConvDims {
+    pub fn out_hw(&self) -> [usize; 2] {
+        let size = |i: usize, len: usize| (len + 2 * self.padding[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) / self.stride[i] + 1;
+        [size(0, self.h), size(1, self.w)]
+    }
+    /// Rows of the column matrix: one per (input channel, kernel row, kernel column).
+    fn k(&self) -> usize {
+        self.c_in * self.kernel[0] * self.kernel[1]
+    }
+    fn positions(&self) -> usize {
+        let [oh, ow] = self.out_hw();
+        oh * ow
+    }
+    /// A 1x1 convolution whose columns are the input itself.
+    fn pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+    /// Output rows per block: as many as keep the columns within `BLOCK_FLOATS`.
+    fn block_rows(&self) -> usize {
+        let [oh, ow] = self.out_hw();
+        (BLOCK_FLOATS / (self.k() * ow).max(1)).clamp(1, oh.max(1))
+    }
+    fn blocks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
+        let (oh, step) = (self.out_hw()[0], self.block_rows());
+        (0..oh.div_ceil(step)).map(move |b| b * step..((b + 1) * step).min(oh))
+    }
+}
+
+/// The input position a kernel tap reads for output index `o`, or `None` in the padding.
+#[inline(always)]
+fn source(o: usize, tap: usize, stride: usize, dilation: usize, padding: usize, len: usize) -> Option<usize> {
+    (o * stride + tap * dilation).checked_sub(padding).filter(|&i| i < len)
+}
+
+/// Columns for output rows `rows` of one sample `x` `[ci, h, w]`: `[K, rows.len() * ow]`.
+fn im2col(x: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, cols: &mut [f32]) {
+    let [kh, kw] = d.kernel;
+    let ow = d.out_hw()[1];
+    let len = rows.len() * ow;
+    cols[..d.k() * len].par_chunks_mut(len).enumerate().for_each(|(r, dst)| {
+        let (c, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
+        let plane = &x[c * d.h * d.w..][..d.h * d.w];
+        for (y, dst) in rows.clone().zip(dst.chunks_exact_mut(ow)) {
+            let Some(iy) = source(y, ky, d.stride[0], d.dilation[0], d.padding[0], d.h) else {
+                dst.fill(0.0);
+                continue;
+            };
+            let src = &plane[iy * d.w..][..d.w];
+            if d.stride[1] == 1 && d.dilation[1] == 1 {
+                // Output columns x read src[x + kx - pad]: one copy between two zero edges.
+                let shift = kx as isize - d.padding[1] as isize;
+                let first = (-shift).clamp(0, ow as isize) as usize;
+                let last = ((d.w as isize - shift).clamp(0, ow as isize) as usize).max(first);
+                dst[..first].fill(0.0);
+                dst[first..last].copy_from_slice(&src[(first as isize + shift) as usize..(last as isize + shift) as usize]);
+                dst[last..].fill(0.0);
+            } else {
+                for (x, v) in dst.iter_mut().enumerate() {
+                    *v = source(x, kx, d.stride[1], d.dilation[1], d.padding[1], d.w).map_or(0.0, |ix| src[ix]);
+                }
+            }
+        }
+    });
+}
+
+/// Adds columns `[K, rows.len() * ow]` back onto the input planes `dx` `[ci, h, w]` (the
+/// adjoint of [`im2col`]); each channel's taps in a fixed order.
+fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut [f32]) {
+    let [kh, kw] = d.kernel;
+    let ow = d.out_hw()[1];
+    let len = rows.len() * ow;
+    dx.par_chunks_mut(d.h * d.w).enumerate().for_each(|(c, plane)| {
+        for tap in 0..kh * kw {
+            let (ky, kx) = (tap / kw, tap % kw);
+            let src = &cols[(c * kh * kw + tap) * len..][..len];
+            for (y, src) in rows.clone().zip(src.chunks_exact(ow)) {
+                let Some(iy) = source(y, ky, d.stride[0], d.dilation[0], d.padding[0], d.h) else { continue };
+                let dst = &mut plane[iy * d.w..][..d.w];
+                for (x, v) in src.iter().enumerate() {
+                    if let Some(ix) = source(x, kx, d.stride[1], d.dilation[1], d.padding[1], d.w) {
+                        dst[ix] += v;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A row-major matrix view: element (i, j) at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+fn rows_of(s: &[f32], cols: usize) -> View {
+    View { ptr: s.as_ptr(), rs: cols as isize, cs: 1 }
+}
+
+fn transposed(s: &[f32], cols: usize) -> View {
+    View { ptr: s.as_ptr(), rs: 1, cs: cols as isize }
+}
+
+/// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + lhs `[m, k]` x rhs `[k, n]`.
+///
+/// SAFETY: every view covers its matrix and `dst` is valid for `m` rows of `n` at `dst_rs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
+    let parallel = if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0f32, 1.0f32, false,
+            false, false, parallel,
+        )
+    }
+}
+
+/// Output `[B, co, oh, ow]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, kh, kw]`.
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
+    let (k, p, co) = (d.k(), d.positions(), d.c_out);
+    let ow = d.out_hw()[1];
+    let mut out = vec![0.0f32; d.batch * co * p];
+    if let Some(bias) = bias {
+        out.par_chunks_mut(p).enumerate().for_each(|(i, plane)| plane.fill(bias[i % co]));
+    }
+    let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
+    for b in 0..d.batch {
+        let xb = &x[b * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w];
+        let ob = &mut out[b * co * p..][..co * p];
+        if d.pointwise() {
+            // SAFETY: ob is [co, p], w [co, k], xb [k, p].
+            unsafe { matmul(co, p, k, ob.as_mut_ptr(), p, bias.is_some(), rows_of(w, k), rows_of(xb, p)) };
+            continue;
+        }
+        for rows in d.blocks() {
+            let len = rows.len() * ow;
+            im2col(xb, d, rows.clone(), &mut cols);
+            // SAFETY: the block's outputs are columns rows.start * ow.. of ob's co rows of p.
+            unsafe { matmul(co, len, k, ob[rows.start * ow..].as_mut_ptr(), p, bias.is_some(), rows_of(w, k), rows_of(&cols[..k * len], len)) };
+        }
+    }
+    out
+}
+
+/// Gradients from the output gradient `g` `[B, co, oh, ow]`: the input's (when `want_x`) and
+/// the weight's (when `want_w`).
+pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, want_w: bool) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (k, p, co) = (d.k(), d.positions(), d.c_out);
+    let ow = d.out_hw()[1];
+    let plane = d.c_in * d.h * d.w;
+    let mut dx = want_x.then(|| vec![0.0f32; d.batch * plane]);
+    let mut dw = want_w.then(|| vec![0.0f32; co * k]);
+    let buffer = if d.pointwise() { 0 } else { k * d.block_rows() * ow };
+    let mut cols = vec![0.0f32; if want_w { buffer } else { 0 }];
+    let mut dcols = vec![0.0f32; if want_x { buffer } else { 0 }];
+    let mut first = true;
+    for b in 0..d.batch {
+        let xb = &x[b * plane..][..plane];
+        let gb = &g[b * co * p..][..co * p];
+        if d.pointwise() {
+            // SAFETY (both products): shapes as in `forward`, read the other way round.
+            unsafe {
+                if let Some(dw) = &mut dw {
+                    matmul(co, k, p, dw.as_mut_ptr(), k, !first, rows_of(gb, p), transposed(xb, p));
+                }
+                if let Some(dx) = &mut dx {
+                    matmul(k, p, co, dx[b * plane..].as_mut_ptr(), p, false, transposed(w, k), rows_of(gb, p));
+                }
+            }
+            first = false;
+            continue;
+        }
+        for rows in d.blocks() {
+            let len = rows.len() * ow;
+            let gblock = &gb[rows.start * ow..];
+            // SAFETY: gblock's co rows of p start at this block's first position; cols and
+            // dcols hold [k, len]; dw is [co, k].
+            unsafe {
+                let grad = View { ptr: gblock.as_ptr(), rs: p as isize, cs: 1 };
+                if let Some(dw) = &mut dw {
+                    im2col(xb, d, rows.clone(), &mut cols);
+                    matmul(co, k, len, dw.as_mut_ptr(), k, !first, grad, transposed(&cols[..k * len], len));
+                }
+                if let Some(dx) = &mut dx {
+                    matmul(k, len, co, dcols.as_mut_ptr(), len, false, transposed(w, k), grad);
+                    col2im_add(&dcols[..k * len], d, rows.clone(), &mut dx[b * plane..][..plane]);
+                }
+            }
+            first = false;
+        }
+    }
+    (dx, dw)
+}
+
+/// The bias gradient: `g` `[B, co, positions]` summed over samples and positions.
+pub fn bias_grad(g: &[f32], d: &ConvDims) -> Vec<f32> {
+    let (p, co) = (d.positions(), d.c_out);
+    (0..co)
+        .into_par_iter()
+        .map(|c| (0..d.batch).map(|b| g[(b * co + c) * p..][..p].iter().sum::<f32>()).sum())
+        .collect()
+}

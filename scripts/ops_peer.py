@@ -1,0 +1,25 @@
+"""PyTorch twin of `cargo bench -p knobs-nn --bench ops`: the same shapes, fp32, median of N.
+    python scripts/ops_peer.py [--threads 2] [--iters 5]"""
+import argparse, statistics, time
+import torch
+import torch.nn.functional as F
+p = argparse.ArgumentParser(); p.add_argument("--threads", type=int, default=2); p.add_argument("--iters", type=int, default=5)
+a = p.parse_args(); torch.set_num_threads(a.threads); torch.manual_seed(0)
+def med(f):
+    f(); t = []
+    for _ in range(a.iters):
+        s = time.perf_counter(); f(); t.append((time.perf_counter() - s) * 1e3)
+    return statistics.median(t)
+print("threads", torch.get_num_threads())
+for b, ci, co, hw in [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]:
+    x = torch.randn(b, ci, hw, hw); w = torch.randn(co, ci, 3, 3) * 0.05
+    with torch.no_grad():
+        fwd = med(lambda: F.conv2d(x, w, padding=1))
+    xa = x.clone().requires_grad_(); wa = w.clone().requires_grad_()
+    both = med(lambda: F.conv2d(xa, wa, padding=1).sum().backward())
+    input_only = med(lambda: F.conv2d(xa, w, padding=1).sum().backward())
+    print(f"conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.1f} ms, fwd+bwd(x) {input_only:.1f} ms, fwd+bwd(x,w) {both:.1f} ms")
+for rows, k, n in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]:
+    A = torch.randn(rows, k); B = torch.randn(k, n) * 0.05
+    ms = med(lambda: A @ B)
+    print(f"matmul [{rows},{k}]x[{k},{n}]: {ms:.1f} ms ({2*rows*k*n/ms/1e6:.0f} GFLOP/s)")
