@@ -21,8 +21,8 @@ use super::attention_kernel::{self, Dims};
 use crate::param::{f32_value, value_as};
 
 /// Above this many key floats per head (head width x keys), one head's keys no longer stay
-/// in cache across query rows and the decomposed matmuls are faster (the VAE's single
-/// 512-wide head at 4096 tokens).
+/// in cache across query rows of the row-at-a-time loops (small heads on CPUs without vector
+/// lanes for them) and the decomposed matmuls are faster.
 const MAX_FUSED_KEY_FLOATS: usize = 1 << 18;
 
 /// softmax(q k^T * scale) v over `heads` heads: `q` `[B, N, heads * d]`, `k` and `v`
@@ -32,7 +32,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     let m = k.dims()[1];
     let dims = Dims { batch, n, m, heads, head_dim: width / heads };
     let fusable = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32)
-        && dims.head_dim * m <= MAX_FUSED_KEY_FLOATS
+        && (attention_kernel::Path::best(dims.head_dim).blocked() || dims.head_dim * m <= MAX_FUSED_KEY_FLOATS)
         && width % heads == 0;
     if fusable && let Some(out) = fused(q.clone(), k.clone(), v.clone(), dims, scale as f32) {
         return out;

@@ -12,7 +12,7 @@
 //! channels take `attention_small`'s one-pass loops instead.
 use rayon::prelude::*;
 
-use super::attention_small;
+use super::{attention_products, attention_small};
 use super::lanes::{self, Isa, on_lanes};
 use super::lanes::Lanes;
 use super::simd::{axpy, dot, exp_shifted, max, scale_into};
@@ -57,21 +57,32 @@ fn per_head_transposed(x: &[f32], batch: usize, rows: usize, heads: usize, d: us
     out
 }
 
-/// Which loops run, on which lanes: the one-pass kernels of `attention_small`, or the
-/// multi-pass ones here.
+/// Which loops run, on which lanes: the one-pass kernels of `attention_small`, the
+/// multi-pass ones here, or `attention_products`' matrix products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Path {
     Small(Isa),
     MultiPass(Isa),
+    Products(Isa),
 }
 
 impl Path {
-    /// The fastest path the running CPU has for this head size.
-    fn best(head_dim: usize) -> Path {
+    /// The fastest path the running CPU has for this head size: products for wide heads,
+    /// where they run at matrix-multiply speed; for small ones (a product with 4 inner
+    /// channels is mostly overhead), the one-pass kernels, or the multi-pass loops on CPUs
+    /// without vector lanes for them.
+    pub(super) fn best(head_dim: usize) -> Path {
         match lanes::isa() {
-            isa @ (Isa::Avx512 | Isa::Avx2) if head_dim <= attention_small::MAX_HEAD_DIM => Path::Small(isa),
+            isa if head_dim > attention_small::MAX_HEAD_DIM => Path::Products(isa),
+            isa @ (Isa::Avx512 | Isa::Avx2) => Path::Small(isa),
             isa => Path::MultiPass(isa),
         }
+    }
+
+    /// Whether the path works on blocks of rows at a time (and so keeps any number of keys
+    /// in cache), rather than streaming every key once per query row.
+    pub(super) fn blocked(self) -> bool {
+        matches!(self, Path::Products(_))
     }
 }
 
@@ -82,6 +93,9 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<
 }
 
 pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, path: Path) -> (Vec<f32>, Vec<f32>) {
+    if let Path::Products(isa) = path {
+        return attention_products::forward(q, k, v, dims, scale, isa);
+    }
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let kt = per_head_transposed(k, batch, m, heads, d);
     let vt = per_head_transposed(v, batch, m, heads, d);
@@ -97,6 +111,7 @@ pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32
             match path {
                 Path::Small(isa) => attention_small::forward_rows(args, isa),
                 Path::MultiPass(isa) => forward_rows(args, isa),
+                Path::Products(_) => unreachable!("taken above"),
             }
         })
         .collect();
@@ -188,8 +203,6 @@ pub(super) fn backward_on(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let width = dims.width();
-    let kt = per_head_transposed(k, batch, m, heads, d);
-    let vt = per_head_transposed(v, batch, m, heads, d);
     // D_i = dO_i . O_i, the softmax backward's per-row term, laid out [B, H, N].
     let mut delta = vec![0.0f32; batch * heads * n];
     delta.par_chunks_mut(n).enumerate().for_each(|(bh, dst)| {
@@ -199,6 +212,11 @@ pub(super) fn backward_on(
             *dst = (0..d).map(|c| grad[at + c] * out[at + c]).sum();
         }
     });
+    if let Path::Products(isa) = path {
+        return attention_products::backward(q, k, v, lse, &delta, grad, dims, scale, isa);
+    }
+    let kt = per_head_transposed(k, batch, m, heads, d);
+    let vt = per_head_transposed(v, batch, m, heads, d);
     let blocks = m.div_ceil(KEY_BLOCK);
     let pieces: Vec<KeyBlockGrads> = (0..batch * heads * blocks)
         .into_par_iter()
@@ -221,6 +239,7 @@ pub(super) fn backward_on(
             match path {
                 Path::Small(isa) => attention_small::backward_keys(args, isa),
                 Path::MultiPass(isa) => backward_keys(args, isa),
+                Path::Products(_) => unreachable!("taken above"),
             }
         })
         .collect();
@@ -333,16 +352,17 @@ mod tests {
     /// width, the multi-pass ones, each on every lane width) gives the portable loop's values.
     #[test]
     fn every_path_matches_the_portable_one() {
-        let mut paths = vec![Path::MultiPass(Isa::Portable), Path::Small(Isa::Portable)];
+        let mut paths = vec![Path::MultiPass(Isa::Portable), Path::Small(Isa::Portable), Path::Products(Isa::Portable)];
         if lanes::isa() != Isa::Portable {
-            paths.extend([Path::MultiPass(Isa::Avx2), Path::Small(Isa::Avx2)]);
+            paths.extend([Path::MultiPass(Isa::Avx2), Path::Small(Isa::Avx2), Path::Products(Isa::Avx2)]);
         }
         if lanes::isa() == Isa::Avx512 {
-            paths.extend([Path::MultiPass(Isa::Avx512), Path::Small(Isa::Avx512)]);
+            paths.extend([Path::MultiPass(Isa::Avx512), Path::Small(Isa::Avx512), Path::Products(Isa::Avx512)]);
         }
         // Keys and rows off the lane widths and block sizes; head sizes each side of the
         // small kernels' limit.
-        for (n, m, heads, d) in [(70, 77, 2, 4), (9, 530, 1, 8), (33, 19, 3, 1), (5, 40, 2, 40)] {
+        // (150, 4100, 1, 12): several row blocks of the products path over many keys.
+        for (n, m, heads, d) in [(70, 77, 2, 4), (9, 530, 1, 8), (33, 19, 3, 1), (5, 40, 2, 40), (150, 4100, 1, 12)] {
             let dims = Dims { batch: 2, n, m, heads, head_dim: d };
             let (q, k, v) = (values(2 * n * heads * d, 0.1), values(2 * m * heads * d, 0.7), values(2 * m * heads * d, 1.3));
             let go = values(2 * n * heads * d, 2.9);
