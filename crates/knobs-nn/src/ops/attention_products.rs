@@ -50,9 +50,22 @@ unsafe fn product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, 
     }
 }
 
-/// gemm's own threads when the tasks alone do not fill the pool.
-fn inner_parallelism(tasks: usize) -> gemm::Parallelism {
-    if tasks < rayon::current_num_threads() { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
+/// Attention with fewer multiply-adds than this (scores x head width) runs on one thread:
+/// waking another costs more (the built-in model's 64-token levels).
+const PARALLEL_WORK: usize = 1 << 20;
+
+/// gemm's own threads when the tasks alone do not fill the pool and the work is worth it.
+fn inner_parallelism(tasks: usize, dims: Dims) -> gemm::Parallelism {
+    if tasks < rayon::current_num_threads() && work(dims) >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
+}
+
+fn work(dims: Dims) -> usize {
+    dims.batch * dims.heads * dims.n * dims.m * dims.head_dim
+}
+
+/// The smallest number of tasks rayon may hand to another thread: all of them, for small work.
+fn min_tasks(dims: Dims) -> usize {
+    if work(dims) < PARALLEL_WORK { usize::MAX } else { 1 }
 }
 
 /// One (batch, head)'s rows inside the `[B, rows, H * d]` tensors.
@@ -114,9 +127,10 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
     let rows = block_rows(m);
     let blocks = n.div_ceil(rows);
     let tasks = batch * heads * blocks;
-    let par = inner_parallelism(tasks);
+    let par = inner_parallelism(tasks, dims);
     let pieces: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks)
         .into_par_iter()
+        .with_min_len(min_tasks(dims))
         .map(|task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let head = Head { dims, b: bh / heads, h: bh % heads };
@@ -152,9 +166,10 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
 pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f32], grad: &[f32], dims: Dims, scale: f32, isa: Isa) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let rows = block_rows(m);
-    let par = inner_parallelism(batch * heads);
+    let par = inner_parallelism(batch * heads, dims);
     let pieces: Vec<[Vec<f32>; 3]> = (0..batch * heads)
         .into_par_iter()
+        .with_min_len(min_tasks(dims))
         .map(|bh| {
             let head = Head { dims, b: bh / heads, h: bh % heads };
             let (lse, delta) = (&lse[bh * n..][..n], &delta[bh * n..][..n]);

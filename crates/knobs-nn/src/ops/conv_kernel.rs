@@ -18,6 +18,13 @@ use rayon::prelude::*;
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
 /// Products smaller than this (m * n * k) run on one thread.
 const PARALLEL_WORK: usize = 192 * 192 * 192;
+/// Copies and sums over fewer floats than this run on one thread: waking another costs more.
+const PARALLEL_FLOATS: usize = 1 << 16;
+
+/// The smallest piece rayon may hand to another thread: everything, for small work.
+fn min_pieces(floats: usize) -> usize {
+    if floats < PARALLEL_FLOATS { usize::MAX } else { 1 }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvDims {
@@ -71,7 +78,7 @@ fn im2col(x: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, cols: &mut [f32
     let [kh, kw] = d.kernel;
     let ow = d.out_hw()[1];
     let len = rows.len() * ow;
-    cols[..d.k() * len].par_chunks_mut(len).enumerate().for_each(|(r, dst)| {
+    cols[..d.k() * len].par_chunks_mut(len).with_min_len(min_pieces(d.k() * len)).enumerate().for_each(|(r, dst)| {
         let (c, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
         let plane = &x[c * d.h * d.w..][..d.h * d.w];
         for (y, dst) in rows.clone().zip(dst.chunks_exact_mut(ow)) {
@@ -103,7 +110,7 @@ fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut
     let [kh, kw] = d.kernel;
     let ow = d.out_hw()[1];
     let len = rows.len() * ow;
-    dx.par_chunks_mut(d.h * d.w).enumerate().for_each(|(c, plane)| {
+    dx.par_chunks_mut(d.h * d.w).with_min_len(min_pieces(cols.len())).enumerate().for_each(|(c, plane)| {
         for tap in 0..kh * kw {
             let (ky, kx) = (tap / kw, tap % kw);
             let src = &cols[(c * kh * kw + tap) * len..][..len];
@@ -156,7 +163,8 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<
     let ow = d.out_hw()[1];
     let mut out = vec![0.0f32; d.batch * co * p];
     if let Some(bias) = bias {
-        out.par_chunks_mut(p).enumerate().for_each(|(i, plane)| plane.fill(bias[i % co]));
+        let pieces = min_pieces(out.len());
+        out.par_chunks_mut(p).with_min_len(pieces).enumerate().for_each(|(i, plane)| plane.fill(bias[i % co]));
     }
     let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
     for b in 0..d.batch {
@@ -232,6 +240,7 @@ pub fn bias_grad(g: &[f32], d: &ConvDims) -> Vec<f32> {
     let (p, co) = (d.positions(), d.c_out);
     (0..co)
         .into_par_iter()
+        .with_min_len(min_pieces(g.len()))
         .map(|c| (0..d.batch).map(|b| g[(b * co + c) * p..][..p].iter().sum::<f32>()).sum())
         .collect()
 }
