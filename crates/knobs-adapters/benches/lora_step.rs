@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use knobs_adapters::lora::LoraConfig;
 use knobs_adapters::{AdaptedModel, Pattern};
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Init, Linear, ModuleExt, Tensor, cpu_autodiff, impl_module};
 
 struct Mlp {

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors, state_dict, write_safetensors};
 use knobs_nn::{Device, Init, LayerRef, Linear, Module, ModuleExt, ParamMut, ParamRef, Tensor, Visitor, VisitorMut, join};
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,6 @@
 //! The pre-LayerNorm transformer stack (`CLIPEncoder`, `CLIPEncoderLayer`, `CLIPMLP`).
-use knobs_nn::burn::tensor::activation::{gelu, sigmoid};
+use knobs_nn::burn::tensor::activation::sigmoid;
+use knobs_nn::ops::gelu;
 use knobs_nn::{Device, Init, LayerNorm, Linear, Tensor, impl_module};
 
 use super::attention::ClipAttention;

@@ -1,6 +1,6 @@
 //! Timestep conditioning: the fixed sinusoidal projection (`time_proj`, no parameters) and
 //! the two-layer MLP on top of it (`time_embedding`).
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{Device, Init, Linear, Tensor, impl_module};
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use knobs_nn::burn::tensor::DType;
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::io::{LoadOptions, load_file};
 use knobs_nn::param::{f32_value, value_as};
 use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};

@@ -1,5 +1,5 @@
 //! diffusers `ResnetBlock2D` with the "default" time-embedding path (added, not scale-shift).
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Linear, Tensor, impl_module};
 
 #[derive(Debug)]

@@ -1,7 +1,7 @@
 //! diffusers `Transformer2DModel` (continuous input) and its `BasicTransformerBlock`s:
 //! the image is flattened to tokens, refined by self-attention, cross-attention over the
 //! text and a GEGLU feed-forward, then folded back and added to the input.
-use knobs_nn::burn::tensor::activation::gelu;
+use knobs_nn::ops::gelu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, LayerNorm, Linear, Module, Tensor, Visitor, VisitorMut, impl_module};
 
 use super::attention::Attention;

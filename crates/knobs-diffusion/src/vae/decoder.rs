@@ -1,5 +1,5 @@
 //! The VAE decoder: latents -> image, doubling the resolution in every block but the last.
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 
 use super::config::VaeConfig;

@@ -1,5 +1,5 @@
 //! The VAE encoder: image -> `2 * latent_channels` moments (mean and log-variance).
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::burn::tensor::ops::PadMode;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 

@@ -1,5 +1,5 @@
 //! ResnetBlock2D as the VAE uses it: no time embedding, GroupNorm eps 1e-6, output scale 1.
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 
 #[derive(Debug)]

@@ -17,7 +17,9 @@ pub trait Lanes: Copy {
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
+    unsafe fn div(self, o: Self) -> Self;
     unsafe fn max(self, o: Self) -> Self;
+    unsafe fn min(self, o: Self) -> Self;
     /// e^x as [`super::simd::exp`]: the same polynomial, so every lane width gives the same
     /// values to the last bit or two.
     unsafe fn exp(self) -> Self;
@@ -56,8 +58,16 @@ impl Lanes for f32 {
         self * o
     }
     #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        self / o
+    }
+    #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
         if o > self { o } else { self }
+    }
+    #[inline(always)]
+    unsafe fn min(self, o: Self) -> Self {
+        if o < self { o } else { self }
     }
     #[inline(always)]
     unsafe fn exp(self) -> Self {
@@ -121,8 +131,16 @@ mod x86 {
             unsafe { Avx2(_mm256_mul_ps(self.0, o.0)) }
         }
         #[inline(always)]
+        unsafe fn div(self, o: Self) -> Self {
+            unsafe { Avx2(_mm256_div_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
         unsafe fn max(self, o: Self) -> Self {
             unsafe { Avx2(_mm256_max_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn min(self, o: Self) -> Self {
+            unsafe { Avx2(_mm256_min_ps(self.0, o.0)) }
         }
         #[inline(always)]
         unsafe fn exp(self) -> Self {
@@ -190,8 +208,16 @@ mod x86 {
             unsafe { Avx512(_mm512_mul_ps(self.0, o.0)) }
         }
         #[inline(always)]
+        unsafe fn div(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_div_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
         unsafe fn max(self, o: Self) -> Self {
             unsafe { Avx512(_mm512_max_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn min(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_min_ps(self.0, o.0)) }
         }
         #[inline(always)]
         unsafe fn exp(self) -> Self {

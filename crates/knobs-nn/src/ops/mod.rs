@@ -1,4 +1,5 @@
 //! Fused operations with their own kernels (forward and backward) on the CPU backend.
+pub mod activation;
 pub mod attention;
 mod attention_kernel;
 mod attention_products;
@@ -11,3 +12,4 @@ mod simd;
 
 pub use attention::attention;
 pub use conv2d::conv2d;
+pub use activation::{gelu, silu};

@@ -6,7 +6,7 @@
 //! head per attribute reads the feature. Two auxiliary heads (the pattern kind and whether
 //! there is a centre mark) make the feature carry what tells patterned concepts apart, which
 //! the embedding needs.
-use knobs_nn::burn::tensor::activation::silu;
+use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Linear, Tensor, impl_module};
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,278 @@
+//! SiLU (`x sigmoid(x)`) and GELU (`x Phi(x)`, the exact erf form) as single operations with
+//! their own backward on the CPU backend. burn builds SiLU from a sigmoid (a scalar `exp` per
+//! value) and a product, whose autodiff keeps both and runs four passes back, and runs GELU
+//! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. Other
+//! backends and dtypes take burn's ops.
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData, activation};
+use rayon::prelude::*;
+
+use super::lanes::{self, Isa, Lanes, on_lanes};
+
+/// Values per parallel piece; smaller tensors stay on one thread.
+const PIECE: usize = 1 << 15;
+
+/// Which function: each has a forward and a backward kernel.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Silu,
+    Gelu,
+}
+
+type Kernel = fn((&[f32], Option<&[f32]>, &mut [f32]), Isa);
+
+impl Kind {
+    fn kernels(self) -> (Kernel, Kernel) {
+        match self {
+            Kind::Silu => (silu_forward, silu_backward),
+            Kind::Gelu => (gelu_forward, gelu_backward),
+        }
+    }
+}
+
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32
+        && let Some(y) = fused(&x, Kind::Silu)
+    {
+        return y;
+    }
+    activation::silu(x)
+}
+
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32
+        && let Some(y) = fused(&x, Kind::Gelu)
+    {
+        return y;
+    }
+    activation::gelu(x)
+}
+
+fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {
+    if !x.is_autodiff() {
+        let x = x.clone().try_into_primitive::<Flex>().ok()?;
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, kind)));
+    }
+    // Its output is kept under the device's checkpointing strategy (nothing to recompute).
+    macro_rules! tracked {
+        ($strategy:ty) => {{
+            type B = Autodiff<Flex, $strategy>;
+            let (x, node) = x.clone().try_into_primitive::<B>().ok()?.into_parts();
+            let x = x.to_contiguous();
+            let y = forward(&x, kind);
+            let out = match Elementwise.prepare::<$strategy>([node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((x, kind), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            Some(Tensor::from_primitive::<B>(out))
+        }};
+    }
+    match x.gradient_checkpointing_strategy() {
+        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
+        _ => tracked!(NoCheckpointing),
+    }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+/// `f` over pieces of `x` (and `g`), in parallel for large tensors.
+fn map_pieces(x: &[f32], g: Option<&[f32]>, f: Kernel) -> Vec<f32> {
+    let isa = lanes::isa();
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(PIECE).enumerate().for_each(|(i, dst)| {
+        let at = i * PIECE;
+        f((&x[at..][..dst.len()], g.map(|g| &g[at..][..dst.len()]), dst), isa)
+    });
+    out
+}
+
+fn forward(x: &FlexTensor, kind: Kind) -> FlexTensor {
+    let x = x.to_contiguous();
+    let y = map_pieces(values(&x), None, kind.kernels().0);
+    FlexTensor::from_data(TensorData::new(y, x.layout().shape().clone()))
+}
+
+on_lanes! {
+    /// `y = x / (1 + e^-x)`.
+    fn silu_forward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
+        L => {
+            let (x, _, y) = a;
+            let body = x.len() - x.len() % L::W;
+            let one = L::splat(1.0);
+            let mut j = 0;
+            while j < body {
+                let v = L::load(x.as_ptr().add(j));
+                v.div(one.add(L::splat(0.0).sub(v).exp())).store(y.as_mut_ptr().add(j));
+                j += L::W;
+            }
+            for j in body..x.len() {
+                y[j] = x[j] / (1.0 + Lanes::exp(-x[j]));
+            }
+        }
+    }
+}
+
+on_lanes! {
+    /// `dx = g s (1 + x (1 - s))` with `s = sigmoid(x)`.
+    fn silu_backward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
+        L => {
+            let (x, g, dx) = a;
+            let g = g.expect("the output gradient");
+            let body = x.len() - x.len() % L::W;
+            let one = L::splat(1.0);
+            let mut j = 0;
+            while j < body {
+                let v = L::load(x.as_ptr().add(j));
+                let s = one.div(one.add(L::splat(0.0).sub(v).exp()));
+                let d = s.mul(L::fma(v, one.sub(s), one));
+                L::load(g.as_ptr().add(j)).mul(d).store(dx.as_mut_ptr().add(j));
+                j += L::W;
+            }
+            for j in body..x.len() {
+                let s = 1.0 / (1.0 + Lanes::exp(-x[j]));
+                dx[j] = g[j] * (s * (1.0 + x[j] * (1.0 - s)));
+            }
+        }
+    }
+}
+
+/// `Phi(x)` and `phi(x)`, the standard normal's distribution and density, on lanes: erf by
+/// Abramowitz and Stegun's 7.1.26 (absolute error below 1.5e-7). The tail beyond `|x|` is
+/// computed directly, so the negative side never subtracts nearly equal numbers.
+#[inline(always)]
+unsafe fn normal_cdf_pdf<L: Lanes>(x: L) -> (L, L) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [1.061_405_4, -1.453_152, 1.421_413_7, -0.284_496_74, 0.254_829_6];
+    unsafe {
+        let z = x.max(L::splat(0.0).sub(x)).mul(L::splat(std::f32::consts::FRAC_1_SQRT_2));
+        let t = L::splat(1.0).div(L::fma(L::splat(P), z, L::splat(1.0)));
+        let mut poly = L::splat(A[0]);
+        for a in &A[1..] {
+            poly = L::fma(poly, t, L::splat(*a));
+        }
+        let e = L::splat(0.0).sub(z.mul(z)).exp();
+        // 1 - erf(z), halved: the mass beyond |x|.
+        let q = L::splat(0.5).mul(poly.mul(t).mul(e));
+        // x >= 0 takes 1 - q, x < 0 takes q: a 0/1 step from the sign (tiny |x| have q = 1/2).
+        let step = x.mul(L::splat(1e30)).max(L::splat(0.0)).min(L::splat(1.0));
+        let cdf = L::fma(step, L::splat(1.0).sub(q.add(q)), q);
+        (cdf, e.mul(L::splat(0.398_942_3)))
+    }
+}
+
+on_lanes! {
+    /// `y = x Phi(x)`.
+    fn gelu_forward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
+        L => {
+            let (x, _, y) = a;
+            let body = x.len() - x.len() % L::W;
+            let mut j = 0;
+            while j < body {
+                let v = L::load(x.as_ptr().add(j));
+                v.mul(normal_cdf_pdf(v).0).store(y.as_mut_ptr().add(j));
+                j += L::W;
+            }
+            for j in body..x.len() {
+                y[j] = x[j] * normal_cdf_pdf(x[j]).0;
+            }
+        }
+    }
+}
+
+on_lanes! {
+    /// `dx = g (Phi(x) + x phi(x))`.
+    fn gelu_backward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
+        L => {
+            let (x, g, dx) = a;
+            let g = g.expect("the output gradient");
+            let body = x.len() - x.len() % L::W;
+            let mut j = 0;
+            while j < body {
+                let v = L::load(x.as_ptr().add(j));
+                let (cdf, pdf) = normal_cdf_pdf(v);
+                L::load(g.as_ptr().add(j)).mul(L::fma(v, pdf, cdf)).store(dx.as_mut_ptr().add(j));
+                j += L::W;
+            }
+            for j in body..x.len() {
+                let (cdf, pdf) = normal_cdf_pdf(x[j]);
+                dx[j] = g[j] * x[j].mul_add(pdf, cdf);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Elementwise;
+
+impl Backward<Flex, 1> for Elementwise {
+    /// The input and the function.
+    type State = (FlexTensor, Kind);
+
+    fn backward(self, ops: Ops<(FlexTensor, Kind), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let (x, kind) = ops.state;
+            let dx = map_pieces(values(&x), Some(values(&g)), kind.kernels().1);
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cpu, cpu_autodiff};
+    use burn::tensor::Distribution;
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_into_vec::<f32>().unwrap()
+    }
+
+    type Pair = (&'static str, fn(Tensor<2>) -> Tensor<2>, fn(Tensor<2>) -> Tensor<2>);
+    /// Ours and burn's, for each function.
+    const PAIRS: [Pair; 2] = [("silu", silu, activation::silu), ("gelu", gelu, activation::gelu)];
+
+    /// Values and gradients against burn's ops, over a wide range (the clamped exponent at
+    /// both ends, both tails of erf) and a length off the lanes and pieces.
+    #[test]
+    fn matches_burns_ops_and_their_gradients() {
+        let n = PIECE + 37;
+        let xs: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 240.0).collect();
+        let x = Tensor::<1>::from_floats(xs.as_slice(), &cpu()).reshape([1, n]);
+        let device = cpu_autodiff();
+        let xg = Tensor::<2>::random([3, 1001], Distribution::Normal(0.0, 4.0), &device).require_grad();
+        let probe = Tensor::<2>::random([3, 1001], Distribution::Normal(0.0, 1.0), &device);
+        for (name, ours, burns) in PAIRS {
+            for (i, (a, b)) in values(ours(x.clone())).iter().zip(&values(burns(x.clone()))).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}({}) = {a}, burn {b}", xs[i]);
+            }
+            let grad_of = |f: fn(Tensor<2>) -> Tensor<2>| values(xg.grad(&(f(xg.clone()) * probe.clone()).sum().backward()).unwrap());
+            for (a, b) in grad_of(ours).iter().zip(&grad_of(burns)) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let device = cpu_autodiff();
+        for (name, f, _) in PAIRS {
+            for x0 in [-6.0f32, -1.3, -0.2, 0.0, 0.7, 2.5, 9.0] {
+                let x = Tensor::<2>::from_floats([[x0]], &device).require_grad();
+                let analytic = x.grad(&f(x.clone()).sum().backward()).unwrap().into_scalar::<f32>() as f64;
+                let at = |v: f32| f(Tensor::<2>::from_floats([[v]], &cpu())).into_scalar::<f32>() as f64;
+                let eps = 1e-2;
+                let numeric = (at(x0 + eps) - at(x0 - eps)) / (2.0 * eps as f64);
+                assert!((analytic - numeric).abs() < 1e-3, "{name}'({x0}) = {analytic}, numeric {numeric}");
+            }
+        }
+    }
+}
