@@ -1,7 +1,7 @@
 //! Forward + backward through a Linear stack and a Conv2d stack, fully trainable versus
 //! LoRA with the base frozen. Run: `cargo bench -p knobs-adapters --bench lora_step`.
 //! LoRA must be cheaper: frozen weights need no weight gradient.
-use std::time::Instant;
+use knobs_nn::timing::median_ms;
 
 use knobs_adapters::lora::LoraConfig;
 use knobs_adapters::{AdaptedModel, Pattern};
@@ -17,19 +17,6 @@ struct ConvStack {
     layers: Vec<Conv2d>,
 }
 impl_module!(ConvStack { "layers" => layers });
-
-fn median_ms(mut f: impl FnMut(), iters: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..iters)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[iters / 2]
-}
 
 /// `KNOBS_BENCH_LINEAR=WIDTHxDEPTHxROWS` (default 320x4x2048).
 fn linear_shape() -> (usize, usize, usize) {

@@ -2,24 +2,11 @@
 //! forward and its input and weight gradients, and a linear layer's matmul. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
-use std::time::Instant;
+use knobs_nn::timing::median_ms;
 
 use burn::tensor::ops::ConvOptions;
 use knobs_nn::ops::conv2d;
 use knobs_nn::{Init, Tensor, cpu, cpu_autodiff};
-
-fn median_ms(mut f: impl FnMut(), iters: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..iters)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[iters / 2]
-}
 
 fn main() {
     knobs_nn::on_worker(run);

@@ -13,6 +13,7 @@ pub mod module;
 pub mod ops;
 pub mod optim;
 pub mod param;
+pub mod timing;
 pub mod toy;
 
 pub use adapter::{Adapter, AdapterState, Conv2dAdapter, EmbeddingAdapter, LinearAdapter, Slot, SlotEntry};
