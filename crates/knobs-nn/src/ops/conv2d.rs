@@ -11,6 +11,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData, module};
 
 use super::conv_kernel::{self, ConvDims};
+use crate::param::autodiff_with;
 
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
 /// as [`burn::tensor::module::conv2d`].
@@ -30,9 +31,17 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options:
             padding: options.padding_begin(),
             dilation: options.dilation,
         };
+        // One backend for all three: a first layer's plain input meets trainable weights,
+        // and weights kept outside autodiff (frozen, stored in half precision) meet tracked
+        // activations. The lifted tensors are untracked.
+        let strategy = x.gradient_checkpointing_strategy().or(weight.gradient_checkpointing_strategy());
+        let lift = |t: Tensor<4>| if t.is_autodiff() { t } else { autodiff_with(t, strategy) };
+        let (x, weight) = (lift(x), lift(weight));
+        let bias = bias.map(|b| if b.is_autodiff() { b } else { autodiff_with(b, strategy) });
         if let Some(out) = fused(&x, &weight, bias.as_ref(), dims) {
             return out;
         }
+        return module::conv2d(x, weight, bias, options);
     }
     module::conv2d(x, weight, bias, options)
 }
@@ -204,6 +213,28 @@ mod tests {
         let (w, b) = (rand([3, 2, 3, 3], &device), rand([3], &device));
         let g = conv2d(x.clone(), w.clone(), Some(b.clone()), options(1, 1, 1)).sum().backward();
         assert!(x.grad(&g).is_some() && w.grad(&g).is_none() && b.grad(&g).is_none());
+    }
+
+    /// A plain input with trainable weights (a first layer) and frozen weights kept outside
+    /// autodiff with tracked input: the same values and gradients as all-autodiff tensors.
+    #[test]
+    fn mixed_plain_and_autodiff_tensors_take_the_same_path() {
+        let (plain, device) = (cpu(), cpu_autodiff());
+        let x = rand([2, 3, 6, 6], &plain);
+        let w = rand([4, 3, 3, 3], &plain);
+        let lifted = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device);
+        let reference = |xg: bool, wg: bool| {
+            let (xa, wa) = (lifted(&x), lifted(&w));
+            let (xa, wa) = (if xg { xa.require_grad() } else { xa }, if wg { wa.require_grad() } else { wa });
+            let g = conv2d(xa.clone(), wa.clone(), None, options(1, 1, 1)).powi_scalar(2).sum().backward();
+            values(if xg { xa.grad(&g).unwrap() } else { wa.grad(&g).unwrap() })
+        };
+        let wa = lifted(&w).require_grad();
+        let g = conv2d(x.clone(), wa.clone(), None, options(1, 1, 1)).powi_scalar(2).sum().backward();
+        assert!(values(wa.grad(&g).unwrap()) == reference(false, true), "plain input, trainable weight");
+        let xa = lifted(&x).require_grad();
+        let g = conv2d(xa.clone(), w.clone(), None, options(1, 1, 1)).powi_scalar(2).sum().backward();
+        assert!(values(xa.grad(&g).unwrap()) == reference(true, false), "tracked input, plain weight");
     }
 
     #[test]
