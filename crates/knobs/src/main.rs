@@ -98,7 +98,7 @@ fn dispatch(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         Command::Demo(args) => cmd::demo::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Adapter(c) => cmd::adapter::run(c),
-        Command::Serve(args) => cmd::serve::run(args),
+        Command::Serve(_) => unreachable!("the server runs outside the pool (see main)"),
         Command::World(c) => cmd::world::run(c),
         Command::Pretrain(args) => cmd::pretrain::run_cmd(args),
         Command::Train(args) => cmd::train::run_cmd(*args, matches.subcommand_matches("train").expect("the train subcommand")),

@@ -17,20 +17,21 @@ use super::lanes::{self, Isa, Lanes, on_lanes};
 /// Values per parallel piece; smaller tensors stay on one thread.
 const PIECE: usize = 1 << 15;
 
-/// Which function: each has a forward and a backward kernel.
+/// Which function.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Silu,
     Gelu,
 }
 
+/// `y = f(x)`, or with an output gradient `g`, `y = g f'(x)`.
 type Kernel = fn((&[f32], Option<&[f32]>, &mut [f32]), Isa);
 
 impl Kind {
-    fn kernels(self) -> (Kernel, Kernel) {
+    fn kernel(self) -> Kernel {
         match self {
-            Kind::Silu => (silu_forward, silu_backward),
-            Kind::Gelu => (gelu_forward, gelu_backward),
+            Kind::Silu => silu_kernel,
+            Kind::Gelu => gelu_kernel,
         }
     }
 }
@@ -95,50 +96,47 @@ fn map_pieces(x: &[f32], g: Option<&[f32]>, f: Kernel) -> Vec<f32> {
 
 fn forward(x: &FlexTensor, kind: Kind) -> FlexTensor {
     let x = x.to_contiguous();
-    let y = map_pieces(values(&x), None, kind.kernels().0);
+    let y = map_pieces(values(&x), None, kind.kernel());
     FlexTensor::from_data(TensorData::new(y, x.layout().shape().clone()))
 }
 
-on_lanes! {
-    /// `y = x / (1 + e^-x)`.
-    fn silu_forward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
-        L => {
-            let (x, _, y) = a;
-            let body = x.len() - x.len() % L::W;
+/// A function and its derivative, written once for every lane width.
+trait Pointwise {
+    unsafe fn value<L: Lanes>(x: L) -> L;
+    unsafe fn slope<L: Lanes>(x: L) -> L;
+}
+
+/// SiLU: `x s` with `s = 1 / (1 + e^-x)`; slope `s (1 + x (1 - s))`.
+struct SiluFn;
+
+impl Pointwise for SiluFn {
+    #[inline(always)]
+    unsafe fn value<L: Lanes>(x: L) -> L {
+        unsafe { x.div(L::splat(1.0).add(L::splat(0.0).sub(x).exp())) }
+    }
+    #[inline(always)]
+    unsafe fn slope<L: Lanes>(x: L) -> L {
+        unsafe {
             let one = L::splat(1.0);
-            let mut j = 0;
-            while j < body {
-                let v = L::load(x.as_ptr().add(j));
-                v.div(one.add(L::splat(0.0).sub(v).exp())).store(y.as_mut_ptr().add(j));
-                j += L::W;
-            }
-            for j in body..x.len() {
-                y[j] = x[j] / (1.0 + Lanes::exp(-x[j]));
-            }
+            let s = one.div(one.add(L::splat(0.0).sub(x).exp()));
+            s.mul(L::fma(x, one.sub(s), one))
         }
     }
 }
 
-on_lanes! {
-    /// `dx = g s (1 + x (1 - s))` with `s = sigmoid(x)`.
-    fn silu_backward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
-        L => {
-            let (x, g, dx) = a;
-            let g = g.expect("the output gradient");
-            let body = x.len() - x.len() % L::W;
-            let one = L::splat(1.0);
-            let mut j = 0;
-            while j < body {
-                let v = L::load(x.as_ptr().add(j));
-                let s = one.div(one.add(L::splat(0.0).sub(v).exp()));
-                let d = s.mul(L::fma(v, one.sub(s), one));
-                L::load(g.as_ptr().add(j)).mul(d).store(dx.as_mut_ptr().add(j));
-                j += L::W;
-            }
-            for j in body..x.len() {
-                let s = 1.0 / (1.0 + Lanes::exp(-x[j]));
-                dx[j] = g[j] * (s * (1.0 + x[j] * (1.0 - s)));
-            }
+/// GELU: `x Phi(x)`; slope `Phi(x) + x phi(x)`.
+struct GeluFn;
+
+impl Pointwise for GeluFn {
+    #[inline(always)]
+    unsafe fn value<L: Lanes>(x: L) -> L {
+        unsafe { x.mul(normal_cdf_pdf(x).0) }
+    }
+    #[inline(always)]
+    unsafe fn slope<L: Lanes>(x: L) -> L {
+        unsafe {
+            let (cdf, pdf) = normal_cdf_pdf(x);
+            L::fma(x, pdf, cdf)
         }
     }
 }
@@ -167,45 +165,38 @@ unsafe fn normal_cdf_pdf<L: Lanes>(x: L) -> (L, L) {
     }
 }
 
-on_lanes! {
-    /// `y = x Phi(x)`.
-    fn gelu_forward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
-        L => {
-            let (x, _, y) = a;
-            let body = x.len() - x.len() % L::W;
-            let mut j = 0;
-            while j < body {
-                let v = L::load(x.as_ptr().add(j));
-                v.mul(normal_cdf_pdf(v).0).store(y.as_mut_ptr().add(j));
-                j += L::W;
-            }
-            for j in body..x.len() {
-                y[j] = x[j] * normal_cdf_pdf(x[j]).0;
-            }
+/// `y = f(x)`, or `y = g f'(x)` given `g`: whole vectors, then the tail one value at a time
+/// with the same arithmetic.
+#[inline(always)]
+unsafe fn apply<L: Lanes, P: Pointwise>(x: &[f32], g: Option<&[f32]>, y: &mut [f32]) {
+    let body = x.len() - x.len() % L::W;
+    // SAFETY: j + W <= body <= len of x, g and y; the caller vouches for L's features.
+    unsafe {
+        let mut j = 0;
+        while j < body {
+            let v = L::load(x.as_ptr().add(j));
+            let r = match g {
+                None => P::value(v),
+                Some(g) => L::load(g.as_ptr().add(j)).mul(P::slope(v)),
+            };
+            r.store(y.as_mut_ptr().add(j));
+            j += L::W;
+        }
+        for j in body..x.len() {
+            y[j] = match g {
+                None => P::value(x[j]),
+                Some(g) => g[j] * P::slope(x[j]),
+            };
         }
     }
 }
 
 on_lanes! {
-    /// `dx = g (Phi(x) + x phi(x))`.
-    fn gelu_backward(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () {
-        L => {
-            let (x, g, dx) = a;
-            let g = g.expect("the output gradient");
-            let body = x.len() - x.len() % L::W;
-            let mut j = 0;
-            while j < body {
-                let v = L::load(x.as_ptr().add(j));
-                let (cdf, pdf) = normal_cdf_pdf(v);
-                L::load(g.as_ptr().add(j)).mul(L::fma(v, pdf, cdf)).store(dx.as_mut_ptr().add(j));
-                j += L::W;
-            }
-            for j in body..x.len() {
-                let (cdf, pdf) = normal_cdf_pdf(x[j]);
-                dx[j] = g[j] * x[j].mul_add(pdf, cdf);
-            }
-        }
-    }
+    fn silu_kernel(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () { L => apply::<L, SiluFn>(a.0, a.1, a.2) }
+}
+
+on_lanes! {
+    fn gelu_kernel(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () { L => apply::<L, GeluFn>(a.0, a.1, a.2) }
 }
 
 #[derive(Debug)]
@@ -220,7 +211,7 @@ impl Backward<Flex, 1> for Elementwise {
         let [parent] = ops.parents;
         if let Some(node) = parent {
             let (x, kind) = ops.state;
-            let dx = map_pieces(values(&x), Some(values(&g)), kind.kernels().1);
+            let dx = map_pieces(values(&x), Some(values(&g)), kind.kernel());
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone())));
         }
     }

@@ -11,43 +11,15 @@ use rayon::prelude::*;
 
 use super::attention_kernel::Dims;
 use super::lanes::{Isa, on_lanes};
+use super::matrix::{View, min_len, product};
 use super::simd::{exp_shifted, max};
 
 /// Scores per block (rows x keys) aimed at: 512 KiB, within a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
 
 /// Query rows per block for `m` keys.
-pub(super) fn block_rows(m: usize) -> usize {
+fn block_rows(m: usize) -> usize {
     (BLOCK_SCORES / m.max(1)).clamp(32, 1024)
-}
-
-/// A strided matrix: element (i, j) at `ptr + i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-impl View {
-    /// Row-major rows at stride `rs`, from `s[at..]`.
-    fn rows(s: &[f32], at: usize, rs: usize) -> View {
-        View { ptr: s[at..].as_ptr(), rs: rs as isize, cs: 1 }
-    }
-    fn t(self) -> View {
-        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
-    }
-}
-
-/// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + `beta` lhs `[m, k]` rhs `[k, n]`.
-///
-/// SAFETY: the views cover their matrices and `dst` is valid for `m` rows of `n` at `dst_rs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
-    debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
-    unsafe {
-        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta, false, false, false, par)
-    }
 }
 
 /// Attention with fewer multiply-adds than this (scores x head width) runs on one thread:
@@ -63,10 +35,6 @@ fn work(dims: Dims) -> usize {
     dims.batch * dims.heads * dims.n * dims.m * dims.head_dim
 }
 
-/// The smallest number of tasks rayon may hand to another thread: all of them, for small work.
-fn min_tasks(dims: Dims) -> usize {
-    if work(dims) < PARALLEL_WORK { usize::MAX } else { 1 }
-}
 
 /// One (batch, head)'s rows inside the `[B, rows, H * d]` tensors.
 struct Head {
@@ -130,7 +98,7 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
     let par = inner_parallelism(tasks, dims);
     let pieces: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks)
         .into_par_iter()
-        .with_min_len(min_tasks(dims))
+        .with_min_len(min_len(work(dims) >= PARALLEL_WORK))
         .map(|task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let head = Head { dims, b: bh / heads, h: bh % heads };
@@ -169,7 +137,7 @@ pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f3
     let par = inner_parallelism(batch * heads, dims);
     let pieces: Vec<[Vec<f32>; 3]> = (0..batch * heads)
         .into_par_iter()
-        .with_min_len(min_tasks(dims))
+        .with_min_len(min_len(work(dims) >= PARALLEL_WORK))
         .map(|bh| {
             let head = Head { dims, b: bh / heads, h: bh % heads };
             let (lse, delta) = (&lse[bh * n..][..n], &delta[bh * n..][..n]);

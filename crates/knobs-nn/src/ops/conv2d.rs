@@ -1,5 +1,5 @@
 //! 2-D convolution with its own backward pass on the CPU backend (`conv_kernel`): the same
-//! values as burn's op, with a weight gradient four times as fast. Other backends, other
+//! values as burn's op, with a weight gradient about three times as fast. Other backends, other
 //! dtypes and grouped convolutions take burn's op.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};

@@ -6,13 +6,16 @@
 //! - output `[co, positions]` = W `[co, K]` x columns;
 //! - weight gradient `[co, K]` += grad `[co, positions]` x columns^T, one product with the
 //!   positions as its long inner dimension (burn's default runs a convolution with the gradient
-//!   as a 64x64 kernel instead, a product with 9 columns, at a quarter of this speed);
+//!   as a 64x64 kernel instead, a product with 9 columns, about 3x slower at SD-1.5's 64x64 level);
 //! - input gradient: columns = W^T x grad, added back onto the input planes.
+//!
 //! A 1x1 convolution with stride 1 and no padding uses the input itself as its columns.
 //!
 //! Blocks are fixed by the shapes and every sum runs in a fixed order (gemm splits its work
 //! over output tiles only), so results do not depend on the thread count.
 use rayon::prelude::*;
+
+use super::matrix::{View, min_len, product};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
@@ -20,11 +23,6 @@ const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
 const PARALLEL_WORK: usize = 192 * 192 * 192;
 /// Copies and sums over fewer floats than this run on one thread: waking another costs more.
 const PARALLEL_FLOATS: usize = 1 << 16;
-
-/// The smallest piece rayon may hand to another thread: everything, for small work.
-fn min_pieces(floats: usize) -> usize {
-    if floats < PARALLEL_FLOATS { usize::MAX } else { 1 }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvDims {
@@ -78,7 +76,7 @@ fn im2col(x: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, cols: &mut [f32
     let [kh, kw] = d.kernel;
     let ow = d.out_hw()[1];
     let len = rows.len() * ow;
-    cols[..d.k() * len].par_chunks_mut(len).with_min_len(min_pieces(d.k() * len)).enumerate().for_each(|(r, dst)| {
+    cols[..d.k() * len].par_chunks_mut(len).with_min_len(min_len(d.k() * len >= PARALLEL_FLOATS)).enumerate().for_each(|(r, dst)| {
         let (c, ky, kx) = (r / (kh * kw), r / kw % kh, r % kw);
         let plane = &x[c * d.h * d.w..][..d.h * d.w];
         for (y, dst) in rows.clone().zip(dst.chunks_exact_mut(ow)) {
@@ -110,7 +108,7 @@ fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut
     let [kh, kw] = d.kernel;
     let ow = d.out_hw()[1];
     let len = rows.len() * ow;
-    dx.par_chunks_mut(d.h * d.w).with_min_len(min_pieces(cols.len())).enumerate().for_each(|(c, plane)| {
+    dx.par_chunks_mut(d.h * d.w).with_min_len(min_len(cols.len() >= PARALLEL_FLOATS)).enumerate().for_each(|(c, plane)| {
         for tap in 0..kh * kw {
             let (ky, kx) = (tap / kw, tap % kw);
             let src = &cols[(c * kh * kw + tap) * len..][..len];
@@ -127,34 +125,14 @@ fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut
     });
 }
 
-/// A row-major matrix view: element (i, j) at `ptr + i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-fn rows_of(s: &[f32], cols: usize) -> View {
-    View { ptr: s.as_ptr(), rs: cols as isize, cs: 1 }
-}
-
-fn transposed(s: &[f32], cols: usize) -> View {
-    View { ptr: s.as_ptr(), rs: 1, cs: cols as isize }
-}
-
-/// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + lhs `[m, k]` x rhs `[k, n]`.
+/// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + lhs `[m, k]` x rhs `[k, n]`,
+/// on gemm's threads when the product is large enough.
 ///
-/// SAFETY: every view covers its matrix and `dst` is valid for `m` rows of `n` at `dst_rs`.
+/// SAFETY: as [`product`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
-    let parallel = if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    unsafe {
-        gemm::gemm(
-            m, n, k, dst, 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0f32, 1.0f32, false,
-            false, false, parallel,
-        )
-    }
+unsafe fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
+    let par = if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    unsafe { product(m, n, k, dst, dst_rs, accumulate, lhs, rhs, 1.0, par) }
 }
 
 /// Output `[B, co, oh, ow]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, kh, kw]`.
@@ -163,7 +141,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<
     let ow = d.out_hw()[1];
     let mut out = vec![0.0f32; d.batch * co * p];
     if let Some(bias) = bias {
-        let pieces = min_pieces(out.len());
+        let pieces = min_len(out.len() >= PARALLEL_FLOATS);
         out.par_chunks_mut(p).with_min_len(pieces).enumerate().for_each(|(i, plane)| plane.fill(bias[i % co]));
     }
     let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
@@ -172,14 +150,14 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<
         let ob = &mut out[b * co * p..][..co * p];
         if d.pointwise() {
             // SAFETY: ob is [co, p], w [co, k], xb [k, p].
-            unsafe { matmul(co, p, k, ob.as_mut_ptr(), p, bias.is_some(), rows_of(w, k), rows_of(xb, p)) };
+            unsafe { matmul(co, p, k, ob, p, bias.is_some(), View::rows(w, 0, k), View::rows(xb, 0, p)) };
             continue;
         }
         for rows in d.blocks() {
             let len = rows.len() * ow;
             im2col(xb, d, rows.clone(), &mut cols);
             // SAFETY: the block's outputs are columns rows.start * ow.. of ob's co rows of p.
-            unsafe { matmul(co, len, k, ob[rows.start * ow..].as_mut_ptr(), p, bias.is_some(), rows_of(w, k), rows_of(&cols[..k * len], len)) };
+            unsafe { matmul(co, len, k, &mut ob[rows.start * ow..], p, bias.is_some(), View::rows(w, 0, k), View::rows(&cols, 0, len)) };
         }
     }
     out
@@ -204,10 +182,10 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
             // SAFETY (both products): shapes as in `forward`, read the other way round.
             unsafe {
                 if let Some(dw) = &mut dw {
-                    matmul(co, k, p, dw.as_mut_ptr(), k, !first, rows_of(gb, p), transposed(xb, p));
+                    matmul(co, k, p, dw, k, !first, View::rows(gb, 0, p), View::rows(xb, 0, p).t());
                 }
                 if let Some(dx) = &mut dx {
-                    matmul(k, p, co, dx[b * plane..].as_mut_ptr(), p, false, transposed(w, k), rows_of(gb, p));
+                    matmul(k, p, co, &mut dx[b * plane..], p, false, View::rows(w, 0, k).t(), View::rows(gb, 0, p));
                 }
             }
             first = false;
@@ -215,17 +193,16 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
         }
         for rows in d.blocks() {
             let len = rows.len() * ow;
-            let gblock = &gb[rows.start * ow..];
-            // SAFETY: gblock's co rows of p start at this block's first position; cols and
+            // SAFETY: grad's co rows of p start at this block's first position; cols and
             // dcols hold [k, len]; dw is [co, k].
             unsafe {
-                let grad = View { ptr: gblock.as_ptr(), rs: p as isize, cs: 1 };
+                let grad = View::rows(gb, rows.start * ow, p);
                 if let Some(dw) = &mut dw {
                     im2col(xb, d, rows.clone(), &mut cols);
-                    matmul(co, k, len, dw.as_mut_ptr(), k, !first, grad, transposed(&cols[..k * len], len));
+                    matmul(co, k, len, dw, k, !first, grad, View::rows(&cols, 0, len).t());
                 }
                 if let Some(dx) = &mut dx {
-                    matmul(k, len, co, dcols.as_mut_ptr(), len, false, transposed(w, k), grad);
+                    matmul(k, len, co, &mut dcols, len, false, View::rows(w, 0, k).t(), grad);
                     col2im_add(&dcols[..k * len], d, rows.clone(), &mut dx[b * plane..][..plane]);
                 }
             }
@@ -240,7 +217,7 @@ pub fn bias_grad(g: &[f32], d: &ConvDims) -> Vec<f32> {
     let (p, co) = (d.positions(), d.c_out);
     (0..co)
         .into_par_iter()
-        .with_min_len(min_pieces(g.len()))
+        .with_min_len(min_len(g.len() >= PARALLEL_FLOATS))
         .map(|c| (0..d.batch).map(|b| g[(b * co + c) * p..][..p].iter().sum::<f32>()).sum())
         .collect()
 }

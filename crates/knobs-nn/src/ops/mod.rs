@@ -8,6 +8,7 @@ pub mod conv2d;
 mod conv_kernel;
 pub mod frozen_linear;
 mod lanes;
+mod matrix;
 mod simd;
 
 pub use attention::attention;

@@ -1,0 +1,39 @@
+//! What the product-based kernels (convolution, wide-head attention) share: strided matrix
+//! views, the one call into the gemm crate, and the rule that keeps small work on one thread.
+
+/// A strided matrix: element (i, j) at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(super) struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl View {
+    /// Row-major rows at stride `rs`, from `s[at..]`.
+    pub(super) fn rows(s: &[f32], at: usize, rs: usize) -> View {
+        View { ptr: s[at..].as_ptr(), rs: rs as isize, cs: 1 }
+    }
+    /// The same matrix transposed (no copy).
+    pub(super) fn t(self) -> View {
+        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + `beta` lhs `[m, k]` rhs `[k, n]`.
+/// gemm splits its work over output tiles only, so the sums do not depend on `par`.
+///
+/// SAFETY: the views cover their matrices and `dst` is valid for `m` rows of `n` at `dst_rs`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
+    debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
+    unsafe {
+        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta, false, false, false, par)
+    }
+}
+
+/// The smallest piece rayon may hand to another thread (`with_min_len`): all of the work
+/// when it is too small to be worth waking another thread for.
+pub(super) fn min_len(worth_splitting: bool) -> usize {
+    if worth_splitting { 1 } else { usize::MAX }
+}
