@@ -11,6 +11,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData, module};
 
 use super::conv_kernel::{self, ConvDims};
+use super::winograd;
 use crate::param::autodiff_with;
 
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
@@ -97,7 +98,8 @@ fn slice(t: &FlexTensor) -> &[f32] {
 fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims) -> FlexTensor {
     let (x, w) = (x.to_contiguous(), w.to_contiguous());
     let bias = bias.map(|b| b.to_contiguous());
-    let out = conv_kernel::forward(slice(&x), slice(&w), bias.as_ref().map(slice), &dims);
+    let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
+    let out = if winograd::applies(&dims) { winograd::forward(xs, ws, bs, &dims) } else { conv_kernel::forward(xs, ws, bs, &dims) };
     let [oh, ow] = dims.out_hw();
     FlexTensor::from_data(TensorData::new(out, [dims.batch, dims.c_out, oh, ow]))
 }
@@ -120,7 +122,10 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
         let Saved { x, w, dims } = ops.state;
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
-        let (dx, dw) = conv_kernel::backward(slice(&x), slice(&w), slice(&g), &dims, px.is_some(), pw.is_some());
+        // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
+        let fast_dx = winograd::applies(&dims) && px.is_some();
+        let (dx, dw) = conv_kernel::backward(slice(&x), slice(&w), slice(&g), &dims, px.is_some() && !fast_dx, pw.is_some());
+        let dx = if fast_dx { Some(winograd::input_grad(slice(&w), slice(&g), &dims)) } else { dx };
         if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [dims.batch, dims.c_in, dims.h, dims.w])));
         }

@@ -253,16 +253,20 @@ mod x86 {
 macro_rules! on_lanes {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($arg:ident: $Arg:ty) -> $Ret:ty { $L:ident => $body:expr }) => {
         $(#[$doc])*
+        // Kernels that are safe functions need no unsafe block of their own.
+        #[allow(unused_unsafe)]
         $vis fn $name($arg: $Arg, isa: $crate::ops::lanes::Isa) -> $Ret {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
             unsafe fn avx512($arg: $Arg) -> $Ret {
+                #[allow(dead_code)] // kernels that vectorise by themselves ignore it
                 type $L = $crate::ops::lanes::Avx512;
                 unsafe { $body }
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2($arg: $Arg) -> $Ret {
+                #[allow(dead_code)] // kernels that vectorise by themselves ignore it
                 type $L = $crate::ops::lanes::Avx2;
                 unsafe { $body }
             }
@@ -273,6 +277,7 @@ macro_rules! on_lanes {
                 #[cfg(target_arch = "x86_64")]
                 $crate::ops::lanes::Isa::Avx2 => unsafe { avx2($arg) },
                 _ => {
+                    #[allow(dead_code)] // kernels that vectorise by themselves ignore it
                     type $L = f32;
                     unsafe { $body }
                 }

@@ -14,6 +14,10 @@ impl View {
     pub(super) fn rows(s: &[f32], at: usize, rs: usize) -> View {
         View { ptr: s[at..].as_ptr(), rs: rs as isize, cs: 1 }
     }
+    /// Element (i, j) at `s[at + i * rs + j * cs]`.
+    pub(super) fn strided(s: &[f32], at: usize, rs: usize, cs: usize) -> View {
+        View { ptr: s[at..].as_ptr(), rs: rs as isize, cs: cs as isize }
+    }
     /// The same matrix transposed (no copy).
     pub(super) fn t(self) -> View {
         View { ptr: self.ptr, rs: self.cs, cs: self.rs }
@@ -27,9 +31,15 @@ impl View {
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
     debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
-    unsafe {
-        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, dst_rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta, false, false, false, par)
-    }
+    unsafe { product_strided(m, n, k, dst.as_mut_ptr(), dst_rs, 1, accumulate, lhs, rhs, beta, par) }
+}
+
+/// [`product`] into a destination of any strides: element (i, j) of `dst` at `dst + i * rs + j * cs`.
+///
+/// SAFETY: the views cover their matrices and `dst` is valid for writes at every (i, j).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
+    unsafe { gemm::gemm(m, n, k, dst, cs as isize, rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta, false, false, false, par) }
 }
 
 /// The smallest piece rayon may hand to another thread (`with_min_len`): all of the work

@@ -10,6 +10,7 @@ pub mod frozen_linear;
 mod lanes;
 mod matrix;
 mod simd;
+mod winograd;
 
 pub use attention::attention;
 pub use conv2d::conv2d;
