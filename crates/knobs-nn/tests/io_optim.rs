@@ -237,6 +237,24 @@ fn half_precision_files_load_tensor_by_tensor() {
     assert!(e.contains("c.weight") && e.contains("m-f16.safetensors"), "{e}");
 }
 
+/// A half-precision tensor longer than the reader's piece (2^20 values) comes back whole:
+/// every piece read at its own offset and widened into its own place.
+#[test]
+fn long_half_precision_tensors_read_piece_by_piece() {
+    use knobs_nn::io::SafetensorsReader;
+    use safetensors::{Dtype, tensor::TensorView};
+    let n = (1 << 21) + 37;
+    let want: Vec<half::f16> = (0..n).map(|i| half::f16::from_f32(((i % 4099) as f32 - 2049.0) / 64.0)).collect();
+    let bytes: Vec<u8> = want.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("long.safetensors");
+    let views = vec![("w", TensorView::new(Dtype::F16, vec![n], &bytes).unwrap())];
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let got: Vec<f32> = SafetensorsReader::open(&file).unwrap().read("w").unwrap().try_to_vec::<f32>().unwrap();
+    assert_eq!(got.len(), n);
+    assert!(got.iter().zip(&want).all(|(g, w)| *g == w.to_f32()), "a piece was read at the wrong offset or widened wrongly");
+}
+
 /// One scale for the whole file: the largest difference over the largest value; a key or a
 /// shape that differs is named.
 #[test]
