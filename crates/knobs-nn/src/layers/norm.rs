@@ -1,7 +1,7 @@
 use burn::tensor::module::layer_norm;
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::param::value_as;
+use crate::param::{f32_value, value_as};
 
 use crate::module::{Module, Visitor, VisitorMut, join};
 use crate::param::{ParamMut, ParamRef};
@@ -28,14 +28,9 @@ impl GroupNorm {
         }
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
-        let per_group = dims[1..].iter().product::<usize>() / self.groups;
-        let g: Tensor<3> = x.reshape([n, self.groups, per_group]);
-        let centered = g.clone() - g.mean_dim(2);
-        let var = centered.clone().powi_scalar(2).mean_dim(2);
-        let normed: Tensor<D> = (centered / (var + self.eps).sqrt()).reshape(dims);
-        let mut affine = [1; D];
-        affine[1] = c;
-        normed * self.weight.clone().reshape(affine) + self.bias.clone().reshape(affine)
+        let positions = dims[2..].iter().product::<usize>();
+        // Weights kept in half precision (frozen) are widened, as the input is.
+        crate::ops::group_norm(x.reshape([n, c, positions]), f32_value(&self.weight), f32_value(&self.bias), self.groups, self.eps).reshape(dims)
     }
 }
 

@@ -6,6 +6,7 @@ mod attention_products;
 mod attention_small;
 pub mod conv2d;
 mod conv_kernel;
+pub mod group_norm;
 pub mod frozen_linear;
 mod lanes;
 mod matrix;
@@ -14,4 +15,5 @@ mod winograd;
 
 pub use attention::attention;
 pub use conv2d::conv2d;
+pub use group_norm::group_norm;
 pub use activation::{gelu, silu};

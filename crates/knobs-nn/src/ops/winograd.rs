@@ -19,6 +19,10 @@ use super::matrix::{View, min_len, product_strided};
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 11 } else { 1 << 21 };
 /// Tiles per block are a multiple of this (the products' row tile: 16 with AVX2, 32 with AVX-512).
 const ROW_TILE: usize = if cfg!(test) { 1 } else { 32 };
+/// At most this many tiles per block: with 32 channels a block of 1024 tiles took 1.6x as long
+/// as blocks of 128-256 ([8, 32, 32, 32], tiny-sd's top level), its transformed values (16 per
+/// tile and channel) no longer in the core's cache between the transforms and the products.
+const MAX_BLOCK_TILES: usize = 256;
 /// Fewer tiles than this (over the batch) take the direct convolution: the weight transform,
 /// 16 values per channel pair, costs more than the products save.
 const MIN_TILES: usize = if cfg!(test) { 1 } else { 64 };
@@ -98,7 +102,7 @@ fn run(x: &[f32], u: &[f32], bias: Option<&[f32]>, batch: usize, ci: usize, co: 
     let (_, _, total) = tiles(&d);
     // At least four blocks where there are tiles enough, in multiples of the products' row tile.
     let cap = (BLOCK_FLOATS / (16 * (ci + co))).max(ROW_TILE);
-    let per_block = cap.min(total.div_ceil(4)).next_multiple_of(ROW_TILE).min(1024).min(total);
+    let per_block = cap.min(total.div_ceil(4)).next_multiple_of(ROW_TILE).min(MAX_BLOCK_TILES).min(total);
     let blocks = total.div_ceil(per_block);
     let mut out = vec![0.0f32; batch * co * h * w];
     let dst = Out(out.as_mut_ptr());
