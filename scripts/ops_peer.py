@@ -23,3 +23,8 @@ for rows, k, n in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]:
     A = torch.randn(rows, k); B = torch.randn(k, n) * 0.05
     ms = med(lambda: A @ B)
     print(f"matmul [{rows},{k}]x[{k},{n}]: {ms:.1f} ms ({2*rows*k*n/ms/1e6:.0f} GFLOP/s)")
+for b, c, hw in [(2, 320, 64), (8, 32, 32)]:
+    x = torch.randn(b, c, hw, hw).requires_grad_(); norm = torch.nn.GroupNorm(32, c, eps=1e-5)
+    for q in norm.parameters(): q.requires_grad_(False)
+    ms = med(lambda: F.silu(norm(x)).sum().backward())
+    print(f"groupnorm+silu [{b},{c},{hw},{hw}] fwd+bwd(x): {ms:.1f} ms")

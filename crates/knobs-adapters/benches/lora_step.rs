@@ -32,6 +32,7 @@ fn report(name: &str, full: f64, lora: f64) {
 }
 
 fn main() {
+    knobs_nn::allocator::keep_freed_memory();
     let device = cpu_autodiff();
     let iters = std::env::var("KNOBS_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
     let mut init = Init::new(0);

@@ -1,5 +1,5 @@
 //! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
-//! forward and its input and weight gradients, and a linear layer's matmul. Run:
+//! forward and its input and weight gradients, a linear layer's matmul, GroupNorm + SiLU. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
 use knobs_nn::timing::median_ms;
@@ -9,6 +9,7 @@ use knobs_nn::ops::conv2d;
 use knobs_nn::{Init, Tensor, cpu, cpu_autodiff};
 
 fn main() {
+    knobs_nn::allocator::keep_freed_memory();
     knobs_nn::on_worker(run);
 }
 
@@ -38,5 +39,13 @@ fn run() {
         let ms = median_ms(|| drop(a.clone().matmul(bm.clone()).into_data()), iters);
         let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
         println!("matmul [{rows},{k}]x[{k},{n}]: {ms:.1} ms ({gflops:.0} GFLOP/s)");
+    }
+    // GroupNorm then SiLU, as every resnet block opens, forward and backward (input gradient).
+    for (b, c, hw) in [(2, 320, 64), (8, 32, 32)] {
+        let dev = cpu_autodiff();
+        let x: Tensor<4> = init.normal::<4>([b, c, hw, hw], 1.0, &dev).require_grad();
+        let norm = knobs_nn::GroupNorm::new(32, c, 1e-5, &dev);
+        let ms = median_ms(|| drop(knobs_nn::ops::silu(norm.forward(x.clone())).sum().backward()), iters);
+        println!("groupnorm+silu [{b},{c},{hw},{hw}] fwd+bwd(x): {ms:.1} ms");
     }
 }

@@ -2,6 +2,7 @@
 //! them, the adapter slot every adaptable layer carries, safetensors io and optimisers.
 //! Nothing here knows about diffusion or about any particular adapter method.
 pub mod adapter;
+pub mod allocator;
 pub mod device;
 pub mod error;
 pub mod gradcheck;

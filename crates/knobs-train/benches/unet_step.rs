@@ -54,6 +54,7 @@ fn recipe_unet(widths: &str, dev: &Device) -> Subject {
 }
 
 fn main() {
+    knobs_nn::allocator::keep_freed_memory();
     // As `knobs` runs its commands: on a pool thread (see knobs_nn::on_worker).
     knobs_nn::on_worker(run);
 }

@@ -65,6 +65,7 @@ fn parse_device(s: &str) -> Result<knobs_nn::device::Target, String> {
 }
 
 fn main() {
+    knobs_nn::allocator::keep_freed_memory();
     // The matches are kept: `knobs train` tells flags given on the command line from defaults.
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());

@@ -1,7 +1,7 @@
 //! LoRA on each layer kind: `y = base(x) + scale * B(A(dropout(x)))`, scale applying to the
 //! adapter branch only, exactly as PEFT.
 use knobs_nn::burn::tensor::module::embedding;
-use knobs_nn::ops::conv2d;
+use knobs_nn::ops::{conv2d, low_rank};
 use knobs_nn::burn::tensor::ops::ConvOptions;
 use knobs_nn::burn::tensor::{Distribution, Int};
 use knobs_nn::param::{ParamMut, ParamRef};
@@ -72,10 +72,9 @@ impl Adapter for LoraLinear {
 
 impl LinearAdapter for LoraLinear {
     fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
-        // Scaling the rank-r activations, not the full-width output, saves a full-size pass
-        // forward and backward.
-        let h = dropout(x.clone(), self.dropout, self.training).matmul(self.a.clone().transpose());
-        inner(x) + (h * (self.scale * weight as f64)).matmul(self.b.clone().transpose())
+        // One op for the branch (knobs_nn::ops::low_rank), which scales the rank-r values.
+        let branch = low_rank(dropout(x.clone(), self.dropout, self.training), self.a.clone(), self.b.clone(), self.scale * weight as f64);
+        inner(x) + branch
     }
     fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _unmerged: &Tensor<2>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         Ok((w + self.delta_weight() * weight as f64, b))

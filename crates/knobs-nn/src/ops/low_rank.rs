@@ -1,0 +1,147 @@
+//! A low-rank product `scale (x A^T) B^T` (a LoRA branch) as one operation with its own
+//! backward pass on the CPU backend. From burn's ops it is five (two transposes, two products,
+//! a scale), each recorded and stepped back through; a LoRA step has one per adapted layer,
+//! and on small models the per-op cost is what the branch costs. Other backends and dtypes
+//! take burn's ops.
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor};
+
+use crate::param::autodiff_with;
+
+/// `scale (x A^T) B^T` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`.
+pub fn low_rank(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tensor<2> {
+    if [&x, &a, &b].iter().all(|t| t.dtype() == DType::F32)
+        && let Some(y) = fused(&x, &a, &b, scale as f32)
+    {
+        return y;
+    }
+    decomposed(x, a, b, scale)
+}
+
+/// The same from burn's ops: other backends, and the tests' reference. The rank-r values are
+/// scaled, not the full-width output.
+pub fn decomposed(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tensor<2> {
+    (x.matmul(a.transpose()) * scale).matmul(b.transpose())
+}
+
+type Plain = Tensor<2>;
+
+/// `(scale x A^T, its product with B^T)` on plain CPU tensors.
+fn forward(x: &Plain, a: &Plain, b: &Plain, scale: f32) -> (Plain, Plain) {
+    let h = x.clone().matmul(a.clone().transpose()) * scale;
+    let y = h.clone().matmul(b.clone().transpose());
+    (h, y)
+}
+
+fn fused(x: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f32) -> Option<Tensor<2>> {
+    if ![x, a, b].iter().any(|t| t.is_autodiff()) {
+        let plain = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok().map(Tensor::<2>::from_primitive::<Flex>);
+        let (_, y) = forward(&plain(x)?, &plain(a)?, &plain(b)?, scale);
+        return Some(Tensor::from_primitive::<Flex>(y.try_into_primitive::<Flex>().ok()?));
+    }
+    // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
+    let strategy = [x, a, b].iter().find_map(|t| t.gradient_checkpointing_strategy());
+    let lift = |t: &Tensor<2>| if t.is_autodiff() { t.clone() } else { autodiff_with(t.clone(), strategy) };
+    let (x, a, b) = (lift(x), lift(a), lift(b));
+    // Compute bound: its output is kept under the device's checkpointing strategy.
+    macro_rules! tracked {
+        ($strategy:ty) => {{
+            type B = Autodiff<Flex, $strategy>;
+            let parts = |t: Tensor<2>| t.try_into_primitive::<B>().ok().map(|p| p.into_parts());
+            let ((x, x_node), (a, a_node), (b, b_node)) = (parts(x)?, parts(a)?, parts(b)?);
+            let plain = |t| Tensor::<2>::from_primitive::<Flex>(t);
+            let (x, a, b) = (plain(x), plain(a), plain(b));
+            let (h, y) = forward(&x, &a, &b, scale);
+            let y = y.try_into_primitive::<Flex>().ok()?;
+            let out = match LowRank.prepare::<$strategy>([x_node, a_node, b_node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(Saved { x, a, b, h, scale }, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            Some(Tensor::from_primitive::<B>(out))
+        }};
+    }
+    match x.gradient_checkpointing_strategy() {
+        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
+        _ => tracked!(NoCheckpointing),
+    }
+}
+
+#[derive(Debug)]
+struct LowRank;
+
+/// The inputs, and the scaled rank-r values `h = scale x A^T` (the up projection's input).
+#[derive(Clone, Debug)]
+struct Saved {
+    x: Plain,
+    a: Plain,
+    b: Plain,
+    h: Plain,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for LowRank {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let Saved { x, a, b, h, scale } = ops.state;
+        let g = Tensor::<2>::from_primitive::<Flex>(grads.consume::<Flex>(&ops.node));
+        let [px, pa, pb] = ops.parents;
+        let flex = |t: Plain| t.try_into_primitive::<Flex>().expect("a flex tensor");
+        // y = h B^T: dB = g^T h; dh = g B, and through the scale, d(x A^T) = scale dh.
+        if let Some(node) = pb {
+            grads.register::<Flex>(node.id, flex(g.clone().transpose().matmul(h)));
+        }
+        if px.is_some() || pa.is_some() {
+            let dxa = g.matmul(b) * scale;
+            if let Some(node) = pa {
+                grads.register::<Flex>(node.id, flex(dxa.clone().transpose().matmul(x)));
+            }
+            if let Some(node) = px {
+                grads.register::<Flex>(node.id, flex(dxa.matmul(a)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Init, cpu, cpu_autodiff};
+
+    fn values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    }
+
+    fn max_rel(a: Vec<f32>, b: Vec<f32>) -> f32 {
+        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn forward_and_gradients_match_burns_ops() {
+        let mut init = Init::new(5);
+        let (x, a, b) = (init.normal::<2>([7, 12], 1.0, &cpu()), init.normal::<2>([3, 12], 1.0, &cpu()), init.normal::<2>([9, 3], 1.0, &cpu()));
+        let err = max_rel(values(low_rank(x.clone(), a.clone(), b.clone(), 0.5)), values(decomposed(x.clone(), a.clone(), b.clone(), 0.5)));
+        assert!(err < 1e-6, "forward {err}");
+        let device = cpu_autodiff();
+        let on = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device).require_grad();
+        let probe = init.normal::<2>([7, 9], 1.0, &device);
+        let grads = |f: fn(Tensor<2>, Tensor<2>, Tensor<2>, f64) -> Tensor<2>| {
+            let (x, a, b) = (on(&x), on(&a), on(&b));
+            let g = (f(x.clone(), a.clone(), b.clone(), 0.5) * probe.clone()).sum().backward();
+            [x.grad(&g).unwrap(), a.grad(&g).unwrap(), b.grad(&g).unwrap()].map(values)
+        };
+        for (name, (ours, burns)) in ["x", "A", "B"].iter().zip(grads(low_rank).into_iter().zip(grads(decomposed))) {
+            let err = max_rel(ours, burns);
+            assert!(err < 1e-5, "d{name}: {err}");
+        }
+        // An untracked input (a cached text encoding) gets nothing; A and B still do.
+        let (xu, a2, b2) = (Tensor::<2>::from_data(x.to_data(), &device), on(&a), on(&b));
+        let g = low_rank(xu.clone(), a2.clone(), b2.clone(), 0.5).sum().backward();
+        assert!(xu.grad(&g).is_none() && a2.grad(&g).is_some() && b2.grad(&g).is_some());
+    }
+}
