@@ -15,9 +15,13 @@ const MMAP_THRESHOLD: i32 = 32 << 20;
 const TRIM_THRESHOLD: i32 = 1 << 30;
 
 /// Keeps freed memory in the process for reuse (glibc; elsewhere the allocator's own policy
-/// stays). Call once at start, before the thread pool runs tensor work.
+/// stays), unless the environment sets `KNOBS_RETURN_FREED_MEMORY` (a long-lived process that
+/// should shrink between jobs, or an A/B measurement). Call once at start, before the thread
+/// pool runs tensor work.
 pub fn keep_freed_memory() {
-    if std::env::var("NOKEEP").is_ok() { return; }
+    if std::env::var_os("KNOBS_RETURN_FREED_MEMORY").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets malloc's parameters; it is called before other threads allocate.
     unsafe {
