@@ -144,21 +144,12 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{values, max_rel};
     use crate::{cpu, cpu_autodiff};
     use burn::tensor::Distribution;
 
     fn rand<const D: usize>(shape: [usize; D], device: &burn::tensor::Device) -> Tensor<D> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
-    }
-
-    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-    }
-
-    fn max_rel(a: Vec<f32>, b: Vec<f32>) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     /// (input shape, co, kernel, stride, padding, dilation): 3x3 as in every resnet, the

@@ -105,14 +105,14 @@ fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
-/// The sum of `values`, eight running sums at a time (so that it vectorises) added in f64.
-fn sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+/// `sum f(a[k], b[k])`, eight running f32 sums at a time (so that it vectorises) added in f64.
+fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     let mut lanes = [0.0f32; 8];
-    let chunks = values.chunks_exact(8);
-    let tail = chunks.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
-    for chunk in chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += f(v);
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ac.remainder().iter().zip(bc.remainder()).map(|(&a, &b)| f(a, b) as f64).sum::<f64>();
+    for (a, b) in ac.zip(bc) {
+        for ((l, &a), &b) in lanes.iter_mut().zip(a).zip(b) {
+            *l += f(a, b);
         }
     }
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
@@ -127,9 +127,9 @@ fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims, eps: f32) -> (Vec<f32>, Vec
     let pieces = min_len(x.len() >= PARALLEL_FLOATS);
     y.par_chunks_mut(len).zip(stats.par_chunks_mut(2)).with_min_len(pieces).enumerate().for_each(|(i, (y, stats))| {
         let x = &x[i * len..][..len];
-        let mean = (sum(x, |v| v) / len as f64) as f32;
+        let mean = (sum_pairs(x, x, |v, _| v) / len as f64) as f32;
         // About the mean, as torch: no cancellation between two large sums.
-        let var = sum(x, |v| (v - mean) * (v - mean)) / len as f64;
+        let var = sum_pairs(x, x, |v, _| (v - mean) * (v - mean)) / len as f64;
         let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
         stats.copy_from_slice(&[mean, rstd]);
         let first = i % d.groups * per_group;
@@ -164,8 +164,8 @@ fn backward(x: &[f32], w: &[f32], stats: &[f32], g: &[f32], d: Dims, want_x: boo
         let (mean, rstd) = (stats[2 * i], stats[2 * i + 1]);
         let (x, g) = (&x[i * len..][..len], &g[i * len..][..len]);
         for (s, (x, g)) in sums.chunks_exact_mut(2).zip(x.chunks_exact(d.positions).zip(g.chunks_exact(d.positions))) {
-            s[0] = dot_centred(x, g, mean) * rstd as f64;
-            s[1] = sum(g, |v| v);
+            s[0] = sum_pairs(x, g, |x, g| g * (x - mean)) * rstd as f64;
+            s[1] = sum_pairs(g, g, |g, _| g);
         }
     });
     if want_x {
@@ -195,19 +195,6 @@ fn backward(x: &[f32], w: &[f32], stats: &[f32], g: &[f32], d: Dims, want_x: boo
     (want_x.then_some(dx), per_channel(0), per_channel(1))
 }
 
-/// `sum g (x - mean)`, vectorised as [`sum`].
-fn dot_centred(x: &[f32], g: &[f32], mean: f32) -> f64 {
-    let mut lanes = [0.0f32; 8];
-    let (xc, gc) = (x.chunks_exact(8), g.chunks_exact(8));
-    let tail = xc.remainder().iter().zip(gc.remainder()).map(|(&x, &g)| (g * (x - mean)) as f64).sum::<f64>();
-    for (x, g) in xc.zip(gc) {
-        for ((l, &x), &g) in lanes.iter_mut().zip(x).zip(g) {
-            *l += g * (x - mean);
-        }
-    }
-    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
-}
-
 #[derive(Debug)]
 struct GroupNormOp;
 
@@ -234,17 +221,8 @@ impl Backward<Flex, 3> for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{values, max_rel};
     use crate::{Init, cpu, cpu_autodiff};
-
-    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-    }
-
-    fn max_rel(a: Vec<f32>, b: Vec<f32>) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-    }
 
     /// (batch, channels, positions, groups): one channel a group, all in one, odd sizes, a
     /// large one that runs on several threads, an offset mean (cancellation in one-pass sums).

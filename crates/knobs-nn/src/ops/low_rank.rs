@@ -110,16 +110,8 @@ impl Backward<Flex, 3> for LowRank {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{values, max_rel};
     use crate::{Init, cpu, cpu_autodiff};
-
-    fn values(t: Tensor<2>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-    }
-
-    fn max_rel(a: Vec<f32>, b: Vec<f32>) -> f32 {
-        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-    }
 
     #[test]
     fn forward_and_gradients_match_burns_ops() {

@@ -6,12 +6,14 @@ mod attention_products;
 mod attention_small;
 pub mod conv2d;
 mod conv_kernel;
-pub mod group_norm;
 pub mod frozen_linear;
+pub mod group_norm;
 mod lanes;
 pub mod low_rank;
 mod matrix;
 mod simd;
+#[cfg(test)]
+mod testing;
 mod winograd;
 
 pub use attention::attention;
