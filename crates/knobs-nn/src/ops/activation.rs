@@ -4,15 +4,15 @@
 //! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. Other
 //! backends and dtypes take burn's ops.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData, activation};
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData, activation};
 use rayon::prelude::*;
 
 use super::lanes::{self, Isa, Lanes, on_lanes};
+use super::record::record;
 
 /// Values per parallel piece; smaller tensors stay on one thread.
 const PIECE: usize = 1 << 15;
@@ -59,24 +59,11 @@ fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
         return Some(Tensor::from_primitive::<Flex>(forward(&x, kind)));
     }
-    // Its output is kept under the device's checkpointing strategy (nothing to recompute).
-    macro_rules! tracked {
-        ($strategy:ty) => {{
-            type B = Autodiff<Flex, $strategy>;
-            let (x, node) = x.clone().try_into_primitive::<B>().ok()?.into_parts();
-            let x = x.to_contiguous();
-            let y = forward(&x, kind);
-            let out = match Elementwise.prepare::<$strategy>([node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((x, kind), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            Some(Tensor::from_primitive::<B>(out))
-        }};
-    }
-    match x.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
-        _ => tracked!(NoCheckpointing),
-    }
+    let (lead, x) = (x, x.clone());
+    record!(Elementwise, lead, [x], {
+        let x = x.to_contiguous();
+        (forward(&x, kind), (x, kind))
+    })
 }
 
 fn values(t: &FlexTensor) -> &[f32] {

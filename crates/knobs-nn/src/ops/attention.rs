@@ -7,17 +7,17 @@
 //! ops: its flash attention when no gradient is needed, else the decomposed path, which is also
 //! the tests' reference.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::activation::softmax;
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::attention_kernel::{self, Dims};
+use super::record::record;
 use crate::param::{f32_value, value_as};
 
 /// Above this many key floats per head (head width x keys), one head's keys no longer stay
@@ -72,27 +72,12 @@ fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32) -> Op
         let (out, _) = forward(&q, &k, &v, dims, scale);
         return Some(Tensor::from_primitive::<Flex>(out));
     }
-    // The op is compute bound: under the device's checkpointing strategy its output is kept,
-    // so nothing before it is recomputed. Each strategy is its own backend type.
-    macro_rules! tracked {
-        ($strategy:ty) => {{
-            type B = Autodiff<Flex, $strategy>;
-            let (q, q_node) = q.try_into_primitive::<B>().ok()?.into_parts();
-            let (k, k_node) = k.try_into_primitive::<B>().ok()?.into_parts();
-            let (v, v_node) = v.try_into_primitive::<B>().ok()?.into_parts();
-            let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-            let (out, lse) = forward(&q, &k, &v, dims, scale);
-            let out = match FusedAttention.prepare::<$strategy>([q_node, k_node, v_node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(Saved { q, k, v, out: out.clone(), lse, dims, scale }, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            };
-            Some(Tensor::from_primitive::<B>(out))
-        }};
-    }
-    match q.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
-        _ => tracked!(NoCheckpointing),
-    }
+    let lead = q.clone();
+    record!(FusedAttention, lead, [q, k, v], {
+        let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+        let (out, lse) = forward(&q, &k, &v, dims, scale);
+        (out.clone(), Saved { q, k, v, out, lse, dims, scale })
+    })
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {

@@ -2,17 +2,16 @@
 //! values as burn's op, with a weight gradient about three times as fast. Other backends, other
 //! dtypes and grouped convolutions take burn's op.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData, module};
+use burn::tensor::{DType, Tensor, TensorData, module};
 
 use super::conv_kernel::{self, ConvDims};
+use super::record::{lifted, record};
 use super::winograd;
-use crate::param::autodiff_with;
 
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
 /// as [`burn::tensor::module::conv2d`].
@@ -36,9 +35,8 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options:
         // and weights kept outside autodiff (frozen, stored in half precision) meet tracked
         // activations. The lifted tensors are untracked.
         let strategy = x.gradient_checkpointing_strategy().or(weight.gradient_checkpointing_strategy());
-        let lift = |t: Tensor<4>| if t.is_autodiff() { t } else { autodiff_with(t, strategy) };
-        let (x, weight) = (lift(x), lift(weight));
-        let bias = bias.map(|b| if b.is_autodiff() { b } else { autodiff_with(b, strategy) });
+        let (x, weight) = (lifted(&x, strategy), lifted(&weight, strategy));
+        let bias = bias.map(|b| lifted(&b, strategy));
         if let Some(out) = fused(&x, &weight, bias.as_ref(), dims) {
             return out;
         }
@@ -57,37 +55,18 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
         };
         return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims)));
     }
-    // Compute bound: under the device's checkpointing strategy the output is kept. Each
-    // strategy is its own backend type; with a bias the op has three parents.
-    macro_rules! tracked {
-        ($strategy:ty) => {{
-            type B = Autodiff<Flex, $strategy>;
-            let (x, x_node) = x.clone().try_into_primitive::<B>().ok()?.into_parts();
-            let (w, w_node) = weight.clone().try_into_primitive::<B>().ok()?.into_parts();
-            let (x, w) = (x.to_contiguous(), w.to_contiguous());
-            let out = match bias {
-                Some(b) => {
-                    let (b, b_node) = b.clone().try_into_primitive::<B>().ok()?.into_parts();
-                    let out = forward(&x, &w, Some(&b), dims);
-                    match Conv2dOp::<3>.prepare::<$strategy>([x_node, w_node, b_node]).compute_bound().stateful() {
-                        OpsKind::Tracked(prep) => prep.finish(Saved { x, w, dims }, out),
-                        OpsKind::UnTracked(prep) => prep.finish(out),
-                    }
-                }
-                None => {
-                    let out = forward(&x, &w, None, dims);
-                    match Conv2dOp::<2>.prepare::<$strategy>([x_node, w_node]).compute_bound().stateful() {
-                        OpsKind::Tracked(prep) => prep.finish(Saved { x, w, dims }, out),
-                        OpsKind::UnTracked(prep) => prep.finish(out),
-                    }
-                }
-            };
-            Some(Tensor::from_primitive::<B>(out))
-        }};
-    }
-    match x.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
-        _ => tracked!(NoCheckpointing),
+    // With a bias the op has three parents.
+    let (lead, x, w) = (x, x.clone(), weight.clone());
+    let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
+        let (x, w) = (x.to_contiguous(), w.to_contiguous());
+        (forward(&x, &w, b.as_ref(), dims), Saved { x, w, dims })
+    };
+    match bias {
+        Some(b) => {
+            let b = b.clone();
+            record!(Conv2dOp::<3>, lead, [x, w, b], kernel(x, w, Some(b)))
+        }
+        None => record!(Conv2dOp::<2>, lead, [x, w], kernel(x, w, None)),
     }
 }
 

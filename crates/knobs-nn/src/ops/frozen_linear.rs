@@ -3,11 +3,12 @@
 //! model stored in f16 would hold both precisions until the backward pass; this op keeps only
 //! the half-precision weight (shared with the parameter) and widens it again when needed.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor};
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor};
+
+use super::record::record;
 
 /// `x` `[rows, in]` times the transpose of the frozen half-precision `w` `[out, in]`; `None`
 /// when this op does not apply (no autodiff, a trainable or f32 weight, another backend).
@@ -16,23 +17,11 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     }
     let half = w.clone().inner();
-    macro_rules! tracked {
-        ($strategy:ty) => {{
-            type B = Autodiff<Flex, $strategy>;
-            let (x, node) = x.clone().try_into_primitive::<B>().ok()?.into_parts();
-            let x = Tensor::<2>::from_primitive::<Flex>(x);
-            let y = x.matmul(half.clone().cast(DType::F32).transpose()).try_into_primitive::<Flex>().ok()?;
-            let out = match FrozenLinear.prepare::<$strategy>([node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(half, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            Some(Tensor::from_primitive::<B>(out))
-        }};
-    }
-    match x.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
-        _ => tracked!(NoCheckpointing),
-    }
+    let (lead, x) = (x, x.clone());
+    record!(FrozenLinear, lead, [x], {
+        let x = Tensor::<2>::from_primitive::<Flex>(x);
+        (x.matmul(half.clone().cast(DType::F32).transpose()).try_into_primitive::<Flex>().ok()?, half)
+    })
 }
 
 #[derive(Debug)]

@@ -5,16 +5,15 @@
 //! (mean, then variance about it) and two back, over each group's values while they are in
 //! cache; only the input and two numbers per group are kept.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::matrix::min_len;
-use crate::param::autodiff_with;
+use super::record::{lifted, record};
 
 /// Values below which the work stays on one thread.
 const PARALLEL_FLOATS: usize = 1 << 15;
@@ -71,30 +70,13 @@ fn fused(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps
     // A plain input meets trainable parameters (or the other way round): all on autodiff,
     // the lifted tensors untracked.
     let strategy = [x.gradient_checkpointing_strategy(), weight.gradient_checkpointing_strategy(), bias.gradient_checkpointing_strategy()].into_iter().flatten().next();
-    let x = if x.is_autodiff() { x.clone() } else { autodiff_with(x.clone(), strategy) };
-    let lift = |t: &Tensor<1>| if t.is_autodiff() { t.clone() } else { autodiff_with(t.clone(), strategy) };
-    let (weight, bias) = (lift(weight), lift(bias));
-    // Its output is kept under the device's checkpointing strategy (nothing to recompute).
-    macro_rules! tracked {
-        ($strategy:ty) => {{
-            type B = Autodiff<Flex, $strategy>;
-            let (x, x_node) = x.try_into_primitive::<B>().ok()?.into_parts();
-            let (w, w_node) = weight.try_into_primitive::<B>().ok()?.into_parts();
-            let (b, b_node) = bias.try_into_primitive::<B>().ok()?.into_parts();
-            let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
-            let (y, stats) = forward(slice(&x), slice(&w), slice(&b), dims, eps);
-            let y = flex(y, [batch, channels, positions]);
-            let out = match GroupNormOp.prepare::<$strategy>([x_node, w_node, b_node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(Saved { x, w, stats, dims }, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            Some(Tensor::from_primitive::<B>(out))
-        }};
-    }
-    match x.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
-        _ => tracked!(NoCheckpointing),
-    }
+    let (x, w, b) = (lifted(x, strategy), lifted(weight, strategy), lifted(bias, strategy));
+    let lead = x.clone();
+    record!(GroupNormOp, lead, [x, w, b], {
+        let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
+        let (y, stats) = forward(slice(&x), slice(&w), slice(&b), dims, eps);
+        (flex(y, [batch, channels, positions]), Saved { x, w, stats, dims })
+    })
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {

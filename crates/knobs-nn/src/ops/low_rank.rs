@@ -4,13 +4,12 @@
 //! and on small models the per-op cost is what the branch costs. Other backends and dtypes
 //! take burn's ops.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor};
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor};
 
-use crate::param::autodiff_with;
+use super::record::{lifted, record};
 
 /// `scale (x A^T) B^T` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`.
 pub fn low_rank(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tensor<2> {
@@ -45,29 +44,14 @@ fn fused(x: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f32) -> Option<Tens
     }
     // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
     let strategy = [x, a, b].iter().find_map(|t| t.gradient_checkpointing_strategy());
-    let lift = |t: &Tensor<2>| if t.is_autodiff() { t.clone() } else { autodiff_with(t.clone(), strategy) };
-    let (x, a, b) = (lift(x), lift(a), lift(b));
-    // Compute bound: its output is kept under the device's checkpointing strategy.
-    macro_rules! tracked {
-        ($strategy:ty) => {{
-            type B = Autodiff<Flex, $strategy>;
-            let parts = |t: Tensor<2>| t.try_into_primitive::<B>().ok().map(|p| p.into_parts());
-            let ((x, x_node), (a, a_node), (b, b_node)) = (parts(x)?, parts(a)?, parts(b)?);
-            let plain = |t| Tensor::<2>::from_primitive::<Flex>(t);
-            let (x, a, b) = (plain(x), plain(a), plain(b));
-            let (h, y) = forward(&x, &a, &b, scale);
-            let y = y.try_into_primitive::<Flex>().ok()?;
-            let out = match LowRank.prepare::<$strategy>([x_node, a_node, b_node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(Saved { x, a, b, h, scale }, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            Some(Tensor::from_primitive::<B>(out))
-        }};
-    }
-    match x.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => tracked!(BalancedCheckpointing),
-        _ => tracked!(NoCheckpointing),
-    }
+    let (x, a, b) = (lifted(x, strategy), lifted(a, strategy), lifted(b, strategy));
+    let lead = x.clone();
+    record!(LowRank, lead, [x, a, b], {
+        let plain = |t| Tensor::<2>::from_primitive::<Flex>(t);
+        let (x, a, b) = (plain(x), plain(a), plain(b));
+        let (h, y) = forward(&x, &a, &b, scale);
+        (y.try_into_primitive::<Flex>().ok()?, Saved { x, a, b, h, scale })
+    })
 }
 
 #[derive(Debug)]

@@ -11,6 +11,7 @@ pub mod group_norm;
 mod lanes;
 pub mod low_rank;
 mod matrix;
+mod record;
 mod simd;
 #[cfg(test)]
 mod testing;
