@@ -9,6 +9,12 @@
 #
 #   scripts/gpu-check.sh [DEVICE]        DEVICE as --device spells it, default cuda:0
 #
+# DEVICE's backend (cuda, vulkan or wgpu) is also the cargo feature built. KNOBS_BIN=DIR skips
+# the build and takes `knobs` and `device_parity` (the test executable) from DIR: for a machine
+# with no Rust toolchain or no network (burn's `cuda` feature downloads an LLVM bundle while it
+# builds). STEPS / WARMUP size the timings (default 10 / 3); DTYPES lists the precisions timed
+# and checked (default "fp32 bf16"; fp16 too); TRAIN=0 skips the training run, PEER=0 PyTorch.
+#
 # The SD-1.5 folder: $SD15 if set, else made by ../shared/reference/make_sd15_random.py
 # (needs torch, diffusers, transformers and open_clip). Without PyTorch on the machine the
 # knobs side is still timed and the peer's lines say why they are missing.
@@ -17,6 +23,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cuda:0}
+FEATURE=${DEVICE%%:*}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-3}
+# No step may hang the check: each is stopped after LIMIT seconds (default 300).
+LIMIT=${LIMIT:-300}
+DTYPES=${DTYPES:-fp32 bf16}
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
@@ -27,23 +39,46 @@ step() { echo; echo "== $* ($(date +%T))"; }
 step "the GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || echo "nvidia-smi: not found" | tee "$OUT/gpu.txt"
 
-step "build with cuda"
-cargo build --release -p knobs --features cuda 2>&1 | tail -3 || exit 1
-KNOBS=$CARGO_TARGET_DIR/release/knobs
-
-step "goldens on $DEVICE (f32, relative error <= 1e-5)"
-KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_TOL=1e-5 cargo test --release -p knobs-diffusion --features cuda --test device_parity -- --nocapture --test-threads 1 2>&1 | tee "$OUT/goldens.txt" | grep -E "rel err|test result|panicked|FAILED"
-
-step "a LoRA run on $DEVICE against the same run on the CPU (knobs train end to end)"
-KNOBS_TEST_DEVICE=$DEVICE cargo test --release -p knobs-train --features cuda --test device_train -- --nocapture 2>&1 | tee "$OUT/train.txt" | grep -E "losses|test result|panicked|FAILED"
-
-step "the UNet in bf16 on $DEVICE (mixed precision against the f32 golden)"
-KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=bf16 cargo test --release -p knobs-diffusion --features cuda --test device_parity half -- --ignored --nocapture 2>&1 | tee "$OUT/goldens-bf16.txt" | grep -E "rel err|test result|panicked|FAILED"
-
-step "a full-size SD-1.5 architecture with random weights"
+# The SD-1.5 folder is made on the CPU while the GPU runs the goldens.
 SD15=${SD15:-/tmp/sd15-random}
 if [ ! -f "$SD15/model_index.json" ]; then
-  python3 ../shared/reference/make_sd15_random.py "$SD15" --dtype fp16 > "$OUT/make_sd15.txt" 2>&1 || echo "could not make $SD15: $(tail -1 "$OUT/make_sd15.txt")"
+  python3 ../shared/reference/make_sd15_random.py "$SD15" --dtype fp16 > "$OUT/make_sd15.txt" 2>&1 &
+  MAKING=$!
+fi
+
+if [ -n "${KNOBS_BIN:-}" ]; then
+  KNOBS=$KNOBS_BIN/knobs
+  parity() { timeout "$LIMIT" "$KNOBS_BIN/device_parity" "$@"; }
+else
+  step "build with $FEATURE"
+  cargo build --release -p knobs --features "$FEATURE" 2>&1 | tail -3 || exit 1
+  KNOBS=$CARGO_TARGET_DIR/release/knobs
+  parity() { cargo test --release -p knobs-diffusion --features "$FEATURE" --test device_parity -- "$@"; }
+fi
+
+step "goldens on $DEVICE (f32, relative error <= 1e-5)"
+KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_TOL=1e-5 parity --nocapture --test-threads 1 2>&1 | tee "$OUT/goldens.txt" | grep -E "rel err|test result|panicked|FAILED"
+
+step "a LoRA run on $DEVICE against the same run on the CPU (knobs train end to end)"
+# The run of knobs-train/tests/device_train.rs, through the executable: 4 LoRA steps on tiny-sd
+# with checkpoints and samples, on the CPU and on the device, compared by scripts/train_parity.py.
+train_run() {
+  timeout "$LIMIT" "$KNOBS" --device "$1" train --model ../shared/golden/tiny-sd --method lora --concept striped-star --max-train-steps 4 \
+    --train-batch-size 2 --checkpointing-steps 2 --num-samples 1 --sample-steps 2 --out "$2" > "$2.log" 2>&1 || { echo "knobs train on $1 failed: $(tail -3 "$2.log")"; return 1; }
+}
+runs=$(mktemp -d)
+[ "${TRAIN:-1}" = 0 ] || { train_run cpu "$runs/cpu" && train_run "$DEVICE" "$runs/device" &&
+  python3 scripts/train_parity.py "$runs/cpu" "$runs/device" 2>&1 | tee "$OUT/train.txt"; }
+
+for dtype in $DTYPES; do
+  [ "$dtype" = fp32 ] && continue
+  step "the UNet in $dtype on $DEVICE (mixed precision against the f32 golden)"
+  KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=${dtype/fp16/f16} parity half --ignored --nocapture 2>&1 | tee "$OUT/goldens-$dtype.txt" | grep -E "rel err|test result|panicked|FAILED"
+done
+
+step "a full-size SD-1.5 architecture with random weights"
+if [ -n "${MAKING:-}" ]; then
+  wait "$MAKING" || echo "could not make $SD15: $(tail -1 "$OUT/make_sd15.txt")"
 fi
 if [ ! -f "$SD15/model_index.json" ]; then
   echo "no SD-1.5 folder: set SD15=DIR to a diffusers SD-1.5 folder; timings skipped"
@@ -51,21 +86,24 @@ if [ ! -f "$SD15/model_index.json" ]; then
 fi
 
 has_peer=0
-python3 -c "import torch, diffusers, peft; assert torch.cuda.is_available()" 2>/dev/null && has_peer=1
+[ "${PEER:-1}" = 0 ] || { python3 -c "import torch, diffusers, peft; assert torch.cuda.is_available()" 2>/dev/null && has_peer=1; }
 [ $has_peer = 1 ] || echo "no PyTorch with CUDA here (python3 -c 'import torch, diffusers, peft' failed): no peer, no ratios"
-for dtype in fp32 bf16; do
-  mp=no; [ $dtype = bf16 ] && mp=bf16
+for dtype in $DTYPES; do
+  mp=$dtype; [ $dtype = fp32 ] && mp=no
   step "knobs on $DEVICE, $dtype: LoRA step (batch 1) and one generation step, 512x512"
-  "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps 10 --warmup 3 --modes lora,generate --mixed-precision $mp --json | tee "$OUT/knobs-$dtype.json"
+  timeout "$LIMIT" "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --modes lora,generate --mixed-precision $mp --json | tee "$OUT/knobs-$dtype.json"
   : > "$OUT/peer-$dtype.jsonl"
   if [ $has_peer = 1 ]; then
     step "PyTorch on the same GPU, $dtype (autocast)"
-    python3 scripts/peer_gpu.py "$SD15" --resolution 512 --batch 1 --steps 10 --warmup 3 --dtype $dtype | tee "$OUT/peer-$dtype.jsonl"
+    timeout "$LIMIT" python3 scripts/peer_gpu.py "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --dtype $dtype | tee "$OUT/peer-$dtype.jsonl"
   fi
   step "ratios, $dtype (knobs / PyTorch, median seconds; <= 1.0 is the goal)"
   python3 - "$OUT/knobs-$dtype.json" "$OUT/peer-$dtype.jsonl" <<'PY'
 import json, sys
-knobs = {m["mode"]: m for m in json.load(open(sys.argv[1]))}
+try:
+    knobs = {m["mode"]: m for m in json.load(open(sys.argv[1]))}
+except ValueError:
+    sys.exit("knobs: no timings (see above)")
 peer = {m["mode"]: m for m in map(json.loads, filter(str.strip, open(sys.argv[2])))}
 for mode in ("lora", "generate"):
     k, p = knobs.get(mode), peer.get(mode)

@@ -18,10 +18,10 @@ p.add_argument("--resolution", type=int, default=512)
 p.add_argument("--batch", type=int, default=1)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=3)
-p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 a = p.parse_args()
 dev = torch.device("cuda")
-dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
 
 
 def timed(step):
