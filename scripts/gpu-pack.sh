@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Packs what scripts/gpu-check.sh needs on a GPU machine that has no Rust toolchain and no
+# network (the device tool's H200: CUDA, PyTorch, no cargo, no diffusers), here, where both are:
+#   .gpu/bins.tar.xz  knobs and the device_parity test executable, built with FEATURE
+#                     (default vulkan: burn's cuda feature downloads LLVM from GitHub while it
+#                     builds), stripped, one xz stream (they share most code: 22 MB for 215)
+#   .gpu/py/open_clip only the CLIP BPE vocabulary make_sd15_random.py reads from open_clip
+#   .whl/             diffusers and importlib_metadata wheels (PyTorch's peer)
+#   .gl/              the Vulkan loader and glvnd (NVIDIA's Vulkan driver needs libGLdispatch)
+#   shared/           the goldens device_parity reads and make_sd15_random.py
+# All of it (with the 27 MB tree) fits the 64 MiB a device call carries. Then, on the device:
+#   bash scripts/gpu-run.sh vulkan:0        carrying .gpu .whl .gl (shared/ travels by itself)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FEATURE=${FEATURE:-vulkan}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/knobs/target}
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || printf '/.gpu/\n/.whl/\n/.gl/\n/shared/\n' >> .git/info/exclude
+
+cargo build --release -p knobs --features "$FEATURE"
+parity=$(cargo test --release --no-run -p knobs-diffusion --features "$FEATURE" --test device_parity --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and "device_parity" in m["executable"]][-1])')
+bins=$(mktemp -d)
+cp "$CARGO_TARGET_DIR/release/knobs" "$bins/knobs"
+cp "$parity" "$bins/device_parity"
+strip "$bins/knobs" "$bins/device_parity"
+mkdir -p .gpu/py/open_clip
+tar -cf - -C "$bins" knobs device_parity | xz -9e -T1 --lzma2=preset=9e,dict=256MiB > .gpu/bins.tar.xz
+rm -rf "$bins"
+
+vocab=$(python3 -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("open_clip").origin), "bpe_simple_vocab_16e6.txt.gz"))' 2>/dev/null || true)
+[ -f "$vocab" ] || vocab=$(ls /tmp/ref-venv/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz 2>/dev/null | head -1)
+[ -f "$vocab" ] || { echo "open_clip's bpe_simple_vocab_16e6.txt.gz not found (pip install open-clip-torch)" >&2; exit 1; }
+cp "$vocab" .gpu/py/open_clip/ && touch .gpu/py/open_clip/__init__.py
+
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
+
+mkdir -p .gl /tmp/amd64/partial
+apt_o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+apt-get $apt_o update -qq >/dev/null 2>&1 || true
+(cd .gl && apt-get $apt_o download libvulkan1 libglvnd0 libglx0 libegl1 libgl1 libopengl0 libgles2 >/dev/null 2>&1) || { echo "apt-get download failed" >&2; exit 1; }
+
+rm -rf shared && mkdir -p shared/golden/tensors shared/reference
+cp -r ../shared/golden/tiny-sd shared/golden/
+cp -r ../shared/golden/tensors/{unet,pipeline,lora_train_step}.safetensors ../shared/golden/tensors/lora_peft shared/golden/tensors/
+cp ../shared/reference/make_sd15_random.py shared/reference/
+total=$( (git ls-files -z | xargs -0 cat; find shared .gpu .whl .gl -type f -exec cat {} +) | wc -c)
+echo "packed: $((total / 1048576)) MiB to carry (limit 64)"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The device side of scripts/gpu-pack.sh: unpacks the Vulkan loader, the wheels and the
+# executables, then runs scripts/gpu-check.sh DEVICE (default vulkan:0) with them; its results
+# come back as $OUT/gc.tar (the device tool returns 8 files at most).
+#   bash scripts/gpu-run.sh [DEVICE]    STEPS, WARMUP, LIMIT, DTYPES, TRAIN, PEER as gpu-check's
+set -u
+cd "$(dirname "$0")/.."
+results=${OUT:-/tmp}; export OUT=/tmp/gc; mkdir -p "$OUT"
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/.gpu/py PYTHONUNBUFFERED=1
+# The test executable reads the goldens where they were when it was built: the packing
+# checkout's ../shared (/work/shared for a checkout at /work/main).
+mkdir -p /work/main/crates/knobs-diffusion
+[ -e /work/shared/golden ] || { rm -rf /work/shared; ln -s "$PWD/shared" /work/shared; }
+mkdir -p /tmp/bin && tar -xJf .gpu/bins.tar.xz -C /tmp/bin || exit 1
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$icd" ] && export VK_DRIVER_FILES=$icd
+STEPS=${STEPS:-5} WARMUP=${WARMUP:-2} LIMIT=${LIMIT:-150} KNOBS_BIN=/tmp/bin bash scripts/gpu-check.sh "${1:-vulkan:0}"
+tar -cf "$results/gc.tar" -C /tmp gc
