@@ -59,8 +59,8 @@ fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
         return Some(Tensor::from_primitive::<Flex>(forward(&x, kind)));
     }
-    let (lead, x) = (x, x.clone());
-    record!(Elementwise, lead, [x], {
+    let x = x.clone();
+    record!(Elementwise, x.gradient_checkpointing_strategy(), [x], {
         let x = x.to_contiguous();
         (forward(&x, kind), (x, kind))
     })
@@ -207,12 +207,9 @@ impl Backward<Flex, 1> for Elementwise {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::values;
     use crate::{cpu, cpu_autodiff};
     use burn::tensor::Distribution;
-
-    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().try_into_vec::<f32>().unwrap()
-    }
 
     type Pair = (&'static str, fn(Tensor<2>) -> Tensor<2>, fn(Tensor<2>) -> Tensor<2>);
     /// Ours and burn's, for each function.

@@ -72,8 +72,7 @@ fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32) -> Op
         let (out, _) = forward(&q, &k, &v, dims, scale);
         return Some(Tensor::from_primitive::<Flex>(out));
     }
-    let lead = q.clone();
-    record!(FusedAttention, lead, [q, k, v], {
+    record!(FusedAttention, q.gradient_checkpointing_strategy(), [q, k, v], {
         let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
         let (out, lse) = forward(&q, &k, &v, dims, scale);
         (out.clone(), Saved { q, k, v, out, lse, dims, scale })
@@ -141,17 +140,12 @@ impl Backward<Flex, 3> for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_rel, values};
     use crate::{cpu, cpu_autodiff};
     use burn::tensor::Distribution;
 
     fn rand(shape: [usize; 3], device: &burn::tensor::Device) -> Tensor<3> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
-    }
-
-    fn max_rel(a: Tensor<3>, b: Tensor<3>) -> f32 {
-        let (a, b) = (a.into_data().try_into_vec::<f32>().unwrap(), b.into_data().try_into_vec::<f32>().unwrap());
-        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     #[test]
@@ -165,7 +159,7 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let want = decomposed(q.clone(), k.clone(), v.clone(), heads, scale);
             let got = attention(q, k, v, heads, scale);
-            assert!(max_rel(got, want) < 1e-5, "n {n} m {m} heads {heads} d {d}");
+            assert!(max_rel(values(got), values(want)) < 1e-5, "n {n} m {m} heads {heads} d {d}");
         }
     }
 
@@ -185,7 +179,7 @@ mod tests {
             let fused = grads_of(attention);
             let reference = grads_of(decomposed);
             for (name, (a, b)) in ["q", "k", "v"].iter().zip(fused.into_iter().zip(reference)) {
-                let err = max_rel(a, b);
+                let err = max_rel(values(a), values(b));
                 assert!(err < 1e-5, "d{name}: relative error {err} (n {n} m {m})");
             }
         }
@@ -236,6 +230,6 @@ mod tests {
         assert!(k.grad(&g).is_none() && v.grad(&g).is_none());
         let untracked = attention(q0.clone(), k.clone(), v.clone(), 2, 0.5);
         assert!(!untracked.is_tracked());
-        assert!(max_rel(untracked, decomposed(q0, k, v, 2, 0.5)) < 1e-5);
+        assert!(max_rel(values(untracked), values(decomposed(q0, k, v, 2, 0.5))) < 1e-5);
     }
 }

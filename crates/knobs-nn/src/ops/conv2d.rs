@@ -56,7 +56,8 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
         return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims)));
     }
     // With a bias the op has three parents.
-    let (lead, x, w) = (x, x.clone(), weight.clone());
+    let strategy = x.gradient_checkpointing_strategy();
+    let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
         (forward(&x, &w, b.as_ref(), dims), Saved { x, w, dims })
@@ -64,9 +65,9 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
     match bias {
         Some(b) => {
             let b = b.clone();
-            record!(Conv2dOp::<3>, lead, [x, w, b], kernel(x, w, Some(b)))
+            record!(Conv2dOp::<3>, strategy, [x, w, b], kernel(x, w, Some(b)))
         }
-        None => record!(Conv2dOp::<2>, lead, [x, w], kernel(x, w, None)),
+        None => record!(Conv2dOp::<2>, strategy, [x, w], kernel(x, w, None)),
     }
 }
 

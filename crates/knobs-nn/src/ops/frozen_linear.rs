@@ -17,8 +17,8 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     }
     let half = w.clone().inner();
-    let (lead, x) = (x, x.clone());
-    record!(FrozenLinear, lead, [x], {
+    let x = x.clone();
+    record!(FrozenLinear, x.gradient_checkpointing_strategy(), [x], {
         let x = Tensor::<2>::from_primitive::<Flex>(x);
         (x.matmul(half.clone().cast(DType::F32).transpose()).try_into_primitive::<Flex>().ok()?, half)
     })

@@ -71,8 +71,7 @@ fn fused(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps
     // the lifted tensors untracked.
     let strategy = [x.gradient_checkpointing_strategy(), weight.gradient_checkpointing_strategy(), bias.gradient_checkpointing_strategy()].into_iter().flatten().next();
     let (x, w, b) = (lifted(x, strategy), lifted(weight, strategy), lifted(bias, strategy));
-    let lead = x.clone();
-    record!(GroupNormOp, lead, [x, w, b], {
+    record!(GroupNormOp, strategy, [x, w, b], {
         let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
         let (y, stats) = forward(slice(&x), slice(&w), slice(&b), dims, eps);
         (flex(y, [batch, channels, positions]), Saved { x, w, stats, dims })

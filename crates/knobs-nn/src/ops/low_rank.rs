@@ -45,8 +45,7 @@ fn fused(x: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f32) -> Option<Tens
     // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
     let strategy = [x, a, b].iter().find_map(|t| t.gradient_checkpointing_strategy());
     let (x, a, b) = (lifted(x, strategy), lifted(a, strategy), lifted(b, strategy));
-    let lead = x.clone();
-    record!(LowRank, lead, [x, a, b], {
+    record!(LowRank, strategy, [x, a, b], {
         let plain = |t| Tensor::<2>::from_primitive::<Flex>(t);
         let (x, a, b) = (plain(x), plain(a), plain(b));
         let (h, y) = forward(&x, &a, &b, scale);

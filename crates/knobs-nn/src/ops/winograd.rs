@@ -270,6 +270,7 @@ unsafe fn output_kernel(m: &[f32], o: usize, bias: f32, out: Out, t: Tiles) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::max_rel;
     use crate::ops::conv_kernel;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
@@ -286,11 +287,6 @@ mod tests {
 
     fn dims(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvDims {
         ConvDims { batch, c_in, h, w, c_out, kernel: [3, 3], stride: [1, 1], padding: [1, 1], dilation: [1, 1] }
-    }
-
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     /// Odd and even sizes, one row or column, several blocks with a short tail, bias or not:
