@@ -2,7 +2,8 @@
 # The device side of scripts/gpu-pack.sh: unpacks the Vulkan loader, the wheels and the
 # executables, then runs scripts/gpu-check.sh DEVICE (default vulkan:0) with them; its results
 # come back as $OUT/gc.tar (the device tool returns 8 files at most).
-#   bash scripts/gpu-run.sh [DEVICE]    STEPS, WARMUP, LIMIT, DTYPES, TRAIN, PEER as gpu-check's
+#   bash scripts/gpu-run.sh [DEVICE]    STEPS, WARMUP, LIMIT, DTYPES, TRAIN, PEER as gpu-check's;
+#                                       CHECK=profile runs scripts/gpu-profile.sh instead
 set -u
 cd "$(dirname "$0")/.."
 results=${OUT:-/tmp}; export OUT=/tmp/gc; mkdir -p "$OUT"
@@ -16,5 +17,9 @@ mkdir -p /work/main/crates/knobs-diffusion
 mkdir -p /tmp/bin && tar -xJf .gpu/bins.tar.xz -C /tmp/bin || exit 1
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [ -f "$icd" ] && export VK_DRIVER_FILES=$icd
-STEPS=${STEPS:-5} WARMUP=${WARMUP:-2} LIMIT=${LIMIT:-150} KNOBS_BIN=/tmp/bin bash scripts/gpu-check.sh "${1:-vulkan:0}"
+if [ "${CHECK:-}" = profile ]; then
+  KNOBS=/tmp/bin/knobs bash scripts/gpu-profile.sh "${1:-vulkan:0}"
+else
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-2} LIMIT=${LIMIT:-150} KNOBS_BIN=/tmp/bin bash scripts/gpu-check.sh "${1:-vulkan:0}"
+fi
 tar -cf "$results/gc.tar" -C /tmp gc
