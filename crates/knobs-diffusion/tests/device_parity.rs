@@ -8,7 +8,7 @@
 //! and its order of accumulation differs from PyTorch's CPU kernels; AdamW's update passes
 //! that on). Built only with a GPU feature:
 //! `cargo test -p knobs-diffusion --features wgpu --test device_parity`.
-#![cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+#![cfg(any(feature = "wgpu", feature = "wgpu-untuned", feature = "vulkan", feature = "cuda"))]
 mod common;
 
 use common::sd_goldens::{self, assert_within};
