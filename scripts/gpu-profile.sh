@@ -4,7 +4,9 @@
 # against the steps' wall time (scripts/kernel_profile.py). Sized for a few minutes.
 #
 #   scripts/gpu-profile.sh [DEVICE]     KNOBS (the executable), SD15 (made if missing),
-#                                       MODES (default "lora generate"), DTYPES (default fp32)
+#                                       MODES (default "lora generate"), DTYPES (default fp32),
+#                                       STEPS / WARMUP (default 2 / 2; autotune runs in the
+#                                       warm-up), LIMIT (seconds a run, default 240)
 # Results in $OUT (default /tmp/gpu-profile): <mode>-<dtype>.log (raw), .txt (summary), .json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,9 @@ MODES=${MODES:-lora generate}
 DTYPES=${DTYPES:-fp32}
 OUT=${OUT:-/tmp/gpu-profile}
 SD15=${SD15:-/tmp/sd15-random}
+STEPS=${STEPS:-2}
+WARMUP=${WARMUP:-2}
+LIMIT=${LIMIT:-240}
 mkdir -p "$OUT"
 if [ ! -d ../shared ] && [ -d shared ]; then ln -s "$PWD/shared" ../shared; fi
 if [ ! -f "$SD15/model_index.json" ]; then
@@ -27,8 +32,8 @@ for dtype in $DTYPES; do
     log=$OUT/$mode-$dtype.log
     printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n[autotune.logger]\nlevel = "minimal"\nfile = "%s"\n' "$log" "$OUT/autotune-$mode-$dtype.log" > "$work/cubecl.toml"
     echo "== $mode $dtype ($(date +%T))"
-    (cd "$work" && timeout "${LIMIT:-240}" "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 \
-      --steps "${STEPS:-2}" --warmup "${WARMUP:-2}" --modes "$mode" --mixed-precision "$mp" --json) | tee "$OUT/$mode-$dtype.json"
-    python3 scripts/kernel_profile.py "$log" "$OUT/$mode-$dtype.json" --steps "${STEPS:-2}" --warmup "${WARMUP:-2}" | tee "$OUT/$mode-$dtype.txt"
+    (cd "$work" && timeout "$LIMIT" "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 \
+      --steps "$STEPS" --warmup "$WARMUP" --modes "$mode" --mixed-precision "$mp" --json) | tee "$OUT/$mode-$dtype.json"
+    python3 scripts/kernel_profile.py "$log" "$OUT/$mode-$dtype.json" --steps "$STEPS" --warmup "$WARMUP" | tee "$OUT/$mode-$dtype.txt"
   done
 done

@@ -14,10 +14,10 @@ pub(crate) fn lifted<const D: usize>(t: &Tensor<D>, strategy: Option<burn::tenso
 
 /// Records `$body` as the op `$op` (a `Backward<Flex, N>` with N the tensors listed) on
 /// `Autodiff<Flex, _>` under `$strategy` (an `Option<GradientCheckpointingStrategy>`, the
-/// inputs'). Each strategy is its own backend type, hence the macro. The listed tensors (autodiff tensors, moved) are seen by
-/// `$body` under the same names as their plain CPU primitives; `$body` returns the output's
-/// primitive and the op's state. Expands to an `Option<Tensor>`, `None` (through `?`) when a
-/// tensor is not on the CPU backend.
+/// inputs'). Each strategy is its own backend type, hence the macro. The listed tensors
+/// (autodiff tensors, moved) are seen by `$body` under the same names as their plain CPU
+/// primitives; `$body` returns the output's primitive and the op's state. Expands to an
+/// `Option<Tensor>`, `None` (through `?`) when a tensor is not on the CPU backend.
 ///
 /// The ops are compute bound: under any strategy their output is kept, so nothing before them
 /// is recomputed.
