@@ -5,7 +5,7 @@
 use knobs_nn::timing::median_ms;
 
 use burn::tensor::ops::ConvOptions;
-use knobs_nn::ops::conv2d;
+use knobs_nn::ops::{conv2d, conv2d_frozen};
 use knobs_nn::{Init, Tensor, cpu, cpu_autodiff};
 
 fn main() {
@@ -17,20 +17,28 @@ fn run() {
     let iters = std::env::var("KNOBS_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let mut init = Init::new(0);
     println!("threads {}", knobs_nn::threads());
-    // (batch, channels in, channels out, size): SD-1.5's 64x64 and 32x32 levels at 512 px, CFG batch 2.
-    for (b, ci, co, hw) in [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)] {
+    // (batch, channels in, channels out, size): SD-1.5's 64x64 and 32x32 levels at 512 px, CFG
+    // batch 2; KNOBS_BENCH_CONV ("b,ci,co,hw;...") for others, e.g. the built-in model's
+    // "4,32,32,16;4,64,64,8;4,96,96,4".
+    let shapes: Vec<[usize; 4]> = match std::env::var("KNOBS_BENCH_CONV") {
+        Ok(s) => s.split(';').map(|t| t.split(',').map(|v| v.trim().parse().expect("KNOBS_BENCH_CONV: b,ci,co,hw;...")).collect::<Vec<_>>().try_into().expect("KNOBS_BENCH_CONV: four numbers a shape")).collect(),
+        Err(_) => vec![[2, 320, 320, 64], [2, 640, 640, 32], [1, 320, 320, 64]],
+    };
+    for [b, ci, co, hw] in shapes {
         let dev = cpu();
         let x: Tensor<4> = init.normal([b, ci, hw, hw], 1.0, &dev);
         let w: Tensor<4> = init.normal([co, ci, 3, 3], 0.05, &dev);
         let opts = || ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
         let fwd = median_ms(|| drop(conv2d(x.clone(), w.clone(), None, opts()).into_data()), iters);
+        // A frozen layer's weight keeps its transform between calls (generation, adapters).
+        let fwd_frozen = median_ms(|| drop(conv2d_frozen(x.clone(), w.clone(), None, opts()).into_data()), iters);
         let dev = cpu_autodiff();
         let xa: Tensor<4> = Tensor::from_data(x.to_data(), &dev).require_grad();
         let wa: Tensor<4> = Tensor::from_data(w.to_data(), &dev).require_grad();
         let both = median_ms(|| drop(conv2d(xa.clone(), wa.clone(), None, opts()).sum().backward()), iters);
         let wfrozen: Tensor<4> = Tensor::from_data(w.to_data(), &dev);
-        let input_only = median_ms(|| drop(conv2d(xa.clone(), wfrozen.clone(), None, opts()).sum().backward()), iters);
-        println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.1} ms, fwd+bwd(x) {input_only:.1} ms, fwd+bwd(x,w) {both:.1} ms");
+        let input_only = median_ms(|| drop(conv2d_frozen(xa.clone(), wfrozen.clone(), None, opts()).sum().backward()), iters);
+        println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.3} ms (frozen weight {fwd_frozen:.3}), frozen fwd+bwd(x) {input_only:.3} ms, fwd+bwd(x,w) {both:.3} ms");
     }
     for (rows, k, n) in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)] {
         let dev = cpu();

@@ -1,6 +1,6 @@
 use burn::tensor::{DType, Device};
 use burn::tensor::Tensor;
-use crate::ops::conv2d;
+use crate::ops::{conv2d, conv2d_frozen};
 use burn::tensor::ops::ConvOptions;
 
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
@@ -59,8 +59,10 @@ impl Conv2d {
 
     pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
         let dtype = x.dtype();
-        // Mixed precision: the convolution in the input's dtype.
-        conv2d(x, value_as(&self.weight, dtype), self.bias.as_ref().map(|b| value_as(b, dtype)), self.options())
+        // Mixed precision: the convolution in the input's dtype. The layer's own weight, when
+        // frozen and not converted, stays as it is between calls.
+        let (weight, bias) = (value_as(&self.weight, dtype), self.bias.as_ref().map(|b| value_as(b, dtype)));
+        if self.weight.dtype() == dtype { conv2d_frozen(x, weight, bias, self.options()) } else { conv2d(x, weight, bias, self.options()) }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

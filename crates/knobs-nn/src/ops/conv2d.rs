@@ -1,6 +1,7 @@
 //! 2-D convolution with its own backward pass on the CPU backend (`conv_kernel`): the same
 //! values as burn's op, with a weight gradient about three times as fast. Other backends, other
-//! dtypes and grouped convolutions take burn's op.
+//! dtypes and grouped convolutions take burn's op. A frozen layer's weight keeps its Winograd
+//! transform between calls (`weight_transforms`).
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -9,13 +10,27 @@ use burn::backend::Flex;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, TensorData, module};
 
+use std::sync::Arc;
+
 use super::conv_kernel::{self, ConvDims};
 use super::record::{lifted, record};
-use super::winograd;
+use super::weight_transforms;
+use super::winograd::{self, WeightTransform};
 
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
 /// as [`burn::tensor::module::conv2d`].
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
+    convolve(x, weight, bias, options, false)
+}
+
+/// [`conv2d`] with a weight that stays as it is from call to call (a frozen layer's own, not
+/// one computed per call): its Winograd transform is kept for the next call.
+pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
+    let frozen = !weight.is_require_grad();
+    convolve(x, weight, bias, options, frozen)
+}
+
+fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, frozen: bool) -> Tensor<4> {
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
     if f32s && options.groups == 1 && !options.is_asymmetric() {
         let [batch, c_in, h, w] = x.dims();
@@ -37,7 +52,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options:
         let strategy = x.gradient_checkpointing_strategy().or(weight.gradient_checkpointing_strategy());
         let (x, weight) = (lifted(&x, strategy), lifted(&weight, strategy));
         let bias = bias.map(|b| lifted(&b, strategy));
-        if let Some(out) = fused(&x, &weight, bias.as_ref(), dims) {
+        if let Some(out) = fused(&x, &weight, bias.as_ref(), dims, frozen) {
             return out;
         }
         return module::conv2d(x, weight, bias, options);
@@ -45,7 +60,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options:
     module::conv2d(x, weight, bias, options)
 }
 
-fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: ConvDims) -> Option<Tensor<4>> {
+fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: ConvDims, frozen: bool) -> Option<Tensor<4>> {
     if !x.is_autodiff() {
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
         let w = weight.clone().try_into_primitive::<Flex>().ok()?;
@@ -53,14 +68,14 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
             Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims)));
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, frozen)));
     }
     // With a bias the op has three parents.
     let strategy = x.gradient_checkpointing_strategy();
     let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
-        (forward(&x, &w, b.as_ref(), dims), Saved { x, w, dims })
+        (forward(&x, &w, b.as_ref(), dims, frozen), Saved { x, w, frozen, dims })
     };
     match bias {
         Some(b) => {
@@ -75,13 +90,25 @@ fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims) -> FlexTensor {
+fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, frozen: bool) -> FlexTensor {
     let (x, w) = (x.to_contiguous(), w.to_contiguous());
     let bias = bias.map(|b| b.to_contiguous());
     let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
-    let out = if winograd::applies(&dims) { winograd::forward(xs, ws, bs, &dims) } else { conv_kernel::forward(xs, ws, bs, &dims) };
+    let out = match winograd_weight(&w, &dims, frozen, false) {
+        Some(u) => winograd::forward(xs, &u, bs, &dims),
+        None => conv_kernel::forward(xs, ws, bs, &dims),
+    };
     let [oh, ow] = dims.out_hw();
     FlexTensor::from_data(TensorData::new(out, [dims.batch, dims.c_out, oh, ow]))
+}
+
+/// The weight's Winograd transform for the forward pass or (`flipped`) the input gradient,
+/// when that kernel applies: a frozen weight's kept between calls.
+fn winograd_weight(w: &FlexTensor, dims: &ConvDims, frozen: bool, flipped: bool) -> Option<Arc<WeightTransform>> {
+    if frozen && winograd::applies(dims, true) {
+        return Some(weight_transforms::of_frozen(w, dims.c_out, dims.c_in, flipped));
+    }
+    winograd::applies(dims, false).then(|| Arc::new(winograd::transform(slice(w), dims.c_out, dims.c_in, flipped)))
 }
 
 /// The convolution; `N` is 3 with a bias, 2 without.
@@ -92,6 +119,8 @@ struct Conv2dOp<const N: usize>;
 struct Saved {
     x: FlexTensor,
     w: FlexTensor,
+    /// Whether the weight stays as it is between calls (its transform is kept).
+    frozen: bool,
     dims: ConvDims,
 }
 
@@ -99,13 +128,13 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved { x, w, dims } = ops.state;
+        let Saved { x, w, frozen, dims } = ops.state;
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
         // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
-        let fast_dx = winograd::applies(&dims) && px.is_some();
-        let (dx, dw) = conv_kernel::backward(slice(&x), slice(&w), slice(&g), &dims, px.is_some() && !fast_dx, pw.is_some());
-        let dx = if fast_dx { Some(winograd::input_grad(slice(&w), slice(&g), &dims)) } else { dx };
+        let flipped = px.as_ref().and_then(|_| winograd_weight(&w, &dims, frozen, true));
+        let (dx, dw) = conv_kernel::backward(slice(&x), slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some());
+        let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims)).or(dx);
         if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [dims.batch, dims.c_in, dims.h, dims.w])));
         }
@@ -239,6 +268,39 @@ mod tests {
                 assert!(err < 2e-3 * (1.0 + numeric.abs()), "input {which} [{idx}]: {} vs {numeric}", grad[idx]);
             }
         }
+    }
+
+    /// A frozen weight's transform is kept and gives the bits the per-call one gives; a weight
+    /// changed in place or replaced is never served the old one.
+    #[test]
+    fn a_frozen_weight_keeps_its_transform_and_never_a_stale_one() {
+        let device = cpu();
+        let x = rand([2, 16, 6, 6], &device);
+        let same = |w: &Tensor<4>| {
+            let kept = conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1));
+            let fresh = conv2d(x.clone(), w.clone(), None, options(1, 1, 1));
+            values(kept) == values(fresh)
+        };
+        let storage = |w: &Tensor<4>| w.clone().try_into_primitive::<Flex>().unwrap().to_contiguous();
+        let w = rand([24, 16, 3, 3], &device);
+        assert!(same(&w) && same(&w), "kept transform, first and second call");
+        assert!(weight_transforms::holds(&storage(&w)), "the transform is kept");
+        let before = values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1)));
+        // Written in place where the storage is not shared, so the kept copy must be.
+        let w = w.add_scalar(0.5);
+        assert!(same(&w), "changed weight");
+        assert!(values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1))) != before);
+        for _ in 0..3 {
+            assert!(same(&rand([24, 16, 3, 3], &device)), "a new weight in a dropped one's place");
+        }
+        // In training: the input gradient through a frozen weight's kept transform.
+        let ad = cpu_autodiff();
+        let (xa, wa) = (Tensor::<4>::from_data(x.to_data(), &ad).require_grad(), Tensor::<4>::from_data(w.to_data(), &ad));
+        let grad = |f: fn(Tensor<4>, Tensor<4>, Option<Tensor<1>>, ConvOptions<2>) -> Tensor<4>| {
+            let g = f(xa.clone(), wa.clone(), None, options(1, 1, 1)).powi_scalar(2).sum().backward();
+            values(xa.grad(&g).unwrap())
+        };
+        assert!(grad(conv2d_frozen) == grad(conv2d) && grad(conv2d_frozen) == grad(conv2d), "input gradient");
     }
 
     /// The blocks and products are fixed by the shapes: one thread and two give the same bits.

@@ -16,9 +16,10 @@ mod simd;
 #[cfg(test)]
 mod testing;
 mod winograd;
+mod weight_transforms;
 
 pub use attention::attention;
-pub use conv2d::conv2d;
+pub use conv2d::{conv2d, conv2d_frozen};
 pub use group_norm::group_norm;
 pub use low_rank::low_rank;
 pub use activation::{gelu, silu};

@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::conv_kernel::ConvDims;
-use super::lanes::{self, on_lanes};
+use super::lanes::{self, Lanes, on_lanes};
 use super::matrix::{View, min_len, product_strided};
 
 /// Transformed inputs and products per block, in floats (8 MiB, measured best of 4, 8 and 16
@@ -19,6 +19,9 @@ use super::matrix::{View, min_len, product_strided};
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 11 } else { 1 << 21 };
 /// Tiles per block are a multiple of this (the products' row tile: 16 with AVX2, 32 with AVX-512).
 const ROW_TILE: usize = if cfg!(test) { 1 } else { 32 };
+/// Room after each position's tiles in the transformed inputs, for the input transform's
+/// writes of whole vectors (the widest lane type's).
+const PAD: usize = 16;
 /// At most this many tiles per block: with 32 channels a block of 1024 tiles took 1.6x as long
 /// as blocks of 128-256 ([8, 32, 32, 32], tiny-sd's top level), its transformed values (16 per
 /// tile and channel) no longer in the core's cache between the transforms and the products.
@@ -26,18 +29,22 @@ const MAX_BLOCK_TILES: usize = 256;
 /// Fewer tiles than this (over the batch) take the direct convolution: the weight transform,
 /// 16 values per channel pair, costs more than the products save.
 const MIN_TILES: usize = if cfg!(test) { 1 } else { 64 };
+/// The same, for a weight whose transform is already made (a frozen weight's, kept between
+/// calls): a 4x4 plane's 4 tiles a sample still pay.
+const MIN_TILES_TRANSFORMED: usize = if cfg!(test) { 1 } else { 8 };
 /// Fewer channels than this on either side take the direct convolution.
 const MIN_CHANNELS: usize = if cfg!(test) { 1 } else { 16 };
 
-/// Whether `d` is a convolution this kernel computes, and one where it pays.
-pub fn applies(d: &ConvDims) -> bool {
+/// Whether `d` is a convolution this kernel computes, and one where it pays, counting the
+/// weight's transform (`transformed`: that is already made).
+pub fn applies(d: &ConvDims, transformed: bool) -> bool {
     d.kernel == [3, 3]
         && d.stride == [1, 1]
         && d.padding == [1, 1]
         && d.dilation == [1, 1]
         && d.c_in >= MIN_CHANNELS
         && d.c_out >= MIN_CHANNELS
-        && tiles(d).2 >= MIN_TILES
+        && tiles(d).2 >= if transformed { MIN_TILES_TRANSFORMED } else { MIN_TILES }
 }
 
 /// Tile rows and columns per sample, and tiles over the batch.
@@ -46,23 +53,27 @@ fn tiles(d: &ConvDims) -> (usize, usize, usize) {
     (th, tw, d.batch * th * tw)
 }
 
-/// Output `[B, co, h, w]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, 3, 3]`.
-pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
-    let u = transform_weight(w, d.c_out, d.c_in, false);
-    run(x, &u, bias, d.batch, d.c_in, d.c_out, d.h, d.w)
+/// A weight `[co, ci, 3, 3]` transformed, `G g G^T` for every channel pair, laid out for the
+/// products of the forward pass or (`flipped`) of the input gradient.
+#[derive(Debug)]
+pub struct WeightTransform {
+    u: Vec<f32>,
+    c_in: usize,
+    c_out: usize,
+    flipped: bool,
 }
 
-/// The input gradient `[B, ci, h, w]` from the output gradient `g` `[B, co, h, w]`: the same
-/// convolution of `g` with the weight's channels swapped and its taps turned 180 degrees.
-pub fn input_grad(w: &[f32], g: &[f32], d: &ConvDims) -> Vec<f32> {
-    let u = transform_weight(w, d.c_out, d.c_in, true);
-    run(g, &u, None, d.batch, d.c_out, d.c_in, d.h, d.w)
+impl WeightTransform {
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.u.len() * 4
+    }
 }
 
-/// `G g G^T` for every channel pair, laid out `[ci][16][co]` for the products, where `ci` and
-/// `co` are the convolution's own (`flipped`: the input gradient's, `ci` being the weight's
-/// output channels and each 3x3 kernel turned 180 degrees).
-fn transform_weight(w: &[f32], w_out: usize, w_in: usize, flipped: bool) -> Vec<f32> {
+/// The transform of `w` `[w_out, w_in, 3, 3]`, laid out `[ci][16][co]` where `ci` and `co` are
+/// the convolution's own (`flipped`: the input gradient's, `ci` being the weight's output
+/// channels and each 3x3 kernel turned 180 degrees).
+pub fn transform(w: &[f32], w_out: usize, w_in: usize, flipped: bool) -> WeightTransform {
     let (ci, co) = if flipped { (w_out, w_in) } else { (w_in, w_out) };
     let mut u = vec![0.0f32; ci * 16 * co];
     let pieces = min_len(u.len() >= 1 << 16);
@@ -85,7 +96,21 @@ fn transform_weight(w: &[f32], w_out: usize, w_in: usize, flipped: bool) -> Vec<
             }
         }
     });
-    u
+    WeightTransform { u, c_in: w_in, c_out: w_out, flipped }
+}
+
+/// Output `[B, co, h, w]` of `x` `[B, ci, h, w]` with the weight's forward transform `u`.
+pub fn forward(x: &[f32], u: &WeightTransform, bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
+    assert_eq!((u.c_in, u.c_out, u.flipped), (d.c_in, d.c_out, false), "the forward transform of this convolution's weight");
+    run(x, &u.u, bias, d.batch, d.c_in, d.c_out, d.h, d.w)
+}
+
+/// The input gradient `[B, ci, h, w]` from the output gradient `g` `[B, co, h, w]`: the same
+/// convolution of `g` with the weight's channels swapped and its taps turned 180 degrees
+/// (`u` the weight's flipped transform).
+pub fn input_grad(u: &WeightTransform, g: &[f32], d: &ConvDims) -> Vec<f32> {
+    assert_eq!((u.c_in, u.c_out, u.flipped), (d.c_in, d.c_out, true), "the flipped transform of this convolution's weight");
+    run(g, &u.u, None, d.batch, d.c_out, d.c_in, d.h, d.w)
 }
 
 /// A raw pointer to the output, shared by the blocks: each writes only its own tiles.
@@ -112,29 +137,30 @@ fn run(x: &[f32], u: &[f32], bias: Option<&[f32]>, batch: usize, ci: usize, co: 
     let par = if spread { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
     let pieces = min_len(spread);
     (0..blocks).into_par_iter().with_min_len(pieces).for_each_init(
-        || (vec![0.0f32; ci * 16 * per_block], vec![0.0f32; co * 16 * per_block], Vec::new()),
+        || (vec![0.0f32; ci * 16 * (per_block + PAD)], vec![0.0f32; co * 16 * (per_block + PAD)], Vec::new()),
         |(v, m, scratch), b| {
             let first = b * per_block;
             let n = per_block.min(total - first);
             let isa = lanes::isa();
+            let vs = per_block + PAD;
             for c in 0..ci {
-                let tiles = Tiles { d: &d, first, n, stride: per_block, scratch: &mut *scratch };
-                transform_input((x, c, &mut v[c * 16 * per_block..][..16 * per_block], tiles), isa);
+                let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
+                transform_input((x, c, &mut v[c * 16 * vs..][..16 * vs], tiles), isa);
             }
             for xi in 0..16 {
-                // SAFETY: v holds [ci][16][per_block], u [ci][16][co], m [co][16][per_block];
-                // this position's slice of each is a strided n x ci, ci x co and n x co matrix.
+                // SAFETY: v holds [ci][16][vs], u [ci][16][co], m [co][16][vs]; this position's
+                // slice of each is a strided n x ci, ci x co and n x co matrix.
                 unsafe {
-                    let lhs = View::strided(v, xi * per_block, 1, 16 * per_block);
+                    let lhs = View::strided(v, xi * vs, 1, 16 * vs);
                     let rhs = View::strided(u, xi * co, 16 * co, 1);
-                    product_strided(n, co, ci, m[xi * per_block..].as_mut_ptr(), 1, 16 * per_block, false, lhs, rhs, 1.0, par);
+                    product_strided(n, co, ci, m[xi * vs..].as_mut_ptr(), 1, 16 * vs, false, lhs, rhs, 1.0, par);
                 }
             }
             for o in 0..co {
                 let b0 = bias.map_or(0.0, |b| b[o]);
                 // Tiles first..first + n are this block's alone, so these writes are too.
-                let tiles = Tiles { d: &d, first, n, stride: per_block, scratch: &mut *scratch };
-                transform_output((&m[o * 16 * per_block..][..16 * per_block], o, b0, dst, tiles), isa);
+                let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
+                transform_output((&m[o * 16 * vs..][..16 * vs], o, b0, dst, tiles), isa);
             }
         },
     );
@@ -169,100 +195,137 @@ struct Tiles<'a> {
 
 on_lanes! {
     /// `B^T d B` of channel `c`'s 4x4 input patches, into `v` `[16][stride]`.
-    fn transform_input(a: (&[f32], usize, &mut [f32], Tiles)) -> () { L => input_kernel(a.0, a.1, a.2, a.3) }
+    fn transform_input(a: (&[f32], usize, &mut [f32], Tiles)) -> () { L => input_kernel::<L>(a.0, a.1, a.2, a.3) }
 }
 
 on_lanes! {
     /// `A^T m A` plus the bias for output channel `o`, from `m` `[16][stride]`, written where the
     /// outputs fall inside `out` (unsafe: no other thread may write these tiles of `out`).
-    fn transform_output(a: (&[f32], usize, f32, Out, Tiles)) -> () { L => unsafe { output_kernel(a.0, a.1, a.2, a.3, a.4) } }
+    fn transform_output(a: (&[f32], usize, f32, Out, Tiles)) -> () { L => unsafe { output_kernel::<L>(a.0, a.1, a.2, a.3, a.4) } }
 }
 
-/// `dst[k] = f(a[k], b[k])`.
+/// `dst[k] = a[k] + b[k]` (`SUB`: `a[k] - b[k]`) for `k < n`, `n` a whole number of vectors.
 #[inline(always)]
-fn zip2(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
-    for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
-        *d = f(x, y);
+fn lanes_op<L: Lanes, const SUB: bool>(dst: &mut [f32], a: &[f32], b: &[f32], n: usize) {
+    assert!(n.is_multiple_of(L::W) && dst.len() >= n && a.len() >= n && b.len() >= n);
+    for k in (0..n).step_by(L::W) {
+        // SAFETY: k + W <= n, within all three (asserted); the caller's ISA is L's (on_lanes!).
+        unsafe {
+            let (x, y) = (L::load(a.as_ptr().add(k)), L::load(b.as_ptr().add(k)));
+            (if SUB { x.sub(y) } else { x.add(y) }).store(dst.as_mut_ptr().add(k));
+        }
     }
 }
 
-/// Inlined into each lane width's copy of `transform_input` (`on_lanes!`), so that its loops
-/// over tiles vectorise for that width.
+/// Each lane width's `transform_input` (`on_lanes!`). Every loop over tiles runs in whole
+/// vectors: the scratch rows hold a vector more than the run, and the writes into `v` may run
+/// up to a vector past the run's tiles, into the next run's (written after) or the padding
+/// past each position's `stride`.
 #[inline(always)]
-fn input_kernel(x: &[f32], c: usize, v: &mut [f32], t: Tiles) {
+fn input_kernel<L: Lanes>(x: &[f32], c: usize, v: &mut [f32], t: Tiles) {
     let Tiles { d, first, n, stride, scratch } = t;
     for (s, ty, tx, len, at) in runs(d, first, n) {
         let plane = &x[(s * d.c_in + c) * d.h * d.w..][..d.h * d.w];
-        // The four input rows under this run, from column 2 tx - 1, zero outside the plane.
-        let (width, half) = (2 * len + 2, len + 1);
+        let whole = len.next_multiple_of(L::W);
+        let m = whole + L::W;
         scratch.clear();
-        scratch.resize(4 * width + 2 * half, 0.0);
-        let (p, eo) = scratch.split_at_mut(4 * width);
+        scratch.resize(16 * m, 0.0);
+        let (rows, q) = scratch.split_at_mut(8 * m);
+        // The four input rows under this run split into even and odd columns of the patches
+        // (patch k's columns are 2 (tx + k) - 1 .. 2 (tx + k) + 2): e_r[k] column
+        // 2 (tx + k) - 1 and o_r[k] column 2 (tx + k), zero outside the plane.
+        let (e, o) = rows.split_at_mut(4 * m);
         for r in 0..4 {
             let Some(y) = (2 * ty + r).checked_sub(1).filter(|&y| y < d.h) else {
                 continue;
             };
-            let x0 = 2 * tx as isize - 1;
-            let (from, to) = (x0.max(0) as usize, ((x0 + width as isize) as usize).min(d.w));
-            let dst = (from as isize - x0) as usize;
-            p[r * width + dst..][..to - from].copy_from_slice(&plane[y * d.w + from..y * d.w + to]);
-        }
-        let (e, o) = eo.split_at_mut(half);
-        // B^T down the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3 (adding -1 times is subtracting).
-        for (r, (i, j, sign)) in [(0, 2, -1.0f32), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0)].into_iter().enumerate() {
-            let (pi, pj) = (&p[i * width..][..width], &p[j * width..][..width]);
-            // The combined row's even and odd columns: patch k's columns are 2k .. 2k + 3.
-            for (((a, b), ek), ok) in pi.chunks_exact(2).zip(pj.chunks_exact(2)).zip(e.iter_mut()).zip(o.iter_mut()) {
-                *ek = a[0] + sign * b[0];
-                *ok = a[1] + sign * b[1];
+            let row = &plane[y * d.w..][..d.w];
+            let (e, o) = (&mut e[r * m..][..m], &mut o[r * m..][..m]);
+            for k in 0..=len {
+                let col = 2 * (tx + k);
+                if (1..=d.w).contains(&col) {
+                    e[k] = row[col - 1];
+                }
+                if col < d.w {
+                    o[k] = row[col];
+                }
             }
-            // B along it: c0 - c2, c1 + c2, c2 - c1, c1 - c3.
+        }
+        // B^T down the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3, for the even and the odd columns.
+        for (r, (i, j, sub)) in [(0, 2, true), (1, 2, false), (2, 1, true), (1, 3, true)].into_iter().enumerate() {
+            for half in [0, 4] {
+                let (a, b, dst) = (&rows[(half + i) * m..][..m], &rows[(half + j) * m..][..m], &mut q[(half + r) * m..][..m]);
+                if sub { lanes_op::<L, true>(dst, a, b, m) } else { lanes_op::<L, false>(dst, a, b, m) }
+            }
+        }
+        // B along each: c0 - c2, c1 + c2, c2 - c1, c1 - c3, where c0 c1 c2 c3 are e[k] o[k]
+        // e[k + 1] o[k + 1].
+        for r in 0..4 {
+            let (e, o) = (&q[r * m..][..m], &q[(4 + r) * m..][..m]);
             let at = |i: usize| (r * 4 + i) * stride + at;
-            zip2(&mut v[at(0)..][..len], e, &e[1..], |a, b| a - b);
-            zip2(&mut v[at(1)..][..len], o, &e[1..], |a, b| a + b);
-            zip2(&mut v[at(2)..][..len], &e[1..], o, |a, b| a - b);
-            zip2(&mut v[at(3)..][..len], o, &o[1..], |a, b| a - b);
+            lanes_op::<L, true>(&mut v[at(0)..], e, &e[1..], whole);
+            lanes_op::<L, false>(&mut v[at(1)..], o, &e[1..], whole);
+            lanes_op::<L, true>(&mut v[at(2)..], &e[1..], o, whole);
+            lanes_op::<L, true>(&mut v[at(3)..], o, &o[1..], whole);
         }
     }
 }
 
-/// As [`input_kernel`], for the output transform.
+/// As [`input_kernel`], for the output transform: reads up to a vector past the run's tiles
+/// (into the next run's or the padding past each position's `stride`).
 ///
 /// SAFETY: no other thread writes these tiles of `out`.
 #[inline(always)]
-unsafe fn output_kernel(m: &[f32], o: usize, bias: f32, out: Out, t: Tiles) {
+unsafe fn output_kernel<L: Lanes>(m: &[f32], o: usize, bias: f32, out: Out, t: Tiles) {
     let Tiles { d, first, n, stride, scratch } = t;
     for (s, ty, tx, len, at) in runs(d, first, n) {
+        let whole = len.next_multiple_of(L::W);
         scratch.clear();
-        scratch.resize(10 * len, 0.0);
-        let (sums, row) = scratch.split_at_mut(8 * len);
-        let m = |r: usize, i: usize| &m[(r * 4 + i) * stride + at..][..len];
-        // A^T down the rows: m0 + m1 + m2 and m1 - m2 - m3, for each of the 4 columns.
+        scratch.resize(10 * whole, 0.0);
+        let (sums, pair) = scratch.split_at_mut(8 * whole);
+        // A^T down the rows: m0 + m1 + m2 (sums row i) and m1 - m2 - m3 (row 4 + i), for each
+        // of the 4 columns i.
         for i in 0..4 {
-            let (top, bottom) = sums.split_at_mut(4 * len);
-            for ((((t, b), m0), m1), (m2, m3)) in
-                top[i * len..][..len].iter_mut().zip(&mut bottom[i * len..][..len]).zip(m(0, i)).zip(m(1, i)).zip(m(2, i).iter().zip(m(3, i)))
-            {
-                *t = m0 + m1 + m2;
-                *b = m1 - m2 - m3;
+            let m = |r: usize| &m[(r * 4 + i) * stride + at..][..whole];
+            let (m0, m1, m2, m3) = (m(0), m(1), m(2), m(3));
+            let (top, bottom) = sums.split_at_mut(4 * whole);
+            let (top, bottom) = (&mut top[i * whole..][..whole], &mut bottom[i * whole..][..whole]);
+            for k in (0..whole).step_by(L::W) {
+                // SAFETY: k + W <= whole, the length of every slice here.
+                unsafe {
+                    let v = |s: &[f32]| L::load(s.as_ptr().add(k));
+                    v(m0).add(v(m1)).add(v(m2)).store(top.as_mut_ptr().add(k));
+                    v(m1).sub(v(m2)).sub(v(m3)).store(bottom.as_mut_ptr().add(k));
+                }
             }
         }
         let cols = (2 * len).min(d.w - 2 * tx);
         let plane = (s * d.c_out + o) * d.h * d.w;
+        let (even, odd) = pair.split_at_mut(whole);
         for r in 0..2 {
             let y = 2 * ty + r;
             if y >= d.h {
                 break;
             }
-            let q = |i: usize| &sums[(r * 4 + i) * len..][..len];
-            // A along each: c0 + c1 + c2 and c1 - c2 - c3, interleaved into the output row.
-            for (pair, ((q0, q1), (q2, q3))) in row.chunks_exact_mut(2).zip(q(0).iter().zip(q(1)).zip(q(2).iter().zip(q(3)))) {
-                pair[0] = q0 + q1 + q2 + bias;
-                pair[1] = q1 - q2 - q3 + bias;
+            let q = |i: usize| &sums[(r * 4 + i) * whole..][..whole];
+            // A along each: c0 + c1 + c2 and c1 - c2 - c3, plus the bias.
+            for k in (0..whole).step_by(L::W) {
+                // SAFETY: as above.
+                unsafe {
+                    let v = |i: usize| L::load(q(i).as_ptr().add(k));
+                    let b = L::splat(bias);
+                    v(0).add(v(1)).add(v(2)).add(b).store(even.as_mut_ptr().add(k));
+                    v(1).sub(v(2)).sub(v(3)).add(b).store(odd.as_mut_ptr().add(k));
+                }
             }
             // SAFETY: columns 2 tx .. 2 tx + cols of row y are in bounds and this run's alone
             // (the caller of transform_output vouches that no other thread writes them).
-            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add(plane + y * d.w + 2 * tx), cols) };
+            unsafe {
+                let row = out.0.add(plane + y * d.w + 2 * tx);
+                for c in 0..cols {
+                    *row.add(c) = if c % 2 == 0 { even[c / 2] } else { odd[c / 2] };
+                }
+            }
         }
     }
 }
@@ -295,18 +358,19 @@ mod tests {
     fn matches_the_direct_convolution() {
         for (batch, ci, co, h, w) in [(2, 5, 6, 9, 7), (1, 3, 4, 8, 8), (3, 7, 2, 5, 1), (1, 2, 3, 1, 6), (2, 16, 24, 12, 10)] {
             let d = dims(batch, ci, co, h, w);
-            assert!(applies(&d));
+            assert!(applies(&d, false));
             let x = data(batch * ci * h * w, 1);
             let wt = data(co * ci * 9, 2);
+            let u = transform(&wt, co, ci, false);
             let bias = data(co, 3);
             for b in [None, Some(bias.as_slice())] {
-                let got = forward(&x, &wt, b, &d);
+                let got = forward(&x, &u, b, &d);
                 let want = conv_kernel::forward(&x, &wt, b, &d);
                 let err = max_rel(&got, &want);
                 assert!(err < 1e-6, "forward {batch}x{ci}x{h}x{w} -> {co}: {err}");
             }
             let g = data(batch * co * h * w, 4);
-            let got = input_grad(&wt, &g, &d);
+            let got = input_grad(&transform(&wt, co, ci, true), &g, &d);
             let (want, _) = conv_kernel::backward(&x, &wt, &g, &d, true, false);
             let err = max_rel(&got, &want.unwrap());
             assert!(err < 1e-6, "input gradient {batch}x{ci}x{h}x{w} -> {co}: {err}");
@@ -317,11 +381,11 @@ mod tests {
     fn only_stride_one_padding_one_3x3() {
         let mut d = dims(2, 32, 32, 16, 16);
         d.stride = [2, 2];
-        assert!(!applies(&d));
+        assert!(!applies(&d, true));
         let mut d = dims(2, 32, 32, 16, 16);
         d.kernel = [1, 1];
         d.padding = [0, 0];
-        assert!(!applies(&d));
+        assert!(!applies(&d, true));
     }
 
     /// Blocks are fixed by the shapes: one thread and two give the same bits, both with
@@ -333,7 +397,8 @@ mod tests {
             let d = dims(batch, ci, co, h, w);
             let x = data(batch * ci * h * w, 5);
             let wt = data(co * ci * 9, 6);
-            let run = || (forward(&x, &wt, None, &d), input_grad(&wt, &x, &dims(batch, co, ci, h, w)));
+            let (u, flipped) = (transform(&wt, co, ci, false), transform(&wt, co, ci, true));
+            let run = || (forward(&x, &u, None, &d), input_grad(&flipped, &x, &d));
             let one = pool(1).install(run);
             // Two threads spread the blocks; eight leave them to the products' own split.
             assert!(one == pool(2).install(run) && one == pool(8).install(run), "{batch}x{ci}x{h}x{w}");
