@@ -105,8 +105,12 @@ fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: Conv
 /// The weight's Winograd transform for the forward pass or (`flipped`) the input gradient,
 /// when that kernel applies: a frozen weight's kept between calls.
 fn winograd_weight(w: &FlexTensor, dims: &ConvDims, frozen: bool, flipped: bool) -> Option<Arc<WeightTransform>> {
-    if frozen && winograd::applies(dims, true) {
-        return Some(weight_transforms::of_frozen(w, dims.c_out, dims.c_in, flipped));
+    if frozen
+        && winograd::worth_keeping(dims)
+        && winograd::applies(dims, true)
+        && let Some(kept) = weight_transforms::of_frozen(w, dims.c_out, dims.c_in, flipped)
+    {
+        return Some(kept);
     }
     winograd::applies(dims, false).then(|| Arc::new(winograd::transform(slice(w), dims.c_out, dims.c_in, flipped)))
 }

@@ -6,7 +6,8 @@
 //! An entry holds a clone of the weight's storage. While it does, the values cannot change
 //! (the CPU backend copies shared storage before writing it) and the memory cannot be reused,
 //! so the storage's address names the values. An entry whose weight nobody else holds any more
-//! is dropped at the next insertion; past the budget, transforms are made per call.
+//! is dropped at the next insertion; past the budget, nothing more is kept and convolutions
+//! choose their kernel as for a trainable weight.
 use std::sync::{Arc, Mutex};
 
 use burn::backend::flex::FlexTensor;
@@ -29,12 +30,16 @@ type Key = (usize, usize, [usize; 2], bool);
 static KEPT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
 /// `winograd::transform` of the frozen weight `w` `[c_out, c_in, 3, 3]` (contiguous f32):
-/// the kept one, or one made now, kept when the budget allows.
-pub(super) fn of_frozen(w: &FlexTensor, c_out: usize, c_in: usize, flipped: bool) -> Arc<WeightTransform> {
+/// the kept one, or one made now and kept; `None` when the budget is spent.
+pub(super) fn of_frozen(w: &FlexTensor, c_out: usize, c_in: usize, flipped: bool) -> Option<Arc<WeightTransform>> {
     let values = w.as_slice::<f32>().expect("a contiguous f32 weight (checked before the kernel)");
     let key = (values.as_ptr() as usize, values.len(), [c_out, c_in], flipped);
     if let Some(e) = kept().iter().find(|e| e.key == key) {
-        return e.transform.clone();
+        return Some(e.transform.clone());
+    }
+    let bytes = c_in * c_out * 16 * 4;
+    if used() + bytes > BUDGET_BYTES {
+        return None;
     }
     // Made outside the lock: the transform runs on rayon's threads, which may meanwhile take
     // another convolution that looks here.
@@ -42,13 +47,19 @@ pub(super) fn of_frozen(w: &FlexTensor, c_out: usize, c_in: usize, flipped: bool
     let mut kept = kept();
     kept.retain(|e| !e.weight.is_unique());
     if let Some(e) = kept.iter().find(|e| e.key == key) {
-        return e.transform.clone();
+        return Some(e.transform.clone());
     }
     let used: usize = kept.iter().map(|e| e.transform.bytes()).sum();
-    if used + transform.bytes() <= BUDGET_BYTES {
-        kept.push(Entry { weight: w.clone(), key, transform: transform.clone() });
+    if used + bytes > BUDGET_BYTES {
+        return None;
     }
-    transform
+    kept.push(Entry { weight: w.clone(), key, transform: transform.clone() });
+    Some(transform)
+}
+
+/// Bytes kept, counting entries whose weight is gone until the next insertion drops them.
+fn used() -> usize {
+    kept().iter().map(|e| e.transform.bytes()).sum()
 }
 
 /// Whether a transform of `w`'s storage is kept.

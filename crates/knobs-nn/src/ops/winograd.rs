@@ -32,8 +32,22 @@ const MIN_TILES: usize = if cfg!(test) { 1 } else { 64 };
 /// The same, for a weight whose transform is already made (a frozen weight's, kept between
 /// calls): a 4x4 plane's 4 tiles a sample still pay.
 const MIN_TILES_TRANSFORMED: usize = if cfg!(test) { 1 } else { 8 };
+/// Convolutions with at most this many channels on either side are narrow (see `run`).
+const NARROW_CHANNELS: usize = 128;
 /// Fewer channels than this on either side take the direct convolution.
 const MIN_CHANNELS: usize = if cfg!(test) { 1 } else { 16 };
+
+/// Convolutions over fewer tiles than this keep a frozen weight's transform. The transform's
+/// cost is fixed and the products grow with the tiles: at the built-in model's planes (16 to
+/// 256 tiles) making the transforms took 3% of a LoRA step, at SD-1.5's 64x64 plane (2048
+/// tiles with guidance) it is noise, and keeping those would spend the budget
+/// (`weight_transforms`) before the smaller planes' convolutions.
+const KEEP_BELOW_TILES: usize = 1024;
+
+/// Whether a frozen weight of `d` is worth keeping the transform of.
+pub fn worth_keeping(d: &ConvDims) -> bool {
+    tiles(d).2 < KEEP_BELOW_TILES
+}
 
 /// Whether `d` is a convolution this kernel computes, and one where it pays, counting the
 /// weight's transform (`transformed`: that is already made).
@@ -125,15 +139,19 @@ unsafe impl Sync for Out {}
 fn run(x: &[f32], u: &[f32], bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
     let d = ConvDims { batch, c_in: ci, h, w, c_out: co, kernel: [3, 3], stride: [1, 1], padding: [1, 1], dilation: [1, 1] };
     let (_, _, total) = tiles(&d);
-    // At least four blocks where there are tiles enough, in multiples of the products' row tile.
+    // At least four blocks where there are tiles enough, in multiples of the products' row tile;
+    // a narrow convolution's in quarters of it, so that a few tiles (a small model's 8x8 and
+    // 4x4 planes) still make blocks for every thread: there the transforms, which only the
+    // blocks spread, weigh as much as the products.
     let cap = (BLOCK_FLOATS / (16 * (ci + co))).max(ROW_TILE);
-    let per_block = cap.min(total.div_ceil(4)).next_multiple_of(ROW_TILE).min(MAX_BLOCK_TILES).min(total);
+    let unit = if ci.max(co) <= NARROW_CHANNELS { ROW_TILE.div_ceil(4) } else { ROW_TILE };
+    let per_block = cap.min(total.div_ceil(4)).next_multiple_of(unit).min(MAX_BLOCK_TILES).min(total);
     let blocks = total.div_ceil(per_block);
     let mut out = vec![0.0f32; batch * co * h * w];
     let dst = Out(out.as_mut_ptr());
-    // Several blocks: one thread each, products on that thread. One block: its products on
-    // gemm's threads (gemm splits over output tiles only, so the sums are the same).
-    let spread = blocks >= 2 * rayon::current_num_threads();
+    // A block for every thread: one thread each, products on that thread. Fewer: the products
+    // on gemm's threads (gemm splits over output tiles only, so the sums are the same).
+    let spread = blocks >= rayon::current_num_threads();
     let par = if spread { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
     let pieces = min_len(spread);
     (0..blocks).into_par_iter().with_min_len(pieces).for_each_init(
@@ -228,27 +246,27 @@ fn input_kernel<L: Lanes>(x: &[f32], c: usize, v: &mut [f32], t: Tiles) {
         let plane = &x[(s * d.c_in + c) * d.h * d.w..][..d.h * d.w];
         let whole = len.next_multiple_of(L::W);
         let m = whole + L::W;
-        scratch.clear();
-        scratch.resize(16 * m, 0.0);
-        let (rows, q) = scratch.split_at_mut(8 * m);
+        // Every value below is written before it is read: no zeroing.
+        if scratch.len() < 16 * m {
+            scratch.resize(16 * m, 0.0);
+        }
+        let (rows, q) = scratch[..16 * m].split_at_mut(8 * m);
         // The four input rows under this run split into even and odd columns of the patches
         // (patch k's columns are 2 (tx + k) - 1 .. 2 (tx + k) + 2): e_r[k] column
         // 2 (tx + k) - 1 and o_r[k] column 2 (tx + k), zero outside the plane.
         let (e, o) = rows.split_at_mut(4 * m);
         for r in 0..4 {
+            let (e, o) = (&mut e[r * m..][..m], &mut o[r * m..][..m]);
             let Some(y) = (2 * ty + r).checked_sub(1).filter(|&y| y < d.h) else {
+                e.fill(0.0);
+                o.fill(0.0);
                 continue;
             };
             let row = &plane[y * d.w..][..d.w];
-            let (e, o) = (&mut e[r * m..][..m], &mut o[r * m..][..m]);
-            for k in 0..=len {
+            for k in 0..m {
                 let col = 2 * (tx + k);
-                if (1..=d.w).contains(&col) {
-                    e[k] = row[col - 1];
-                }
-                if col < d.w {
-                    o[k] = row[col];
-                }
+                e[k] = if k <= len && (1..=d.w).contains(&col) { row[col - 1] } else { 0.0 };
+                o[k] = if k <= len && col < d.w { row[col] } else { 0.0 };
             }
         }
         // B^T down the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3, for the even and the odd columns.
@@ -280,9 +298,11 @@ unsafe fn output_kernel<L: Lanes>(m: &[f32], o: usize, bias: f32, out: Out, t: T
     let Tiles { d, first, n, stride, scratch } = t;
     for (s, ty, tx, len, at) in runs(d, first, n) {
         let whole = len.next_multiple_of(L::W);
-        scratch.clear();
-        scratch.resize(10 * whole, 0.0);
-        let (sums, pair) = scratch.split_at_mut(8 * whole);
+        // Every value below is written before it is read: no zeroing.
+        if scratch.len() < 10 * whole {
+            scratch.resize(10 * whole, 0.0);
+        }
+        let (sums, pair) = scratch[..10 * whole].split_at_mut(8 * whole);
         // A^T down the rows: m0 + m1 + m2 (sums row i) and m1 - m2 - m3 (row 4 + i), for each
         // of the 4 columns i.
         for i in 0..4 {
@@ -372,7 +392,7 @@ mod tests {
             let g = data(batch * co * h * w, 4);
             let got = input_grad(&transform(&wt, co, ci, true), &g, &d);
             let (want, _) = conv_kernel::backward(&x, &wt, &g, &d, true, false);
-            let err = max_rel(&got, &want.unwrap());
+            let err = max_rel(&got, want.unwrap());
             assert!(err < 1e-6, "input gradient {batch}x{ci}x{h}x{w} -> {co}: {err}");
         }
     }
