@@ -1,6 +1,6 @@
 use burn::tensor::{DType, Device};
 use burn::tensor::Tensor;
-use crate::ops::{conv2d, conv2d_frozen};
+use crate::ops::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 use burn::tensor::ops::ConvOptions;
 
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
@@ -60,9 +60,16 @@ impl Conv2d {
     pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
         let dtype = x.dtype();
         // Mixed precision: the convolution in the input's dtype. The layer's own weight, when
-        // frozen and not converted, stays as it is between calls.
+        // frozen and not converted, stays as it is between calls; a frozen half-precision one
+        // widened per call takes the same kernel, so both storages give the same bits.
         let (weight, bias) = (value_as(&self.weight, dtype), self.bias.as_ref().map(|b| value_as(b, dtype)));
-        if self.weight.dtype() == dtype { conv2d_frozen(x, weight, bias, self.options()) } else { conv2d(x, weight, bias, self.options()) }
+        if self.weight.dtype() == dtype {
+            conv2d_frozen(x, weight, bias, self.options())
+        } else if !self.weight.is_require_grad() {
+            conv2d_frozen_copy(x, weight, bias, self.options())
+        } else {
+            conv2d(x, weight, bias, self.options())
+        }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

@@ -20,17 +20,34 @@ use super::winograd::{self, WeightTransform};
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
 /// as [`burn::tensor::module::conv2d`].
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
-    convolve(x, weight, bias, options, false)
+    convolve(x, weight, bias, options, Weight::Trained)
 }
 
 /// [`conv2d`] with a weight that stays as it is from call to call (a frozen layer's own, not
 /// one computed per call): its Winograd transform is kept for the next call.
 pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
-    let frozen = !weight.is_require_grad();
-    convolve(x, weight, bias, options, frozen)
+    let kind = if weight.is_require_grad() { Weight::Trained } else { Weight::Frozen { kept: true } };
+    convolve(x, weight, bias, options, kind)
 }
 
-fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, frozen: bool) -> Tensor<4> {
+/// [`conv2d`] with a frozen weight made for this call (a half-precision weight widened): the
+/// kernel [`conv2d_frozen`] takes for the stored weight, so both give the same bits, with the
+/// transform made per call.
+pub fn conv2d_frozen_copy(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
+    let kind = if weight.is_require_grad() { Weight::Trained } else { Weight::Frozen { kept: false } };
+    convolve(x, weight, bias, options, kind)
+}
+
+/// The weight as the kernel choice (`winograd::applies`) and `weight_transforms` see it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Weight {
+    /// Trained, or of unknown origin.
+    Trained,
+    /// Frozen; `kept`: the same storage from call to call, so its transform may be kept.
+    Frozen { kept: bool },
+}
+
+fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, kind: Weight) -> Tensor<4> {
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
     if f32s && options.groups == 1 && !options.is_asymmetric() {
         let [batch, c_in, h, w] = x.dims();
@@ -52,7 +69,7 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
         let strategy = x.gradient_checkpointing_strategy().or(weight.gradient_checkpointing_strategy());
         let (x, weight) = (lifted(&x, strategy), lifted(&weight, strategy));
         let bias = bias.map(|b| lifted(&b, strategy));
-        if let Some(out) = fused(&x, &weight, bias.as_ref(), dims, frozen) {
+        if let Some(out) = fused(&x, &weight, bias.as_ref(), dims, kind) {
             return out;
         }
         return module::conv2d(x, weight, bias, options);
@@ -60,7 +77,7 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
     module::conv2d(x, weight, bias, options)
 }
 
-fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: ConvDims, frozen: bool) -> Option<Tensor<4>> {
+fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: ConvDims, kind: Weight) -> Option<Tensor<4>> {
     if !x.is_autodiff() {
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
         let w = weight.clone().try_into_primitive::<Flex>().ok()?;
@@ -68,14 +85,14 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
             Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, frozen)));
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, kind)));
     }
     // With a bias the op has three parents.
     let strategy = x.gradient_checkpointing_strategy();
     let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
-        (forward(&x, &w, b.as_ref(), dims, frozen), Saved { x, w, frozen, dims })
+        (forward(&x, &w, b.as_ref(), dims, kind), Saved { x, w, kind, dims })
     };
     match bias {
         Some(b) => {
@@ -90,11 +107,11 @@ fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, frozen: bool) -> FlexTensor {
+fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight) -> FlexTensor {
     let (x, w) = (x.to_contiguous(), w.to_contiguous());
     let bias = bias.map(|b| b.to_contiguous());
     let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
-    let out = match winograd_weight(&w, &dims, frozen, false) {
+    let out = match winograd_weight(&w, &dims, kind, false) {
         Some(u) => winograd::forward(xs, &u, bs, &dims),
         None => conv_kernel::forward(xs, ws, bs, &dims),
     };
@@ -103,16 +120,18 @@ fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: Conv
 }
 
 /// The weight's Winograd transform for the forward pass or (`flipped`) the input gradient,
-/// when that kernel applies: a frozen weight's kept between calls.
-fn winograd_weight(w: &FlexTensor, dims: &ConvDims, frozen: bool, flipped: bool) -> Option<Arc<WeightTransform>> {
-    if frozen
-        && winograd::worth_keeping(dims)
-        && winograd::applies(dims, true)
+/// when that kernel applies: a frozen weight's kept between calls while the budget lasts.
+fn winograd_weight(w: &FlexTensor, dims: &ConvDims, kind: Weight, flipped: bool) -> Option<Arc<WeightTransform>> {
+    if !winograd::applies(dims, kind != Weight::Trained) {
+        return None;
+    }
+    if kind == (Weight::Frozen { kept: true })
+        && winograd::keeps(dims)
         && let Some(kept) = weight_transforms::of_frozen(w, dims.c_out, dims.c_in, flipped)
     {
         return Some(kept);
     }
-    winograd::applies(dims, false).then(|| Arc::new(winograd::transform(slice(w), dims.c_out, dims.c_in, flipped)))
+    Some(Arc::new(winograd::transform(slice(w), dims.c_out, dims.c_in, flipped)))
 }
 
 /// The convolution; `N` is 3 with a bias, 2 without.
@@ -123,8 +142,7 @@ struct Conv2dOp<const N: usize>;
 struct Saved {
     x: FlexTensor,
     w: FlexTensor,
-    /// Whether the weight stays as it is between calls (its transform is kept).
-    frozen: bool,
+    kind: Weight,
     dims: ConvDims,
 }
 
@@ -132,11 +150,11 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved { x, w, frozen, dims } = ops.state;
+        let Saved { x, w, kind, dims } = ops.state;
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
         // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
-        let flipped = px.as_ref().and_then(|_| winograd_weight(&w, &dims, frozen, true));
+        let flipped = px.as_ref().and_then(|_| winograd_weight(&w, &dims, kind, true));
         let (dx, dw) = conv_kernel::backward(slice(&x), slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some());
         let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims)).or(dx);
         if let (Some(node), Some(dx)) = (px, dx) {
@@ -281,9 +299,9 @@ mod tests {
         let device = cpu();
         let x = rand([2, 16, 6, 6], &device);
         let same = |w: &Tensor<4>| {
-            let kept = conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1));
-            let fresh = conv2d(x.clone(), w.clone(), None, options(1, 1, 1));
-            values(kept) == values(fresh)
+            let kept = values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1)));
+            let per_call = values(conv2d_frozen_copy(x.clone(), w.clone(), None, options(1, 1, 1)));
+            kept == values(conv2d(x.clone(), w.clone(), None, options(1, 1, 1))) && kept == per_call
         };
         let storage = |w: &Tensor<4>| w.clone().try_into_primitive::<Flex>().unwrap().to_contiguous();
         let w = rand([24, 16, 3, 3], &device);

@@ -19,7 +19,7 @@ mod winograd;
 mod weight_transforms;
 
 pub use attention::attention;
-pub use conv2d::{conv2d, conv2d_frozen};
+pub use conv2d::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 pub use group_norm::group_norm;
 pub use low_rank::low_rank;
 pub use activation::{gelu, silu};

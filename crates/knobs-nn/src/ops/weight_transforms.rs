@@ -6,8 +6,8 @@
 //! An entry holds a clone of the weight's storage. While it does, the values cannot change
 //! (the CPU backend copies shared storage before writing it) and the memory cannot be reused,
 //! so the storage's address names the values. An entry whose weight nobody else holds any more
-//! is dropped at the next insertion; past the budget, nothing more is kept and convolutions
-//! choose their kernel as for a trainable weight.
+//! is dropped at the next insertion; past the budget, nothing more is kept and a weight's
+//! transform is made per call (the kernel stays the one `winograd::applies` chose).
 use std::sync::{Arc, Mutex};
 
 use burn::backend::flex::FlexTensor;

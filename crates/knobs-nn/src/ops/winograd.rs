@@ -29,9 +29,9 @@ const MAX_BLOCK_TILES: usize = 256;
 /// Fewer tiles than this (over the batch) take the direct convolution: the weight transform,
 /// 16 values per channel pair, costs more than the products save.
 const MIN_TILES: usize = if cfg!(test) { 1 } else { 64 };
-/// The same, for a weight whose transform is already made (a frozen weight's, kept between
-/// calls): a 4x4 plane's 4 tiles a sample still pay.
-const MIN_TILES_TRANSFORMED: usize = if cfg!(test) { 1 } else { 8 };
+/// The same, for a frozen weight whose transform is kept between calls (`keeps`): a 4x4
+/// plane's 4 tiles a sample still pay.
+const MIN_TILES_FROZEN: usize = if cfg!(test) { 1 } else { 8 };
 /// Convolutions with at most this many channels on either side are narrow (see `run`).
 const NARROW_CHANNELS: usize = 128;
 /// Fewer channels than this on either side take the direct convolution.
@@ -43,22 +43,29 @@ const MIN_CHANNELS: usize = if cfg!(test) { 1 } else { 16 };
 /// tiles with guidance) it is noise, and keeping those would spend the budget
 /// (`weight_transforms`) before the smaller planes' convolutions.
 const KEEP_BELOW_TILES: usize = 1024;
+/// Larger transforms are not kept (a 256 x 256-channel weight's is 4 MiB): the budget then
+/// goes to many small weights, and a weight past the budget is transformed per call, which
+/// costs little only when it is small.
+const KEEP_AT_MOST_BYTES: usize = 4 << 20;
 
-/// Whether a frozen weight of `d` is worth keeping the transform of.
-pub fn worth_keeping(d: &ConvDims) -> bool {
-    tiles(d).2 < KEEP_BELOW_TILES
+/// Whether a frozen weight of `d` keeps its transform between calls.
+pub fn keeps(d: &ConvDims) -> bool {
+    tiles(d).2 < KEEP_BELOW_TILES && d.c_in * d.c_out * 16 * 4 <= KEEP_AT_MOST_BYTES
 }
 
 /// Whether `d` is a convolution this kernel computes, and one where it pays, counting the
-/// weight's transform (`transformed`: that is already made).
-pub fn applies(d: &ConvDims, transformed: bool) -> bool {
+/// weight's transform: a `frozen` weight that `keeps` it pays from fewer tiles. The choice
+/// depends on the shapes and on `frozen` only, never on what is kept at the moment, so a
+/// weight gives the same bits whether its transform is kept, made per call (past the budget)
+/// or its weight widened per call from half precision.
+pub fn applies(d: &ConvDims, frozen: bool) -> bool {
     d.kernel == [3, 3]
         && d.stride == [1, 1]
         && d.padding == [1, 1]
         && d.dilation == [1, 1]
         && d.c_in >= MIN_CHANNELS
         && d.c_out >= MIN_CHANNELS
-        && tiles(d).2 >= if transformed { MIN_TILES_TRANSFORMED } else { MIN_TILES }
+        && tiles(d).2 >= if frozen && keeps(d) { MIN_TILES_FROZEN } else { MIN_TILES }
 }
 
 /// Tile rows and columns per sample, and tiles over the batch.
