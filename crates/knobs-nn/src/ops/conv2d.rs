@@ -26,7 +26,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options:
 /// [`conv2d`] with a weight that stays as it is from call to call (a frozen layer's own, not
 /// one computed per call): its Winograd transform is kept for the next call.
 pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
-    let kind = if weight.is_require_grad() { Weight::Trained } else { Weight::Frozen { kept: true } };
+    let kind = Weight::of(&weight, true);
     convolve(x, weight, bias, options, kind)
 }
 
@@ -34,7 +34,7 @@ pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, o
 /// kernel [`conv2d_frozen`] takes for the stored weight, so both give the same bits, with the
 /// transform made per call.
 pub fn conv2d_frozen_copy(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
-    let kind = if weight.is_require_grad() { Weight::Trained } else { Weight::Frozen { kept: false } };
+    let kind = Weight::of(&weight, false);
     convolve(x, weight, bias, options, kind)
 }
 
@@ -45,6 +45,13 @@ enum Weight {
     Trained,
     /// Frozen; `kept`: the same storage from call to call, so its transform may be kept.
     Frozen { kept: bool },
+}
+
+impl Weight {
+    /// Frozen unless `weight` takes a gradient.
+    fn of(weight: &Tensor<4>, kept: bool) -> Self {
+        if weight.is_require_grad() { Weight::Trained } else { Weight::Frozen { kept } }
+    }
 }
 
 fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, kind: Weight) -> Tensor<4> {
@@ -322,6 +329,7 @@ mod tests {
             let g = f(xa.clone(), wa.clone(), None, options(1, 1, 1)).powi_scalar(2).sum().backward();
             values(xa.grad(&g).unwrap())
         };
+        // Twice: the first call makes and keeps the flipped transform, the second reuses it.
         assert!(grad(conv2d_frozen) == grad(conv2d) && grad(conv2d_frozen) == grad(conv2d), "input gradient");
     }
 

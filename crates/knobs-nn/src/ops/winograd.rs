@@ -50,7 +50,12 @@ const KEEP_AT_MOST_BYTES: usize = 4 << 20;
 
 /// Whether a frozen weight of `d` keeps its transform between calls.
 pub fn keeps(d: &ConvDims) -> bool {
-    tiles(d).2 < KEEP_BELOW_TILES && d.c_in * d.c_out * 16 * 4 <= KEEP_AT_MOST_BYTES
+    tiles(d).2 < KEEP_BELOW_TILES && transform_bytes(d.c_out, d.c_in) <= KEEP_AT_MOST_BYTES
+}
+
+/// Bytes of the transform of a `[c_out, c_in, 3, 3]` weight: 16 values per channel pair.
+pub fn transform_bytes(c_out: usize, c_in: usize) -> usize {
+    c_out * c_in * 16 * size_of::<f32>()
 }
 
 /// Whether `d` is a convolution this kernel computes, and one where it pays, counting the
@@ -87,7 +92,7 @@ pub struct WeightTransform {
 impl WeightTransform {
     /// Bytes it holds.
     pub fn bytes(&self) -> usize {
-        self.u.len() * 4
+        transform_bytes(self.c_out, self.c_in)
     }
 }
 
