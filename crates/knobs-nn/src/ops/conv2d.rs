@@ -1,7 +1,8 @@
 //! 2-D convolution with its own backward pass on the CPU backend (`conv_kernel`): the same
-//! values as burn's op, with a weight gradient about three times as fast. Other backends, other
-//! dtypes and grouped convolutions take burn's op. A frozen layer's weight keeps its Winograd
-//! transform between calls (`weight_transforms`).
+//! values as burn's op, with a weight gradient about three times as fast. A frozen layer's
+//! weight keeps its Winograd transform between calls (`weight_transforms`). Half precision on
+//! other backends is one matrix product (`conv2d_by_matmul`: it sums in f32); the rest, other
+//! dtypes and grouped convolutions take burn's op.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -12,6 +13,7 @@ use burn::tensor::{DType, Tensor, TensorData, module};
 
 use std::sync::Arc;
 
+use super::conv2d_by_matmul;
 use super::conv_kernel::{self, ConvDims};
 use super::record::{lifted, record};
 use super::weight_transforms;
@@ -80,6 +82,9 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
             return out;
         }
         return module::conv2d(x, weight, bias, options);
+    }
+    if conv2d_by_matmul::wanted(&x, &options) {
+        return conv2d_by_matmul::conv2d(x, weight, bias, &options);
     }
     module::conv2d(x, weight, bias, options)
 }

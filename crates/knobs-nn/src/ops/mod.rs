@@ -5,6 +5,7 @@ mod attention_kernel;
 mod attention_products;
 mod attention_small;
 pub mod conv2d;
+pub mod conv2d_by_matmul;
 mod conv_kernel;
 pub mod frozen_linear;
 pub mod group_norm;
