@@ -14,11 +14,13 @@
 # with no Rust toolchain or no network (burn's `cuda` feature downloads an LLVM bundle while it
 # builds). STEPS / WARMUP size the timings (default 10 / 3); DTYPES lists the precisions timed
 # and checked (default "fp32 bf16"; fp16 too); TRAIN=0 skips the training run, PEER=0 PyTorch.
+# GPU_CONVS lists the KNOBS_GPU_CONV modes knobs is timed in (default "auto matmul": burn's
+# convolution kernels for f32, or every convolution as one matrix product).
 #
 # The SD-1.5 folder: $SD15 if set, else made by ../shared/reference/make_sd15_random.py
 # (needs torch, diffusers, transformers and open_clip). Without PyTorch on the machine the
 # knobs side is still timed and the peer's lines say why they are missing.
-# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs-{fp32,bf16}.json,
+# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs-{fp32,bf16}-{auto,matmul}.json,
 # peer-{fp32,bf16}.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,7 @@ WARMUP=${WARMUP:-3}
 # No step may hang the check: each is stopped after LIMIT seconds (default 300).
 LIMIT=${LIMIT:-300}
 DTYPES=${DTYPES:-fp32 bf16}
+GPU_CONVS=${GPU_CONVS:-auto matmul}
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
@@ -90,15 +93,18 @@ has_peer=0
 [ $has_peer = 1 ] || echo "no PyTorch with CUDA here (python3 -c 'import torch, diffusers, peft' failed): no peer, no ratios"
 for dtype in $DTYPES; do
   mp=$dtype; [ $dtype = fp32 ] && mp=no
-  step "knobs on $DEVICE, $dtype: LoRA step (batch 1) and one generation step, 512x512"
-  timeout "$LIMIT" "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --modes lora,generate --mixed-precision $mp --json | tee "$OUT/knobs-$dtype.json"
+  for conv in $GPU_CONVS; do
+    step "knobs on $DEVICE, $dtype, KNOBS_GPU_CONV=$conv: LoRA step (batch 1) and one generation step, 512x512"
+    KNOBS_GPU_CONV=$conv timeout "$LIMIT" "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --modes lora,generate --mixed-precision $mp --json | tee "$OUT/knobs-$dtype-$conv.json"
+  done
   : > "$OUT/peer-$dtype.jsonl"
   if [ $has_peer = 1 ]; then
     step "PyTorch on the same GPU, $dtype (autocast)"
     timeout "$LIMIT" python3 scripts/peer_gpu.py "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --dtype $dtype | tee "$OUT/peer-$dtype.jsonl"
   fi
-  step "ratios, $dtype (knobs / PyTorch, median seconds; <= 1.0 is the goal)"
-  python3 - "$OUT/knobs-$dtype.json" "$OUT/peer-$dtype.jsonl" <<'PY'
+  for conv in $GPU_CONVS; do
+    step "ratios, $dtype, KNOBS_GPU_CONV=$conv (knobs / PyTorch, median seconds; <= 1.0 is the goal)"
+    python3 - "$OUT/knobs-$dtype-$conv.json" "$OUT/peer-$dtype.jsonl" <<'PY'
 import json, sys
 try:
     knobs = {m["mode"]: m for m in json.load(open(sys.argv[1]))}
@@ -112,4 +118,5 @@ for mode in ("lora", "generate"):
     elif k:
         print(f"{mode:>9}: knobs {k['median_s']:.3f} s, no peer")
 PY
+done
 done

@@ -2,7 +2,7 @@
 # The device side of scripts/gpu-pack.sh: unpacks the Vulkan loader, the wheels and the
 # executables, then runs scripts/gpu-check.sh DEVICE (default vulkan:0) with them; its results
 # come back as $OUT/gc.tar (the device tool returns 8 files at most).
-#   bash scripts/gpu-run.sh [DEVICE]    STEPS, WARMUP, LIMIT, DTYPES, TRAIN, PEER as gpu-check's;
+#   bash scripts/gpu-run.sh [DEVICE]    STEPS, WARMUP, LIMIT, DTYPES, GPU_CONVS, TRAIN, PEER as gpu-check's;
 #                                       CHECK=profile runs scripts/gpu-profile.sh instead
 set -u
 cd "$(dirname "$0")/.."

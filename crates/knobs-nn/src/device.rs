@@ -176,6 +176,7 @@ static SELECTED: RwLock<Target> = RwLock::new(Target::Cpu);
 /// Makes `target` the device of this process's commands (`--device`), after checking that it
 /// is compiled in and comes up (a first tensor is made and read back there).
 pub fn select(target: Target) -> Result<()> {
+    crate::ops::conv2d_by_matmul::Mode::from_env()?;
     target.bring_up()?;
     *SELECTED.write().unwrap_or_else(|e| e.into_inner()) = target;
     Ok(())

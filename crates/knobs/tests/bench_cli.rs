@@ -57,3 +57,17 @@ fn devices_not_built_in_or_misspelt_are_named() {
     let err = fail(&["--device", "tpu", "bench", "--model", TINY_SD]);
     assert!(err.contains("--device") && err.contains("cuda[:N]"), "{err}");
 }
+
+/// `KNOBS_GPU_CONV` (which convolutions off the CPU run as one matrix product) is checked with
+/// the device, on every device: a value it does not know is named before any work.
+#[test]
+fn an_unknown_gpu_convolution_mode_is_named() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knobs"))
+        .env("KNOBS_GPU_CONV", "fastest")
+        .args(["generate", "--prompt", "a red star", "--out", "never-written.png"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("KNOBS_GPU_CONV=\"fastest\"") && err.contains("auto, matmul or burn"), "{err}");
+    assert!(!std::path::Path::new("never-written.png").exists());
+}

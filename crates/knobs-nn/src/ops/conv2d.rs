@@ -57,6 +57,9 @@ impl Weight {
 }
 
 fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, kind: Weight) -> Tensor<4> {
+    if conv2d_by_matmul::wanted(&x, &options) {
+        return conv2d_by_matmul::conv2d(x, weight, bias, &options);
+    }
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
     if f32s && options.groups == 1 && !options.is_asymmetric() {
         let [batch, c_in, h, w] = x.dims();
@@ -82,9 +85,6 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
             return out;
         }
         return module::conv2d(x, weight, bias, options);
-    }
-    if conv2d_by_matmul::wanted(&x, &options) {
-        return conv2d_by_matmul::conv2d(x, weight, bias, &options);
     }
     module::conv2d(x, weight, bias, options)
 }

@@ -6,13 +6,59 @@
 //! burn's matrix product sums half-precision operands in f32 on every backend, so this form
 //! has PyTorch's accuracy, and its backward pass is made of products and copies too. The
 //! cost is the windows' buffer: `kh * kw` copies of the input, in its half-precision dtype.
+use std::sync::OnceLock;
+
 use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{DType, Device, Slice, Tensor};
 
-/// Whether a convolution should take this form: half precision on a backend other than the
-/// CPU one (the CPU backend's half-precision convolution already sums in f32), ungrouped.
+use crate::{Error, Result};
+
+/// The environment variable that chooses the form off the CPU (`auto`, `matmul`, `burn`).
+pub const MODE_VAR: &str = "KNOBS_GPU_CONV";
+
+/// Which convolutions off the CPU take this form. A variable rather than a flag: the choice
+/// is for measuring on a GPU (burn's autotune may keep its direct kernel for f32, where
+/// implicit GEMM needs matrix units that take no f32) and changes no result beyond rounding.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Half precision only: the accuracy fix. The default.
+    Auto,
+    /// Every dtype.
+    Matmul,
+    /// None: burn's own kernels throughout.
+    Burn,
+}
+
+impl Mode {
+    fn parse(value: Option<&str>) -> Result<Mode> {
+        match value {
+            None | Some("auto") => Ok(Mode::Auto),
+            Some("matmul") => Ok(Mode::Matmul),
+            Some("burn") => Ok(Mode::Burn),
+            Some(other) => Err(Error::Invalid(format!("{MODE_VAR}={other:?}: expected auto, matmul or burn"))),
+        }
+    }
+
+    /// The mode `KNOBS_GPU_CONV` names; read once, an error when it names none.
+    pub fn from_env() -> Result<Mode> {
+        static MODE: OnceLock<std::result::Result<Mode, String>> = OnceLock::new();
+        let read = || Mode::parse(std::env::var(MODE_VAR).ok().as_deref()).map_err(|e| e.to_string());
+        MODE.get_or_init(read).clone().map_err(Error::Invalid)
+    }
+}
+
+/// Whether a convolution should take this form: ungrouped, on a backend other than the CPU
+/// one (whose half-precision convolution already sums in f32), in half precision or as
+/// `KNOBS_GPU_CONV` says. `device::select` has checked the variable before any tensor work.
 pub fn wanted(x: &Tensor<4>, options: &ConvOptions<2>) -> bool {
-    matches!(x.dtype(), DType::F16 | DType::BF16) && options.groups == 1 && x.device().inner() != Device::flex()
+    if options.groups != 1 || x.device().inner() == Device::flex() {
+        return false;
+    }
+    match Mode::from_env().unwrap_or(Mode::Auto) {
+        Mode::Auto => matches!(x.dtype(), DType::F16 | DType::BF16),
+        Mode::Matmul => true,
+        Mode::Burn => false,
+    }
 }
 
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci, kh, kw]`, plus `bias` `[co]`, as
@@ -106,6 +152,15 @@ mod tests {
                 assert!(err < 1e-5, "{case:?}: {name} gradient {err:e}");
             }
         }
+    }
+
+    #[test]
+    fn the_mode_variable_is_read_or_refused_by_name() {
+        assert_eq!(Mode::parse(None).unwrap(), Mode::Auto);
+        assert_eq!(Mode::parse(Some("matmul")).unwrap(), Mode::Matmul);
+        assert_eq!(Mode::parse(Some("burn")).unwrap(), Mode::Burn);
+        let err = Mode::parse(Some("fast")).unwrap_err().to_string();
+        assert!(err.contains("KNOBS_GPU_CONV") && err.contains("\"fast\""), "{err}");
     }
 
     #[test]
