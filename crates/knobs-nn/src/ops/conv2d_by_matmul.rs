@@ -17,8 +17,8 @@ use crate::{Error, Result};
 pub const MODE_VAR: &str = "KNOBS_GPU_CONV";
 
 /// Which convolutions off the CPU take this form. A variable rather than a flag: the choice
-/// is for measuring on a GPU (burn's autotune may keep its direct kernel for f32, where
-/// implicit GEMM needs matrix units that take no f32) and changes no result beyond rounding.
+/// is for measuring on a GPU (burn's alternatives to its direct kernel run on matrix units,
+/// which a GPU may lack for f32) and changes no result beyond rounding.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
     /// Half precision only: the accuracy fix. The default.
