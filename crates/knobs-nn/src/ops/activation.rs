@@ -12,7 +12,11 @@ use burn::tensor::{DType, Tensor, TensorData, activation};
 use rayon::prelude::*;
 
 use super::lanes::{self, Isa, Lanes, on_lanes};
-use super::record::record;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
+
+use super::record::{kept, record};
 
 /// Values per parallel piece; smaller tensors stay on one thread.
 const PIECE: usize = 1 << 15;
@@ -60,9 +64,12 @@ fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {
         return Some(Tensor::from_primitive::<Flex>(forward(&x, kind)));
     }
     let x = x.clone();
-    record!(Elementwise, x.gradient_checkpointing_strategy(), [x], {
-        let x = x.to_contiguous();
-        (forward(&x, kind), (x, kind))
+    // Cheap to redo: under balanced checkpointing the output is recomputed where a later op
+    // needs it and the input comes back from the checkpointer, as for burn's element-wise
+    // ops, instead of both being held from the forward pass to the backward.
+    let recompute = |ids: &[NodeId]| Recompute { x: ids[0], kind };
+    record!(Elementwise, x.gradient_checkpointing_strategy(), [x], keep [0], recompute recompute, {
+        (forward(&x, kind), kind)
     })
 }
 
@@ -189,15 +196,30 @@ on_lanes! {
 #[derive(Debug)]
 struct Elementwise;
 
-impl Backward<Flex, 1> for Elementwise {
-    /// The input and the function.
-    type State = (FlexTensor, Kind);
+/// The output again from the input, in the backward pass.
+#[derive(Debug)]
+struct Recompute {
+    x: NodeId,
+    kind: Kind,
+}
 
-    fn backward(self, ops: Ops<(FlexTensor, Kind), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+impl RetroForward for Recompute {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.x);
+        states.save(out, forward(&x, self.kind));
+    }
+}
+
+impl Backward<Flex, 1> for Elementwise {
+    /// The function, and the input's checkpoint.
+    type State = (Kind, Vec<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            let (x, kind) = ops.state;
+            let (kind, kept_x) = ops.state;
+            let x = kept(checkpointer, kept_x[0]).to_contiguous();
             let dx = map_pieces(values(&x), Some(values(&g)), kind.kernel());
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone())));
         }

@@ -101,10 +101,15 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
     }
     // With a bias the op has three parents.
     let strategy = x.gradient_checkpointing_strategy();
+    // Only the weight gradient reads the input: a frozen weight's op (every convolution of a
+    // LoRA run) keeps none, so the input (often a SiLU's output, nothing else holds it) is
+    // freed after the forward pass.
+    let keep_input = weight.is_tracked();
     let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
-        (forward(&x, &w, b.as_ref(), dims, kind), Saved { x, w, kind, dims })
+        let out = forward(&x, &w, b.as_ref(), dims, kind);
+        (out, Saved { x: keep_input.then_some(x), w, kind, dims })
     };
     match bias {
         Some(b) => {
@@ -152,7 +157,8 @@ struct Conv2dOp<const N: usize>;
 
 #[derive(Clone, Debug)]
 struct Saved {
-    x: FlexTensor,
+    /// The input, kept only when the weight takes a gradient.
+    x: Option<FlexTensor>,
     w: FlexTensor,
     kind: Weight,
     dims: ConvDims,
@@ -167,7 +173,8 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
         // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
         let flipped = px.as_ref().and_then(|_| winograd_weight(&w, &dims, kind, true));
-        let (dx, dw) = conv_kernel::backward(slice(&x), slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some());
+        let x = x.as_ref().map_or(&[][..], slice);
+        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some());
         let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims)).or(dx);
         if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [dims.batch, dims.c_in, dims.h, dims.w])));
@@ -247,11 +254,20 @@ mod tests {
                 assert!(err < 1e-5, "d{name} {shape:?} k{kh}x{kw} s{s} p{p} d{dl}: {err}");
             }
         }
-        // A frozen weight and an untracked bias get nothing; the input still does.
-        let x = rand([1, 2, 5, 5], &device).require_grad();
-        let (w, b) = (rand([3, 2, 3, 3], &device), rand([3], &device));
-        let g = conv2d(x.clone(), w.clone(), Some(b.clone()), options(1, 1, 1)).sum().backward();
-        assert!(x.grad(&g).is_some() && w.grad(&g).is_none() && b.grad(&g).is_none());
+        // A frozen weight and an untracked bias get nothing; the input still does, the same
+        // as burn's, though the op keeps no input then (Winograd's 3x3 and the general kernel).
+        for (shape, k, s) in [([1, 2, 5, 5], 3, 1), ([2, 3, 9, 8], 3, 2), ([1, 4, 6, 6], 1, 1)] {
+            let x = rand(shape, &device).require_grad();
+            let (w, b) = (rand([3, shape[1], k, k], &device), rand([3], &device));
+            let probe = rand(module::conv2d(x.clone(), w.clone(), None, options(s, k / 2, 1)).dims(), &device);
+            let dx = |f: fn(Tensor<4>, Tensor<4>, Option<Tensor<1>>, ConvOptions<2>) -> Tensor<4>| {
+                let g = (f(x.clone(), w.clone(), Some(b.clone()), options(s, k / 2, 1)) * probe.clone()).sum().backward();
+                assert!(w.grad(&g).is_none() && b.grad(&g).is_none());
+                values(x.grad(&g).unwrap())
+            };
+            let err = max_rel(dx(conv2d), dx(module::conv2d));
+            assert!(err < 1e-5, "frozen weight, dx {shape:?} k{k} s{s}: {err}");
+        }
     }
 
     /// A plain input with trainable weights (a first layer) and frozen weights kept outside

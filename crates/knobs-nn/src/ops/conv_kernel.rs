@@ -176,7 +176,8 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
     let mut dcols = vec![0.0f32; if want_x { buffer } else { 0 }];
     let mut first = true;
     for b in 0..d.batch {
-        let xb = &x[b * plane..][..plane];
+        // Read by the weight gradient only (`x` may be empty without it).
+        let xb = if want_w { &x[b * plane..][..plane] } else { &[][..] };
         let gb = &g[b * co * p..][..co * p];
         if d.pointwise() {
             // SAFETY (both products): shapes as in `forward`, read the other way round.

@@ -9,7 +9,9 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor};
 
-use super::record::{lifted, record};
+use burn::backend::autodiff::NodeId;
+
+use super::record::{kept, lifted, record};
 
 /// `scale (x A^T) B^T` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`.
 pub fn low_rank(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tensor<2> {
@@ -45,21 +47,23 @@ fn fused(x: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f32) -> Option<Tens
     // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
     let strategy = [x, a, b].iter().find_map(|t| t.gradient_checkpointing_strategy());
     let (x, a, b) = (lifted(x, strategy), lifted(a, strategy), lifted(b, strategy));
-    record!(LowRank, strategy, [x, a, b], {
+    // The input goes to the checkpointer: it is a norm's output in a transformer block, which
+    // balanced checkpointing recomputes rather than holds.
+    record!(LowRank, strategy, [x, a, b], keep [0], {
         let plain = |t| Tensor::<2>::from_primitive::<Flex>(t);
         let (x, a, b) = (plain(x), plain(a), plain(b));
         let (h, y) = forward(&x, &a, &b, scale);
-        (y.try_into_primitive::<Flex>().ok()?, Saved { x, a, b, h, scale })
+        (y.try_into_primitive::<Flex>().ok()?, Saved { a, b, h, scale })
     })
 }
 
 #[derive(Debug)]
 struct LowRank;
 
-/// The inputs, and the scaled rank-r values `h = scale x A^T` (the up projection's input).
+/// The factors, and the scaled rank-r values `h = scale x A^T` (the up projection's input);
+/// the input `x` is with the checkpointer.
 #[derive(Clone, Debug)]
 struct Saved {
-    x: Plain,
     a: Plain,
     b: Plain,
     h: Plain,
@@ -67,10 +71,10 @@ struct Saved {
 }
 
 impl Backward<Flex, 3> for LowRank {
-    type State = Saved;
+    type State = (Saved, Vec<NodeId>);
 
-    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved { x, a, b, h, scale } = ops.state;
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let (Saved { a, b, h, scale }, kept_x) = ops.state;
         let g = Tensor::<2>::from_primitive::<Flex>(grads.consume::<Flex>(&ops.node));
         let [px, pa, pb] = ops.parents;
         let flex = |t: Plain| t.try_into_primitive::<Flex>().expect("a flex tensor");
@@ -81,6 +85,7 @@ impl Backward<Flex, 3> for LowRank {
         if px.is_some() || pa.is_some() {
             let dxa = g.matmul(b) * scale;
             if let Some(node) = pa {
+                let x = Tensor::<2>::from_primitive::<Flex>(kept(checkpointer, kept_x[0]));
                 grads.register::<Flex>(node.id, flex(dxa.clone().transpose().matmul(x)));
             }
             if let Some(node) = px {
