@@ -208,14 +208,10 @@ pub trait ModuleExt: Module {
     fn for_inference(&mut self) {
         self.for_each_param_mut(|_, mut p| p.set_inference());
     }
-    /// Stores every frozen weight matrix and kernel in `dtype`, for inference (see
-    /// [`ParamMut::store_frozen_as`]).
+    /// Stores every frozen weight matrix and kernel in `dtype`, for inference and training
+    /// (see [`ParamMut::store_frozen_as`]).
     fn store_frozen_as(&mut self, dtype: burn::tensor::DType) {
-        self.for_each_param_mut(|_, mut p| p.store_frozen_as(dtype, true));
-    }
-    /// Stores every frozen weight matrix (not convolution kernels) in `dtype`, for training.
-    fn store_frozen_matrices_as(&mut self, dtype: burn::tensor::DType) {
-        self.for_each_param_mut(|_, mut p| p.store_frozen_as(dtype, false));
+        self.for_each_param_mut(|_, mut p| p.store_frozen_as(dtype));
     }
     /// Makes every parameter whose path satisfies `pred` trainable and freezes the rest.
     fn train_only(&mut self, mut pred: impl FnMut(&str) -> bool) {

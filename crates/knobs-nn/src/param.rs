@@ -83,14 +83,12 @@ impl ParamMut<'_> {
     }
 
     /// Keeps a frozen matrix or kernel in `dtype` (f16 / bf16): half the memory; layers compute
-    /// with its f32 value ([`f32_value`]). Vectors (biases, norms) and trainable parameters
-    /// stay f32.
-    /// `kernels`: convolution kernels too (inference; in training burn's convolution would keep
-    /// its widened kernel for the backward pass, while linear layers use
-    /// [`crate::ops::frozen_linear`], which does not).
-    pub fn store_frozen_as(&mut self, dtype: DType, kernels: bool) {
+    /// with its f32 value, widened where it is used ([`crate::ops::frozen_linear`] and
+    /// [`crate::ops::conv2d_frozen_copy`] keep the narrow tensor, not an f32 copy, for the
+    /// backward pass). Vectors (biases, norms) and trainable parameters stay f32.
+    pub fn store_frozen_as(&mut self, dtype: DType) {
         let rank = self.as_ref().dims().len();
-        if self.as_ref().is_trainable() || rank < 2 || (rank > 2 && !kernels) {
+        if self.as_ref().is_trainable() || rank < 2 {
             return;
         }
         each!(self, t => if t.dtype() != dtype {

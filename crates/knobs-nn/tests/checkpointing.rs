@@ -50,7 +50,7 @@ fn a_half_precision_frozen_linear_matches_its_f32_widening() {
     for dev in [cpu_autodiff(), cpu_autodiff_checkpointed()] {
         let run = |half: bool| {
             let mut layer = Linear::new(24, 40, true, &mut Init::new(4), &dev);
-            layer.store_frozen_matrices_as(DType::F16);
+            layer.store_frozen_as(DType::F16);
             if !half {
                 layer.for_each_param_mut(|_, mut p| p.set_trainable(true));
                 layer.for_each_param_mut(|_, mut p| p.set_trainable(false));

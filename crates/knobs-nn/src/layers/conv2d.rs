@@ -61,13 +61,16 @@ impl Conv2d {
         let dtype = x.dtype();
         // Mixed precision: the convolution in the input's dtype. The layer's own weight, when
         // frozen and not converted, stays as it is between calls; a frozen half-precision one
-        // widened per call takes the same kernel, so both storages give the same bits.
-        let (weight, bias) = (value_as(&self.weight, dtype), self.bias.as_ref().map(|b| value_as(b, dtype)));
-        if self.weight.dtype() == dtype {
-            conv2d_frozen(x, weight, bias, self.options())
-        } else if !self.weight.is_require_grad() {
-            conv2d_frozen_copy(x, weight, bias, self.options())
+        // with f32 input is widened inside the op (which keeps the half-precision storage for
+        // the backward pass) and takes the same kernel, so both storages give the same bits.
+        let (weight, bias) = (&self.weight, self.bias.as_ref().map(|b| value_as(b, dtype)));
+        if weight.dtype() == dtype {
+            conv2d_frozen(x, weight.clone(), bias, self.options())
+        } else if !weight.is_require_grad() {
+            let stored = if dtype == DType::F32 { weight.clone() } else { value_as(weight, dtype) };
+            conv2d_frozen_copy(x, stored, bias, self.options())
         } else {
+            let weight = value_as(weight, dtype);
             conv2d(x, weight, bias, self.options())
         }
     }

@@ -14,6 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData, module};
 use std::sync::Arc;
 
 use super::conv2d_by_matmul;
+use crate::param::value_as;
 use super::conv_kernel::{self, ConvDims};
 use super::record::{lifted, record};
 use super::weight_transforms;
@@ -32,9 +33,11 @@ pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, o
     convolve(x, weight, bias, options, kind)
 }
 
-/// [`conv2d`] with a frozen weight made for this call (a half-precision weight widened): the
-/// kernel [`conv2d_frozen`] takes for the stored weight, so both give the same bits, with the
-/// transform made per call.
+/// [`conv2d`] with a frozen weight stored in another precision than `x`'s: a half-precision
+/// kernel with f32 activations is widened inside the op, which keeps the stored tensor (not
+/// an f32 copy) for the backward pass. The kernel is the one [`conv2d_frozen`] takes for an
+/// f32 weight holding the same values, so both give the same bits; its Winograd transform is
+/// made per call.
 pub fn conv2d_frozen_copy(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
     let kind = Weight::of(&weight, false);
     convolve(x, weight, bias, options, kind)
@@ -58,9 +61,12 @@ impl Weight {
 
 fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, kind: Weight) -> Tensor<4> {
     if conv2d_by_matmul::wanted(&x, &options) {
+        let weight = value_as(&weight, x.dtype());
         return conv2d_by_matmul::conv2d(x, weight, bias, &options);
     }
-    let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+    // A frozen half-precision kernel meets f32 activations: widened by the kernels below.
+    let half_kernel = kind == (Weight::Frozen { kept: false }) && weight.dtype() != DType::F32;
+    let f32s = x.dtype() == DType::F32 && (weight.dtype() == DType::F32 || half_kernel) && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
     if f32s && options.groups == 1 && !options.is_asymmetric() {
         let [batch, c_in, h, w] = x.dims();
         let [c_out, _, kh, kw] = weight.dims();
@@ -84,8 +90,9 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
         if let Some(out) = fused(&x, &weight, bias.as_ref(), dims, kind) {
             return out;
         }
-        return module::conv2d(x, weight, bias, options);
+        return module::conv2d(x, value_as(&weight, DType::F32), bias, options);
     }
+    let weight = value_as(&weight, x.dtype());
     module::conv2d(x, weight, bias, options)
 }
 
@@ -124,8 +131,17 @@ fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
 }
 
+/// `w` in f32: a half-precision frozen kernel widened where it is used.
+fn widened(w: &FlexTensor) -> FlexTensor {
+    let t = Tensor::<4>::from_primitive::<Flex>(w.clone());
+    if t.dtype() == DType::F32 {
+        return w.to_contiguous();
+    }
+    t.cast(DType::F32).try_into_primitive::<Flex>().expect("a flex tensor").to_contiguous()
+}
+
 fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight) -> FlexTensor {
-    let (x, w) = (x.to_contiguous(), w.to_contiguous());
+    let (x, w) = (x.to_contiguous(), widened(w));
     let bias = bias.map(|b| b.to_contiguous());
     let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
     let out = match winograd_weight(&w, &dims, kind, false) {
@@ -159,6 +175,7 @@ struct Conv2dOp<const N: usize>;
 struct Saved {
     /// The input, kept only when the weight takes a gradient.
     x: Option<FlexTensor>,
+    /// The weight as stored: a frozen half-precision kernel is widened again when needed.
     w: FlexTensor,
     kind: Weight,
     dims: ConvDims,
@@ -169,6 +186,7 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
 
     fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let Saved { x, w, kind, dims } = ops.state;
+        let w = widened(&w);
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
         // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
@@ -267,6 +285,27 @@ mod tests {
             };
             let err = max_rel(dx(conv2d), dx(module::conv2d));
             assert!(err < 1e-5, "frozen weight, dx {shape:?} k{k} s{s}: {err}");
+        }
+    }
+
+    /// A frozen f16 kernel passed as stored gives the output and input gradient of the same
+    /// values widened to f32 beforehand, bit for bit, with and without checkpointing (3x3 by
+    /// Winograd, strided by the general kernel, 1x1).
+    #[test]
+    fn a_half_precision_kernel_widened_inside_matches_its_f32_copy() {
+        for device in [cpu_autodiff(), crate::cpu_autodiff_checkpointed()] {
+            for (shape, k, s) in [([2, 3, 8, 8], 3, 1), ([1, 4, 9, 8], 3, 2), ([1, 5, 6, 6], 1, 1)] {
+                let half = rand([4, shape[1], k, k], &device).cast(DType::F16);
+                let (b, probe, x) = (rand([4], &device), rand([shape[0], 4, 8, 8], &device), rand(shape, &device).to_data());
+                let run = |w: Tensor<4>| {
+                    let x = Tensor::<4>::from_data(x.clone(), &device).require_grad();
+                    let y = conv2d_frozen_copy(x.clone(), w, Some(b.clone()), options(s, k / 2, 1));
+                    let [_, _, oh, ow] = y.dims();
+                    let g = (y.clone() * probe.clone().slice([0..shape[0], 0..4, 0..oh, 0..ow])).sum().backward();
+                    (values(y), values(x.grad(&g).unwrap()))
+                };
+                assert_eq!(run(half.clone()), run(half.clone().cast(DType::F32)), "{shape:?} k{k} s{s}");
+            }
         }
     }
 

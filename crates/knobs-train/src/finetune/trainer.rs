@@ -162,12 +162,12 @@ pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTre
     Ok(n)
 }
 
-/// The pipeline as the shared loop holds it, on `dev`: frozen weight matrices in
+/// The pipeline as the shared loop holds it, on `dev`: frozen weight matrices and kernels in
 /// --weights-dtype (before adapters attach: what the method trains is widened back to f32 by
 /// set_trainable), the VAE out of autodiff, the UNet computing in --mixed-precision's dtype.
 pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -> Result<StableDiffusion> {
     let mut sd = StableDiffusion::load(model, dev).with_context(|| format!("--model {}", model.display()))?;
-    sd.store_frozen_matrices_as(cfg.memory.weights_dtype.dtype());
+    sd.store_frozen_as(cfg.memory.weights_dtype.dtype());
     sd.vae.for_inference();
     sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
     Ok(sd)
