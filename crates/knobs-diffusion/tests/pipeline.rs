@@ -37,6 +37,26 @@ fn matches_diffusers_pipeline_golden() {
     common::sd_goldens::assert_within(&common::sd_goldens::pipeline(&cpu()), 1e-4);
 }
 
+/// Encodings made beforehand (diffusers' `prompt_embeds`) give the prompt's image, also once
+/// the text encoder's weights are gone; a released encoder refuses to encode, naming itself,
+/// and encodings of another batch size are refused, naming `conditioning`.
+#[test]
+fn given_encodings_stand_in_for_a_released_text_encoder() {
+    use knobs_nn::ModuleExt;
+    let mut sd = load();
+    let req = GenerateRequest { num_images: 2, ..small("a photo of a cat", 3) };
+    let want = values(sd.generate(&req).unwrap());
+    let given = sd.condition_for(&req).unwrap();
+    sd.text_encoder.release();
+    assert_eq!(sd.text_encoder.num_params(), 0, "every weight is freed");
+    let got = values(sd.generate(&GenerateRequest { conditioning: Some(given.clone()), ..req.clone() }).unwrap());
+    assert_eq!(got, want);
+    let err = sd.generate(&req).unwrap_err().to_string();
+    assert!(err.contains("text_encoder") && err.contains("released"), "{err}");
+    let err = sd.generate(&GenerateRequest { conditioning: Some(given), num_images: 1, ..req }).unwrap_err().to_string();
+    assert!(err.contains("conditioning") && err.contains("4 rows"), "{err}");
+}
+
 #[test]
 fn seed_decides_the_image() {
     let sd = load();

@@ -96,6 +96,12 @@ impl ParamMut<'_> {
         })
     }
 
+    /// Replaces the value with an empty tensor of the same rank, freeing its storage once
+    /// nothing else holds it (a component whose weights are no longer needed).
+    pub fn release(&mut self) {
+        each!(self, t => **t = Tensor::zeros(t.dims().map(|_| 0), &t.device()))
+    }
+
     /// Takes the parameter out of autodiff altogether, for inference.
     pub fn set_inference(&mut self) {
         each!(self, t => **t = (*t).clone().inner())

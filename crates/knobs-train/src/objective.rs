@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use image::RgbImage;
 use knobs_diffusion::clip::embeddings::expand_prompt;
 use knobs_diffusion::pipeline::StableDiffusion;
@@ -156,7 +156,7 @@ impl Objective {
             }
             let texts = texts.iter().map(|p| expand_prompt(p, &sd.tokenizer)).collect::<Result<Vec<_>, _>>()?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            Ok(Encoded { context: sd.text_encoder.forward(sd.tokenizer.encode_tensor(&refs, dev)?).last_hidden_state, pooled: None })
+            Ok(Encoded { context: sd.text_encoder.try_forward(sd.tokenizer.encode_tensor(&refs, dev)?)?.last_hidden_state, pooled: None })
         };
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         if sd.text_encoder.num_trainable_params() > 0 || sd.text_encoder_2.num_trainable_params() > 0 {
@@ -166,12 +166,24 @@ impl Objective {
         let mut rows = Vec::with_capacity(prompts.len());
         for p in prompts {
             if !cache.contains_key(p) {
+                if sd.text_encoder.is_released() {
+                    bail!("the prompt `{p}` was not among those encoded before the text encoders were released");
+                }
                 cache.insert(p.clone(), encode(&[p.as_str()])?);
             }
             rows.push(cache[p].clone());
         }
         let pooled = rows.iter().map(|r| r.pooled.clone()).collect::<Option<Vec<_>>>().map(|p| Tensor::cat(p, 0));
         Ok(Encoded { context: Tensor::cat(rows.into_iter().map(|r| r.context).collect(), 0), pooled })
+    }
+
+    /// Encodes each of `prompts` now, while the text encoders are frozen, so that a run can
+    /// release them (see [`knobs_diffusion::clip::ClipTextModel::release`]) and still take every loss.
+    pub fn encode_ahead(&self, sd: &StableDiffusion, prompts: &[String]) -> Result<()> {
+        for p in prompts {
+            self.encode(sd, std::slice::from_ref(p))?;
+        }
+        Ok(())
     }
 
     /// The loss of each image under its prompt, `[B]`, each image taken as it is (SDXL: its

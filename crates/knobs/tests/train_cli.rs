@@ -307,6 +307,30 @@ fn memory_savers_keep_what_is_learned() {
     assert!(err.contains("--cache-latents") && err.contains("--random-crop"), "{err}");
 }
 
+/// Frozen text encoders are freed once every prompt the run uses is encoded: the same losses,
+/// validation grid, samples and adapter file as a run that holds them (--keep-text-encoders);
+/// a run that trains them keeps them.
+#[test]
+fn releasing_frozen_text_encoders_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = ["--max-train-steps", "2", "--train-batch-size", "2", "--caption-dropout", "0.5", "--validation-steps", "1", "--num-samples", "2", "--sample-steps", "2"];
+    let files = ["loss.csv", "validation/step-000001.png", "samples.png", "pytorch_lora_weights.safetensors"];
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let summary = train(&out, "lora", &args);
+        (summary["text_encoders_released"].as_bool().expect("the summary says"), files.map(|f| std::fs::read(out.join(f)).unwrap()))
+    };
+    let (released, with_release) = run("released", &[]);
+    let (kept, with_encoders) = run("kept", &["--keep-text-encoders"]);
+    assert!(released && !kept);
+    for (i, f) in files.iter().enumerate() {
+        assert!(with_release[i] == with_encoders[i], "{f} differs when the text encoders are released");
+    }
+    assert!(!run("trained", &["--train-text-encoder"]).0, "a trained text encoder is kept");
+}
+
 /// LoHa, LoKr, DoRA and OFT train from the command line, write PEFT folders (and LyCORIS files
 /// with --format kohya), and `knobs generate --lora` takes either back.
 #[test]

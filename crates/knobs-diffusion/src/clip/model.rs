@@ -5,7 +5,7 @@ use std::path::Path;
 use knobs_nn::burn::tensor::{Int, TensorData};
 use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors};
 use knobs_nn::param::like;
-use knobs_nn::{Device, Embedding, Error, Init, LayerNorm, Linear, Result, Tensor, impl_module};
+use knobs_nn::{Device, Embedding, Error, Init, LayerNorm, Linear, ModuleExt, Result, Tensor, impl_module};
 
 use super::config::ClipTextConfig;
 use super::encoder::ClipEncoder;
@@ -60,6 +60,8 @@ pub struct ClipTextModel {
     /// `text_embeds`, SDXL's pooled prompt embedding.
     pub text_projection: Option<Linear>,
     pub config: ClipTextConfig,
+    /// Set by [`Self::release`]: the weights are gone and the model encodes nothing.
+    released: bool,
 }
 impl_module!(ClipTextModel { "text_model" => text_model, "text_projection" => text_projection });
 
@@ -78,7 +80,7 @@ impl ClipTextModel {
             final_layer_norm: LayerNorm::new(d, config.layer_norm_eps, device),
         };
         let text_projection = config.with_projection().map(|p| Linear::new(d, p, false, init, device));
-        Ok(ClipTextModel { text_model, text_projection, config })
+        Ok(ClipTextModel { text_model, text_projection, config, released: false })
     }
 
     /// Loads a diffusers `text_encoder/` folder: `config.json` and `model.safetensors`.
@@ -94,6 +96,26 @@ impl ClipTextModel {
     pub fn load_file(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let sd = normalize_keys(read_safetensors(path)?);
         load_state_dict(self, &sd, LoadOptions::default())?;
+        Ok(())
+    }
+
+    /// Frees every weight (each becomes an empty tensor), keeping the config and the layer
+    /// count: what a training run keeps of a frozen encoder once it has encoded every prompt
+    /// it will use. Encoding afterwards is an error ([`Self::try_forward`]) or a panic
+    /// ([`Self::forward`]); the model is not usable again.
+    pub fn release(&mut self) {
+        self.for_each_param_mut(|_, mut p| p.release());
+        self.released = true;
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
+    fn check_not_released(&self) -> Result<()> {
+        if self.released {
+            return Err(Error::param("text_encoder", "its weights were released after the prompts were encoded; load the model again to encode new prompts"));
+        }
         Ok(())
     }
 
@@ -123,6 +145,7 @@ impl ClipTextModel {
     /// [`Self::forward`] after checking the ids' shape and range (this reads the ids back
     /// from the device).
     pub fn try_forward(&self, ids: Tensor<2, Int>) -> Result<ClipOutput> {
+        self.check_not_released()?;
         self.check_ids(&ids)?;
         Ok(self.forward(ids))
     }
@@ -130,6 +153,7 @@ impl ClipTextModel {
     /// diffusers' `clip_skip`: the final LayerNorm applied to the output of the layer
     /// `clip_skip` from the end (0 = `last_hidden_state`). Later layers are not run.
     pub fn forward_clip_skip(&self, ids: Tensor<2, Int>, clip_skip: usize) -> Result<Tensor<3>> {
+        self.check_not_released()?;
         let n = self.num_layers();
         if clip_skip > n {
             return Err(Error::param("clip_skip", format!("{clip_skip} exceeds the {n} layers of the text encoder")));
@@ -139,6 +163,7 @@ impl ClipTextModel {
 
     /// The hidden states of the first `layers` layers and the final LayerNorm of the last.
     fn encode(&self, ids: Tensor<2, Int>, layers: usize) -> (Vec<Tensor<3>>, Tensor<3>) {
+        assert!(!self.released, "a released text encoder was asked to encode (use try_forward for an error)");
         let tm = &self.text_model;
         let hidden_states = tm.encoder.forward_layers(tm.embeddings.forward(ids), layers);
         let last = tm.final_layer_norm.forward(hidden_states.last().unwrap().clone());

@@ -207,6 +207,9 @@ impl StableDiffusion {
     /// Everything the UNet is conditioned on for `req` (whose image is `height` x `width`):
     /// the prompt encodings and, for SDXL, the pooled embedding and time ids.
     pub fn condition(&self, req: &GenerateRequest, height: usize, width: usize) -> Result<Conditioning> {
+        if let Some(given) = &req.conditioning {
+            return self.check_given(given, req).map(|()| given.clone());
+        }
         if self.is_sdxl() {
             return sdxl::condition(self, req, height, width);
         }
@@ -214,6 +217,28 @@ impl StableDiffusion {
             return Err(Error::param(*field, "is SDXL conditioning; this is an SD-1.x/2.x model"));
         }
         Ok(Conditioning { context: self.encode_prompt(req)?, added: None })
+    }
+
+    /// [`Self::condition`] at the request's own image size: what
+    /// [`GenerateRequest::conditioning`] takes to generate it later without the text encoders.
+    pub fn condition_for(&self, req: &GenerateRequest) -> Result<Conditioning> {
+        let shape = self.latent_shape(req)?;
+        let f = self.vae_scale_factor();
+        self.condition(req, shape[2] * f, shape[3] * f)
+    }
+
+    /// Whether encodings given with a request fit it: one row per image, twice that with
+    /// guidance, and SDXL's added conditioning exactly on an SDXL model.
+    fn check_given(&self, given: &Conditioning, req: &GenerateRequest) -> Result<()> {
+        let rows = if req.uses_guidance() { 2 } else { 1 } * req.num_images;
+        let have = given.context.dims()[0];
+        if have != rows {
+            return Err(Error::param("conditioning", format!("holds {have} rows; this request needs {rows} (num_images, twice with guidance)")));
+        }
+        if given.added.is_some() != self.is_sdxl() {
+            return Err(Error::param("conditioning", "an SDXL model needs the pooled embedding and time ids with the context, an SD-1.x/2.x model takes neither"));
+        }
+        Ok(())
     }
 
     /// The UNet's `encoder_hidden_states`: `[uncond x n, cond x n]` with guidance, else

@@ -112,6 +112,10 @@ pub struct GenerateRequest {
     pub crop_top_left: Option<(usize, usize)>,
     /// ... and the target size (default: the output size).
     pub target_size: Option<(usize, usize)>,
+    /// The encodings [`super::StableDiffusion::condition`] gave earlier for a request like
+    /// this one (diffusers' `prompt_embeds` and its kin): used as they are, the prompts and
+    /// micro-conditioning fields are then not read, so no text encoder runs.
+    pub conditioning: Option<super::Conditioning>,
 }
 
 impl Default for GenerateRequest {
@@ -132,6 +136,7 @@ impl Default for GenerateRequest {
             original_size: None,
             crop_top_left: None,
             target_size: None,
+            conditioning: None,
         }
     }
 }

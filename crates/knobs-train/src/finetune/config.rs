@@ -262,11 +262,17 @@ pub struct MemoryOptions {
     /// same gradients, less memory, slower steps.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// Keep the frozen weight matrices (not convolution kernels) in f16 or bf16, widened to
+    /// Keep the frozen weight matrices and convolution kernels in f16 or bf16, widened to
     /// f32 where a layer uses them: less memory, the same results as f32 weights holding
     /// those values (exact for f16 when the model's files are fp16).
     #[arg(long, default_value = "f32")]
     pub weights_dtype: FloatDtype,
+    /// Hold frozen text encoders through the run. By default, when nothing trains in them
+    /// and no adapter sits on them, every prompt the run uses (training, validation and
+    /// sample prompts) is encoded before the first step and the encoders' weights are freed,
+    /// as diffusers' DreamBooth scripts do: the same results, less memory.
+    #[arg(long)]
+    pub keep_text_encoders: bool,
     /// Refuse to start when the run's estimated peak memory exceeds this many GiB, saying
     /// what to change (the estimate is in the summary either way).
     #[arg(long, value_name = "GB")]

@@ -8,6 +8,7 @@ pub mod methods;
 pub mod outputs;
 mod parallel;
 pub mod plot;
+mod text_encoders;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -1,11 +1,12 @@
 //! What every run leaves besides the method's own files: the names of those files (so that
 //! other commands find them), the end-of-run samples and `summary.json`.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use image::RgbImage;
-use knobs_diffusion::pipeline::{GenerateRequest, StableDiffusion};
+use knobs_diffusion::pipeline::{Conditioning, GenerateRequest, StableDiffusion};
+use knobs_diffusion::unet::AddedCond;
 use knobs_nn::io::atomic_write;
 use knobs_world::images::{from_tensor, grid};
 use serde::Serialize;
@@ -64,14 +65,38 @@ pub struct Sampling {
     pub guidance: f64,
 }
 
-pub fn sample(sd: &StableDiffusion, prompts: &[String], s: Sampling) -> Result<Vec<RgbImage>> {
+impl Sampling {
+    fn request(&self, prompt: &str) -> GenerateRequest {
+        GenerateRequest { steps: self.steps, guidance_scale: self.guidance, num_images: self.per_prompt, seed: 0, ..GenerateRequest::new(prompt) }
+    }
+}
+
+/// Sampling requests' prompt encodings, made while the text encoders were still loaded, by
+/// prompt and images per prompt; a request not in here is encoded when it is drawn.
+#[derive(Default)]
+pub struct SampleEncodings(HashMap<(String, usize), Conditioning>);
+
+impl SampleEncodings {
+    /// The encodings of `prompts` under `s` (none when it draws no images).
+    pub fn encode(sd: &StableDiffusion, prompts: &[String], s: Sampling) -> Result<Self> {
+        let mut map = HashMap::new();
+        if s.per_prompt > 0 {
+            for p in prompts {
+                // Kept outside autodiff: sampling records no graph.
+                let c = sd.condition_for(&s.request(p))?;
+                let added = c.added.map(|a| AddedCond { text_embeds: a.text_embeds.inner(), time_ids: a.time_ids.inner() });
+                map.insert((p.clone(), s.per_prompt), Conditioning { context: c.context.inner(), added });
+            }
+        }
+        Ok(SampleEncodings(map))
+    }
+}
+
+/// `per_prompt` images of each prompt, as `knobs generate` draws them.
+pub fn sample(sd: &StableDiffusion, prompts: &[String], s: Sampling, given: &SampleEncodings) -> Result<Vec<RgbImage>> {
     let mut out = Vec::new();
     for p in prompts {
-        let mut req = GenerateRequest::new(p.clone());
-        req.steps = s.steps;
-        req.guidance_scale = s.guidance;
-        req.num_images = s.per_prompt;
-        req.seed = 0;
+        let req = GenerateRequest { conditioning: given.0.get(&(p.clone(), s.per_prompt)).cloned(), ..s.request(p) };
         out.extend(from_tensor(sd.generate(&req)?.mul_scalar(2.0).sub_scalar(1.0))?);
     }
     Ok(out)
@@ -84,11 +109,11 @@ pub fn save_grid(path: &Path, images: &[RgbImage], per_row: usize) -> Result<()>
 
 /// The end-of-run samples: `OUT/samples.png` (a row per prompt) and the first prompt's
 /// images as `OUT/samples/<i>.png`. Nothing when `per_prompt` is 0.
-pub fn write_samples(out: &Path, sd: &StableDiffusion, prompts: &[String], s: Sampling) -> Result<()> {
+pub fn write_samples(out: &Path, sd: &StableDiffusion, prompts: &[String], s: Sampling, given: &SampleEncodings) -> Result<()> {
     if s.per_prompt == 0 || prompts.is_empty() {
         return Ok(());
     }
-    let images = sample(sd, prompts, s)?;
+    let images = sample(sd, prompts, s, given)?;
     save_grid(&out.join("samples.png"), &images, s.per_prompt)?;
     for (i, img) in images.iter().take(s.per_prompt).enumerate() {
         atomic_write(out.join("samples").join(format!("{i}.png")), &knobs_world::dataset::encode_png(img)?)?;

@@ -208,9 +208,14 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let classes = if cfg.with_prior_preservation() { data::class_examples(cfg, &model, res)? } else { Vec::new() };
     let mut adapters = PipelineAdapters::new(cfg.optim.seed);
     let (attached, trainable_params) = attach_for_training(cfg, &mut sd, &mut adapters)?;
+    let objective = objective_for(cfg, &sd, &dev);
+    let prompts = validation_prompts(cfg, &instances);
+    let sampling = Sampling { per_prompt: cfg.run.num_samples, steps: cfg.run.sample_steps, guidance: cfg.run.guidance_scale };
+    let validation = Sampling { per_prompt: if cfg.run.validation_steps > 0 { 4 } else { 0 }, ..sampling };
+    let encoded = super::text_encoders::encode_and_release(cfg, &mut sd, &objective, &[&instances, &classes], &prompts, validation, sampling)?;
+    // After the release: the estimate counts what stays loaded.
     let memory = crate::memory::estimate(cfg, &sd, res);
     crate::memory::check(cfg, &memory)?;
-    let objective = objective_for(cfg, &sd, &dev);
     let devices = parallel::targets(cfg)?;
     let mut replicas = parallel::replicas(cfg, &model, &devices)?;
     let loss_options = LossOptions { noise_offset: cfg.optim.noise_offset, snr_gamma: cfg.optim.snr_gamma };
@@ -239,8 +244,6 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         }
         first = step;
     }
-    let prompts = validation_prompts(cfg, &instances);
-    let sampling = Sampling { per_prompt: cfg.run.num_samples, steps: cfg.run.sample_steps, guidance: cfg.run.guidance_scale };
     let total = cfg.max_train_steps();
     let accum = o.gradient_accumulation_steps;
     // Per device: the step's batch is split over --devices.
@@ -324,7 +327,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         if cfg.run.validation_steps > 0 && (step + 1) % cfg.run.validation_steps == 0 && !done {
             // Validation samples as inference draws them: adapter dropout off, then back on.
             set_adapter_training(&mut sd, false);
-            let images = super::outputs::sample(&sd, &prompts, Sampling { per_prompt: 4, ..sampling });
+            let images = super::outputs::sample(&sd, &prompts, validation, &encoded.validation);
             set_adapter_training(&mut sd, true);
             save_grid(&cfg.out.join("validation").join(format!("step-{:06}.png", step + 1)), &images?, 4)?;
         }
@@ -344,7 +347,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     sd.device = dev.clone().inner();
     // Samples and files as `knobs generate` makes them: in f32.
     sd.unet.compute_dtype = knobs_nn::burn::tensor::DType::F32;
-    write_samples(&cfg.out, &sd, &prompts, sampling)?;
+    write_samples(&cfg.out, &sd, &prompts, sampling, &encoded.samples)?;
     let mut outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
     if let (Some(e), Some(trained)) = (&ema, &trained) {
         // The same files from the averaged parameters, then the trained ones back.
@@ -356,6 +359,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     }
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("estimated_peak_bytes".to_string(), serde_json::json!(memory.total()));
+    extra.insert("text_encoders_released".to_string(), serde_json::json!(sd.text_encoder.is_released()));
     if buckets.is_some() {
         extra.insert("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size))));
     }

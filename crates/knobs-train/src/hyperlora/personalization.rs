@@ -237,7 +237,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
     diffusers_lora::save(&lora_path, &[("unet", &component)], DiffusersKeys::Diffusers)?;
     drop(unet);
 
-    write_samples(&cfg.out, &sd, std::slice::from_ref(&cfg.prompt), cfg.sampling)?;
+    write_samples(&cfg.out, &sd, std::slice::from_ref(&cfg.prompt), cfg.sampling, &Default::default())?;
 
     // The compact file: the code plus the hypernetwork it belongs to.
     let code_path = cfg.out.join(CODE_FILE);

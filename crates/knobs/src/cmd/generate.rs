@@ -203,6 +203,7 @@ pub fn request(args: &Args, sd: &StableDiffusion) -> Result<GenerateRequest> {
         original_size: args.original_size,
         crop_top_left: args.crop,
         target_size: args.target_size,
+        conditioning: None,
     };
     if let (false, Some(field)) = (sd.is_sdxl(), req.sdxl_fields().first()) {
         let flag = if *field == "crop_top_left" { "--crop".to_string() } else { format!("--{}", field.replace('_', "-")) };
