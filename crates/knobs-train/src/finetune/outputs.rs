@@ -71,10 +71,10 @@ impl Sampling {
     }
 }
 
-/// Sampling requests' prompt encodings, made while the text encoders were still loaded, by
-/// prompt and images per prompt; a request not in here is encoded when it is drawn.
+/// One sampling's prompt encodings, made while the text encoders were still loaded, by
+/// prompt; a prompt not in here is encoded when it is drawn.
 #[derive(Default)]
-pub struct SampleEncodings(HashMap<(String, usize), Conditioning>);
+pub struct SampleEncodings(HashMap<String, Conditioning>);
 
 impl SampleEncodings {
     /// The encodings of `prompts` under `s` (none when it draws no images).
@@ -85,7 +85,7 @@ impl SampleEncodings {
                 // Kept outside autodiff: sampling records no graph.
                 let c = sd.condition_for(&s.request(p))?;
                 let added = c.added.map(|a| AddedCond { text_embeds: a.text_embeds.inner(), time_ids: a.time_ids.inner() });
-                map.insert((p.clone(), s.per_prompt), Conditioning { context: c.context.inner(), added });
+                map.insert(p.clone(), Conditioning { context: c.context.inner(), added });
             }
         }
         Ok(SampleEncodings(map))
@@ -96,7 +96,7 @@ impl SampleEncodings {
 pub fn sample(sd: &StableDiffusion, prompts: &[String], s: Sampling, given: &SampleEncodings) -> Result<Vec<RgbImage>> {
     let mut out = Vec::new();
     for p in prompts {
-        let req = GenerateRequest { conditioning: given.0.get(&(p.clone(), s.per_prompt)).cloned(), ..s.request(p) };
+        let req = GenerateRequest { conditioning: given.0.get(p).cloned(), ..s.request(p) };
         out.extend(from_tensor(sd.generate(&req)?.mul_scalar(2.0).sub_scalar(1.0))?);
     }
     Ok(out)

@@ -51,7 +51,7 @@ pub(crate) fn encode_and_release(cfg: &TrainConfig, sd: &mut StableDiffusion, ob
     objective.encode_ahead(sd, &prompts)?;
     let validation = SampleEncodings::encode(sd, sample_prompts, validation)?;
     // The end-of-run samples are drawn with every weight out of autodiff, on the plain device.
-    for te in [Some(&mut sd.text_encoder), sd.text_encoder_2.as_mut()].into_iter().flatten() {
+    for (_, te) in sd.text_pairs_mut() {
         te.for_inference();
     }
     let plain = sd.device.clone().inner();
@@ -59,8 +59,7 @@ pub(crate) fn encode_and_release(cfg: &TrainConfig, sd: &mut StableDiffusion, ob
     let samples = SampleEncodings::encode(sd, sample_prompts, sampling);
     sd.device = training_device;
     let samples = samples?;
-    sd.text_encoder.release();
-    if let Some(te) = &mut sd.text_encoder_2 {
+    for (_, te) in sd.text_pairs_mut() {
         te.release();
     }
     Ok(Released { validation, samples })
