@@ -240,6 +240,33 @@ fn ema_weights_are_taken_on_request() {
     assert_eq!(load(true), ema);
 }
 
+/// `--weights-dtype`'s load: matrices and kernels are narrowed as each tensor is read, from a
+/// folder or a single file, giving bit for bit the model that an f32 load narrowed afterwards
+/// gives (so training and generation results do not change, only the load's peak).
+#[test]
+fn weights_load_straight_into_half_precision() {
+    use knobs_nn::ModuleExt;
+    use knobs_nn::burn::tensor::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny-sd.safetensors");
+    save_single_file(&StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap(), &file, FloatDtype::F32).unwrap();
+    let opts = SingleFileOptions { config: Some(tiny_sd()), ..Default::default() };
+    for dtype in [DType::F16, DType::BF16] {
+        let mut narrowed = StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap();
+        narrowed.store_frozen_as(dtype);
+        let from_folder = StableDiffusion::load_as(tiny_sd(), &cpu(), dtype).unwrap();
+        let from_file = SingleFile::open(&file, &opts).unwrap().load_as(&cpu(), dtype).unwrap();
+        for loaded in [&from_folder, &from_file] {
+            assert_same_weights(&narrowed, loaded);
+            let unet = state_dict(&loaded.unet);
+            assert_eq!(unet["conv_in.weight"].dtype(), dtype);
+            assert_eq!(unet["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"].dtype(), dtype);
+            assert_eq!(unet["conv_in.bias"].dtype(), DType::F32, "vectors stay f32");
+            assert_eq!(state_dict(&loaded.text_encoder)["text_model.embeddings.token_embedding.weight"].dtype(), dtype);
+        }
+    }
+}
+
 const TINY_SDXL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sdxl");
 
 /// The golden SDXL call (fixtures/tiny-sdxl/goldens/pipeline.safetensors) on `sd`.

@@ -149,7 +149,7 @@ fn checkpoint(dir: &Path) -> Result<()> {
     knobs_train::checkpoint::meta(&ck, "config")?;
     knobs_train::checkpoint::decode_history(knobs_train::checkpoint::meta(&ck, "loss_history")?)?;
     let mut model = knobs_nn::toy::TinyNet::new(0, &knobs_nn::cpu());
-    load_state_dict(&mut model, &knobs_train::checkpoint::sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: true })?;
+    load_state_dict(&mut model, &knobs_train::checkpoint::sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: true, ..Default::default() })?;
     Ok(())
 }
 

@@ -401,6 +401,9 @@ pub struct LoadOptions {
     pub allow_missing: bool,
     /// File tensors that fit no parameter are ignored.
     pub allow_unexpected: bool,
+    /// Frozen matrices and kernels are stored in this dtype as they load (see
+    /// [`crate::ParamMut::assign_as`]); `None` keeps f32.
+    pub frozen_dtype: Option<DType>,
 }
 
 #[derive(Debug, Default)]
@@ -408,6 +411,13 @@ pub struct LoadReport {
     pub loaded: Vec<String>,
     pub missing: Vec<String>,
     pub unexpected: Vec<String>,
+}
+
+impl LoadOptions {
+    /// Strict, with frozen matrices and kernels stored in `dtype` as they load.
+    pub fn frozen_as(dtype: DType) -> Self {
+        LoadOptions { frozen_dtype: Some(dtype), ..Default::default() }
+    }
 }
 
 /// Copies `sd` into `module` by path. Shapes must match; missing and unexpected keys are
@@ -442,7 +452,7 @@ pub fn load_from<M: Module + ?Sized>(
             return;
         }
         match tensor(path) {
-            Some(data) => match data.and_then(|d| p.assign(path, d)) {
+            Some(data) => match data.and_then(|d| p.assign_as(path, d, opts.frozen_dtype.unwrap_or(DType::F32))) {
                 Ok(()) => report.loaded.push(path.to_string()),
                 Err(e) => first_err = Some(e.in_file(file)),
             },

@@ -109,12 +109,24 @@ impl ParamMut<'_> {
 
     /// Replaces the value with `data`, which must have the same shape. Trainability is kept.
     pub fn assign(&mut self, key: &str, data: TensorData) -> Result<()> {
+        self.assign_as(key, data, DType::F32)
+    }
+
+    /// [`Self::assign`], a frozen matrix or kernel stored in `dtype` as
+    /// [`Self::store_frozen_as`] would store it, made straight from `data`: a model loaded in
+    /// half precision never holds its f32 copy (the load's memory peak was that copy).
+    pub fn assign_as(&mut self, key: &str, data: TensorData, dtype: DType) -> Result<()> {
         let want = self.as_ref().dims();
         if data.shape().as_slice() != want.as_slice() {
             return Err(Error::param(
                 key,
                 format!("shape {:?} does not match the model's {:?}", data.shape().as_slice(), want),
             ));
+        }
+        if dtype != DType::F32 && want.len() >= 2 && !self.as_ref().is_trainable() {
+            let (data, device) = (data.convert_dtype(dtype), self.device());
+            each!(self, t => **t = like(t, Tensor::from_data(data, (&device, dtype))));
+            return Ok(());
         }
         let n = self.as_ref().numel();
         let values: Vec<f32> =

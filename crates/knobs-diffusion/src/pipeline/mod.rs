@@ -11,7 +11,7 @@ pub use request::{GenerateRequest, SchedulerKind};
 
 use std::path::{Path, PathBuf};
 
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{DType, TensorData};
 use knobs_nn::{Device, Error, Init, Result, Tensor, impl_module};
 use serde_json::Value;
 
@@ -111,10 +111,17 @@ impl StableDiffusion {
     /// `text_encoder`, `unet`, `vae` and `scheduler` folders; SDXL's also `tokenizer_2` and
     /// `text_encoder_2`). Inference wants the plain (non-autodiff) device, `knobs_nn::cpu()`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_dir_as(dir, device, DType::F32)
+    }
+
+    /// [`Self::from_dir`] with every weight matrix and kernel stored in `weights` as it
+    /// loads (see [`knobs_nn::ParamMut::assign_as`]): the same model as storing them so
+    /// after loading ([`knobs_nn::ModuleExt::store_frozen_as`]), without its f32 peak.
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let dir = dir.as_ref();
         let index = check_index(dir)?;
         let (tokenizer_2, text_encoder_2) = if index.sdxl {
-            let te2 = ClipTextModel::from_dir(dir.join("text_encoder_2"), device)?;
+            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights)?;
             if te2.text_projection.is_none() {
                 return Err(Error::file(dir.join("text_encoder_2"), "SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection found)"));
             }
@@ -125,9 +132,9 @@ impl StableDiffusion {
         Ok(StableDiffusion {
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
-            text_encoder: ClipTextModel::from_dir(dir.join("text_encoder"), device)?,
-            unet: UNet2DConditionModel::from_dir(dir.join("unet"), device)?,
-            vae: AutoencoderKL::from_dir(dir.join("vae"), device)?,
+            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights)?,
+            unet: UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights)?,
+            vae: AutoencoderKL::from_dir_as(dir.join("vae"), device, weights)?,
             tokenizer_2,
             text_encoder_2,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,

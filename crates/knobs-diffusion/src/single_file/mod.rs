@@ -11,7 +11,7 @@ mod save;
 
 use std::path::{Path, PathBuf};
 
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{DType, TensorData};
 use knobs_nn::io::{LoadOptions, SafetensorsReader, load_from, refuse_pickle};
 use knobs_nn::{Device, Error, Init, Module, Result};
 use serde_json::Value;
@@ -148,32 +148,37 @@ impl SingleFile {
 
     /// Builds the pipeline and reads every weight, one tensor at a time.
     pub fn load(&self, device: &Device) -> Result<StableDiffusion> {
+        self.load_as(device, DType::F32)
+    }
+
+    /// [`Self::load`] with every weight matrix and kernel stored in `weights` as it loads.
+    pub fn load_as(&self, device: &Device, weights: DType) -> Result<StableDiffusion> {
         let cfg = |v: &Value| serde_json::to_string(v).expect("JSON");
         let unet_config = UNetConfig::from_json(&cfg(&self.configs.unet)).map_err(|e| e.in_file(self.file.path()))?;
         let layout = keys::UnetLayout::of(&unet_config)?;
         let mut unet = UNet2DConditionModel::new(unet_config, &mut Init::for_loading(), device)?;
-        self.load_into(&mut unet, |p| keys::unet(p, &layout))?;
+        self.load_into(weights, &mut unet, |p| keys::unet(p, &layout))?;
 
         let vae_config = VaeConfig::from_json_str(&cfg(&self.configs.vae))?;
         let levels = vae_config.block_out_channels.len();
         let mut vae = AutoencoderKL::new(vae_config, &mut Init::for_loading(), device)?;
-        self.load_into(&mut vae, |p| keys::vae(p, levels))?;
+        self.load_into(weights, &mut vae, |p| keys::vae(p, levels))?;
 
         let te_config = ClipTextConfig::from_json(&cfg(&self.configs.text_encoder))?;
         let mut text_encoder = ClipTextModel::new(te_config, &mut Init::for_loading(), device)?;
         match self.family {
             Family::Sd1 => {
                 let drop = infer::clip_prefix(&self.file);
-                self.load_into(&mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
+                self.load_into(weights, &mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
             }
-            Family::Sd2 => self.load_into(&mut text_encoder, keys::open_clip)?,
-            Family::Sdxl => self.load_into(&mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
+            Family::Sd2 => self.load_into(weights, &mut text_encoder, keys::open_clip)?,
+            Family::Sdxl => self.load_into(weights, &mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
         }
         let (tokenizer_2, text_encoder_2) = match (&self.configs.text_encoder_2, &self.tokenizer_2) {
             (Some(config), Some(dir)) => {
                 let config = ClipTextConfig::from_json(&cfg(config))?;
                 let mut te2 = ClipTextModel::new(config, &mut Init::for_loading(), device)?;
-                self.load_into(&mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
+                self.load_into(weights, &mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
                 let mut tok2 = ClipTokenizer::from_dir(dir)?;
                 // SDXL's second tokenizer pads with "!"; a copy of the first one does not.
                 if tok2.token_to_id("!").is_some_and(|id| id != tok2.pad_id()) {
@@ -206,7 +211,7 @@ impl SingleFile {
 
     /// Every parameter of `model` from the file key `map` gives it; a parameter without a
     /// key, or a key the file lacks, is an error naming it.
-    fn load_into<M: Module>(&self, model: &mut M, map: impl Fn(&str) -> Option<Source>) -> Result<()> {
+    fn load_into<M: Module>(&self, weights: DType, model: &mut M, map: impl Fn(&str) -> Option<Source>) -> Result<()> {
         let path = self.file.path();
         load_from(model, path, &[], |param| {
             let Some(src) = map(param) else {
@@ -220,7 +225,7 @@ impl SingleFile {
                 return Some(Err(Error::key(path, &key, format!("missing from the file (the model's `{param}`)"))));
             }
             Some(self.file.read(&key).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
-        }, LoadOptions::default())?;
+        }, LoadOptions::frozen_as(weights))?;
         Ok(())
     }
 }
@@ -301,11 +306,18 @@ fn find_tokenizer(file: &Path, family: Family, name: &str) -> Result<PathBuf> {
 impl StableDiffusion {
     /// A diffusers pipeline folder, or a single-file checkpoint with everything inferred.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_as(path, device, DType::F32)
+    }
+
+    /// [`Self::load`] with every weight matrix and kernel stored in `weights` as it loads
+    /// (`--weights-dtype`): the model [`knobs_nn::ModuleExt::store_frozen_as`] would make of
+    /// an f32 load, without ever holding the f32 copy.
+    pub fn load_as(path: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let path = path.as_ref();
         if is_single_file(path) {
-            SingleFile::open(path, &SingleFileOptions::default())?.load(device)
+            SingleFile::open(path, &SingleFileOptions::default())?.load_as(device, weights)
         } else {
-            Self::from_dir(path, device)
+            Self::from_dir_as(path, device, weights)
         }
     }
 

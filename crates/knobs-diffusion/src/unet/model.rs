@@ -123,10 +123,16 @@ impl UNet2DConditionModel {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (every tensor
     /// must match a parameter and vice versa).
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_dir_as(dir, device, DType::F32)
+    }
+
+    /// [`Self::from_dir`] with the weight matrices and kernels stored in `weights` as they
+    /// load (see [`knobs_nn::ParamMut::assign_as`]).
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let dir = dir.as_ref();
         let config = UNetConfig::from_file(dir.join("config.json"))?;
         let mut model = Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))?;
-        load_file(&mut model, dir.join("diffusion_pytorch_model.safetensors"), LoadOptions::default())?;
+        load_file(&mut model, dir.join("diffusion_pytorch_model.safetensors"), LoadOptions::frozen_as(weights))?;
         Ok(model)
     }
 

@@ -2,6 +2,7 @@
 //! `post_quant_conv` + decoder back to images. Parameter paths equal diffusers' keys.
 use std::path::Path;
 
+use knobs_nn::burn::tensor::DType;
 use knobs_nn::io::{LoadOptions, load_file};
 use knobs_nn::{Conv2d, Device, Error, Init, Result, Tensor, impl_module};
 
@@ -79,14 +80,20 @@ impl AutoencoderKL {
     /// Loads a diffusers `vae` folder (`config.json` + `diffusion_pytorch_model.safetensors`).
     /// Missing or unexpected tensors are errors naming the file and key.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_dir_as(dir, device, DType::F32)
+    }
+
+    /// [`Self::from_dir`] with the weight matrices and kernels stored in `weights` as they
+    /// load (see [`knobs_nn::ParamMut::assign_as`]).
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let dir = dir.as_ref();
         let config = VaeConfig::from_file(dir.join("config.json"))?;
-        let weights = dir.join(WEIGHTS_FILE);
-        if !weights.is_file() {
-            return Err(Error::file(&weights, "weights file not found"));
+        let file = dir.join(WEIGHTS_FILE);
+        if !file.is_file() {
+            return Err(Error::file(&file, "weights file not found"));
         }
         let mut model = Self::new(config, &mut Init::for_loading(), device)?;
-        load_file(&mut model, &weights, LoadOptions::default())?;
+        load_file(&mut model, &file, LoadOptions::frozen_as(weights))?;
         Ok(model)
     }
 

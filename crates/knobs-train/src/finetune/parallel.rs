@@ -71,7 +71,7 @@ pub fn broadcast(primary: &StableDiffusion, replicas: &mut [Replica]) -> Result<
         }
     });
     for r in replicas {
-        load_state_dict(&mut r.sd, &trained, LoadOptions { allow_missing: true, allow_unexpected: false }).with_context(|| format!("copying the trained values to {}", r.target))?;
+        load_state_dict(&mut r.sd, &trained, LoadOptions { allow_missing: true, ..Default::default() }).with_context(|| format!("copying the trained values to {}", r.target))?;
     }
     Ok(())
 }

@@ -162,12 +162,12 @@ pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTre
     Ok(n)
 }
 
-/// The pipeline as the shared loop holds it, on `dev`: frozen weight matrices and kernels in
-/// --weights-dtype (before adapters attach: what the method trains is widened back to f32 by
-/// set_trainable), the VAE out of autodiff, the UNet computing in --mixed-precision's dtype.
+/// The pipeline as the shared loop holds it, on `dev`: weight matrices and kernels in
+/// --weights-dtype as they load (before adapters attach: what the method trains is widened
+/// back to f32 by set_trainable), the VAE out of autodiff, the UNet computing in
+/// --mixed-precision's dtype.
 pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -> Result<StableDiffusion> {
-    let mut sd = StableDiffusion::load(model, dev).with_context(|| format!("--model {}", model.display()))?;
-    sd.store_frozen_as(cfg.memory.weights_dtype.dtype());
+    let mut sd = StableDiffusion::load_as(model, dev, cfg.memory.weights_dtype.dtype()).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
     sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
     Ok(sd)
@@ -231,7 +231,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let mut scaler = (o.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
     if let Some((step, ck)) = resume_checkpoints(cfg, &ckpts)? {
         check_settings(&ck, &fingerprint)?;
-        load_state_dict(&mut sd, &sub_dict(&ck, "model."), LoadOptions { allow_missing: true, allow_unexpected: false })?;
+        load_state_dict(&mut sd, &sub_dict(&ck, "model."), LoadOptions { allow_missing: true, ..Default::default() })?;
         opt.load_state(&sub_dict(&ck, "optim."), &dev)?;
         if let Some(e) = &mut ema {
             e.load_state(&ck, &dev)?;

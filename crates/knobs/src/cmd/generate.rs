@@ -160,9 +160,8 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
-    let mut sd = StableDiffusion::load(&model, &knobs_nn::device::inference())?;
-    // Before adapters attach, so that only the model's own weights are narrowed.
-    knobs_nn::ModuleExt::store_frozen_as(&mut sd, args.weights_dtype.dtype());
+    // Narrowed as it loads, before adapters attach: only the model's own weights are.
+    let sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), args.weights_dtype.dtype())?;
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }
