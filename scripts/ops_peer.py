@@ -11,7 +11,10 @@ def med(f):
         s = time.perf_counter(); f(); t.append((time.perf_counter() - s) * 1e3)
     return statistics.median(t)
 print("threads", torch.get_num_threads())
-for b, ci, co, hw in [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]:
+# KNOBS_BENCH_CONV="b,ci,co,hw;..." as for the Rust bench.
+import os
+shapes = [tuple(int(v) for v in t.split(",")) for t in os.environ["KNOBS_BENCH_CONV"].split(";")] if os.environ.get("KNOBS_BENCH_CONV") else [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]
+for b, ci, co, hw in shapes:
     x = torch.randn(b, ci, hw, hw); w = torch.randn(co, ci, 3, 3) * 0.05
     with torch.no_grad():
         fwd = med(lambda: F.conv2d(x, w, padding=1))

@@ -1,9 +1,10 @@
 """The PyTorch peer of `knobs bench --device cuda` on one GPU: a PEFT LoRA training step
 (rank 4 on to_q/to_k/to_v/to_out.0, AdamW, batch B, prompt encoded each step as knobs does)
 and one generation step (DDIM, CFG 7.5, VAE decode) at --resolution, median of --steps after
---warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode.
+--warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode. `--device cpu
+--threads N` makes it the CPU peer of `knobs --threads N bench` (same steps, same sizes).
 
-    python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3]
+    python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3] [--device cuda|cpu]
 """
 import argparse, json, os, statistics, time
 
@@ -19,18 +20,24 @@ p.add_argument("--batch", type=int, default=1)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+p.add_argument("--device", default="cuda")
+p.add_argument("--modes", default="generate,lora", help="which of generate, lora to time")
+p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
 a = p.parse_args()
-dev = torch.device("cuda")
+dev = torch.device(a.device)
+if a.threads:
+    torch.set_num_threads(a.threads)
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
 
 
 def timed(step):
     times = []
     for i in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         step(i)
-        torch.cuda.synchronize()
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -42,10 +49,12 @@ load_s = time.perf_counter() - t0
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 
-with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-    gen = timed(lambda i: pipe("a photo of a sks dog", num_inference_steps=1, guidance_scale=7.5, height=a.resolution, width=a.resolution,
+modes = a.modes.split(",")
+with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+    gen = None if "generate" not in modes else timed(lambda i: pipe("a photo of a sks dog", num_inference_steps=1, guidance_scale=7.5, height=a.resolution, width=a.resolution,
                                generator=torch.Generator(dev).manual_seed(i), output_type="np"))
-print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "load_s": load_s}))
+if gen is not None:
+    print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "load_s": load_s}))
 
 unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
 for m in (vae, te):
@@ -59,7 +68,7 @@ images = torch.rand(a.batch, 3, a.resolution, a.resolution, device=dev) * 2 - 1
 
 
 def train_step(i):
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
             ids = tok(["a photo of sks"] * a.batch, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(dev)
@@ -74,6 +83,8 @@ def train_step(i):
     opt.zero_grad(set_to_none=True)
 
 
+if "lora" not in modes:
+    raise SystemExit(0)
 lora = timed(train_step)
 print(json.dumps({"peer": "peft", "mode": "lora", "median_s": lora, "resolution": a.resolution, "batch": a.batch, "dtype": a.dtype,
-                  "peak_gpu_bytes": torch.cuda.max_memory_allocated()}))
+                  "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None}))

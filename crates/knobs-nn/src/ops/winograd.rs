@@ -32,6 +32,15 @@ const MIN_TILES: usize = if cfg!(test) { 1 } else { 64 };
 /// The same, for a frozen weight whose transform is kept between calls (`keeps`): a 4x4
 /// plane's 4 tiles a sample still pay.
 const MIN_TILES_FROZEN: usize = if cfg!(test) { 1 } else { 8 };
+/// The same, for a weight whose transform is made per call and is larger than
+/// `KEEP_AT_MOST_BYTES`: writing it (16 values per channel pair, 105 MB for 1280 x 1280) and
+/// packing it for the products is memory traffic that the saved multiplications repay only
+/// over many tiles. Measured on a 2-core Xeon (2026-12-05), forward, Winograd against direct:
+/// [1, 1280, 16, 16] (64 tiles) 134 against 36 ms, [1, 2560 -> 1280, 16, 16] 341 against 76,
+/// [1, 1920 -> 640, 32, 32] (256 tiles) 185 against 113-136, [2, 640, 32, 32] (512) 69-78
+/// against 78-83, [1, 320, 64, 64] (1024) 34-37 against 38 (its input gradient 72-76 against
+/// 87-110).
+const MIN_TILES_LARGE: usize = if cfg!(test) { 1 } else { 512 };
 /// Convolutions with at most this many channels on either side are narrow (see `run`).
 const NARROW_CHANNELS: usize = 128;
 /// Fewer channels than this on either side take the direct convolution.
@@ -70,7 +79,18 @@ pub fn applies(d: &ConvDims, frozen: bool) -> bool {
         && d.dilation == [1, 1]
         && d.c_in >= MIN_CHANNELS
         && d.c_out >= MIN_CHANNELS
-        && tiles(d).2 >= if frozen && keeps(d) { MIN_TILES_FROZEN } else { MIN_TILES }
+        && tiles(d).2 >= min_tiles(d, frozen)
+}
+
+/// The fewest tiles (over the batch) at which Winograd pays for `d`.
+fn min_tiles(d: &ConvDims, frozen: bool) -> usize {
+    if frozen && keeps(d) {
+        MIN_TILES_FROZEN
+    } else if transform_bytes(d.c_out, d.c_in) > KEEP_AT_MOST_BYTES {
+        MIN_TILES_LARGE
+    } else {
+        MIN_TILES
+    }
 }
 
 /// Tile rows and columns per sample, and tiles over the batch.
