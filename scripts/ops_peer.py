@@ -1,6 +1,6 @@
 """PyTorch twin of `cargo bench -p knobs-nn --bench ops`: the same shapes, fp32, median of N.
     python scripts/ops_peer.py [--threads 2] [--iters 5]"""
-import argparse, statistics, time
+import argparse, os, statistics, time
 import torch
 import torch.nn.functional as F
 p = argparse.ArgumentParser(); p.add_argument("--threads", type=int, default=2); p.add_argument("--iters", type=int, default=5)
@@ -12,7 +12,6 @@ def med(f):
     return statistics.median(t)
 print("threads", torch.get_num_threads())
 # KNOBS_BENCH_CONV="b,ci,co,hw;..." as for the Rust bench.
-import os
 shapes = [tuple(int(v) for v in t.split(",")) for t in os.environ["KNOBS_BENCH_CONV"].split(";")] if os.environ.get("KNOBS_BENCH_CONV") else [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]
 for b, ci, co, hw in shapes:
     x = torch.randn(b, ci, hw, hw); w = torch.randn(co, ci, 3, 3) * 0.05

@@ -87,13 +87,18 @@ impl ParamMut<'_> {
     /// [`crate::ops::conv2d_frozen_copy`] keep the narrow tensor, not an f32 copy, for the
     /// backward pass). Vectors (biases, norms) and trainable parameters stay f32.
     pub fn store_frozen_as(&mut self, dtype: DType) {
-        let rank = self.as_ref().dims().len();
-        if self.as_ref().is_trainable() || rank < 2 {
+        if !self.stores_narrow() {
             return;
         }
         each!(self, t => if t.dtype() != dtype {
             **t = (*t).clone().cast(dtype)
         })
+    }
+
+    /// Whether a narrower storage dtype applies to this parameter: a frozen matrix or kernel
+    /// (the one rule of [`Self::store_frozen_as`] and [`Self::assign_as`]).
+    fn stores_narrow(&self) -> bool {
+        !self.as_ref().is_trainable() && self.as_ref().dims().len() >= 2
     }
 
     /// Replaces the value with an empty tensor of the same rank, freeing its storage once
@@ -123,7 +128,7 @@ impl ParamMut<'_> {
                 format!("shape {:?} does not match the model's {:?}", data.shape().as_slice(), want),
             ));
         }
-        if dtype != DType::F32 && want.len() >= 2 && !self.as_ref().is_trainable() {
+        if dtype != DType::F32 && self.stores_narrow() {
             let (data, device) = (data.convert_dtype(dtype), self.device());
             each!(self, t => **t = like(t, Tensor::from_data(data, (&device, dtype))));
             return Ok(());

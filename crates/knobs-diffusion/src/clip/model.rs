@@ -99,7 +99,6 @@ impl ClipTextModel {
         Ok(model)
     }
 
-
     /// Frees every weight (each becomes an empty tensor), keeping the config and the layer
     /// count: what a training run keeps of a frozen encoder once it has encoded every prompt
     /// it will use. Encoding afterwards is an error ([`Self::try_forward`]) or a panic
