@@ -115,6 +115,10 @@ for mode in ("lora", "generate"):
     k, p = knobs.get(mode), peer.get(mode)
     if k and p:
         print(f"{mode:>9}: knobs {k['median_s']:.3f} s, PyTorch {p['median_s']:.3f} s, ratio {k['median_s'] / p['median_s']:.2f}x")
+        peer_phases = p.get("phases") or {}
+        for name, secs in k.get("phases") or []:
+            if peer_phases.get(name):
+                print(f"{'':>11}{name}: knobs {secs:.3f} s, PyTorch {peer_phases[name]:.3f} s, ratio {secs / peer_phases[name]:.2f}x")
     elif k:
         print(f"{mode:>9}: knobs {k['median_s']:.3f} s, no peer")
 PY

@@ -1,7 +1,9 @@
 """The PyTorch peer of `knobs bench --device cuda` on one GPU: a PEFT LoRA training step
 (rank 4 on to_q/to_k/to_v/to_out.0, AdamW, batch B, prompt encoded each step as knobs does)
 and one generation step (DDIM, CFG 7.5, VAE decode) at --resolution, median of --steps after
---warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode. `--device cpu
+--warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode; the LoRA line
+splits the step into the phases `knobs bench` reports (vae_encode timed apart, forward,
+backward, optimizer). `--device cpu
 --threads N` makes it the CPU peer of `knobs --threads N bench` (same steps, same sizes).
 
     python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3] [--device cuda|cpu]
@@ -67,7 +69,17 @@ ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
 images = torch.rand(a.batch, 3, a.resolution, a.resolution, device=dev) * 2 - 1
 
 
+phases = {"vae_encode": [], "forward": [], "backward": [], "optimizer": []}
+steps = []
+
+
 def train_step(i):
+    marks = [time.perf_counter()]
+
+    def mark():
+        sync()
+        marks.append(time.perf_counter())
+
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
@@ -77,14 +89,27 @@ def train_step(i):
         t = torch.randint(0, ddpm.config.num_train_timesteps, (a.batch,), device=dev)
         pred = unet(ddpm.add_noise(latents, noise, t), t, ctx).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    mark()
     loss.backward()
+    mark()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    mark()
+    # knobs bench's phases: the VAE encode is timed on its own call, outside the step.
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        vae.encode(images)
+    mark()
+    if i >= a.warmup:
+        for name, (s, e) in zip(["forward", "backward", "optimizer", "vae_encode"], zip(marks, marks[1:])):
+            phases[name].append(e - s)
+        steps.append(marks[3] - marks[0])
 
 
 if "lora" not in modes:
     raise SystemExit(0)
-lora = timed(train_step)
+timed(train_step)
+lora = statistics.median(steps)  # without the VAE encode timed apart
 print(json.dumps({"peer": "peft", "mode": "lora", "median_s": lora, "resolution": a.resolution, "batch": a.batch, "dtype": a.dtype,
-                  "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None}))
+                  "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+                  "phases": {k: statistics.median(v) for k, v in phases.items()}}))

@@ -67,6 +67,12 @@ pub struct Measurement {
     pub peak_rss_bytes: Option<u64>,
     pub trainable_params: usize,
     pub model_bytes: u64,
+    /// Where a training step's time goes, median seconds of each part (empty for
+    /// generation): `vae_encode` is timed on its own call, outside the step; `forward` is
+    /// the step's VAE encode, text encoder, UNet forward and loss; then `backward` and
+    /// `optimizer` (gradient clipping and AdamW). The PyTorch peers print the same parts.
+    #[serde(default)]
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Bytes of the model's weight files.
@@ -101,9 +107,9 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     let load_s = loaded.elapsed().as_secs_f64();
     sd.unet.compute_dtype = o.mixed_precision.compute_dtype();
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
-    let (times, trainable_params) = match method {
+    let (times, trainable_params, phases) = match method {
         Some(method) => train_steps(method, &mut sd, res, o)?,
-        None => (generate_steps(&sd, res, o)?, 0),
+        None => (generate_steps(&sd, res, o)?, 0, Vec::new()),
     };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -122,11 +128,17 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         peak_rss_bytes: peak_rss_bytes(),
         trainable_params,
         model_bytes: model_bytes(&o.model),
+        phases,
     })
 }
 
-/// Seconds of each timed step, and the number of trainable values.
-fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOptions) -> Result<(Vec<f64>, usize)> {
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Seconds of each timed step, the number of trainable values and the median of each phase.
+fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOptions) -> Result<(Vec<f64>, usize, Vec<(String, f64)>)> {
     let mut cfg = TrainConfig { method: Method::parse(method)?, model: Some(o.model.clone()), ..Default::default() };
     cfg.tokens.placeholder_token = Some("<knobs-bench>".into());
     cfg.tokens.initializer_token = Some(one_token_word(sd)?);
@@ -138,22 +150,36 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), ..Default::default() });
     let word = attached.placeholder.as_deref().unwrap_or("sks");
     let prompts = vec![format!("a photo of {word}"); o.batch];
+    // A GPU queues work: a phase ends when the device has run it.
+    let sync = || knobs_nn::device::inference().sync().map_err(|e| anyhow::anyhow!("--device {}: {e:?}", knobs_nn::device::selected()));
     let mut times = Vec::new();
+    let mut phases: [Vec<f64>; 4] = Default::default();
     for step in 0..o.warmup + o.steps {
         let mut rng = step_rng(0, "bench", step as u64);
         let images: Vec<RgbImage> = (0..o.batch).map(|_| RgbImage::from_fn(res, res, |_, _| image::Rgb(rng.random()))).collect();
         let started = Instant::now();
         let loss = objective.per_sample(sd, &images, &prompts, &mut rng, LossOptions::default())?.mean();
+        sync()?;
+        let forward = started.elapsed().as_secs_f64();
         let mut grads = collect_grads(sd, &loss.backward());
+        sync()?;
+        let backward = started.elapsed().as_secs_f64() - forward;
         clip_grad_norm(&mut grads, cfg.optim.max_grad_norm);
         opt.step(sd, &grads, |_| cfg.learning_rate());
-        // A GPU queues work: the step ends when the device has run it.
-        knobs_nn::device::inference().sync().map_err(|e| anyhow::anyhow!("--device {}: {e:?}", knobs_nn::device::selected()))?;
+        sync()?;
+        let total = started.elapsed().as_secs_f64();
+        let encode = Instant::now();
+        drop(sd.vae.encode(knobs_world::images::to_tensor(&images, &knobs_nn::device::inference())?));
+        sync()?;
         if step >= o.warmup {
-            times.push(started.elapsed().as_secs_f64());
+            times.push(total);
+            for (part, s) in phases.iter_mut().zip([encode.elapsed().as_secs_f64(), forward, backward, total - forward - backward]) {
+                part.push(s);
+            }
         }
     }
-    Ok((times, trainable))
+    let names = ["vae_encode", "forward", "backward", "optimizer"];
+    Ok((times, trainable, names.iter().zip(phases).map(|(n, v)| (n.to_string(), median(v))).collect()))
 }
 
 /// A word the tokenizer holds as one token, to start the textual-inversion rows from.

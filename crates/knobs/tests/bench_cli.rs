@@ -26,6 +26,18 @@ fn every_mode_is_timed_with_its_memory_and_trainable_size() {
         assert!(m["peak_rss_bytes"].as_u64().unwrap() > 10 << 20, "{m}");
         assert_eq!(m["model_bytes"].as_u64().unwrap(), weights);
         assert_eq!(m["resolution"], 32);
+        // A training step is split into its parts (they add up to it); generation is not.
+        let phases = m["phases"].as_array().unwrap();
+        if m["mode"] == "generate" {
+            assert!(phases.is_empty(), "{m}");
+        } else {
+            let names: Vec<&str> = phases.iter().map(|p| p[0].as_str().unwrap()).collect();
+            assert_eq!(names, ["vae_encode", "forward", "backward", "optimizer"], "{m}");
+            let secs: Vec<f64> = phases.iter().map(|p| p[1].as_f64().unwrap()).collect();
+            assert!(secs.iter().all(|s| *s > 0.0 && s.is_finite()), "{m}");
+            let step: f64 = secs[1..].iter().sum();
+            assert!((step - m["mean_s"].as_f64().unwrap()).abs() < 0.5 * step, "the step's parts add up to it: {m}");
+        }
     }
     // Full fine-tune: the whole UNet (tiny-sd's 1,106,212 values); adapters a small part of it.
     assert_eq!(trainable("full"), 1_106_212);

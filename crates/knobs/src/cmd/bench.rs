@@ -112,4 +112,8 @@ fn print_row(m: &Measurement) {
         m.trainable_params,
         m.load_s
     );
+    if !m.phases.is_empty() {
+        let parts: Vec<String> = m.phases.iter().map(|(name, s)| format!("{name} {s:.3}")).collect();
+        println!("{:<9} phases, median s: {} (vae_encode timed apart)", "", parts.join(", "));
+    }
 }
