@@ -25,6 +25,18 @@ for rows, k, n in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]:
     A = torch.randn(rows, k); B = torch.randn(k, n) * 0.05
     ms = med(lambda: A @ B)
     print(f"matmul [{rows},{k}]x[{k},{n}]: {ms:.1f} ms ({2*rows*k*n/ms/1e6:.0f} GFLOP/s)")
+for n, width, heads in [(4096, 320, 8), (4096, 512, 1)]:
+    q, k, v = (torch.randn(1, heads, n, width // heads) for _ in range(3))
+    with torch.no_grad():
+        fwd = med(lambda: F.scaled_dot_product_attention(q, k, v))
+    qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
+    both = med(lambda: F.scaled_dot_product_attention(qa, ka, va).sum().backward())
+    print(f"attention [1,{n},{width}] {heads} heads: forward {fwd:.1f} ms, fwd+bwd {both:.1f} ms")
+y = torch.randn(4096, 2560).requires_grad_()
+def geglu():
+    h, g = y.chunk(2, dim=-1)
+    (h * F.gelu(g)).sum().backward()
+print(f"geglu [4096,2560] fwd+bwd(x): {med(geglu):.1f} ms")
 for b, c, hw in [(2, 320, 64), (8, 32, 32)]:
     x = torch.randn(b, c, hw, hw).requires_grad_(); norm = torch.nn.GroupNorm(32, c, eps=1e-5)
     for q in norm.parameters(): q.requires_grad_(False)

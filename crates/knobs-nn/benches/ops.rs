@@ -1,5 +1,6 @@
 //! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
-//! forward and its input and weight gradients, a linear layer's matmul, GroupNorm + SiLU. Run:
+//! forward and its input and weight gradients, a linear layer's matmul, self-attention, GEGLU,
+//! GroupNorm + SiLU. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
 use knobs_nn::timing::median_ms;
@@ -49,6 +50,26 @@ fn run() {
         let ms = median_ms(|| drop(a.clone().matmul(bm.clone())), iters);
         let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
         println!("matmul [{rows},{k}]x[{k},{n}]: {ms:.1} ms ({gflops:.0} GFLOP/s)");
+    }
+    // Self-attention at SD-1.5's 64x64 level (8 heads of 40) and in its VAE (one head of 512),
+    // forward without autodiff and forward + backward with it.
+    for (n, width, heads) in [(4096, 320, 8), (4096, 512, 1)] {
+        let dev = cpu();
+        let [q, k, v]: [Tensor<3>; 3] = std::array::from_fn(|_| init.normal([1, n, width], 1.0, &dev));
+        let scale = 1.0 / ((width / heads) as f64).sqrt();
+        let fwd = median_ms(|| drop(knobs_nn::ops::attention(q.clone(), k.clone(), v.clone(), heads, scale)), iters);
+        let dev = cpu_autodiff();
+        let [qa, ka, va] = [&q, &k, &v].map(|t| Tensor::<3>::from_data(t.to_data(), &dev).require_grad());
+        let both = median_ms(|| drop(knobs_nn::ops::attention(qa.clone(), ka.clone(), va.clone(), heads, scale).sum().backward()), iters);
+        println!("attention [1,{n},{width}] {heads} heads: forward {fwd:.1} ms, fwd+bwd {both:.1} ms");
+    }
+    // GEGLU on SD-1.5's 64x64 feed-forward projection ([rows, 2 x 1280]), forward and input
+    // gradient.
+    {
+        let dev = cpu_autodiff();
+        let y = init.normal::<2>([4096, 2560], 1.0, &dev).require_grad();
+        let ms = median_ms(|| drop(knobs_nn::ops::geglu(y.clone()).sum().backward()), iters);
+        println!("geglu [4096,2560] fwd+bwd(x): {ms:.1} ms");
     }
     // GroupNorm then SiLU, as every resnet block opens, forward and backward (input gradient).
     for (b, c, hw) in [(2, 320, 64), (8, 32, 32)] {

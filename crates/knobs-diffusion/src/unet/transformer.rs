@@ -1,7 +1,7 @@
 //! diffusers `Transformer2DModel` (continuous input) and its `BasicTransformerBlock`s:
 //! the image is flattened to tokens, refined by self-attention, cross-attention over the
 //! text and a GEGLU feed-forward, then folded back and added to the input.
-use knobs_nn::ops::gelu;
+use knobs_nn::ops::geglu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, LayerNorm, Linear, Module, Tensor, Visitor, VisitorMut, impl_module};
 
 use super::attention::Attention;
@@ -20,10 +20,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let y = self.proj.forward(x);
-        let inner = y.dims()[2] / 2;
-        let gate = y.clone().narrow(2, inner, inner);
-        self.out.forward(y.narrow(2, 0, inner) * gelu(gate))
+        self.out.forward(geglu(self.proj.forward(x)))
     }
 }
 

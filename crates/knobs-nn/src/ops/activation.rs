@@ -19,7 +19,7 @@ use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use super::record::{kept, record};
 
 /// Values per parallel piece; smaller tensors stay on one thread.
-const PIECE: usize = 1 << 15;
+pub(super) const PIECE: usize = 1 << 15;
 
 /// Which function.
 #[derive(Clone, Copy, Debug)]
@@ -95,7 +95,7 @@ fn forward(x: &FlexTensor, kind: Kind) -> FlexTensor {
 }
 
 /// A function and its derivative, written once for every lane width.
-trait Pointwise {
+pub(super) trait Pointwise {
     unsafe fn value<L: Lanes>(x: L) -> L;
     unsafe fn slope<L: Lanes>(x: L) -> L;
 }
@@ -119,7 +119,7 @@ impl Pointwise for SiluFn {
 }
 
 /// GELU: `x Phi(x)`; slope `Phi(x) + x phi(x)`.
-struct GeluFn;
+pub(super) struct GeluFn;
 
 impl Pointwise for GeluFn {
     #[inline(always)]

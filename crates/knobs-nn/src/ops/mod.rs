@@ -8,6 +8,7 @@ pub mod conv2d;
 pub mod conv2d_by_matmul;
 mod conv_kernel;
 pub mod frozen_linear;
+pub mod geglu;
 pub mod group_norm;
 mod lanes;
 pub mod low_rank;
@@ -20,6 +21,7 @@ mod winograd;
 mod weight_transforms;
 
 pub use attention::attention;
+pub use geglu::geglu;
 pub use conv2d::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 pub use group_norm::group_norm;
 pub use low_rank::low_rank;
