@@ -3,8 +3,8 @@
 and one generation step (DDIM, CFG 7.5, VAE decode) at --resolution, median of --steps after
 --warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode; the LoRA line
 splits the step into the phases `knobs bench` reports (vae_encode timed apart, forward,
-backward, optimizer). `--device cpu
---threads N` makes it the CPU peer of `knobs --threads N bench` (same steps, same sizes).
+backward, optimizer). `--device cpu --threads N` makes it the CPU peer of
+`knobs --threads N bench` (same steps, same sizes).
 
     python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3] [--device cuda|cpu]
 """
