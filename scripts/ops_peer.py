@@ -21,10 +21,15 @@ for b, ci, co, hw in shapes:
     both = med(lambda: F.conv2d(xa, wa, padding=1).sum().backward())
     input_only = med(lambda: F.conv2d(xa, w, padding=1).sum().backward())
     print(f"conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.1f} ms, fwd+bwd(x) {input_only:.1f} ms, fwd+bwd(x,w) {both:.1f} ms")
-for rows, k, n in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]:
+# KNOBS_BENCH_MATMUL="rows,k,n;..." as for the Rust bench.
+products = [tuple(int(v) for v in t.split(",")) for t in os.environ["KNOBS_BENCH_MATMUL"].split(";")] if os.environ.get("KNOBS_BENCH_MATMUL") else [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]
+for rows, k, n in products:
     A = torch.randn(rows, k); B = torch.randn(k, n) * 0.05
     ms = med(lambda: A @ B)
     print(f"matmul [{rows},{k}]x[{k},{n}]: {ms:.1f} ms ({2*rows*k*n/ms/1e6:.0f} GFLOP/s)")
+    W = torch.randn(n, k) * 0.05; bias = torch.randn(n) * 0.05
+    ms = med(lambda: F.linear(A, W, bias))
+    print(f"linear [{rows},{k}] -> {n} with bias: {ms:.1f} ms")
 for n, width, heads in [(4096, 320, 8), (4096, 512, 1)]:
     q, k, v = (torch.randn(1, heads, n, width // heads) for _ in range(3))
     with torch.no_grad():

@@ -4,11 +4,13 @@
   --mode generate  StableDiffusionXLPipeline, 1024x1024, N Euler steps with guidance (negative
                    branch zeros, as without a negative prompt) and the VAE decode; fp32 weights
                    (the fp16 files widened, as `knobs generate` keeps them by default).
-  --mode lora      one LoRA step (r=4 on to_q/k/v/out.0, AdamW) on the UNet at 1024 px, batch 1,
-                   with cached latents and prompt embeddings (VAE and text encoders not loaded),
-                   SDXL's added conditioning, optionally `enable_gradient_checkpointing()`.
+  --mode lora      one LoRA step (r=4 on to_q/k/v/out.0, AdamW) on the UNet at 1024 px (or
+                   --resolution), batch 1, with cached latents and prompt embeddings (VAE and
+                   text encoders not loaded), SDXL's added conditioning, optionally
+                   `enable_gradient_checkpointing()`.
 
-Prints load seconds, seconds per step (min over --steps) or per call, and peak RSS.
+Prints load seconds, seconds per step (min over --steps, with its forward, backward and
+optimizer parts) or per call, and peak RSS.
 
     python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode generate [--steps 1] [--threads 2]
     python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode lora --checkpointing [--steps 2]
@@ -60,10 +62,10 @@ def lora(a):
     params = [q for q in unet.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn((1, 4, 128, 128), generator=g)
+    latents = torch.randn((1, 4, a.resolution // 8, a.resolution // 8), generator=g)
     ehs = torch.randn((1, 77, 2048), generator=g)
-    added = {"text_embeds": torch.randn((1, 1280), generator=g), "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
-    times = []
+    added = {"text_embeds": torch.randn((1, 1280), generator=g), "time_ids": torch.tensor([[float(a.resolution), float(a.resolution), 0.0, 0.0, float(a.resolution), float(a.resolution)]])}
+    times, phases = [], []
     for _ in range(a.steps):
         t0 = time.perf_counter()
         noise = torch.randn(latents.shape, generator=g)
@@ -71,12 +73,17 @@ def lora(a):
         noisy = latents + noise * ((1 - sched.alphas_cumprod[ts]) / sched.alphas_cumprod[ts]).sqrt().view(1, 1, 1, 1)
         pred = unet(noisy, ts, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    print(f"lora step 1024 px checkpointing={a.checkpointing}: load {load:.1f} s, {min(times):.1f} s/step (min of {a.steps}), peak RSS {peak_gib():.2f} GiB")
+        phases.append((t1 - t0, t2 - t1, times[-1] - (t2 - t0)))
+    best = min(range(len(times)), key=times.__getitem__)
+    split = ", ".join(f"{n} {s:.1f} s" for n, s in zip(["forward", "backward", "optimizer"], phases[best]))
+    print(f"lora step {a.resolution} px checkpointing={a.checkpointing}: load {load:.1f} s, {times[best]:.1f} s/step (min of {a.steps}; {split}), peak RSS {peak_gib():.2f} GiB")
 
 
 def main():
@@ -86,6 +93,7 @@ def main():
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=1024, help="pixels (lora mode)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     generate(a) if a.mode == "generate" else lora(a)

@@ -1,6 +1,6 @@
 //! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
-//! forward and its input and weight gradients, a linear layer's matmul, self-attention, GEGLU,
-//! GroupNorm + SiLU. Run:
+//! forward and its input and weight gradients, a linear layer's matmul and the layer itself,
+//! self-attention, GEGLU, GroupNorm + SiLU. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
 use knobs_nn::timing::median_ms;
@@ -41,7 +41,13 @@ fn run() {
         let input_only = median_ms(|| drop(conv2d_frozen(xa.clone(), wfrozen.clone(), None, opts()).sum().backward()), iters);
         println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.3} ms (frozen weight {fwd_frozen:.3}), frozen fwd+bwd(x) {input_only:.3} ms, fwd+bwd(x,w) {both:.3} ms");
     }
-    for (rows, k, n) in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)] {
+    // KNOBS_BENCH_MATMUL ("rows,k,n;...") for others, e.g. SDXL's 32x32 level at 1024 px
+    // "1024,1280,10240;1024,5120,1280".
+    let products: Vec<[usize; 3]> = match std::env::var("KNOBS_BENCH_MATMUL") {
+        Ok(s) => s.split(';').map(|t| t.split(',').map(|v| v.trim().parse().expect("KNOBS_BENCH_MATMUL: rows,k,n;...")).collect::<Vec<_>>().try_into().expect("KNOBS_BENCH_MATMUL: three numbers a product")).collect(),
+        Err(_) => vec![[8192, 320, 320], [8192, 320, 2560], [8192, 1280, 320]],
+    };
+    for [rows, k, n] in products {
         let dev = cpu();
         let a: Tensor<2> = init.normal([rows, k], 1.0, &dev);
         let bm: Tensor<2> = init.normal([k, n], 0.05, &dev);
@@ -50,6 +56,13 @@ fn run() {
         let ms = median_ms(|| drop(a.clone().matmul(bm.clone())), iters);
         let gflops = 2.0 * (rows * k * n) as f64 / ms / 1e6;
         println!("matmul [{rows},{k}]x[{k},{n}]: {ms:.1} ms ({gflops:.0} GFLOP/s)");
+        // A linear layer with a bias as the layers run it (`ops::linear`: the bias rows, the
+        // product accumulated into them), against burn's `module::linear` on the same values.
+        let w: Tensor<2> = init.normal([n, k], 0.05, &dev);
+        let bias: Tensor<1> = init.normal([n], 0.05, &dev);
+        let ours = median_ms(|| drop(knobs_nn::ops::linear(&a, &w, Some(&bias))), iters);
+        let burns = median_ms(|| drop(burn::tensor::module::linear(a.clone(), w.clone().transpose(), Some(bias.clone()))), iters);
+        println!("linear [{rows},{k}] -> {n} with bias: ops::linear {ours:.1} ms, burn's module::linear {burns:.1} ms");
     }
     // Self-attention at SD-1.5's 64x64 level (8 heads of 40) and in its VAE (one head of 512),
     // forward without autodiff and forward + backward with it.

@@ -198,7 +198,10 @@ impl SafetensorsReader {
                 for (i, dst) in out.chunks_mut(PIECE).enumerate() {
                     let src = &mut bits[..dst.len()];
                     read_at(as_bytes_mut(src), 2 * i * PIECE)?;
-                    half_to_f32(src, info.dtype == Dtype::BF16, dst);
+                    if cfg!(target_endian = "big") {
+                        src.iter_mut().for_each(|b| *b = u16::from_le(*b));
+                    }
+                    crate::ops::precision::half_to_f32(src, info.dtype == Dtype::BF16, dst);
                 }
                 TensorData::new(out, shape)
             }
@@ -234,27 +237,6 @@ fn as_bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: used for f32 and u16 only, which have no padding and no invalid bit patterns; the
     // byte view covers exactly the slice's memory and lives no longer than its borrow.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-/// Half-precision bits (little-endian, as stored) to f32 into `out`, with the CPU's conversion
-/// instructions, in parallel fixed-size blocks (the result is exact, so the split is free).
-fn half_to_f32(bits: &[u16], bf16: bool, out: &mut [f32]) {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-    use rayon::prelude::*;
-    out.par_chunks_mut(1 << 16).zip(bits.par_chunks(1 << 16)).for_each(|(dst, src)| {
-        let le;
-        let src = if cfg!(target_endian = "little") {
-            src
-        } else {
-            le = src.iter().map(|b| u16::from_le(*b)).collect::<Vec<_>>();
-            &le
-        };
-        if bf16 {
-            src.reinterpret_cast::<half::bf16>().convert_to_f32_slice(dst);
-        } else {
-            src.reinterpret_cast::<half::f16>().convert_to_f32_slice(dst);
-        }
-    });
 }
 
 /// A floating-point precision: of tensors written to files, or of frozen weights in memory.

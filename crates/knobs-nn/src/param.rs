@@ -83,7 +83,7 @@ impl ParamMut<'_> {
     }
 
     /// Keeps a frozen matrix or kernel in `dtype` (f16 / bf16): half the memory; layers compute
-    /// with its f32 value, widened where it is used ([`crate::ops::frozen_linear`] and
+    /// with its f32 value, widened where it is used ([`crate::ops::linear`] and
     /// [`crate::ops::conv2d_frozen_copy`] keep the narrow tensor, not an f32 copy, for the
     /// backward pass). Vectors (biases, norms) and trainable parameters stay f32.
     pub fn store_frozen_as(&mut self, dtype: DType) {
@@ -91,7 +91,7 @@ impl ParamMut<'_> {
             return;
         }
         each!(self, t => if t.dtype() != dtype {
-            **t = (*t).clone().cast(dtype)
+            **t = crate::ops::precision::narrowed(t, dtype)
         })
     }
 
@@ -154,7 +154,7 @@ impl ParamMut<'_> {
 /// `t` as f32: itself when it is, else its f32 conversion (weights stored in half precision
 /// are widened where a layer uses them). burn's matmul and convolution keep the widened copy
 /// for the backward pass, even with checkpointing; linear layers therefore go through
-/// [`crate::ops::frozen_linear`] in training.
+/// [`crate::ops::linear`].
 pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
     value_as(t, DType::F32)
 }

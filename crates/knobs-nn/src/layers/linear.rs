@@ -40,12 +40,8 @@ impl Linear {
     pub fn forward_base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        if let Some(y) = crate::ops::frozen_linear::linear(&x.clone().reshape([rows, self.d_in()]), &self.weight) {
+        if let Some(y) = crate::ops::linear(&x.clone().reshape([rows, self.d_in()]), &self.weight, self.bias.as_ref()) {
             dims[D - 1] = self.d_out();
-            let y = match &self.bias {
-                Some(b) => y + b.clone().unsqueeze(),
-                None => y,
-            };
             return y.reshape(dims);
         }
         // In the input's dtype: f32, or the narrower one of mixed precision.

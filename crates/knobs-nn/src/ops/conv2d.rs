@@ -18,6 +18,7 @@ use crate::param::value_as;
 use super::conv_kernel::{self, ConvDims};
 use super::record::{lifted, record};
 use super::weight_transforms;
+use super::precision::widened;
 use super::winograd::{self, WeightTransform};
 
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
@@ -129,15 +130,6 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
 
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
-}
-
-/// `w` in f32: a half-precision frozen kernel widened where it is used.
-fn widened(w: &FlexTensor) -> FlexTensor {
-    let t = Tensor::<4>::from_primitive::<Flex>(w.clone());
-    if t.dtype() == DType::F32 {
-        return w.to_contiguous();
-    }
-    t.cast(DType::F32).try_into_primitive::<Flex>().expect("a flex tensor").to_contiguous()
 }
 
 fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight) -> FlexTensor {

@@ -7,7 +7,7 @@ mod attention_small;
 pub mod conv2d;
 pub mod conv2d_by_matmul;
 mod conv_kernel;
-pub mod frozen_linear;
+pub mod linear;
 pub mod geglu;
 pub mod group_norm;
 mod lanes;
@@ -18,10 +18,12 @@ mod simd;
 #[cfg(test)]
 mod testing;
 mod winograd;
+pub(crate) mod precision;
 mod weight_transforms;
 
 pub use attention::attention;
 pub use geglu::geglu;
+pub use linear::linear;
 pub use conv2d::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 pub use group_norm::group_norm;
 pub use low_rank::low_rank;

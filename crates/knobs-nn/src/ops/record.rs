@@ -26,10 +26,10 @@ pub(crate) fn lifted<const D: usize>(t: &Tensor<D>, strategy: Option<burn::tenso
 /// - `record!(op, strategy, [x, w], body)`: compute bound (under any strategy the output is
 ///   kept, so nothing before it is recomputed); the state is `body`'s.
 /// - `record!(op, strategy, [x, w], keep [0], body)`: the same, and the inputs at the listed
-///   positions go to burn's checkpointer instead of into the state: the state is
-///   `(body's, Vec<NodeId>)`, and the backward pass gets them back with [`kept`]. Under
-///   balanced checkpointing an input that is cheap to recompute (a norm's or an activation's
-///   output) is then recomputed, not held from the forward pass to the backward.
+///   positions (maybe none: `keep []`) go to burn's checkpointer instead of into the state:
+///   the state is `(body's, Vec<NodeId>)`, and the backward pass gets them back with
+///   [`kept`]. Under balanced checkpointing an input that is cheap to recompute (a norm's or
+///   an activation's output) is then recomputed, not held from the forward pass to the backward.
 /// - `record!(op, strategy, [x], keep [0], recompute |ids| retro, body)`: also memory bound:
 ///   `retro` (a `RetroForward`, given the inputs' node ids) recomputes the output in the
 ///   backward pass when a later op needs it, under balanced checkpointing.
@@ -87,6 +87,8 @@ macro_rules! record {
     (@finish $prep:ident, $inputs:ident, [$($k:expr),*], $out:ident, $state:ident) => {{
         use burn::backend::autodiff::ops::OpsKind;
         let out = match $prep.stateful() {
+            // `keep []` checkpoints nothing.
+            #[allow(unused_mut)]
             OpsKind::Tracked(mut prep) => {
                 let kept = vec![$(prep.checkpoint(&$inputs[$k])),*];
                 prep.finish(($state, kept), $out)

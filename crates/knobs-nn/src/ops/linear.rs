@@ -1,0 +1,258 @@
+//! `y = x W^T + b` as one op with its own backward on the CPU backend, the weight as stored
+//! (`[out, in]`: f32, or f16 / bf16 when it does not train). Through burn's ops each output
+//! was written three times (a zeroed buffer, its copy into an aligned one, the bias added as a
+//! new tensor), and a half-precision weight's widened f32 copy was held from the forward pass
+//! to the backward. Here the output starts as the bias rows and the product accumulates into
+//! it; the op keeps the weight as stored, and the input only when the weight trains (through
+//! burn's checkpointer, so balanced checkpointing may recompute it instead). Other backends,
+//! mixed precision and trainable half-precision weights take burn's ops.
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::autodiff::NodeId;
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::matrix::{View, min_len, product, product_strided};
+use super::record::{kept, lifted, record};
+use super::precision::widened;
+
+/// Below this many multiply-adds a product stays on one thread.
+const PARALLEL_WORK: usize = 1 << 21;
+
+/// `x` `[rows, in]` times the transpose of `w` `[out, in]`, plus `b` `[out]`; `None` when
+/// this op does not apply (see the module's doc).
+pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+    let usable = |dtype: DType, tracked: bool| dtype == DType::F32 || (matches!(dtype, DType::F16 | DType::BF16) && !tracked);
+    if x.dtype() != DType::F32 || !usable(w.dtype(), w.is_tracked()) || !b.is_none_or(|b| usable(b.dtype(), b.is_tracked())) {
+        return None;
+    }
+    if !x.is_autodiff() && !w.is_autodiff() && !b.is_some_and(|b| b.is_autodiff()) {
+        let (x, w) = (x.clone().try_into_primitive::<Flex>().ok()?, w.clone().try_into_primitive::<Flex>().ok()?);
+        let b = match b {
+            Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
+            None => None,
+        };
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref())));
+    }
+    // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
+    let strategy = x.gradient_checkpointing_strategy().or(w.gradient_checkpointing_strategy());
+    let (x, w) = (lifted(x, strategy), lifted(w, strategy));
+    let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| (forward(&x, &w, b.as_ref()), Saved { w });
+    // Only the weight gradient reads the input: a frozen weight's op (a LoRA run's) keeps none.
+    match (b.map(|b| lifted(b, strategy)), w.is_tracked()) {
+        (Some(b), true) => record!(LinearOp::<3>, strategy, [x, w, b], keep [0], kernel(x, w, Some(b))),
+        (Some(b), false) => record!(LinearOp::<3>, strategy, [x, w, b], keep [], kernel(x, w, Some(b))),
+        (None, true) => record!(LinearOp::<2>, strategy, [x, w], keep [0], kernel(x, w, None)),
+        (None, false) => record!(LinearOp::<2>, strategy, [x, w], keep [], kernel(x, w, None)),
+    }
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor (widened or made contiguous first)")
+}
+
+fn par(work: usize) -> gemm::Parallelism {
+    if work >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
+}
+
+fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor {
+    let (x, w) = (x.to_contiguous(), widened(w));
+    let [rows, d_in] = x.layout().shape().dims::<2>();
+    let d_out = w.layout().shape().dims::<2>()[0];
+    let (xv, wt) = (View::rows(slice(&x), 0, d_in), View::rows(slice(&w), 0, d_in).t());
+    let out = match b {
+        Some(b) => {
+            let b = widened(b);
+            let b = slice(&b);
+            let mut out = Vec::with_capacity(rows * d_out);
+            out.spare_capacity_mut()[..rows * d_out].par_chunks_mut(d_out.max(1)).with_min_len(min_len(rows * d_out >= PARALLEL_WORK)).for_each(|row| {
+                row.iter_mut().zip(b).for_each(|(o, b)| {
+                    o.write(*b);
+                });
+            });
+            // SAFETY: every row was written with the bias just above.
+            unsafe { out.set_len(rows * d_out) };
+            // SAFETY: `out` holds rows x d_out; x is [rows, d_in] and w [d_out, d_in], contiguous.
+            unsafe { product(rows, d_out, d_in, &mut out, d_out, true, xv, wt, 1.0, par(rows * d_in * d_out)) };
+            out
+        }
+        None => new_product(rows, d_out, d_in, xv, wt),
+    };
+    FlexTensor::from_data(TensorData::new(out, [rows, d_out]))
+}
+
+/// `lhs` `[m, k]` times `rhs` `[k, n]` into a new row-major vector, not zeroed first: the
+/// allocator keeps freed memory, which `vec![0.0; n]` would clear in full before gemm
+/// overwrote it. The views must cover their matrices.
+fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> Vec<f32> {
+    if k == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: gemm without accumulation writes all m x n values and reads none of them; the
+    // caller vouches for the views.
+    unsafe {
+        product_strided(m, n, k, out.as_mut_ptr(), n, 1, false, lhs, rhs, 1.0, par(m * n * k));
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// The linear layer; `N` is 3 with a bias, 2 without.
+#[derive(Debug)]
+struct LinearOp<const N: usize>;
+
+#[derive(Clone, Debug)]
+struct Saved {
+    /// The weight as stored: a half-precision one is widened again here.
+    w: FlexTensor,
+}
+
+impl<const N: usize> Backward<Flex, N> for LinearOp<N> {
+    /// With the input's node when the weight trains.
+    type State = (Saved, Vec<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let (Saved { w }, kept_ids) = ops.state;
+        let g = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [rows, d_out] = g.layout().shape().dims::<2>();
+        let gs = slice(&g);
+        let parent = |i: usize| ops.parents.get(i).cloned().flatten();
+        if let Some(node) = parent(0) {
+            let w = widened(&w);
+            let d_in = w.layout().shape().dims::<2>()[1];
+            let dx = new_product(rows, d_in, d_out, View::rows(gs, 0, d_out), View::rows(slice(&w), 0, d_in));
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [rows, d_in])));
+        }
+        if let Some(node) = parent(1) {
+            let x = kept(checkpointer, kept_ids[0]).to_contiguous();
+            let d_in = x.layout().shape().dims::<2>()[1];
+            let dw = new_product(d_out, d_in, rows, View::rows(gs, 0, d_out).t(), View::rows(slice(&x), 0, d_in));
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, [d_out, d_in])));
+        }
+        if let Some(node) = parent(2) {
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(column_sums(gs, rows, d_out), [d_out])));
+        }
+    }
+}
+
+/// The sum of each column of `g` `[rows, cols]`, rows added in order (the same for any
+/// thread count: threads take columns).
+fn column_sums(g: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const COLUMNS: usize = 64;
+    let mut sums = vec![0f32; cols];
+    sums.par_chunks_mut(COLUMNS).with_min_len(min_len(rows * cols >= PARALLEL_WORK)).enumerate().for_each(|(i, acc)| {
+        for row in g.chunks_exact(cols) {
+            acc.iter_mut().zip(&row[i * COLUMNS..]).for_each(|(a, v)| *a += v);
+        }
+    });
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{max_rel, values};
+    use crate::{Init, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
+    use burn::tensor::Device;
+
+    /// burn's ops on the f32 values, the reference.
+    fn reference(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<2> {
+        burn::tensor::module::linear(x, crate::param::f32_value(&w).transpose(), b)
+    }
+
+    /// Values and every gradient against burn's ops: with and without a bias, the weight
+    /// trained or frozen (f32, f16, bf16), plain and checkpointed autodiff, and without
+    /// autodiff; rows and widths off the SIMD lanes, and large enough to run on two threads.
+    #[test]
+    fn values_and_gradients_match_burns_ops() {
+        let mut init = Init::new(21);
+        for (rows, d_in, d_out) in [(7, 13, 5), (300, 70, 130)] {
+            let (x, w, b) = (init.normal::<2>([rows, d_in], 1.0, &cpu()), init.normal::<2>([d_out, d_in], 0.3, &cpu()), init.normal::<1>([d_out], 0.5, &cpu()));
+            let probe = init.normal::<2>([rows, d_out], 1.0, &cpu());
+            for (dtype, trains) in [(DType::F32, true), (DType::F32, false), (DType::F16, false), (DType::BF16, false)] {
+                for bias in [true, false] {
+                    let w = w.clone().cast(dtype);
+                    let plain = values(linear(&x, &w, bias.then_some(&b)).expect("the op applies"));
+                    let want = values(reference(x.clone(), w.clone(), bias.then(|| b.clone())));
+                    assert!(max_rel(&plain, &want) < 1e-6, "{rows}x{d_in}x{d_out} {dtype:?} bias {bias}: no autodiff");
+                    let grads = |device: &Device, ours: bool| {
+                        let on = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), device);
+                        let x = on(&x).require_grad();
+                        let w = if trains { on(&w).require_grad() } else { w.clone() };
+                        let b = Tensor::<1>::from_data(b.to_data(), device).require_grad();
+                        let b = bias.then_some(b);
+                        let y = if ours { linear(&x, &w, b.as_ref()).expect("the op applies") } else { reference(x.clone(), w.clone(), b.clone()) };
+                        let g = (y.clone() * on(&probe)).sum().backward();
+                        let mut out = vec![values(y), values(x.grad(&g).unwrap())];
+                        if trains {
+                            out.push(values(w.grad(&g).unwrap()));
+                        }
+                        if let Some(b) = b {
+                            out.push(values(b.grad(&g).unwrap()));
+                        }
+                        out
+                    };
+                    let want = grads(&cpu_autodiff(), false);
+                    for (device, name) in [(cpu_autodiff(), "plain"), (cpu_autodiff_checkpointed(), "checkpointed")] {
+                        let got = grads(&device, true);
+                        assert_eq!(got.len(), want.len());
+                        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+                            let err = max_rel(got, want);
+                            assert!(err < 1e-5, "{rows}x{d_in}x{d_out} {dtype:?} trains {trains} bias {bias} {name}: output {i} off by {err}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A trainable half-precision weight and a half-precision input are left to burn's ops
+    /// (mixed precision), as are weights that do not match the input's width.
+    #[test]
+    fn declines_what_it_does_not_compute() {
+        let mut init = Init::new(5);
+        let x = init.normal::<2>([4, 6], 1.0, &cpu());
+        let w = init.normal::<2>([3, 6], 1.0, &cpu_autodiff()).cast(DType::F16).require_grad();
+        assert!(linear(&x, &w, None).is_none());
+        let w = init.normal::<2>([3, 6], 1.0, &cpu());
+        assert!(linear(&x.clone().cast(DType::BF16), &w, None).is_none());
+        assert!(linear(&x, &w, None).is_some());
+    }
+
+    /// The gradients by finite differences of the loss `sum(probe * y)`, at the first few
+    /// entries of the input, weight and bias.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let mut init = Init::new(8);
+        let (x, w, b) = (init.normal::<2>([5, 9], 1.0, &cpu()), init.normal::<2>([4, 9], 0.5, &cpu()), init.normal::<1>([4], 0.5, &cpu()));
+        let probe = values(init.normal::<2>([5, 4], 1.0, &cpu()));
+        let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
+            let t2 = |v: &[f32], s: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), s), &cpu());
+            let y = values(linear(&t2(x, [5, 9]), &t2(w, [4, 9]), Some(&Tensor::<1>::from_data(TensorData::new(b.to_vec(), [4]), &cpu()))).unwrap());
+            y.iter().zip(&probe).map(|(y, p)| (*y as f64) * (*p as f64)).sum()
+        };
+        let dev = cpu_autodiff();
+        let on2 = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &dev).require_grad();
+        let (xa, wa, ba) = (on2(&x), on2(&w), Tensor::<1>::from_data(b.to_data(), &dev).require_grad());
+        let probe_t = Tensor::<2>::from_data(TensorData::new(probe.clone(), [5, 4]), &dev);
+        let g = (linear(&xa, &wa, Some(&ba)).unwrap() * probe_t).sum().backward();
+        let analytic = [values(xa.grad(&g).unwrap()), values(wa.grad(&g).unwrap()), values(ba.grad(&g).unwrap())];
+        let base = [values(x), values(w), values(b)];
+        let eps = 1e-2f32;
+        for (which, grad) in analytic.iter().enumerate() {
+            for i in 0..4 {
+                let nudged = |d: f32| {
+                    let mut v = base.clone();
+                    v[which][i] += d;
+                    loss(&v[0], &v[1], &v[2])
+                };
+                let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps as f64);
+                assert!((numeric - grad[i] as f64).abs() < 1e-2 * numeric.abs().max(1.0), "input {which} entry {i}: {numeric} vs {}", grad[i]);
+            }
+        }
+    }
+}

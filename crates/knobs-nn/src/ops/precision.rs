@@ -1,0 +1,287 @@
+//! f32 to and from half precision (f16, bf16) on every thread with the CPU's conversion
+//! instructions. Frozen weights kept in f16 are widened each time a layer uses them (twice a
+//! training step), and narrowed once when a model loads with `--weights-dtype f16`: burn's
+//! cast converts one value at a time on one thread (9% of an SDXL LoRA step at 1024 px), and
+//! the `half` crate's slice conversion 8 values per call through the stack (8%).
+use std::mem::MaybeUninit;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Values per parallel block.
+const BLOCK: usize = 1 << 16;
+
+/// Half-precision values (their bits) to f32 into `out`, in parallel fixed-size blocks (the
+/// result is exact, so the split is free).
+pub(crate) fn half_to_f32(bits: &[u16], bf16: bool, out: &mut [f32]) {
+    // SAFETY: f32 -> MaybeUninit<f32> only forgets that the values are initialised, and every
+    // one is written again.
+    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), out.len()) };
+    convert(bits, bf16, out);
+}
+
+/// [`half_to_f32`] into fresh memory: written once, not zeroed first (the allocator recycles
+/// freed memory, which `vec![0.0; n]` would clear in full).
+fn half_to_f32_vec(bits: &[u16], bf16: bool) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bits.len());
+    convert(bits, bf16, &mut out.spare_capacity_mut()[..bits.len()]);
+    // SAFETY: `convert` wrote all `bits.len()` values.
+    unsafe { out.set_len(bits.len()) };
+    out
+}
+
+fn convert(bits: &[u16], bf16: bool, out: &mut [MaybeUninit<f32>]) {
+    assert_eq!(bits.len(), out.len());
+    out.par_chunks_mut(BLOCK).zip(bits.par_chunks(BLOCK)).for_each(|(dst, src)| {
+        if bf16 {
+            // bf16 is the top half of an f32.
+            dst.iter_mut().zip(src).for_each(|(d, b)| {
+                d.write(f32::from_bits(u32::from(*b) << 16));
+            });
+        } else {
+            f16_block(src, dst);
+        }
+    });
+}
+
+/// One instruction converts 16 values (AVX-512) or 8 (F16C).
+fn f16_block(src: &[u16], dst: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::lanes::isa() == super::lanes::Isa::Avx512 {
+            // SAFETY: the CPU has AVX-512F (`isa` checked it).
+            return unsafe { f16_block_avx512(src, dst) };
+        }
+        if is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (checked just above; it implies AVX).
+            return unsafe { f16_block_f16c(src, dst) };
+        }
+    }
+    dst.iter_mut().zip(src).for_each(|(d, b)| {
+        d.write(half::f16::from_bits(*b).to_f32());
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_block_avx512(src: &[u16], dst: &mut [MaybeUninit<f32>]) {
+    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
+    let n = src.len().min(dst.len());
+    let body = n - n % 16;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<f32>());
+    for i in (0..body).step_by(16) {
+        // SAFETY: i + 16 <= n within both slices.
+        unsafe { _mm512_storeu_ps(dp.add(i), _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(i).cast::<__m256i>()))) };
+    }
+    for j in body..n {
+        dst[j].write(half::f16::from_bits(src[j]).to_f32());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_block_f16c(src: &[u16], dst: &mut [MaybeUninit<f32>]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    let n = src.len().min(dst.len());
+    let body = n - n % 8;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<f32>());
+    for i in (0..body).step_by(8) {
+        // SAFETY: i + 8 <= n within both slices.
+        unsafe { _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(_mm_loadu_si128(sp.add(i).cast::<__m128i>()))) };
+    }
+    for j in body..n {
+        dst[j].write(half::f16::from_bits(src[j]).to_f32());
+    }
+}
+
+/// `t` in f32, contiguous: itself when it is; f16 and bf16 through [`half_to_f32`]; any
+/// other dtype through burn's cast.
+pub(crate) fn widened(t: &FlexTensor) -> FlexTensor {
+    use half::slice::HalfFloatSliceExt;
+    let t = t.to_contiguous();
+    let shape = t.layout().shape().clone();
+    let out = match t.dtype() {
+        DType::F32 => return t,
+        DType::F16 => half_to_f32_vec(t.as_slice::<half::f16>().expect("contiguous").reinterpret_cast(), false),
+        DType::BF16 => half_to_f32_vec(t.as_slice::<half::bf16>().expect("contiguous").reinterpret_cast(), true),
+        _ => return FlexTensor::from_data(t.into_data().convert::<f32>()),
+    };
+    FlexTensor::from_data(TensorData::new(out, shape))
+}
+
+/// `t` (f32) stored in `dtype` (f16 or bf16), rounded to nearest even as burn's cast does,
+/// on every thread; an autodiff tensor stays one (untracked, under its checkpointing). Other
+/// dtypes and backends take burn's cast.
+pub fn narrowed<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
+    let fallback = || t.clone().cast(dtype);
+    if t.dtype() != DType::F32 || !matches!(dtype, DType::F16 | DType::BF16) {
+        return fallback();
+    }
+    let Ok(plain) = t.clone().inner().try_into_primitive::<Flex>() else { return fallback() };
+    let plain = plain.to_contiguous();
+    let shape = plain.layout().shape().clone();
+    let values = plain.as_slice::<f32>().expect("contiguous");
+    let data = match dtype {
+        DType::F16 => TensorData::new(narrow_values::<half::f16>(values, f32_block), shape),
+        _ => TensorData::new(
+            narrow_values::<half::bf16>(values, |src, dst| {
+                dst.iter_mut().zip(src).for_each(|(d, v)| {
+                    d.write(half::bf16::from_f32(*v).to_bits());
+                })
+            }),
+            shape,
+        ),
+    };
+    let narrow = Tensor::<D>::from_primitive::<Flex>(FlexTensor::from_data(data));
+    if t.is_autodiff() { crate::param::autodiff_with(narrow, t.gradient_checkpointing_strategy()) } else { narrow }
+}
+
+/// `values` through `block` (f32 to the bits of `H`, a half-precision type) into a new vector,
+/// in parallel blocks.
+fn narrow_values<H: Send>(values: &[f32], block: impl Fn(&[f32], &mut [MaybeUninit<u16>]) + Sync) -> Vec<H> {
+    const { assert!(size_of::<H>() == 2 && align_of::<H>() == 2) };
+    let mut out = Vec::<H>::with_capacity(values.len());
+    // SAFETY: H (half::f16 or bf16, each a transparent u16) has u16's layout.
+    let spare = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u16>>(), values.len()) };
+    spare.par_chunks_mut(BLOCK).zip(values.par_chunks(BLOCK)).for_each(|(dst, src)| block(src, dst));
+    // SAFETY: every value was written just above.
+    unsafe { out.set_len(values.len()) };
+    out
+}
+
+fn f32_block(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::lanes::isa() == super::lanes::Isa::Avx512 {
+            // SAFETY: the CPU has AVX-512F (`isa` checked it).
+            return unsafe { f32_block_avx512(src, dst) };
+        }
+        if is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (checked just above; it implies AVX).
+            return unsafe { f32_block_f16c(src, dst) };
+        }
+    }
+    dst.iter_mut().zip(src).for_each(|(d, v)| {
+        d.write(half::f16::from_f32(*v).to_bits());
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f32_block_avx512(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+    use std::arch::x86_64::{__m256i, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT, _mm256_storeu_si256, _mm512_cvtps_ph, _mm512_loadu_ps};
+    let n = src.len().min(dst.len());
+    let body = n - n % 16;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<__m256i>());
+    for i in (0..body).step_by(16) {
+        // SAFETY: i + 16 <= n within both slices (16 u16 are one __m256i).
+        unsafe { _mm256_storeu_si256(dp.byte_add(2 * i), _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_loadu_ps(sp.add(i)))) };
+    }
+    for j in body..n {
+        dst[j].write(half::f16::from_f32(src[j]).to_bits());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f32_block_f16c(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+    use std::arch::x86_64::{__m128i, _MM_FROUND_TO_NEAREST_INT, _mm_storeu_si128, _mm256_cvtps_ph, _mm256_loadu_ps};
+    let n = src.len().min(dst.len());
+    let body = n - n % 8;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<__m128i>());
+    for i in (0..body).step_by(8) {
+        // SAFETY: i + 8 <= n within both slices (8 u16 are one __m128i).
+        unsafe { _mm_storeu_si128(dp.byte_add(2 * i), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(sp.add(i)))) };
+    }
+    for j in body..n {
+        dst[j].write(half::f16::from_f32(src[j]).to_bits());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::values;
+    use crate::{Init, cpu};
+
+    /// Every f16 and bf16 bit pattern (NaNs compared as NaN), at an offset off the vector
+    /// width, against the `half` crate's conversion of each value: the dispatched path, and
+    /// the F16C one where the CPU has it.
+    #[test]
+    fn every_half_value_converts_as_the_half_crate_does() {
+        let bits: Vec<u16> = (0..=u16::MAX).chain(0..7).collect();
+        let bits = &bits[3..];
+        let check = |got: &[f32], bf16: bool, path: &str| {
+            for (b, g) in bits.iter().zip(got) {
+                let want = if bf16 { half::bf16::from_bits(*b).to_f32() } else { half::f16::from_bits(*b).to_f32() };
+                assert!(want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()), "{path}: bits {b:#06x} bf16 {bf16}: {g} vs {want}");
+            }
+        };
+        for bf16 in [false, true] {
+            check(&half_to_f32_vec(bits, bf16), bf16, "dispatched");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("f16c") {
+            let mut out = vec![MaybeUninit::new(0f32); bits.len()];
+            // SAFETY: the CPU has F16C.
+            unsafe { f16_block_f16c(bits, &mut out) };
+            // SAFETY: initialised above.
+            check(&out.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<_>>(), false, "f16c");
+        }
+    }
+
+    /// f32 values around every rounding case (ties, subnormals, overflow, infinities, NaN) and
+    /// random ones, narrowed as burn's cast narrows them, bit for bit (NaNs as NaN), on plain
+    /// and autodiff tensors; the F16C path too where the CPU has it.
+    #[test]
+    fn narrowing_equals_burns_cast() {
+        let mut values: Vec<f32> = (0..=u16::MAX).flat_map(|h| {
+            let v = half::f16::from_bits(h).to_f32().to_bits();
+            [v, v.wrapping_add(1), v.wrapping_add(0x1000), v.wrapping_add(0x0fff), v.wrapping_sub(1)].map(f32::from_bits)
+        }).collect();
+        values.extend([1e-10, 65519.0, 65520.0, 1e6, f32::INFINITY, f32::NAN, -0.0, f32::MIN_POSITIVE]);
+        values.extend(values_of(Init::new(9).normal::<1>([1000], 100.0, &cpu())));
+        let n = values.len();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+        for device in [cpu(), crate::cpu_autodiff_checkpointed()] {
+            let t = Tensor::<1>::from_data(TensorData::new(values.clone(), [n]), &device);
+            for dtype in [DType::F16, DType::BF16] {
+                let got = narrowed(&t, dtype);
+                assert_eq!(got.dtype(), dtype);
+                assert_eq!(got.is_autodiff(), t.is_autodiff());
+                assert!(same(&values_of(got), &values_of(t.clone().cast(dtype))), "{dtype:?}");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("f16c") {
+            let mut out = vec![MaybeUninit::new(0u16); n];
+            // SAFETY: the CPU has F16C.
+            unsafe { f32_block_f16c(&values, &mut out) };
+            // SAFETY: initialised above.
+            let got: Vec<f32> = out.iter().map(|b| half::f16::from_bits(unsafe { b.assume_init() }).to_f32()).collect();
+            let want: Vec<f32> = values.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+            assert!(same(&got, &want));
+        }
+    }
+
+    fn values_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        values(t.inner().cast(DType::F32))
+    }
+
+    #[test]
+    fn widening_equals_burns_cast_for_each_half_dtype() {
+        let x: Tensor<2> = Init::new(3).normal([300, 700], 2.0, &cpu());
+        // A transposed view: widened copies it out in order.
+        for dtype in [DType::F16, DType::BF16] {
+            let half = x.clone().cast(dtype).transpose();
+            let want = values(half.clone().cast(DType::F32));
+            let got = widened(&half.try_into_primitive::<Flex>().unwrap());
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.layout().shape().dims::<2>(), [700, 300]);
+            let got = values(Tensor::<2>::from_primitive::<Flex>(got));
+            assert_eq!(got, want, "{dtype:?}");
+        }
+    }
+}
