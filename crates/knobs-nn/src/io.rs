@@ -259,6 +259,17 @@ impl FloatDtype {
     }
 }
 
+impl FloatDtype {
+    /// The name flags take (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "f32",
+            FloatDtype::F16 => "f16",
+            FloatDtype::BF16 => "bf16",
+        }
+    }
+}
+
 impl std::str::FromStr for FloatDtype {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -13,6 +13,7 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
 use knobs_nn::ModuleExt;
+use knobs_nn::io::FloatDtype;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,10 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// What the UNet computes in (`--mixed-precision`; no loss scaling: timing only).
     pub mixed_precision: MixedPrecision,
+    /// Training steps under burn's balanced checkpointing (`--gradient-checkpointing`).
+    pub gradient_checkpointing: bool,
+    /// How frozen weight matrices and kernels are kept (`--weights-dtype`).
+    pub weights_dtype: FloatDtype,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +68,10 @@ pub struct Measurement {
     pub device: String,
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    #[serde(default)]
+    pub weights_dtype: FloatDtype,
     pub load_s: f64,
     pub peak_rss_bytes: Option<u64>,
     pub trainable_params: usize,
@@ -101,9 +110,9 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     if o.steps == 0 || o.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
-    let dev = if method.is_some() { knobs_nn::device::training(false) } else { knobs_nn::device::inference() };
+    let dev = if method.is_some() { knobs_nn::device::training(o.gradient_checkpointing) } else { knobs_nn::device::inference() };
     let loaded = Instant::now();
-    let mut sd = StableDiffusion::load(&o.model, &dev).with_context(|| format!("--model {}", o.model.display()))?;
+    let mut sd = StableDiffusion::load_as(&o.model, &dev, o.weights_dtype.dtype()).with_context(|| format!("--model {}", o.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
     sd.unet.compute_dtype = o.mixed_precision.compute_dtype();
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
@@ -124,6 +133,8 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         threads: knobs_nn::threads(),
         device: knobs_nn::device::selected().to_string(),
         mixed_precision: o.mixed_precision,
+        gradient_checkpointing: o.gradient_checkpointing && method.is_some(),
+        weights_dtype: o.weights_dtype,
         load_s,
         peak_rss_bytes: peak_rss_bytes(),
         trainable_params,
@@ -146,7 +157,7 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     let mut adapters = PipelineAdapters::new(0);
     let attached = cfg.method.attach(&cfg, sd, &mut adapters)?;
     let trainable = set_trainable(&cfg, sd, &attached.trainable)?;
-    let objective = Objective::new(sd, &knobs_nn::device::training(false));
+    let objective = Objective::new(sd, &knobs_nn::device::training(o.gradient_checkpointing));
     let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), ..Default::default() });
     let word = attached.placeholder.as_deref().unwrap_or("sks");
     let prompts = vec![format!("a photo of {word}"); o.batch];

@@ -48,6 +48,23 @@ fn every_mode_is_timed_with_its_memory_and_trainable_size() {
     assert_eq!(trainable("generate"), 0);
 }
 
+/// `--gradient-checkpointing` and `--weights-dtype` reach the mode's process and its report,
+/// and a precision it does not know is named.
+#[test]
+fn checkpointing_and_weight_precision_are_timed_as_asked() {
+    let out = ok(&["--threads", "1", "bench", "--model", TINY_SD, "--resolution", "32", "--batch", "1", "--steps", "1", "--warmup", "0", "--modes", "lora,generate", "--gradient-checkpointing", "--weights-dtype", "f16", "--json"]);
+    let results: Vec<serde_json::Value> = serde_json::from_str(&out).expect("--json prints a JSON array");
+    assert_eq!(results.len(), 2);
+    for m in &results {
+        assert_eq!(m["weights_dtype"], "f16", "{m}");
+        assert!(m["median_s"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    assert_eq!(results[0]["gradient_checkpointing"], true, "training steps are checkpointed");
+    assert_eq!(results[1]["gradient_checkpointing"], false, "generation has no backward pass");
+    let err = fail(&["bench", "--model", TINY_SD, "--weights-dtype", "f8"]);
+    assert!(err.contains("--weights-dtype") && err.contains("f8"), "{err}");
+}
+
 #[test]
 fn bad_modes_and_thread_counts_are_named() {
     let err = fail(&["bench", "--model", TINY_SD, "--modes", "lora,warp"]);

@@ -8,6 +8,7 @@ use knobs_train::bench::{BenchOptions, Measurement, measure, method_of};
 use knobs_train::builtin;
 use knobs_train::finetune::config::MixedPrecision;
 use clap::ValueEnum;
+use knobs_nn::io::FloatDtype;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,6 +35,14 @@ pub struct Args {
     /// without loss scaling).
     #[arg(long, value_enum, default_value_t = MixedPrecision::No)]
     mixed_precision: MixedPrecision,
+    /// Time the training steps under gradient checkpointing (as `train
+    /// --gradient-checkpointing`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Keep the frozen weight matrices and kernels in f16 or bf16 (as `train` and `generate
+    /// --weights-dtype`).
+    #[arg(long, default_value = "f32")]
+    weights_dtype: FloatDtype,
     /// Print the measurements as JSON.
     #[arg(long)]
     json: bool,
@@ -44,7 +53,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = builtin::model_or_default(args.model.as_deref())?;
-    let options = BenchOptions { model: model.clone(), resolution: args.resolution, batch: args.batch, steps: args.steps, warmup: args.warmup, mixed_precision: args.mixed_precision };
+    let options = BenchOptions { model: model.clone(), resolution: args.resolution, batch: args.batch, steps: args.steps, warmup: args.warmup, mixed_precision: args.mixed_precision, gradient_checkpointing: args.gradient_checkpointing, weights_dtype: args.weights_dtype };
     if let Some(mode) = &args.child {
         println!("{}", serde_json::to_string(&measure(mode, &options)?)?);
         return Ok(());
@@ -80,6 +89,10 @@ fn in_child(mode: &str, args: &Args, model: &std::path::Path) -> Result<Measurem
     if let Some(r) = args.resolution {
         cmd.args(["--resolution", &r.to_string()]);
     }
+    if args.gradient_checkpointing {
+        cmd.arg("--gradient-checkpointing");
+    }
+    cmd.args(["--weights-dtype", args.weights_dtype.name()]);
     let out = cmd.output().with_context(|| format!("cannot start the process for mode {mode}"))?;
     if !out.status.success() {
         bail!("mode {mode} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -94,7 +107,15 @@ fn mib(bytes: Option<u64>) -> String {
 }
 
 fn print_header(m: &Measurement, model: &std::path::Path) {
-    println!("model {} ({:.1} MB of weights), device {}, {} threads, median of {} steps", model.display(), m.model_bytes as f64 / 1e6, m.device, m.threads, m.steps);
+    let mut setup = Vec::new();
+    if m.gradient_checkpointing {
+        setup.push("gradient checkpointing".to_string());
+    }
+    if m.weights_dtype != FloatDtype::F32 {
+        setup.push(format!("frozen weights {}", m.weights_dtype.name()));
+    }
+    let setup: String = setup.iter().map(|s| format!(", {s}")).collect();
+    println!("model {} ({:.1} MB of weights), device {}, {} threads{setup}, median of {} steps", model.display(), m.model_bytes as f64 / 1e6, m.device, m.threads, m.steps);
     println!("{:<9} {:>10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>12} {:>8}", "mode", "median s", "mean s", "min s", "batch", "px", "peak RSS MiB", "trainable", "load s");
 }
 
