@@ -29,6 +29,10 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Ten
     if x.dtype() != DType::F32 || !usable(w.dtype(), w.is_tracked()) || !b.is_none_or(|b| usable(b.dtype(), b.is_tracked())) {
         return None;
     }
+    // Mismatched shapes are left to burn's ops, which name them (the kernels trust them).
+    if x.dims()[1] != w.dims()[1] || b.is_some_and(|b| b.dims()[0] != w.dims()[0]) {
+        return None;
+    }
     if !x.is_autodiff() && !w.is_autodiff() && !b.is_some_and(|b| b.is_autodiff()) {
         let (x, w) = (x.clone().try_into_primitive::<Flex>().ok()?, w.clone().try_into_primitive::<Flex>().ok()?);
         let b = match b {
@@ -221,6 +225,9 @@ mod tests {
         let w = init.normal::<2>([3, 6], 1.0, &cpu());
         assert!(linear(&x.clone().cast(DType::BF16), &w, None).is_none());
         assert!(linear(&x, &w, None).is_some());
+        assert!(linear(&x, &init.normal::<2>([3, 5], 1.0, &cpu()), None).is_none());
+        assert!(linear(&x, &w, Some(&init.normal::<1>([4], 1.0, &cpu()))).is_none());
+        assert!(linear(&x, &w, Some(&init.normal::<1>([3], 1.0, &cpu()))).is_some());
     }
 
     /// The gradients by finite differences of the loss `sum(probe * y)`, at the first few
