@@ -11,9 +11,11 @@ def med(f):
         s = time.perf_counter(); f(); t.append((time.perf_counter() - s) * 1e3)
     return statistics.median(t)
 print("threads", torch.get_num_threads())
-# KNOBS_BENCH_CONV="b,ci,co,hw;..." as for the Rust bench.
-shapes = [tuple(int(v) for v in t.split(",")) for t in os.environ["KNOBS_BENCH_CONV"].split(";")] if os.environ.get("KNOBS_BENCH_CONV") else [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]
-for b, ci, co, hw in shapes:
+def shapes_from_env(var, default):
+    """Shapes from `var` ("a,b,...;a,b,...", as for the Rust bench), or `default` when unset."""
+    return [tuple(int(v) for v in t.split(",")) for t in os.environ[var].split(";")] if os.environ.get(var) else default
+# KNOBS_BENCH_CONV="b,ci,co,hw;...", KNOBS_BENCH_MATMUL="rows,k,n;...".
+for b, ci, co, hw in shapes_from_env("KNOBS_BENCH_CONV", [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]):
     x = torch.randn(b, ci, hw, hw); w = torch.randn(co, ci, 3, 3) * 0.05
     with torch.no_grad():
         fwd = med(lambda: F.conv2d(x, w, padding=1))
@@ -21,9 +23,7 @@ for b, ci, co, hw in shapes:
     both = med(lambda: F.conv2d(xa, wa, padding=1).sum().backward())
     input_only = med(lambda: F.conv2d(xa, w, padding=1).sum().backward())
     print(f"conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.1f} ms, fwd+bwd(x) {input_only:.1f} ms, fwd+bwd(x,w) {both:.1f} ms")
-# KNOBS_BENCH_MATMUL="rows,k,n;..." as for the Rust bench.
-products = [tuple(int(v) for v in t.split(",")) for t in os.environ["KNOBS_BENCH_MATMUL"].split(";")] if os.environ.get("KNOBS_BENCH_MATMUL") else [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]
-for rows, k, n in products:
+for rows, k, n in shapes_from_env("KNOBS_BENCH_MATMUL", [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320)]):
     A = torch.randn(rows, k); B = torch.randn(k, n) * 0.05
     ms = med(lambda: A @ B)
     print(f"matmul [{rows},{k}]x[{k},{n}]: {ms:.1f} ms ({2*rows*k*n/ms/1e6:.0f} GFLOP/s)")

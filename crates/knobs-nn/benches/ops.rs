@@ -14,6 +14,16 @@ fn main() {
     knobs_nn::on_worker(run);
 }
 
+/// Shapes of `N` numbers from `var` ("a,b,...;a,b,..."), or `default` when it is unset.
+fn shapes_from_env<const N: usize>(var: &str, default: Vec<[usize; N]>) -> Vec<[usize; N]> {
+    let Ok(s) = std::env::var(var) else { return default };
+    let shape = |t: &str| -> [usize; N] {
+        let numbers: Vec<usize> = t.split(',').map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{var}: `{v}` is not a number"))).collect();
+        numbers.try_into().unwrap_or_else(|_| panic!("{var}: `{t}` is not {N} numbers"))
+    };
+    s.split(';').map(shape).collect()
+}
+
 fn run() {
     let iters = std::env::var("KNOBS_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let mut init = Init::new(0);
@@ -21,10 +31,7 @@ fn run() {
     // (batch, channels in, channels out, size): SD-1.5's 64x64 and 32x32 levels at 512 px, CFG
     // batch 2; KNOBS_BENCH_CONV ("b,ci,co,hw;...") for others, e.g. the built-in model's
     // "4,32,32,16;4,64,64,8;4,96,96,4".
-    let shapes: Vec<[usize; 4]> = match std::env::var("KNOBS_BENCH_CONV") {
-        Ok(s) => s.split(';').map(|t| t.split(',').map(|v| v.trim().parse().expect("KNOBS_BENCH_CONV: b,ci,co,hw;...")).collect::<Vec<_>>().try_into().expect("KNOBS_BENCH_CONV: four numbers a shape")).collect(),
-        Err(_) => vec![[2, 320, 320, 64], [2, 640, 640, 32], [1, 320, 320, 64]],
-    };
+    let shapes = shapes_from_env("KNOBS_BENCH_CONV", vec![[2, 320, 320, 64], [2, 640, 640, 32], [1, 320, 320, 64]]);
     for [b, ci, co, hw] in shapes {
         let dev = cpu();
         let x: Tensor<4> = init.normal([b, ci, hw, hw], 1.0, &dev);
@@ -43,11 +50,7 @@ fn run() {
     }
     // KNOBS_BENCH_MATMUL ("rows,k,n;...") for others, e.g. SDXL's 32x32 level at 1024 px
     // "1024,1280,10240;1024,5120,1280".
-    let products: Vec<[usize; 3]> = match std::env::var("KNOBS_BENCH_MATMUL") {
-        Ok(s) => s.split(';').map(|t| t.split(',').map(|v| v.trim().parse().expect("KNOBS_BENCH_MATMUL: rows,k,n;...")).collect::<Vec<_>>().try_into().expect("KNOBS_BENCH_MATMUL: three numbers a product")).collect(),
-        Err(_) => vec![[8192, 320, 320], [8192, 320, 2560], [8192, 1280, 320]],
-    };
-    for [rows, k, n] in products {
+    for [rows, k, n] in shapes_from_env("KNOBS_BENCH_MATMUL", vec![[8192, 320, 320], [8192, 320, 2560], [8192, 1280, 320]]) {
         let dev = cpu();
         let a: Tensor<2> = init.normal([rows, k], 1.0, &dev);
         let bm: Tensor<2> = init.normal([k, n], 0.05, &dev);

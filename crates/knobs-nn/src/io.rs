@@ -257,9 +257,7 @@ impl FloatDtype {
             FloatDtype::BF16 => DType::BF16,
         }
     }
-}
 
-impl FloatDtype {
     /// The name flags take (`f32`, `f16`, `bf16`).
     pub fn name(self) -> &'static str {
         match self {

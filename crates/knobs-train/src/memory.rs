@@ -12,7 +12,8 @@
 //! intermediates) from the built-in model and tiny-sd runs of the CI test; SD-1.5 not re-measured.
 //! The transformer blocks' constant lowered from 31 to 26 on 2026-12-05, when linear layers
 //! became one op that keeps a frozen layer's input no longer: SD-1.5's LoRA step at 512 px
-//! peaked at 5.1 GiB against an estimate of 5.3 (1.07 before), tiny-sd's at 1.28 of it.
+//! then peaked at 5,109 MiB against 5,444 estimated (1.07; about 5,220 with 26, computed), and
+//! tiny-sd's LoRA estimate at batch 4 had risen to 1.28x its peak (1.15x with 26).
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::ModuleExt;
 use serde::Serialize;

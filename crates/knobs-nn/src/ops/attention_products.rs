@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::attention_kernel::Dims;
 use super::lanes::{Isa, on_lanes};
-use super::matrix::{View, min_len, product};
+use super::matrix::{View, min_len, parallelism, product};
 use super::simd::{exp_shifted, max};
 
 /// Scores per block (rows x keys) aimed at: 2 MiB. Each block's products pack the head's
@@ -34,7 +34,7 @@ const PARALLEL_WORK: usize = 1 << 20;
 
 /// gemm's own threads when the tasks alone do not fill the pool and the work is worth it.
 fn inner_parallelism(tasks: usize, dims: Dims) -> gemm::Parallelism {
-    if tasks < rayon::current_num_threads() && work(dims) >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
+    parallelism(tasks < rayon::current_num_threads() && work(dims) >= PARALLEL_WORK)
 }
 
 fn work(dims: Dims) -> usize {

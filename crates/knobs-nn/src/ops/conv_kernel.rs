@@ -15,7 +15,7 @@
 //! over output tiles only), so results do not depend on the thread count.
 use rayon::prelude::*;
 
-use super::matrix::{View, min_len, product};
+use super::matrix::{View, min_len, parallelism, product};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
@@ -131,8 +131,7 @@ fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut
 /// SAFETY: as [`product`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
-    let par = if m * n * k >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    unsafe { product(m, n, k, dst, dst_rs, accumulate, lhs, rhs, 1.0, par) }
+    unsafe { product(m, n, k, dst, dst_rs, accumulate, lhs, rhs, 1.0, parallelism(m * n * k >= PARALLEL_WORK)) }
 }
 
 /// Output `[B, co, oh, ow]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, kh, kw]`.

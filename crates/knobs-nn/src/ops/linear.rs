@@ -15,7 +15,8 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::matrix::{View, min_len, product, product_strided};
+use super::fresh::written;
+use super::matrix::{View, min_len, parallelism, product, product_strided};
 use super::record::{kept, lifted, record};
 use super::precision::widened;
 
@@ -59,7 +60,7 @@ fn slice(t: &FlexTensor) -> &[f32] {
 }
 
 fn par(work: usize) -> gemm::Parallelism {
-    if work >= PARALLEL_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
+    parallelism(work >= PARALLEL_WORK)
 }
 
 fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor {
@@ -71,14 +72,16 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor
         Some(b) => {
             let b = widened(b);
             let b = slice(&b);
-            let mut out = Vec::with_capacity(rows * d_out);
-            out.spare_capacity_mut()[..rows * d_out].par_chunks_mut(d_out.max(1)).with_min_len(min_len(rows * d_out >= PARALLEL_WORK)).for_each(|row| {
-                row.iter_mut().zip(b).for_each(|(o, b)| {
-                    o.write(*b);
-                });
-            });
-            // SAFETY: every row was written with the bias just above.
-            unsafe { out.set_len(rows * d_out) };
+            // SAFETY: every row is written with the bias.
+            let mut out = unsafe {
+                written(rows * d_out, |out| {
+                    out.par_chunks_mut(d_out.max(1)).with_min_len(min_len(rows * d_out >= PARALLEL_WORK)).for_each(|row| {
+                        row.iter_mut().zip(b).for_each(|(o, b)| {
+                            o.write(*b);
+                        });
+                    })
+                })
+            };
             // SAFETY: `out` holds rows x d_out; x is [rows, d_in] and w [d_out, d_in], contiguous.
             unsafe { product(rows, d_out, d_in, &mut out, d_out, true, xv, wt, 1.0, par(rows * d_in * d_out)) };
             out
@@ -88,21 +91,15 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor
     FlexTensor::from_data(TensorData::new(out, [rows, d_out]))
 }
 
-/// `lhs` `[m, k]` times `rhs` `[k, n]` into a new row-major vector, not zeroed first: the
-/// allocator keeps freed memory, which `vec![0.0; n]` would clear in full before gemm
-/// overwrote it. The views must cover their matrices.
+/// `lhs` `[m, k]` times `rhs` `[k, n]` into a new row-major vector (see [`written`]). The
+/// views must cover their matrices.
 fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> Vec<f32> {
     if k == 0 {
         return vec![0.0; m * n];
     }
-    let mut out = Vec::with_capacity(m * n);
     // SAFETY: gemm without accumulation writes all m x n values and reads none of them; the
     // caller vouches for the views.
-    unsafe {
-        product_strided(m, n, k, out.as_mut_ptr(), n, 1, false, lhs, rhs, 1.0, par(m * n * k));
-        out.set_len(m * n);
-    }
-    out
+    unsafe { written(m * n, |out| product_strided(m, n, k, out.as_mut_ptr().cast(), n, 1, false, lhs, rhs, 1.0, par(m * n * k))) }
 }
 
 /// The linear layer; `N` is 3 with a bias, 2 without.

@@ -42,6 +42,11 @@ pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32
     unsafe { gemm::gemm(m, n, k, dst, cs as isize, rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta, false, false, false, par) }
 }
 
+/// gemm's threads for a product worth splitting, else the calling thread alone.
+pub(super) fn parallelism(worth_splitting: bool) -> gemm::Parallelism {
+    if worth_splitting { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
+}
+
 /// The smallest piece rayon may hand to another thread (`with_min_len`): all of the work
 /// when it is too small to be worth waking another thread for.
 pub(super) fn min_len(worth_splitting: bool) -> usize {

@@ -10,6 +10,8 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::fresh::written;
+
 /// Values per parallel block.
 const BLOCK: usize = 1 << 16;
 
@@ -22,14 +24,10 @@ pub(crate) fn half_to_f32(bits: &[u16], bf16: bool, out: &mut [f32]) {
     convert(bits, bf16, out);
 }
 
-/// [`half_to_f32`] into fresh memory: written once, not zeroed first (the allocator recycles
-/// freed memory, which `vec![0.0; n]` would clear in full).
+/// [`half_to_f32`] into a new vector (see [`written`]).
 fn half_to_f32_vec(bits: &[u16], bf16: bool) -> Vec<f32> {
-    let mut out = Vec::with_capacity(bits.len());
-    convert(bits, bf16, &mut out.spare_capacity_mut()[..bits.len()]);
-    // SAFETY: `convert` wrote all `bits.len()` values.
-    unsafe { out.set_len(bits.len()) };
-    out
+    // SAFETY: `convert` writes all `bits.len()` values.
+    unsafe { written(bits.len(), |out| convert(bits, bf16, out)) }
 }
 
 fn convert(bits: &[u16], bf16: bool, out: &mut [MaybeUninit<f32>]) {
@@ -142,13 +140,14 @@ pub fn narrowed<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
 /// in parallel blocks.
 fn narrow_values<H: Send>(values: &[f32], block: impl Fn(&[f32], &mut [MaybeUninit<u16>]) + Sync) -> Vec<H> {
     const { assert!(size_of::<H>() == 2 && align_of::<H>() == 2) };
-    let mut out = Vec::<H>::with_capacity(values.len());
-    // SAFETY: H (half::f16 or bf16, each a transparent u16) has u16's layout.
-    let spare = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u16>>(), values.len()) };
-    spare.par_chunks_mut(BLOCK).zip(values.par_chunks(BLOCK)).for_each(|(dst, src)| block(src, dst));
-    // SAFETY: every value was written just above.
-    unsafe { out.set_len(values.len()) };
-    out
+    // SAFETY: the blocks cover every value, and each writes all of its own.
+    unsafe {
+        written(values.len(), |out: &mut [MaybeUninit<H>]| {
+            // SAFETY: H (half::f16 or bf16, each a transparent u16) has u16's layout.
+            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u16>>(), out.len());
+            out.par_chunks_mut(BLOCK).zip(values.par_chunks(BLOCK)).for_each(|(dst, src)| block(src, dst));
+        })
+    }
 }
 
 fn f32_block(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
