@@ -225,6 +225,38 @@ impl SafetensorsReader {
         })
     }
 
+    /// [`Self::read`], except that f16 or bf16 data stays as the file holds it when `keep` is
+    /// its dtype: a model loaded in half precision from a half-precision file is neither
+    /// widened nor narrowed back.
+    pub fn read_as(&self, key: &str, keep: Option<DType>) -> Result<TensorData> {
+        let Some(info) = self.tensors.get(key) else { return self.read(key) };
+        let shape = info.shape.clone();
+        match (info.dtype, keep) {
+            (Dtype::F16, Some(DType::F16)) => Ok(TensorData::new(self.read_bits::<half::f16>(key)?, shape)),
+            (Dtype::BF16, Some(DType::BF16)) => Ok(TensorData::new(self.read_bits::<half::bf16>(key)?, shape)),
+            _ => self.read(key),
+        }
+    }
+
+    /// The 16-bit values of `key` as they are stored, as `H` (half::f16 or bf16).
+    fn read_bits<H: Copy>(&self, key: &str) -> Result<Vec<H>> {
+        use std::os::unix::fs::FileExt;
+        const { assert!(size_of::<H>() == 2 && align_of::<H>() == 2) };
+        let info = &self.tensors[key];
+        // Zeroed u16 (fresh pages from the allocator, not written twice), then read over.
+        let mut bits = vec![0u16; info.shape.iter().product()];
+        self.handle
+            .read_exact_at(as_bytes_mut(&mut bits), self.data_start + info.data_offsets.0 as u64)
+            .map_err(|e| Error::key(&self.path, key, format!("cannot read: {e}")))?;
+        if cfg!(target_endian = "big") {
+            bits.iter_mut().for_each(|b| *b = u16::from_le(*b));
+        }
+        let mut bits = std::mem::ManuallyDrop::new(bits);
+        // SAFETY: H is a transparent u16 (size and alignment asserted above) with every bit
+        // pattern valid, so the allocation and its values carry over unchanged.
+        Ok(unsafe { Vec::from_raw_parts(bits.as_mut_ptr().cast::<H>(), bits.len(), bits.capacity()) })
+    }
+
     /// Every tensor in memory at once (adapters, small files, tests).
     pub fn read_all(&self) -> Result<StateDict> {
         let tensors = self.keys().map(|k| Ok((k.to_string(), self.read(k)?))).collect::<Result<_>>()?;
@@ -423,7 +455,7 @@ pub fn load_state_dict<M: Module + ?Sized>(module: &mut M, sd: &StateDict, opts:
 pub fn load_file<M: Module + ?Sized>(module: &mut M, path: impl AsRef<Path>, opts: LoadOptions) -> Result<LoadReport> {
     let file = SafetensorsReader::open(path)?;
     let keys: Vec<&str> = file.keys().collect();
-    load_from(module, file.path(), &keys, |key| file.tensors.contains_key(key).then(|| file.read(key)), opts)
+    load_from(module, file.path(), &keys, |key| file.tensors.contains_key(key).then(|| file.read_as(key, opts.frozen_dtype)), opts)
 }
 
 /// Loads `module` from any source of tensors by parameter path: `tensor(path)` gives the

@@ -2,6 +2,7 @@
 //! loaders, savers, freezers) handle every tensor of a model through one interface.
 use burn::tensor::{DType, GradientCheckpointingStrategy, Gradients, Tensor, TensorData};
 
+use crate::ops::precision::data_as;
 use crate::{Error, Result};
 
 pub enum ParamRef<'a> {
@@ -129,13 +130,13 @@ impl ParamMut<'_> {
             ));
         }
         if dtype != DType::F32 && self.stores_narrow() {
-            let (data, device) = (data.convert_dtype(dtype), self.device());
+            let (data, device) = (data_as(data, dtype), self.device());
             each!(self, t => **t = like(t, Tensor::from_data(data, (&device, dtype))));
             return Ok(());
         }
         let n = self.as_ref().numel();
         let values: Vec<f32> =
-            data.convert::<f32>().try_into_vec().map_err(|e| Error::param(key, format!("{e:?}")))?;
+            data_as(data, DType::F32).try_into_vec().map_err(|e| Error::param(key, format!("{e:?}")))?;
         self.replace_flat(Tensor::from_data(TensorData::new(values, [n]), &self.device()));
         Ok(())
     }

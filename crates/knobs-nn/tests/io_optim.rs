@@ -1,7 +1,7 @@
 //! safetensors io, strict loading, atomic writes, and AdamW against PyTorch's numbers.
 use std::collections::{BTreeMap, HashMap};
 
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{DType, TensorData};
 use knobs_nn::io::{LoadOptions, load_state_dict, read_safetensors, state_dict, write_safetensors};
 use knobs_nn::optim::{AdamW, AdamWConfig, Grads, clip_grad_norm, grad_norm};
 use knobs_nn::{Init, Linear, ModuleExt, Tensor, cpu, impl_module};
@@ -216,6 +216,28 @@ fn half_precision_files_load_tensor_by_tensor() {
             assert_ne!(got, want[&k].try_to_vec::<f32>().unwrap(), "{name} {k}: the values went through half precision");
         }
         assert_eq!(SafetensorsReader::open(&file).unwrap().keys().count(), 3);
+
+        // Into half-precision storage (`--weights-dtype`): the file's own bits where the dtypes
+        // agree, else converted; either way the model an f32 load narrowed afterwards gives,
+        // with vectors kept f32.
+        for keep in [DType::F16, DType::BF16] {
+            let mut narrow = two(6);
+            load_file(&mut narrow, &file, LoadOptions::frozen_as(keep)).unwrap();
+            let mut after = two(7);
+            load_file(&mut after, &file, LoadOptions::default()).unwrap();
+            after.store_frozen_as(keep);
+            let (got, want) = (state_dict(&narrow), state_dict(&after));
+            assert_eq!(got["a.weight"].dtype(), keep, "{name} into {keep:?}");
+            assert_eq!(got["a.bias"].dtype(), DType::F32, "{name} into {keep:?}");
+            for (k, d) in &got {
+                assert_eq!(d.as_bytes(), want[k].as_bytes(), "{name} into {keep:?}: {k}");
+            }
+            if format!("{keep:?}").to_lowercase() == name {
+                let bits = SafetensorsReader::open(&file).unwrap().read_as("a.weight", Some(keep)).unwrap();
+                assert_eq!(bits.dtype(), keep, "read as stored");
+                assert_eq!(bits.as_bytes(), &encoded.iter().find(|e| e.0 == "a.weight").unwrap().1[..]);
+            }
+        }
 
         // A truncated file is refused when opened, naming it.
         let bytes = std::fs::read(&file).unwrap();

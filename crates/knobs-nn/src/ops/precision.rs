@@ -120,8 +120,38 @@ pub fn narrowed<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
     let Ok(plain) = t.clone().inner().try_into_primitive::<Flex>() else { return fallback() };
     let plain = plain.to_contiguous();
     let shape = plain.layout().shape().clone();
-    let values = plain.as_slice::<f32>().expect("contiguous");
-    let data = match dtype {
+    let data = narrow_data(plain.as_slice::<f32>().expect("contiguous"), dtype, shape);
+    let narrow = Tensor::<D>::from_primitive::<Flex>(FlexTensor::from_data(data));
+    if t.is_autodiff() { crate::param::autodiff_with(narrow, t.gradient_checkpointing_strategy()) } else { narrow }
+}
+
+/// `data` in `dtype`: between f32, f16 and bf16 through this module's kernels; any other
+/// pair through burn's `convert_dtype`, which converts one value at a time on one thread (a
+/// third of an SDXL load into f16 was that conversion).
+pub fn data_as(data: TensorData, dtype: DType) -> TensorData {
+    use half::slice::HalfFloatSliceExt;
+    let from = data.dtype();
+    if from == dtype {
+        return data;
+    }
+    let shape = data.shape().clone();
+    match (from, dtype) {
+        (DType::F16 | DType::BF16, DType::F32) => {
+            let widened = match from {
+                DType::F16 => half_to_f32_vec(data.as_slice::<half::f16>().expect("f16 data").reinterpret_cast(), false),
+                _ => half_to_f32_vec(data.as_slice::<half::bf16>().expect("bf16 data").reinterpret_cast(), true),
+            };
+            TensorData::new(widened, shape)
+        }
+        (DType::F32, DType::F16 | DType::BF16) => narrow_data(data.as_slice::<f32>().expect("f32 data"), dtype, shape),
+        (DType::F16 | DType::BF16, DType::F16 | DType::BF16) => data_as(data_as(data, DType::F32), dtype),
+        _ => data.convert_dtype(dtype),
+    }
+}
+
+/// f32 `values` narrowed to `dtype` (f16 or bf16), as burn's cast rounds them.
+fn narrow_data(values: &[f32], dtype: DType, shape: burn::tensor::Shape) -> TensorData {
+    match dtype {
         DType::F16 => TensorData::new(narrow_values::<half::f16>(values, f32_block), shape),
         _ => TensorData::new(
             narrow_values::<half::bf16>(values, |src, dst| {
@@ -131,9 +161,7 @@ pub fn narrowed<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
             }),
             shape,
         ),
-    };
-    let narrow = Tensor::<D>::from_primitive::<Flex>(FlexTensor::from_data(data));
-    if t.is_autodiff() { crate::param::autodiff_with(narrow, t.gradient_checkpointing_strategy()) } else { narrow }
+    }
 }
 
 /// `values` through `block` (f32 to the bits of `H`, a half-precision type) into a new vector,
@@ -262,6 +290,25 @@ mod tests {
             let got: Vec<f32> = out.iter().map(|b| half::f16::from_bits(unsafe { b.assume_init() }).to_f32()).collect();
             let want: Vec<f32> = values.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
             assert!(same(&got, &want));
+        }
+    }
+
+    /// Every pair of f32, f16 and bf16, bit for bit as burn's `convert_dtype` (NaNs as NaN).
+    #[test]
+    fn data_as_equals_burns_conversion() {
+        let mut values: Vec<f32> = (0..=u16::MAX).map(|h| half::f16::from_bits(h).to_f32()).collect();
+        values.extend((0..=u16::MAX).map(|h| half::bf16::from_bits(h).to_f32()));
+        values.extend([1e-10, 65519.0, 65520.0, 1e6, 3.0e38, f32::NAN]);
+        let f32s = TensorData::new(values.clone(), [values.len()]);
+        let floats = |d: &TensorData| d.clone().convert::<f32>().to_vec::<f32>().unwrap();
+        for from in [DType::F32, DType::F16, DType::BF16] {
+            let source = f32s.clone().convert_dtype(from);
+            for to in [DType::F32, DType::F16, DType::BF16] {
+                let (got, want) = (data_as(source.clone(), to), source.clone().convert_dtype(to));
+                assert_eq!((got.dtype(), got.shape()), (to, want.shape()), "{from:?} -> {to:?}");
+                let same = floats(&got).iter().zip(floats(&want)).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+                assert!(same, "{from:?} -> {to:?}");
+            }
         }
     }
 
