@@ -82,6 +82,9 @@ pub struct Measurement {
     /// `optimizer` (gradient clipping and AdamW). The PyTorch peers print the same parts.
     #[serde(default)]
     pub phases: Vec<(String, f64)>,
+    /// Seconds of each timed step, in order (a slow step shows where the median hides it).
+    #[serde(default)]
+    pub times_s: Vec<f64>,
 }
 
 /// Bytes of the model's weight files.
@@ -140,6 +143,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         trainable_params,
         model_bytes: model_bytes(&o.model),
         phases,
+        times_s: times,
     })
 }
 

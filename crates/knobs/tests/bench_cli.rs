@@ -21,6 +21,9 @@ fn every_mode_is_timed_with_its_memory_and_trainable_size() {
         let median = m["median_s"].as_f64().unwrap();
         assert!(median > 0.0 && median.is_finite(), "{m}");
         assert!(m["min_s"].as_f64().unwrap() <= median && m["steps"] == 2, "{m}");
+        let times: Vec<f64> = m["times_s"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+        assert_eq!(times.len(), 2, "each step's seconds: {m}");
+        assert_eq!(times.iter().cloned().fold(f64::INFINITY, f64::min), m["min_s"].as_f64().unwrap(), "{m}");
         assert_eq!(m["threads"], 1, "--threads reaches each mode's process");
         assert_eq!(m["device"], "cpu", "--device reaches each mode's process");
         assert!(m["peak_rss_bytes"].as_u64().unwrap() > 10 << 20, "{m}");
