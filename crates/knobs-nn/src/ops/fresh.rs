@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 /// A vector of `n` values, each written by `fill`.
 ///
 /// SAFETY: `fill` writes every one of the `n` values it is given.
-pub(super) unsafe fn written<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+pub(crate) unsafe fn written<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
     fill(&mut out.spare_capacity_mut()[..n]);
     // SAFETY: the caller vouches that `fill` wrote all n values.

@@ -7,7 +7,7 @@ mod attention_small;
 pub mod conv2d;
 pub mod conv2d_by_matmul;
 mod conv_kernel;
-mod fresh;
+pub(crate) mod fresh;
 pub mod linear;
 pub mod geglu;
 pub mod group_norm;

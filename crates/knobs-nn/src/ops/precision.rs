@@ -15,22 +15,15 @@ use super::fresh::written;
 /// Values per parallel block.
 const BLOCK: usize = 1 << 16;
 
-/// Half-precision values (their bits) to f32 into `out`, in parallel fixed-size blocks (the
-/// result is exact, so the split is free).
-pub(crate) fn half_to_f32(bits: &[u16], bf16: bool, out: &mut [f32]) {
-    // SAFETY: f32 -> MaybeUninit<f32> only forgets that the values are initialised, and every
-    // one is written again.
-    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), out.len()) };
-    convert(bits, bf16, out);
-}
-
 /// [`half_to_f32`] into a new vector (see [`written`]).
 fn half_to_f32_vec(bits: &[u16], bf16: bool) -> Vec<f32> {
-    // SAFETY: `convert` writes all `bits.len()` values.
-    unsafe { written(bits.len(), |out| convert(bits, bf16, out)) }
+    // SAFETY: `half_to_f32` writes all `bits.len()` values.
+    unsafe { written(bits.len(), |out| half_to_f32(bits, bf16, out)) }
 }
 
-fn convert(bits: &[u16], bf16: bool, out: &mut [MaybeUninit<f32>]) {
+/// Half-precision values (their bits) to f32 into `out`, every value written, in parallel
+/// fixed-size blocks (the result is exact, so the split is free).
+pub(crate) fn half_to_f32(bits: &[u16], bf16: bool, out: &mut [MaybeUninit<f32>]) {
     assert_eq!(bits.len(), out.len());
     out.par_chunks_mut(BLOCK).zip(bits.par_chunks(BLOCK)).for_each(|(dst, src)| {
         if bf16 {
