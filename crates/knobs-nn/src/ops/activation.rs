@@ -3,6 +3,8 @@
 //! value) and a product, whose autodiff keeps both and runs four passes back, and runs GELU
 //! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. Other
 //! backends and dtypes take burn's ops.
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -11,6 +13,7 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData, activation};
 use rayon::prelude::*;
 
+use super::fresh::written;
 use super::lanes::{self, Isa, Lanes, on_lanes};
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
@@ -29,7 +32,7 @@ enum Kind {
 }
 
 /// `y = f(x)`, or with an output gradient `g`, `y = g f'(x)`.
-type Kernel = fn((&[f32], Option<&[f32]>, &mut [f32]), Isa);
+type Kernel = fn((&[f32], Option<&[f32]>, &mut [MaybeUninit<f32>]), Isa);
 
 impl Kind {
     fn kernel(self) -> Kernel {
@@ -80,12 +83,15 @@ fn values(t: &FlexTensor) -> &[f32] {
 /// `f` over pieces of `x` (and `g`), in parallel for large tensors.
 fn map_pieces(x: &[f32], g: Option<&[f32]>, f: Kernel) -> Vec<f32> {
     let isa = lanes::isa();
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(PIECE).enumerate().for_each(|(i, dst)| {
-        let at = i * PIECE;
-        f((&x[at..][..dst.len()], g.map(|g| &g[at..][..dst.len()]), dst), isa)
-    });
-    out
+    // SAFETY: the pieces cover every value, and the kernel writes all of each.
+    unsafe {
+        written(x.len(), |out| {
+            out.par_chunks_mut(PIECE).enumerate().for_each(|(i, dst)| {
+                let at = i * PIECE;
+                f((&x[at..][..dst.len()], g.map(|g| &g[at..][..dst.len()]), dst), isa)
+            })
+        })
+    }
 }
 
 fn forward(x: &FlexTensor, kind: Kind) -> FlexTensor {
@@ -162,7 +168,7 @@ unsafe fn normal_cdf_pdf<L: Lanes>(x: L) -> (L, L) {
 /// `y = f(x)`, or `y = g f'(x)` given `g`: whole vectors, then the tail one value at a time
 /// with the same arithmetic.
 #[inline(always)]
-unsafe fn apply<L: Lanes, P: Pointwise>(x: &[f32], g: Option<&[f32]>, y: &mut [f32]) {
+unsafe fn apply<L: Lanes, P: Pointwise>(x: &[f32], g: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
     let body = x.len() - x.len() % L::W;
     // SAFETY: j + W <= body <= len of x, g and y; the caller vouches for L's features.
     unsafe {
@@ -173,24 +179,24 @@ unsafe fn apply<L: Lanes, P: Pointwise>(x: &[f32], g: Option<&[f32]>, y: &mut [f
                 None => P::value(v),
                 Some(g) => L::load(g.as_ptr().add(j)).mul(P::slope(v)),
             };
-            r.store(y.as_mut_ptr().add(j));
+            r.store(y.as_mut_ptr().cast::<f32>().add(j));
             j += L::W;
         }
         for j in body..x.len() {
-            y[j] = match g {
+            y[j].write(match g {
                 None => P::value(x[j]),
                 Some(g) => g[j] * P::slope(x[j]),
-            };
+            });
         }
     }
 }
 
 on_lanes! {
-    fn silu_kernel(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () { L => apply::<L, SiluFn>(a.0, a.1, a.2) }
+    fn silu_kernel(a: (&[f32], Option<&[f32]>, &mut [MaybeUninit<f32>])) -> () { L => apply::<L, SiluFn>(a.0, a.1, a.2) }
 }
 
 on_lanes! {
-    fn gelu_kernel(a: (&[f32], Option<&[f32]>, &mut [f32])) -> () { L => apply::<L, GeluFn>(a.0, a.1, a.2) }
+    fn gelu_kernel(a: (&[f32], Option<&[f32]>, &mut [MaybeUninit<f32>])) -> () { L => apply::<L, GeluFn>(a.0, a.1, a.2) }
 }
 
 #[derive(Debug)]

@@ -17,12 +17,17 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::activation::{GeluFn, PIECE, Pointwise};
+use std::mem::MaybeUninit;
+
+use super::fresh::written;
 use super::lanes::{self, Lanes, on_lanes};
 use super::record::{kept, record};
 
 /// `h * gelu(g)` for `y = [h, g]` along the last dimension (of even width).
 pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
+    // An odd width has a gate one wider than its values (burn's ops drop the last column).
     if y.dtype() == DType::F32
+        && y.dims()[D - 1] % 2 == 0
         && let Some(out) = fused(&y)
     {
         return out;
@@ -64,13 +69,17 @@ fn forward(y: &FlexTensor) -> FlexTensor {
     let ys = y.as_slice::<f32>().expect("a contiguous f32 tensor");
     let isa = lanes::isa();
     let rows = rows_per_piece(width);
-    let mut out = vec![0.0f32; ys.len() / 2];
-    out.par_chunks_mut(rows * inner).zip(ys.par_chunks(rows * width)).for_each(|(out, y)| {
-        for (out, y) in out.chunks_exact_mut(inner).zip(y.chunks_exact(width)) {
-            let (h, g) = y.split_at(inner);
-            gated((h, g, out), isa);
-        }
-    });
+    // SAFETY: the width is even, so the rows' halves cover every output value.
+    let out = unsafe {
+        written(ys.len() / 2, |out| {
+            out.par_chunks_mut(rows * inner).zip(ys.par_chunks(rows * width)).for_each(|(out, y)| {
+                for (out, y) in out.chunks_exact_mut(inner).zip(y.chunks_exact(width)) {
+                    let (h, g) = y.split_at(inner);
+                    gated((h, g, out), isa);
+                }
+            })
+        })
+    };
     let last = shape.num_dims() - 1;
     shape[last] = inner;
     FlexTensor::from_data(TensorData::new(out, shape))
@@ -78,18 +87,18 @@ fn forward(y: &FlexTensor) -> FlexTensor {
 
 on_lanes! {
     /// `out = h * gelu(g)`.
-    fn gated(a: (&[f32], &[f32], &mut [f32])) -> () {
+    fn gated(a: (&[f32], &[f32], &mut [MaybeUninit<f32>])) -> () {
         L => {
             let (h, g, out) = a;
             let body = out.len() - out.len() % L::W;
             let mut j = 0;
             while j < body {
                 let v = L::load(h.as_ptr().add(j)).mul(GeluFn::value(L::load(g.as_ptr().add(j))));
-                v.store(out.as_mut_ptr().add(j));
+                v.store(out.as_mut_ptr().cast::<f32>().add(j));
                 j += L::W;
             }
             for j in body..out.len() {
-                out[j] = h[j] * GeluFn::value(g[j]);
+                out[j].write(h[j] * GeluFn::value(g[j]));
             }
         }
     }
@@ -98,20 +107,20 @@ on_lanes! {
 on_lanes! {
     /// The gradient of one row `[dh, dg]` from the output's `d`: `dh = d gelu(g)`,
     /// `dg = d h gelu'(g)`.
-    fn gated_grad(a: (&[f32], &[f32], &[f32], &mut [f32], &mut [f32])) -> () {
+    fn gated_grad(a: (&[f32], &[f32], &[f32], &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>])) -> () {
         L => {
             let (h, g, d, dh, dg) = a;
             let body = d.len() - d.len() % L::W;
             let mut j = 0;
             while j < body {
                 let (hv, gv, dv) = (L::load(h.as_ptr().add(j)), L::load(g.as_ptr().add(j)), L::load(d.as_ptr().add(j)));
-                dv.mul(GeluFn::value(gv)).store(dh.as_mut_ptr().add(j));
-                dv.mul(hv).mul(GeluFn::slope(gv)).store(dg.as_mut_ptr().add(j));
+                dv.mul(GeluFn::value(gv)).store(dh.as_mut_ptr().cast::<f32>().add(j));
+                dv.mul(hv).mul(GeluFn::slope(gv)).store(dg.as_mut_ptr().cast::<f32>().add(j));
                 j += L::W;
             }
             for j in body..d.len() {
-                dh[j] = d[j] * GeluFn::value(g[j]);
-                dg[j] = d[j] * h[j] * GeluFn::slope(g[j]);
+                dh[j].write(d[j] * GeluFn::value(g[j]));
+                dg[j].write(d[j] * h[j] * GeluFn::slope(g[j]));
             }
         }
     }
@@ -148,14 +157,19 @@ impl Backward<Flex, 1> for Geglu {
         let (ys, ds) = (y.as_slice::<f32>().expect("a contiguous f32 tensor"), d.as_slice::<f32>().expect("a contiguous f32 tensor"));
         let isa = lanes::isa();
         let rows = rows_per_piece(width);
-        let mut dy = vec![0.0f32; ys.len()];
-        dy.par_chunks_mut(rows * width).zip(ys.par_chunks(rows * width)).zip(ds.par_chunks(rows * inner)).for_each(|((dy, y), d)| {
-            for ((dy, y), d) in dy.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(d.chunks_exact(inner)) {
-                let (h, g) = y.split_at(inner);
-                let (dh, dg) = dy.split_at_mut(inner);
-                gated_grad((h, g, d, dh, dg), isa);
-            }
-        });
+        // SAFETY: the width is even (`geglu` takes no other), so each row's two halves are
+        // written in full.
+        let dy = unsafe {
+            written(ys.len(), |dy| {
+                dy.par_chunks_mut(rows * width).zip(ys.par_chunks(rows * width)).zip(ds.par_chunks(rows * inner)).for_each(|((dy, y), d)| {
+                    for ((dy, y), d) in dy.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(d.chunks_exact(inner)) {
+                        let (h, g) = y.split_at(inner);
+                        let (dh, dg) = dy.split_at_mut(inner);
+                        gated_grad((h, g, d, dh, dg), isa);
+                    }
+                })
+            })
+        };
         grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dy, shape)));
     }
 }
@@ -189,6 +203,18 @@ mod tests {
             let err = max_rel(&grad(&device, true), &want);
             assert!(err < 1e-5, "{name}: {err}");
         }
+    }
+
+    /// An odd width goes to burn's ops (the fused kernels write every value of an even one
+    /// only): the same values and gradients, the last column's gradient zero.
+    #[test]
+    fn an_odd_width_takes_burns_ops() {
+        let y = Init::new(6).normal::<2>([3, 9], 1.0, &cpu_autodiff()).require_grad();
+        assert_eq!(values(geglu(y.clone())), values(decomposed(y.clone())));
+        let grad = |out: Tensor<2>| values(y.grad(&out.sum().backward()).unwrap());
+        let g = grad(geglu(y.clone()));
+        assert_eq!(g, grad(decomposed(y.clone())));
+        assert!(g.chunks(9).all(|row| row[8] == 0.0 && row[..8].iter().all(|v| *v != 0.0)), "{g:?}");
     }
 
     #[test]
