@@ -306,9 +306,9 @@ impl Plain for u16 {}
 impl Plain for u8 {}
 
 /// The bytes of a vector of plain numbers, to read a file straight into it.
-fn as_bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
-    // SAFETY: used for f32 and u16 only, which have no padding and no invalid bit patterns; the
-    // byte view covers exactly the slice's memory and lives no longer than its borrow.
+fn as_bytes_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: a `Plain` type has no padding and no invalid bit patterns; the byte view covers
+    // exactly the slice's memory and lives no longer than its borrow.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
