@@ -253,8 +253,9 @@ mod x86 {
 macro_rules! on_lanes {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($arg:ident: $Arg:ty) -> $Ret:ty { $L:ident => $body:expr }) => {
         $(#[$doc])*
-        // Kernels that are safe functions need no unsafe block of their own.
-        #[allow(unused_unsafe)]
+        // Kernels that are safe functions need no unsafe block of their own; on one-lane f32
+        // a kernel's `n % L::W` is a modulo by one.
+        #[allow(unused_unsafe, clippy::modulo_one)]
         $vis fn $name($arg: $Arg, isa: $crate::ops::lanes::Isa) -> $Ret {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
