@@ -182,7 +182,6 @@ impl SafetensorsReader {
         let read_at = |buf: &mut [u8], offset: usize| {
             self.handle.read_exact_at(buf, self.data_start + (start + offset) as u64).map_err(|e| Error::key(&self.path, key, format!("cannot read: {e}")))
         };
-        let read = |buf: &mut [u8]| read_at(buf, 0);
         Ok(match info.dtype {
             Dtype::F32 => {
                 let mut v: Vec<f32> = self.read_values(key, n)?;
@@ -198,9 +197,7 @@ impl SafetensorsReader {
                     for (i, dst) in out.chunks_mut(PIECE).enumerate() {
                         let src = &mut bits[..dst.len()];
                         read_at(as_bytes_mut(src), 2 * i * PIECE)?;
-                        if cfg!(target_endian = "big") {
-                            src.iter_mut().for_each(|b| *b = u16::from_le(*b));
-                        }
+                        from_le_halves(src);
                         crate::ops::precision::half_to_f32(src, info.dtype == Dtype::BF16, dst);
                     }
                     Ok(())
@@ -224,8 +221,7 @@ impl SafetensorsReader {
             // Optimizer state kept as 8-bit codes (8-bit AdamW).
             Dtype::U8 => TensorData::new(self.read_values::<u8>(key, n)?, shape),
             Dtype::F64 | Dtype::I64 | Dtype::I32 => {
-                let mut bytes = vec![0u8; end - start];
-                read(&mut bytes)?;
+                let bytes: Vec<u8> = self.read_values(key, end - start)?;
                 let eight = |b: &[u8]| -> [u8; 8] { b.try_into().expect("8 bytes") };
                 match info.dtype {
                     Dtype::F64 => TensorData::new(bytes.chunks_exact(8).map(|b| f64::from_le_bytes(eight(b)) as f32).collect(), shape),
@@ -244,23 +240,17 @@ impl SafetensorsReader {
         let Some(info) = self.tensors.get(key) else { return self.read(key) };
         let shape = info.shape.clone();
         match (info.dtype, keep) {
-            (Dtype::F16, Some(DType::F16)) => Ok(TensorData::new(self.read_bits::<half::f16>(key)?, shape)),
-            (Dtype::BF16, Some(DType::BF16)) => Ok(TensorData::new(self.read_bits::<half::bf16>(key)?, shape)),
+            (Dtype::F16, Some(DType::F16)) => Ok(TensorData::new(self.read_halves::<half::f16>(key)?, shape)),
+            (Dtype::BF16, Some(DType::BF16)) => Ok(TensorData::new(self.read_halves::<half::bf16>(key)?, shape)),
             _ => self.read(key),
         }
     }
 
     /// The 16-bit values of `key` as they are stored, as `H` (half::f16 or bf16).
-    fn read_bits<H: Copy>(&self, key: &str) -> Result<Vec<H>> {
-        const { assert!(size_of::<H>() == 2 && align_of::<H>() == 2) };
-        let mut bits: Vec<u16> = self.read_values(key, self.tensors[key].shape.iter().product())?;
-        if cfg!(target_endian = "big") {
-            bits.iter_mut().for_each(|b| *b = u16::from_le(*b));
-        }
-        let mut bits = std::mem::ManuallyDrop::new(bits);
-        // SAFETY: H is a transparent u16 (size and alignment asserted above) with every bit
-        // pattern valid, so the allocation and its values carry over unchanged.
-        Ok(unsafe { Vec::from_raw_parts(bits.as_mut_ptr().cast::<H>(), bits.len(), bits.capacity()) })
+    fn read_halves<H: Plain>(&self, key: &str) -> Result<Vec<H>> {
+        let mut values = self.read_values(key, self.tensors[key].shape.iter().product())?;
+        from_le_halves(&mut values);
+        Ok(values)
     }
 
     /// The first `n` values of `key`'s data as the file stores them, read straight into a new
@@ -304,6 +294,17 @@ trait Plain: Copy {}
 impl Plain for f32 {}
 impl Plain for u16 {}
 impl Plain for u8 {}
+// Transparent u16s.
+impl Plain for half::f16 {}
+impl Plain for half::bf16 {}
+
+/// 16-bit values read as the file stores them (little-endian) in this machine's order.
+fn from_le_halves<H: Plain>(values: &mut [H]) {
+    const { assert!(size_of::<H>() == 2) };
+    if cfg!(target_endian = "big") {
+        as_bytes_mut(values).chunks_exact_mut(2).for_each(|b| b.swap(0, 1));
+    }
+}
 
 /// The bytes of a vector of plain numbers, to read a file straight into it.
 fn as_bytes_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
