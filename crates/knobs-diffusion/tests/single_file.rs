@@ -267,6 +267,39 @@ fn weights_load_straight_into_half_precision() {
     }
 }
 
+/// fp16 and bf16 single files read for storage in their own dtype keep the file's values as
+/// they lie, fused q/k/v thirds, 1x1 kernels and transposed projections included (moved as
+/// 16-bit values): the model an f32 load narrowed afterwards gives, SD-1.x and SDXL.
+#[test]
+fn half_precision_single_files_load_as_stored() {
+    use knobs_nn::burn::tensor::DType;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, folder) in [("tiny-sd", tiny_sd()), ("tiny-sdxl", PathBuf::from(TINY_SDXL))] {
+        let model = StableDiffusion::from_dir(&folder, &cpu()).unwrap();
+        let opts = SingleFileOptions { config: Some(folder.clone()), ..Default::default() };
+        for (dtype, stored) in [(DType::F16, FloatDtype::F16), (DType::BF16, FloatDtype::BF16)] {
+            let file = dir.path().join(format!("{name}-{dtype:?}.safetensors"));
+            save_single_file(&model, &file, stored).unwrap();
+            // The reference: the same values through a folder, which has no fused or
+            // transposed tensors to reshape.
+            let half_folder = dir.path().join(format!("{name}-{dtype:?}"));
+            save_pretrained(&model, &PipelineConfigs::from_dir(&folder).unwrap(), &half_folder, stored).unwrap();
+            let narrowed = StableDiffusion::load_as(&half_folder, &cpu(), dtype).unwrap();
+            let loaded = SingleFile::open(&file, &opts).unwrap().load_as(&cpu(), dtype).unwrap();
+            assert_same_weights(&narrowed, &loaded);
+            let unet = state_dict(&loaded.unet);
+            assert_eq!(unet["conv_in.weight"].dtype(), dtype, "{name}");
+            assert_eq!(unet["conv_in.bias"].dtype(), DType::F32, "{name}: vectors stay f32");
+            if let Some(te2) = &loaded.text_encoder_2 {
+                same_te2(&narrowed, &loaded);
+                let te2 = state_dict(te2);
+                assert_eq!(te2["text_model.encoder.layers.2.self_attn.v_proj.weight"].dtype(), dtype, "{name}: a fused q/k/v third");
+                assert_eq!(te2["text_projection.weight"].dtype(), dtype, "{name}: a transposed projection");
+            }
+        }
+    }
+}
+
 const TINY_SDXL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sdxl");
 
 /// The golden SDXL call (fixtures/tiny-sdxl/goldens/pipeline.safetensors) on `sd`.

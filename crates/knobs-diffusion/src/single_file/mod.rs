@@ -224,41 +224,50 @@ impl SingleFile {
             if self.file.shape(&key).is_none() {
                 return Some(Err(Error::key(path, &key, format!("missing from the file (the model's `{param}`)"))));
             }
-            Some(self.file.read(&key).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
+            Some(self.file.read_as(&key, Some(weights)).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
         }, LoadOptions::frozen_as(weights))?;
         Ok(())
     }
 }
 
 /// One third of a fused q/k/v tensor, a 1x1 convolution as a linear weight, or a
-/// right-multiplied projection as a Linear weight.
+/// right-multiplied projection as a Linear weight; in the dtype `data` holds (an fp16 file
+/// read for f16 storage stays 16-bit: rows and dimensions move as bytes).
 fn reshape(data: TensorData, src: &Source, key: &str) -> Result<TensorData> {
+    let data = match data.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => data,
+        _ => data.convert::<f32>(),
+    };
     let shape = data.shape().as_slice().to_vec();
-    let values: Vec<f32> = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(key, format!("{e:?}")))?;
     if let Some(third) = src.third {
-        if shape[0] % 3 != 0 {
+        if shape.is_empty() || shape[0] % 3 != 0 {
             return Err(Error::param(key, format!("shape {shape:?}: a fused q/k/v tensor needs 3n rows")));
         }
         let rows = shape[0] / 3;
-        let row: usize = shape[1..].iter().product();
-        let part = values[third * rows * row..(third + 1) * rows * row].to_vec();
+        let part = rows * data.as_bytes().len() / shape[0];
         let mut dims = shape.clone();
         dims[0] = rows;
-        return Ok(TensorData::new(part, dims));
+        return Ok(TensorData::from_bytes_vec(data.as_bytes()[third * part..(third + 1) * part].to_vec(), dims, data.dtype()));
     }
     if src.conv1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
-        return Ok(TensorData::new(values, [shape[0], shape[1]]));
+        let (bytes, _, dtype) = data.into_parts();
+        return Ok(TensorData::from_bytes(bytes, [shape[0], shape[1]], dtype));
     }
     if src.transposed {
         let [r, c] = shape[..] else { return Err(Error::param(key, format!("shape {shape:?}: a projection matrix has 2 dimensions"))) };
-        return Ok(transpose(&values, r, c));
+        let values = |e| Error::param(key, format!("{e:?}"));
+        return match data.dtype() {
+            DType::F16 => Ok(transpose(data.as_slice::<knobs_nn::burn::tensor::f16>().map_err(values)?, r, c)),
+            DType::BF16 => Ok(transpose(data.as_slice::<knobs_nn::burn::tensor::bf16>().map_err(values)?, r, c)),
+            _ => Ok(transpose(data.as_slice::<f32>().map_err(values)?, r, c)),
+        };
     }
-    Ok(TensorData::new(values, shape))
+    Ok(data)
 }
 
 /// A row-major `[r, c]` matrix as `[c, r]`.
-pub(crate) fn transpose(values: &[f32], r: usize, c: usize) -> TensorData {
-    let t: Vec<f32> = (0..c * r).map(|i| values[(i % r) * c + i / r]).collect();
+pub(crate) fn transpose<E: knobs_nn::burn::tensor::Element>(values: &[E], r: usize, c: usize) -> TensorData {
+    let t: Vec<E> = (0..c * r).map(|i| values[(i % r) * c + i / r]).collect();
     TensorData::new(t, [c, r])
 }
 
