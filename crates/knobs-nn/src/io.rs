@@ -441,7 +441,12 @@ pub fn atomic_write_with(path: impl AsRef<Path>, write: impl FnOnce(&mut dyn std
     let path = path.as_ref();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create folder: {e}")))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    let mut temp = tempfile::Builder::new();
+    // As any new file gets them (the umask applies), not a temporary file's owner-only mode:
+    // a model or adapter is read by other users' tools (a web UI's service account).
+    #[cfg(unix)]
+    temp.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let tmp = temp.tempfile_in(dir).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
     write(&mut out).and_then(|_| out.flush()).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
     let tmp = out.into_inner().map_err(|e| Error::file(path, format!("cannot write: {e}")))?;

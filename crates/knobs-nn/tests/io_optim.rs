@@ -155,6 +155,24 @@ fn identical_inputs_give_identical_safetensors_bytes() {
     assert_eq!(back.f32("b.weight").unwrap().0, vec![1.0, 2.0]);
 }
 
+/// Written files get the mode any new file gets here (0666 less the umask), as diffusers' and
+/// kohya's do, not the owner-only mode of a temporary file: another user's tool reads them.
+#[cfg(unix)]
+#[test]
+fn written_files_are_readable_as_any_new_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let plain = dir.path().join("plain.txt");
+    std::fs::write(&plain, b"x").unwrap();
+    let file = dir.path().join("lora.safetensors");
+    write_safetensors(&file, &BTreeMap::from([("w".to_string(), TensorData::new(vec![1.0f32], [1]))]), &HashMap::new()).unwrap();
+    let log = dir.path().join("sub/loss.csv");
+    knobs_nn::io::atomic_write(&log, b"step,loss\n").unwrap();
+    assert_eq!(mode(&file), mode(&plain));
+    assert_eq!(mode(&log), mode(&plain));
+}
+
 #[test]
 fn read_checked_refuses_pickles_and_non_finite_tensors_by_name() {
     use knobs_nn::io::{PICKLE_EXTENSIONS, read_checked, refuse_pickle};
