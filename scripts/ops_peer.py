@@ -14,7 +14,7 @@ print("threads", torch.get_num_threads())
 def shapes_from_env(var, default):
     """Shapes from `var` ("a,b,...;a,b,...", as for the Rust bench), or `default` when unset."""
     return [tuple(int(v) for v in t.split(",")) for t in os.environ[var].split(";")] if os.environ.get(var) else default
-# KNOBS_BENCH_CONV="b,ci,co,hw;...", KNOBS_BENCH_MATMUL="rows,k,n;...".
+# KNOBS_BENCH_CONV="b,ci,co,hw;...", KNOBS_BENCH_MATMUL="rows,k,n;...", KNOBS_BENCH_ATTN="tokens,width,heads;...".
 for b, ci, co, hw in shapes_from_env("KNOBS_BENCH_CONV", [(2, 320, 320, 64), (2, 640, 640, 32), (1, 320, 320, 64)]):
     x = torch.randn(b, ci, hw, hw); w = torch.randn(co, ci, 3, 3) * 0.05
     with torch.no_grad():
@@ -30,7 +30,7 @@ for rows, k, n in shapes_from_env("KNOBS_BENCH_MATMUL", [(8192, 320, 320), (8192
     W = torch.randn(n, k) * 0.05; bias = torch.randn(n) * 0.05
     ms = med(lambda: F.linear(A, W, bias))
     print(f"linear [{rows},{k}] -> {n} with bias: {ms:.1f} ms")
-for n, width, heads in [(4096, 320, 8), (4096, 512, 1)]:
+for n, width, heads in shapes_from_env("KNOBS_BENCH_ATTN", [(4096, 320, 8), (4096, 512, 1)]):
     q, k, v = (torch.randn(1, heads, n, width // heads) for _ in range(3))
     with torch.no_grad():
         fwd = med(lambda: F.scaled_dot_product_attention(q, k, v))

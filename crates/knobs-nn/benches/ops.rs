@@ -68,8 +68,9 @@ fn run() {
         println!("linear [{rows},{k}] -> {n} with bias: ops::linear {ours:.1} ms, burn's module::linear {burns:.1} ms");
     }
     // Self-attention at SD-1.5's 64x64 level (8 heads of 40) and in its VAE (one head of 512),
-    // forward without autodiff and forward + backward with it.
-    for (n, width, heads) in [(4096, 320, 8), (4096, 512, 1)] {
+    // forward without autodiff and forward + backward with it; KNOBS_BENCH_ATTN
+    // ("tokens,width,heads;...") for others, e.g. SDXL's 64x64 level at 1024 px: 4096,640,10.
+    for [n, width, heads] in shapes_from_env("KNOBS_BENCH_ATTN", vec![[4096, 320, 8], [4096, 512, 1]]) {
         let dev = cpu();
         let [q, k, v]: [Tensor<3>; 3] = std::array::from_fn(|_| init.normal([1, n, width], 1.0, &dev));
         let scale = 1.0 / ((width / heads) as f64).sqrt();
