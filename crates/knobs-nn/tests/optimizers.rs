@@ -122,6 +122,25 @@ fn dynamic_maps_are_bitsandbytes() {
     }
 }
 
+/// The table-started encode gives the binary search's code for every value tried: a stride
+/// through all 2^32 bit patterns (both signs, every exponent, NaNs and infinities), each
+/// midpoint between codes and its neighbours, each code's value, both maps.
+#[test]
+fn quantisation_codes_match_the_binary_search() {
+    for signed in [true, false] {
+        let map = QuantMap::dynamic(signed);
+        let mut tried: Vec<f32> = (0..=u32::MAX / 997).map(|k| f32::from_bits(k * 997)).collect();
+        for w in map.values.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            tried.extend([mid, mid.next_up(), mid.next_down(), w[0], w[1]]);
+        }
+        tried.extend([0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE, -f32::MIN_POSITIVE]);
+        for x in tried {
+            assert_eq!(map.encode(x), map.encode_by_search(x), "{x:e} ({:#010x}), signed {signed}", x.to_bits());
+        }
+    }
+}
+
 /// Six steps of bitsandbytes' AdamW8bit from the golden start; returns the largest relative
 /// parameter (or absmax) deviation and the share of final moment codes equal to bitsandbytes'.
 fn against_bitsandbytes(variant: &str) -> (f32, f64) {

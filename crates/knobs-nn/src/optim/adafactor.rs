@@ -11,7 +11,9 @@ use burn::tensor::{Device, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Grads, Optimizer, flat_tensor, load_f32, load_steps, sum_squares, values};
+use super::second_moment::{Decay, SecondMoment};
+use super::{Grads, Optimizer, SUM_PIECE, flat_tensor, load_f32, load_steps, sum_squares, with_values};
+use crate::ops::fresh::written;
 use crate::io::StateDict;
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
@@ -55,13 +57,6 @@ impl AdafactorConfig {
     pub fn with_lr(weight_decay: f64) -> Self {
         AdafactorConfig { scale_parameter: false, relative_step: false, weight_decay, ..Default::default() }
     }
-}
-
-#[derive(Debug, Clone)]
-enum SecondMoment {
-    /// Over `[.., rows, cols]`: one value per (leading index, row) and per (leading index, col).
-    Factored { rows: usize, cols: usize, row: Vec<f32>, col: Vec<f32> },
-    Full(Vec<f32>),
 }
 
 #[derive(Debug, Clone)]
@@ -117,52 +112,10 @@ impl Adafactor {
         State { second, first: self.config.beta1.map(|_| vec![0.0; n]) }
     }
 
-    /// The unscaled update `grad / sqrt(second moment)` after folding this step's gradient in.
-    fn precondition(second: &mut SecondMoment, grad: &[f32], beta2t: f64, eps1: f32) -> Vec<f32> {
-        let (keep, add) = (beta2t as f32, (1.0 - beta2t) as f32);
-        match second {
-            SecondMoment::Full(v) => {
-                let mut u = vec![0f32; grad.len()];
-                u.par_iter_mut().zip(v.par_iter_mut()).zip(grad.par_iter()).for_each(|((u, v), &g)| {
-                    *v = *v * keep + (g * g + eps1) * add;
-                    *u = (1.0 / v.sqrt()) * g;
-                });
-                u
-            }
-            SecondMoment::Factored { rows, cols, row, col } => {
-                let (r, c) = (*rows, *cols);
-                let mut u = vec![0f32; grad.len()];
-                // Each leading index is its own rows x cols matrix.
-                u.par_chunks_mut(r * c).zip(grad.par_chunks(r * c)).zip(row.par_chunks_mut(r).zip(col.par_chunks_mut(c))).for_each(
-                    |((u, g), (row, col))| {
-                        let mut col_sum = vec![0f64; c];
-                        for (i, gr) in g.chunks(c).enumerate() {
-                            let mut row_sum = 0f64;
-                            for (j, &x) in gr.iter().enumerate() {
-                                let sq = (x * x + eps1) as f64;
-                                row_sum += sq;
-                                col_sum[j] += sq;
-                            }
-                            row[i] = row[i] * keep + (row_sum / c as f64) as f32 * add;
-                        }
-                        for (v, s) in col.iter_mut().zip(&col_sum) {
-                            *v = *v * keep + (s / r as f64) as f32 * add;
-                        }
-                        let row_mean = (row.iter().map(|&x| x as f64).sum::<f64>() / r as f64) as f32;
-                        for ((ur, gr), &rv) in u.chunks_mut(c).zip(g.chunks(c)).zip(row.iter()) {
-                            let rf = 1.0 / (rv / row_mean).sqrt();
-                            for ((u, &g), &cv) in ur.iter_mut().zip(gr).zip(col.iter()) {
-                                *u = rf * (1.0 / cv.sqrt()) * g;
-                            }
-                        }
-                    },
-                );
-                u
-            }
-        }
-    }
-
-    fn step_one(&self, state: &mut State, param: &mut [f32], grad: &[f32], lr: f64, t: u64) {
+    /// The parameter's new values from `param` and this step's gradient `grad`, in two passes
+    /// over them once the second moment has taken the gradient in: the update's RMS (for
+    /// clipping), then the new values, the update formed again where it is used.
+    fn step_one(&self, state: &mut State, param: &[f32], grad: &[f32], lr: f64, t: u64) -> Vec<f32> {
         let c = &self.config;
         let rel = if c.relative_step {
             let min_step = if c.warmup_init { 1e-6 * t as f64 } else { 1e-2 };
@@ -172,18 +125,44 @@ impl Adafactor {
         };
         let lr = if c.scale_parameter { rel * c.eps.1.max(rms(param)) } else { rel };
         let beta2t = 1.0 - (t as f64).powf(c.decay_rate);
-        let mut update = Self::precondition(&mut state.second, grad, beta2t, c.eps.0 as f32);
-        let scale = (lr / (rms(&update) / c.clip_threshold).max(1.0)) as f32;
-        update.par_iter_mut().for_each(|u| *u *= scale);
-        if let (Some(m), Some(beta1)) = (state.first.as_mut(), c.beta1) {
-            let (b, a) = (beta1 as f32, (1.0 - beta1) as f32);
-            m.par_iter_mut().zip(update.par_iter_mut()).for_each(|(m, u)| {
-                *m = *m * b + *u * a;
-                *u = *m;
-            });
+        let decay = Decay { keep: beta2t as f32, add: (1.0 - beta2t) as f32, eps1: c.eps.0 as f32 };
+        let pre = state.second.fold_in(grad, decay);
+        let n = grad.len();
+        let pieces = |i: usize| i * SUM_PIECE..((i + 1) * SUM_PIECE).min(n);
+        // Summed as `sum_squares` sums a stored vector: the same pieces, in order.
+        let squares: Vec<f64> = (0..n.div_ceil(SUM_PIECE))
+            .into_par_iter()
+            .map(|i| {
+                let mut sum = 0f64;
+                pre.each(grad, pieces(i), |_, u| sum += (u as f64) * (u as f64));
+                sum
+            })
+            .collect();
+        let update_rms = (squares.iter().sum::<f64>() / n as f64).sqrt();
+        let scale = (lr / (update_rms / c.clip_threshold).max(1.0)) as f32;
+        let weight = (1.0 - c.weight_decay * lr) as f32;
+        // SAFETY: each piece writes every one of its values.
+        unsafe {
+            written(n, |out| match (state.first.as_mut(), c.beta1) {
+                (Some(m), Some(beta1)) => {
+                    let (b, a) = (beta1 as f32, (1.0 - beta1) as f32);
+                    out.par_chunks_mut(SUM_PIECE).zip(m.par_chunks_mut(SUM_PIECE)).enumerate().for_each(|(i, (out, m))| {
+                        let first = i * SUM_PIECE;
+                        pre.each(grad, pieces(i), |k, u| {
+                            let m = &mut m[k - first];
+                            *m = *m * b + u * scale * a;
+                            out[k - first].write(param[k] * weight - *m);
+                        });
+                    });
+                }
+                _ => out.par_chunks_mut(SUM_PIECE).enumerate().for_each(|(i, out)| {
+                    let first = i * SUM_PIECE;
+                    pre.each(grad, pieces(i), |k, u| {
+                        out[k - first].write(param[k] * weight - u * scale);
+                    });
+                }),
+            })
         }
-        let decay = (1.0 - c.weight_decay * lr) as f32;
-        param.par_iter_mut().zip(update.par_iter()).for_each(|(p, u)| *p = *p * decay - u);
     }
 }
 
@@ -192,13 +171,13 @@ impl Optimizer for Adafactor {
         model.for_each_param_mut(|path, mut p| {
             let Some(g) = grads.get(path) else { return };
             let dims = p.as_ref().dims();
-            let mut param = values(&p.as_ref().flat());
+
             let mut state = self.states.remove(path).unwrap_or_else(|| self.fresh_state(&dims));
             assert!(state.fits(&dims), "Adafactor: the state of `{path}` does not fit its shape {dims:?}");
             let t = self.steps.entry(path.to_string()).or_insert(0);
             *t += 1;
             let t = *t;
-            self.step_one(&mut state, &mut param, &values(g), lr_of(path), t);
+            let param = with_values(&p.as_ref().flat(), |param| with_values(g, |grad| self.step_one(&mut state, param, grad, lr_of(path), t)));
             p.replace_flat(flat_tensor(param, &p.device()));
             self.states.insert(path.to_string(), state);
         });

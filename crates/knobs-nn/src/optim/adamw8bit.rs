@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use burn::tensor::{Device, TensorData};
 use rayon::prelude::*;
 
-use super::{AdamWConfig, Grads, Optimizer, flat_tensor, load_f32, load_steps, values};
+use super::{AdamWConfig, Grads, Optimizer, flat_tensor, load_f32, load_steps, with_values};
+use crate::ops::fresh::written;
 use crate::io::StateDict;
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
@@ -28,6 +29,11 @@ pub struct QuantMap {
     pub values: [f32; 256],
     /// Midpoints between neighbours: a value's code is the number of midpoints below it.
     bounds: [f32; 255],
+    /// By a value's upper 16 bits (sign, exponent, 7 bits of fraction): the lowest code any
+    /// value with those bits has, where [`QuantMap::encode`]'s count starts. The map's
+    /// neighbours are further apart than such a bucket is wide, so the count moves a step or
+    /// two at most, instead of a binary search's eight unpredictable branches per value.
+    start: Vec<u8>,
 }
 
 /// `n` values from `start` to `end` as `torch.linspace` makes them in f32 (the first half
@@ -64,11 +70,25 @@ impl QuantMap {
         for (b, w) in bounds.iter_mut().zip(values.windows(2)) {
             *b = (w[0] + w[1]) / 2.0;
         }
-        QuantMap { values, bounds }
+        let count = |x: f32| bounds.partition_point(|&b| b < x) as u8;
+        // Within a bucket values are ordered by their bits (one sign), so its lowest code is
+        // at one of its ends; a NaN (code 0) at an end counts as the lowest.
+        let start = (0..1u32 << 16).map(|b| count(f32::from_bits(b << 16)).min(count(f32::from_bits(b << 16 | 0xFFFF)))).collect();
+        QuantMap { values, bounds, start }
     }
 
     /// The nearest code to `x` (ties to the lower code, as `torch.bucketize`).
+    #[inline]
     pub fn encode(&self, x: f32) -> u8 {
+        let mut code = self.start[(x.to_bits() >> 16) as usize] as usize;
+        while code < self.bounds.len() && self.bounds[code] < x {
+            code += 1;
+        }
+        code as u8
+    }
+
+    /// [`QuantMap::encode`] by binary search over every midpoint, for tests.
+    pub fn encode_by_search(&self, x: f32) -> u8 {
         self.bounds.partition_point(|&b| b < x) as u8
     }
 }
@@ -165,12 +185,13 @@ impl Coefs {
         }
     }
 
+    /// The parameter's new value; the moments are updated in place.
     #[inline]
-    fn apply(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+    fn apply(&self, p: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
         *m = *m * self.beta1 + g * self.one_minus_beta1;
         *v = *v * self.beta2 + g * g * self.one_minus_beta2;
         let denom = v.sqrt() / self.bias2_sqrt + self.eps;
-        *p = *p * self.decay - *m / denom * self.step_size;
+        p * self.decay - *m / denom * self.step_size
     }
 }
 
@@ -187,28 +208,34 @@ impl AdamW8bit {
         })
     }
 
-    fn step_one(&self, state: &mut Moments, param: &mut [f32], grad: &[f32], k: Coefs) {
-        match state {
-            Moments::Full { m, v } => {
-                param.par_iter_mut().zip(grad.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((p, &g), (m, v))| k.apply(p, g, m, v));
-            }
-            Moments::Quantised { m, v } => {
-                let (map1, map2) = &self.maps;
-                let blocks = param.par_chunks_mut(BLOCK).zip(grad.par_chunks(BLOCK));
-                let states = m.codes.par_chunks_mut(BLOCK).zip(m.absmax.par_iter_mut()).zip(v.codes.par_chunks_mut(BLOCK).zip(v.absmax.par_iter_mut()));
-                blocks.zip(states).for_each(|((p, g), ((mc, ma), (vc, va)))| {
-                    let mut mf = [0f32; BLOCK];
-                    let mut vf = [0f32; BLOCK];
-                    let n = p.len();
-                    for i in 0..n {
-                        mf[i] = map1.values[mc[i] as usize] * *ma;
-                        vf[i] = map2.values[vc[i] as usize] * *va;
-                        k.apply(&mut p[i], g[i], &mut mf[i], &mut vf[i]);
-                    }
-                    *ma = encode_block(&mf[..n], map1, mc);
-                    *va = encode_block(&vf[..n], map2, vc);
-                });
-            }
+    /// The parameter's new values from `param` and its gradient `grad`.
+    fn step_one(&self, state: &mut Moments, param: &[f32], grad: &[f32], k: Coefs) -> Vec<f32> {
+        // SAFETY: every value of `out` is written, block by block.
+        unsafe {
+            written(param.len(), |out| match state {
+                Moments::Full { m, v } => {
+                    out.par_iter_mut().zip(param.par_iter().zip(grad.par_iter())).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((o, (&p, &g)), (m, v))| {
+                        o.write(k.apply(p, g, m, v));
+                    });
+                }
+                Moments::Quantised { m, v } => {
+                    let (map1, map2) = &self.maps;
+                    let blocks = out.par_chunks_mut(BLOCK).zip(param.par_chunks(BLOCK).zip(grad.par_chunks(BLOCK)));
+                    let states = m.codes.par_chunks_mut(BLOCK).zip(m.absmax.par_iter_mut()).zip(v.codes.par_chunks_mut(BLOCK).zip(v.absmax.par_iter_mut()));
+                    blocks.zip(states).for_each(|((o, (p, g)), ((mc, ma), (vc, va)))| {
+                        let mut mf = [0f32; BLOCK];
+                        let mut vf = [0f32; BLOCK];
+                        let n = p.len();
+                        for i in 0..n {
+                            mf[i] = map1.values[mc[i] as usize] * *ma;
+                            vf[i] = map2.values[vc[i] as usize] * *va;
+                            o[i].write(k.apply(p[i], g[i], &mut mf[i], &mut vf[i]));
+                        }
+                        *ma = encode_block(&mf[..n], map1, mc);
+                        *va = encode_block(&vf[..n], map2, vc);
+                    });
+                }
+            })
         }
     }
 }
@@ -217,8 +244,7 @@ impl Optimizer for AdamW8bit {
     fn step(&mut self, model: &mut dyn Module, grads: &Grads, lr_of: &dyn Fn(&str) -> f64) {
         model.for_each_param_mut(|path, mut p| {
             let Some(g) = grads.get(path) else { return };
-            let mut param = values(&p.as_ref().flat());
-            let n = param.len();
+            let n = p.as_ref().numel();
             let mut state = self.moments.remove(path).unwrap_or_else(|| {
                 if n < MIN_8BIT_SIZE {
                     Moments::Full { m: vec![0.0; n], v: vec![0.0; n] }
@@ -230,7 +256,7 @@ impl Optimizer for AdamW8bit {
             let t = self.steps.entry(path.to_string()).or_insert(0);
             *t += 1;
             let k = Coefs::new(&self.config, lr_of(path), *t);
-            self.step_one(&mut state, &mut param, &values(g), k);
+            let param = with_values(&p.as_ref().flat(), |param| with_values(g, |grad| self.step_one(&mut state, param, grad, k)));
             p.replace_flat(flat_tensor(param, &p.device()));
             self.moments.insert(path.to_string(), state);
         });

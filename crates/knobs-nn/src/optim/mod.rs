@@ -5,6 +5,7 @@ mod adamw;
 mod adamw8bit;
 mod ema;
 mod loss_scale;
+mod second_moment;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig};
@@ -42,6 +43,20 @@ pub(crate) fn values(t: &Tensor<1>) -> Vec<f32> {
     t.to_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor")
 }
 
+/// `f` on a flat tensor's f32 values: borrowed from the CPU backend's storage where they are
+/// (no copy of a parameter or gradient per step), else copied out.
+pub(crate) fn with_values<R>(t: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> R {
+    if t.dtype() == burn::tensor::DType::F32
+        && let Ok(stored) = t.clone().inner().try_into_primitive::<burn::backend::Flex>()
+    {
+        let stored = stored.to_contiguous();
+        if let Some(v) = stored.as_slice::<f32>() {
+            return f(v);
+        }
+    }
+    f(&values(t))
+}
+
 pub(crate) fn flat_tensor(v: Vec<f32>, device: &Device) -> Tensor<1> {
     let n = v.len();
     Tensor::from_data(TensorData::new(v, [n]), device)
@@ -62,10 +77,13 @@ pub(crate) fn load_f32(sd: &StateDict, key: &str, n: Option<usize>) -> Result<Ve
     }
 }
 
+/// Values per piece of [`sum_squares`].
+pub(crate) const SUM_PIECE: usize = 1 << 14;
+
 /// Sum of squares in fixed-size pieces added in order: the same bits on any thread count.
 pub(crate) fn sum_squares(v: &[f32]) -> f64 {
     use rayon::prelude::*;
-    let parts: Vec<f64> = v.par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+    let parts: Vec<f64> = v.par_chunks(SUM_PIECE).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
     parts.iter().sum()
 }
 
