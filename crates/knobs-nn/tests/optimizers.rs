@@ -315,6 +315,105 @@ fn adafactor_trains() {
     }
 }
 
+/// Adafactor as transformers writes it, in f64 with plain loops: one parameter `p` of shape
+/// `[lead.., rows, cols]` (`rows` 0: a vector), `steps` gradients, learning rate `lr`.
+fn adafactor_by_the_book(p: &[f32], dims: (usize, usize), grads: &[Vec<f32>], lr: f64, beta1: Option<f64>) -> Vec<f64> {
+    let (rows, cols) = dims;
+    let n = p.len();
+    let mut p: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+    let mut m = vec![0f64; n];
+    let (mut row, mut col, mut full) = (vec![0f64; n / cols.max(1)], vec![0f64; if rows > 0 { n / rows } else { 0 }], vec![0f64; n]);
+    for (t, g) in grads.iter().enumerate() {
+        let beta2t = 1.0 - ((t + 1) as f64).powf(-0.8);
+        let sq: Vec<f64> = g.iter().map(|&x| (x as f64) * (x as f64) + 1e-30).collect();
+        let mut u = vec![0f64; n];
+        if rows == 0 {
+            for k in 0..n {
+                full[k] = full[k] * beta2t + sq[k] * (1.0 - beta2t);
+                u[k] = g[k] as f64 / full[k].sqrt();
+            }
+        } else {
+            for mat in 0..n / (rows * cols) {
+                let at = |i: usize, j: usize| mat * rows * cols + i * cols + j;
+                for i in 0..rows {
+                    let mean = (0..cols).map(|j| sq[at(i, j)]).sum::<f64>() / cols as f64;
+                    row[mat * rows + i] = row[mat * rows + i] * beta2t + mean * (1.0 - beta2t);
+                }
+                for j in 0..cols {
+                    let mean = (0..rows).map(|i| sq[at(i, j)]).sum::<f64>() / rows as f64;
+                    col[mat * cols + j] = col[mat * cols + j] * beta2t + mean * (1.0 - beta2t);
+                }
+                let row_mean = (0..rows).map(|i| row[mat * rows + i]).sum::<f64>() / rows as f64;
+                for i in 0..rows {
+                    for j in 0..cols {
+                        u[at(i, j)] = g[at(i, j)] as f64 / (row[mat * rows + i] / row_mean).sqrt() / col[mat * cols + j].sqrt();
+                    }
+                }
+            }
+        }
+        let rms = (u.iter().map(|x| x * x).sum::<f64>() / n as f64).sqrt();
+        let scale = lr / rms.max(1.0);
+        for k in 0..n {
+            let step = match beta1 {
+                Some(b) => {
+                    m[k] = m[k] * b + u[k] * scale * (1.0 - b);
+                    m[k]
+                }
+                None => u[k] * scale,
+            };
+            p[k] -= step;
+        }
+    }
+    p
+}
+
+/// The fused Adafactor step against [`adafactor_by_the_book`] on shapes that span its pieces
+/// (3x3 kernels past one piece of small matrices and of summed values, a matrix wider than a
+/// block of columns, a vector), with and without a first moment, and the same bits on one
+/// thread as on three.
+#[test]
+fn adafactor_matches_the_book_across_pieces_and_threads() {
+    struct Net {
+        conv: knobs_nn::Conv2d,
+        linear: Linear,
+    }
+    impl_module!(Net { "conv" => conv, "linear" => linear });
+    let shapes = [("conv.weight", (3, 3)), ("conv.bias", (0, 0)), ("linear.weight", (150, 200)), ("linear.bias", (0, 0))];
+    for beta1 in [None, Some(0.9)] {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut init = Init::new(3);
+                let mut net = Net { conv: knobs_nn::Conv2d::new(80, 96, 3, 1, 1, true, &mut init, &cpu()), linear: Linear::new(200, 150, true, &mut init, &cpu()) };
+                let start = state_dict(&net);
+                let mut opt = Adafactor::new(AdafactorConfig { beta1, ..AdafactorConfig::with_lr(0.0) }).unwrap();
+                let mut given: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+                for _ in 0..2 {
+                    let mut grads = Grads::new();
+                    net.for_each_param(|path, p| {
+                        let g = init.normal_vec(p.numel()).iter().map(|x| x * 1e-3).collect::<Vec<f32>>();
+                        given.entry(path.to_string()).or_default().push(g.clone());
+                        grads.insert(path.to_string(), flat(g));
+                    });
+                    opt.step(&mut net, &grads, &|_| 1e-3);
+                }
+                (start, state_dict(&net), given)
+            })
+        };
+        let (start, one, given) = run(1);
+        let (_, three, _) = run(3);
+        assert_eq!(one, three, "beta1 {beta1:?}: the thread count changed the bits");
+        for (path, dims) in shapes {
+            let p0 = start[path].try_to_vec::<f32>().unwrap();
+            let want = adafactor_by_the_book(&p0, dims, &given[path], 1e-3, beta1);
+            let got = one[path].try_to_vec::<f32>().unwrap();
+            let moved = want.iter().zip(&p0).map(|(w, &p)| (w - p as f64).abs()).fold(0f64, f64::max);
+            let err = want.iter().zip(&got).map(|(w, &g)| (w - g as f64).abs()).fold(0f64, f64::max);
+            assert!(err < 1e-4 * moved, "{path} beta1 {beta1:?}: off by {err:e}, moved by {moved:e}");
+        }
+    }
+}
+
 /// Saved after 3 steps, loaded into a fresh optimizer, 3 more steps: the same bits as 6 straight.
 fn round_trips(make: &dyn Fn() -> Box<dyn Optimizer>) {
     let (mut a, x, y) = regression_problem();

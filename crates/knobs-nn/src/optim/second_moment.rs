@@ -8,7 +8,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-/// Small matrices per parallel piece: enough that a piece is worth handing to a thread.
+/// Small matrices per parallel piece: enough that a piece is worth handing to a thread (and
+/// a large matrix's rows per piece of its row factors).
 const SMALL_MATRICES: usize = 1 << 10;
 /// Columns per task of a large matrix's column sums.
 const COLUMN_BLOCK: usize = 64;
@@ -61,14 +62,7 @@ impl SecondMoment {
                 } else {
                     fold_into_small_matrices(g, row, col, r, c, decay);
                 }
-                let row_factors = row
-                    .par_chunks(r)
-                    .with_min_len(SMALL_MATRICES)
-                    .flat_map_iter(|rows| {
-                        let mean = (rows.iter().map(|&x| x as f64).sum::<f64>() / r as f64) as f32;
-                        rows.iter().map(move |&v| 1.0 / (v / mean).sqrt())
-                    })
-                    .collect();
+                let row_factors = row_factors(row, r);
                 let col_factors = col.par_iter().map(|&v| 1.0 / v.sqrt()).collect();
                 Preconditioner::Factored { rows: r, cols: c, row: row_factors, col: col_factors }
             }
@@ -76,17 +70,29 @@ impl SecondMoment {
     }
 }
 
+/// Independent partial sums in a long sum (a single f64 sum waits on each addition).
+const LANES: usize = 8;
+
+/// The squares of `g` summed in [`LANES`] partial sums.
+fn sum_of_squares(g: &[f32], decay: Decay) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut pieces = g.chunks_exact(LANES);
+    for piece in &mut pieces {
+        for (s, &x) in lanes.iter_mut().zip(piece) {
+            *s += decay.square(x);
+        }
+    }
+    for (s, &x) in lanes.iter_mut().zip(pieces.remainder()) {
+        *s += decay.square(x);
+    }
+    lanes.iter().sum()
+}
+
 /// One large matrix: row sums split by rows, column sums by blocks of columns (each column
-/// still summed top to bottom, so the bits do not depend on the thread count).
+/// summed top to bottom; the bits do not depend on the thread count).
 fn fold_into_matrix(g: &[f32], row: &mut [f32], col: &mut [f32], decay: Decay) {
     let (r, c) = (row.len(), col.len());
-    row.par_iter_mut().zip(g.par_chunks(c)).for_each(|(v, gr)| {
-        let mut total = 0f64;
-        for &x in gr {
-            total += decay.square(x);
-        }
-        *v = decay.mean(*v, total, c);
-    });
+    row.par_iter_mut().zip(g.par_chunks(c)).for_each(|(v, gr)| *v = decay.mean(*v, sum_of_squares(gr, decay), c));
     col.par_chunks_mut(COLUMN_BLOCK).enumerate().for_each(|(b, cols)| {
         let first = b * COLUMN_BLOCK;
         let mut sums = [0f64; COLUMN_BLOCK];
@@ -101,30 +107,45 @@ fn fold_into_matrix(g: &[f32], row: &mut [f32], col: &mut [f32], decay: Decay) {
     });
 }
 
-/// Many small matrices (a 3x3 kernel per channel pair): each on one thread, its column sums in
-/// a buffer reused across them.
+/// Many small matrices (a 3x3 kernel per channel pair), in pieces of [`SMALL_MATRICES`]: first
+/// every sum of a piece, then its moments in one flat loop, so that the divisions of one
+/// matrix do not wait on the sums of the next.
 fn fold_into_small_matrices(g: &[f32], row: &mut [f32], col: &mut [f32], rows: usize, cols: usize, decay: Decay) {
-    g.par_chunks(rows * cols)
-        .zip(row.par_chunks_mut(rows).zip(col.par_chunks_mut(cols)))
-        .with_min_len(SMALL_MATRICES)
-        .for_each_init(
-            || vec![0f64; cols],
-            |sums, (g, (row, col))| {
-                sums.fill(0.0);
-                for (v, gr) in row.iter_mut().zip(g.chunks(cols)) {
-                    let mut total = 0f64;
-                    for (&x, s) in gr.iter().zip(sums.iter_mut()) {
+    g.par_chunks(SMALL_MATRICES * rows * cols)
+        .zip(row.par_chunks_mut(SMALL_MATRICES * rows).zip(col.par_chunks_mut(SMALL_MATRICES * cols)))
+        .for_each(|(g, (row, col))| {
+            let mut row_sums = vec![0f64; row.len()];
+            let mut col_sums = vec![0f64; col.len()];
+            for ((g, row_sums), col_sums) in g.chunks(rows * cols).zip(row_sums.chunks_mut(rows)).zip(col_sums.chunks_mut(cols)) {
+                for (gr, total) in g.chunks(cols).zip(row_sums.iter_mut()) {
+                    for (&x, s) in gr.iter().zip(col_sums.iter_mut()) {
                         let sq = decay.square(x);
-                        total += sq;
+                        *total += sq;
                         *s += sq;
                     }
-                    *v = decay.mean(*v, total, cols);
                 }
-                for (v, &s) in col.iter_mut().zip(sums.iter()) {
-                    *v = decay.mean(*v, s, rows);
-                }
-            },
-        );
+            }
+            for (v, &s) in row.iter_mut().zip(&row_sums) {
+                *v = decay.mean(*v, s, cols);
+            }
+            for (v, &s) in col.iter_mut().zip(&col_sums) {
+                *v = decay.mean(*v, s, rows);
+            }
+        });
+}
+
+/// `1 / sqrt(row / mean(its matrix's rows))` for every row moment, matrices of `rows` rows.
+fn row_factors(row: &[f32], rows: usize) -> Vec<f32> {
+    let mut factors = vec![0f32; row.len()];
+    factors.par_chunks_mut(SMALL_MATRICES * rows).zip(row.par_chunks(SMALL_MATRICES * rows)).for_each(|(factors, row)| {
+        let means: Vec<f32> = row.chunks(rows).map(|m| (m.iter().map(|&x| x as f64).sum::<f64>() / rows as f64) as f32).collect();
+        for ((f, v), &mean) in factors.chunks_mut(rows).zip(row.chunks(rows)).zip(&means) {
+            for (f, &v) in f.iter_mut().zip(v) {
+                *f = 1.0 / (v / mean).sqrt();
+            }
+        }
+    });
+    factors
 }
 
 impl Preconditioner<'_> {
