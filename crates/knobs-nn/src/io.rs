@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use safetensors::Dtype;
 
 use crate::module::{Module, ModuleExt};
-use crate::{Error, Result};
+use crate::{Error, Result, Tensor};
 
 /// Named tensors read from one file, with the file's metadata.
 #[derive(Debug, Clone, Default)]
@@ -354,9 +354,72 @@ impl std::str::FromStr for FloatDtype {
     }
 }
 
-/// How `data` is stored in a file: bytes as u8, integers as i64, floats as `float`.
-fn stored_dtype(data: &TensorData, float: FloatDtype) -> Dtype {
-    match (data.dtype(), float) {
+/// A tensor to write, borrowed or shared rather than copied: its values are read out only
+/// when the writer reaches it, one tensor at a time, so a checkpoint or model of gigabytes is
+/// never in memory twice (a burn tensor's clone shares its storage).
+pub enum TensorRef<'a> {
+    Data(&'a TensorData),
+    Owned(TensorData),
+    /// A tensor's values in order, written with `shape`.
+    Shared(Tensor<1>, Vec<usize>),
+    F32(&'a [f32]),
+    U8(&'a [u8]),
+}
+
+impl TensorRef<'_> {
+    /// A parameter, shared.
+    pub fn param(p: &crate::ParamRef<'_>) -> TensorRef<'static> {
+        TensorRef::Shared(p.flat(), p.dims())
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            TensorRef::Data(d) => d.shape().as_slice().to_vec(),
+            TensorRef::Owned(d) => d.shape().as_slice().to_vec(),
+            TensorRef::Shared(_, shape) => shape.clone(),
+            TensorRef::F32(v) => vec![v.len()],
+            TensorRef::U8(v) => vec![v.len()],
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorRef::Data(d) => d.dtype(),
+            TensorRef::Owned(d) => d.dtype(),
+            TensorRef::Shared(t, _) => t.dtype(),
+            TensorRef::F32(_) => DType::F32,
+            TensorRef::U8(_) => DType::U8,
+        }
+    }
+
+    /// The values as a [`TensorData`] of the tensor's shape (a copy).
+    pub fn to_data(&self) -> TensorData {
+        let data = match self {
+            TensorRef::Data(d) => return (*d).clone(),
+            TensorRef::Owned(d) => return d.clone(),
+            TensorRef::Shared(t, _) => t.to_data(),
+            TensorRef::F32(v) => TensorData::new(v.to_vec(), [v.len()]),
+            TensorRef::U8(v) => TensorData::new(v.to_vec(), [v.len()]),
+        };
+        let (bytes, _, dtype) = data.into_parts();
+        TensorData::from_bytes(bytes, self.shape(), dtype)
+    }
+
+    /// The little-endian bytes of the values stored as `stored` (from [`stored_dtype`]).
+    fn bytes(&self, key: &str, stored: Dtype) -> Result<Vec<u8>> {
+        match self {
+            TensorRef::Data(d) => to_bytes(key, d, stored),
+            TensorRef::Owned(d) => to_bytes(key, d, stored),
+            TensorRef::Shared(t, _) => to_bytes(key, &t.to_data(), stored),
+            TensorRef::F32(v) => Ok(float_bytes(v, stored)),
+            TensorRef::U8(v) => Ok(v.to_vec()),
+        }
+    }
+}
+
+/// How a tensor of `dtype` is stored in a file: bytes as u8, integers as i64, floats as `float`.
+fn stored_dtype(dtype: DType, float: FloatDtype) -> Dtype {
+    match (dtype, float) {
         (DType::U8, _) => Dtype::U8,
         (DType::I64 | DType::I32, _) => Dtype::I64,
         (_, FloatDtype::F32) => Dtype::F32,
@@ -376,11 +439,16 @@ fn to_bytes(key: &str, data: &TensorData, stored: Dtype) -> Result<Vec<u8>> {
         return Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect());
     }
     let v: Vec<f32> = data.clone().convert::<f32>().try_into_vec().map_err(err)?;
-    Ok(match stored {
+    Ok(float_bytes(&v, stored))
+}
+
+/// f32 values as `stored` (f32, f16 or bf16), little-endian.
+fn float_bytes(v: &[f32], stored: Dtype) -> Vec<u8> {
+    match stored {
         Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
         Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
         _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    })
+    }
 }
 
 /// Writes tensors (f32, i64 or u8) and metadata atomically.
@@ -399,16 +467,27 @@ pub fn write_safetensors_as(
     metadata: &HashMap<String, String>,
     float: FloatDtype,
 ) -> Result<()> {
+    let refs = tensors.iter().map(|(k, d)| (k.clone(), TensorRef::Data(d))).collect();
+    write_tensor_refs(path, &refs, metadata, float)
+}
+
+/// [`write_safetensors_as`] from tensors read out one at a time as they are written.
+pub fn write_tensor_refs(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, TensorRef<'_>>,
+    metadata: &HashMap<String, String>,
+    float: FloatDtype,
+) -> Result<()> {
     let path = path.as_ref();
     let width = |dt: Dtype| dt.bitsize() / 8;
     // Wider types first (then by name), so every tensor starts aligned to its element size.
-    let mut order: Vec<(&String, &TensorData, Dtype)> = tensors.iter().map(|(k, d)| (k, d, stored_dtype(d, float))).collect();
+    let mut order: Vec<(&String, &TensorRef, Dtype, Vec<usize>)> = tensors.iter().map(|(k, t)| (k, t, stored_dtype(t.dtype(), float), t.shape())).collect();
     order.sort_by(|a, b| width(b.2).cmp(&width(a.2)).then(a.0.cmp(b.0)));
     let mut header = BTreeMap::new();
     let mut offset = 0usize;
-    for (k, d, dt) in &order {
-        let bytes = d.num_elements() * width(*dt);
-        header.insert((*k).clone(), serde_json::json!({ "dtype": dt, "shape": d.shape().as_slice(), "data_offsets": [offset, offset + bytes] }));
+    for (k, _, dt, shape) in &order {
+        let bytes = shape.iter().product::<usize>() * width(*dt);
+        header.insert((*k).clone(), serde_json::json!({ "dtype": dt, "shape": shape, "data_offsets": [offset, offset + bytes] }));
         offset += bytes;
     }
     if !metadata.is_empty() {
@@ -417,16 +496,28 @@ pub fn write_safetensors_as(
     }
     let mut text = serde_json::to_vec(&header).map_err(|e| Error::file(path, e.to_string()))?;
     text.resize(text.len().div_ceil(8) * 8, b' ');
-    // Streamed tensor by tensor: a checkpoint of a full-size UNet never exists twice in memory.
     atomic_write_with(path, |w| {
         w.write_all(&(text.len() as u64).to_le_bytes())?;
         w.write_all(&text)?;
-        for (k, d, dt) in &order {
-            let bytes = to_bytes(k, d, *dt).map_err(|e| std::io::Error::other(e.to_string()))?;
+        for (k, t, dt, shape) in &order {
+            let bytes = t.bytes(k, *dt).map_err(|e| std::io::Error::other(e.to_string()))?;
+            if bytes.len() != shape.iter().product::<usize>() * width(*dt) {
+                return Err(std::io::Error::other(format!("`{k}`: {} bytes of values for shape {shape:?}", bytes.len())));
+            }
             w.write_all(&bytes)?;
         }
         Ok(())
     })
+}
+
+/// Every parameter of `module` by path, shared rather than copied (see [`TensorRef`]): what a
+/// model file is written from.
+pub fn param_refs<M: Module + ?Sized>(module: &M) -> BTreeMap<String, TensorRef<'static>> {
+    let mut out = BTreeMap::new();
+    module.for_each_param(|path, p| {
+        out.insert(path.to_string(), TensorRef::param(&p));
+    });
+    out
 }
 
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use knobs_nn::burn::tensor::{DType, TensorData};
 use knobs_nn::io::{LoadOptions, load_state_dict, read_safetensors, state_dict, write_safetensors};
-use knobs_nn::optim::{AdamW, AdamWConfig, Grads, clip_grad_norm, grad_norm};
+use knobs_nn::optim::{AdamW, AdamWConfig, Grads, Optimizer, clip_grad_norm, grad_norm};
 use knobs_nn::{Init, Linear, ModuleExt, Tensor, cpu, impl_module};
 
 struct Two {

@@ -6,47 +6,48 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors, state_dict, write_safetensors};
+use knobs_nn::io::{FloatDtype, LoadOptions, StateDict, TensorRef, load_state_dict, param_refs, read_safetensors, write_tensor_refs};
 use knobs_nn::optim::{Ema, Optimizer};
 use knobs_nn::{Device, Module, ModuleExt};
 
-/// Tensors and metadata gathered for one save.
+/// Tensors and metadata gathered for one save: the model's parameters and the optimizer's
+/// state shared or borrowed, not copied (see [`TensorRef`]), so that a full fine-tune's
+/// checkpoint is written tensor by tensor without a second copy of its gigabytes.
 #[derive(Default)]
-pub struct State {
-    pub tensors: BTreeMap<String, TensorData>,
+pub struct State<'a> {
+    pub tensors: BTreeMap<String, TensorRef<'a>>,
     pub meta: HashMap<String, String>,
 }
 
-impl State {
+impl<'a> State<'a> {
     /// What every training loop saves: its model, its optimiser, and the fingerprint of the
     /// settings it started with (under `key`), so that a resume with other settings is refused.
-    pub fn of<M: Module + ?Sized>(model: &M, opt: &dyn Optimizer, key: &str, fingerprint: &str) -> Self {
+    pub fn of<M: Module + ?Sized>(model: &M, opt: &'a dyn Optimizer, key: &str, fingerprint: &str) -> Self {
         let mut state = State::default();
         state.model(model);
         state.optimizer(opt);
         state.meta.insert(key.into(), fingerprint.into());
         state
     }
-    pub fn add(&mut self, prefix: &str, tensors: BTreeMap<String, TensorData>, meta: HashMap<String, String>) {
+    pub fn add(&mut self, prefix: &str, tensors: BTreeMap<String, TensorRef<'a>>, meta: HashMap<String, String>) {
         self.tensors.extend(tensors.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
         self.meta.extend(meta);
     }
     pub fn model<M: Module + ?Sized>(&mut self, model: &M) {
-        self.add("model.", state_dict(model), HashMap::new());
+        self.add("model.", param_refs(model), HashMap::new());
     }
     /// Only the trainable parameters: all an adapter run needs to resume.
     pub fn trainable<M: Module + ?Sized>(&mut self, model: &M) {
         let mut tensors = BTreeMap::new();
         model.for_each_param(|path, p| {
             if p.is_trainable() {
-                tensors.insert(path.to_string(), p.to_data());
+                tensors.insert(path.to_string(), TensorRef::param(&p));
             }
         });
         self.add("model.", tensors, HashMap::new());
     }
-    pub fn optimizer(&mut self, opt: &dyn Optimizer) {
-        let (t, m) = opt.state();
+    pub fn optimizer(&mut self, opt: &'a dyn Optimizer) {
+        let (t, m) = opt.state_refs();
         self.add("optim.", t, m);
     }
     pub fn ema(&mut self, ema: &Ema) {
@@ -131,7 +132,7 @@ impl Checkpoints {
     /// The end of a training step that completed `step` of `total`: a checkpoint is due every
     /// `every` steps, at the last step, and when the run pauses here. `state` is only built
     /// when one is due. Returns whether one was written.
-    pub fn save_if_due(&self, step: u64, total: u64, every: u64, pausing: bool, state: impl FnOnce() -> State) -> Result<bool> {
+    pub fn save_if_due<'a>(&self, step: u64, total: u64, every: u64, pausing: bool, state: impl FnOnce() -> State<'a>) -> Result<bool> {
         let due = step == total || pausing || step % every == 0;
         if due {
             self.save(step, state())?;
@@ -149,7 +150,7 @@ impl Checkpoints {
     pub fn save(&self, step: u64, mut state: State) -> Result<PathBuf> {
         state.meta.insert("step".into(), step.to_string());
         let path = self.path(step);
-        write_safetensors(&path, &state.tensors, &state.meta)?;
+        write_tensor_refs(&path, &state.tensors, &state.meta, FloatDtype::F32)?;
         let all = self.list()?;
         for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
             std::fs::remove_file(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{FloatDtype, atomic_write, state_dict, write_safetensors_as};
+use knobs_nn::io::{FloatDtype, atomic_write, param_refs, state_dict, write_safetensors_as, write_tensor_refs};
 use knobs_nn::{Error, Module, Result};
 use serde_json::{Value, json};
 
@@ -122,14 +122,14 @@ pub fn save_pretrained(sd: &StableDiffusion, configs: &PipelineConfigs, dir: imp
     let none = HashMap::new();
     let weights = "diffusion_pytorch_model.safetensors";
     write_json(&dir.join("unet/config.json"), &configs.unet)?;
-    write_safetensors_as(dir.join("unet").join(weights), &state_dict(&sd.unet), &none, dtype)?;
+    write_tensor_refs(dir.join("unet").join(weights), &param_refs(&sd.unet), &none, dtype)?;
     write_json(&dir.join("vae/config.json"), &configs.vae)?;
-    write_safetensors_as(dir.join("vae").join(weights), &state_dict(&sd.vae), &none, dtype)?;
+    write_tensor_refs(dir.join("vae").join(weights), &param_refs(&sd.vae), &none, dtype)?;
     write_json(&dir.join("text_encoder/config.json"), &configs.text_encoder)?;
-    write_safetensors_as(dir.join("text_encoder/model.safetensors"), &state_dict(&sd.text_encoder), &none, dtype)?;
+    write_tensor_refs(dir.join("text_encoder/model.safetensors"), &param_refs(&sd.text_encoder), &none, dtype)?;
     if let Some((te2, tok2, config)) = sdxl {
         write_json(&dir.join("text_encoder_2/config.json"), config)?;
-        write_safetensors_as(dir.join("text_encoder_2/model.safetensors"), &state_dict(te2), &none, dtype)?;
+        write_tensor_refs(dir.join("text_encoder_2/model.safetensors"), &param_refs(te2), &none, dtype)?;
         tok2.save_dir(dir.join("tokenizer_2"))?;
     }
     write_json(&dir.join("scheduler/scheduler_config.json"), &configs.scheduler)?;

@@ -293,7 +293,7 @@ mod tests {
         values.extend((0..=u16::MAX).map(|h| half::bf16::from_bits(h).to_f32()));
         values.extend([1e-10, 65519.0, 65520.0, 1e6, 3.0e38, f32::NAN]);
         let f32s = TensorData::new(values.clone(), [values.len()]);
-        let floats = |d: &TensorData| d.clone().convert::<f32>().to_vec::<f32>().unwrap();
+        let floats = |d: &TensorData| d.clone().convert::<f32>().try_to_vec::<f32>().unwrap();
         for from in [DType::F32, DType::F16, DType::BF16] {
             let source = f32s.clone().convert_dtype(from);
             for to in [DType::F32, DType::F16, DType::BF16] {

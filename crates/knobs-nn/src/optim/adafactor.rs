@@ -7,14 +7,14 @@
 //! 640 values.
 use std::collections::{BTreeMap, HashMap};
 
-use burn::tensor::{Device, TensorData};
+use burn::tensor::Device;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::second_moment::{Decay, SecondMoment};
 use super::{Grads, Optimizer, SUM_PIECE, flat_tensor, load_f32, load_steps, sum_squares, with_values};
 use crate::ops::fresh::written;
-use crate::io::StateDict;
+use crate::io::{StateDict, TensorRef};
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
 
@@ -185,23 +185,22 @@ impl Optimizer for Adafactor {
 
     /// `exp_avg_sq_row.<path>` + `exp_avg_sq_col.<path>` (factored, with `[rows, cols]` in
     /// the metadata) or `exp_avg_sq.<path>`, and `exp_avg.<path>` when there is a first moment.
-    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
+    fn state_refs(&self) -> (BTreeMap<String, TensorRef<'_>>, HashMap<String, String>) {
         let mut tensors = BTreeMap::new();
         let mut factors = BTreeMap::new();
-        let f32s = |v: &Vec<f32>| TensorData::new(v.clone(), [v.len()]);
         for (path, s) in &self.states {
             match &s.second {
                 SecondMoment::Factored { rows, cols, row, col } => {
-                    tensors.insert(format!("exp_avg_sq_row.{path}"), f32s(row));
-                    tensors.insert(format!("exp_avg_sq_col.{path}"), f32s(col));
+                    tensors.insert(format!("exp_avg_sq_row.{path}"), TensorRef::F32(row));
+                    tensors.insert(format!("exp_avg_sq_col.{path}"), TensorRef::F32(col));
                     factors.insert(path.clone(), [*rows, *cols]);
                 }
                 SecondMoment::Full(v) => {
-                    tensors.insert(format!("exp_avg_sq.{path}"), f32s(v));
+                    tensors.insert(format!("exp_avg_sq.{path}"), TensorRef::F32(v));
                 }
             }
             if let Some(m) = &s.first {
-                tensors.insert(format!("exp_avg.{path}"), f32s(m));
+                tensors.insert(format!("exp_avg.{path}"), TensorRef::F32(m));
             }
         }
         let meta = HashMap::from([

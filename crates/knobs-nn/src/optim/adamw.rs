@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::Grads;
+use crate::io::TensorRef;
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
 
@@ -73,13 +74,13 @@ impl AdamW {
         });
     }
 
-    /// The optimizer state as named tensors (`exp_avg.<path>`, `exp_avg_sq.<path>`) and
-    /// metadata (`steps` as JSON), for checkpoints.
-    pub fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
+    /// The optimizer state as named tensors (`exp_avg.<path>`, `exp_avg_sq.<path>`, shared)
+    /// and metadata (`steps` as JSON), for checkpoints.
+    pub fn state_refs(&self) -> (BTreeMap<String, TensorRef<'_>>, HashMap<String, String>) {
         let mut tensors = BTreeMap::new();
         for (path, (m, v)) in &self.moments {
-            tensors.insert(format!("exp_avg.{path}"), m.to_data());
-            tensors.insert(format!("exp_avg_sq.{path}"), v.to_data());
+            tensors.insert(format!("exp_avg.{path}"), TensorRef::Shared(m.clone(), m.dims().to_vec()));
+            tensors.insert(format!("exp_avg_sq.{path}"), TensorRef::Shared(v.clone(), v.dims().to_vec()));
         }
         let mut meta = HashMap::new();
         meta.insert("adamw_steps".into(), serde_json::to_string(&self.steps).unwrap());
@@ -152,8 +153,8 @@ impl super::Optimizer for AdamW {
     fn step(&mut self, model: &mut dyn Module, grads: &Grads, lr_of: &dyn Fn(&str) -> f64) {
         AdamW::step(self, model, grads, lr_of)
     }
-    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
-        AdamW::state(self)
+    fn state_refs(&self) -> (BTreeMap<String, TensorRef<'_>>, HashMap<String, String>) {
+        AdamW::state_refs(self)
     }
     fn load_state(&mut self, sd: &crate::io::StateDict, device: &burn::tensor::Device) -> Result<()> {
         AdamW::load_state(self, sd, device)

@@ -6,12 +6,12 @@
 //! saving is nil and small tensors (biases, norms) are the most sensitive to rounding.
 use std::collections::{BTreeMap, HashMap};
 
-use burn::tensor::{Device, TensorData};
+use burn::tensor::Device;
 use rayon::prelude::*;
 
 use super::{AdamWConfig, Grads, Optimizer, flat_tensor, load_f32, load_steps, with_values};
 use crate::ops::fresh::written;
-use crate::io::StateDict;
+use crate::io::{StateDict, TensorRef};
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
 
@@ -264,19 +264,18 @@ impl Optimizer for AdamW8bit {
 
     /// `exp_avg.<path>` / `exp_avg_sq.<path>`: u8 codes with their per-block scales in
     /// `exp_avg_absmax.<path>` / `exp_avg_sq_absmax.<path>`, or f32 moments for small tensors.
-    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
+    fn state_refs(&self) -> (BTreeMap<String, TensorRef<'_>>, HashMap<String, String>) {
         let mut tensors = BTreeMap::new();
-        let f32s = |v: &Vec<f32>| TensorData::new(v.clone(), [v.len()]);
         for (path, state) in &self.moments {
             match state {
                 Moments::Full { m, v } => {
-                    tensors.insert(format!("exp_avg.{path}"), f32s(m));
-                    tensors.insert(format!("exp_avg_sq.{path}"), f32s(v));
+                    tensors.insert(format!("exp_avg.{path}"), TensorRef::F32(m));
+                    tensors.insert(format!("exp_avg_sq.{path}"), TensorRef::F32(v));
                 }
                 Moments::Quantised { m, v } => {
                     for (name, q) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                        tensors.insert(format!("{name}.{path}"), TensorData::new(q.codes.clone(), [q.codes.len()]));
-                        tensors.insert(format!("{name}_absmax.{path}"), f32s(&q.absmax));
+                        tensors.insert(format!("{name}.{path}"), TensorRef::U8(&q.codes));
+                        tensors.insert(format!("{name}_absmax.{path}"), TensorRef::F32(&q.absmax));
                     }
                 }
             }

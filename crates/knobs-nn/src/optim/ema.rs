@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::io::StateDict;
+use crate::io::{StateDict, TensorRef};
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
 
@@ -54,9 +54,9 @@ impl Ema {
         });
     }
 
-    /// Named tensors `ema.<path>` and the update count, for checkpoints.
-    pub fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
-        let tensors = self.shadow.iter().map(|(k, v)| (format!("ema.{k}"), v.to_data())).collect();
+    /// The averages (`ema.<path>`, shared) and the update count, for checkpoints.
+    pub fn state(&self) -> (BTreeMap<String, TensorRef<'static>>, HashMap<String, String>) {
+        let tensors = self.shadow.iter().map(|(k, v)| (format!("ema.{k}"), TensorRef::Shared(v.clone(), v.dims().to_vec()))).collect();
         let meta = HashMap::from([("ema_updates".to_string(), self.updates.to_string())]);
         (tensors, meta)
     }

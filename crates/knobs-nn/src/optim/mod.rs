@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
-use crate::io::StateDict;
+use crate::io::{StateDict, TensorRef};
 use crate::module::{Module, ModuleExt};
 use crate::Result;
 
@@ -31,8 +31,14 @@ pub trait Optimizer {
     /// learning rate for that parameter (the base rate times any per-block factor).
     fn step(&mut self, model: &mut dyn Module, grads: &Grads, lr_of: &dyn Fn(&str) -> f64);
     /// The state as named tensors and string metadata, for checkpoints; [`Optimizer::load_state`]
-    /// restores it exactly.
-    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>);
+    /// restores it exactly. The tensors are the optimizer's own, shared or borrowed, so a
+    /// checkpoint writes them one at a time without a copy of the whole state.
+    fn state_refs(&self) -> (BTreeMap<String, TensorRef<'_>>, HashMap<String, String>);
+    /// [`Optimizer::state_refs`] copied out.
+    fn state(&self) -> (BTreeMap<String, TensorData>, HashMap<String, String>) {
+        let (tensors, meta) = self.state_refs();
+        (tensors.into_iter().map(|(k, t)| (k, t.to_data())).collect(), meta)
+    }
     fn load_state(&mut self, sd: &StateDict, device: &Device) -> Result<()>;
     /// Bytes the per-parameter state takes in memory.
     fn state_bytes(&self) -> usize;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use knobs_diffusion::loaders::{Component, PipelineAdapters};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::ModuleExt;
-use knobs_nn::io::{state_dict, write_safetensors};
+use knobs_nn::io::{FloatDtype, param_refs, write_tensor_refs};
 
 use super::{Attached, Defaults, OptionGroup, TrainMethod};
 use crate::finetune::config::TrainConfig;
@@ -59,11 +59,11 @@ impl TrainMethod for Dreambooth {
         let dir = cfg.out.join("model");
         copy_dir(&cfg.model()?, &dir)?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_safetensors(weights_file(&dir.join("unet")), &state_dict(&sd.unet), &meta)?;
+        write_tensor_refs(weights_file(&dir.join("unet")), &param_refs(&sd.unet), &meta, FloatDtype::F32)?;
         if cfg.train_text_encoder {
-            write_safetensors(weights_file(&dir.join("text_encoder")), &state_dict(&sd.text_encoder), &meta)?;
+            write_tensor_refs(weights_file(&dir.join("text_encoder")), &param_refs(&sd.text_encoder), &meta, FloatDtype::F32)?;
             if let Some(te2) = &sd.text_encoder_2 {
-                write_safetensors(weights_file(&dir.join("text_encoder_2")), &state_dict(te2), &meta)?;
+                write_tensor_refs(weights_file(&dir.join("text_encoder_2")), &param_refs(te2), &meta, FloatDtype::F32)?;
             }
         }
         Ok(vec![dir])
