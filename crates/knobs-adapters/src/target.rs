@@ -60,11 +60,10 @@ impl Targets {
     }
 
     pub fn matches(&self, path: &str) -> Result<bool> {
-        if let Some(ex) = &self.exclude_modules {
-            if ex.matches(path)? {
+        if let Some(ex) = &self.exclude_modules
+            && ex.matches(path)? {
                 return Ok(false);
             }
-        }
         self.target_modules.matches(path)
     }
 

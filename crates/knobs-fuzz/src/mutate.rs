@@ -58,23 +58,20 @@ fn mutate_text(text: &str, rng: &mut StdRng) -> Option<String> {
 
 /// One structure-aware or byte-level change of `data`; `other` is another seed to splice from.
 fn once(data: &mut Vec<u8>, other: &[u8], rng: &mut StdRng) {
-    if let Some((n, header)) = safetensors_header(data).filter(|_| rng.random_bool(0.5)) {
-        if let Some(new) = mutate_text(header, rng) {
+    if let Some((n, header)) = safetensors_header(data).filter(|_| rng.random_bool(0.5))
+        && let Some(new) = mutate_text(header, rng) {
             let rest = data[8 + n..].to_vec();
             *data = (new.len() as u64).to_le_bytes().to_vec();
             data.extend_from_slice(new.as_bytes());
             data.extend_from_slice(&rest);
             return;
         }
-    }
-    if let Ok(text) = std::str::from_utf8(data).map(str::to_string) {
-        if rng.random_bool(0.5) {
-            if let Some(new) = mutate_text(&text, rng) {
+    if let Ok(text) = std::str::from_utf8(data).map(str::to_string)
+        && rng.random_bool(0.5)
+            && let Some(new) = mutate_text(&text, rng) {
                 *data = new.into_bytes();
                 return;
             }
-        }
-    }
     let len = data.len();
     match rng.random_range(0..7) {
         0 if len > 0 => {

@@ -133,7 +133,7 @@ impl Checkpoints {
     /// `every` steps, at the last step, and when the run pauses here. `state` is only built
     /// when one is due. Returns whether one was written.
     pub fn save_if_due<'a>(&self, step: u64, total: u64, every: u64, pausing: bool, state: impl FnOnce() -> State<'a>) -> Result<bool> {
-        let due = step == total || pausing || step % every == 0;
+        let due = step == total || pausing || step.is_multiple_of(every);
         if due {
             self.save(step, state())?;
         }

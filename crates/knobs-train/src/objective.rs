@@ -134,8 +134,8 @@ impl Objective {
         let mut logvars = Vec::with_capacity(images.len());
         for image in images {
             let key = image_key(image);
-            if !cache.contains_key(&key) {
-                cache.insert(key, sd.vae.encode(to_tensor(std::slice::from_ref(image), &self.device.clone().inner())?));
+            if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(key) {
+                e.insert(sd.vae.encode(to_tensor(std::slice::from_ref(image), &self.device.clone().inner())?));
             }
             let p = &cache[&key];
             means.push(p.mean.clone());

@@ -114,7 +114,7 @@ fn served_images_equal_generate_through_cache_switches() {
     let refs = tmp.path().join("refs");
     std::fs::create_dir_all(&refs).unwrap();
     let lora = |i: usize| store.join(format!("a{i}.safetensors"));
-    let weight = |i: usize| if i % 2 == 0 { 1.0 } else { 0.7 };
+    let weight = |i: usize| if i.is_multiple_of(2) { 1.0 } else { 0.7 };
     let base = reference(&refs, "base", PROMPT, &[]);
     let singles: Vec<image::RgbImage> = (0..5).map(|i| reference(&refs, &format!("a{i}"), PROMPT, &["--lora", &format!("{}:{}", s(&lora(i)), weight(i))])).collect();
     for i in 0..5 {
@@ -169,7 +169,7 @@ fn served_images_equal_generate_through_cache_switches() {
         let flags: Vec<String> = pair.iter().map(|&i| format!("{}:{}", s(&lora(i)), weight(i))).collect();
         let name = format!("pair{}{}", pair[0], pair[1]);
         let want = reference(&refs, &name, PROMPT, &["--lora", &flags[0], "--lora", &flags[1]]);
-        let adapters: Vec<(String, f32)> = pair.iter().map(|&i| (format!("a{i}"), weight(i) as f32)).collect();
+        let adapters: Vec<(String, f32)> = pair.iter().map(|&i| (format!("a{i}"), weight(i))).collect();
         let refs_: Vec<(&str, f32)> = adapters.iter().map(|(n, w)| (n.as_str(), *w)).collect();
         let (status, body) = post(&generate, &request(PROMPT, &refs_, &[]));
         assert_eq!(status, 200);

@@ -71,11 +71,10 @@ impl HyperLoraConfig {
         let paths = targets.select(model)?;
         let mut layers = Vec::new();
         model.for_each_layer(|path, layer| {
-            if let LayerRef::Linear(l) = layer {
-                if paths.iter().any(|p| p == path) {
+            if let LayerRef::Linear(l) = layer
+                && paths.iter().any(|p| p == path) {
                     layers.push(LayerShape { path: path.to_string(), d_in: l.d_in(), d_out: l.d_out() });
                 }
-            }
         });
         if layers.is_empty() {
             return Err(AdapterError::Config(format!("hyperlora: target modules {target_modules:?} select no Linear layer")));

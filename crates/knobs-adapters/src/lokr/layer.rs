@@ -7,7 +7,7 @@ use crate::lycoris::{DeltaShape, Factor, WeightFactors, kaiming, tucker};
 /// divides; otherwise the divisor pair nearest the square root with `m <= factor` (LyCORIS's
 /// and PEFT's `factorization`, whose exact search this follows).
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
-    if factor > 0 && dimension % factor as usize == 0 {
+    if factor > 0 && dimension.is_multiple_of(factor as usize) {
         return (factor as usize, dimension / factor as usize);
     }
     let factor = if factor == -1 { dimension } else { factor.max(0) as usize };
@@ -15,7 +15,7 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     let length = m + n;
     while m < n {
         let mut new_m = m + 1;
-        while dimension % new_m != 0 {
+        while !dimension.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dimension / new_m;

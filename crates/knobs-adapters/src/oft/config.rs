@@ -74,10 +74,10 @@ impl OftConfig {
     /// does not divide `n` to the nearest one that does.
     pub fn blocks_for(&self, n: usize) -> (usize, usize) {
         if self.r == 0 {
-            let bs = if n % self.oft_block_size != 0 || self.oft_block_size > n { adjust(n, self.oft_block_size) } else { self.oft_block_size };
+            let bs = if !n.is_multiple_of(self.oft_block_size) || self.oft_block_size > n { adjust(n, self.oft_block_size) } else { self.oft_block_size };
             (bs, n / bs)
         } else {
-            let r = if n % self.r != 0 || self.r > n { adjust(n, self.r) } else { self.r };
+            let r = if !n.is_multiple_of(self.r) || self.r > n { adjust(n, self.r) } else { self.r };
             (n / r, r)
         }
     }
@@ -89,11 +89,11 @@ fn adjust(n: usize, p: usize) -> usize {
         return n;
     }
     let mut higher = p;
-    while higher <= n && n % higher != 0 {
+    while higher <= n && !n.is_multiple_of(higher) {
         higher += 1;
     }
     let mut lower = p;
-    while lower > 1 && n % lower != 0 {
+    while lower > 1 && !n.is_multiple_of(lower) {
         lower -= 1;
     }
     if p - lower <= higher - p { lower } else { higher }

@@ -101,7 +101,7 @@ pub fn unet(file: &SafetensorsReader, family: Family, image_size: usize, vae_sca
     let k = |rest: &str| format!("{UNET}{rest}");
     let conv_in = s.get(&k("input_blocks.0.0.weight"))?.to_vec();
     if conv_in.len() != 4 {
-        return Err(Error::key(file.path(), &k("input_blocks.0.0.weight"), format!("has shape {conv_in:?}, expected a conv weight")));
+        return Err(Error::key(file.path(), k("input_blocks.0.0.weight"), format!("has shape {conv_in:?}, expected a conv weight")));
     }
     if s.has(&k("label_emb.0.0.weight")) != (family == Family::Sdxl) {
         return Err(s.bad("a class-conditioned UNet (`label_emb`) outside SDXL: not supported".into()));

@@ -206,7 +206,7 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
-    fn run(&self, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, added: Option<&AddedCond>, mut cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
+    fn run(&self, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, added: Option<&AddedCond>, cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
         let b = sample.dims()[0];
         let timesteps = if timesteps.dims()[0] == b { timesteps } else { timesteps.expand([b]) };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
@@ -244,7 +244,7 @@ impl UNet2DConditionModel {
             }
         }
         let normed = self.conv_norm_out.forward(x);
-        if let Some(slot) = cap.as_deref_mut() {
+        if let Some(slot) = cap {
             *slot = Some(UNetIntermediates {
                 time_proj: t_proj,
                 time_embedding: temb,

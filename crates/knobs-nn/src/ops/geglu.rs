@@ -27,7 +27,7 @@ use super::record::{kept, record};
 pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
     // An odd width has a gate one wider than its values (burn's ops drop the last column).
     if y.dtype() == DType::F32
-        && y.dims()[D - 1] % 2 == 0
+        && y.dims()[D - 1].is_multiple_of(2)
         && let Some(out) = fused(&y)
     {
         return out;
@@ -189,7 +189,7 @@ mod tests {
         let (rows, inner) = (PIECE / 40 + 3, 37);
         let y = init.normal::<3>([1, rows, 2 * inner], 2.0, &cpu());
         let probe = init.normal::<3>([1, rows, inner], 1.0, &cpu());
-        let err = max_rel(&values(geglu(y.clone())), &values(decomposed(y.clone())));
+        let err = max_rel(values(geglu(y.clone())), values(decomposed(y.clone())));
         assert!(err < 1e-6, "forward: {err}");
         let grad = |device: &Device, fused: bool| {
             let ya = Tensor::<3>::from_data(y.to_data(), device).require_grad();
@@ -200,7 +200,7 @@ mod tests {
         };
         let want = grad(&cpu_autodiff(), false);
         for (device, name) in [(cpu_autodiff(), "plain"), (cpu_autodiff_checkpointed(), "checkpointed")] {
-            let err = max_rel(&grad(&device, true), &want);
+            let err = max_rel(grad(&device, true), &want);
             assert!(err < 1e-5, "{name}: {err}");
         }
     }

@@ -65,7 +65,7 @@ pub fn decomposed(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
 /// A power of two, at most 256, that leaves rows of at least 512 values.
 fn rows_per_group(len: usize) -> usize {
     let mut rows = 1;
-    while rows < 256 && len % (rows * 2) == 0 && len / (rows * 2) >= 512 {
+    while rows < 256 && len.is_multiple_of(rows * 2) && len / (rows * 2) >= 512 {
         rows *= 2;
     }
     rows

@@ -468,11 +468,10 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.lora.lora_dropout) {
             bail!("--lora-dropout must be in [0, 1), got {}", self.lora.lora_dropout);
         }
-        if let Some(g) = self.freeze.grad_scale {
-            if !(g > 0.0 && g.is_finite()) {
+        if let Some(g) = self.freeze.grad_scale
+            && !(g > 0.0 && g.is_finite()) {
                 bail!("--grad-scale must be a positive number, got {g}");
             }
-        }
         self.lr_scales()?;
         for p in &self.freeze.train_only {
             regex::Regex::new(p).with_context(|| format!("--train-only `{p}`: bad pattern"))?;
