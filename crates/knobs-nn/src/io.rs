@@ -306,6 +306,12 @@ fn from_le_halves<H: Plain>(values: &mut [H]) {
     }
 }
 
+/// The bytes of plain numbers, to write them as they lie.
+fn as_bytes<T: Plain>(v: &[T]) -> &[u8] {
+    // SAFETY: as for `as_bytes_mut`, read-only.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
 /// The bytes of a vector of plain numbers, to read a file straight into it.
 fn as_bytes_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: a `Plain` type has no padding and no invalid bit patterns; the byte view covers
@@ -405,14 +411,32 @@ impl TensorRef<'_> {
         TensorData::from_bytes(bytes, self.shape(), dtype)
     }
 
-    /// The little-endian bytes of the values stored as `stored` (from [`stored_dtype`]).
-    fn bytes(&self, key: &str, stored: Dtype) -> Result<Vec<u8>> {
+    /// Writes the values stored as `stored` (from [`stored_dtype`]), little-endian, checking
+    /// there are `numel` of them. f32 values stored as f32 and bytes go out as they lie in
+    /// memory (a parameter's or moment's storage borrowed, not copied); others are converted.
+    fn write(&self, key: &str, stored: Dtype, numel: usize, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut put = |bytes: &[u8]| {
+            if bytes.len() != numel * stored.bitsize() / 8 {
+                return Err(std::io::Error::other(format!("`{key}`: {} bytes of values for {numel} values", bytes.len())));
+            }
+            w.write_all(bytes)
+        };
+        let as_is = cfg!(target_endian = "little");
         match self {
-            TensorRef::Data(d) => to_bytes(key, d, stored),
-            TensorRef::Owned(d) => to_bytes(key, d, stored),
-            TensorRef::Shared(t, _) => to_bytes(key, &t.to_data(), stored),
-            TensorRef::F32(v) => Ok(float_bytes(v, stored)),
-            TensorRef::U8(v) => Ok(v.to_vec()),
+            TensorRef::F32(v) if as_is && stored == Dtype::F32 => put(as_bytes(v)),
+            TensorRef::U8(v) => put(v),
+            TensorRef::Data(d) if as_is && stored == Dtype::F32 && d.dtype() == DType::F32 => put(as_bytes(d.as_slice::<f32>().map_err(|e| std::io::Error::other(format!("`{key}`: {e:?}")))?)),
+            TensorRef::Shared(t, _) if as_is && stored == Dtype::F32 && t.dtype() == DType::F32 => crate::optim::with_values(t, |v| put(as_bytes(v))),
+            _ => {
+                let bytes = match self {
+                    TensorRef::Data(d) => to_bytes(key, d, stored),
+                    TensorRef::Owned(d) => to_bytes(key, d, stored),
+                    TensorRef::Shared(t, _) => to_bytes(key, &t.to_data(), stored),
+                    TensorRef::F32(v) => Ok(float_bytes(v, stored)),
+                    TensorRef::U8(v) => Ok(v.to_vec()),
+                };
+                put(&bytes.map_err(|e| std::io::Error::other(e.to_string()))?)
+            }
         }
     }
 }
@@ -500,11 +524,7 @@ pub fn write_tensor_refs(
         w.write_all(&(text.len() as u64).to_le_bytes())?;
         w.write_all(&text)?;
         for (k, t, dt, shape) in &order {
-            let bytes = t.bytes(k, *dt).map_err(|e| std::io::Error::other(e.to_string()))?;
-            if bytes.len() != shape.iter().product::<usize>() * width(*dt) {
-                return Err(std::io::Error::other(format!("`{k}`: {} bytes of values for shape {shape:?}", bytes.len())));
-            }
-            w.write_all(&bytes)?;
+            t.write(k, *dt, shape.iter().product(), w)?;
         }
         Ok(())
     })
