@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use knobs_nn::burn::tensor::TensorData;
-use knobs_nn::io::{FloatDtype, atomic_write, param_refs, state_dict, write_safetensors_as, write_tensor_refs};
+use knobs_nn::io::{FloatDtype, TensorRef, atomic_write, param_refs, write_tensor_refs};
 use knobs_nn::{Error, Module, Result};
 use serde_json::{Value, json};
 
@@ -31,19 +31,20 @@ pub fn save_single_file(sd: &StableDiffusion, path: impl AsRef<Path>, dtype: Flo
     }
     let tensors = out.into_iter().map(|(k, parts)| Ok((k.clone(), parts.finish(&k)?))).collect::<Result<BTreeMap<_, _>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors_as(path, &tensors, &meta, dtype)
+    write_tensor_refs(path, &tensors, &meta, dtype)
 }
 
-/// A tensor of the file being assembled: whole, or the thirds of a fused q/k/v tensor.
+/// A tensor of the file being assembled: whole (the parameter itself, shared, or a reshaped
+/// copy), or the thirds of a fused q/k/v tensor, copied to be joined.
 enum Parts {
-    Whole(TensorData),
+    Whole(TensorRef<'static>),
     Thirds([Option<TensorData>; 3]),
 }
 
 impl Parts {
-    fn finish(self, key: &str) -> Result<TensorData> {
+    fn finish(self, key: &str) -> Result<TensorRef<'static>> {
         match self {
-            Parts::Whole(d) => Ok(d),
+            Parts::Whole(t) => Ok(t),
             Parts::Thirds(parts) => {
                 let mut values = Vec::new();
                 let mut shape = Vec::new();
@@ -53,30 +54,31 @@ impl Parts {
                     values.extend(part.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(key, format!("{e:?}")))?);
                 }
                 shape[0] *= 3;
-                Ok(TensorData::new(values, shape))
+                Ok(TensorRef::Owned(TensorData::new(values, shape)))
             }
         }
     }
 }
 
 fn place<M: Module>(model: &M, map: impl Fn(&str) -> Option<Source>, out: &mut BTreeMap<String, Parts>) -> Result<()> {
-    for (path, data) in state_dict(model) {
+    for (path, tensor) in param_refs(model) {
         let src = map(&path).ok_or_else(|| Error::param(&path, "has no place in the single-file layout"))?;
-        let data = if src.conv1x1 || src.transposed {
+        let tensor = if src.conv1x1 || src.transposed {
+            let data = tensor.to_data();
             let s = data.shape().as_slice().to_vec();
             let values = data.convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::param(&path, format!("{e:?}")))?;
-            if src.transposed { super::transpose(&values, s[0], s[1]) } else { TensorData::new(values, [s[0], s[1], 1, 1]) }
+            TensorRef::Owned(if src.transposed { super::transpose(&values, s[0], s[1]) } else { TensorData::new(values, [s[0], s[1], 1, 1]) })
         } else {
-            data
+            tensor
         };
         match src.third {
             None => {
-                out.insert(src.key, Parts::Whole(data));
+                out.insert(src.key, Parts::Whole(tensor));
             }
             Some(i) => {
                 let entry = out.entry(src.key).or_insert_with(|| Parts::Thirds([None, None, None]));
                 if let Parts::Thirds(parts) = entry {
-                    parts[i] = Some(data);
+                    parts[i] = Some(tensor.to_data());
                 }
             }
         }
