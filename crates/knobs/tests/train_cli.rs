@@ -237,8 +237,10 @@ fn bad_input_names_the_flag() {
 fn samples_are_optional_and_lora_dropout_is_on_from_the_first_step() {
     let tmp = tempfile::tempdir().unwrap();
     let plain = tmp.path().join("plain");
-    // Two steps: a new LoRA's B is zero, so dropout on its input first shows in step 2's loss.
-    let args = ["--max-train-steps", "2", "--num-samples", "0", "--rank", "2"];
+    // A new LoRA's B is zero, so dropout on its input first shows in step 2's loss, and only
+    // through signs: AdamW's first update is lr * sign(gradient), which a mask may leave as it
+    // is. Step 3's loss follows the gradients' sizes.
+    let args = ["--max-train-steps", "3", "--num-samples", "0", "--rank", "2"];
     let a = train(&plain, "lora", &args);
     assert!(!plain.join("samples.png").exists() && !plain.join("samples").exists(), "--num-samples 0 draws no samples");
     assert!(plain.join("pytorch_lora_weights.safetensors").exists());
@@ -249,6 +251,9 @@ fn samples_are_optional_and_lora_dropout_is_on_from_the_first_step() {
     with_dropout.extend_from_slice(&["--lora-dropout", "0.5"]);
     let b = train(&tmp.path().join("dropout"), "lora", &with_dropout);
     assert_ne!(a["final_loss"], b["final_loss"], "--lora-dropout 0.5 left the loss unchanged");
+    // The masks are drawn from the run's seed: the same run again gives the same loss.
+    let again = train(&tmp.path().join("dropout-again"), "lora", &with_dropout);
+    assert_eq!(b["final_loss"], again["final_loss"], "the dropout masks differ between two runs of the same command");
     // The training log reports seconds per step and peak memory as it goes.
     let out = knobs(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-train-steps", "1", "--num-samples", "0", "--out", s(&tmp.path().join("log"))]);
     let log = String::from_utf8_lossy(&out.stderr);

@@ -254,6 +254,9 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         let mut value = 0.0;
         for micro in 0..accum {
             let mut rng = step_rng(o.seed, "train", step * accum + micro);
+            // Adapter dropout draws its masks from the backend's generator: seeded from its own
+            // stream per micro-step, so a run (and a resumed one) draws the same masks.
+            dev.seed(step_rng(o.seed, "dropout", step * accum + micro).random());
             let mut batch = Batch { images: Vec::new(), sizes: Vec::new(), prompts: Vec::new(), instances: batch_size };
             // With buckets, a batch is one bucket's, picked by drawing an image (so buckets come
             // up as often as they hold images); class images are fitted to it.
