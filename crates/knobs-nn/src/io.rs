@@ -373,6 +373,11 @@ pub enum TensorRef<'a> {
 }
 
 impl TensorRef<'_> {
+    /// A flat tensor, shared.
+    pub fn flat(t: &Tensor<1>) -> TensorRef<'static> {
+        TensorRef::Shared(t.clone(), t.dims().to_vec())
+    }
+
     /// A parameter, shared.
     pub fn param(p: &crate::ParamRef<'_>) -> TensorRef<'static> {
         TensorRef::Shared(p.flat(), p.dims())
@@ -380,32 +385,32 @@ impl TensorRef<'_> {
 
     pub fn shape(&self) -> Vec<usize> {
         match self {
-            TensorRef::Data(d) => d.shape().as_slice().to_vec(),
-            TensorRef::Owned(d) => d.shape().as_slice().to_vec(),
             TensorRef::Shared(_, shape) => shape.clone(),
             TensorRef::F32(v) => vec![v.len()],
             TensorRef::U8(v) => vec![v.len()],
+            TensorRef::Data(d) => d.shape().as_slice().to_vec(),
+            TensorRef::Owned(d) => d.shape().as_slice().to_vec(),
         }
     }
 
     pub fn dtype(&self) -> DType {
         match self {
-            TensorRef::Data(d) => d.dtype(),
-            TensorRef::Owned(d) => d.dtype(),
             TensorRef::Shared(t, _) => t.dtype(),
             TensorRef::F32(_) => DType::F32,
             TensorRef::U8(_) => DType::U8,
+            TensorRef::Data(d) => d.dtype(),
+            TensorRef::Owned(d) => d.dtype(),
         }
     }
 
     /// The values as a [`TensorData`] of the tensor's shape (a copy).
     pub fn to_data(&self) -> TensorData {
         let data = match self {
-            TensorRef::Data(d) => return (*d).clone(),
-            TensorRef::Owned(d) => return d.clone(),
             TensorRef::Shared(t, _) => t.to_data(),
             TensorRef::F32(v) => TensorData::new(v.to_vec(), [v.len()]),
             TensorRef::U8(v) => TensorData::new(v.to_vec(), [v.len()]),
+            TensorRef::Data(d) => return (*d).clone(),
+            TensorRef::Owned(d) => return d.clone(),
         };
         let (bytes, _, dtype) = data.into_parts();
         TensorData::from_bytes(bytes, self.shape(), dtype)
@@ -421,23 +426,26 @@ impl TensorRef<'_> {
             }
             w.write_all(bytes)
         };
-        let as_is = cfg!(target_endian = "little");
-        match self {
-            TensorRef::F32(v) if as_is && stored == Dtype::F32 => put(as_bytes(v)),
-            TensorRef::U8(v) => put(v),
-            TensorRef::Data(d) if as_is && stored == Dtype::F32 && d.dtype() == DType::F32 => put(as_bytes(d.as_slice::<f32>().map_err(|e| std::io::Error::other(format!("`{key}`: {e:?}")))?)),
-            TensorRef::Shared(t, _) if as_is && stored == Dtype::F32 && t.dtype() == DType::F32 => crate::optim::with_values(t, |v| put(as_bytes(v))),
-            _ => {
-                let bytes = match self {
-                    TensorRef::Data(d) => to_bytes(key, d, stored),
-                    TensorRef::Owned(d) => to_bytes(key, d, stored),
-                    TensorRef::Shared(t, _) => to_bytes(key, &t.to_data(), stored),
-                    TensorRef::F32(v) => Ok(float_bytes(v, stored)),
-                    TensorRef::U8(v) => Ok(v.to_vec()),
-                };
-                put(&bytes.map_err(|e| std::io::Error::other(e.to_string()))?)
-            }
-        }
+        let err = |e: Error| std::io::Error::other(e.to_string());
+        let as_is = cfg!(target_endian = "little") && stored == Dtype::F32 && self.dtype() == DType::F32;
+        let bytes: std::borrow::Cow<[u8]> = match self {
+            TensorRef::U8(v) => (*v).into(),
+            TensorRef::F32(v) if as_is => as_bytes(v).into(),
+            TensorRef::F32(v) => float_bytes(v, stored).into(),
+            TensorRef::Shared(t, _) if as_is => return crate::optim::with_values(t, |v| put(as_bytes(v))),
+            TensorRef::Shared(t, _) => to_bytes(key, &t.to_data(), stored).map_err(err)?.into(),
+            TensorRef::Data(d) => data_bytes(key, d, stored, as_is).map_err(err)?,
+            TensorRef::Owned(d) => data_bytes(key, d, stored, as_is).map_err(err)?,
+        };
+        put(&bytes)
+    }
+}
+
+/// `d`'s bytes as [`TensorRef::write`] writes them: borrowed when they go out `as_is`.
+fn data_bytes<'d>(key: &str, d: &'d TensorData, stored: Dtype, as_is: bool) -> Result<std::borrow::Cow<'d, [u8]>> {
+    match d.as_slice::<f32>() {
+        Ok(v) if as_is => Ok(as_bytes(v).into()),
+        _ => Ok(to_bytes(key, d, stored)?.into()),
     }
 }
 

@@ -79,8 +79,8 @@ impl AdamW {
     pub fn state_refs(&self) -> (BTreeMap<String, TensorRef<'_>>, HashMap<String, String>) {
         let mut tensors = BTreeMap::new();
         for (path, (m, v)) in &self.moments {
-            tensors.insert(format!("exp_avg.{path}"), TensorRef::Shared(m.clone(), m.dims().to_vec()));
-            tensors.insert(format!("exp_avg_sq.{path}"), TensorRef::Shared(v.clone(), v.dims().to_vec()));
+            tensors.insert(format!("exp_avg.{path}"), TensorRef::flat(m));
+            tensors.insert(format!("exp_avg_sq.{path}"), TensorRef::flat(v));
         }
         let mut meta = HashMap::new();
         meta.insert("adamw_steps".into(), serde_json::to_string(&self.steps).unwrap());

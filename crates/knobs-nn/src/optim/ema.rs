@@ -56,7 +56,7 @@ impl Ema {
 
     /// The averages (`ema.<path>`, shared) and the update count, for checkpoints.
     pub fn state(&self) -> (BTreeMap<String, TensorRef<'static>>, HashMap<String, String>) {
-        let tensors = self.shadow.iter().map(|(k, v)| (format!("ema.{k}"), TensorRef::Shared(v.clone(), v.dims().to_vec()))).collect();
+        let tensors = self.shadow.iter().map(|(k, v)| (format!("ema.{k}"), TensorRef::flat(v))).collect();
         let meta = HashMap::from([("ema_updates".to_string(), self.updates.to_string())]);
         (tensors, meta)
     }
