@@ -4,7 +4,6 @@
 //! A method supplies only [`WeightFactors`]: its parameters and how they make `dW`.
 use std::collections::BTreeMap;
 
-use knobs_nn::burn::tensor::Distribution;
 use knobs_nn::ops::conv2d;
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Init, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
@@ -191,14 +190,14 @@ impl<F: WeightFactors> DeltaAdapter<F> {
         }
         let mut mask_dims = [1; D];
         mask_dims[0] = dims[0];
-        let keep = Tensor::<D>::random(mask_dims, Distribution::Bernoulli(1.0 - self.rank_dropout), &d.device());
+        let keep = knobs_nn::dropout::keep_mask(mask_dims, 1.0 - self.rank_dropout, &d.device());
         let keep = if self.rank_dropout_scale { keep.clone() / keep.mean().into_scalar::<f32>().max(f32::MIN_POSITIVE) as f64 } else { keep };
         d * keep
     }
 
     /// PEFT skips the adapter on this call with probability `module_dropout` while training.
     fn skipped(&self) -> bool {
-        self.training && self.module_dropout > 0.0 && Tensor::<1>::random([1], Distribution::Default, &knobs_nn::cpu()).into_scalar::<f32>() <= self.module_dropout as f32
+        self.training && self.module_dropout > 0.0 && knobs_nn::dropout::uniform() < self.module_dropout
     }
 
     fn merged<const D: usize>(&self, w: Tensor<D>, weight: f32) -> Tensor<D> {

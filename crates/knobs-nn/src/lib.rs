@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod allocator;
 pub mod device;
+pub mod dropout;
 pub mod error;
 pub mod gradcheck;
 pub mod hash;

@@ -598,6 +598,18 @@ fn two_replicas_equal_one_device_with_the_whole_batch() {
         assert!(loss_err < 1e-5, "{name}: loss curves differ by {loss_err}");
         assert!(weight_err < 1e-3, "{name}: LoRA weights differ by {weight_err}");
     }
+    // Adapter dropout on two replicas: each device's thread draws its masks from its own seeded
+    // stream, so the run repeats (one generator shared by the threads would hand out masks in
+    // whatever order the threads ran).
+    let args = ["--max-train-steps", "3", "--rank", "2", "--num-samples", "0", "--lora-dropout", "0.5", "--train-batch-size", "1", "--devices", "cpu,cpu"];
+    let runs: Vec<Vec<f64>> = (0..2)
+        .map(|i| {
+            let out = tmp.path().join(format!("dropout-{i}"));
+            train(&out, "lora", &args);
+            losses(&out)
+        })
+        .collect();
+    assert_eq!(runs[0], runs[1], "--devices cpu,cpu with --lora-dropout: two runs of one command differ");
     let out = tmp.path().join("bad");
     let err = fail(&["train", "--model", s(tiny_model()), "--method", "lora", "--concept", "striped-star", "--out", s(&out), "--devices", "cpu,cuda:1"]);
     assert!(err.contains("--device cuda:1") && err.contains("`cuda` feature"), "{err}");

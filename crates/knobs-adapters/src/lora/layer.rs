@@ -3,7 +3,7 @@
 use knobs_nn::burn::tensor::module::embedding;
 use knobs_nn::ops::{conv2d, low_rank};
 use knobs_nn::burn::tensor::ops::ConvOptions;
-use knobs_nn::burn::tensor::{Distribution, Int};
+use knobs_nn::burn::tensor::Int;
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Conv2d, Conv2dAdapter, Embedding, EmbeddingAdapter, Init, Linear, LinearAdapter, Tensor, Visitor, VisitorMut};
 
@@ -13,7 +13,7 @@ pub(crate) fn dropout<const D: usize>(x: Tensor<D>, p: f64, training: bool) -> T
     if !training || p == 0.0 {
         return x;
     }
-    let keep = Tensor::<D>::random(x.shape(), Distribution::Bernoulli(1.0 - p), &x.device());
+    let keep = knobs_nn::dropout::keep_mask(x.dims(), 1.0 - p, &x.device());
     x * keep / (1.0 - p)
 }
 

@@ -101,7 +101,7 @@ pub fn step(
     primary: (&StableDiffusion, &Objective),
     replicas: &[Replica],
     batch: &Batch,
-    rng: &StdRng,
+    (rng, dropout_seed): (&StdRng, u64),
     options: LossOptions,
     prior_weight: f64,
     accum: usize,
@@ -113,9 +113,12 @@ pub fn step(
         let handles: Vec<_> = devices
             .iter()
             .zip(&rows)
-            .map(|(&(sd, objective), rows)| {
+            .enumerate()
+            .map(|(i, (&(sd, objective), rows))| {
                 let mut rng = rng.clone();
                 scope.spawn(move || -> Result<(f64, Grads)> {
+                    // Adapter dropout: a stream of its own per device, fixed by the step's seed.
+                    knobs_nn::dropout::seed_thread(dropout_seed.wrapping_add(i as u64));
                     let per = objective.per_sample_rows(sd, &batch.images, &batch.sizes, &batch.prompts, &mut rng, options, rows)?;
                     let weights = row_weights(rows, batch.instances, batch.images.len(), prior_weight, accum);
                     let weights = Tensor::<1>::from_floats(weights.as_slice(), &per.device());

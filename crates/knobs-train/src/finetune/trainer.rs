@@ -254,9 +254,10 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
         let mut value = 0.0;
         for micro in 0..accum {
             let mut rng = step_rng(o.seed, "train", step * accum + micro);
-            // Adapter dropout draws its masks from the backend's generator: seeded from its own
-            // stream per micro-step, so a run (and a resumed one) draws the same masks.
-            dev.seed(step_rng(o.seed, "dropout", step * accum + micro).random());
+            // Adapter dropout's masks: seeded from their own stream per micro-step, so a run (and
+            // a resumed one) draws the same masks. With --devices each device's thread seeds its own.
+            let dropout_seed: u64 = step_rng(o.seed, "dropout", step * accum + micro).random();
+            knobs_nn::dropout::seed_thread(dropout_seed);
             let mut batch = Batch { images: Vec::new(), sizes: Vec::new(), prompts: Vec::new(), instances: batch_size };
             // With buckets, a batch is one bucket's, picked by drawing an image (so buckets come
             // up as often as they hold images); class images are fitted to it.
@@ -269,7 +270,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
                 draw(&classes, batch_size, cfg, size, false, 0.0, &mut rng, &mut batch);
             }
             if !replicas.is_empty() {
-                let (v, g) = parallel::step((&sd, &objective), &replicas, &batch, &rng, loss_options, cfg.data.prior_loss_weight, accum as usize)?;
+                let (v, g) = parallel::step((&sd, &objective), &replicas, &batch, (&rng, dropout_seed), loss_options, cfg.data.prior_loss_weight, accum as usize)?;
                 value += v;
                 add_grads(&mut grads, g);
                 continue;
