@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
+pub mod latent_cache;
 pub mod finetune;
 pub mod hyperlora;
 pub mod loss;

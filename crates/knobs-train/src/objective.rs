@@ -23,6 +23,8 @@ use knobs_nn::hash::fnv1a_seeded;
 use knobs_nn::{Device, ModuleExt, Tensor};
 use knobs_world::images::to_tensor;
 use rand::Rng;
+
+use crate::latent_cache::LatentCache;
 use rand::rngs::StdRng;
 
 use crate::loss::{min_snr_weights, per_sample_mse};
@@ -62,7 +64,7 @@ pub struct Objective {
     latent_scale: f32,
     device: Device,
     /// Posteriors by image content, when latents are cached.
-    latents: Option<Mutex<HashMap<u64, DiagonalGaussian>>>,
+    latents: Option<LatentCache>,
     /// Prompt encodings by prompt, used while the text encoders are frozen.
     contexts: Mutex<HashMap<String, Encoded>>,
 }
@@ -112,14 +114,19 @@ impl Objective {
 
     /// Encodes each distinct image once (kohya's and diffusers' `--cache_latents`), one at a
     /// time, so a batch's posteriors do not depend on what else is in it.
-    pub fn cache_latents(mut self) -> Self {
-        self.latents = Some(Mutex::new(HashMap::new()));
+    pub fn cache_latents(self) -> Self {
+        self.with_latent_cache(LatentCache::in_memory())
+    }
+
+    /// [`Objective::cache_latents`] into `cache` (which may also keep them on disk).
+    pub fn with_latent_cache(mut self, cache: LatentCache) -> Self {
+        self.latents = Some(cache);
         self
     }
 
     /// How many posteriors and prompt embeddings are cached.
     pub fn cached_counts(&self) -> (usize, usize) {
-        let latents = self.latents.as_ref().map_or(0, |c| c.lock().expect("latent cache").len());
+        let latents = self.latents.as_ref().map_or(0, LatentCache::len);
         (latents, self.contexts.lock().expect("prompt cache").len())
     }
 
@@ -129,17 +136,13 @@ impl Objective {
         let Some(cache) = &self.latents else {
             return Ok(sd.vae.encode(to_tensor(images, &self.device.clone().inner())?));
         };
-        let mut cache = cache.lock().expect("latent cache");
+        let device = self.device.clone().inner();
         let mut means = Vec::with_capacity(images.len());
         let mut logvars = Vec::with_capacity(images.len());
         for image in images {
-            let key = image_key(image);
-            if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(key) {
-                e.insert(sd.vae.encode(to_tensor(std::slice::from_ref(image), &self.device.clone().inner())?));
-            }
-            let p = &cache[&key];
-            means.push(p.mean.clone());
-            logvars.push(p.logvar.clone());
+            let p = cache.posterior(image_key(image), &device, || Ok(sd.vae.encode(to_tensor(std::slice::from_ref(image), &device)?)))?;
+            means.push(p.mean);
+            logvars.push(p.logvar);
         }
         Ok(DiagonalGaussian { mean: Tensor::cat(means, 0), logvar: Tensor::cat(logvars, 0) })
     }

@@ -7,6 +7,7 @@ use image::{Rgb, RgbImage};
 use knobs_diffusion::pipeline::StableDiffusion;
 use knobs_nn::optim::collect_grads;
 use knobs_nn::{ModuleExt, cpu_autodiff};
+use knobs_train::latent_cache::LatentCache;
 use knobs_train::objective::{LossOptions, Objective};
 use knobs_train::rng::step_rng;
 
@@ -53,6 +54,34 @@ fn cached_latents_and_prompts_give_the_uncached_loss() {
     }
     // Three distinct images (an image, its flip, another), two distinct prompts.
     assert_eq!(cached.cached_counts(), (3, 2));
+}
+
+/// One latent folder shared by two VAEs that differ in one encoder weight: each writes and
+/// reads its own files (named by image and encoder), so each gets its own uncached loss.
+#[test]
+fn a_latent_folder_keeps_each_vaes_latents_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd = tiny_sd();
+    let mut other = tiny_sd();
+    other.vae.for_each_param_mut(|path, mut p| {
+        if path == "encoder.conv_in.bias" {
+            let data = p.as_ref().to_data();
+            let moved: Vec<f32> = data.to_vec::<f32>().unwrap().iter().map(|v| v + 0.5).collect();
+            p.assign(path, knobs_nn::burn::tensor::TensorData::new(moved, data.shape().to_vec())).unwrap();
+        }
+    });
+    let dev = cpu_autodiff();
+    let disk = |sd: &StableDiffusion| Objective::new(sd, &dev).with_latent_cache(LatentCache::on_disk(dir.path(), &sd.vae).unwrap());
+    let files = || std::fs::read_dir(dir.path()).unwrap().count();
+    assert_close(&losses(&sd, &disk(&sd), 0), &losses(&sd, &Objective::new(&sd, &dev), 0));
+    assert_eq!(files(), 3, "an image, its flip and another");
+    let want = losses(&other, &Objective::new(&other, &dev), 0);
+    assert_ne!(want, losses(&sd, &Objective::new(&sd, &dev), 0), "the changed weight changed nothing");
+    assert_close(&losses(&other, &disk(&other), 0), &want);
+    assert_eq!(files(), 6, "the second VAE's latents are files of their own");
+    // Read back from the folder (a fresh objective holds nothing in memory): the same loss.
+    assert_close(&losses(&other, &disk(&other), 0), &want);
+    assert_eq!(files(), 6);
 }
 
 #[test]

@@ -312,6 +312,49 @@ fn memory_savers_keep_what_is_learned() {
     assert!(err.contains("--cache-latents") && err.contains("--random-crop"), "{err}");
 }
 
+/// `--latent-cache DIR` writes each image's posterior once and later runs read it: the same
+/// losses as `--cache-latents` alone; values changed in the files change the losses (so they
+/// are read); a file that is not a latent file is refused by name.
+#[test]
+fn a_latent_cache_folder_is_written_once_and_read_by_later_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("latents");
+    let base = ["--max-train-steps", "3", "--rank", "2", "--num-samples", "0", "--random-flip"];
+    let run = |name: &str, extra: &[&str]| -> Vec<f64> {
+        let out = tmp.path().join(name);
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        train(&out, "lora", &args);
+        losses(&out)
+    };
+    let in_memory = run("memory", &["--cache-latents"]);
+    let first = run("first", &["--latent-cache", s(&cache)]);
+    assert_eq!(first, in_memory, "--latent-cache changed the losses of --cache-latents");
+    let mut files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(!files.is_empty() && files.iter().all(|f| f.extension().is_some_and(|e| e == "safetensors")), "{files:?}");
+    let written: Vec<_> = files.iter().map(|f| std::fs::metadata(f).unwrap().modified().unwrap()).collect();
+    assert_eq!(run("again", &["--latent-cache", s(&cache)]), first, "a run reading the cache differs");
+    let now: Vec<_> = files.iter().map(|f| std::fs::metadata(f).unwrap().modified().unwrap()).collect();
+    assert_eq!(written, now, "the second run rewrote cached latents");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), files.len(), "the second run encoded new images");
+    // Shifted means in every file: the run reads them, so its losses move.
+    for f in &files {
+        let mut sd = read_safetensors(f).unwrap();
+        let mean = sd.tensors["mean"].clone();
+        let shifted: Vec<f32> = mean.to_vec::<f32>().unwrap().iter().map(|v| v + 1.0).collect();
+        sd.tensors.insert("mean".into(), knobs_nn::burn::tensor::TensorData::new(shifted, mean.shape().to_vec()));
+        knobs_nn::io::write_safetensors(f, &sd.tensors, &sd.metadata).unwrap();
+    }
+    assert_ne!(run("shifted", &["--latent-cache", s(&cache)]), first, "the cached files were not read");
+    std::fs::write(&files[0], b"not a safetensors file").unwrap();
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-train-steps", "3", "--random-flip", "--latent-cache", s(&cache), "--out", s(&tmp.path().join("junk"))]);
+    let name = files[0].file_name().unwrap().to_str().unwrap();
+    assert!(err.contains("--latent-cache") && err.contains(name) && err.contains("delete it"), "{err}");
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--latent-cache", s(&cache), "--random-crop", "--out", s(&tmp.path().join("x"))]);
+    assert!(err.contains("--latent-cache") && err.contains("--random-crop"), "{err}");
+}
+
 /// Frozen text encoders are freed once every prompt the run uses is encoded: the same losses,
 /// validation grid, samples and adapter file as a run that holds them (--keep-text-encoders);
 /// a run that trains them keeps them.

@@ -257,6 +257,12 @@ pub struct MemoryOptions {
     /// Refused with --random-crop, whose crops differ every step.
     #[arg(long)]
     pub cache_latents: bool,
+    /// Keep the cached latents in DIR too (implies --cache-latents; kohya's
+    /// --cache_latents_to_disk): a resumed run, or any later run on the same images with the
+    /// same VAE, reads them instead of encoding. A file is named by its image and the VAE
+    /// encoder's weights, so one folder serves runs on several models.
+    #[arg(long, value_name = "DIR")]
+    pub latent_cache: Option<PathBuf>,
     /// Recompute activations in the backward pass instead of keeping them (burn's balanced
     /// checkpointing: element-wise results are recomputed, matmul and conv outputs kept);
     /// same gradients, less memory, slower steps.
@@ -451,6 +457,9 @@ impl TrainConfig {
         }
         if self.memory.cache_latents && d.random_crop {
             bail!("--cache-latents and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");
+        }
+        if self.memory.latent_cache.is_some() && d.random_crop {
+            bail!("--latent-cache and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");
         }
         if o.train_batch_size == 0 || o.gradient_accumulation_steps == 0 {
             bail!("--train-batch-size and --gradient-accumulation-steps must be at least 1");

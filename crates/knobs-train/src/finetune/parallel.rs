@@ -53,7 +53,7 @@ pub fn replicas(cfg: &TrainConfig, model: &Path, targets: &[Target]) -> Result<V
             let mut sd = load_for_training(cfg, model, &dev).with_context(|| format!("on {target}"))?;
             let mut adapters = PipelineAdapters::new(cfg.optim.seed);
             attach_for_training(cfg, &mut sd, &mut adapters)?;
-            let objective = objective_for(cfg, &sd, &dev);
+            let objective = objective_for(cfg, &sd, &dev)?;
             Ok(Replica { target, sd, objective, _adapters: adapters })
         })
         .collect()

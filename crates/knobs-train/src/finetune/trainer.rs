@@ -26,6 +26,7 @@ use super::methods::Attached;
 use super::data::{self, Example};
 use super::outputs::{Sampling, save_grid, size_of, write_samples};
 use super::plot;
+use crate::latent_cache::LatentCache;
 use crate::checkpoint::{Checkpoints, State, check_same, decode_history, encode_history, meta, sub_dict};
 use crate::objective::{ImageSizes, LossOptions, Objective, resolution};
 use crate::progress::{Progress, Tick, peak_rss_bytes};
@@ -182,10 +183,15 @@ pub(crate) fn attach_for_training(cfg: &TrainConfig, sd: &mut StableDiffusion, a
     Ok((attached, trainable))
 }
 
-/// The denoising objective on `dev`, caching latents under --cache-latents.
-pub(crate) fn objective_for(cfg: &TrainConfig, sd: &StableDiffusion, dev: &Device) -> Objective {
+/// The denoising objective on `dev`, caching latents under --cache-latents (in memory) or
+/// --latent-cache (on disk too).
+pub(crate) fn objective_for(cfg: &TrainConfig, sd: &StableDiffusion, dev: &Device) -> Result<Objective> {
     let objective = Objective::new(sd, dev);
-    if cfg.memory.cache_latents { objective.cache_latents() } else { objective }
+    Ok(match &cfg.memory.latent_cache {
+        Some(dir) => objective.with_latent_cache(LatentCache::on_disk(dir, &sd.vae)?),
+        None if cfg.memory.cache_latents => objective.cache_latents(),
+        None => objective,
+    })
 }
 
 /// Runs `cfg`: the method's own loop if it has one, else the shared one.
@@ -208,7 +214,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let classes = if cfg.with_prior_preservation() { data::class_examples(cfg, &model, res)? } else { Vec::new() };
     let mut adapters = PipelineAdapters::new(cfg.optim.seed);
     let (attached, trainable_params) = attach_for_training(cfg, &mut sd, &mut adapters)?;
-    let objective = objective_for(cfg, &sd, &dev);
+    let objective = objective_for(cfg, &sd, &dev)?;
     let prompts = validation_prompts(cfg, &instances);
     let sampling = Sampling { per_prompt: cfg.run.num_samples, steps: cfg.run.sample_steps, guidance: cfg.run.guidance_scale };
     let validation = Sampling { per_prompt: if cfg.run.validation_steps > 0 { 4 } else { 0 }, ..sampling };
