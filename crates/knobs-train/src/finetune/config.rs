@@ -452,6 +452,10 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&d.caption_dropout) {
             bail!("--caption-dropout must be a probability in [0, 1], got {}", d.caption_dropout);
         }
+        let unused = changed_flags(&self.memory);
+        if self.method.own_loop() && !unused.is_empty() {
+            bail!("{} not used by --method {}: it trains in its own loop, with its own memory use", unused.join(", "), self.method);
+        }
         if d.bucket && self.method.own_loop() {
             bail!("--bucket is not used by --method {}: it trains in its own loop on square images", self.method);
         }
@@ -602,5 +606,21 @@ mod tests {
         c.lora.rank = 4;
         c.train_text_encoder = true;
         assert_eq!(c.validate().unwrap_err().to_string(), "--train-text-encoder is not used by --method ia3");
+    }
+
+    /// A method with its own loop uses none of the memory options: each is refused by flag.
+    #[test]
+    fn memory_options_are_refused_by_methods_with_their_own_loop() {
+        let mut c = TrainConfig { method: Method::parse("hyper-lora").unwrap(), ..Default::default() };
+        c.data.concept = Some("striped-star".into());
+        c.validate().unwrap();
+        c.memory.cache_latents = true;
+        c.memory.latent_cache = Some("cache".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--cache-latents, --latent-cache not used by --method hyper-lora"), "{e}");
+        c.memory = MemoryOptions { gradient_checkpointing: true, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().starts_with("--gradient-checkpointing not used"));
+        c.method = Method::parse("lora").unwrap();
+        c.validate().unwrap();
     }
 }
