@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 use knobs_diffusion::vae::{AutoencoderKL, DiagonalGaussian};
@@ -22,6 +23,9 @@ const FORMAT: &str = "knobs-latents";
 pub struct LatentCache {
     memory: Mutex<HashMap<u64, DiagonalGaussian>>,
     disk: Option<Disk>,
+    /// Posteriors read from the folder, and encoded, so far.
+    read: AtomicUsize,
+    encoded: AtomicUsize,
 }
 
 struct Disk {
@@ -32,7 +36,7 @@ struct Disk {
 
 impl LatentCache {
     pub fn in_memory() -> Self {
-        LatentCache { memory: Mutex::new(HashMap::new()), disk: None }
+        LatentCache { memory: Mutex::new(HashMap::new()), disk: None, read: AtomicUsize::new(0), encoded: AtomicUsize::new(0) }
     }
 
     /// A cache that also reads and writes `dir` (made if missing), for `vae`'s latents.
@@ -50,6 +54,11 @@ impl LatentCache {
         self.len() == 0
     }
 
+    /// How many posteriors were read from the folder and how many were encoded.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.read.load(Ordering::Relaxed), self.encoded.load(Ordering::Relaxed))
+    }
+
     /// The posterior of the image keyed `key`: from memory, else from the folder, else from
     /// `encode` (then kept in both).
     pub fn posterior(&self, key: u64, device: &Device, encode: impl FnOnce() -> Result<DiagonalGaussian>) -> Result<DiagonalGaussian> {
@@ -57,8 +66,16 @@ impl LatentCache {
         if let Some(p) = memory.get(&key) {
             return Ok(p.clone());
         }
+        let encode = || {
+            self.encoded.fetch_add(1, Ordering::Relaxed);
+            encode()
+        };
         let p = match &self.disk {
-            Some(disk) => disk.posterior(key, device, encode)?,
+            Some(disk) => {
+                let (p, read) = disk.posterior(key, device, encode)?;
+                self.read.fetch_add(read as usize, Ordering::Relaxed);
+                p
+            }
             None => encode()?,
         };
         memory.insert(key, p.clone());
@@ -71,10 +88,12 @@ impl Disk {
         self.dir.join(format!("{:016x}.safetensors", fnv1a_seeded(&key.to_le_bytes(), self.vae)))
     }
 
-    fn posterior(&self, key: u64, device: &Device, encode: impl FnOnce() -> Result<DiagonalGaussian>) -> Result<DiagonalGaussian> {
+    /// The posterior, and whether it was read from the folder.
+    fn posterior(&self, key: u64, device: &Device, encode: impl FnOnce() -> Result<DiagonalGaussian>) -> Result<(DiagonalGaussian, bool)> {
         let path = self.path(key);
         if path.exists() {
-            return read(&path, device).with_context(|| format!("--latent-cache: {} is not a latent file knobs wrote; delete it to encode its image again", path.display()));
+            let p = read(&path, device).with_context(|| format!("--latent-cache: {} is not a latent file knobs wrote; delete it to encode its image again", path.display()))?;
+            return Ok((p, true));
         }
         let p = encode()?;
         let mut tensors = BTreeMap::new();
@@ -82,7 +101,7 @@ impl Disk {
         tensors.insert("logvar".to_string(), p.logvar.to_data());
         let metadata = HashMap::from([("format".to_string(), FORMAT.to_string())]);
         write_safetensors(&path, &tensors, &metadata).with_context(|| format!("--latent-cache: cannot write {}", path.display()))?;
-        Ok(p)
+        Ok((p, false))
     }
 }
 

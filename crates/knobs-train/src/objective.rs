@@ -124,6 +124,12 @@ impl Objective {
         self
     }
 
+    /// With latents cached: how many posteriors were read from a `--latent-cache` folder and
+    /// how many were encoded.
+    pub fn latent_counts(&self) -> Option<(usize, usize)> {
+        self.latents.as_ref().map(LatentCache::counts)
+    }
+
     /// How many posteriors and prompt embeddings are cached.
     pub fn cached_counts(&self) -> (usize, usize) {
         let latents = self.latents.as_ref().map_or(0, LatentCache::len);

@@ -320,21 +320,27 @@ fn a_latent_cache_folder_is_written_once_and_read_by_later_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("latents");
     let base = ["--max-train-steps", "3", "--rank", "2", "--num-samples", "0", "--random-flip"];
+    let counts = std::cell::RefCell::new((0, 0));
     let run = |name: &str, extra: &[&str]| -> Vec<f64> {
         let out = tmp.path().join(name);
         let mut args = base.to_vec();
         args.extend_from_slice(extra);
-        train(&out, "lora", &args);
+        let summary = train(&out, "lora", &args);
+        *counts.borrow_mut() = (summary["latents_read"].as_u64().unwrap(), summary["latents_encoded"].as_u64().unwrap());
         losses(&out)
     };
     let in_memory = run("memory", &["--cache-latents"]);
     let first = run("first", &["--latent-cache", s(&cache)]);
     assert_eq!(first, in_memory, "--latent-cache changed the losses of --cache-latents");
+    let encoded = counts.borrow().1;
+    assert!(encoded > 0 && counts.borrow().0 == 0, "{:?}", counts.borrow());
     let mut files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     assert!(!files.is_empty() && files.iter().all(|f| f.extension().is_some_and(|e| e == "safetensors")), "{files:?}");
+    assert_eq!(encoded as usize, files.len(), "one file per image encoded");
     let written: Vec<_> = files.iter().map(|f| std::fs::metadata(f).unwrap().modified().unwrap()).collect();
     assert_eq!(run("again", &["--latent-cache", s(&cache)]), first, "a run reading the cache differs");
+    assert_eq!(*counts.borrow(), (encoded, 0), "the second run read every latent and encoded none");
     let now: Vec<_> = files.iter().map(|f| std::fs::metadata(f).unwrap().modified().unwrap()).collect();
     assert_eq!(written, now, "the second run rewrote cached latents");
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), files.len(), "the second run encoded new images");

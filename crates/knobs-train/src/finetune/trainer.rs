@@ -370,6 +370,11 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("estimated_peak_bytes".to_string(), serde_json::json!(memory.total()));
     extra.insert("text_encoders_released".to_string(), serde_json::json!(sd.text_encoder.is_released()));
+    // The first device's: with --devices each replica caches the rows it computes.
+    if let Some((read, encoded)) = objective.latent_counts() {
+        extra.insert("latents_read".to_string(), serde_json::json!(read));
+        extra.insert("latents_encoded".to_string(), serde_json::json!(encoded));
+    }
     if buckets.is_some() {
         extra.insert("buckets".to_string(), serde_json::json!(buckets::counts(instances.iter().map(|e| e.size))));
     }
