@@ -42,7 +42,7 @@ mod tests {
         if let Some(s) = seed {
             seed_thread(s);
         }
-        keep_mask([4, 1000], 0.75, &crate::cpu()).into_data().to_vec().unwrap()
+        keep_mask([4, 1000], 0.75, &crate::cpu()).into_data().try_to_vec::<f32>().unwrap()
     }
 
     #[test]

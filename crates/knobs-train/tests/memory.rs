@@ -66,7 +66,7 @@ fn a_latent_folder_keeps_each_vaes_latents_apart() {
     other.vae.for_each_param_mut(|path, mut p| {
         if path == "encoder.conv_in.bias" {
             let data = p.as_ref().to_data();
-            let moved: Vec<f32> = data.to_vec::<f32>().unwrap().iter().map(|v| v + 0.5).collect();
+            let moved: Vec<f32> = data.try_to_vec::<f32>().unwrap().iter().map(|v| v + 0.5).collect();
             p.assign(path, knobs_nn::burn::tensor::TensorData::new(moved, data.shape().to_vec())).unwrap();
         }
     });

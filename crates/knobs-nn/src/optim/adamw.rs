@@ -1,11 +1,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::Grads;
+use super::{Grads, flex_f32};
+use crate::ops::fresh::written;
 use crate::io::TensorRef;
 use crate::module::{Module, ModuleExt};
 use crate::{Error, Result};
@@ -67,8 +69,15 @@ impl AdamW {
             *t += 1;
             let bias1 = 1.0 - c.beta1.powi(*t as i32);
             let bias2 = 1.0 - c.beta2.powi(*t as i32);
-            let fused = fusable(&[&param, g, &m, &v]);
-            let (param, m, v) = if fused { fused_step } else { tensor_step }(&param, g, m, v, c, lr, bias1, bias2);
+            let (param, m, v) = match (flex_f32(param.clone()), flex_f32(g.clone())) {
+                // The moments are f32 where their parameter is (made from it or loaded beside it),
+                // and move into the step unshared, so they are updated in place.
+                (Some(pf), Some(gf)) => {
+                    let moment = |t| flex_f32(t).expect("an f32 CPU parameter's moments are f32 on the CPU");
+                    fused_step(&pf, &gf, moment(m), moment(v), c, lr, bias1, bias2, &param.device())
+                }
+                _ => tensor_step(&param, g, m, v, c, lr, bias1, bias2),
+            };
             p.replace_flat(param);
             self.moments.insert(path.to_string(), (m, v));
         });
@@ -116,37 +125,36 @@ fn tensor_step(param: &Tensor<1>, g: &Tensor<1>, m: Tensor<1>, v: Tensor<1>, c: 
     (param - m.clone() / denom * (lr / bias1), m, v)
 }
 
-/// Whether every tensor is f32 on the CPU backend, where [`fused_step`] runs.
-fn fusable(tensors: &[&Tensor<1>]) -> bool {
-    tensors.iter().all(|t| t.dtype() == DType::F32 && (*t).clone().inner().try_into_primitive::<Flex>().is_ok())
-}
-
-/// The step of one parameter in one pass over its values, the moments updated in place (the
-/// tensor ops allocate a result for each of their twelve steps). The same f32 operations in the
-/// same order, scalars rounded to f32 as the ops round them, so the same bits.
+/// The step of one parameter in one pass over its values (CPU storage from
+/// [`super::flex_f32`]), the moments updated in place (the tensor ops allocate a result for
+/// each of their twelve steps). The same f32 operations in the same order, scalars rounded to
+/// f32 as the ops round them, so the same bits.
 #[allow(clippy::too_many_arguments)]
-fn fused_step(param: &Tensor<1>, g: &Tensor<1>, m: Tensor<1>, v: Tensor<1>, c: AdamWConfig, lr: f64, bias1: f64, bias2: f64) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+fn fused_step(p: &FlexTensor, g: &FlexTensor, mut m: FlexTensor, mut v: FlexTensor, c: AdamWConfig, lr: f64, bias1: f64, bias2: f64, device: &Device) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     const PIECE: usize = 1 << 14;
-    let flex = |t: Tensor<1>| t.inner().try_into_primitive::<Flex>().expect("checked by fusable").to_contiguous();
-    let (p, g, mut m, mut v) = (flex(param.clone()), flex(g.clone()), flex(m), flex(v));
-    let (p, g) = (p.as_slice::<f32>().expect("contiguous f32"), g.as_slice::<f32>().expect("contiguous f32"));
-    let mut out = vec![0.0f32; p.len()];
+    let (p, g) = (p.as_slice::<f32>().expect("checked by flex_f32"), g.as_slice::<f32>().expect("checked by flex_f32"));
     let [decay, b1, nb1, b2, nb2, root2, eps, step] =
         [1.0 - lr * c.weight_decay, c.beta1, 1.0 - c.beta1, c.beta2, 1.0 - c.beta2, bias2.sqrt(), c.eps, lr / bias1].map(|x| x as f32);
     let pieces = if p.len() >= 4 * PIECE { 1 } else { usize::MAX };
-    out.par_chunks_mut(PIECE)
-        .zip(m.storage_mut::<f32>().par_chunks_mut(PIECE).zip(v.storage_mut::<f32>().par_chunks_mut(PIECE)))
-        .zip(p.par_chunks(PIECE).zip(g.par_chunks(PIECE)))
-        .with_min_len(pieces)
-        .for_each(|((out, (m, v)), (p, g))| {
-            for ((((o, m), v), &p), &g) in out.iter_mut().zip(m).zip(v).zip(p).zip(g) {
-                *m = *m * b1 + g * nb1;
-                *v = *v * b2 + g * g * nb2;
-                *o = p * decay - *m / (v.sqrt() / root2 + eps) * step;
-            }
-        });
+    let (m_values, v_values) = (m.storage_mut::<f32>(), v.storage_mut::<f32>());
+    // SAFETY: the pieces of `out` cover all of it, and each value of a piece is written.
+    let out = unsafe {
+        written(p.len(), |out| {
+            out.par_chunks_mut(PIECE)
+                .zip(m_values.par_chunks_mut(PIECE).zip(v_values.par_chunks_mut(PIECE)))
+                .zip(p.par_chunks(PIECE).zip(g.par_chunks(PIECE)))
+                .with_min_len(pieces)
+                .for_each(|((out, (m, v)), (p, g))| {
+                    for ((((o, m), v), &p), &g) in out.iter_mut().zip(m).zip(v).zip(p).zip(g) {
+                        *m = *m * b1 + g * nb1;
+                        *v = *v * b2 + g * g * nb2;
+                        o.write(p * decay - *m / (v.sqrt() / root2 + eps) * step);
+                    }
+                })
+        })
+    };
     let n = out.len();
-    (Tensor::from_data(TensorData::new(out, [n]), &param.device()), Tensor::from_primitive::<Flex>(m), Tensor::from_primitive::<Flex>(v))
+    (Tensor::from_data(TensorData::new(out, [n]), device), Tensor::from_primitive::<Flex>(m), Tensor::from_primitive::<Flex>(v))
 }
 
 impl super::Optimizer for AdamW {
@@ -181,8 +189,8 @@ mod tests {
         for t in 1..=3 {
             let g = init.normal::<1>([n], 0.1, &cpu());
             let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-            assert!(fusable(&[&a.0, &g, &a.1, &a.2]));
-            a = fused_step(&a.0, &g, a.1, a.2, c, 1e-3, bias1, bias2);
+            let [p, gf, m, v] = [&a.0, &g, &a.1, &a.2].map(|t| flex_f32((*t).clone()).expect("f32 on the CPU backend"));
+            a = fused_step(&p, &gf, m, v, c, 1e-3, bias1, bias2, &cpu());
             b = tensor_step(&b.0, &g, b.1, b.2, c, 1e-3, bias1, bias2);
             let bits = |t: &Tensor<1>| t.to_data().try_to_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1) && bits(&a.2) == bits(&b.2), "step {t}");

@@ -49,18 +49,23 @@ pub(crate) fn values(t: &Tensor<1>) -> Vec<f32> {
     t.to_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor")
 }
 
+/// A flat f32 tensor's storage on the CPU backend, contiguous (its values then are
+/// `as_slice::<f32>()`, and `storage_mut` when unshared); `None` on other backends and dtypes.
+pub(crate) fn flex_f32(t: Tensor<1>) -> Option<burn::backend::flex::FlexTensor> {
+    if t.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    let stored = t.inner().try_into_primitive::<burn::backend::Flex>().ok()?.to_contiguous();
+    stored.as_slice::<f32>().is_some().then_some(stored)
+}
+
 /// `f` on a flat tensor's f32 values: borrowed from the CPU backend's storage where they are
 /// (no copy of a parameter or gradient per step), else copied out.
 pub(crate) fn with_values<R>(t: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> R {
-    if t.dtype() == burn::tensor::DType::F32
-        && let Ok(stored) = t.clone().inner().try_into_primitive::<burn::backend::Flex>()
-    {
-        let stored = stored.to_contiguous();
-        if let Some(v) = stored.as_slice::<f32>() {
-            return f(v);
-        }
+    match flex_f32(t.clone()) {
+        Some(stored) => f(stored.as_slice::<f32>().expect("checked by flex_f32")),
+        None => f(&values(t)),
     }
-    f(&values(t))
 }
 
 pub(crate) fn flat_tensor(v: Vec<f32>, device: &Device) -> Tensor<1> {
