@@ -4,9 +4,9 @@
 pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
-pub mod latent_cache;
 pub mod finetune;
 pub mod hyperlora;
+pub mod latent_cache;
 pub mod loss;
 pub mod lr;
 pub mod memory;

@@ -23,10 +23,9 @@ use knobs_nn::hash::fnv1a_seeded;
 use knobs_nn::{Device, ModuleExt, Tensor};
 use knobs_world::images::to_tensor;
 use rand::Rng;
-
-use crate::latent_cache::LatentCache;
 use rand::rngs::StdRng;
 
+use crate::latent_cache::LatentCache;
 use crate::loss::{min_snr_weights, per_sample_mse};
 use crate::rng::normal_vec;
 

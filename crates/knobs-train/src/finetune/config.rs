@@ -459,11 +459,9 @@ impl TrainConfig {
         if d.bucket && self.method.own_loop() {
             bail!("--bucket is not used by --method {}: it trains in its own loop on square images", self.method);
         }
-        if self.memory.cache_latents && d.random_crop {
-            bail!("--cache-latents and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");
-        }
-        if self.memory.latent_cache.is_some() && d.random_crop {
-            bail!("--latent-cache and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");
+        let caching = if self.memory.latent_cache.is_some() { Some("--latent-cache") } else { self.memory.cache_latents.then_some("--cache-latents") };
+        if let (Some(flag), true) = (caching, d.random_crop) {
+            bail!("{flag} and --random-crop exclude each other: a random crop differs every step, so its latents cannot be cached");
         }
         if o.train_batch_size == 0 || o.gradient_accumulation_steps == 0 {
             bail!("--train-batch-size and --gradient-accumulation-steps must be at least 1");
