@@ -11,8 +11,7 @@
 #
 # DEVICE's backend (cuda, vulkan or wgpu) is also the cargo feature built. KNOBS_BIN=DIR skips
 # the build and takes `knobs` and `device_parity` (the test executable) from DIR: for a machine
-# with no Rust toolchain or no network (burn's `cuda` feature downloads an LLVM bundle while it
-# builds). STEPS / WARMUP size the timings (default 10 / 3); DTYPES lists the precisions timed
+# with no Rust toolchain (scripts/gpu-pack.sh builds and packs them elsewhere). STEPS / WARMUP size the timings (default 10 / 3); DTYPES lists the precisions timed
 # and checked (default "fp32 bf16"; fp16 too); TRAIN=0 skips the training run, PEER=0 PyTorch.
 # GPU_CONVS lists the KNOBS_GPU_CONV modes knobs is timed in (default "auto matmul": burn's
 # convolution kernels for f32, or every convolution as one matrix product).

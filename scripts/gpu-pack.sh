@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu-check.sh needs on a GPU machine that has no Rust toolchain and no
 # network (the device tool's H200: CUDA, PyTorch, no cargo, no diffusers), here, where both are:
-#   .gpu/bins.tar.xz  knobs and the device_parity test executable, built with FEATURE
-#                     (default vulkan: burn's cuda feature downloads LLVM from GitHub while it
-#                     builds), stripped, one xz stream (they share most code: 22 MB for 215)
+#   .gpu/bins.tar.xz  knobs and the device_parity test executable, built with FEATURE (cuda:
+#                     CUDA through NVRTC, see crates/knobs-nn/src/cuda_without_llvm.rs; or
+#                     vulkan, default), stripped, one xz stream (they share most code: 22 MB
+#                     for 215); .gpu/feature names it
 #   .gpu/py/open_clip only the CLIP BPE vocabulary make_sd15_random.py reads from open_clip
 #   .whl/             diffusers and importlib_metadata wheels (PyTorch's peer)
 #   .gl/              the Vulkan loader and glvnd (NVIDIA's Vulkan driver needs libGLdispatch)
 #   shared/           the goldens device_parity reads and make_sd15_random.py
 # All of it (with the 27 MB tree) fits the 64 MiB a device call carries. Then, on the device:
-#   bash scripts/gpu-run.sh vulkan:0        carrying .gpu .whl .gl (shared/ travels by itself)
+#   bash scripts/gpu-run.sh                 carrying .gpu .whl .gl (shared/ travels by itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEATURE=${FEATURE:-vulkan}
@@ -25,6 +26,7 @@ cp "$parity" "$bins/device_parity"
 strip "$bins/knobs" "$bins/device_parity"
 mkdir -p .gpu/py/open_clip
 tar -cf - -C "$bins" knobs device_parity | xz -9e -T1 --lzma2=preset=9e,dict=256MiB > .gpu/bins.tar.xz
+echo "$FEATURE" > .gpu/feature
 rm -rf "$bins"
 
 vocab=$(python3 -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("open_clip").origin), "bpe_simple_vocab_16e6.txt.gz"))' 2>/dev/null || true)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device side of scripts/gpu-pack.sh: unpacks the Vulkan loader, the wheels and the
-# executables, then runs scripts/gpu-check.sh DEVICE (default vulkan:0) with them; its results
+# executables, then runs scripts/gpu-check.sh DEVICE (default: the packed backend's device 0,
+# cuda:0 or vulkan:0) with them; its results
 # come back as $OUT/gc.tar (the device tool returns 8 files at most).
 #   bash scripts/gpu-run.sh [DEVICE]    STEPS, WARMUP, LIMIT, DTYPES, GPU_CONVS, TRAIN, PEER as gpu-check's;
 #                                       CHECK=profile runs scripts/gpu-profile.sh instead
@@ -17,9 +18,19 @@ mkdir -p /work/main/crates/knobs-diffusion
 mkdir -p /tmp/bin && tar -xJf .gpu/bins.tar.xz -C /tmp/bin || exit 1
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [ -f "$icd" ] && export VK_DRIVER_FILES=$icd
+# The packed build's backend (gpu-pack.sh writes it) names the default device.
+device=${1:-$(cat .gpu/feature 2>/dev/null || echo vulkan):0}
+# A `cuda` build loads NVRTC (its kernel compiler) at run time: from the CUDA toolkit, or from
+# PyTorch's nvidia-* wheels.
+if [ "${device%%:*}" = cuda ]; then
+  for d in /usr/local/cuda/lib64 $(python3 -c 'import glob, os, nvidia; print(" ".join(glob.glob(os.path.join(nvidia.__path__[0], "*", "lib"))))' 2>/dev/null); do
+    [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  done
+  export LD_LIBRARY_PATH
+fi
 if [ "${CHECK:-}" = profile ]; then
-  KNOBS=/tmp/bin/knobs bash scripts/gpu-profile.sh "${1:-vulkan:0}"
+  KNOBS=/tmp/bin/knobs bash scripts/gpu-profile.sh "$device"
 else
-  STEPS=${STEPS:-5} WARMUP=${WARMUP:-2} LIMIT=${LIMIT:-150} KNOBS_BIN=/tmp/bin bash scripts/gpu-check.sh "${1:-vulkan:0}"
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-2} LIMIT=${LIMIT:-150} KNOBS_BIN=/tmp/bin bash scripts/gpu-check.sh "$device"
 fi
 tar -cf "$results/gc.tar" -C /tmp gc

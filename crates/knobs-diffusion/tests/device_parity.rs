@@ -36,6 +36,19 @@ fn device() -> Device {
     target.device().unwrap()
 }
 
+/// A device of this backend that is not there (the tenth GPU) is refused with the runtime's
+/// reason, which it gives on a thread of its own: before, the error read only that a channel
+/// closed ("RecvError").
+#[test]
+fn a_device_that_is_not_there_is_refused_with_the_reason() {
+    let backend = target().to_string();
+    let missing: Target = format!("{}:9", backend.split(':').next().unwrap()).parse().unwrap();
+    let err = knobs_nn::device::training_on(missing, false).err().expect("a tenth GPU came up").to_string();
+    let reason = err.split("did not come up: ").nth(1).unwrap_or_else(|| panic!("{err}"));
+    assert!(err.starts_with(&format!("--device {missing}")), "{err}");
+    assert!(reason.len() > 20 && !reason.contains("RecvError"), "the runtime's reason is lost: {err}");
+}
+
 #[test]
 fn unet_matches_the_golden_on_the_device() {
     assert_within(&sd_goldens::unet(&device(), false), forward_tol());

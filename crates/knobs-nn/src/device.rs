@@ -211,17 +211,30 @@ fn with_autodiff(device: Device, checkpointed: bool) -> Device {
 
 /// A backend that is compiled in may still find no device (no driver, no GPU): burn panics
 /// inside its runtime then. Caught here once, so the user reads which device and why.
+/// The runtimes bring a device up on threads of their own, so the caller's panic only says a
+/// channel closed: the first panic of any thread meanwhile (the driver's reason) is kept and
+/// reported instead, and none is printed.
 fn probe(device: &Device, target: Target) -> Result<()> {
     let device = device.clone();
+    let first_panic = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let previous_hook = std::panic::take_hook();
+    let seen = first_panic.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        let mut first = seen.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert_with(|| info.payload_as_str().unwrap_or("a panic without a message").to_string());
+    }));
     let outcome = std::panic::catch_unwind(move || {
         let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
         (t * 2.0).into_data().convert::<f32>().try_into_vec::<f32>().ok()
     });
+    std::panic::set_hook(previous_hook);
     match outcome {
         Ok(Some(v)) if v == [2.0, 4.0] => Ok(()),
         Ok(other) => Err(Error::Invalid(format!("--device {target}: a first tensor came back wrong ({other:?})"))),
         Err(panic) => {
-            Err(Error::Invalid(format!("--device {target}: the device did not come up: {}", crate::error::panic_message(&*panic))))
+            let reason = first_panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let reason = reason.unwrap_or_else(|| crate::error::panic_message(&*panic));
+            Err(Error::Invalid(format!("--device {target}: the device did not come up: {reason}")))
         }
     }
 }

@@ -3,6 +3,8 @@
 //! Nothing here knows about diffusion or about any particular adapter method.
 pub mod adapter;
 pub mod allocator;
+#[cfg(feature = "cuda")]
+mod cuda_without_llvm;
 pub mod device;
 pub mod dropout;
 pub mod error;

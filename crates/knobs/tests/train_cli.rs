@@ -359,6 +359,11 @@ fn a_latent_cache_folder_is_written_once_and_read_by_later_runs() {
     assert!(err.contains("--latent-cache") && err.contains(name) && err.contains("delete it"), "{err}");
     let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--latent-cache", s(&cache), "--random-crop", "--out", s(&tmp.path().join("x"))]);
     assert!(err.contains("--latent-cache") && err.contains("--random-crop"), "{err}");
+    // A folder that cannot be made (its parent is a file) is named with the flag.
+    let blocker = tmp.path().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let err = fail(&["train", "--model", s(tiny_model()), "--concept", "striped-star", "--max-train-steps", "1", "--latent-cache", s(&blocker.join("latents")), "--out", s(&tmp.path().join("y"))]);
+    assert!(err.contains("--latent-cache") && err.contains("cannot create the folder") && err.contains("a-file"), "{err}");
 }
 
 /// Frozen text encoders are freed once every prompt the run uses is encoded: the same losses,
