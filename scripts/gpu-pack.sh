@@ -9,8 +9,9 @@
 #   .whl/             diffusers and importlib_metadata wheels (PyTorch's peer)
 #   .gl/              the Vulkan loader and glvnd (NVIDIA's Vulkan driver needs libGLdispatch)
 #   shared/           the goldens device_parity reads and make_sd15_random.py
-# All of it (with the 27 MB tree) fits the 64 MiB a device call carries. Then, on the device:
-#   bash scripts/gpu-run.sh                 carrying .gpu .whl .gl (shared/ travels by itself)
+# With the 27 MB tree that is close to the 64 MiB a device call carries (the cuda pack fits by
+# 0.1 MiB on 2026-12-05, the vulkan one did not): the last lines say which. Then, on the device:
+#   bash scripts/gpu-run.sh                 carrying .gpu .whl, and .gl for vulkan (shared/ travels by itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEATURE=${FEATURE:-vulkan}
@@ -46,7 +47,9 @@ rm -rf shared && mkdir -p shared/golden/tensors shared/reference
 cp -r ../shared/golden/tiny-sd shared/golden/
 cp -r ../shared/golden/tensors/{unet,pipeline,lora_train_step}.safetensors ../shared/golden/tensors/lora_peft shared/golden/tensors/
 cp ../shared/reference/make_sd15_random.py shared/reference/
-total=$( (git ls-files -z | xargs -0 cat; find shared .gpu .whl .gl -type f -exec cat {} +) | wc -c)
-echo "packed: $((total / 1048576)) MiB to carry (limit 64)"
+# The Vulkan loader travels only for a Vulkan build.
+carry=".gpu .whl"; [ "$FEATURE" = cuda ] || carry="$carry .gl"
+total=$( (git ls-files -z | xargs -0 cat; find shared $carry -type f -exec cat {} +) | wc -c)
+echo "packed: $((total / 1024)) KiB to carry (limit $((64 * 1024))): carry $carry"
 # Tracked files travel too; the largest are models the device run does not use.
 [ "$total" -le $((64 * 1048576)) ] || echo "over the limit: move models/knobs-base/unet/*.safetensors and models/hyperlora/*.safetensors (14 MB) out of the checkout for the device call, and back after"

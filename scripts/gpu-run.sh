@@ -8,7 +8,7 @@
 set -u
 cd "$(dirname "$0")/.."
 results=${OUT:-/tmp}; export OUT=/tmp/gc; mkdir -p "$OUT"
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+for f in .gl/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done; ldconfig
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/.gpu/py PYTHONUNBUFFERED=1
 # The test executable reads the goldens where they were when it was built: the packing
@@ -20,10 +20,13 @@ icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [ -f "$icd" ] && export VK_DRIVER_FILES=$icd
 # The packed build's backend (gpu-pack.sh writes it) names the default device.
 device=${1:-$(cat .gpu/feature 2>/dev/null || echo vulkan):0}
-# A `cuda` build loads NVRTC (its kernel compiler) at run time: from the CUDA toolkit, or from
-# PyTorch's nvidia-* wheels.
+# A `cuda` build compiles its kernels with NVRTC against the CUDA toolkit's headers (CUDA_PATH,
+# default /usr/local/cuda) and loads libnvrtc at run time: the toolkit's, or PyTorch's wheels'.
 if [ "${device%%:*}" = cuda ]; then
-  for d in /usr/local/cuda/lib64 $(python3 -c 'import glob, os, nvidia; print(" ".join(glob.glob(os.path.join(nvidia.__path__[0], "*", "lib"))))' 2>/dev/null); do
+  nvcc=$(command -v nvcc || true)
+  [ -d /usr/local/cuda ] || [ -z "$nvcc" ] || export CUDA_PATH=${CUDA_PATH:-$(dirname "$(dirname "$nvcc")")}
+  # Prepended in turn, so the toolkit's (matching its headers) comes first.
+  for d in $(python3 -c 'import glob, os, nvidia; print(" ".join(glob.glob(os.path.join(nvidia.__path__[0], "*", "lib"))))' 2>/dev/null) ${CUDA_PATH:-/usr/local/cuda}/lib64; do
     [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   done
   export LD_LIBRARY_PATH
