@@ -26,7 +26,7 @@ if [ "${device%%:*}" = cuda ]; then
   nvcc=$(command -v nvcc || true)
   [ -d /usr/local/cuda ] || [ -z "$nvcc" ] || export CUDA_PATH=${CUDA_PATH:-$(dirname "$(dirname "$nvcc")")}
   # Prepended in turn, so the toolkit's (matching its headers) comes first.
-  for d in $(python3 -c 'import glob, os, nvidia; print(" ".join(glob.glob(os.path.join(nvidia.__path__[0], "*", "lib"))))' 2>/dev/null) ${CUDA_PATH:-/usr/local/cuda}/lib64; do
+  for d in $(python3 -c 'import glob, os, nvidia; print(" ".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))))' 2>/dev/null) ${CUDA_PATH:-/usr/local/cuda}/lib64; do
     [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   done
   export LD_LIBRARY_PATH
