@@ -1,5 +1,5 @@
 //! The `cuda` build without LLVM. cubecl-cuda compiles kernels either as CUDA C++ through
-//! NVRTC (the CUDA runtime's compiler, on every machine with a driver) or through its own LLVM
+//! NVRTC (NVIDIA's run-time compiler, part of the CUDA toolkit) or through its own LLVM
 //! backend, and links both. That backend's build downloads an LLVM 23 bundle from GitHub, which
 //! an offline machine cannot do, so the workspace skips it (`DOCS_RS` in `.cargo/config.toml`,
 //! the switch cubecl-llvm's build script honours) and turns on cubecl-cuda's `cpp` feature,

@@ -210,10 +210,10 @@ fn with_autodiff(device: Device, checkpointed: bool) -> Device {
 }
 
 /// A backend that is compiled in may still find no device (no driver, no GPU): burn panics
-/// inside its runtime then. Caught here once, so the user reads which device and why.
-/// The runtimes bring a device up on threads of their own, so the caller's panic only says a
-/// channel closed: the first panic of any thread meanwhile (the driver's reason) is kept and
-/// reported instead, and none is printed.
+/// inside its runtime then. Caught here once, so the user reads which device and why. The
+/// runtimes bring a device up on a thread of their own, where the driver's reason is; the
+/// caller's panic only says a channel closed. So the first panic of any thread meanwhile is
+/// kept as the reason, and none is printed.
 fn probe(device: &Device, target: Target) -> Result<()> {
     let device = device.clone();
     let first_panic = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
