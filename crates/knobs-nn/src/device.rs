@@ -213,8 +213,12 @@ fn with_autodiff(device: Device, checkpointed: bool) -> Device {
 /// inside its runtime then. Caught here once, so the user reads which device and why. The
 /// runtimes bring a device up on a thread of their own, where the driver's reason is; the
 /// caller's panic only says a channel closed. So the first panic of any thread meanwhile is
-/// kept as the reason, and none is printed.
+/// kept as the reason, and none is printed. The hook is the process's, so probes take turns:
+/// two at once (tests selecting devices on parallel threads) took each other's hooks, and a
+/// reason went to the wrong probe.
 fn probe(device: &Device, target: Target) -> Result<()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let device = device.clone();
     let first_panic = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     let previous_hook = std::panic::take_hook();
