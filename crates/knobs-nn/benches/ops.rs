@@ -66,6 +66,17 @@ fn run() {
         let ours = median_ms(|| drop(knobs_nn::ops::linear(&a, &w, Some(&bias))), iters);
         let burns = median_ms(|| drop(burn::tensor::module::linear(a.clone(), w.clone().transpose(), Some(bias.clone()))), iters);
         println!("linear [{rows},{k}] -> {n} with bias: ops::linear {ours:.1} ms, burn's module::linear {burns:.1} ms");
+        // The same layer frozen with its weight kept in f16 (`--weights-dtype f16`), forward
+        // alone and forward + input gradient, against the f32 weight.
+        let w16 = w.clone().cast(burn::tensor::DType::F16);
+        let fwd16 = median_ms(|| drop(knobs_nn::ops::linear(&a, &w16, Some(&bias))), iters);
+        let dev = cpu_autodiff();
+        let xa: Tensor<2> = Tensor::from_data(a.to_data(), &dev).require_grad();
+        let (wa, wa16) = (Tensor::<2>::from_data(w.to_data(), &dev), Tensor::<2>::from_data(w16.to_data(), &dev));
+        let ba: Tensor<1> = Tensor::from_data(bias.to_data(), &dev);
+        let frozen = |w: &Tensor<2>| median_ms(|| drop(knobs_nn::ops::linear(&xa, w, Some(&ba)).expect("the op applies").sum().backward()), iters);
+        let (both32, both16) = (frozen(&wa), frozen(&wa16));
+        println!("  frozen: forward f16 weight {fwd16:.1} ms; fwd+bwd(x) f32 weight {both32:.1} ms, f16 weight {both16:.1} ms");
     }
     // Self-attention at SD-1.5's 64x64 level (8 heads of 40) and in its VAE (one head of 512),
     // forward without autodiff and forward + backward with it; KNOBS_BENCH_ATTN

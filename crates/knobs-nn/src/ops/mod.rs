@@ -18,6 +18,7 @@ mod record;
 mod simd;
 #[cfg(test)]
 mod testing;
+mod transposed;
 mod winograd;
 pub(crate) mod precision;
 mod weight_transforms;
