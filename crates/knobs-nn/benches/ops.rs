@@ -1,5 +1,6 @@
 //! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
-//! forward and its input and weight gradients, a linear layer's matmul and the layer itself,
+//! forward and its input and weight gradients, a linear layer's matmul and the layer itself
+//! (its weight f32 or frozen in f16, forward alone and with the input gradient),
 //! self-attention, GEGLU, GroupNorm + SiLU. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
