@@ -361,8 +361,9 @@ mod tests {
         }
         // Keys and rows off the lane widths and block sizes; head sizes each side of the
         // small kernels' limit.
-        // (150, 4100, 1, 12): several row blocks of the products path over many keys.
-        for (n, m, heads, d) in [(70, 77, 2, 4), (9, 530, 1, 8), (33, 19, 3, 1), (5, 40, 2, 40), (150, 4100, 1, 12)] {
+        // (150, 4100, 1, 12) and (600, 1300, 2, 12): several key blocks of the products
+        // path, and several row blocks, each with a shorter last one.
+        for (n, m, heads, d) in [(70, 77, 2, 4), (9, 530, 1, 8), (33, 19, 3, 1), (5, 40, 2, 40), (150, 4100, 1, 12), (600, 1300, 2, 12)] {
             let dims = Dims { batch: 2, n, m, heads, head_dim: d };
             let (q, k, v) = (values(2 * n * heads * d, 0.1), values(2 * m * heads * d, 0.7), values(2 * m * heads * d, 1.3));
             let go = values(2 * n * heads * d, 2.9);

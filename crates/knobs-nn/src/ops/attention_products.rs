@@ -1,12 +1,15 @@
 //! Attention for heads wider than `attention_small` takes (SD-1.5's 40 to 160 channels, the
-//! VAE's 512) as matrix products over blocks of query rows: scores = Q K^T, softmax in place,
-//! output = P V. Only one block's scores exist at a time (rows x keys), so memory stays linear
-//! in the sequence length; the backward pass recomputes each block's probabilities from the
-//! saved log-sum-exp and gets all three gradients from four more products.
+//! VAE's 512) as matrix products over tiles of query rows x keys, flash-attention style: the
+//! forward pass keeps each row's largest score and sum so far and rescales its output when a
+//! later key block raises the largest (online softmax); the backward pass recomputes each
+//! tile's probabilities from the saved log-sum-exp and gets all three gradients from four more
+//! products. Only one tile's scores exist at a time, so memory stays linear in the sequence
+//! length, and a tile stays in cache while the products read it.
 //!
-//! Tasks are fixed by the shapes: forward, one per (batch, head, row block); backward, one per
-//! (batch, head), whose key and value gradients sum the row blocks in order. gemm splits its
-//! work over output tiles only, so results do not depend on the thread count.
+//! Tasks are fixed by the shapes: forward, one per (batch, head, row block), its key blocks in
+//! order; backward, one per (batch, head), a key's gradient summing the row blocks in order
+//! and a row's the key blocks. gemm splits its work over output tiles only, so results do not
+//! depend on the thread count.
 use rayon::prelude::*;
 
 use super::attention_kernel::Dims;
@@ -14,19 +17,23 @@ use super::lanes::{Isa, on_lanes};
 use super::matrix::{View, min_len, parallelism, product};
 use super::simd::{exp_shifted, max};
 
-/// Scores per block (rows x keys) aimed at: 2 MiB. Each block's products pack the head's
-/// keys and values again, and the key and value gradients take one block's rows as their
-/// inner dimension, so short blocks spend their time packing and re-reading those. On a
-/// 2-core Xeon (interleaved in one process), the forward and backward of SD-1.5's
-/// 4096-token self-attention (8 heads of 40) took 900 ms with 32-row blocks (512 KiB) and
-/// 700 with 128 (this size); the VAE's one 512-wide head 1530 against 790.
-const BLOCK_SCORES: usize = 1 << 19;
+/// Query rows and keys per forward tile (512 KiB of scores). Whole rows of keys, as before
+/// (128 rows x 4096 keys, 2 MiB), left the tile to L2's edge: gemm ran the score product at
+/// 111 GFLOP/s where a 256 x 512 tile runs it at 142 (one thread of a 2-core Xeon, 2 MiB of
+/// L2 a core). Forward of SDXL's 4096-token self-attention (10 heads of 64) 218-234 -> 187-195
+/// ms, SD-1.5's (8 of 40) 135-142 -> 112-114 (ops bench, 2 threads, three interleaved
+/// rounds); 128 x 512 was slower, 512 x 512 no faster and half as many tasks.
+const FORWARD_ROWS: usize = 256;
+const FORWARD_KEYS: usize = 512;
 
-/// Query rows per block for `m` keys. Blocks past 256 rows were slower again at 1024 keys
-/// (76 ms against 69 for SD-1.5's 32x32 level).
-fn block_rows(m: usize) -> usize {
-    (BLOCK_SCORES / m.max(1)).clamp(32, 256)
-}
+/// Query rows and keys per backward tile (256 KiB each of probabilities and their gradient).
+/// With the log-sum-exp saved the backward needs no row-wide softmax, so it tiles the keys
+/// too: before, 128 rows x all keys (2 x 2 MiB) spilled L2 between its five products. SDXL's
+/// forward + backward 689-725 -> 607-622 ms, SD-1.5's 433-457 -> 360-389 (as above, with the
+/// forward change); of the tiles tried, 256 x 256 was 2-4% ahead of 128 x 512 and 128 x 256,
+/// 64 x 512 and 128 x 1024 behind both.
+const BACKWARD_ROWS: usize = 256;
+const BACKWARD_KEYS: usize = 256;
 
 /// Attention with fewer multiply-adds than this (scores x head width) runs on one thread:
 /// waking another costs more (the built-in model's 64-token levels).
@@ -40,7 +47,6 @@ fn inner_parallelism(tasks: usize, dims: Dims) -> gemm::Parallelism {
 fn work(dims: Dims) -> usize {
     dims.batch * dims.heads * dims.n * dims.m * dims.head_dim
 }
-
 
 /// One (batch, head)'s rows inside the `[B, rows, H * d]` tensors.
 struct Head {
@@ -63,27 +69,6 @@ impl Head {
 }
 
 on_lanes! {
-    /// Each row of `s` `[rows, m]` replaced by its softmax; returns the rows' log-sum-exp.
-    fn softmax_rows(a: (&mut [f32], usize)) -> Vec<f32> {
-        L => {
-            // Plain loops: a closure would not inherit the entry point's target features.
-            let (s, m) = a;
-            let mut lse = Vec::with_capacity(s.len() / m.max(1));
-            for row in s.chunks_exact_mut(m) {
-                let top = max::<L>(row);
-                let total = exp_shifted::<L>(row, top);
-                let inv = 1.0 / total;
-                for p in row.iter_mut() {
-                    *p *= inv;
-                }
-                lse.push(top + total.ln());
-            }
-            lse
-        }
-    }
-}
-
-on_lanes! {
     /// Each row `i` of `s` `[rows, m]` replaced by `e^(s - lse[i])`.
     fn exp_rows(a: (&mut [f32], usize, &[f32])) -> () {
         L => {
@@ -95,10 +80,46 @@ on_lanes! {
     }
 }
 
+/// One forward task's running state over its rows: each row's largest score so far, the sum
+/// of its exponentials relative to that, and its output so far scaled the same way.
+struct Running {
+    top: Vec<f32>,
+    total: Vec<f32>,
+    out: Vec<f32>,
+}
+
+on_lanes! {
+    /// Folds one key block's scores `s` `[rows, keys]` into `run` (online softmax): each row's
+    /// scores become their exponentials relative to the row's new largest score, and what the
+    /// row summed before is scaled down to match. `first` marks the first key block.
+    fn fold_block(a: (&mut [f32], usize, &mut Running, usize, bool)) -> () {
+        L => {
+            let (s, keys, run, d, first) = a;
+            let rows = run.top.iter_mut().zip(&mut run.total).zip(run.out.chunks_exact_mut(d));
+            for (row, ((top, total), out)) in s.chunks_exact_mut(keys).zip(rows) {
+                let new_top = if first { max::<L>(row) } else { max::<L>(row).max(*top) };
+                let sum = exp_shifted::<L>(row, new_top);
+                if first {
+                    *total = sum;
+                } else if new_top > *top {
+                    let shrink = super::simd::exp(*top - new_top);
+                    *total = *total * shrink + sum;
+                    for o in out.iter_mut() {
+                        *o *= shrink;
+                    }
+                } else {
+                    *total += sum;
+                }
+                *top = new_top;
+            }
+        }
+    }
+}
+
 /// Output `[B, N, H * d]` and log-sum-exp `[B * H * N]`.
 pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, isa: Isa) -> (Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
-    let rows = block_rows(m);
+    let (rows, keys) = (FORWARD_ROWS, FORWARD_KEYS.min(m.max(1)));
     let blocks = n.div_ceil(rows);
     let tasks = batch * heads * blocks;
     let par = inner_parallelism(tasks, dims);
@@ -109,16 +130,25 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
             let (bh, blk) = (task / blocks, task % blocks);
             let head = Head { dims, b: bh / heads, h: bh % heads };
             let (first, len) = (blk * rows, rows.min(n - blk * rows));
-            let mut s = vec![0.0f32; len * m];
-            let mut out = vec![0.0f32; len * d];
-            // SAFETY: the views address this head's rows inside q, k and v; s is [len, m]
-            // and out [len, d].
-            unsafe {
-                product(len, m, d, &mut s, m, false, head.query_rows(q, first), head.key_rows(k).t(), scale, par);
-                let lse = softmax_rows((&mut s, m), isa);
-                product(len, d, m, &mut out, d, false, View::rows(&s, 0, m), head.key_rows(v), 1.0, par);
-                (out, lse)
+            let mut s = vec![0.0f32; len * keys];
+            let mut run = Running { top: vec![0.0; len], total: vec![0.0; len], out: vec![0.0; len * d] };
+            for start in (0..m).step_by(keys) {
+                let span = keys.min(m - start);
+                let s = &mut s[..len * span];
+                // SAFETY: the views address this head's rows inside q, k and v; s is
+                // [len, span] and the output [len, d].
+                unsafe {
+                    product(len, span, d, s, span, false, head.query_rows(q, first), head.key_rows(k).from_row(start).t(), scale, par);
+                    fold_block((s, span, &mut run, d, start == 0), isa);
+                    product(len, d, span, &mut run.out, d, start > 0, View::rows(s, 0, span), head.key_rows(v).from_row(start), 1.0, par);
+                }
             }
+            let Running { top, total, mut out } = run;
+            for (o, t) in out.chunks_exact_mut(d).zip(&total) {
+                let inv = 1.0 / t;
+                o.iter_mut().for_each(|o| *o *= inv);
+            }
+            (out, top.iter().zip(&total).map(|(top, t)| top + t.ln()).collect())
         })
         .collect();
     let width = dims.width();
@@ -139,7 +169,7 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f32], grad: &[f32], dims: Dims, scale: f32, isa: Isa) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
-    let rows = block_rows(m);
+    let (rows, keys) = (BACKWARD_ROWS, BACKWARD_KEYS.min(m.max(1)));
     let par = inner_parallelism(batch * heads, dims);
     let pieces: Vec<[Vec<f32>; 3]> = (0..batch * heads)
         .into_par_iter()
@@ -148,29 +178,36 @@ pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f3
             let head = Head { dims, b: bh / heads, h: bh % heads };
             let (lse, delta) = (&lse[bh * n..][..n], &delta[bh * n..][..n]);
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * d], vec![0.0f32; m * d], vec![0.0f32; m * d]);
-            let mut p = vec![0.0f32; rows * m];
-            let mut ds = vec![0.0f32; rows * m];
-            for (blk, first) in (0..n).step_by(rows).enumerate() {
-                let len = rows.min(n - first);
-                let (p, ds) = (&mut p[..len * m], &mut ds[..len * m]);
-                let (qb, gb) = (head.query_rows(q, first), head.query_rows(grad, first));
-                // SAFETY: views as in `forward`; p and ds are [len, m], dq's rows [len, d]
-                // from `first`, dk and dv [m, d].
-                unsafe {
-                    // P, the forward's probabilities, from the saved log-sum-exp.
-                    product(len, m, d, p, m, false, qb, head.key_rows(k).t(), scale, par);
-                    exp_rows((p, m, &lse[first..][..len]), isa);
-                    // dP = dO V^T, then dS = P (dP - D).
-                    product(len, m, d, ds, m, false, gb, head.key_rows(v).t(), 1.0, par);
-                    for ((ds, p), di) in ds.chunks_exact_mut(m).zip(p.chunks_exact(m)).zip(&delta[first..][..len]) {
-                        for (s, p) in ds.iter_mut().zip(p) {
-                            *s = p * (*s - di);
+            let mut p = vec![0.0f32; rows * keys];
+            let mut ds = vec![0.0f32; rows * keys];
+            // Key blocks outside, row blocks inside: each sum (a key's gradient over row
+            // blocks, a row's over key blocks) runs in a fixed order.
+            for (kblk, start) in (0..m).step_by(keys).enumerate() {
+                let span = keys.min(m - start);
+                let (kc, vc) = (head.key_rows(k).from_row(start), head.key_rows(v).from_row(start));
+                let (dk, dv) = (&mut dk[start * d..][..span * d], &mut dv[start * d..][..span * d]);
+                for (blk, first) in (0..n).step_by(rows).enumerate() {
+                    let len = rows.min(n - first);
+                    let (p, ds) = (&mut p[..len * span], &mut ds[..len * span]);
+                    let (qb, gb) = (head.query_rows(q, first), head.query_rows(grad, first));
+                    // SAFETY: views as in `forward`; p and ds are [len, span], dq's rows
+                    // [len, d] from `first`, dk and dv [span, d].
+                    unsafe {
+                        // P, the forward's probabilities, from the saved log-sum-exp.
+                        product(len, span, d, p, span, false, qb, kc.t(), scale, par);
+                        exp_rows((p, span, &lse[first..][..len]), isa);
+                        // dP = dO V^T, then dS = P (dP - D).
+                        product(len, span, d, ds, span, false, gb, vc.t(), 1.0, par);
+                        for ((ds, p), di) in ds.chunks_exact_mut(span).zip(p.chunks_exact(span)).zip(&delta[first..][..len]) {
+                            for (s, p) in ds.iter_mut().zip(p) {
+                                *s = p * (*s - di);
+                            }
                         }
+                        let (pv, dsv) = (View::rows(p, 0, span), View::rows(ds, 0, span));
+                        product(span, d, len, dv, d, blk > 0, pv.t(), gb, 1.0, par);
+                        product(len, d, span, &mut dq[first * d..], d, kblk > 0, dsv, kc, scale, par);
+                        product(span, d, len, dk, d, blk > 0, dsv.t(), qb, scale, par);
                     }
-                    let (pv, dsv) = (View::rows(p, 0, m), View::rows(ds, 0, m));
-                    product(m, d, len, &mut dv, d, blk > 0, pv.t(), gb, 1.0, par);
-                    product(len, d, m, &mut dq[first * d..], d, false, dsv, head.key_rows(k), scale, par);
-                    product(m, d, len, &mut dk, d, blk > 0, dsv.t(), qb, scale, par);
                 }
             }
             [dq, dk, dv]

@@ -18,6 +18,11 @@ impl View {
     pub(super) fn strided(s: &[f32], at: usize, rs: usize, cs: usize) -> View {
         View { ptr: s[at..].as_ptr(), rs: rs as isize, cs: cs as isize }
     }
+    /// The rows from `first` on (no copy).
+    pub(super) fn from_row(self, first: usize) -> View {
+        // Forming the pointer is safe; the products that read through it vouch for the rows.
+        View { ptr: self.ptr.wrapping_offset(first as isize * self.rs), ..self }
+    }
     /// The same matrix transposed (no copy).
     pub(super) fn t(self) -> View {
         View { ptr: self.ptr, rs: self.cs, cs: self.rs }
