@@ -115,14 +115,22 @@ pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32
             }
         })
         .collect();
-    let mut out = vec![0.0f32; batch * n * dims.width()];
+    assemble(pieces, dims, ROW_BLOCK)
+}
+
+/// The output `[B, N, H * d]` and log-sum-exp `[B * H * N]` from forward tasks' pieces, one
+/// per (batch, head, block of `rows` query rows) in that order: the block's output rows
+/// `[len, d]` and their log-sum-exp.
+pub(super) fn assemble(pieces: Vec<(Vec<f32>, Vec<f32>)>, dims: Dims, rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let Dims { batch, n, heads, head_dim: d, .. } = dims;
+    let (blocks, width) = (n.div_ceil(rows), dims.width());
+    let mut out = vec![0.0f32; batch * n * width];
     let mut lse = vec![0.0f32; batch * heads * n];
     for (task, (o, l)) in pieces.into_iter().enumerate() {
         let (bh, blk) = (task / blocks, task % blocks);
-        let (b, h) = (bh / heads, bh % heads);
-        let first = blk * ROW_BLOCK;
+        let (b, h, first) = (bh / heads, bh % heads, blk * rows);
         for (r, o) in o.chunks_exact(d).enumerate() {
-            out[(b * n + first + r) * dims.width() + h * d..][..d].copy_from_slice(o);
+            out[(b * n + first + r) * width + h * d..][..d].copy_from_slice(o);
         }
         lse[bh * n + first..][..l.len()].copy_from_slice(&l);
     }

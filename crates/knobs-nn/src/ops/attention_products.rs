@@ -12,7 +12,7 @@
 //! depend on the thread count.
 use rayon::prelude::*;
 
-use super::attention_kernel::Dims;
+use super::attention_kernel::{Dims, assemble};
 use super::lanes::{Isa, on_lanes};
 use super::matrix::{View, min_len, parallelism, product};
 use super::simd::{exp_shifted, max};
@@ -94,6 +94,7 @@ on_lanes! {
     /// row summed before is scaled down to match. `first` marks the first key block.
     fn fold_block(a: (&mut [f32], usize, &mut Running, usize, bool)) -> () {
         L => {
+            // Plain loops: a closure would not inherit the entry point's target features.
             let (s, keys, run, d, first) = a;
             let rows = run.top.iter_mut().zip(&mut run.total).zip(run.out.chunks_exact_mut(d));
             for (row, ((top, total), out)) in s.chunks_exact_mut(keys).zip(rows) {
@@ -151,18 +152,7 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
             (out, top.iter().zip(&total).map(|(top, t)| top + t.ln()).collect())
         })
         .collect();
-    let width = dims.width();
-    let mut out = vec![0.0f32; batch * n * width];
-    let mut lse = vec![0.0f32; batch * heads * n];
-    for (task, (o, l)) in pieces.into_iter().enumerate() {
-        let (bh, blk) = (task / blocks, task % blocks);
-        let (b, h, first) = (bh / heads, bh % heads, blk * rows);
-        for (r, o) in o.chunks_exact(d).enumerate() {
-            out[(b * n + first + r) * width + h * d..][..d].copy_from_slice(o);
-        }
-        lse[bh * n + first..][..l.len()].copy_from_slice(&l);
-    }
-    (out, lse)
+    assemble(pieces, dims, rows)
 }
 
 /// Gradients with respect to q, k and v (`delta` is each row's dO . O, `[B * H * N]`).
