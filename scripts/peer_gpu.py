@@ -2,13 +2,14 @@
 (rank 4 on to_q/to_k/to_v/to_out.0, AdamW, batch B, prompt encoded each step as knobs does)
 and one generation step (DDIM, CFG 7.5, VAE decode) at --resolution, median of --steps after
 --warmup, fp32 unless --dtype says otherwise. Prints one JSON line per mode; the LoRA line
-splits the step into the phases `knobs bench` reports (vae_encode timed apart, forward,
-backward, optimizer). `--device cpu --threads N` makes it the CPU peer of
-`knobs --threads N bench` (same steps, same sizes).
+splits the step into the phases `knobs bench` reports (vae_encode timed apart; forward, which
+is encode (the VAE and text encoder under no_grad) then unet_forward; backward; optimizer)
+and each line the process's peak RSS so far. `--device cpu --threads N` makes it the CPU peer
+of `knobs --threads N bench` (same steps, same sizes).
 
     python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3] [--device cuda|cpu]
 """
-import argparse, json, os, statistics, time
+import argparse, json, os, resource, statistics, time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
@@ -56,7 +57,8 @@ with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != tor
     gen = None if "generate" not in modes else timed(lambda i: pipe("a photo of a sks dog", num_inference_steps=1, guidance_scale=7.5, height=a.resolution, width=a.resolution,
                                generator=torch.Generator(dev).manual_seed(i), output_type="np"))
 if gen is not None:
-    print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "load_s": load_s}))
+    print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "load_s": load_s,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
 for m in (vae, te):
@@ -69,7 +71,7 @@ ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
 images = torch.rand(a.batch, 3, a.resolution, a.resolution, device=dev) * 2 - 1
 
 
-phases = {"vae_encode": [], "forward": [], "backward": [], "optimizer": []}
+phases = {"vae_encode": [], "encode": [], "unet_forward": [], "forward": [], "backward": [], "optimizer": []}
 steps = []
 
 
@@ -85,6 +87,7 @@ def train_step(i):
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
             ids = tok(["a photo of sks"] * a.batch, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(dev)
             ctx = te(ids)[0]
+        mark()
         noise = torch.randn_like(latents)
         t = torch.randint(0, ddpm.config.num_train_timesteps, (a.batch,), device=dev)
         pred = unet(ddpm.add_noise(latents, noise, t), t, ctx).sample
@@ -101,9 +104,10 @@ def train_step(i):
         vae.encode(images)
     mark()
     if i >= a.warmup:
-        for name, (s, e) in zip(["forward", "backward", "optimizer", "vae_encode"], zip(marks, marks[1:])):
+        for name, (s, e) in zip(["encode", "unet_forward", "backward", "optimizer", "vae_encode"], zip(marks, marks[1:])):
             phases[name].append(e - s)
-        steps.append(marks[3] - marks[0])
+        phases["forward"].append(marks[2] - marks[0])
+        steps.append(marks[4] - marks[0])
 
 
 if "lora" not in modes:
@@ -112,4 +116,6 @@ timed(train_step)
 lora = statistics.median(steps)  # without the VAE encode timed apart
 print(json.dumps({"peer": "peft", "mode": "lora", "median_s": lora, "resolution": a.resolution, "batch": a.batch, "dtype": a.dtype,
                   "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+                  # The process's peak so far (Linux counts KiB), as knobs bench's peak_rss_bytes.
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "phases": {k: statistics.median(v) for k, v in phases.items()}}))

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::finetune::config::{MixedPrecision, TrainConfig};
 use crate::finetune::methods::Method;
 use crate::finetune::trainer::set_trainable;
-use crate::objective::{LossOptions, Objective, resolution};
+use crate::objective::{ImageSizes, LossOptions, Objective, resolution};
 use crate::progress::peak_rss_bytes;
 use crate::rng::step_rng;
 
@@ -78,7 +78,8 @@ pub struct Measurement {
     pub model_bytes: u64,
     /// Where a training step's time goes, median seconds of each part (empty for
     /// generation): `vae_encode` is timed on its own call, outside the step; `forward` is
-    /// the step's VAE encode, text encoder, UNet forward and loss; then `backward` and
+    /// the step's VAE encode and text encoder (`encode`) then its UNet forward and loss
+    /// (`unet_forward`); then `backward` and
     /// `optimizer` (gradient clipping and AdamW). The PyTorch peers print the same parts.
     #[serde(default)]
     pub phases: Vec<(String, f64)>,
@@ -168,12 +169,17 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     // A GPU queues work: a phase ends when the device has run it.
     let sync = || knobs_nn::device::inference().sync().map_err(|e| anyhow::anyhow!("--device {}: {e:?}", knobs_nn::device::selected()));
     let mut times = Vec::new();
-    let mut phases: [Vec<f64>; 4] = Default::default();
+    let mut phases: [Vec<f64>; 6] = Default::default();
     for step in 0..o.warmup + o.steps {
         let mut rng = step_rng(0, "bench", step as u64);
         let images: Vec<RgbImage> = (0..o.batch).map(|_| RgbImage::from_fn(res, res, |_, _| image::Rgb(rng.random()))).collect();
         let started = Instant::now();
-        let loss = objective.per_sample(sd, &images, &prompts, &mut rng, LossOptions::default())?.mean();
+        let sizes: Vec<ImageSizes> = images.iter().map(ImageSizes::of).collect();
+        let rows: Vec<usize> = (0..o.batch).collect();
+        let inputs = objective.unet_inputs(sd, &images, &sizes, &prompts, &mut rng, LossOptions::default(), &rows)?;
+        sync()?;
+        let encoded = started.elapsed().as_secs_f64();
+        let loss = objective.loss(sd, inputs, LossOptions::default())?.mean();
         sync()?;
         let forward = started.elapsed().as_secs_f64();
         let mut grads = collect_grads(sd, &loss.backward());
@@ -188,12 +194,13 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
         sync()?;
         if step >= o.warmup {
             times.push(total);
-            for (part, s) in phases.iter_mut().zip([encode.elapsed().as_secs_f64(), forward, backward, total - forward - backward]) {
+            for (part, s) in phases.iter_mut().zip([encode.elapsed().as_secs_f64(), encoded, forward - encoded, forward, backward, total - forward - backward]) {
                 part.push(s);
             }
         }
     }
-    let names = ["vae_encode", "forward", "backward", "optimizer"];
+    // `forward` is `encode` (the VAE and text encoder) then `unet_forward`.
+    let names = ["vae_encode", "encode", "unet_forward", "forward", "backward", "optimizer"];
     Ok((times, trainable, names.iter().zip(phases).map(|(n, v)| (n.to_string(), median(v))).collect()))
 }
 

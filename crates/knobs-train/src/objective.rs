@@ -56,6 +56,15 @@ pub struct LossOptions {
     pub snr_gamma: Option<f64>,
 }
 
+/// What one step's UNet call takes, and the target it is scored against.
+pub struct UnetInputs {
+    noisy: Tensor<4>,
+    t: Vec<i64>,
+    target: Tensor<4>,
+    context: Tensor<3>,
+    added: Option<AddedCond>,
+}
+
 /// What the loss needs that does not change between steps.
 pub struct Objective {
     pub ddpm: DdpmScheduler,
@@ -214,6 +223,15 @@ impl Objective {
     /// one device would), the work only the rows'. The batch's images share one size.
     #[allow(clippy::too_many_arguments)]
     pub fn per_sample_rows(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions, rows: &[usize]) -> Result<Tensor<1>> {
+        let inputs = self.unet_inputs(sd, images, sizes, prompts, rng, o, rows)?;
+        self.loss(sd, inputs, o)
+    }
+
+    /// The first half of [`Self::per_sample_rows`]: the latents, noise, timesteps and prompt
+    /// embeddings (the VAE and text encoder's work), before the UNet runs. Apart so that
+    /// `knobs bench` can time the two halves.
+    #[allow(clippy::too_many_arguments)]
+    pub fn unet_inputs(&self, sd: &StableDiffusion, images: &[RgbImage], sizes: &[ImageSizes], prompts: &[String], rng: &mut StdRng, o: LossOptions, rows: &[usize]) -> Result<UnetInputs> {
         let dev = &self.device;
         let n = images.len();
         // The whole batch in order (one device) takes its draws and images as they are.
@@ -245,6 +263,14 @@ impl Objective {
             let ids: Vec<f32> = rows.iter().flat_map(|&r| time_ids(sizes[r].original, sizes[r].crop_top_left, (images[r].height(), images[r].width()))).collect();
             AddedCond { text_embeds, time_ids: Tensor::from_data(TensorData::new(ids, [rows.len(), 6]), dev) }
         });
+        Ok(UnetInputs { noisy, t, target, context, added })
+    }
+
+    /// The second half of [`Self::per_sample_rows`]: the UNet's prediction against the
+    /// target, per sample.
+    pub fn loss(&self, sd: &StableDiffusion, inputs: UnetInputs, o: LossOptions) -> Result<Tensor<1>> {
+        let UnetInputs { noisy, t, target, context, added } = inputs;
+        let dev = &self.device;
         let t_float = Tensor::<1>::from_floats(t.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice(), dev);
         let mut per = per_sample_mse(sd.unet.forward_with_cond(noisy, t_float, context, added.as_ref()), target);
         if let Some(gamma) = o.snr_gamma {

@@ -2,10 +2,11 @@
 //! otherwise record the decomposed ops and keep every head's N x M probabilities alive until
 //! the backward pass (at 1024 tokens and 8 heads, 32 MB a sample and layer).
 //!
-//! On the CPU backend the fused kernel (`attention_kernel`) runs forward and backward; other
-//! backends, other dtypes, and heads too wide for the kernel's row-at-a-time loop take burn's
-//! ops: its flash attention when no gradient is needed, else the decomposed path, which is also
-//! the tests' reference.
+//! On the CPU backend the fused kernel (`attention_kernel`) runs forward and backward. The GPU
+//! backends take burn's fused attention, under autodiff with the backward of
+//! `attention_blocked`. What is left (half-precision inputs on the CPU, small heads over many
+//! keys) takes burn's ops: its flash attention when no gradient is needed, else the decomposed
+//! path, which is also the tests' reference.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -38,6 +39,12 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
         return out;
     }
     if q.is_tracked() || k.is_tracked() || v.is_tracked() {
+        #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+        if width % heads == 0
+            && let Some(out) = super::attention_blocked::attention::<burn::backend::Cube>(q.clone(), k.clone(), v.clone(), heads, scale, super::attention_blocked::BLOCK_SCORES)
+        {
+            return out;
+        }
         return decomposed(q, k, v, heads, scale);
     }
     // No gradient needed: the backend's own flash attention, blocked for wide heads.

@@ -8,12 +8,14 @@
 //! product reads a weight no wider out than in transposed beforehand ([`transposes_first`]).
 //! Other backends, mixed precision and trainable half-precision weights take burn's ops.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::fresh::written;
@@ -48,6 +50,30 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Ten
     let strategy = x.gradient_checkpointing_strategy().or(w.gradient_checkpointing_strategy());
     let (x, w) = (lifted(x, strategy), lifted(w, strategy));
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| (forward(&x, &w, b.as_ref()), Saved { w });
+    if strategy == Some(GradientCheckpointingStrategy::Balanced) && w.dims()[0] >= 2 * w.dims()[1] {
+        // A layer at least twice as wide out as in (the feed-forward's input projection, 8x
+        // for GEGLU) has its output recomputed in the backward pass from the input, as the
+        // activations are, instead of held from the forward pass: one more product for the
+        // memory of eight inputs, the largest tensor a transformer block kept.
+        if !w.is_tracked() && !b.is_some_and(|b| b.is_tracked()) {
+            // burn recomputes an op only when every input takes part in autodiff, so a frozen
+            // weight and bias are held by the op instead of being its inputs.
+            let w = w.inner().try_into_primitive::<Flex>().ok()?;
+            let b = match b {
+                Some(b) => Some(b.clone().inner().try_into_primitive::<Flex>().ok()?),
+                None => None,
+            };
+            let recompute = |ids: &[NodeId]| Recompute { x: ids[0], w: Input::Held(w.clone()), b: b.clone().map(Input::Held) };
+            return record!(LinearOp::<1>, strategy, [x], keep [], recompute recompute, kernel(x, w.clone(), b.clone()));
+        }
+        let recompute = |ids: &[NodeId]| Recompute { x: ids[0], w: Input::Node(ids[1]), b: ids.get(2).copied().map(Input::Node) };
+        return match (b.map(|b| lifted(b, strategy)), w.is_tracked()) {
+            (Some(b), true) => record!(LinearOp::<3>, strategy, [x, w, b], keep [0], recompute recompute, kernel(x, w, Some(b))),
+            (Some(b), false) => record!(LinearOp::<3>, strategy, [x, w, b], keep [], recompute recompute, kernel(x, w, Some(b))),
+            (None, true) => record!(LinearOp::<2>, strategy, [x, w], keep [0], recompute recompute, kernel(x, w, None)),
+            (None, false) => record!(LinearOp::<2>, strategy, [x, w], keep [], recompute recompute, kernel(x, w, None)),
+        };
+    }
     // Only the weight gradient reads the input: a frozen weight's op (a LoRA run's) keeps none.
     match (b.map(|b| lifted(b, strategy)), w.is_tracked()) {
         (Some(b), true) => record!(LinearOp::<3>, strategy, [x, w, b], keep [0], kernel(x, w, Some(b))),
@@ -121,7 +147,51 @@ fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> Vec<f32> {
     unsafe { written(m * n, |out| product_strided(m, n, k, out.as_mut_ptr().cast(), n, 1, false, lhs, rhs, 1.0, par(m * n * k))) }
 }
 
-/// The linear layer; `N` is 3 with a bias, 2 without.
+/// The output again from the input, weight and bias, in the backward pass.
+#[derive(Debug)]
+struct Recompute {
+    x: NodeId,
+    w: Input,
+    b: Option<Input>,
+}
+
+/// A weight or bias as [`Recompute`] finds it.
+#[derive(Debug)]
+enum Input {
+    /// An input of the op, from burn's checkpointer.
+    Node(NodeId),
+    /// Frozen, held by the op.
+    Held(FlexTensor),
+}
+
+impl Input {
+    fn get(&self, states: &mut BackwardStates) -> FlexTensor {
+        match self {
+            Input::Node(id) => states.get_state::<FlexTensor>(id),
+            Input::Held(t) => t.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many outputs [`Recompute`] made on this thread (burn runs a backward pass on the
+    /// thread that asks for it).
+    static RECOMPUTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl RetroForward for Recompute {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        #[cfg(test)]
+        RECOMPUTED.with(|n| n.set(n.get() + 1));
+        let (x, w) = (states.get_state::<FlexTensor>(&self.x), self.w.get(states));
+        let b = self.b.as_ref().map(|b| b.get(states));
+        states.save(out, forward(&x, &w, b.as_ref()));
+    }
+}
+
+/// The linear layer; `N` is 3 with a bias, 2 without, 1 when the op holds a frozen weight
+/// and bias itself.
 #[derive(Debug)]
 struct LinearOp<const N: usize>;
 
@@ -184,13 +254,32 @@ mod tests {
         burn::tensor::module::linear(x, crate::param::f32_value(&w).transpose(), b)
     }
 
+    /// Under balanced checkpointing a layer twice as wide out as in gives its output to the
+    /// backward pass by recomputing it, whether its weight trains or not; a narrower one, or
+    /// one without checkpointing, keeps it.
+    #[test]
+    fn only_an_expanding_layer_under_checkpointing_is_recomputed() {
+        let (plain, checkpointed) = (cpu_autodiff(), cpu_autodiff_checkpointed());
+        for (device, d_out, trains, want) in [(&checkpointed, 40, false, 1), (&checkpointed, 40, true, 1), (&checkpointed, 30, false, 0), (&plain, 40, false, 0)] {
+            let mut init = Init::new(3);
+            let x = init.normal::<2>([6, 16], 1.0, device).require_grad();
+            let w = init.normal::<2>([d_out, 16], 0.3, device);
+            let w = if trains { w.require_grad() } else { w };
+            let before = RECOMPUTED.with(|n| n.get());
+            let y = linear(&x, &w, None).expect("the op applies");
+            assert!(x.grad(&(y.clone() * y).sum().backward()).is_some());
+            assert_eq!(RECOMPUTED.with(|n| n.get()) - before, want, "out {d_out}, trains {trains}, {device:?}");
+        }
+    }
+
     /// Values and every gradient against burn's ops: with and without a bias, the weight
     /// trained or frozen (f32, f16, bf16), plain and checkpointed autodiff, and without
     /// autodiff; rows and widths off the SIMD lanes, and large enough to run on two threads.
     #[test]
     fn values_and_gradients_match_burns_ops() {
         let mut init = Init::new(21);
-        for (rows, d_in, d_out) in [(7, 13, 5), (300, 70, 130), (40, 64, 64), (1, 50, 20)] {
+        // The fifth is twice as wide out as in: its output is recomputed under checkpointing.
+        for (rows, d_in, d_out) in [(7, 13, 5), (300, 70, 130), (40, 64, 64), (1, 50, 20), (30, 16, 40)] {
             let (x, w, b) = (init.normal::<2>([rows, d_in], 1.0, &cpu()), init.normal::<2>([d_out, d_in], 0.3, &cpu()), init.normal::<1>([d_out], 0.5, &cpu()));
             let probe = init.normal::<2>([rows, d_out], 1.0, &cpu());
             for (dtype, trains) in [(DType::F32, true), (DType::F32, false), (DType::F16, false), (DType::BF16, false)] {
@@ -206,7 +295,8 @@ mod tests {
                         let b = Tensor::<1>::from_data(b.to_data(), device).require_grad();
                         let b = bias.then_some(b);
                         let y = if ours { linear(&x, &w, b.as_ref()).expect("the op applies") } else { reference(x.clone(), w.clone(), b.clone()) };
-                        let g = (y.clone() * on(&probe)).sum().backward();
+                        // y twice: its product's backward reads y, which checkpointing recomputes.
+                        let g = (y.clone() * y.clone() * on(&probe)).sum().backward();
                         let mut out = vec![values(y), values(x.grad(&g).unwrap())];
                         if trains {
                             out.push(values(w.grad(&g).unwrap()));

@@ -1,6 +1,7 @@
 //! Fused operations with their own kernels (forward and backward) on the CPU backend.
 pub mod activation;
 pub mod attention;
+mod attention_blocked;
 mod attention_kernel;
 mod attention_products;
 mod attention_small;
