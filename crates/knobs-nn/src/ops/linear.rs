@@ -4,7 +4,8 @@
 //! new tensor), and a half-precision weight's widened f32 copy was held from the forward pass
 //! to the backward. Here the output starts as the bias rows and the product accumulates into
 //! it; the op keeps the weight as stored, and the input only when the weight trains (through
-//! burn's checkpointer, so balanced checkpointing may recompute it instead). The forward
+//! burn's checkpointer, so balanced checkpointing may recompute it instead; under it a layer
+//! twice as wide out as in has its output recomputed too). The forward
 //! product reads a weight no wider out than in transposed beforehand ([`transposes_first`]).
 //! Other backends, mixed precision and trainable half-precision weights take burn's ops.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
