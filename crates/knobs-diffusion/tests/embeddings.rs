@@ -23,7 +23,7 @@ fn learned(token: &str, n: usize, dim: usize, seed: u64) -> LearnedEmbedding {
 fn encode(tok: &ClipTokenizer, te: &ClipTextModel, prompt: &str) -> (Vec<u32>, Vec<f32>) {
     let prompt = embeddings::expand_prompt(prompt, tok).unwrap();
     let ids = tok.encode(&prompt).unwrap();
-    let out = te.try_forward(ClipTextModel::ids_tensor(&[ids.clone()], &cpu()).unwrap()).unwrap();
+    let out = te.try_forward(ClipTextModel::ids_tensor(std::slice::from_ref(&ids), &cpu()).unwrap()).unwrap();
     (ids, out.last_hidden_state.into_data().try_into_vec().unwrap())
 }
 

@@ -322,7 +322,7 @@ fn adafactor_by_the_book(p: &[f32], dims: (usize, usize), grads: &[Vec<f32>], lr
     let n = p.len();
     let mut p: Vec<f64> = p.iter().map(|&x| x as f64).collect();
     let mut m = vec![0f64; n];
-    let (mut row, mut col, mut full) = (vec![0f64; n / cols.max(1)], vec![0f64; if rows > 0 { n / rows } else { 0 }], vec![0f64; n]);
+    let (mut row, mut col, mut full) = (vec![0f64; n / cols.max(1)], vec![0f64; n.checked_div(rows).unwrap_or(0)], vec![0f64; n]);
     for (t, g) in grads.iter().enumerate() {
         let beta2t = 1.0 - ((t + 1) as f64).powf(-0.8);
         let sq: Vec<f64> = g.iter().map(|&x| (x as f64) * (x as f64) + 1e-30).collect();

@@ -1,6 +1,8 @@
 //! Fused operations with their own kernels (forward and backward) on the CPU backend.
 pub mod activation;
 pub mod attention;
+// Reached only on the GPU backends (the CPU one has its fused kernel); tested on the CPU one.
+#[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod attention_blocked;
 mod attention_kernel;
 mod attention_products;

@@ -283,8 +283,8 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
             }
             let per = objective.per_sample_sized(&sd, &batch.images, &batch.sizes, &batch.prompts, &mut rng, loss_options)?;
             let (n, b) = (batch.instances, batch.images.len());
-            let instance = per.clone().slice([0..n]).mean();
-            let loss = if n < b { instance + per.slice([n..b]).mean() * cfg.data.prior_loss_weight } else { instance } / accum as f64;
+            let instance = per.clone().slice(0..n).mean();
+            let loss = if n < b { instance + per.slice(n..b).mean() * cfg.data.prior_loss_weight } else { instance } / accum as f64;
             value += loss.clone().into_scalar::<f32>() as f64;
             let loss = match &scaler {
                 Some(s) => loss * s.scale(),
