@@ -9,7 +9,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor};
 use burn::tensor::activation::softmax;
@@ -17,6 +17,7 @@ use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor};
 
+use super::portable;
 use crate::param::value_as;
 
 /// The most scores (batch x heads x rows x keys) one block of the backward pass computes:
@@ -41,20 +42,13 @@ fn recorded<IB: Backend, C: CheckpointStrategy>(op: BlockedAttention, qkv: [Tens
 where
     DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, C>>,
 {
-    let mut parents = Vec::with_capacity(3);
-    let mut plain = Vec::with_capacity(3);
-    for t in qkv {
-        let (primitive, node) = t.try_into_primitive::<Autodiff<IB, C>>().ok()?.into_parts();
-        parents.push(node);
-        plain.push(primitive);
-    }
-    let [q, k, v]: [FloatTensor<IB>; 3] = plain.try_into().ok()?;
-    let on = |p: &FloatTensor<IB>| Tensor::<3>::from_primitive::<IB>(p.clone());
-    let out = op.forward(on(&q), on(&k), on(&v)).try_into_primitive::<IB>().ok()?;
-    let out = match op.prepare::<C>(parents.try_into().ok()?).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(Saved::<IB> { q, k, v, out: out.clone() }, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
+    let [q, k, v] = qkv;
+    let inputs = [q.try_into_primitive::<Autodiff<IB, C>>().ok()?, k.try_into_primitive::<Autodiff<IB, C>>().ok()?, v.try_into_primitive::<Autodiff<IB, C>>().ok()?];
+    let out = portable::recorded::<IB, C, _, 3>(op, inputs, |[q, k, v]| {
+        let on = |p: &FloatTensor<IB>| Tensor::<3>::from_primitive::<IB>(p.clone());
+        let out = op.forward(on(&q), on(&k), on(&v)).try_into_primitive::<IB>().ok()?;
+        Some((out.clone(), Saved::<IB> { q, k, v, out }))
+    })?;
     Some(Tensor::from_primitive::<Autodiff<IB, C>>(out))
 }
 
@@ -138,13 +132,8 @@ where
         let on = |p: FloatTensor<IB>| Tensor::<3>::from_primitive::<IB>(p);
         let Saved { q, k, v, out } = ops.state;
         let grad = on(grads.consume::<IB>(&ops.node));
-        let dqkv = self.gradients(on(q), on(k), on(v), on(out), grad);
-        for (parent, g) in ops.parents.into_iter().zip(dqkv) {
-            if let Some(node) = parent {
-                let g = g.try_into_primitive::<IB>().expect("a gradient on the inputs' backend");
-                grads.register::<IB>(node.id, g);
-            }
-        }
+        let dqkv = self.gradients(on(q), on(k), on(v), on(out), grad).map(|g| g.try_into_primitive::<IB>().expect("a gradient on the inputs' backend"));
+        portable::register::<IB, 3>(grads, ops.parents.map(|p| p.map(|node| node.id)), dqkv);
     }
 }
 

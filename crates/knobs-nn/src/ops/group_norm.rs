@@ -3,7 +3,8 @@
 //! whose autodiff keeps their intermediates and runs a broadcast reduction per op on the way
 //! back: the backward took 10x the forward at SD-1.5's 64x64 level. Here two passes forward
 //! (mean, then variance about it) and two back, over each group's values while they are in
-//! cache; only the input and two numbers per group are kept.
+//! cache; only the input and two numbers per group are kept. The GPU backends take
+//! `group_norm_portable` under autodiff, which keeps the same.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -42,6 +43,14 @@ pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
     if fusable && let Some(y) = fused(&x, &weight, &bias, groups, eps) {
         return y;
     }
+    // The GPU backends: the same op from burn's ops, with a backward that keeps only the input.
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    if fusable
+        && (x.is_tracked() || weight.is_tracked() || bias.is_tracked())
+        && let Some(y) = super::group_norm_portable::group_norm::<burn::backend::Cube>(x.clone(), weight.clone(), bias.clone(), groups, eps)
+    {
+        return y;
+    }
     decomposed(x, weight, bias, groups, eps)
 }
 
@@ -63,7 +72,7 @@ pub fn decomposed(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
 /// one row a group leaves a GPU 32 rows of up to 40,960 values to reduce at SD's GroupNorm,
 /// 32 workgroups busy and the rest idle (a quarter of an SD-1.5 step on an H200, profiled).
 /// A power of two, at most 256, that leaves rows of at least 512 values.
-fn rows_per_group(len: usize) -> usize {
+pub(super) fn rows_per_group(len: usize) -> usize {
     let mut rows = 1;
     while rows < 256 && len.is_multiple_of(rows * 2) && len / (rows * 2) >= 512 {
         rows *= 2;

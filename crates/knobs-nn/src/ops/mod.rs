@@ -4,6 +4,10 @@ pub mod attention;
 // Reached only on the GPU backends (the CPU one has its fused kernel); tested on the CPU one.
 #[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod attention_blocked;
+#[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+mod group_norm_portable;
+#[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+mod portable;
 mod attention_kernel;
 mod attention_products;
 mod attention_small;
