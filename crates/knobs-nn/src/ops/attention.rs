@@ -49,11 +49,18 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     }
     // No gradient needed: the backend's own flash attention, blocked for wide heads.
     let strategy = q.gradient_checkpointing_strategy();
-    let split = |x: Tensor<3>, rows: usize| x.inner().reshape([batch, rows, heads, dims.head_dim]).swap_dims(1, 2);
+    crate::param::autodiff_with(backends_own(q.inner(), k.inner(), v.inner(), heads, scale), strategy)
+}
+
+/// The backend's own fused attention (`module::attention`) on `[B, N, heads * d]` tensors.
+pub(super) fn backends_own(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    let [batch, n, width] = q.dims();
+    let split = |x: Tensor<3>| {
+        let rows = x.dims()[1];
+        x.reshape([batch, rows, heads, width / heads]).swap_dims(1, 2)
+    };
     let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
-    let out = module::attention(split(q, n), split(k, m), split(v, m), None, None, options);
-    let out = out.swap_dims(1, 2).reshape([batch, n, width]);
-    crate::param::autodiff_with(out, strategy)
+    module::attention(split(q), split(k), split(v), None, None, options).swap_dims(1, 2).reshape([batch, n, width])
 }
 
 /// The same attention from burn's ops (matmul, softmax, matmul).

@@ -13,8 +13,6 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor};
 use burn::tensor::activation::softmax;
-use burn::tensor::module;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor};
 
 use super::portable;
@@ -82,8 +80,7 @@ impl BlockedAttention {
     }
 
     fn forward(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
-        let options = AttentionModuleOptions { scale: Some(self.scale), ..Default::default() };
-        Self::heads_together(module::attention(self.heads_apart(q), self.heads_apart(k), self.heads_apart(v), None, None, options))
+        super::attention::backends_own(q, k, v, self.heads, self.scale)
     }
 
     /// The gradients of q, k and v, from the output's `grad`. Per block of query rows:
@@ -107,7 +104,10 @@ impl BlockedAttention {
             let probs = softmax(value_as(&scores, DType::F32), 3);
             let dprobs = value_as(&gb.clone().matmul(vt.clone()), DType::F32);
             let dscores = value_as(&(probs.clone() * (dprobs - rows_of(&row_dot))), dtype);
-            let add = |sum: Option<Tensor<4>>, x: Tensor<4>| Some(sum.map_or(x.clone(), |s| s + x));
+            let add = |sum: Option<Tensor<4>>, x: Tensor<4>| Some(match sum {
+                Some(sum) => sum + x,
+                None => x,
+            });
             dv = add(dv, value_as(&probs, dtype).swap_dims(2, 3).matmul(gb));
             dk = add(dk, dscores.clone().swap_dims(2, 3).matmul(qb).mul_scalar(self.scale));
             dq.push(dscores.matmul(k.clone()).mul_scalar(self.scale));

@@ -56,23 +56,41 @@ pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
 
 /// The same from burn's ops: other backends, and the tests' reference.
 pub fn decomposed(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<3> {
+    normalized(x, weight, bias, groups, eps).0
+}
+
+/// [`decomposed`]'s output, with each (sample, group)'s mean and standard deviation
+/// (`[B, groups, 1, 1]`), which `group_norm_portable`'s backward pass reads.
+pub(super) fn normalized(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
     let [n, c, positions] = x.dims();
+    let g = grouped(x, groups);
+    let mean = group_mean(g.clone());
+    let centered = g - mean.clone();
+    let std = (group_mean(centered.clone().powi_scalar(2)) + eps).sqrt();
+    let normed: Tensor<3> = (centered / std.clone()).reshape([n, c, positions]);
+    (normed * weight.reshape([1, c, 1]) + bias.reshape([1, c, 1]), mean, std)
+}
+
+/// `[B, C, positions]` as `[B, groups, rows, len / rows]`: each group's values in
+/// [`rows_per_group`] rows.
+pub(super) fn grouped(t: Tensor<3>, groups: usize) -> Tensor<4> {
+    let [n, c, positions] = t.dims();
     let len = c / groups * positions;
     let rows = rows_per_group(len);
-    let g: Tensor<4> = x.reshape([n, groups, rows, len / rows]);
-    // Rows of equal length: the mean of their means is the group's mean.
-    let mean = |t: Tensor<4>| t.mean_dim(3).mean_dim(2);
-    let centered = g.clone() - mean(g);
-    let var = mean(centered.clone().powi_scalar(2));
-    let normed: Tensor<3> = (centered / (var + eps).sqrt()).reshape([n, c, positions]);
-    normed * weight.reshape([1, c, 1]) + bias.reshape([1, c, 1])
+    t.reshape([n, groups, rows, len / rows])
+}
+
+/// The mean over each (sample, group) of a [`grouped`] tensor: along its rows, then across
+/// them (rows of equal length, so the mean of their means is the group's mean).
+pub(super) fn group_mean(t: Tensor<4>) -> Tensor<4> {
+    t.mean_dim(3).mean_dim(2)
 }
 
 /// How many equal rows each group's values are reduced as, first along them, then across:
 /// one row a group leaves a GPU 32 rows of up to 40,960 values to reduce at SD's GroupNorm,
 /// 32 workgroups busy and the rest idle (a quarter of an SD-1.5 step on an H200, profiled).
 /// A power of two, at most 256, that leaves rows of at least 512 values.
-pub(super) fn rows_per_group(len: usize) -> usize {
+fn rows_per_group(len: usize) -> usize {
     let mut rows = 1;
     while rows < 256 && len.is_multiple_of(rows * 2) && len / (rows * 2) >= 512 {
         rows *= 2;

@@ -1,7 +1,8 @@
 //! Group normalisation with its own backward pass on any backend (the GPU ones in practice;
 //! the CPU backend has its fused kernel). Under autodiff burn's ops keep the centred values
-//! and the normalised ones, two tensors the input's size; this op keeps the input and two
-//! numbers per (sample, group), and forms the normalised values again in the backward pass.
+//! and the normalised ones, two tensors the input's size; this op runs the same ops
+//! untracked, keeps the input and two numbers per (sample, group), and forms the normalised
+//! values again in the backward pass.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
@@ -10,7 +11,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor};
 use burn::tensor::{GradientCheckpointingStrategy, Tensor};
 
-use super::group_norm::rows_per_group;
+use super::group_norm::{group_mean, grouped, normalized};
 use super::portable;
 use super::record::lifted;
 
@@ -37,9 +38,9 @@ where
 {
     let inputs = [x.try_into_primitive::<Autodiff<IB, C>>().ok()?, w.try_into_primitive::<Autodiff<IB, C>>().ok()?, b.try_into_primitive::<Autodiff<IB, C>>().ok()?];
     let out = portable::recorded::<IB, C, _, 3>(op, inputs, |[x, w, b]| {
-        let (y, mean, rstd) = op.forward(Tensor::from_primitive::<IB>(x.clone()), Tensor::from_primitive::<IB>(w.clone()), Tensor::from_primitive::<IB>(b));
+        let (y, mean, std) = normalized(Tensor::from_primitive::<IB>(x.clone()), Tensor::from_primitive::<IB>(w.clone()), Tensor::from_primitive::<IB>(b), op.groups, op.eps);
         let plain = |t: Tensor<4>| t.try_into_primitive::<IB>().ok();
-        Some((y.try_into_primitive::<IB>().ok()?, Saved::<IB> { x, w, mean: plain(mean)?, rstd: plain(rstd)? }))
+        Some((y.try_into_primitive::<IB>().ok()?, Saved::<IB> { x, w, mean: plain(mean)?, std: plain(std)? }))
     })?;
     Some(Tensor::from_primitive::<Autodiff<IB, C>>(out))
 }
@@ -50,51 +51,25 @@ struct PortableGroupNorm {
     eps: f64,
 }
 
-/// The input, the weight, and each (sample, group)'s mean and reciprocal standard deviation
+/// The input, the weight, and each (sample, group)'s mean and standard deviation
 /// (`[B, groups, 1, 1]`).
 #[derive(Debug, Clone)]
 struct Saved<IB: Backend> {
     x: FloatTensor<IB>,
     w: FloatTensor<IB>,
     mean: FloatTensor<IB>,
-    rstd: FloatTensor<IB>,
-}
-
-/// The mean over each (sample, group) of `t` as [`PortableGroupNorm::grouped`] lays it out:
-/// along its rows, then across them (rows of equal length).
-fn group_mean(t: Tensor<4>) -> Tensor<4> {
-    t.mean_dim(3).mean_dim(2)
+    std: FloatTensor<IB>,
 }
 
 impl PortableGroupNorm {
-    /// `[B, C, positions]` as `[B, groups, rows, len / rows]`: each group's values in rows,
-    /// so that a GPU reduces them in parallel (see `rows_per_group`).
-    fn grouped(&self, t: Tensor<3>) -> Tensor<4> {
-        let [n, c, positions] = t.dims();
-        let len = c / self.groups * positions;
-        let rows = rows_per_group(len);
-        t.reshape([n, self.groups, rows, len / rows])
-    }
-
-    /// The output, and the mean and reciprocal standard deviation of each (sample, group).
-    fn forward(&self, x: Tensor<3>, w: Tensor<1>, b: Tensor<1>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+    /// With `x^` the normalised input and `dx^ = g w`: `dx = (dx^ - mean(dx^) - x^
+    /// mean(dx^ x^)) / std` over each group; the weight's gradient is `sum g x^` and the
+    /// bias's `sum g`, over samples and positions.
+    fn gradients(&self, x: Tensor<3>, w: Tensor<1>, mean: Tensor<4>, std: Tensor<4>, grad: Tensor<3>) -> [Tensor<3>; 3] {
         let [n, c, positions] = x.dims();
-        let g = self.grouped(x);
-        let mean = group_mean(g.clone());
-        let centered = g - mean.clone();
-        let rstd = (group_mean(centered.clone().powi_scalar(2)) + self.eps).sqrt().recip();
-        let normed: Tensor<3> = (centered * rstd.clone()).reshape([n, c, positions]);
-        (normed * w.reshape([1, c, 1]) + b.reshape([1, c, 1]), mean, rstd)
-    }
-
-    /// With `x^` the normalised input and `dx^ = g w`: `dx = rstd (dx^ - mean(dx^) - x^
-    /// mean(dx^ x^))` over each group; the weight's gradient is `sum g x^` and the bias's
-    /// `sum g`, over samples and positions.
-    fn gradients(&self, x: Tensor<3>, w: Tensor<1>, mean: Tensor<4>, rstd: Tensor<4>, grad: Tensor<3>) -> [Tensor<3>; 3] {
-        let [n, c, positions] = x.dims();
-        let xhat = (self.grouped(x) - mean) * rstd.clone();
-        let dxhat = self.grouped(grad.clone() * w.reshape([1, c, 1]));
-        let dx = (dxhat.clone() - group_mean(dxhat.clone()) - xhat.clone() * group_mean(dxhat * xhat.clone())) * rstd;
+        let xhat = (grouped(x, self.groups) - mean) / std.clone();
+        let dxhat = grouped(grad.clone() * w.reshape([1, c, 1]), self.groups);
+        let dx = (dxhat.clone() - group_mean(dxhat.clone()) - xhat.clone() * group_mean(dxhat * xhat.clone())) / std;
         let per_channel = |t: Tensor<3>| t.sum_dim(2).sum_dim(0);
         let dw = per_channel(grad.clone() * xhat.reshape([n, c, positions]));
         [dx.reshape([n, c, positions]), dw, per_channel(grad)]
@@ -108,11 +83,11 @@ where
     type State = Saved<IB>;
 
     fn backward(self, ops: Ops<Saved<IB>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved { x, w, mean, rstd } = ops.state;
+        let Saved { x, w, mean, std } = ops.state;
         let grad = Tensor::<3>::from_primitive::<IB>(grads.consume::<IB>(&ops.node));
         let x = Tensor::<3>::from_primitive::<IB>(x);
         let c = x.dims()[1];
-        let [dx, dw, db] = self.gradients(x, Tensor::from_primitive::<IB>(w), Tensor::from_primitive::<IB>(mean), Tensor::from_primitive::<IB>(rstd), grad);
+        let [dx, dw, db] = self.gradients(x, Tensor::from_primitive::<IB>(w), Tensor::from_primitive::<IB>(mean), Tensor::from_primitive::<IB>(std), grad);
         // The weight's and bias's gradients are [1, C, 1]; their parameters are [C].
         let [dw, db] = [dw, db].map(|t| t.reshape([c]).try_into_primitive::<IB>().expect("a gradient on the inputs' backend"));
         let dx = dx.try_into_primitive::<IB>().expect("a gradient on the inputs' backend");
