@@ -47,3 +47,8 @@ for b, c, hw in [(2, 320, 64), (8, 32, 32)]:
     for q in norm.parameters(): q.requires_grad_(False)
     ms = med(lambda: F.silu(norm(x)).sum().backward())
     print(f"groupnorm+silu [{b},{c},{hw},{hw}] fwd+bwd(x): {ms:.1f} ms")
+for rows, c in [(4096, 320), (1024, 640)]:
+    x = torch.randn(1, rows, c).requires_grad_(); norm = torch.nn.LayerNorm(c, eps=1e-5)
+    for q in norm.parameters(): q.requires_grad_(False)
+    ms = med(lambda: norm(x).sum().backward())
+    print(f"layernorm [1,{rows},{c}] fwd+bwd(x): {ms:.1f} ms")

@@ -1,7 +1,7 @@
 //! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
 //! forward and its input and weight gradients, a linear layer's matmul and the layer itself
 //! (its weight f32 or frozen in f16, forward alone and with the input gradient),
-//! self-attention, GEGLU, GroupNorm + SiLU. Run:
+//! self-attention, GEGLU, GroupNorm + SiLU, LayerNorm. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
 use knobs_nn::timing::median_ms;
@@ -107,5 +107,15 @@ fn run() {
         let norm = knobs_nn::GroupNorm::new(32, c, 1e-5, &dev);
         let ms = median_ms(|| drop(knobs_nn::ops::silu(norm.forward(x.clone())).sum().backward()), iters);
         println!("groupnorm+silu [{b},{c},{hw},{hw}] fwd+bwd(x): {ms:.1} ms");
+    }
+    // LayerNorm, three in every transformer block, at SD-1.5's 64x64 and 32x32 levels (batch
+    // 1, as a training step), forward and backward (input gradient, the weights frozen).
+    for (rows, c) in [(4096, 320), (1024, 640)] {
+        let dev = cpu_autodiff();
+        let x: Tensor<3> = init.normal::<3>([1, rows, c], 1.0, &dev).require_grad();
+        let norm = knobs_nn::LayerNorm::new(c, 1e-5, &dev);
+        let ms = median_ms(|| drop(norm.forward(x.clone()).sum().backward()), iters);
+        let burns = median_ms(|| drop(burn::tensor::module::layer_norm(x.clone(), norm.weight.clone(), Some(norm.bias.clone()), 1e-5).sum().backward()), iters);
+        println!("layernorm [1,{rows},{c}] fwd+bwd(x): {ms:.1} ms, burn's ops {burns:.1} ms");
     }
 }

@@ -1,7 +1,6 @@
-use burn::tensor::module::layer_norm;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
-use crate::param::{f32_value, value_as};
+use crate::param::f32_value;
 
 use crate::module::{Module, Visitor, VisitorMut, join};
 use crate::param::{ParamMut, ParamRef};
@@ -22,10 +21,6 @@ impl GroupNorm {
 
     /// Statistics in f32 whatever the input's dtype (mixed precision), the result in it.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        if dtype != DType::F32 {
-            return value_as(&self.forward(x.cast(DType::F32)), dtype);
-        }
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let positions = dims[2..].iter().product::<usize>();
@@ -49,11 +44,7 @@ impl LayerNorm {
 
     /// Statistics in f32 whatever the input's dtype (mixed precision), the result in it.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        if dtype != DType::F32 {
-            return value_as(&self.forward(x.cast(DType::F32)), dtype);
-        }
-        layer_norm(x, self.weight.clone(), Some(self.bias.clone()), self.eps)
+        crate::ops::layer_norm(x, f32_value(&self.weight), f32_value(&self.bias), self.eps)
     }
 }
 

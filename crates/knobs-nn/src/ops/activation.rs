@@ -1,8 +1,9 @@
 //! SiLU (`x sigmoid(x)`) and GELU (`x Phi(x)`, the exact erf form) as single operations with
 //! their own backward on the CPU backend. burn builds SiLU from a sigmoid (a scalar `exp` per
 //! value) and a product, whose autodiff keeps both and runs four passes back, and runs GELU
-//! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. Other
-//! backends and dtypes take burn's ops.
+//! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. The GPU
+//! backends take `activation_portable` under autodiff; the rest (half precision on the CPU,
+//! no gradient off it) burn's ops.
 use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -49,12 +50,24 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     {
         return y;
     }
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    if x.is_tracked()
+        && let Some(y) = super::activation_portable::silu::<burn::backend::Cube, D>(x.clone())
+    {
+        return y;
+    }
     activation::silu(x)
 }
 
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if x.dtype() == DType::F32
         && let Some(y) = fused(&x, Kind::Gelu)
+    {
+        return y;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    if x.is_tracked()
+        && let Some(y) = super::activation_portable::gelu::<burn::backend::Cube, D>(x.clone())
     {
         return y;
     }

@@ -4,7 +4,8 @@
 //! a product with a strided view that the next layer copies again to reshape it, and a
 //! backward that pads each half's gradient back to full width with zeros and adds the two;
 //! at SD-1.5's 64x64 level each of those is a 42 MB tensor. Here one pass each way, reading
-//! the projection where it lies, which is all the op keeps.
+//! the projection where it lies, which is all the op keeps. The GPU backends take
+//! `activation_portable`'s GEGLU under autodiff, which keeps the same.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
 use burn::backend::autodiff::checkpoint::state::BackwardStates;
@@ -29,6 +30,12 @@ pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
     if y.dtype() == DType::F32
         && y.dims()[D - 1].is_multiple_of(2)
         && let Some(out) = fused(&y)
+    {
+        return out;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    if y.is_tracked()
+        && let Some(out) = super::activation_portable::geglu::<burn::backend::Cube, D>(y.clone())
     {
         return out;
     }

@@ -14,6 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::matrix::min_len;
+use crate::param::value_as;
 use super::record::{lifted, record};
 
 /// Values below which the work stays on one thread.
@@ -36,19 +37,26 @@ impl Dims {
 }
 
 /// `x` `[B, C, positions]` normalised over each sample's groups of `C / groups` channels, then
-/// scaled by `weight` `[C]` and shifted by `bias` `[C]`, as `torch.nn.GroupNorm` (f32).
+/// scaled by `weight` `[C]` and shifted by `bias` `[C]`, as `torch.nn.GroupNorm`. The
+/// statistics are f32 whatever `x`'s dtype (mixed precision, as autocast runs it), the result
+/// in `x`'s dtype; `weight` and `bias` are f32.
 pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<3> {
     let [_, channels, _] = x.dims();
-    let fusable = [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) && groups > 0 && channels % groups == 0;
-    if fusable && let Some(y) = fused(&x, &weight, &bias, groups, eps) {
-        return y;
-    }
-    // The GPU backends: the same op from burn's ops, with a backward that keeps only the input.
+    let fusable = [weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) && groups > 0 && channels % groups == 0;
+    // The GPU backends: the same op from burn's ops, with a backward that keeps only the input,
+    // in its own dtype (half under mixed precision, where a cast first would keep an f32 copy).
     #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
     if fusable
         && (x.is_tracked() || weight.is_tracked() || bias.is_tracked())
         && let Some(y) = super::group_norm_portable::group_norm::<burn::backend::Cube>(x.clone(), weight.clone(), bias.clone(), groups, eps)
     {
+        return y;
+    }
+    let dtype = x.dtype();
+    if dtype != DType::F32 {
+        return value_as(&group_norm(x.cast(DType::F32), weight, bias, groups, eps), dtype);
+    }
+    if fusable && let Some(y) = fused(&x, &weight, &bias, groups, eps) {
         return y;
     }
     decomposed(x, weight, bias, groups, eps)
@@ -130,7 +138,7 @@ fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> FlexTensor {
 }
 
 /// `sum f(a[k], b[k])`, eight running f32 sums at a time (so that it vectorises) added in f64.
-fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+pub(super) fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     let mut lanes = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail = ac.remainder().iter().zip(bc.remainder()).map(|(&a, &b)| f(a, b) as f64).sum::<f64>();

@@ -2,7 +2,8 @@
 //! the CPU backend has its fused kernel). Under autodiff burn's ops keep the centred values
 //! and the normalised ones, two tensors the input's size; this op runs the same ops
 //! untracked, keeps the input and two numbers per (sample, group), and forms the normalised
-//! values again in the backward pass.
+//! values again in the backward pass. Under mixed precision it keeps the input as it came,
+//! in half precision, where casting it to f32 first would keep an f32 copy.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
@@ -14,9 +15,10 @@ use burn::tensor::{GradientCheckpointingStrategy, Tensor};
 use super::group_norm::{group_mean, grouped, normalized};
 use super::portable;
 use super::record::lifted;
+use crate::param::{f32_value, value_as};
 
-/// `group_norm`'s contract (`x` `[B, C, positions]`, `weight` and `bias` `[C]`, f32) on
-/// backend `IB` under autodiff; `None` when the tensors are not on `IB` with autodiff.
+/// `group_norm`'s contract (`x` `[B, C, positions]` in any float dtype, `weight` and `bias`
+/// `[C]` in f32, the statistics in f32, the result in `x`'s dtype) on backend `IB` under autodiff; `None` when the tensors are not on `IB` with autodiff.
 pub(crate) fn group_norm<IB: Backend>(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Option<Tensor<3>>
 where
     DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, NoCheckpointing>> + DispatchKindConversion<Autodiff<IB, BalancedCheckpointing>>,
@@ -38,9 +40,11 @@ where
 {
     let inputs = [x.try_into_primitive::<Autodiff<IB, C>>().ok()?, w.try_into_primitive::<Autodiff<IB, C>>().ok()?, b.try_into_primitive::<Autodiff<IB, C>>().ok()?];
     let out = portable::recorded::<IB, C, _, 3>(op, inputs, |[x, w, b]| {
-        let (y, mean, std) = normalized(Tensor::from_primitive::<IB>(x.clone()), Tensor::from_primitive::<IB>(w.clone()), Tensor::from_primitive::<IB>(b), op.groups, op.eps);
+        let x_value = Tensor::<3>::from_primitive::<IB>(x.clone());
+        let dtype = x_value.dtype();
+        let (y, mean, std) = normalized(f32_value(&x_value), Tensor::from_primitive::<IB>(w.clone()), Tensor::from_primitive::<IB>(b), op.groups, op.eps);
         let plain = |t: Tensor<4>| t.try_into_primitive::<IB>().ok();
-        Some((y.try_into_primitive::<IB>().ok()?, Saved::<IB> { x, w, mean: plain(mean)?, std: plain(std)? }))
+        Some((value_as(&y, dtype).try_into_primitive::<IB>().ok()?, Saved::<IB> { x, w, mean: plain(mean)?, std: plain(std)? }))
     })?;
     Some(Tensor::from_primitive::<Autodiff<IB, C>>(out))
 }
@@ -84,10 +88,12 @@ where
 
     fn backward(self, ops: Ops<Saved<IB>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let Saved { x, w, mean, std } = ops.state;
-        let grad = Tensor::<3>::from_primitive::<IB>(grads.consume::<IB>(&ops.node));
+        let grad = f32_value(&Tensor::<3>::from_primitive::<IB>(grads.consume::<IB>(&ops.node)));
         let x = Tensor::<3>::from_primitive::<IB>(x);
-        let c = x.dims()[1];
-        let [dx, dw, db] = self.gradients(x, Tensor::from_primitive::<IB>(w), Tensor::from_primitive::<IB>(mean), Tensor::from_primitive::<IB>(std), grad);
+        let (c, dtype) = (x.dims()[1], x.dtype());
+        let [dx, dw, db] = self.gradients(f32_value(&x), Tensor::from_primitive::<IB>(w), Tensor::from_primitive::<IB>(mean), Tensor::from_primitive::<IB>(std), grad);
+        // The input's gradient in the input's dtype, the parameters' in f32.
+        let dx = value_as(&dx, dtype);
         // The weight's and bias's gradients are [1, C, 1]; their parameters are [C].
         let [dw, db] = [dw, db].map(|t| t.reshape([c]).try_into_primitive::<IB>().expect("a gradient on the inputs' backend"));
         let dx = dx.try_into_primitive::<IB>().expect("a gradient on the inputs' backend");
@@ -99,6 +105,7 @@ where
 mod tests {
     use super::*;
     use crate::ops::group_norm::decomposed;
+    use burn::tensor::DType;
     use crate::ops::testing::{max_rel, values};
     use crate::{Init, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
     use burn::backend::Flex;
@@ -137,5 +144,35 @@ mod tests {
             }
         }
         assert!(group_norm::<Flex>(Init::new(1).normal([1, 4, 3], 1.0, &cpu()), Init::new(2).normal([4], 1.0, &cpu()), Init::new(3).normal([4], 1.0, &cpu()), 2, 1e-5).is_none(), "plain tensors are the callers' to handle");
+    }
+
+    /// A half-precision input (mixed precision): the statistics and gradients in f32 as
+    /// burn's ops give them when the input is cast to f32 first and the result back, the
+    /// input's gradient in its dtype, the parameters' in f32.
+    #[test]
+    fn a_half_precision_input_stays_in_its_dtype() {
+        for dtype in [DType::F16, DType::BF16] {
+            let device = cpu_autodiff();
+            let mut init = Init::new(9);
+            let x = init.normal::<3>([2, 6, 300], 2.0, &device).cast(dtype).require_grad();
+            let (w, b) = (init.normal::<1>([6], 1.0, &device).require_grad(), init.normal::<1>([6], 1.0, &device).require_grad());
+            let probe = init.normal::<3>([2, 6, 300], 1.0, &device).cast(dtype);
+            let run = |ours: bool| {
+                let y = if ours {
+                    group_norm::<Flex>(x.clone(), w.clone(), b.clone(), 3, 1e-5).expect("on the CPU backend")
+                } else {
+                    value_as(&decomposed(x.clone().cast(DType::F32), w.clone(), b.clone(), 3, 1e-5), dtype)
+                };
+                let g = (y.clone() * probe.clone()).sum().backward();
+                let (dx, dw) = (x.grad(&g).unwrap(), w.grad(&g).unwrap());
+                assert_eq!((y.dtype(), dx.dtype(), dw.dtype()), (dtype, dtype, DType::F32));
+                [values(y), values(dx), values(dw), values(b.grad(&g).unwrap())]
+            };
+            for (i, (got, want)) in run(true).iter().zip(run(false)).enumerate() {
+                let err = max_rel(got, &want);
+                // One rounding to the half dtype apart at most.
+                assert!(err < 5e-3, "{dtype:?}: output {i} off by {err}");
+            }
+        }
     }
 }

@@ -3,6 +3,8 @@ pub mod activation;
 pub mod attention;
 // Reached only on the GPU backends (the CPU one has its fused kernel); tested on the CPU one.
 #[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+mod activation_portable;
+#[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod attention_blocked;
 #[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod group_norm_portable;
@@ -18,6 +20,7 @@ pub(crate) mod fresh;
 pub mod linear;
 pub mod geglu;
 pub mod group_norm;
+pub mod layer_norm;
 mod lanes;
 pub mod low_rank;
 mod matrix;
@@ -35,5 +38,6 @@ pub use geglu::geglu;
 pub use linear::linear;
 pub use conv2d::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 pub use group_norm::group_norm;
+pub use layer_norm::layer_norm;
 pub use low_rank::low_rank;
 pub use activation::{gelu, silu};

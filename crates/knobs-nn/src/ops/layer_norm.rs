@@ -1,0 +1,295 @@
+//! Layer normalisation over the last dimension as one operation with its own backward pass on
+//! the CPU backend. burn's autodiff records it as its eight ops (mean, centre, square, mean,
+//! add, root, divide, scale, shift), keeps the centred values and runs a broadcast reduction
+//! per op on the way back: forward and backward of SD-1.5's `[4096, 320]` took 4.4 ms where
+//! PyTorch takes 0.9. Here one pass for the statistics and one for the output forward, one
+//! per row back, and only the input and two numbers a row are kept. On the GPU backends it
+//! is GroupNorm's portable op with one group of one position per row, which keeps the same.
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::module;
+use burn::tensor::{DType, Tensor, TensorData};
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::fresh::written;
+use super::group_norm::sum_pairs;
+use super::record::{lifted, record};
+use crate::param::value_as;
+
+/// Values a parallel piece of rows holds at least; fewer stay on one thread.
+const PIECE: usize = 1 << 14;
+
+/// `x` `[..., C]` normalised over its last dimension, scaled by `weight` `[C]` and shifted by
+/// `bias` `[C]`, as `torch.nn.LayerNorm`. The statistics are f32 whatever `x`'s dtype (mixed
+/// precision, as autocast runs it), the result in `x`'s dtype; `weight` and `bias` are f32.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, bias: Tensor<1>, eps: f64) -> Tensor<D> {
+    let dims = x.dims();
+    let c = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / c.max(1);
+    let f32_params = weight.dtype() == DType::F32 && bias.dtype() == DType::F32;
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    if f32_params
+        && c > 0
+        && (x.is_tracked() || weight.is_tracked() || bias.is_tracked())
+        && let Some(y) = super::group_norm_portable::group_norm::<burn::backend::Cube>(x.clone().reshape([rows, c, 1]), weight.clone(), bias.clone(), 1, eps)
+    {
+        return y.reshape(dims);
+    }
+    let dtype = x.dtype();
+    if dtype != DType::F32 {
+        return value_as(&layer_norm(x.cast(DType::F32), weight, bias, eps), dtype);
+    }
+    if f32_params
+        && c > 0
+        && let Some(y) = fused(x.clone().reshape([rows, c]), &weight, &bias, eps)
+    {
+        return y.reshape(dims);
+    }
+    module::layer_norm(x, weight, Some(bias), eps)
+}
+
+/// The kernel on the CPU backend, with or without autodiff; `None` on other backends.
+fn fused(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Option<Tensor<2>> {
+    let [rows, c] = x.dims();
+    let eps = eps as f32;
+    if !(x.is_autodiff() || weight.is_autodiff() || bias.is_autodiff()) {
+        let (x, w, b) = (x.try_into_primitive::<Flex>().ok()?.to_contiguous(), weight.clone().try_into_primitive::<Flex>().ok()?.to_contiguous(), bias.clone().try_into_primitive::<Flex>().ok()?.to_contiguous());
+        let (y, _) = forward(slice(&x), slice(&w), slice(&b), c, eps);
+        return Some(Tensor::from_primitive::<Flex>(flex(y, [rows, c])));
+    }
+    // A plain input meets trainable parameters (or the other way round): all on autodiff,
+    // the lifted tensors untracked.
+    let strategy = [x.gradient_checkpointing_strategy(), weight.gradient_checkpointing_strategy(), bias.gradient_checkpointing_strategy()].into_iter().flatten().next();
+    let (x, w, b) = (lifted(&x, strategy), lifted(weight, strategy), lifted(bias, strategy));
+    record!(LayerNormOp, strategy, [x, w, b], {
+        let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
+        let (y, stats) = forward(slice(&x), slice(&w), slice(&b), c, eps);
+        (flex(y, [rows, c]), Saved { x, w, stats, c })
+    })
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
+}
+
+fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// Rows per parallel piece: fixed by the width, so results do not depend on the threads.
+fn rows_per_piece(c: usize) -> usize {
+    PIECE.div_ceil(c).max(1)
+}
+
+/// Each row's mean and reciprocal standard deviation (about the mean, as torch).
+fn stats(x: &[f32], eps: f32) -> [f32; 2] {
+    let n = x.len() as f64;
+    let mean = (sum_pairs(x, x, |v, _| v) / n) as f32;
+    let var = sum_pairs(x, x, |v, _| (v - mean) * (v - mean)) / n;
+    [mean, (1.0 / (var + eps as f64).sqrt()) as f32]
+}
+
+/// The normalised, scaled and shifted rows, and each row's mean and reciprocal standard
+/// deviation, interleaved.
+fn forward(x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / c;
+    let mut stats_out = vec![0.0f32; 2 * rows];
+    let per = rows_per_piece(c);
+    // SAFETY: the pieces cover every row, and every value of each row is written.
+    let y = unsafe {
+        written(x.len(), |y| {
+            y.par_chunks_mut(per * c).zip(stats_out.par_chunks_mut(2 * per)).enumerate().for_each(|(i, (y, s))| {
+                let x = &x[i * per * c..][..y.len()];
+                for ((y, x), s) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(s.chunks_exact_mut(2)) {
+                    let [mean, rstd] = stats(x, eps);
+                    s.copy_from_slice(&[mean, rstd]);
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        y.write((x - mean) * rstd * w + b);
+                    }
+                }
+            })
+        })
+    };
+    (y, stats_out)
+}
+
+/// What the backward pass needs: the input, the weight, and the statistics.
+#[derive(Clone, Debug)]
+struct Saved {
+    x: FlexTensor,
+    w: FlexTensor,
+    stats: Vec<f32>,
+    c: usize,
+}
+
+/// Gradients from the output gradient `g`: the input's (when `want_x`), and when `want_params`
+/// the weight's and the bias's, `sum g x^` and `sum g` over rows (per piece of rows, then
+/// over pieces in order).
+fn backward(x: &[f32], w: &[f32], stats: &[f32], g: &[f32], c: usize, want_x: bool, want_params: bool) -> (Option<Vec<f32>>, [Vec<f32>; 2]) {
+    let per = rows_per_piece(c);
+    let mut dx = Vec::with_capacity(if want_x { x.len() } else { 0 });
+    let pieces = x.len().div_ceil(per * c);
+    // Per piece: sum g x^ over its rows, then sum g.
+    let mut partial = vec![0.0f32; if want_params { 2 * c * pieces } else { 0 }];
+    let work = |i: usize, dx: &mut [MaybeUninit<f32>], partial: &mut [f32], dxhat: &mut Vec<f32>| {
+        let (x, g) = (&x[i * per * c..], &g[i * per * c..]);
+        let n = (x.len() / c).min(per);
+        for r in 0..n {
+            let (x, g) = (&x[r * c..][..c], &g[r * c..][..c]);
+            let (mean, rstd) = (stats[2 * (i * per + r)], stats[2 * (i * per + r) + 1]);
+            if !dx.is_empty() {
+                // With dx^ = g w: dx = rstd (dx^ - mean(dx^) - x^ mean(dx^ x^)).
+                dxhat.clear();
+                dxhat.extend(g.iter().zip(w).map(|(&g, &w)| g * w));
+                let m1 = (sum_pairs(dxhat, dxhat, |d, _| d) / c as f64) as f32;
+                let m2 = (sum_pairs(dxhat, x, |d, x| d * (x - mean)) * rstd as f64 / c as f64) as f32;
+                for ((dx, &d), &x) in dx[r * c..][..c].iter_mut().zip(dxhat.iter()).zip(x) {
+                    dx.write(rstd * (d - m1 - (x - mean) * rstd * m2));
+                }
+            }
+            if !partial.is_empty() {
+                let (gx, gs) = partial.split_at_mut(c);
+                for (((gx, gs), &x), &g) in gx.iter_mut().zip(gs).zip(x).zip(g) {
+                    *gx += g * (x - mean) * rstd;
+                    *gs += g;
+                }
+            }
+        }
+    };
+    let dx_pieces: Vec<&mut [MaybeUninit<f32>]> = if want_x { dx.spare_capacity_mut()[..x.len()].chunks_mut(per * c).collect() } else { (0..pieces).map(|_| &mut [][..]).collect() };
+    let partial_pieces: Vec<&mut [f32]> = if want_params { partial.chunks_mut(2 * c).collect() } else { (0..pieces).map(|_| &mut [][..]).collect() };
+    dx_pieces.into_par_iter().zip(partial_pieces).enumerate().for_each_init(Vec::new, |dxhat, (i, (dx, p))| work(i, dx, p, dxhat));
+    if want_x {
+        // SAFETY: the pieces cover every row, and every value of each row was written.
+        unsafe { dx.set_len(x.len()) };
+    }
+    let summed = |k: usize| (0..c).map(|j| (0..pieces).map(|p| partial[2 * c * p + k * c + j] as f64).sum::<f64>() as f32).collect();
+    let params = if want_params { [summed(0), summed(1)] } else { [Vec::new(), Vec::new()] };
+    (want_x.then_some(dx), params)
+}
+
+#[derive(Debug)]
+struct LayerNormOp;
+
+impl Backward<Flex, 3> for LayerNormOp {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let Saved { x, w, stats, c } = ops.state;
+        let g = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let [px, pw, pb] = ops.parents;
+        let (dx, [dw, db]) = backward(slice(&x), slice(&w), &stats, slice(&g), c, px.is_some(), pw.is_some() || pb.is_some());
+        if let (Some(node), Some(dx)) = (px, dx) {
+            grads.register::<Flex>(node.id, flex(dx, [x.layout().shape()[0], c]));
+        }
+        for (parent, grad) in [(pw, dw), (pb, db)] {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, flex(grad, [c]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{max_rel, values};
+    use crate::{Init, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
+
+    /// (rows, width): one row, odd widths, several pieces with a shorter last one.
+    const CASES: [(usize, usize); 4] = [(1, 7), (5, 33), (3000, 40), (700, 320)];
+
+    /// Values and every gradient against burn's ops, plain and checkpointed, on inputs far
+    /// from zero (the variance about the mean must still be exact); frozen parameters get no
+    /// gradient, the input still does.
+    #[test]
+    fn values_and_gradients_match_burns_ops() {
+        for device in [cpu_autodiff(), cpu_autodiff_checkpointed()] {
+            for (rows, c) in CASES {
+                let mut init = Init::new(3);
+                let x = init.normal::<3>([1, rows, c], 2.0, &device) + 30.0;
+                let (w, b) = (init.normal::<1>([c], 1.0, &device), init.normal::<1>([c], 1.0, &device));
+                let probe = init.normal::<3>([1, rows, c], 1.0, &device);
+                for params_train in [true, false] {
+                    let x = x.clone().require_grad();
+                    let (w, b) = if params_train { (w.clone().require_grad(), b.clone().require_grad()) } else { (w.clone(), b.clone()) };
+                    let run = |ours: bool| {
+                        let y = if ours { layer_norm(x.clone(), w.clone(), b.clone(), 1e-5) } else { module::layer_norm(x.clone(), w.clone(), Some(b.clone()), 1e-5) };
+                        let g = (y.clone() * probe.clone()).sum().backward();
+                        assert_eq!(w.grad(&g).is_some(), params_train);
+                        let mut out = vec![values(y), values(x.grad(&g).unwrap())];
+                        if params_train {
+                            out.extend([values(w.grad(&g).unwrap()), values(b.grad(&g).unwrap())]);
+                        }
+                        out
+                    };
+                    for (i, (got, want)) in run(true).iter().zip(run(false)).enumerate() {
+                        let err = max_rel(got, &want);
+                        assert!(err < 1e-4, "[{rows}, {c}], params train {params_train}, {device:?}: output {i} off by {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_without_autodiff_is_the_kernel_and_matches_burns() {
+        let mut init = Init::new(4);
+        let (x, w, b) = (init.normal::<2>([50, 96], 3.0, &cpu()), init.normal::<1>([96], 1.0, &cpu()), init.normal::<1>([96], 1.0, &cpu()));
+        let got = fused(x.clone(), &w, &b, 1e-5).expect("the CPU kernel applies");
+        let err = max_rel(values(got), values(module::layer_norm(x, w, Some(b), 1e-5)));
+        assert!(err < 1e-5, "{err}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (mut init, device) = (Init::new(5), cpu_autodiff());
+        let (x, w, b) = (init.normal::<2>([2, 5], 1.0, &device), init.normal::<1>([5], 1.0, &device), init.normal::<1>([5], 1.0, &device));
+        let probe = init.normal::<2>([2, 5], 1.0, &device);
+        let loss = |x: &Tensor<2>, w: &Tensor<1>| (layer_norm(x.clone(), w.clone(), b.clone(), 1e-5) * probe.clone()).sum().into_scalar::<f32>() as f64;
+        let (xg, wg) = (x.clone().require_grad(), w.clone().require_grad());
+        let g = (layer_norm(xg.clone(), wg.clone(), b.clone(), 1e-5) * probe.clone()).sum().backward();
+        let (dx, dw) = (values(xg.grad(&g).unwrap()), values(wg.grad(&g).unwrap()));
+        let eps = 1e-2;
+        for idx in [0, 4, 7] {
+            let bumped = |d: f32| {
+                let mut v = values(x.clone());
+                v[idx] += d;
+                loss(&Tensor::<1>::from_floats(v.as_slice(), &device).reshape([2, 5]), &w)
+            };
+            let numeric = (bumped(eps) - bumped(-eps)) / (2.0 * eps as f64);
+            assert!((numeric - dx[idx] as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dx[{idx}]: {} vs {numeric}", dx[idx]);
+        }
+        for idx in [0, 3] {
+            let bumped = |d: f32| {
+                let mut v = values(w.clone());
+                v[idx] += d;
+                loss(&x, &Tensor::<1>::from_floats(v.as_slice(), &device))
+            };
+            let numeric = (bumped(eps) - bumped(-eps)) / (2.0 * eps as f64);
+            assert!((numeric - dw[idx] as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dw[{idx}]: {} vs {numeric}", dw[idx]);
+        }
+    }
+
+    /// Rows are worked in pieces fixed by the width, and the parameters' sums run over pieces
+    /// in order.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let run = || {
+            let (mut init, device) = (Init::new(6), cpu_autodiff());
+            let x = init.normal::<2>([3000, 40], 1.0, &device).require_grad();
+            let (w, b) = (init.normal::<1>([40], 1.0, &device).require_grad(), init.normal::<1>([40], 1.0, &device));
+            let y = layer_norm(x.clone(), w.clone(), b, 1e-5);
+            let g = y.clone().powi_scalar(2).sum().backward();
+            (values(y), values(x.grad(&g).unwrap()), values(w.grad(&g).unwrap()))
+        };
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+        let one = pool(1).install(run);
+        assert!(one == pool(2).install(run) && one == pool(8).install(run));
+    }
+}
