@@ -3,10 +3,10 @@
 //! spells it; default `wgpu:cpu`, Mesa's lavapipe Vulkan driver running on the CPU, which is
 //! what CI has). Tolerances, relative to the golden's largest value: `KNOBS_TEST_TOL` for
 //! every forward result (default 1e-5), `KNOBS_TEST_GRAD_TOL` for the LoRA gradients and the
-//! parameters after the AdamW step (default 1e-3: on lavapipe they land within 3e-4, the
-//! forward within 3e-6; a gradient is a sum over every token of the batch, 2048 rows here,
-//! and its order of accumulation differs from PyTorch's CPU kernels; AdamW's update passes
-//! that on). Built only with a GPU feature:
+//! parameters after the AdamW step (default 1e-4: on lavapipe they land within 1.1e-5, as
+//! on the CPU backend, the forward within 3e-6; a gradient is a sum over every token of the
+//! batch, 2048 rows here. They were at 2.8e-4 while burn's GELU backward, the derivative of
+//! its tanh approximation, ran on the GPU backends). Built only with a GPU feature:
 //! `cargo test -p knobs-diffusion --features wgpu --test device_parity`.
 #![cfg(any(feature = "wgpu", feature = "wgpu-untuned", feature = "vulkan", feature = "cuda"))]
 mod common;
@@ -70,7 +70,7 @@ fn lora_training_step_matches_torch_on_the_device() {
     let (forward, grads): (Vec<_>, Vec<_>) = report.into_iter().partition(|(name, _)| ["noisy_latents", "model_pred", "loss"].contains(&name.as_str()));
     assert_eq!((forward.len(), grads.len()), (3, 2));
     assert_within(&forward, forward_tol());
-    assert_within(&grads, tolerance("KNOBS_TEST_GRAD_TOL", 1e-3));
+    assert_within(&grads, tolerance("KNOBS_TEST_GRAD_TOL", 1e-4));
 }
 
 /// f16 mixed precision on the device, inference and training path, within 3e-3 of the f32
