@@ -4,8 +4,8 @@
 //! does there (VAE encode, text encoder, UNet, backward, clipping, AdamW, checkpoints, samples,
 //! files). Built only with a GPU feature:
 //! `cargo test -p knobs-train --features wgpu --test device_train` (scripts/gpu-check.sh runs
-//! it with `cuda`).
-#![cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+//! it with `cuda`; `--profile parity --features wgpu-untuned` runs it on lavapipe in minutes).
+#![cfg(any(feature = "wgpu", feature = "wgpu-untuned", feature = "vulkan", feature = "cuda"))]
 use std::path::{Path, PathBuf};
 
 use knobs_nn::device::Target;

@@ -22,7 +22,7 @@ use burn::tensor::{GradientCheckpointingStrategy, Tensor, activation};
 
 use super::portable;
 
-/// Which function, on a tensor of rank `D`.
+/// Which function.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Silu,
@@ -36,7 +36,7 @@ pub(crate) fn silu<IB: Backend, const D: usize>(x: Tensor<D>) -> Option<Tensor<D
 where
     DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, NoCheckpointing>> + DispatchKindConversion<Autodiff<IB, BalancedCheckpointing>>,
 {
-    on_strategy::<IB, D>(Elementwise { kind: Kind::Silu }, x)
+    on_strategy::<IB, D>(Kind::Silu, x)
 }
 
 /// GELU (the exact, erf form) on backend `IB` under autodiff.
@@ -44,7 +44,7 @@ pub(crate) fn gelu<IB: Backend, const D: usize>(x: Tensor<D>) -> Option<Tensor<D
 where
     DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, NoCheckpointing>> + DispatchKindConversion<Autodiff<IB, BalancedCheckpointing>>,
 {
-    on_strategy::<IB, D>(Elementwise { kind: Kind::Gelu }, x)
+    on_strategy::<IB, D>(Kind::Gelu, x)
 }
 
 /// GEGLU (`geglu`'s contract) on backend `IB` under autodiff; `None` also for an odd width.
@@ -55,26 +55,26 @@ where
     if !y.dims()[D - 1].is_multiple_of(2) {
         return None;
     }
-    on_strategy::<IB, D>(Elementwise { kind: Kind::Geglu }, y)
+    on_strategy::<IB, D>(Kind::Geglu, y)
 }
 
-fn on_strategy<IB: Backend, const D: usize>(op: Elementwise, x: Tensor<D>) -> Option<Tensor<D>>
+fn on_strategy<IB: Backend, const D: usize>(kind: Kind, x: Tensor<D>) -> Option<Tensor<D>>
 where
     DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, NoCheckpointing>> + DispatchKindConversion<Autodiff<IB, BalancedCheckpointing>>,
 {
     match x.gradient_checkpointing_strategy() {
-        Some(GradientCheckpointingStrategy::Balanced) => recorded::<IB, BalancedCheckpointing, D>(op, x),
-        _ => recorded::<IB, NoCheckpointing, D>(op, x),
+        Some(GradientCheckpointingStrategy::Balanced) => recorded::<IB, BalancedCheckpointing, D>(kind, x),
+        _ => recorded::<IB, NoCheckpointing, D>(kind, x),
     }
 }
 
-fn recorded<IB: Backend, C: CheckpointStrategy, const D: usize>(op: Elementwise, x: Tensor<D>) -> Option<Tensor<D>>
+fn recorded<IB: Backend, C: CheckpointStrategy, const D: usize>(kind: Kind, x: Tensor<D>) -> Option<Tensor<D>>
 where
     DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, C>>,
 {
     let input = x.try_into_primitive::<Autodiff<IB, C>>().ok()?;
-    let retro = |x: NodeId| Recompute::<IB, D> { x, kind: op.kind, backend: PhantomData };
-    let out = portable::recorded_elementwise::<IB, C, _, _>(Typed::<D>(op), input, retro, |x| forward::<IB, D>(op.kind, x));
+    let retro = |x: NodeId| Recompute::<IB, D> { x, kind, backend: PhantomData };
+    let out = portable::recorded_elementwise::<IB, C, _, _>(Elementwise::<D> { kind }, input, retro, |x| forward::<IB, D>(kind, x));
     Some(Tensor::from_primitive::<Autodiff<IB, C>>(out))
 }
 
@@ -126,16 +126,13 @@ fn input_gradient<const D: usize>(kind: Kind, x: Tensor<D>, g: Tensor<D>) -> Ten
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Elementwise {
+/// The op on tensors of rank `D`.
+#[derive(Debug)]
+struct Elementwise<const D: usize> {
     kind: Kind,
 }
 
-/// [`Elementwise`] for tensors of rank `D`.
-#[derive(Debug)]
-struct Typed<const D: usize>(Elementwise);
-
-impl<IB: Backend, const D: usize> Backward<IB, 1> for Typed<D>
+impl<IB: Backend, const D: usize> Backward<IB, 1> for Elementwise<D>
 where
     DispatchTensor: DispatchKindConversion<IB>,
 {
@@ -147,7 +144,7 @@ where
         let [parent] = ops.parents;
         if let Some(node) = parent {
             let x = Tensor::<D>::from_primitive::<IB>(checkpointer.retrieve_node_output::<FloatTensor<IB>>(ops.state));
-            let dx = input_gradient(self.0.kind, x, g).try_into_primitive::<IB>().expect("a gradient on the input's backend");
+            let dx = input_gradient(self.kind, x, g).try_into_primitive::<IB>().expect("a gradient on the input's backend");
             portable::register::<IB, 1>(grads, [Some(node.id)], [dx]);
         }
     }
