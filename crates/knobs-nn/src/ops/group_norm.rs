@@ -129,11 +129,11 @@ fn fused(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps
     })
 }
 
-fn slice(t: &FlexTensor) -> &[f32] {
+pub(super) fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
 }
 
-fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> FlexTensor {
+pub(super) fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 

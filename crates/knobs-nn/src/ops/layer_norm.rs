@@ -11,13 +11,13 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::module;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::fresh::written;
-use super::group_norm::sum_pairs;
+use super::group_norm::{flex, slice, sum_pairs};
 use super::record::{lifted, record};
 use crate::param::value_as;
 
@@ -71,14 +71,6 @@ fn fused(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Option
         let (y, stats) = forward(slice(&x), slice(&w), slice(&b), c, eps);
         (flex(y, [rows, c]), Saved { x, w, stats, c })
     })
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
-}
-
-fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(data, shape))
 }
 
 /// Rows per parallel piece: fixed by the width, so results do not depend on the threads.
