@@ -13,13 +13,16 @@
 # the build and takes `knobs` and `device_parity` (the test executable) from DIR: for a machine
 # with no Rust toolchain (scripts/gpu-pack.sh builds and packs them elsewhere). STEPS / WARMUP size the timings (default 10 / 3); DTYPES lists the precisions timed
 # and checked (default "fp32 bf16"; fp16 too); TRAIN=0 skips the training run, PEER=0 PyTorch.
-# GPU_CONVS lists the KNOBS_GPU_CONV modes knobs is timed in (default "auto matmul": burn's
-# convolution kernels for f32, or every convolution as one matrix product).
+# GPU_CONVS lists the KNOBS_GPU_CONV modes knobs is timed in (default "auto matmul burn"),
+# each form once per precision: `auto` is burn's autotuned convolution kernels in f32 and one
+# matrix product over the input's windows in half precision, so f32 skips `burn` and half
+# precision `matmul`. Half precision with `burn` also gets its UNet golden check, as burn's
+# direct kernel sums in the half dtype (see README, "GPUs and other backends").
 #
 # The SD-1.5 folder: $SD15 if set, else made by ../shared/reference/make_sd15_random.py
 # (needs torch, diffusers, transformers and open_clip). Without PyTorch on the machine the
 # knobs side is still timed and the peer's lines say why they are missing.
-# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs-{fp32,bf16}-{auto,matmul}.json,
+# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs-{fp32,bf16}-{auto,matmul,burn}.json,
 # peer-{fp32,bf16}.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +33,9 @@ WARMUP=${WARMUP:-3}
 # No step may hang the check: each is stopped after LIMIT seconds (default 300).
 LIMIT=${LIMIT:-300}
 DTYPES=${DTYPES:-fp32 bf16}
-GPU_CONVS=${GPU_CONVS:-auto matmul}
+GPU_CONVS=${GPU_CONVS:-auto matmul burn}
+# Whether mode $2 is a form of its own in precision $1 (not what `auto` already runs).
+distinct() { case "$1:$2" in fp32:burn | fp16:matmul | bf16:matmul) [[ " $GPU_CONVS " != *" auto "* ]] ;; *) true ;; esac; }
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
@@ -76,6 +81,10 @@ for dtype in $DTYPES; do
   [ "$dtype" = fp32 ] && continue
   step "the UNet in $dtype on $DEVICE (mixed precision against the f32 golden)"
   KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=${dtype/fp16/f16} parity half --ignored --nocapture 2>&1 | tee "$OUT/goldens-$dtype.txt" | grep -E "rel err|test result|panicked|FAILED"
+  if [[ " $GPU_CONVS " == *" burn "* ]]; then
+    step "the UNet in $dtype on $DEVICE with burn's convolution kernels (KNOBS_GPU_CONV=burn)"
+    KNOBS_GPU_CONV=burn KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_DTYPE=${dtype/fp16/f16} parity half --ignored --nocapture 2>&1 | tee "$OUT/goldens-$dtype-burn.txt" | grep -E "rel err|test result|panicked|FAILED"
+  fi
 done
 
 step "a full-size SD-1.5 architecture with random weights"
@@ -93,6 +102,7 @@ has_peer=0
 for dtype in $DTYPES; do
   mp=$dtype; [ $dtype = fp32 ] && mp=no
   for conv in $GPU_CONVS; do
+    distinct $dtype $conv || continue
     step "knobs on $DEVICE, $dtype, KNOBS_GPU_CONV=$conv: LoRA step (batch 1) and one generation step, 512x512"
     KNOBS_GPU_CONV=$conv timeout "$LIMIT" "$KNOBS" --device "$DEVICE" bench --model "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --modes lora,generate --mixed-precision $mp --json | tee "$OUT/knobs-$dtype-$conv.json"
   done
@@ -102,6 +112,7 @@ for dtype in $DTYPES; do
     timeout "$LIMIT" python3 scripts/peer_gpu.py "$SD15" --resolution 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" --dtype $dtype | tee "$OUT/peer-$dtype.jsonl"
   fi
   for conv in $GPU_CONVS; do
+    distinct $dtype $conv || continue
     step "ratios, $dtype, KNOBS_GPU_CONV=$conv (knobs / PyTorch, median seconds; <= 1.0 is the goal)"
     python3 - "$OUT/knobs-$dtype-$conv.json" "$OUT/peer-$dtype.jsonl" <<'PY'
 import json, sys
