@@ -6,7 +6,9 @@
 //! derivative of GELU's tanh approximation, not of the exact GELU its forward computes.
 //! Here each op keeps only its input, its backward is one element-wise expression (which
 //! burn's fusion runs as one kernel) with the exact derivative, as PyTorch's, and under
-//! balanced checkpointing its output is recomputed where a later op needs it.
+//! balanced checkpointing its output is recomputed where a later op needs it. A half-precision
+//! input (mixed precision) is computed in f32 and rounded once, forward and back, as
+//! PyTorch's kernels do; burn's ops rounded after every step.
 use std::marker::PhantomData;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,6 +23,7 @@ use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor};
 use burn::tensor::{GradientCheckpointingStrategy, Tensor, activation};
 
 use super::portable;
+use crate::param::{f32_value, value_as};
 
 /// Which function.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +86,8 @@ where
     DispatchTensor: DispatchKindConversion<IB>,
 {
     let x = Tensor::<D>::from_primitive::<IB>(x);
+    let dtype = x.dtype();
+    let x = f32_value(&x);
     let y = match kind {
         Kind::Silu => activation::silu(x),
         Kind::Gelu => activation::gelu(x),
@@ -91,7 +96,7 @@ where
             h * activation::gelu(g)
         }
     };
-    y.try_into_primitive::<IB>().expect("a result on the input's backend")
+    value_as(&y, dtype).try_into_primitive::<IB>().expect("a result on the input's backend")
 }
 
 /// `[h, g]`, the halves of the last dimension.
@@ -110,7 +115,9 @@ fn gelu_slope<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// The input's gradient from the input `x` and the output's gradient `g`.
 fn input_gradient<const D: usize>(kind: Kind, x: Tensor<D>, g: Tensor<D>) -> Tensor<D> {
-    match kind {
+    let dtype = x.dtype();
+    let (x, g) = (f32_value(&x), f32_value(&g));
+    let dx = match kind {
         // s (1 + x (1 - s)) with s = sigmoid(x).
         Kind::Silu => {
             let s = activation::sigmoid(x.clone());
@@ -123,7 +130,8 @@ fn input_gradient<const D: usize>(kind: Kind, x: Tensor<D>, g: Tensor<D>) -> Ten
             let dgate = g * h * gelu_slope(gate);
             Tensor::cat(vec![dh, dgate], D - 1)
         }
-    }
+    };
+    value_as(&dx, dtype)
 }
 
 /// The op on tensors of rank `D`.
@@ -227,6 +235,32 @@ mod tests {
                 let eps = 1e-2;
                 let numeric = (f(x0 + eps) - f(x0 - eps)) / (2.0 * eps as f64);
                 assert!((analytic as f64 - numeric).abs() < 1e-3 * (1.0 + numeric.abs()), "{name}'({x0}) = {analytic}, numeric {numeric}");
+            }
+        }
+    }
+
+    /// In half precision the output and the input's gradient are the f32 results rounded
+    /// once: the same bits as the op on the widened input, narrowed.
+    #[test]
+    fn half_precision_is_computed_in_f32_and_rounded_once() {
+        for dtype in [burn::tensor::DType::BF16, burn::tensor::DType::F16] {
+            let device = cpu_autodiff();
+            let mut init = Init::new(7);
+            let x = init.normal::<2>([3, 1004], 3.0, &device).cast(dtype);
+            let probe = init.normal::<2>([3, 1004], 1.0, &device).cast(dtype);
+            for (name, ours, _) in PAIRS {
+                let run = |x: Tensor<2>, probe: Tensor<2>| {
+                    let x = x.require_grad();
+                    let y = ours(x.clone()).expect("on the CPU backend under autodiff");
+                    let g = (y.clone() * probe.narrow(1, 0, y.dims()[1])).sum().backward();
+                    [y, x.grad(&g).unwrap()]
+                };
+                let half = run(x.clone(), probe.clone()).map(|t| {
+                    assert_eq!(t.dtype(), dtype, "{name}");
+                    values(t)
+                });
+                let wide = run(x.clone().cast(burn::tensor::DType::F32), probe.clone().cast(burn::tensor::DType::F32)).map(|t| values(t.cast(dtype)));
+                assert!(half == wide, "{name} in {dtype:?}: not the f32 results rounded once");
             }
         }
     }
