@@ -7,7 +7,7 @@ is encode (the VAE and text encoder under no_grad) then unet_forward; backward; 
 and each line the process's peak RSS so far. `--device cpu --threads N` makes it the CPU peer
 of `knobs --threads N bench` (same steps, same sizes).
 
-    python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3] [--device cuda|cpu]
+    python peer_gpu.py MODEL_DIR [--resolution 512] [--batch 1] [--steps 10] [--warmup 3] [--device cuda|cpu] [--tf32 default|on|off]
 """
 import argparse, json, os, resource, statistics, time
 
@@ -26,7 +26,13 @@ p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 p.add_argument("--device", default="cuda")
 p.add_argument("--modes", default="generate,lora", help="which of generate, lora to time")
 p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
+p.add_argument("--tf32", default="default", choices=["default", "on", "off"],
+               help="TF32 tensor cores for f32 matmuls and convolutions on the GPU (PyTorch's default: convolutions only)")
 a = p.parse_args()
+if a.tf32 != "default":
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = a.tf32 == "on"
+# What f32 work may round to TF32 here, for reading the f32 timings beside knobs'.
+tf32 = {"matmul": torch.backends.cuda.matmul.allow_tf32, "conv": torch.backends.cudnn.allow_tf32}
 dev = torch.device(a.device)
 if a.threads:
     torch.set_num_threads(a.threads)
@@ -57,7 +63,7 @@ with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != tor
     gen = None if "generate" not in modes else timed(lambda i: pipe("a photo of a sks dog", num_inference_steps=1, guidance_scale=7.5, height=a.resolution, width=a.resolution,
                                generator=torch.Generator(dev).manual_seed(i), output_type="np"))
 if gen is not None:
-    print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "load_s": load_s,
+    print(json.dumps({"peer": "diffusers", "mode": "generate", "median_s": gen, "resolution": a.resolution, "dtype": a.dtype, "tf32": tf32, "load_s": load_s,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -114,7 +120,7 @@ if "lora" not in modes:
     raise SystemExit(0)
 timed(train_step)
 lora = statistics.median(steps)  # without the VAE encode timed apart
-print(json.dumps({"peer": "peft", "mode": "lora", "median_s": lora, "resolution": a.resolution, "batch": a.batch, "dtype": a.dtype,
+print(json.dumps({"peer": "peft", "mode": "lora", "median_s": lora, "resolution": a.resolution, "batch": a.batch, "dtype": a.dtype, "tf32": tf32,
                   "peak_gpu_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
                   # The process's peak so far (Linux counts KiB), as knobs bench's peak_rss_bytes.
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
