@@ -111,8 +111,10 @@ impl Activation {
             Activation::Swish | Activation::Hardswish => act::hard_swish(x),
             Activation::Tanh => act::tanh(x),
             Activation::Sigmoid => act::sigmoid(x),
-            Activation::Silu => act::silu(x),
-            Activation::Gelu => act::gelu(x),
+            // knobs' own: exact gradients on every backend (burn's GPU backends differentiate
+            // GELU as its tanh approximation).
+            Activation::Silu => knobs_nn::ops::silu(x),
+            Activation::Gelu => knobs_nn::ops::gelu(x),
             Activation::Mish => act::mish(x),
             Activation::Softplus => act::softplus(x, 1.0),
             Activation::Relu6 => act::relu6(x),

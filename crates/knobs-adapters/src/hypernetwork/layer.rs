@@ -2,7 +2,7 @@
 //! key or value projection: `y = W (x + s * mlp(x)) + b`.
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use knobs_nn::burn::tensor::module::{layer_norm, linear};
+use knobs_nn::burn::tensor::module::linear;
 use knobs_nn::hash::{fnv1a, fnv1a_seeded};
 use knobs_nn::param::{ParamMut, ParamRef};
 use knobs_nn::{Adapter, Device, Init, LinearAdapter, Tensor, Visitor, VisitorMut};
@@ -105,7 +105,7 @@ impl Mlp {
                 h = self.activation().apply(h);
             }
             if let Some(n) = &l.norm {
-                h = layer_norm(h, n.weight.clone(), Some(n.bias.clone()), LAYER_NORM_EPS);
+                h = knobs_nn::ops::layer_norm(h, n.weight.clone(), n.bias.clone(), LAYER_NORM_EPS);
             }
             if let (Some(key), true) = (key, l.dropout > 0.0) {
                 h = dropout(h, l.dropout, key.wrapping_add(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
