@@ -53,14 +53,14 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, bias: Tensor<
     module::layer_norm(x, weight, Some(bias), eps)
 }
 
-/// The kernel on the CPU backend, with or without autodiff; `None` on other backends.
+/// The kernel on the CPU backend under autodiff; `None` without autodiff and on other backends.
 fn fused(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Option<Tensor<2>> {
     let [rows, c] = x.dims();
     let eps = eps as f32;
+    // Without autodiff burn-flex's own layer_norm is faster (0.235 against 0.311 ms at
+    // [4096, 320]): nothing is kept, so this kernel has nothing to add there.
     if !(x.is_autodiff() || weight.is_autodiff() || bias.is_autodiff()) {
-        let (x, w, b) = (x.try_into_primitive::<Flex>().ok()?.to_contiguous(), weight.clone().try_into_primitive::<Flex>().ok()?.to_contiguous(), bias.clone().try_into_primitive::<Flex>().ok()?.to_contiguous());
-        let (y, _) = forward(slice(&x), slice(&w), slice(&b), c, eps);
-        return Some(Tensor::from_primitive::<Flex>(flex(y, [rows, c])));
+        return None;
     }
     // A plain input meets trainable parameters (or the other way round): all on autodiff,
     // the lifted tensors untracked.
@@ -229,12 +229,18 @@ mod tests {
         }
     }
 
+    /// Without autodiff it is burn-flex's layer_norm, the same bits; the kernel under autodiff
+    /// gives the same values within 1e-5.
     #[test]
-    fn forward_without_autodiff_is_the_kernel_and_matches_burns() {
+    fn without_autodiff_it_is_burns_and_agrees_with_the_kernel() {
         let mut init = Init::new(4);
         let (x, w, b) = (init.normal::<2>([50, 96], 3.0, &cpu()), init.normal::<1>([96], 1.0, &cpu()), init.normal::<1>([96], 1.0, &cpu()));
-        let got = fused(x.clone(), &w, &b, 1e-5).expect("the CPU kernel applies");
-        let err = max_rel(values(got), values(module::layer_norm(x, w, Some(b), 1e-5)));
+        let plain = values(layer_norm(x.clone(), w.clone(), b.clone(), 1e-5));
+        assert!(fused(x.clone(), &w, &b, 1e-5).is_none());
+        assert!(plain == values(module::layer_norm(x.clone(), w.clone(), Some(b.clone()), 1e-5)));
+        let on = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &cpu_autodiff());
+        let tracked = layer_norm(on(&x).require_grad(), on(&w.clone().reshape([1, 96])).reshape([96]), on(&b.clone().reshape([1, 96])).reshape([96]), 1e-5);
+        let err = max_rel(values(tracked), plain);
         assert!(err < 1e-5, "{err}");
     }
 
