@@ -177,6 +177,27 @@ mod tests {
         }
     }
 
+    /// A NaN in one key spoils its head's every output row in that sample, as the decomposed
+    /// ops' softmax does, and nothing else: the fused kernels do not weigh it as zero.
+    #[test]
+    fn a_nan_key_spoils_its_heads_rows() {
+        let device = cpu();
+        for (n, m, heads, d) in [(70, 77, 2, 5), (130, 600, 3, 4), (9, 9, 1, 40)] {
+            let mut k = values(rand([2, m, heads * d], &device));
+            let head = heads - 1;
+            k[(m / 2) * heads * d + head * d + 1] = f32::NAN;
+            let k = Tensor::from_data(burn::tensor::TensorData::new(k, [2, m, heads * d]), &device);
+            let (q, v) = (rand([2, n, heads * d], &device), rand([2, m, heads * d], &device));
+            for (name, out) in [("fused", attention(q.clone(), k.clone(), v.clone(), heads, 0.5)), ("decomposed", decomposed(q.clone(), k.clone(), v.clone(), heads, 0.5))] {
+                let out = values(out);
+                for (i, x) in out.iter().enumerate() {
+                    let spoiled = i < n * heads * d && (i % (heads * d)) / d == head;
+                    assert_eq!(x.is_nan(), spoiled, "{name}: n {n} m {m} heads {heads} d {d}, value {i}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn gradients_match_the_decomposed_ops() {
         let device = cpu_autodiff();

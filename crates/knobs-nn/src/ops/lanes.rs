@@ -145,7 +145,9 @@ mod x86 {
         #[inline(always)]
         unsafe fn exp(self) -> Self {
             unsafe {
-                let x = _mm256_min_ps(_mm256_max_ps(self.0, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+                // The input second: max / min return their second operand when either is NaN, so
+                // a NaN stays NaN (the other order turned it into e^-87).
+                let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), self.0));
                 let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(ROUND));
                 let n = _mm256_sub_ps(t, _mm256_set1_ps(ROUND));
                 let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
@@ -222,7 +224,9 @@ mod x86 {
         #[inline(always)]
         unsafe fn exp(self) -> Self {
             unsafe {
-                let x = _mm512_min_ps(_mm512_max_ps(self.0, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+                // The input second: max / min return their second operand when either is NaN, so
+                // a NaN stays NaN (the other order turned it into e^-87).
+                let x = _mm512_min_ps(_mm512_set1_ps(88.0), _mm512_max_ps(_mm512_set1_ps(-87.0), self.0));
                 let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(ROUND));
                 let n = _mm512_sub_ps(t, _mm512_set1_ps(ROUND));
                 let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);

@@ -3,7 +3,8 @@
 //! `#[target_feature]` entry point with that entry point's instructions.
 use super::lanes::Lanes;
 
-/// e^x to about 2 ulp on [-87, 88] (inputs outside are clamped: e^-87 stands in for 0),
+/// e^x to about 2 ulp on [-87, 88] (inputs outside are clamped: e^-87 stands in for 0; NaN
+/// stays NaN, so a NaN logit shows in a softmax's output instead of weighing nothing),
 /// branch-free: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial,
 /// 2^n built in the exponent bits. The lane types compute the same polynomial.
 #[inline(always)]
@@ -12,7 +13,8 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.max(-87.0).min(88.0);
+    // Not f32::max / min, which return the other operand for a NaN.
+    let x = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
     let t = x.mul_add(std::f32::consts::LOG2_E, ROUND);
     let n = t - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
@@ -141,6 +143,35 @@ mod tests {
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+    }
+
+    /// A NaN among a row's values makes its exponentials' sum NaN on every lane width, as
+    /// PyTorch's softmax does; finite values around it stay exact.
+    #[test]
+    fn exp_keeps_nan() {
+        assert!(exp(f32::NAN).is_nan());
+        for n in [3, 8, 16, 21] {
+            for at in [0, n / 2, n - 1] {
+                let mut a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 2.0).collect();
+                a[at] = f32::NAN;
+                let b = vec![0.0; n];
+                let mut got = vec![("f32", kernels::<f32>(&a, &b))];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: each entry point runs only where the CPU has its features.
+                unsafe {
+                    if isa() != Isa::Portable {
+                        got.push(("avx2", on_avx2(&a, &b)));
+                    }
+                    if isa() == Isa::Avx512 {
+                        got.push(("avx512", on_avx512(&a, &b)));
+                    }
+                }
+                for (name, (_, _, _, e, total)) in got {
+                    assert!(e[at].is_nan() && total.is_nan(), "{name}, n {n}, NaN at {at}: {} / {total}", e[at]);
+                    assert!((0..n).filter(|&j| j != at).all(|j| (e[j] - (a[j] - 1.5).exp()).abs() <= 1e-6 * (a[j] - 1.5).exp()), "{name}, n {n}");
+                }
+            }
+        }
     }
 
     fn kernels<L: Lanes>(a: &[f32], b: &[f32]) -> (f32, f32, Vec<f32>, Vec<f32>, f32) {
