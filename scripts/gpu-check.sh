@@ -22,7 +22,8 @@
 # The SD-1.5 folder: $SD15 if set, else made by ../shared/reference/make_sd15_random.py
 # (needs torch, diffusers, transformers and open_clip). Without PyTorch on the machine the
 # knobs side is still timed and the peer's lines say why they are missing.
-# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, knobs-{fp32,bf16}-{auto,matmul,burn}.json,
+# Results go to $OUT (default /tmp/gpu-check): gpu.txt, goldens.txt, peer-goldens.jsonl (PyTorch's
+# own UNet against the same golden, scripts/peer_golden.py), knobs-{fp32,bf16}-{auto,matmul,burn}.json,
 # peer-{fp32,bf16}.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,13 @@ fi
 step "goldens on $DEVICE (f32, relative error <= 1e-5)"
 KNOBS_TEST_DEVICE=$DEVICE KNOBS_TEST_TOL=1e-5 parity --nocapture --test-threads 1 2>&1 | tee "$OUT/goldens.txt" | grep -E "rel err|test result|panicked|FAILED"
 
+has_peer=0
+[ "${PEER:-1}" = 0 ] || { python3 -c "import torch, diffusers, peft; assert torch.cuda.is_available()" 2>/dev/null && has_peer=1; }
+if [ $has_peer = 1 ]; then
+  step "PyTorch's own UNet on the same GPU against the same golden (f32 with TF32 off, default, on; fp16, bf16)"
+  timeout "$LIMIT" python3 scripts/peer_golden.py --device cuda --golden ../shared/golden 2>&1 | tee "$OUT/peer-goldens.jsonl"
+fi
+
 step "a LoRA run on $DEVICE against the same run on the CPU (knobs train end to end)"
 # The run of knobs-train/tests/device_train.rs, through the executable: 4 LoRA steps on tiny-sd
 # with checkpoints and samples, on the CPU and on the device, compared by scripts/train_parity.py.
@@ -96,8 +104,6 @@ if [ ! -f "$SD15/model_index.json" ]; then
   exit 0
 fi
 
-has_peer=0
-[ "${PEER:-1}" = 0 ] || { python3 -c "import torch, diffusers, peft; assert torch.cuda.is_available()" 2>/dev/null && has_peer=1; }
 [ $has_peer = 1 ] || echo "no PyTorch with CUDA here (python3 -c 'import torch, diffusers, peft' failed): no peer, no ratios"
 for dtype in $DTYPES; do
   mp=$dtype; [ $dtype = fp32 ] && mp=no
