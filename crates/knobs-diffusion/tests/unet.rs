@@ -55,12 +55,16 @@ fn check_golden(device: &Device, trainable: bool) {
 #[test]
 fn half_precision_compute_stays_near_the_golden_and_trains_f32_weights() {
     use knobs_nn::burn::tensor::DType;
+    // The inference path, and the training path (autodiff, every weight trained), whose
+    // attention runs the fused kernel in f32 on the half-precision inputs.
     for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 4e-3)] {
-        let report = common::sd_goldens::unet_in(&cpu(), false, dtype);
-        println!("{dtype:?}");
-        let (out, _) = &report[0];
-        assert_eq!(out, "out");
-        common::sd_goldens::assert_within(&report, tol);
+        for (device, trained) in [(cpu(), false), (cpu_autodiff(), true)] {
+            let report = common::sd_goldens::unet_in(&device, trained, dtype);
+            println!("{dtype:?}, {}", if trained { "training path" } else { "inference path" });
+            let (out, _) = &report[0];
+            assert_eq!(out, "out");
+            common::sd_goldens::assert_within(&report, tol);
+        }
     }
     let device = cpu_autodiff();
     let mut unet = UNet2DConditionModel::from_dir(unet_dir(), &device).unwrap();

@@ -4,9 +4,10 @@
 //!
 //! On the CPU backend the fused kernel (`attention_kernel`) runs forward and backward. The GPU
 //! backends take burn's fused attention, under autodiff with the backward of
-//! `attention_blocked`. What is left (half-precision inputs on the CPU, small heads over many
-//! keys) takes burn's ops: its flash attention when no gradient is needed, else the decomposed
-//! path, which is also the tests' reference.
+//! `attention_blocked`. Half-precision inputs on the CPU under autodiff take the fused kernel
+//! in f32. What is left (small heads over many keys, half precision without autodiff) takes
+//! burn's ops: its flash attention when no gradient is needed, else the decomposed path, which
+//! is also the tests' reference.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -44,6 +45,14 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
             && let Some(out) = super::attention_blocked::attention::<burn::backend::Cube>(q.clone(), k.clone(), v.clone(), heads, scale, super::attention_blocked::BLOCK_SCORES)
         {
             return out;
+        }
+        // Half precision on the CPU (mixed precision): the fused kernel in f32, rounded once.
+        // burn's ops would keep every head's probabilities for the backward pass, in f32 from
+        // the softmax and in the half dtype for the product with v (768 MiB a layer for SD-1.5
+        // at 512 px in bf16); the kernel keeps f32 copies of q, k, v and the output.
+        let dtype = q.dtype();
+        if matches!(dtype, DType::F16 | DType::BF16) && k.dtype() == dtype && v.dtype() == dtype {
+            return value_as(&attention(f32_value(&q), f32_value(&k), f32_value(&v), heads, scale), dtype);
         }
         return decomposed(q, k, v, heads, scale);
     }
@@ -217,6 +226,35 @@ mod tests {
                 let err = max_rel(values(a), values(b));
                 assert!(err < 1e-5, "d{name}: relative error {err} (n {n} m {m})");
             }
+        }
+    }
+
+    /// Half precision under autodiff on the CPU is the f32 kernel on the widened inputs, rounded
+    /// once, output and input gradients alike (burn's ops would round the scores first, and
+    /// keep every head's probabilities).
+    #[test]
+    fn half_precision_is_the_f32_kernel_rounded() {
+        let device = cpu_autodiff();
+        let (n, m, heads, d) = (70, 77, 2, 8);
+        for dtype in [DType::BF16, DType::F16] {
+            let inputs = [n, m, m].map(|rows| rand([2, rows, heads * d], &device).cast(dtype));
+            let w = rand([2, n, heads * d], &device);
+            let run = |widen: bool| {
+                let [q, k, v] = inputs.clone().map(|t| if widen { t.cast(DType::F32) } else { t }.require_grad());
+                // Rounded to the half dtype either way, so its gradient arrives rounded too.
+                let out = attention(q.clone(), k.clone(), v.clone(), heads, 0.4).cast(dtype);
+                let g = (out.clone().cast(DType::F32) * w.clone()).sum().backward();
+                let grads = [&q, &k, &v].map(|t| values(t.grad(&g).expect("a gradient").cast(dtype)));
+                (values(out), grads)
+            };
+            let (out, grads) = run(false);
+            let (want_out, want_grads) = run(true);
+            assert_eq!(out, want_out, "{dtype:?} output");
+            assert_eq!(grads, want_grads, "{dtype:?} gradients");
+            // And it is attention: within half-precision rounding of burn's ops in f32.
+            let [q, k, v] = inputs.clone().map(|t| t.cast(DType::F32));
+            let err = max_rel(&out, values(decomposed(q, k, v, heads, 0.4)));
+            assert!(err < 1e-2, "{dtype:?}: {err}");
         }
     }
 
