@@ -155,18 +155,7 @@ mod tests {
                 let mut a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 2.0).collect();
                 a[at] = f32::NAN;
                 let b = vec![0.0; n];
-                let mut got = vec![("f32", kernels::<f32>(&a, &b))];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: each entry point runs only where the CPU has its features.
-                unsafe {
-                    if isa() != Isa::Portable {
-                        got.push(("avx2", on_avx2(&a, &b)));
-                    }
-                    if isa() == Isa::Avx512 {
-                        got.push(("avx512", on_avx512(&a, &b)));
-                    }
-                }
-                for (name, (_, _, _, e, total)) in got {
+                for (name, (_, _, _, e, total)) in on_every_lane_type(&a, &b) {
                     assert!(e[at].is_nan() && total.is_nan(), "{name}, n {n}, NaN at {at}: {} / {total}", e[at]);
                     assert!((0..n).filter(|&j| j != at).all(|j| (e[j] - (a[j] - 1.5).exp()).abs() <= 1e-6 * (a[j] - 1.5).exp()), "{name}, n {n}");
                 }
@@ -197,23 +186,29 @@ mod tests {
         kernels::<crate::ops::lanes::Avx512>(a, b)
     }
 
+    /// [`kernels`] on each lane type this CPU has, by name.
+    fn on_every_lane_type(a: &[f32], b: &[f32]) -> Vec<(&'static str, (f32, f32, Vec<f32>, Vec<f32>, f32))> {
+        let mut got = vec![("f32", kernels::<f32>(a, b))];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: each entry point runs only where the CPU has its features.
+        unsafe {
+            if isa() != Isa::Portable {
+                got.push(("avx2", on_avx2(a, b)));
+            }
+            if isa() == Isa::Avx512 {
+                got.push(("avx512", on_avx512(a, b)));
+            }
+        }
+        got
+    }
+
     /// Each lane width against plain loops, with lengths on and off the widths.
     #[test]
     fn every_lane_type_matches_plain_loops() {
         for n in [0, 5, 8, 16, 37, 64, 77] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let mut got = vec![("f32", kernels::<f32>(&a, &b))];
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: each entry point runs only where the CPU has its features.
-            unsafe {
-                if isa() != Isa::Portable {
-                    got.push(("avx2", on_avx2(&a, &b)));
-                }
-                if isa() == Isa::Avx512 {
-                    got.push(("avx512", on_avx512(&a, &b)));
-                }
-            }
+            let got = on_every_lane_type(&a, &b);
             let want_dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             let want_max = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             for (name, (d, m, y, e, total)) in got {
