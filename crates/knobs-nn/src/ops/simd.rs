@@ -13,8 +13,8 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Not f32::max / min, which return the other operand for a NaN.
-    let x = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    // clamp keeps NaN (f32::max / min would return the other operand).
+    let x = x.clamp(-87.0, 88.0);
     let t = x.mul_add(std::f32::consts::LOG2_E, ROUND);
     let n = t - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
@@ -163,7 +163,10 @@ mod tests {
         }
     }
 
-    fn kernels<L: Lanes>(a: &[f32], b: &[f32]) -> (f32, f32, Vec<f32>, Vec<f32>, f32) {
+    /// dot, max, axpy, exp_shifted's values and their sum.
+    type Results = (f32, f32, Vec<f32>, Vec<f32>, f32);
+
+    fn kernels<L: Lanes>(a: &[f32], b: &[f32]) -> Results {
         let mut y = b.to_vec();
         let mut e = a.to_vec();
         // SAFETY: the callers pass only lane types the CPU has.
@@ -176,18 +179,18 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn on_avx2(a: &[f32], b: &[f32]) -> (f32, f32, Vec<f32>, Vec<f32>, f32) {
+    fn on_avx2(a: &[f32], b: &[f32]) -> Results {
         kernels::<crate::ops::lanes::Avx2>(a, b)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    fn on_avx512(a: &[f32], b: &[f32]) -> (f32, f32, Vec<f32>, Vec<f32>, f32) {
+    fn on_avx512(a: &[f32], b: &[f32]) -> Results {
         kernels::<crate::ops::lanes::Avx512>(a, b)
     }
 
     /// [`kernels`] on each lane type this CPU has, by name.
-    fn on_every_lane_type(a: &[f32], b: &[f32]) -> Vec<(&'static str, (f32, f32, Vec<f32>, Vec<f32>, f32))> {
+    fn on_every_lane_type(a: &[f32], b: &[f32]) -> Vec<(&'static str, Results)> {
         let mut got = vec![("f32", kernels::<f32>(a, b))];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: each entry point runs only where the CPU has its features.
