@@ -2,8 +2,8 @@
 //! their own backward on the CPU backend. burn builds SiLU from a sigmoid (a scalar `exp` per
 //! value) and a product, whose autodiff keeps both and runs four passes back, and runs GELU
 //! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. The GPU
-//! backends take `activation_portable` under autodiff; the rest (half precision on the CPU,
-//! no gradient off it) burn's ops.
+//! backends take `activation_portable` under autodiff. Half precision elsewhere is computed
+//! in f32 and rounded once; f32 without a gradient off the CPU takes burn's ops.
 use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,6 +21,7 @@ use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
 use burn::backend::autodiff::checkpoint::state::BackwardStates;
 
 use super::record::{kept, record};
+use crate::param::{f32_value, value_as};
 
 /// Values per parallel piece; smaller tensors stay on one thread.
 pub(super) const PIECE: usize = 1 << 15;
@@ -56,6 +57,9 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     {
         return y;
     }
+    if let Some(dtype) = half(&x) {
+        return value_as(&silu(f32_value(&x)), dtype);
+    }
     activation::silu(x)
 }
 
@@ -71,7 +75,17 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     {
         return y;
     }
+    if let Some(dtype) = half(&x) {
+        return value_as(&gelu(f32_value(&x)), dtype);
+    }
     activation::gelu(x)
+}
+
+/// The half dtype of `x`, if it has one. Such inputs are computed in f32 and rounded once,
+/// as PyTorch computes its half-precision activations (on the CPU, the f32 kernel; burn's
+/// ops in the half dtype round after each step and keep more for the backward pass).
+pub(super) fn half<const D: usize>(x: &Tensor<D>) -> Option<DType> {
+    matches!(x.dtype(), DType::F16 | DType::BF16).then(|| x.dtype())
 }
 
 fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {
@@ -255,6 +269,36 @@ mod tests {
     type Pair = (&'static str, fn(Tensor<2>) -> Tensor<2>, fn(Tensor<2>) -> Tensor<2>);
     /// Ours and burn's, for each function.
     const PAIRS: [Pair; 2] = [("silu", silu, activation::silu), ("gelu", gelu, activation::gelu)];
+
+    /// Half precision, with and without autodiff, is the f32 op on the widened input rounded
+    /// once, value and input gradient, for SiLU, GELU and GEGLU (burn's ops in the half dtype
+    /// round after each step).
+    #[test]
+    fn half_precision_is_the_f32_op_rounded() {
+        let ops: [(&str, fn(Tensor<2>) -> Tensor<2>); 3] = [("silu", silu), ("gelu", gelu), ("geglu", super::super::geglu)];
+        for (name, op) in ops {
+            for dtype in [DType::BF16, DType::F16] {
+                for tracked in [false, true] {
+                    let device = if tracked { cpu_autodiff() } else { cpu() };
+                    let x = Tensor::<2>::random([37, 70], Distribution::Normal(0.0, 3.0), &device).cast(dtype);
+                    let w = Tensor::<2>::random([37, if name == "geglu" { 35 } else { 70 }], Distribution::Normal(0.0, 1.0), &device);
+                    let run = |widen: bool| {
+                        let x = if widen { x.clone().cast(DType::F32) } else { x.clone() };
+                        let x = if tracked { x.require_grad() } else { x };
+                        let y = op(x.clone()).cast(dtype);
+                        let grad = tracked.then(|| {
+                            let g = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
+                            values(x.grad(&g).expect("a gradient").cast(dtype))
+                        });
+                        (y.dtype(), values(y), grad)
+                    };
+                    let (got, want) = (run(false), run(true));
+                    assert_eq!(got.0, dtype, "{name} {dtype:?}: the output keeps the input's dtype");
+                    assert_eq!(got, want, "{name} {dtype:?}, tracked {tracked}");
+                }
+            }
+        }
+    }
 
     /// Values and gradients against burn's ops, over a wide range (the clamped exponent at
     /// both ends, both tails of erf) and a length off the lanes and pieces.

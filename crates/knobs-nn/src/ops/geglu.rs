@@ -5,7 +5,8 @@
 //! backward that pads each half's gradient back to full width with zeros and adds the two;
 //! at SD-1.5's 64x64 level each of those is a 42 MB tensor. Here one pass each way, reading
 //! the projection where it lies, which is all the op keeps. The GPU backends take
-//! `activation_portable`'s GEGLU under autodiff, which keeps the same.
+//! `activation_portable`'s GEGLU under autodiff, which keeps the same. Half precision
+//! elsewhere is computed in f32 and rounded once.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
 use burn::backend::autodiff::checkpoint::state::BackwardStates;
@@ -23,6 +24,7 @@ use std::mem::MaybeUninit;
 use super::fresh::written;
 use super::lanes::{self, Lanes, on_lanes};
 use super::record::{kept, record};
+use crate::param::{f32_value, value_as};
 
 /// `h * gelu(g)` for `y = [h, g]` along the last dimension (of even width).
 pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
@@ -38,6 +40,9 @@ pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
         && let Some(out) = super::activation_portable::geglu::<burn::backend::Cube, D>(y.clone())
     {
         return out;
+    }
+    if let Some(dtype) = super::activation::half(&y) {
+        return value_as(&geglu(f32_value(&y)), dtype);
     }
     decomposed(y)
 }
