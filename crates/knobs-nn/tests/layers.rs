@@ -81,3 +81,43 @@ fn trainable_get_gradients_and_frozen_get_none() {
     });
     assert_eq!(net.num_trainable_params(), 2 * 4 * 9 + 4 + 8);
 }
+
+/// Mixed precision on the CPU: a Linear or Conv2d fed half-precision activations computes in
+/// f32 on the widened input with its weight as stored and rounds the result once, so it equals
+/// the f32 layer on the widened input, rounded: the output, the input's gradient and a trained
+/// weight's gradient, bit for bit (burn's bf16 / f16 products round differently).
+#[test]
+fn half_precision_linear_and_conv_compute_in_f32_on_the_cpu() {
+    use knobs_nn::burn::tensor::{DType, Distribution};
+    let device = cpu_autodiff();
+    let mut init = Init::new(5);
+    let mut linear = Linear::new(24, 40, true, &mut init, &device);
+    let mut conv = Conv2d::new(6, 8, 3, 1, 1, true, &mut init, &device);
+    for trained in [false, true] {
+        linear.train_only(|_| trained);
+        conv.train_only(|_| trained);
+        for dtype in [DType::BF16, DType::F16] {
+            let x = Tensor::<2>::random([33, 24], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+            let img = Tensor::<4>::random([2, 6, 9, 9], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+            let values = |t: Tensor<1>| t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
+            let run = |widen: bool| {
+                let x = if widen { x.clone().cast(DType::F32) } else { x.clone() }.require_grad();
+                let img = if widen { img.clone().cast(DType::F32) } else { img.clone() }.require_grad();
+                let y = linear.forward(x.clone()).cast(dtype);
+                let z = conv.forward(img.clone()).cast(dtype);
+                assert_eq!((y.dtype(), z.dtype()), (dtype, dtype));
+                let loss = (y.clone().cast(DType::F32) * 0.3).sum() + (z.clone().cast(DType::F32).powi_scalar(2) * 0.1).sum();
+                let g = loss.backward();
+                let mut got = vec![values(y.flatten(0, 1)), values(z.flatten(0, 3))];
+                got.push(values(x.grad(&g).unwrap().cast(dtype).flatten(0, 1)));
+                got.push(values(img.grad(&g).unwrap().cast(dtype).flatten(0, 3)));
+                if trained {
+                    got.push(values(linear.weight.grad(&g).expect("a trained weight's gradient").flatten(0, 1)));
+                    got.push(values(conv.weight.grad(&g).expect("a trained weight's gradient").flatten(0, 3)));
+                }
+                got
+            };
+            assert_eq!(run(false), run(true), "{dtype:?}, weights trained: {trained}");
+        }
+    }
+}

@@ -6,7 +6,7 @@ use burn::tensor::ops::ConvOptions;
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
-use crate::param::{ParamMut, ParamRef, f32_value, value_as};
+use crate::param::{ParamMut, ParamRef, f32_value, half_on_cpu, value_as};
 
 /// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
 #[derive(Debug)]
@@ -58,6 +58,10 @@ impl Conv2d {
     }
 
     pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
+        // Mixed precision on the CPU: the f32 kernels on the widened input, as Linear.
+        if let Some(dtype) = half_on_cpu(&x) {
+            return value_as(&self.forward_base(f32_value(&x)), dtype);
+        }
         let dtype = x.dtype();
         // Mixed precision: the convolution in the input's dtype. The layer's own weight, when
         // frozen and not converted, stays as it is between calls; a frozen half-precision one

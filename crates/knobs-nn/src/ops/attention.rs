@@ -59,19 +59,13 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     // the same values in twice the time (bf16 [2, 4096, 320], 8 heads: 0.72 against 1.55 s).
     // The GPUs' flash attention takes half precision as it is, with f32 accumulators.
     if let Some(dtype) = half
-        && on_flex(&q)
+        && super::on_cpu(&q)
     {
         return value_as(&attention(f32_value(&q), f32_value(&k), f32_value(&v), heads, scale), dtype);
     }
     // No gradient needed: the backend's own flash attention, blocked for wide heads.
     let strategy = q.gradient_checkpointing_strategy();
     crate::param::autodiff_with(backends_own(q.inner(), k.inner(), v.inner(), heads, scale), strategy)
-}
-
-/// Whether `t` lives on the CPU backend.
-fn on_flex(t: &Tensor<3>) -> bool {
-    let t = if t.is_autodiff() { t.clone().inner() } else { t.clone() };
-    t.try_into_primitive::<Flex>().is_ok()
 }
 
 /// The backend's own fused attention (`module::attention`) on `[B, N, heads * d]` tensors.

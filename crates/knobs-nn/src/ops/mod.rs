@@ -41,3 +41,9 @@ pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use low_rank::low_rank;
 pub use activation::{gelu, silu};
+
+/// Whether `t` lives on the CPU backend (flex), with or without autodiff.
+pub(crate) fn on_cpu<const D: usize>(t: &burn::tensor::Tensor<D>) -> bool {
+    let t = if t.is_autodiff() { t.clone().inner() } else { t.clone() };
+    t.try_into_primitive::<burn::backend::Flex>().is_ok()
+}
