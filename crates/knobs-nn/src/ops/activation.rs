@@ -275,7 +275,8 @@ mod tests {
     /// round after each step).
     #[test]
     fn half_precision_is_the_f32_op_rounded() {
-        let ops: [(&str, fn(Tensor<2>) -> Tensor<2>); 3] = [("silu", silu), ("gelu", gelu), ("geglu", super::super::geglu)];
+        type Op = fn(Tensor<2>) -> Tensor<2>;
+        let ops: [(&str, Op); 3] = [("silu", silu), ("gelu", gelu), ("geglu", super::super::geglu)];
         for (name, op) in ops {
             for dtype in [DType::BF16, DType::F16] {
                 for tracked in [false, true] {
