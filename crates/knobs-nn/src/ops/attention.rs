@@ -38,30 +38,29 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     if fusable && let Some(out) = fused(q.clone(), k.clone(), v.clone(), dims, scale as f32) {
         return out;
     }
-    let half = [&k, &v].iter().all(|t| t.dtype() == q.dtype()).then(|| q.dtype()).filter(|d| matches!(d, DType::F16 | DType::BF16));
-    if q.is_tracked() || k.is_tracked() || v.is_tracked() {
-        #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
-        if width % heads == 0
-            && let Some(out) = super::attention_blocked::attention::<burn::backend::Cube>(q.clone(), k.clone(), v.clone(), heads, scale, super::attention_blocked::BLOCK_SCORES)
-        {
-            return out;
-        }
-        // Half precision on the CPU (mixed precision): the fused kernel in f32, rounded once.
-        // burn's ops would keep every head's probabilities for the backward pass, in f32 from
-        // the softmax and in the half dtype for the product with v (768 MiB a layer for SD-1.5
-        // at 512 px in bf16); the kernel keeps f32 copies of q, k, v and the output.
-        if let Some(dtype) = half {
-            return value_as(&attention(f32_value(&q), f32_value(&k), f32_value(&v), heads, scale), dtype);
-        }
-        return decomposed(q, k, v, heads, scale);
+    let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    if tracked
+        && width % heads == 0
+        && let Some(out) = super::attention_blocked::attention::<burn::backend::Cube>(q.clone(), k.clone(), v.clone(), heads, scale, super::attention_blocked::BLOCK_SCORES)
+    {
+        return out;
     }
-    // Half precision on the CPU without a gradient: the same, where flex's own attention gives
-    // the same values in twice the time (bf16 [2, 4096, 320], 8 heads: 0.72 against 1.55 s).
-    // The GPUs' flash attention takes half precision as it is, with f32 accumulators.
+    // Half precision on the CPU (mixed precision): the fused kernel in f32, rounded once. Under
+    // autodiff burn's ops would keep every head's probabilities for the backward pass, in f32
+    // from the softmax and in the half dtype for the product with v (768 MiB a layer for
+    // SD-1.5 at 512 px in bf16), where the kernel keeps f32 copies of q, k, v and the output;
+    // without it flex's own attention gives the same values in twice the time (bf16 [2, 4096,
+    // 320], 8 heads: 0.72 against 1.55 s). The GPUs' flash attention takes half precision as
+    // it is, with f32 accumulators.
+    let half = [&k, &v].iter().all(|t| t.dtype() == q.dtype()).then(|| q.dtype()).filter(|d| matches!(d, DType::F16 | DType::BF16));
     if let Some(dtype) = half
-        && super::on_cpu(&q)
+        && (tracked || super::on_cpu(&q))
     {
         return value_as(&attention(f32_value(&q), f32_value(&k), f32_value(&v), heads, scale), dtype);
+    }
+    if tracked {
+        return decomposed(q, k, v, heads, scale);
     }
     // No gradient needed: the backend's own flash attention, blocked for wide heads.
     let strategy = q.gradient_checkpointing_strategy();
