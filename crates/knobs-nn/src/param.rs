@@ -163,10 +163,16 @@ pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
 /// `t` in `dtype`: itself when it is, else its conversion. Under mixed precision a layer
 /// computes in its input's dtype and casts its (f32 master) weights to it; the cast's
 /// backward hands f32 gradients to the master weights.
-/// `t`'s dtype when it is a half-precision one (f16, bf16) and `t` is on the CPU backend,
-/// whose layers then compute in f32 on the widened values and round the result once.
+/// `t`'s dtype when it is a half-precision one (f16, bf16): mixed precision's activations,
+/// which the ops compute in f32 on the widened values wherever that is the better choice,
+/// rounding the result once (as PyTorch's kernels compute in f32 for half inputs).
+pub fn half_dtype<const D: usize>(t: &Tensor<D>) -> Option<DType> {
+    matches!(t.dtype(), DType::F16 | DType::BF16).then(|| t.dtype())
+}
+
+/// [`half_dtype`], for `t` on the CPU backend only, whose layers then compute in f32.
 pub fn half_on_cpu<const D: usize>(t: &Tensor<D>) -> Option<DType> {
-    matches!(t.dtype(), DType::F16 | DType::BF16).then(|| t.dtype()).filter(|_| crate::ops::on_cpu(t))
+    half_dtype(t).filter(|_| crate::ops::on_cpu(t))
 }
 
 pub fn value_as<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {

@@ -21,7 +21,7 @@ use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
 use burn::backend::autodiff::checkpoint::state::BackwardStates;
 
 use super::record::{kept, record};
-use crate::param::{f32_value, value_as};
+use crate::param::{f32_value, half_dtype, value_as};
 
 /// Values per parallel piece; smaller tensors stay on one thread.
 pub(super) const PIECE: usize = 1 << 15;
@@ -57,7 +57,7 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     {
         return y;
     }
-    if let Some(dtype) = half(&x) {
+    if let Some(dtype) = half_dtype(&x) {
         return value_as(&silu(f32_value(&x)), dtype);
     }
     activation::silu(x)
@@ -75,17 +75,10 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     {
         return y;
     }
-    if let Some(dtype) = half(&x) {
+    if let Some(dtype) = half_dtype(&x) {
         return value_as(&gelu(f32_value(&x)), dtype);
     }
     activation::gelu(x)
-}
-
-/// The half dtype of `x`, if it has one. Such inputs are computed in f32 and rounded once,
-/// as PyTorch computes its half-precision activations (on the CPU, the f32 kernel; burn's
-/// ops in the half dtype round after each step and keep more for the backward pass).
-pub(super) fn half<const D: usize>(x: &Tensor<D>) -> Option<DType> {
-    matches!(x.dtype(), DType::F16 | DType::BF16).then(|| x.dtype())
 }
 
 fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {

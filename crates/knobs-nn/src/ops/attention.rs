@@ -19,7 +19,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::attention_kernel::{self, Dims};
 use super::record::record;
-use crate::param::{f32_value, value_as};
+use crate::param::{f32_value, half_dtype, value_as};
 
 /// Above this many key floats per head (head width x keys), one head's keys no longer stay
 /// in cache across query rows of the row-at-a-time loops (small heads on CPUs without vector
@@ -53,8 +53,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     // without it flex's own attention gives the same values in twice the time (bf16 [2, 4096,
     // 320], 8 heads: 0.72 against 1.55 s). The GPUs' flash attention takes half precision as
     // it is, with f32 accumulators.
-    let half = [&k, &v].iter().all(|t| t.dtype() == q.dtype()).then(|| q.dtype()).filter(|d| matches!(d, DType::F16 | DType::BF16));
-    if let Some(dtype) = half
+    if let Some(dtype) = half_dtype(&q).filter(|&d| k.dtype() == d && v.dtype() == d)
         && (tracked || super::on_cpu(&q))
     {
         return value_as(&attention(f32_value(&q), f32_value(&k), f32_value(&v), heads, scale), dtype);

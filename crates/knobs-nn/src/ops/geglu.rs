@@ -24,7 +24,7 @@ use std::mem::MaybeUninit;
 use super::fresh::written;
 use super::lanes::{self, Lanes, on_lanes};
 use super::record::{kept, record};
-use crate::param::{f32_value, value_as};
+use crate::param::{f32_value, half_dtype, value_as};
 
 /// `h * gelu(g)` for `y = [h, g]` along the last dimension (of even width).
 pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
@@ -41,7 +41,7 @@ pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
     {
         return out;
     }
-    if let Some(dtype) = super::activation::half(&y) {
+    if let Some(dtype) = half_dtype(&y) {
         return value_as(&geglu(f32_value(&y)), dtype);
     }
     decomposed(y)
