@@ -5,6 +5,7 @@
 # carries (the device tool sends every tracked file that is in the working tree).
 #   bash scripts/gpu-aside.sh out     before the device call
 #   bash scripts/gpu-aside.sh back    right after it (`git checkout -- models` also restores them)
+#   bash scripts/gpu-aside.sh list    the files it moves (scripts/gpu-pack.sh counts them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 aside=.gpu-aside
@@ -23,5 +24,6 @@ case "${1:-}" in
     # Anything missing still (an aside folder lost with a machine) comes from git.
     git checkout -- "${files[@]}"
     git diff --quiet -- "${files[@]}" || { echo "models differ from HEAD after restoring" >&2; exit 1; } ;;
-  *) echo "usage: scripts/gpu-aside.sh out|back" >&2; exit 2 ;;
+  list) printf '%s\n' "${files[@]}" ;;
+  *) echo "usage: scripts/gpu-aside.sh out|back|list" >&2; exit 2 ;;
 esac

@@ -53,7 +53,7 @@ carry=".gpu .whl"; [ "$FEATURE" = cuda ] || carry="$carry .gl"
 # Tracked files travel too (those in the working tree); the largest are model weights the
 # device run does not read, which scripts/gpu-aside.sh moves out for the call.
 total=$( (git ls-files -z | xargs -0 cat 2>/dev/null; find shared $carry -type f -exec cat {} +) | wc -c)
-aside=$(bash -c 'source <(sed -n "/^files=/p" scripts/gpu-aside.sh); cat "${files[@]}" 2>/dev/null' | wc -c)
+aside=$(bash scripts/gpu-aside.sh list | xargs cat 2>/dev/null | wc -c)
 echo "packed: $((total / 1024)) KiB to carry (limit $((64 * 1024))), $(((total - aside) / 1024)) KiB with scripts/gpu-aside.sh out: carry $carry"
 if [ "$total" -gt $((64 * 1048576)) ]; then
   [ $((total - aside)) -le $((64 * 1048576)) ] || { echo "over the limit even with the models aside" >&2; exit 1; }
