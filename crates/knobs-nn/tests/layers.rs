@@ -114,6 +114,8 @@ fn half_precision_linear_and_conv_compute_in_f32_on_the_cpu() {
                 if trained {
                     got.push(values(linear.weight.grad(&g).expect("a trained weight's gradient").flatten(0, 1)));
                     got.push(values(conv.weight.grad(&g).expect("a trained weight's gradient").flatten(0, 3)));
+                } else {
+                    assert!(linear.weight.grad(&g).is_none() && conv.weight.grad(&g).is_none(), "a frozen weight got a gradient");
                 }
                 got
             };
