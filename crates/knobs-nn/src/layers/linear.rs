@@ -4,6 +4,7 @@ use burn::tensor::{DType, Device, Tensor};
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
+use crate::ops::Products;
 use crate::param::{ParamMut, ParamRef, f32_value, half_on_cpu, value_as};
 
 /// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
@@ -38,15 +39,20 @@ impl Linear {
 
     /// The base layer alone, ignoring adapters.
     pub fn forward_base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        // Mixed precision on the CPU: the f32 kernel on the widened input, with the weight as
-        // stored, rounded once. It has no half-precision arithmetic to gain from (burn's bf16
-        // product was slower than f32), and keeps no narrowed copy of the weight.
+        // Mixed precision on the CPU: the kernel on the widened input, rounded once. bf16
+        // products where the CPU has them (the weight rounded in packing, as autocast rounds
+        // it), else f32 ones with the weight as stored: burn's bf16 product was slower than
+        // f32, and kept a narrowed copy of the weight.
         if let Some(dtype) = half_on_cpu(&x) {
-            return value_as(&self.forward_base(f32_value(&x)), dtype);
+            return value_as(&self.base(f32_value(&x), Products::for_dtype(dtype)), dtype);
         }
+        self.base(x, Products::F32)
+    }
+
+    fn base<const D: usize>(&self, x: Tensor<D>, products: Products) -> Tensor<D> {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        if let Some(y) = crate::ops::linear(&x.clone().reshape([rows, self.d_in()]), &self.weight, self.bias.as_ref()) {
+        if let Some(y) = crate::ops::linear_as(&x.clone().reshape([rows, self.d_in()]), &self.weight, self.bias.as_ref(), products) {
             dims[D - 1] = self.d_out();
             return y.reshape(dims);
         }

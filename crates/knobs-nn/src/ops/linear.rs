@@ -20,7 +20,7 @@ use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::fresh::written;
-use super::matrix::{View, min_len, parallelism, product, product_strided};
+use super::matrix::{Products, View, min_len, parallelism, product_as};
 use super::record::{kept, lifted, record};
 use super::precision::widened;
 use super::transposed::with_widened_transposed;
@@ -31,6 +31,11 @@ const PARALLEL_WORK: usize = 1 << 21;
 /// `x` `[rows, in]` times the transpose of `w` `[out, in]`, plus `b` `[out]`; `None` when
 /// this op does not apply (see the module's doc).
 pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Tensor<2>> {
+    linear_as(x, w, b, Products::F32)
+}
+
+/// [`linear`] with its products (forward and backward) in `products`' arithmetic.
+pub fn linear_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: Products) -> Option<Tensor<2>> {
     let usable = |dtype: DType, tracked: bool| dtype == DType::F32 || (matches!(dtype, DType::F16 | DType::BF16) && !tracked);
     if x.dtype() != DType::F32 || !usable(w.dtype(), w.is_tracked()) || !b.is_none_or(|b| usable(b.dtype(), b.is_tracked())) {
         return None;
@@ -45,12 +50,12 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Ten
             Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref())));
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), products)));
     }
     // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
     let strategy = x.gradient_checkpointing_strategy().or(w.gradient_checkpointing_strategy());
     let (x, w) = (lifted(x, strategy), lifted(w, strategy));
-    let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| (forward(&x, &w, b.as_ref()), Saved { w });
+    let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| (forward(&x, &w, b.as_ref(), products), Saved { w, products });
     if strategy == Some(GradientCheckpointingStrategy::Balanced) && w.dims()[0] >= 2 * w.dims()[1] {
         // A layer at least twice as wide out as in (the feed-forward's input projection, 8x
         // for GEGLU) has its output recomputed in the backward pass from the input, as the
@@ -64,10 +69,10 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Ten
                 Some(b) => Some(b.clone().inner().try_into_primitive::<Flex>().ok()?),
                 None => None,
             };
-            let recompute = |ids: &[NodeId]| Recompute { x: ids[0], w: Input::Held(w.clone()), b: b.clone().map(Input::Held) };
+            let recompute = |ids: &[NodeId]| Recompute { x: ids[0], w: Input::Held(w.clone()), b: b.clone().map(Input::Held), products };
             return record!(LinearOp::<1>, strategy, [x], keep [], recompute recompute, kernel(x, w.clone(), b.clone()));
         }
-        let recompute = |ids: &[NodeId]| Recompute { x: ids[0], w: Input::Node(ids[1]), b: ids.get(2).copied().map(Input::Node) };
+        let recompute = |ids: &[NodeId]| Recompute { x: ids[0], w: Input::Node(ids[1]), b: ids.get(2).copied().map(Input::Node), products };
         return match (b.map(|b| lifted(b, strategy)), w.is_tracked()) {
             (Some(b), true) => record!(LinearOp::<3>, strategy, [x, w, b], keep [0], recompute recompute, kernel(x, w, Some(b))),
             (Some(b), false) => record!(LinearOp::<3>, strategy, [x, w, b], keep [], recompute recompute, kernel(x, w, Some(b))),
@@ -92,7 +97,7 @@ fn par(work: usize) -> gemm::Parallelism {
     parallelism(work >= PARALLEL_WORK)
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor {
+fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, products: Products) -> FlexTensor {
     let x = x.to_contiguous();
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = w.layout().shape().dims::<2>()[0];
@@ -113,13 +118,14 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor
                 })
             };
             // SAFETY: `out` holds rows x d_out; x is [rows, d_in] and wt covers [d_in, d_out].
-            unsafe { product(rows, d_out, d_in, &mut out, d_out, true, xv, wt, 1.0, par(rows * d_in * d_out)) };
+            unsafe { product_as(products, rows, d_out, d_in, out.as_mut_ptr(), d_out, 1, true, xv, wt, 1.0, par(rows * d_in * d_out)) };
             out
         }
-        None => new_product(rows, d_out, d_in, xv, wt),
+        None => new_product(rows, d_out, d_in, xv, wt, products),
     };
     let transposed = || with_widened_transposed(w, |wt| times(View::rows(wt, 0, d_out)));
-    let out = transposes_first(rows, d_in, d_out).then(transposed).flatten().unwrap_or_else(|| {
+    // The bf16 kernel packs either layout at the same cost.
+    let out = (transposes_first(rows, d_in, d_out) && products == Products::F32).then(transposed).flatten().unwrap_or_else(|| {
         let w = widened(w);
         times(View::rows(slice(&w), 0, d_in).t())
     });
@@ -139,13 +145,13 @@ fn transposes_first(rows: usize, d_in: usize, d_out: usize) -> bool {
 
 /// `lhs` `[m, k]` times `rhs` `[k, n]` into a new row-major vector (see [`written`]). The
 /// views must cover their matrices.
-fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> Vec<f32> {
+fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View, products: Products) -> Vec<f32> {
     if k == 0 {
         return vec![0.0; m * n];
     }
     // SAFETY: gemm without accumulation writes all m x n values and reads none of them; the
     // caller vouches for the views.
-    unsafe { written(m * n, |out| product_strided(m, n, k, out.as_mut_ptr().cast(), n, 1, false, lhs, rhs, 1.0, par(m * n * k))) }
+    unsafe { written(m * n, |out| product_as(products, m, n, k, out.as_mut_ptr().cast(), n, 1, false, lhs, rhs, 1.0, par(m * n * k))) }
 }
 
 /// The output again from the input, weight and bias, in the backward pass.
@@ -154,6 +160,7 @@ struct Recompute {
     x: NodeId,
     w: Input,
     b: Option<Input>,
+    products: Products,
 }
 
 /// A weight or bias as [`Recompute`] finds it.
@@ -187,7 +194,7 @@ impl RetroForward for Recompute {
         RECOMPUTED.with(|n| n.set(n.get() + 1));
         let (x, w) = (states.get_state::<FlexTensor>(&self.x), self.w.get(states));
         let b = self.b.as_ref().map(|b| b.get(states));
-        states.save(out, forward(&x, &w, b.as_ref()));
+        states.save(out, forward(&x, &w, b.as_ref(), self.products));
     }
 }
 
@@ -200,6 +207,7 @@ struct LinearOp<const N: usize>;
 struct Saved {
     /// The weight as stored: a half-precision one is widened again here.
     w: FlexTensor,
+    products: Products,
 }
 
 impl<const N: usize> Backward<Flex, N> for LinearOp<N> {
@@ -207,7 +215,7 @@ impl<const N: usize> Backward<Flex, N> for LinearOp<N> {
     type State = (Saved, Vec<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-        let (Saved { w }, kept_ids) = ops.state;
+        let (Saved { w, products }, kept_ids) = ops.state;
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [rows, d_out] = g.layout().shape().dims::<2>();
         let gs = slice(&g);
@@ -215,13 +223,13 @@ impl<const N: usize> Backward<Flex, N> for LinearOp<N> {
         if let Some(node) = parent(0) {
             let w = widened(&w);
             let d_in = w.layout().shape().dims::<2>()[1];
-            let dx = new_product(rows, d_in, d_out, View::rows(gs, 0, d_out), View::rows(slice(&w), 0, d_in));
+            let dx = new_product(rows, d_in, d_out, View::rows(gs, 0, d_out), View::rows(slice(&w), 0, d_in), products);
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [rows, d_in])));
         }
         if let Some(node) = parent(1) {
             let x = kept(checkpointer, kept_ids[0]).to_contiguous();
             let d_in = x.layout().shape().dims::<2>()[1];
-            let dw = new_product(d_out, d_in, rows, View::rows(gs, 0, d_out).t(), View::rows(slice(&x), 0, d_in));
+            let dw = new_product(d_out, d_in, rows, View::rows(gs, 0, d_out).t(), View::rows(slice(&x), 0, d_in), products);
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, [d_out, d_in])));
         }
         if let Some(node) = parent(2) {
@@ -316,6 +324,46 @@ mod tests {
                             assert!(err < 1e-5, "{rows}x{d_in}x{d_out} {dtype:?} trains {trains} bias {bias} {name}: output {i} off by {err}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// bf16 products: the f32 op on the input and weight rounded to bf16, within f32
+    /// summation error, for the output, the input's gradient and a trained weight's (the
+    /// upstream gradient bf16-exact, as it is under mixed precision); and not the f32 op on
+    /// the operands as they are.
+    #[test]
+    fn bf16_products_are_the_f32_op_on_rounded_operands() {
+        if !crate::ops::bf16_product::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let round = |t: &Tensor<2>| t.clone().cast(DType::BF16).cast(DType::F32);
+        let mut init = Init::new(34);
+        for (rows, d_in, d_out) in [(7, 13, 5), (300, 70, 130), (1, 50, 20), (30, 16, 40)] {
+            let (x, w, b) = (init.normal::<2>([rows, d_in], 1.0, &cpu()), init.normal::<2>([d_out, d_in], 0.3, &cpu()), init.normal::<1>([d_out], 0.5, &cpu()));
+            let probe = round(&init.normal::<2>([rows, d_out], 1.0, &cpu()));
+            for trains in [false, true] {
+                let run = |x: &Tensor<2>, w: &Tensor<2>, products: Products| {
+                    let device = cpu_autodiff();
+                    let on = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
+                    let x = on(x).require_grad();
+                    let w = if trains { on(w).require_grad() } else { on(w) };
+                    let y = linear_as(&x, &w, Some(&Tensor::from_data(b.to_data(), &device)), products).expect("the op applies");
+                    let g = (y.clone() * on(&probe)).sum().backward();
+                    let mut out = vec![values(y), values(x.grad(&g).unwrap())];
+                    if trains {
+                        out.push(values(w.grad(&g).unwrap()));
+                    }
+                    out
+                };
+                let got = run(&x, &w, Products::Bf16);
+                let (want, unrounded) = (run(&round(&x), &round(&w), Products::F32), run(&x, &w, Products::F32));
+                for (i, ((got, want), unrounded)) in got.iter().zip(&want).zip(&unrounded).enumerate() {
+                    let err = max_rel(got, want);
+                    assert!(err < 1e-5, "{rows}x{d_in}x{d_out} trains {trains}: output {i} off by {err}");
+                    assert!(max_rel(got, unrounded) > 1e-4, "{rows}x{d_in}x{d_out} trains {trains}: output {i} as if unrounded");
                 }
             }
         }

@@ -9,6 +9,11 @@ pub(super) struct View {
     cs: isize,
 }
 
+// SAFETY: a view only reads, and the products that take one vouch that its matrix outlives
+// them and is not written meanwhile.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
 impl View {
     /// Row-major rows at stride `rs`, from `s[at..]`.
     pub(super) fn rows(s: &[f32], at: usize, rs: usize) -> View {
@@ -17,6 +22,10 @@ impl View {
     /// Element (i, j) at `s[at + i * rs + j * cs]`.
     pub(super) fn strided(s: &[f32], at: usize, rs: usize, cs: usize) -> View {
         View { ptr: s[at..].as_ptr(), rs: rs as isize, cs: cs as isize }
+    }
+    /// The start, row stride and column stride.
+    pub(super) fn parts(self) -> (*const f32, isize, isize) {
+        (self.ptr, self.rs, self.cs)
     }
     /// The rows from `first` on (no copy).
     pub(super) fn from_row(self, first: usize) -> View {
@@ -45,6 +54,35 @@ pub(super) unsafe fn product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
     unsafe { gemm::gemm(m, n, k, dst, cs as isize, rs as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, beta, false, false, false, par) }
+}
+
+/// How a product computes: in f32, or with its operands rounded to bf16 and f32 sums, as
+/// autocast's bf16 products do (twice the multiply-adds per instruction where the CPU has
+/// AVX512-BF16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Products {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Products {
+    /// For activations in `dtype` under mixed precision on the CPU: bf16 where the CPU has the
+    /// kernel, else f32 (f16 has no CPU kernel that would gain from it).
+    pub fn for_dtype(dtype: burn::tensor::DType) -> Products {
+        if dtype == burn::tensor::DType::BF16 && super::bf16_product::available() { Products::Bf16 } else { Products::F32 }
+    }
+}
+
+/// [`product_strided`] in `products`' arithmetic.
+///
+/// SAFETY: as [`product_strided`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_as(products: Products, m: usize, n: usize, k: usize, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
+    match products {
+        Products::F32 => unsafe { product_strided(m, n, k, dst, rs, cs, accumulate, lhs, rhs, beta, par) },
+        Products::Bf16 => unsafe { super::bf16_product::product_strided(m, n, k, dst, rs, cs, accumulate, lhs, rhs, beta, par) },
+    }
 }
 
 /// gemm's threads for a product worth splitting, else the calling thread alone.

@@ -11,6 +11,7 @@ mod group_norm_portable;
 #[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod portable;
 mod attention_kernel;
+pub(crate) mod bf16_product;
 mod attention_products;
 mod attention_small;
 pub mod conv2d;
@@ -35,11 +36,12 @@ mod weight_transforms;
 
 pub use attention::attention;
 pub use geglu::geglu;
-pub use linear::linear;
+pub use linear::{linear, linear_as};
 pub use conv2d::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use low_rank::low_rank;
+pub use matrix::Products;
 pub use activation::{gelu, silu};
 
 /// Whether `t` lives on the CPU backend (flex), with or without autodiff.

@@ -1,0 +1,341 @@
+//! Matrix products with bf16 operands and f32 sums, on CPUs with AVX512-BF16 (AMD Zen 4 and
+//! later, Intel Cooper Lake / Sapphire Rapids and later): what autocast's bf16 products
+//! compute, at twice f32's multiply-adds per instruction. gemm has no bf16 kernel, and
+//! products were most of a mixed-precision step, which ran in f32 until this (1.7x PyTorch's
+//! bf16 step on a Zen 4).
+//!
+//! The operands are read as f32 (bf16 activations widened, exactly) and rounded to bf16 (to
+//! nearest, ties to even; NaN stays NaN) while they are packed: the left one into panels of
+//! [`MR`] rows, the right one into panels of [`NR`] columns, both as pairs of neighbours along
+//! the summed dimension, which is the operand layout of `vdpbf16ps`. The sums run in f32 in a
+//! fixed order per output, so the result does not depend on the thread count.
+use rayon::prelude::*;
+
+use super::matrix::View;
+
+/// Rows of the left operand per micro-panel.
+const MR: usize = 12;
+/// Columns of the right operand per micro-panel (two registers of 16 lanes).
+const NR: usize = 32;
+/// Pairs along the summed dimension per pass: a right micro-panel of them (32 KiB) stays in
+/// L1 while the rows go by.
+const KC: usize = 256;
+/// Rows per task: its packed left block stays in L2.
+const MC: usize = 8 * MR;
+
+/// Whether this CPU runs the kernel (checked once; `KNOBS_NO_BF16_PRODUCTS` turns it off, for
+/// comparing both paths in one build).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("KNOBS_NO_BF16_PRODUCTS").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x` to bf16 (its bits), to nearest with ties to even, as `vcvtne2ps2bf16` rounds.
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        // Quiet, so that rounding cannot carry a NaN's payload into infinity.
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(to_bf16(lo)) | u32::from(to_bf16(hi)) << 16
+}
+
+/// `dst` (element (i, j) at `dst + i * rs + j * cs`) = `dst` (when `accumulate`) + `beta`
+/// lhs `[m, k]` rhs `[k, n]`, both operands rounded to bf16. Call only where [`available`].
+///
+/// SAFETY: the views cover their matrices and `dst` is valid for writes at every (i, j), which
+/// no other thread touches.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
+    assert!(available(), "the bf16 product needs AVX512-BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let threads = if matches!(par, gemm::Parallelism::None) { 1 } else { rayon::current_num_threads() };
+    // The right operand is packed once for all tasks; the left one by each task, its rows.
+    let panels = n.div_ceil(NR);
+    let mut rhs_packed = vec![0u32; panels * kp * NR];
+    let pack_right = |(p, out): (usize, &mut [u32])| {
+        let (ptr, elem, line) = rhs.parts();
+        unsafe { pack(ptr, line, elem, p * NR, n, k, NR, out) }
+    };
+    if threads > 1 {
+        rhs_packed.par_chunks_mut(kp * NR).enumerate().for_each(pack_right);
+    } else {
+        rhs_packed.chunks_mut(kp * NR).enumerate().for_each(pack_right);
+    }
+    // Enough tasks for every thread twice: by rows, and by columns too when rows are few.
+    let row_blocks = m.div_ceil(MC);
+    let column_groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
+    let per_group = panels.div_ceil(column_groups);
+    let dst = dst as usize;
+    let task = |t: usize| {
+        let (block, group) = (t / column_groups, t % column_groups);
+        let rows = block * MC..((block + 1) * MC).min(m);
+        let mut lhs_packed = vec![0u32; rows.len().div_ceil(MR) * kp * MR];
+        let (ptr, line, elem) = lhs.parts();
+        for (i, out) in lhs_packed.chunks_mut(kp * MR).enumerate() {
+            unsafe { pack(ptr, line, elem, rows.start + i * MR, m, k, MR, out) };
+        }
+        let dst = dst as *mut f32;
+        for k0 in (0..kp).step_by(KC) {
+            let len = KC.min(kp - k0);
+            for p in group * per_group..((group + 1) * per_group).min(panels) {
+                let b = &rhs_packed[p * kp * NR + k0 * NR..][..len * NR];
+                for (i, a) in lhs_packed.chunks(kp * MR).enumerate() {
+                    let (i0, j0) = (rows.start + i * MR, p * NR);
+                    let tile = Tile { rs, cs, rows: MR.min(m - i0), cols: NR.min(n - j0), accumulate: accumulate || k0 > 0, beta };
+                    unsafe { micro(&a[k0 * MR..][..len * MR], b, dst.add(i0 * rs + j0 * cs), tile) };
+                }
+            }
+        }
+    };
+    let tasks = row_blocks * column_groups;
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// Lines `first..first + width` (line `l`, element `e` at `ptr + l * line + e * elem`; lines
+/// from `lines` on are zeros) into `out` `[k / 2, width]`, each entry the pair of elements
+/// `2q, 2q + 1` in bf16 (a zero after an odd `k`).
+///
+/// SAFETY: `ptr` covers `lines` lines of `k` elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: usize, k: usize, width: usize, out: &mut [u32]) {
+    let at = |l: usize, e: usize| unsafe { *ptr.offset(l as isize * line + e as isize * elem) };
+    let full = k / 2;
+    for w in 0..width.min(lines.saturating_sub(first)) {
+        let l = first + w;
+        let mut q = 0;
+        #[cfg(target_arch = "x86_64")]
+        if elem == 1 {
+            // 16 pairs at a time from a contiguous line.
+            let base = unsafe { ptr.offset(l as isize * line) };
+            while q + 16 <= full {
+                let pairs = unsafe { x86::round_pairs(base.add(2 * q)) };
+                for (t, v) in pairs.iter().enumerate() {
+                    out[(q + t) * width + w] = *v;
+                }
+                q += 16;
+            }
+        }
+        for q in q..full {
+            out[q * width + w] = pair(at(l, 2 * q), at(l, 2 * q + 1));
+        }
+        if k % 2 == 1 {
+            out[full * width + w] = pair(at(l, k - 1), 0.0);
+        }
+    }
+}
+
+/// Where a micro-panel's `MR x NR` results go.
+#[derive(Clone, Copy)]
+struct Tile {
+    rs: usize,
+    cs: usize,
+    /// The valid part (the panels are zero-padded beyond it).
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+    beta: f32,
+}
+
+/// SAFETY: `at` is valid for the tile's rows and columns; `a` holds `len x MR` and `b`
+/// `len x NR` packed pairs.
+unsafe fn micro(a: &[u32], b: &[u32], at: *mut f32, tile: Tile) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86::micro(a, b, at, tile)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("available() is false off x86_64")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR, Tile};
+
+    /// 32 floats from `p` as 16 bf16 pairs.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `p` covers 32 floats.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_pairs(p: *const f32) -> [u32; 16] {
+        let mut out = [0u32; 16];
+        unsafe {
+            // The first argument fills the upper half: the second 16 floats.
+            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p));
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+        }
+        out
+    }
+
+    /// SAFETY: as [`super::micro`], on a CPU with AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn micro(a: &[u32], b: &[u32], at: *mut f32, tile: Tile) {
+        let len = b.len() / NR;
+        debug_assert_eq!(a.len(), len * MR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        for q in 0..len {
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR).cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR + 16).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(q * MR + r) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
+                }
+            }
+        }
+        let beta = _mm512_set1_ps(tile.beta);
+        if tile.rows == MR && tile.cols == NR && tile.cs == 1 {
+            for (r, acc) in acc.iter().enumerate() {
+                unsafe {
+                    let p = at.add(r * tile.rs);
+                    for (h, v) in acc.iter().enumerate() {
+                        let v = _mm512_mul_ps(*v, beta);
+                        let v = if tile.accumulate { _mm512_add_ps(v, _mm512_loadu_ps(p.add(16 * h))) } else { v };
+                        _mm512_storeu_ps(p.add(16 * h), v);
+                    }
+                }
+            }
+            return;
+        }
+        // An edge tile or a strided destination: through a buffer, the valid part only.
+        let mut buf = [[0f32; NR]; MR];
+        for (row, acc) in buf.iter_mut().zip(&acc) {
+            unsafe {
+                _mm512_storeu_ps(row.as_mut_ptr(), _mm512_mul_ps(acc[0], beta));
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), _mm512_mul_ps(acc[1], beta));
+            }
+        }
+        for (r, row) in buf.iter().enumerate().take(tile.rows) {
+            for (j, v) in row.iter().enumerate().take(tile.cols) {
+                unsafe {
+                    let p = at.add(r * tile.rs + j * tile.cs);
+                    *p = if tile.accumulate { *p + v } else { *v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn widen(b: u16) -> f64 {
+        f64::from(f32::from_bits(u32::from(b) << 16))
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_keeps_nan() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even one, 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to the even one, up.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "beyond bf16's largest value: infinity");
+        for nan in [f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xffff_ffff)] {
+            assert!(f32::from_bits(u32::from(to_bf16(nan)) << 16).is_nan(), "{:#x}", nan.to_bits());
+        }
+        if available() {
+            // The packing's vector rounding agrees with the scalar one, NaN and ties included.
+            let mut x = values(32, 3);
+            x[0] = 1.0 + 1.0 / 256.0;
+            x[1] = 1.0 + 3.0 / 256.0;
+            x[5] = f32::NAN;
+            let pairs = unsafe { x86::round_pairs(x.as_ptr()) };
+            for (q, p) in pairs.iter().enumerate() {
+                let (lo, hi) = ((*p & 0xffff) as u16, (*p >> 16) as u16);
+                for (got, want) in [(lo, x[2 * q]), (hi, x[2 * q + 1])] {
+                    assert!(got == to_bf16(want) || (want.is_nan() && widen(got).is_nan()), "pair {q}: {got:#x} for {want}");
+                }
+            }
+        }
+    }
+
+    /// Every shape class (edges in each dimension, odd k, more than one pass over k, one row),
+    /// strided operands and destinations, accumulation and scale, one thread and several:
+    /// equal to f64 sums of the bf16-rounded operands within f32 summation error, and
+    /// identical between thread counts.
+    #[test]
+    fn equals_the_product_of_the_rounded_operands() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (12, 32, 64), (13, 33, 7), (100, 70, 600), (200, 5, 1025), (3, 300, 40)] {
+            for transposed in [false, true] {
+                let (a, b) = (values(m * k, 1 + m as u64), values(k * n, 2 + n as u64));
+                // Row-major, or stored transposed (the other stride layout of each operand).
+                let (lhs, rhs) = if transposed {
+                    (View::strided(&a, 0, 1, m), View::strided(&b, 0, 1, k))
+                } else {
+                    (View::rows(&a, 0, k), View::rows(&b, 0, n))
+                };
+                let elem = |s: &[f32], i: usize, j: usize, rows: usize, cols: usize| if transposed { s[j * rows + i] } else { s[i * cols + j] };
+                let start = values(m * n, 9);
+                let want: Vec<f64> = (0..m * n)
+                    .map(|ij| {
+                        let (i, j) = (ij / n, ij % n);
+                        let sum: f64 = (0..k).map(|t| widen(to_bf16(elem(&a, i, t, m, k))) * widen(to_bf16(elem(&b, t, j, k, n)))).sum();
+                        f64::from(start[ij]) + 0.5 * sum
+                    })
+                    .collect();
+                let mut outs = vec![];
+                for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(0)] {
+                    // The destination column-major (strided) when the operands are transposed.
+                    let mut dst = if transposed { (0..m * n).map(|ji| start[(ji % m) * n + ji / m]).collect() } else { start.clone() };
+                    let (rs, cs) = if transposed { (1, m) } else { (n, 1) };
+                    unsafe { product_strided(m, n, k, dst.as_mut_ptr(), rs, cs, true, lhs, rhs, 0.5, par) };
+                    let dst: Vec<f32> = (0..m * n).map(|ij| dst[(ij / n) * rs + (ij % n) * cs]).collect();
+                    let scale = (k as f64).sqrt() * 4.0;
+                    for (ij, (got, want)) in dst.iter().zip(&want).enumerate() {
+                        assert!((f64::from(*got) - want).abs() < 1e-5 * scale, "{m}x{n}x{k} transposed {transposed}, ({}, {}): {got} vs {want}", ij / n, ij % n);
+                    }
+                    outs.push(dst);
+                }
+                assert_eq!(outs[0], outs[1], "{m}x{n}x{k}: the thread count changed the sums");
+                // Without accumulation the destination's values are not read.
+                let mut fresh = vec![f32::NAN; m * n];
+                unsafe { product_strided(m, n, k, fresh.as_mut_ptr(), n, 1, false, View::rows(&a, 0, k), View::rows(&b, 0, n), 1.0, gemm::Parallelism::None) };
+                assert!(fresh.iter().all(|v| v.is_finite()), "{m}x{n}x{k}: a value of the destination was read");
+            }
+        }
+    }
+}
