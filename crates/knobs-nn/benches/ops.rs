@@ -40,13 +40,13 @@ fn run() {
         let opts = || ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
         let fwd = median_ms(|| drop(conv2d(x.clone(), w.clone(), None, opts()).into_data()), iters);
         // A frozen layer's weight keeps its transform between calls (generation, adapters).
-        let fwd_frozen = median_ms(|| drop(conv2d_frozen(x.clone(), w.clone(), None, opts()).into_data()), iters);
+        let fwd_frozen = median_ms(|| drop(conv2d_frozen(x.clone(), w.clone(), None, opts(), knobs_nn::ops::Products::F32).into_data()), iters);
         let dev = cpu_autodiff();
         let xa: Tensor<4> = Tensor::from_data(x.to_data(), &dev).require_grad();
         let wa: Tensor<4> = Tensor::from_data(w.to_data(), &dev).require_grad();
         let both = median_ms(|| drop(conv2d(xa.clone(), wa.clone(), None, opts()).sum().backward()), iters);
         let wfrozen: Tensor<4> = Tensor::from_data(w.to_data(), &dev);
-        let input_only = median_ms(|| drop(conv2d_frozen(xa.clone(), wfrozen.clone(), None, opts()).sum().backward()), iters);
+        let input_only = median_ms(|| drop(conv2d_frozen(xa.clone(), wfrozen.clone(), None, opts(), knobs_nn::ops::Products::F32).sum().backward()), iters);
         println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.3} ms (frozen weight {fwd_frozen:.3}), frozen fwd+bwd(x) {input_only:.3} ms, fwd+bwd(x,w) {both:.3} ms");
     }
     // KNOBS_BENCH_MATMUL ("rows,k,n;...") for others, e.g. SDXL's 32x32 level at 1024 px

@@ -83,24 +83,36 @@ fn trainable_get_gradients_and_frozen_get_none() {
 }
 
 /// Mixed precision on the CPU: a Linear or Conv2d fed half-precision activations computes in
-/// f32 on the widened input with its weight as stored and rounds the result once, so it equals
-/// the f32 layer on the widened input, rounded: the output, the input's gradient and a trained
-/// weight's gradient, bit for bit (burn's bf16 / f16 products round differently).
+/// f32 on the widened input and rounds the result once, so it equals the f32 layer on the
+/// widened input, rounded: the output, the input's gradient and a trained weight's gradient.
+/// f16 (and bf16 on a CPU without AVX512-BF16) uses the weight as stored, bit for bit with the
+/// f32 layer; bf16 products round the weight as autocast does, so there the f32 layer holds
+/// the weight rounded to bf16, and the sums' order may move a rounded value by one bf16 step.
 #[test]
 fn half_precision_linear_and_conv_compute_in_f32_on_the_cpu() {
     use knobs_nn::burn::tensor::{DType, Distribution};
+    use knobs_nn::ops::Products;
     let device = cpu_autodiff();
-    let mut init = Init::new(5);
-    let mut linear = Linear::new(24, 40, true, &mut init, &device);
-    let mut conv = Conv2d::new(6, 8, 3, 1, 1, true, &mut init, &device);
+    let layers = |round: bool| {
+        let mut init = Init::new(5);
+        let mut linear = Linear::new(24, 40, true, &mut init, &device);
+        let mut conv = Conv2d::new(6, 8, 3, 1, 1, true, &mut init, &device);
+        if round {
+            linear.weight = linear.weight.clone().cast(DType::BF16).cast(DType::F32);
+            conv.weight = conv.weight.clone().cast(DType::BF16).cast(DType::F32);
+        }
+        (linear, conv)
+    };
     for trained in [false, true] {
-        linear.train_only(|_| trained);
-        conv.train_only(|_| trained);
         for dtype in [DType::BF16, DType::F16] {
+            let rounds = Products::for_dtype(dtype) == Products::Bf16;
             let x = Tensor::<2>::random([33, 24], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
             let img = Tensor::<4>::random([2, 6, 9, 9], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
             let values = |t: Tensor<1>| t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
             let run = |widen: bool| {
+                let (mut linear, mut conv) = layers(widen && rounds);
+                linear.train_only(|_| trained);
+                conv.train_only(|_| trained);
                 let x = if widen { x.clone().cast(DType::F32) } else { x.clone() }.require_grad();
                 let img = if widen { img.clone().cast(DType::F32) } else { img.clone() }.require_grad();
                 let y = linear.forward(x.clone()).cast(dtype);
@@ -119,7 +131,21 @@ fn half_precision_linear_and_conv_compute_in_f32_on_the_cpu() {
                 }
                 got
             };
-            assert_eq!(run(false), run(true), "{dtype:?}, weights trained: {trained}");
+            let (got, want) = (run(false), run(true));
+            if !rounds {
+                assert_eq!(got, want, "{dtype:?}, weights trained: {trained}");
+                continue;
+            }
+            for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+                // The outputs rounded to bf16 agree nearly everywhere (the unrounded weight's
+                // results would not).
+                let same = got.iter().zip(want).filter(|(a, b)| a == b).count();
+                assert!(i >= 4 || same * 10 >= got.len() * 9, "{dtype:?}, weights trained: {trained}, output {i}: {same} of {} equal", got.len());
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, b) in got.iter().zip(want) {
+                    assert!((a - b).abs() <= (b.abs() / 128.0).max(1e-6 * scale), "{dtype:?}, weights trained: {trained}, output {i}: {a} vs {b}");
+                }
+            }
         }
     }
 }

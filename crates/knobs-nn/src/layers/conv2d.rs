@@ -1,6 +1,6 @@
 use burn::tensor::{DType, Device};
 use burn::tensor::Tensor;
-use crate::ops::{conv2d, conv2d_frozen, conv2d_frozen_copy};
+use crate::ops::{Products, conv2d_as, conv2d_frozen, conv2d_frozen_copy};
 use burn::tensor::ops::ConvOptions;
 
 use crate::adapter::{Conv2dAdapter, Slot, SlotEntry};
@@ -58,10 +58,15 @@ impl Conv2d {
     }
 
     pub fn forward_base(&self, x: Tensor<4>) -> Tensor<4> {
-        // Mixed precision on the CPU: the f32 kernels on the widened input, as Linear.
+        // Mixed precision on the CPU: the kernels on the widened input, rounded once, with
+        // bf16 products where the CPU has them (as Linear).
         if let Some(dtype) = half_on_cpu(&x) {
-            return value_as(&self.forward_base(f32_value(&x)), dtype);
+            return value_as(&self.base(f32_value(&x), Products::for_dtype(dtype)), dtype);
         }
+        self.base(x, Products::F32)
+    }
+
+    fn base(&self, x: Tensor<4>, products: Products) -> Tensor<4> {
         let dtype = x.dtype();
         // Mixed precision: the convolution in the input's dtype. The layer's own weight, when
         // frozen and not converted, stays as it is between calls; a frozen half-precision one
@@ -69,13 +74,13 @@ impl Conv2d {
         // the backward pass) and takes the same kernel, so both storages give the same bits.
         let (weight, bias) = (&self.weight, self.bias.as_ref().map(|b| value_as(b, dtype)));
         if weight.dtype() == dtype {
-            conv2d_frozen(x, weight.clone(), bias, self.options())
+            conv2d_frozen(x, weight.clone(), bias, self.options(), products)
         } else if !weight.is_require_grad() {
             let stored = if dtype == DType::F32 { weight.clone() } else { value_as(weight, dtype) };
-            conv2d_frozen_copy(x, stored, bias, self.options())
+            conv2d_frozen_copy(x, stored, bias, self.options(), products)
         } else {
             let weight = value_as(weight, dtype);
-            conv2d(x, weight, bias, self.options())
+            conv2d_as(x, weight, bias, self.options(), products)
         }
     }
 

@@ -63,46 +63,97 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// no other thread touches.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
-    assert!(available(), "the bf16 product needs AVX512-BF16");
+    let parallel = !matches!(par, gemm::Parallelism::None);
+    let (lhs, rhs) = (Packed::left(m, k, lhs, parallel), Packed::right(k, n, rhs, parallel));
+    unsafe { product_packed(&lhs, &rhs, dst, rs, cs, accumulate, beta, parallel) }
+}
+
+/// An operand packed for the kernel: `lines` lines of `k` values (the rows of a left operand,
+/// the columns of a right one) in panels of `width` lines (zeros past the last), each panel
+/// `[k / 2, width]` pairs of neighbours along `k` in bf16 (a zero after an odd `k`).
+#[derive(Debug)]
+pub(super) struct Packed {
+    data: Vec<u32>,
+    lines: usize,
+    k: usize,
+    width: usize,
+}
+
+impl Packed {
+    /// The left operand `[m, k]`, its rows in panels of [`MR`].
+    pub(super) fn left(m: usize, k: usize, lhs: View, parallel: bool) -> Packed {
+        let (ptr, line, elem) = lhs.parts();
+        Packed::new(ptr, line, elem, m, k, MR, parallel)
+    }
+
+    /// The right operand `[k, n]`, its columns in panels of [`NR`].
+    pub(super) fn right(k: usize, n: usize, rhs: View, parallel: bool) -> Packed {
+        let (ptr, elem, line) = rhs.parts();
+        Packed::new(ptr, line, elem, n, k, NR, parallel)
+    }
+
+    /// Line `l`, element `e` at `ptr + l * line + e * elem`.
+    fn new(ptr: *const f32, line: isize, elem: isize, lines: usize, k: usize, width: usize, parallel: bool) -> Packed {
+        assert!(available(), "the bf16 product needs AVX512-BF16");
+        let panel = k.div_ceil(2) * width;
+        let mut data = vec![0u32; lines.div_ceil(width) * panel];
+        let ptr = ptr as usize;
+        // SAFETY: the caller's view covers `lines` lines of `k` elements.
+        let fill = |(p, out): (usize, &mut [u32])| unsafe { pack(ptr as *const f32, line, elem, p * width, lines, k, width, out) };
+        if parallel && data.len() >= 1 << 14 {
+            data.par_chunks_mut(panel.max(1)).enumerate().for_each(fill);
+        } else {
+            data.chunks_mut(panel.max(1)).enumerate().for_each(fill);
+        }
+        Packed { data, lines, k, width }
+    }
+
+    /// Bytes it holds.
+    pub(super) fn bytes(&self) -> usize {
+        self.data.len() * size_of::<u32>()
+    }
+
+    fn panels(&self) -> usize {
+        self.lines.div_ceil(self.width)
+    }
+
+    /// Panel `p`'s pairs `k0..k0 + len`.
+    fn panel(&self, p: usize, k0: usize, len: usize) -> &[u32] {
+        let kp = self.k.div_ceil(2);
+        &self.data[(p * kp + k0) * self.width..][..len * self.width]
+    }
+}
+
+/// `dst` (element (i, j) at `dst + i * rs + j * cs`) = `dst` (when `accumulate`) + `beta`
+/// lhs rhs, from packed operands ([`Packed::left`], [`Packed::right`]).
+///
+/// SAFETY: `dst` is valid for writes at every (i, j), which no other thread touches.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, beta: f32, parallel: bool) {
+    assert!(lhs.width == MR && rhs.width == NR && lhs.k == rhs.k, "a left and a right operand of the same length");
+    let (m, n, kp) = (lhs.lines, rhs.lines, lhs.k.div_ceil(2));
     if m == 0 || n == 0 {
         return;
     }
-    let kp = k.div_ceil(2);
-    let threads = if matches!(par, gemm::Parallelism::None) { 1 } else { rayon::current_num_threads() };
-    // The right operand is packed once for all tasks; the left one by each task, its rows.
-    let panels = n.div_ceil(NR);
-    let mut rhs_packed = vec![0u32; panels * kp * NR];
-    let pack_right = |(p, out): (usize, &mut [u32])| {
-        let (ptr, elem, line) = rhs.parts();
-        unsafe { pack(ptr, line, elem, p * NR, n, k, NR, out) }
-    };
-    if threads > 1 {
-        rhs_packed.par_chunks_mut(kp * NR).enumerate().for_each(pack_right);
-    } else {
-        rhs_packed.chunks_mut(kp * NR).enumerate().for_each(pack_right);
-    }
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     // Enough tasks for every thread twice: by rows, and by columns too when rows are few.
-    let row_blocks = m.div_ceil(MC);
+    let (row_blocks, panels) = (m.div_ceil(MC), rhs.panels());
     let column_groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
     let per_group = panels.div_ceil(column_groups);
     let dst = dst as usize;
     let task = |t: usize| {
         let (block, group) = (t / column_groups, t % column_groups);
-        let rows = block * MC..((block + 1) * MC).min(m);
-        let mut lhs_packed = vec![0u32; rows.len().div_ceil(MR) * kp * MR];
-        let (ptr, line, elem) = lhs.parts();
-        for (i, out) in lhs_packed.chunks_mut(kp * MR).enumerate() {
-            unsafe { pack(ptr, line, elem, rows.start + i * MR, m, k, MR, out) };
-        }
+        let row_panels = block * MC / MR..((block + 1) * MC).min(m).div_ceil(MR);
         let dst = dst as *mut f32;
         for k0 in (0..kp).step_by(KC) {
             let len = KC.min(kp - k0);
             for p in group * per_group..((group + 1) * per_group).min(panels) {
-                let b = &rhs_packed[p * kp * NR + k0 * NR..][..len * NR];
-                for (i, a) in lhs_packed.chunks(kp * MR).enumerate() {
-                    let (i0, j0) = (rows.start + i * MR, p * NR);
+                let b = rhs.panel(p, k0, len);
+                for i in row_panels.clone() {
+                    let (i0, j0) = (i * MR, p * NR);
                     let tile = Tile { rs, cs, rows: MR.min(m - i0), cols: NR.min(n - j0), accumulate: accumulate || k0 > 0, beta };
-                    unsafe { micro(&a[k0 * MR..][..len * MR], b, dst.add(i0 * rs + j0 * cs), tile) };
+                    // SAFETY: the tile is within the caller's destination, and this task's alone.
+                    unsafe { micro(lhs.panel(i, k0, len), b, dst.add(i0 * rs + j0 * cs), tile) };
                 }
             }
         }
@@ -123,8 +174,26 @@ pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: usize, k: usize, width: usize, out: &mut [u32]) {
     let at = |l: usize, e: usize| unsafe { *ptr.offset(l as isize * line + e as isize * elem) };
-    let full = k / 2;
-    for w in 0..width.min(lines.saturating_sub(first)) {
+    let (full, present) = (k / 2, width.min(lines.saturating_sub(first)));
+    #[cfg(target_arch = "x86_64")]
+    if line == 1 {
+        // Neighbouring lines are contiguous: 16 of them at a time for each pair.
+        let mut w = 0;
+        while w < present {
+            let count = 16.min(present - w);
+            for q in 0..k.div_ceil(2) {
+                // SAFETY: lines first + w .. + count of elements 2q and (before k) 2q + 1.
+                unsafe {
+                    let lo = ptr.offset((2 * q) as isize * elem).add(first + w);
+                    let hi = (2 * q + 1 < k).then(|| ptr.offset((2 * q + 1) as isize * elem).add(first + w));
+                    x86::interleave(lo, hi, count, out[q * width + w..].as_mut_ptr());
+                }
+            }
+            w += count;
+        }
+        return;
+    }
+    for w in 0..present {
         let l = first + w;
         let mut q = 0;
         #[cfg(target_arch = "x86_64")]
@@ -189,6 +258,26 @@ mod x86 {
             _mm512_storeu_si512(out.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
         }
         out
+    }
+
+    /// `count` (at most 16) floats from `lo` and from `hi` (zeros without it) into `out` as
+    /// `count` pairs (lo, hi) in bf16.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `lo`, `hi` cover `count` floats, `out` `count` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave(lo: *const f32, hi: Option<*const f32>, count: usize, out: *mut u32) {
+        let mask = ((1u32 << count) - 1) as u16;
+        unsafe {
+            let widen = |p: *const f32| {
+                let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, p)));
+                _mm512_cvtepu16_epi32(v)
+            };
+            let pairs = match hi {
+                Some(hi) => _mm512_or_si512(widen(lo), _mm512_slli_epi32(widen(hi), 16)),
+                None => widen(lo),
+            };
+            _mm512_mask_storeu_epi32(out.cast(), mask, pairs);
+        }
     }
 
     /// SAFETY: as [`super::micro`], on a CPU with AVX512-BF16.

@@ -14,6 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData, module};
 use std::sync::Arc;
 
 use super::conv2d_by_matmul;
+use super::matrix::Products;
 use crate::param::value_as;
 use super::conv_kernel::{self, ConvDims};
 use super::record::{lifted, record};
@@ -24,14 +25,19 @@ use super::winograd::{self, WeightTransform};
 /// `x` `[B, ci, h, w]` convolved with `weight` `[co, ci / groups, kh, kw]`, plus `bias` `[co]`,
 /// as [`burn::tensor::module::conv2d`].
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
-    convolve(x, weight, bias, options, Weight::Trained)
+    conv2d_as(x, weight, bias, options, Products::F32)
+}
+
+/// [`conv2d`] with its products (forward and backward) in `products`' arithmetic.
+pub fn conv2d_as(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, products: Products) -> Tensor<4> {
+    convolve(x, weight, bias, options, Weight::Trained, products)
 }
 
 /// [`conv2d`] with a weight that stays as it is from call to call (a frozen layer's own, not
 /// one computed per call): its Winograd transform is kept for the next call.
-pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
+pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, products: Products) -> Tensor<4> {
     let kind = Weight::of(&weight, true);
-    convolve(x, weight, bias, options, kind)
+    convolve(x, weight, bias, options, kind, products)
 }
 
 /// [`conv2d`] with a frozen weight stored in another precision than `x`'s: a half-precision
@@ -39,9 +45,9 @@ pub fn conv2d_frozen(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, o
 /// an f32 copy) for the backward pass. The kernel is the one [`conv2d_frozen`] takes for an
 /// f32 weight holding the same values, so both give the same bits; its Winograd transform is
 /// made per call.
-pub fn conv2d_frozen_copy(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
+pub fn conv2d_frozen_copy(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, products: Products) -> Tensor<4> {
     let kind = Weight::of(&weight, false);
-    convolve(x, weight, bias, options, kind)
+    convolve(x, weight, bias, options, kind, products)
 }
 
 /// The weight as the kernel choice (`winograd::applies`) and `weight_transforms` see it.
@@ -60,7 +66,7 @@ impl Weight {
     }
 }
 
-fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, kind: Weight) -> Tensor<4> {
+fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>, kind: Weight, products: Products) -> Tensor<4> {
     if conv2d_by_matmul::wanted(&x, &options) {
         let weight = value_as(&weight, x.dtype());
         return conv2d_by_matmul::conv2d(x, weight, bias, &options);
@@ -88,7 +94,7 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
         let strategy = x.gradient_checkpointing_strategy().or(weight.gradient_checkpointing_strategy());
         let (x, weight) = (lifted(&x, strategy), lifted(&weight, strategy));
         let bias = bias.map(|b| lifted(&b, strategy));
-        if let Some(out) = fused(&x, &weight, bias.as_ref(), dims, kind) {
+        if let Some(out) = fused(&x, &weight, bias.as_ref(), dims, kind, products) {
             return out;
         }
         return module::conv2d(x, value_as(&weight, DType::F32), bias, options);
@@ -97,7 +103,7 @@ fn convolve(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: C
     module::conv2d(x, weight, bias, options)
 }
 
-fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: ConvDims, kind: Weight) -> Option<Tensor<4>> {
+fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: ConvDims, kind: Weight, products: Products) -> Option<Tensor<4>> {
     if !x.is_autodiff() {
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
         let w = weight.clone().try_into_primitive::<Flex>().ok()?;
@@ -105,7 +111,7 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
             Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, kind)));
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, kind, products)));
     }
     // With a bias the op has three parents.
     let strategy = x.gradient_checkpointing_strategy();
@@ -116,8 +122,8 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
     let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
-        let out = forward(&x, &w, b.as_ref(), dims, kind);
-        (out, Saved { x: keep_input.then_some(x), w, kind, dims })
+        let out = forward(&x, &w, b.as_ref(), dims, kind, products);
+        (out, Saved { x: keep_input.then_some(x), w, kind, dims, products })
     };
     match bias {
         Some(b) => {
@@ -132,13 +138,13 @@ fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight) -> FlexTensor {
+fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight, products: Products) -> FlexTensor {
     let (x, w) = (x.to_contiguous(), widened(w));
     let bias = bias.map(|b| b.to_contiguous());
     let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
     let out = match winograd_weight(&w, &dims, kind, false) {
-        Some(u) => winograd::forward(xs, &u, bs, &dims),
-        None => conv_kernel::forward(xs, ws, bs, &dims),
+        Some(u) => winograd::forward(xs, &u, bs, &dims, products),
+        None => conv_kernel::forward(xs, ws, bs, &dims, products),
     };
     let [oh, ow] = dims.out_hw();
     FlexTensor::from_data(TensorData::new(out, [dims.batch, dims.c_out, oh, ow]))
@@ -171,21 +177,22 @@ struct Saved {
     w: FlexTensor,
     kind: Weight,
     dims: ConvDims,
+    products: Products,
 }
 
 impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved { x, w, kind, dims } = ops.state;
+        let Saved { x, w, kind, dims, products } = ops.state;
         let w = widened(&w);
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
         // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
         let flipped = px.as_ref().and_then(|_| winograd_weight(&w, &dims, kind, true));
         let x = x.as_ref().map_or(&[][..], slice);
-        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some());
-        let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims)).or(dx);
+        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some(), products);
+        let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims, products)).or(dx);
         if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [dims.batch, dims.c_in, dims.h, dims.w])));
         }
@@ -291,7 +298,7 @@ mod tests {
                 let (b, probe, x) = (rand([4], &device), rand([shape[0], 4, 8, 8], &device), rand(shape, &device).to_data());
                 let run = |w: Tensor<4>| {
                     let x = Tensor::<4>::from_data(x.clone(), &device).require_grad();
-                    let y = conv2d_frozen_copy(x.clone(), w, Some(b.clone()), options(s, k / 2, 1));
+                    let y = conv2d_frozen_copy(x.clone(), w, Some(b.clone()), options(s, k / 2, 1), Products::F32);
                     let [_, _, oh, ow] = y.dims();
                     let g = (y.clone() * probe.clone().slice([0..shape[0], 0..4, 0..oh, 0..ow])).sum().backward();
                     (values(y), values(x.grad(&g).unwrap()))
@@ -358,19 +365,19 @@ mod tests {
         let device = cpu();
         let x = rand([2, 16, 6, 6], &device);
         let same = |w: &Tensor<4>| {
-            let kept = values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1)));
-            let per_call = values(conv2d_frozen_copy(x.clone(), w.clone(), None, options(1, 1, 1)));
+            let kept = values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1), Products::F32));
+            let per_call = values(conv2d_frozen_copy(x.clone(), w.clone(), None, options(1, 1, 1), Products::F32));
             kept == values(conv2d(x.clone(), w.clone(), None, options(1, 1, 1))) && kept == per_call
         };
         let storage = |w: &Tensor<4>| w.clone().try_into_primitive::<Flex>().unwrap().to_contiguous();
         let w = rand([24, 16, 3, 3], &device);
         assert!(same(&w) && same(&w), "kept transform, first and second call");
         assert!(weight_transforms::holds(&storage(&w)), "the transform is kept");
-        let before = values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1)));
+        let before = values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1), Products::F32));
         // Written in place where the storage is not shared, so the kept copy must be.
         let w = w.add_scalar(0.5);
         assert!(same(&w), "changed weight");
-        assert!(values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1))) != before);
+        assert!(values(conv2d_frozen(x.clone(), w.clone(), None, options(1, 1, 1), Products::F32)) != before);
         for _ in 0..3 {
             assert!(same(&rand([24, 16, 3, 3], &device)), "a new weight in a dropped one's place");
         }
@@ -382,7 +389,8 @@ mod tests {
             values(xa.grad(&g).unwrap())
         };
         // Twice: the first call makes and keeps the flipped transform, the second reuses it.
-        assert!(grad(conv2d_frozen) == grad(conv2d) && grad(conv2d_frozen) == grad(conv2d), "input gradient");
+        let frozen: fn(Tensor<4>, Tensor<4>, Option<Tensor<1>>, ConvOptions<2>) -> Tensor<4> = |x, w, b, o| conv2d_frozen(x, w, b, o, Products::F32);
+        assert!(grad(frozen) == grad(conv2d) && grad(frozen) == grad(conv2d), "input gradient");
     }
 
     /// The blocks and products are fixed by the shapes: one thread and two give the same bits.

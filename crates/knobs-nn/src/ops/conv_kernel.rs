@@ -15,7 +15,7 @@
 //! over output tiles only), so results do not depend on the thread count.
 use rayon::prelude::*;
 
-use super::matrix::{View, min_len, parallelism, product};
+use super::matrix::{Products, View, min_len, parallelism, product_as};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
@@ -126,16 +126,17 @@ fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut
 }
 
 /// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + lhs `[m, k]` x rhs `[k, n]`,
-/// on gemm's threads when the product is large enough.
+/// on every thread when the product is large enough.
 ///
-/// SAFETY: as [`product`].
+/// SAFETY: as [`product_as`]; `dst` covers m rows of n at `dst_rs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
-    unsafe { product(m, n, k, dst, dst_rs, accumulate, lhs, rhs, 1.0, parallelism(m * n * k >= PARALLEL_WORK)) }
+unsafe fn matmul(products: Products, m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
+    debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
+    unsafe { product_as(products, m, n, k, dst.as_mut_ptr(), dst_rs, 1, accumulate, lhs, rhs, 1.0, parallelism(m * n * k >= PARALLEL_WORK)) }
 }
 
 /// Output `[B, co, oh, ow]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, kh, kw]`.
-pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims, products: Products) -> Vec<f32> {
     let (k, p, co) = (d.k(), d.positions(), d.c_out);
     let ow = d.out_hw()[1];
     let mut out = vec![0.0f32; d.batch * co * p];
@@ -149,14 +150,14 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<
         let ob = &mut out[b * co * p..][..co * p];
         if d.pointwise() {
             // SAFETY: ob is [co, p], w [co, k], xb [k, p].
-            unsafe { matmul(co, p, k, ob, p, bias.is_some(), View::rows(w, 0, k), View::rows(xb, 0, p)) };
+            unsafe { matmul(products, co, p, k, ob, p, bias.is_some(), View::rows(w, 0, k), View::rows(xb, 0, p)) };
             continue;
         }
         for rows in d.blocks() {
             let len = rows.len() * ow;
             im2col(xb, d, rows.clone(), &mut cols);
             // SAFETY: the block's outputs are columns rows.start * ow.. of ob's co rows of p.
-            unsafe { matmul(co, len, k, &mut ob[rows.start * ow..], p, bias.is_some(), View::rows(w, 0, k), View::rows(&cols, 0, len)) };
+            unsafe { matmul(products, co, len, k, &mut ob[rows.start * ow..], p, bias.is_some(), View::rows(w, 0, k), View::rows(&cols, 0, len)) };
         }
     }
     out
@@ -164,7 +165,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims) -> Vec<
 
 /// Gradients from the output gradient `g` `[B, co, oh, ow]`: the input's (when `want_x`) and
 /// the weight's (when `want_w`).
-pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, want_w: bool) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, want_w: bool, products: Products) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
     let (k, p, co) = (d.k(), d.positions(), d.c_out);
     let ow = d.out_hw()[1];
     let plane = d.c_in * d.h * d.w;
@@ -182,10 +183,10 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
             // SAFETY (both products): shapes as in `forward`, read the other way round.
             unsafe {
                 if let Some(dw) = &mut dw {
-                    matmul(co, k, p, dw, k, !first, View::rows(gb, 0, p), View::rows(xb, 0, p).t());
+                    matmul(products, co, k, p, dw, k, !first, View::rows(gb, 0, p), View::rows(xb, 0, p).t());
                 }
                 if let Some(dx) = &mut dx {
-                    matmul(k, p, co, &mut dx[b * plane..], p, false, View::rows(w, 0, k).t(), View::rows(gb, 0, p));
+                    matmul(products, k, p, co, &mut dx[b * plane..], p, false, View::rows(w, 0, k).t(), View::rows(gb, 0, p));
                 }
             }
             first = false;
@@ -199,10 +200,10 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
                 let grad = View::rows(gb, rows.start * ow, p);
                 if let Some(dw) = &mut dw {
                     im2col(xb, d, rows.clone(), &mut cols);
-                    matmul(co, k, len, dw, k, !first, grad, View::rows(&cols, 0, len).t());
+                    matmul(products, co, k, len, dw, k, !first, grad, View::rows(&cols, 0, len).t());
                 }
                 if let Some(dx) = &mut dx {
-                    matmul(k, len, co, &mut dcols, len, false, View::rows(w, 0, k).t(), grad);
+                    matmul(products, k, len, co, &mut dcols, len, false, View::rows(w, 0, k).t(), grad);
                     col2im_add(&dcols[..k * len], d, rows.clone(), &mut dx[b * plane..][..plane]);
                 }
             }

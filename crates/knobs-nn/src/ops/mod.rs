@@ -37,7 +37,7 @@ mod weight_transforms;
 pub use attention::attention;
 pub use geglu::geglu;
 pub use linear::{linear, linear_as};
-pub use conv2d::{conv2d, conv2d_frozen, conv2d_frozen_copy};
+pub use conv2d::{conv2d, conv2d_as, conv2d_frozen, conv2d_frozen_copy};
 pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use low_rank::low_rank;

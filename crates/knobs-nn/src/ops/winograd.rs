@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::conv_kernel::ConvDims;
 use super::lanes::{self, Lanes, on_lanes};
-use super::matrix::{View, min_len, product_strided};
+use super::bf16_product::{self, Packed};
+use super::matrix::{Products, View, min_len, product_strided};
 
 /// Transformed inputs and products per block, in floats (8 MiB, measured best of 4, 8 and 16
 /// at SD-1.5's sizes; small in tests, so that they cover several blocks and the tail).
@@ -107,12 +108,23 @@ pub struct WeightTransform {
     c_in: usize,
     c_out: usize,
     flipped: bool,
+    /// For bf16 products: each position's `[co, ci]` packed, made on first use (and kept with
+    /// a kept transform).
+    packed: std::sync::OnceLock<Vec<Packed>>,
 }
 
 impl WeightTransform {
     /// Bytes it holds.
     pub fn bytes(&self) -> usize {
-        transform_bytes(self.c_out, self.c_in)
+        transform_bytes(self.c_out, self.c_in) + self.packed.get().map_or(0, |p| p.iter().map(Packed::bytes).sum())
+    }
+
+    /// The 16 positions' `[co, ci]` matrices as the bf16 kernel's left operands.
+    fn packed(&self, co: usize, ci: usize) -> &[Packed] {
+        self.packed.get_or_init(|| {
+            // SAFETY (the views): u is [ci][16][co].
+            (0..16).map(|xi| Packed::left(co, ci, View::strided(&self.u, xi * co, 1, 16 * co), true)).collect()
+        })
     }
 }
 
@@ -142,21 +154,21 @@ pub fn transform(w: &[f32], w_out: usize, w_in: usize, flipped: bool) -> WeightT
             }
         }
     });
-    WeightTransform { u, c_in: w_in, c_out: w_out, flipped }
+    WeightTransform { u, c_in: w_in, c_out: w_out, flipped, packed: Default::default() }
 }
 
 /// Output `[B, co, h, w]` of `x` `[B, ci, h, w]` with the weight's forward transform `u`.
-pub fn forward(x: &[f32], u: &WeightTransform, bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
+pub fn forward(x: &[f32], u: &WeightTransform, bias: Option<&[f32]>, d: &ConvDims, products: Products) -> Vec<f32> {
     assert_eq!((u.c_in, u.c_out, u.flipped), (d.c_in, d.c_out, false), "the forward transform of this convolution's weight");
-    run(x, &u.u, bias, d.batch, d.c_in, d.c_out, d.h, d.w)
+    run(x, u, bias, d.batch, d.c_in, d.c_out, d.h, d.w, products)
 }
 
 /// The input gradient `[B, ci, h, w]` from the output gradient `g` `[B, co, h, w]`: the same
 /// convolution of `g` with the weight's channels swapped and its taps turned 180 degrees
 /// (`u` the weight's flipped transform).
-pub fn input_grad(u: &WeightTransform, g: &[f32], d: &ConvDims) -> Vec<f32> {
+pub fn input_grad(u: &WeightTransform, g: &[f32], d: &ConvDims, products: Products) -> Vec<f32> {
     assert_eq!((u.c_in, u.c_out, u.flipped), (d.c_in, d.c_out, true), "the flipped transform of this convolution's weight");
-    run(g, &u.u, None, d.batch, d.c_out, d.c_in, d.h, d.w)
+    run(g, u, None, d.batch, d.c_out, d.c_in, d.h, d.w, products)
 }
 
 /// A raw pointer to the output, shared by the blocks: each writes only its own tiles.
@@ -168,7 +180,10 @@ unsafe impl Sync for Out {}
 
 /// The convolution of `x` `[B, ci, h, w]` with the transformed weight `u` `[ci][16][co]`.
 #[allow(clippy::too_many_arguments)]
-fn run(x: &[f32], u: &[f32], bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
+fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize, products: Products) -> Vec<f32> {
+    let u = &transform.u[..];
+    // bf16 products: the transformed weight rounded and packed once for all blocks.
+    let packed = (products == Products::Bf16).then(|| transform.packed(co, ci));
     let d = ConvDims { batch, c_in: ci, h, w, c_out: co, kernel: [3, 3], stride: [1, 1], padding: [1, 1], dilation: [1, 1] };
     let (_, _, total) = tiles(&d);
     // At least four blocks where there are tiles enough, in multiples of the products' row tile;
@@ -201,6 +216,13 @@ fn run(x: &[f32], u: &[f32], bias: Option<&[f32]>, batch: usize, ci: usize, co: 
                 // SAFETY: v holds [ci][16][vs], u [ci][16][co], m [co][16][vs]; this position's
                 // slice of each is a strided n x ci, ci x co and n x co matrix.
                 unsafe {
+                    if let Some(packed) = packed {
+                        // Transposed, m^T [co, n] = u^T [co, ci] v^T [ci, n]: rows of m^T
+                        // are contiguous, and the weight is the operand packed beforehand.
+                        let v = Packed::right(ci, n, View::strided(v, xi * vs, 16 * vs, 1), !spread);
+                        bf16_product::product_packed(&packed[xi], &v, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread);
+                        continue;
+                    }
                     let lhs = View::strided(v, xi * vs, 1, 16 * vs);
                     let rhs = View::strided(u, xi * co, 16 * co, 1);
                     product_strided(n, co, ci, m[xi * vs..].as_mut_ptr(), 1, 16 * vs, false, lhs, rhs, 1.0, par);
@@ -416,16 +438,41 @@ mod tests {
             let u = transform(&wt, co, ci, false);
             let bias = data(co, 3);
             for b in [None, Some(bias.as_slice())] {
-                let got = forward(&x, &u, b, &d);
-                let want = conv_kernel::forward(&x, &wt, b, &d);
+                let got = forward(&x, &u, b, &d, Products::F32);
+                let want = conv_kernel::forward(&x, &wt, b, &d, Products::F32);
                 let err = max_rel(&got, &want);
                 assert!(err < 1e-6, "forward {batch}x{ci}x{h}x{w} -> {co}: {err}");
             }
             let g = data(batch * co * h * w, 4);
-            let got = input_grad(&transform(&wt, co, ci, true), &g, &d);
-            let (want, _) = conv_kernel::backward(&x, &wt, &g, &d, true, false);
+            let got = input_grad(&transform(&wt, co, ci, true), &g, &d, Products::F32);
+            let (want, _) = conv_kernel::backward(&x, &wt, &g, &d, true, false, Products::F32);
             let err = max_rel(&got, want.unwrap());
             assert!(err < 1e-6, "input gradient {batch}x{ci}x{h}x{w} -> {co}: {err}");
+        }
+    }
+
+    /// bf16 products round the transformed input and weight: the error against the f32
+    /// direct convolution is bf16's, and at most a small multiple of the direct convolution's
+    /// with bf16 products (the operands rounded as they are), forward and input gradient.
+    #[test]
+    fn bf16_products_stay_near_the_direct_convolution() {
+        if !bf16_product::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (batch, ci, co, h, w) in [(2, 5, 6, 9, 7), (2, 16, 24, 12, 10), (1, 64, 40, 16, 16)] {
+            let d = dims(batch, ci, co, h, w);
+            let (x, wt, g) = (data(batch * ci * h * w, 1), data(co * ci * 9, 2), data(batch * co * h * w, 4));
+            let exact = conv_kernel::forward(&x, &wt, None, &d, Products::F32);
+            let direct = max_rel(conv_kernel::forward(&x, &wt, None, &d, Products::Bf16), &exact);
+            let err = max_rel(forward(&x, &transform(&wt, co, ci, false), None, &d, Products::Bf16), &exact);
+            assert!(err > 1e-5 && err < 3.0 * direct.max(2e-3), "forward {batch}x{ci}x{h}x{w} -> {co}: {err} (direct {direct})");
+            let (exact, _) = conv_kernel::backward(&x, &wt, &g, &d, true, false, Products::F32);
+            let (direct, _) = conv_kernel::backward(&x, &wt, &g, &d, true, false, Products::Bf16);
+            let exact = exact.unwrap();
+            let direct = max_rel(direct.unwrap(), &exact);
+            let err = max_rel(input_grad(&transform(&wt, co, ci, true), &g, &d, Products::Bf16), &exact);
+            assert!(err > 1e-5 && err < 3.0 * direct.max(2e-3), "input gradient {batch}x{ci}x{h}x{w} -> {co}: {err} (direct {direct})");
         }
     }
 
@@ -450,10 +497,15 @@ mod tests {
             let x = data(batch * ci * h * w, 5);
             let wt = data(co * ci * 9, 6);
             let (u, flipped) = (transform(&wt, co, ci, false), transform(&wt, co, ci, true));
-            let run = || (forward(&x, &u, None, &d), input_grad(&flipped, &x, &d));
-            let one = pool(1).install(run);
-            // Two threads spread the blocks; eight leave them to the products' own split.
-            assert!(one == pool(2).install(run) && one == pool(8).install(run), "{batch}x{ci}x{h}x{w}");
+            for products in [Products::F32, Products::Bf16] {
+                if products == Products::Bf16 && !bf16_product::available() {
+                    continue;
+                }
+                let run = || (forward(&x, &u, None, &d, products), input_grad(&flipped, &x, &d, products));
+                let one = pool(1).install(run);
+                // Two threads spread the blocks; eight leave them to the products' own split.
+                assert!(one == pool(2).install(run) && one == pool(8).install(run), "{batch}x{ci}x{h}x{w} {products:?}");
+            }
         }
     }
 }
