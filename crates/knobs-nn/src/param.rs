@@ -176,7 +176,7 @@ pub fn half_on_cpu<const D: usize>(t: &Tensor<D>) -> Option<DType> {
 }
 
 pub fn value_as<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
-    if t.dtype() == dtype { t.clone() } else { t.clone().cast(dtype) }
+    crate::ops::precision::cast(t, dtype)
 }
 
 /// `value` as a fresh leaf with `old`'s autodiff association (and its checkpointing

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use knobs_nn::burn::tensor::DType;
 use knobs_nn::io::{LoadOptions, load_file};
+use knobs_nn::param::{f32_value, value_as};
 use knobs_nn::{Conv2d, Device, Error, Init, Result, Tensor, impl_module};
 
 use super::config::VaeConfig;
@@ -20,6 +21,10 @@ pub struct AutoencoderKL {
     pub quant_conv: Option<Conv2d>,
     pub post_quant_conv: Option<Conv2d>,
     pub config: VaeConfig,
+    /// What encode and decode compute in: f32, or bf16 under `--mixed-precision bf16`, as
+    /// diffusers' training scripts cast the frozen VAE to the weight dtype (not fp16, whose
+    /// range SD's VAE overflows). Inputs and results stay f32.
+    pub compute_dtype: DType,
 }
 impl_module!(AutoencoderKL {
     "encoder" => encoder, "decoder" => decoder, "quant_conv" => quant_conv, "post_quant_conv" => post_quant_conv,
@@ -74,6 +79,7 @@ impl AutoencoderKL {
             quant_conv: config.use_quant_conv.then(|| Conv2d::new(2 * lat, 2 * lat, 1, 1, 0, true, init, device)),
             post_quant_conv: config.use_post_quant_conv.then(|| Conv2d::new(lat, lat, 1, 1, 0, true, init, device)),
             config,
+            compute_dtype: DType::F32,
         })
     }
 
@@ -107,20 +113,21 @@ impl AutoencoderKL {
     /// The posterior over latents of images in [-1, 1], `[B, C, H, W]` with H, W divisible
     /// by the downscale factor.
     pub fn encode(&self, x: Tensor<4>) -> DiagonalGaussian {
-        let mut moments = self.encoder.forward(x);
+        let mut moments = self.encoder.forward(value_as(&x, self.compute_dtype));
         if let Some(q) = &self.quant_conv {
             moments = q.forward(moments);
         }
-        DiagonalGaussian::from_moments(moments)
+        DiagonalGaussian::from_moments(f32_value(&moments))
     }
 
     /// Images (roughly in [-1, 1]) from unscaled latents.
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
+        let z = value_as(&z, self.compute_dtype);
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z),
             None => z,
         };
-        self.decoder.forward(z)
+        f32_value(&self.decoder.forward(z))
     }
 
     /// Latents as the UNet sees them: `(z - shift) * scaling_factor`.

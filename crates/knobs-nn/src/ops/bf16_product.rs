@@ -8,7 +8,9 @@
 //! nearest, ties to even; NaN stays NaN) while they are packed: the left one into panels of
 //! [`MR`] rows, the right one into panels of [`NR`] columns, both as pairs of neighbours along
 //! the summed dimension, which is the operand layout of `vdpbf16ps`. The sums run in f32 in a
-//! fixed order per output, so the result does not depend on the thread count.
+//! fixed order per output, so the result does not depend on the thread count. Like oneDNN's
+//! bf16 kernels on these instructions, subnormal operands and sums count as zero (below
+//! 1.2e-38).
 use rayon::prelude::*;
 
 use super::matrix::View;

@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::matrix::min_len;
-use crate::param::value_as;
+use crate::param::{f32_value, value_as};
 use super::record::{lifted, record};
 
 /// Values below which the work stays on one thread.
@@ -54,7 +54,7 @@ pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
     }
     let dtype = x.dtype();
     if dtype != DType::F32 {
-        return value_as(&group_norm(x.cast(DType::F32), weight, bias, groups, eps), dtype);
+        return value_as(&group_norm(f32_value(&x), weight, bias, groups, eps), dtype);
     }
     if fusable && let Some(y) = fused(&x, &weight, &bias, groups, eps) {
         return y;

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::fresh::written;
 use super::group_norm::{flex, slice, sum_pairs};
 use super::record::{lifted, record};
-use crate::param::value_as;
+use crate::param::{f32_value, value_as};
 
 /// Values a parallel piece of rows holds at least; fewer stay on one thread.
 const PIECE: usize = 1 << 14;
@@ -42,7 +42,7 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, bias: Tensor<
     }
     let dtype = x.dtype();
     if dtype != DType::F32 {
-        return value_as(&layer_norm(x.cast(DType::F32), weight, bias, eps), dtype);
+        return value_as(&layer_norm(f32_value(&x), weight, bias, eps), dtype);
     }
     if f32_params
         && c > 0

@@ -182,6 +182,15 @@ impl MixedPrecision {
             MixedPrecision::Fp16 => DType::F16,
         }
     }
+
+    /// What the frozen VAE computes in: bf16 under bf16, as diffusers' scripts cast it to the
+    /// weight dtype; f32 otherwise (SD's VAE overflows fp16's range).
+    pub fn vae_dtype(self) -> knobs_nn::burn::tensor::DType {
+        match self {
+            MixedPrecision::Bf16 => knobs_nn::burn::tensor::DType::BF16,
+            _ => knobs_nn::burn::tensor::DType::F32,
+        }
+    }
 }
 
 /// The optimizer of `knobs train` (`--optimizer`).

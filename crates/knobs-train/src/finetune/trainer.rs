@@ -165,12 +165,13 @@ pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTre
 
 /// The pipeline as the shared loop holds it, on `dev`: weight matrices and kernels in
 /// --weights-dtype as they load (before adapters attach: what the method trains is widened
-/// back to f32 by set_trainable), the VAE out of autodiff, the UNet computing in
-/// --mixed-precision's dtype.
+/// back to f32 by set_trainable), the VAE out of autodiff, the UNet (and under bf16 the VAE)
+/// computing in --mixed-precision's dtype.
 pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -> Result<StableDiffusion> {
     let mut sd = StableDiffusion::load_as(model, dev, cfg.memory.weights_dtype.dtype()).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
     sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
+    sd.vae.compute_dtype = cfg.optim.mixed_precision.vae_dtype();
     Ok(sd)
 }
 
@@ -357,6 +358,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     sd.device = dev.clone().inner();
     // Samples and files as `knobs generate` makes them: in f32.
     sd.unet.compute_dtype = knobs_nn::burn::tensor::DType::F32;
+    sd.vae.compute_dtype = knobs_nn::burn::tensor::DType::F32;
     write_samples(&cfg.out, &sd, &prompts, sampling, &encoded.samples)?;
     let mut outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
     if let (Some(e), Some(trained)) = (&ema, &trained) {
