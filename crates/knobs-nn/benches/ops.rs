@@ -10,6 +10,9 @@ use burn::tensor::ops::ConvOptions;
 use knobs_nn::ops::{conv2d, conv2d_frozen};
 use knobs_nn::{Init, Tensor, cpu, cpu_autodiff};
 
+#[global_allocator]
+static ALLOCATOR: knobs_nn::allocator::LargeBlocks = knobs_nn::allocator::LargeBlocks;
+
 fn main() {
     knobs_nn::allocator::keep_freed_memory();
     knobs_nn::on_worker(run);

@@ -53,6 +53,9 @@ fn recipe_unet(widths: &str, dev: &Device) -> Subject {
     Subject { unet, label: format!("recipe [{widths}]"), channels, tokens: recipe::MAX_TOKENS }
 }
 
+#[global_allocator]
+static ALLOCATOR: knobs_nn::allocator::LargeBlocks = knobs_nn::allocator::LargeBlocks;
+
 fn main() {
     knobs_nn::allocator::keep_freed_memory();
     // As `knobs` runs its commands: on a pool thread (see knobs_nn::on_worker).

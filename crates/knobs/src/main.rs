@@ -64,6 +64,10 @@ fn parse_device(s: &str) -> Result<knobs_nn::device::Target, String> {
     s.parse().map_err(|e: knobs_nn::Error| e.to_string())
 }
 
+/// Freed large blocks are kept for reuse (see `knobs_nn::allocator`).
+#[global_allocator]
+static ALLOCATOR: knobs_nn::allocator::LargeBlocks = knobs_nn::allocator::LargeBlocks;
+
 fn main() {
     knobs_nn::allocator::keep_freed_memory();
     // The matches are kept: `knobs train` tells flags given on the command line from defaults.

@@ -117,7 +117,10 @@ impl AutoencoderKL {
         if let Some(q) = &self.quant_conv {
             moments = q.forward(moments);
         }
-        DiagonalGaussian::from_moments(f32_value(&moments))
+        let posterior = DiagonalGaussian::from_moments(f32_value(&moments));
+        // Its large activations are gone; the UNet's step, next, needs none of their blocks.
+        knobs_nn::allocator::release_kept();
+        posterior
     }
 
     /// Images (roughly in [-1, 1]) from unscaled latents.
@@ -127,7 +130,9 @@ impl AutoencoderKL {
             Some(p) => p.forward(z),
             None => z,
         };
-        f32_value(&self.decoder.forward(z))
+        let images = f32_value(&self.decoder.forward(z));
+        knobs_nn::allocator::release_kept();
+        images
     }
 
     /// Latents as the UNet sees them: `(z - shift) * scaling_factor`.
