@@ -51,6 +51,11 @@ fn run() {
         let wfrozen: Tensor<4> = Tensor::from_data(w.to_data(), &dev);
         let input_only = median_ms(|| drop(conv2d_frozen(xa.clone(), wfrozen.clone(), None, opts(), knobs_nn::ops::Products::F32).sum().backward()), iters);
         println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.3} ms (frozen weight {fwd_frozen:.3}), frozen fwd+bwd(x) {input_only:.3} ms, fwd+bwd(x,w) {both:.3} ms");
+        // The frozen forward with bf16 products (mixed precision's, on CPUs with AVX512-BF16).
+        if knobs_nn::ops::Products::for_dtype(burn::tensor::DType::BF16) == knobs_nn::ops::Products::Bf16 {
+            let bf16 = median_ms(|| drop(conv2d_frozen(x.clone(), w.clone(), None, opts(), knobs_nn::ops::Products::Bf16).into_data()), iters);
+            println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: frozen forward, bf16 products {bf16:.3} ms");
+        }
     }
     // KNOBS_BENCH_MATMUL ("rows,k,n;...") for others, e.g. SDXL's 32x32 level at 1024 px
     // "1024,1280,10240;1024,5120,1280".
@@ -70,6 +75,11 @@ fn run() {
         let ours = median_ms(|| drop(knobs_nn::ops::linear(&a, &w, Some(&bias))), iters);
         let burns = median_ms(|| drop(burn::tensor::module::linear(a.clone(), w.clone().transpose(), Some(bias.clone()))), iters);
         println!("linear [{rows},{k}] -> {n} with bias: ops::linear {ours:.1} ms, burn's module::linear {burns:.1} ms");
+        // The same with bf16 products (mixed precision's, on CPUs with AVX512-BF16).
+        if knobs_nn::ops::Products::for_dtype(burn::tensor::DType::BF16) == knobs_nn::ops::Products::Bf16 {
+            let bf16 = median_ms(|| drop(knobs_nn::ops::linear_as(&a, &w, Some(&bias), knobs_nn::ops::Products::Bf16)), iters);
+            println!("linear [{rows},{k}] -> {n} with bias, bf16 products: {bf16:.1} ms ({:.0} GFLOP/s)", 2.0 * (rows * k * n) as f64 / bf16 / 1e6);
+        }
         // The same layer frozen with its weight kept in f16 (`--weights-dtype f16`), forward
         // alone and forward + input gradient, against the f32 weight.
         let w16 = w.clone().cast(burn::tensor::DType::F16);
