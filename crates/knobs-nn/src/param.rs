@@ -160,9 +160,6 @@ pub fn f32_value<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
     value_as(t, DType::F32)
 }
 
-/// `t` in `dtype`: itself when it is, else its conversion. Under mixed precision a layer
-/// computes in its input's dtype and casts its (f32 master) weights to it; the cast's
-/// backward hands f32 gradients to the master weights.
 /// `t`'s dtype when it is a half-precision one (f16, bf16): mixed precision's activations,
 /// which the ops compute in f32 on the widened values wherever that is the better choice,
 /// rounding the result once (as PyTorch's kernels compute in f32 for half inputs).
@@ -175,6 +172,9 @@ pub fn half_on_cpu<const D: usize>(t: &Tensor<D>) -> Option<DType> {
     half_dtype(t).filter(|_| crate::ops::on_cpu(t))
 }
 
+/// `t` in `dtype`: itself when it is, else its conversion ([`crate::ops::precision::cast`]).
+/// Under mixed precision a layer computes in its input's dtype and casts its (f32 master)
+/// weights to it; the cast's backward hands f32 gradients to the master weights.
 pub fn value_as<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
     crate::ops::precision::cast(t, dtype)
 }
