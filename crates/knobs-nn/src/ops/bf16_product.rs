@@ -44,18 +44,11 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// `x` to bf16 (its bits), to nearest with ties to even, as `vcvtne2ps2bf16` rounds.
-pub(crate) fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        // Quiet, so that rounding cannot carry a NaN's payload into infinity.
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
-}
-
+/// `lo` and `hi` in bf16 as one pair, rounded by the `half` crate as `vcvtne2ps2bf16` rounds
+/// (to nearest, ties to even; a NaN quiet).
 fn pair(lo: f32, hi: f32) -> u32 {
-    u32::from(to_bf16(lo)) | u32::from(to_bf16(hi)) << 16
+    let bits = |x: f32| u32::from(half::bf16::from_f32(x).to_bits());
+    bits(lo) | bits(hi) << 16
 }
 
 /// `dst` (element (i, j) at `dst + i * rs + j * cs`) = `dst` (when `accumulate`) + `beta`
@@ -351,6 +344,12 @@ mod tests {
         f64::from(f32::from_bits(u32::from(b) << 16))
     }
 
+    fn to_bf16(x: f32) -> u16 {
+        half::bf16::from_f32(x).to_bits()
+    }
+
+    /// The scalar rounding (the `half` crate's, for packing's tails) and the vector one agree:
+    /// to nearest with ties to even, NaN kept.
     #[test]
     fn rounding_is_to_nearest_even_and_keeps_nan() {
         assert_eq!(to_bf16(1.0), 0x3f80);
