@@ -92,7 +92,7 @@ impl ParamMut<'_> {
             return;
         }
         each!(self, t => if t.dtype() != dtype {
-            **t = crate::ops::precision::narrowed(t, dtype)
+            **t = crate::ops::precision::cast(t, dtype)
         })
     }
 

@@ -107,22 +107,6 @@ pub(crate) fn widened(t: &FlexTensor) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
-/// `t` (f32) stored in `dtype` (f16 or bf16), rounded to nearest even as burn's cast does,
-/// on every thread; an autodiff tensor stays one (untracked, under its checkpointing). Other
-/// dtypes and backends take burn's cast.
-pub fn narrowed<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
-    let fallback = || t.clone().cast(dtype);
-    if t.dtype() != DType::F32 || !matches!(dtype, DType::F16 | DType::BF16) {
-        return fallback();
-    }
-    let Ok(plain) = t.clone().inner().try_into_primitive::<Flex>() else { return fallback() };
-    let plain = plain.to_contiguous();
-    let shape = plain.layout().shape().clone();
-    let data = narrow_data(plain.as_slice::<f32>().expect("contiguous"), dtype, shape);
-    let narrow = Tensor::<D>::from_primitive::<Flex>(FlexTensor::from_data(data));
-    if t.is_autodiff() { crate::param::autodiff_with(narrow, t.gradient_checkpointing_strategy()) } else { narrow }
-}
-
 /// `t` in `dtype`, as burn's cast, but between f32, f16 and bf16 on the CPU backend through
 /// this module's kernels on every thread, and under autodiff with the gradient converted back
 /// the same way. burn's cast converts one value at a time on one thread: a `[1, 128, 512,
@@ -342,8 +326,8 @@ mod tests {
     }
 
     /// f32 values around every rounding case (ties, subnormals, overflow, infinities, NaN) and
-    /// random ones, narrowed as burn's cast narrows them, bit for bit (NaNs as NaN), on plain
-    /// and autodiff tensors; the F16C path too where the CPU has it.
+    /// random ones, narrowed by `cast` as burn's cast narrows them, bit for bit (NaNs as NaN),
+    /// on plain and autodiff tensors; the F16C path too where the CPU has it.
     #[test]
     fn narrowing_equals_burns_cast() {
         let mut values: Vec<f32> = (0..=u16::MAX).flat_map(|h| {
@@ -359,7 +343,7 @@ mod tests {
         for device in [cpu(), crate::cpu_autodiff_checkpointed()] {
             let t = Tensor::<1>::from_data(TensorData::new(values.clone(), [n]), &device);
             for dtype in [DType::F16, DType::BF16] {
-                let got = narrowed(&t, dtype);
+                let got = cast(&t, dtype);
                 assert_eq!(got.dtype(), dtype);
                 assert_eq!(got.is_autodiff(), t.is_autodiff());
                 assert!(same(&values_of(got), &values_of(t.clone().cast(dtype))), "{dtype:?}");
