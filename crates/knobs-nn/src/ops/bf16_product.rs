@@ -103,6 +103,11 @@ impl Packed {
         Packed { data, lines, k, width }
     }
 
+    /// Values along the summed dimension.
+    pub(super) fn k(&self) -> usize {
+        self.k
+    }
+
     /// Bytes it holds.
     pub(super) fn bytes(&self) -> usize {
         self.data.len() * size_of::<u32>()
@@ -188,22 +193,25 @@ unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: u
         }
         return;
     }
-    for w in 0..present {
-        let l = first + w;
-        let mut q = 0;
-        #[cfg(target_arch = "x86_64")]
-        if elem == 1 {
-            // 16 pairs at a time from a contiguous line.
-            let base = unsafe { ptr.offset(l as isize * line) };
-            while q + 16 <= full {
-                let pairs = unsafe { x86::round_pairs(base.add(2 * q)) };
-                for (t, v) in pairs.iter().enumerate() {
-                    out[(q + t) * width + w] = *v;
-                }
-                q += 16;
+    // Pairs below this are packed already.
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if elem == 1 {
+        // Contiguous lines: 16 pairs of 16 lines at a time, transposed in registers (stored
+        // one by one, a row-major weight's packing took longer than its product).
+        done = full - full % 16;
+        for w in (0..present).step_by(16) {
+            let count = 16.min(present - w);
+            for q in (0..done).step_by(16) {
+                // SAFETY: lines first + w .. + count hold elements 2q .. 2q + 32 (q + 16 <= k / 2);
+                // out's rows q .. q + 16 hold `width` >= w + count entries.
+                unsafe { x86::transpose_pairs(ptr.offset((first + w) as isize * line).add(2 * q), line, count, out[q * width + w..].as_mut_ptr(), width) };
             }
         }
-        for q in q..full {
+    }
+    for w in 0..present {
+        let l = first + w;
+        for q in done..full {
             out[q * width + w] = pair(at(l, 2 * q), at(l, 2 * q + 1));
         }
         if k % 2 == 1 {
@@ -244,15 +252,57 @@ mod x86 {
     /// 32 floats from `p` as 16 bf16 pairs.
     ///
     /// SAFETY: the CPU has AVX512-BF16; `p` covers 32 floats.
+    #[cfg(test)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn round_pairs(p: *const f32) -> [u32; 16] {
         let mut out = [0u32; 16];
-        unsafe {
-            // The first argument fills the upper half: the second 16 floats.
-            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p));
-            _mm512_storeu_si512(out.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
-        }
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), rounded(p)) };
         out
+    }
+
+    /// Lines `0..count` (at most 16) from `p` (line `l` at `p + l * line`), 32 floats each, as
+    /// 16 pairs each in bf16, written transposed: pair `q` of line `l` to `out[q * width + l]`.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `p` covers the lines' 32 floats, `out` 16 rows of
+    /// `count` at stride `width`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn transpose_pairs(p: *const f32, line: isize, count: usize, out: *mut u32, width: usize) {
+        unsafe {
+            let r: [__m512i; 16] = std::array::from_fn(|l| if l < count { rounded(p.offset(l as isize * line)) } else { _mm512_setzero_si512() });
+            // Pairs of lines interleaved, then quadruples: b[4i + c] holds, for lines 4i .. 4i + 4,
+            // pairs c, c + 4, c + 8 and c + 12 in its four 128-bit lanes.
+            let a: [__m512i; 16] = std::array::from_fn(|j| {
+                let (x, y) = (r[j & !1], r[j | 1]);
+                if j % 2 == 0 { _mm512_unpacklo_epi32(x, y) } else { _mm512_unpackhi_epi32(x, y) }
+            });
+            let b: [__m512i; 16] = std::array::from_fn(|j| {
+                let (i, c) = (j / 4, j % 4);
+                let (x, y) = (a[4 * i + c / 2], a[4 * i + 2 + c / 2]);
+                if c % 2 == 0 { _mm512_unpacklo_epi64(x, y) } else { _mm512_unpackhi_epi64(x, y) }
+            });
+            let mask = ((1u32 << count) - 1) as u16;
+            for c in 0..4 {
+                // Lanes 0, 1 (e0) and 2, 3 (e1) of lines 0-3 and 4-7, f0 and f1 of lines 8-15.
+                let e0 = _mm512_shuffle_i32x4::<0x44>(b[c], b[4 + c]);
+                let e1 = _mm512_shuffle_i32x4::<0xee>(b[c], b[4 + c]);
+                let f0 = _mm512_shuffle_i32x4::<0x44>(b[8 + c], b[12 + c]);
+                let f1 = _mm512_shuffle_i32x4::<0xee>(b[8 + c], b[12 + c]);
+                let rows = [_mm512_shuffle_i32x4::<0x88>(e0, f0), _mm512_shuffle_i32x4::<0xdd>(e0, f0), _mm512_shuffle_i32x4::<0x88>(e1, f1), _mm512_shuffle_i32x4::<0xdd>(e1, f1)];
+                for (lane, row) in rows.into_iter().enumerate() {
+                    _mm512_mask_storeu_epi32(out.add((c + 4 * lane) * width).cast(), mask, row);
+                }
+            }
+        }
+    }
+
+    /// 32 floats from `p` as 16 bf16 pairs.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `p` covers 32 floats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn rounded(p: *const f32) -> __m512i {
+        // The first argument fills the upper half: the second 16 floats.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p))) }
     }
 
     /// `count` (at most 16) floats from `lo` and from `hi` (zeros without it) into `out` as

@@ -15,7 +15,7 @@
 //! over output tiles only), so results do not depend on the thread count.
 use rayon::prelude::*;
 
-use super::matrix::{Products, View, min_len, parallelism, product_as};
+use super::matrix::{Left, Products, View, min_len, parallelism, product_as};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
@@ -135,6 +135,11 @@ unsafe fn matmul(products: Products, m: usize, n: usize, k: usize, dst: &mut [f3
     unsafe { product_as(products, m, n, k, dst.as_mut_ptr(), dst_rs, 1, accumulate, lhs, rhs, 1.0, parallelism(m * n * k >= PARALLEL_WORK)) }
 }
 
+/// Threads for a product of `m * n * k` multiply-adds.
+fn par(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    parallelism(m * n * k >= PARALLEL_WORK)
+}
+
 /// Output `[B, co, oh, ow]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, kh, kw]`.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims, products: Products) -> Vec<f32> {
     let (k, p, co) = (d.k(), d.positions(), d.c_out);
@@ -145,19 +150,21 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims, product
         out.par_chunks_mut(p).with_min_len(pieces).enumerate().for_each(|(i, plane)| plane.fill(bias[i % co]));
     }
     let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
+    // The weight, read by every block of every sample (packed once for bf16 products).
+    let weight = Left::new(products, co, k, View::rows(w, 0, k), co * p * k >= PARALLEL_WORK);
     for b in 0..d.batch {
         let xb = &x[b * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w];
         let ob = &mut out[b * co * p..][..co * p];
         if d.pointwise() {
             // SAFETY: ob is [co, p], w [co, k], xb [k, p].
-            unsafe { matmul(products, co, p, k, ob, p, bias.is_some(), View::rows(w, 0, k), View::rows(xb, 0, p)) };
+            unsafe { weight.times(p, View::rows(xb, 0, p), ob.as_mut_ptr(), p, 1, bias.is_some(), 1.0, par(co, p, k)) };
             continue;
         }
         for rows in d.blocks() {
             let len = rows.len() * ow;
             im2col(xb, d, rows.clone(), &mut cols);
             // SAFETY: the block's outputs are columns rows.start * ow.. of ob's co rows of p.
-            unsafe { matmul(products, co, len, k, &mut ob[rows.start * ow..], p, bias.is_some(), View::rows(w, 0, k), View::rows(&cols, 0, len)) };
+            unsafe { weight.times(len, View::rows(&cols, 0, len), ob[rows.start * ow..].as_mut_ptr(), p, 1, bias.is_some(), 1.0, par(co, len, k)) };
         }
     }
     out
@@ -174,6 +181,8 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
     let buffer = if d.pointwise() { 0 } else { k * d.block_rows() * ow };
     let mut cols = vec![0.0f32; if want_w { buffer } else { 0 }];
     let mut dcols = vec![0.0f32; if want_x { buffer } else { 0 }];
+    // W^T, read by every block's input gradient.
+    let weight_t = want_x.then(|| Left::new(products, k, co, View::rows(w, 0, k).t(), co * p * k >= PARALLEL_WORK));
     let mut first = true;
     for b in 0..d.batch {
         // Read by the weight gradient only (`x` may be empty without it).
@@ -185,8 +194,8 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
                 if let Some(dw) = &mut dw {
                     matmul(products, co, k, p, dw, k, !first, View::rows(gb, 0, p), View::rows(xb, 0, p).t());
                 }
-                if let Some(dx) = &mut dx {
-                    matmul(products, k, p, co, &mut dx[b * plane..], p, false, View::rows(w, 0, k).t(), View::rows(gb, 0, p));
+                if let (Some(dx), Some(wt)) = (&mut dx, &weight_t) {
+                    wt.times(p, View::rows(gb, 0, p), dx[b * plane..].as_mut_ptr(), p, 1, false, 1.0, par(k, p, co));
                 }
             }
             first = false;
@@ -202,8 +211,8 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
                     im2col(xb, d, rows.clone(), &mut cols);
                     matmul(products, co, k, len, dw, k, !first, grad, View::rows(&cols, 0, len).t());
                 }
-                if let Some(dx) = &mut dx {
-                    matmul(products, k, len, co, &mut dcols, len, false, View::rows(w, 0, k).t(), grad);
+                if let (Some(dx), Some(wt)) = (&mut dx, &weight_t) {
+                    wt.times(len, grad, dcols.as_mut_ptr(), len, 1, false, 1.0, par(k, len, co));
                     col2im_add(&dcols[..k * len], d, rows.clone(), &mut dx[b * plane..][..plane]);
                 }
             }
@@ -221,4 +230,44 @@ pub fn bias_grad(g: &[f32], d: &ConvDims) -> Vec<f32> {
         .with_min_len(min_len(g.len() >= PARALLEL_FLOATS))
         .map(|c| (0..d.batch).map(|b| g[(b * co + c) * p..][..p].iter().sum::<f32>()).sum())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::max_rel;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+    }
+
+    /// bf16 products are the f32 kernel on the bf16-rounded operands, forward and input
+    /// gradient, over several blocks and samples (the weight packed once for all of them):
+    /// 3x3, strided and 1x1.
+    #[test]
+    fn bf16_products_are_the_f32_kernel_on_rounded_operands() {
+        if !super::super::bf16_product::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let conv = |c_in, c_out, kernel, stride, padding| ConvDims { batch: 2, c_in, h: 11, w: 9, c_out, kernel, stride, padding, dilation: [1, 1] };
+        for d in [conv(16, 13, [3, 3], [1, 1], [1, 1]), conv(16, 7, [3, 3], [2, 2], [1, 1]), conv(20, 6, [1, 1], [1, 1], [0, 0])] {
+            assert!(d.pointwise() || d.blocks().count() > 1, "{d:?} should span several blocks");
+            let [oh, ow] = d.out_hw();
+            let (x, w, b) = (data(d.batch * d.c_in * d.h * d.w, 1), data(d.c_out * d.k(), 2), data(d.c_out, 3));
+            let g = data(d.batch * d.c_out * oh * ow, 4);
+            let want = forward(&rounded(&x), &rounded(&w), Some(&b), &d, Products::F32);
+            let got = forward(&x, &w, Some(&b), &d, Products::Bf16);
+            assert!(max_rel(&got, &want) < 1e-5, "{d:?} forward: {}", max_rel(&got, &want));
+            assert!(max_rel(&got, forward(&x, &w, Some(&b), &d, Products::F32)) > 1e-4, "{d:?}: the operands were not rounded");
+            let (want, _) = backward(&[], &rounded(&w), &rounded(&g), &d, true, false, Products::F32);
+            let (got, _) = backward(&[], &w, &g, &d, true, false, Products::Bf16);
+            let (got, want) = (got.unwrap(), want.unwrap());
+            assert!(max_rel(&got, &want) < 1e-5, "{d:?} input gradient: {}", max_rel(&got, &want));
+        }
+    }
 }

@@ -85,6 +85,37 @@ pub(super) unsafe fn product_as(products: Products, m: usize, n: usize, k: usize
     }
 }
 
+/// A left operand `[m, k]` that several products read (a weight over blocks of columns): as
+/// it is for f32 products, packed once for bf16 ones.
+pub(super) enum Left {
+    F32 { view: View, m: usize, k: usize },
+    Bf16(super::bf16_product::Packed),
+}
+
+impl Left {
+    pub(super) fn new(products: Products, m: usize, k: usize, view: View, parallel: bool) -> Left {
+        match products {
+            Products::F32 => Left::F32 { view, m, k },
+            Products::Bf16 => Left::Bf16(super::bf16_product::Packed::left(m, k, view, parallel)),
+        }
+    }
+
+    /// [`product_strided`] with this left operand and `rhs` `[k, n]`, in its arithmetic.
+    ///
+    /// SAFETY: as [`product_strided`]; the view this was made from is still valid.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn times(&self, n: usize, rhs: View, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, beta: f32, par: gemm::Parallelism) {
+        match self {
+            Left::F32 { view, m, k } => unsafe { product_strided(*m, n, *k, dst, rs, cs, accumulate, *view, rhs, beta, par) },
+            Left::Bf16(packed) => {
+                let parallel = !matches!(par, gemm::Parallelism::None);
+                let rhs = super::bf16_product::Packed::right(packed.k(), n, rhs, parallel);
+                unsafe { super::bf16_product::product_packed(packed, &rhs, dst, rs, cs, accumulate, beta, parallel) }
+            }
+        }
+    }
+}
+
 /// gemm's threads for a product worth splitting, else the calling thread alone.
 pub(super) fn parallelism(worth_splitting: bool) -> gemm::Parallelism {
     if worth_splitting { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None }
