@@ -104,6 +104,15 @@ fn run() {
         let [qa, ka, va] = [&q, &k, &v].map(|t| Tensor::<3>::from_data(t.to_data(), &dev).require_grad());
         let both = median_ms(|| drop(knobs_nn::ops::attention(qa.clone(), ka.clone(), va.clone(), heads, scale).sum().backward()), iters);
         println!("attention [1,{n},{width}] {heads} heads: forward {fwd:.1} ms, fwd+bwd {both:.1} ms");
+        // bf16 tensors (mixed precision's), on CPUs with bf16 products: the casts to f32 and
+        // back included, as a model runs them.
+        if knobs_nn::ops::Products::for_dtype(burn::tensor::DType::BF16) == knobs_nn::ops::Products::Bf16 {
+            let bf16 = |t: &Tensor<3>| t.clone().cast(burn::tensor::DType::BF16);
+            let fwd = median_ms(|| drop(knobs_nn::ops::attention(bf16(&q), bf16(&k), bf16(&v), heads, scale)), iters);
+            let [qa, ka, va] = [&q, &k, &v].map(|t| bf16(&Tensor::<3>::from_data(t.to_data(), &dev)).require_grad());
+            let both = median_ms(|| drop(knobs_nn::ops::attention(qa.clone(), ka.clone(), va.clone(), heads, scale).sum().backward()), iters);
+            println!("attention [1,{n},{width}] {heads} heads, bf16 products: forward {fwd:.1} ms, fwd+bwd {both:.1} ms");
+        }
     }
     // GEGLU on SD-1.5's 64x64 feed-forward projection ([rows, 2 x 1280]), forward and input
     // gradient.

@@ -18,6 +18,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use super::attention_kernel::{self, Dims};
+use super::matrix::Products;
 use super::record::record;
 use crate::param::{f32_value, half_dtype, value_as};
 
@@ -32,10 +33,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     let [batch, n, width] = q.dims();
     let m = k.dims()[1];
     let dims = Dims { batch, n, m, heads, head_dim: width / heads };
-    let fusable = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32)
-        && (attention_kernel::Path::best(dims.head_dim).blocked() || dims.head_dim * m <= MAX_FUSED_KEY_FLOATS)
-        && width % heads == 0;
-    if fusable && let Some(out) = fused(q.clone(), k.clone(), v.clone(), dims, scale as f32) {
+    if let Some(out) = fused_if_fusable(&q, &k, &v, dims, scale, Products::F32) {
         return out;
     }
     let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
@@ -53,10 +51,13 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     // without it flex's own attention gives the same values in twice the time (bf16 [2, 4096,
     // 320], 8 heads: 0.72 against 1.55 s). The GPUs' flash attention takes half precision as
     // it is, with f32 accumulators.
+    // Where the CPU has bf16 products, bf16 takes them, as autocast's bf16 attention does.
     if let Some(dtype) = half_dtype(&q).filter(|&d| k.dtype() == d && v.dtype() == d)
         && (tracked || super::on_cpu(&q))
     {
-        return value_as(&attention(f32_value(&q), f32_value(&k), f32_value(&v), heads, scale), dtype);
+        let (q32, k32, v32) = (f32_value(&q), f32_value(&k), f32_value(&v));
+        let out = fused_if_fusable(&q32, &k32, &v32, dims, scale, Products::for_dtype(dtype)).unwrap_or_else(|| attention(q32, k32, v32, heads, scale));
+        return value_as(&out, dtype);
     }
     if tracked {
         return decomposed(q, k, v, heads, scale);
@@ -64,6 +65,18 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     // No gradient needed: the backend's own flash attention, blocked for wide heads.
     let strategy = q.gradient_checkpointing_strategy();
     crate::param::autodiff_with(backends_own(q.inner(), k.inner(), v.inner(), heads, scale), strategy)
+}
+
+/// The fused kernel where it applies (f32 tensors on the CPU backend, a head shape it runs
+/// well), else `None`.
+fn fused_if_fusable(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, dims: Dims, scale: f64, products: Products) -> Option<Tensor<3>> {
+    let fusable = [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+        && (attention_kernel::Path::best(dims.head_dim, products).blocked() || dims.head_dim * dims.m <= MAX_FUSED_KEY_FLOATS)
+        && dims.width() == q.dims()[2];
+    if !fusable {
+        return None;
+    }
+    fused(q.clone(), k.clone(), v.clone(), dims, scale as f32, products)
 }
 
 /// The backend's own fused attention (`module::attention`) on `[B, N, heads * d]` tensors.
@@ -92,18 +105,18 @@ pub fn decomposed(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale:
 }
 
 /// The fused kernel on the CPU backend, with or without autodiff; `None` on other backends.
-fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32) -> Option<Tensor<3>> {
+fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32, products: Products) -> Option<Tensor<3>> {
     if !q.is_autodiff() {
         let q = q.try_into_primitive::<Flex>().ok()?;
         let k = k.try_into_primitive::<Flex>().ok()?;
         let v = v.try_into_primitive::<Flex>().ok()?;
-        let (out, _) = forward(&q, &k, &v, dims, scale);
+        let (out, _) = forward(&q, &k, &v, dims, scale, products);
         return Some(Tensor::from_primitive::<Flex>(out));
     }
     record!(FusedAttention, q.gradient_checkpointing_strategy(), [q, k, v], {
         let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-        let (out, lse) = forward(&q, &k, &v, dims, scale);
-        (out.clone(), Saved { q, k, v, out, lse, dims, scale })
+        let (out, lse) = forward(&q, &k, &v, dims, scale, products);
+        (out.clone(), Saved { q, k, v, out, lse, dims, scale, products })
     })
 }
 
@@ -116,9 +129,9 @@ fn flex(data: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
 }
 
 /// Output `[B, N, H * d]` and the log-sum-exp `[B * H * N]`.
-fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dims: Dims, scale: f32) -> (FlexTensor, FlexTensor) {
+fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dims: Dims, scale: f32, products: Products) -> (FlexTensor, FlexTensor) {
     let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-    let (out, lse) = attention_kernel::forward(slice(&q), slice(&k), slice(&v), dims, scale);
+    let (out, lse) = attention_kernel::forward(slice(&q), slice(&k), slice(&v), dims, scale, products);
     let lse_len = lse.len();
     (flex(out, [dims.batch, dims.n, dims.heads * dims.head_dim]), flex(lse, [1, 1, lse_len]))
 }
@@ -136,6 +149,7 @@ struct Saved {
     lse: FlexTensor,
     dims: Dims,
     scale: f32,
+    products: Products,
 }
 
 impl Backward<Flex, 3> for FusedAttention {
@@ -153,6 +167,7 @@ impl Backward<Flex, 3> for FusedAttention {
             slice(&grad),
             s.dims,
             s.scale,
+            s.products,
         );
         let Dims { batch, n, m, heads, head_dim } = s.dims;
         let width = heads * head_dim;

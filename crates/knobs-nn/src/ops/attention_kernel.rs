@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::{attention_products, attention_small};
 use super::lanes::{self, Isa, on_lanes};
+use super::matrix::Products;
 use super::lanes::Lanes;
 use super::simd::{axpy, dot, exp_shifted, max, scale_into};
 
@@ -63,7 +64,8 @@ fn per_head_transposed(x: &[f32], batch: usize, rows: usize, heads: usize, d: us
 pub(super) enum Path {
     Small(Isa),
     MultiPass(Isa),
-    Products(Isa),
+    /// With the products' arithmetic (the other paths compute in f32).
+    Products(Isa, Products),
 }
 
 impl Path {
@@ -71,9 +73,9 @@ impl Path {
     /// where they run at matrix-multiply speed; for small ones (a product with 4 inner
     /// channels is mostly overhead), the one-pass kernels, or the multi-pass loops on CPUs
     /// without vector lanes for them.
-    pub(super) fn best(head_dim: usize) -> Path {
+    pub(super) fn best(head_dim: usize, products: Products) -> Path {
         match lanes::isa() {
-            isa if head_dim > attention_small::MAX_HEAD_DIM => Path::Products(isa),
+            isa if head_dim > attention_small::MAX_HEAD_DIM => Path::Products(isa, products),
             isa @ (Isa::Avx512 | Isa::Avx2) => Path::Small(isa),
             isa => Path::MultiPass(isa),
         }
@@ -82,19 +84,19 @@ impl Path {
     /// Whether the path works on blocks of rows at a time (and so keeps any number of keys
     /// in cache), rather than streaming every key once per query row.
     pub(super) fn blocked(self) -> bool {
-        matches!(self, Path::Products(_))
+        matches!(self, Path::Products(..))
     }
 }
 
 /// Softmax attention; returns the output `[B, N, H * d]` and the log-sum-exp of each row's
 /// scaled scores `[B, H, N]`, which the backward pass needs.
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
-    forward_on(q, k, v, dims, scale, Path::best(dims.head_dim))
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, products: Products) -> (Vec<f32>, Vec<f32>) {
+    forward_on(q, k, v, dims, scale, Path::best(dims.head_dim, products))
 }
 
 pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, path: Path) -> (Vec<f32>, Vec<f32>) {
-    if let Path::Products(isa) = path {
-        return attention_products::forward(q, k, v, dims, scale, isa);
+    if let Path::Products(isa, products) = path {
+        return attention_products::forward(q, k, v, dims, scale, isa, products);
     }
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let kt = per_head_transposed(k, batch, m, heads, d);
@@ -111,7 +113,7 @@ pub(super) fn forward_on(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32
             match path {
                 Path::Small(isa) => attention_small::forward_rows(args, isa),
                 Path::MultiPass(isa) => forward_rows(args, isa),
-                Path::Products(_) => unreachable!("taken above"),
+                Path::Products(..) => unreachable!("taken above"),
             }
         })
         .collect();
@@ -193,8 +195,9 @@ pub fn backward(
     grad: &[f32],
     dims: Dims,
     scale: f32,
+    products: Products,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    backward_on(q, k, v, out, lse, grad, dims, scale, Path::best(dims.head_dim))
+    backward_on(q, k, v, out, lse, grad, dims, scale, Path::best(dims.head_dim, products))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,8 +223,8 @@ pub(super) fn backward_on(
             *dst = (0..d).map(|c| grad[at + c] * out[at + c]).sum();
         }
     });
-    if let Path::Products(isa) = path {
-        return attention_products::backward(q, k, v, lse, &delta, grad, dims, scale, isa);
+    if let Path::Products(isa, products) = path {
+        return attention_products::backward(q, k, v, lse, &delta, grad, dims, scale, isa, products);
     }
     let kt = per_head_transposed(k, batch, m, heads, d);
     let vt = per_head_transposed(v, batch, m, heads, d);
@@ -247,7 +250,7 @@ pub(super) fn backward_on(
             match path {
                 Path::Small(isa) => attention_small::backward_keys(args, isa),
                 Path::MultiPass(isa) => backward_keys(args, isa),
-                Path::Products(_) => unreachable!("taken above"),
+                Path::Products(..) => unreachable!("taken above"),
             }
         })
         .collect();
@@ -360,12 +363,12 @@ mod tests {
     /// width, the multi-pass ones, each on every lane width) gives the portable loop's values.
     #[test]
     fn every_path_matches_the_portable_one() {
-        let mut paths = vec![Path::MultiPass(Isa::Portable), Path::Small(Isa::Portable), Path::Products(Isa::Portable)];
+        let mut paths = vec![Path::MultiPass(Isa::Portable), Path::Small(Isa::Portable), Path::Products(Isa::Portable, Products::F32)];
         if lanes::isa() != Isa::Portable {
-            paths.extend([Path::MultiPass(Isa::Avx2), Path::Small(Isa::Avx2), Path::Products(Isa::Avx2)]);
+            paths.extend([Path::MultiPass(Isa::Avx2), Path::Small(Isa::Avx2), Path::Products(Isa::Avx2, Products::F32)]);
         }
         if lanes::isa() == Isa::Avx512 {
-            paths.extend([Path::MultiPass(Isa::Avx512), Path::Small(Isa::Avx512), Path::Products(Isa::Avx512)]);
+            paths.extend([Path::MultiPass(Isa::Avx512), Path::Small(Isa::Avx512), Path::Products(Isa::Avx512, Products::F32)]);
         }
         // Keys and rows off the lane widths and block sizes; head sizes each side of the
         // small kernels' limit.
@@ -392,6 +395,38 @@ mod tests {
                 close(&grads.1, &grads0.1, "dk");
                 close(&grads.2, &grads0.2, "dv");
             }
+        }
+    }
+
+    /// bf16 products round every product's operands (the probabilities and their gradient
+    /// too): the output and the three gradients stay within bf16's error of the f32 products'
+    /// but are not theirs, and do not depend on the thread count. SD-1.5's head sizes, with
+    /// several row and key blocks and short last ones.
+    #[test]
+    fn bf16_products_stay_near_f32_and_ignore_the_thread_count() {
+        if !super::super::bf16_product::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let isa = lanes::isa();
+        for (n, m, heads, d) in [(300, 600, 2, 40), (70, 77, 3, 80), (20, 530, 1, 160)] {
+            let dims = Dims { batch: 2, n, m, heads, head_dim: d };
+            let (q, k, v) = (values(2 * n * heads * d, 0.1), values(2 * m * heads * d, 0.7), values(2 * m * heads * d, 1.3));
+            let go = values(2 * n * heads * d, 2.9);
+            let scale = 1.0 / (d as f32).sqrt();
+            let run = |products| {
+                let (out, lse) = forward_on(&q, &k, &v, dims, scale, Path::Products(isa, products));
+                let (dq, dk, dv) = backward_on(&q, &k, &v, &out, &lse, &go, dims, scale, Path::Products(isa, products));
+                [out, dq, dk, dv]
+            };
+            let (exact, rounded) = (run(Products::F32), run(Products::Bf16));
+            for (name, (got, want)) in ["output", "dq", "dk", "dv"].iter().zip(rounded.iter().zip(&exact)) {
+                let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let err = got.iter().zip(want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                assert!(err > 1e-5 && err < 2e-2, "{name}, n {n} m {m} d {d}: relative error {err} against f32 products");
+            }
+            let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run(Products::Bf16));
+            assert!(one_thread == rounded, "n {n} m {m} d {d}: the thread count changed the sums");
         }
     }
 }

@@ -8,13 +8,18 @@
 //!
 //! Tasks are fixed by the shapes: forward, one per (batch, head, row block), its key blocks in
 //! order; backward, one per (batch, head), a key's gradient summing the row blocks in order
-//! and a row's the key blocks. gemm splits its work over output tiles only, so results do not
-//! depend on the thread count.
+//! and a row's the key blocks. The products split their work over output tiles only, so
+//! results do not depend on the thread count.
+//!
+//! With bf16 products (mixed precision), every product's operands are rounded to bf16, the
+//! probabilities and their gradient included, and summed in f32, as autocast's bf16 attention
+//! computes; the softmax and its running sums stay f32. Each operand read by several products
+//! (a head's key and value blocks, its query and output-gradient blocks) is packed once.
 use rayon::prelude::*;
 
 use super::attention_kernel::{Dims, assemble};
 use super::lanes::{Isa, on_lanes};
-use super::matrix::{View, min_len, parallelism, product};
+use super::matrix::{Operand, Products, View, min_len, parallelism, product_of};
 use super::simd::{exp_shifted, max};
 
 /// Query rows and keys per forward tile (512 KiB of scores). Whole rows of keys, as before
@@ -118,30 +123,46 @@ on_lanes! {
 }
 
 /// Output `[B, N, H * d]` and log-sum-exp `[B * H * N]`.
-pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, isa: Isa) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, isa: Isa, products: Products) -> (Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let (rows, keys) = (FORWARD_ROWS, FORWARD_KEYS.min(m.max(1)));
-    let blocks = n.div_ceil(rows);
+    let (blocks, key_blocks) = (n.div_ceil(rows), m.div_ceil(keys));
     let tasks = batch * heads * blocks;
     let par = inner_parallelism(tasks, dims);
+    let spread = min_len(work(dims) >= PARALLEL_WORK);
+    // Each head's key blocks as right operands, K^T [d, span] and V [span, d], prepared once
+    // for all of its row blocks.
+    let head_keys: Vec<(Operand, Operand)> = (0..batch * heads * key_blocks)
+        .into_par_iter()
+        .with_min_len(spread)
+        .map(|t| {
+            let (bh, start) = (t / key_blocks, t % key_blocks * keys);
+            let head = Head { dims, b: bh / heads, h: bh % heads };
+            let span = keys.min(m - start);
+            let (kb, vb) = (head.key_rows(k).from_row(start), head.key_rows(v).from_row(start));
+            (Operand::right(products, d, span, kb.t(), false), Operand::right(products, span, d, vb, false))
+        })
+        .collect();
     let pieces: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks)
         .into_par_iter()
-        .with_min_len(min_len(work(dims) >= PARALLEL_WORK))
+        .with_min_len(spread)
         .map(|task| {
             let (bh, blk) = (task / blocks, task % blocks);
             let head = Head { dims, b: bh / heads, h: bh % heads };
             let (first, len) = (blk * rows, rows.min(n - blk * rows));
+            let qb = Operand::left(products, len, d, head.query_rows(q, first), false);
             let mut s = vec![0.0f32; len * keys];
             let mut run = Running { top: vec![0.0; len], total: vec![0.0; len], out: vec![0.0; len * d] };
-            for start in (0..m).step_by(keys) {
-                let span = keys.min(m - start);
+            for (kb, (kt, vb)) in head_keys[bh * key_blocks..][..key_blocks].iter().enumerate() {
+                let span = keys.min(m - kb * keys);
                 let s = &mut s[..len * span];
-                // SAFETY: the views address this head's rows inside q, k and v; s is
+                // SAFETY: the operands address this head's rows inside q, k and v; s is
                 // [len, span] and the output [len, d].
                 unsafe {
-                    product(len, span, d, s, span, false, head.query_rows(q, first), head.key_rows(k).from_row(start).t(), scale, par);
-                    fold_block((s, span, &mut run, d, start == 0), isa);
-                    product(len, d, span, &mut run.out, d, start > 0, View::rows(s, 0, span), head.key_rows(v).from_row(start), 1.0, par);
+                    product_of(&qb, kt, s.as_mut_ptr(), span, 1, false, scale, par);
+                    fold_block((&mut *s, span, &mut run, d, kb == 0), isa);
+                    let p = Operand::left(products, len, span, View::rows(s, 0, span), false);
+                    product_of(&p, vb, run.out.as_mut_ptr(), d, 1, kb > 0, 1.0, par);
                 }
             }
             let Running { top, total, mut out } = run;
@@ -157,7 +178,7 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
 
 /// Gradients with respect to q, k and v (`delta` is each row's dO . O, `[B * H * N]`).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f32], grad: &[f32], dims: Dims, scale: f32, isa: Isa) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f32], grad: &[f32], dims: Dims, scale: f32, isa: Isa, products: Products) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, n, m, heads, head_dim: d } = dims;
     let (rows, keys) = (BACKWARD_ROWS, BACKWARD_KEYS.min(m.max(1)));
     let par = inner_parallelism(batch * heads, dims);
@@ -170,33 +191,44 @@ pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f3
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * d], vec![0.0f32; m * d], vec![0.0f32; m * d]);
             let mut p = vec![0.0f32; rows * keys];
             let mut ds = vec![0.0f32; rows * keys];
+            // Each row block's queries and output gradient, read by every key block: as left
+            // operands [len, d] and as right ones (the same matrices, summed over the rows).
+            let row_blocks: Vec<[Operand; 4]> = (0..n)
+                .step_by(rows)
+                .map(|first| {
+                    let len = rows.min(n - first);
+                    let (qb, gb) = (head.query_rows(q, first), head.query_rows(grad, first));
+                    [Operand::left(products, len, d, qb, false), Operand::left(products, len, d, gb, false), Operand::right(products, len, d, qb, false), Operand::right(products, len, d, gb, false)]
+                })
+                .collect();
             // Key blocks outside, row blocks inside: each sum (a key's gradient over row
             // blocks, a row's over key blocks) runs in a fixed order.
             for (kblk, start) in (0..m).step_by(keys).enumerate() {
                 let span = keys.min(m - start);
                 let (kc, vc) = (head.key_rows(k).from_row(start), head.key_rows(v).from_row(start));
+                let (kt, vt, kr) = (Operand::right(products, d, span, kc.t(), false), Operand::right(products, d, span, vc.t(), false), Operand::right(products, span, d, kc, false));
                 let (dk, dv) = (&mut dk[start * d..][..span * d], &mut dv[start * d..][..span * d]);
-                for (blk, first) in (0..n).step_by(rows).enumerate() {
+                for (blk, (first, [ql, gl, qr, gr])) in (0..n).step_by(rows).zip(&row_blocks).enumerate() {
                     let len = rows.min(n - first);
                     let (p, ds) = (&mut p[..len * span], &mut ds[..len * span]);
-                    let (qb, gb) = (head.query_rows(q, first), head.query_rows(grad, first));
-                    // SAFETY: views as in `forward`; p and ds are [len, span], dq's rows
-                    // [len, d] from `first`, dk and dv [span, d].
+                    // SAFETY: the operands address this head's rows inside q, k, v and grad;
+                    // p and ds are [len, span], dq's rows [len, d] from `first`, dk and dv
+                    // [span, d].
                     unsafe {
                         // P, the forward's probabilities, from the saved log-sum-exp.
-                        product(len, span, d, p, span, false, qb, kc.t(), scale, par);
-                        exp_rows((p, span, &lse[first..][..len]), isa);
+                        product_of(ql, &kt, p.as_mut_ptr(), span, 1, false, scale, par);
+                        exp_rows((&mut *p, span, &lse[first..][..len]), isa);
                         // dP = dO V^T, then dS = P (dP - D).
-                        product(len, span, d, ds, span, false, gb, vc.t(), 1.0, par);
+                        product_of(gl, &vt, ds.as_mut_ptr(), span, 1, false, 1.0, par);
                         for ((ds, p), di) in ds.chunks_exact_mut(span).zip(p.chunks_exact(span)).zip(&delta[first..][..len]) {
                             for (s, p) in ds.iter_mut().zip(p) {
                                 *s = p * (*s - di);
                             }
                         }
                         let (pv, dsv) = (View::rows(p, 0, span), View::rows(ds, 0, span));
-                        product(span, d, len, dv, d, blk > 0, pv.t(), gb, 1.0, par);
-                        product(len, d, span, &mut dq[first * d..], d, kblk > 0, dsv, kc, scale, par);
-                        product(span, d, len, dk, d, blk > 0, dsv.t(), qb, scale, par);
+                        product_of(&Operand::left(products, span, len, pv.t(), false), gr, dv.as_mut_ptr(), d, 1, blk > 0, 1.0, par);
+                        product_of(&Operand::left(products, len, span, dsv, false), &kr, dq[first * d..].as_mut_ptr(), d, 1, kblk > 0, scale, par);
+                        product_of(&Operand::left(products, span, len, dsv.t(), false), qr, dk.as_mut_ptr(), d, 1, blk > 0, scale, par);
                     }
                 }
             }

@@ -15,7 +15,7 @@
 //! over output tiles only), so results do not depend on the thread count.
 use rayon::prelude::*;
 
-use super::matrix::{Left, Products, View, min_len, parallelism, product_as};
+use super::matrix::{Operand, Products, View, min_len, parallelism, product_as};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
 const BLOCK_FLOATS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
@@ -151,7 +151,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims, product
     }
     let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
     // The weight, read by every block of every sample (packed once for bf16 products).
-    let weight = Left::new(products, co, k, View::rows(w, 0, k), co * p * k >= PARALLEL_WORK);
+    let weight = Operand::left(products, co, k, View::rows(w, 0, k), co * p * k >= PARALLEL_WORK);
     for b in 0..d.batch {
         let xb = &x[b * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w];
         let ob = &mut out[b * co * p..][..co * p];
@@ -182,7 +182,7 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
     let mut cols = vec![0.0f32; if want_w { buffer } else { 0 }];
     let mut dcols = vec![0.0f32; if want_x { buffer } else { 0 }];
     // W^T, read by every block's input gradient.
-    let weight_t = want_x.then(|| Left::new(products, k, co, View::rows(w, 0, k).t(), co * p * k >= PARALLEL_WORK));
+    let weight_t = want_x.then(|| Operand::left(products, k, co, View::rows(w, 0, k).t(), co * p * k >= PARALLEL_WORK));
     let mut first = true;
     for b in 0..d.batch {
         // Read by the weight gradient only (`x` may be empty without it).

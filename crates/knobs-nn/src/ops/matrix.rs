@@ -38,17 +38,9 @@ impl View {
     }
 }
 
-/// `dst` `[m, n]` (row stride `dst_rs`) = `dst` (when `accumulate`) + `beta` lhs `[m, k]` rhs `[k, n]`.
-/// gemm splits its work over output tiles only, so the sums do not depend on `par`.
-///
-/// SAFETY: the views cover their matrices and `dst` is valid for `m` rows of `n` at `dst_rs`.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View, beta: f32, par: gemm::Parallelism) {
-    debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
-    unsafe { product_strided(m, n, k, dst.as_mut_ptr(), dst_rs, 1, accumulate, lhs, rhs, beta, par) }
-}
-
-/// [`product`] into a destination of any strides: element (i, j) of `dst` at `dst + i * rs + j * cs`.
+/// `dst` (element (i, j) at `dst + i * rs + j * cs`) = `dst` (when `accumulate`) + `beta`
+/// lhs `[m, k]` rhs `[k, n]`. gemm splits its work over output tiles only, so the sums do not
+/// depend on `par`.
 ///
 /// SAFETY: the views cover their matrices and `dst` is valid for writes at every (i, j).
 #[allow(clippy::too_many_arguments)]
@@ -85,34 +77,56 @@ pub(super) unsafe fn product_as(products: Products, m: usize, n: usize, k: usize
     }
 }
 
-/// A left operand `[m, k]` that several products read (a weight over blocks of columns): as
-/// it is for f32 products, packed once for bf16 ones.
-pub(super) enum Left {
-    F32 { view: View, m: usize, k: usize },
+/// An operand of products in one arithmetic, prepared once for every product that reads it
+/// (a weight over blocks of columns, an attention head's keys over blocks of queries): the
+/// view itself for f32 products, packed for bf16 ones.
+pub(super) enum Operand {
+    F32 { view: View, lines: usize, k: usize },
     Bf16(super::bf16_product::Packed),
 }
 
-impl Left {
-    pub(super) fn new(products: Products, m: usize, k: usize, view: View, parallel: bool) -> Left {
+impl Operand {
+    /// A left operand `[m, k]`; `parallel`: pack on every thread.
+    pub(super) fn left(products: Products, m: usize, k: usize, view: View, parallel: bool) -> Operand {
         match products {
-            Products::F32 => Left::F32 { view, m, k },
-            Products::Bf16 => Left::Bf16(super::bf16_product::Packed::left(m, k, view, parallel)),
+            Products::F32 => Operand::F32 { view, lines: m, k },
+            Products::Bf16 => Operand::Bf16(super::bf16_product::Packed::left(m, k, view, parallel)),
         }
     }
 
-    /// [`product_strided`] with this left operand and `rhs` `[k, n]`, in its arithmetic.
+    /// This left operand times `rhs` `[k, n]`, prepared for this one product: as
+    /// [`product_of`].
     ///
-    /// SAFETY: as [`product_strided`]; the view this was made from is still valid.
+    /// SAFETY: as [`product_of`].
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn times(&self, n: usize, rhs: View, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, beta: f32, par: gemm::Parallelism) {
-        match self {
-            Left::F32 { view, m, k } => unsafe { product_strided(*m, n, *k, dst, rs, cs, accumulate, *view, rhs, beta, par) },
-            Left::Bf16(packed) => {
-                let parallel = !matches!(par, gemm::Parallelism::None);
-                let rhs = super::bf16_product::Packed::right(packed.k(), n, rhs, parallel);
-                unsafe { super::bf16_product::product_packed(packed, &rhs, dst, rs, cs, accumulate, beta, parallel) }
-            }
+        let (products, k) = match self {
+            Operand::F32 { k, .. } => (Products::F32, *k),
+            Operand::Bf16(packed) => (Products::Bf16, packed.k()),
+        };
+        let rhs = Operand::right(products, k, n, rhs, !matches!(par, gemm::Parallelism::None));
+        unsafe { product_of(self, &rhs, dst, rs, cs, accumulate, beta, par) }
+    }
+
+    /// A right operand `[k, n]`.
+    pub(super) fn right(products: Products, k: usize, n: usize, view: View, parallel: bool) -> Operand {
+        match products {
+            Products::F32 => Operand::F32 { view, lines: n, k },
+            Products::Bf16 => Operand::Bf16(super::bf16_product::Packed::right(k, n, view, parallel)),
         }
+    }
+}
+
+/// [`product_strided`] of prepared operands (both of one arithmetic, [`Operand`]).
+///
+/// SAFETY: as [`product_strided`]; the matrices the operands' views were made from are still
+/// valid and unchanged.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_of(lhs: &Operand, rhs: &Operand, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, beta: f32, par: gemm::Parallelism) {
+    match (lhs, rhs) {
+        (Operand::F32 { view: l, lines: m, k }, Operand::F32 { view: r, lines: n, .. }) => unsafe { product_strided(*m, *n, *k, dst, rs, cs, accumulate, *l, *r, beta, par) },
+        (Operand::Bf16(l), Operand::Bf16(r)) => unsafe { super::bf16_product::product_packed(l, r, dst, rs, cs, accumulate, beta, !matches!(par, gemm::Parallelism::None)) },
+        _ => unreachable!("operands of one arithmetic"),
     }
 }
 
