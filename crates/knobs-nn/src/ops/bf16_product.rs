@@ -35,6 +35,7 @@ pub(crate) fn available() -> bool {
         *HAS.get_or_init(|| {
             std::env::var_os("KNOBS_NO_BF16_PRODUCTS").is_none()
                 && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512bf16")
         })
     }
@@ -177,11 +178,11 @@ unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: u
     let (full, present) = (k / 2, width.min(lines.saturating_sub(first)));
     #[cfg(target_arch = "x86_64")]
     if line == 1 {
-        // Neighbouring lines are contiguous: 16 of them at a time for each pair.
-        let mut w = 0;
-        while w < present {
-            let count = 16.min(present - w);
-            for q in 0..k.div_ceil(2) {
+        // Neighbouring lines are contiguous: 16 of them at a time for each pair, the panel's
+        // lines of one pair before the next pair's (whole cache lines of each element).
+        for q in 0..k.div_ceil(2) {
+            for w in (0..present).step_by(16) {
+                let count = 16.min(present - w);
                 // SAFETY: lines first + w .. + count of elements 2q and (before k) 2q + 1.
                 unsafe {
                     let lo = ptr.offset((2 * q) as isize * elem).add(first + w);
@@ -189,7 +190,6 @@ unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: u
                     x86::interleave(lo, hi, count, out[q * width + w..].as_mut_ptr());
                 }
             }
-            w += count;
         }
         return;
     }
@@ -309,19 +309,16 @@ mod x86 {
     /// `count` pairs (lo, hi) in bf16.
     ///
     /// SAFETY: the CPU has AVX512-BF16; `lo`, `hi` cover `count` floats, `out` `count` pairs.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn interleave(lo: *const f32, hi: Option<*const f32>, count: usize, out: *mut u32) {
         let mask = ((1u32 << count) - 1) as u16;
         unsafe {
-            let widen = |p: *const f32| {
-                let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, p)));
-                _mm512_cvtepu16_epi32(v)
-            };
-            let pairs = match hi {
-                Some(hi) => _mm512_or_si512(widen(lo), _mm512_slli_epi32(widen(hi), 16)),
-                None => widen(lo),
-            };
-            _mm512_mask_storeu_epi32(out.cast(), mask, pairs);
+            let lo = _mm512_maskz_loadu_ps(mask, lo);
+            let hi = hi.map_or(_mm512_setzero_ps(), |hi| _mm512_maskz_loadu_ps(mask, hi));
+            // [lo 0..16, hi 0..16] in bf16, then each lo beside its hi.
+            let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            let order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+            _mm512_mask_storeu_epi32(out.cast(), mask, _mm512_permutexvar_epi16(order, halves));
         }
     }
 
