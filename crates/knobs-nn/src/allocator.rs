@@ -11,9 +11,12 @@
 //! takes none above 64 MiB: a VAE's activations at 512 px (128 channels, 134 MB in f32) were
 //! faulted in and zeroed on every use. [`LargeBlocks`], the binaries' global allocator, keeps
 //! such blocks when they are freed and hands them out again: on a Zen 4, SiLU over
-//! `[1, 128, 512, 512]` took 48 ms with fresh pages and 8.5 ms with kept ones. Blocks between
-//! 32 and 64 MiB (SD-1.5's UNet has some) stay glibc's: kept here as well, the UNet's step
-//! measured 0.3-1 s slower in one window and no different in the next, so that is not settled.
+//! `[1, 128, 512, 512]` took 48 ms with fresh pages and 8.5 ms with kept ones. It keeps blocks
+//! from 32 MiB (SD-1.5's UNet has some: its feed-forward's `[4096, 2560]` f32 activations and
+//! their gradient): an SD-1.5 bf16 LoRA step on a Zen 4 took 10.65 / 10.10 / 10.90 s with them
+//! kept against 10.69 / 10.78 / 11.17 s with them glibc's (three interleaved rounds, median of
+//! 5 steps each; the backward pass 4.0-4.2 against 4.2-4.3 s). A session before, in another
+//! window, the same change had measured 0.3-1 s slower once and no different once.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -44,8 +47,8 @@ pub fn keep_freed_memory() {
 }
 
 /// Blocks from this size up are large: glibc maps each one anew, even with the threshold at
-/// its highest.
-const LARGE: usize = 64 << 20;
+/// its highest (32 MiB).
+const LARGE: usize = 32 << 20;
 /// Freed large blocks kept at most: bytes, and blocks.
 const KEPT_BYTES: usize = 1 << 30;
 const SLOTS: usize = 32;

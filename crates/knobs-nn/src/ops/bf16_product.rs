@@ -104,6 +104,31 @@ impl Packed {
         Packed { data, lines, k, width }
     }
 
+    /// A right operand `[k, n]` to be filled pair by pair ([`Packed::set_pair`]), for a
+    /// producer that makes its rows a few at a time (Winograd's input transform, channel by
+    /// channel), so that they are packed while in cache instead of all made first and read
+    /// back.
+    pub(super) fn right_by_pairs(k: usize, n: usize) -> Packed {
+        assert!(available(), "the bf16 product needs AVX512-BF16");
+        Packed { data: vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR], lines: n, k, width: NR }
+    }
+
+    /// Rows `2q` and `2q + 1` of a right operand made by [`Packed::right_by_pairs`]: `lo` and
+    /// `hi` (zeros without it, for the last of an odd `k`), `n` values each.
+    pub(super) fn set_pair(&mut self, q: usize, lo: &[f32], hi: Option<&[f32]>) {
+        let (n, kp) = (self.lines, self.k.div_ceil(2));
+        assert!(self.width == NR && q < kp && lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "a pair of rows of this right operand");
+        for at in (0..n).step_by(16) {
+            let (p, w) = (at / NR, at % NR);
+            // SAFETY: lo and hi hold `count` values from `at`; the destination is this pair's
+            // row of panel p, lanes w.. (w + count <= NR).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::interleave(lo[at..].as_ptr(), hi.map(|h| h[at..].as_ptr()), 16.min(n - at), self.data[(p * kp + q) * NR + w..].as_mut_ptr())
+            };
+        }
+    }
+
     /// Values along the summed dimension.
     pub(super) fn k(&self) -> usize {
         self.k

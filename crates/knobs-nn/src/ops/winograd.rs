@@ -208,24 +208,38 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
             let n = per_block.min(total - first);
             let isa = lanes::isa();
             let vs = per_block + PAD;
-            for c in 0..ci {
-                let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
-                transform_input((x, c, &mut v[c * 16 * vs..][..16 * vs], tiles), isa);
-            }
-            for xi in 0..16 {
-                // SAFETY: v holds [ci][16][vs], u [ci][16][co], m [co][16][vs]; this position's
-                // slice of each is a strided n x ci, ci x co and n x co matrix.
-                unsafe {
-                    if let Some(packed) = packed {
-                        // Transposed, m^T [co, n] = u^T [co, ci] v^T [ci, n]: rows of m^T
-                        // are contiguous, and the weight is the operand packed beforehand.
-                        let v = Packed::right(ci, n, View::strided(v, xi * vs, 16 * vs, 1), !spread);
-                        bf16_product::product_packed(&packed[xi], &v, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread);
-                        continue;
+            if let Some(packed) = packed {
+                // Transposed, m^T [co, n] = u^T [co, ci] v^T [ci, n] for each position: rows
+                // of m^T are contiguous, and the weight is the operand packed beforehand. Each
+                // pair of input channels is transformed into v's first two channels and packed
+                // while in cache.
+                let mut inputs: Vec<Packed> = (0..16).map(|_| Packed::right_by_pairs(ci, n)).collect();
+                for c in (0..ci).step_by(2) {
+                    for (j, c) in (c..(c + 2).min(ci)).enumerate() {
+                        let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
+                        transform_input((x, c, &mut v[j * 16 * vs..][..16 * vs], tiles), isa);
                     }
-                    let lhs = View::strided(v, xi * vs, 1, 16 * vs);
-                    let rhs = View::strided(u, xi * co, 16 * co, 1);
-                    product_strided(n, co, ci, m[xi * vs..].as_mut_ptr(), 1, 16 * vs, false, lhs, rhs, 1.0, par);
+                    for (xi, input) in inputs.iter_mut().enumerate() {
+                        input.set_pair(c / 2, &v[xi * vs..][..n], (c + 1 < ci).then(|| &v[(16 + xi) * vs..][..n]));
+                    }
+                }
+                for (xi, input) in inputs.iter().enumerate() {
+                    // SAFETY: m holds [co][16][vs]; this position's m^T is co rows of n at 16 vs.
+                    unsafe { bf16_product::product_packed(&packed[xi], input, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread) };
+                }
+            } else {
+                for c in 0..ci {
+                    let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
+                    transform_input((x, c, &mut v[c * 16 * vs..][..16 * vs], tiles), isa);
+                }
+                for xi in 0..16 {
+                    // SAFETY: v holds [ci][16][vs], u [ci][16][co], m [co][16][vs]; this
+                    // position's slice of each is a strided n x ci, ci x co and n x co matrix.
+                    unsafe {
+                        let lhs = View::strided(v, xi * vs, 1, 16 * vs);
+                        let rhs = View::strided(u, xi * co, 16 * co, 1);
+                        product_strided(n, co, ci, m[xi * vs..].as_mut_ptr(), 1, 16 * vs, false, lhs, rhs, 1.0, par);
+                    }
                 }
             }
             for o in 0..co {
