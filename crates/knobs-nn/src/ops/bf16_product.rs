@@ -293,18 +293,26 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn transpose_pairs(p: *const f32, line: isize, count: usize, out: *mut u32, width: usize) {
         unsafe {
-            let r: [__m512i; 16] = std::array::from_fn(|l| if l < count { rounded(p.offset(l as isize * line)) } else { _mm512_setzero_si512() });
+            // Plain loops: array::from_fn's closures were left out of line.
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (l, r) in r.iter_mut().enumerate().take(count) {
+                *r = rounded(p.offset(l as isize * line));
+            }
             // Pairs of lines interleaved, then quadruples: b[4i + c] holds, for lines 4i .. 4i + 4,
             // pairs c, c + 4, c + 8 and c + 12 in its four 128-bit lanes.
-            let a: [__m512i; 16] = std::array::from_fn(|j| {
-                let (x, y) = (r[j & !1], r[j | 1]);
-                if j % 2 == 0 { _mm512_unpacklo_epi32(x, y) } else { _mm512_unpackhi_epi32(x, y) }
-            });
-            let b: [__m512i; 16] = std::array::from_fn(|j| {
-                let (i, c) = (j / 4, j % 4);
-                let (x, y) = (a[4 * i + c / 2], a[4 * i + 2 + c / 2]);
-                if c % 2 == 0 { _mm512_unpacklo_epi64(x, y) } else { _mm512_unpackhi_epi64(x, y) }
-            });
+            let mut a = [_mm512_setzero_si512(); 16];
+            for j in (0..16).step_by(2) {
+                a[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+                a[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+            }
+            let mut b = [_mm512_setzero_si512(); 16];
+            for i in 0..4 {
+                for h in 0..2 {
+                    let (x, y) = (a[4 * i + h], a[4 * i + 2 + h]);
+                    b[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
+                    b[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
+                }
+            }
             let mask = ((1u32 << count) - 1) as u16;
             for c in 0..4 {
                 // Lanes 0, 1 (e0) and 2, 3 (e1) of lines 0-3 and 4-7, f0 and f1 of lines 8-15.
