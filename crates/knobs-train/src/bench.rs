@@ -118,8 +118,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     let loaded = Instant::now();
     let mut sd = StableDiffusion::load_as(&o.model, &dev, o.weights_dtype.dtype()).with_context(|| format!("--model {}", o.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
-    sd.unet.compute_dtype = o.mixed_precision.compute_dtype();
-    sd.vae.compute_dtype = o.mixed_precision.vae_dtype();
+    o.mixed_precision.apply(&mut sd);
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
     let (times, trainable_params, phases) = match method {
         Some(method) => train_steps(method, &mut sd, res, o)?,

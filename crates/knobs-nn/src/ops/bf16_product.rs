@@ -118,14 +118,10 @@ impl Packed {
     pub(super) fn set_pair(&mut self, q: usize, lo: &[f32], hi: Option<&[f32]>) {
         let (n, kp) = (self.lines, self.k.div_ceil(2));
         assert!(self.width == NR && q < kp && lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "a pair of rows of this right operand");
-        for at in (0..n).step_by(16) {
-            let (p, w) = (at / NR, at % NR);
-            // SAFETY: lo and hi hold `count` values from `at`; the destination is this pair's
-            // row of panel p, lanes w.. (w + count <= NR).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::interleave(lo[at..].as_ptr(), hi.map(|h| h[at..].as_ptr()), 16.min(n - at), self.data[(p * kp + q) * NR + w..].as_mut_ptr())
-            };
+        for (p, at) in (0..n).step_by(NR).enumerate() {
+            // SAFETY: lo and hi hold the panel's lines from `at`; the destination is this
+            // pair's row of panel p (NR entries).
+            unsafe { pair_row(lo[at..].as_ptr(), hi.map(|h| h[at..].as_ptr()), NR.min(n - at), &mut self.data[(p * kp + q) * NR..][..NR]) };
         }
     }
 
@@ -206,14 +202,11 @@ unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: u
         // Neighbouring lines are contiguous: 16 of them at a time for each pair, the panel's
         // lines of one pair before the next pair's (whole cache lines of each element).
         for q in 0..k.div_ceil(2) {
-            for w in (0..present).step_by(16) {
-                let count = 16.min(present - w);
-                // SAFETY: lines first + w .. + count of elements 2q and (before k) 2q + 1.
-                unsafe {
-                    let lo = ptr.offset((2 * q) as isize * elem).add(first + w);
-                    let hi = (2 * q + 1 < k).then(|| ptr.offset((2 * q + 1) as isize * elem).add(first + w));
-                    x86::interleave(lo, hi, count, out[q * width + w..].as_mut_ptr());
-                }
+            // SAFETY: lines first .. first + present of elements 2q and (before k) 2q + 1.
+            unsafe {
+                let lo = ptr.offset((2 * q) as isize * elem).add(first);
+                let hi = (2 * q + 1 < k).then(|| ptr.offset((2 * q + 1) as isize * elem).add(first));
+                pair_row(lo, hi, present, &mut out[q * width..][..width]);
             }
         }
         return;
@@ -242,6 +235,23 @@ unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: u
         if k % 2 == 1 {
             out[full * width + w] = pair(at(l, k - 1), 0.0);
         }
+    }
+}
+
+/// `lines` (at most `out.len()`) contiguous values from `lo` and from `hi` (zeros without it)
+/// into `out` as pairs (lo, hi) in bf16, 16 at a time.
+///
+/// SAFETY: `lo` and `hi` cover `lines` floats; the CPU has AVX512-BF16.
+unsafe fn pair_row(lo: *const f32, hi: Option<*const f32>, lines: usize, out: &mut [u32]) {
+    assert!(lines <= out.len());
+    for w in (0..lines).step_by(16) {
+        // SAFETY: 16.min(lines - w) floats from w in both; out holds as many entries from w.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::interleave(lo.add(w), hi.map(|h| h.add(w)), 16.min(lines - w), out[w..].as_mut_ptr())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("available() is false off x86_64")
     }
 }
 

@@ -132,7 +132,7 @@ fn col2im_add(cols: &[f32], d: &ConvDims, rows: std::ops::Range<usize>, dx: &mut
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(products: Products, m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: View, rhs: View) {
     debug_assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
-    unsafe { product_as(products, m, n, k, dst.as_mut_ptr(), dst_rs, 1, accumulate, lhs, rhs, 1.0, parallelism(m * n * k >= PARALLEL_WORK)) }
+    unsafe { product_as(products, m, n, k, dst.as_mut_ptr(), dst_rs, 1, accumulate, lhs, rhs, 1.0, par(m, n, k)) }
 }
 
 /// Threads for a product of `m * n * k` multiply-adds.

@@ -120,7 +120,9 @@ impl WeightTransform {
     }
 
     /// The 16 positions' `[co, ci]` matrices as the bf16 kernel's left operands.
-    fn packed(&self, co: usize, ci: usize) -> &[Packed] {
+    fn packed(&self) -> &[Packed] {
+        // The convolution's own channels: the flipped transform's swap the weight's.
+        let (ci, co) = if self.flipped { (self.c_out, self.c_in) } else { (self.c_in, self.c_out) };
         self.packed.get_or_init(|| {
             // SAFETY (the views): u is [ci][16][co].
             (0..16).map(|xi| Packed::left(co, ci, View::strided(&self.u, xi * co, 1, 16 * co), true)).collect()
@@ -183,7 +185,7 @@ unsafe impl Sync for Out {}
 fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize, products: Products) -> Vec<f32> {
     let u = &transform.u[..];
     // bf16 products: the transformed weight rounded and packed once for all blocks.
-    let packed = (products == Products::Bf16).then(|| transform.packed(co, ci));
+    let packed = (products == Products::Bf16).then(|| transform.packed());
     let d = ConvDims { batch, c_in: ci, h, w, c_out: co, kernel: [3, 3], stride: [1, 1], padding: [1, 1], dilation: [1, 1] };
     let (_, _, total) = tiles(&d);
     // At least four blocks where there are tiles enough, in multiples of the products' row tile;
@@ -201,8 +203,11 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
     let spread = blocks >= rayon::current_num_threads();
     let par = if spread { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
     let pieces = min_len(spread);
+    // The transformed inputs: every channel's for f32 products, a pair of channels at a time
+    // for bf16 ones (packed straight away).
+    let v_channels = if packed.is_some() { ci.min(2) } else { ci };
     (0..blocks).into_par_iter().with_min_len(pieces).for_each_init(
-        || (vec![0.0f32; ci * 16 * (per_block + PAD)], vec![0.0f32; co * 16 * (per_block + PAD)], Vec::new()),
+        || (vec![0.0f32; v_channels * 16 * (per_block + PAD)], vec![0.0f32; co * 16 * (per_block + PAD)], Vec::new()),
         |(v, m, scratch), b| {
             let first = b * per_block;
             let n = per_block.min(total - first);

@@ -174,22 +174,17 @@ pub enum MixedPrecision {
 }
 
 impl MixedPrecision {
-    pub fn compute_dtype(self) -> knobs_nn::burn::tensor::DType {
+    /// Sets what `sd`'s UNet and VAE compute in. The UNet in this dtype; the frozen VAE in
+    /// bf16 under bf16, as diffusers' scripts cast it to the weight dtype, and in f32 otherwise
+    /// (SD's VAE overflows fp16's range). `No` sets both back to f32.
+    pub fn apply(self, sd: &mut knobs_diffusion::pipeline::StableDiffusion) {
         use knobs_nn::burn::tensor::DType;
-        match self {
+        sd.unet.compute_dtype = match self {
             MixedPrecision::No => DType::F32,
             MixedPrecision::Bf16 => DType::BF16,
             MixedPrecision::Fp16 => DType::F16,
-        }
-    }
-
-    /// What the frozen VAE computes in: bf16 under bf16, as diffusers' scripts cast it to the
-    /// weight dtype; f32 otherwise (SD's VAE overflows fp16's range).
-    pub fn vae_dtype(self) -> knobs_nn::burn::tensor::DType {
-        match self {
-            MixedPrecision::Bf16 => knobs_nn::burn::tensor::DType::BF16,
-            _ => knobs_nn::burn::tensor::DType::F32,
-        }
+        };
+        sd.vae.compute_dtype = if self == MixedPrecision::Bf16 { DType::BF16 } else { DType::F32 };
     }
 }
 

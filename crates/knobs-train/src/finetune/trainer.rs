@@ -170,8 +170,7 @@ pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTre
 pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -> Result<StableDiffusion> {
     let mut sd = StableDiffusion::load_as(model, dev, cfg.memory.weights_dtype.dtype()).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
-    sd.unet.compute_dtype = cfg.optim.mixed_precision.compute_dtype();
-    sd.vae.compute_dtype = cfg.optim.mixed_precision.vae_dtype();
+    cfg.optim.mixed_precision.apply(&mut sd);
     Ok(sd)
 }
 
@@ -357,8 +356,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     sd.for_inference();
     sd.device = dev.clone().inner();
     // Samples and files as `knobs generate` makes them: in f32.
-    sd.unet.compute_dtype = knobs_nn::burn::tensor::DType::F32;
-    sd.vae.compute_dtype = knobs_nn::burn::tensor::DType::F32;
+    MixedPrecision::No.apply(&mut sd);
     write_samples(&cfg.out, &sd, &prompts, sampling, &encoded.samples)?;
     let mut outputs = cfg.method.save(cfg, &mut sd, &mut adapters, &attached)?;
     if let (Some(e), Some(trained)) = (&ema, &trained) {
