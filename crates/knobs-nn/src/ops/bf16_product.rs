@@ -93,6 +93,12 @@ impl Packed {
         assert!(available(), "the bf16 product needs AVX512-BF16");
         let panel = k.div_ceil(2) * width;
         let mut data = vec![0u32; lines.div_ceil(width) * panel];
+        #[cfg(target_arch = "x86_64")]
+        if line == 1 {
+            // SAFETY: the caller's view covers `lines` lines of `k` elements.
+            unsafe { pack_by_pairs(ptr, elem, lines, k, width, &mut data, parallel) };
+            return Packed { data, lines, k, width };
+        }
         let ptr = ptr as usize;
         // SAFETY: the caller's view covers `lines` lines of `k` elements.
         let fill = |(p, out): (usize, &mut [u32])| unsafe { pack(ptr as *const f32, line, elem, p * width, lines, k, width, out) };
@@ -118,11 +124,12 @@ impl Packed {
     pub(super) fn set_pair(&mut self, q: usize, lo: &[f32], hi: Option<&[f32]>) {
         let (n, kp) = (self.lines, self.k.div_ceil(2));
         assert!(self.width == NR && q < kp && lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "a pair of rows of this right operand");
-        for (p, at) in (0..n).step_by(NR).enumerate() {
-            // SAFETY: lo and hi hold the panel's lines from `at`; the destination is this
-            // pair's row of panel p (NR entries).
-            unsafe { pair_row(lo[at..].as_ptr(), hi.map(|h| h[at..].as_ptr()), NR.min(n - at), &mut self.data[(p * kp + q) * NR..][..NR]) };
-        }
+        assert!(self.data.len() >= n.div_ceil(NR) * kp * NR);
+        // SAFETY: lo and hi hold n values; row q of every panel is within data (asserted).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::pair_lines(lo.as_ptr(), hi.map(<[f32]>::as_ptr), n, self.data[q * NR..].as_mut_ptr(), NR, kp * NR)
+        };
     }
 
     /// Values along the summed dimension.
@@ -188,6 +195,34 @@ pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, r
     }
 }
 
+/// An operand whose neighbouring lines are contiguous (line `l`, element `e` at `ptr + l + e *
+/// elem`; a row-major right operand, a transposed left one) into `data`, its panels of `width`
+/// lines: a pair of elements at a time across all panels, so that each element's values are
+/// read front to back (a panel at a time, the reads went down every element of the operand
+/// a page apart, and packing a `[2880, 1024]` right operand took 3x a copy of it).
+///
+/// SAFETY: `ptr` covers `lines` lines of `k` elements; `data` holds the panels (zeros).
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_by_pairs(ptr: *const f32, elem: isize, lines: usize, k: usize, width: usize, data: &mut [u32], parallel: bool) {
+    let (kp, ptr, out) = (k.div_ceil(2), ptr as usize, data.as_mut_ptr() as usize);
+    let panel = kp * width;
+    assert!(data.len() >= lines.div_ceil(width) * panel);
+    let pair = |q: usize| {
+        let ptr = ptr as *const f32;
+        // SAFETY: elements 2q and (before k) 2q + 1 of every line; each q writes its own row
+        // of every panel.
+        unsafe {
+            let hi = (2 * q + 1 < k).then(|| ptr.offset((2 * q + 1) as isize * elem));
+            x86::pair_lines(ptr.offset((2 * q) as isize * elem), hi, lines, (out as *mut u32).add(q * width), width, panel)
+        }
+    };
+    if parallel && data.len() >= 1 << 14 {
+        (0..kp).into_par_iter().with_min_len(4).for_each(pair);
+    } else {
+        (0..kp).for_each(pair);
+    }
+}
+
 /// Lines `first..first + width` (line `l`, element `e` at `ptr + l * line + e * elem`; lines
 /// from `lines` on are zeros) into `out` `[k / 2, width]`, each entry the pair of elements
 /// `2q, 2q + 1` in bf16 (a zero after an odd `k`).
@@ -197,20 +232,6 @@ pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, r
 unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: usize, k: usize, width: usize, out: &mut [u32]) {
     let at = |l: usize, e: usize| unsafe { *ptr.offset(l as isize * line + e as isize * elem) };
     let (full, present) = (k / 2, width.min(lines.saturating_sub(first)));
-    #[cfg(target_arch = "x86_64")]
-    if line == 1 {
-        // Neighbouring lines are contiguous: 16 of them at a time for each pair, the panel's
-        // lines of one pair before the next pair's (whole cache lines of each element).
-        for q in 0..k.div_ceil(2) {
-            // SAFETY: lines first .. first + present of elements 2q and (before k) 2q + 1.
-            unsafe {
-                let lo = ptr.offset((2 * q) as isize * elem).add(first);
-                let hi = (2 * q + 1 < k).then(|| ptr.offset((2 * q + 1) as isize * elem).add(first));
-                pair_row(lo, hi, present, &mut out[q * width..][..width]);
-            }
-        }
-        return;
-    }
     // Pairs below this are packed already.
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -235,23 +256,6 @@ unsafe fn pack(ptr: *const f32, line: isize, elem: isize, first: usize, lines: u
         if k % 2 == 1 {
             out[full * width + w] = pair(at(l, k - 1), 0.0);
         }
-    }
-}
-
-/// `lines` (at most `out.len()`) contiguous values from `lo` and from `hi` (zeros without it)
-/// into `out` as pairs (lo, hi) in bf16, 16 at a time.
-///
-/// SAFETY: `lo` and `hi` cover `lines` floats; the CPU has AVX512-BF16.
-unsafe fn pair_row(lo: *const f32, hi: Option<*const f32>, lines: usize, out: &mut [u32]) {
-    assert!(lines <= out.len());
-    for w in (0..lines).step_by(16) {
-        // SAFETY: 16.min(lines - w) floats from w in both; out holds as many entries from w.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            x86::interleave(lo.add(w), hi.map(|h| h.add(w)), 16.min(lines - w), out[w..].as_mut_ptr())
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("available() is false off x86_64")
     }
 }
 
@@ -352,6 +356,7 @@ mod x86 {
     /// `count` pairs (lo, hi) in bf16.
     ///
     /// SAFETY: the CPU has AVX512-BF16; `lo`, `hi` cover `count` floats, `out` `count` pairs.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn interleave(lo: *const f32, hi: Option<*const f32>, count: usize, out: *mut u32) {
         let mask = ((1u32 << count) - 1) as u16;
@@ -362,6 +367,24 @@ mod x86 {
             let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             let order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
             _mm512_mask_storeu_epi32(out.cast(), mask, _mm512_permutexvar_epi16(order, halves));
+        }
+    }
+
+    /// `lines` floats from `lo` and from `hi` (zeros without it) as pairs into the same row of
+    /// successive panels: line `l` to `out[(l / width) * panel + l % width]`.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16 and AVX512BW; `lo` and `hi` cover `lines` floats, `out`
+    /// the panels' rows; `width` is a multiple of 16 or at most 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pair_lines(lo: *const f32, hi: Option<*const f32>, lines: usize, out: *mut u32, width: usize, panel: usize) {
+        let step = if width % 16 == 0 { 16 } else { width };
+        debug_assert!(step <= 16);
+        let mut l = 0;
+        while l < lines {
+            let count = step.min(lines - l);
+            // SAFETY: as the caller vouches; a step never crosses a panel.
+            unsafe { interleave(lo.add(l), hi.map(|h| h.add(l)), count, out.add(l / width * panel + l % width)) };
+            l += count;
         }
     }
 
