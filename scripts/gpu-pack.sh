@@ -4,7 +4,9 @@
 #   .gpu/bins.tar.xz  knobs and the device_parity test executable, built with FEATURE (cuda:
 #                     CUDA through NVRTC, see crates/knobs-nn/src/cuda_without_llvm.rs; or
 #                     vulkan, default), stripped, one xz stream (they share most code: 22 MB
-#                     for 215); .gpu/feature names it
+#                     for 215); .gpu/feature names it, .gpu/source the sources it was built
+#                     from (a pack of the same sources and feature is reused: the build is
+#                     22-40 minutes of a session that holds a GPU; REBUILD=1 forces it)
 #   .gpu/py/open_clip only the CLIP BPE vocabulary make_sd15_random.py reads from open_clip
 #   .whl/             diffusers and importlib_metadata wheels (PyTorch's peer)
 #   .gl/              the Vulkan loader and glvnd (NVIDIA's Vulkan driver needs libGLdispatch)
@@ -19,6 +21,14 @@ FEATURE=${FEATURE:-vulkan}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/knobs/target}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || printf '/.gpu/\n/.whl/\n/.gl/\n/shared/\n' >> .git/info/exclude
 
+# What the executables are made of: the tracked sources' git trees, and whether edits are
+# uncommitted (then nothing is reused).
+source=$(git rev-parse HEAD:crates HEAD:Cargo.toml HEAD:Cargo.lock HEAD:.cargo | tr '\n' ' ')
+git diff --quiet HEAD -- crates Cargo.toml Cargo.lock .cargo || source="uncommitted edits"
+if [ "${REBUILD:-0}" != 1 ] && [ -f .gpu/bins.tar.xz ] && [ "$(cat .gpu/feature 2>/dev/null)" = "$FEATURE" ] \
+  && [ "$source" != "uncommitted edits" ] && [ "$(cat .gpu/source 2>/dev/null)" = "$source" ]; then
+  echo "reusing .gpu/bins.tar.xz: built with $FEATURE from these sources ($(git log -1 --format=%h))"
+else
 cargo build --release -p knobs --features "$FEATURE"
 parity=$(cargo test --release --no-run -p knobs-diffusion --features "$FEATURE" --test device_parity --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and "device_parity" in m["executable"]][-1])')
@@ -26,10 +36,14 @@ bins=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/release/knobs" "$bins/knobs"
 cp "$parity" "$bins/device_parity"
 strip "$bins/knobs" "$bins/device_parity"
-mkdir -p .gpu/py/open_clip
+mkdir -p .gpu
 tar -cf - -C "$bins" knobs device_parity | xz -9e -T1 --lzma2=preset=9e,dict=256MiB > .gpu/bins.tar.xz
 echo "$FEATURE" > .gpu/feature
+echo "$source" > .gpu/source
+git log -1 --format='%H %cI' > .gpu/commit
 rm -rf "$bins"
+fi
+mkdir -p .gpu/py/open_clip
 
 vocab=$(python3 -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("open_clip").origin), "bpe_simple_vocab_16e6.txt.gz"))' 2>/dev/null || true)
 [ -f "$vocab" ] || vocab=$(ls /tmp/ref-venv/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz 2>/dev/null | head -1)

@@ -11,6 +11,7 @@
 set -u
 cd "$(dirname "$0")/.."
 results=${OUT:-/tmp}; export OUT=/tmp/gc; mkdir -p "$OUT"
+echo "pack: $(cat .gpu/feature 2>/dev/null) build of $(cat .gpu/commit 2>/dev/null || echo 'an unrecorded commit')" | tee "$OUT/pack.txt"
 for f in .gl/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done; ldconfig
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/.gpu/py PYTHONUNBUFFERED=1
