@@ -27,7 +27,7 @@ source=$(git rev-parse HEAD:crates HEAD:Cargo.toml HEAD:Cargo.lock HEAD:.cargo |
 git diff --quiet HEAD -- crates Cargo.toml Cargo.lock .cargo || source="uncommitted edits"
 if [ "${REBUILD:-0}" != 1 ] && [ -f .gpu/bins.tar.xz ] && [ "$(cat .gpu/feature 2>/dev/null)" = "$FEATURE" ] \
   && [ "$source" != "uncommitted edits" ] && [ "$(cat .gpu/source 2>/dev/null)" = "$source" ]; then
-  echo "reusing .gpu/bins.tar.xz: built with $FEATURE from these sources ($(git log -1 --format=%h))"
+  echo "reusing .gpu/bins.tar.xz: built with $FEATURE at $(cut -c1-10 .gpu/commit 2>/dev/null), from the same sources as HEAD ($(git log -1 --format=%h))"
 else
 cargo build --release -p knobs --features "$FEATURE"
 parity=$(cargo test --release --no-run -p knobs-diffusion --features "$FEATURE" --test device_parity --message-format=json 2>/dev/null \
