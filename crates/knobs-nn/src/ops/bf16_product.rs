@@ -92,13 +92,15 @@ impl Packed {
     fn new(ptr: *const f32, line: isize, elem: isize, lines: usize, k: usize, width: usize, parallel: bool) -> Packed {
         assert!(available(), "the bf16 product needs AVX512-BF16");
         let panel = k.div_ceil(2) * width;
-        let mut data = vec![0u32; lines.div_ceil(width) * panel];
+        let len = lines.div_ceil(width) * panel;
         #[cfg(target_arch = "x86_64")]
         if line == 1 {
-            // SAFETY: the caller's view covers `lines` lines of `k` elements.
-            unsafe { pack_by_pairs(ptr, elem, lines, k, width, &mut data, parallel) };
+            // SAFETY: the caller's view covers `lines` lines of `k` elements; pack_by_pairs
+            // writes every entry.
+            let data = unsafe { super::fresh::written(len, |out| pack_by_pairs(ptr, elem, lines, k, width, out, parallel)) };
             return Packed { data, lines, k, width };
         }
+        let mut data = vec![0u32; len];
         let ptr = ptr as usize;
         // SAFETY: the caller's view covers `lines` lines of `k` elements.
         let fill = |(p, out): (usize, &mut [u32])| unsafe { pack(ptr as *const f32, line, elem, p * width, lines, k, width, out) };
@@ -201,12 +203,20 @@ pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, r
 /// read front to back (a panel at a time, the reads went down every element of the operand
 /// a page apart, and packing a `[2880, 1024]` right operand took 3x a copy of it).
 ///
-/// SAFETY: `ptr` covers `lines` lines of `k` elements; `data` holds the panels (zeros).
+/// Every entry of `data` is written: the last panel's lines past `lines` with zeros (only
+/// they: clearing the whole buffer first was a pass of its own).
+///
+/// SAFETY: `ptr` covers `lines` lines of `k` elements.
 #[cfg(target_arch = "x86_64")]
-unsafe fn pack_by_pairs(ptr: *const f32, elem: isize, lines: usize, k: usize, width: usize, data: &mut [u32], parallel: bool) {
+unsafe fn pack_by_pairs(ptr: *const f32, elem: isize, lines: usize, k: usize, width: usize, data: &mut [std::mem::MaybeUninit<u32>], parallel: bool) {
     let (kp, ptr, out) = (k.div_ceil(2), ptr as usize, data.as_mut_ptr() as usize);
     let panel = kp * width;
-    assert!(data.len() >= lines.div_ceil(width) * panel);
+    assert_eq!(data.len(), lines.div_ceil(width) * panel);
+    if !lines.is_multiple_of(width) {
+        // Zeros first, then the present lines over them.
+        let len = data.len();
+        data[len - panel..].fill(std::mem::MaybeUninit::new(0));
+    }
     let pair = |q: usize| {
         let ptr = ptr as *const f32;
         // SAFETY: elements 2q and (before k) 2q + 1 of every line; each q writes its own row
@@ -377,7 +387,7 @@ mod x86 {
     /// the panels' rows; `width` is a multiple of 16 or at most 16.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn pair_lines(lo: *const f32, hi: Option<*const f32>, lines: usize, out: *mut u32, width: usize, panel: usize) {
-        let step = if width % 16 == 0 { 16 } else { width };
+        let step = if width.is_multiple_of(16) { 16 } else { width };
         debug_assert!(step <= 16);
         let mut l = 0;
         while l < lines {
@@ -459,6 +469,31 @@ mod tests {
 
     fn to_bf16(x: f32) -> u16 {
         half::bf16::from_f32(x).to_bits()
+    }
+
+    /// An operand packed from contiguous lines (written without clearing the buffer first)
+    /// holds each value where the layout puts it, zeros past its last line and after an odd
+    /// `k`: a row-major right operand and a transposed left one, one thread and several.
+    #[test]
+    fn packing_by_pairs_fills_every_entry() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (k, n) = (7, 45);
+        let x = values(k * n, 5);
+        for parallel in [false, true] {
+            for (packed, width) in [(Packed::right(k, n, View::rows(&x, 0, n), parallel), NR), (Packed::left(n, k, View::rows(&x, 0, n).t(), parallel), MR)] {
+                let kp = k.div_ceil(2);
+                assert_eq!(packed.data.len(), n.div_ceil(width) * kp * width);
+                for (i, &entry) in packed.data.iter().enumerate() {
+                    let (p, q, w) = (i / (kp * width), i / width % kp, i % width);
+                    let line = p * width + w;
+                    let at = |e: usize| if line < n && e < k { to_bf16(x[e * n + line]) } else { 0 };
+                    assert_eq!(entry, u32::from(at(2 * q)) | u32::from(at(2 * q + 1)) << 16, "width {width}, entry {i} (line {line}, pair {q})");
+                }
+            }
+        }
     }
 
     /// The scalar rounding (the `half` crate's, for packing's tails) and the vector one agree:
