@@ -24,6 +24,8 @@ const NR: usize = 32;
 const KC: usize = 256;
 /// Rows per task: its packed left block stays in L2.
 const MC: usize = 8 * MR;
+/// Packed entries from which a parallel packing spreads over the threads.
+const PARALLEL_ENTRIES: usize = 1 << 14;
 
 /// Whether this CPU runs the kernel (checked once; `KNOBS_NO_BF16_PRODUCTS` turns it off, for
 /// comparing both paths in one build).
@@ -104,7 +106,7 @@ impl Packed {
         let ptr = ptr as usize;
         // SAFETY: the caller's view covers `lines` lines of `k` elements.
         let fill = |(p, out): (usize, &mut [u32])| unsafe { pack(ptr as *const f32, line, elem, p * width, lines, k, width, out) };
-        if parallel && data.len() >= 1 << 14 {
+        if parallel && data.len() >= PARALLEL_ENTRIES {
             data.par_chunks_mut(panel.max(1)).enumerate().for_each(fill);
         } else {
             data.chunks_mut(panel.max(1)).enumerate().for_each(fill);
@@ -226,7 +228,7 @@ unsafe fn pack_by_pairs(ptr: *const f32, elem: isize, lines: usize, k: usize, wi
             x86::pair_lines(ptr.offset((2 * q) as isize * elem), hi, lines, (out as *mut u32).add(q * width), width, panel)
         }
     };
-    if parallel && data.len() >= 1 << 14 {
+    if parallel && data.len() >= PARALLEL_ENTRIES {
         (0..kp).into_par_iter().with_min_len(4).for_each(pair);
     } else {
         (0..kp).for_each(pair);
@@ -480,12 +482,14 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let (k, n) = (7, 45);
+        // Long enough for the parallel packing; a partial last panel in both widths.
+        let (k, n) = (7, 4101);
         let x = values(k * n, 5);
         for parallel in [false, true] {
             for (packed, width) in [(Packed::right(k, n, View::rows(&x, 0, n), parallel), NR), (Packed::left(n, k, View::rows(&x, 0, n).t(), parallel), MR)] {
                 let kp = k.div_ceil(2);
                 assert_eq!(packed.data.len(), n.div_ceil(width) * kp * width);
+                assert!(packed.data.len() >= PARALLEL_ENTRIES && n % width != 0);
                 for (i, &entry) in packed.data.iter().enumerate() {
                     let (p, q, w) = (i / (kp * width), i / width % kp, i % width);
                     let line = p * width + w;
