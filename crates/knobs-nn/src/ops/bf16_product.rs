@@ -15,6 +15,9 @@ use rayon::prelude::*;
 
 use super::matrix::View;
 
+#[path = "bf16_amx.rs"]
+mod amx;
+
 /// Rows of the left operand per micro-panel.
 const MR: usize = 12;
 /// Columns of the right operand per micro-panel (two registers of 16 lanes).
@@ -75,12 +78,29 @@ pub(super) struct Packed {
     lines: usize,
     k: usize,
     width: usize,
+    layout: Layout,
+}
+
+/// How a [`Packed`] operand lies in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Panels of `width` lines, each `[k / 2, width]` pairs: the operands of `vdpbf16ps`, and
+    /// AMX's right tile.
+    Pairs,
+    /// A left operand for AMX ([`amx::pack_rows`]): its rows of pairs, in blocks of
+    /// `amx::ROWS`.
+    Rows,
 }
 
 impl Packed {
-    /// The left operand `[m, k]`, its rows in panels of [`MR`].
+    /// The left operand `[m, k]`: as rows for AMX where the CPU has it, else its rows in
+    /// panels of [`MR`].
     pub(super) fn left(m: usize, k: usize, lhs: View, parallel: bool) -> Packed {
         let (ptr, line, elem) = lhs.parts();
+        if amx::available() {
+            // SAFETY: the caller's view covers m rows of k values.
+            return unsafe { amx::pack_rows(ptr, line, elem, m, k, parallel) };
+        }
         Packed::new(ptr, line, elem, m, k, MR, parallel)
     }
 
@@ -100,7 +120,7 @@ impl Packed {
             // SAFETY: the caller's view covers `lines` lines of `k` elements; pack_by_pairs
             // writes every entry.
             let data = unsafe { super::fresh::written(len, |out| pack_by_pairs(ptr, elem, lines, k, width, out, parallel)) };
-            return Packed { data, lines, k, width };
+            return Packed { data, lines, k, width, layout: Layout::Pairs };
         }
         let mut data = vec![0u32; len];
         let ptr = ptr as usize;
@@ -111,7 +131,7 @@ impl Packed {
         } else {
             data.chunks_mut(panel.max(1)).enumerate().for_each(fill);
         }
-        Packed { data, lines, k, width }
+        Packed { data, lines, k, width, layout: Layout::Pairs }
     }
 
     /// A right operand `[k, n]` to be filled pair by pair ([`Packed::set_pair`]), for a
@@ -120,7 +140,7 @@ impl Packed {
     /// back.
     pub(super) fn right_by_pairs(k: usize, n: usize) -> Packed {
         assert!(available(), "the bf16 product needs AVX512-BF16");
-        Packed { data: vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR], lines: n, k, width: NR }
+        Packed { data: vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR], lines: n, k, width: NR, layout: Layout::Pairs }
     }
 
     /// Rows `2q` and `2q + 1` of a right operand made by [`Packed::right_by_pairs`]: `lo` and
@@ -163,7 +183,11 @@ impl Packed {
 /// SAFETY: `dst` is valid for writes at every (i, j), which no other thread touches.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, beta: f32, parallel: bool) {
-    assert!(lhs.width == MR && rhs.width == NR && lhs.k == rhs.k, "a left and a right operand of the same length");
+    if lhs.layout == Layout::Rows {
+        // SAFETY: as this function's; a left operand is packed as rows only where AMX runs.
+        return unsafe { amx::product(lhs, rhs, dst, rs, cs, accumulate, beta, parallel) };
+    }
+    assert!(lhs.layout == Layout::Pairs && rhs.layout == Layout::Pairs && lhs.width == MR && rhs.width == NR && lhs.k == rhs.k, "a left and a right operand of the same length");
     let (m, n, kp) = (lhs.lines, rhs.lines, lhs.k.div_ceil(2));
     if m == 0 || n == 0 {
         return;
@@ -304,11 +328,18 @@ mod x86 {
     ///
     /// SAFETY: the CPU has AVX512-BF16; `p` covers 32 floats.
     #[cfg(test)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn round_pairs(p: *const f32) -> [u32; 16] {
         let mut out = [0u32; 16];
-        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), rounded(p)) };
+        unsafe { round_into(p, out.as_mut_ptr()) };
         out
+    }
+
+    /// 32 floats from `p` as 16 bf16 pairs into `out`.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `p` covers 32 floats, `out` 16 pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_into(p: *const f32, out: *mut u32) {
+        unsafe { _mm512_storeu_si512(out.cast(), rounded(p)) };
     }
 
     /// Lines `0..count` (at most 16) from `p` (line `l` at `p + l * line`), 32 floats each, as
@@ -324,33 +355,69 @@ mod x86 {
             for (l, r) in r.iter_mut().enumerate().take(count) {
                 *r = rounded(p.offset(l as isize * line));
             }
-            // Pairs of lines interleaved, then quadruples: b[4i + c] holds, for lines 4i .. 4i + 4,
-            // pairs c, c + 4, c + 8 and c + 12 in its four 128-bit lanes.
-            let mut a = [_mm512_setzero_si512(); 16];
-            for j in (0..16).step_by(2) {
-                a[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
-                a[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
-            }
-            let mut b = [_mm512_setzero_si512(); 16];
-            for i in 0..4 {
-                for h in 0..2 {
-                    let (x, y) = (a[4 * i + h], a[4 * i + 2 + h]);
-                    b[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
-                    b[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
-                }
-            }
             let mask = ((1u32 << count) - 1) as u16;
-            for c in 0..4 {
-                // Lanes 0, 1 (e0) and 2, 3 (e1) of lines 0-3 and 4-7, f0 and f1 of lines 8-15.
-                let e0 = _mm512_shuffle_i32x4::<0x44>(b[c], b[4 + c]);
-                let e1 = _mm512_shuffle_i32x4::<0xee>(b[c], b[4 + c]);
-                let f0 = _mm512_shuffle_i32x4::<0x44>(b[8 + c], b[12 + c]);
-                let f1 = _mm512_shuffle_i32x4::<0xee>(b[8 + c], b[12 + c]);
-                let rows = [_mm512_shuffle_i32x4::<0x88>(e0, f0), _mm512_shuffle_i32x4::<0xdd>(e0, f0), _mm512_shuffle_i32x4::<0x88>(e1, f1), _mm512_shuffle_i32x4::<0xdd>(e1, f1)];
-                for (lane, row) in rows.into_iter().enumerate() {
-                    _mm512_mask_storeu_epi32(out.add((c + 4 * lane) * width).cast(), mask, row);
-                }
+            for (t, row) in transposed16(&r).into_iter().enumerate() {
+                _mm512_mask_storeu_epi32(out.add(t * width).cast(), mask, row);
             }
+        }
+    }
+
+    /// The 16 x 16 matrix of 32-bit entries whose rows are `r`, transposed.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transposed16(r: &[__m512i; 16]) -> [__m512i; 16] {
+        // Pairs of rows interleaved, then quadruples: b[4i + c] holds, for rows 4i .. 4i + 4,
+        // entries c, c + 4, c + 8 and c + 12 in its four 128-bit lanes.
+        let mut a = [_mm512_setzero_si512(); 16];
+        for j in (0..16).step_by(2) {
+            a[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+            a[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+        }
+        let mut b = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            for h in 0..2 {
+                let (x, y) = (a[4 * i + h], a[4 * i + 2 + h]);
+                b[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
+                b[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
+            }
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            // Lanes 0, 1 (e0) and 2, 3 (e1) of rows 0-3 and 4-7, f0 and f1 of rows 8-15.
+            let e0 = _mm512_shuffle_i32x4::<0x44>(b[c], b[4 + c]);
+            let e1 = _mm512_shuffle_i32x4::<0xee>(b[c], b[4 + c]);
+            let f0 = _mm512_shuffle_i32x4::<0x44>(b[8 + c], b[12 + c]);
+            let f1 = _mm512_shuffle_i32x4::<0xee>(b[8 + c], b[12 + c]);
+            out[c] = _mm512_shuffle_i32x4::<0x88>(e0, f0);
+            out[c + 4] = _mm512_shuffle_i32x4::<0xdd>(e0, f0);
+            out[c + 8] = _mm512_shuffle_i32x4::<0x88>(e1, f1);
+            out[c + 12] = _mm512_shuffle_i32x4::<0xdd>(e1, f1);
+        }
+        out
+    }
+
+    /// Rows `0..count` (at most 16) of an operand whose rows are neighbours (row `i`, element
+    /// `e` at `p + i + e * elem`, `k` elements), their pairs `q0 .. q0 + 16` (zeros past the
+    /// last), as rows of pairs: 16 rows at `out`, `stride` apart (zeros past `count`).
+    ///
+    /// SAFETY: the CPU has AVX512-BF16 and AVX512BW; `p` covers the rows, `out` 16 rows of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn rows_of_columns(p: *const f32, elem: isize, count: usize, k: usize, q0: usize, out: *mut u32, stride: usize) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (j, r) in r.iter_mut().enumerate() {
+            let q = q0 + j;
+            if 2 * q >= k {
+                break;
+            }
+            // SAFETY: elements 2q and (before k) 2q + 1 of the count rows.
+            unsafe {
+                let hi = (2 * q + 1 < k).then(|| p.offset((2 * q + 1) as isize * elem));
+                *r = interleaved(p.offset((2 * q) as isize * elem), hi, count);
+            }
+        }
+        for (t, row) in transposed16(&r).into_iter().enumerate() {
+            // SAFETY: out holds 16 rows of 16 at `stride`.
+            unsafe { _mm512_storeu_si512(out.add(t * stride).cast(), row) };
         }
     }
 
@@ -372,13 +439,23 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn interleave(lo: *const f32, hi: Option<*const f32>, count: usize, out: *mut u32) {
         let mask = ((1u32 << count) - 1) as u16;
+        unsafe { _mm512_mask_storeu_epi32(out.cast(), mask, interleaved(lo, hi, count)) };
+    }
+
+    /// [`interleave`]'s pairs as a vector (zeros past `count`).
+    ///
+    /// SAFETY: as [`interleave`], without `out`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn interleaved(lo: *const f32, hi: Option<*const f32>, count: usize) -> __m512i {
+        let mask = ((1u32 << count) - 1) as u16;
         unsafe {
             let lo = _mm512_maskz_loadu_ps(mask, lo);
             let hi = hi.map_or(_mm512_setzero_ps(), |hi| _mm512_maskz_loadu_ps(mask, hi));
             // [lo 0..16, hi 0..16] in bf16, then each lo beside its hi.
             let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             let order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-            _mm512_mask_storeu_epi32(out.cast(), mask, _mm512_permutexvar_epi16(order, halves));
+            _mm512_permutexvar_epi16(order, halves)
         }
     }
 
@@ -486,7 +563,8 @@ mod tests {
         let (k, n) = (7, 4101);
         let x = values(k * n, 5);
         for parallel in [false, true] {
-            for (packed, width) in [(Packed::right(k, n, View::rows(&x, 0, n), parallel), NR), (Packed::left(n, k, View::rows(&x, 0, n).t(), parallel), MR)] {
+            let (ptr, line, elem) = View::rows(&x, 0, n).t().parts();
+            for (packed, width) in [(Packed::right(k, n, View::rows(&x, 0, n), parallel), NR), (Packed::new(ptr, line, elem, n, k, MR, parallel), MR)] {
                 let kp = k.div_ceil(2);
                 assert_eq!(packed.data.len(), n.div_ceil(width) * kp * width);
                 assert!(packed.data.len() >= PARALLEL_ENTRIES && n % width != 0);
@@ -495,6 +573,35 @@ mod tests {
                     let line = p * width + w;
                     let at = |e: usize| if line < n && e < k { to_bf16(x[e * n + line]) } else { 0 };
                     assert_eq!(entry, u32::from(at(2 * q)) | u32::from(at(2 * q + 1)) << 16, "width {width}, entry {i} (line {line}, pair {q})");
+                }
+            }
+        }
+    }
+
+    /// Where the CPU has AMX, a left operand is packed as rows of pairs: each value where the
+    /// layout puts it, zeros past the last row (to a whole block) and past the last pair (to a
+    /// whole tile), one thread and several; row-major, transposed and otherwise strided.
+    #[test]
+    fn packing_as_rows_fills_every_entry() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        for (m, k) in [(1, 1), (33, 7), (40, 64), (4101, 45)] {
+            let x = values(m * k, 11);
+            // Element (i, e) of each view: row-major, transposed, and every other value of a
+            // row-major matrix twice as wide.
+            let wide: Vec<f32> = x.iter().flat_map(|v| [*v, f32::NAN]).collect();
+            let views = [(View::rows(&x, 0, k), k, 1), (View::rows(&x, 0, m).t(), 1, m), (View::strided(&wide, 0, 2 * k, 2), k, 1)];
+            for (parallel, (view, rs, cs)) in [false, true].into_iter().flat_map(|p| views.map(|v| (p, v))) {
+                let packed = Packed::left(m, k, view, parallel);
+                assert_eq!(packed.layout, Layout::Rows);
+                let stride = amx::row_stride(k);
+                assert_eq!((stride % 16, packed.data.len()), (0, m.next_multiple_of(amx::ROWS) * stride));
+                for (i, &entry) in packed.data.iter().enumerate() {
+                    let (row, q) = (i / stride, i % stride);
+                    let at = |e: usize| if row < m && e < k { to_bf16(x[row * rs + e * cs]) } else { 0 };
+                    assert_eq!(entry, u32::from(at(2 * q)) | u32::from(at(2 * q + 1)) << 16, "{m}x{k} strides {rs}, {cs}: entry {i} (row {row}, pair {q})");
                 }
             }
         }
@@ -534,14 +641,16 @@ mod tests {
     /// Every shape class (edges in each dimension, odd k, more than one pass over k, one row),
     /// strided operands and destinations, accumulation and scale, one thread and several:
     /// equal to f64 sums of the bf16-rounded operands within f32 summation error, and
-    /// identical between thread counts.
+    /// identical between thread counts. Both kernels where the CPU has AMX (k from less than
+    /// one tile to several, with and without a partial last one; more rows than one task's).
     #[test]
     fn equals_the_product_of_the_rounded_operands() {
         if !available() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        for (m, n, k) in [(1, 1, 1), (12, 32, 64), (13, 33, 7), (100, 70, 600), (200, 5, 1025), (3, 300, 40)] {
+        eprintln!("AMX: {}", amx::available());
+        for (m, n, k) in [(1, 1, 1), (12, 32, 64), (13, 33, 7), (100, 70, 600), (200, 5, 1025), (3, 300, 40), (140, 40, 96)] {
             for transposed in [false, true] {
                 let (a, b) = (values(m * k, 1 + m as u64), values(k * n, 2 + n as u64));
                 // Row-major, or stored transposed (the other stride layout of each operand).
@@ -559,20 +668,31 @@ mod tests {
                         f64::from(start[ij]) + 0.5 * sum
                     })
                     .collect();
-                let mut outs = vec![];
-                for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(0)] {
-                    // The destination column-major (strided) when the operands are transposed.
-                    let mut dst = if transposed { (0..m * n).map(|ji| start[(ji % m) * n + ji / m]).collect() } else { start.clone() };
-                    let (rs, cs) = if transposed { (1, m) } else { (n, 1) };
-                    unsafe { product_strided(m, n, k, dst.as_mut_ptr(), rs, cs, true, lhs, rhs, 0.5, par) };
-                    let dst: Vec<f32> = (0..m * n).map(|ij| dst[(ij / n) * rs + (ij % n) * cs]).collect();
-                    let scale = (k as f64).sqrt() * 4.0;
-                    for (ij, (got, want)) in dst.iter().zip(&want).enumerate() {
-                        assert!((f64::from(*got) - want).abs() < 1e-5 * scale, "{m}x{n}x{k} transposed {transposed}, ({}, {}): {got} vs {want}", ij / n, ij % n);
+                // The left operand as product_strided packs it (rows for AMX where the CPU
+                // has it), and in panels for vdpbf16ps.
+                for panels in [false, true] {
+                    let mut outs = vec![];
+                    for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(0)] {
+                        let parallel = !matches!(par, gemm::Parallelism::None);
+                        let left = if panels {
+                            let (ptr, line, elem) = lhs.parts();
+                            Packed::new(ptr, line, elem, m, k, MR, parallel)
+                        } else {
+                            Packed::left(m, k, lhs, parallel)
+                        };
+                        // The destination column-major (strided) when the operands are transposed.
+                        let mut dst = if transposed { (0..m * n).map(|ji| start[(ji % m) * n + ji / m]).collect() } else { start.clone() };
+                        let (rs, cs) = if transposed { (1, m) } else { (n, 1) };
+                        unsafe { product_packed(&left, &Packed::right(k, n, rhs, parallel), dst.as_mut_ptr(), rs, cs, true, 0.5, parallel) };
+                        let dst: Vec<f32> = (0..m * n).map(|ij| dst[(ij / n) * rs + (ij % n) * cs]).collect();
+                        let scale = (k as f64).sqrt() * 4.0;
+                        for (ij, (got, want)) in dst.iter().zip(&want).enumerate() {
+                            assert!((f64::from(*got) - want).abs() < 1e-5 * scale, "{m}x{n}x{k} transposed {transposed} {:?}, ({}, {}): {got} vs {want}", left.layout, ij / n, ij % n);
+                        }
+                        outs.push(dst);
                     }
-                    outs.push(dst);
+                    assert_eq!(outs[0], outs[1], "{m}x{n}x{k} in panels {panels}: the thread count changed the sums");
                 }
-                assert_eq!(outs[0], outs[1], "{m}x{n}x{k}: the thread count changed the sums");
                 // Without accumulation the destination's values are not read.
                 let mut fresh = vec![f32::NAN; m * n];
                 unsafe { product_strided(m, n, k, fresh.as_mut_ptr(), n, 1, false, View::rows(&a, 0, k), View::rows(&b, 0, n), 1.0, gemm::Parallelism::None) };

@@ -1,0 +1,276 @@
+//! bf16 products on AMX, the tile units of Intel Xeons from Sapphire Rapids on: one
+//! `tdpbf16ps` multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32 sums, 8,192
+//! multiply-adds against `vdpbf16ps`'s 32. PyTorch's bf16 (oneDNN) runs on them; with only
+//! `vdpbf16ps` an SD-1.5 bf16 LoRA step took 3x PyTorch's on such a Xeon.
+//!
+//! The right operand is packed as for `vdpbf16ps` (panels of [`NR`] columns, pairs of
+//! neighbours along `k` side by side): that is already the layout of AMX's right tile. The
+//! left one is packed as rows of pairs ([`Layout::Rows`]), the layout of its left tile. The
+//! sums of an output run in one fixed order whatever the thread count, as the other
+//! kernel's.
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::{Layout, NR, PARALLEL_ENTRIES, Packed, pair};
+
+/// Rows of the left operand per block: two tiles.
+pub(super) const ROWS: usize = 32;
+/// Pairs along `k` per tile.
+const PAIRS: usize = 16;
+/// Blocks of rows per task.
+const BLOCKS_PER_TASK: usize = 4;
+
+/// Whether this CPU and OS run AMX's bf16 products (checked once; `KNOBS_NO_AMX` turns it
+/// off, for comparing both kernels in one build).
+pub(super) fn available() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::env::var_os("KNOBS_NO_AMX").is_none() && super::available() && cpu_has_amx_bf16() && tile_permission())
+}
+
+fn cpu_has_amx_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 7 exists on every CPU with AVX-512 (checked before this).
+        let r = std::arch::x86_64::__cpuid_count(7, 0);
+        // EDX bit 22: AMX-BF16, bit 24: AMX-TILE.
+        (r.edx >> 22) & 1 == 1 && (r.edx >> 24) & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Linux gives a process the 8 KiB of tile state only when asked (`ARCH_REQ_XCOMP_PERM` for
+/// `XFEATURE_XTILEDATA`), once, for all its threads; without it the first tile instruction
+/// kills the process.
+fn tile_permission() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes the process's permissions.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    false
+}
+
+/// Pairs per packed row for `k` values: whole tiles, zeros past the last pair.
+pub(super) fn row_stride(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(PAIRS)
+}
+
+/// The left operand `[m, k]` (element (i, e) at `ptr + i * line + e * elem`) as rows of
+/// pairs: row `i`'s pair `q` at `i * row_stride(k) + q`, rows up to a multiple of [`ROWS`]
+/// and pairs up to the stride zeros. Contiguous rows are rounded 32 values at a time; rows
+/// that are neighbours (a transposed operand: attention's probabilities in its backward
+/// pass, a Winograd weight) 16 rows by 16 pairs at a time, transposed in registers; other
+/// strides one pair at a time.
+///
+/// SAFETY: the CPU has AVX512-BF16 and AVX512BW; `ptr` covers the `m` rows of `k` values.
+pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usize, k: usize, parallel: bool) -> Packed {
+    const GROUP: usize = 16;
+    let stride = row_stride(k);
+    let len = m.next_multiple_of(ROWS) * stride;
+    let ptr = ptr as usize;
+    let at = |i: usize, e: usize| if e < k { unsafe { *(ptr as *const f32).offset(i as isize * line + e as isize * elem) } } else { 0.0 };
+    // Rows `i0 .. i0 + 16` (those past m zeros) into `out`.
+    let group = |(g, out): (usize, &mut [MaybeUninit<u32>])| {
+        let (i0, out) = (g * GROUP, out.as_mut_ptr().cast::<u32>());
+        let count = GROUP.min(m.saturating_sub(i0));
+        #[cfg(target_arch = "x86_64")]
+        if line == 1 && elem != 1 && count > 0 {
+            for q0 in (0..stride).step_by(16) {
+                // SAFETY: rows i0 .. i0 + count hold k values; out holds 16 rows of `stride`.
+                unsafe { super::x86::rows_of_columns((ptr as *const f32).add(i0), elem, count, k, q0, out.add(q0), stride) };
+            }
+            return;
+        }
+        for t in 0..GROUP {
+            // SAFETY: out holds GROUP rows of `stride` pairs.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.add(t * stride), stride) };
+            let i = i0 + t;
+            if i >= m {
+                row.fill(0);
+                continue;
+            }
+            // Whole chunks of 32 contiguous values by vector, the rest one pair at a time.
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if elem == 1 {
+                while 2 * done + 32 <= k {
+                    // SAFETY: row i holds k contiguous values from its start; 16 pairs out.
+                    unsafe { super::x86::round_into((ptr as *const f32).offset(i as isize * line).add(2 * done), row[done..].as_mut_ptr()) };
+                    done += 16;
+                }
+            }
+            for (q, o) in row.iter_mut().enumerate().skip(done) {
+                *o = if 2 * q < k { pair(at(i, 2 * q), at(i, 2 * q + 1)) } else { 0 };
+            }
+        }
+    };
+    // SAFETY: every group of rows is written in full.
+    let data = unsafe {
+        super::super::fresh::written(len, |out| {
+            if parallel && len >= PARALLEL_ENTRIES {
+                out.par_chunks_mut(GROUP * stride).enumerate().for_each(group);
+            } else {
+                out.chunks_mut(GROUP * stride).enumerate().for_each(group);
+            }
+        })
+    };
+    Packed { data, lines: m, k, width: ROWS, layout: Layout::Rows }
+}
+
+/// [`super::product_packed`] for a left operand packed as rows ([`pack_rows`]).
+///
+/// SAFETY: as [`super::product_packed`], on a CPU where [`available`] holds.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usize, cs: usize, accumulate: bool, beta: f32, parallel: bool) {
+    assert!(lhs.layout == Layout::Rows && rhs.layout == Layout::Pairs && rhs.width == NR && lhs.k == rhs.k, "a left operand as rows and a right one as pairs, of the same length");
+    let (m, n, kp, stride) = (lhs.lines, rhs.lines, lhs.k.div_ceil(2), row_stride(lhs.k));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let (row_tasks, panels) = (m.div_ceil(ROWS * BLOCKS_PER_TASK), rhs.panels());
+    let column_groups = (2 * threads).div_ceil(row_tasks).clamp(1, panels);
+    let per_group = panels.div_ceil(column_groups);
+    let (full, dst) = (kp / PAIRS * PAIRS, dst as usize);
+    let task = |t: usize| {
+        let (rows, group) = (t / column_groups, t % column_groups);
+        let blocks = rows * BLOCKS_PER_TASK..((rows + 1) * BLOCKS_PER_TASK).min(m.div_ceil(ROWS));
+        // The last pairs of a panel, short of a tile, with zeros after them: the tile reads 16.
+        let mut tail = [0u32; PAIRS * NR];
+        let mut sums = [0f32; ROWS * NR];
+        // SAFETY: AMX is available; the tiles are configured before use and released after.
+        unsafe { x86::configure() };
+        for p in group * per_group..((group + 1) * per_group).min(panels) {
+            let b = rhs.panel(p, 0, kp);
+            tail[..(kp - full) * NR].copy_from_slice(&b[full * NR..]);
+            for block in blocks.clone() {
+                let a = &lhs.data[block * ROWS * stride..][..ROWS * stride];
+                // SAFETY: `a` holds ROWS rows of `stride` pairs, `b` kp rows of NR pairs, the
+                // tail PAIRS rows.
+                unsafe { x86::block(a.as_ptr(), stride, b.as_ptr(), full, (full < kp).then_some(tail.as_ptr()), sums.as_mut_ptr()) };
+                let (i0, j0) = (block * ROWS, p * NR);
+                let valid = (ROWS.min(m - i0), NR.min(n - j0));
+                // SAFETY: the valid part is within the caller's destination, and this task's.
+                unsafe { store(&sums, (dst as *mut f32).add(i0 * rs + j0 * cs), rs, cs, valid, accumulate, beta) };
+            }
+        }
+        // SAFETY: AMX is available.
+        unsafe { x86::release() };
+    };
+    let tasks = row_tasks * column_groups;
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// A block's `[ROWS, NR]` sums, scaled by `beta`, into (or onto) the destination's valid part.
+///
+/// SAFETY: `at` is valid for `valid` rows and columns at strides `rs` and `cs`.
+unsafe fn store(sums: &[f32; ROWS * NR], at: *mut f32, rs: usize, cs: usize, (rows, cols): (usize, usize), accumulate: bool, beta: f32) {
+    for (r, row) in sums.chunks_exact(NR).enumerate().take(rows) {
+        if cs == 1 {
+            // SAFETY: row r of the destination holds `cols` values from `at + r * rs`.
+            let out = unsafe { std::slice::from_raw_parts_mut(at.add(r * rs), cols) };
+            if accumulate {
+                out.iter_mut().zip(row).for_each(|(o, s)| *o += beta * s);
+            } else {
+                out.iter_mut().zip(row).for_each(|(o, s)| *o = beta * s);
+            }
+            continue;
+        }
+        for (j, s) in row.iter().enumerate().take(cols) {
+            // SAFETY: (r, j) is within the valid part.
+            unsafe {
+                let p = at.add(r * rs + j * cs);
+                *p = if accumulate { *p + beta * s } else { beta * s };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+
+    use super::{NR, PAIRS};
+
+    /// Every tile 16 rows of 64 bytes: two left tiles (16 rows x 32 bf16), two right ones (16
+    /// pairs of rows x 16 columns), four of sums (16 x 16 f32).
+    ///
+    /// SAFETY: AMX is available (the permission granted).
+    pub(super) unsafe fn configure() {
+        let mut config = [0u8; 64];
+        // Palette 1; bytes 16.. the bytes per row of each tile, 48.. its rows.
+        config[0] = 1;
+        for t in 0..8 {
+            config[16 + 2 * t] = 64;
+            config[48 + t] = 16;
+        }
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly)) };
+    }
+
+    /// Gives the tile state back, so that switching threads does not save and restore it.
+    ///
+    /// SAFETY: AMX is available.
+    pub(super) unsafe fn release() {
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// The `[32, NR]` sums of 32 packed rows (`a`, `stride` pairs apart) and a right panel
+    /// (`b`, `NR` pairs a row): its first `full` pairs from `b`, then, with `tail`, 16 more
+    /// from there, into `sums` (row-major, `NR` a row).
+    ///
+    /// SAFETY: tiles configured by [`configure`]; `a` holds 32 rows of at least `full + 16`
+    /// pairs (with a tail) or `full`; `b` `full` rows of NR pairs; `tail` 16; `sums` 32 x NR.
+    pub(super) unsafe fn block(a: *const u32, stride: usize, b: *const u32, full: usize, tail: Option<*const u32>, sums: *mut f32) {
+        let (sa, sb) = (stride * 4, NR * 4);
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            let step = |a0: *const u32, b0: *const u32| {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a0.add(16 * stride),
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(16),
+                    sa = in(reg) sa,
+                    sb = in(reg) sb,
+                    options(nostack, readonly),
+                )
+            };
+            for q in (0..full).step_by(PAIRS) {
+                step(a.add(q), b.add(q * NR));
+            }
+            if let Some(tail) = tail {
+                step(a.add(full), tail);
+            }
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) sums,
+                c1 = in(reg) sums.add(16),
+                c2 = in(reg) sums.add(16 * NR),
+                c3 = in(reg) sums.add(16 * NR + 16),
+                s = in(reg) NR * 4,
+                options(nostack),
+            );
+        }
+    }
+}
