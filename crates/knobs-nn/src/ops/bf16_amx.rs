@@ -61,9 +61,18 @@ pub(super) fn row_stride(k: usize) -> usize {
     k.div_ceil(2).next_multiple_of(PAIRS)
 }
 
+/// Where row `i`'s pair `q` lies in a left operand packed by [`pack_rows`] with rows of
+/// `stride` pairs.
+#[cfg(test)]
+pub(super) fn at(i: usize, q: usize, stride: usize) -> usize {
+    i / 16 * 16 * stride + q / PAIRS * 16 * PAIRS + i % 16 * PAIRS + q % PAIRS
+}
+
 /// The left operand `[m, k]` (element (i, e) at `ptr + i * line + e * elem`) as rows of
-/// pairs: row `i`'s pair `q` at `i * row_stride(k) + q`, rows up to a multiple of [`ROWS`]
-/// and pairs up to the stride zeros. Contiguous rows are rounded 32 values at a time; rows
+/// pairs, in tiles: 16 rows by 16 pairs, each tile's rows side by side (row `i`'s pair `q` at
+/// [`at`]), so that a tile is one contiguous KiB (rows `row_stride(k)` pairs apart made the
+/// tile loads half of the kernel's time, reading 16 lines a stride apart); rows up to a
+/// multiple of [`ROWS`] and pairs up to the stride zeros. Contiguous rows are rounded 32 values at a time; rows
 /// that are neighbours (a transposed operand: attention's probabilities in its backward
 /// pass, a Winograd weight) 16 rows by 16 pairs at a time, transposed in registers; other
 /// strides one pair at a time.
@@ -74,39 +83,38 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
     let stride = row_stride(k);
     let len = m.next_multiple_of(ROWS) * stride;
     let ptr = ptr as usize;
-    let at = |i: usize, e: usize| if e < k { unsafe { *(ptr as *const f32).offset(i as isize * line + e as isize * elem) } } else { 0.0 };
+    let value = |i: usize, e: usize| if e < k { unsafe { *(ptr as *const f32).offset(i as isize * line + e as isize * elem) } } else { 0.0 };
     // Rows `i0 .. i0 + 16` (those past m zeros) into `out`.
     let group = |(g, out): (usize, &mut [MaybeUninit<u32>])| {
         let (i0, out) = (g * GROUP, out.as_mut_ptr().cast::<u32>());
         let count = GROUP.min(m.saturating_sub(i0));
         #[cfg(target_arch = "x86_64")]
         if line == 1 && elem != 1 && count > 0 {
-            for q0 in (0..stride).step_by(16) {
-                // SAFETY: rows i0 .. i0 + count hold k values; out holds 16 rows of `stride`.
-                unsafe { super::x86::rows_of_columns((ptr as *const f32).add(i0), elem, count, k, q0, out.add(q0), stride) };
+            for q0 in (0..stride).step_by(PAIRS) {
+                // SAFETY: rows i0 .. i0 + count hold k values; out holds the 16 x 16 tile.
+                unsafe { super::x86::rows_of_columns((ptr as *const f32).add(i0), elem, count, k, q0, out.add(q0 * 16), PAIRS) };
             }
             return;
         }
         for t in 0..GROUP {
+            // Row t's pairs q0 .. q0 + 16 lie at this, in the tile of pairs q0 ...
             // SAFETY: out holds GROUP rows of `stride` pairs.
-            let row = unsafe { std::slice::from_raw_parts_mut(out.add(t * stride), stride) };
+            let chunk = |q0: usize| unsafe { std::slice::from_raw_parts_mut(out.add(q0 * 16 + t * PAIRS), PAIRS) };
             let i = i0 + t;
-            if i >= m {
-                row.fill(0);
-                continue;
-            }
             // Whole chunks of 32 contiguous values by vector, the rest one pair at a time.
             let mut done = 0;
             #[cfg(target_arch = "x86_64")]
-            if elem == 1 {
+            if elem == 1 && i < m {
                 while 2 * done + 32 <= k {
                     // SAFETY: row i holds k contiguous values from its start; 16 pairs out.
-                    unsafe { super::x86::round_into((ptr as *const f32).offset(i as isize * line).add(2 * done), row[done..].as_mut_ptr()) };
-                    done += 16;
+                    unsafe { super::x86::round_into((ptr as *const f32).offset(i as isize * line).add(2 * done), chunk(done).as_mut_ptr()) };
+                    done += PAIRS;
                 }
             }
-            for (q, o) in row.iter_mut().enumerate().skip(done) {
-                *o = if 2 * q < k { pair(at(i, 2 * q), at(i, 2 * q + 1)) } else { 0 };
+            for q0 in (done..stride).step_by(PAIRS) {
+                for (q, o) in (q0..).zip(chunk(q0)) {
+                    *o = if i < m && 2 * q < k { pair(value(i, 2 * q), value(i, 2 * q + 1)) } else { 0 };
+                }
             }
         }
     };
@@ -151,7 +159,7 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
             tail[..(kp - full) * NR].copy_from_slice(&b[full * NR..]);
             for block in blocks.clone() {
                 let a = &lhs.data[block * ROWS * stride..][..ROWS * stride];
-                // SAFETY: `a` holds ROWS rows of `stride` pairs, `b` kp rows of NR pairs, the
+                // SAFETY: `a` holds ROWS rows of `stride` pairs in tiles, `b` kp rows of NR pairs, the
                 // tail PAIRS rows.
                 unsafe { x86::block(a.as_ptr(), stride, b.as_ptr(), full, (full < kp).then_some(tail.as_ptr()), sums.as_mut_ptr()) };
                 let (i0, j0) = (block * ROWS, p * NR);
@@ -173,7 +181,9 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
 
 /// A block's `[ROWS, NR]` sums, scaled by `beta`, into (or onto) the destination's valid part.
 ///
-/// SAFETY: `at` is valid for `valid` rows and columns at strides `rs` and `cs`.
+/// SAFETY: `at` is valid for `valid` rows and columns at strides `rs` and `cs`; the CPU has
+/// AVX-512 (the loops are compiled for it: 4x SSE's width).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 unsafe fn store(sums: &[f32; ROWS * NR], at: *mut f32, rs: usize, cs: usize, (rows, cols): (usize, usize), accumulate: bool, beta: f32) {
     for (r, row) in sums.chunks_exact(NR).enumerate().take(rows) {
         if cs == 1 {
@@ -224,14 +234,14 @@ mod x86 {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// The `[32, NR]` sums of 32 packed rows (`a`, `stride` pairs apart) and a right panel
+    /// The `[32, NR]` sums of 32 packed rows (`a`, in tiles of 16 x 16 pairs) and a right panel
     /// (`b`, `NR` pairs a row): its first `full` pairs from `b`, then, with `tail`, 16 more
     /// from there, into `sums` (row-major, `NR` a row).
     ///
     /// SAFETY: tiles configured by [`configure`]; `a` holds 32 rows of at least `full + 16`
     /// pairs (with a tail) or `full`; `b` `full` rows of NR pairs; `tail` 16; `sums` 32 x NR.
     pub(super) unsafe fn block(a: *const u32, stride: usize, b: *const u32, full: usize, tail: Option<*const u32>, sums: *mut f32) {
-        let (sa, sb) = (stride * 4, NR * 4);
+        let (sa, sb) = (PAIRS * 4, NR * 4);
         unsafe {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             let step = |a0: *const u32, b0: *const u32| {
@@ -254,10 +264,10 @@ mod x86 {
                 )
             };
             for q in (0..full).step_by(PAIRS) {
-                step(a.add(q), b.add(q * NR));
+                step(a.add(q * 16), b.add(q * NR));
             }
             if let Some(tail) = tail {
-                step(a.add(full), tail);
+                step(a.add(full * 16), tail);
             }
             asm!(
                 "tilestored [{c0} + {s}*1], tmm0",

@@ -598,10 +598,9 @@ mod tests {
                 assert_eq!(packed.layout, Layout::Rows);
                 let stride = amx::row_stride(k);
                 assert_eq!((stride % 16, packed.data.len()), (0, m.next_multiple_of(amx::ROWS) * stride));
-                for (i, &entry) in packed.data.iter().enumerate() {
-                    let (row, q) = (i / stride, i % stride);
-                    let at = |e: usize| if row < m && e < k { to_bf16(x[row * rs + e * cs]) } else { 0 };
-                    assert_eq!(entry, u32::from(at(2 * q)) | u32::from(at(2 * q + 1)) << 16, "{m}x{k} strides {rs}, {cs}: entry {i} (row {row}, pair {q})");
+                for (row, q) in (0..m.next_multiple_of(amx::ROWS)).flat_map(|row| (0..stride).map(move |q| (row, q))) {
+                    let (i, at) = (amx::at(row, q, stride), |e: usize| if row < m && e < k { to_bf16(x[row * rs + e * cs]) } else { 0 });
+                    assert_eq!(packed.data[i], u32::from(at(2 * q)) | u32::from(at(2 * q + 1)) << 16, "{m}x{k} strides {rs}, {cs}: entry {i} (row {row}, pair {q})");
                 }
             }
         }
