@@ -70,9 +70,8 @@ pub(super) fn at(i: usize, q: usize, stride: usize) -> usize {
 
 /// The left operand `[m, k]` (element (i, e) at `ptr + i * line + e * elem`) as rows of
 /// pairs, in tiles: 16 rows by 16 pairs, each tile's rows side by side (row `i`'s pair `q` at
-/// [`at`]), so that a tile is one contiguous KiB (rows `row_stride(k)` pairs apart made the
-/// tile loads half of the kernel's time, reading 16 lines a stride apart); rows up to a
-/// multiple of [`ROWS`] and pairs up to the stride zeros. Contiguous rows are rounded 32 values at a time; rows
+/// [`at`]), so that a tile load reads one contiguous KiB instead of 16 lines a row apart;
+/// rows up to a multiple of [`ROWS`] and pairs up to the stride zeros. Contiguous rows are rounded 32 values at a time; rows
 /// that are neighbours (a transposed operand: attention's probabilities in its backward
 /// pass, a Winograd weight) 16 rows by 16 pairs at a time, transposed in registers; other
 /// strides one pair at a time.
