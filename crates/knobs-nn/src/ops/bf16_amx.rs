@@ -158,13 +158,21 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
             tail[..(kp - full) * NR].copy_from_slice(&b[full * NR..]);
             for block in blocks.clone() {
                 let a = &lhs.data[block * ROWS * stride..][..ROWS * stride];
-                // SAFETY: `a` holds ROWS rows of `stride` pairs in tiles, `b` kp rows of NR pairs, the
-                // tail PAIRS rows.
-                unsafe { x86::block(a.as_ptr(), stride, b.as_ptr(), full, (full < kp).then_some(tail.as_ptr()), sums.as_mut_ptr()) };
                 let (i0, j0) = (block * ROWS, p * NR);
+                let at = (dst as *mut f32).wrapping_add(i0 * rs + j0 * cs);
                 let valid = (ROWS.min(m - i0), NR.min(n - j0));
-                // SAFETY: the valid part is within the caller's destination, and this task's.
-                unsafe { store(&sums, (dst as *mut f32).add(i0 * rs + j0 * cs), rs, cs, valid, accumulate, beta) };
+                // A whole block of a row-major destination, unscaled, is summed in place: its
+                // tiles start from the destination (or zeros) and are stored back, no copy.
+                let in_place = valid == (ROWS, NR) && cs == 1 && beta == 1.0;
+                let sums_at = if in_place { Sums::InPlace { at, rs, accumulate } } else { Sums::Apart(sums.as_mut_ptr()) };
+                // SAFETY: `a` holds ROWS rows of `stride` pairs in tiles, `b` kp rows of NR
+                // pairs, the tail PAIRS rows; a whole block in place is the caller's and this
+                // task's alone.
+                unsafe { x86::block(a.as_ptr(), stride, b.as_ptr(), full, (full < kp).then_some(tail.as_ptr()), sums_at) };
+                if !in_place {
+                    // SAFETY: the valid part is within the caller's destination, and this task's.
+                    unsafe { store(&sums, at, rs, cs, valid, accumulate, beta) };
+                }
             }
         }
         // SAFETY: AMX is available.
@@ -176,6 +184,16 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// Where a block's sums go.
+#[derive(Clone, Copy)]
+enum Sums {
+    /// A row-major `[ROWS, NR]` buffer.
+    Apart(*mut f32),
+    /// Onto (or, without `accumulate`, into) the destination's whole block at `at`, rows
+    /// `rs` apart.
+    InPlace { at: *mut f32, rs: usize, accumulate: bool },
 }
 
 /// A block's `[ROWS, NR]` sums, scaled by `beta`, into (or onto) the destination's valid part.
@@ -209,7 +227,7 @@ unsafe fn store(sums: &[f32; ROWS * NR], at: *mut f32, rs: usize, cs: usize, (ro
 mod x86 {
     use std::arch::asm;
 
-    use super::{NR, PAIRS};
+    use super::{NR, PAIRS, Sums};
 
     /// Every tile 16 rows of 64 bytes: two left tiles (16 rows x 32 bf16), two right ones (16
     /// pairs of rows x 16 columns), four of sums (16 x 16 f32).
@@ -235,14 +253,35 @@ mod x86 {
 
     /// The `[32, NR]` sums of 32 packed rows (`a`, in tiles of 16 x 16 pairs) and a right panel
     /// (`b`, `NR` pairs a row): its first `full` pairs from `b`, then, with `tail`, 16 more
-    /// from there, into `sums` (row-major, `NR` a row).
+    /// from there, to `sums`.
     ///
     /// SAFETY: tiles configured by [`configure`]; `a` holds 32 rows of at least `full + 16`
-    /// pairs (with a tail) or `full`; `b` `full` rows of NR pairs; `tail` 16; `sums` 32 x NR.
-    pub(super) unsafe fn block(a: *const u32, stride: usize, b: *const u32, full: usize, tail: Option<*const u32>, sums: *mut f32) {
+    /// pairs (with a tail) or `full`; `b` `full` rows of NR pairs; `tail` 16; `sums` 32 x NR
+    /// values at its strides.
+    pub(super) unsafe fn block(a: *const u32, stride: usize, b: *const u32, full: usize, tail: Option<*const u32>, sums: Sums) {
         let (sa, sb) = (PAIRS * 4, NR * 4);
+        let (c, sc) = match sums {
+            Sums::Apart(c) => (c, NR),
+            Sums::InPlace { at, rs, .. } => (at, rs),
+        };
+        let (c1, c2, c3, sc) = (c.wrapping_add(16), c.wrapping_add(16 * sc), c.wrapping_add(16 * sc + 16), sc * 4);
         unsafe {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            if let Sums::InPlace { accumulate: true, .. } = sums {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s}*1]",
+                    "tileloadd tmm1, [{c1} + {s}*1]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c3} + {s}*1]",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c1,
+                    c2 = in(reg) c2,
+                    c3 = in(reg) c3,
+                    s = in(reg) sc,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            }
             let step = |a0: *const u32, b0: *const u32| {
                 asm!(
                     "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -273,11 +312,11 @@ mod x86 {
                 "tilestored [{c1} + {s}*1], tmm1",
                 "tilestored [{c2} + {s}*1], tmm2",
                 "tilestored [{c3} + {s}*1], tmm3",
-                c0 = in(reg) sums,
-                c1 = in(reg) sums.add(16),
-                c2 = in(reg) sums.add(16 * NR),
-                c3 = in(reg) sums.add(16 * NR + 16),
-                s = in(reg) NR * 4,
+                c0 = in(reg) c,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                s = in(reg) sc,
                 options(nostack),
             );
         }

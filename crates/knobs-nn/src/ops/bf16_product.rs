@@ -660,13 +660,16 @@ mod tests {
                 };
                 let elem = |s: &[f32], i: usize, j: usize, rows: usize, cols: usize| if transposed { s[j * rows + i] } else { s[i * cols + j] };
                 let start = values(m * n, 9);
-                let want: Vec<f64> = (0..m * n)
+                let sums: Vec<f64> = (0..m * n)
                     .map(|ij| {
                         let (i, j) = (ij / n, ij % n);
-                        let sum: f64 = (0..k).map(|t| widen(to_bf16(elem(&a, i, t, m, k))) * widen(to_bf16(elem(&b, t, j, k, n)))).sum();
-                        f64::from(start[ij]) + 0.5 * sum
+                        (0..k).map(|t| widen(to_bf16(elem(&a, i, t, m, k))) * widen(to_bf16(elem(&b, t, j, k, n)))).sum()
                     })
                     .collect();
+                let scale = (k as f64).sqrt() * 4.0;
+                // Scaled, and unscaled (AMX sums whole blocks of a row-major destination in place).
+                for beta in [0.5, 1.0] {
+                let want: Vec<f64> = start.iter().zip(&sums).map(|(s, sum)| f64::from(*s) + beta * sum).collect();
                 // The left operand as product_strided packs it (rows for AMX where the CPU
                 // has it), and in panels for vdpbf16ps.
                 for panels in [false, true] {
@@ -682,9 +685,8 @@ mod tests {
                         // The destination column-major (strided) when the operands are transposed.
                         let mut dst = if transposed { (0..m * n).map(|ji| start[(ji % m) * n + ji / m]).collect() } else { start.clone() };
                         let (rs, cs) = if transposed { (1, m) } else { (n, 1) };
-                        unsafe { product_packed(&left, &Packed::right(k, n, rhs, parallel), dst.as_mut_ptr(), rs, cs, true, 0.5, parallel) };
+                        unsafe { product_packed(&left, &Packed::right(k, n, rhs, parallel), dst.as_mut_ptr(), rs, cs, true, beta as f32, parallel) };
                         let dst: Vec<f32> = (0..m * n).map(|ij| dst[(ij / n) * rs + (ij % n) * cs]).collect();
-                        let scale = (k as f64).sqrt() * 4.0;
                         for (ij, (got, want)) in dst.iter().zip(&want).enumerate() {
                             assert!((f64::from(*got) - want).abs() < 1e-5 * scale, "{m}x{n}x{k} transposed {transposed} {:?}, ({}, {}): {got} vs {want}", left.layout, ij / n, ij % n);
                         }
@@ -692,10 +694,15 @@ mod tests {
                     }
                     assert_eq!(outs[0], outs[1], "{m}x{n}x{k} in panels {panels}: the thread count changed the sums");
                 }
+                }
                 // Without accumulation the destination's values are not read.
                 let mut fresh = vec![f32::NAN; m * n];
                 unsafe { product_strided(m, n, k, fresh.as_mut_ptr(), n, 1, false, View::rows(&a, 0, k), View::rows(&b, 0, n), 1.0, gemm::Parallelism::None) };
-                assert!(fresh.iter().all(|v| v.is_finite()), "{m}x{n}x{k}: a value of the destination was read");
+                if !transposed {
+                    for (ij, (got, want)) in fresh.iter().zip(&sums).enumerate() {
+                        assert!((f64::from(*got) - want).abs() < 1e-5 * scale, "{m}x{n}x{k} without accumulation, ({}, {}): {got} vs {want}", ij / n, ij % n);
+                    }
+                }
             }
         }
     }
