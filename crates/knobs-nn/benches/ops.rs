@@ -52,7 +52,7 @@ fn run() {
         let input_only = median_ms(|| drop(conv2d_frozen(xa.clone(), wfrozen.clone(), None, opts(), knobs_nn::ops::Products::F32).sum().backward()), iters);
         println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: forward {fwd:.3} ms (frozen weight {fwd_frozen:.3}), frozen fwd+bwd(x) {input_only:.3} ms, fwd+bwd(x,w) {both:.3} ms");
         // The frozen forward with bf16 products (mixed precision's, on CPUs with AVX512-BF16).
-        if knobs_nn::ops::Products::for_dtype(burn::tensor::DType::BF16) == knobs_nn::ops::Products::Bf16 {
+        if knobs_nn::ops::Products::bf16_available() {
             let bf16 = median_ms(|| drop(conv2d_frozen(x.clone(), w.clone(), None, opts(), knobs_nn::ops::Products::Bf16).into_data()), iters);
             println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: frozen forward, bf16 products {bf16:.3} ms");
         }
@@ -76,7 +76,7 @@ fn run() {
         let burns = median_ms(|| drop(burn::tensor::module::linear(a.clone(), w.clone().transpose(), Some(bias.clone()))), iters);
         println!("linear [{rows},{k}] -> {n} with bias: ops::linear {ours:.1} ms, burn's module::linear {burns:.1} ms");
         // The same with bf16 products (mixed precision's, on CPUs with AVX512-BF16).
-        if knobs_nn::ops::Products::for_dtype(burn::tensor::DType::BF16) == knobs_nn::ops::Products::Bf16 {
+        if knobs_nn::ops::Products::bf16_available() {
             let bf16 = median_ms(|| drop(knobs_nn::ops::linear_as(&a, &w, Some(&bias), knobs_nn::ops::Products::Bf16)), iters);
             println!("linear [{rows},{k}] -> {n} with bias, bf16 products: {bf16:.1} ms ({:.0} GFLOP/s)", 2.0 * (rows * k * n) as f64 / bf16 / 1e6);
         }
@@ -106,7 +106,7 @@ fn run() {
         println!("attention [1,{n},{width}] {heads} heads: forward {fwd:.1} ms, fwd+bwd {both:.1} ms");
         // bf16 tensors (mixed precision's), on CPUs with bf16 products: the casts to f32 and
         // back included, as a model runs them.
-        if knobs_nn::ops::Products::for_dtype(burn::tensor::DType::BF16) == knobs_nn::ops::Products::Bf16 {
+        if knobs_nn::ops::Products::bf16_available() {
             let bf16 = |t: &Tensor<3>| t.clone().cast(burn::tensor::DType::BF16);
             let fwd = median_ms(|| drop(knobs_nn::ops::attention(bf16(&q), bf16(&k), bf16(&v), heads, scale)), iters);
             let [qa, ka, va] = [&q, &k, &v].map(|t| bf16(&Tensor::<3>::from_data(t.to_data(), &dev)).require_grad());

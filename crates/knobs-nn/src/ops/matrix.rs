@@ -59,10 +59,17 @@ pub enum Products {
 }
 
 impl Products {
-    /// For activations in `dtype` under mixed precision on the CPU: bf16 where the CPU has the
-    /// kernel, else f32 (f16 has no CPU kernel that would gain from it).
+    /// For activations in `dtype` under mixed precision on the CPU: bf16 where the CPU runs
+    /// the kernel faster than f32 ([`super::bf16_product::pays`]), else f32 (f16 has no CPU
+    /// kernel that would gain from it).
     pub fn for_dtype(dtype: burn::tensor::DType) -> Products {
-        if dtype == burn::tensor::DType::BF16 && super::bf16_product::available() { Products::Bf16 } else { Products::F32 }
+        if dtype == burn::tensor::DType::BF16 && super::bf16_product::pays() { Products::Bf16 } else { Products::F32 }
+    }
+
+    /// Whether this CPU runs bf16 products at all, whether or not mixed precision takes them
+    /// (for benchmarks that compare the kernels).
+    pub fn bf16_available() -> bool {
+        super::bf16_product::available()
     }
 }
 
