@@ -121,9 +121,9 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
     let data = unsafe {
         super::super::fresh::written(len, |out| {
             if parallel && len >= PARALLEL_ENTRIES {
-                out.par_chunks_mut(GROUP * stride).enumerate().for_each(group);
+                out.par_chunks_mut((GROUP * stride).max(1)).enumerate().for_each(group);
             } else {
-                out.chunks_mut(GROUP * stride).enumerate().for_each(group);
+                out.chunks_mut((GROUP * stride).max(1)).enumerate().for_each(group);
             }
         })
     };

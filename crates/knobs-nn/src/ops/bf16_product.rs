@@ -607,7 +607,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX-BF16");
             return;
         }
-        for (m, k) in [(1, 1), (33, 7), (40, 64), (4101, 45)] {
+        for (m, k) in [(1, 1), (33, 7), (40, 64), (4101, 45), (5, 0)] {
             let x = values(m * k, 11);
             // Element (i, e) of each view: row-major, transposed, and every other value of a
             // row-major matrix twice as wide.
