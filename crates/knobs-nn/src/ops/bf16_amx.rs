@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{Layout, NR, PARALLEL_ENTRIES, Packed, pair};
+use super::{Layout, NR, PARALLEL_ENTRIES, Packed, in_tasks, pair};
 
 /// Rows of the left operand per block: two tiles.
 pub(super) const ROWS: usize = 32;
@@ -140,20 +140,15 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
     if m == 0 || n == 0 {
         return;
     }
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let (row_tasks, panels) = (m.div_ceil(ROWS * BLOCKS_PER_TASK), rhs.panels());
-    let column_groups = (2 * threads).div_ceil(row_tasks).clamp(1, panels);
-    let per_group = panels.div_ceil(column_groups);
     let (full, dst) = (kp / PAIRS * PAIRS, dst as usize);
-    let task = |t: usize| {
-        let (rows, group) = (t / column_groups, t % column_groups);
+    in_tasks(m.div_ceil(ROWS * BLOCKS_PER_TASK), rhs.panels(), parallel, |rows, panels| {
         let blocks = rows * BLOCKS_PER_TASK..((rows + 1) * BLOCKS_PER_TASK).min(m.div_ceil(ROWS));
         // The last pairs of a panel, short of a tile, with zeros after them: the tile reads 16.
         let mut tail = [0u32; PAIRS * NR];
         let mut sums = [0f32; ROWS * NR];
         // SAFETY: AMX is available; the tiles are configured before use and released after.
         unsafe { x86::configure() };
-        for p in group * per_group..((group + 1) * per_group).min(panels) {
+        for p in panels {
             let b = rhs.panel(p, 0, kp);
             tail[..(kp - full) * NR].copy_from_slice(&b[full * NR..]);
             for block in blocks.clone() {
@@ -177,13 +172,7 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
         }
         // SAFETY: AMX is available.
         unsafe { x86::release() };
-    };
-    let tasks = row_tasks * column_groups;
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
+    });
 }
 
 /// Where a block's sums go.

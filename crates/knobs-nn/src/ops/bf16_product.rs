@@ -212,19 +212,13 @@ pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, r
     if m == 0 || n == 0 {
         return;
     }
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    // Enough tasks for every thread twice: by rows, and by columns too when rows are few.
-    let (row_blocks, panels) = (m.div_ceil(MC), rhs.panels());
-    let column_groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
-    let per_group = panels.div_ceil(column_groups);
     let dst = dst as usize;
-    let task = |t: usize| {
-        let (block, group) = (t / column_groups, t % column_groups);
+    in_tasks(m.div_ceil(MC), rhs.panels(), parallel, |block, panels| {
         let row_panels = block * MC / MR..((block + 1) * MC).min(m).div_ceil(MR);
         let dst = dst as *mut f32;
         for k0 in (0..kp).step_by(KC) {
             let len = KC.min(kp - k0);
-            for p in group * per_group..((group + 1) * per_group).min(panels) {
+            for p in panels.clone() {
                 let b = rhs.panel(p, k0, len);
                 for i in row_panels.clone() {
                     let (i0, j0) = (i * MR, p * NR);
@@ -234,12 +228,25 @@ pub(super) unsafe fn product_packed(lhs: &Packed, rhs: &Packed, dst: *mut f32, r
                 }
             }
         }
+    });
+}
+
+/// Runs `task(block, panels)` for every block of rows (`row_blocks` of them) and group of the
+/// right operand's `panels`: enough tasks for every thread twice, by rows, and by columns too
+/// when rows are few; on the calling thread alone unless `parallel`. Each output is one task's.
+fn in_tasks(row_blocks: usize, panels: usize, parallel: bool, task: impl Fn(usize, std::ops::Range<usize>) + Sync) {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let column_groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
+    let per_group = panels.div_ceil(column_groups);
+    let run = |t: usize| {
+        let group = t % column_groups;
+        task(t / column_groups, group * per_group..((group + 1) * per_group).min(panels));
     };
     let tasks = row_blocks * column_groups;
     if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(task);
+        (0..tasks).into_par_iter().for_each(run);
     } else {
-        (0..tasks).for_each(task);
+        (0..tasks).for_each(run);
     }
 }
 
