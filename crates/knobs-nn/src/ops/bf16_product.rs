@@ -154,28 +154,6 @@ impl Packed {
         Packed { data, lines, k, width, layout: Layout::Pairs }
     }
 
-    /// A right operand `[k, n]` to be filled pair by pair ([`Packed::set_pair`]), for a
-    /// producer that makes its rows a few at a time (Winograd's input transform, channel by
-    /// channel), so that they are packed while in cache instead of all made first and read
-    /// back.
-    pub(super) fn right_by_pairs(k: usize, n: usize) -> Packed {
-        assert!(available(), "the bf16 product needs AVX512-BF16");
-        Packed { data: vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR], lines: n, k, width: NR, layout: Layout::Pairs }
-    }
-
-    /// Rows `2q` and `2q + 1` of a right operand made by [`Packed::right_by_pairs`]: `lo` and
-    /// `hi` (zeros without it, for the last of an odd `k`), `n` values each.
-    pub(super) fn set_pair(&mut self, q: usize, lo: &[f32], hi: Option<&[f32]>) {
-        let (n, kp) = (self.lines, self.k.div_ceil(2));
-        assert!(self.width == NR && q < kp && lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "a pair of rows of this right operand");
-        assert!(self.data.len() >= n.div_ceil(NR) * kp * NR);
-        // SAFETY: lo and hi hold n values; row q of every panel is within data (asserted).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            x86::pair_lines(lo.as_ptr(), hi.map(<[f32]>::as_ptr), n, self.data[q * NR..].as_mut_ptr(), NR, kp * NR)
-        };
-    }
-
     /// Values along the summed dimension.
     pub(super) fn k(&self) -> usize {
         self.k
@@ -194,6 +172,59 @@ impl Packed {
     fn panel(&self, p: usize, k0: usize, len: usize) -> &[u32] {
         let kp = self.k.div_ceil(2);
         &self.data[(p * kp + k0) * self.width..][..len * self.width]
+    }
+}
+
+/// A right operand `[k, n]` packed as [`Packed::right`] packs it, filled a pair of its rows at a
+/// time ([`RightByPairs::set_pair`]), for a producer that makes its rows a few at a time
+/// (Winograd's input transform, channel by channel), so that they are packed while in cache
+/// instead of all made first and read back. Nothing is cleared beforehand: each pair writes its
+/// row of every panel in full, and [`RightByPairs::packed`] checks that every pair was set.
+pub(super) struct RightByPairs {
+    data: Vec<std::mem::MaybeUninit<u32>>,
+    k: usize,
+    n: usize,
+    set: Vec<bool>,
+}
+
+impl RightByPairs {
+    pub(super) fn new(k: usize, n: usize) -> RightByPairs {
+        assert!(available(), "the bf16 product needs AVX512-BF16");
+        let kp = k.div_ceil(2);
+        let mut data = Vec::with_capacity(n.div_ceil(NR) * kp * NR);
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { data.set_len(data.capacity()) };
+        RightByPairs { data, k, n, set: vec![false; kp] }
+    }
+
+    /// Rows `2q` and `2q + 1`: `lo` and `hi` (zeros without it, for the last of an odd `k`),
+    /// `n` values each; zeros past the `n`th column of the last panel.
+    pub(super) fn set_pair(&mut self, q: usize, lo: &[f32], hi: Option<&[f32]>) {
+        let (n, kp) = (self.n, self.k.div_ceil(2));
+        assert!(q < kp && lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "a pair of rows of this right operand");
+        let panels = n.div_ceil(NR);
+        assert!(self.data.len() >= panels * kp * NR);
+        let row = self.data[q * NR..].as_mut_ptr().cast::<u32>();
+        // SAFETY: lo and hi hold n values; row q of every panel is within data (asserted).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::pair_lines(lo.as_ptr(), hi.map(<[f32]>::as_ptr), n, row, NR, kp * NR)
+        };
+        if !n.is_multiple_of(NR) {
+            let last = (panels - 1) * kp * NR + q * NR;
+            self.data[last + n % NR..last + NR].fill(std::mem::MaybeUninit::new(0));
+        }
+        self.set[q] = true;
+    }
+
+    /// The operand, once every pair is set.
+    pub(super) fn packed(self) -> Packed {
+        assert!(self.set.iter().all(|&s| s), "every pair of rows of a right operand set before its product");
+        let mut data = std::mem::ManuallyDrop::new(self.data);
+        // SAFETY: every entry was written (each pair's row of every panel, padding included),
+        // and u32 has MaybeUninit<u32>'s layout.
+        let data = unsafe { Vec::from_raw_parts(data.as_mut_ptr().cast::<u32>(), data.len(), data.capacity()) };
+        Packed { data, lines: self.n, k: self.k, width: NR, layout: Layout::Pairs }
     }
 }
 

@@ -13,8 +13,11 @@
 //!
 //! Blocks are fixed by the shapes and every sum runs in a fixed order (gemm splits its work
 //! over output tiles only), so results do not depend on the thread count.
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use super::fresh::written;
 use super::matrix::{Operand, Products, View, min_len, parallelism, product_as};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
@@ -144,30 +147,36 @@ fn par(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims, products: Products) -> Vec<f32> {
     let (k, p, co) = (d.k(), d.positions(), d.c_out);
     let ow = d.out_hw()[1];
-    let mut out = vec![0.0f32; d.batch * co * p];
-    if let Some(bias) = bias {
-        let pieces = min_len(out.len() >= PARALLEL_FLOATS);
-        out.par_chunks_mut(p).with_min_len(pieces).enumerate().for_each(|(i, plane)| plane.fill(bias[i % co]));
-    }
     let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
     // The weight, read by every block of every sample (packed once for bf16 products).
     let weight = Operand::left(products, co, k, View::rows(w, 0, k), co * p * k >= PARALLEL_WORK);
-    for b in 0..d.batch {
-        let xb = &x[b * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w];
-        let ob = &mut out[b * co * p..][..co * p];
-        if d.pointwise() {
-            // SAFETY: ob is [co, p], w [co, k], xb [k, p].
-            unsafe { weight.times(p, View::rows(xb, 0, p), ob.as_mut_ptr(), p, 1, bias.is_some(), 1.0, par(co, p, k)) };
-            continue;
+    let convolve = |out: &mut [MaybeUninit<f32>]| {
+        // The bias first, the products summed onto it; without one they write every output.
+        if let Some(bias) = bias {
+            let pieces = min_len(out.len() >= PARALLEL_FLOATS);
+            out.par_chunks_mut(p).with_min_len(pieces).enumerate().for_each(|(i, plane)| plane.fill(MaybeUninit::new(bias[i % co])));
         }
-        for rows in d.blocks() {
-            let len = rows.len() * ow;
-            im2col(xb, d, rows.clone(), &mut cols);
-            // SAFETY: the block's outputs are columns rows.start * ow.. of ob's co rows of p.
-            unsafe { weight.times(len, View::rows(&cols, 0, len), ob[rows.start * ow..].as_mut_ptr(), p, 1, bias.is_some(), 1.0, par(co, len, k)) };
+        let out = out.as_mut_ptr().cast::<f32>();
+        for b in 0..d.batch {
+            let xb = &x[b * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w];
+            // SAFETY: sample b's outputs, [co, p], are within out.
+            let ob = unsafe { out.add(b * co * p) };
+            if d.pointwise() {
+                // SAFETY: ob is [co, p], w [co, k], xb [k, p].
+                unsafe { weight.times(p, View::rows(xb, 0, p), ob, p, 1, bias.is_some(), 1.0, par(co, p, k)) };
+                continue;
+            }
+            for rows in d.blocks() {
+                let len = rows.len() * ow;
+                im2col(xb, d, rows.clone(), &mut cols);
+                // SAFETY: the block's outputs are columns rows.start * ow.. of ob's co rows of p.
+                unsafe { weight.times(len, View::rows(&cols, 0, len), ob.add(rows.start * ow), p, 1, bias.is_some(), 1.0, par(co, len, k)) };
+            }
         }
-    }
-    out
+    };
+    // SAFETY: the blocks of rows cover every sample's outputs, each written (or summed onto
+    // its bias).
+    unsafe { written(d.batch * co * p, convolve) }
 }
 
 /// Gradients from the output gradient `g` `[B, co, oh, ow]`: the input's (when `want_x`) and

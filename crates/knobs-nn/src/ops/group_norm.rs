@@ -5,6 +5,8 @@
 //! (mean, then variance about it) and two back, over each group's values while they are in
 //! cache; only the input and two numbers per group are kept. The GPU backends take
 //! `group_norm_portable` under autodiff, which keeps the same.
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -13,6 +15,7 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::fresh::written;
 use super::matrix::min_len;
 use crate::param::{f32_value, value_as};
 use super::record::{lifted, record};
@@ -154,10 +157,9 @@ pub(super) fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f6
 /// standard deviation, interleaved.
 fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims, eps: f32) -> (Vec<f32>, Vec<f32>) {
     let (len, per_group) = (d.group_len(), d.channels / d.groups);
-    let mut y = vec![0.0f32; x.len()];
     let mut stats = vec![0.0f32; 2 * d.batch * d.groups];
     let pieces = min_len(x.len() >= PARALLEL_FLOATS);
-    y.par_chunks_mut(len).zip(stats.par_chunks_mut(2)).with_min_len(pieces).enumerate().for_each(|(i, (y, stats))| {
+    let normalise = |y: &mut [MaybeUninit<f32>]| y.par_chunks_mut(len).zip(stats.par_chunks_mut(2)).with_min_len(pieces).enumerate().for_each(|(i, (y, stats))| {
         let x = &x[i * len..][..len];
         let mean = (sum_pairs(x, x, |v, _| v) / len as f64) as f32;
         // About the mean, as torch: no cancellation between two large sums.
@@ -168,10 +170,12 @@ fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims, eps: f32) -> (Vec<f32>, Vec
         for (c, (y, x)) in (first..first + per_group).zip(y.chunks_exact_mut(d.positions).zip(x.chunks_exact(d.positions))) {
             let (scale, shift) = (rstd * w[c], b[c]);
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - mean) * scale + shift;
+                y.write((x - mean) * scale + shift);
             }
         }
     });
+    // SAFETY: the groups cover every value (x is batch x groups of `len`), each written.
+    let y = unsafe { written(x.len(), normalise) };
     (y, stats)
 }
 

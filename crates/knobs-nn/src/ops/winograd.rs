@@ -8,11 +8,14 @@
 //! Tiles are worked in blocks fixed by the shapes; each block's products and sums run in a fixed
 //! order, so the results do not depend on the thread count. The transforms add and halve only,
 //! so the rounding stays that of a direct convolution (about 1e-7 relative).
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::conv_kernel::ConvDims;
+use super::fresh::written;
 use super::lanes::{self, Lanes, on_lanes};
-use super::bf16_product::{self, Packed};
+use super::bf16_product::{self, Packed, RightByPairs};
 use super::matrix::{Products, View, min_len, product_strided};
 
 /// Transformed inputs and products per block, in floats (8 MiB, measured best of 4, 8 and 16
@@ -135,9 +138,8 @@ impl WeightTransform {
 /// channels and each 3x3 kernel turned 180 degrees).
 pub fn transform(w: &[f32], w_out: usize, w_in: usize, flipped: bool) -> WeightTransform {
     let (ci, co) = if flipped { (w_out, w_in) } else { (w_in, w_out) };
-    let mut u = vec![0.0f32; ci * 16 * co];
-    let pieces = min_len(u.len() >= 1 << 16);
-    u.par_chunks_mut(16 * co).with_min_len(pieces).enumerate().for_each(|(i, dst)| {
+    let pieces = min_len(ci * 16 * co >= 1 << 16);
+    let fill = |u: &mut [MaybeUninit<f32>]| u.par_chunks_mut(16 * co).with_min_len(pieces).enumerate().for_each(|(i, dst)| {
         for o in 0..co {
             let (wo, wi) = if flipped { (i, o) } else { (o, i) };
             let k = &w[(wo * w_in + wi) * 9..][..9];
@@ -151,11 +153,13 @@ pub fn transform(w: &[f32], w_out: usize, w_in: usize, flipped: bool) -> WeightT
             for y in 0..4 {
                 let t = g(cols[0][y], cols[1][y], cols[2][y]);
                 for (x, v) in t.into_iter().enumerate() {
-                    dst[(y * 4 + x) * co + o] = v;
+                    dst[(y * 4 + x) * co + o].write(v);
                 }
             }
         }
     });
+    // SAFETY: every (input channel, position, output channel) is written.
+    let u = unsafe { written(ci * 16 * co, fill) };
     WeightTransform { u, c_in: w_in, c_out: w_out, flipped, packed: Default::default() }
 }
 
@@ -196,8 +200,8 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
     let unit = if ci.max(co) <= NARROW_CHANNELS { ROW_TILE.div_ceil(4) } else { ROW_TILE };
     let per_block = cap.min(total.div_ceil(4)).next_multiple_of(unit).min(MAX_BLOCK_TILES).min(total);
     let blocks = total.div_ceil(per_block);
-    let mut out = vec![0.0f32; batch * co * h * w];
-    let dst = Out(out.as_mut_ptr());
+    let mut out = Vec::with_capacity(batch * co * h * w);
+    let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast());
     // A block for every thread: one thread each, products on that thread. Fewer: the products
     // on gemm's threads (gemm splits over output tiles only, so the sums are the same).
     let spread = blocks >= rayon::current_num_threads();
@@ -218,7 +222,7 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
                 // of m^T are contiguous, and the weight is the operand packed beforehand. Each
                 // pair of input channels is transformed into v's first two channels and packed
                 // while in cache.
-                let mut inputs: Vec<Packed> = (0..16).map(|_| Packed::right_by_pairs(ci, n)).collect();
+                let mut inputs: Vec<RightByPairs> = (0..16).map(|_| RightByPairs::new(ci, n)).collect();
                 for c in (0..ci).step_by(2) {
                     for (j, c) in (c..(c + 2).min(ci)).enumerate() {
                         let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
@@ -228,9 +232,9 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
                         input.set_pair(c / 2, &v[xi * vs..][..n], (c + 1 < ci).then(|| &v[(16 + xi) * vs..][..n]));
                     }
                 }
-                for (xi, input) in inputs.iter().enumerate() {
+                for (xi, input) in inputs.into_iter().map(RightByPairs::packed).enumerate() {
                     // SAFETY: m holds [co][16][vs]; this position's m^T is co rows of n at 16 vs.
-                    unsafe { bf16_product::product_packed(&packed[xi], input, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread) };
+                    unsafe { bf16_product::product_packed(&packed[xi], &input, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread) };
                 }
             } else {
                 for c in 0..ci {
@@ -255,6 +259,9 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
             }
         },
     );
+    // SAFETY: the blocks' tiles cover every output plane, each value written once (by
+    // `transform_output`, for every output channel).
+    unsafe { out.set_len(batch * co * h * w) };
     out
 }
 
