@@ -14,6 +14,9 @@ use rayon::prelude::*;
 
 use super::{Layout, NR, PARALLEL_ENTRIES, Packed, in_tasks, pair};
 
+#[path = "conv_amx.rs"]
+pub(super) mod conv;
+
 /// Rows of the left operand per block: two tiles.
 pub(super) const ROWS: usize = 32;
 /// Pairs along `k` per tile.
@@ -248,66 +251,120 @@ mod x86 {
     /// pairs (with a tail) or `full`; `b` `full` rows of NR pairs; `tail` 16; `sums` 32 x NR
     /// values at its strides.
     pub(super) unsafe fn block(a: *const u32, stride: usize, b: *const u32, full: usize, tail: Option<*const u32>, sums: Sums) {
-        let (sa, sb) = (PAIRS * 4, NR * 4);
         let (c, sc) = match sums {
             Sums::Apart(c) => (c, NR),
             Sums::InPlace { at, rs, .. } => (at, rs),
         };
-        let (c1, c2, c3, sc) = (c.wrapping_add(16), c.wrapping_add(16 * sc), c.wrapping_add(16 * sc + 16), sc * 4);
         unsafe {
             if let Sums::InPlace { accumulate: true, .. } = sums {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {s}*1]",
-                    "tileloadd tmm1, [{c1} + {s}*1]",
-                    "tileloadd tmm2, [{c2} + {s}*1]",
-                    "tileloadd tmm3, [{c3} + {s}*1]",
-                    c0 = in(reg) c,
-                    c1 = in(reg) c1,
-                    c2 = in(reg) c2,
-                    c3 = in(reg) c3,
-                    s = in(reg) sc,
-                    options(nostack, readonly),
-                );
+                load_sums(c, sc);
             } else {
-                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                zero_sums();
             }
-            let step = |a0: *const u32, b0: *const u32| {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0,
-                    a1 = in(reg) a0.add(16 * stride),
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b0.add(16),
-                    sa = in(reg) sa,
-                    sb = in(reg) sb,
-                    options(nostack, readonly),
-                )
-            };
             for q in (0..full).step_by(PAIRS) {
-                step(a.add(q * 16), b.add(q * NR));
+                step(a.add(q * 16), stride, b.add(q * NR), NR);
             }
             if let Some(tail) = tail {
-                step(a.add(full * 16), tail);
+                step(a.add(full * 16), stride, tail, NR);
             }
+            store_sums(c, sc);
+        }
+    }
+
+    /// One step of 16 pairs: the sums' four tiles (rows 0..16 and 16..32 by columns 0..16 and
+    /// 16..32) += left tiles of rows packed as [`super::pack_rows`] (`a`, its rows `stride`
+    /// pairs long) times the right tiles at `b` and `b + 16`, their rows `sb` pairs apart.
+    ///
+    /// SAFETY: tiles configured by [`configure`]; `a` and `a + 16 stride` hold a tile each, `b`
+    /// 16 rows of 32 pairs `sb` apart.
+    #[inline(always)]
+    unsafe fn step(a: *const u32, stride: usize, b: *const u32, sb: usize) {
+        unsafe {
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a,
+                a1 = in(reg) a.add(16 * stride),
+                b0 = in(reg) b,
+                b1 = in(reg) b.add(16),
+                sa = in(reg) PAIRS * 4,
+                sb = in(reg) sb * 4,
+                options(nostack, readonly),
+            )
+        }
+    }
+
+    /// The four tiles of sums from `c`, its rows `sc` values apart.
+    ///
+    /// SAFETY: `c` holds 32 rows of 32 values `sc` apart.
+    #[inline(always)]
+    unsafe fn load_sums(c: *const f32, sc: usize) {
+        unsafe {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * sc),
+                c3 = in(reg) c.add(16 * sc + 16),
+                s = in(reg) sc * 4,
+                options(nostack, readonly),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn zero_sums() {
+        unsafe { asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)) };
+    }
+
+    /// The four tiles of sums to `c`, its rows `sc` values apart.
+    ///
+    /// SAFETY: `c` holds 32 rows of 32 values `sc` apart.
+    #[inline(always)]
+    unsafe fn store_sums(c: *mut f32, sc: usize) {
+        unsafe {
             asm!(
                 "tilestored [{c0} + {s}*1], tmm0",
                 "tilestored [{c1} + {s}*1], tmm1",
                 "tilestored [{c2} + {s}*1], tmm2",
                 "tilestored [{c3} + {s}*1], tmm3",
                 c0 = in(reg) c,
-                c1 = in(reg) c1,
-                c2 = in(reg) c2,
-                c3 = in(reg) c3,
-                s = in(reg) sc,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * sc),
+                c3 = in(reg) c.add(16 * sc + 16),
+                s = in(reg) sc * 4,
                 options(nostack),
-            );
+            )
+        }
+    }
+
+    /// The `[32, 32]` sums of 32 output channels and 32 positions of a convolution
+    /// (`super::conv`): for each tap `t`, its left operand's block at `a[t]` (rows `stride`
+    /// pairs long) times the paired input from `b + offsets[t]`, its planes `plane` apart, to
+    /// `sums` (row-major).
+    ///
+    /// SAFETY: tiles configured by [`configure`]; each `a[t]` holds 32 rows of `stride` pairs
+    /// as packed; each plane `p < stride` holds 32 values from `b + offsets[t]`.
+    pub(super) unsafe fn conv_block(a: &[*const u32; 9], stride: usize, b: *const u32, plane: usize, offsets: &[isize; 9], sums: *mut f32) {
+        unsafe {
+            zero_sums();
+            // Pairs outer, taps inner: the 9 taps read the same 3 rows of the same 16 planes,
+            // which stay in L1 across them.
+            for q in (0..stride).step_by(PAIRS) {
+                for (a, &offset) in a.iter().zip(offsets) {
+                    step(a.add(q * 16), stride, b.offset(offset).add(q * plane), plane);
+                }
+            }
+            store_sums(sums, 32);
         }
     }
 }

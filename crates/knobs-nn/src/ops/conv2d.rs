@@ -13,6 +13,7 @@ use burn::tensor::{DType, Tensor, TensorData, module};
 
 use std::sync::Arc;
 
+use super::bf16_product;
 use super::conv2d_by_matmul;
 use super::matrix::Products;
 use crate::param::value_as;
@@ -142,12 +143,29 @@ fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: Conv
     let (x, w) = (x.to_contiguous(), widened(w));
     let bias = bias.map(|b| b.to_contiguous());
     let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
-    let out = match winograd_weight(&w, &dims, kind, false) {
-        Some(u) => winograd::forward(xs, &u, bs, &dims, products),
-        None => conv_kernel::forward(xs, ws, bs, &dims, products),
+    let out = if amx_applies(&dims, products) {
+        let taps = bf16_product::conv3x3_taps(ws, dims.c_out, dims.c_in, false);
+        bf16_product::conv3x3(xs, &taps, bs, dims.batch, dims.c_in, dims.c_out, dims.h, dims.w)
+    } else {
+        match winograd_weight(&w, &dims, kind, false) {
+            Some(u) => winograd::forward(xs, &u, bs, &dims, products),
+            None => conv_kernel::forward(xs, ws, bs, &dims, products),
+        }
     };
     let [oh, ow] = dims.out_hw();
     FlexTensor::from_data(TensorData::new(out, [dims.batch, dims.c_out, oh, ow]))
+}
+
+/// Whether `dims` is a 3x3 "same" convolution that AMX's kernel runs under `products`:
+/// there it reads the input in place of Winograd's transforms or the unrolled columns, both
+/// of which cost more than its products.
+fn amx_applies(dims: &ConvDims, products: Products) -> bool {
+    products == Products::Bf16
+        && dims.kernel == [3, 3]
+        && dims.stride == [1, 1]
+        && dims.padding == [1, 1]
+        && dims.dilation == [1, 1]
+        && bf16_product::conv3x3_applies(dims.c_in, dims.c_out, dims.batch * dims.h * dims.w)
 }
 
 /// The weight's Winograd transform for the forward pass or (`flipped`) the input gradient,
@@ -188,11 +206,19 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
         let w = widened(&w);
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
-        // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad).
-        let flipped = px.as_ref().and_then(|_| winograd_weight(&w, &dims, kind, true));
+        // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad, or
+        // AMX's kernel with the taps turned).
+        let amx = px.is_some() && amx_applies(&dims, products);
+        let flipped = px.as_ref().filter(|_| !amx).and_then(|_| winograd_weight(&w, &dims, kind, true));
         let x = x.as_ref().map_or(&[][..], slice);
-        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none(), pw.is_some(), products);
+        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none() && !amx, pw.is_some(), products);
         let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims, products)).or(dx);
+        let dx = if amx {
+            let taps = bf16_product::conv3x3_taps(slice(&w), dims.c_out, dims.c_in, true);
+            Some(bf16_product::conv3x3(slice(&g), &taps, None, dims.batch, dims.c_out, dims.c_in, dims.h, dims.w))
+        } else {
+            dx
+        };
         if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [dims.batch, dims.c_in, dims.h, dims.w])));
         }
@@ -391,6 +417,47 @@ mod tests {
         // Twice: the first call makes and keeps the flipped transform, the second reuses it.
         let frozen: fn(Tensor<4>, Tensor<4>, Option<Tensor<1>>, ConvOptions<2>) -> Tensor<4> = |x, w, b, o| conv2d_frozen(x, w, b, o, Products::F32);
         assert!(grad(frozen) == grad(conv2d) && grad(frozen) == grad(conv2d), "input gradient");
+    }
+
+    /// Under bf16 products on a CPU with AMX, a 3x3 "same" convolution takes AMX's kernel both
+    /// ways: its output and input gradient are that kernel's bits (the taps as packed for it,
+    /// turned for the gradient), within bf16's rounding of the f32 convolution, the same on one
+    /// thread and two; the weight and bias gradients stay those of the f32 products' path.
+    #[test]
+    fn bf16_products_take_amx_kernel_where_it_runs() {
+        if !bf16_product::conv3x3_applies(64, 64, 1) {
+            eprintln!("skipped: this CPU runs no AMX");
+            return;
+        }
+        let device = cpu_autodiff();
+        let (b, ci, co, h, w) = (2, 64, 40, 9, 11);
+        let run = || {
+            let mut init = crate::Init::new(5);
+            let x = init.normal::<4>([b, ci, h, w], 1.0, &device).require_grad();
+            let wt = init.normal::<4>([co, ci, 3, 3], 0.1, &device).require_grad();
+            let bias = init.normal::<1>([co], 0.1, &device).require_grad();
+            let out = conv2d_as(x.clone(), wt.clone(), Some(bias.clone()), options(1, 1, 1), Products::Bf16);
+            let g = out.clone().powi_scalar(2).sum().backward();
+            let f32s = conv2d(x.clone(), wt.clone(), Some(bias.clone()), options(1, 1, 1));
+            let g32 = f32s.clone().powi_scalar(2).sum().backward();
+            let grads = [values(x.grad(&g).unwrap()), values(wt.grad(&g).unwrap()), values(bias.grad(&g).unwrap())];
+            let grads32 = [values(x.grad(&g32).unwrap()), values(wt.grad(&g32).unwrap()), values(bias.grad(&g32).unwrap())];
+            (values(out), grads, values(f32s), grads32, values(x.inner()), values(wt.inner()), values(bias.inner()))
+        };
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+        let (out, grads, out32, grads32, x, wt, bias) = pool(2).install(run);
+        assert!(pool(1).install(run).0 == out, "the output differs between 1 and 2 threads");
+        let taps = bf16_product::conv3x3_taps(&wt, co, ci, false);
+        assert!(out == bf16_product::conv3x3(&x, &taps, Some(&bias), b, ci, co, h, w), "the output is not AMX's kernel's");
+        // The output gradient of sum(out^2) is 2 out.
+        let g: Vec<f32> = out.iter().map(|v| 2.0 * v).collect();
+        let turned = bf16_product::conv3x3_taps(&wt, co, ci, true);
+        assert!(grads[0] == bf16_product::conv3x3(&g, &turned, None, b, co, ci, h, w), "the input gradient is not AMX's kernel's");
+        assert!(max_rel(out, out32) < 2e-2);
+        for (name, a, b) in [("x", &grads[0], &grads32[0]), ("weight", &grads[1], &grads32[1]), ("bias", &grads[2], &grads32[2])] {
+            let err = max_rel(a.clone(), b.clone());
+            assert!(err < 3e-2, "d{name}: {err} from the f32 products'");
+        }
     }
 
     /// The blocks and products are fixed by the shapes: one thread and two give the same bits.
