@@ -1,6 +1,8 @@
 """Times diffusers' StableDiffusionPipeline on a diffusers folder, the peer of `knobs generate`.
 
 Usage: python bench_generate_diffusers.py MODEL_DIR [--steps 4] [--runs 5] [--threads 2]
+    [--dtype fp32|bf16]  (bf16: the pipeline loaded with torch_dtype=torch.bfloat16, the peer of
+    `knobs generate --mixed-precision bf16`)
 Prints the median seconds of one text-to-image call (prompt + CFG + steps + VAE decode).
 """
 import argparse
@@ -15,9 +17,11 @@ p.add_argument("model")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
+dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 times = []

@@ -74,6 +74,27 @@ fn golden_latents_reproduce_the_diffusers_image() {
     }
     println!("golden image vs PNG: max abs difference {max:.4} (quantisation alone <= {:.4})", 0.5 / 255.0);
     assert!(max <= 1e-2, "PNG differs from the golden image by {max}");
+
+    // Computed in bf16 (`--mixed-precision bf16`): another image, within bf16's rounding of
+    // the f32 one.
+    let bf16 = tmp.path().join("bf16.png");
+    ok(&[
+        "generate", "--model", &model(),
+        "--prompt", meta["prompt"].as_str().unwrap(),
+        "--negative-prompt", meta["negative_prompt"].as_str().unwrap(),
+        "--steps", &meta["num_inference_steps"].to_string(),
+        "--guidance", &meta["guidance_scale"].to_string(),
+        "--scheduler", "ddim",
+        "--latents", &file,
+        "--mixed-precision", "bf16",
+        "--out", bf16.to_str().unwrap(),
+    ]);
+    let bf16 = png(&bf16);
+    let diffs: Vec<f32> = bf16.pixels().zip(img.pixels()).flat_map(|(a, b)| (0..3).map(move |c| (a[c] as f32 - b[c] as f32).abs() / 255.0)).collect();
+    let (worst, mean) = (diffs.iter().cloned().fold(0.0, f32::max), diffs.iter().sum::<f32>() / diffs.len() as f32);
+    println!("bf16 against f32: max abs difference {worst:.4}, mean {mean:.4}");
+    assert!(bf16 != img, "--mixed-precision bf16 drew the f32 image");
+    assert!(mean < 0.02 && worst < 0.2, "--mixed-precision bf16 is too far from f32: max {worst}, mean {mean}");
 }
 
 #[test]

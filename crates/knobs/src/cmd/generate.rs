@@ -13,6 +13,7 @@ use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion}
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{FloatDtype, read_safetensors};
 use knobs_nn::Tensor;
+use knobs_train::finetune::config::MixedPrecision;
 
 /// The adapter flags `generate` and `eval` share, and applying them to a loaded pipeline.
 #[derive(clap::Args, Debug, Clone)]
@@ -123,6 +124,11 @@ pub struct Args {
     /// memory; exact for f16 when the model's files are fp16.
     #[arg(long, default_value = "f32")]
     pub weights_dtype: FloatDtype,
+    /// Compute the UNet in bf16 or fp16 (and, under bf16, the VAE too), over the weights as
+    /// kept: what a diffusers pipeline loaded with `torch_dtype=torch.bfloat16` computes. On
+    /// CPUs with AVX512-BF16 or AMX the products run in bf16 (see the README's "Speed").
+    #[arg(long, value_enum, default_value_t = MixedPrecision::No)]
+    pub mixed_precision: MixedPrecision,
     /// Output PNG file.
     #[arg(long)]
     pub out: PathBuf,
@@ -161,7 +167,8 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
     // Narrowed as it loads, before adapters attach: only the model's own weights are.
-    let sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), args.weights_dtype.dtype())?;
+    let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), args.weights_dtype.dtype())?;
+    args.mixed_precision.apply(&mut sd);
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }
