@@ -160,12 +160,18 @@ fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: Conv
 /// there it reads the input in place of Winograd's transforms or the unrolled columns, both
 /// of which cost more than its products.
 fn amx_applies(dims: &ConvDims, products: Products) -> bool {
-    products == Products::Bf16
-        && dims.kernel == [3, 3]
-        && dims.stride == [1, 1]
-        && dims.padding == [1, 1]
-        && dims.dilation == [1, 1]
-        && bf16_product::conv3x3_applies(dims.c_in, dims.c_out, dims.batch * dims.h * dims.w)
+    products == Products::Bf16 && dims.is_3x3_same() && bf16_product::conv3x3_applies(dims.c_in, dims.c_out, dims.batch * dims.h * dims.w)
+}
+
+/// The input gradient from `g` where it is another 3x3 "same" convolution that a kernel of
+/// its own computes: AMX's with the taps turned, or Winograd's with the flipped transform;
+/// `None` where neither applies (then the unrolled columns' backward computes it).
+fn same_input_grad(w: &FlexTensor, g: &[f32], dims: &ConvDims, kind: Weight, products: Products) -> Option<Vec<f32>> {
+    if amx_applies(dims, products) {
+        let taps = bf16_product::conv3x3_taps(slice(w), dims.c_out, dims.c_in, true);
+        return Some(bf16_product::conv3x3(g, &taps, None, dims.batch, dims.c_out, dims.c_in, dims.h, dims.w));
+    }
+    winograd_weight(w, dims, kind, true).map(|u| winograd::input_grad(&u, g, dims, products))
 }
 
 /// The weight's Winograd transform for the forward pass or (`flipped`) the input gradient,
@@ -206,19 +212,10 @@ impl<const N: usize> Backward<Flex, N> for Conv2dOp<N> {
         let w = widened(&w);
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (px, pw) = (ops.parents[0].clone(), ops.parents[1].clone());
-        // A 3x3 "same" convolution's input gradient is another one (winograd::input_grad, or
-        // AMX's kernel with the taps turned).
-        let amx = px.is_some() && amx_applies(&dims, products);
-        let flipped = px.as_ref().filter(|_| !amx).and_then(|_| winograd_weight(&w, &dims, kind, true));
+        let same = px.as_ref().and_then(|_| same_input_grad(&w, slice(&g), &dims, kind, products));
         let x = x.as_ref().map_or(&[][..], slice);
-        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && flipped.is_none() && !amx, pw.is_some(), products);
-        let dx = flipped.map(|u| winograd::input_grad(&u, slice(&g), &dims, products)).or(dx);
-        let dx = if amx {
-            let taps = bf16_product::conv3x3_taps(slice(&w), dims.c_out, dims.c_in, true);
-            Some(bf16_product::conv3x3(slice(&g), &taps, None, dims.batch, dims.c_out, dims.c_in, dims.h, dims.w))
-        } else {
-            dx
-        };
+        let (dx, dw) = conv_kernel::backward(x, slice(&w), slice(&g), &dims, px.is_some() && same.is_none(), pw.is_some(), products);
+        let dx = same.or(dx);
         if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [dims.batch, dims.c_in, dims.h, dims.w])));
         }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::ops::fresh::written;
 use super::x86;
-use super::{Packed, ROWS, row_stride};
+use super::{Packed, ROWS, in_tasks, row_stride};
 
 /// Positions per block: two right tiles.
 const POSITIONS: usize = 32;
@@ -117,38 +117,33 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<
     let (input, plane) = paired(x, batch, ci, h, w, POSITIONS + gw + 1);
     let stride = row_stride(ci);
     let offsets: [isize; 9] = std::array::from_fn(|t| (t / 3) as isize * gw as isize + (t % 3) as isize - (gw + 1) as isize);
-    let co_blocks = co.div_ceil(ROWS);
-    let tasks = blocks.div_ceil(BLOCKS_PER_TASK);
-    let threads = rayon::current_num_threads();
-    let groups = (2 * threads).div_ceil(tasks).clamp(1, co_blocks);
-    let per_group = co_blocks.div_ceil(groups);
-    let mut out = Vec::with_capacity(batch * co * h * w);
-    let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast());
-    let task = |t: usize| {
-        let (range, group) = (t / groups, t % groups);
-        let position_blocks = range * BLOCKS_PER_TASK..((range + 1) * BLOCKS_PER_TASK).min(blocks);
-        let mut sums = [0f32; ROWS * POSITIONS];
-        // SAFETY: AMX is available; the tiles are configured before use and released after.
-        unsafe { x86::configure() };
-        for cb in group * per_group..((group + 1) * per_group).min(co_blocks) {
-            let a: [*const u32; 9] = std::array::from_fn(|t| taps[t].data[cb * ROWS * stride..].as_ptr());
-            for pb in position_blocks.clone() {
-                let g0 = first + pb * POSITIONS;
-                // SAFETY: the taps' blocks hold ROWS rows of `stride` pairs; every plane holds
-                // the positions g0 + offset .. + POSITIONS (the border and the slack).
-                unsafe { x86::conv_block(&a, stride, input[g0..].as_ptr(), plane, &offsets, sums.as_mut_ptr()) };
-                // SAFETY: the outputs of these positions and channels are this task's alone.
-                unsafe { store(&sums, dst, cb * ROWS, co, g0, first + count, (h, w), bias) };
+    let convolve = |out: &mut [std::mem::MaybeUninit<f32>]| {
+        let dst = Out(out.as_mut_ptr().cast());
+        // Tasks of BLOCKS_PER_TASK blocks of positions by groups of blocks of output channels,
+        // split as the product kernel splits its rows and panels.
+        in_tasks(blocks.div_ceil(BLOCKS_PER_TASK), co.div_ceil(ROWS), true, |range, channel_blocks| {
+            let position_blocks = range * BLOCKS_PER_TASK..((range + 1) * BLOCKS_PER_TASK).min(blocks);
+            let mut sums = [0f32; ROWS * POSITIONS];
+            // SAFETY: AMX is available; the tiles are configured before use and released after.
+            unsafe { x86::configure() };
+            for cb in channel_blocks {
+                let a: [*const u32; 9] = std::array::from_fn(|t| taps[t].data[cb * ROWS * stride..].as_ptr());
+                for pb in position_blocks.clone() {
+                    let g0 = first + pb * POSITIONS;
+                    // SAFETY: the taps' blocks hold ROWS rows of `stride` pairs; every plane
+                    // holds the positions g0 + offset .. + POSITIONS (the border and the slack).
+                    unsafe { x86::conv_block(&a, stride, input[g0..].as_ptr(), plane, &offsets, sums.as_mut_ptr()) };
+                    // SAFETY: the outputs of these positions and channels are this task's alone.
+                    unsafe { store(&sums, dst, cb * ROWS, co, g0, first + count, (h, w), bias) };
+                }
             }
-        }
-        // SAFETY: AMX is available.
-        unsafe { x86::release() };
+            // SAFETY: AMX is available.
+            unsafe { x86::release() };
+        });
     };
-    (0..tasks * groups).into_par_iter().for_each(task);
     // SAFETY: the blocks cover every position inside the border of every sample, and the
-    // groups every output channel: each output written once.
-    unsafe { out.set_len(batch * co * h * w) };
-    out
+    // tasks every block of output channels: each output written once.
+    unsafe { written(batch * co * h * w, convolve) }
 }
 
 /// A block's sums (`[ROWS, POSITIONS]`, channels from `o0`, positions of the grid from `g0`)

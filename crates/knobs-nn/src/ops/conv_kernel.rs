@@ -41,6 +41,12 @@ pub struct ConvDims {
 }
 
 impl ConvDims {
+    /// A 3x3 convolution with stride 1 and padding 1, undilated (every resnet convolution of
+    /// SD's UNet and VAE): the kind that Winograd's kernel and AMX's compute, and whose input
+    /// gradient is another of the kind.
+    pub(super) fn is_3x3_same(&self) -> bool {
+        self.kernel == [3, 3] && self.stride == [1, 1] && self.padding == [1, 1] && self.dilation == [1, 1]
+    }
     pub fn out_hw(&self) -> [usize; 2] {
         let size = |i: usize, len: usize| (len + 2 * self.padding[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) / self.stride[i] + 1;
         [size(0, self.h), size(1, self.w)]

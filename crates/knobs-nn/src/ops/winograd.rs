@@ -77,10 +77,7 @@ pub fn transform_bytes(c_out: usize, c_in: usize) -> usize {
 /// weight gives the same bits whether its transform is kept, made per call (past the budget)
 /// or its weight widened per call from half precision.
 pub fn applies(d: &ConvDims, frozen: bool) -> bool {
-    d.kernel == [3, 3]
-        && d.stride == [1, 1]
-        && d.padding == [1, 1]
-        && d.dilation == [1, 1]
+    d.is_3x3_same()
         && d.c_in >= MIN_CHANNELS
         && d.c_out >= MIN_CHANNELS
         && tiles(d).2 >= min_tiles(d, frozen)
@@ -200,8 +197,6 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
     let unit = if ci.max(co) <= NARROW_CHANNELS { ROW_TILE.div_ceil(4) } else { ROW_TILE };
     let per_block = cap.min(total.div_ceil(4)).next_multiple_of(unit).min(MAX_BLOCK_TILES).min(total);
     let blocks = total.div_ceil(per_block);
-    let mut out = Vec::with_capacity(batch * co * h * w);
-    let dst = Out(out.spare_capacity_mut().as_mut_ptr().cast());
     // A block for every thread: one thread each, products on that thread. Fewer: the products
     // on gemm's threads (gemm splits over output tiles only, so the sums are the same).
     let spread = blocks >= rayon::current_num_threads();
@@ -210,59 +205,61 @@ fn run(x: &[f32], transform: &WeightTransform, bias: Option<&[f32]>, batch: usiz
     // The transformed inputs: every channel's for f32 products, a pair of channels at a time
     // for bf16 ones (packed straight away).
     let v_channels = if packed.is_some() { ci.min(2) } else { ci };
-    (0..blocks).into_par_iter().with_min_len(pieces).for_each_init(
-        || (vec![0.0f32; v_channels * 16 * (per_block + PAD)], vec![0.0f32; co * 16 * (per_block + PAD)], Vec::new()),
-        |(v, m, scratch), b| {
-            let first = b * per_block;
-            let n = per_block.min(total - first);
-            let isa = lanes::isa();
-            let vs = per_block + PAD;
-            if let Some(packed) = packed {
-                // Transposed, m^T [co, n] = u^T [co, ci] v^T [ci, n] for each position: rows
-                // of m^T are contiguous, and the weight is the operand packed beforehand. Each
-                // pair of input channels is transformed into v's first two channels and packed
-                // while in cache.
-                let mut inputs: Vec<RightByPairs> = (0..16).map(|_| RightByPairs::new(ci, n)).collect();
-                for c in (0..ci).step_by(2) {
-                    for (j, c) in (c..(c + 2).min(ci)).enumerate() {
+    let convolve = |out: &mut [MaybeUninit<f32>]| {
+        let dst = Out(out.as_mut_ptr().cast());
+        (0..blocks).into_par_iter().with_min_len(pieces).for_each_init(
+            || (vec![0.0f32; v_channels * 16 * (per_block + PAD)], vec![0.0f32; co * 16 * (per_block + PAD)], Vec::new()),
+            |(v, m, scratch), b| {
+                let first = b * per_block;
+                let n = per_block.min(total - first);
+                let isa = lanes::isa();
+                let vs = per_block + PAD;
+                if let Some(packed) = packed {
+                    // Transposed, m^T [co, n] = u^T [co, ci] v^T [ci, n] for each position: rows
+                    // of m^T are contiguous, and the weight is the operand packed beforehand. Each
+                    // pair of input channels is transformed into v's first two channels and packed
+                    // while in cache.
+                    let mut inputs: Vec<RightByPairs> = (0..16).map(|_| RightByPairs::new(ci, n)).collect();
+                    for c in (0..ci).step_by(2) {
+                        for (j, c) in (c..(c + 2).min(ci)).enumerate() {
+                            let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
+                            transform_input((x, c, &mut v[j * 16 * vs..][..16 * vs], tiles), isa);
+                        }
+                        for (xi, input) in inputs.iter_mut().enumerate() {
+                            input.set_pair(c / 2, &v[xi * vs..][..n], (c + 1 < ci).then(|| &v[(16 + xi) * vs..][..n]));
+                        }
+                    }
+                    for (xi, input) in inputs.into_iter().map(RightByPairs::packed).enumerate() {
+                        // SAFETY: m holds [co][16][vs]; this position's m^T is co rows of n at 16 vs.
+                        unsafe { bf16_product::product_packed(&packed[xi], &input, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread) };
+                    }
+                } else {
+                    for c in 0..ci {
                         let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
-                        transform_input((x, c, &mut v[j * 16 * vs..][..16 * vs], tiles), isa);
+                        transform_input((x, c, &mut v[c * 16 * vs..][..16 * vs], tiles), isa);
                     }
-                    for (xi, input) in inputs.iter_mut().enumerate() {
-                        input.set_pair(c / 2, &v[xi * vs..][..n], (c + 1 < ci).then(|| &v[(16 + xi) * vs..][..n]));
+                    for xi in 0..16 {
+                        // SAFETY: v holds [ci][16][vs], u [ci][16][co], m [co][16][vs]; this
+                        // position's slice of each is a strided n x ci, ci x co and n x co matrix.
+                        unsafe {
+                            let lhs = View::strided(v, xi * vs, 1, 16 * vs);
+                            let rhs = View::strided(u, xi * co, 16 * co, 1);
+                            product_strided(n, co, ci, m[xi * vs..].as_mut_ptr(), 1, 16 * vs, false, lhs, rhs, 1.0, par);
+                        }
                     }
                 }
-                for (xi, input) in inputs.into_iter().map(RightByPairs::packed).enumerate() {
-                    // SAFETY: m holds [co][16][vs]; this position's m^T is co rows of n at 16 vs.
-                    unsafe { bf16_product::product_packed(&packed[xi], &input, m[xi * vs..].as_mut_ptr(), 16 * vs, 1, false, 1.0, !spread) };
-                }
-            } else {
-                for c in 0..ci {
+                for o in 0..co {
+                    let b0 = bias.map_or(0.0, |b| b[o]);
+                    // Tiles first..first + n are this block's alone, so these writes are too.
                     let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
-                    transform_input((x, c, &mut v[c * 16 * vs..][..16 * vs], tiles), isa);
+                    transform_output((&m[o * 16 * vs..][..16 * vs], o, b0, dst, tiles), isa);
                 }
-                for xi in 0..16 {
-                    // SAFETY: v holds [ci][16][vs], u [ci][16][co], m [co][16][vs]; this
-                    // position's slice of each is a strided n x ci, ci x co and n x co matrix.
-                    unsafe {
-                        let lhs = View::strided(v, xi * vs, 1, 16 * vs);
-                        let rhs = View::strided(u, xi * co, 16 * co, 1);
-                        product_strided(n, co, ci, m[xi * vs..].as_mut_ptr(), 1, 16 * vs, false, lhs, rhs, 1.0, par);
-                    }
-                }
-            }
-            for o in 0..co {
-                let b0 = bias.map_or(0.0, |b| b[o]);
-                // Tiles first..first + n are this block's alone, so these writes are too.
-                let tiles = Tiles { d: &d, first, n, stride: vs, scratch: &mut *scratch };
-                transform_output((&m[o * 16 * vs..][..16 * vs], o, b0, dst, tiles), isa);
-            }
-        },
-    );
+            },
+        );
+    };
     // SAFETY: the blocks' tiles cover every output plane, each value written once (by
     // `transform_output`, for every output channel).
-    unsafe { out.set_len(batch * co * h * w) };
-    out
+    unsafe { written(batch * co * h * w, convolve) }
 }
 
 /// The tiles `first..first + n` as runs along one tile row: (sample, tile row, first tile
