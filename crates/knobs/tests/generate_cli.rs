@@ -51,16 +51,23 @@ fn golden_latents_reproduce_the_diffusers_image() {
     let file = format!("{GOLDEN}/tensors/pipeline.safetensors");
     let g = read_safetensors(&file).unwrap();
     let meta: serde_json::Value = serde_json::from_str(&g.metadata["golden"]).unwrap();
-    ok(&[
-        "generate", "--model", &model(),
-        "--prompt", meta["prompt"].as_str().unwrap(),
-        "--negative-prompt", meta["negative_prompt"].as_str().unwrap(),
-        "--steps", &meta["num_inference_steps"].to_string(),
-        "--guidance", &meta["guidance_scale"].to_string(),
-        "--scheduler", "ddim",
-        "--latents", &file,
-        "--out", out.to_str().unwrap(),
-    ]);
+    // The golden call, with `extra` flags, to `out`.
+    let (model, steps, guidance) = (model(), meta["num_inference_steps"].to_string(), meta["guidance_scale"].to_string());
+    let golden = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "generate", "--model", &model,
+            "--prompt", meta["prompt"].as_str().unwrap(),
+            "--negative-prompt", meta["negative_prompt"].as_str().unwrap(),
+            "--steps", &steps,
+            "--guidance", &guidance,
+            "--scheduler", "ddim",
+            "--latents", &file,
+            "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    golden(&[], &out);
     let img = png(&out);
     let (want, shape) = g.f32("image").unwrap();
     assert_eq!(shape, vec![1, 3, 64, 64]);
@@ -78,17 +85,7 @@ fn golden_latents_reproduce_the_diffusers_image() {
     // Computed in bf16 (`--mixed-precision bf16`): another image, within bf16's rounding of
     // the f32 one.
     let bf16 = tmp.path().join("bf16.png");
-    ok(&[
-        "generate", "--model", &model(),
-        "--prompt", meta["prompt"].as_str().unwrap(),
-        "--negative-prompt", meta["negative_prompt"].as_str().unwrap(),
-        "--steps", &meta["num_inference_steps"].to_string(),
-        "--guidance", &meta["guidance_scale"].to_string(),
-        "--scheduler", "ddim",
-        "--latents", &file,
-        "--mixed-precision", "bf16",
-        "--out", bf16.to_str().unwrap(),
-    ]);
+    golden(&["--mixed-precision", "bf16"], &bf16);
     let bf16 = png(&bf16);
     let diffs: Vec<f32> = bf16.pixels().zip(img.pixels()).flat_map(|(a, b)| (0..3).map(move |c| (a[c] as f32 - b[c] as f32).abs() / 255.0)).collect();
     let (worst, mean) = (diffs.iter().cloned().fold(0.0, f32::max), diffs.iter().sum::<f32>() / diffs.len() as f32);
@@ -119,6 +116,8 @@ fn bad_inputs_are_clear_errors() {
     let missing = tmp.path().join("no-such-model");
     let e = fail(&["generate", "--model", missing.to_str().unwrap(), "--prompt", "x", "--out", o]);
     assert!(e.contains("no-such-model"), "{e}");
+    let e = fail(&["generate", "--model", &model(), "--prompt", "x", "--mixed-precision", "fp8", "--out", o]);
+    assert!(e.contains("--mixed-precision") && e.contains("fp8"), "{e}");
 
     let bad = tmp.path().join("bad.safetensors");
     let mut t = BTreeMap::new();
