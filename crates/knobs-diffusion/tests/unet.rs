@@ -83,6 +83,29 @@ fn half_precision_compute_stays_near_the_golden_and_trains_f32_weights() {
     assert!(checked > 200, "{checked} parameter tensors");
 }
 
+/// Generation under bf16 on a CPU with bf16 products keeps f32 activations and rounds only the
+/// products (`autocast::plan`): the bf16 UNet without autodiff gives the bits of the f32 UNet
+/// run inside `with_products(Bf16)`, which are not the f32 products' bits.
+#[test]
+fn bf16_inference_on_the_cpu_is_f32_activations_with_bf16_products() {
+    use knobs_nn::burn::tensor::DType;
+    use knobs_nn::ops::{Products, autocast};
+    if Products::for_dtype(DType::BF16) != Products::Bf16 {
+        println!("skipped: this CPU takes no bf16 products (no AVX512-BF16, or Intel without AMX)");
+        return;
+    }
+    let device = cpu();
+    let mut unet = UNet2DConditionModel::from_dir(unet_dir(), &device).unwrap();
+    let run = |unet: &UNet2DConditionModel| values(unet.forward(random([2, 4, 16, 16], 1, &device), Tensor::from_floats([10.0, 10.0], &device), random([2, 77, 32], 2, &device)));
+    let f32_products = run(&unet);
+    let bf16_products = autocast::with_products(Products::Bf16, || run(&unet));
+    unet.compute_dtype = DType::BF16;
+    let bf16 = run(&unet);
+    assert!(bf16 == bf16_products, "bf16 inference is f32 activations under bf16 products");
+    assert!(bf16 != f32_products, "the products were rounded to bf16");
+    assert!(rel_err(&bf16, &f32_products) < 3e-2);
+}
+
 #[test]
 fn random_init_has_the_checkpoint_layout() {
     let cfg = UNetConfig::from_file(unet_dir().join("config.json")).unwrap();

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use knobs_nn::burn::tensor::DType;
-use knobs_nn::ops::silu;
+use knobs_nn::ops::{autocast, silu};
 use knobs_nn::io::{LoadOptions, load_file};
 use knobs_nn::param::{f32_value, value_as};
 use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};
@@ -31,6 +31,8 @@ pub struct UNet2DConditionModel {
     pub conv_out: Conv2d,
     /// What the forward pass computes in: f32, or bf16 / f16 for mixed precision (inputs
     /// cast on entry, weights cast where used, norms and softmax in f32, output in f32).
+    /// Without autodiff on the CPU, bf16 keeps f32 activations and rounds the products only
+    /// (`autocast::plan`).
     pub compute_dtype: DType,
 }
 impl_module!(UNet2DConditionModel {
@@ -207,10 +209,14 @@ impl UNet2DConditionModel {
     }
 
     fn run(&self, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, added: Option<&AddedCond>, cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
+        let (dtype, products) = autocast::plan(self.compute_dtype, &sample);
+        autocast::with_products(products, || self.run_in(dtype, sample, timesteps, context, added, cap))
+    }
+
+    fn run_in(&self, dtype: DType, sample: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>, added: Option<&AddedCond>, cap: Option<&mut Option<UNetIntermediates>>) -> Tensor<4> {
         let b = sample.dims()[0];
         let timesteps = if timesteps.dims()[0] == b { timesteps } else { timesteps.expand([b]) };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample };
-        let dtype = self.compute_dtype;
         let (sample, context) = (value_as(&sample, dtype), value_as(&context, dtype));
         let t_proj = value_as(&self.time_proj.forward(timesteps), dtype);
         let temb = self.time_embedding.forward(t_proj.clone());

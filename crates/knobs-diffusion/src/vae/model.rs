@@ -4,6 +4,7 @@ use std::path::Path;
 
 use knobs_nn::burn::tensor::DType;
 use knobs_nn::io::{LoadOptions, load_file};
+use knobs_nn::ops::autocast;
 use knobs_nn::param::{f32_value, value_as};
 use knobs_nn::{Conv2d, Device, Error, Init, Result, Tensor, impl_module};
 
@@ -23,7 +24,8 @@ pub struct AutoencoderKL {
     pub config: VaeConfig,
     /// What encode and decode compute in: f32, or bf16 under `--mixed-precision bf16`, as
     /// diffusers' training scripts cast the frozen VAE to the weight dtype (not fp16, whose
-    /// range SD's VAE overflows). Inputs and results stay f32.
+    /// range SD's VAE overflows). Inputs and results stay f32. Without autodiff on the CPU,
+    /// bf16 keeps f32 activations and rounds the products only (`autocast::plan`).
     pub compute_dtype: DType,
 }
 impl_module!(AutoencoderKL {
@@ -113,10 +115,14 @@ impl AutoencoderKL {
     /// The posterior over latents of images in [-1, 1], `[B, C, H, W]` with H, W divisible
     /// by the downscale factor.
     pub fn encode(&self, x: Tensor<4>) -> DiagonalGaussian {
-        let mut moments = self.encoder.forward(value_as(&x, self.compute_dtype));
-        if let Some(q) = &self.quant_conv {
-            moments = q.forward(moments);
-        }
+        let (dtype, products) = autocast::plan(self.compute_dtype, &x);
+        let moments = autocast::with_products(products, || {
+            let moments = self.encoder.forward(value_as(&x, dtype));
+            match &self.quant_conv {
+                Some(q) => q.forward(moments),
+                None => moments,
+            }
+        });
         let posterior = DiagonalGaussian::from_moments(f32_value(&moments));
         // Its large activations are gone; the UNet's step, next, needs none of their blocks.
         knobs_nn::allocator::release_kept();
@@ -125,12 +131,15 @@ impl AutoencoderKL {
 
     /// Images (roughly in [-1, 1]) from unscaled latents.
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        let z = value_as(&z, self.compute_dtype);
-        let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z),
-            None => z,
-        };
-        let images = f32_value(&self.decoder.forward(z));
+        let (dtype, products) = autocast::plan(self.compute_dtype, &z);
+        let images = autocast::with_products(products, || {
+            let z = value_as(&z, dtype);
+            let z = match &self.post_quant_conv {
+                Some(p) => p.forward(z),
+                None => z,
+            };
+            f32_value(&self.decoder.forward(z))
+        });
         knobs_nn::allocator::release_kept();
         images
     }

@@ -63,7 +63,8 @@ impl Conv2d {
         if let Some(dtype) = half_on_cpu(&x) {
             return value_as(&self.base(f32_value(&x), Products::for_dtype(dtype)), dtype);
         }
-        self.base(x, Products::F32)
+        // f32 input: as Linear.
+        self.base(x, crate::ops::autocast::products_for_f32())
     }
 
     fn base(&self, x: Tensor<4>, products: Products) -> Tensor<4> {

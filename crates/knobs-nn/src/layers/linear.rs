@@ -46,7 +46,8 @@ impl Linear {
         if let Some(dtype) = half_on_cpu(&x) {
             return value_as(&self.base(f32_value(&x), Products::for_dtype(dtype)), dtype);
         }
-        self.base(x, Products::F32)
+        // f32 input: f32 products, or bf16 ones inside a bf16 model's generation (`autocast`).
+        self.base(x, crate::ops::autocast::products_for_f32())
     }
 
     fn base<const D: usize>(&self, x: Tensor<D>, products: Products) -> Tensor<D> {

@@ -33,7 +33,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     let [batch, n, width] = q.dims();
     let m = k.dims()[1];
     let dims = Dims { batch, n, m, heads, head_dim: width / heads };
-    if let Some(out) = fused_if_fusable(&q, &k, &v, dims, scale, Products::F32) {
+    if let Some(out) = fused_if_fusable(&q, &k, &v, dims, scale, super::autocast::products_for_f32()) {
         return out;
     }
     let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();

@@ -1,6 +1,7 @@
 //! Fused operations with their own kernels (forward and backward) on the CPU backend.
 pub mod activation;
 pub mod attention;
+pub mod autocast;
 // Reached only on the GPU backends (the CPU one has its fused kernel); tested on the CPU one.
 #[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod activation_portable;
