@@ -66,7 +66,6 @@ pub(super) fn row_stride(k: usize) -> usize {
 
 /// Where row `i`'s pair `q` lies in a left operand packed by [`pack_rows`] with rows of
 /// `stride` pairs.
-#[cfg(test)]
 pub(super) fn at(i: usize, q: usize, stride: usize) -> usize {
     i / 16 * 16 * stride + q / PAIRS * 16 * PAIRS + i % 16 * PAIRS + q % PAIRS
 }
@@ -110,6 +109,11 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
                 while 2 * done + 32 <= k {
                     // SAFETY: row i holds k contiguous values from its start; 16 pairs out.
                     unsafe { super::x86::round_into((ptr as *const f32).offset(i as isize * line).add(2 * done), chunk(done).as_mut_ptr()) };
+                    done += PAIRS;
+                }
+                if 2 * done < k {
+                    // SAFETY: as above, the row's last k - 2 done values.
+                    unsafe { super::x86::round_part_into((ptr as *const f32).offset(i as isize * line).add(2 * done), k - 2 * done, chunk(done).as_mut_ptr()) };
                     done += PAIRS;
                 }
             }

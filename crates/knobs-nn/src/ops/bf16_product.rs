@@ -183,6 +183,30 @@ impl Packed {
         Packed { data, lines, k, width, layout: Layout::Pairs }
     }
 
+    /// A left operand `[m, k]` of zeros in AMX's layout ([`Layout::Rows`]), for a producer
+    /// that writes its rows itself, 32 values at a time ([`Packed::row_chunk`]); `None` where
+    /// AMX does not run. Rows past `m` stay zeros.
+    pub(super) fn zero_rows(m: usize, k: usize) -> Option<Packed> {
+        let len = m.next_multiple_of(amx::ROWS) * amx::row_stride(k);
+        amx::available().then(|| Packed { data: vec![0; len], lines: m, k, width: amx::ROWS, layout: Layout::Rows })
+    }
+
+    /// Row `i` of a left operand made by [`Packed::zero_rows`] as chunks of 16 pairs, in
+    /// order: its `k` values, then zeros up to a whole chunk.
+    pub(super) fn row_chunks(&mut self, i: usize) -> impl Iterator<Item = &mut [u32; 16]> {
+        assert!(self.layout == Layout::Rows && i < self.lines, "a row of a left operand in AMX's layout");
+        let stride = amx::row_stride(self.k);
+        let chunks = stride / 16;
+        // A row's chunks lie a tile (16 rows of 16 pairs) apart.
+        self.data[amx::at(i, 0, stride)..].chunks_exact_mut(16).step_by(16).take(chunks).map(|c| c.try_into().expect("16 pairs"))
+    }
+
+    /// Its packed words, in the layout's order.
+    #[cfg(test)]
+    pub(super) fn words(&self) -> &[u32] {
+        &self.data
+    }
+
     /// Values along the summed dimension.
     pub(super) fn k(&self) -> usize {
         self.k
@@ -427,6 +451,20 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn round_into(p: *const f32, out: *mut u32) {
         unsafe { _mm512_storeu_si512(out.cast(), rounded(p)) };
+    }
+
+    /// The first `count` (below 32) of 32 floats from `p`, the rest zeros, as 16 bf16 pairs
+    /// into `out`.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `p` covers `count` floats, `out` 16 pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_part_into(p: *const f32, count: usize, out: *mut u32) {
+        let lanes = |from: usize| ((1u32 << count.saturating_sub(from).min(16)) - 1) as u16;
+        unsafe {
+            // A lane count of zero leaves the pointer unread.
+            let (lo, hi) = (_mm512_maskz_loadu_ps(lanes(0), p), _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)));
+            _mm512_storeu_si512(out.cast(), std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
     }
 
     /// Lines `0..count` (at most 16) from `p` (line `l` at `p + l * line`), 32 floats each, as
