@@ -556,6 +556,22 @@ mod x86 {
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p))) }
     }
 
+    /// The first `count` (at most 32) of 32 floats `step` apart from `p`, the rest zeros, as
+    /// 16 bf16 pairs into `out`.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16; `p` covers its `count` floats, `out` 16 pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gather_pairs(p: *const f32, step: usize, count: usize, out: *mut u32) {
+        let lanes = |from: usize| ((1u32 << count.saturating_sub(from).min(16)) - 1) as u16;
+        let index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(step as i32));
+        unsafe {
+            // Lanes outside the mask are not read.
+            let lo = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), lanes(0), index, p);
+            let hi = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), lanes(16), index, p.wrapping_add(16 * step));
+            _mm512_storeu_si512(out.cast(), std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+    }
+
     /// `count` (at most 16) floats from `lo` and from `hi` (zeros without it) into `out` as
     /// `count` pairs (lo, hi) in bf16.
     ///
