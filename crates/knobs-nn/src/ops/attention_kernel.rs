@@ -409,7 +409,7 @@ mod tests {
             return;
         }
         let isa = lanes::isa();
-        for (n, m, heads, d) in [(300, 600, 2, 40), (70, 77, 3, 80), (20, 530, 1, 160)] {
+        for (n, m, heads, d) in [(300, 600, 2, 40), (70, 77, 3, 80), (20, 530, 1, 160), (40, 1100, 1, 40)] {
             let dims = Dims { batch: 2, n, m, heads, head_dim: d };
             let (q, k, v) = (values(2 * n * heads * d, 0.1), values(2 * m * heads * d, 0.7), values(2 * m * heads * d, 1.3));
             let go = values(2 * n * heads * d, 2.9);

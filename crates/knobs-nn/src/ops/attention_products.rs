@@ -124,11 +124,11 @@ on_lanes! {
 }
 
 /// [`fold_block`] for AMX's bf16 products, on scores not yet multiplied by `scale` (the
-/// product then needs no pass of its own to scale them): each row's exponentials are rounded to bf16 as
-/// they are made and written straight into `p`, the probabilities as the left operand of the
-/// product with the values, where they were stored in f32 and packed by a pass of their own
-/// (that pass and the exponential were most of SD-1.5's 4096-token attention beside the
-/// products). Row sums add the f32 values. The exponential is a shorter one than
+/// product then needs no pass of its own to scale them): each row's exponentials are rounded
+/// to bf16 as they are made and written straight into `p`, the probabilities as the left
+/// operand of the product with the values, where they were stored in f32 and packed by a pass
+/// of their own (that pass and the exponential were most of SD-1.5's 4096-token attention
+/// beside the products). Row sums add the f32 values. The exponential is a shorter one than
 /// [`super::simd::exp`] (relative error 2.4e-6 against 1e-7): each result is rounded to bf16
 /// next, an error of up to 2e-3.
 ///
@@ -254,22 +254,23 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
                 // [len, span] and the output [len, d].
                 unsafe {
                     let amx = (products == Products::Bf16).then(|| rounded.take().filter(|p| p.k() == span).or_else(|| Packed::zero_rows(len, span))).flatten();
-                    let p = match (products, amx) {
+                    let (p, fused) = match (products, amx) {
                         #[cfg(target_arch = "x86_64")]
                         (Products::Bf16, Some(mut p)) => {
                             // Unscaled: AMX then sums whole blocks in place.
                             product_of(&qb, kt, s.as_mut_ptr(), span, 1, false, 1.0, par);
                             fold_rounded(s, scale, &mut run, d, kb == 0, &mut p);
-                            Operand::Bf16(p)
+                            (Operand::Bf16(p), true)
                         }
                         _ => {
                             product_of(&qb, kt, s.as_mut_ptr(), span, 1, false, scale, par);
                             fold_block((&mut *s, span, &mut run, d, kb == 0), isa);
-                            Operand::left(products, len, span, View::rows(s, 0, span), false)
+                            (Operand::left(products, len, span, View::rows(s, 0, span), false), false)
                         }
                     };
                     product_of(&p, vb, run.out.as_mut_ptr(), d, 1, kb > 0, 1.0, par);
-                    if let (Products::Bf16, Operand::Bf16(p)) = (products, p) {
+                    // Only AMX's own layout is refilled (vdpbf16ps' left operands are panels).
+                    if let (true, Operand::Bf16(p)) = (fused, p) {
                         rounded = Some(p);
                     }
                 }
