@@ -202,7 +202,7 @@ unsafe fn fold_rounded(s: &[f32], scale: f32, run: &mut Running, d: usize, first
 fn pow2(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // ln(2)^j / j!, the Taylor series of 2^f = e^(f ln 2).
-    const C: [f32; 5] = [0.693_147_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355_8];
+    const C: [f32; 5] = [std::f32::consts::LN_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355_8];
     // The input second: max returns its second operand when either is NaN.
     let t = _mm512_max_ps(_mm512_set1_ps(-126.0), t);
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);

@@ -74,9 +74,10 @@ pub(super) fn at(i: usize, q: usize, stride: usize) -> usize {
 /// pairs, in tiles: 16 rows by 16 pairs, each tile's rows side by side (row `i`'s pair `q` at
 /// `at(i, q, row_stride(k))`), so that a tile load reads one contiguous KiB instead of 16
 /// lines a row apart; rows up to a multiple of [`ROWS`] and pairs up to the stride zeros.
-/// Contiguous rows are rounded 32 values at a time; rows that are neighbours (a transposed
-/// operand: attention's probabilities in its backward pass, a Winograd weight) 16 rows by 16
-/// pairs at a time, transposed in registers; other strides one pair at a time.
+/// Contiguous rows are rounded 32 values at a time (a last, partial chunk masked); rows that
+/// are neighbours (a transposed operand: attention's probabilities in its backward pass, a
+/// Winograd weight) 16 rows by 16 pairs at a time, transposed in registers; other strides one
+/// pair at a time.
 ///
 /// SAFETY: the CPU has AVX512-BF16 and AVX512BW; `ptr` covers the `m` rows of `k` values.
 pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usize, k: usize, parallel: bool) -> Packed {
