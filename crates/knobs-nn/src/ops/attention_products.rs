@@ -143,7 +143,7 @@ unsafe fn fold_rounded(s: &[f32], scale: f32, run: &mut Running, d: usize, first
     // Whole chunks of 32 values unmasked; the lanes of the 16 values from `at` that lie in
     // the row for the last.
     let whole = keys / 32;
-    let lanes = |at: usize| ((1u32 << keys.saturating_sub(at).min(16)) - 1) as __mmask16;
+    let lanes = |at: usize| super::bf16_product::lanes(keys, at);
     let rows = run.top.iter_mut().zip(&mut run.total).zip(run.out.chunks_exact_mut(d));
     for (i, (row, ((top, total), out))) in s.chunks_exact(keys).zip(rows).enumerate() {
         let x = row.as_ptr();

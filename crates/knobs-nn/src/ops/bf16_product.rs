@@ -77,6 +77,12 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bits(lo) | bits(hi) << 16
 }
 
+/// The mask of the lanes of a 16-lane vector from value `from` that lie among the first
+/// `count` values: what masked loads and stores of a partial chunk take.
+pub(super) fn lanes(count: usize, from: usize) -> u16 {
+    ((1u32 << count.saturating_sub(from).min(16)) - 1) as u16
+}
+
 /// `dst` (element (i, j) at `dst + i * rs + j * cs`) = `dst` (when `accumulate`) + `beta`
 /// lhs `[m, k]` rhs `[k, n]`, both operands rounded to bf16. Call only where [`available`].
 ///
@@ -99,7 +105,9 @@ pub(super) fn conv3x3_applies(c_in: usize, c_out: usize, positions: usize) -> bo
 /// Channels below which a convolution keeps the other kernels (a tile holds 32 of them).
 const CONV_MIN_CHANNELS: usize = 32;
 /// Outputs per call below which the taps' packing costs more than AMX saves: a 16x16 plane of
-/// 1280 channels took 22 ms to pack against 5.5 ms for its products.
+/// 1280 channels took 22 ms to pack against 5.5 ms for its products; packed in one pass
+/// (`conv::gathered_taps`), AMX's `[2, 1280, 16, 16]` still took 20-24 ms against Winograd's
+/// 19-26, the f32 weight read per call being the cost.
 const CONV_MIN_POSITIONS: usize = if cfg!(test) { 1 } else { 1024 };
 
 /// The weight `[co, ci, 3, 3]` packed for [`conv3x3`], as its 9 taps, or (`flipped`) those of
@@ -184,7 +192,7 @@ impl Packed {
     }
 
     /// A left operand `[m, k]` of zeros in AMX's layout ([`Layout::Rows`]), for a producer
-    /// that writes its rows itself, 32 values at a time ([`Packed::row_chunk`]); `None` where
+    /// that writes its rows itself, 32 values at a time ([`Packed::row_chunks`]); `None` where
     /// AMX does not run. Rows past `m` stay zeros.
     pub(super) fn zero_rows(m: usize, k: usize) -> Option<Packed> {
         let len = m.next_multiple_of(amx::ROWS) * amx::row_stride(k);
@@ -459,10 +467,9 @@ mod x86 {
     /// SAFETY: the CPU has AVX512-BF16; `p` covers `count` floats, `out` 16 pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn round_part_into(p: *const f32, count: usize, out: *mut u32) {
-        let lanes = |from: usize| ((1u32 << count.saturating_sub(from).min(16)) - 1) as u16;
         unsafe {
             // A lane count of zero leaves the pointer unread.
-            let (lo, hi) = (_mm512_maskz_loadu_ps(lanes(0), p), _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)));
+            let (lo, hi) = (_mm512_maskz_loadu_ps(super::lanes(count, 0), p), _mm512_maskz_loadu_ps(super::lanes(count, 16), p.wrapping_add(16)));
             _mm512_storeu_si512(out.cast(), std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
         }
     }
@@ -480,7 +487,7 @@ mod x86 {
             for (l, r) in r.iter_mut().enumerate().take(count) {
                 *r = rounded(p.offset(l as isize * line));
             }
-            let mask = ((1u32 << count) - 1) as u16;
+            let mask = super::lanes(count, 0);
             for (t, row) in transposed16(&r).into_iter().enumerate() {
                 _mm512_mask_storeu_epi32(out.add(t * width).cast(), mask, row);
             }
@@ -562,12 +569,11 @@ mod x86 {
     /// SAFETY: the CPU has AVX512-BF16; `p` covers its `count` floats, `out` 16 pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn gather_pairs(p: *const f32, step: usize, count: usize, out: *mut u32) {
-        let lanes = |from: usize| ((1u32 << count.saturating_sub(from).min(16)) - 1) as u16;
         let index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(step as i32));
         unsafe {
             // Lanes outside the mask are not read.
-            let lo = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), lanes(0), index, p);
-            let hi = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), lanes(16), index, p.wrapping_add(16 * step));
+            let lo = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), super::lanes(count, 0), index, p);
+            let hi = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), super::lanes(count, 16), index, p.wrapping_add(16 * step));
             _mm512_storeu_si512(out.cast(), std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
         }
     }
@@ -579,7 +585,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn interleave(lo: *const f32, hi: Option<*const f32>, count: usize, out: *mut u32) {
-        let mask = ((1u32 << count) - 1) as u16;
+        let mask = super::lanes(count, 0);
         unsafe { _mm512_mask_storeu_epi32(out.cast(), mask, interleaved(lo, hi, count)) };
     }
 
@@ -589,7 +595,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn interleaved(lo: *const f32, hi: Option<*const f32>, count: usize) -> __m512i {
-        let mask = ((1u32 << count) - 1) as u16;
+        let mask = super::lanes(count, 0);
         unsafe {
             let lo = _mm512_maskz_loadu_ps(mask, lo);
             let hi = hi.map_or(_mm512_setzero_ps(), |hi| _mm512_maskz_loadu_ps(mask, hi));
