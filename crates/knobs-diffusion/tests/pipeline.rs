@@ -163,3 +163,31 @@ fn missing_parts_are_clear_errors() {
     let e = StableDiffusion::from_dir(tmp.path().join("nope"), &cpu()).unwrap_err().to_string();
     assert!(e.contains("nope") && e.contains("not found"), "{e}");
 }
+
+/// Under bf16 on a CPU whose AMX tiles run the products, the UNet's and VAE's weight matrices
+/// and kernels stored in bf16 (what `knobs generate --mixed-precision bf16` keeps there by
+/// default) give the images of f32 ones, bit for bit: every product rounds them to bf16 as it
+/// packs them.
+#[test]
+fn bf16_weights_change_no_bf16_image_where_amx_runs() {
+    use knobs_nn::ModuleExt;
+    use knobs_nn::burn::tensor::DType;
+    if !knobs_nn::ops::autocast::bf16_weights_change_nothing() {
+        println!("skipped: this CPU runs no AMX");
+        return;
+    }
+    let mut sd = load();
+    let req = small("a photo of a dog", 3);
+    let f32_image = values(sd.generate(&req).unwrap());
+    sd.unet.compute_dtype = DType::BF16;
+    sd.vae.compute_dtype = DType::BF16;
+    let wide = values(sd.generate(&req).unwrap());
+    sd.unet.store_frozen_as(DType::BF16);
+    sd.vae.store_frozen_as(DType::BF16);
+    let mut narrow_params = 0;
+    sd.unet.for_each_param(|_, p| narrow_params += usize::from(p.bytes() == 2 * p.numel()));
+    assert!(narrow_params > 100, "the UNet's matrices and kernels are stored in bf16 ({narrow_params})");
+    let narrow = values(sd.generate(&req).unwrap());
+    assert!(narrow == wide, "the same image from bf16-stored weights");
+    assert!(wide != f32_image, "bf16 products, not f32 ones");
+}

@@ -46,6 +46,14 @@ pub fn plan<const D: usize>(dtype: DType, x: &Tensor<D>) -> (DType, Products) {
     (dtype, products_for_f32())
 }
 
+/// Whether a model computed in bf16 without autodiff ([`plan`]) gives the same results with
+/// its frozen weight matrices and kernels stored in bf16 as in f32: on a CPU whose AMX tiles
+/// run its products, where every use of them rounds them to bf16 as it packs them (the
+/// Winograd kernel, taken without AMX, transforms a 3x3 kernel in f32 before rounding it).
+pub fn bf16_weights_change_nothing() -> bool {
+    Products::for_dtype(DType::BF16) == Products::Bf16 && super::bf16_product::amx_runs()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,7 +99,18 @@ pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32
 /// `positions` outputs (over the batch) take AMX's kernel ([`conv3x3`]) under bf16 products:
 /// where AMX runs and the weight's taps, packed per call, cost little beside the products.
 pub(super) fn conv3x3_applies(c_in: usize, c_out: usize, positions: usize) -> bool {
-    amx::available() && c_in.min(c_out) >= CONV_MIN_CHANNELS && positions >= CONV_MIN_POSITIONS
+    conv3x3_runs(c_in, c_out) && positions >= CONV_MIN_POSITIONS
+}
+
+/// Whether AMX's tiles run the bf16 products on this CPU.
+pub(super) fn amx_runs() -> bool {
+    amx::available()
+}
+
+/// Whether AMX's kernel ([`conv3x3`]) runs 3x3 convolutions of `c_in` to `c_out` channels
+/// with taps packed beforehand (kept for a frozen weight): at every plane size.
+pub(super) fn conv3x3_runs(c_in: usize, c_out: usize) -> bool {
+    amx_runs() && c_in.min(c_out) >= CONV_MIN_CHANNELS
 }
 
 /// Channels below which a convolution keeps the other kernels (a tile holds 32 of them).
@@ -115,6 +126,11 @@ const CONV_MIN_POSITIONS: usize = if cfg!(test) { 1 } else { 1024 };
 pub(super) fn conv3x3_taps(w: &[f32], co: usize, ci: usize, flipped: bool) -> Vec<Packed> {
     assert!(amx::available(), "the AMX convolution needs AMX");
     amx::conv::taps(w, co, ci, flipped)
+}
+
+/// Bytes of [`conv3x3_taps`]' packing.
+pub(super) fn conv3x3_taps_bytes(co: usize, ci: usize) -> usize {
+    9 * co.next_multiple_of(amx::ROWS) * amx::row_stride(ci) * size_of::<u32>()
 }
 
 /// `x` `[B, ci, h, w]` convolved (3x3, stride 1, padding 1) with the weight packed as `taps`
@@ -165,6 +181,11 @@ impl Packed {
     pub(super) fn right(k: usize, n: usize, rhs: View, parallel: bool) -> Packed {
         let (ptr, elem, line) = rhs.parts();
         Packed::new(ptr, line, elem, n, k, NR, parallel)
+    }
+
+    /// Bytes of [`Packed::right`]'s packing of a `[k, n]` operand.
+    pub(super) fn right_bytes(k: usize, n: usize) -> usize {
+        n.div_ceil(NR) * k.div_ceil(2) * NR * size_of::<u32>()
     }
 
     /// Line `l`, element `e` at `ptr + l * line + e * elem`.

@@ -112,7 +112,7 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
             Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, kind, products)));
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), dims, kind, products, true)));
     }
     // With a bias the op has three parents.
     let strategy = x.gradient_checkpointing_strategy();
@@ -123,7 +123,7 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
     let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
-        let out = forward(&x, &w, b.as_ref(), dims, kind, products);
+        let out = forward(&x, &w, b.as_ref(), dims, kind, products, false);
         (out, Saved { x: keep_input.then_some(x), w, kind, dims, products })
     };
     match bias {
@@ -139,14 +139,26 @@ fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before the kernel)")
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight, products: Products) -> FlexTensor {
-    let (x, w) = (x.to_contiguous(), widened(w));
+/// The convolution of `x` with `w` as stored; `untracked`: nothing will be differentiated
+/// (generation), so a frozen weight's AMX taps are kept between calls.
+#[allow(clippy::too_many_arguments)]
+fn forward(x: &FlexTensor, stored: &FlexTensor, bias: Option<&FlexTensor>, dims: ConvDims, kind: Weight, products: Products, untracked: bool) -> FlexTensor {
+    let x = x.to_contiguous();
     let bias = bias.map(|b| b.to_contiguous());
-    let (xs, ws, bs) = (slice(&x), slice(&w), bias.as_ref().map(slice));
-    let out = if amx_applies(&dims, products) {
-        let taps = bf16_product::conv3x3_taps(ws, dims.c_out, dims.c_in, false);
+    let (xs, bs) = (slice(&x), bias.as_ref().map(slice));
+    // AMX's taps: kept for a frozen weight where nothing is differentiated, which also lets
+    // the small planes take AMX's kernel; made per call only where the plane is large enough.
+    let taps = (products == Products::Bf16 && dims.is_3x3_same() && bf16_product::conv3x3_runs(dims.c_in, dims.c_out)).then(|| {
+        // A half-precision weight widened only when packed.
+        let pack = || bf16_product::conv3x3_taps(slice(&widened(stored)), dims.c_out, dims.c_in, false);
+        let kept = (untracked && kind != Weight::Trained).then(|| weight_transforms::packed(stored, [dims.c_out, dims.c_in, 9], bf16_product::conv3x3_taps_bytes(dims.c_out, dims.c_in), pack)).flatten();
+        kept.or_else(|| amx_applies(&dims, products).then(|| Arc::new(pack())))
+    });
+    let out = if let Some(Some(taps)) = taps {
         bf16_product::conv3x3(xs, &taps, bs, dims.batch, dims.c_in, dims.c_out, dims.h, dims.w)
     } else {
+        let w = widened(stored);
+        let ws = slice(&w);
         match winograd_weight(&w, &dims, kind, false) {
             Some(u) => winograd::forward(xs, &u, bs, &dims, products),
             None => conv_kernel::forward(xs, ws, bs, &dims, products),
@@ -455,6 +467,37 @@ mod tests {
             let err = max_rel(a.clone(), b.clone());
             assert!(err < 3e-2, "d{name}: {err} from the f32 products'");
         }
+    }
+
+    /// Where nothing is differentiated, a frozen weight's AMX taps (an f32 weight's and a
+    /// bf16-stored one's) are kept and give the per-call taps' bits; a weight changed in place
+    /// is served new ones.
+    #[test]
+    fn a_frozen_weight_keeps_its_amx_taps_where_nothing_is_differentiated() {
+        if !bf16_product::conv3x3_applies(64, 64, 1) {
+            eprintln!("skipped: this CPU runs no AMX");
+            return;
+        }
+        let device = cpu();
+        let (b, ci, co, h, w) = (2, 64, 40, 7, 5);
+        let x = rand([b, ci, h, w], &device);
+        let storage = |w: &Tensor<4>| w.clone().try_into_primitive::<Flex>().unwrap();
+        for weight in [rand([co, ci, 3, 3], &device), rand([co, ci, 3, 3], &device).cast(DType::BF16)] {
+            let kept = || values(conv2d_frozen_copy(x.clone(), weight.clone(), None, options(1, 1, 1), Products::Bf16));
+            let first = kept();
+            assert!(weight_transforms::holds_packed(&storage(&weight)), "{:?}: the taps are kept", weight.dtype());
+            let wide = values(weight.clone().cast(DType::F32));
+            let taps = bf16_product::conv3x3_taps(&wide, co, ci, false);
+            let per_call = bf16_product::conv3x3(&values(x.clone()), &taps, None, b, ci, co, h, w);
+            assert!(first == per_call && kept() == per_call, "{:?}: the kept taps' bits are the per-call ones'", weight.dtype());
+        }
+        let weight = rand([co, ci, 3, 3], &device);
+        let before = values(conv2d_frozen(x.clone(), weight.clone(), None, options(1, 1, 1), Products::Bf16));
+        // Written in place where the storage is not shared, so the kept copy must be.
+        let weight = weight.add_scalar(0.5);
+        let after = values(conv2d_frozen(x.clone(), weight.clone(), None, options(1, 1, 1), Products::Bf16));
+        let taps = bf16_product::conv3x3_taps(&values(weight), co, ci, false);
+        assert!(after != before && after == bf16_product::conv3x3(&values(x), &taps, None, b, ci, co, h, w), "a changed weight's own taps");
     }
 
     /// The blocks and products are fixed by the shapes: one thread and two give the same bits.

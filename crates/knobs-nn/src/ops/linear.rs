@@ -19,7 +19,9 @@ use burn::backend::Flex;
 use burn::tensor::{DType, GradientCheckpointingStrategy, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::bf16_product::{Packed, product_packed};
 use super::fresh::written;
+use super::weight_transforms;
 use super::matrix::{Products, View, min_len, parallelism, product_as};
 use super::record::{kept, lifted, record};
 use super::precision::widened;
@@ -50,12 +52,12 @@ pub fn linear_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: 
             Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), products)));
+        return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), products, true)));
     }
     // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
     let strategy = x.gradient_checkpointing_strategy().or(w.gradient_checkpointing_strategy());
     let (x, w) = (lifted(x, strategy), lifted(w, strategy));
-    let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| (forward(&x, &w, b.as_ref(), products), Saved { w, products });
+    let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| (forward(&x, &w, b.as_ref(), products, false), Saved { w, products });
     if strategy == Some(GradientCheckpointingStrategy::Balanced) && w.dims()[0] >= 2 * w.dims()[1] {
         // A layer at least twice as wide out as in (the feed-forward's input projection, 8x
         // for GEGLU) has its output recomputed in the backward pass from the input, as the
@@ -97,32 +99,50 @@ fn par(work: usize) -> gemm::Parallelism {
     parallelism(work >= PARALLEL_WORK)
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, products: Products) -> FlexTensor {
+/// The layer's output; `untracked`: nothing will be differentiated (generation), so the
+/// weight, frozen, keeps its bf16 packing between calls.
+fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, products: Products, untracked: bool) -> FlexTensor {
     let x = x.to_contiguous();
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = w.layout().shape().dims::<2>()[0];
     let xv = View::rows(slice(&x), 0, d_in);
     let b = b.map(widened);
-    // The product with `wt`, the weight's transpose `[in, out]` as a view.
-    let times = |wt: View| match &b {
-        Some(b) => {
-            let b = slice(b);
-            // SAFETY: every row is written with the bias.
-            let mut out = unsafe {
-                written(rows * d_out, |out| {
-                    out.par_chunks_mut(d_out.max(1)).with_min_len(min_len(rows * d_out >= PARALLEL_WORK)).for_each(|row| {
-                        row.iter_mut().zip(b).for_each(|(o, b)| {
-                            o.write(*b);
-                        });
+    let work = rows * d_in * d_out;
+    // The output from `product(out, accumulate)`, which adds (or writes) x W^T there.
+    let with_product = |product: &dyn Fn(*mut f32, bool)| -> Vec<f32> {
+        match &b {
+            Some(b) => {
+                let b = slice(b);
+                // SAFETY: every row is written with the bias.
+                let mut out = unsafe {
+                    written(rows * d_out, |out| {
+                        out.par_chunks_mut(d_out.max(1)).with_min_len(min_len(rows * d_out >= PARALLEL_WORK)).for_each(|row| {
+                            row.iter_mut().zip(b).for_each(|(o, b)| {
+                                o.write(*b);
+                            });
+                        })
                     })
-                })
-            };
-            // SAFETY: `out` holds rows x d_out; x is [rows, d_in] and wt covers [d_in, d_out].
-            unsafe { product_as(products, rows, d_out, d_in, out.as_mut_ptr(), d_out, 1, true, xv, wt, 1.0, par(rows * d_in * d_out)) };
-            out
+                };
+                product(out.as_mut_ptr(), true);
+                out
+            }
+            None if d_in == 0 => vec![0.0; rows * d_out],
+            // SAFETY: a product without accumulation writes all rows x d_out values.
+            None => unsafe { written(rows * d_out, |out| product(out.as_mut_ptr().cast(), false)) },
         }
-        None => new_product(rows, d_out, d_in, xv, wt, products),
     };
+    // The product with `wt`, the weight's transpose `[in, out]` as a view.
+    // SAFETY (of each product below): `dst` holds rows x d_out; x is [rows, d_in] and the
+    // weight's operand covers [d_in, d_out].
+    let times = |wt: View| with_product(&|dst, accumulate| unsafe { product_as(products, rows, d_out, d_in, dst, d_out, 1, accumulate, xv, wt, 1.0, par(work)) });
+    if untracked && products == Products::Bf16 {
+        let pack = || vec![Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), true)];
+        if let Some(kept) = weight_transforms::packed(w, [d_out, d_in, 1], Packed::right_bytes(d_in, d_out), pack) {
+            let parallel = work >= PARALLEL_WORK;
+            let out = with_product(&|dst, accumulate| unsafe { product_packed(&Packed::left(rows, d_in, xv, parallel), &kept[0], dst, d_out, 1, accumulate, 1.0, parallel) });
+            return FlexTensor::from_data(TensorData::new(out, [rows, d_out]));
+        }
+    }
     let transposed = || with_widened_transposed(w, |wt| times(View::rows(wt, 0, d_out)));
     // The bf16 kernel packs either layout at the same cost.
     let out = (transposes_first(rows, d_in, d_out) && products == Products::F32).then(transposed).flatten().unwrap_or_else(|| {
@@ -194,7 +214,7 @@ impl RetroForward for Recompute {
         RECOMPUTED.with(|n| n.set(n.get() + 1));
         let (x, w) = (states.get_state::<FlexTensor>(&self.x), self.w.get(states));
         let b = self.b.as_ref().map(|b| b.get(states));
-        states.save(out, forward(&x, &w, b.as_ref(), self.products));
+        states.save(out, forward(&x, &w, b.as_ref(), self.products, false));
     }
 }
 
@@ -366,6 +386,28 @@ mod tests {
                     assert!(max_rel(got, unrounded) > 1e-4, "{rows}x{d_in}x{d_out} trains {trains}: output {i} as if unrounded");
                 }
             }
+        }
+    }
+
+    /// Where nothing is differentiated, a frozen weight's bf16 packing (an f32 weight's and a
+    /// bf16-stored one's) is kept and gives the bits of the packing made per call (the same
+    /// product under autodiff).
+    #[test]
+    fn a_frozen_weight_keeps_its_bf16_packing_where_nothing_is_differentiated() {
+        if !crate::ops::bf16_product::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut init = Init::new(35);
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, w, b) = (init.normal::<2>([70, 48], 1.0, &cpu()), init.normal::<2>([40, 48], 0.3, &cpu()).cast(dtype), init.normal::<1>([40], 0.5, &cpu()));
+            let kept = || values(linear_as(&x, &w, Some(&b), Products::Bf16).expect("the op applies"));
+            let first = kept();
+            assert!(weight_transforms::holds_packed(&w.clone().try_into_primitive::<Flex>().unwrap()), "{dtype:?}: the packing is kept");
+            let device = cpu_autodiff();
+            let on = |t: Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
+            let per_call = values(linear_as(&on(x.clone()).require_grad(), &on(w.clone()), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies"));
+            assert!(first == per_call && kept() == per_call, "{dtype:?}: the kept packing's bits are the per-call one's");
         }
     }
 

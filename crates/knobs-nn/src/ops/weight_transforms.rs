@@ -1,73 +1,138 @@
-//! Winograd transforms of frozen convolution weights, kept between calls. A frozen weight
-//! transforms to the same values at every denoising step and every adapter-training step, and
-//! at a UNet's small planes the transform costs about as much as the products it saves; kept,
-//! it also lets those planes take the Winograd kernel at all (`winograd::applies`).
+//! What frozen weights are turned into for a kernel, kept between calls: Winograd transforms
+//! of convolution weights, and weights packed in bf16 for the bf16 products. A frozen weight
+//! turns into the same values at every denoising step and every adapter-training step. At a
+//! UNet's small planes the Winograd transform costs about as much as the products it saves;
+//! kept, it also lets those planes take the Winograd kernel at all (`winograd::applies`).
+//! Packings are kept only where nothing is differentiated (generation): there, packing
+//! SD-1.5's UNet weights per call read 3.4 GB a denoising step, and kept AMX taps let its
+//! 16x16 and 8x8 planes take AMX's convolution (a `[2, 1280, 8, 8]` one in 3.7 ms against
+//! Winograd's 6.8 with its transform made per call).
 //!
 //! An entry holds a clone of the weight's storage. While it does, the values cannot change
 //! (the CPU backend copies shared storage before writing it) and the memory cannot be reused,
 //! so the storage's address names the values. An entry whose weight nobody else holds any more
-//! is dropped at the next lookup that misses; past the budget, nothing more is kept and a weight's
-//! transform is made per call (the kernel stays the one `winograd::applies` chose).
-use std::sync::{Arc, Mutex};
+//! is dropped at the next lookup that misses; past the store's budget, nothing more is kept
+//! and a weight's transform or packing is made per call (by the kernel a plane takes without
+//! a kept one).
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::backend::flex::FlexTensor;
 
+use super::bf16_product::Packed;
 use super::winograd::{self, WeightTransform};
 
-/// Transforms kept at most, in bytes (the built-in model's UNet and VAE need about 20 MiB).
-const BUDGET_BYTES: usize = 64 << 20;
+/// Winograd transforms kept at most, in bytes (the built-in model's UNet and VAE need about
+/// 20 MiB).
+const TRANSFORM_BUDGET: usize = 64 << 20;
+/// bf16 packings kept at most: those of SD-1.5's UNet and VAE (1.7 GB); SDXL's UNet keeps
+/// part of its own.
+const PACKED_BUDGET: usize = 2 << 30;
 
-struct Entry {
-    /// The weight's storage, held so that it stays as it is.
-    weight: FlexTensor,
-    key: Key,
-    transform: Arc<WeightTransform>,
-}
-
-/// Address and length of the storage, the weight's `[c_out, c_in]`, and which transform.
-type Key = (usize, usize, [usize; 2], bool);
-
-static KEPT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+static TRANSFORMS: Kept<WeightTransform> = Kept::new(TRANSFORM_BUDGET);
+static PACKED: Kept<Vec<Packed>> = Kept::new(PACKED_BUDGET);
 
 /// `winograd::transform` of the frozen weight `w` `[c_out, c_in, 3, 3]` (contiguous f32):
 /// the kept one, or one made now and kept; `None` when the budget is spent.
 pub(super) fn of_frozen(w: &FlexTensor, c_out: usize, c_in: usize, flipped: bool) -> Option<Arc<WeightTransform>> {
     let values = w.as_slice::<f32>().expect("a contiguous f32 weight (checked before the kernel)");
-    let key = (values.as_ptr() as usize, values.len(), [c_out, c_in], flipped);
-    let bytes = winograd::transform_bytes(c_out, c_in);
-    // The kept one, or whether one more fits once the entries of weights gone are dropped.
-    let room = |kept: &mut Vec<Entry>| match kept.iter().find(|e| e.key == key) {
-        Some(e) => Err(Some(e.transform.clone())),
-        None => {
-            kept.retain(|e| !e.weight.is_unique());
-            let used: usize = kept.iter().map(|e| e.transform.bytes()).sum();
-            if used + bytes <= BUDGET_BYTES { Ok(()) } else { Err(None) }
-        }
-    };
-    if let Err(found) = room(&mut kept()) {
-        return found;
-    }
-    // Made outside the lock: the transform runs on rayon's threads, which may meanwhile take
-    // another convolution that looks here.
-    let transform = Arc::new(winograd::transform(values, c_out, c_in, flipped));
-    let mut kept = kept();
-    if let Err(found) = room(&mut kept) {
-        return found;
-    }
-    kept.push(Entry { weight: w.clone(), key, transform: transform.clone() });
-    Some(transform)
+    TRANSFORMS.get(w, [c_out, c_in, usize::from(flipped)], winograd::transform_bytes(c_out, c_in), || winograd::transform(values, c_out, c_in, flipped))
 }
 
-/// Whether a transform of `w`'s storage is kept.
+/// The frozen weight `w` (contiguous, in any precision) packed by `pack` for AMX's products,
+/// `what` telling its packings apart: the kept packing, or one made now and kept; `None` when
+/// the weight is not contiguous or the budget is spent.
+pub(super) fn packed(w: &FlexTensor, what: [usize; 3], bytes: usize, pack: impl FnOnce() -> Vec<Packed>) -> Option<Arc<Vec<Packed>>> {
+    w.is_contiguous().then(|| PACKED.get(w, what, bytes, pack)).flatten()
+}
+
+/// What a kept value costs in memory.
+trait Bytes {
+    fn bytes(&self) -> usize;
+}
+
+impl Bytes for WeightTransform {
+    fn bytes(&self) -> usize {
+        WeightTransform::bytes(self)
+    }
+}
+
+impl Bytes for Vec<Packed> {
+    fn bytes(&self) -> usize {
+        self.iter().map(Packed::bytes).sum()
+    }
+}
+
+/// Address and length of the storage, its dtype, and what was made of it.
+type Key = (usize, usize, burn::tensor::DType, [usize; 3]);
+
+struct Entry<T> {
+    /// The weight's storage, held so that it stays as it is.
+    weight: FlexTensor,
+    key: Key,
+    value: Arc<T>,
+}
+
+/// One kind of kept value, within a budget of bytes.
+struct Kept<T> {
+    entries: Mutex<Vec<Entry<T>>>,
+    budget: usize,
+}
+
+impl<T: Bytes> Kept<T> {
+    const fn new(budget: usize) -> Self {
+        Kept { entries: Mutex::new(Vec::new()), budget }
+    }
+
+    /// The value kept for `w`'s storage and `what`, or `make`'s (of `bytes`), kept while the
+    /// budget lasts; `None` when it is spent.
+    fn get(&self, w: &FlexTensor, what: [usize; 3], bytes: usize, make: impl FnOnce() -> T) -> Option<Arc<T>> {
+        let storage = w.bytes();
+        let key = (storage.as_ptr() as usize, storage.len(), w.dtype(), what);
+        // The kept one, or whether one more fits once the entries of weights gone are dropped.
+        let room = |kept: &mut Vec<Entry<T>>| match kept.iter().find(|e| e.key == key) {
+            Some(e) => Err(Some(e.value.clone())),
+            None => {
+                kept.retain(|e| !e.weight.is_unique());
+                let used: usize = kept.iter().map(|e| e.value.bytes()).sum();
+                if used + bytes <= self.budget { Ok(()) } else { Err(None) }
+            }
+        };
+        if let Err(found) = room(&mut self.lock()) {
+            return found;
+        }
+        // Made outside the lock: the transform runs on rayon's threads, which may meanwhile take
+        // another kernel that looks here.
+        let value = Arc::new(make());
+        let mut kept = self.lock();
+        if let Err(found) = room(&mut kept) {
+            return found;
+        }
+        kept.push(Entry { weight: w.clone(), key, value: value.clone() });
+        Some(value)
+    }
+
+    /// Whether a value made from `w`'s storage is kept.
+    #[cfg(test)]
+    fn holds(&self, w: &FlexTensor) -> bool {
+        self.lock().iter().any(|e| e.key.0 == w.bytes().as_ptr() as usize)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Entry<T>>> {
+        // A panic elsewhere while the lock was held leaves whole entries only.
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Whether a Winograd transform of `w`'s storage is kept.
 #[cfg(test)]
 pub(super) fn holds(w: &FlexTensor) -> bool {
-    let values = w.as_slice::<f32>().expect("a contiguous f32 weight");
-    kept().iter().any(|e| e.key.0 == values.as_ptr() as usize)
+    TRANSFORMS.holds(w)
 }
 
-fn kept() -> std::sync::MutexGuard<'static, Vec<Entry>> {
-    // A panic elsewhere while the lock was held leaves whole entries only.
-    KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Whether a bf16 packing of `w`'s storage is kept.
+#[cfg(test)]
+pub(super) fn holds_packed(w: &FlexTensor) -> bool {
+    PACKED.holds(w)
 }
 
 #[cfg(test)]
@@ -83,7 +148,7 @@ mod tests {
             let values: Vec<f32> = (0..256 * 256 * 9).map(|i| ((i * 7 + seed) % 13) as f32).collect();
             FlexTensor::from_data(TensorData::new(values, [256, 256, 3, 3]))
         };
-        assert!(winograd::transform_bytes(256, 256) * 40 > 2 * BUDGET_BYTES);
+        assert!(winograd::transform_bytes(256, 256) * 40 > 2 * TRANSFORM_BUDGET);
         for seed in 0..40 {
             let w = weight(seed);
             assert!(of_frozen(&w, 256, 256, false).is_some(), "weight {seed}");

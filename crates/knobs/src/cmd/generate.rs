@@ -10,7 +10,8 @@ use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{DType, TensorData};
+use knobs_nn::ModuleExt;
 use knobs_nn::io::{FloatDtype, read_safetensors};
 use knobs_nn::Tensor;
 use knobs_train::finetune::config::MixedPrecision;
@@ -120,10 +121,12 @@ pub struct Args {
     pub num_images: Option<usize>,
     #[command(flatten)]
     pub adapters: AdapterArgs,
-    /// Keep the weight matrices and kernels in f16 or bf16 (computed with in f32): half the
-    /// memory; exact for f16 when the model's files are fp16.
-    #[arg(long, default_value = "f32")]
-    pub weights_dtype: FloatDtype,
+    /// Keep the weight matrices and kernels in f32, f16 or bf16 (computed with in f32): half the
+    /// memory; exact for f16 when the model's files are fp16. Default: f32, except the UNet's
+    /// and VAE's under `--mixed-precision bf16` on a CPU with AMX, kept in bf16 (their
+    /// products round them to bf16 anyway: the same images, at half their memory).
+    #[arg(long)]
+    pub weights_dtype: Option<FloatDtype>,
     /// Compute the UNet in bf16 or fp16 (and, under bf16, the VAE too), over the weights as
     /// kept: what a diffusers pipeline loaded with `torch_dtype=torch.bfloat16` computes. On
     /// CPUs with AVX512-BF16 or AMX the products run in bf16 (see the README's "Speed").
@@ -167,8 +170,12 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
     // Narrowed as it loads, before adapters attach: only the model's own weights are.
-    let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), args.weights_dtype.dtype())?;
+    let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), args.weights_dtype.unwrap_or(FloatDtype::F32).dtype())?;
     args.mixed_precision.apply(&mut sd);
+    if args.weights_dtype.is_none() && args.mixed_precision == MixedPrecision::Bf16 && knobs_nn::ops::autocast::bf16_weights_change_nothing() {
+        sd.unet.store_frozen_as(DType::BF16);
+        sd.vae.store_frozen_as(DType::BF16);
+    }
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }
