@@ -4,7 +4,7 @@ use std::path::Path;
 
 mod common;
 
-use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
+use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion, WeightsAs};
 use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::{Tensor, cpu};
 
@@ -190,4 +190,12 @@ fn bf16_weights_change_no_bf16_image_where_amx_runs() {
     let narrow = values(sd.generate(&req).unwrap());
     assert!(narrow == wide, "the same image from bf16-stored weights");
     assert!(wide != f32_image, "bf16 products, not f32 ones");
+    // Loaded so (`knobs generate`'s default there): the text encoder stays f32.
+    let mut loaded = StableDiffusion::from_dir_as(model_dir(), &cpu(), WeightsAs { text_encoders: DType::F32, unet_and_vae: DType::BF16 }).unwrap();
+    let mut wide_text = true;
+    loaded.text_encoder.for_each_param(|_, p| wide_text &= p.bytes() == 4 * p.numel());
+    assert!(wide_text, "the text encoder's weights stay f32");
+    loaded.unet.compute_dtype = DType::BF16;
+    loaded.vae.compute_dtype = DType::BF16;
+    assert!(values(loaded.generate(&req).unwrap()) == wide, "the same image from a pipeline loaded so");
 }

@@ -26,6 +26,21 @@ pub const COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "
 /// The further folders of an SDXL pipeline.
 pub const SDXL_COMPONENTS: [&str; 2] = ["tokenizer_2", "text_encoder_2"];
 
+/// The dtype each part of a pipeline keeps its weight matrices and kernels in as it loads
+/// (`--weights-dtype`): one for all (`From<DType>`), or the text encoders apart from the UNet
+/// and VAE, as generation under bf16 keeps them (the text encoders computing in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightsAs {
+    pub text_encoders: DType,
+    pub unet_and_vae: DType,
+}
+
+impl From<DType> for WeightsAs {
+    fn from(dtype: DType) -> Self {
+        WeightsAs { text_encoders: dtype, unet_and_vae: dtype }
+    }
+}
+
 #[derive(Debug)]
 pub struct StableDiffusion {
     pub dir: PathBuf,
@@ -114,14 +129,14 @@ impl StableDiffusion {
         Self::from_dir_as(dir, device, DType::F32)
     }
 
-    /// [`Self::from_dir`] with every weight matrix and kernel stored in `weights` as it
-    /// loads (see [`knobs_nn::ParamMut::assign_as`]): the same model as storing them so
+    /// [`Self::from_dir`] with every weight matrix and kernel stored in `weights`' dtype for
+    /// its part as it loads (see [`knobs_nn::ParamMut::assign_as`]): the same model as storing them so
     /// after loading ([`knobs_nn::ModuleExt::store_frozen_as`]), without its f32 peak.
-    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
-        let dir = dir.as_ref();
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: impl Into<WeightsAs>) -> Result<Self> {
+        let (dir, weights) = (dir.as_ref(), weights.into());
         let index = check_index(dir)?;
         let (tokenizer_2, text_encoder_2) = if index.sdxl {
-            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights)?;
+            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights.text_encoders)?;
             if te2.text_projection.is_none() {
                 return Err(Error::file(dir.join("text_encoder_2"), "SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection found)"));
             }
@@ -132,9 +147,9 @@ impl StableDiffusion {
         Ok(StableDiffusion {
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
-            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights)?,
-            unet: UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights)?,
-            vae: AutoencoderKL::from_dir_as(dir.join("vae"), device, weights)?,
+            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights.text_encoders)?,
+            unet: UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights.unet_and_vae)?,
+            vae: AutoencoderKL::from_dir_as(dir.join("vae"), device, weights.unet_and_vae)?,
             tokenizer_2,
             text_encoder_2,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,

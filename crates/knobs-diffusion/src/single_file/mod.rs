@@ -20,7 +20,7 @@ pub use infer::Family;
 pub use save::{save_pretrained, save_single_file};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
-use crate::pipeline::StableDiffusion;
+use crate::pipeline::{StableDiffusion, WeightsAs};
 use crate::schedulers::SchedulerConfig;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -151,34 +151,36 @@ impl SingleFile {
         self.load_as(device, DType::F32)
     }
 
-    /// [`Self::load`] with every weight matrix and kernel stored in `weights` as it loads.
-    pub fn load_as(&self, device: &Device, weights: DType) -> Result<StableDiffusion> {
+    /// [`Self::load`] with every weight matrix and kernel stored in `weights`' dtype for its
+    /// part as it loads.
+    pub fn load_as(&self, device: &Device, weights: impl Into<WeightsAs>) -> Result<StableDiffusion> {
+        let weights = weights.into();
         let cfg = |v: &Value| serde_json::to_string(v).expect("JSON");
         let unet_config = UNetConfig::from_json(&cfg(&self.configs.unet)).map_err(|e| e.in_file(self.file.path()))?;
         let layout = keys::UnetLayout::of(&unet_config)?;
         let mut unet = UNet2DConditionModel::new(unet_config, &mut Init::for_loading(), device)?;
-        self.load_into(weights, &mut unet, |p| keys::unet(p, &layout))?;
+        self.load_into(weights.unet_and_vae, &mut unet, |p| keys::unet(p, &layout))?;
 
         let vae_config = VaeConfig::from_json_str(&cfg(&self.configs.vae))?;
         let levels = vae_config.block_out_channels.len();
         let mut vae = AutoencoderKL::new(vae_config, &mut Init::for_loading(), device)?;
-        self.load_into(weights, &mut vae, |p| keys::vae(p, levels))?;
+        self.load_into(weights.unet_and_vae, &mut vae, |p| keys::vae(p, levels))?;
 
         let te_config = ClipTextConfig::from_json(&cfg(&self.configs.text_encoder))?;
         let mut text_encoder = ClipTextModel::new(te_config, &mut Init::for_loading(), device)?;
         match self.family {
             Family::Sd1 => {
                 let drop = infer::clip_prefix(&self.file);
-                self.load_into(weights, &mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
+                self.load_into(weights.text_encoders, &mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
             }
-            Family::Sd2 => self.load_into(weights, &mut text_encoder, keys::open_clip)?,
-            Family::Sdxl => self.load_into(weights, &mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
+            Family::Sd2 => self.load_into(weights.text_encoders, &mut text_encoder, keys::open_clip)?,
+            Family::Sdxl => self.load_into(weights.text_encoders, &mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
         }
         let (tokenizer_2, text_encoder_2) = match (&self.configs.text_encoder_2, &self.tokenizer_2) {
             (Some(config), Some(dir)) => {
                 let config = ClipTextConfig::from_json(&cfg(config))?;
                 let mut te2 = ClipTextModel::new(config, &mut Init::for_loading(), device)?;
-                self.load_into(weights, &mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
+                self.load_into(weights.text_encoders, &mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
                 let mut tok2 = ClipTokenizer::from_dir(dir)?;
                 // SDXL's second tokenizer pads with "!"; a copy of the first one does not.
                 if tok2.token_to_id("!").is_some_and(|id| id != tok2.pad_id()) {
@@ -318,10 +320,10 @@ impl StableDiffusion {
         Self::load_as(path, device, DType::F32)
     }
 
-    /// [`Self::load`] with every weight matrix and kernel stored in `weights` as it loads
-    /// (`--weights-dtype`): the model [`knobs_nn::ModuleExt::store_frozen_as`] would make of
+    /// [`Self::load`] with every weight matrix and kernel stored in `weights`' dtype for its
+    /// part as it loads (`--weights-dtype`): the model [`knobs_nn::ModuleExt::store_frozen_as`] would make of
     /// an f32 load, without ever holding the f32 copy.
-    pub fn load_as(path: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
+    pub fn load_as(path: impl AsRef<Path>, device: &Device, weights: impl Into<WeightsAs>) -> Result<Self> {
         let path = path.as_ref();
         if is_single_file(path) {
             SingleFile::open(path, &SingleFileOptions::default())?.load_as(device, weights)

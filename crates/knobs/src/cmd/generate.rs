@@ -9,9 +9,8 @@ use anyhow::{Context, Result, bail};
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use knobs_diffusion::loaders::PipelineAdapters;
-use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
+use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion, WeightsAs};
 use knobs_nn::burn::tensor::{DType, TensorData};
-use knobs_nn::ModuleExt;
 use knobs_nn::io::{FloatDtype, read_safetensors};
 use knobs_nn::Tensor;
 use knobs_train::finetune::config::MixedPrecision;
@@ -170,12 +169,13 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
     // Narrowed as it loads, before adapters attach: only the model's own weights are.
-    let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), args.weights_dtype.unwrap_or(FloatDtype::F32).dtype())?;
+    let weights = match args.weights_dtype {
+        Some(dtype) => WeightsAs::from(dtype.dtype()),
+        None if args.mixed_precision == MixedPrecision::Bf16 && knobs_nn::ops::autocast::bf16_weights_change_nothing() => WeightsAs { text_encoders: DType::F32, unet_and_vae: DType::BF16 },
+        None => WeightsAs::from(DType::F32),
+    };
+    let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), weights)?;
     args.mixed_precision.apply(&mut sd);
-    if args.weights_dtype.is_none() && args.mixed_precision == MixedPrecision::Bf16 && knobs_nn::ops::autocast::bf16_weights_change_nothing() {
-        sd.unet.store_frozen_as(DType::BF16);
-        sd.vae.store_frozen_as(DType::BF16);
-    }
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
     }
