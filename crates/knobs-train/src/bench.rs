@@ -13,6 +13,7 @@ use knobs_diffusion::loaders::PipelineAdapters;
 use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
 use knobs_nn::optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads};
 use knobs_nn::ModuleExt;
+use knobs_nn::burn::tensor::DType;
 use knobs_nn::io::FloatDtype;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -49,8 +50,9 @@ pub struct BenchOptions {
     pub mixed_precision: MixedPrecision,
     /// Training steps under burn's balanced checkpointing (`--gradient-checkpointing`).
     pub gradient_checkpointing: bool,
-    /// How frozen weight matrices and kernels are kept (`--weights-dtype`).
-    pub weights_dtype: FloatDtype,
+    /// How frozen weight matrices and kernels are kept (`--weights-dtype`; without it, f32 for
+    /// training and `MixedPrecision::generation_weights`' for generation).
+    pub weights_dtype: Option<FloatDtype>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,7 +118,11 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     }
     let dev = if method.is_some() { knobs_nn::device::training(o.gradient_checkpointing) } else { knobs_nn::device::inference() };
     let loaded = Instant::now();
-    let mut sd = StableDiffusion::load_as(&o.model, &dev, o.weights_dtype.dtype()).with_context(|| format!("--model {}", o.model.display()))?;
+    let weights = match method {
+        Some(_) => o.weights_dtype.unwrap_or(FloatDtype::F32).dtype().into(),
+        None => o.mixed_precision.generation_weights(o.weights_dtype),
+    };
+    let mut sd = StableDiffusion::load_as(&o.model, &dev, weights).with_context(|| format!("--model {}", o.model.display()))?;
     let load_s = loaded.elapsed().as_secs_f64();
     o.mixed_precision.apply(&mut sd);
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
@@ -138,7 +144,11 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         device: knobs_nn::device::selected().to_string(),
         mixed_precision: o.mixed_precision,
         gradient_checkpointing: o.gradient_checkpointing && method.is_some(),
-        weights_dtype: o.weights_dtype,
+        weights_dtype: match weights.unet_and_vae {
+            DType::BF16 => FloatDtype::BF16,
+            DType::F16 => FloatDtype::F16,
+            _ => FloatDtype::F32,
+        },
         load_s,
         peak_rss_bytes: peak_rss_bytes(),
         trainable_params,

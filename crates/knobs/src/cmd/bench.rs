@@ -39,10 +39,11 @@ pub struct Args {
     /// --gradient-checkpointing`).
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Keep the frozen weight matrices and kernels in f16 or bf16 (as `train` and `generate
-    /// --weights-dtype`).
-    #[arg(long, default_value = "f32")]
-    weights_dtype: FloatDtype,
+    /// Keep the frozen weight matrices and kernels in f32, f16 or bf16 (as `train` and
+    /// `generate --weights-dtype`; by default as they do: f32, except what `generate` keeps in
+    /// bf16 under `--mixed-precision bf16`).
+    #[arg(long)]
+    weights_dtype: Option<FloatDtype>,
     /// Print the measurements as JSON.
     #[arg(long)]
     json: bool,
@@ -92,7 +93,9 @@ fn in_child(mode: &str, args: &Args, model: &std::path::Path) -> Result<Measurem
     if args.gradient_checkpointing {
         cmd.arg("--gradient-checkpointing");
     }
-    cmd.args(["--weights-dtype", args.weights_dtype.name()]);
+    if let Some(dtype) = args.weights_dtype {
+        cmd.args(["--weights-dtype", dtype.name()]);
+    }
     let out = cmd.output().with_context(|| format!("cannot start the process for mode {mode}"))?;
     if !out.status.success() {
         bail!("mode {mode} failed: {}", String::from_utf8_lossy(&out.stderr).trim());

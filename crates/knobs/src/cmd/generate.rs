@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use image::{ImageFormat, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use knobs_diffusion::loaders::PipelineAdapters;
-use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion, WeightsAs};
-use knobs_nn::burn::tensor::{DType, TensorData};
+use knobs_diffusion::pipeline::{GenerateRequest, SchedulerKind, StableDiffusion};
+use knobs_nn::burn::tensor::TensorData;
 use knobs_nn::io::{FloatDtype, read_safetensors};
 use knobs_nn::Tensor;
 use knobs_train::finetune::config::MixedPrecision;
@@ -169,11 +169,7 @@ pub fn load(args: &Args) -> Result<StableDiffusion> {
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
     // Narrowed as it loads, before adapters attach: only the model's own weights are.
-    let weights = match args.weights_dtype {
-        Some(dtype) => WeightsAs::from(dtype.dtype()),
-        None if args.mixed_precision == MixedPrecision::Bf16 && knobs_nn::ops::autocast::bf16_weights_change_nothing() => WeightsAs { text_encoders: DType::F32, unet_and_vae: DType::BF16 },
-        None => WeightsAs::from(DType::F32),
-    };
+    let weights = args.mixed_precision.generation_weights(args.weights_dtype);
     let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), weights)?;
     args.mixed_precision.apply(&mut sd);
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
