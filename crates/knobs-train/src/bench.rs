@@ -163,8 +163,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Seconds of each timed step, the number of trainable values and the median seconds of each
+/// phase, by name.
+type StepTimes = (Vec<f64>, usize, Vec<(String, f64)>);
+
 /// Seconds of each timed step, the number of trainable values and the median of each phase.
-fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOptions) -> Result<(Vec<f64>, usize, Vec<(String, f64)>)> {
+fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOptions) -> Result<StepTimes> {
     let mut cfg = TrainConfig { method: Method::parse(method)?, model: Some(o.model.clone()), ..Default::default() };
     cfg.tokens.placeholder_token = Some("<knobs-bench>".into());
     cfg.tokens.initializer_token = Some(one_token_word(sd)?);

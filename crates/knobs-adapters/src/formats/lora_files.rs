@@ -323,6 +323,7 @@ struct Found {
 pub(crate) struct Collected(BTreeMap<String, BTreeMap<String, Found>>);
 
 impl Collected {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn add(&mut self, file: &Path, component: &str, module: String, part: Part, embedding: bool, key: &str, data: &TensorData) -> Result<()> {
         let f = self.0.entry(component.to_string()).or_default().entry(module.clone()).or_default();
         let dup = |other: &str| -> AdapterError { Error::key(file, key, format!("module `{module}` already has this tensor from `{other}`")).into() };
@@ -368,7 +369,7 @@ impl Collected {
                 }
                 let rank = sd[0];
                 let alpha = match (f.alpha, cfg) {
-                    (Some((k, a)), _) if !(a > 0.0) => {
+                    (Some((k, a)), _) if a.is_nan() || a <= 0.0 => {
                         return Err(Error::key(file, k, format!("alpha {a}: must be positive (a zero alpha silences the module, a negative one flips it)")).into());
                     }
                     (Some((_, a)), _) => a,

@@ -143,8 +143,11 @@ pub fn read(sd: &StateDict) -> Result<BTreeMap<String, LycorisPart>> {
     Ok(out)
 }
 
+/// A config's default rank and alpha, then its rank and alpha patterns keyed by full path.
+type Patterns = (usize, f64, BTreeMap<String, usize>, BTreeMap<String, f64>);
+
 /// `(r, alpha)` as the config's defaults, the rest as patterns keyed by full path.
-fn patterns(file: &Path, modules: &[(String, usize, f64)]) -> Result<(usize, f64, BTreeMap<String, usize>, BTreeMap<String, f64>)> {
+fn patterns(file: &Path, modules: &[(String, usize, f64)]) -> Result<Patterns> {
     let pairs: Vec<(usize, f64)> = modules.iter().map(|(_, r, a)| (*r, *a)).collect();
     let (r, alpha) = mode(&pairs).ok_or_else(|| Error::file(file, "holds no modules"))?;
     let mut rank_pattern = BTreeMap::new();

@@ -305,11 +305,10 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
-                    return Err(Error::param("addition_embed_type", "\"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"));
-                }
+            Some("text_time") if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() => {
+                return Err(Error::param("addition_embed_type", "\"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"));
             }
+            Some("text_time") => {}
             Some(other) => return Err(Error::param("addition_embed_type", format!("{other:?} is not supported (only \"text_time\" or null)"))),
         }
         for (key, v) in [("num_class_embeds", self.num_class_embeds), ("encoder_hid_dim", self.encoder_hid_dim), ("time_cond_proj_dim", self.time_cond_proj_dim)] {

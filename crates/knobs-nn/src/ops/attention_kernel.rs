@@ -169,8 +169,8 @@ unsafe fn forward_rows_with<L: Lanes>(a: RowArgs) -> (Vec<f32>, Vec<f32>) {
         scale_into(&mut s, q[0] * a.scale, &a.kt[..m]);
         // SAFETY: the caller vouches for L's features.
         unsafe {
-            for c in 1..d {
-                axpy::<L>(&mut s, q[c] * a.scale, &a.kt[c * m..][..m]);
+            for (c, &qc) in q.iter().enumerate().skip(1) {
+                axpy::<L>(&mut s, qc * a.scale, &a.kt[c * m..][..m]);
             }
             let top = max::<L>(&s);
             let total = exp_shifted::<L>(&mut s, top);
@@ -328,14 +328,14 @@ unsafe fn backward_keys_with<L: Lanes>(a: KeyArgs) -> KeyBlockGrads {
         unsafe {
             // p_j = exp(s_j - lse_i), the forward's probabilities.
             scale_into(&mut p, qs[0], kt(0));
-            for c in 1..d {
-                axpy::<L>(&mut p, qs[c], kt(c));
+            for (c, &qc) in qs.iter().enumerate().skip(1) {
+                axpy::<L>(&mut p, qc, kt(c));
             }
             exp_shifted::<L>(&mut p, a.lse[i]);
             // dS_j = p_j (dO_i . v_j - D_i)
             scale_into(&mut ds, go[0], vt(0));
-            for c in 1..d {
-                axpy::<L>(&mut ds, go[c], vt(c));
+            for (c, &gc) in go.iter().enumerate().skip(1) {
+                axpy::<L>(&mut ds, gc, vt(c));
             }
             let di = a.delta[i];
             for (s, p) in ds.iter_mut().zip(&p) {

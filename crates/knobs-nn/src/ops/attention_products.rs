@@ -231,7 +231,7 @@ pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32, i
             let (bh, start) = (t / key_blocks, t % key_blocks * keys);
             let head = Head { dims, b: bh / heads, h: bh % heads };
             let span = keys.min(m - start);
-            let (kb, vb) = (head.key_rows(k).from_row(start), head.key_rows(v).from_row(start));
+            let (kb, vb) = (head.key_rows(k).rows_from(start), head.key_rows(v).rows_from(start));
             (Operand::right(products, d, span, kb.t(), false), Operand::right(products, span, d, vb, false))
         })
         .collect();
@@ -315,7 +315,7 @@ pub(super) fn backward(q: &[f32], k: &[f32], v: &[f32], lse: &[f32], delta: &[f3
             // blocks, a row's over key blocks) runs in a fixed order.
             for (kblk, start) in (0..m).step_by(keys).enumerate() {
                 let span = keys.min(m - start);
-                let (kc, vc) = (head.key_rows(k).from_row(start), head.key_rows(v).from_row(start));
+                let (kc, vc) = (head.key_rows(k).rows_from(start), head.key_rows(v).rows_from(start));
                 let (kt, vt, kr) = (Operand::right(products, d, span, kc.t(), false), Operand::right(products, d, span, vc.t(), false), Operand::right(products, span, d, kc, false));
                 let (dk, dv) = (&mut dk[start * d..][..span * d], &mut dv[start * d..][..span * d]);
                 for (blk, (first, [ql, gl, qr, gr])) in (0..n).step_by(rows).zip(&row_blocks).enumerate() {

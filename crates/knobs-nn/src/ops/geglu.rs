@@ -116,10 +116,14 @@ on_lanes! {
     }
 }
 
+/// One row for [`gated_grad`]: the halves `h` and `g`, the output's gradient `d`, and the
+/// halves' gradients `dh` and `dg` to write.
+type GradRow<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a mut [MaybeUninit<f32>], &'a mut [MaybeUninit<f32>]);
+
 on_lanes! {
     /// The gradient of one row `[dh, dg]` from the output's `d`: `dh = d gelu(g)`,
     /// `dg = d h gelu'(g)`.
-    fn gated_grad(a: (&[f32], &[f32], &[f32], &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>])) -> () {
+    fn gated_grad(a: GradRow<'_>) -> () {
         L => {
             let (h, g, d, dh, dg) = a;
             let body = d.len() - d.len() % L::W;

@@ -28,7 +28,7 @@ impl View {
         (self.ptr, self.rs, self.cs)
     }
     /// The rows from `first` on (no copy).
-    pub(super) fn from_row(self, first: usize) -> View {
+    pub(super) fn rows_from(self, first: usize) -> View {
         // Forming the pointer is safe; the products that read through it vouch for the rows.
         View { ptr: self.ptr.wrapping_offset(first as isize * self.rs), ..self }
     }

@@ -475,7 +475,9 @@ mod tests {
     /// Centres of the blobs of colour `c` (pixels within 12 of a blob's first pixel), in
     /// reading order.
     fn discs(img: &RgbImage, c: Rgb<u8>) -> Vec<(f64, f64)> {
-        let mut blobs: Vec<((u32, u32), Vec<(u32, u32)>)> = Vec::new();
+        // Each blob's first pixel and all its pixels.
+        type Blob = ((u32, u32), Vec<(u32, u32)>);
+        let mut blobs: Vec<Blob> = Vec::new();
         for (x, y, p) in img.enumerate_pixels() {
             if *p != c {
                 continue;

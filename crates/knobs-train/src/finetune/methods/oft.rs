@@ -56,7 +56,7 @@ impl TrainMethod for Oft {
         if cfg.oft.oft_block_size < 2 {
             bail!("--oft-block-size must be at least 2, got {}", cfg.oft.oft_block_size);
         }
-        if !(cfg.oft.coft_eps > 0.0) {
+        if cfg.oft.coft_eps.is_nan() || cfg.oft.coft_eps <= 0.0 {
             bail!("--coft-eps must be positive, got {}", cfg.oft.coft_eps);
         }
         super::require_steps(cfg)

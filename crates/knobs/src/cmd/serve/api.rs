@@ -228,7 +228,7 @@ async fn generate(State(app): State<AppState>, body: Bytes) -> Response {
     let result = async {
         let (job, as_json) = GenerateBody::parse(&body)?.into_job()?;
         let seed = job.request.seed;
-        let done = app.submit(|tx| Job::Generate(job, tx)).await?;
+        let done = app.submit(|tx| Job::Generate(Box::new(job), tx)).await?;
         if as_json {
             let images: Vec<String> =
                 done.images.iter().map(|i| png(i).map(|b| base64::engine::general_purpose::STANDARD.encode(b))).collect::<Result<_, _>>()?;

@@ -34,7 +34,7 @@ pub struct Generated {
 }
 
 pub enum Job {
-    Generate(GenerateJob, oneshot::Sender<Result<Generated, ApiError>>),
+    Generate(Box<GenerateJob>, oneshot::Sender<Result<Generated, ApiError>>),
     /// Check the staged upload of this name by loading it; store it if it loads.
     Upload(String, oneshot::Sender<Result<Entry, ApiError>>),
     Delete(String, oneshot::Sender<Result<(), ApiError>>),
@@ -90,7 +90,7 @@ impl Worker {
             self.metrics.queue_depth.dec();
             match job {
                 Job::Generate(g, reply) => {
-                    let _ = reply.send(self.generate(g));
+                    let _ = reply.send(self.generate(*g));
                 }
                 Job::Upload(name, reply) => {
                     let _ = reply.send(self.upload(&name));
