@@ -134,6 +134,8 @@ impl StableDiffusion {
     /// after loading ([`knobs_nn::ModuleExt::store_frozen_as`]), without its f32 peak.
     pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: impl Into<WeightsAs>) -> Result<Self> {
         let (dir, weights) = (dir.as_ref(), weights.into());
+        // What a pipeline dropped before this one kept for its weights goes before this load.
+        knobs_nn::ops::release_unused_weight_transforms();
         let index = check_index(dir)?;
         let (tokenizer_2, text_encoder_2) = if index.sdxl {
             let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights.text_encoders)?;

@@ -155,6 +155,8 @@ impl SingleFile {
     /// part as it loads.
     pub fn load_as(&self, device: &Device, weights: impl Into<WeightsAs>) -> Result<StableDiffusion> {
         let weights = weights.into();
+        // What a pipeline dropped before this one kept for its weights goes before this load.
+        knobs_nn::ops::release_unused_weight_transforms();
         let cfg = |v: &Value| serde_json::to_string(v).expect("JSON");
         let unet_config = UNetConfig::from_json(&cfg(&self.configs.unet)).map_err(|e| e.in_file(self.file.path()))?;
         let layout = keys::UnetLayout::of(&unet_config)?;

@@ -36,6 +36,7 @@ pub(crate) mod precision;
 mod weight_transforms;
 
 pub use attention::attention;
+pub use weight_transforms::release_unused as release_unused_weight_transforms;
 pub use geglu::geglu;
 pub use linear::{linear, linear_as};
 pub use conv2d::{conv2d, conv2d_as, conv2d_frozen, conv2d_frozen_copy};

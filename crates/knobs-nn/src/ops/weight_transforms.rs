@@ -117,10 +117,23 @@ impl<T: Bytes> Kept<T> {
         self.lock().iter().any(|e| e.key.0 == w.bytes().as_ptr() as usize)
     }
 
+    /// Drops the entries of weights nobody else holds any more.
+    fn release_unused(&self) {
+        self.lock().retain(|e| !e.weight.is_unique());
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<Entry<T>>> {
         // A panic elsewhere while the lock was held leaves whole entries only.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Drops what is kept for weights nobody else holds any more, with those weights: a dropped
+/// pipeline's, which a lookup that misses would otherwise drop only once it comes (the next
+/// pipeline's first call, after its load). Call before loading a model.
+pub fn release_unused() {
+    TRANSFORMS.release_unused();
+    PACKED.release_unused();
 }
 
 /// Whether a Winograd transform of `w`'s storage is kept.
@@ -142,6 +155,22 @@ mod tests {
 
     /// Entries of weights that are gone never block new ones: with the budget filled by them
     /// several times over, a new weight's transform is still kept.
+    /// A weight dropped by its owner is dropped from the store by `release_unused`, its
+    /// memory with it.
+    #[test]
+    fn release_unused_drops_the_weights_gone() {
+        let w = FlexTensor::from_data(TensorData::new((0..64 * 64 * 9).map(|i| (i % 11) as f32).collect::<Vec<f32>>(), [64, 64, 3, 3]));
+        let at = w.bytes().as_ptr() as usize;
+        assert!(of_frozen(&w, 64, 64, false).is_some() && holds(&w));
+        release_unused();
+        assert!(holds(&w), "a weight still held keeps its transform");
+        drop(w);
+        let kept = || TRANSFORMS.lock().iter().any(|e| e.key.0 == at);
+        assert!(kept(), "kept until released");
+        release_unused();
+        assert!(!kept(), "released");
+    }
+
     #[test]
     fn weights_gone_make_room() {
         let weight = |seed: usize| {
