@@ -153,8 +153,8 @@ fn forward(x: &FlexTensor, stored: &FlexTensor, bias: Option<&FlexTensor>, dims:
         let pack = || bf16_product::conv3x3_taps(slice(&widened(stored)), dims.c_out, dims.c_in, false);
         let kept = (untracked && kind != Weight::Trained).then(|| weight_transforms::packed(stored, [dims.c_out, dims.c_in, 9], bf16_product::conv3x3_taps_bytes(dims.c_out, dims.c_in), pack)).flatten();
         kept.or_else(|| amx_applies(&dims, products).then(|| Arc::new(pack())))
-    });
-    let out = if let Some(Some(taps)) = taps {
+    }).flatten();
+    let out = if let Some(taps) = taps {
         bf16_product::conv3x3(xs, &taps, bs, dims.batch, dims.c_in, dims.c_out, dims.h, dims.w)
     } else {
         let w = widened(stored);
