@@ -18,11 +18,9 @@ impl Upsample2D {
     /// Nearest upsampling to `size`: twice the input in the usual case, the skip's size when
     /// a UNet input is not divisible by its total downsampling (diffusers' `upsample_size`).
     pub fn forward(&self, x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
+        let [_, _, h, w] = x.dims();
         let up = if size == [2 * h, 2 * w] {
-            // Each pixel repeated into a 2x2 block by broadcasting: exactly torch's nearest 2x.
-            let blocks: Tensor<6> = x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]);
-            blocks.reshape([b, c, 2 * h, 2 * w])
+            knobs_nn::ops::nearest2x(x)
         } else {
             interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size))
         };

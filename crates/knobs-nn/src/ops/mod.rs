@@ -31,6 +31,7 @@ mod simd;
 #[cfg(test)]
 mod testing;
 mod transposed;
+pub mod upsample;
 mod winograd;
 pub(crate) mod precision;
 mod weight_transforms;
@@ -45,6 +46,7 @@ pub use layer_norm::layer_norm;
 pub use low_rank::low_rank;
 pub use matrix::Products;
 pub use activation::{gelu, silu};
+pub use upsample::nearest2x;
 
 /// Whether `t` lives on the CPU backend (flex), with or without autodiff.
 pub(crate) fn on_cpu<const D: usize>(t: &burn::tensor::Tensor<D>) -> bool {
