@@ -48,8 +48,18 @@ impl Attention {
 
     /// `hidden` `[B, N, query_dim]`, `context` `[B, M, context_dim]` -> `[B, N, query_dim]`.
     pub fn forward(&self, hidden: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        self.to_out.forward(self.attend(hidden, context))
+    }
+
+    /// `forward(hidden, context) + residual`, the residual joined by `to_out`'s product.
+    pub fn forward_added(&self, hidden: Tensor<3>, context: Option<Tensor<3>>, residual: Tensor<3>) -> Tensor<3> {
+        self.to_out.forward_added(self.attend(hidden, context), residual)
+    }
+
+    /// The heads' attention, before `to_out`.
+    fn attend(&self, hidden: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
         let (k, v) = self.key_value(context.unwrap_or_else(|| hidden.clone()));
         let q = self.to_q.forward(hidden);
-        self.to_out.forward(attention(q, k, v, self.heads, self.scale))
+        attention(q, k, v, self.heads, self.scale)
     }
 }

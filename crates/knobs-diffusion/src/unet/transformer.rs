@@ -22,6 +22,11 @@ impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.out.forward(geglu(self.proj.forward(x)))
     }
+
+    /// `forward(x) + residual`, the residual joined by `net.2`'s product.
+    pub fn forward_added(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        self.out.forward_added(geglu(self.proj.forward(x)), residual)
+    }
 }
 
 #[derive(Debug)]
@@ -50,9 +55,9 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context.clone())) + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+        let x = self.attn1.forward_added(self.norm1.forward(x.clone()), None, x);
+        let x = self.attn2.forward_added(self.norm2.forward(x.clone()), Some(context.clone()), x);
+        self.ff.forward_added(self.norm3.forward(x.clone()), x)
     }
 }
 

@@ -62,6 +62,20 @@ impl Linear {
         linear(x, value_as(&self.weight, dtype).transpose(), self.bias.as_ref().map(|b| value_as(b, dtype)))
     }
 
+    /// `forward(x) + residual`, the sum written once by the layer's product where it can be
+    /// (no adapter live, f32 activations, nothing differentiated: [`crate::ops::linear_added_as`]).
+    pub fn forward_added<const D: usize>(&self, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
+        if !self.adapters.has_live() {
+            let dims = residual.dims();
+            let rows = dims[..D - 1].iter().product::<usize>();
+            let (x2, r2) = (x.clone().reshape([rows, self.d_in()]), residual.clone().reshape([rows, self.d_out()]));
+            if let Some(y) = crate::ops::linear_added_as(&x2, &self.weight, self.bias.as_ref(), &r2, crate::ops::autocast::products_for_f32()) {
+                return y.reshape(dims);
+            }
+        }
+        self.forward(x) + residual
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         if !self.adapters.has_live() {
             return self.forward_base(x);
