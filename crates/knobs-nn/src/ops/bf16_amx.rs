@@ -13,6 +13,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::{Layout, NR, PARALLEL_ENTRIES, Packed, in_tasks, pair};
+use super::super::words::{OnLines, Words};
 
 #[path = "conv_amx.rs"]
 pub(super) mod conv;
@@ -127,7 +128,7 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
     };
     // SAFETY: every group of rows is written in full.
     let data = unsafe {
-        super::super::fresh::written(len, |out| {
+        Words::written(len, |out| {
             if parallel && len >= PARALLEL_ENTRIES {
                 out.par_chunks_mut((GROUP * stride).max(1)).enumerate().for_each(group);
             } else {
@@ -152,13 +153,13 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
     in_tasks(m.div_ceil(ROWS * BLOCKS_PER_TASK), rhs.panels(), parallel, |rows, panels| {
         let blocks = rows * BLOCKS_PER_TASK..((rows + 1) * BLOCKS_PER_TASK).min(m.div_ceil(ROWS));
         // The last pairs of a panel, short of a tile, with zeros after them: the tile reads 16.
-        let mut tail = [0u32; PAIRS * NR];
-        let mut sums = [0f32; ROWS * NR];
+        let mut tail = OnLines([0u32; PAIRS * NR]);
+        let mut sums = OnLines([0f32; ROWS * NR]);
         // SAFETY: AMX is available; the tiles are configured before use and released after.
         unsafe { x86::configure() };
         for p in panels {
             let b = rhs.panel(p, 0, kp);
-            tail[..(kp - full) * NR].copy_from_slice(&b[full * NR..]);
+            tail.0[..(kp - full) * NR].copy_from_slice(&b[full * NR..]);
             for block in blocks.clone() {
                 let a = &lhs.data[block * ROWS * stride..][..ROWS * stride];
                 let (i0, j0) = (block * ROWS, p * NR);
@@ -167,14 +168,14 @@ pub(super) unsafe fn product(lhs: &Packed, rhs: &Packed, dst: *mut f32, rs: usiz
                 // A whole block of a row-major destination, unscaled, is summed in place: its
                 // tiles start from the destination (or zeros) and are stored back, no copy.
                 let in_place = valid == (ROWS, NR) && cs == 1 && beta == 1.0;
-                let sums_at = if in_place { Sums::InPlace { at, rs, accumulate } } else { Sums::Apart(sums.as_mut_ptr()) };
+                let sums_at = if in_place { Sums::InPlace { at, rs, accumulate } } else { Sums::Apart(sums.0.as_mut_ptr()) };
                 // SAFETY: `a` holds ROWS rows of `stride` pairs in tiles, `b` kp rows of NR
                 // pairs, the tail PAIRS rows; a whole block in place is the caller's and this
                 // task's alone.
-                unsafe { x86::block(a.as_ptr(), stride, b.as_ptr(), full, (full < kp).then_some(tail.as_ptr()), sums_at) };
+                unsafe { x86::block(a.as_ptr(), stride, b.as_ptr(), full, (full < kp).then_some(tail.0.as_ptr()), sums_at) };
                 if !in_place {
                     // SAFETY: the valid part is within the caller's destination, and this task's.
-                    unsafe { store(&sums, at, rs, cs, valid, accumulate, beta) };
+                    unsafe { store(&sums.0, at, rs, cs, valid, accumulate, beta) };
                 }
             }
         }

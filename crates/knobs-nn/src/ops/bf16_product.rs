@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::matrix::View;
+use super::words::Words;
 
 #[path = "bf16_amx.rs"]
 mod amx;
@@ -147,7 +148,7 @@ pub(super) fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<&[f32]>, batch: u
 /// `[k / 2, width]` pairs of neighbours along `k` in bf16 (a zero after an odd `k`).
 #[derive(Debug)]
 pub(super) struct Packed {
-    data: Vec<u32>,
+    data: Words,
     lines: usize,
     k: usize,
     width: usize,
@@ -197,10 +198,10 @@ impl Packed {
         if line == 1 {
             // SAFETY: the caller's view covers `lines` lines of `k` elements; pack_by_pairs
             // writes every entry.
-            let data = unsafe { super::fresh::written(len, |out| pack_by_pairs(ptr, elem, lines, k, width, out, parallel)) };
+            let data = unsafe { Words::written(len, |out| pack_by_pairs(ptr, elem, lines, k, width, out, parallel)) };
             return Packed { data, lines, k, width, layout: Layout::Pairs };
         }
-        let mut data = vec![0u32; len];
+        let mut data = Words::zeroed(len);
         let ptr = ptr as usize;
         // SAFETY: the caller's view covers `lines` lines of `k` elements.
         let fill = |(p, out): (usize, &mut [u32])| unsafe { pack(ptr as *const f32, line, elem, p * width, lines, k, width, out) };
@@ -217,7 +218,7 @@ impl Packed {
     /// AMX does not run. Rows past `m` stay zeros.
     pub(super) fn zero_rows(m: usize, k: usize) -> Option<Packed> {
         let len = m.next_multiple_of(amx::ROWS) * amx::row_stride(k);
-        amx::available().then(|| Packed { data: vec![0; len], lines: m, k, width: amx::ROWS, layout: Layout::Rows })
+        amx::available().then(|| Packed { data: Words::zeroed(len), lines: m, k, width: amx::ROWS, layout: Layout::Rows })
     }
 
     /// Row `i` of a left operand made by [`Packed::zero_rows`] as chunks of 16 pairs, in
@@ -233,7 +234,7 @@ impl Packed {
     /// Its packed words, in the layout's order.
     #[cfg(test)]
     pub(super) fn words(&self) -> &[u32] {
-        &self.data
+        &self.data[..]
     }
 
     /// Values along the summed dimension.
@@ -263,7 +264,7 @@ impl Packed {
 /// instead of all made first and read back. Nothing is cleared beforehand: each pair writes its
 /// row of every panel in full, and [`RightByPairs::packed`] checks that every pair was set.
 pub(super) struct RightByPairs {
-    data: Vec<std::mem::MaybeUninit<u32>>,
+    data: Words,
     k: usize,
     n: usize,
     set: Vec<bool>,
@@ -273,9 +274,8 @@ impl RightByPairs {
     pub(super) fn new(k: usize, n: usize) -> RightByPairs {
         assert!(available(), "the bf16 product needs AVX512-BF16");
         let kp = k.div_ceil(2);
-        let mut data = Vec::with_capacity(n.div_ceil(NR) * kp * NR);
-        // SAFETY: MaybeUninit needs no initialisation.
-        unsafe { data.set_len(data.capacity()) };
+        // SAFETY: `packed` hands the words out only once every pair has written its rows.
+        let data = unsafe { Words::uninit(n.div_ceil(NR) * kp * NR) };
         RightByPairs { data, k, n, set: vec![false; kp] }
     }
 
@@ -285,8 +285,9 @@ impl RightByPairs {
         let (n, kp) = (self.n, self.k.div_ceil(2));
         assert!(q < kp && lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "a pair of rows of this right operand");
         let panels = n.div_ceil(NR);
-        assert!(self.data.len() >= panels * kp * NR);
-        let row = self.data[q * NR..].as_mut_ptr().cast::<u32>();
+        let data = self.data.uninit_mut();
+        assert!(data.len() >= panels * kp * NR);
+        let row = data[q * NR..].as_mut_ptr().cast::<u32>();
         // SAFETY: lo and hi hold n values; row q of every panel is within data (asserted).
         #[cfg(target_arch = "x86_64")]
         unsafe {
@@ -294,7 +295,7 @@ impl RightByPairs {
         };
         if !n.is_multiple_of(NR) {
             let last = (panels - 1) * kp * NR + q * NR;
-            self.data[last + n % NR..last + NR].fill(std::mem::MaybeUninit::new(0));
+            data[last + n % NR..last + NR].fill(std::mem::MaybeUninit::new(0));
         }
         self.set[q] = true;
     }
@@ -302,11 +303,8 @@ impl RightByPairs {
     /// The operand, once every pair is set.
     pub(super) fn packed(self) -> Packed {
         assert!(self.set.iter().all(|&s| s), "every pair of rows of a right operand set before its product");
-        let mut data = std::mem::ManuallyDrop::new(self.data);
-        // SAFETY: every entry was written (each pair's row of every panel, padding included),
-        // and u32 has MaybeUninit<u32>'s layout.
-        let data = unsafe { Vec::from_raw_parts(data.as_mut_ptr().cast::<u32>(), data.len(), data.capacity()) };
-        Packed { data, lines: self.n, k: self.k, width: NR, layout: Layout::Pairs }
+        // Every entry was written (each pair's row of every panel, padding included).
+        Packed { data: self.data, lines: self.n, k: self.k, width: NR, layout: Layout::Pairs }
     }
 }
 

@@ -17,6 +17,7 @@
 use rayon::prelude::*;
 
 use crate::ops::fresh::written;
+use crate::ops::words::{OnLines, Words};
 use super::x86;
 use super::{Packed, ROWS, in_tasks, row_stride};
 
@@ -73,8 +74,9 @@ pub(in super::super) fn taps(w: &[f32], co: usize, ci: usize, flipped: bool) -> 
 /// bench, bf16, 2 threads of a Xeon, three interleaved rounds).
 fn gathered_taps(w: &[f32], co: usize, ci: usize) -> Vec<Packed> {
     let (stride, rows) = (row_stride(ci), co.next_multiple_of(ROWS));
-    let mut taps: Vec<Vec<u32>> = (0..9).map(|_| Vec::with_capacity(rows * stride)).collect();
-    let outs: Vec<usize> = taps.iter_mut().map(|t| t.as_mut_ptr() as usize).collect();
+    // SAFETY: every pair of every row (to a whole block of rows) is written below.
+    let mut taps: Vec<Words> = (0..9).map(|_| unsafe { Words::uninit(rows * stride) }).collect();
+    let outs: Vec<usize> = taps.iter_mut().map(|t| t.uninit_mut().as_mut_ptr() as usize).collect();
     // A group of 16 rows fills its own tiles of every tap.
     (0..rows / 16).into_par_iter().for_each(|g| {
         for r in g * 16..g * 16 + 16 {
@@ -91,11 +93,7 @@ fn gathered_taps(w: &[f32], co: usize, ci: usize) -> Vec<Packed> {
         }
     });
     taps.into_iter()
-        .map(|mut data| {
-            // SAFETY: every pair of every row (to a whole block of rows) was written above.
-            unsafe { data.set_len(rows * stride) };
-            Packed { data, lines: co, k: ci, width: ROWS, layout: super::super::Layout::Rows }
-        })
+        .map(|data| Packed { data, lines: co, k: ci, width: ROWS, layout: super::super::Layout::Rows })
         .collect()
 }
 
@@ -160,7 +158,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<
         // split as the product kernel splits its rows and panels.
         in_tasks(blocks.div_ceil(BLOCKS_PER_TASK), co.div_ceil(ROWS), true, |range, channel_blocks| {
             let position_blocks = range * BLOCKS_PER_TASK..((range + 1) * BLOCKS_PER_TASK).min(blocks);
-            let mut sums = [0f32; ROWS * POSITIONS];
+            let mut sums = OnLines([0f32; ROWS * POSITIONS]);
             // SAFETY: AMX is available; the tiles are configured before use and released after.
             unsafe { x86::configure() };
             for cb in channel_blocks {
@@ -169,9 +167,9 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<
                     let g0 = first + pb * POSITIONS;
                     // SAFETY: the taps' blocks hold ROWS rows of `stride` pairs; every plane
                     // holds the positions g0 + offset .. + POSITIONS (the border and the slack).
-                    unsafe { x86::conv_block(&a, stride, input[g0..].as_ptr(), plane, &offsets, sums.as_mut_ptr()) };
+                    unsafe { x86::conv_block(&a, stride, input[g0..].as_ptr(), plane, &offsets, sums.0.as_mut_ptr()) };
                     // SAFETY: the outputs of these positions and channels are this task's alone.
-                    unsafe { store(&sums, dst, cb * ROWS, co, g0, first + count, (h, w), bias) };
+                    unsafe { store(&sums.0, dst, cb * ROWS, co, g0, first + count, (h, w), bias) };
                 }
             }
             // SAFETY: AMX is available.

@@ -33,6 +33,7 @@ mod testing;
 mod transposed;
 pub mod upsample;
 mod winograd;
+mod words;
 pub(crate) mod precision;
 mod weight_transforms;
 
