@@ -267,28 +267,29 @@ mod x86 {
             } else {
                 zero_sums();
             }
+            // The block's two left tiles lie 16 rows of `stride` pairs apart, each row 16 pairs.
             for q in (0..full).step_by(PAIRS) {
-                step(a.add(q * 16), stride, b.add(q * NR), NR);
+                step(a.add(q * 16), a.add(q * 16 + 16 * stride), PAIRS, b.add(q * NR), NR);
             }
             if let Some(tail) = tail {
-                step(a.add(full * 16), stride, tail, NR);
+                step(a.add(full * 16), a.add(full * 16 + 16 * stride), PAIRS, tail, NR);
             }
             store_sums(c, sc);
         }
     }
 
     /// One step of 16 pairs: the sums' four tiles (rows 0..16 and 16..32 by columns 0..16 and
-    /// 16..32) += left tiles of rows packed as [`super::pack_rows`] (`a`, its rows `stride`
-    /// pairs long) times the right tiles at `b` and `b + 16`, their rows `sb` pairs apart.
+    /// 16..32) += the left tiles at `a0` and `a1` (rows 0..16 and 16..32, their rows `sa`
+    /// pairs apart) times the right tiles at `b` and `b + 16`, their rows `sb` pairs apart.
     ///
     /// Each load comes just before the first product that reads it: tiles are not renamed,
     /// so a load waits for the products reading the tile before, and four loads first held
     /// up every product behind the last of them (1-5% slower, kernel and convolution alike).
     ///
-    /// SAFETY: tiles configured by [`configure`]; `a` and `a + 16 stride` hold a tile each, `b`
-    /// 16 rows of 32 pairs `sb` apart.
+    /// SAFETY: tiles configured by [`configure`]; `a0` and `a1` hold 16 rows of 16 pairs `sa`
+    /// apart each, `b` 16 rows of 32 pairs `sb` apart.
     #[inline(always)]
-    unsafe fn step(a: *const u32, stride: usize, b: *const u32, sb: usize) {
+    unsafe fn step(a0: *const u32, a1: *const u32, sa: usize, b: *const u32, sb: usize) {
         unsafe {
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -299,11 +300,11 @@ mod x86 {
                 "tileloadd tmm5, [{a1} + {sa}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a,
-                a1 = in(reg) a.add(16 * stride),
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
                 b0 = in(reg) b,
                 b1 = in(reg) b.add(16),
-                sa = in(reg) PAIRS * 4,
+                sa = in(reg) sa * 4,
                 sb = in(reg) sb * 4,
                 options(nostack, readonly),
             )
@@ -357,24 +358,24 @@ mod x86 {
         }
     }
 
-    /// The `[32, 32]` sums of 32 output channels and 32 positions of a convolution
-    /// (`super::conv`): for each tap `t`, its left operand's block at `a[t]` (rows `stride`
-    /// pairs long) times the paired input from `b + offsets[t]`, its planes `plane` apart, to
-    /// `sums` (row-major).
+    /// The `[32, NR]` sums (row-major) of 32 positions and NR output channels of a convolution
+    /// (`super::conv`): for each tap `t`, the input's 32 positions from `a + offsets[t]` (rows
+    /// of `stride` pairs, one a position) times the tap's right panel at `b[t]` (NR pairs a row).
     ///
-    /// SAFETY: tiles configured by [`configure`]; each `a[t]` holds 32 rows of `stride` pairs
-    /// as packed; each plane `p < stride` holds 32 values from `b + offsets[t]`.
-    pub(super) unsafe fn conv_block(a: &[*const u32; 9], stride: usize, b: *const u32, plane: usize, offsets: &[isize; 9], sums: *mut f32) {
+    /// SAFETY: tiles configured by [`configure`]; the input holds 32 rows of `stride` pairs
+    /// from `a + offsets[t]` for every tap; each `b[t]` `stride` rows of NR pairs.
+    pub(super) unsafe fn conv_block(a: *const u32, stride: usize, offsets: &[isize; 9], b: &[*const u32; 9], sums: *mut f32) {
         unsafe {
             zero_sums();
-            // Pairs outer, taps inner: the 9 taps read the same 3 rows of the same 16 planes,
-            // which stay in L1 across them.
+            // Pairs outer, taps inner: the 9 taps read the same 16 pairs of neighbouring
+            // positions, which stay in L1 across them.
             for q in (0..stride).step_by(PAIRS) {
-                for (a, &offset) in a.iter().zip(offsets) {
-                    step(a.add(q * 16), stride, b.offset(offset).add(q * plane), plane);
+                for (b, &offset) in b.iter().zip(offsets) {
+                    let a = a.offset(offset).add(q);
+                    step(a, a.add(16 * stride), stride, b.add(q * NR), NR);
                 }
             }
-            store_sums(sums, 32);
+            store_sums(sums, NR);
         }
     }
 }

@@ -131,11 +131,11 @@ pub(super) fn conv3x3_taps(w: &[f32], co: usize, ci: usize, flipped: bool) -> Ve
 
 /// Bytes of [`conv3x3_taps`]' packing.
 pub(super) fn conv3x3_taps_bytes(co: usize, ci: usize) -> usize {
-    9 * co.next_multiple_of(amx::ROWS) * amx::row_stride(ci) * size_of::<u32>()
+    amx::conv::taps_bytes(co, ci)
 }
 
 /// `x` `[B, ci, h, w]` convolved (3x3, stride 1, padding 1) with the weight packed as `taps`
-/// ([`conv3x3_taps`], `co` rows of `ci`), plus `bias`.
+/// ([`conv3x3_taps`]: `ci` channels in, `co` out), plus `bias`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
     assert!(amx::available(), "the AMX convolution needs AMX");
@@ -513,6 +513,24 @@ mod x86 {
         }
     }
 
+    /// The `[32, 32]` row-major `src` transposed into `dst`, 16 x 16 at a time in registers.
+    ///
+    /// SAFETY: the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose32(src: &[f32; 1024], dst: &mut [f32; 1024]) {
+        for (bi, bj) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, r) in r.iter_mut().enumerate() {
+                // SAFETY: row 16 bi + i holds 16 values from column 16 bj.
+                *r = unsafe { _mm512_loadu_si512(src[(16 * bi + i) * 32 + 16 * bj..].as_ptr().cast()) };
+            }
+            for (j, row) in transposed16(&r).into_iter().enumerate() {
+                // SAFETY: row 16 bj + j holds 16 values from column 16 bi.
+                unsafe { _mm512_storeu_si512(dst[(16 * bj + j) * 32 + 16 * bi..].as_mut_ptr().cast(), row) };
+            }
+        }
+    }
+
     /// The 16 x 16 matrix of 32-bit entries whose rows are `r`, transposed.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -580,21 +598,6 @@ mod x86 {
     unsafe fn rounded(p: *const f32) -> __m512i {
         // The first argument fills the upper half: the second 16 floats.
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p))) }
-    }
-
-    /// The first `count` (at most 32) of 32 floats `step` apart from `p`, the rest zeros, as
-    /// 16 bf16 pairs into `out`.
-    ///
-    /// SAFETY: the CPU has AVX512-BF16; `p` covers its `count` floats, `out` 16 pairs.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn gather_pairs(p: *const f32, step: usize, count: usize, out: *mut u32) {
-        let index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(step as i32));
-        unsafe {
-            // Lanes outside the mask are not read.
-            let lo = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), super::lanes(count, 0), index, p);
-            let hi = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), super::lanes(count, 16), index, p.wrapping_add(16 * step));
-            _mm512_storeu_si512(out.cast(), std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-        }
     }
 
     /// `count` (at most 16) floats from `lo` and from `hi` (zeros without it) into `out` as
