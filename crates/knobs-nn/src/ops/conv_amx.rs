@@ -17,6 +17,8 @@
 //! that a run of 16 positions may cross rows and samples: the cost is the border, 2 columns in
 //! `w + 2` (3% at 64, 12% at 16). Each output's sums run in one fixed order (pairs of
 //! channels, the 9 taps within each), whatever the thread count.
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::ops::fresh::written;
@@ -41,8 +43,8 @@ pub(in super::super) fn taps(w: &[f32], co: usize, ci: usize, flipped: bool) -> 
     // dimension: the columns forward, the rows flipped.
     let (rows, cols) = if flipped { (2 * row_stride(co), ci) } else { (co, 2 * row_stride(ci)) };
     let plane = rows * cols;
-    let split = |out: &mut [std::mem::MaybeUninit<f32>]| {
-        out.par_chunks_mut(plane).for_each(|p| p.fill(std::mem::MaybeUninit::new(0.0)));
+    let split = |out: &mut [MaybeUninit<f32>]| {
+        out.par_chunks_mut(plane).for_each(|p| p.fill(MaybeUninit::new(0.0)));
         let out = out.as_mut_ptr() as usize;
         w.par_chunks(9 * ci).enumerate().for_each(|(o, row)| {
             for (i, tap) in row.chunks_exact(9).enumerate() {
@@ -77,23 +79,36 @@ pub(in super::super) fn taps_bytes(co: usize, ci: usize) -> usize {
 /// (zeros past `c`) from the start of a cache line: a left tile is then any 16 neighbouring
 /// positions, every row of it on its own lines whatever the tap's offset.
 fn by_position(x: &[f32], batch: usize, c: usize, h: usize, w: usize, slack: usize) -> Words {
-    let (gw, grid, stride) = (w + 2, (h + 2) * (w + 2), row_stride(c));
-    let mut out = Words::zeroed((batch * grid + slack) * stride);
-    let at = out.as_mut_ptr() as usize;
-    // One task a row of the image: its positions' pairs, 16 positions by 16 pairs at a time.
-    (0..batch * h).into_par_iter().for_each(|row| {
-        let (b, y) = (row / h, row % h);
+    let (gw, stride) = (w + 2, row_stride(c));
+    let rows = batch * (h + 2);
+    // SAFETY: every grid row is written below (its border zeros, its positions' pairs), then
+    // the slack.
+    let mut out = unsafe { Words::uninit((rows * gw + slack) * stride) };
+    let (grid_rows, tail) = out.uninit_mut().split_at_mut(rows * gw * stride);
+    tail.fill(MaybeUninit::new(0));
+    // One task a grid row: a border row all zeros; an image row its two border positions
+    // zeros and its positions' pairs, 16 positions by 16 pairs at a time.
+    grid_rows.par_chunks_mut(gw * stride).enumerate().for_each(|(row, out)| {
+        let (b, gy) = (row / (h + 2), row % (h + 2));
+        if gy == 0 || gy == h + 1 {
+            out.fill(MaybeUninit::new(0));
+            return;
+        }
+        let y = gy - 1;
+        out[..stride].fill(MaybeUninit::new(0));
+        out[(w + 1) * stride..].fill(MaybeUninit::new(0));
         let mut tile = OnLines([0u32; 256]);
         for x0 in (0..w).step_by(16) {
             let count = 16.min(w - x0);
-            let first = b * grid + (y + 1) * gw + x0 + 1;
             for q0 in (0..stride).step_by(16) {
                 // SAFETY: AMX (so AVX512-BF16) runs; channel planes of sample b hold positions
                 // y w + x0 .. + count, h w apart; the tile holds 16 rows of 16.
                 unsafe { super::super::x86::rows_of_columns(x[(b * c * h + y) * w + x0..].as_ptr(), (h * w) as isize, count, c, q0, tile.0.as_mut_ptr(), 16) };
                 for (i, pairs) in tile.0.chunks_exact(16).take(count).enumerate() {
-                    // SAFETY: position first + i holds `stride` pairs in out, this row's alone.
-                    unsafe { std::ptr::copy_nonoverlapping(pairs.as_ptr(), (at as *mut u32).add((first + i) * stride + q0), 16) };
+                    let at = (x0 + i + 1) * stride + q0;
+                    for (o, &v) in out[at..at + 16].iter_mut().zip(pairs) {
+                        o.write(v);
+                    }
                 }
             }
         }
@@ -126,7 +141,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<
     let input = by_position(x, batch, ci, h, w, POSITIONS + gw + 1);
     // Each tap's offset from the output's position, in words.
     let offsets: [isize; 9] = std::array::from_fn(|t| ((t / 3 * gw + t % 3) as isize - (gw + 1) as isize) * stride as isize);
-    let convolve = |out: &mut [std::mem::MaybeUninit<f32>]| {
+    let convolve = |out: &mut [MaybeUninit<f32>]| {
         let dst = Out(out.as_mut_ptr().cast());
         // Tasks of BLOCKS_PER_TASK blocks of positions by groups of panels of output channels,
         // split as the product kernel splits its rows and panels.
