@@ -600,6 +600,33 @@ mod x86 {
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p))) }
     }
 
+    /// Rows `0..rows` (at most 16; `row` apart from `p`) of an operand whose pairs' values lie
+    /// `step` apart, their first `values` values (at most 32, zeros after) as 16 pairs each,
+    /// transposed: pair `m` of every row into the 16 entries at `out + m * stride` (zeros past
+    /// `rows`). A weight `[co, ci, 3, 3]` read this way (`step` 9) gives a tap's right operand.
+    ///
+    /// SAFETY: the CPU has AVX512-BF16 and AVX512BW; `p` covers the rows' values, `out` 16
+    /// rows of 16 at `stride`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn gathered_pairs(p: *const f32, row: usize, step: usize, rows: usize, values: usize, out: *mut u32, stride: usize) {
+        let index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(step as i32));
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (j, r) in r.iter_mut().enumerate().take(rows) {
+            // SAFETY: row j's values 0 .. values (step apart); lanes outside the masks are not read.
+            unsafe {
+                let at = p.add(j * row);
+                let lo = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), super::lanes(values, 0), index, at);
+                let hi = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), super::lanes(values, 16), index, at.wrapping_add(16 * step));
+                // The first argument fills the upper half: values 16 .. 32.
+                *r = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+        for (m, pairs) in transposed16(&r).into_iter().enumerate() {
+            // SAFETY: out holds 16 rows of 16 at `stride`.
+            unsafe { _mm512_storeu_si512(out.add(m * stride).cast(), pairs) };
+        }
+    }
+
     /// `count` (at most 16) floats from `lo` and from `hi` (zeros without it) into `out` as
     /// `count` pairs (lo, hi) in bf16.
     ///
