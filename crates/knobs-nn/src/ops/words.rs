@@ -35,7 +35,7 @@ impl Words {
         // SAFETY: MaybeUninit words need no initialisation.
         unsafe { buf.set_len(buf.capacity()) };
         let start = (buf.as_ptr() as usize).next_multiple_of(64) - buf.as_ptr() as usize;
-        debug_assert!(start % size_of::<u32>() == 0 && start / size_of::<u32>() < LINE_WORDS);
+        debug_assert!(start.is_multiple_of(size_of::<u32>()) && start / size_of::<u32>() < LINE_WORDS);
         Words { buf, start: start / size_of::<u32>(), len }
     }
 
