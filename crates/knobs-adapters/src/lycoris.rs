@@ -247,6 +247,9 @@ impl<F: WeightFactors> LinearAdapter for DeltaAdapter<F> {
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
         (self.merged(w, -weight), b)
     }
+    fn adds_to_output(&self) -> bool {
+        true
+    }
 }
 
 impl<F: WeightFactors> Conv2dAdapter for DeltaAdapter<F> {

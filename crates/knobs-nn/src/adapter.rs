@@ -40,6 +40,13 @@ pub trait LinearAdapter: Adapter {
     fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, unmerged: &Tensor<2>, weight: f32) -> Result<(Tensor<2>, Option<Tensor<1>>)>;
     /// Undoes [`LinearAdapter::merge`]; only called after a merge succeeded, so it cannot fail.
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>);
+    /// Whether the output is `inner(x)` plus a term of `x` alone (LoRA, LoHa, LoKr): a residual
+    /// that the layer's output joins may then join `inner`'s instead, added by the base layer's
+    /// product as it writes its output ([`crate::Linear::forward_added`]), so that the layer at
+    /// weight 0 gives the base's bits.
+    fn adds_to_output(&self) -> bool {
+        false
+    }
 }
 
 /// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].

@@ -82,6 +82,9 @@ impl LinearAdapter for LoraLinear {
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
         (w - self.delta_weight() * weight as f64, b)
     }
+    fn adds_to_output(&self) -> bool {
+        true
+    }
 }
 
 /// LoCon: a k x k down convolution with the base layer's stride and padding, then a 1x1 up.

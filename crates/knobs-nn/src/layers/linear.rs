@@ -62,18 +62,31 @@ impl Linear {
         linear(x, value_as(&self.weight, dtype).transpose(), self.bias.as_ref().map(|b| value_as(b, dtype)))
     }
 
-    /// `forward(x) + residual`, the sum written once by the layer's product where it can be
-    /// (no adapter live, f32 activations, nothing differentiated: [`crate::ops::linear_added_as`]).
+    /// `forward(x) + residual`, the residual added by the base layer's product as it writes its
+    /// output where it can be ([`crate::ops::linear_added_as`]: f32 activations, nothing
+    /// differentiated), under live adapters that add to the output ([`LinearAdapter::adds_to_output`]).
     pub fn forward_added<const D: usize>(&self, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
-        if !self.adapters.has_live() {
-            let dims = residual.dims();
-            let rows = dims[..D - 1].iter().product::<usize>();
-            let (x2, r2) = (x.clone().reshape([rows, self.d_in()]), residual.clone().reshape([rows, self.d_out()]));
-            if let Some(y) = crate::ops::linear_added_as(&x2, &self.weight, self.bias.as_ref(), &r2, crate::ops::autocast::products_for_f32()) {
-                return y.reshape(dims);
-            }
+        let live: Vec<_> = self.adapters.live().collect();
+        if !live.iter().all(|e| e.adapter.adds_to_output()) {
+            return self.forward(x) + residual;
         }
-        self.forward(x) + residual
+        let dims = residual.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let (x, residual) = (x.reshape([rows, self.d_in()]), residual.reshape([rows, self.d_out()]));
+        if live.is_empty() {
+            return self.base_added(x, residual).reshape(dims);
+        }
+        let dtype = x.dtype();
+        let y = self.chain(&live, f32_value(&x), &|x| f32_value(&self.base_added(value_as(&x, dtype), residual.clone())));
+        value_as(&y, dtype).reshape(dims)
+    }
+
+    /// The base layer's output plus `residual`, in one op where it applies.
+    fn base_added(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+        if let Some(y) = crate::ops::linear_added_as(&x, &self.weight, self.bias.as_ref(), &residual, crate::ops::autocast::products_for_f32()) {
+            return y;
+        }
+        self.forward_base(x) + residual
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -84,18 +97,16 @@ impl Linear {
         let rows = dims[..D - 1].iter().product::<usize>();
         let live: Vec<_> = self.adapters.live().collect();
         let dtype = x.dtype();
-        // Adapters compute in f32 (they are small, and what trains); under mixed precision
-        // only the base matmul runs in the input's dtype.
-        let y = self.chain(&live, f32_value(&x.reshape([rows, self.d_in()])), dtype);
+        let y = self.chain(&live, f32_value(&x.reshape([rows, self.d_in()])), &|x| f32_value(&self.forward_base(value_as(&x, dtype))));
         dims[D - 1] = self.d_out();
         value_as(&y, dtype).reshape(dims)
     }
 
-    /// The layer wrapped by `live` adapters, the last one outermost.
-    fn chain(&self, live: &[&SlotEntry<dyn LinearAdapter>], x: Tensor<2>, base_dtype: DType) -> Tensor<2> {
+    /// The live adapters, outermost last, round `base` (the layer's own output, in f32).
+    fn chain(&self, live: &[&SlotEntry<dyn LinearAdapter>], x: Tensor<2>, base: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Tensor<2> {
         match live.split_last() {
-            None => f32_value(&self.forward_base(value_as(&x, base_dtype))),
-            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x, base_dtype), outer.weight()),
+            None => base(x),
+            Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x, base), outer.weight()),
         }
     }
 }
