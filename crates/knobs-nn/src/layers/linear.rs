@@ -1,5 +1,5 @@
 use burn::tensor::module::linear;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
