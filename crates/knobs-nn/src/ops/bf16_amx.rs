@@ -136,7 +136,7 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
             }
         })
     };
-    Packed { data: std::sync::Arc::new(data), lines: m, k, width: ROWS, layout: Layout::Rows }
+    Packed { data, lines: m, k, width: ROWS, layout: Layout::Rows }
 }
 
 /// [`super::product_packed`] for a left operand packed as rows ([`pack_rows`]).

@@ -15,7 +15,6 @@ use rayon::prelude::*;
 
 use super::matrix::View;
 use super::words::Words;
-use std::sync::Arc;
 
 #[path = "bf16_amx.rs"]
 mod amx;
@@ -147,10 +146,9 @@ pub(super) fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<&[f32]>, batch: u
 /// An operand packed for the kernel: `lines` lines of `k` values (the rows of a left operand,
 /// the columns of a right one) in panels of `width` lines (zeros past the last), each panel
 /// `[k / 2, width]` pairs of neighbours along `k` in bf16 (a zero after an odd `k`).
-/// Cloning shares the packing (a kept weight's, handed to a product as an operand of its own).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(super) struct Packed {
-    data: Arc<Words>,
+    data: Words,
     lines: usize,
     k: usize,
     width: usize,
@@ -186,12 +184,6 @@ impl Packed {
         Packed::new(ptr, line, elem, n, k, NR, parallel)
     }
 
-    /// Bytes of [`Packed::left`]'s packing of a `[m, k]` operand.
-    pub(super) fn left_bytes(m: usize, k: usize) -> usize {
-        let words = if amx::available() { m.next_multiple_of(amx::ROWS) * amx::row_stride(k) } else { m.div_ceil(MR) * k.div_ceil(2) * MR };
-        words * size_of::<u32>()
-    }
-
     /// Bytes of [`Packed::right`]'s packing of a `[k, n]` operand.
     pub(super) fn right_bytes(k: usize, n: usize) -> usize {
         n.div_ceil(NR) * k.div_ceil(2) * NR * size_of::<u32>()
@@ -207,7 +199,7 @@ impl Packed {
             // SAFETY: the caller's view covers `lines` lines of `k` elements; pack_by_pairs
             // writes every entry.
             let data = unsafe { Words::written(len, |out| pack_by_pairs(ptr, elem, lines, k, width, out, parallel)) };
-            return Packed { data: Arc::new(data), lines, k, width, layout: Layout::Pairs };
+            return Packed { data, lines, k, width, layout: Layout::Pairs };
         }
         let mut data = Words::zeroed(len);
         let ptr = ptr as usize;
@@ -218,7 +210,7 @@ impl Packed {
         } else {
             data.chunks_mut(panel.max(1)).enumerate().for_each(fill);
         }
-        Packed { data: Arc::new(data), lines, k, width, layout: Layout::Pairs }
+        Packed { data, lines, k, width, layout: Layout::Pairs }
     }
 
     /// A left operand `[m, k]` of zeros in AMX's layout ([`Layout::Rows`]), for a producer
@@ -226,7 +218,7 @@ impl Packed {
     /// AMX does not run. Rows past `m` stay zeros.
     pub(super) fn zero_rows(m: usize, k: usize) -> Option<Packed> {
         let len = m.next_multiple_of(amx::ROWS) * amx::row_stride(k);
-        amx::available().then(|| Packed { data: Arc::new(Words::zeroed(len)), lines: m, k, width: amx::ROWS, layout: Layout::Rows })
+        amx::available().then(|| Packed { data: Words::zeroed(len), lines: m, k, width: amx::ROWS, layout: Layout::Rows })
     }
 
     /// Row `i` of a left operand made by [`Packed::zero_rows`] as chunks of 16 pairs, in
@@ -236,8 +228,7 @@ impl Packed {
         let stride = amx::row_stride(self.k);
         let chunks = stride / 16;
         // A row's chunks lie a tile (16 rows of 16 pairs) apart.
-        let data = Arc::get_mut(&mut self.data).expect("a left operand being written is its own");
-        data[amx::at(i, 0, stride)..].chunks_exact_mut(16).step_by(16).take(chunks).map(|c| c.try_into().expect("16 pairs"))
+        self.data[amx::at(i, 0, stride)..].chunks_exact_mut(16).step_by(16).take(chunks).map(|c| c.try_into().expect("16 pairs"))
     }
 
     /// Its packed words, in the layout's order.
@@ -313,7 +304,7 @@ impl RightByPairs {
     pub(super) fn packed(self) -> Packed {
         assert!(self.set.iter().all(|&s| s), "every pair of rows of a right operand set before its product");
         // Every entry was written (each pair's row of every panel, padding included).
-        Packed { data: Arc::new(self.data), lines: self.n, k: self.k, width: NR, layout: Layout::Pairs }
+        Packed { data: self.data, lines: self.n, k: self.k, width: NR, layout: Layout::Pairs }
     }
 }
 

@@ -13,9 +13,9 @@ use burn::tensor::{DType, Tensor, TensorData, module};
 
 use std::sync::Arc;
 
-use super::bf16_product::{self, Packed};
+use super::bf16_product;
 use super::conv2d_by_matmul;
-use super::matrix::{Products, View};
+use super::matrix::Products;
 use crate::param::value_as;
 use super::conv_kernel::{self, ConvDims};
 use super::record::{lifted, record};
@@ -154,15 +154,8 @@ fn forward(x: &FlexTensor, stored: &FlexTensor, bias: Option<&FlexTensor>, dims:
         let kept = (untracked && kind != Weight::Trained).then(|| weight_transforms::packed(stored, [dims.c_out, dims.c_in, 9], bf16_product::conv3x3_taps_bytes(dims.c_out, dims.c_in), pack)).flatten();
         kept.or_else(|| amx_applies(&dims, products).then(|| Arc::new(pack())))
     }).flatten();
-    // A 1x1 convolution's frozen weight keeps its packing as a linear layer's does.
-    let pointwise = (untracked && kind != Weight::Trained && products == Products::Bf16 && dims.is_pointwise() && bf16_product::available()).then(|| {
-        let pack = || vec![Packed::left(dims.c_out, dims.c_in, View::rows(slice(&widened(stored)), 0, dims.c_in), true)];
-        weight_transforms::packed(stored, [dims.c_out, dims.c_in, 0], Packed::left_bytes(dims.c_out, dims.c_in), pack)
-    }).flatten();
     let out = if let Some(taps) = taps {
         bf16_product::conv3x3(xs, &taps, bs, dims.batch, dims.c_in, dims.c_out, dims.h, dims.w)
-    } else if let Some(packed) = pointwise {
-        conv_kernel::pointwise_packed(xs, &packed[0], bs, &dims)
     } else {
         let w = widened(stored);
         let ws = slice(&w);
@@ -505,35 +498,6 @@ mod tests {
         let after = values(conv2d_frozen(x.clone(), weight.clone(), None, options(1, 1, 1), Products::Bf16));
         let taps = bf16_product::conv3x3_taps(&values(weight), co, ci, false);
         assert!(after != before && after == bf16_product::conv3x3(&values(x), &taps, None, b, ci, co, h, w), "a changed weight's own taps");
-    }
-
-    /// Where nothing is differentiated, a frozen 1x1 convolution's bf16 packing (an f32
-    /// weight's and a bf16-stored one's) is kept and gives the bits of the weight packed per
-    /// call; a weight changed in place is packed anew.
-    #[test]
-    fn a_frozen_pointwise_weight_keeps_its_packing_where_nothing_is_differentiated() {
-        if !bf16_product::available() {
-            eprintln!("skipped: this CPU has no bf16 products");
-            return;
-        }
-        let device = cpu();
-        let (b, ci, co, h, w) = (2, 48, 40, 7, 5);
-        let x = rand([b, ci, h, w], &device);
-        let dims = ConvDims { batch: b, c_in: ci, h, w, c_out: co, kernel: [1, 1], stride: [1, 1], padding: [0, 0], dilation: [1, 1] };
-        let per_call = |weight: &Tensor<4>| conv_kernel::forward(&values(x.clone()), &values(weight.clone().cast(DType::F32)), None, &dims, Products::Bf16);
-        let storage = |w: &Tensor<4>| w.clone().try_into_primitive::<Flex>().unwrap();
-        for weight in [rand([co, ci, 1, 1], &device), rand([co, ci, 1, 1], &device).cast(DType::BF16)] {
-            let kept = || values(conv2d_frozen_copy(x.clone(), weight.clone(), None, options(1, 0, 1), Products::Bf16));
-            let first = kept();
-            assert!(weight_transforms::holds_packed(&storage(&weight)), "{:?}: the packing is kept", weight.dtype());
-            assert!(first == per_call(&weight) && kept() == first, "{:?}: the kept packing's bits are the per-call ones'", weight.dtype());
-        }
-        let weight = rand([co, ci, 1, 1], &device);
-        let before = values(conv2d_frozen(x.clone(), weight.clone(), None, options(1, 0, 1), Products::Bf16));
-        // Written in place where the storage is not shared, so the kept copy must be.
-        let weight = weight.add_scalar(0.5);
-        let after = values(conv2d_frozen(x.clone(), weight.clone(), None, options(1, 0, 1), Products::Bf16));
-        assert!(after != before && after == per_call(&weight), "a changed weight's own packing");
     }
 
     /// The blocks and products are fixed by the shapes: one thread and two give the same bits.

@@ -92,7 +92,7 @@ fn gathered_taps(w: &[f32], co: usize, ci: usize) -> Vec<Packed> {
             }
         }
     });
-    taps.into_iter().map(|data| Packed { data: std::sync::Arc::new(data), lines: co, k: 2 * kp, width: NR, layout: super::super::Layout::Pairs }).collect()
+    taps.into_iter().map(|data| Packed { data, lines: co, k: 2 * kp, width: NR, layout: super::super::Layout::Pairs }).collect()
 }
 
 /// Bytes of [`taps`]' forward packing.

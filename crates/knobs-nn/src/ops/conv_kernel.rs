@@ -18,7 +18,6 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::fresh::written;
-use super::bf16_product::Packed;
 use super::matrix::{Operand, Products, View, min_len, parallelism, product_as};
 
 /// Column buffer per block, in floats (16 MiB; small in tests, so that they cover several blocks).
@@ -61,7 +60,7 @@ impl ConvDims {
         oh * ow
     }
     /// A 1x1 convolution whose columns are the input itself.
-    pub(super) fn is_pointwise(&self) -> bool {
+    fn pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
     }
     /// Output rows per block: as many as keep the columns within `BLOCK_FLOATS`.
@@ -152,24 +151,11 @@ fn par(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 
 /// Output `[B, co, oh, ow]` of `x` `[B, ci, h, w]` with weight `w` `[co, ci, kh, kw]`.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, d: &ConvDims, products: Products) -> Vec<f32> {
-    // The weight, read by every block of every sample (packed once for bf16 products).
-    let (k, p, co) = (d.k(), d.positions(), d.c_out);
-    let weight = Operand::left(products, co, k, View::rows(w, 0, k), co * p * k >= PARALLEL_WORK);
-    with_weight(x, &weight, bias, d)
-}
-
-/// [`forward`] of a 1x1 convolution whose weight `[co, ci]` was packed beforehand for bf16
-/// products (`Packed::left`): a frozen one, its packing kept between calls as a linear layer's
-/// is (SD-1.x's `proj_in` and `proj_out` widened and packed their bf16 weights on every call).
-pub(super) fn pointwise_packed(x: &[f32], weight: &Packed, bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
-    assert!(d.is_pointwise() && weight.k() == d.c_in, "a 1x1 convolution's packed weight");
-    with_weight(x, &Operand::Bf16(weight.clone()), bias, d)
-}
-
-fn with_weight(x: &[f32], weight: &Operand, bias: Option<&[f32]>, d: &ConvDims) -> Vec<f32> {
     let (k, p, co) = (d.k(), d.positions(), d.c_out);
     let ow = d.out_hw()[1];
-    let mut cols = if d.is_pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
+    let mut cols = if d.pointwise() { Vec::new() } else { vec![0.0f32; k * d.block_rows() * ow] };
+    // The weight, read by every block of every sample (packed once for bf16 products).
+    let weight = Operand::left(products, co, k, View::rows(w, 0, k), co * p * k >= PARALLEL_WORK);
     let convolve = |out: &mut [MaybeUninit<f32>]| {
         // The bias first, the products summed onto it; without one they write every output.
         if let Some(bias) = bias {
@@ -181,7 +167,7 @@ fn with_weight(x: &[f32], weight: &Operand, bias: Option<&[f32]>, d: &ConvDims) 
             let xb = &x[b * d.c_in * d.h * d.w..][..d.c_in * d.h * d.w];
             // SAFETY: sample b's outputs, [co, p], are within out.
             let ob = unsafe { out.add(b * co * p) };
-            if d.is_pointwise() {
+            if d.pointwise() {
                 // SAFETY: ob is [co, p], w [co, k], xb [k, p].
                 unsafe { weight.times(p, View::rows(xb, 0, p), ob, p, 1, bias.is_some(), 1.0, par(co, p, k)) };
                 continue;
@@ -207,7 +193,7 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
     let plane = d.c_in * d.h * d.w;
     let mut dx = want_x.then(|| vec![0.0f32; d.batch * plane]);
     let mut dw = want_w.then(|| vec![0.0f32; co * k]);
-    let buffer = if d.is_pointwise() { 0 } else { k * d.block_rows() * ow };
+    let buffer = if d.pointwise() { 0 } else { k * d.block_rows() * ow };
     let mut cols = vec![0.0f32; if want_w { buffer } else { 0 }];
     let mut dcols = vec![0.0f32; if want_x { buffer } else { 0 }];
     // W^T, read by every block's input gradient.
@@ -217,7 +203,7 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], d: &ConvDims, want_x: bool, wan
         // Read by the weight gradient only (`x` may be empty without it).
         let xb = if want_w { &x[b * plane..][..plane] } else { &[][..] };
         let gb = &g[b * co * p..][..co * p];
-        if d.is_pointwise() {
+        if d.pointwise() {
             // SAFETY (both products): shapes as in `forward`, read the other way round.
             unsafe {
                 if let Some(dw) = &mut dw {
@@ -285,7 +271,7 @@ mod tests {
         }
         let conv = |c_in, c_out, kernel, stride, padding| ConvDims { batch: 2, c_in, h: 11, w: 9, c_out, kernel, stride, padding, dilation: [1, 1] };
         for d in [conv(16, 13, [3, 3], [1, 1], [1, 1]), conv(16, 7, [3, 3], [2, 2], [1, 1]), conv(20, 6, [1, 1], [1, 1], [0, 0])] {
-            assert!(d.is_pointwise() || d.blocks().count() > 1, "{d:?} should span several blocks");
+            assert!(d.pointwise() || d.blocks().count() > 1, "{d:?} should span several blocks");
             let [oh, ow] = d.out_hw();
             let (x, w, b) = (data(d.batch * d.c_in * d.h * d.w, 1), data(d.c_out * d.k(), 2), data(d.c_out, 3));
             let g = data(d.batch * d.c_out * oh * ow, 4);
