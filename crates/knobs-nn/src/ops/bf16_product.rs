@@ -97,10 +97,12 @@ pub(super) unsafe fn product_strided(m: usize, n: usize, k: usize, dst: *mut f32
 }
 
 /// Whether 3x3 convolutions (stride 1, padding 1) of `c_in` to `c_out` channels over
-/// `positions` outputs (over the batch) take AMX's kernel ([`conv3x3`]) under bf16 products:
-/// where AMX runs and the weight's taps, packed per call, cost little beside the products.
-pub(super) fn conv3x3_applies(c_in: usize, c_out: usize, positions: usize) -> bool {
-    conv3x3_runs(c_in, c_out) && positions >= CONV_MIN_POSITIONS
+/// `positions` outputs (over the batch) take AMX's kernel ([`conv3x3`]) under bf16 products,
+/// forward or (`flipped`) for an input gradient: where AMX runs and the weight's taps, packed
+/// per call, cost little beside the products.
+pub(super) fn conv3x3_applies(c_in: usize, c_out: usize, positions: usize, flipped: bool) -> bool {
+    let min = if flipped { CONV_MIN_POSITIONS_FLIPPED } else { CONV_MIN_POSITIONS };
+    conv3x3_runs(c_in, c_out) && positions >= min
 }
 
 /// Whether AMX's tiles run the bf16 products on this CPU.
@@ -116,11 +118,16 @@ pub(super) fn conv3x3_runs(c_in: usize, c_out: usize) -> bool {
 
 /// Channels below which a convolution keeps the other kernels (a tile holds 32 of them).
 const CONV_MIN_CHANNELS: usize = 32;
-/// Outputs per call below which the taps' packing costs more than AMX saves: a 16x16 plane of
-/// 1280 channels took 22 ms to pack against 5.5 ms for its products; packed in one pass
-/// (`conv::gathered_taps`), AMX's `[2, 1280, 16, 16]` still took 20-24 ms against Winograd's
-/// 19-26, the f32 weight read per call being the cost.
-const CONV_MIN_POSITIONS: usize = if cfg!(test) { 1 } else { 1024 };
+/// Outputs per call below which the forward taps' packing costs more than AMX saves. Since the
+/// taps are right operands packed in one pass (`conv::gathered_taps`), `[2, 1280, 16, 16] ->
+/// 1280` takes 9.5 ms with its packing (3 ms of it) against Winograd's 19-26, and an SD-1.5
+/// bf16 LoRA step at 512 px took 3.91-3.94 s with AMX's kernel from 64 outputs (8x8 planes)
+/// against 3.98-4.01 s from 1024 (the UNet's forward pass 1.27-1.28 against 1.32-1.33 s,
+/// 70-130 MB more at the peak; four interleaved rounds, Xeon, 2026-12-07).
+const CONV_MIN_POSITIONS: usize = if cfg!(test) { 1 } else { 64 };
+/// The same for the input gradient's flipped taps, packed from planes split first (`conv::taps`:
+/// about 20 ms for a `[1280, 1280, 3, 3]` weight), which pay from 1024 outputs.
+const CONV_MIN_POSITIONS_FLIPPED: usize = if cfg!(test) { 1 } else { 1024 };
 
 /// The weight `[co, ci, 3, 3]` packed for [`conv3x3`], as its 9 taps, or (`flipped`) those of
 /// the input gradient's convolution. Call only where [`conv3x3_applies`].

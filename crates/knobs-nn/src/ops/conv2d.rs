@@ -152,7 +152,7 @@ fn forward(x: &FlexTensor, stored: &FlexTensor, bias: Option<&FlexTensor>, dims:
         // A half-precision weight widened only when packed.
         let pack = || bf16_product::conv3x3_taps(slice(&widened(stored)), dims.c_out, dims.c_in, false);
         let kept = (untracked && kind != Weight::Trained).then(|| weight_transforms::packed(stored, [dims.c_out, dims.c_in, 9], bf16_product::conv3x3_taps_bytes(dims.c_out, dims.c_in), pack)).flatten();
-        kept.or_else(|| amx_applies(&dims, products).then(|| Arc::new(pack())))
+        kept.or_else(|| amx_applies(&dims, products, false).then(|| Arc::new(pack())))
     }).flatten();
     let out = if let Some(taps) = taps {
         bf16_product::conv3x3(xs, &taps, bs, dims.batch, dims.c_in, dims.c_out, dims.h, dims.w)
@@ -171,15 +171,15 @@ fn forward(x: &FlexTensor, stored: &FlexTensor, bias: Option<&FlexTensor>, dims:
 /// Whether `dims` is a 3x3 "same" convolution that AMX's kernel runs under `products`:
 /// there it reads the input in place of Winograd's transforms or the unrolled columns, both
 /// of which cost more than its products.
-fn amx_applies(dims: &ConvDims, products: Products) -> bool {
-    products == Products::Bf16 && dims.is_3x3_same() && bf16_product::conv3x3_applies(dims.c_in, dims.c_out, dims.batch * dims.h * dims.w)
+fn amx_applies(dims: &ConvDims, products: Products, flipped: bool) -> bool {
+    products == Products::Bf16 && dims.is_3x3_same() && bf16_product::conv3x3_applies(dims.c_in, dims.c_out, dims.batch * dims.h * dims.w, flipped)
 }
 
 /// The input gradient from `g` where it is another 3x3 "same" convolution that a kernel of
 /// its own computes: AMX's with the taps turned, or Winograd's with the flipped transform;
 /// `None` where neither applies (then the unrolled columns' backward computes it).
 fn same_input_grad(w: &FlexTensor, g: &[f32], dims: &ConvDims, kind: Weight, products: Products) -> Option<Vec<f32>> {
-    if amx_applies(dims, products) {
+    if amx_applies(dims, products, true) {
         let taps = bf16_product::conv3x3_taps(slice(w), dims.c_out, dims.c_in, true);
         return Some(bf16_product::conv3x3(g, &taps, None, dims.batch, dims.c_out, dims.c_in, dims.h, dims.w));
     }
@@ -434,7 +434,7 @@ mod tests {
     /// thread and two; the weight and bias gradients stay those of the f32 products' path.
     #[test]
     fn bf16_products_take_amx_kernel_where_it_runs() {
-        if !bf16_product::conv3x3_applies(64, 64, 1) {
+        if !bf16_product::conv3x3_applies(64, 64, 1, false) {
             eprintln!("skipped: this CPU runs no AMX");
             return;
         }
@@ -474,7 +474,7 @@ mod tests {
     /// is served new ones.
     #[test]
     fn a_frozen_weight_keeps_its_amx_taps_where_nothing_is_differentiated() {
-        if !bf16_product::conv3x3_applies(64, 64, 1) {
+        if !bf16_product::conv3x3_applies(64, 64, 1, false) {
             eprintln!("skipped: this CPU runs no AMX");
             return;
         }
