@@ -38,20 +38,11 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Ten
 
 /// [`linear`] with its products (forward and backward) in `products`' arithmetic.
 pub fn linear_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: Products) -> Option<Tensor<2>> {
-    let usable = |dtype: DType, tracked: bool| dtype == DType::F32 || (matches!(dtype, DType::F16 | DType::BF16) && !tracked);
-    if x.dtype() != DType::F32 || !usable(w.dtype(), w.is_tracked()) || !b.is_none_or(|b| usable(b.dtype(), b.is_tracked())) {
+    if !applies(x, w, b) {
         return None;
     }
-    // Mismatched shapes are left to burn's ops, which name them (the kernels trust them).
-    if x.dims()[1] != w.dims()[1] || b.is_some_and(|b| b.dims()[0] != w.dims()[0]) {
-        return None;
-    }
-    if !x.is_autodiff() && !w.is_autodiff() && !b.is_some_and(|b| b.is_autodiff()) {
-        let (x, w) = (x.clone().try_into_primitive::<Flex>().ok()?, w.clone().try_into_primitive::<Flex>().ok()?);
-        let b = match b {
-            Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
-            None => None,
-        };
+    if !on_autodiff(x, w, b) {
+        let (x, w, b) = plain(x, w, b)?;
         return Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), None, products, true)));
     }
     // All on autodiff (a plain input, such as a cached text encoding, lifted untracked).
@@ -98,23 +89,39 @@ pub fn linear_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: 
 /// The output starts as residual + bias and the product accumulates into it, so its sums
 /// round in another order than the layer's output plus the residual.
 pub fn linear_added_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, residual: &Tensor<2>, products: Products) -> Option<Tensor<2>> {
-    let stored = |dtype: DType| matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
-    if x.dtype() != DType::F32 || residual.dtype() != DType::F32 || !stored(w.dtype()) || !b.is_none_or(|b| stored(b.dtype())) {
+    let residual_fits = residual.dtype() == DType::F32 && residual.dims() == [x.dims()[0], w.dims()[0]] && !residual.is_autodiff();
+    if !applies(x, w, b) || !residual_fits || on_autodiff(x, w, b) {
         return None;
     }
-    if x.dims()[1] != w.dims()[1] || b.is_some_and(|b| b.dims()[0] != w.dims()[0]) || residual.dims() != [x.dims()[0], w.dims()[0]] {
-        return None;
-    }
-    if x.is_autodiff() || w.is_autodiff() || residual.is_autodiff() || b.is_some_and(|b| b.is_autodiff()) {
-        return None;
-    }
-    let flex = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok();
-    let (x, w, residual) = (flex(x)?, flex(w)?, flex(residual)?);
+    let (x, w, b) = plain(x, w, b)?;
+    let residual = residual.clone().try_into_primitive::<Flex>().ok()?;
+    Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), Some(&residual), products, true)))
+}
+
+/// Whether the op takes these tensors (see the module's doc): an f32 input, a weight and bias
+/// in f32 or, frozen, in half precision, of matching shapes. Mismatched shapes are left to
+/// burn's ops, which name them (the kernels trust them).
+fn applies(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> bool {
+    let usable = |dtype: DType, tracked: bool| dtype == DType::F32 || (matches!(dtype, DType::F16 | DType::BF16) && !tracked);
+    x.dtype() == DType::F32
+        && usable(w.dtype(), w.is_tracked())
+        && b.is_none_or(|b| usable(b.dtype(), b.is_tracked()))
+        && x.dims()[1] == w.dims()[1]
+        && b.is_none_or(|b| b.dims()[0] == w.dims()[0])
+}
+
+fn on_autodiff(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> bool {
+    x.is_autodiff() || w.is_autodiff() || b.is_some_and(|b| b.is_autodiff())
+}
+
+/// The tensors' CPU primitives (none of them on autodiff); `None` off the CPU backend.
+fn plain(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<(FlexTensor, FlexTensor, Option<FlexTensor>)> {
+    let (x, w) = (x.clone().try_into_primitive::<Flex>().ok()?, w.clone().try_into_primitive::<Flex>().ok()?);
     let b = match b {
         Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
         None => None,
     };
-    Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), Some(&residual), products, true)))
+    Some((x, w, b))
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {
