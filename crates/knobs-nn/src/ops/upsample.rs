@@ -124,7 +124,11 @@ mod tests {
         let x = Init::new(3).normal::<4>([2, 3, 2 * rows_per_piece(37) + 1, 37], 1.0, &cpu());
         let y = nearest2x(x.clone());
         assert_eq!(y.dims(), [2, 3, 2 * x.dims()[2], 74]);
-        assert_eq!(values(y), values(decomposed(x)));
+        let want = values(decomposed(x.clone()));
+        assert_eq!(values(y), want);
+        // The kernel itself, not only the op that may dispatch to it.
+        let kernel = forward(&x.clone().try_into_primitive::<Flex>().unwrap(), x.dims());
+        assert_eq!(values(Tensor::<4>::from_primitive::<Flex>(kernel)), want);
     }
 
     /// Gradients against burn's (the broadcast's sums), plain and under balanced checkpointing,
@@ -152,6 +156,9 @@ mod tests {
         let xa = Tensor::<4>::from_data(x.to_data(), &cpu_autodiff()).require_grad();
         let g = values(xa.grad(&(nearest2x(xa.clone()) * Tensor::<4>::from_data(probe.to_data(), &cpu_autodiff())).sum().backward()).unwrap());
         let p = values(probe);
+        // The backward kernel itself gives the same sums.
+        let kernel = values(Tensor::<4>::from_primitive::<Flex>(block_sums(&p, [1, 2, 5, 3])));
+        assert_eq!(kernel, g);
         for (i, got) in g.iter().enumerate() {
             let (plane, r, c) = (i / 15, i % 15 / 3, i % 3);
             let at = |dr: usize, dc: usize| p[plane * 60 + (2 * r + dr) * 6 + 2 * c + dc];
