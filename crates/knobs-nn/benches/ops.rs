@@ -7,7 +7,7 @@
 use knobs_nn::timing::median_ms;
 
 use burn::tensor::ops::ConvOptions;
-use knobs_nn::ops::{conv2d, conv2d_frozen};
+use knobs_nn::ops::{conv2d, conv2d_frozen, conv2d_frozen_copy};
 use knobs_nn::{Init, Tensor, cpu, cpu_autodiff};
 
 #[global_allocator]
@@ -55,6 +55,13 @@ fn run() {
         if knobs_nn::ops::Products::bf16_available() {
             let bf16 = median_ms(|| drop(conv2d_frozen(x.clone(), w.clone(), None, opts(), knobs_nn::ops::Products::Bf16).into_data()), iters);
             println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: frozen forward, bf16 products {bf16:.3} ms");
+            // Generation's: the kernel stored in bf16, its packing kept, against it laid out by
+            // tap (nothing kept) where that applies.
+            let stored = w.clone().cast(burn::tensor::DType::BF16);
+            let frozen = |w: &Tensor<4>| median_ms(|| drop(conv2d_frozen_copy(x.clone(), w.clone(), None, opts(), knobs_nn::ops::Products::Bf16).into_data()), iters);
+            let kept = frozen(&stored);
+            let by_tap = knobs_nn::ops::kernel_layout::by_tap(&stored).map_or("not laid out".into(), |laid| format!("{:.3} ms", frozen(&laid)));
+            println!("conv3x3 [{b},{ci},{hw},{hw}]->{co}: bf16 kernel, packing kept {kept:.3} ms, laid out by tap {by_tap}");
         }
     }
     // KNOBS_BENCH_MATMUL ("rows,k,n;...") for others, e.g. SDXL's 32x32 level at 1024 px

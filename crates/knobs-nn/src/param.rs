@@ -93,7 +93,18 @@ impl ParamMut<'_> {
         }
         each!(self, t => if t.dtype() != dtype {
             **t = crate::ops::precision::cast(t, dtype)
-        })
+        });
+        self.lay_out_kernel();
+    }
+
+    /// A frozen bf16 3x3 kernel laid out by tap where AMX's convolution reads it so
+    /// (`ops::kernel_layout`): no packed copy of it is made or kept.
+    fn lay_out_kernel(&mut self) {
+        if let Self::D4(t) = self
+            && let Some(laid) = crate::ops::kernel_layout::by_tap(t)
+        {
+            **t = laid;
+        }
     }
 
     /// Whether a narrower storage dtype applies to this parameter: a frozen matrix or kernel
@@ -132,6 +143,7 @@ impl ParamMut<'_> {
         if dtype != DType::F32 && self.stores_narrow() {
             let (data, device) = (data_as(data, dtype), self.device());
             each!(self, t => **t = like(t, Tensor::from_data(data, (&device, dtype))));
+            self.lay_out_kernel();
             return Ok(());
         }
         let n = self.as_ref().numel();

@@ -147,7 +147,16 @@ pub(super) fn conv3x3_taps_bytes(co: usize, ci: usize) -> usize {
 pub(super) fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
     assert!(amx::available(), "the AMX convolution needs AMX");
     // SAFETY: AMX runs (asserted).
-    unsafe { amx::conv::conv3x3(x, taps, bias, batch, ci, co, h, w) }
+    unsafe { amx::conv::conv3x3(x, amx::conv::Taps::Packed(taps), bias, batch, ci, co, h, w) }
+}
+
+/// [`conv3x3`] with the weight laid out by tap (`[co][3][3][ci]` in bf16, `ci` a multiple of
+/// 32), as words: its taps packed as the kernel reaches them, none kept.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv3x3_by_tap(x: &[f32], rows: &[u32], bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
+    assert!(amx::available(), "the AMX convolution needs AMX");
+    // SAFETY: AMX runs (asserted).
+    unsafe { amx::conv::conv3x3(x, amx::conv::Taps::ByTap(rows), bias, batch, ci, co, h, w) }
 }
 
 /// An operand packed for the kernel: `lines` lines of `k` values (the rows of a left operand,
@@ -631,6 +640,35 @@ mod x86 {
         for (m, pairs) in transposed16(&r).into_iter().enumerate() {
             // SAFETY: out holds 16 rows of 16 at `stride`.
             unsafe { _mm512_storeu_si512(out.add(m * stride).cast(), pairs) };
+        }
+    }
+
+    /// Asks for the cache lines of `words` to be brought into L2, without waiting for them.
+    #[inline]
+    pub(super) fn prefetch(words: &[u32]) {
+        for line in words.chunks(16) {
+            // SAFETY: a prefetch reads nothing architecturally; the address is within `words`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        }
+    }
+
+    /// Rows `0..rows` (at most 16; `row` words apart from `p`) of 16 words each (pairs of bf16
+    /// values), transposed: word `m` of every row into the 16 entries at `out + m * stride`
+    /// (zeros past `rows`). A kernel laid out by tap (`kernel_layout`) read this way gives a
+    /// tap's right operand with no rounding and no gather.
+    ///
+    /// SAFETY: the CPU has AVX-512; `p` covers the rows' 16 words, `out` 16 rows of 16 at
+    /// `stride`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn transposed_words(p: *const u32, row: usize, rows: usize, out: *mut u32, stride: usize) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (j, r) in r.iter_mut().enumerate().take(rows) {
+            // SAFETY: row j holds 16 words.
+            *r = unsafe { _mm512_loadu_si512(p.add(j * row).cast()) };
+        }
+        for (m, words) in transposed16(&r).into_iter().enumerate() {
+            // SAFETY: out holds 16 rows of 16 at `stride`.
+            unsafe { _mm512_storeu_si512(out.add(m * stride).cast(), words) };
         }
     }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::bf16_product;
 use super::conv2d_by_matmul;
+use super::kernel_layout;
 use super::matrix::Products;
 use crate::param::value_as;
 use super::conv_kernel::{self, ConvDims};
@@ -122,7 +123,9 @@ fn fused(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>, dims: Conv
     let keep_input = weight.is_tracked();
     let (x, w) = (x.clone(), weight.clone());
     let kernel = |x: FlexTensor, w: FlexTensor, b: Option<FlexTensor>| {
-        let (x, w) = (x.to_contiguous(), w.to_contiguous());
+        // A kernel laid out by tap stays so: the AMX kernel reads it as it lies.
+        let w = if kernel_layout::rows(&w).is_some() { w } else { w.to_contiguous() };
+        let x = x.to_contiguous();
         let out = forward(&x, &w, b.as_ref(), dims, kind, products, false);
         (out, Saved { x: keep_input.then_some(x), w, kind, dims, products })
     };
@@ -146,6 +149,14 @@ fn forward(x: &FlexTensor, stored: &FlexTensor, bias: Option<&FlexTensor>, dims:
     let x = x.to_contiguous();
     let bias = bias.map(|b| b.to_contiguous());
     let (xs, bs) = (slice(&x), bias.as_ref().map(slice));
+    if products == Products::Bf16
+        && dims.is_3x3_same()
+        && let Some(rows) = kernel_layout::rows(stored)
+    {
+        // Laid out by tap only where AMX's convolution runs it.
+        let out = bf16_product::conv3x3_by_tap(xs, rows, bs, dims.batch, dims.c_in, dims.c_out, dims.h, dims.w);
+        return FlexTensor::from_data(TensorData::new(out, [dims.batch, dims.c_out, dims.h, dims.w]));
+    }
     // AMX's taps: kept for a frozen weight where nothing is differentiated, which also lets
     // the small planes take AMX's kernel; made per call only where the plane is large enough.
     let taps = (products == Products::Bf16 && dims.is_3x3_same() && bf16_product::conv3x3_runs(dims.c_in, dims.c_out)).then(|| {
@@ -498,6 +509,37 @@ mod tests {
         let after = values(conv2d_frozen(x.clone(), weight.clone(), None, options(1, 1, 1), Products::Bf16));
         let taps = bf16_product::conv3x3_taps(&values(weight), co, ci, false);
         assert!(after != before && after == bf16_product::conv3x3(&values(x), &taps, None, b, ci, co, h, w), "a changed weight's own taps");
+    }
+
+    /// A frozen bf16 kernel laid out by tap (`kernel_layout`) gives the bits of the same kernel
+    /// in the standard layout, where nothing is differentiated and under autodiff (output and
+    /// input gradient), and no packing of it is kept.
+    #[test]
+    fn a_kernel_laid_out_by_tap_gives_the_standard_layouts_bits() {
+        if !bf16_product::conv3x3_applies(640, 640, 1, false) {
+            eprintln!("skipped: this CPU runs no AMX");
+            return;
+        }
+        let (b, ci, co, h, w) = (2, 640, 672, 6, 7);
+        let standard = rand([co, ci, 3, 3], &cpu()).cast(DType::BF16);
+        let laid = kernel_layout::by_tap(&standard).expect("laid out by tap");
+        let storage = |w: &Tensor<4>| w.clone().try_into_primitive::<Flex>().unwrap();
+        assert!(kernel_layout::rows(&storage(&laid)).is_some());
+        let x = rand([b, ci, h, w], &cpu());
+        let untracked = |wt: &Tensor<4>| values(conv2d_frozen_copy(x.clone(), wt.clone(), None, options(1, 1, 1), Products::Bf16));
+        assert!(untracked(&laid) == untracked(&standard), "the output where nothing is differentiated");
+        assert!(!weight_transforms::holds_packed(&storage(&laid)), "nothing kept for the kernel laid out by tap");
+        let tracked = |wt: &Tensor<4>| {
+            let device = cpu_autodiff();
+            let x = Tensor::<4>::from_data(x.to_data(), &device).require_grad();
+            let wt = crate::param::autodiff_with(wt.clone(), None);
+            let out = conv2d_frozen_copy(x.clone(), wt, None, options(1, 1, 1), Products::Bf16);
+            let g = out.clone().powi_scalar(2).sum().backward();
+            (values(out), values(x.grad(&g).unwrap()))
+        };
+        let (out, dx) = tracked(&laid);
+        assert!((out.clone(), dx.clone()) == tracked(&standard), "the output and input gradient under autodiff");
+        assert!(out == untracked(&standard) && dx.iter().all(|v| v.is_finite()));
     }
 
     /// The blocks and products are fixed by the shapes: one thread and two give the same bits.

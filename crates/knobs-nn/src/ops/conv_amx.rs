@@ -17,6 +17,14 @@
 //! that a run of 16 positions may cross rows and samples: the cost is the border, 2 columns in
 //! `w + 2` (3% at 64, 12% at 16). Each output's sums run in one fixed order (pairs of
 //! channels, the 9 taps within each), whatever the thread count.
+//!
+//! The taps come packed whole (`Taps::Packed`: a frozen kernel's packing kept between
+//! denoising steps, or one made per call), or from a kernel laid out by tap
+//! (`Taps::ByTap`, see `kernel_layout`), which each task packs a panel of 32 output channels
+//! at a time into one of two buffers: the next panel's after each block of positions, a part
+//! at a time, its words asked into L2 before the block computes. Packed between panels, the
+//! weight's reads from memory held both threads up (a 20-step generation 3-10% slower than
+//! with kept packings); interleaved and fetched ahead, the same time, with no packing kept.
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
@@ -32,6 +40,10 @@ const POSITIONS: usize = 32;
 /// Blocks of positions per task: the input rows they read stay in L2 while every panel of
 /// output channels goes by.
 const BLOCKS_PER_TASK: usize = 8;
+/// The most blocks of positions per task where each task packs its taps (`Taps::ByTap`): at
+/// SD-1.5's 16x16 and 32x32 levels (CFG batch 2) one range, each panel packed once; on
+/// `[2, 640, 32, 32]` (73 blocks) 5.1 ms in one range against 6.0 in five.
+const BLOCKS_PER_TASK_BY_TAP: usize = 128;
 
 /// The weight `[co, ci, 3, 3]` as the 9 right operands of its taps, each `[ci, co]` (the
 /// forward pass), or (`flipped`) `[co, ci]` with the taps turned 180 degrees: the input
@@ -150,19 +162,83 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// `x` `[B, ci, h, w]` convolved with the weight whose taps are `taps` (see [`taps`]: `ci`
-/// channels in, `co` out), plus `bias`: `[B, co, h, w]`.
+/// Where a convolution's taps come from.
+#[derive(Clone, Copy)]
+pub(in super::super) enum Taps<'a> {
+    /// Packed beforehand, whole ([`taps`]).
+    Packed(&'a [Packed]),
+    /// The weight laid out by tap (`[co][3][3][ci]` in bf16, `ci` a multiple of 32; see
+    /// `kernel_layout`), as words (pairs of channels): each task packs the taps of the 32
+    /// output channels it computes next, 16 x 16 transposes of words that lie side by side.
+    /// No packing of the whole weight is made or kept: generation kept one of every large
+    /// kernel, 1.0 GB for SD-1.5's UNet beside the weights themselves.
+    ByTap(&'a [u32]),
+}
+
+/// The pieces of part `part` of `parts` of panel `p`'s taps from a weight laid out by tap
+/// (`rows`: row `(o, t)` holds tap `t` of output channel `o`, `ci / 2` words): each 16 output
+/// channels by one tap by a run of 16 pairs, as (its first row's first word in `rows`, the rows
+/// present, where it goes in the panel's taps, `[stride, NR]` pairs each one after the other).
+/// The parts make the whole panel.
+fn panel_pieces(co: usize, ci: usize, p: usize, (part, parts): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize)> {
+    let stride = ci / 2;
+    let runs = stride / 16;
+    let pieces = NR / 16 * 9 * runs;
+    (part * pieces / parts..(part + 1) * pieces / parts).map(move |piece| {
+        let (half, t, q0) = (piece / (9 * runs), piece / runs % 9, piece % runs * 16);
+        let o0 = p * NR + half * 16;
+        ((o0 * 9 + t) * stride + q0, co.saturating_sub(o0).min(16), t * stride * NR + q0 * NR + half * 16)
+    })
+}
+
+/// Part `part` of `parts` of panel `p`'s taps ([`panel_pieces`]) into `out`, zeros past the
+/// last output channel.
+///
+/// SAFETY: AVX-512 runs; `rows` holds `co * 9` rows of `ci / 2` words, `ci / 2` a multiple of
+/// 16; `out` holds `9 * ci / 2 * NR` words.
+unsafe fn pack_panel(rows: &[u32], co: usize, ci: usize, p: usize, out: *mut u32, part: (usize, usize)) {
+    debug_assert!(ci.is_multiple_of(32) && rows.len() == co * 9 * ci / 2);
+    for (at, count, to) in panel_pieces(co, ci, p, part) {
+        // SAFETY: rows at + j * 9 ci / 2, j < count, hold 16 words; `out` 16 rows of NR from `to`.
+        unsafe { super::super::x86::transposed_words(rows.as_ptr().wrapping_add(at), 9 * ci / 2, count, out.add(to), NR) };
+    }
+}
+
+/// Asks for the weight's words that [`pack_panel`] reads for this part to be brought into L2.
+fn fetch_panel(rows: &[u32], co: usize, ci: usize, p: usize, part: (usize, usize)) {
+    for (at, count, _) in panel_pieces(co, ci, p, part) {
+        for j in 0..count {
+            let row = at + j * 9 * ci / 2;
+            super::super::x86::prefetch(&rows[row..row + 16]);
+        }
+    }
+}
+
+/// `x` `[B, ci, h, w]` convolved with the weight whose taps are `taps` (`ci` channels in, `co`
+/// out), plus `bias`: `[B, co, h, w]`.
 ///
 /// SAFETY: AMX is available (`super::available`).
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
+pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&[f32]>, batch: usize, ci: usize, co: usize, h: usize, w: usize) -> Vec<f32> {
     let stride = row_stride(ci);
-    assert!(taps.len() == 9 && taps.iter().all(|t| t.lines == co && t.k == 2 * stride), "the 9 taps of a [{co}, {ci}, 3, 3] weight");
+    match taps {
+        Taps::Packed(taps) => assert!(taps.len() == 9 && taps.iter().all(|t| t.lines == co && t.k == 2 * stride), "the 9 taps of a [{co}, {ci}, 3, 3] weight"),
+        Taps::ByTap(rows) => assert!(ci.is_multiple_of(32) && rows.len() == co * 9 * ci / 2, "a [{co}, {ci}, 3, 3] weight laid out by tap"),
+    }
     assert_eq!(x.len(), batch * ci * h * w);
     let (gw, grid) = (w + 2, (h + 2) * (w + 2));
     // Outputs are the grid's positions from the first inside the border to the last.
     let (first, count) = (gw + 1, batch * grid - 2 * (gw + 1));
     let blocks = count.div_ceil(POSITIONS);
+    // Taps packed per task are packed once for each range of positions: fewer, longer ranges,
+    // of even lengths (a short last one left a thread idle: `[2, 640, 32, 32]` took 6.7 ms in
+    // ranges of 32, 32 and 9 blocks, 5.2 in one).
+    let per_task = match taps {
+        Taps::Packed(_) => BLOCKS_PER_TASK,
+        Taps::ByTap(_) => {
+            blocks.div_ceil(blocks.div_ceil(BLOCKS_PER_TASK_BY_TAP))
+        }
+    };
     // The last block reads up to a block and a row past the last output.
     let input = by_position(x, batch, ci, h, w, POSITIONS + gw + 1);
     // Each tap's offset from the output's position, in words.
@@ -171,14 +247,42 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<
         let dst = Out(out.as_mut_ptr().cast());
         // Tasks of BLOCKS_PER_TASK blocks of positions by groups of panels of output channels,
         // split as the product kernel splits its rows and panels.
-        in_tasks(blocks.div_ceil(BLOCKS_PER_TASK), co.div_ceil(NR), true, |range, panels| {
-            let position_blocks = range * BLOCKS_PER_TASK..((range + 1) * BLOCKS_PER_TASK).min(blocks);
+        in_tasks(blocks.div_ceil(per_task), co.div_ceil(NR), true, |range, panels| {
+            let position_blocks = range * per_task..((range + 1) * per_task).min(blocks);
             let (mut sums, mut by_channel) = (OnLines([0f32; POSITIONS * NR]), OnLines([0f32; NR * POSITIONS]));
+            // Taps laid out by tap: two panels' buffers, the one the tiles read and the next
+            // panel's, packed a part after each block of positions (packed whole between
+            // panels, the weight's reads from memory held up both threads: 3-5% of a UNet step).
+            // SAFETY: each buffer is written in full by `pack_panel` before the tiles read it.
+            let mut buffers = matches!(taps, Taps::ByTap(_)).then(|| unsafe { [Words::uninit(9 * stride * NR), Words::uninit(9 * stride * NR)] });
+            // Both buffers through raw pointers alone: one is written while the tiles read the other.
+            let buffers: Option<[*mut u32; 2]> = buffers.as_mut().map(|[a, b]| [a, b].map(|w| w.uninit_mut().as_mut_ptr().cast()));
+            let parts = position_blocks.len();
+            if let (Taps::ByTap(rows), Some(buffers)) = (taps, buffers)
+                && !panels.is_empty()
+            {
+                // SAFETY: AVX-512 runs; `rows` is the laid-out weight (asserted).
+                unsafe { pack_panel(rows, co, ci, panels.start, buffers[0], (0, 1)) };
+            }
             // SAFETY: AMX is available; the tiles are configured before use and released after.
             unsafe { x86::configure() };
-            for p in panels {
-                let b: [*const u32; 9] = std::array::from_fn(|t| taps[t].panel(p, 0, stride).as_ptr());
-                for pb in position_blocks.clone() {
+            for (k, p) in panels.clone().enumerate() {
+                let b: [*const u32; 9] = match (taps, buffers) {
+                    (Taps::ByTap(_), Some(buffers)) => std::array::from_fn(|t| buffers[k % 2].wrapping_add(t * stride * NR).cast_const()),
+                    (Taps::Packed(taps), _) => std::array::from_fn(|t| taps[t].panel(p, 0, stride).as_ptr()),
+                    (Taps::ByTap(_), None) => unreachable!("panel buffers are made for taps laid out by tap"),
+                };
+                // The next panel's buffer, written while this one's is read.
+                let next = match (taps, buffers) {
+                    (Taps::ByTap(rows), Some(buffers)) if p + 1 < panels.end => Some((rows, buffers[(k + 1) % 2])),
+                    _ => None,
+                };
+                for (i, pb) in position_blocks.clone().enumerate() {
+                    // The words this block's part of the next panel packs, fetched while the
+                    // tiles compute the block.
+                    if let Some((rows, _)) = next {
+                        fetch_panel(rows, co, ci, p + 1, (i, parts));
+                    }
                     let g0 = first + pb * POSITIONS;
                     // SAFETY: every tap's panel holds `stride` rows of NR pairs; the input holds
                     // the positions g0 + offset .. + POSITIONS (the border and the slack).
@@ -187,6 +291,10 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: &[Packed], bias: Option<
                     unsafe { super::super::x86::transpose32(&sums.0, &mut by_channel.0) };
                     // SAFETY: the outputs of these positions and channels are this task's alone.
                     unsafe { store(&by_channel.0, dst, p * NR, co, g0, first + count, (h, w), bias) };
+                    if let Some((rows, out)) = next {
+                        // SAFETY: AVX-512 runs; the other buffer, which no tile reads now.
+                        unsafe { pack_panel(rows, co, ci, p + 1, out, (i, parts)) };
+                    }
                 }
             }
             // SAFETY: AMX is available.
@@ -242,6 +350,36 @@ unsafe fn store(sums: &[f32; NR * POSITIONS], dst: Out, o0: usize, co: usize, g0
 mod tests {
     use super::*;
 
+    /// A weight laid out by tap, its taps packed panel by panel in the kernel, gives the bits of
+    /// the same weight packed whole beforehand: output channels that fill no whole panel,
+    /// several samples, planes from 8 x 8 to 33 wide, and ranges of positions that split.
+    #[test]
+    fn taps_packed_per_panel_from_the_layout_by_tap_equal_the_packed_ones() {
+        if !super::super::available() {
+            eprintln!("skipped: this CPU runs no AMX");
+            return;
+        }
+        let values = |n: usize, seed: usize| (0..n).map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0).collect::<Vec<f32>>();
+        for (batch, ci, co, h, w) in [(2, 64, 48, 8, 8), (1, 96, 80, 16, 16), (2, 32, 33, 5, 33), (1, 64, 64, 40, 40)] {
+            let x = values(batch * ci * h * w, 1);
+            // bf16 values, so that packing the f32 weight rounds nothing.
+            let wt: Vec<half::bf16> = values(co * ci * 9, 2).into_iter().map(half::bf16::from_f32).collect();
+            let wide: Vec<f32> = wt.iter().map(|v| v.to_f32()).collect();
+            let bias = values(co, 3);
+            let mut rows = vec![0u32; co * 9 * ci / 2];
+            for (o, t, i) in (0..co).flat_map(|o| (0..9).flat_map(move |t| (0..ci / 2).map(move |i| (o, t, i)))) {
+                let (lo, hi) = (wt[(o * ci + 2 * i) * 9 + t], wt[(o * ci + 2 * i + 1) * 9 + t]);
+                rows[(o * 9 + t) * ci / 2 + i] = lo.to_bits() as u32 | (hi.to_bits() as u32) << 16;
+            }
+            let packed = taps(&wide, co, ci, false);
+            // SAFETY: AMX is available (checked above).
+            let want = unsafe { conv3x3(&x, Taps::Packed(&packed), Some(&bias), batch, ci, co, h, w) };
+            // SAFETY: as above; `rows` is the weight laid out by tap.
+            let got = unsafe { conv3x3(&x, Taps::ByTap(&rows), Some(&bias), batch, ci, co, h, w) };
+            assert!(got == want, "{batch}x{ci}->{co} {h}x{w}: the taps packed per panel give other sums");
+        }
+    }
+
     /// Every output equals the sum of its taps over the rounded input and weight (f64), for
     /// odd and even sizes, several samples, channels that fill no whole tile, and the flipped
     /// taps (the input gradient's) against the weight turned by hand.
@@ -264,7 +402,7 @@ mod tests {
                 let taps = taps(&wt, co, ci, flipped);
                 let bias = if flipped { None } else { Some(&bias[..]) };
                 // SAFETY: AMX is available (checked above).
-                let got = unsafe { conv3x3(&x, &taps, bias, batch, cin, cout, h, w) };
+                let got = unsafe { conv3x3(&x, Taps::Packed(&taps), bias, batch, cin, cout, h, w) };
                 for (b, o, y, x0) in (0..batch).flat_map(|b| (0..cout).flat_map(move |o| (0..h).flat_map(move |y| (0..w).map(move |x0| (b, o, y, x0))))) {
                     let mut want = bias.map_or(0.0, |bias| bias[o] as f64);
                     for (i, ky, kx) in (0..cin).flat_map(|i| (0..3).flat_map(move |ky| (0..3).map(move |kx| (i, ky, kx)))) {

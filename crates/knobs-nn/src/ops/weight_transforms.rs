@@ -24,8 +24,9 @@ use super::winograd::{self, WeightTransform};
 /// Winograd transforms kept at most, in bytes (the built-in model's UNet and VAE need about
 /// 20 MiB).
 const TRANSFORM_BUDGET: usize = 64 << 20;
-/// bf16 packings kept at most: those of SD-1.5's UNet and VAE (1.7 GB); SDXL's UNet keeps
-/// part of its own.
+/// bf16 packings kept at most: those of SD-1.5's UNet and VAE (0.7 GB, most of it the linear
+/// layers'; its large 3x3 kernels are laid out by tap instead, see `kernel_layout`); SDXL's
+/// UNet keeps part of its own.
 const PACKED_BUDGET: usize = 2 << 30;
 
 static TRANSFORMS: Kept<WeightTransform> = Kept::new(TRANSFORM_BUDGET);

@@ -1,0 +1,114 @@
+//! Frozen 3x3 kernels stored by tap: the values of a `[co, ci, 3, 3]` weight laid out as
+//! `[co][3][3][ci]`, so that a tap's input channels lie side by side. The tensor keeps its
+//! shape; only the strides say where each value lies, so every other op reads it as before
+//! (burn's ops copy a strided tensor where they need a contiguous one).
+//!
+//! Why: AMX's convolution reads each tap as pairs of input channels by 16 output channels.
+//! From the standard layout those pairs lie 9 values apart and take gathers; packed once and
+//! kept, they cost a second copy of every large kernel (1.1 GB for SD-1.5's UNet in bf16,
+//! which generation held beside the weights). Laid out by tap, a tap's 16 output channels are
+//! 16 runs of 16 words (pairs of channels) that one transpose in registers packs, cheaply
+//! enough for the kernel to pack each panel of output channels as it reaches it
+//! (`conv_amx::Taps::ByTap`) and keep nothing.
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::bf16_product;
+use crate::param::like;
+
+/// Kernels with fewer input times output channels keep the standard layout and their kept
+/// packing: small, and run on large planes where a packing made per range of positions would
+/// be made many times over (SD-1.5's 320-channel ones: 1.8 MB each).
+const MIN_CHANNELS_PRODUCT: usize = 640 * 640;
+
+/// `w` (a frozen bf16 `[co, ci, 3, 3]` weight on the CPU backend) laid out by tap, where AMX's
+/// convolution runs it and reads that layout (`ci` a multiple of 32, large enough); `None`
+/// where not, or where it already is. Autodiff association and checkpointing are kept.
+pub fn by_tap(w: &Tensor<4>) -> Option<Tensor<4>> {
+    let [co, ci, kh, kw] = w.dims();
+    let applies = w.dtype() == DType::BF16
+        && (kh, kw) == (3, 3)
+        && ci.is_multiple_of(32)
+        && co * ci >= MIN_CHANNELS_PRODUCT
+        && !w.is_require_grad()
+        && bf16_product::conv3x3_runs(ci, co);
+    if !applies {
+        return None;
+    }
+    let plain = if w.is_autodiff() { w.clone().inner() } else { w.clone() };
+    let stored = plain.try_into_primitive::<Flex>().ok()?;
+    if rows(&stored).is_some() {
+        return None;
+    }
+    let stored = stored.to_contiguous();
+    let values = stored.as_slice::<half::bf16>()?;
+    let mut out = vec![half::bf16::ZERO; values.len()];
+    // One output channel a task: its 9 x ci values in, its 9 runs of ci out.
+    out.par_chunks_mut(9 * ci).zip(values.par_chunks(9 * ci)).for_each(|(out, w)| {
+        for (i, taps) in w.chunks_exact(9).enumerate() {
+            for (t, &v) in taps.iter().enumerate() {
+                out[t * ci + i] = v;
+            }
+        }
+    });
+    let by_tap = FlexTensor::from_data(TensorData::new(out, [co, kh, kw, ci])).permute(&[0, 3, 1, 2]);
+    debug_assert!(rows(&by_tap).is_some());
+    Some(like(w, Tensor::from_primitive::<Flex>(by_tap)))
+}
+
+/// The words (pairs of input channels) of a weight laid out by tap ([`by_tap`]): row `o * 9 +
+/// t` holds tap `t` of output channel `o`, `ci / 2` words; `None` for any other tensor.
+pub(super) fn rows(w: &FlexTensor) -> Option<&[u32]> {
+    let layout = w.layout();
+    let &[co, ci, 3, 3] = layout.shape().as_slice() else { return None };
+    let strides = [9 * ci, 1, 3 * ci, ci].map(|s| s as isize);
+    if w.dtype() != DType::BF16 || layout.strides() != strides || layout.start_offset() != 0 || !ci.is_multiple_of(2) {
+        return None;
+    }
+    let bytes = w.bytes().get(..co * ci * 9 * 2)?;
+    // SAFETY: the bytes are plain values; their start is checked to suit a word.
+    (bytes.as_ptr() as usize).is_multiple_of(align_of::<u32>()).then(|| unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u32>(), bytes.len() / 4) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu;
+    use burn::tensor::Distribution;
+
+    /// Laid out by tap, a weight holds the same values (as data, and through burn's ops), and
+    /// its rows are the taps' runs of input channels.
+    #[test]
+    fn a_weight_laid_out_by_tap_keeps_its_values() {
+        if !bf16_product::conv3x3_runs(64, 64) {
+            eprintln!("skipped: this CPU runs no AMX convolution");
+            return;
+        }
+        let (co, ci) = (640, 672);
+        let w = Tensor::<4>::random([co, ci, 3, 3], Distribution::Normal(0.0, 1.0), &cpu()).cast(DType::BF16);
+        let laid = by_tap(&w).expect("a frozen bf16 640 x 672 kernel is laid out by tap");
+        assert_eq!(laid.dims(), w.dims());
+        assert_eq!(laid.to_data(), w.to_data(), "the same values");
+        assert!((laid.clone() * 2.0).to_data() == (w.clone() * 2.0).to_data(), "burn's ops read them");
+        assert!(by_tap(&laid).is_none(), "laid out once");
+        let flex = laid.try_into_primitive::<Flex>().unwrap();
+        let words = rows(&flex).expect("its rows");
+        let values = w.to_data().try_into_vec::<half::bf16>().unwrap();
+        for (o, t, i) in [(0, 0, 0), (3, 4, 10), (co - 1, 8, ci - 2)] {
+            let word = words[(o * 9 + t) * ci / 2 + i / 2];
+            let pair = [values[(o * ci + i) * 9 + t], values[(o * ci + i + 1) * 9 + t]].map(|v| v.to_bits() as u32);
+            assert_eq!(word, pair[0] | pair[1] << 16, "({o}, {t}, {i})");
+        }
+        // Small, trained, f32 or not 3x3: left as they are.
+        for other in [
+            Tensor::<4>::zeros([320, 320, 3, 3], &cpu()).cast(DType::BF16),
+            Tensor::<4>::zeros([640, 640, 3, 3], &cpu()),
+            Tensor::<4>::zeros([640, 640, 1, 1], &cpu()).cast(DType::BF16),
+            Tensor::<4>::zeros([640, 648, 3, 3], &cpu()).cast(DType::BF16),
+        ] {
+            assert!(by_tap(&other).is_none(), "{:?} {:?}", other.dims(), other.dtype());
+        }
+    }
+}
