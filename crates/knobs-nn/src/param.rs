@@ -142,8 +142,18 @@ impl ParamMut<'_> {
         }
         if dtype != DType::F32 && self.stores_narrow() {
             let (data, device) = (data_as(data, dtype), self.device());
+            // A kernel laid out by tap is made straight from the data, in place.
+            let data = match self {
+                Self::D4(t) => match crate::ops::kernel_layout::from_data(data, &device) {
+                    Ok(laid) => {
+                        **t = like(t, laid);
+                        return Ok(());
+                    }
+                    Err(data) => data,
+                },
+                _ => data,
+            };
             each!(self, t => **t = like(t, Tensor::from_data(data, (&device, dtype))));
-            self.lay_out_kernel();
             return Ok(());
         }
         let n = self.as_ref().numel();

@@ -27,14 +27,7 @@ const MIN_CHANNELS_PRODUCT: usize = 640 * 640;
 /// convolution runs it and reads that layout (`ci` a multiple of 32, large enough); `None`
 /// where not, or where it already is. Autodiff association and checkpointing are kept.
 pub fn by_tap(w: &Tensor<4>) -> Option<Tensor<4>> {
-    let [co, ci, kh, kw] = w.dims();
-    let applies = w.dtype() == DType::BF16
-        && (kh, kw) == (3, 3)
-        && ci.is_multiple_of(32)
-        && co * ci >= MIN_CHANNELS_PRODUCT
-        && !w.is_require_grad()
-        && bf16_product::conv3x3_runs(ci, co);
-    if !applies {
+    if !applies(w.dims(), w.dtype()) || w.is_require_grad() {
         return None;
     }
     let plain = if w.is_autodiff() { w.clone().inner() } else { w.clone() };
@@ -42,20 +35,40 @@ pub fn by_tap(w: &Tensor<4>) -> Option<Tensor<4>> {
     if rows(&stored).is_some() {
         return None;
     }
-    let stored = stored.to_contiguous();
-    let values = stored.as_slice::<half::bf16>()?;
-    let mut out = vec![half::bf16::ZERO; values.len()];
-    // One output channel a task: its 9 x ci values in, its 9 runs of ci out.
-    out.par_chunks_mut(9 * ci).zip(values.par_chunks(9 * ci)).for_each(|(out, w)| {
-        for (i, taps) in w.chunks_exact(9).enumerate() {
-            for (t, &v) in taps.iter().enumerate() {
-                out[t * ci + i] = v;
+    from_data(stored.into_data(), &w.device()).ok().map(|laid| like(w, laid))
+}
+
+/// The weight `data` (`[co, ci, 3, 3]`) as a plain tensor on `device` laid out by tap, its
+/// values moved in place (a model loading allocates each kernel once); `data` back where the
+/// layout does not apply ([`by_tap`]'s conditions, the device the CPU backend).
+pub(crate) fn from_data(mut data: TensorData, device: &burn::tensor::Device) -> Result<Tensor<4>, TensorData> {
+    let Ok(dims) = <[usize; 4]>::try_from(data.shape().as_slice()) else { return Err(data) };
+    if !applies(dims, data.dtype()) || !super::on_cpu(&Tensor::<1>::empty([0], device)) {
+        return Err(data);
+    }
+    let [co, ci, kh, kw] = dims;
+    let Ok(values) = data.as_mut_slice::<half::bf16>() else { return Err(data) };
+    // One output channel a task: its 9 x ci values copied aside, then its 9 runs of ci written
+    // front to back from values 9 apart.
+    values.par_chunks_mut(9 * ci).for_each_init(
+        || vec![half::bf16::ZERO; 9 * ci],
+        |aside, block| {
+            aside.copy_from_slice(block);
+            for (t, run) in block.chunks_exact_mut(ci).enumerate() {
+                for (o, &v) in run.iter_mut().zip(aside[t..].iter().step_by(9)) {
+                    *o = v;
+                }
             }
-        }
-    });
-    let by_tap = FlexTensor::from_data(TensorData::new(out, [co, kh, kw, ci])).permute(&[0, 3, 1, 2]);
+        },
+    );
+    let by_tap = FlexTensor::from_data(TensorData::from_bytes(data.into_bytes(), [co, kh, kw, ci], DType::BF16)).permute(&[0, 3, 1, 2]);
     debug_assert!(rows(&by_tap).is_some());
-    Some(like(w, Tensor::from_primitive::<Flex>(by_tap)))
+    Ok(Tensor::from_primitive::<Flex>(by_tap))
+}
+
+/// Whether a weight of these dims and dtype is laid out by tap where frozen.
+fn applies([co, ci, kh, kw]: [usize; 4], dtype: DType) -> bool {
+    dtype == DType::BF16 && (kh, kw) == (3, 3) && ci.is_multiple_of(32) && co * ci >= MIN_CHANNELS_PRODUCT && bf16_product::conv3x3_runs(ci, co)
 }
 
 /// The words (pairs of input channels) of a weight laid out by tap ([`by_tap`]): row `o * 9 +
@@ -93,7 +106,7 @@ mod tests {
         assert_eq!(laid.to_data(), w.to_data(), "the same values");
         assert!((laid.clone() * 2.0).to_data() == (w.clone() * 2.0).to_data(), "burn's ops read them");
         assert!(by_tap(&laid).is_none(), "laid out once");
-        let flex = laid.try_into_primitive::<Flex>().unwrap();
+        let flex = laid.clone().try_into_primitive::<Flex>().unwrap();
         let words = rows(&flex).expect("its rows");
         let values = w.to_data().try_into_vec::<half::bf16>().unwrap();
         for (o, t, i) in [(0, 0, 0), (3, 4, 10), (co - 1, 8, ci - 2)] {
@@ -101,6 +114,11 @@ mod tests {
             let pair = [values[(o * ci + i) * 9 + t], values[(o * ci + i + 1) * 9 + t]].map(|v| v.to_bits() as u32);
             assert_eq!(word, pair[0] | pair[1] << 16, "({o}, {t}, {i})");
         }
+        // Loaded straight into a frozen parameter in bf16: laid out as it loads, same values.
+        let mut param = Tensor::<4>::zeros([co, ci, 3, 3], &cpu());
+        crate::param::ParamMut::D4(&mut param).assign_as("conv.weight", w.cast(DType::F32).to_data(), DType::BF16).unwrap();
+        assert!(rows(&param.clone().try_into_primitive::<Flex>().unwrap()).is_some(), "laid out by tap as it loads");
+        assert_eq!(param.to_data(), laid.to_data());
         // Small, trained, f32 or not 3x3: left as they are.
         for other in [
             Tensor::<4>::zeros([320, 320, 3, 3], &cpu()).cast(DType::BF16),
