@@ -139,6 +139,46 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
     Packed { data, lines: m, k, width: ROWS, layout: Layout::Rows }
 }
 
+/// The pieces of part `part` of `parts` of panel `p` of a right operand whose lines lie as
+/// rows of words (pairs along `k`): line `l`'s group `t` of `groups` is row `l * groups + t`,
+/// `stride` words (a multiple of 16), and goes to `[stride, NR]` pairs of its own, the groups
+/// one after the other (a convolution's 9 taps; a linear layer's weight is one group). Each
+/// piece is 16 lines by one group by a run of 16 words, as (its first row's first word, the
+/// lines present, where it goes). The parts make the whole panel.
+fn panel_pieces(lines: usize, stride: usize, groups: usize, p: usize, (part, parts): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize)> {
+    let runs = stride / PAIRS;
+    let pieces = NR / 16 * groups * runs;
+    (part * pieces / parts..(part + 1) * pieces / parts).map(move |piece| {
+        let (half, t, q0) = (piece / (groups * runs), piece / runs % groups, piece % runs * PAIRS);
+        let l0 = p * NR + half * 16;
+        ((l0 * groups + t) * stride + q0, lines.saturating_sub(l0).min(16), t * stride * NR + q0 * NR + half * 16)
+    })
+}
+
+/// Part `part` of `parts` of panel `p` ([`panel_pieces`]) from `rows` into `out`, each piece a
+/// 16 x 16 transpose of words, zeros past the last line.
+///
+/// SAFETY: AVX-512 runs; `rows` holds `lines * groups` rows of `stride` words (a multiple of
+/// 16); `out` holds `groups * stride * NR` words.
+pub(super) unsafe fn pack_panel(rows: &[u32], lines: usize, stride: usize, groups: usize, p: usize, out: *mut u32, part: (usize, usize)) {
+    debug_assert!(stride.is_multiple_of(PAIRS) && rows.len() == lines * groups * stride);
+    for (at, count, to) in panel_pieces(lines, stride, groups, p, part) {
+        // SAFETY: rows at + j * groups * stride, j < count, hold 16 words; `out` 16 rows of NR
+        // from `to`.
+        unsafe { super::x86::transposed_words(rows.as_ptr().wrapping_add(at), groups * stride, count, out.add(to), NR) };
+    }
+}
+
+/// Asks for the words that [`pack_panel`] reads for this part to be brought into L2.
+pub(super) fn fetch_panel(rows: &[u32], lines: usize, stride: usize, groups: usize, p: usize, part: (usize, usize)) {
+    for (at, count, _) in panel_pieces(lines, stride, groups, p, part) {
+        for j in 0..count {
+            let row = at + j * groups * stride;
+            super::x86::prefetch(&rows[row..row + PAIRS]);
+        }
+    }
+}
+
 /// [`super::product_packed`] for a left operand packed as rows ([`pack_rows`]).
 ///
 /// SAFETY: as [`super::product_packed`], on a CPU where [`available`] holds.

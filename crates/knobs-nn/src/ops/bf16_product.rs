@@ -200,6 +200,32 @@ impl Packed {
         Packed::new(ptr, line, elem, n, k, NR, parallel)
     }
 
+    /// The right operand `W^T` of a `[n, k]` weight stored in bf16 (`rows`: its rows as words,
+    /// pairs of neighbours along `k`; `k` a multiple of 32), packed as [`Packed::right`] packs
+    /// it, with no widening: each 16 columns by 16 pairs one transpose of words. From the
+    /// widened f32 copy, packing SD-1.5's linear weights took half of generation's first
+    /// step's packing, and every call's in training.
+    pub(super) fn right_of_rows(rows: &[u32], n: usize, k: usize, parallel: bool) -> Packed {
+        assert!(available() && k.is_multiple_of(32) && rows.len() == n * k / 2, "a bf16 [{n}, {k}] weight as words, k a multiple of 32");
+        let (kp, panels) = (k / 2, n.div_ceil(NR));
+        let fill = |(p, out): (usize, &mut [std::mem::MaybeUninit<u32>])| {
+            // SAFETY: AVX-512 runs (AVX512-BF16 does, asserted); `rows` is the weight; `out`
+            // is panel p, written in full.
+            unsafe { amx::pack_panel(rows, n, kp, 1, p, out.as_mut_ptr().cast(), (0, 1)) }
+        };
+        // SAFETY: every panel is written in full.
+        let data = unsafe {
+            Words::written(panels * kp * NR, |out| {
+                if parallel && out.len() >= PARALLEL_ENTRIES {
+                    out.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(fill);
+                } else {
+                    out.chunks_mut((kp * NR).max(1)).enumerate().for_each(fill);
+                }
+            })
+        };
+        Packed { data, lines: n, k, width: NR, layout: Layout::Pairs }
+    }
+
     /// Bytes of [`Packed::right`]'s packing of a `[k, n]` operand.
     pub(super) fn right_bytes(k: usize, n: usize) -> usize {
         n.div_ceil(NR) * k.div_ceil(2) * NR * size_of::<u32>()

@@ -33,7 +33,7 @@ use crate::ops::fresh::written;
 use crate::ops::matrix::View;
 use crate::ops::words::{OnLines, Words};
 use super::x86;
-use super::{NR, Packed, in_tasks, row_stride};
+use super::{NR, Packed, fetch_panel, in_tasks, pack_panel, row_stride};
 
 /// Positions per block: two left tiles.
 const POSITIONS: usize = 32;
@@ -175,45 +175,6 @@ pub(in super::super) enum Taps<'a> {
     ByTap(&'a [u32]),
 }
 
-/// The pieces of part `part` of `parts` of panel `p`'s taps from a weight laid out by tap
-/// (`rows`: row `(o, t)` holds tap `t` of output channel `o`, `ci / 2` words): each 16 output
-/// channels by one tap by a run of 16 pairs, as (its first row's first word in `rows`, the rows
-/// present, where it goes in the panel's taps, `[stride, NR]` pairs each one after the other).
-/// The parts make the whole panel.
-fn panel_pieces(co: usize, ci: usize, p: usize, (part, parts): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize)> {
-    let stride = ci / 2;
-    let runs = stride / 16;
-    let pieces = NR / 16 * 9 * runs;
-    (part * pieces / parts..(part + 1) * pieces / parts).map(move |piece| {
-        let (half, t, q0) = (piece / (9 * runs), piece / runs % 9, piece % runs * 16);
-        let o0 = p * NR + half * 16;
-        ((o0 * 9 + t) * stride + q0, co.saturating_sub(o0).min(16), t * stride * NR + q0 * NR + half * 16)
-    })
-}
-
-/// Part `part` of `parts` of panel `p`'s taps ([`panel_pieces`]) into `out`, zeros past the
-/// last output channel.
-///
-/// SAFETY: AVX-512 runs; `rows` holds `co * 9` rows of `ci / 2` words, `ci / 2` a multiple of
-/// 16; `out` holds `9 * ci / 2 * NR` words.
-unsafe fn pack_panel(rows: &[u32], co: usize, ci: usize, p: usize, out: *mut u32, part: (usize, usize)) {
-    debug_assert!(ci.is_multiple_of(32) && rows.len() == co * 9 * ci / 2);
-    for (at, count, to) in panel_pieces(co, ci, p, part) {
-        // SAFETY: rows at + j * 9 ci / 2, j < count, hold 16 words; `out` 16 rows of NR from `to`.
-        unsafe { super::super::x86::transposed_words(rows.as_ptr().wrapping_add(at), 9 * ci / 2, count, out.add(to), NR) };
-    }
-}
-
-/// Asks for the weight's words that [`pack_panel`] reads for this part to be brought into L2.
-fn fetch_panel(rows: &[u32], co: usize, ci: usize, p: usize, part: (usize, usize)) {
-    for (at, count, _) in panel_pieces(co, ci, p, part) {
-        for j in 0..count {
-            let row = at + j * 9 * ci / 2;
-            super::super::x86::prefetch(&rows[row..row + 16]);
-        }
-    }
-}
-
 /// `x` `[B, ci, h, w]` convolved with the weight whose taps are `taps` (`ci` channels in, `co`
 /// out), plus `bias`: `[B, co, h, w]`.
 ///
@@ -262,7 +223,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
                 && !panels.is_empty()
             {
                 // SAFETY: AVX-512 runs; `rows` is the laid-out weight (asserted).
-                unsafe { pack_panel(rows, co, ci, panels.start, buffers[0], (0, 1)) };
+                unsafe { pack_panel(rows, co, stride, 9, panels.start, buffers[0], (0, 1)) };
             }
             // SAFETY: AMX is available; the tiles are configured before use and released after.
             unsafe { x86::configure() };
@@ -281,7 +242,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
                     // The words this block's part of the next panel packs, fetched while the
                     // tiles compute the block.
                     if let Some((rows, _)) = next {
-                        fetch_panel(rows, co, ci, p + 1, (i, parts));
+                        fetch_panel(rows, co, stride, 9, p + 1, (i, parts));
                     }
                     let g0 = first + pb * POSITIONS;
                     // SAFETY: every tap's panel holds `stride` rows of NR pairs; the input holds
@@ -293,7 +254,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
                     unsafe { store(&by_channel.0, dst, p * NR, co, g0, first + count, (h, w), bias) };
                     if let Some((rows, out)) = next {
                         // SAFETY: AVX-512 runs; the other buffer, which no tile reads now.
-                        unsafe { pack_panel(rows, co, ci, p + 1, out, (i, parts)) };
+                        unsafe { pack_panel(rows, co, stride, 9, p + 1, out, (i, parts)) };
                     }
                 }
             }

@@ -178,13 +178,18 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
     // SAFETY (of each product below): `dst` holds rows x d_out; x is [rows, d_in] and the
     // weight's operand covers [d_in, d_out].
     let times = |wt: View| with_product(&|dst, accumulate| unsafe { product_as(products, rows, d_out, d_in, dst, d_out, 1, accumulate, xv, wt, 1.0, par(work)) });
+    let parallel = work >= PARALLEL_WORK;
+    // SAFETY (of both): the packing covers [d_in, d_out]; see above.
+    let packed_product = |rhs: &Packed| with_product(&|dst, accumulate| unsafe { product_packed(&Packed::left(rows, d_in, xv, parallel), rhs, dst, d_out, 1, accumulate, 1.0, parallel) });
     if untracked && products == Products::Bf16 {
-        let pack = || vec![Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), true)];
+        let pack = || vec![packed_weight(w, d_in, d_out)];
         if let Some(kept) = weight_transforms::packed(w, [d_out, d_in, 1], Packed::right_bytes(d_in, d_out), pack) {
-            let parallel = work >= PARALLEL_WORK;
-            let out = with_product(&|dst, accumulate| unsafe { product_packed(&Packed::left(rows, d_in, xv, parallel), &kept[0], dst, d_out, 1, accumulate, 1.0, parallel) });
-            return FlexTensor::from_data(TensorData::new(out, [rows, d_out]));
+            return FlexTensor::from_data(TensorData::new(packed_product(&kept[0]), [rows, d_out]));
         }
+    }
+    // A bf16 weight packed from its own words, per call (training's frozen weights).
+    if products == Products::Bf16 && bf16_rows(w, d_in).is_some() {
+        return FlexTensor::from_data(TensorData::new(packed_product(&packed_weight(w, d_in, d_out)), [rows, d_out]));
     }
     let transposed = || with_widened_transposed(w, |wt| times(View::rows(wt, 0, d_out)));
     // The bf16 kernel packs either layout at the same cost.
@@ -193,6 +198,24 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
         times(View::rows(slice(&w), 0, d_in).t())
     });
     FlexTensor::from_data(TensorData::new(out, [rows, d_out]))
+}
+
+/// The weight `[d_out, d_in]` packed as the bf16 products' right operand: a bf16 one straight
+/// from its words where `d_in` allows ([`bf16_rows`]), any other widened first.
+fn packed_weight(w: &FlexTensor, d_in: usize, d_out: usize) -> Packed {
+    match bf16_rows(w, d_in) {
+        Some(rows) => Packed::right_of_rows(rows, d_out, d_in, true),
+        None => Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), true),
+    }
+}
+
+/// A contiguous bf16 weight's rows as words (pairs of neighbouring values), where `d_in` is a
+/// multiple of 32 and the CPU packs words ([`Packed::right_of_rows`]).
+fn bf16_rows(w: &FlexTensor, d_in: usize) -> Option<&[u32]> {
+    let values = w.as_slice::<half::bf16>()?;
+    let aligned = (values.as_ptr() as usize).is_multiple_of(align_of::<u32>());
+    // SAFETY: plain values, their start suits a word, an even count (d_in is).
+    (aligned && d_in.is_multiple_of(32) && super::bf16_product::available()).then(|| unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u32>(), values.len() / 2) })
 }
 
 /// Whether the product reads the weight transposed beforehand ([`with_widened_transposed`]):
@@ -467,8 +490,11 @@ mod tests {
             return;
         }
         let mut init = Init::new(35);
-        for dtype in [DType::F32, DType::BF16] {
-            let (x, w, b) = (init.normal::<2>([70, 48], 1.0, &cpu()), init.normal::<2>([40, 48], 0.3, &cpu()).cast(dtype), init.normal::<1>([40], 0.5, &cpu()));
+        // 64 inputs: a bf16 weight packed from its own words.
+        for (dtype, d_in) in [(DType::F32, 48), (DType::BF16, 48), (DType::F32, 64), (DType::BF16, 64)] {
+            let (x, w, b) = (init.normal::<2>([70, d_in], 1.0, &cpu()), init.normal::<2>([40, d_in], 0.3, &cpu()).cast(dtype), init.normal::<1>([40], 0.5, &cpu()));
+            let stored = w.clone().try_into_primitive::<Flex>().unwrap();
+            assert_eq!(bf16_rows(&stored, d_in).is_some(), dtype == DType::BF16 && d_in == 64, "{dtype:?} x {d_in}: packed from its words");
             let kept = || values(linear_as(&x, &w, Some(&b), Products::Bf16).expect("the op applies"));
             let first = kept();
             assert!(weight_transforms::holds_packed(&w.clone().try_into_primitive::<Flex>().unwrap()), "{dtype:?}: the packing is kept");
@@ -476,6 +502,10 @@ mod tests {
             let on = |t: Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
             let per_call = values(linear_as(&on(x.clone()).require_grad(), &on(w.clone()), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies"));
             assert!(first == per_call && kept() == per_call, "{dtype:?}: the kept packing's bits are the per-call one's");
+            // The same values as an f32 weight (packed from its widened copy): the same bits.
+            let wide = w.clone().cast(DType::F32) + 0.0;
+            let from_f32 = values(linear_as(&on(x.clone()).require_grad(), &on(wide), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies"));
+            assert!(from_f32 == per_call, "{dtype:?} x {d_in}: packed from the bf16 words, other bits than from f32");
         }
     }
 
