@@ -141,42 +141,97 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
 
 /// The pieces of part `part` of `parts` of panel `p` of a right operand whose lines lie as
 /// rows of words (pairs along `k`): line `l`'s group `t` of `groups` is row `l * groups + t`,
-/// `stride` words (a multiple of 16), and goes to `[stride, NR]` pairs of its own, the groups
-/// one after the other (a convolution's 9 taps; a linear layer's weight is one group). Each
-/// piece is 16 lines by one group by a run of 16 words, as (its first row's first word, the
-/// lines present, where it goes). The parts make the whole panel.
-fn panel_pieces(lines: usize, stride: usize, groups: usize, p: usize, (part, parts): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize)> {
-    let runs = stride / PAIRS;
+/// rows `pitch` words apart, of which the first `len` (a multiple of 16) are packed, each
+/// group to `[len, NR]` pairs of its own, one after the other (a convolution's 9 taps; a
+/// linear layer's weight is one group). Each piece is 16 lines by one group by a run of 16
+/// words, as (its first row's first word, the lines present, where it goes). The parts make
+/// the whole panel.
+fn panel_pieces(lines: usize, (pitch, len): (usize, usize), groups: usize, p: usize, (part, parts): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize)> {
+    let runs = len / PAIRS;
     let pieces = NR / 16 * groups * runs;
     (part * pieces / parts..(part + 1) * pieces / parts).map(move |piece| {
         let (half, t, q0) = (piece / (groups * runs), piece / runs % groups, piece % runs * PAIRS);
         let l0 = p * NR + half * 16;
-        ((l0 * groups + t) * stride + q0, lines.saturating_sub(l0).min(16), t * stride * NR + q0 * NR + half * 16)
+        ((l0 * groups + t) * pitch + q0, lines.saturating_sub(l0).min(16), t * len * NR + q0 * NR + half * 16)
     })
 }
 
 /// Part `part` of `parts` of panel `p` ([`panel_pieces`]) from `rows` into `out`, each piece a
 /// 16 x 16 transpose of words, zeros past the last line.
 ///
-/// SAFETY: AVX-512 runs; `rows` holds `lines * groups` rows of `stride` words (a multiple of
-/// 16); `out` holds `groups * stride * NR` words.
-pub(super) unsafe fn pack_panel(rows: &[u32], lines: usize, stride: usize, groups: usize, p: usize, out: *mut u32, part: (usize, usize)) {
-    debug_assert!(stride.is_multiple_of(PAIRS) && rows.len() == lines * groups * stride);
-    for (at, count, to) in panel_pieces(lines, stride, groups, p, part) {
-        // SAFETY: rows at + j * groups * stride, j < count, hold 16 words; `out` 16 rows of NR
+/// SAFETY: AVX-512 runs; `rows` holds `lines * groups` rows `pitch` words apart, each `len`
+/// words (a multiple of 16) from its start; `out` holds `groups * len * NR` words.
+pub(super) unsafe fn pack_panel(rows: &[u32], lines: usize, run: (usize, usize), groups: usize, p: usize, out: *mut u32, part: (usize, usize)) {
+    debug_assert!(run.1.is_multiple_of(PAIRS) && rows.len() >= (lines * groups - 1) * run.0 + run.1);
+    for (at, count, to) in panel_pieces(lines, run, groups, p, part) {
+        // SAFETY: rows at + j * groups * pitch, j < count, hold 16 words; `out` 16 rows of NR
         // from `to`.
-        unsafe { super::x86::transposed_words(rows.as_ptr().wrapping_add(at), groups * stride, count, out.add(to), NR) };
+        unsafe { super::x86::transposed_words(rows.as_ptr().wrapping_add(at), groups * run.0, count, out.add(to), NR) };
     }
 }
 
 /// Asks for the words that [`pack_panel`] reads for this part to be brought into L2.
-pub(super) fn fetch_panel(rows: &[u32], lines: usize, stride: usize, groups: usize, p: usize, part: (usize, usize)) {
-    for (at, count, _) in panel_pieces(lines, stride, groups, p, part) {
+pub(super) fn fetch_panel(rows: &[u32], lines: usize, run: (usize, usize), groups: usize, p: usize, part: (usize, usize)) {
+    for (at, count, _) in panel_pieces(lines, run, groups, p, part) {
         for j in 0..count {
-            let row = at + j * groups * stride;
+            let row = at + j * groups * run.0;
             super::x86::prefetch(&rows[row..row + PAIRS]);
         }
     }
+}
+
+/// Bytes of the left operand's part that [`product_of_rows`] sums over at a time, all its rows:
+/// it stays in L2 while the task's panels go by.
+const LEFT_PART_BYTES: usize = 1 << 20;
+
+/// [`product`] with the right operand `W^T` of a `[n, k]` bf16 weight given as its rows of
+/// words (`rows`; `k` a multiple of 32), packed as it goes and never whole: along `k` a part
+/// at a time (all the left operand's rows of it in L2), each panel's part packed once, the
+/// sums of each block accumulated in the destination across parts. Row-major destination
+/// (`rs` values a row).
+///
+/// SAFETY: as [`super::product_packed`], on a CPU where [`available`] holds.
+pub(super) unsafe fn product_of_rows(lhs: &Packed, rows: &[u32], n: usize, dst: *mut f32, rs: usize, accumulate: bool, parallel: bool) {
+    assert!(lhs.layout == Layout::Rows && lhs.k.is_multiple_of(32) && rows.len() == n * lhs.k / 2, "a left operand as rows and a [{n}, {}] weight's rows", lhs.k);
+    let (m, kp) = (lhs.lines, lhs.k / 2);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let part = (LEFT_PART_BYTES / (size_of::<u32>() * m.next_multiple_of(ROWS)) / PAIRS * PAIRS).clamp(4 * PAIRS, kp);
+    let (blocks, dst) = (m.div_ceil(ROWS), dst as usize);
+    in_tasks(1, n.div_ceil(NR), parallel, |_, panels| {
+        let mut sums = OnLines([0f32; ROWS * NR]);
+        // SAFETY: written in full by `pack_panel` before the tiles read it.
+        let mut panel = unsafe { Words::uninit(part * NR) };
+        let b = panel.uninit_mut().as_mut_ptr().cast::<u32>();
+        // SAFETY: AMX is available; the tiles are configured before use and released after.
+        unsafe { x86::configure() };
+        for q0 in (0..kp).step_by(part) {
+            let len = part.min(kp - q0);
+            for p in panels.clone() {
+                // SAFETY: AVX-512 runs; `rows` from word q0 holds each line's next `len` words.
+                unsafe { pack_panel(&rows[q0..], n, (kp, len), 1, p, b, (0, 1)) };
+                for block in 0..blocks {
+                    let (i0, j0) = (block * ROWS, p * NR);
+                    let at = (dst as *mut f32).wrapping_add(i0 * rs + j0);
+                    let valid = (ROWS.min(m - i0), NR.min(n - j0));
+                    // The first part writes (or adds to) the destination, the others add.
+                    let adds = accumulate || q0 > 0;
+                    let in_place = valid == (ROWS, NR);
+                    let sums_at = if in_place { Sums::InPlace { at, rs, accumulate: adds } } else { Sums::Apart(sums.0.as_mut_ptr()) };
+                    // SAFETY: the block's left tiles from pair q0 (rows of kp pairs in tiles), the
+                    // panel's `len` rows of NR pairs; a whole block in place is this task's.
+                    unsafe { x86::block(lhs.data[block * ROWS * kp + q0 * 16..].as_ptr(), kp, b, len, None, sums_at) };
+                    if !in_place {
+                        // SAFETY: the valid part is within the caller's destination, and this task's.
+                        unsafe { store(&sums.0, at, rs, 1, valid, adds, 1.0) };
+                    }
+                }
+            }
+        }
+        // SAFETY: AMX is available.
+        unsafe { x86::release() };
+    });
 }
 
 /// [`super::product_packed`] for a left operand packed as rows ([`pack_rows`]).

@@ -211,7 +211,7 @@ impl Packed {
         let fill = |(p, out): (usize, &mut [std::mem::MaybeUninit<u32>])| {
             // SAFETY: AVX-512 runs (AVX512-BF16 does, asserted); `rows` is the weight; `out`
             // is panel p, written in full.
-            unsafe { amx::pack_panel(rows, n, kp, 1, p, out.as_mut_ptr().cast(), (0, 1)) }
+            unsafe { amx::pack_panel(rows, n, (kp, kp), 1, p, out.as_mut_ptr().cast(), (0, 1)) }
         };
         // SAFETY: every panel is written in full.
         let data = unsafe {
@@ -348,6 +348,19 @@ impl RightByPairs {
         // Every entry was written (each pair's row of every panel, padding included).
         Packed { data: self.data, lines: self.n, k: self.k, width: NR, layout: Layout::Pairs }
     }
+}
+
+/// `lhs` (packed as [`Packed::left`] on a CPU running AMX) times the right operand `W^T` of the
+/// bf16 weight `[n, k]` given as its rows of words (`k` a multiple of 32), into (or, with
+/// `accumulate`, onto) the row-major destination (`rs` values a row), the weight packed as
+/// the product goes and never kept (see `amx::product_of_rows`).
+///
+/// SAFETY: `dst` holds `lhs.lines` rows of `n` values, `rs` apart.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product_of_rows(lhs: &Packed, rows: &[u32], n: usize, dst: *mut f32, rs: usize, accumulate: bool, parallel: bool) {
+    assert!(amx::available() && lhs.layout == Layout::Rows, "the product of a weight's rows needs AMX");
+    // SAFETY: AMX runs; as the caller vouches.
+    unsafe { amx::product_of_rows(lhs, rows, n, dst, rs, accumulate, parallel) }
 }
 
 /// `dst` (element (i, j) at `dst + i * rs + j * cs`) = `dst` (when `accumulate`) + `beta`

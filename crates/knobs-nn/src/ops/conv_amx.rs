@@ -223,7 +223,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
                 && !panels.is_empty()
             {
                 // SAFETY: AVX-512 runs; `rows` is the laid-out weight (asserted).
-                unsafe { pack_panel(rows, co, stride, 9, panels.start, buffers[0], (0, 1)) };
+                unsafe { pack_panel(rows, co, (stride, stride), 9, panels.start, buffers[0], (0, 1)) };
             }
             // SAFETY: AMX is available; the tiles are configured before use and released after.
             unsafe { x86::configure() };
@@ -242,7 +242,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
                     // The words this block's part of the next panel packs, fetched while the
                     // tiles compute the block.
                     if let Some((rows, _)) = next {
-                        fetch_panel(rows, co, stride, 9, p + 1, (i, parts));
+                        fetch_panel(rows, co, (stride, stride), 9, p + 1, (i, parts));
                     }
                     let g0 = first + pb * POSITIONS;
                     // SAFETY: every tap's panel holds `stride` rows of NR pairs; the input holds
@@ -254,7 +254,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
                     unsafe { store(&by_channel.0, dst, p * NR, co, g0, first + count, (h, w), bias) };
                     if let Some((rows, out)) = next {
                         // SAFETY: AVX-512 runs; the other buffer, which no tile reads now.
-                        unsafe { pack_panel(rows, co, stride, 9, p + 1, out, (i, parts)) };
+                        unsafe { pack_panel(rows, co, (stride, stride), 9, p + 1, out, (i, parts)) };
                     }
                 }
             }

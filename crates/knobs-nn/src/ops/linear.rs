@@ -182,6 +182,12 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
     // SAFETY (of both): the packing covers [d_in, d_out]; see above.
     let packed_product = |rhs: &Packed| with_product(&|dst, accumulate| unsafe { product_packed(&Packed::left(rows, d_in, xv, parallel), rhs, dst, d_out, 1, accumulate, 1.0, parallel) });
     if untracked && products == Products::Bf16 {
+        // A large bf16 weight packed as the product goes, none of it kept.
+        if let Some(rows_of_w) = bf16_rows(w, d_in).filter(|_| d_out * d_in >= PACKED_AS_IT_GOES && super::bf16_product::amx_runs()) {
+            // SAFETY: the destination holds rows x d_out; the weight's rows are [d_out, d_in].
+            let out = with_product(&|dst, accumulate| unsafe { super::bf16_product::product_of_rows(&Packed::left(rows, d_in, xv, parallel), rows_of_w, d_out, dst, d_out, accumulate, parallel) });
+            return FlexTensor::from_data(TensorData::new(out, [rows, d_out]));
+        }
         let pack = || vec![packed_weight(w, d_in, d_out)];
         if let Some(kept) = weight_transforms::packed(w, [d_out, d_in, 1], Packed::right_bytes(d_in, d_out), pack) {
             return FlexTensor::from_data(TensorData::new(packed_product(&kept[0]), [rows, d_out]));
@@ -199,6 +205,10 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
     });
     FlexTensor::from_data(TensorData::new(out, [rows, d_out]))
 }
+
+/// bf16 weights of at least this many values are packed as the product goes where nothing is
+/// differentiated (`bf16_product::product_of_rows`), not kept.
+const PACKED_AS_IT_GOES: usize = 1 << 20;
 
 /// The weight `[d_out, d_in]` packed as the bf16 products' right operand: a bf16 one straight
 /// from its words where `d_in` allows ([`bf16_rows`]), any other widened first.
@@ -506,6 +516,38 @@ mod tests {
             let wide = w.clone().cast(DType::F32) + 0.0;
             let from_f32 = values(linear_as(&on(x.clone()).require_grad(), &on(wide), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies"));
             assert!(from_f32 == per_call, "{dtype:?} x {d_in}: packed from the bf16 words, other bits than from f32");
+        }
+    }
+
+    /// Where nothing is differentiated, a large bf16 weight is packed as the product goes and
+    /// not kept: the per-call packing's bits where every block is whole (sums accumulated in
+    /// place across parts of `k`, in the same order), within rounding where blocks are partial,
+    /// with a bias and a residual.
+    #[test]
+    fn a_large_bf16_weight_is_packed_as_the_product_goes() {
+        if !crate::ops::bf16_product::amx_runs() {
+            eprintln!("skipped: this CPU runs no AMX");
+            return;
+        }
+        let mut init = Init::new(36);
+        let (d_in, d_out) = (2048, 544);
+        let w = init.normal::<2>([d_out, d_in], 0.05, &cpu()).cast(DType::BF16);
+        let b = init.normal::<1>([d_out], 0.5, &cpu());
+        let device = cpu_autodiff();
+        let on = |t: Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
+        for rows in [512, 70] {
+            let x = init.normal::<2>([rows, d_in], 1.0, &cpu());
+            let r = init.normal::<2>([rows, d_out], 1.0, &cpu());
+            let got = values(linear_as(&x, &w, Some(&b), Products::Bf16).expect("the op applies"));
+            assert!(!weight_transforms::holds_packed(&w.clone().try_into_primitive::<Flex>().unwrap()), "nothing kept");
+            let per_call = linear_as(&on(x.clone()).require_grad(), &on(w.clone()), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies").inner();
+            if rows % 32 == 0 {
+                assert!(got == values(per_call.clone()), "{rows} rows: other bits than the per-call packing's");
+            } else {
+                assert!(max_rel(got, values(per_call.clone())) < 1e-5, "{rows} rows");
+            }
+            let added = values(linear_added_as(&x, &w, Some(&b), &r, Products::Bf16).expect("the op applies"));
+            assert!(max_rel(added, values(per_call + r)) < 1e-5, "{rows} rows, with the residual");
         }
     }
 
