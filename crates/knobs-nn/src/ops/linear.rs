@@ -490,6 +490,14 @@ mod tests {
         }
     }
 
+    /// The layer with bf16 products under autodiff (the input tracked): its weight packed per
+    /// call, as training packs it; the output outside autodiff.
+    fn tracked_bf16(x: &Tensor<2>, w: &Tensor<2>, b: &Tensor<1>) -> Tensor<2> {
+        let device = cpu_autodiff();
+        let on = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
+        linear_as(&on(x).require_grad(), &on(w), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies").inner()
+    }
+
     /// Where nothing is differentiated, a frozen weight's bf16 packing (an f32 weight's and a
     /// bf16-stored one's) is kept and gives the bits of the packing made per call (the same
     /// product under autodiff).
@@ -508,13 +516,11 @@ mod tests {
             let kept = || values(linear_as(&x, &w, Some(&b), Products::Bf16).expect("the op applies"));
             let first = kept();
             assert!(weight_transforms::holds_packed(&w.clone().try_into_primitive::<Flex>().unwrap()), "{dtype:?}: the packing is kept");
-            let device = cpu_autodiff();
-            let on = |t: Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
-            let per_call = values(linear_as(&on(x.clone()).require_grad(), &on(w.clone()), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies"));
+            let per_call = values(tracked_bf16(&x, &w, &b));
             assert!(first == per_call && kept() == per_call, "{dtype:?}: the kept packing's bits are the per-call one's");
             // The same values as an f32 weight (packed from its widened copy): the same bits.
             let wide = w.clone().cast(DType::F32) + 0.0;
-            let from_f32 = values(linear_as(&on(x.clone()).require_grad(), &on(wide), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies"));
+            let from_f32 = values(tracked_bf16(&x, &wide, &b));
             assert!(from_f32 == per_call, "{dtype:?} x {d_in}: packed from the bf16 words, other bits than from f32");
         }
     }
@@ -533,14 +539,12 @@ mod tests {
         let (d_in, d_out) = (2048, 544);
         let w = init.normal::<2>([d_out, d_in], 0.05, &cpu()).cast(DType::BF16);
         let b = init.normal::<1>([d_out], 0.5, &cpu());
-        let device = cpu_autodiff();
-        let on = |t: Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
         for rows in [512, 70] {
             let x = init.normal::<2>([rows, d_in], 1.0, &cpu());
             let r = init.normal::<2>([rows, d_out], 1.0, &cpu());
             let got = values(linear_as(&x, &w, Some(&b), Products::Bf16).expect("the op applies"));
             assert!(!weight_transforms::holds_packed(&w.clone().try_into_primitive::<Flex>().unwrap()), "nothing kept");
-            let per_call = linear_as(&on(x.clone()).require_grad(), &on(w.clone()), Some(&Tensor::from_data(b.to_data(), &device)), Products::Bf16).expect("the op applies").inner();
+            let per_call = tracked_bf16(&x, &w, &b);
             if rows % 32 == 0 {
                 assert!(got == values(per_call.clone()), "{rows} rows: other bits than the per-call packing's");
             } else {
