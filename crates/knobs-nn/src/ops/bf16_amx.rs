@@ -10,9 +10,7 @@
 //! kernel's.
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
-use super::{Layout, NR, PARALLEL_ENTRIES, Packed, in_tasks, pair};
+use super::{Layout, NR, Packed, fill_chunks, in_tasks, pair};
 use super::super::words::{OnLines, Words};
 
 #[path = "conv_amx.rs"]
@@ -128,13 +126,7 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
     };
     // SAFETY: every group of rows is written in full.
     let data = unsafe {
-        Words::written(len, |out| {
-            if parallel && len >= PARALLEL_ENTRIES {
-                out.par_chunks_mut((GROUP * stride).max(1)).enumerate().for_each(group);
-            } else {
-                out.chunks_mut((GROUP * stride).max(1)).enumerate().for_each(group);
-            }
-        })
+        Words::written(len, |out| fill_chunks(out, GROUP * stride, parallel, group))
     };
     Packed { data, lines: m, k, width: ROWS, layout: Layout::Rows }
 }

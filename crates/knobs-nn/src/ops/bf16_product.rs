@@ -31,6 +31,16 @@ const MC: usize = 8 * MR;
 /// Packed entries from which a parallel packing spreads over the threads.
 const PARALLEL_ENTRIES: usize = 1 << 14;
 
+/// `fill` on each chunk of `size` entries of a packing's `data` (with the chunk's index), on
+/// every thread where `parallel` and `data` holds [`PARALLEL_ENTRIES`] or more.
+fn fill_chunks<T: Send>(data: &mut [T], size: usize, parallel: bool, fill: impl Fn((usize, &mut [T])) + Sync + Send) {
+    if parallel && data.len() >= PARALLEL_ENTRIES {
+        data.par_chunks_mut(size.max(1)).enumerate().for_each(fill);
+    } else {
+        data.chunks_mut(size.max(1)).enumerate().for_each(fill);
+    }
+}
+
 /// Whether this CPU runs the kernel (checked once; `KNOBS_NO_BF16_PRODUCTS` turns it off, for
 /// comparing both paths in one build).
 pub(crate) fn available() -> bool {
@@ -214,15 +224,7 @@ impl Packed {
             unsafe { amx::pack_panel(rows, n, (kp, kp), 1, p, out.as_mut_ptr().cast(), (0, 1)) }
         };
         // SAFETY: every panel is written in full.
-        let data = unsafe {
-            Words::written(panels * kp * NR, |out| {
-                if parallel && out.len() >= PARALLEL_ENTRIES {
-                    out.par_chunks_mut((kp * NR).max(1)).enumerate().for_each(fill);
-                } else {
-                    out.chunks_mut((kp * NR).max(1)).enumerate().for_each(fill);
-                }
-            })
-        };
+        let data = unsafe { Words::written(panels * kp * NR, |out| fill_chunks(out, kp * NR, parallel, fill)) };
         Packed { data, lines: n, k, width: NR, layout: Layout::Pairs }
     }
 
@@ -247,11 +249,7 @@ impl Packed {
         let ptr = ptr as usize;
         // SAFETY: the caller's view covers `lines` lines of `k` elements.
         let fill = |(p, out): (usize, &mut [u32])| unsafe { pack(ptr as *const f32, line, elem, p * width, lines, k, width, out) };
-        if parallel && data.len() >= PARALLEL_ENTRIES {
-            data.par_chunks_mut(panel.max(1)).enumerate().for_each(fill);
-        } else {
-            data.chunks_mut(panel.max(1)).enumerate().for_each(fill);
-        }
+        fill_chunks(&mut data, panel, parallel, fill);
         Packed { data, lines, k, width, layout: Layout::Pairs }
     }
 
@@ -358,7 +356,7 @@ impl RightByPairs {
 /// SAFETY: `dst` holds `lhs.lines` rows of `n` values, `rs` apart.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn product_of_rows(lhs: &Packed, rows: &[u32], n: usize, dst: *mut f32, rs: usize, accumulate: bool, parallel: bool) {
-    assert!(amx::available() && lhs.layout == Layout::Rows, "the product of a weight's rows needs AMX");
+    assert!(amx::available(), "the product of a weight's rows needs AMX");
     // SAFETY: AMX runs; as the caller vouches.
     unsafe { amx::product_of_rows(lhs, rows, n, dst, rs, accumulate, parallel) }
 }

@@ -196,9 +196,7 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
     // ranges of 32, 32 and 9 blocks, 5.2 in one).
     let per_task = match taps {
         Taps::Packed(_) => BLOCKS_PER_TASK,
-        Taps::ByTap(_) => {
-            blocks.div_ceil(blocks.div_ceil(BLOCKS_PER_TASK_BY_TAP))
-        }
+        Taps::ByTap(_) => blocks.div_ceil(blocks.div_ceil(BLOCKS_PER_TASK_BY_TAP)),
     };
     // The last block reads up to a block and a row past the last output.
     let input = by_position(x, batch, ci, h, w, POSITIONS + gw + 1);
@@ -206,14 +204,13 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
     let offsets: [isize; 9] = std::array::from_fn(|t| ((t / 3 * gw + t % 3) as isize - (gw + 1) as isize) * stride as isize);
     let convolve = |out: &mut [MaybeUninit<f32>]| {
         let dst = Out(out.as_mut_ptr().cast());
-        // Tasks of BLOCKS_PER_TASK blocks of positions by groups of panels of output channels,
+        // Tasks of `per_task` blocks of positions by groups of panels of output channels,
         // split as the product kernel splits its rows and panels.
         in_tasks(blocks.div_ceil(per_task), co.div_ceil(NR), true, |range, panels| {
             let position_blocks = range * per_task..((range + 1) * per_task).min(blocks);
             let (mut sums, mut by_channel) = (OnLines([0f32; POSITIONS * NR]), OnLines([0f32; NR * POSITIONS]));
             // Taps laid out by tap: two panels' buffers, the one the tiles read and the next
-            // panel's, packed a part after each block of positions (packed whole between
-            // panels, the weight's reads from memory held up both threads: 3-5% of a UNet step).
+            // panel's, packed a part after each block of positions (see the module's doc).
             // SAFETY: each buffer is written in full by `pack_panel` before the tiles read it.
             let mut buffers = matches!(taps, Taps::ByTap(_)).then(|| unsafe { [Words::uninit(9 * stride * NR), Words::uninit(9 * stride * NR)] });
             // Both buffers through raw pointers alone: one is written while the tiles read the other.
@@ -228,15 +225,15 @@ pub(in super::super) unsafe fn conv3x3(x: &[f32], taps: Taps<'_>, bias: Option<&
             // SAFETY: AMX is available; the tiles are configured before use and released after.
             unsafe { x86::configure() };
             for (k, p) in panels.clone().enumerate() {
-                let b: [*const u32; 9] = match (taps, buffers) {
-                    (Taps::ByTap(_), Some(buffers)) => std::array::from_fn(|t| buffers[k % 2].wrapping_add(t * stride * NR).cast_const()),
-                    (Taps::Packed(taps), _) => std::array::from_fn(|t| taps[t].panel(p, 0, stride).as_ptr()),
+                // The taps' panels the tiles read, and (laid out by tap) the weight and the other
+                // buffer, which the next panel's taps are packed into meanwhile.
+                let (b, next): ([*const u32; 9], _) = match (taps, buffers) {
+                    (Taps::ByTap(rows), Some(buffers)) => (
+                        std::array::from_fn(|t| buffers[k % 2].wrapping_add(t * stride * NR).cast_const()),
+                        (p + 1 < panels.end).then_some((rows, buffers[(k + 1) % 2])),
+                    ),
+                    (Taps::Packed(taps), _) => (std::array::from_fn(|t| taps[t].panel(p, 0, stride).as_ptr()), None),
                     (Taps::ByTap(_), None) => unreachable!("panel buffers are made for taps laid out by tap"),
-                };
-                // The next panel's buffer, written while this one's is read.
-                let next = match (taps, buffers) {
-                    (Taps::ByTap(rows), Some(buffers)) if p + 1 < panels.end => Some((rows, buffers[(k + 1) % 2])),
-                    _ => None,
                 };
                 for (i, pb) in position_blocks.clone().enumerate() {
                     // The words this block's part of the next panel packs, fetched while the

@@ -16,6 +16,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::bf16_product;
+use super::words::pairs;
 use crate::param::like;
 
 /// Kernels with fewer input times output channels keep the standard layout and their kept
@@ -80,9 +81,7 @@ pub(super) fn rows(w: &FlexTensor) -> Option<&[u32]> {
     if w.dtype() != DType::BF16 || layout.strides() != strides || layout.start_offset() != 0 || !ci.is_multiple_of(2) {
         return None;
     }
-    let bytes = w.bytes().get(..co * ci * 9 * 2)?;
-    // SAFETY: the bytes are plain values; their start is checked to suit a word.
-    (bytes.as_ptr() as usize).is_multiple_of(align_of::<u32>()).then(|| unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u32>(), bytes.len() / 4) })
+    pairs(w.storage::<half::bf16>().get(..co * ci * 9)?)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use super::bf16_product::{Packed, product_packed};
 use super::fresh::written;
 use super::weight_transforms;
+use super::words::pairs;
 use super::matrix::{Products, View, min_len, parallelism, product_as};
 use super::record::{kept, lifted, record};
 use super::precision::widened;
@@ -194,8 +195,10 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
         }
     }
     // A bf16 weight packed from its own words, per call (training's frozen weights).
-    if products == Products::Bf16 && bf16_rows(w, d_in).is_some() {
-        return FlexTensor::from_data(TensorData::new(packed_product(&packed_weight(w, d_in, d_out)), [rows, d_out]));
+    if products == Products::Bf16
+        && let Some(rows_of_w) = bf16_rows(w, d_in)
+    {
+        return FlexTensor::from_data(TensorData::new(packed_product(&Packed::right_of_rows(rows_of_w, d_out, d_in, true)), [rows, d_out]));
     }
     let transposed = || with_widened_transposed(w, |wt| times(View::rows(wt, 0, d_out)));
     // The bf16 kernel packs either layout at the same cost.
@@ -222,10 +225,7 @@ fn packed_weight(w: &FlexTensor, d_in: usize, d_out: usize) -> Packed {
 /// A contiguous bf16 weight's rows as words (pairs of neighbouring values), where `d_in` is a
 /// multiple of 32 and the CPU packs words ([`Packed::right_of_rows`]).
 fn bf16_rows(w: &FlexTensor, d_in: usize) -> Option<&[u32]> {
-    let values = w.as_slice::<half::bf16>()?;
-    let aligned = (values.as_ptr() as usize).is_multiple_of(align_of::<u32>());
-    // SAFETY: plain values, their start suits a word, an even count (d_in is).
-    (aligned && d_in.is_multiple_of(32) && super::bf16_product::available()).then(|| unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u32>(), values.len() / 2) })
+    (d_in.is_multiple_of(32) && super::bf16_product::available()).then(|| pairs(w.as_slice::<half::bf16>()?)).flatten()
 }
 
 /// Whether the product reads the weight transposed beforehand ([`with_widened_transposed`]):

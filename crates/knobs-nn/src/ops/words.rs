@@ -11,6 +11,14 @@ use std::ops::{Deref, DerefMut};
 /// Words per cache line.
 const LINE_WORDS: usize = 16;
 
+/// bf16 `values` as words, each a pair of neighbours (the first in the low half), where their
+/// start suits a word and their count is even: the operand kernels read weights so.
+pub(super) fn pairs(values: &[half::bf16]) -> Option<&[u32]> {
+    let aligned = (values.as_ptr() as usize).is_multiple_of(align_of::<u32>());
+    // SAFETY: plain values, read as words from a start that suits one, no further than they go.
+    (aligned && values.len().is_multiple_of(2)).then(|| unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u32>(), values.len() / 2) })
+}
+
 /// A value (an array of sums or words) from the start of a cache line.
 #[repr(C, align(64))]
 pub(super) struct OnLines<T>(pub T);
