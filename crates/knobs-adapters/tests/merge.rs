@@ -7,7 +7,8 @@ use common::*;
 use knobs_adapters::ia3::Ia3Config;
 use knobs_adapters::lora::{Combination, LoraConfig, combine};
 use knobs_adapters::{AdaptedModel, Pattern};
-use knobs_nn::burn::tensor::TensorData;
+use knobs_nn::burn::tensor::{DType, TensorData};
+use knobs_nn::ops::kernel_layout;
 use knobs_nn::io::state_dict;
 use knobs_nn::{Tensor, cpu};
 
@@ -17,12 +18,12 @@ fn values(t: Tensor<2>) -> Vec<f32> {
 
 /// max |a - b| / max |b|
 fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs())) as f64;
     a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64)) / scale.max(1e-12)
 }
 
 fn rel_data(a: &TensorData, b: &TensorData) -> f64 {
-    rel(&a.clone().try_into_vec::<f32>().unwrap(), &b.clone().try_into_vec::<f32>().unwrap())
+    rel(&a.clone().convert::<f32>().try_into_vec::<f32>().unwrap(), &b.clone().convert::<f32>().try_into_vec::<f32>().unwrap())
 }
 
 fn base_weights(m: &TinyNet) -> BTreeMap<String, TensorData> {
@@ -31,11 +32,18 @@ fn base_weights(m: &TinyNet) -> BTreeMap<String, TensorData> {
 }
 
 fn setup() -> (AdaptedModel<TinyNet>, Batch) {
+    setup_stored(DType::F32)
+}
+
+/// [`setup`] with the frozen matrices and kernels stored in `dtype` once the adapters are
+/// attached: the base's narrow, the adapters' kept in f32.
+fn setup_stored(dtype: DType) -> (AdaptedModel<TinyNet>, Batch) {
     let device = cpu();
     let mut m = AdaptedModel::new(TinyNet::new(11, &device), 12);
     m.add_adapter("lora", Box::new(LoraConfig::new(3, 6.0, Pattern::names(&["embed", "conv", "fc1", "fc2", "head"])))).unwrap();
     m.add_adapter("ia3", Box::new(Ia3Config::new(Pattern::names(&["conv", "fc1", "fc2"]), Pattern::names(&["fc2"])))).unwrap();
     randomize_adapters(&mut m.model, 0.3, 13);
+    knobs_nn::ModuleExt::store_frozen_as(&mut m.model, dtype);
     (m, batch(7, 14, &device))
 }
 
@@ -311,4 +319,72 @@ fn resize_is_exact_at_full_rank_and_reports_the_energy_kept() {
     assert!(rows.iter().all(|r| r.to == 1 && (r.energy - 1.0).abs() < 1e-9));
     assert!(resize(&mut m, "x", RankTarget::Energy(0.0)).is_err());
     assert!(resize(&mut m, "nope", RankTarget::Rank(1)).is_err());
+}
+
+fn dtypes(m: &impl knobs_nn::Module) -> BTreeMap<String, DType> {
+    let mut out = BTreeMap::new();
+    knobs_nn::ModuleExt::for_each_param(m, |path, p| {
+        out.insert(path.to_string(), p.to_data().dtype());
+    });
+    out
+}
+
+/// A model whose frozen weights are stored in bf16 (generation under `--mixed-precision bf16`,
+/// training with `--weights-dtype`) keeps them so through a merge and an unmerge: merges
+/// compute in f32, and keeping their result would double the layers' memory.
+#[test]
+fn merging_into_bf16_weights_keeps_them_bf16() {
+    let (mut m, b) = setup_stored(DType::BF16);
+    let stored = dtypes(&m.model);
+    let narrow: Vec<&String> = stored.iter().filter(|(_, d)| **d == DType::BF16).map(|(k, _)| k).collect();
+    assert!(narrow.len() >= 4, "the base's matrices and kernels are bf16: {narrow:?}");
+    let adapter = [".lora_", ".ia3_l"];
+    assert!(narrow.iter().all(|k| !adapter.iter().any(|a| k.contains(a))), "adapters stay f32: {narrow:?}");
+    let base_before = base_weights(&m.model);
+    let adapted = out(&m.model, &b);
+
+    m.merge(&[]).unwrap();
+    assert_eq!(dtypes(&m.model), stored, "dtypes after the merge");
+    assert!(base_weights(&m.model).iter().any(|(k, v)| rel_data(v, &base_before[k]) > 1e-2), "merge changed no weight");
+    // Rounding the merged weights to bf16 moves the output by about bf16's precision.
+    let merged = rel(&out(&m.model, &b), &adapted);
+    assert!(merged < 2e-2, "merged {merged}");
+
+    let merged_weights = base_weights(&m.model);
+    m.unmerge();
+    assert_eq!(dtypes(&m.model), stored, "dtypes after the unmerge");
+    let largest = |d: &TensorData| d.clone().convert::<f32>().try_into_vec::<f32>().unwrap().iter().fold(1e-12f32, |m, v| m.max(v.abs())) as f64;
+    for (k, v) in base_weights(&m.model) {
+        // Rounded to bf16 (8 bits of mantissa) at the merged weight's size, then again at the
+        // base's: what PEFT's and diffusers' unmerge of a bf16 model gives too.
+        let bound = 2f64.powi(-8) * (largest(&merged_weights[&k]) / largest(&base_before[&k]) + 1.0);
+        assert!(rel_data(&v, &base_before[&k]) <= bound, "{k} not restored: {} > {bound}", rel_data(&v, &base_before[&k]));
+    }
+}
+
+/// A large frozen bf16 3x3 kernel, laid out by tap where AMX's convolution runs, is laid out
+/// so again after a merge and an unmerge (it keeps no packed copy), and its output follows.
+#[test]
+fn a_merged_kernel_laid_out_by_tap_stays_so() {
+    let device = cpu();
+    let mut m = AdaptedModel::new(vec![knobs_nn::Conv2d::new(640, 640, 3, 1, 1, true, &mut knobs_nn::Init::new(41), &device)], 42);
+    m.add_adapter("lora", Box::new(LoraConfig::new(4, 4.0, Pattern::names(&["0"])))).unwrap();
+    randomize_adapters(&mut m.model, 0.05, 43);
+    knobs_nn::ModuleExt::store_frozen_as(&mut m.model, DType::BF16);
+    let by_tap = kernel_layout::is_by_tap(&m.model[0].weight);
+    if !by_tap {
+        eprintln!("this CPU runs no AMX convolution: the dtype alone is checked");
+    }
+    let x = Tensor::<4>::random([1, 640, 8, 8], knobs_nn::burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let flat = |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().unwrap() };
+    let adapted = flat(m.model[0].forward(x.clone()));
+
+    m.merge(&[]).unwrap();
+    assert_eq!(m.model[0].weight.dtype(), DType::BF16);
+    assert_eq!(kernel_layout::is_by_tap(&m.model[0].weight), by_tap, "the layout by tap after the merge");
+    let merged = rel(&flat(m.model[0].forward(x.clone())), &adapted);
+    assert!(merged < 2e-2, "merged {merged}");
+    m.unmerge();
+    assert_eq!(m.model[0].weight.dtype(), DType::BF16);
+    assert_eq!(kernel_layout::is_by_tap(&m.model[0].weight), by_tap, "the layout by tap after the unmerge");
 }

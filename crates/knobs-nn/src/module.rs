@@ -208,10 +208,15 @@ pub trait ModuleExt: Module {
     fn for_inference(&mut self) {
         self.for_each_param_mut(|_, mut p| p.set_inference());
     }
-    /// Stores every frozen weight matrix and kernel in `dtype`, for inference and training
-    /// (see [`ParamMut::store_frozen_as`]).
+    /// Stores every layer's frozen weight matrix and kernel in `dtype`, for inference and
+    /// training (see [`ParamMut::store_frozen_as`]). Attached adapters keep theirs: their
+    /// branches and merges compute with them in f32.
     fn store_frozen_as(&mut self, dtype: burn::tensor::DType) {
-        self.for_each_param_mut(|_, mut p| p.store_frozen_as(dtype));
+        self.for_each_layer_mut(|_, layer| match layer {
+            LayerMut::Linear(l) => ParamMut::D2(&mut l.weight).store_frozen_as(dtype),
+            LayerMut::Conv2d(c) => ParamMut::D4(&mut c.weight).store_frozen_as(dtype),
+            LayerMut::Embedding(e) => ParamMut::D2(&mut e.weight).store_frozen_as(dtype),
+        });
     }
     /// Makes every parameter whose path satisfies `pred` trainable and freezes the rest.
     fn train_only(&mut self, mut pred: impl FnMut(&str) -> bool) {

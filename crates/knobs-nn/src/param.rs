@@ -17,6 +17,22 @@ pub enum ParamMut<'a> {
     D4(&'a mut Tensor<4>),
 }
 
+impl<'a> From<&'a mut Tensor<1>> for ParamMut<'a> {
+    fn from(t: &'a mut Tensor<1>) -> Self {
+        Self::D1(t)
+    }
+}
+impl<'a> From<&'a mut Tensor<2>> for ParamMut<'a> {
+    fn from(t: &'a mut Tensor<2>) -> Self {
+        Self::D2(t)
+    }
+}
+impl<'a> From<&'a mut Tensor<4>> for ParamMut<'a> {
+    fn from(t: &'a mut Tensor<4>) -> Self {
+        Self::D4(t)
+    }
+}
+
 macro_rules! each {
     ($self:expr, $t:ident => $body:expr) => {
         match $self {
@@ -199,6 +215,20 @@ pub fn half_on_cpu<const D: usize>(t: &Tensor<D>) -> Option<DType> {
 /// weights to it; the cast's backward hands f32 gradients to the master weights.
 pub fn value_as<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
     crate::ops::precision::cast(t, dtype)
+}
+
+/// [`like`], stored as `old` is: a frozen weight kept in half precision (and a kernel laid out
+/// by tap) stays so when a merge rewrites it. Merges compute in f32; keeping the result would
+/// double the layer's memory and drop it from the narrow weights' kernels.
+pub fn like_stored<const D: usize>(old: &Tensor<D>, value: Tensor<D>) -> Tensor<D>
+where
+    for<'a> ParamMut<'a>: From<&'a mut Tensor<D>>,
+{
+    let mut new = like(old, value);
+    if old.dtype() != DType::F32 {
+        ParamMut::from(&mut new).store_frozen_as(old.dtype());
+    }
+    new
 }
 
 /// `value` as a fresh leaf with `old`'s autodiff association (and its checkpointing

@@ -89,7 +89,7 @@ pub fn accuracy(logits: Tensor<2>, labels: &[usize]) -> f64 {
 /// Adds random noise to every adapter parameter (zero-initialised LoRA B, IA3 vectors, LoHa /
 /// LoKr factors, OFT generators) so that every one receives a gradient, as the diffusers
 /// golden files do.
-pub fn randomize_adapters(model: &mut TinyNet, std: f64, seed: u64) {
+pub fn randomize_adapters(model: &mut impl crate::Module, std: f64, seed: u64) {
     let mut init = Init::new(seed);
     use crate::ModuleExt;
     model.for_each_param_mut(|path, mut p| {

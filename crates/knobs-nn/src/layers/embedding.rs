@@ -5,7 +5,7 @@ use crate::adapter::{EmbeddingAdapter, Slot};
 use crate::init::Init;
 use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
 use crate::Result;
-use crate::param::{ParamMut, ParamRef, f32_value, like};
+use crate::param::{ParamMut, ParamRef, f32_value, like_stored};
 
 /// A lookup table `[num_embeddings, dim]`.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ impl Embedding {
     pub fn merge_adapter(&mut self, name: &str) -> Result<bool> {
         let table = f32_value(&self.weight).inner();
         let Some(w) = self.adapters.merge(name, |a, weight| a.merge(table, weight))? else { return Ok(false) };
-        self.weight = like(&self.weight, w);
+        self.weight = like_stored(&self.weight, w);
         Ok(true)
     }
 
@@ -48,7 +48,7 @@ impl Embedding {
     pub fn unmerge_adapter(&mut self, name: &str) -> bool {
         let table = f32_value(&self.weight).inner();
         let Some(w) = self.adapters.unmerge(name, |a, weight| a.unmerge(table, weight)) else { return false };
-        self.weight = like(&self.weight, w);
+        self.weight = like_stored(&self.weight, w);
         true
     }
 }

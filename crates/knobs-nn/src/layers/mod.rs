@@ -28,7 +28,7 @@ macro_rules! weight_and_bias_merging {
             }
 
             fn set_weights(&mut self, w: burn::tensor::Tensor<$d>, b: Option<burn::tensor::Tensor<1>>) {
-                self.weight = $crate::param::like(&self.weight, w);
+                self.weight = $crate::param::like_stored(&self.weight, w);
                 if let (Some(old), Some(new)) = (&self.bias, b) {
                     self.bias = Some($crate::param::like(old, new));
                 }
