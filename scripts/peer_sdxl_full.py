@@ -3,7 +3,9 @@
 
   --mode generate  StableDiffusionXLPipeline, 1024x1024, N Euler steps with guidance (negative
                    branch zeros, as without a negative prompt) and the VAE decode; fp32 weights
-                   (the fp16 files widened, as `knobs generate` keeps them by default).
+                   (the fp16 files widened, as `knobs generate` keeps them by default), or with
+                   --dtype bf16 the pipeline loaded with torch_dtype=torch.bfloat16 (the peer of
+                   `knobs generate --mixed-precision bf16`).
   --mode lora      one LoRA step (r=4 on to_q/k/v/out.0, AdamW) on the UNet at 1024 px (or
                    --resolution), batch 1, with cached latents and prompt embeddings (VAE and
                    text encoders not loaded), SDXL's added conditioning, optionally
@@ -12,7 +14,7 @@
 Prints load seconds, seconds per step (min over --steps, with its forward, backward and
 optimizer parts) or per call, and peak RSS.
 
-    python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode generate [--steps 1] [--threads 2]
+    python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode generate [--steps 1] [--threads 2] [--dtype bf16]
     python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode lora --checkpointing [--steps 2]
 """
 import os
@@ -35,7 +37,8 @@ def generate(a):
     from diffusers import StableDiffusionXLPipeline
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(a.model, torch_dtype=torch.float32, local_files_only=True, add_watermarker=False)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    pipe = StableDiffusionXLPipeline.from_pretrained(a.model, torch_dtype=dtype, local_files_only=True, add_watermarker=False)
     load = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
@@ -43,7 +46,7 @@ def generate(a):
         pipe("a photo of a dog", num_inference_steps=a.steps, guidance_scale=7.5, height=1024, width=1024,
              generator=torch.Generator().manual_seed(0), output_type="np")
     call = time.perf_counter() - t0
-    print(f"generate 1024x1024, {a.steps} step(s) + decode: load {load:.1f} s, call {call:.1f} s, peak RSS {peak_gib():.2f} GiB")
+    print(f"generate 1024x1024 {a.dtype}, {a.steps} step(s) + decode: load {load:.1f} s, call {call:.1f} s, peak RSS {peak_gib():.2f} GiB")
 
 
 def lora(a):
@@ -94,6 +97,7 @@ def main():
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resolution", type=int, default=1024, help="pixels (lora mode)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute (generate mode)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     generate(a) if a.mode == "generate" else lora(a)

@@ -40,6 +40,27 @@ fn matches_diffusers_pipeline_golden() {
 /// Encodings made beforehand (diffusers' `prompt_embeds`) give the prompt's image, also once
 /// the text encoder's weights are gone; a released encoder refuses to encode, naming itself,
 /// and encodings of another batch size are refused, naming `conditioning`.
+/// `generate_once` gives `generate`'s image and leaves the text encoder and the UNet
+/// released: generating again is an error naming them. A request it refuses releases nothing.
+#[test]
+fn generating_once_releases_the_text_encoder_and_the_unet() {
+    use knobs_nn::ModuleExt;
+    let mut sd = load();
+    let req = GenerateRequest { num_images: 2, ..small("a photo of a cat", 4) };
+    let want = values(sd.generate(&req).unwrap());
+    assert!(sd.generate_once(&GenerateRequest { steps: 0, ..req.clone() }, &mut |_, _| {}).is_err());
+    assert!(!sd.text_encoder.is_released() && !sd.unet.is_released(), "a refused request releases nothing");
+    let got = values(sd.generate_once(&req, &mut |_, _| {}).unwrap());
+    assert_eq!(got, want);
+    assert!(sd.text_encoder.is_released() && sd.unet.is_released());
+    assert_eq!(sd.text_encoder.num_params() + sd.unet.num_params(), 0, "every weight is freed");
+    let given = GenerateRequest { conditioning: Some(load().condition_for(&req).unwrap()), ..req.clone() };
+    let err = sd.generate(&given).unwrap_err().to_string();
+    assert!(err.contains("unet") && err.contains("released"), "{err}");
+    let err = sd.generate(&req).unwrap_err().to_string();
+    assert!(err.contains("text_encoder") && err.contains("released"), "{err}");
+}
+
 #[test]
 fn given_encodings_stand_in_for_a_released_text_encoder() {
     use knobs_nn::ModuleExt;

@@ -34,6 +34,8 @@ pub struct UNet2DConditionModel {
     /// Without autodiff on the CPU, bf16 keeps f32 activations and rounds the products only
     /// (`autocast::plan`).
     pub compute_dtype: DType,
+    /// Set by [`Self::release`]: the weights are gone.
+    released: bool,
 }
 impl_module!(UNet2DConditionModel {
     "conv_in" => conv_in, "time_embedding" => time_embedding, "add_embedding" => add_embedding, "down_blocks" => down_blocks,
@@ -119,7 +121,7 @@ impl UNet2DConditionModel {
         }
         let conv_norm_out = GroupNorm::new(config.groups(), ch[0], config.norm_eps, device);
         let conv_out = Conv2d::new(ch[0], config.out_channels, k_out, 1, k_out / 2, true, init, device);
-        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out, compute_dtype: DType::F32 })
+        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out, compute_dtype: DType::F32, released: false })
     }
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (every tensor
@@ -168,11 +170,26 @@ impl UNet2DConditionModel {
         (out, cap.expect("run fills the capture"))
     }
 
+    /// Frees every weight (each becomes an empty tensor), keeping the config: what a caller
+    /// that generates once keeps of the UNet when the latents are denoised. Running it
+    /// afterwards is an error ([`Self::check_inputs`]); the model is not usable again.
+    pub fn release(&mut self) {
+        knobs_nn::ModuleExt::for_each_param_mut(self, |_, mut p| p.release());
+        self.released = true;
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
     /// Checks shapes up front so that a wrong input is an error, not a panic deep inside;
     /// `added` must be given exactly when the UNet has `addition_embed_type: "text_time"`.
     pub fn check_inputs(&self, sample: &Tensor<4>, timesteps: &Tensor<1>, encoder_hidden_states: &Tensor<3>, added: Option<&AddedCond>) -> Result<()> {
         let [b, c, _, _] = sample.dims();
         let bad = |key: &str, msg: String| Err(Error::param(key, msg));
+        if self.released {
+            return bad("unet", "its weights were released once the latents were denoised; load the model again to generate".into());
+        }
         if c != self.config.in_channels {
             return bad("sample", format!("has {c} channels, the UNet takes {}", self.config.in_channels));
         }

@@ -227,11 +227,12 @@ pub fn request(args: &Args, sd: &StableDiffusion) -> Result<GenerateRequest> {
     Ok(req)
 }
 
-/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1].
-pub fn generate(sd: &StableDiffusion, req: &GenerateRequest) -> Result<Tensor<4>> {
+/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1]. The text encoders are
+/// released once the prompts are encoded: nothing here encodes again.
+pub fn generate(sd: &mut StableDiffusion, req: &GenerateRequest) -> Result<Tensor<4>> {
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(ProgressStyle::with_template("denoise [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap());
-    let images = sd.generate_with(req, &mut |done, _| bar.set_position(done as u64))?;
+    let images = sd.generate_once(req, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     Ok(images)
 }
@@ -302,7 +303,7 @@ pub fn run(args: Args) -> Result<()> {
     args.adapters.apply(&mut sd)?;
     let req = request(&args, &sd)?;
     let start = Instant::now();
-    let images = generate(&sd, &req)?;
+    let images = generate(&mut sd, &req)?;
     let secs = start.elapsed().as_secs_f64();
     let [n, _, h, w] = images.dims();
     let written = save(&to_rgb(images)?, &args.out)?;
