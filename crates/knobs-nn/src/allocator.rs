@@ -100,13 +100,12 @@ pub fn release_kept() {
     kept.bytes = 0;
 }
 
-/// Gives the memory of models that are done back to the system: the kept large blocks
-/// ([`release_kept`]) and the free pages of glibc's heap, which [`keep_freed_memory`] keeps
+/// Gives the free pages of glibc's heap back to the system: those [`keep_freed_memory`] keeps
 /// (up to 1 GiB at its top, and every free page below it). A caller that has released a
 /// model's weights calls it, so that what runs next starts from the lower footprint instead
-/// of reusing those pages only where its blocks happen to fit.
+/// of reusing those pages only where its blocks happen to fit. The kept large blocks stay
+/// (what runs next reuses them; [`release_kept`] gives them back).
 pub fn return_freed_memory() {
-    release_kept();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only hands free pages back; any thread may call it.
     unsafe {

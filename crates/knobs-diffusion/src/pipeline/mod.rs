@@ -12,6 +12,7 @@ pub use request::{GenerateRequest, SchedulerKind};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::{DType, TensorData};
+use knobs_nn::io::LoadOptions;
 use knobs_nn::{Device, Error, Init, Result, Tensor, impl_module};
 use serde_json::Value;
 
@@ -33,11 +34,21 @@ pub const SDXL_COMPONENTS: [&str; 2] = ["tokenizer_2", "text_encoder_2"];
 pub struct WeightsAs {
     pub text_encoders: DType,
     pub unet_and_vae: DType,
+    /// The text encoders' weights take `text_encoders` only where no value rounds (an fp16
+    /// file's in f16): half the memory, the same encodings.
+    pub text_encoders_lossless: bool,
 }
 
 impl From<DType> for WeightsAs {
     fn from(dtype: DType) -> Self {
-        WeightsAs { text_encoders: dtype, unet_and_vae: dtype }
+        WeightsAs { text_encoders: dtype, unet_and_vae: dtype, text_encoders_lossless: false }
+    }
+}
+
+impl WeightsAs {
+    /// How a text encoder's weights load.
+    pub fn text_encoder_options(&self) -> LoadOptions {
+        LoadOptions::frozen_as_if(self.text_encoders, self.text_encoders_lossless)
     }
 }
 
@@ -138,7 +149,7 @@ impl StableDiffusion {
         knobs_nn::ops::release_unused_weight_transforms();
         let index = check_index(dir)?;
         let (tokenizer_2, text_encoder_2) = if index.sdxl {
-            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights.text_encoders)?;
+            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights.text_encoder_options())?;
             if te2.text_projection.is_none() {
                 return Err(Error::file(dir.join("text_encoder_2"), "SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection found)"));
             }
@@ -149,7 +160,7 @@ impl StableDiffusion {
         Ok(StableDiffusion {
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
-            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights.text_encoders)?,
+            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights.text_encoder_options())?,
             unet: UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights.unet_and_vae)?,
             vae: AutoencoderKL::from_dir_as(dir.join("vae"), device, weights.unet_and_vae)?,
             tokenizer_2,
@@ -345,17 +356,17 @@ impl StableDiffusion {
 
     /// [`Self::generate_with`] for a caller that generates once (`knobs generate`): each
     /// model's weights are released as soon as its part is done, the text encoders' once the
-    /// prompts are encoded and the UNet's (with its kept packings) once the latents are
-    /// denoised, so that the VAE decode, where the peak is reached, holds none of them
-    /// (SDXL at 1024 px in bf16: 12.2 -> GB). The same images; the pipeline encodes and
-    /// denoises nothing afterwards (an error naming the released model).
+    /// prompts are encoded (the steps reuse their memory) and the UNet's, with its kept
+    /// packings, once the latents are denoised (their memory handed back to the system), so
+    /// that the VAE decode, where the peak was reached, holds none of them. The same images;
+    /// the pipeline encodes and denoises nothing afterwards (an error naming the released
+    /// model).
     pub fn generate_once(&mut self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Tensor<4>> {
         req.validate()?;
         let conditioning = self.condition_for(req)?;
         for (_, encoder) in self.text_pairs_mut() {
             encoder.release();
         }
-        knobs_nn::allocator::return_freed_memory();
         let latents = self.generate_latents_with(&GenerateRequest { conditioning: Some(conditioning), ..req.clone() }, progress)?;
         self.unet.release();
         knobs_nn::ops::release_unused_weight_transforms();
