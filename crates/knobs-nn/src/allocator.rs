@@ -101,10 +101,9 @@ pub fn release_kept() {
 }
 
 /// Gives the free pages of glibc's heap back to the system: those [`keep_freed_memory`] keeps
-/// (up to 1 GiB at its top, and every free page below it). A caller that has released a
-/// model's weights calls it, so that what runs next starts from the lower footprint instead
-/// of reusing those pages only where its blocks happen to fit. The kept large blocks stay
-/// (what runs next reuses them; [`release_kept`] gives them back).
+/// (up to 1 GiB at its top, and every free page below it), such as a released model's
+/// weights. What runs next then faults and zeroes its pages afresh where it would have reused
+/// them: worth it only where they were many. The kept large blocks stay ([`release_kept`]).
 pub fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only hands free pages back; any thread may call it.

@@ -593,9 +593,6 @@ pub struct LoadOptions {
     /// Frozen matrices and kernels are stored in this dtype as they load (see
     /// [`crate::ParamMut::assign_as`]); `None` keeps f32.
     pub frozen_dtype: Option<DType>,
-    /// Only those whose every value is exact in `frozen_dtype` (an fp16 file's, for f16):
-    /// the others stay f32, so that the model computes what it would in f32.
-    pub lossless: bool,
 }
 
 #[derive(Debug, Default)]
@@ -609,11 +606,6 @@ impl LoadOptions {
     /// Strict, with frozen matrices and kernels stored in `dtype` as they load.
     pub fn frozen_as(dtype: DType) -> Self {
         LoadOptions { frozen_dtype: Some(dtype), ..Default::default() }
-    }
-
-    /// [`Self::frozen_as`], where that rounds no value ([`Self::lossless`]) when `lossless`.
-    pub fn frozen_as_if(dtype: DType, lossless: bool) -> Self {
-        LoadOptions { lossless, ..Self::frozen_as(dtype) }
     }
 }
 
@@ -649,10 +641,7 @@ pub fn load_from<M: Module + ?Sized>(
             return;
         }
         match tensor(path) {
-            Some(data) => match data.and_then(|d| {
-                let dtype = opts.frozen_dtype.filter(|&dtype| !opts.lossless || crate::ops::precision::holds_exactly(&d, dtype));
-                p.assign_as(path, d, dtype.unwrap_or(DType::F32))
-            }) {
+            Some(data) => match data.and_then(|d| p.assign_as(path, d, opts.frozen_dtype.unwrap_or(DType::F32))) {
                 Ok(()) => report.loaded.push(path.to_string()),
                 Err(e) => first_err = Some(e.in_file(file)),
             },

@@ -2,7 +2,7 @@
 //! final LayerNorm and the pooled output at the end-of-text token.
 use std::path::Path;
 
-use knobs_nn::burn::tensor::{Int, TensorData};
+use knobs_nn::burn::tensor::{DType, Int, TensorData};
 use knobs_nn::io::{LoadOptions, StateDict, load_state_dict, read_safetensors};
 use knobs_nn::param::like;
 use knobs_nn::{Device, Embedding, Error, Init, LayerNorm, Linear, ModuleExt, Result, Tensor, impl_module};
@@ -85,17 +85,17 @@ impl ClipTextModel {
 
     /// Loads a diffusers `text_encoder/` folder: `config.json` and `model.safetensors`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_dir_as(dir, device, LoadOptions::default())
+        Self::from_dir_as(dir, device, DType::F32)
     }
 
-    /// [`Self::from_dir`] with the weight matrices stored as `weights` says as they load (see
+    /// [`Self::from_dir`] with the weight matrices stored in `weights` as they load (see
     /// [`knobs_nn::ParamMut::assign_as`]).
-    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: LoadOptions) -> Result<Self> {
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ClipTextConfig::from_file(dir.join("config.json"))?;
         let mut model = Self::new(config, &mut Init::for_loading(), device)?;
         let sd = normalize_keys(read_safetensors(dir.join("model.safetensors"))?);
-        load_state_dict(&mut model, &sd, weights)?;
+        load_state_dict(&mut model, &sd, LoadOptions::frozen_as(weights))?;
         Ok(model)
     }
 

@@ -12,7 +12,6 @@ pub use request::{GenerateRequest, SchedulerKind};
 use std::path::{Path, PathBuf};
 
 use knobs_nn::burn::tensor::{DType, TensorData};
-use knobs_nn::io::LoadOptions;
 use knobs_nn::{Device, Error, Init, Result, Tensor, impl_module};
 use serde_json::Value;
 
@@ -34,21 +33,11 @@ pub const SDXL_COMPONENTS: [&str; 2] = ["tokenizer_2", "text_encoder_2"];
 pub struct WeightsAs {
     pub text_encoders: DType,
     pub unet_and_vae: DType,
-    /// The text encoders' weights take `text_encoders` only where no value rounds (an fp16
-    /// file's in f16): half the memory, the same encodings.
-    pub text_encoders_lossless: bool,
 }
 
 impl From<DType> for WeightsAs {
     fn from(dtype: DType) -> Self {
-        WeightsAs { text_encoders: dtype, unet_and_vae: dtype, text_encoders_lossless: false }
-    }
-}
-
-impl WeightsAs {
-    /// How a text encoder's weights load.
-    pub fn text_encoder_options(&self) -> LoadOptions {
-        LoadOptions::frozen_as_if(self.text_encoders, self.text_encoders_lossless)
+        WeightsAs { text_encoders: dtype, unet_and_vae: dtype }
     }
 }
 
@@ -149,7 +138,7 @@ impl StableDiffusion {
         knobs_nn::ops::release_unused_weight_transforms();
         let index = check_index(dir)?;
         let (tokenizer_2, text_encoder_2) = if index.sdxl {
-            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights.text_encoder_options())?;
+            let te2 = ClipTextModel::from_dir_as(dir.join("text_encoder_2"), device, weights.text_encoders)?;
             if te2.text_projection.is_none() {
                 return Err(Error::file(dir.join("text_encoder_2"), "SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection found)"));
             }
@@ -160,7 +149,7 @@ impl StableDiffusion {
         Ok(StableDiffusion {
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
-            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights.text_encoder_options())?,
+            text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights.text_encoders)?,
             unet: UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights.unet_and_vae)?,
             vae: AutoencoderKL::from_dir_as(dir.join("vae"), device, weights.unet_and_vae)?,
             tokenizer_2,
@@ -354,26 +343,40 @@ impl StableDiffusion {
         Ok(self.decode_latents(self.generate_latents_with(req, progress)?))
     }
 
-    /// [`Self::generate_with`] for a caller that generates once (`knobs generate`): each
-    /// model's weights are released as soon as its part is done, the text encoders' once the
-    /// prompts are encoded (the steps reuse their memory) and the UNet's, with its kept
-    /// packings, once the latents are denoised (their memory handed back to the system), so
-    /// that the VAE decode, where the peak was reached, holds none of them. The same images;
-    /// the pipeline encodes and denoises nothing afterwards (an error naming the released
-    /// model).
+    /// [`Self::generate_with`] for a caller that generates once (`knobs generate`): once the
+    /// latents are denoised, the text encoders' and the UNet's weights (with the UNet's kept
+    /// packings) are released, and the VAE decode, where the peak was reached, reuses their
+    /// memory. The same images; the pipeline encodes and denoises nothing afterwards (an
+    /// error naming the released model).
+    ///
+    /// Released weights of [`HAND_BACK_FROM`] and more are handed back to the system first:
+    /// SDXL's decode at 1024 px takes large blocks that its freed heap does not fit (its peak
+    /// 10.7-11.3 GB kept, 8.7 GB handed back), at the cost of faulting its pages afresh (8.8 ->
+    /// 10.3 s). SD-1.5's decode at 512 px fits, and handing back cost it 0.2-0.3 s for no lower
+    /// peak. Released before the steps, the text encoders lowered no peak (the load's is
+    /// higher) and the steps measured 1-3% slower.
     pub fn generate_once(&mut self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Tensor<4>> {
-        req.validate()?;
-        let conditioning = self.condition_for(req)?;
+        use knobs_nn::ModuleExt;
+        let latents = self.generate_latents_with(req, progress)?;
+        let mut released = 0;
         for (_, encoder) in self.text_pairs_mut() {
+            released += encoder.param_bytes();
             encoder.release();
         }
-        let latents = self.generate_latents_with(&GenerateRequest { conditioning: Some(conditioning), ..req.clone() }, progress)?;
+        released += self.unet.param_bytes();
         self.unet.release();
         knobs_nn::ops::release_unused_weight_transforms();
-        knobs_nn::allocator::return_freed_memory();
+        if released >= HAND_BACK_FROM {
+            knobs_nn::allocator::return_freed_memory();
+        }
         Ok(self.decode_latents(latents))
     }
 }
+
+/// Released weights from which [`StableDiffusion::generate_once`] hands their memory back to
+/// the system before the decode: an SDXL UNet and text encoders (8.4 GB, the UNet in bf16),
+/// not SD-1.x/2.x's (3.9 / 4.9 GB in f32).
+pub const HAND_BACK_FROM: usize = 5 << 30;
 
 /// Classifier-free guidance on a `[uncond; cond]` prediction: `u + scale (c - u)`.
 pub(crate) fn guide(pred: Tensor<4>, scale: f64) -> Tensor<4> {

@@ -161,28 +161,28 @@ impl SingleFile {
         let unet_config = UNetConfig::from_json(&cfg(&self.configs.unet)).map_err(|e| e.in_file(self.file.path()))?;
         let layout = keys::UnetLayout::of(&unet_config)?;
         let mut unet = UNet2DConditionModel::new(unet_config, &mut Init::for_loading(), device)?;
-        self.load_into(LoadOptions::frozen_as(weights.unet_and_vae), &mut unet, |p| keys::unet(p, &layout))?;
+        self.load_into(weights.unet_and_vae, &mut unet, |p| keys::unet(p, &layout))?;
 
         let vae_config = VaeConfig::from_json_str(&cfg(&self.configs.vae))?;
         let levels = vae_config.block_out_channels.len();
         let mut vae = AutoencoderKL::new(vae_config, &mut Init::for_loading(), device)?;
-        self.load_into(LoadOptions::frozen_as(weights.unet_and_vae), &mut vae, |p| keys::vae(p, levels))?;
+        self.load_into(weights.unet_and_vae, &mut vae, |p| keys::vae(p, levels))?;
 
         let te_config = ClipTextConfig::from_json(&cfg(&self.configs.text_encoder))?;
         let mut text_encoder = ClipTextModel::new(te_config, &mut Init::for_loading(), device)?;
         match self.family {
             Family::Sd1 => {
                 let drop = infer::clip_prefix(&self.file);
-                self.load_into(weights.text_encoder_options(), &mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
+                self.load_into(weights.text_encoders, &mut text_encoder, |p| keys::clip(p.strip_prefix(drop)?))?
             }
-            Family::Sd2 => self.load_into(weights.text_encoder_options(), &mut text_encoder, keys::open_clip)?,
-            Family::Sdxl => self.load_into(weights.text_encoder_options(), &mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
+            Family::Sd2 => self.load_into(weights.text_encoders, &mut text_encoder, keys::open_clip)?,
+            Family::Sdxl => self.load_into(weights.text_encoders, &mut text_encoder, |p| keys::clip_at(keys::SDXL_CLIP, p))?,
         }
         let (tokenizer_2, text_encoder_2) = match (&self.configs.text_encoder_2, &self.tokenizer_2) {
             (Some(config), Some(dir)) => {
                 let config = ClipTextConfig::from_json(&cfg(config))?;
                 let mut te2 = ClipTextModel::new(config, &mut Init::for_loading(), device)?;
-                self.load_into(weights.text_encoder_options(), &mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
+                self.load_into(weights.text_encoders, &mut te2, |p| keys::open_clip_at(keys::SDXL_OPEN_CLIP, p))?;
                 let mut tok2 = ClipTokenizer::from_dir(dir)?;
                 // SDXL's second tokenizer pads with "!"; a copy of the first one does not.
                 if tok2.token_to_id("!").is_some_and(|id| id != tok2.pad_id()) {
@@ -215,7 +215,7 @@ impl SingleFile {
 
     /// Every parameter of `model` from the file key `map` gives it; a parameter without a
     /// key, or a key the file lacks, is an error naming it.
-    fn load_into<M: Module>(&self, weights: LoadOptions, model: &mut M, map: impl Fn(&str) -> Option<Source>) -> Result<()> {
+    fn load_into<M: Module>(&self, weights: DType, model: &mut M, map: impl Fn(&str) -> Option<Source>) -> Result<()> {
         let path = self.file.path();
         load_from(model, path, &[], |param| {
             let Some(src) = map(param) else {
@@ -228,8 +228,8 @@ impl SingleFile {
             if self.file.shape(&key).is_none() {
                 return Some(Err(Error::key(path, &key, format!("missing from the file (the model's `{param}`)"))));
             }
-            Some(self.file.read_as(&key, weights.frozen_dtype).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
-        }, weights)?;
+            Some(self.file.read_as(&key, Some(weights)).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
+        }, LoadOptions::frozen_as(weights))?;
         Ok(())
     }
 }

@@ -182,21 +182,6 @@ pub fn data_as(data: TensorData, dtype: DType) -> TensorData {
     }
 }
 
-/// Whether every value of `data` is exact in `dtype`: already held in it, widened to f32, or
-/// f32 values that an fp16 / bf16 file gave (narrowing them rounds nothing).
-pub fn holds_exactly(data: &TensorData, dtype: DType) -> bool {
-    let from = data.dtype();
-    if from == dtype || dtype == DType::F32 {
-        return true;
-    }
-    let Ok(values) = data.as_slice::<f32>() else { return false };
-    match dtype {
-        DType::F16 => values.par_iter().all(|&v| half::f16::from_f32(v).to_f32().to_bits() == v.to_bits()),
-        DType::BF16 => values.par_iter().all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits()),
-        _ => false,
-    }
-}
-
 /// f32 `values` narrowed to `dtype` (f16 or bf16), as burn's cast rounds them.
 fn narrow_data(values: &[f32], dtype: DType, shape: burn::tensor::Shape) -> TensorData {
     match dtype {

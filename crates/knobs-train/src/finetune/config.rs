@@ -175,20 +175,17 @@ pub enum MixedPrecision {
 
 impl MixedPrecision {
     /// The dtypes a pipeline that only generates keeps its weight matrices and kernels in:
-    /// `explicit` (`--weights-dtype`) for every part. By default the UNet's and VAE's in f32,
-    /// except under bf16 on a CPU where storing them in bf16 changes no result
+    /// `explicit` (`--weights-dtype`) for every part; by default f32, except the UNet's and
+    /// VAE's under bf16 on a CPU where storing them in bf16 changes no result
     /// (`autocast::bf16_weights_change_nothing`: their products round them to bf16 anyway),
-    /// kept in bf16 there at half their memory; the text encoders' in f16 where that rounds
-    /// nothing (an fp16 file's: the same encodings at half the memory, the f16 values widened
-    /// as they are used), else f32.
+    /// kept in bf16 there at half their memory.
     pub fn generation_weights(self, explicit: Option<FloatDtype>) -> knobs_diffusion::pipeline::WeightsAs {
         use knobs_nn::burn::tensor::DType;
-        let unet_and_vae = match explicit {
-            Some(dtype) => return dtype.dtype().into(),
-            None if self == MixedPrecision::Bf16 && knobs_nn::ops::autocast::bf16_weights_change_nothing() => DType::BF16,
-            None => DType::F32,
-        };
-        knobs_diffusion::pipeline::WeightsAs { text_encoders: DType::F16, unet_and_vae, text_encoders_lossless: true }
+        match explicit {
+            Some(dtype) => dtype.dtype().into(),
+            None if self == MixedPrecision::Bf16 && knobs_nn::ops::autocast::bf16_weights_change_nothing() => knobs_diffusion::pipeline::WeightsAs { text_encoders: DType::F32, unet_and_vae: DType::BF16 },
+            None => DType::F32.into(),
+        }
     }
 
     /// Sets what `sd`'s UNet and VAE compute in. The UNet in this dtype; the frozen VAE in
