@@ -351,10 +351,10 @@ impl StableDiffusion {
     ///
     /// Released weights of [`HAND_BACK_FROM`] and more are handed back to the system first:
     /// SDXL's decode at 1024 px takes large blocks that its freed heap does not fit (its peak
-    /// 10.7-11.3 GB kept, 8.7 GB handed back), at the cost of faulting its pages afresh (8.8 ->
-    /// 10.3 s). SD-1.5's decode at 512 px fits, and handing back cost it 0.2-0.3 s for no lower
-    /// peak. Released before the steps, the text encoders lowered no peak (the load's is
-    /// higher) and the steps measured 1-3% slower.
+    /// 11.9 GB kept, 10.2 GB handed back: the load's then), at the cost of faulting its pages
+    /// afresh (8.8 -> 10.3 s). SD-1.5's decode at 512 px fits, and handing back cost it
+    /// 0.2-0.3 s for no lower peak. Released before the steps, the text encoders lowered no
+    /// peak (the load's is higher) and the steps measured 1-3% slower.
     pub fn generate_once(&mut self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Tensor<4>> {
         use knobs_nn::ModuleExt;
         let latents = self.generate_latents_with(req, progress)?;
