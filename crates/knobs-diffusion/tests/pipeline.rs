@@ -37,9 +37,6 @@ fn matches_diffusers_pipeline_golden() {
     common::sd_goldens::assert_within(&common::sd_goldens::pipeline(&cpu()), 1e-4);
 }
 
-/// Encodings made beforehand (diffusers' `prompt_embeds`) give the prompt's image, also once
-/// the text encoder's weights are gone; a released encoder refuses to encode, naming itself,
-/// and encodings of another batch size are refused, naming `conditioning`.
 /// `generate_once` gives `generate`'s image and leaves the text encoder and the UNet
 /// released: generating again is an error naming them. A request it refuses releases nothing.
 #[test]
@@ -61,6 +58,9 @@ fn generating_once_releases_the_text_encoder_and_the_unet() {
     assert!(err.contains("text_encoder") && err.contains("released"), "{err}");
 }
 
+/// Encodings made beforehand (diffusers' `prompt_embeds`) give the prompt's image, also once
+/// the text encoder's weights are gone; a released encoder refuses to encode, naming itself,
+/// and encodings of another batch size are refused, naming `conditioning`.
 #[test]
 fn given_encodings_stand_in_for_a_released_text_encoder() {
     use knobs_nn::ModuleExt;
@@ -220,4 +220,3 @@ fn bf16_weights_change_no_bf16_image_where_amx_runs() {
     loaded.vae.compute_dtype = DType::BF16;
     assert!(values(loaded.generate(&req).unwrap()) == wide, "the same image from a pipeline loaded so");
 }
-

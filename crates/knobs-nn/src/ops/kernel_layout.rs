@@ -31,18 +31,16 @@ pub fn by_tap(w: &Tensor<4>) -> Option<Tensor<4>> {
     if !applies(w.dims(), w.dtype()) || w.is_require_grad() {
         return None;
     }
-    if is_by_tap(w) {
+    let stored = super::cpu_storage(w)?;
+    if rows(&stored).is_some() {
         return None;
     }
-    let plain = if w.is_autodiff() { w.clone().inner() } else { w.clone() };
-    let stored = plain.try_into_primitive::<Flex>().ok()?;
     from_data(stored.into_data(), &w.device()).ok().map(|laid| like(w, laid))
 }
 
 /// Whether `w` is laid out by tap ([`by_tap`]).
 pub fn is_by_tap(w: &Tensor<4>) -> bool {
-    let plain = if w.is_autodiff() { w.clone().inner() } else { w.clone() };
-    plain.try_into_primitive::<Flex>().is_ok_and(|stored| rows(&stored).is_some())
+    super::cpu_storage(w).is_some_and(|stored| rows(&stored).is_some())
 }
 
 /// The weight `data` (`[co, ci, 3, 3]`) as a plain tensor on `device` laid out by tap, its

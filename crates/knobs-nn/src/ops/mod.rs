@@ -52,6 +52,11 @@ pub use upsample::nearest2x;
 
 /// Whether `t` lives on the CPU backend (flex), with or without autodiff.
 pub(crate) fn on_cpu<const D: usize>(t: &burn::tensor::Tensor<D>) -> bool {
+    cpu_storage(t).is_some()
+}
+
+/// `t`'s values as the CPU backend stores them, outside autodiff; `None` on another backend.
+pub(crate) fn cpu_storage<const D: usize>(t: &burn::tensor::Tensor<D>) -> Option<burn::backend::flex::FlexTensor> {
     let t = if t.is_autodiff() { t.clone().inner() } else { t.clone() };
-    t.try_into_primitive::<burn::backend::Flex>().is_ok()
+    t.try_into_primitive::<burn::backend::Flex>().ok()
 }

@@ -227,8 +227,9 @@ pub fn request(args: &Args, sd: &StableDiffusion) -> Result<GenerateRequest> {
     Ok(req)
 }
 
-/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1]. The text encoders are
-/// released once the prompts are encoded: nothing here encodes again.
+/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1]. The text encoders and the
+/// UNet are released once the latents are denoised (`generate_once`): nothing here runs them
+/// again.
 pub fn generate(sd: &mut StableDiffusion, req: &GenerateRequest) -> Result<Tensor<4>> {
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(ProgressStyle::with_template("denoise [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap());
