@@ -338,6 +338,7 @@ impl PipelineAdapters {
     /// Folds adapter `name` into the base weights on every component (it stays attached and
     /// can be unmerged exactly).
     pub fn merge(&mut self, sd: &mut StableDiffusion, name: &str) -> Result<()> {
+        sd.unet.check_weights_in_memory()?;
         for c in self.components_of(name) {
             self.on(sd, c, |am| am.merge(&[name]))?;
         }
@@ -358,6 +359,7 @@ impl PipelineAdapters {
     /// Merges every active adapter for good and removes them all: plain weights, as a model
     /// folder stores them.
     pub fn fuse(&mut self, sd: &mut StableDiffusion) -> Result<()> {
+        sd.unet.check_weights_in_memory()?;
         for c in Component::all_in(sd) {
             let model = c.model(sd);
             let mut am = AdaptedModel::new(model, 0);

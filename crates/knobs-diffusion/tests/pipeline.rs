@@ -58,6 +58,50 @@ fn generating_once_releases_the_text_encoder_and_the_unet() {
     assert!(err.contains("text_encoder") && err.contains("released"), "{err}");
 }
 
+/// A pipeline loaded for one generation builds its UNet with placeholders and reads the
+/// weights only inside `generate_once`, after the prompt is encoded and the text encoder
+/// released: the same image as a pipeline loaded in full, also with a LoRA attached to the
+/// placeholders. Until then running, merging into or saving the UNet is an error naming
+/// `unet`, and a refused request leaves everything as it was.
+#[test]
+fn a_pipeline_loaded_for_one_generation_reads_the_unet_after_encoding() {
+    use knobs_diffusion::loaders::PipelineAdapters;
+    use knobs_nn::ModuleExt;
+    let lora = format!("{GOLDEN}/tensors/lora_diffusers/pytorch_lora_weights.safetensors");
+    let with_lora = |sd: &mut StableDiffusion| {
+        let mut adapters = PipelineAdapters::new(0);
+        adapters.load_lora(sd, Path::new(&lora), "lora", 0.8).unwrap();
+        adapters.activate_all(sd).unwrap();
+        adapters
+    };
+    let req = GenerateRequest { num_images: 2, ..small("a photo of a cat", 6) };
+    for attach in [false, true] {
+        let mut full = load();
+        let mut once = StableDiffusion::load_for_one_generation(model_dir(), &cpu(), WeightsAs::from(knobs_nn::burn::tensor::DType::F32)).unwrap();
+        assert!(once.unet.is_deferred() && !full.unet.is_deferred());
+        if attach {
+            with_lora(&mut full);
+            let mut adapters = with_lora(&mut once);
+            let err = adapters.merge(&mut once, "lora").unwrap_err().to_string();
+            assert!(err.contains("unet") && err.contains("not loaded yet"), "{err}");
+            let out = tempfile::tempdir().unwrap();
+            let err = knobs_diffusion::single_file::save_single_file(&once, out.path().join("x.safetensors"), knobs_nn::io::FloatDtype::F32).unwrap_err().to_string();
+            assert!(err.contains("unet") && err.contains("not loaded yet"), "{err}");
+        }
+        let want = values(full.generate(&req).unwrap());
+        let err = once.generate(&req).unwrap_err().to_string();
+        assert!(err.contains("unet") && err.contains("not loaded yet"), "{err}");
+        assert!(once.generate_once(&GenerateRequest { steps: 0, ..req.clone() }, &mut |_, _| {}).is_err());
+        assert!(once.unet.is_deferred() && !once.text_encoder.is_released(), "a refused request changes nothing");
+        let mut steps = 0;
+        let got = values(once.generate_once(&req, &mut |done, _| steps = done).unwrap());
+        assert_eq!(got, want, "LoRA attached before the weights: {attach}");
+        assert_eq!(steps, req.steps);
+        assert!(once.text_encoder.is_released() && once.unet.is_released());
+        assert_eq!(once.text_encoder.num_params() + once.unet.num_params(), 0, "every weight is freed");
+    }
+}
+
 /// Encodings made beforehand (diffusers' `prompt_embeds`) give the prompt's image, also once
 /// the text encoder's weights are gone; a released encoder refuses to encode, naming itself,
 /// and encodings of another batch size are refused, naming `conditioning`.

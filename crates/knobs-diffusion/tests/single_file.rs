@@ -267,6 +267,30 @@ fn weights_load_straight_into_half_precision() {
     }
 }
 
+/// A single file loaded for one generation reads its UNet inside `generate_once`, in the
+/// dtype asked for: the image of the file loaded in full, SD-1.x and SDXL.
+#[test]
+fn a_single_file_loaded_for_one_generation_gives_the_full_load_image() {
+    use knobs_nn::burn::tensor::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny-sd.safetensors");
+    save_single_file(&StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap(), &file, FloatDtype::F32).unwrap();
+    let opts = SingleFileOptions { config: Some(tiny_sd()), ..Default::default() };
+    let sdxl_file = dir.path().join("tiny-sdxl.safetensors");
+    save_single_file(&StableDiffusion::from_dir(TINY_SDXL, &cpu()).unwrap(), &sdxl_file, FloatDtype::F32).unwrap();
+    let sdxl_opts = SingleFileOptions { config: Some(PathBuf::from(TINY_SDXL)), ..Default::default() };
+    for (file, opts) in [(&file, &opts), (&sdxl_file, &sdxl_opts)] {
+        let full = SingleFile::open(file, opts).unwrap().load_as(&cpu(), DType::BF16).unwrap();
+        let mut once = SingleFile::open(file, opts).unwrap().load_for_one_generation(&cpu(), DType::BF16).unwrap();
+        assert!(once.unet.is_deferred());
+        let req = GenerateRequest { steps: 2, seed: 7, height: Some(32), width: Some(32), ..GenerateRequest::new("a red star") };
+        let want = full.generate(&req).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let got = once.generate_once(&req, &mut |_, _| {}).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        assert_eq!(got, want, "{}", file.display());
+        assert!(once.unet.is_released());
+    }
+}
+
 /// fp16 and bf16 single files read for storage in their own dtype keep the file's values as
 /// they lie, fused q/k/v thirds, 1x1 kernels and transposed projections included (moved as
 /// 16-bit values): the model an f32 load narrowed afterwards gives, SD-1.x and SDXL.

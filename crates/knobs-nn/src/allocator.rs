@@ -100,18 +100,6 @@ pub fn release_kept() {
     kept.bytes = 0;
 }
 
-/// Gives the free pages of glibc's heap back to the system: those [`keep_freed_memory`] keeps
-/// (up to 1 GiB at its top, and every free page below it), such as a released model's
-/// weights. What runs next then faults and zeroes its pages afresh where it would have reused
-/// them: worth it only where they were many. The kept large blocks stay ([`release_kept`]).
-pub fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only hands free pages back; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// `size` rounded up to its size class.
 fn class(size: usize) -> usize {
     let step = (size.next_power_of_two() >> 4).max(4096);

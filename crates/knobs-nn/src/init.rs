@@ -16,9 +16,8 @@ impl Init {
     }
 
     /// Zeros instead of random draws, for a model whose every weight is about to be loaded
-    /// from a file: drawing SD-1.5's 860M values would take seconds, and zeroed memory is
-    /// mapped lazily, so the placeholders cost neither time nor resident memory (see
-    /// [`Init::placeholder`]).
+    /// from a file: drawing SD-1.5's 860M values would take seconds, and the placeholders
+    /// cost neither time nor memory (see [`Init::placeholder`]).
     pub fn for_loading() -> Self {
         Init { rng: StdRng::seed_from_u64(0), draw: false }
     }
@@ -31,17 +30,20 @@ impl Init {
         Tensor::from_data(TensorData::new(values, shape), device)
     }
 
-    /// Zeros that touch no memory: a zeroed `Vec<f32>` is mapped lazily by the allocator and
-    /// becomes the tensor's storage as it is. (`Tensor::zeros` on the CPU backend copies a
-    /// byte vector into a 16-byte-aligned one, writing every page of every placeholder:
-    /// 3.4 GB for SD-1.5's UNet, a third of its load time.)
+    /// Zeros that hold no memory: one zero broadcast to `shape` (a view with zero strides),
+    /// which shapes, dtypes and reads see as the full tensor. A zeroed vector per weight, as
+    /// before, was mapped lazily but left its untouched blocks in the heap as it was replaced:
+    /// a load that followed freed memory (the UNet's once the text encoders are released)
+    /// then placed tensors there rather than in the pages already faulted in, 1.5 GB more
+    /// resident for SDXL's UNet. (`Tensor::zeros` on the CPU backend writes every page: 3.4
+    /// GB for SD-1.5's UNet, a third of its load time.)
     fn placeholder<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
         // Other backends make their zeros on the device (these would be uploaded).
         let on_flex = Tensor::<1>::zeros([1], device).inner().try_into_primitive::<burn::backend::Flex>().is_ok();
         if !on_flex {
             return Tensor::zeros(shape, device);
         }
-        Self::tensor(shape, vec![0.0; shape.iter().product()], device)
+        Self::tensor([1; D], vec![0.0], device).expand(shape)
     }
 
     /// Uniform in `[-bound, bound)`.

@@ -619,7 +619,11 @@ pub fn load_state_dict<M: Module + ?Sized>(module: &mut M, sd: &StateDict, opts:
 /// [`load_state_dict`] straight from a file, one tensor at a time (see [`SafetensorsReader`]):
 /// how model weights load.
 pub fn load_file<M: Module + ?Sized>(module: &mut M, path: impl AsRef<Path>, opts: LoadOptions) -> Result<LoadReport> {
-    let file = SafetensorsReader::open(path)?;
+    load_reader(module, &SafetensorsReader::open(path)?, opts)
+}
+
+/// [`load_file`] from a file opened before (a load deferred until its weights are needed).
+pub fn load_reader<M: Module + ?Sized>(module: &mut M, file: &SafetensorsReader, opts: LoadOptions) -> Result<LoadReport> {
     let keys: Vec<&str> = file.keys().collect();
     load_from(module, file.path(), &keys, |key| file.tensors.contains_key(key).then(|| file.read_as(key, opts.frozen_dtype)), opts)
 }

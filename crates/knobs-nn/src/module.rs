@@ -228,8 +228,38 @@ pub trait ModuleExt: Module {
     fn train_only(&mut self, mut pred: impl FnMut(&str) -> bool) {
         self.for_each_param_mut(|path, mut p| p.set_trainable(pred(path)));
     }
+    /// Runs `f` with every layer's adapters taken off, and puts them back: what `f` visits is
+    /// the model's own parameters only (its weights file, loaded after adapters attached).
+    fn without_adapters<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let mut taken = std::collections::HashMap::new();
+        self.for_each_layer_mut(|path, layer| {
+            let slots = match layer {
+                LayerMut::Linear(l) => TakenSlot::Linear(std::mem::take(&mut l.adapters)),
+                LayerMut::Conv2d(c) => TakenSlot::Conv2d(std::mem::take(&mut c.adapters)),
+                LayerMut::Embedding(e) => TakenSlot::Embedding(std::mem::take(&mut e.adapters)),
+            };
+            taken.insert(path.to_string(), slots);
+        });
+        let out = f(self);
+        // By path: layers inside the adapters put back are visited too, and were not taken.
+        self.for_each_layer_mut(|path, layer| match (layer, taken.remove(path)) {
+            (LayerMut::Linear(l), Some(TakenSlot::Linear(s))) => l.adapters = s,
+            (LayerMut::Conv2d(c), Some(TakenSlot::Conv2d(s))) => c.adapters = s,
+            (LayerMut::Embedding(e), Some(TakenSlot::Embedding(s))) => e.adapters = s,
+            (_, None) => {}
+            _ => unreachable!("a layer at {path} changed its kind"),
+        });
+        out
+    }
 }
 impl<M: Module + ?Sized> ModuleExt for M {}
+
+/// A layer's adapters while [`ModuleExt::without_adapters`] runs.
+enum TakenSlot {
+    Linear(crate::adapter::Slot<dyn crate::adapter::LinearAdapter>),
+    Conv2d(crate::adapter::Slot<dyn crate::adapter::Conv2dAdapter>),
+    Embedding(crate::adapter::Slot<dyn crate::adapter::EmbeddingAdapter>),
+}
 
 macro_rules! on_layer {
     ($self:expr, $l:ident => $e:expr) => {

@@ -133,7 +133,12 @@ impl StableDiffusion {
     /// its part as it loads (see [`knobs_nn::ParamMut::assign_as`]): the same model as storing them so
     /// after loading ([`knobs_nn::ModuleExt::store_frozen_as`]), without its f32 peak.
     pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: impl Into<WeightsAs>) -> Result<Self> {
-        let (dir, weights) = (dir.as_ref(), weights.into());
+        Self::from_dir_with(dir.as_ref(), device, weights.into(), false)
+    }
+
+    /// [`Self::from_dir_as`], the UNet's weights deferred when `defer_unet` (see
+    /// [`Self::load_for_one_generation`]).
+    pub(crate) fn from_dir_with(dir: &Path, device: &Device, weights: WeightsAs, defer_unet: bool) -> Result<Self> {
         // What a pipeline dropped before this one kept for its weights goes before this load.
         knobs_nn::ops::release_unused_weight_transforms();
         let index = check_index(dir)?;
@@ -150,7 +155,11 @@ impl StableDiffusion {
             dir: dir.to_path_buf(),
             tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
             text_encoder: ClipTextModel::from_dir_as(dir.join("text_encoder"), device, weights.text_encoders)?,
-            unet: UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights.unet_and_vae)?,
+            unet: if defer_unet {
+                UNet2DConditionModel::deferred_from_dir_as(dir.join("unet"), device, weights.unet_and_vae)?
+            } else {
+                UNet2DConditionModel::from_dir_as(dir.join("unet"), device, weights.unet_and_vae)?
+            },
             vae: AutoencoderKL::from_dir_as(dir.join("vae"), device, weights.unet_and_vae)?,
             tokenizer_2,
             text_encoder_2,
@@ -343,40 +352,42 @@ impl StableDiffusion {
         Ok(self.decode_latents(self.generate_latents_with(req, progress)?))
     }
 
-    /// [`Self::generate_with`] for a caller that generates once (`knobs generate`): once the
-    /// latents are denoised, the text encoders' and the UNet's weights (with the UNet's kept
-    /// packings) are released, and the VAE decode, where the peak was reached, reuses their
+    /// [`Self::generate_with`] for a caller that generates once (`knobs generate`): each
+    /// model's weights are released once its part is done, and the next part reuses their
     /// memory. The same images; the pipeline encodes and denoises nothing afterwards (an
     /// error naming the released model).
     ///
-    /// Released weights of [`HAND_BACK_FROM`] and more are handed back to the system first:
-    /// SDXL's decode at 1024 px takes large blocks that its freed heap does not fit (its peak
-    /// 11.9 GB kept, 10.2 GB handed back: the load's then), at the cost of faulting its pages
-    /// afresh (8.8 -> 10.3 s). SD-1.5's decode at 512 px fits, and handing back cost it
-    /// 0.2-0.3 s for no lower peak. Released before the steps, the text encoders lowered no
-    /// peak (the load's is higher) and the steps measured 1-3% slower.
+    /// With the UNet's weights deferred ([`Self::load_for_one_generation`]) the prompt is
+    /// encoded first, the text encoders are released and the UNet's weights are read into
+    /// their memory, so the two are never resident together (SDXL at 1024 px in bf16: peak
+    /// 10.1 -> 6.9 GB, and 0.9 s sooner: its steps' and decode's blocks were faulted in
+    /// already). Otherwise the text encoders go with the UNet once the latents are denoised.
+    /// The UNet and its kept packings go before the VAE decode, where SD-1.x's peak is.
     pub fn generate_once(&mut self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Tensor<4>> {
-        use knobs_nn::ModuleExt;
+        let encoded;
+        let req = if self.unet.is_deferred() && req.conditioning.is_none() {
+            req.validate()?;
+            encoded = GenerateRequest { conditioning: Some(self.condition_for(req)?), ..req.clone() };
+            self.release_text_encoders();
+            self.unet.load_deferred_weights()?;
+            &encoded
+        } else {
+            self.unet.load_deferred_weights()?;
+            req
+        };
         let latents = self.generate_latents_with(req, progress)?;
-        let mut released = 0;
-        for (_, encoder) in self.text_pairs_mut() {
-            released += encoder.param_bytes();
-            encoder.release();
-        }
-        released += self.unet.param_bytes();
+        self.release_text_encoders();
         self.unet.release();
         knobs_nn::ops::release_unused_weight_transforms();
-        if released >= HAND_BACK_FROM {
-            knobs_nn::allocator::return_freed_memory();
-        }
         Ok(self.decode_latents(latents))
     }
-}
 
-/// Released weights from which [`StableDiffusion::generate_once`] hands their memory back to
-/// the system before the decode: an SDXL UNet and text encoders (8.4 GB, the UNet in bf16),
-/// not SD-1.x/2.x's (3.9 / 4.9 GB in f32).
-pub const HAND_BACK_FROM: usize = 5 << 30;
+    fn release_text_encoders(&mut self) {
+        for (_, encoder) in self.text_pairs_mut() {
+            encoder.release();
+        }
+    }
+}
 
 /// Classifier-free guidance on a `[uncond; cond]` prediction: `u + scale (c - u)`.
 pub(crate) fn guide(pred: Tensor<4>, scale: f64) -> Tensor<4> {

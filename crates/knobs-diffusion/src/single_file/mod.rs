@@ -157,12 +157,37 @@ impl SingleFile {
         let weights = weights.into();
         // What a pipeline dropped before this one kept for its weights goes before this load.
         knobs_nn::ops::release_unused_weight_transforms();
-        let cfg = |v: &Value| serde_json::to_string(v).expect("JSON");
-        let unet_config = UNetConfig::from_json(&cfg(&self.configs.unet)).map_err(|e| e.in_file(self.file.path()))?;
-        let layout = keys::UnetLayout::of(&unet_config)?;
-        let mut unet = UNet2DConditionModel::new(unet_config, &mut Init::for_loading(), device)?;
-        self.load_into(weights.unet_and_vae, &mut unet, |p| keys::unet(p, &layout))?;
+        let mut unet = self.unet_placeholders(device)?;
+        self.load_unet(&mut unet, weights.unet_and_vae)?;
+        self.load_around(unet, device, weights)
+    }
 
+    /// [`Self::load_as`] with the UNet's weights left in the file until
+    /// [`StableDiffusion::generate_once`] has encoded the prompt (see
+    /// [`StableDiffusion::load_for_one_generation`]).
+    pub fn load_for_one_generation(self, device: &Device, weights: impl Into<WeightsAs>) -> Result<StableDiffusion> {
+        let weights = weights.into();
+        knobs_nn::ops::release_unused_weight_transforms();
+        let file = std::sync::Arc::new(self);
+        let mut unet = file.unet_placeholders(device)?;
+        let (from, dtype) = (std::sync::Arc::clone(&file), weights.unet_and_vae);
+        unet.defer_weights(Box::new(move |unet| from.load_unet(unet, dtype)));
+        file.load_around(unet, device, weights)
+    }
+
+    fn unet_placeholders(&self, device: &Device) -> Result<UNet2DConditionModel> {
+        let config = UNetConfig::from_json(&self.configs.unet.to_string()).map_err(|e| e.in_file(self.file.path()))?;
+        UNet2DConditionModel::new(config, &mut Init::for_loading(), device)
+    }
+
+    fn load_unet(&self, unet: &mut UNet2DConditionModel, weights: DType) -> Result<()> {
+        let layout = keys::UnetLayout::of(&unet.config)?;
+        self.load_into(weights, unet, |p| keys::unet(p, &layout))
+    }
+
+    /// The pipeline around `unet`: the VAE, the text encoders and tokenizers, the scheduler.
+    fn load_around(&self, unet: UNet2DConditionModel, device: &Device, weights: WeightsAs) -> Result<StableDiffusion> {
+        let cfg = |v: &Value| serde_json::to_string(v).expect("JSON");
         let vae_config = VaeConfig::from_json_str(&cfg(&self.configs.vae))?;
         let levels = vae_config.block_out_channels.len();
         let mut vae = AutoencoderKL::new(vae_config, &mut Init::for_loading(), device)?;
@@ -331,6 +356,20 @@ impl StableDiffusion {
             SingleFile::open(path, &SingleFileOptions::default())?.load_as(device, weights)
         } else {
             Self::from_dir_as(path, device, weights)
+        }
+    }
+
+    /// [`Self::load_as`] for one [`Self::generate_once`] (`knobs generate`): the UNet is built
+    /// with placeholders and reads its weights only once the prompt is encoded and the text
+    /// encoders are released, so the two are never in memory together. Adapters attach to it
+    /// as to a loaded one; running, merging into or saving the UNet before then is an error
+    /// naming `unet`. The same images as [`Self::load_as`].
+    pub fn load_for_one_generation(path: impl AsRef<Path>, device: &Device, weights: impl Into<WeightsAs>) -> Result<Self> {
+        let path = path.as_ref();
+        if is_single_file(path) {
+            SingleFile::open(path, &SingleFileOptions::default())?.load_for_one_generation(device, weights)
+        } else {
+            Self::from_dir_with(path, device, weights.into(), true)
         }
     }
 

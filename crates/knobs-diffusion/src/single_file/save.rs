@@ -16,6 +16,7 @@ use crate::pipeline::StableDiffusion;
 /// else SD-1.x's. Atomic.
 pub fn save_single_file(sd: &StableDiffusion, path: impl AsRef<Path>, dtype: FloatDtype) -> Result<()> {
     let path = path.as_ref();
+    sd.unet.check_weights_in_memory()?;
     let mut out = BTreeMap::new();
     let layout = keys::UnetLayout::of(&sd.unet.config)?;
     place(&sd.unet, |p| keys::unet(p, &layout), &mut out)?;
@@ -93,6 +94,7 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 /// Writes `sd` as a diffusers pipeline folder with `configs` as its components' configs.
 pub fn save_pretrained(sd: &StableDiffusion, configs: &PipelineConfigs, dir: impl AsRef<Path>, dtype: FloatDtype) -> Result<()> {
     let dir = dir.as_ref();
+    sd.unet.check_weights_in_memory()?;
     let scheduler = configs.scheduler["_class_name"].as_str().unwrap_or("DDIMScheduler");
     let mut index = json!({
         "_class_name": "StableDiffusionPipeline",

@@ -9,6 +9,7 @@ pub mod model;
 pub mod resnet;
 pub mod transformer;
 pub mod up;
+pub mod weights;
 
 pub use attention::Attention;
 pub use config::{BlockPlan, PerBlock, UNetConfig};
@@ -19,3 +20,4 @@ pub use model::{AddedCond, UNet2DConditionModel, UNetIntermediates};
 pub use resnet::ResnetBlock2D;
 pub use transformer::{BasicTransformerBlock, FeedForward, Projection, Transformer2DModel};
 pub use up::{UpBlock, Upsample2D};
+pub use weights::{DeferredLoad, WeightsState};

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use knobs_nn::burn::tensor::DType;
 use knobs_nn::ops::{autocast, silu};
-use knobs_nn::io::{LoadOptions, load_file};
+use knobs_nn::io::{LoadOptions, SafetensorsReader, load_file, load_reader};
 use knobs_nn::param::{f32_value, value_as};
 use knobs_nn::{Conv2d, Device, Error, GroupNorm, Init, Result, Tensor, impl_module};
 
@@ -13,6 +13,7 @@ use super::down::{BlockCommon, DownBlock};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::mid::UNetMidBlock2DCrossAttn;
 use super::up::UpBlock;
+use super::weights::{DeferredLoad, WeightsState};
 
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
@@ -34,8 +35,8 @@ pub struct UNet2DConditionModel {
     /// Without autodiff on the CPU, bf16 keeps f32 activations and rounds the products only
     /// (`autocast::plan`).
     pub compute_dtype: DType,
-    /// Set by [`Self::release`]: the weights are gone.
-    released: bool,
+    /// In memory, deferred ([`Self::defer_weights`]) or released ([`Self::release`]).
+    weights: WeightsState,
 }
 impl_module!(UNet2DConditionModel {
     "conv_in" => conv_in, "time_embedding" => time_embedding, "add_embedding" => add_embedding, "down_blocks" => down_blocks,
@@ -121,7 +122,7 @@ impl UNet2DConditionModel {
         }
         let conv_norm_out = GroupNorm::new(config.groups(), ch[0], config.norm_eps, device);
         let conv_out = Conv2d::new(ch[0], config.out_channels, k_out, 1, k_out / 2, true, init, device);
-        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out, compute_dtype: DType::F32, released: false })
+        Ok(UNet2DConditionModel { config, conv_in, time_proj, time_embedding, add_time_proj, add_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out, compute_dtype: DType::F32, weights: WeightsState::Loaded })
     }
 
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (every tensor
@@ -138,6 +139,51 @@ impl UNet2DConditionModel {
         let mut model = Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))?;
         load_file(&mut model, dir.join("diffusion_pytorch_model.safetensors"), LoadOptions::frozen_as(weights))?;
         Ok(model)
+    }
+
+    /// The model of [`Self::from_dir_as`] with placeholders for weights: the file is opened and
+    /// its header checked now, and its tensors are read by [`Self::load_deferred_weights`].
+    pub fn deferred_from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = UNetConfig::from_file(dir.join("config.json"))?;
+        let mut model = Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))?;
+        let file = SafetensorsReader::open(dir.join("diffusion_pytorch_model.safetensors"))?;
+        model.defer_weights(Box::new(move |unet| load_reader(unet, &file, LoadOptions::frozen_as(weights)).map(drop)));
+        Ok(model)
+    }
+
+    /// Leaves the weights as they are (placeholders, for a model built with
+    /// `Init::for_loading`) until [`Self::load_deferred_weights`] runs `load`. Adapters can
+    /// be attached meanwhile (`load` sees the model without them); running, merging into or
+    /// saving the model is an error.
+    pub fn defer_weights(&mut self, load: DeferredLoad) {
+        self.weights = WeightsState::Deferred(load);
+    }
+
+    pub fn is_deferred(&self) -> bool {
+        matches!(self.weights, WeightsState::Deferred(_))
+    }
+
+    /// Reads the deferred weights; nothing when they are loaded already. A failed load leaves
+    /// the model unusable (an error naming `unet` on use).
+    pub fn load_deferred_weights(&mut self) -> Result<()> {
+        match std::mem::replace(&mut self.weights, WeightsState::Released) {
+            WeightsState::Deferred(load) => {
+                // Adapters attached meanwhile are not in the file.
+                knobs_nn::ModuleExt::without_adapters(self, load)?;
+                self.weights = WeightsState::Loaded;
+                Ok(())
+            }
+            other => {
+                self.weights = other;
+                Ok(())
+            }
+        }
+    }
+
+    /// An error naming `unet` when the weights are deferred or released.
+    pub fn check_weights_in_memory(&self) -> Result<()> {
+        self.weights.check_in_memory()
     }
 
     /// `sample` `[B, in, H, W]`, `timesteps` `[B]` (or `[1]`, shared), `encoder_hidden_states`
@@ -175,11 +221,11 @@ impl UNet2DConditionModel {
     /// afterwards is an error ([`Self::check_inputs`]); the model is not usable again.
     pub fn release(&mut self) {
         knobs_nn::ModuleExt::for_each_param_mut(self, |_, mut p| p.release());
-        self.released = true;
+        self.weights = WeightsState::Released;
     }
 
     pub fn is_released(&self) -> bool {
-        self.released
+        matches!(self.weights, WeightsState::Released)
     }
 
     /// Checks shapes up front so that a wrong input is an error, not a panic deep inside;
@@ -187,9 +233,7 @@ impl UNet2DConditionModel {
     pub fn check_inputs(&self, sample: &Tensor<4>, timesteps: &Tensor<1>, encoder_hidden_states: &Tensor<3>, added: Option<&AddedCond>) -> Result<()> {
         let [b, c, _, _] = sample.dims();
         let bad = |key: &str, msg: String| Err(Error::param(key, msg));
-        if self.released {
-            return bad("unet", "its weights were released once the latents were denoised; load the model again to generate".into());
-        }
+        self.check_weights_in_memory()?;
         if c != self.config.in_channels {
             return bad("sample", format!("has {c} channels, the UNet takes {}", self.config.in_channels));
         }

@@ -163,14 +163,15 @@ pub fn lora_spec(spec: &str) -> (PathBuf, f32) {
     }
 }
 
-/// Loads the pipeline named by `--model` on the CPU.
+/// Loads the pipeline named by `--model` for one generation: the UNet's weights are read
+/// once the prompt is encoded and the text encoders are gone ([`generate`]).
 pub fn load(args: &Args) -> Result<StableDiffusion> {
     let start = Instant::now();
     let model = knobs_train::builtin::model_or_default(args.model.as_deref())?;
     // Errors already name the folder or file at fault.
     // Narrowed as it loads, before adapters attach: only the model's own weights are.
     let weights = args.mixed_precision.generation_weights(args.weights_dtype);
-    let mut sd = StableDiffusion::load_as(&model, &knobs_nn::device::inference(), weights)?;
+    let mut sd = StableDiffusion::load_for_one_generation(&model, &knobs_nn::device::inference(), weights)?;
     args.mixed_precision.apply(&mut sd);
     if args.scheduler.is_none() && sd.default_scheduler_is_substitute() {
         tracing::warn!("the model's scheduler {} is not implemented; sampling with ddim", sd.scheduler_class);
@@ -227,9 +228,9 @@ pub fn request(args: &Args, sd: &StableDiffusion) -> Result<GenerateRequest> {
     Ok(req)
 }
 
-/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1]. The text encoders and the
-/// UNet are released once the latents are denoised (`generate_once`): nothing here runs them
-/// again.
+/// Samples with a progress bar; images `[N, 3, H, W]` in [0, 1]. The text encoders are
+/// released once the prompt is encoded and the UNet once the latents are denoised
+/// (`generate_once`): nothing here runs them again.
 pub fn generate(sd: &mut StableDiffusion, req: &GenerateRequest) -> Result<Tensor<4>> {
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(ProgressStyle::with_template("denoise [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap());
