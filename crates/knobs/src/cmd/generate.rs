@@ -301,16 +301,19 @@ pub fn save(images: &[RgbImage], out: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let loading = Instant::now();
     let mut sd = load(&args)?;
     args.adapters.apply(&mut sd)?;
     let req = request(&args, &sd)?;
     let start = Instant::now();
     let images = generate(&mut sd, &req)?;
     let secs = start.elapsed().as_secs_f64();
+    // The UNet's weights are read inside the call, once the prompt is encoded.
+    let with_load = loading.elapsed().as_secs_f64();
     let [n, _, h, w] = images.dims();
     let written = save(&to_rgb(images)?, &args.out)?;
     let scheduler = req.scheduler.unwrap_or_else(|| sd.default_scheduler());
-    println!("{n} image(s) {w}x{h}, {} {scheduler} steps, guidance {}, seed {}: {secs:.2} s", req.steps, req.guidance_scale, req.seed);
+    println!("{n} image(s) {w}x{h}, {} {scheduler} steps, guidance {}, seed {}: {secs:.2} s ({with_load:.2} s with the load)", req.steps, req.guidance_scale, req.seed);
     for p in written {
         println!("wrote {}", p.display());
     }
