@@ -240,6 +240,14 @@ fn ema_weights_are_taken_on_request() {
     assert_eq!(load(true), ema);
 }
 
+/// The pipeline folder written as one f32 single file in `dir`, with the options that read it
+/// back with the folder's configs.
+fn as_single_file(folder: &Path, dir: &Path) -> (PathBuf, SingleFileOptions) {
+    let file = dir.join(format!("{}.safetensors", folder.file_name().unwrap().to_string_lossy()));
+    save_single_file(&StableDiffusion::from_dir(folder, &cpu()).unwrap(), &file, FloatDtype::F32).unwrap();
+    (file, SingleFileOptions { config: Some(folder.to_path_buf()), ..Default::default() })
+}
+
 /// `--weights-dtype`'s load: matrices and kernels are narrowed as each tensor is read, from a
 /// folder or a single file, giving bit for bit the model that an f32 load narrowed afterwards
 /// gives (so training and generation results do not change, only the load's peak).
@@ -248,9 +256,7 @@ fn weights_load_straight_into_half_precision() {
     use knobs_nn::ModuleExt;
     use knobs_nn::burn::tensor::DType;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny-sd.safetensors");
-    save_single_file(&StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap(), &file, FloatDtype::F32).unwrap();
-    let opts = SingleFileOptions { config: Some(tiny_sd()), ..Default::default() };
+    let (file, opts) = as_single_file(&tiny_sd(), dir.path());
     for dtype in [DType::F16, DType::BF16] {
         let mut narrowed = StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap();
         narrowed.store_frozen_as(dtype);
@@ -273,15 +279,10 @@ fn weights_load_straight_into_half_precision() {
 fn a_single_file_loaded_for_one_generation_gives_the_full_load_image() {
     use knobs_nn::burn::tensor::DType;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny-sd.safetensors");
-    save_single_file(&StableDiffusion::from_dir(tiny_sd(), &cpu()).unwrap(), &file, FloatDtype::F32).unwrap();
-    let opts = SingleFileOptions { config: Some(tiny_sd()), ..Default::default() };
-    let sdxl_file = dir.path().join("tiny-sdxl.safetensors");
-    save_single_file(&StableDiffusion::from_dir(TINY_SDXL, &cpu()).unwrap(), &sdxl_file, FloatDtype::F32).unwrap();
-    let sdxl_opts = SingleFileOptions { config: Some(PathBuf::from(TINY_SDXL)), ..Default::default() };
-    for (file, opts) in [(&file, &opts), (&sdxl_file, &sdxl_opts)] {
-        let full = SingleFile::open(file, opts).unwrap().load_as(&cpu(), DType::BF16).unwrap();
-        let mut once = SingleFile::open(file, opts).unwrap().load_for_one_generation(&cpu(), DType::BF16).unwrap();
+    for folder in [tiny_sd(), PathBuf::from(TINY_SDXL)] {
+        let (file, opts) = as_single_file(&folder, dir.path());
+        let full = SingleFile::open(&file, &opts).unwrap().load_as(&cpu(), DType::BF16).unwrap();
+        let mut once = SingleFile::open(&file, &opts).unwrap().load_for_one_generation(&cpu(), DType::BF16).unwrap();
         assert!(once.unet.is_deferred());
         let req = GenerateRequest { steps: 2, seed: 7, height: Some(32), width: Some(32), ..GenerateRequest::new("a red star") };
         let want = full.generate(&req).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
