@@ -174,14 +174,10 @@ impl SafetensorsReader {
 
     /// One tensor: floating types as f32, integer types as i64, u8 as u8.
     pub fn read(&self, key: &str) -> Result<TensorData> {
-        use std::os::unix::fs::FileExt;
         let info = self.tensors.get(key).ok_or_else(|| Error::key(&self.path, key, "missing from the file"))?;
         let (start, end) = info.data_offsets;
         let n: usize = info.shape.iter().product();
         let shape = info.shape.clone();
-        let read_at = |buf: &mut [u8], offset: usize| {
-            self.handle.read_exact_at(buf, self.data_start + (start + offset) as u64).map_err(|e| Error::key(&self.path, key, format!("cannot read: {e}")))
-        };
         Ok(match info.dtype {
             Dtype::F32 => {
                 let mut v: Vec<f32> = self.read_values(key, n)?;
@@ -189,34 +185,8 @@ impl SafetensorsReader {
                 TensorData::new(v, shape)
             }
             Dtype::F16 | Dtype::BF16 => {
-                // Read in pieces through one buffer, each widened as it arrives: a buffer for
-                // the whole tensor would be fresh pages to fault in, 1.7 GB for SD-1.5's UNet.
-                const PIECE: usize = 1 << 20;
-                let mut bits = vec![0u16; n.min(PIECE)];
-                let mut fill = |out: &mut [MaybeUninit<f32>]| -> Result<()> {
-                    for (i, dst) in out.chunks_mut(PIECE).enumerate() {
-                        let src = &mut bits[..dst.len()];
-                        read_at(as_bytes_mut(src), 2 * i * PIECE)?;
-                        from_le_halves(src);
-                        crate::ops::precision::half_to_f32(src, info.dtype == Dtype::BF16, dst);
-                    }
-                    Ok(())
-                };
-                let mut failed = Ok(());
-                // SAFETY: the pieces cover all n values, each widened in full, and a failed read
-                // leaves none unwritten (zeros, then the error is returned).
-                let out = unsafe {
-                    crate::ops::fresh::written(n, |out| {
-                        failed = fill(out);
-                        if failed.is_err() {
-                            out.iter_mut().for_each(|v| {
-                                v.write(0.0);
-                            });
-                        }
-                    })
-                };
-                failed?;
-                TensorData::new(out, shape)
+                let bf16 = info.dtype == Dtype::BF16;
+                TensorData::new(self.read_halves_through(key, |src, dst| crate::ops::precision::half_to_f32(src, bf16, dst))?, shape)
             }
             // Optimizer state kept as 8-bit codes (8-bit AdamW).
             Dtype::U8 => TensorData::new(self.read_values::<u8>(key, n)?, shape),
@@ -233,17 +203,57 @@ impl SafetensorsReader {
         })
     }
 
-    /// [`Self::read`], except that f16 or bf16 data stays as the file holds it when `keep` is
-    /// its dtype: a model loaded in half precision from a half-precision file is neither
-    /// widened nor narrowed back.
+    /// [`Self::read`], except that f16 or bf16 data comes back in `keep` when that is f16 or
+    /// bf16: as the file holds it where the dtypes agree (a model loaded in half precision from
+    /// a half-precision file is neither widened nor narrowed back), else converted piece by
+    /// piece, rounded as narrowing its f32 values rounds them. `keep` is for what is stored
+    /// narrow: a vector read so would be widened again from the rounded values.
     pub fn read_as(&self, key: &str, keep: Option<DType>) -> Result<TensorData> {
         let Some(info) = self.tensors.get(key) else { return self.read(key) };
         let shape = info.shape.clone();
         match (info.dtype, keep) {
             (Dtype::F16, Some(DType::F16)) => Ok(TensorData::new(self.read_halves::<half::f16>(key)?, shape)),
             (Dtype::BF16, Some(DType::BF16)) => Ok(TensorData::new(self.read_halves::<half::bf16>(key)?, shape)),
+            // Converted as they arrive, never widened whole.
+            (Dtype::F16, Some(DType::BF16)) => Ok(TensorData::new(self.read_halves_through::<half::bf16>(key, |src, dst| crate::ops::precision::half_to_half(src, false, dst))?, shape)),
+            (Dtype::BF16, Some(DType::F16)) => Ok(TensorData::new(self.read_halves_through::<half::f16>(key, |src, dst| crate::ops::precision::half_to_half(src, true, dst))?, shape)),
             _ => self.read(key),
         }
+    }
+
+    /// `key`'s half-precision values, read in pieces through one buffer and each piece
+    /// converted by `convert` as it arrives: a buffer for the whole tensor would be fresh pages
+    /// to fault in, 1.7 GB for SD-1.5's UNet.
+    fn read_halves_through<T: Default>(&self, key: &str, convert: impl Fn(&[u16], &mut [MaybeUninit<T>])) -> Result<Vec<T>> {
+        use std::os::unix::fs::FileExt;
+        const PIECE: usize = 1 << 20;
+        let info = &self.tensors[key];
+        let n: usize = info.shape.iter().product();
+        let mut bits = vec![0u16; n.min(PIECE)];
+        let mut fill = |out: &mut [MaybeUninit<T>]| -> Result<()> {
+            for (i, dst) in out.chunks_mut(PIECE).enumerate() {
+                let src = &mut bits[..dst.len()];
+                let at = self.data_start + (info.data_offsets.0 + 2 * i * PIECE) as u64;
+                self.handle.read_exact_at(as_bytes_mut(src), at).map_err(|e| Error::key(&self.path, key, format!("cannot read: {e}")))?;
+                from_le_halves(src);
+                convert(src, dst);
+            }
+            Ok(())
+        };
+        let mut failed = Ok(());
+        // SAFETY: the pieces cover all n values, each converted in full, and a failed read
+        // leaves none unwritten (zeros, then the error is returned).
+        let out = unsafe {
+            crate::ops::fresh::written(n, |out| {
+                failed = fill(out);
+                if failed.is_err() {
+                    out.iter_mut().for_each(|v| {
+                        v.write(T::default());
+                    });
+                }
+            })
+        };
+        failed.map(|()| out)
     }
 
     /// The 16-bit values of `key` as they are stored, as `H` (half::f16 or bf16).
@@ -613,7 +623,7 @@ impl LoadOptions {
 /// errors unless `opts` allows them, so a wrong file never loads half-way in silence.
 pub fn load_state_dict<M: Module + ?Sized>(module: &mut M, sd: &StateDict, opts: LoadOptions) -> Result<LoadReport> {
     let keys: Vec<&str> = sd.tensors.keys().map(|k| k.as_str()).collect();
-    load_from(module, &sd.file, &keys, |key| sd.tensors.get(key).map(|d| Ok(d.clone())), opts)
+    load_from(module, &sd.file, &keys, |key, _| sd.tensors.get(key).map(|d| Ok(d.clone())), opts)
 }
 
 /// [`load_state_dict`] straight from a file, one tensor at a time (see [`SafetensorsReader`]):
@@ -625,17 +635,19 @@ pub fn load_file<M: Module + ?Sized>(module: &mut M, path: impl AsRef<Path>, opt
 /// [`load_file`] from a file opened before (a load deferred until its weights are needed).
 pub fn load_reader<M: Module + ?Sized>(module: &mut M, file: &SafetensorsReader, opts: LoadOptions) -> Result<LoadReport> {
     let keys: Vec<&str> = file.keys().collect();
-    load_from(module, file.path(), &keys, |key| file.tensors.contains_key(key).then(|| file.read_as(key, opts.frozen_dtype)), opts)
+    load_from(module, file.path(), &keys, |key, keep| file.tensors.contains_key(key).then(|| file.read_as(key, keep)), opts)
 }
 
-/// Loads `module` from any source of tensors by parameter path: `tensor(path)` gives the
-/// parameter's data, or `None` when the source lacks it. `keys` are the source's own names,
+/// Loads `module` from any source of tensors by parameter path: `tensor(path, narrow)` gives
+/// the parameter's data, or `None` when the source lacks it; `narrow` is the half-precision
+/// dtype the parameter is stored in under `opts` (a frozen matrix or kernel), which data
+/// may come in already. `keys` are the source's own names,
 /// for the report of unexpected ones (a source read through a name map passes none).
 pub fn load_from<M: Module + ?Sized>(
     module: &mut M,
     file: &Path,
     keys: &[&str],
-    mut tensor: impl FnMut(&str) -> Option<Result<TensorData>>,
+    mut tensor: impl FnMut(&str, Option<DType>) -> Option<Result<TensorData>>,
     opts: LoadOptions,
 ) -> Result<LoadReport> {
     let mut report = LoadReport::default();
@@ -644,7 +656,7 @@ pub fn load_from<M: Module + ?Sized>(
         if first_err.is_some() {
             return;
         }
-        match tensor(path) {
+        match tensor(path, p.narrow_storage(opts.frozen_dtype)) {
             Some(data) => match data.and_then(|d| p.assign_as(path, d, opts.frozen_dtype.unwrap_or(DType::F32))) {
                 Ok(()) => report.loaded.push(path.to_string()),
                 Err(e) => first_err = Some(e.in_file(file)),

@@ -123,6 +123,12 @@ impl ParamMut<'_> {
         }
     }
 
+    /// The dtype [`Self::assign_as`] stores this parameter in under `dtype` when narrower
+    /// than f32 (a frozen matrix or kernel); `None` when it stays f32.
+    pub fn narrow_storage(&self, dtype: Option<DType>) -> Option<DType> {
+        dtype.filter(|d| *d != DType::F32 && self.stores_narrow())
+    }
+
     /// Whether a narrower storage dtype applies to this parameter: a frozen matrix or kernel
     /// (the one rule of [`Self::store_frozen_as`] and [`Self::assign_as`]).
     fn stores_narrow(&self) -> bool {

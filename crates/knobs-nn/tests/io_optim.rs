@@ -293,6 +293,22 @@ fn long_half_precision_tensors_read_piece_by_piece() {
     let got: Vec<f32> = SafetensorsReader::open(&file).unwrap().read("w").unwrap().try_to_vec::<f32>().unwrap();
     assert_eq!(got.len(), n);
     assert!(got.iter().zip(&want).all(|(g, w)| *g == w.to_f32()), "a piece was read at the wrong offset or widened wrongly");
+
+    // Read into the other half type (an fp16 file into bf16 storage, and back), converted
+    // piece by piece: each value rounded once from its f32 value, as narrowing an f32 read
+    // rounds it. The bf16 values span f16's subnormals and overflow.
+    let into_bf16 = SafetensorsReader::open(&file).unwrap().read_as("w", Some(DType::BF16)).unwrap();
+    assert_eq!(into_bf16.dtype(), DType::BF16);
+    let into_bf16: Vec<half::bf16> = into_bf16.try_to_vec().unwrap();
+    assert!(into_bf16.iter().zip(&want).all(|(g, w)| *g == half::bf16::from_f32(w.to_f32())), "f16 into bf16");
+    assert!(into_bf16.iter().zip(&want).any(|(g, w)| g.to_f32() != w.to_f32()), "some values round");
+    let wide: Vec<half::bf16> = (0..n).map(|i| half::bf16::from_f32(((i % 4099) as f32 - 2049.0) * 10f32.powi((i % 17) as i32 - 10))).collect();
+    let bytes: Vec<u8> = wide.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let bf16_file = dir.path().join("long-bf16.safetensors");
+    std::fs::write(&bf16_file, safetensors::serialize(vec![("w", TensorView::new(Dtype::BF16, vec![n], &bytes).unwrap())], None).unwrap()).unwrap();
+    let into_f16: Vec<half::f16> = SafetensorsReader::open(&bf16_file).unwrap().read_as("w", Some(DType::F16)).unwrap().try_to_vec().unwrap();
+    assert!(into_f16.iter().zip(&wide).all(|(g, w)| g.to_bits() == half::f16::from_f32(w.to_f32()).to_bits()), "bf16 into f16");
+    assert!(into_f16.iter().any(|g| g.is_infinite()) && into_f16.iter().any(|g| !g.is_normal() && *g != half::f16::ZERO && g.is_finite()), "the range is covered");
 }
 
 /// One scale for the whole file: the largest difference over the largest value; a key or a

@@ -242,7 +242,7 @@ impl SingleFile {
     /// key, or a key the file lacks, is an error naming it.
     fn load_into<M: Module>(&self, weights: DType, model: &mut M, map: impl Fn(&str) -> Option<Source>) -> Result<()> {
         let path = self.file.path();
-        load_from(model, path, &[], |param| {
+        load_from(model, path, &[], |param, keep| {
             let Some(src) = map(param) else {
                 return Some(Err(Error::param(param, "has no place in the single-file layout")));
             };
@@ -253,7 +253,7 @@ impl SingleFile {
             if self.file.shape(&key).is_none() {
                 return Some(Err(Error::key(path, &key, format!("missing from the file (the model's `{param}`)"))));
             }
-            Some(self.file.read_as(&key, Some(weights)).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
+            Some(self.file.read_as(&key, keep).and_then(|d| reshape(d, &src, &key)).map_err(|e| e.in_file(path)))
         }, LoadOptions::frozen_as(weights))?;
         Ok(())
     }
