@@ -360,8 +360,8 @@ impl StableDiffusion {
     /// With the UNet's weights deferred ([`Self::load_for_one_generation`]) the prompt is
     /// encoded first, the text encoders are released and the UNet's weights are read into
     /// their memory, so the two are never resident together (SDXL at 1024 px in bf16: peak
-    /// 10.1 -> 6.9 GB, and 0.9 s sooner: its steps' and decode's blocks were faulted in
-    /// already). Otherwise the text encoders go with the UNet once the latents are denoised.
+    /// 10.2 -> 6.8 GB, no slower: the steps and the decode reuse pages faulted in already).
+    /// Otherwise the text encoders go with the UNet once the latents are denoised.
     /// The UNet and its kept packings go before the VAE decode, where SD-1.x's peak is.
     pub fn generate_once(&mut self, req: &GenerateRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Tensor<4>> {
         let encoded;
