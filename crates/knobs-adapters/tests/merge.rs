@@ -388,3 +388,21 @@ fn a_merged_kernel_laid_out_by_tap_stays_so() {
     assert_eq!(m.model[0].weight.dtype(), DType::BF16);
     assert_eq!(kernel_layout::is_by_tap(&m.model[0].weight), by_tap, "the layout by tap after the unmerge");
 }
+
+/// `without_adapters` takes every layer's adapters off (embedding, convolution and linear
+/// alike) for what it runs, which then sees the model's own parameters and output only, and
+/// puts them back as they were: what a UNet's weights file, read after adapters attached,
+/// is loaded through.
+#[test]
+fn adapters_are_taken_off_and_put_back() {
+    use knobs_nn::ModuleExt;
+    let (mut m, b) = setup();
+    let (all, adapted) = (m.model.param_paths(), out(&m.model, &b));
+    let (mut own, bare) = m.model.without_adapters(|net| (net.param_paths(), out(net, &b)));
+    own.sort();
+    assert_eq!(own, base_weights(&m.model).into_keys().collect::<Vec<_>>());
+    assert!(all.len() > own.len());
+    assert_eq!(bare, m.with_disabled(|net| out(net, &b)));
+    assert_eq!(m.model.param_paths(), all);
+    assert_eq!(out(&m.model, &b), adapted, "every adapter is back");
+}
