@@ -31,19 +31,15 @@ impl Init {
     }
 
     /// Zeros that hold no memory: one zero broadcast to `shape` (a view with zero strides),
-    /// which shapes, dtypes and reads see as the full tensor. A zeroed vector per weight, as
-    /// before, was mapped lazily but left its untouched blocks in the heap as it was replaced:
-    /// a load that followed freed memory (the UNet's once the text encoders are released)
-    /// then placed tensors there rather than in the pages already faulted in, 1.5 GB more
-    /// resident for SDXL's UNet. (`Tensor::zeros` on the CPU backend writes every page: 3.4
-    /// GB for SD-1.5's UNet, a third of its load time.)
+    /// which shapes, dtypes and reads see as the full tensor, on every backend. A zeroed
+    /// vector per weight, as before on the CPU, was mapped lazily but left its untouched
+    /// blocks in the heap as it was replaced: a load that followed freed memory (the UNet's
+    /// once the text encoders are released) then placed tensors there rather than in the
+    /// pages already faulted in, 1.5 GB more resident for SDXL's UNet. (`Tensor::zeros`
+    /// writes every value: on the CPU 3.4 GB for SD-1.5's UNet, a third of its load time; on
+    /// a GPU the whole model in f32 beside the weights that replace it.)
     fn placeholder<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-        // Other backends make their zeros on the device (these would be uploaded).
-        let on_flex = Tensor::<1>::zeros([1], device).inner().try_into_primitive::<burn::backend::Flex>().is_ok();
-        if !on_flex {
-            return Tensor::zeros(shape, device);
-        }
-        Self::tensor([1; D], vec![0.0], device).expand(shape)
+        Tensor::<D>::zeros([1; D], device).expand(shape)
     }
 
     /// Uniform in `[-bound, bound)`.
