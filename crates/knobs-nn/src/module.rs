@@ -189,12 +189,6 @@ pub trait ModuleExt: Module {
         self.for_each_param(|p, _| out.push(p.to_string()));
         out
     }
-    /// Bytes the parameters take as stored (half-precision weights take half).
-    fn param_bytes(&self) -> usize {
-        let mut n = 0;
-        self.for_each_param(|_, p| n += p.bytes());
-        n
-    }
     fn num_params(&self) -> usize {
         let mut n = 0;
         self.for_each_param(|_, p| n += p.numel());

@@ -369,12 +369,11 @@ impl StableDiffusion {
             req.validate()?;
             encoded = GenerateRequest { conditioning: Some(self.condition_for(req)?), ..req.clone() };
             self.release_text_encoders();
-            self.unet.load_deferred_weights()?;
             &encoded
         } else {
-            self.unet.load_deferred_weights()?;
             req
         };
+        self.unet.load_deferred_weights()?;
         let latents = self.generate_latents_with(req, progress)?;
         self.release_text_encoders();
         self.unet.release();

@@ -135,18 +135,22 @@ impl UNet2DConditionModel {
     /// load (see [`knobs_nn::ParamMut::assign_as`]).
     pub fn from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = UNetConfig::from_file(dir.join("config.json"))?;
-        let mut model = Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))?;
+        let mut model = Self::placeholders_from_dir(dir, device)?;
         load_file(&mut model, dir.join("diffusion_pytorch_model.safetensors"), LoadOptions::frozen_as(weights))?;
         Ok(model)
+    }
+
+    /// The model `dir/config.json` describes, its weights placeholders for a load.
+    fn placeholders_from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let config = UNetConfig::from_file(dir.join("config.json"))?;
+        Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))
     }
 
     /// The model of [`Self::from_dir_as`] with placeholders for weights: the file is opened and
     /// its header checked now, and its tensors are read by [`Self::load_deferred_weights`].
     pub fn deferred_from_dir_as(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = UNetConfig::from_file(dir.join("config.json"))?;
-        let mut model = Self::new(config, &mut Init::for_loading(), device).map_err(|e| e.in_file(dir.join("config.json")))?;
+        let mut model = Self::placeholders_from_dir(dir, device)?;
         let file = SafetensorsReader::open(dir.join("diffusion_pytorch_model.safetensors"))?;
         model.defer_weights(Box::new(move |unet| load_reader(unet, &file, LoadOptions::frozen_as(weights)).map(drop)));
         Ok(model)

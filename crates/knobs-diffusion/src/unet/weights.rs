@@ -12,9 +12,7 @@ use super::model::UNet2DConditionModel;
 /// (its header checked) when the load was deferred.
 pub type DeferredLoad = Box<dyn FnOnce(&mut UNet2DConditionModel) -> Result<()> + Send + Sync>;
 
-#[derive(Default)]
 pub enum WeightsState {
-    #[default]
     Loaded,
     /// Placeholders that read as zeros and take no memory; the load to run before a forward.
     Deferred(DeferredLoad),
