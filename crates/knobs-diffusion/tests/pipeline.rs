@@ -220,6 +220,15 @@ fn missing_parts_are_clear_errors() {
     let e = StableDiffusion::from_dir(&dir, &cpu()).unwrap_err().to_string();
     println!("{e}");
     assert!(e.contains("unet") && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    // Loaded for one generation, the UNet's file is opened and its header checked at the load,
+    // not once the prompt is encoded: missing, then cut short.
+    let once = |dir: &Path| StableDiffusion::load_for_one_generation(dir, &cpu(), WeightsAs::from(knobs_nn::burn::tensor::DType::F32)).map(drop).unwrap_err().to_string();
+    let e = once(&dir);
+    assert!(e.contains("unet") && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    let whole = std::fs::read(Path::new(&model_dir()).join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(dir.join("unet/diffusion_pytorch_model.safetensors"), &whole[..whole.len() - 4]).unwrap();
+    let e = once(&dir);
+    assert!(e.contains("unet") && e.contains("diffusion_pytorch_model.safetensors") && e.contains("not a valid safetensors file"), "{e}");
 
     std::fs::remove_file(dir.join("model_index.json")).unwrap();
     let e = StableDiffusion::from_dir(&dir, &cpu()).unwrap_err().to_string();
