@@ -229,6 +229,17 @@ fn missing_parts_are_clear_errors() {
     std::fs::write(dir.join("unet/diffusion_pytorch_model.safetensors"), &whole[..whole.len() - 4]).unwrap();
     let e = once(&dir);
     assert!(e.contains("unet") && e.contains("diffusion_pytorch_model.safetensors") && e.contains("not a valid safetensors file"), "{e}");
+    // Cut short after the load opened it: the read's own error, then every later use names
+    // that failure, not a release.
+    let file = dir.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::write(&file, &whole).unwrap();
+    let mut sd = StableDiffusion::load_for_one_generation(&dir, &cpu(), WeightsAs::from(knobs_nn::burn::tensor::DType::F32)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(whole.len() as u64 / 2).unwrap();
+    let e = sd.generate_once(&small("a photo of a cat", 1), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    let e = sd.unet.check_weights_in_memory().unwrap_err().to_string();
+    assert!(e.contains("unet") && e.contains("reading its deferred weights failed") && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    std::fs::write(&file, &whole).unwrap();
 
     std::fs::remove_file(dir.join("model_index.json")).unwrap();
     let e = StableDiffusion::from_dir(&dir, &cpu()).unwrap_err().to_string();

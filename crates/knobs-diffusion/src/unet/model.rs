@@ -168,15 +168,18 @@ impl UNet2DConditionModel {
         matches!(self.weights, WeightsState::Deferred(_))
     }
 
-    /// Reads the deferred weights; nothing when they are loaded already. A failed load leaves
-    /// the model unusable (an error naming `unet` on use).
+    /// Reads the deferred weights; nothing when they are loaded already. A failed read leaves
+    /// the model unusable: its error is returned, and any later use is an error naming `unet`
+    /// and that failure.
     pub fn load_deferred_weights(&mut self) -> Result<()> {
-        match std::mem::replace(&mut self.weights, WeightsState::Released) {
+        match std::mem::replace(&mut self.weights, WeightsState::Loaded) {
             WeightsState::Deferred(load) => {
                 // Adapters attached meanwhile are not in the file.
-                knobs_nn::ModuleExt::without_adapters(self, load)?;
-                self.weights = WeightsState::Loaded;
-                Ok(())
+                let read = knobs_nn::ModuleExt::without_adapters(self, load);
+                if let Err(e) = &read {
+                    self.weights = WeightsState::ReadFailed(e.to_string());
+                }
+                read
             }
             other => {
                 self.weights = other;

@@ -18,6 +18,8 @@ pub enum WeightsState {
     Deferred(DeferredLoad),
     /// Every weight freed (an empty tensor each) once the latents were denoised.
     Released,
+    /// The deferred read failed partway (its error kept): some weights read, some placeholders.
+    ReadFailed(String),
 }
 
 impl fmt::Debug for WeightsState {
@@ -26,6 +28,7 @@ impl fmt::Debug for WeightsState {
             WeightsState::Loaded => "Loaded",
             WeightsState::Deferred(_) => "Deferred",
             WeightsState::Released => "Released",
+            WeightsState::ReadFailed(_) => "ReadFailed",
         })
     }
 }
@@ -41,6 +44,7 @@ impl WeightsState {
                 "its weights are not loaded yet: this pipeline was loaded for one generation (`StableDiffusion::load_for_one_generation`), which reads them once the prompt is encoded (`generate_once`); load it with `StableDiffusion::load` to run, merge into or save the UNet",
             )),
             WeightsState::Released => Err(Error::param("unet", "its weights were released once the latents were denoised; load the model again to generate")),
+            WeightsState::ReadFailed(why) => Err(Error::param("unet", format!("reading its deferred weights failed ({why}); load the model again"))),
         }
     }
 }
