@@ -9,13 +9,15 @@
   --mode lora      one LoRA step (r=4 on to_q/k/v/out.0, AdamW) on the UNet at 1024 px (or
                    --resolution), batch 1, with cached latents and prompt embeddings (VAE and
                    text encoders not loaded), SDXL's added conditioning, optionally
-                   `enable_gradient_checkpointing()`.
+                   `enable_gradient_checkpointing()`; with --dtype bf16 the forward and loss
+                   under `torch.autocast("cpu", torch.bfloat16)` over fp32 weights (the peer of
+                   `knobs bench --mixed-precision bf16`, as scripts/peer_gpu.py is at SD-1.5).
 
 Prints load seconds, seconds per step (min over --steps, with its forward, backward and
 optimizer parts) or per call, and peak RSS.
 
     python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode generate [--steps 1] [--threads 2] [--dtype bf16]
-    python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode lora --checkpointing [--steps 2]
+    python scripts/peer_sdxl_full.py /tmp/sdxl-full --mode lora --checkpointing [--steps 2] [--dtype bf16]
 """
 import os
 
@@ -74,8 +76,9 @@ def lora(a):
         noise = torch.randn(latents.shape, generator=g)
         ts = torch.randint(0, 1000, (1,), generator=g)
         noisy = latents + noise * ((1 - sched.alphas_cumprod[ts]) / sched.alphas_cumprod[ts]).sqrt().view(1, 1, 1, 1)
-        pred = unet(noisy, ts, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+            pred = unet(noisy, ts, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -86,7 +89,7 @@ def lora(a):
         phases.append((t1 - t0, t2 - t1, times[-1] - (t2 - t0)))
     best = min(range(len(times)), key=times.__getitem__)
     split = ", ".join(f"{n} {s:.1f} s" for n, s in zip(["forward", "backward", "optimizer"], phases[best]))
-    print(f"lora step {a.resolution} px checkpointing={a.checkpointing}: load {load:.1f} s, {times[best]:.1f} s/step (min of {a.steps}; {split}), peak RSS {peak_gib():.2f} GiB")
+    print(f"lora step {a.resolution} px {a.dtype} checkpointing={a.checkpointing}: load {load:.1f} s, {times[best]:.1f} s/step (min of {a.steps}; {split}), peak RSS {peak_gib():.2f} GiB")
 
 
 def main():
@@ -97,7 +100,7 @@ def main():
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resolution", type=int, default=1024, help="pixels (lora mode)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute (generate mode)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="generate: weights and compute; lora: the compute (autocast)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     generate(a) if a.mode == "generate" else lora(a)

@@ -1,5 +1,4 @@
 //! diffusers `ResnetBlock2D` with the "default" time-embedding path (added, not scale-shift).
-use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Linear, Tensor, impl_module};
 
 #[derive(Debug)]
@@ -35,10 +34,10 @@ impl ResnetBlock2D {
     /// `temb_act` is SiLU(time embedding), `[B, temb]`: every resnet applies the same SiLU to
     /// the same embedding, so the UNet computes it once.
     pub fn forward(&self, x: Tensor<4>, temb_act: &Tensor<2>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
         let [b, c] = [h.dims()[0], h.dims()[1]];
         let t: Tensor<4> = self.time_emb_proj.forward(temb_act.clone()).reshape([b, c, 1, 1]);
-        let h = self.conv2.forward(silu(self.norm2.forward(h + t)));
+        let h = self.conv2.forward(self.norm2.forward_silu(h + t));
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,

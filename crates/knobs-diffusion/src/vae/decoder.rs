@@ -1,5 +1,4 @@
 //! The VAE decoder: latents -> image, doubling the resolution in every block but the last.
-use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 
 use super::config::VaeConfig;
@@ -74,6 +73,6 @@ impl Decoder {
         for b in &self.up_blocks {
             h = b.forward(h);
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(h))
     }
 }

@@ -1,5 +1,4 @@
 //! The VAE encoder: image -> `2 * latent_channels` moments (mean and log-variance).
-use knobs_nn::ops::silu;
 use knobs_nn::burn::tensor::ops::PadMode;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 
@@ -88,6 +87,6 @@ impl Encoder {
             h = b.forward(h);
         }
         h = self.mid_block.forward(h);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(h))
     }
 }

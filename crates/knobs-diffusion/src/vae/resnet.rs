@@ -1,5 +1,4 @@
 //! ResnetBlock2D as the VAE uses it: no time embedding, GroupNorm eps 1e-6, output scale 1.
-use knobs_nn::ops::silu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Tensor, impl_module};
 
 #[derive(Debug)]
@@ -27,8 +26,8 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,

@@ -21,11 +21,21 @@ impl GroupNorm {
 
     /// Statistics in f32 whatever the input's dtype (mixed precision), the result in it.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.over_positions(x, crate::ops::group_norm)
+    }
+
+    /// `silu(self.forward(x))`, in one pass where nothing is differentiated.
+    pub fn forward_silu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.over_positions(x, crate::ops::group_norm_silu)
+    }
+
+    /// `op` on `x` as `[N, C, positions]`.
+    fn over_positions<const D: usize>(&self, x: Tensor<D>, op: fn(Tensor<3>, Tensor<1>, Tensor<1>, usize, f64) -> Tensor<3>) -> Tensor<D> {
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let positions = dims[2..].iter().product::<usize>();
         // Weights kept in half precision (frozen) are widened, as the input is.
-        crate::ops::group_norm(x.reshape([n, c, positions]), f32_value(&self.weight), f32_value(&self.bias), self.groups, self.eps).reshape(dims)
+        op(x.reshape([n, c, positions]), f32_value(&self.weight), f32_value(&self.bias), self.groups, self.eps).reshape(dims)
     }
 }
 

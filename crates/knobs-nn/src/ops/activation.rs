@@ -96,6 +96,12 @@ fn fused<const D: usize>(x: &Tensor<D>, kind: Kind) -> Option<Tensor<D>> {
     })
 }
 
+/// SiLU of `x` into `y` (of its length), one piece: what `group_norm_silu` applies to each
+/// block of normalised values, so that its values are `silu`'s.
+pub(super) fn silu_into(x: &[f32], y: &mut [MaybeUninit<f32>], isa: Isa) {
+    silu_kernel((x, None, y), isa)
+}
+
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }

@@ -65,6 +65,26 @@ pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
     decomposed(x, weight, bias, groups, eps)
 }
 
+/// `silu(group_norm(..))`, as every resnet block and the VAE's and UNet's last layers take
+/// it. Where nothing is differentiated (generation) on the CPU in f32 it is one pass: SiLU
+/// applied to each block of normalised values while they are in L1, where the two ops wrote
+/// the whole tensor and read it back (a 128 MiB one per VAE resnet at 512 px), with the
+/// values the two give (the same SiLU kernel).
+pub fn group_norm_silu(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<3> {
+    let [batch, channels, positions] = x.dims();
+    let plain = !(x.is_autodiff() || weight.is_autodiff() || bias.is_autodiff());
+    let fusable = [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) && groups > 0 && channels % groups == 0;
+    if plain && fusable {
+        let flex_of = |t: &Tensor<1>| t.clone().try_into_primitive::<Flex>().ok().map(|t| t.to_contiguous());
+        if let (Ok(x), Some(w), Some(b)) = (x.clone().try_into_primitive::<Flex>(), flex_of(&weight), flex_of(&bias)) {
+            let x = x.to_contiguous();
+            let (y, _) = forward(slice(&x), slice(&w), slice(&b), Dims { batch, channels, positions, groups }, eps as f32, true);
+            return Tensor::from_primitive::<Flex>(flex(y, [batch, channels, positions]));
+        }
+    }
+    super::activation::silu(group_norm(x, weight, bias, groups, eps))
+}
+
 /// The same from burn's ops: other backends, and the tests' reference.
 pub fn decomposed(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<3> {
     normalized(x, weight, bias, groups, eps).0
@@ -118,7 +138,7 @@ fn fused(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps
     if !any_autodiff {
         let x = x.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
         let (w, b) = (weight.clone().try_into_primitive::<Flex>().ok()?.to_contiguous(), bias.clone().try_into_primitive::<Flex>().ok()?.to_contiguous());
-        let (y, _) = forward(slice(&x), slice(&w), slice(&b), dims, eps);
+        let (y, _) = forward(slice(&x), slice(&w), slice(&b), dims, eps, false);
         return Some(Tensor::from_primitive::<Flex>(flex(y, [batch, channels, positions])));
     }
     // A plain input meets trainable parameters (or the other way round): all on autodiff,
@@ -127,7 +147,7 @@ fn fused(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps
     let (x, w, b) = (lifted(x, strategy), lifted(weight, strategy), lifted(bias, strategy));
     record!(GroupNormOp, strategy, [x, w, b], {
         let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
-        let (y, stats) = forward(slice(&x), slice(&w), slice(&b), dims, eps);
+        let (y, stats) = forward(slice(&x), slice(&w), slice(&b), dims, eps, false);
         (flex(y, [batch, channels, positions]), Saved { x, w, stats, dims })
     })
 }
@@ -153,10 +173,14 @@ pub(super) fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f6
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
 }
 
-/// The normalised, scaled and shifted values, and each (sample, group)'s mean and reciprocal
-/// standard deviation, interleaved.
-fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims, eps: f32) -> (Vec<f32>, Vec<f32>) {
+/// Normalised values a block at a time, with `silu`: 1 KiB on the stack.
+const SILU_BLOCK: usize = 256;
+
+/// The normalised, scaled and shifted values (with `silu`, SiLU of them), and each (sample,
+/// group)'s mean and reciprocal standard deviation, interleaved.
+fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims, eps: f32, silu: bool) -> (Vec<f32>, Vec<f32>) {
     let (len, per_group) = (d.group_len(), d.channels / d.groups);
+    let isa = super::lanes::isa();
     let mut stats = vec![0.0f32; 2 * d.batch * d.groups];
     let pieces = min_len(x.len() >= PARALLEL_FLOATS);
     let normalise = |y: &mut [MaybeUninit<f32>]| y.par_chunks_mut(len).zip(stats.par_chunks_mut(2)).with_min_len(pieces).enumerate().for_each(|(i, (y, stats))| {
@@ -169,8 +193,19 @@ fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims, eps: f32) -> (Vec<f32>, Vec
         let first = i % d.groups * per_group;
         for (c, (y, x)) in (first..first + per_group).zip(y.chunks_exact_mut(d.positions).zip(x.chunks_exact(d.positions))) {
             let (scale, shift) = (rstd * w[c], b[c]);
-            for (y, &x) in y.iter_mut().zip(x) {
-                y.write((x - mean) * scale + shift);
+            if !silu {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write((x - mean) * scale + shift);
+                }
+                continue;
+            }
+            let mut block = [0.0f32; SILU_BLOCK];
+            for (y, x) in y.chunks_mut(SILU_BLOCK).zip(x.chunks(SILU_BLOCK)) {
+                let normed = &mut block[..x.len()];
+                for (n, &x) in normed.iter_mut().zip(x) {
+                    *n = (x - mean) * scale + shift;
+                }
+                super::activation::silu_into(normed, y, isa);
             }
         }
     });
@@ -287,6 +322,35 @@ mod tests {
             let err = max_rel(values(got), values(want));
             assert!(err < 1e-5, "{case:?}: {err}");
         }
+    }
+
+    /// The one-pass `silu(group_norm)` gives the two ops' values: bit for bit where each
+    /// channel's plane is whole vectors (SD's), within rounding of SiLU's lanes elsewhere. With
+    /// a gradient it is the two ops, and differentiates as they do.
+    #[test]
+    fn group_norm_then_silu_in_one_pass_gives_the_two_ops_values() {
+        let (mut init, device) = (Init::new(3), cpu());
+        for case in CASES.into_iter().chain([(1, 64, 4096, 32), (2, 32, 256 + 48, 8)]) {
+            let (x, w, b) = inputs(&mut init, case, &device);
+            let x = (x - 30.0) * 1.5;
+            let want = values(crate::ops::silu(group_norm(x.clone(), w.clone(), b.clone(), case.3, 1e-5)));
+            let got = values(group_norm_silu(x, w, b, case.3, 1e-5));
+            if case.2 % 16 == 0 {
+                assert_eq!(got, want, "{case:?}");
+            } else {
+                assert!(max_rel(got, want) < 1e-6, "{case:?}");
+            }
+        }
+        let device = cpu_autodiff();
+        let (x, w, b) = inputs(&mut init, CASES[3], &device);
+        let grads = |f: &dyn Fn(Tensor<3>, Tensor<1>, Tensor<1>) -> Tensor<3>| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let g = f(x.clone(), w.clone(), b.clone()).powi_scalar(2).sum().backward();
+            [x.grad(&g).unwrap(), w.grad(&g).unwrap().reshape([1, 1, -1])].map(values)
+        };
+        let fused = grads(&|x, w, b| group_norm_silu(x, w, b, 32, 1e-5));
+        let two = grads(&|x, w, b| crate::ops::silu(group_norm(x, w, b, 32, 1e-5)));
+        assert_eq!(fused, two);
     }
 
     /// Input, weight and bias gradients against burn's ops under a random output gradient;

@@ -43,7 +43,7 @@ pub use weight_transforms::release_unused as release_unused_weight_transforms;
 pub use geglu::geglu;
 pub use linear::{linear, linear_added_as, linear_as};
 pub use conv2d::{conv2d, conv2d_as, conv2d_frozen, conv2d_frozen_copy};
-pub use group_norm::group_norm;
+pub use group_norm::{group_norm, group_norm_silu};
 pub use layer_norm::layer_norm;
 pub use low_rank::low_rank;
 pub use matrix::Products;
