@@ -13,6 +13,9 @@ use rayon::prelude::*;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 
 use super::fresh::written;
 use super::record::record;
@@ -152,7 +155,11 @@ pub fn cast<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
     if !t.is_tracked() {
         return crate::param::autodiff_with(cast(&t.clone().inner(), dtype), strategy);
     }
-    let tracked = |x: Tensor<D>| record!(Cast, strategy, [x], (converted(&x, dtype), from));
+    // Memory bound, as burn's element-wise ops: under balanced checkpointing a later op that
+    // keeps the cast's output (an activation's widened input) has it recomputed from the
+    // cast's input instead of held from the forward pass to the backward.
+    let recompute = |ids: &[NodeId]| RecomputeCast { x: ids[0], dtype };
+    let tracked = |x: Tensor<D>| record!(Cast, strategy, [x], keep [], recompute recompute, (converted(&x, dtype), from));
     tracked(t.clone()).unwrap_or_else(|| t.clone().cast(dtype))
 }
 
@@ -171,13 +178,28 @@ fn converted(t: &FlexTensor, dtype: DType) -> FlexTensor {
 struct Cast;
 
 impl Backward<Flex, 1> for Cast {
-    type State = DType;
+    /// The input's dtype (and no kept inputs: the gradient needs none).
+    type State = (DType, Vec<NodeId>);
 
-    fn backward(self, ops: Ops<DType, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
         if let Some(node) = ops.parents[0].clone() {
-            grads.register::<Flex>(node.id, converted(&g, ops.state));
+            grads.register::<Flex>(node.id, converted(&g, ops.state.0));
         }
+    }
+}
+
+/// The cast again from its input, in the backward pass.
+#[derive(Debug)]
+struct RecomputeCast {
+    x: NodeId,
+    dtype: DType,
+}
+
+impl RetroForward for RecomputeCast {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.x);
+        states.save(out, converted(&x, self.dtype));
     }
 }
 
