@@ -98,7 +98,8 @@ fn in_child(mode: &str, args: &Args, model: &std::path::Path) -> Result<Measurem
     }
     let out = cmd.output().with_context(|| format!("cannot start the process for mode {mode}"))?;
     if !out.status.success() {
-        bail!("mode {mode} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        let said = String::from_utf8_lossy(&out.stderr);
+        bail!("mode {mode} failed ({}){}", super::child::ended(out.status), if said.trim().is_empty() { String::new() } else { format!(": {}", said.trim()) });
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();

@@ -1,5 +1,6 @@
 pub mod adapter;
 pub mod bench;
+pub mod child;
 pub mod compare;
 pub mod convert;
 pub mod demo;

@@ -29,7 +29,7 @@ fn knobs_json(args: &[OsString]) -> Result<Value> {
         .output()
         .with_context(|| format!("cannot run {}", exe.display()))?;
     if !out.status.success() {
-        bail!("`knobs {shown}` failed ({}); its error is above", out.status);
+        bail!("`knobs {shown}` failed ({}); its error, if it could say one, is above", crate::cmd::child::ended(out.status));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).with_context(|| format!("`knobs {shown}` printed nothing"))?;
