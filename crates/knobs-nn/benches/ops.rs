@@ -1,7 +1,7 @@
 //! The heavy single ops of a UNet step at SD-1.5 sizes, each timed alone: 3x3 convolution
 //! forward and its input and weight gradients, a linear layer's matmul and the layer itself
 //! (its weight f32 or frozen in f16, forward alone and with the input gradient),
-//! self-attention, GEGLU, GroupNorm + SiLU, LayerNorm. Run:
+//! self-attention, GEGLU, GroupNorm + SiLU (and in one pass, for generation), LayerNorm. Run:
 //! `cargo bench -p knobs-nn --bench ops`; `../shared/reference`-style peer:
 //! `scripts/ops_peer.py` (same shapes in PyTorch). KNOBS_BENCH_ITERS (5).
 use knobs_nn::timing::median_ms;
@@ -136,6 +136,16 @@ fn run() {
         let norm = knobs_nn::GroupNorm::new(32, c, 1e-5, &dev);
         let ms = median_ms(|| drop(knobs_nn::ops::silu(norm.forward(x.clone())).sum().backward()), iters);
         println!("groupnorm+silu [{b},{c},{hw},{hw}] fwd+bwd(x): {ms:.1} ms");
+    }
+    // The same where nothing is differentiated (generation): as the two ops and in one pass
+    // (`forward_silu`), at the UNet's 64x64 level with guidance and the VAE decoder's last.
+    for (b, c, hw) in [(2, 320, 64), (1, 128, 512)] {
+        let dev = cpu();
+        let x: Tensor<4> = init.normal::<4>([b, c, hw, hw], 1.0, &dev);
+        let norm = knobs_nn::GroupNorm::new(32, c, 1e-6, &dev);
+        let two = median_ms(|| drop(knobs_nn::ops::silu(norm.forward(x.clone()))), iters);
+        let one = median_ms(|| drop(norm.forward_silu(x.clone())), iters);
+        println!("groupnorm+silu [{b},{c},{hw},{hw}] forward: {two:.1} ms as two ops, {one:.1} ms in one pass");
     }
     // LayerNorm, three in every transformer block, at SD-1.5's 64x64 and 32x32 levels (batch
     // 1, as a training step), forward and backward (input gradient, the weights frozen).
