@@ -55,5 +55,5 @@ fn mixed_precision_casts_are_recomputed_under_checkpointing() {
     assert!(plain_held >= LAYERS * VALUES * 4, "{plain_held}");
     // Recomputed: the chain's first bf16 input and the graph's bookkeeping. Kept casts held
     // at least each layer's widened f32 input again.
-    assert!(held < VALUES * 4, "checkpointing held {} MiB for {LAYERS} layers of {} MiB", held >> 20, VALUES * 4 >> 20);
+    assert!(held < VALUES * 4, "checkpointing held {} MiB for {LAYERS} layers of {} MiB", held >> 20, (VALUES * 4) >> 20);
 }
