@@ -3,29 +3,12 @@
 //! backward pass like burn's element-wise ops, not kept: kept, each layer held its widened f32
 //! input from the forward pass to the backward, and an SDXL LoRA step in bf16 at 1024 px did
 //! not fit in 24 GiB. Alone in its binary, as it counts every allocation.
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
 
+use common::counting::live;
 use knobs_nn::burn::tensor::{DType, Tensor};
 use knobs_nn::param::value_as;
 use knobs_nn::{Device, Init, cpu, cpu_autodiff, cpu_autodiff_checkpointed};
-
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 const VALUES: usize = 1 << 20;
 const LAYERS: usize = 8;
@@ -35,12 +18,12 @@ const LAYERS: usize = 8;
 /// input and output), and the input's gradient.
 fn chain(dev: &Device, x0: &Tensor<2>) -> (usize, Vec<f32>) {
     let x = Tensor::<2>::from_data(x0.to_data(), dev).require_grad();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let mut h = value_as(&x, DType::BF16);
     for _ in 0..LAYERS {
         h = knobs_nn::ops::silu(h);
     }
-    let held = LIVE.load(Ordering::Relaxed) - before - VALUES * 2;
+    let held = live() - before - VALUES * 2;
     let g = x.grad(&value_as(&h, DType::F32).sum().backward()).unwrap();
     (held, g.into_data().convert::<f32>().try_into_vec::<f32>().unwrap())
 }

@@ -1,40 +1,14 @@
 //! A model file or checkpoint is written tensor by tensor from the tensors the model and the
 //! optimizer hold (shared, not copied): the allocations a save makes stay a few tensors' worth,
 //! not the size of the file. Alone in its binary, as it counts every allocation.
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
 
+use std::collections::{BTreeMap, HashMap};
+
+use common::counting::extra_peak;
 use knobs_nn::io::{FloatDtype, TensorRef, param_refs, read_safetensors, state_dict, write_safetensors, write_tensor_refs};
 use knobs_nn::optim::{AdamW, AdamWConfig, Grads, Optimizer};
 use knobs_nn::{Init, Linear, ModuleExt, cpu};
-
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(live, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// The most memory allocated at once while `f` runs, beyond what was live before it.
-fn extra_peak(f: impl FnOnce()) -> usize {
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    f();
-    PEAK.load(Ordering::Relaxed) - before
-}
 
 #[test]
 fn a_model_and_its_optimizer_state_are_written_tensor_by_tensor() {

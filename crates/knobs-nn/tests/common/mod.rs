@@ -1,0 +1,2 @@
+//! What several test binaries share.
+pub mod counting;
