@@ -88,6 +88,12 @@ pub struct Measurement {
     /// Seconds of each timed step, in order (a slow step shows where the median hides it).
     #[serde(default)]
     pub times_s: Vec<f64>,
+    /// Resident memory in bytes after each part of the last training step (`encode`,
+    /// `forward`, `backward`, `optimizer`; empty for generation and off Linux): the growth
+    /// over `forward` is what the forward pass holds for the backward, which the peak alone
+    /// hides behind the load's.
+    #[serde(default)]
+    pub resident_after: Vec<(String, u64)>,
 }
 
 /// Bytes of the model's weight files.
@@ -126,9 +132,9 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     let load_s = loaded.elapsed().as_secs_f64();
     o.mixed_precision.apply(&mut sd);
     let res = o.resolution.unwrap_or_else(|| resolution(&sd));
-    let (times, trainable_params, phases) = match method {
+    let (times, trainable_params, phases, resident_after) = match method {
         Some(method) => train_steps(method, &mut sd, res, o)?,
-        None => (generate_steps(&sd, res, o)?, 0, Vec::new()),
+        None => (generate_steps(&sd, res, o)?, 0, Vec::new(), Vec::new()),
     };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -155,6 +161,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
         model_bytes: model_bytes(&o.model),
         phases,
         times_s: times,
+        resident_after,
     })
 }
 
@@ -163,9 +170,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Seconds of each timed step, the number of trainable values and the median seconds of each
-/// phase, by name.
-type StepTimes = (Vec<f64>, usize, Vec<(String, f64)>);
+/// Seconds of each timed step, the number of trainable values, the median seconds of each
+/// phase and the resident bytes after each part of the last step, by name.
+type StepTimes = (Vec<f64>, usize, Vec<(String, f64)>, Vec<(String, u64)>);
 
 /// Seconds of each timed step, the number of trainable values and the median of each phase.
 fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOptions) -> Result<StepTimes> {
@@ -184,6 +191,9 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     let sync = || knobs_nn::device::inference().sync().map_err(|e| anyhow::anyhow!("--device {}: {e:?}", knobs_nn::device::selected()));
     let mut times = Vec::new();
     let mut phases: [Vec<f64>; 6] = Default::default();
+    // The last step's, each read once the part's work has run on the device.
+    let mut resident = Vec::new();
+    let resident_at = |part: &str| crate::progress::rss_bytes().map(|b| (part.to_string(), b));
     for step in 0..o.warmup + o.steps {
         let mut rng = step_rng(0, "bench", step as u64);
         let images: Vec<RgbImage> = (0..o.batch).map(|_| RgbImage::from_fn(res, res, |_, _| image::Rgb(rng.random()))).collect();
@@ -193,16 +203,21 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
         let inputs = objective.unet_inputs(sd, &images, &sizes, &prompts, &mut rng, LossOptions::default(), &rows)?;
         sync()?;
         let encoded = started.elapsed().as_secs_f64();
+        resident.clear();
+        resident.extend(resident_at("encode"));
         let loss = objective.loss(sd, inputs, LossOptions::default())?.mean();
         sync()?;
         let forward = started.elapsed().as_secs_f64();
+        resident.extend(resident_at("forward"));
         let mut grads = collect_grads(sd, &loss.backward());
         sync()?;
         let backward = started.elapsed().as_secs_f64() - forward;
+        resident.extend(resident_at("backward"));
         clip_grad_norm(&mut grads, cfg.optim.max_grad_norm);
         opt.step(sd, &grads, |_| cfg.learning_rate());
         sync()?;
         let total = started.elapsed().as_secs_f64();
+        resident.extend(resident_at("optimizer"));
         let encode = Instant::now();
         drop(sd.vae.encode(knobs_world::images::to_tensor(&images, &knobs_nn::device::inference())?));
         sync()?;
@@ -215,7 +230,7 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     }
     // `forward` is `encode` (the VAE and text encoder) then `unet_forward`.
     let names = ["vae_encode", "encode", "unet_forward", "forward", "backward", "optimizer"];
-    Ok((times, trainable, names.iter().zip(phases).map(|(n, v)| (n.to_string(), median(v))).collect()))
+    Ok((times, trainable, names.iter().zip(phases).map(|(n, v)| (n.to_string(), median(v))).collect(), resident))
 }
 
 /// A word the tokenizer holds as one token, to start the textual-inversion rows from.

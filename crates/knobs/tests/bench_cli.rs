@@ -65,6 +65,13 @@ fn checkpointing_and_weight_precision_are_timed_as_asked() {
         assert!(m["median_s"].as_f64().unwrap() > 0.0, "{m}");
     }
     assert_eq!(results[0]["gradient_checkpointing"], true, "training steps are checkpointed");
+    // Resident memory after each part of the last training step, within the peak.
+    let resident = results[0]["resident_after"].as_array().unwrap();
+    let names: Vec<&str> = resident.iter().map(|p| p[0].as_str().unwrap()).collect();
+    assert_eq!(names, ["encode", "forward", "backward", "optimizer"]);
+    let peak = results[0]["peak_rss_bytes"].as_u64().unwrap();
+    assert!(resident.iter().all(|p| (1..=peak).contains(&p[1].as_u64().unwrap())), "{resident:?} against the peak {peak}");
+    assert!(results[1]["resident_after"].as_array().unwrap().is_empty(), "generation has no training parts");
     assert_eq!(results[1]["gradient_checkpointing"], false, "generation has no backward pass");
     let err = fail(&["bench", "--model", TINY_SD, "--weights-dtype", "f8"]);
     assert!(err.contains("--weights-dtype") && err.contains("f8"), "{err}");

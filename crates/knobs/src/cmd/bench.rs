@@ -141,4 +141,8 @@ fn print_row(m: &Measurement) {
         let parts: Vec<String> = m.phases.iter().map(|(name, s)| format!("{name} {s:.3}")).collect();
         println!("{:<9} phases, median s: {} (vae_encode timed apart)", "", parts.join(", "));
     }
+    if !m.resident_after.is_empty() {
+        let parts: Vec<String> = m.resident_after.iter().map(|(name, b)| format!("{name} {}", mib(Some(*b)))).collect();
+        println!("{:<9} resident MiB after the last step's {}", "", parts.join(", "));
+    }
 }
