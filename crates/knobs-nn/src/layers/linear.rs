@@ -1,5 +1,5 @@
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::adapter::{LinearAdapter, Slot, SlotEntry};
 use crate::init::Init;
@@ -97,9 +97,22 @@ impl Linear {
         let rows = dims[..D - 1].iter().product::<usize>();
         let live: Vec<_> = self.adapters.live().collect();
         let dtype = x.dtype();
-        let y = self.chain(&live, f32_value(&x.reshape([rows, self.d_in()])), &|x| f32_value(&self.forward_base(value_as(&x, dtype))));
+        let y = self.chain(&live, f32_value(&x.reshape([rows, self.d_in()])), &|x| self.base_of_f32(x, dtype));
         dims[D - 1] = self.d_out();
         value_as(&y, dtype).reshape(dims)
+    }
+
+    /// The base layer's output in f32 on the adapters' f32 input `x`, for a layer whose input
+    /// came in `dtype`: [`Self::forward_base`] on `x` narrowed to `dtype`, widened again. Under
+    /// mixed precision on the CPU the same values (the base computes on the widened values and
+    /// rounds its output) come without the half-precision copies between: the input and output
+    /// rounded in f32 storage, one pass each where narrowing and widening took two.
+    fn base_of_f32(&self, x: Tensor<2>, dtype: DType) -> Tensor<2> {
+        if matches!(dtype, DType::F16 | DType::BF16) && crate::ops::on_cpu(&x) {
+            let rounded = |t: &Tensor<2>| crate::ops::precision::rounded_as(t, dtype);
+            return rounded(&self.base(rounded(&x), Products::for_dtype(dtype)));
+        }
+        f32_value(&self.forward_base(value_as(&x, dtype)))
     }
 
     /// The live adapters, outermost last, round `base` (the layer's own output, in f32).

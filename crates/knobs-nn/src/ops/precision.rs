@@ -163,6 +163,82 @@ pub fn cast<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
     tracked(t.clone()).unwrap_or_else(|| t.clone().cast(dtype))
 }
 
+/// f32 `t` rounded to the precision of `half` (f16 or bf16) and kept in f32: the values of
+/// `cast(&cast(t, half), F32)`, and its gradient rounded the same way, as that pair's backward
+/// rounds it; in one pass and one f32 buffer where the pair wrote a half-precision copy and
+/// widened it again. A layer with adapters under mixed precision hands its base layer the
+/// adapters' f32 input this way (`Linear::forward`). Other dtypes and backends take the pair.
+pub fn rounded_as<const D: usize>(t: &Tensor<D>, half: DType) -> Tensor<D> {
+    let pair = || cast(&cast(t, half), t.dtype());
+    if t.dtype() != DType::F32 || !matches!(half, DType::F16 | DType::BF16) {
+        return pair();
+    }
+    if !t.is_autodiff() {
+        return match t.clone().try_into_primitive::<Flex>() {
+            Ok(p) => Tensor::from_primitive::<Flex>(rounded(&p, half)),
+            Err(_) => pair(),
+        };
+    }
+    let strategy = t.gradient_checkpointing_strategy();
+    if !t.is_tracked() {
+        return crate::param::autodiff_with(rounded_as(&t.clone().inner(), half), strategy);
+    }
+    let recompute = |ids: &[NodeId]| RecomputeRounded { x: ids[0], half };
+    let tracked = |x: Tensor<D>| record!(Rounded, strategy, [x], keep [], recompute recompute, (rounded(&x, half), half));
+    tracked(t.clone()).unwrap_or_else(pair)
+}
+
+/// f32 `t`'s values rounded to `half`'s precision, in f32.
+fn rounded(t: &FlexTensor, half: DType) -> FlexTensor {
+    const STAGE: usize = 2048;
+    let t = t.to_contiguous();
+    let values = t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before)");
+    let (narrow, bf16): (fn(&[f32], &mut [MaybeUninit<u16>]), bool) = if half == DType::F16 { (f32_block, false) } else { (bf16_block, true) };
+    // SAFETY: the blocks cover every value, and each stage writes all of its own.
+    let out = unsafe {
+        written(values.len(), |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(BLOCK).zip(values.par_chunks(BLOCK)).for_each(|(dst, src)| {
+                let mut bits = [MaybeUninit::<u16>::uninit(); STAGE];
+                for (d, s) in dst.chunks_mut(STAGE).zip(src.chunks(STAGE)) {
+                    narrow(s, &mut bits[..s.len()]);
+                    // SAFETY: `narrow` wrote the first s.len() values.
+                    widen_block(std::slice::from_raw_parts(bits.as_ptr().cast::<u16>(), s.len()), bf16, d);
+                }
+            })
+        })
+    };
+    FlexTensor::from_data(TensorData::new(out, t.layout().shape().clone()))
+}
+
+/// The rounding; its state is the half dtype (the gradient is rounded to it too).
+#[derive(Debug)]
+struct Rounded;
+
+impl Backward<Flex, 1> for Rounded {
+    type State = (DType, Vec<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = ops.parents[0].clone() {
+            grads.register::<Flex>(node.id, rounded(&g, ops.state.0));
+        }
+    }
+}
+
+/// The rounding again from its input, in the backward pass.
+#[derive(Debug)]
+struct RecomputeRounded {
+    x: NodeId,
+    half: DType,
+}
+
+impl RetroForward for RecomputeRounded {
+    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
+        let x = states.get_state::<FlexTensor>(&self.x);
+        states.save(out, rounded(&x, self.half));
+    }
+}
+
 /// `t` in `dtype` (f32, f16 or bf16), contiguous.
 fn converted(t: &FlexTensor, dtype: DType) -> FlexTensor {
     let wide = widened(t);
@@ -430,6 +506,36 @@ mod tests {
                     };
                     assert_eq!(grad(true), grad(false), "gradient {from:?} -> {to:?} on {device:?}");
                 }
+            }
+        }
+    }
+
+    /// `rounded_as` gives the bits of a cast to half precision and back, forward and backward,
+    /// with and without autodiff and checkpointing, over values that overflow f16 and fall
+    /// below bf16's and f16's normal ranges, in more values than one parallel block.
+    #[test]
+    fn rounding_in_f32_equals_a_cast_there_and_back() {
+        let n = BLOCK + 4099;
+        let mut values = values_of(Init::new(6).normal::<1>([n], 3.0, &cpu()));
+        values[..6].copy_from_slice(&[7.0e4, -1.0e5, 1.0e-40, -3.0e-6, 1.0e-39, 65519.0]);
+        let probe = values_of(Init::new(7).normal::<1>([n], 1.0, &cpu()));
+        let bits = |t: Tensor<1>| values_of(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for device in [cpu(), crate::cpu_autodiff(), crate::cpu_autodiff_checkpointed()] {
+            let on = |v: &[f32]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
+            for half in [DType::F16, DType::BF16] {
+                let t = on(&values);
+                assert_eq!(bits(rounded_as(&t, half)), bits(cast(&cast(&t, half), DType::F32)), "{half:?} on {device:?}");
+                if !t.is_autodiff() {
+                    continue;
+                }
+                let grad = |ours: bool| {
+                    let x = t.clone().require_grad();
+                    // Through an op after it, so that checkpointing has something to recompute.
+                    let y = if ours { rounded_as(&x, half) } else { cast(&cast(&x, half), DType::F32) };
+                    let g = (crate::ops::silu(y) * on(&probe)).sum().backward();
+                    bits(x.grad(&g).expect("a gradient"))
+                };
+                assert_eq!(grad(true), grad(false), "gradient {half:?} on {device:?}");
             }
         }
     }
