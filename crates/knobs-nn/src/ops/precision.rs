@@ -193,7 +193,8 @@ fn rounded(t: &FlexTensor, half: DType) -> FlexTensor {
     const STAGE: usize = 2048;
     let t = t.to_contiguous();
     let values = t.as_slice::<f32>().expect("a contiguous f32 tensor (checked before)");
-    let (narrow, bf16): (fn(&[f32], &mut [MaybeUninit<u16>]), bool) = if half == DType::F16 { (f32_block, false) } else { (bf16_block, true) };
+    let bf16 = half != DType::F16;
+    let narrow = if bf16 { bf16_block } else { f32_block };
     // SAFETY: the blocks cover every value, and each stage writes all of its own.
     let out = unsafe {
         written(values.len(), |out: &mut [MaybeUninit<f32>]| {
