@@ -145,22 +145,7 @@ pub fn cast<const D: usize>(t: &Tensor<D>, dtype: DType) -> Tensor<D> {
     if from == dtype || !float(from) || !float(dtype) {
         return if from == dtype { t.clone() } else { t.clone().cast(dtype) };
     }
-    if !t.is_autodiff() {
-        return match t.clone().try_into_primitive::<Flex>() {
-            Ok(p) => Tensor::from_primitive::<Flex>(converted(&p, dtype)),
-            Err(_) => t.clone().cast(dtype),
-        };
-    }
-    let strategy = t.gradient_checkpointing_strategy();
-    if !t.is_tracked() {
-        return crate::param::autodiff_with(cast(&t.clone().inner(), dtype), strategy);
-    }
-    // Memory bound, as burn's element-wise ops: under balanced checkpointing a later op that
-    // keeps the cast's output (an activation's widened input) has it recomputed from the
-    // cast's input instead of held from the forward pass to the backward.
-    let recompute = |ids: &[NodeId]| RecomputeCast { x: ids[0], dtype };
-    let tracked = |x: Tensor<D>| record!(Cast, strategy, [x], keep [], recompute recompute, (converted(&x, dtype), from));
-    tracked(t.clone()).unwrap_or_else(|| t.clone().cast(dtype))
+    converting(t, Conversion::Cast { to: dtype, back: from }).unwrap_or_else(|| t.clone().cast(dtype))
 }
 
 /// f32 `t` rounded to the precision of `half` (f16 or bf16) and kept in f32: the values of
@@ -173,19 +158,49 @@ pub fn rounded_as<const D: usize>(t: &Tensor<D>, half: DType) -> Tensor<D> {
     if t.dtype() != DType::F32 || !matches!(half, DType::F16 | DType::BF16) {
         return pair();
     }
+    converting(t, Conversion::Round(half)).unwrap_or_else(pair)
+}
+
+/// What [`cast`] and [`rounded_as`] do to a tensor on the CPU backend, and to its gradient.
+#[derive(Clone, Copy, Debug)]
+enum Conversion {
+    /// To `to`; the gradient back to `back`, the input's dtype.
+    Cast { to: DType, back: DType },
+    /// Rounded to a half precision in f32, the gradient likewise.
+    Round(DType),
+}
+
+impl Conversion {
+    fn forward(self, t: &FlexTensor) -> FlexTensor {
+        match self {
+            Conversion::Cast { to, .. } => converted(t, to),
+            Conversion::Round(half) => rounded(t, half),
+        }
+    }
+    fn backward(self, g: &FlexTensor) -> FlexTensor {
+        match self {
+            Conversion::Cast { back, .. } => converted(g, back),
+            Conversion::Round(half) => rounded(g, half),
+        }
+    }
+}
+
+/// `conversion` of `t`, with or without autodiff; `None` off the CPU backend.
+fn converting<const D: usize>(t: &Tensor<D>, conversion: Conversion) -> Option<Tensor<D>> {
     if !t.is_autodiff() {
-        return match t.clone().try_into_primitive::<Flex>() {
-            Ok(p) => Tensor::from_primitive::<Flex>(rounded(&p, half)),
-            Err(_) => pair(),
-        };
+        let p = t.clone().try_into_primitive::<Flex>().ok()?;
+        return Some(Tensor::from_primitive::<Flex>(conversion.forward(&p)));
     }
     let strategy = t.gradient_checkpointing_strategy();
     if !t.is_tracked() {
-        return crate::param::autodiff_with(rounded_as(&t.clone().inner(), half), strategy);
+        return Some(crate::param::autodiff_with(converting(&t.clone().inner(), conversion)?, strategy));
     }
-    let recompute = |ids: &[NodeId]| RecomputeRounded { x: ids[0], half };
-    let tracked = |x: Tensor<D>| record!(Rounded, strategy, [x], keep [], recompute recompute, (rounded(&x, half), half));
-    tracked(t.clone()).unwrap_or_else(pair)
+    // Memory bound, as burn's element-wise ops: under balanced checkpointing a later op that
+    // keeps the output (an activation's widened input) has it recomputed from the input
+    // instead of held from the forward pass to the backward.
+    let recompute = |ids: &[NodeId]| Reconvert { x: ids[0], conversion };
+    let x = t.clone();
+    record!(Convert, strategy, [x], keep [], recompute recompute, (conversion.forward(&x), conversion))
 }
 
 /// f32 `t`'s values rounded to `half`'s precision, in f32.
@@ -211,35 +226,6 @@ fn rounded(t: &FlexTensor, half: DType) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(out, t.layout().shape().clone()))
 }
 
-/// The rounding; its state is the half dtype (the gradient is rounded to it too).
-#[derive(Debug)]
-struct Rounded;
-
-impl Backward<Flex, 1> for Rounded {
-    type State = (DType, Vec<NodeId>);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<Flex>(&ops.node);
-        if let Some(node) = ops.parents[0].clone() {
-            grads.register::<Flex>(node.id, rounded(&g, ops.state.0));
-        }
-    }
-}
-
-/// The rounding again from its input, in the backward pass.
-#[derive(Debug)]
-struct RecomputeRounded {
-    x: NodeId,
-    half: DType,
-}
-
-impl RetroForward for RecomputeRounded {
-    fn forward(&self, states: &mut BackwardStates, out: NodeId) {
-        let x = states.get_state::<FlexTensor>(&self.x);
-        states.save(out, rounded(&x, self.half));
-    }
-}
-
 /// `t` in `dtype` (f32, f16 or bf16), contiguous.
 fn converted(t: &FlexTensor, dtype: DType) -> FlexTensor {
     let wide = widened(t);
@@ -250,33 +236,32 @@ fn converted(t: &FlexTensor, dtype: DType) -> FlexTensor {
     FlexTensor::from_data(narrow_data(wide.as_slice::<f32>().expect("contiguous f32"), dtype, shape))
 }
 
-/// The cast; its state is the input's dtype.
+/// A recorded [`Conversion`]; no input is kept (the gradient needs none).
 #[derive(Debug)]
-struct Cast;
+struct Convert;
 
-impl Backward<Flex, 1> for Cast {
-    /// The input's dtype (and no kept inputs: the gradient needs none).
-    type State = (DType, Vec<NodeId>);
+impl Backward<Flex, 1> for Convert {
+    type State = (Conversion, Vec<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
         if let Some(node) = ops.parents[0].clone() {
-            grads.register::<Flex>(node.id, converted(&g, ops.state.0));
+            grads.register::<Flex>(node.id, ops.state.0.backward(&g));
         }
     }
 }
 
-/// The cast again from its input, in the backward pass.
+/// The conversion again from its input, in the backward pass.
 #[derive(Debug)]
-struct RecomputeCast {
+struct Reconvert {
     x: NodeId,
-    dtype: DType,
+    conversion: Conversion,
 }
 
-impl RetroForward for RecomputeCast {
+impl RetroForward for Reconvert {
     fn forward(&self, states: &mut BackwardStates, out: NodeId) {
         let x = states.get_state::<FlexTensor>(&self.x);
-        states.save(out, converted(&x, self.dtype));
+        states.save(out, self.conversion.forward(&x));
     }
 }
 
