@@ -269,19 +269,18 @@ mod tests {
     /// Ours and burn's, for each function.
     const PAIRS: [Pair; 2] = [("silu", silu, activation::silu), ("gelu", gelu, activation::gelu)];
 
-    /// Half precision, with and without autodiff, is the f32 op on the widened input rounded
-    /// once, value and input gradient, for SiLU, GELU and GEGLU (burn's ops in the half dtype
-    /// round after each step).
+    /// Half precision, with and without autodiff and checkpointing, is the f32 op on the
+    /// widened input rounded once, value and input gradient, bit for bit, for SiLU, GELU and
+    /// GEGLU (burn's ops in the half dtype round after each step), in one piece and in several.
     #[test]
     fn half_precision_is_the_f32_op_rounded() {
         type Op = fn(Tensor<2>) -> Tensor<2>;
         let ops: [(&str, Op); 3] = [("silu", silu), ("gelu", gelu), ("geglu", super::super::geglu)];
         for (name, op) in ops {
-            for dtype in [DType::BF16, DType::F16] {
-                for tracked in [false, true] {
-                    let device = if tracked { cpu_autodiff() } else { cpu() };
-                    let x = Tensor::<2>::random([37, 70], Distribution::Normal(0.0, 3.0), &device).cast(dtype);
-                    let w = Tensor::<2>::random([37, if name == "geglu" { 35 } else { 70 }], Distribution::Normal(0.0, 1.0), &device);
+            for (dtype, [rows, cols]) in [(DType::BF16, [37, 70]), (DType::F16, [37, 70]), (DType::BF16, [300, 252]), (DType::F16, [300, 252])] {
+                for (tracked, device) in [(false, cpu()), (true, cpu_autodiff()), (true, crate::cpu_autodiff_checkpointed())] {
+                    let x = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 3.0), &device).cast(dtype);
+                    let w = Tensor::<2>::random([rows, if name == "geglu" { cols / 2 } else { cols }], Distribution::Normal(0.0, 1.0), &device);
                     let run = |widen: bool| {
                         let x = if widen { x.clone().cast(DType::F32) } else { x.clone() };
                         let x = if tracked { x.require_grad() } else { x };
@@ -294,7 +293,7 @@ mod tests {
                     };
                     let (got, want) = (run(false), run(true));
                     assert_eq!(got.0, dtype, "{name} {dtype:?}: the output keeps the input's dtype");
-                    assert_eq!(got, want, "{name} {dtype:?}, tracked {tracked}");
+                    assert_eq!(got, want, "{name} {dtype:?} [{rows}, {cols}] on {device:?}");
                 }
             }
         }
