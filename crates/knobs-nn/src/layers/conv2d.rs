@@ -98,13 +98,9 @@ impl Conv2d {
     /// The layer wrapped by `live` adapters, the last one outermost.
     fn chain(&self, live: &[&SlotEntry<dyn Conv2dAdapter>], x: Tensor<4>, base_dtype: DType) -> Tensor<4> {
         match live.split_last() {
-            // As `Linear::base_of_f32`: under mixed precision on the CPU the input and output
-            // rounded in f32 storage, the same values as narrowing and widening each.
-            None if matches!(base_dtype, DType::F16 | DType::BF16) && crate::ops::on_cpu(&x) => {
-                let rounded = |t: &Tensor<4>| crate::ops::precision::rounded_as(t, base_dtype);
-                rounded(&self.base(rounded(&x), Products::for_dtype(base_dtype)))
-            }
-            None => f32_value(&self.forward_base(value_as(&x, base_dtype))),
+            // `forward_base` on the input narrowed, widened again (without the copies under
+            // mixed precision on the CPU: `precision::on_rounded`).
+            None => crate::ops::precision::on_rounded(&x, base_dtype, |x, products| self.base(x, products)).unwrap_or_else(|| f32_value(&self.forward_base(value_as(&x, base_dtype)))),
             Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x, base_dtype), outer.weight()),
         }
     }

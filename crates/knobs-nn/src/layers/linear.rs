@@ -103,16 +103,10 @@ impl Linear {
     }
 
     /// The base layer's output in f32 on the adapters' f32 input `x`, for a layer whose input
-    /// came in `dtype`: [`Self::forward_base`] on `x` narrowed to `dtype`, widened again. Under
-    /// mixed precision on the CPU the same values (the base computes on the widened values and
-    /// rounds its output) come without the half-precision copies between: the input and output
-    /// rounded in f32 storage, one pass each where narrowing and widening took two.
+    /// came in `dtype`: [`Self::forward_base`] on `x` narrowed to `dtype`, widened again
+    /// (without the copies under mixed precision on the CPU: `precision::on_rounded`).
     fn base_of_f32(&self, x: Tensor<2>, dtype: DType) -> Tensor<2> {
-        if matches!(dtype, DType::F16 | DType::BF16) && crate::ops::on_cpu(&x) {
-            let rounded = |t: &Tensor<2>| crate::ops::precision::rounded_as(t, dtype);
-            return rounded(&self.base(rounded(&x), Products::for_dtype(dtype)));
-        }
-        f32_value(&self.forward_base(value_as(&x, dtype)))
+        crate::ops::precision::on_rounded(&x, dtype, |x, products| self.base(x, products)).unwrap_or_else(|| f32_value(&self.forward_base(value_as(&x, dtype))))
     }
 
     /// The live adapters, outermost last, round `base` (the layer's own output, in f32).

@@ -44,8 +44,7 @@ impl Dims {
 /// statistics are f32 whatever `x`'s dtype (mixed precision, as autocast runs it), the result
 /// in `x`'s dtype; `weight` and `bias` are f32.
 pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<3> {
-    let [_, channels, _] = x.dims();
-    let fusable = [weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) && groups > 0 && channels % groups == 0;
+    let fusable = fusable(&x, &weight, &bias, groups);
     // The GPU backends: the same op from burn's ops, with a backward that keeps only the input,
     // in its own dtype (half under mixed precision, where a cast first would keep an f32 copy).
     #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
@@ -71,18 +70,31 @@ pub fn group_norm(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usiz
 /// the whole tensor and read it back (a 128 MiB one per VAE resnet at 512 px), with the
 /// values the two give (the same SiLU kernel).
 pub fn group_norm_silu(x: Tensor<3>, weight: Tensor<1>, bias: Tensor<1>, groups: usize, eps: f64) -> Tensor<3> {
-    let [batch, channels, positions] = x.dims();
     let plain = !(x.is_autodiff() || weight.is_autodiff() || bias.is_autodiff());
-    let fusable = [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) && groups > 0 && channels % groups == 0;
-    if plain && fusable {
-        let flex_of = |t: &Tensor<1>| t.clone().try_into_primitive::<Flex>().ok().map(|t| t.to_contiguous());
-        if let (Ok(x), Some(w), Some(b)) = (x.clone().try_into_primitive::<Flex>(), flex_of(&weight), flex_of(&bias)) {
-            let x = x.to_contiguous();
-            let (y, _) = forward(slice(&x), slice(&w), slice(&b), Dims { batch, channels, positions, groups }, eps as f32, true);
-            return Tensor::from_primitive::<Flex>(flex(y, [batch, channels, positions]));
-        }
+    if plain
+        && x.dtype() == DType::F32
+        && fusable(&x, &weight, &bias, groups)
+        && let Some(y) = untracked(&x, &weight, &bias, groups, eps, true)
+    {
+        return y;
     }
     super::activation::silu(group_norm(x, weight, bias, groups, eps))
+}
+
+/// Whether the kernel takes these weights and groups (f32 weight and bias, whole groups).
+fn fusable(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize) -> bool {
+    [weight.dtype(), bias.dtype()].iter().all(|&d| d == DType::F32) && groups > 0 && x.dims()[1].is_multiple_of(groups)
+}
+
+/// The kernel on the CPU backend where nothing is differentiated (with `silu`, SiLU of its
+/// output); `None` on other backends.
+fn untracked(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps: f64, silu: bool) -> Option<Tensor<3>> {
+    let [batch, channels, positions] = x.dims();
+    let flex_of = |t: Tensor<1>| t.try_into_primitive::<Flex>().ok().map(|t| t.to_contiguous());
+    let x = x.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
+    let (w, b) = (flex_of(weight.clone())?, flex_of(bias.clone())?);
+    let (y, _) = forward(slice(&x), slice(&w), slice(&b), Dims { batch, channels, positions, groups }, eps as f32, silu);
+    Some(Tensor::from_primitive::<Flex>(flex(y, [batch, channels, positions])))
 }
 
 /// The same from burn's ops: other backends, and the tests' reference.
@@ -131,16 +143,13 @@ fn rows_per_group(len: usize) -> usize {
 
 /// The kernel on the CPU backend, with or without autodiff; `None` on other backends.
 fn fused(x: &Tensor<3>, weight: &Tensor<1>, bias: &Tensor<1>, groups: usize, eps: f64) -> Option<Tensor<3>> {
+    let any_autodiff = x.is_autodiff() || weight.is_autodiff() || bias.is_autodiff();
+    if !any_autodiff {
+        return untracked(x, weight, bias, groups, eps, false);
+    }
     let [batch, channels, positions] = x.dims();
     let dims = Dims { batch, channels, positions, groups };
     let eps = eps as f32;
-    let any_autodiff = x.is_autodiff() || weight.is_autodiff() || bias.is_autodiff();
-    if !any_autodiff {
-        let x = x.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
-        let (w, b) = (weight.clone().try_into_primitive::<Flex>().ok()?.to_contiguous(), bias.clone().try_into_primitive::<Flex>().ok()?.to_contiguous());
-        let (y, _) = forward(slice(&x), slice(&w), slice(&b), dims, eps, false);
-        return Some(Tensor::from_primitive::<Flex>(flex(y, [batch, channels, positions])));
-    }
     // A plain input meets trainable parameters (or the other way round): all on autodiff,
     // the lifted tensors untracked.
     let strategy = [x.gradient_checkpointing_strategy(), weight.gradient_checkpointing_strategy(), bias.gradient_checkpointing_strategy()].into_iter().flatten().next();

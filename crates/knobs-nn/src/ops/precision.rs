@@ -161,6 +161,19 @@ pub fn rounded_as<const D: usize>(t: &Tensor<D>, half: DType) -> Tensor<D> {
     converting(t, Conversion::Round(half)).unwrap_or_else(pair)
 }
 
+/// A layer's own computation `base` (given f32 input and the products to take) on the f32
+/// input its adapters hand it, for a layer whose input came in `dtype`: the values of its
+/// `forward_base` on that input narrowed to `dtype`, widened again (the base computes on the
+/// widened values and rounds its output). Under mixed precision on the CPU the input and the
+/// output are rounded in f32 storage ([`rounded_as`]), one pass each where narrowing and
+/// widening took two; `None` elsewhere (the caller narrows and widens).
+pub(crate) fn on_rounded<const D: usize>(x: &Tensor<D>, dtype: DType, base: impl FnOnce(Tensor<D>, super::Products) -> Tensor<D>) -> Option<Tensor<D>> {
+    if !matches!(dtype, DType::F16 | DType::BF16) || !super::on_cpu(x) {
+        return None;
+    }
+    Some(rounded_as(&base(rounded_as(x, dtype), super::Products::for_dtype(dtype)), dtype))
+}
+
 /// What [`cast`] and [`rounded_as`] do to a tensor on the CPU backend, and to its gradient.
 #[derive(Clone, Copy, Debug)]
 enum Conversion {
