@@ -98,6 +98,14 @@ fn run() {
         let frozen = |w: &Tensor<2>| median_ms(|| drop(knobs_nn::ops::linear(&xa, w, Some(&ba)).expect("the op applies").sum().backward()), iters);
         let (both32, both16) = (frozen(&wa), frozen(&wa16));
         println!("  frozen: forward f16 weight {fwd16:.1} ms; fwd+bwd(x) f32 weight {both32:.1} ms, f16 weight {both16:.1} ms");
+        // Under bf16 products (mixed precision's), the frozen weight in f32 and in bf16
+        // (`--weights-dtype bf16`: packed from its own values in both passes where it can be).
+        if knobs_nn::ops::Products::bf16_available() {
+            let wa_bf16 = Tensor::<2>::from_data(w.clone().cast(burn::tensor::DType::BF16).to_data(), &dev);
+            let frozen_bf16 = |w: &Tensor<2>| median_ms(|| drop(knobs_nn::ops::linear_as(&xa, w, Some(&ba), knobs_nn::ops::Products::Bf16).expect("the op applies").sum().backward()), iters);
+            let (f32_weight, bf16_weight) = (frozen_bf16(&wa), frozen_bf16(&wa_bf16));
+            println!("  frozen, bf16 products: fwd+bwd(x) f32 weight {f32_weight:.1} ms, bf16 weight {bf16_weight:.1} ms");
+        }
     }
     // Self-attention at SD-1.5's 64x64 level (8 heads of 40) and in its VAE (one head of 512),
     // forward without autodiff and forward + backward with it; KNOBS_BENCH_ATTN

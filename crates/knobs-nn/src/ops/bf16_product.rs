@@ -52,6 +52,7 @@ pub(crate) fn available() -> bool {
             std::env::var_os("KNOBS_NO_BF16_PRODUCTS").is_none()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bf16")
         })
     }
@@ -225,6 +226,48 @@ impl Packed {
         };
         // SAFETY: every panel is written in full.
         let data = unsafe { Words::written(panels * kp * NR, |out| fill_chunks(out, kp * NR, parallel, fill)) };
+        Packed { data, lines: n, k, width: NR, layout: Layout::Pairs }
+    }
+
+    /// The right operand `[k, n]` stored row-major in bf16 (`rows`: `k` rows of `n` values),
+    /// packed as [`Packed::right`] packs it, with no widening: neighbouring rows' values side
+    /// by side as words. A frozen bf16 weight `[out, in]` as the input gradient's right
+    /// operand: widened to f32 first, it was copied and read again at twice the width, every
+    /// training step (SDXL's transformer weights, 2.2 B values).
+    pub(super) fn right_of_bf16(k: usize, n: usize, rows: &[half::bf16], parallel: bool) -> Packed {
+        assert!(available() && rows.len() == k * n, "a bf16 [{k}, {n}] operand");
+        let (kp, panels) = (k.div_ceil(2), n.div_ceil(NR));
+        let (panel, values) = (kp * NR, rows.as_ptr() as usize);
+        // A block of PAIRS pairs into every panel in turn: each panel's part written whole
+        // (2 KiB), 32 rows read front to back, instead of a pair at a time across every
+        // panel with the writes a panel apart.
+        const PAIRS: usize = 16;
+        let fill = |out: &mut [std::mem::MaybeUninit<u32>]| {
+            let out = out.as_mut_ptr() as usize;
+            let block = |b: usize| {
+                let values = values as *const u16;
+                for p in 0..panels {
+                    let (j0, count) = (p * NR, NR.min(n - p * NR));
+                    for q in b * PAIRS..((b + 1) * PAIRS).min(kp) {
+                        // SAFETY: AVX512BW and VL run (`available`, asserted); rows 2q and
+                        // (before k) 2q + 1 hold `count` values from column j0; panel p's row
+                        // q is in `out` (every panel), and only this block writes it.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            let hi = (2 * q + 1 < k).then(|| values.add((2 * q + 1) * n + j0));
+                            x86::pair_bf16_row(values.add(2 * q * n + j0), hi, count, (out as *mut u32).add(p * panel + q * NR));
+                        }
+                    }
+                }
+            };
+            if parallel && panels * panel >= PARALLEL_ENTRIES {
+                (0..kp.div_ceil(PAIRS)).into_par_iter().for_each(block);
+            } else {
+                (0..kp.div_ceil(PAIRS)).for_each(block);
+            }
+        };
+        // SAFETY: every panel's every row is written (zeros past `n` and after an odd `k`).
+        let data = unsafe { Words::written(panels * panel, fill) };
         Packed { data, lines: n, k, width: NR, layout: Layout::Pairs }
     }
 
@@ -755,6 +798,28 @@ mod x86 {
         }
     }
 
+    /// Pair `q` of a panel's rows from bf16 rows `lo` and `hi` (zeros without it): their
+    /// first `count` values (at most [`NR`]) side by side as words into `out`, zeros after
+    /// them to a whole row of the panel.
+    ///
+    /// SAFETY: the CPU has AVX512BW and AVX512VL; `lo` and `hi` cover `count` values, `out`
+    /// [`NR`] words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn pair_bf16_row(lo: *const u16, hi: Option<*const u16>, count: usize, out: *mut u32) {
+        const { assert!(NR == 32) };
+        for h in 0..2 {
+            // A lane count of zero leaves the pointers unread.
+            let mask = super::lanes(count.saturating_sub(16 * h).min(16), 0);
+            // SAFETY: as the caller vouches; each value widened to a word, the `hi` one
+            // shifted into its top half.
+            unsafe {
+                let lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo.add(16 * h).cast()));
+                let hi = hi.map_or(_mm512_setzero_si512(), |p| _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p.add(16 * h).cast()))));
+                _mm512_storeu_si512(out.add(16 * h).cast(), _mm512_or_si512(lo, hi));
+            }
+        }
+    }
+
     /// SAFETY: as [`super::micro`], on a CPU with AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn micro(a: &[u32], b: &[u32], at: *mut f32, tile: Tile) {
@@ -852,6 +917,30 @@ mod tests {
                     let at = |e: usize| if line < n && e < k { to_bf16(x[e * n + line]) } else { 0 };
                     assert_eq!(entry, u32::from(at(2 * q)) | u32::from(at(2 * q + 1)) << 16, "width {width}, entry {i} (line {line}, pair {q})");
                 }
+            }
+        }
+    }
+
+    /// A bf16 operand packs to the same words as its values widened to f32 do (odd `k`, a
+    /// partial last panel, serial and parallel), NaN and infinities included.
+    #[test]
+    fn a_bf16_operand_packs_as_its_widened_values() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (k, n) in [(1, 1), (7, 4101), (64, 33), (2, 16)] {
+            let mut x: Vec<half::bf16> = values(k * n, 11).iter().map(|&v| half::bf16::from_f32(v)).collect();
+            x[0] = half::bf16::NAN;
+            if x.len() > 2 {
+                x[1] = half::bf16::INFINITY;
+                x[2] = half::bf16::NEG_ZERO;
+            }
+            let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            for parallel in [false, true] {
+                let (of_bf16, of_f32) = (Packed::right_of_bf16(k, n, &x, parallel), Packed::right(k, n, View::rows(&wide, 0, n), parallel));
+                assert_eq!((of_bf16.lines, of_bf16.k, of_bf16.width), (n, k, NR));
+                assert!(of_bf16.data[..] == of_f32.data[..], "[{k}, {n}], parallel {parallel}");
             }
         }
     }

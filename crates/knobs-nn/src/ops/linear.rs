@@ -250,6 +250,23 @@ fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View, products: Pro
     unsafe { written(m * n, |out| product_as(products, m, n, k, out.as_mut_ptr().cast(), n, 1, false, lhs, rhs, 1.0, par(m * n * k))) }
 }
 
+/// `g` `[rows, d_out]` times the weight `w` `[d_out, d_in]` as stored (the input's
+/// gradient): a bf16 weight under bf16 products packed from its own values, any other widened.
+fn times_weight(rows: usize, d_in: usize, d_out: usize, g: &[f32], w: &FlexTensor, products: Products) -> Vec<f32> {
+    if products == Products::Bf16
+        && d_out > 0
+        && super::bf16_product::available()
+        && let Some(values) = w.as_slice::<half::bf16>()
+    {
+        let parallel = rows * d_in * d_out >= PARALLEL_WORK;
+        let (lhs, rhs) = (Packed::left(rows, d_out, View::rows(g, 0, d_out), parallel), Packed::right_of_bf16(d_out, d_in, values, parallel));
+        // SAFETY: a product without accumulation writes all rows x d_in values.
+        return unsafe { written(rows * d_in, |out| product_packed(&lhs, &rhs, out.as_mut_ptr().cast(), d_in, 1, false, 1.0, parallel)) };
+    }
+    let w = widened(w);
+    new_product(rows, d_in, d_out, View::rows(g, 0, d_out), View::rows(slice(&w), 0, d_in), products)
+}
+
 /// The output again from the input, weight and bias, in the backward pass.
 #[derive(Debug)]
 struct Recompute {
@@ -317,9 +334,8 @@ impl<const N: usize> Backward<Flex, N> for LinearOp<N> {
         let gs = slice(&g);
         let parent = |i: usize| ops.parents.get(i).cloned().flatten();
         if let Some(node) = parent(0) {
-            let w = widened(&w);
             let d_in = w.layout().shape().dims::<2>()[1];
-            let dx = new_product(rows, d_in, d_out, View::rows(gs, 0, d_out), View::rows(slice(&w), 0, d_in), products);
+            let dx = times_weight(rows, d_in, d_out, gs, &w, products);
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [rows, d_in])));
         }
         if let Some(node) = parent(1) {
@@ -487,6 +503,31 @@ mod tests {
                     assert!(max_rel(got, unrounded) > 1e-4, "{rows}x{d_in}x{d_out} trains {trains}: output {i} as if unrounded");
                 }
             }
+        }
+    }
+
+    /// A frozen weight stored in bf16 (packed from its own values for the input's gradient)
+    /// gives the bits of the same weight in f32, rounded to bf16 beforehand.
+    #[test]
+    fn a_bf16_weight_gives_its_f32_twins_gradient() {
+        if !crate::ops::bf16_product::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut init = Init::new(35);
+        for (rows, d_in, d_out) in [(7, 13, 5), (300, 70, 131), (1, 64, 20)] {
+            let (x, w) = (init.normal::<2>([rows, d_in], 1.0, &cpu()), init.normal::<2>([d_out, d_in], 0.3, &cpu()).cast(DType::BF16));
+            let probe = init.normal::<2>([rows, d_out], 1.0, &cpu());
+            let run = |w: &Tensor<2>| {
+                let device = cpu_autodiff();
+                let x = Tensor::<2>::from_data(x.to_data(), &device).require_grad();
+                let y = linear_as(&x, &Tensor::from_data(w.to_data(), &device), None, Products::Bf16).expect("the op applies");
+                let g = (y.clone() * Tensor::from_data(probe.to_data(), &device)).sum().backward();
+                (values(y), values(x.grad(&g).unwrap()))
+            };
+            let (got, want) = (run(&w), run(&w.clone().cast(DType::F32)));
+            assert!(got.0.iter().zip(&want.0).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows}x{d_in}x{d_out}: output");
+            assert!(got.1.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows}x{d_in}x{d_out}: input gradient");
         }
     }
 
