@@ -44,18 +44,28 @@ impl Linear {
         // it), else f32 ones with the weight as stored: burn's bf16 product was slower than
         // f32, and kept a narrowed copy of the weight.
         if let Some(dtype) = half_on_cpu(&x) {
+            // bf16 in and out where the op takes them as they are (`ops::linear`'s `takes_bf16`).
+            if let Some(y) = self.base_op(&x, Products::for_dtype(dtype)) {
+                return y;
+            }
             return value_as(&self.base(f32_value(&x), Products::for_dtype(dtype)), dtype);
         }
         // f32 input: f32 products, or bf16 ones inside a bf16 model's generation (`autocast`).
         self.base(x, crate::ops::autocast::products_for_f32())
     }
 
-    fn base<const D: usize>(&self, x: Tensor<D>, products: Products) -> Tensor<D> {
+    /// The layer's own op ([`crate::ops::linear_as`]) on `x`, where it applies.
+    fn base_op<const D: usize>(&self, x: &Tensor<D>, products: Products) -> Option<Tensor<D>> {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        if let Some(y) = crate::ops::linear_as(&x.clone().reshape([rows, self.d_in()]), &self.weight, self.bias.as_ref(), products) {
-            dims[D - 1] = self.d_out();
-            return y.reshape(dims);
+        let y = crate::ops::linear_as(&x.clone().reshape([rows, self.d_in()]), &self.weight, self.bias.as_ref(), products)?;
+        dims[D - 1] = self.d_out();
+        Some(y.reshape(dims))
+    }
+
+    fn base<const D: usize>(&self, x: Tensor<D>, products: Products) -> Tensor<D> {
+        if let Some(y) = self.base_op(&x, products) {
+            return y;
         }
         // In the input's dtype: f32, or the narrower one of mixed precision.
         let dtype = x.dtype();

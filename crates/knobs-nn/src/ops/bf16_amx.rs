@@ -131,6 +131,36 @@ pub(super) unsafe fn pack_rows(ptr: *const f32, line: isize, elem: isize, m: usi
     Packed { data, lines: m, k, width: ROWS, layout: Layout::Rows }
 }
 
+/// [`pack_rows`] for `m` contiguous rows of `k` bf16 values (`k` even) given as their words:
+/// each row's words copied into the tiles as they are. bf16 activations under mixed
+/// precision, which a layer widened to f32 for [`pack_rows`] to round back.
+pub(super) fn pack_bf16_rows(words: &[u32], m: usize, k: usize, parallel: bool) -> Packed {
+    const GROUP: usize = 16;
+    assert!(k.is_multiple_of(2) && words.len() == m * k / 2, "{m} rows of {k} bf16 values as words");
+    let (kp, stride) = (k / 2, row_stride(k));
+    let group = |(g, out): (usize, &mut [MaybeUninit<u32>])| {
+        for t in 0..GROUP {
+            let i = g * GROUP + t;
+            for q0 in (0..stride).step_by(PAIRS) {
+                // Row t's pairs q0 .. q0 + 16, in the tile of pairs q0 (see `at`).
+                let dst = &mut out[q0 * 16 + t * PAIRS..][..PAIRS];
+                let have = if i < m { PAIRS.min(kp.saturating_sub(q0)) } else { 0 };
+                if have > 0 {
+                    dst[..have].iter_mut().zip(&words[i * kp + q0..][..have]).for_each(|(d, w)| {
+                        d.write(*w);
+                    });
+                }
+                dst[have..].iter_mut().for_each(|d| {
+                    d.write(0);
+                });
+            }
+        }
+    };
+    // SAFETY: every group of rows is written in full.
+    let data = unsafe { Words::written(m.next_multiple_of(ROWS) * stride, |out| fill_chunks(out, GROUP * stride, parallel, group)) };
+    Packed { data, lines: m, k, width: ROWS, layout: Layout::Rows }
+}
+
 /// The pieces of part `part` of `parts` of panel `p` of a right operand whose lines lie as
 /// rows of words (pairs along `k`): line `l`'s group `t` of `groups` is row `l * groups + t`,
 /// rows `pitch` words apart, of which the first `len` (a multiple of 16) are packed, each

@@ -205,6 +205,12 @@ impl Packed {
         Packed::new(ptr, line, elem, m, k, MR, parallel)
     }
 
+    /// The left operand `[m, k]` stored row-major in bf16 (`k` even), as its words, packed as
+    /// [`Packed::left`] packs it, where AMX runs (`None` elsewhere).
+    pub(super) fn left_of_bf16(m: usize, k: usize, words: &[u32], parallel: bool) -> Option<Packed> {
+        amx::available().then(|| amx::pack_bf16_rows(words, m, k, parallel))
+    }
+
     /// The right operand `[k, n]`, its columns in panels of [`NR`].
     pub(super) fn right(k: usize, n: usize, rhs: View, parallel: bool) -> Packed {
         let (ptr, elem, line) = rhs.parts();
@@ -941,6 +947,27 @@ mod tests {
                 let (of_bf16, of_f32) = (Packed::right_of_bf16(k, n, &x, parallel), Packed::right(k, n, View::rows(&wide, 0, n), parallel));
                 assert_eq!((of_bf16.lines, of_bf16.k, of_bf16.width), (n, k, NR));
                 assert!(of_bf16.data[..] == of_f32.data[..], "[{k}, {n}], parallel {parallel}");
+            }
+        }
+    }
+
+    /// A bf16 left operand packs, on AMX, to the same words as its values widened to f32 do
+    /// (partial tiles of rows and of pairs, serial and parallel).
+    #[test]
+    fn a_bf16_left_operand_packs_as_its_widened_values() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        for (m, k) in [(1, 2), (33, 46), (40, 64), (700, 90)] {
+            let x: Vec<half::bf16> = values(m * k, 13).iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let words = crate::ops::words::pairs(&x).expect("an even count, aligned");
+            for parallel in [false, true] {
+                let of_bf16 = Packed::left_of_bf16(m, k, words, parallel).expect("AMX runs");
+                let of_f32 = Packed::left(m, k, View::rows(&wide, 0, k), parallel);
+                assert_eq!((of_bf16.lines, of_bf16.k, of_bf16.width, of_bf16.layout), (of_f32.lines, of_f32.k, of_f32.width, of_f32.layout));
+                assert!(of_bf16.data[..] == of_f32.data[..], "[{m}, {k}], parallel {parallel}");
             }
         }
     }

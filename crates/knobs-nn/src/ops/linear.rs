@@ -39,7 +39,7 @@ pub fn linear(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> Option<Ten
 
 /// [`linear`] with its products (forward and backward) in `products`' arithmetic.
 pub fn linear_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: Products) -> Option<Tensor<2>> {
-    if !applies(x, w, b) {
+    if !applies(x, w, b, products) {
         return None;
     }
     if !on_autodiff(x, w, b) {
@@ -91,7 +91,7 @@ pub fn linear_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: 
 /// round in another order than the layer's output plus the residual.
 pub fn linear_added_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, residual: &Tensor<2>, products: Products) -> Option<Tensor<2>> {
     let residual_fits = residual.dtype() == DType::F32 && residual.dims() == [x.dims()[0], w.dims()[0]] && !residual.is_autodiff();
-    if !applies(x, w, b) || !residual_fits || on_autodiff(x, w, b) {
+    if !applies(x, w, b, products) || x.dtype() != DType::F32 || !residual_fits || on_autodiff(x, w, b) {
         return None;
     }
     let (x, w, b) = plain(x, w, b)?;
@@ -99,16 +99,32 @@ pub fn linear_added_as(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, resi
     Some(Tensor::from_primitive::<Flex>(forward(&x, &w, b.as_ref(), Some(&residual), products, true)))
 }
 
-/// Whether the op takes these tensors (see the module's doc): an f32 input, a weight and bias
-/// in f32 or, frozen, in half precision, of matching shapes. Mismatched shapes are left to
-/// burn's ops, which name them (the kernels trust them).
-fn applies(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> bool {
+/// Whether the op takes these tensors (see the module's doc): an f32 input (or a bf16 one,
+/// see [`takes_bf16`]), a weight and bias in f32 or, frozen, in half precision, of matching
+/// shapes. Mismatched shapes are left to burn's ops, which name them (the kernels trust them).
+fn applies(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: Products) -> bool {
     let usable = |dtype: DType, tracked: bool| dtype == DType::F32 || (matches!(dtype, DType::F16 | DType::BF16) && !tracked);
-    x.dtype() == DType::F32
+    (x.dtype() == DType::F32 || takes_bf16(x, w, b, products))
         && usable(w.dtype(), w.is_tracked())
         && b.is_none_or(|b| usable(b.dtype(), b.is_tracked()))
         && x.dims()[1] == w.dims()[1]
         && b.is_none_or(|b| b.dims()[0] == w.dims()[0])
+}
+
+/// Whether the op takes `x` in bf16 and gives its output in bf16 (mixed precision's
+/// activations): under bf16 products on AMX, for a frozen weight and bias, an even width in
+/// and out. The input is packed from its own values and the output (and, in the backward
+/// pass, the input's gradient) narrowed as it is made, where the layer widened its input to
+/// f32 and narrowed the op's output, each a tensor and a recorded cast of its own, and so
+/// their gradients. The same bits either way: the products round their operands to bf16.
+fn takes_bf16(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>, products: Products) -> bool {
+    x.dtype() == DType::BF16
+        && products == Products::Bf16
+        && super::bf16_product::amx_runs()
+        && !w.is_tracked()
+        && b.is_none_or(|b| !b.is_tracked())
+        && x.dims()[1].is_multiple_of(2)
+        && w.dims()[0].is_multiple_of(2)
 }
 
 fn on_autodiff(x: &Tensor<2>, w: &Tensor<2>, b: Option<&Tensor<1>>) -> bool {
@@ -139,7 +155,6 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
     let x = x.to_contiguous();
     let [rows, d_in] = x.layout().shape().dims::<2>();
     let d_out = w.layout().shape().dims::<2>()[0];
-    let xv = View::rows(slice(&x), 0, d_in);
     let b = b.map(widened);
     let residual = residual.map(|r| r.to_contiguous());
     let work = rows * d_in * d_out;
@@ -175,11 +190,24 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
         }
         out
     };
+    let parallel = work >= PARALLEL_WORK;
+    if x.dtype() == DType::BF16 {
+        // A bf16 input (`takes_bf16`), packed from its own values; the output narrowed.
+        let words = pairs(x.as_slice::<half::bf16>().expect("a contiguous bf16 input")).expect("bf16 values, an even count, as words");
+        let lhs = Packed::left_of_bf16(rows, d_in, words, parallel).expect("AMX runs (takes_bf16)");
+        let rhs = match bf16_rows(w, d_in) {
+            Some(rows_of_w) => Packed::right_of_rows(rows_of_w, d_out, d_in, parallel),
+            None => Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), parallel),
+        };
+        // SAFETY: the destination holds rows x d_out values; the operands cover [rows, d_in]
+        // and [d_in, d_out].
+        return narrowed(with_product(&|dst, accumulate| unsafe { product_packed(&lhs, &rhs, dst, d_out, 1, accumulate, 1.0, parallel) }), [rows, d_out]);
+    }
+    let xv = View::rows(slice(&x), 0, d_in);
     // The product with `wt`, the weight's transpose `[in, out]` as a view.
     // SAFETY (of each product below): `dst` holds rows x d_out; x is [rows, d_in] and the
     // weight's operand covers [d_in, d_out].
     let times = |wt: View| with_product(&|dst, accumulate| unsafe { product_as(products, rows, d_out, d_in, dst, d_out, 1, accumulate, xv, wt, 1.0, par(work)) });
-    let parallel = work >= PARALLEL_WORK;
     // SAFETY (of both): the packing covers [d_in, d_out]; see above.
     let packed_product = |rhs: &Packed| with_product(&|dst, accumulate| unsafe { product_packed(&Packed::left(rows, d_in, xv, parallel), rhs, dst, d_out, 1, accumulate, 1.0, parallel) });
     if untracked && products == Products::Bf16 {
@@ -207,6 +235,11 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
         times(View::rows(slice(&w), 0, d_in).t())
     });
     FlexTensor::from_data(TensorData::new(out, [rows, d_out]))
+}
+
+/// f32 `values` of `shape` as a bf16 tensor, rounded as the casts round.
+fn narrowed(values: Vec<f32>, shape: [usize; 2]) -> FlexTensor {
+    FlexTensor::from_data(super::precision::data_as(TensorData::new(values, shape), DType::BF16))
 }
 
 /// bf16 weights of at least this many values are packed as the product goes where nothing is
@@ -265,6 +298,24 @@ fn times_weight(rows: usize, d_in: usize, d_out: usize, g: &[f32], w: &FlexTenso
     }
     let w = widened(w);
     new_product(rows, d_in, d_out, View::rows(g, 0, d_out), View::rows(slice(&w), 0, d_in), products)
+}
+
+/// The input's gradient in bf16 from the output's `g` `[rows, d_out]` in bf16 and the frozen
+/// weight `w` `[d_out, d_in]` ([`takes_bf16`]), `g` packed from its own values.
+fn input_gradient_bf16(g: &FlexTensor, w: &FlexTensor, rows: usize, d_in: usize, d_out: usize) -> FlexTensor {
+    if d_out == 0 {
+        return narrowed(vec![0.0; rows * d_in], [rows, d_in]);
+    }
+    let parallel = rows * d_in * d_out >= PARALLEL_WORK;
+    let words = pairs(g.as_slice::<half::bf16>().expect("a contiguous bf16 gradient")).expect("bf16 values, an even count, as words");
+    let lhs = Packed::left_of_bf16(rows, d_out, words, parallel).expect("AMX runs (takes_bf16)");
+    let rhs = match w.as_slice::<half::bf16>() {
+        Some(values) => Packed::right_of_bf16(d_out, d_in, values, parallel),
+        None => Packed::right(d_out, d_in, View::rows(slice(&widened(w)), 0, d_in), parallel),
+    };
+    // SAFETY: a product without accumulation writes all rows x d_in values.
+    let dx = unsafe { written(rows * d_in, |out| product_packed(&lhs, &rhs, out.as_mut_ptr().cast(), d_in, 1, false, 1.0, parallel)) };
+    narrowed(dx, [rows, d_in])
 }
 
 /// The output again from the input, weight and bias, in the backward pass.
@@ -331,8 +382,16 @@ impl<const N: usize> Backward<Flex, N> for LinearOp<N> {
         let (Saved { w, products }, kept_ids) = ops.state;
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [rows, d_out] = g.layout().shape().dims::<2>();
-        let gs = slice(&g);
         let parent = |i: usize| ops.parents.get(i).cloned().flatten();
+        if g.dtype() == DType::BF16 {
+            // A bf16 input's op ([`takes_bf16`]): the weight and bias are frozen.
+            if let Some(node) = parent(0) {
+                let d_in = w.layout().shape().dims::<2>()[1];
+                grads.register::<Flex>(node.id, input_gradient_bf16(&g, &w, rows, d_in, d_out));
+            }
+            return;
+        }
+        let gs = slice(&g);
         if let Some(node) = parent(0) {
             let d_in = w.layout().shape().dims::<2>()[1];
             let dx = times_weight(rows, d_in, d_out, gs, &w, products);
@@ -521,13 +580,57 @@ mod tests {
             let run = |w: &Tensor<2>| {
                 let device = cpu_autodiff();
                 let x = Tensor::<2>::from_data(x.to_data(), &device).require_grad();
-                let y = linear_as(&x, &Tensor::from_data(w.to_data(), &device), None, Products::Bf16).expect("the op applies");
+                // from_data makes an f32 tensor; the weight takes its dtype back.
+                let w_on = Tensor::<2>::from_data(w.to_data(), &device).cast(w.dtype());
+                assert_eq!(w_on.dtype(), w.dtype());
+                let y = linear_as(&x, &w_on, None, Products::Bf16).expect("the op applies");
                 let g = (y.clone() * Tensor::from_data(probe.to_data(), &device)).sum().backward();
                 (values(y), values(x.grad(&g).unwrap()))
             };
             let (got, want) = (run(&w), run(&w.clone().cast(DType::F32)));
             assert!(got.0.iter().zip(&want.0).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows}x{d_in}x{d_out}: output");
             assert!(got.1.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows}x{d_in}x{d_out}: input gradient");
+        }
+    }
+
+    /// A bf16 input taken as it is ([`takes_bf16`]) gives the bits of the layer's widen, op,
+    /// narrow: the output, and the input's gradient, with an f32 or a bf16 frozen weight,
+    /// with and without balanced checkpointing (which recomputes the 8x wider layer's output).
+    #[test]
+    fn a_bf16_input_gives_the_bits_of_its_widened_twin() {
+        if !crate::ops::bf16_product::amx_runs() {
+            eprintln!("skipped: AMX does not run on this CPU");
+            return;
+        }
+        let mut init = Init::new(36);
+        for (rows, d_in, d_out) in [(7, 16, 6), (300, 70, 130), (64, 128, 1024)] {
+            let x = init.normal::<2>([rows, d_in], 1.0, &cpu()).cast(DType::BF16);
+            let (w, b) = (init.normal::<2>([d_out, d_in], 0.3, &cpu()), init.normal::<1>([d_out], 0.5, &cpu()));
+            let probe = init.normal::<2>([rows, d_out], 1.0, &cpu());
+            for (w, checkpointed) in [(w.clone(), false), (w.clone().cast(DType::BF16), false), (w.cast(DType::BF16), true)] {
+                let run = |as_is: bool| {
+                    let device = if checkpointed { crate::cpu_autodiff_checkpointed() } else { cpu_autodiff() };
+                    // from_data makes f32 tensors; each then takes its dtype back.
+                    let x = Tensor::<2>::from_data(x.to_data(), &device).cast(DType::BF16).require_grad();
+                    let (w, b) = (Tensor::<2>::from_data(w.to_data(), &device).cast(w.dtype()), Tensor::<1>::from_data(b.to_data(), &device));
+                    let y = if as_is {
+                        linear_as(&x, &w, Some(&b), Products::Bf16).expect("the op takes bf16")
+                    } else {
+                        let wide = crate::ops::precision::cast(&x, DType::F32);
+                        crate::ops::precision::cast(&linear_as(&wide, &w, Some(&b), Products::Bf16).expect("the op applies"), DType::BF16)
+                    };
+                    assert_eq!(y.dtype(), DType::BF16);
+                    let g = (crate::ops::precision::cast(&y, DType::F32) * Tensor::from_data(probe.to_data(), &device)).sum().backward();
+                    let dx = x.grad(&g).unwrap();
+                    assert_eq!(dx.dtype(), DType::BF16);
+                    (values(y), values(dx))
+                };
+                let (got, want) = (run(true), run(false));
+                let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+                let what = format!("{rows}x{d_in}x{d_out}, weight {:?}, checkpointed {checkpointed}", w.dtype());
+                assert!(same(&got.0, &want.0), "{what}: output");
+                assert!(same(&got.1, &want.1), "{what}: input gradient");
+            }
         }
     }
 
