@@ -927,6 +927,22 @@ mod tests {
         }
     }
 
+    /// `n` bf16 values (from seed `seed`), and the same widened to f32.
+    fn bf16_values(n: usize, seed: u64) -> (Vec<half::bf16>, Vec<f32>) {
+        let x: Vec<half::bf16> = values(n, seed).iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let wide = x.iter().map(|v| v.to_f32()).collect();
+        (x, wide)
+    }
+
+    /// The packings `of_bf16` and `of_f32` make (one thread, then several) are the same.
+    fn packs_alike(of_bf16: impl Fn(bool) -> Packed, of_f32: impl Fn(bool) -> Packed, what: &str) {
+        for parallel in [false, true] {
+            let (a, b) = (of_bf16(parallel), of_f32(parallel));
+            assert_eq!((a.lines, a.k, a.width, a.layout), (b.lines, b.k, b.width, b.layout), "{what}");
+            assert!(a.data[..] == b.data[..], "{what}, parallel {parallel}");
+        }
+    }
+
     /// A bf16 operand packs to the same words as its values widened to f32 do (odd `k`, a
     /// partial last panel, serial and parallel), NaN and infinities included.
     #[test]
@@ -936,18 +952,14 @@ mod tests {
             return;
         }
         for (k, n) in [(1, 1), (7, 4101), (64, 33), (2, 16)] {
-            let mut x: Vec<half::bf16> = values(k * n, 11).iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let (mut x, _) = bf16_values(k * n, 11);
             x[0] = half::bf16::NAN;
             if x.len() > 2 {
                 x[1] = half::bf16::INFINITY;
                 x[2] = half::bf16::NEG_ZERO;
             }
             let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-            for parallel in [false, true] {
-                let (of_bf16, of_f32) = (Packed::right_of_bf16(k, n, &x, parallel), Packed::right(k, n, View::rows(&wide, 0, n), parallel));
-                assert_eq!((of_bf16.lines, of_bf16.k, of_bf16.width), (n, k, NR));
-                assert!(of_bf16.data[..] == of_f32.data[..], "[{k}, {n}], parallel {parallel}");
-            }
+            packs_alike(|p| Packed::right_of_bf16(k, n, &x, p), |p| Packed::right(k, n, View::rows(&wide, 0, n), p), &format!("[{k}, {n}]"));
         }
     }
 
@@ -960,15 +972,9 @@ mod tests {
             return;
         }
         for (m, k) in [(1, 2), (33, 46), (40, 64), (700, 90)] {
-            let x: Vec<half::bf16> = values(m * k, 13).iter().map(|&v| half::bf16::from_f32(v)).collect();
-            let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let (x, wide) = bf16_values(m * k, 13);
             let words = crate::ops::words::pairs(&x).expect("an even count, aligned");
-            for parallel in [false, true] {
-                let of_bf16 = Packed::left_of_bf16(m, k, words, parallel).expect("AMX runs");
-                let of_f32 = Packed::left(m, k, View::rows(&wide, 0, k), parallel);
-                assert_eq!((of_bf16.lines, of_bf16.k, of_bf16.width, of_bf16.layout), (of_f32.lines, of_f32.k, of_f32.width, of_f32.layout));
-                assert!(of_bf16.data[..] == of_f32.data[..], "[{m}, {k}], parallel {parallel}");
-            }
+            packs_alike(|p| Packed::left_of_bf16(m, k, words, p).expect("AMX runs"), |p| Packed::left(m, k, View::rows(&wide, 0, k), p), &format!("[{m}, {k}]"));
         }
     }
 
