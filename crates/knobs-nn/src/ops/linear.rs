@@ -194,11 +194,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
     if x.dtype() == DType::BF16 {
         // A bf16 input (`takes_bf16`), packed from its own values; the output narrowed.
         let words = pairs(x.as_slice::<half::bf16>().expect("a contiguous bf16 input")).expect("bf16 values, an even count, as words");
-        let lhs = Packed::left_of_bf16(rows, d_in, words, parallel).expect("AMX runs (takes_bf16)");
-        let rhs = match bf16_rows(w, d_in) {
-            Some(rows_of_w) => Packed::right_of_rows(rows_of_w, d_out, d_in, parallel),
-            None => Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), parallel),
-        };
+        let (lhs, rhs) = (Packed::left_of_bf16(rows, d_in, words, parallel).expect("AMX runs (takes_bf16)"), packed_weight(w, d_in, d_out, parallel));
         // SAFETY: the destination holds rows x d_out values; the operands cover [rows, d_in]
         // and [d_in, d_out].
         return narrowed(with_product(&|dst, accumulate| unsafe { product_packed(&lhs, &rhs, dst, d_out, 1, accumulate, 1.0, parallel) }), [rows, d_out]);
@@ -217,7 +213,7 @@ fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, residual: Opt
             let out = with_product(&|dst, accumulate| unsafe { super::bf16_product::product_of_rows(&Packed::left(rows, d_in, xv, parallel), rows_of_w, d_out, dst, d_out, accumulate, parallel) });
             return FlexTensor::from_data(TensorData::new(out, [rows, d_out]));
         }
-        let pack = || vec![packed_weight(w, d_in, d_out)];
+        let pack = || vec![packed_weight(w, d_in, d_out, true)];
         if let Some(kept) = weight_transforms::packed(w, [d_out, d_in, 1], Packed::right_bytes(d_in, d_out), pack) {
             return FlexTensor::from_data(TensorData::new(packed_product(&kept[0]), [rows, d_out]));
         }
@@ -248,10 +244,10 @@ const PACKED_AS_IT_GOES: usize = 1 << 20;
 
 /// The weight `[d_out, d_in]` packed as the bf16 products' right operand: a bf16 one straight
 /// from its words where `d_in` allows ([`bf16_rows`]), any other widened first.
-fn packed_weight(w: &FlexTensor, d_in: usize, d_out: usize) -> Packed {
+fn packed_weight(w: &FlexTensor, d_in: usize, d_out: usize, parallel: bool) -> Packed {
     match bf16_rows(w, d_in) {
-        Some(rows) => Packed::right_of_rows(rows, d_out, d_in, true),
-        None => Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), true),
+        Some(rows) => Packed::right_of_rows(rows, d_out, d_in, parallel),
+        None => Packed::right(d_in, d_out, View::rows(slice(&widened(w)), 0, d_in).t(), parallel),
     }
 }
 
@@ -283,39 +279,38 @@ fn new_product(m: usize, n: usize, k: usize, lhs: View, rhs: View, products: Pro
     unsafe { written(m * n, |out| product_as(products, m, n, k, out.as_mut_ptr().cast(), n, 1, false, lhs, rhs, 1.0, par(m * n * k))) }
 }
 
-/// `g` `[rows, d_out]` times the weight `w` `[d_out, d_in]` as stored (the input's
-/// gradient): a bf16 weight under bf16 products packed from its own values, any other widened.
+/// The input's gradient `g W` into a new vector: `g` `[rows, d_out]` packed by `lhs` (from f32
+/// or bf16 values), times the weight `w` `[d_out, d_in]` as the bf16 products' right operand,
+/// a bf16 one packed from its own values, any other widened first.
+fn times_packed_weight(lhs: impl FnOnce(bool) -> Packed, w: &FlexTensor, rows: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    if d_out == 0 {
+        return vec![0.0; rows * d_in];
+    }
+    let parallel = rows * d_in * d_out >= PARALLEL_WORK;
+    let rhs = match w.as_slice::<half::bf16>() {
+        Some(values) => Packed::right_of_bf16(d_out, d_in, values, parallel),
+        None => Packed::right(d_out, d_in, View::rows(slice(&widened(w)), 0, d_in), parallel),
+    };
+    let lhs = lhs(parallel);
+    // SAFETY: a product without accumulation writes all rows x d_in values.
+    unsafe { written(rows * d_in, |out| product_packed(&lhs, &rhs, out.as_mut_ptr().cast(), d_in, 1, false, 1.0, parallel)) }
+}
+
+/// The input's gradient from the output's `g` `[rows, d_out]` (f32) and the weight as stored.
 fn times_weight(rows: usize, d_in: usize, d_out: usize, g: &[f32], w: &FlexTensor, products: Products) -> Vec<f32> {
-    if products == Products::Bf16
-        && d_out > 0
-        && super::bf16_product::available()
-        && let Some(values) = w.as_slice::<half::bf16>()
-    {
-        let parallel = rows * d_in * d_out >= PARALLEL_WORK;
-        let (lhs, rhs) = (Packed::left(rows, d_out, View::rows(g, 0, d_out), parallel), Packed::right_of_bf16(d_out, d_in, values, parallel));
-        // SAFETY: a product without accumulation writes all rows x d_in values.
-        return unsafe { written(rows * d_in, |out| product_packed(&lhs, &rhs, out.as_mut_ptr().cast(), d_in, 1, false, 1.0, parallel)) };
+    if products == Products::Bf16 && super::bf16_product::available() && w.dtype() == DType::BF16 {
+        return times_packed_weight(|parallel| Packed::left(rows, d_out, View::rows(g, 0, d_out), parallel), w, rows, d_in, d_out);
     }
     let w = widened(w);
     new_product(rows, d_in, d_out, View::rows(g, 0, d_out), View::rows(slice(&w), 0, d_in), products)
 }
 
 /// The input's gradient in bf16 from the output's `g` `[rows, d_out]` in bf16 and the frozen
-/// weight `w` `[d_out, d_in]` ([`takes_bf16`]), `g` packed from its own values.
+/// weight ([`takes_bf16`]), `g` packed from its own words.
 fn input_gradient_bf16(g: &FlexTensor, w: &FlexTensor, rows: usize, d_in: usize, d_out: usize) -> FlexTensor {
-    if d_out == 0 {
-        return narrowed(vec![0.0; rows * d_in], [rows, d_in]);
-    }
-    let parallel = rows * d_in * d_out >= PARALLEL_WORK;
     let words = pairs(g.as_slice::<half::bf16>().expect("a contiguous bf16 gradient")).expect("bf16 values, an even count, as words");
-    let lhs = Packed::left_of_bf16(rows, d_out, words, parallel).expect("AMX runs (takes_bf16)");
-    let rhs = match w.as_slice::<half::bf16>() {
-        Some(values) => Packed::right_of_bf16(d_out, d_in, values, parallel),
-        None => Packed::right(d_out, d_in, View::rows(slice(&widened(w)), 0, d_in), parallel),
-    };
-    // SAFETY: a product without accumulation writes all rows x d_in values.
-    let dx = unsafe { written(rows * d_in, |out| product_packed(&lhs, &rhs, out.as_mut_ptr().cast(), d_in, 1, false, 1.0, parallel)) };
-    narrowed(dx, [rows, d_in])
+    let lhs = |parallel| Packed::left_of_bf16(rows, d_out, words, parallel).expect("AMX runs (takes_bf16)");
+    narrowed(times_packed_weight(lhs, w, rows, d_in, d_out), [rows, d_in])
 }
 
 /// The output again from the input, weight and bias, in the backward pass.

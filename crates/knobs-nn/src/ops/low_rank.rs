@@ -12,6 +12,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::lanes::on_lanes;
+use super::matrix::min_len;
 
 use burn::backend::autodiff::NodeId;
 
@@ -84,17 +85,15 @@ impl Backward<Flex, 3> for LowRank {
         // The input, kept where A trains.
         let x = pa.as_ref().map(|_| kept(checkpointer, kept_x[0]).to_contiguous());
         if let Some(kernels) = Kernels::new(&g, &a, &b, &h) {
-            let xs = x.as_ref().map(|x| x.as_slice::<f32>().filter(|x| x.len() == kernels.rows * kernels.d_in));
-            // An input the kernels cannot read (never so from the layers) takes burn's ops.
-            if xs != Some(None) {
-                let (db, dx, da) = kernels.run(scale, pb.is_some(), px.is_some(), xs.flatten());
-                for (parent, grad) in [(pb, db), (px, dx), (pa, da)] {
-                    if let (Some(node), Some(grad)) = (parent, grad) {
-                        grads.register::<Flex>(node.id, grad);
-                    }
+            // The op takes f32 tensors only (`low_rank`), and the kept input is made contiguous.
+            let xs = x.as_ref().map(|x| x.as_slice::<f32>().expect("the op's f32 input"));
+            let (db, dx, da) = kernels.run(scale, pb.is_some(), px.is_some(), xs);
+            for (parent, grad) in [(pb, db), (px, dx), (pa, da)] {
+                if let (Some(node), Some(grad)) = (parent, grad) {
+                    grads.register::<Flex>(node.id, grad);
                 }
-                return;
             }
+            return;
         }
         let g = Tensor::<2>::from_primitive::<Flex>(g);
         let flex = |t: Plain| t.try_into_primitive::<Flex>().expect("a flex tensor");
@@ -172,11 +171,13 @@ impl Kernels {
         let (rows, out, rank, d_in) = (self.rows, self.out, self.rank, self.d_in);
         let [g, a, h] = [&self.g, &self.a, &self.h].map(|t| t.as_slice::<f32>().expect("contiguous f32 (checked)"));
         let (spans, isa) = (self.spans(), super::lanes::isa());
+        // Rows per chunk (the last may have fewer).
+        let chunk = spans.first().map_or(1, |s| s.1);
         // Pass 1, through g: t = scale g B for every row, and each chunk's part of dB^T.
         let mut t = vec![0.0f32; rows * rank];
         let mut parts_b = vec![0.0f32; if want_b { spans.len() * rank * out } else { 0 }];
-        let jobs: Vec<_> = spans.iter().zip(t.chunks_mut(spans.first().map_or(1, |s| s.1) * rank)).zip(parts_chunks(&mut parts_b, rank * out, spans.len())).map(|((s, t), p)| (*s, t, p)).collect();
-        each(jobs, 2 * rows * out * rank, |(span, t, part)| through_g(ThroughG { g, bt: &self.bt, h, out, rank, span, t, part, scale }, isa));
+        let jobs: Vec<_> = spans.iter().zip(t.chunks_mut(chunk * rank)).zip(parts_chunks(&mut parts_b, rank * out, spans.len())).map(|((s, t), p)| (*s, t, p)).collect();
+        jobs.into_par_iter().with_min_len(min_len(2 * rows * out * rank >= PARALLEL_WORK)).for_each(|(span, t, part)| through_g(ThroughG { g, bt: &self.bt, h, out, rank, span, t, part, scale }, isa));
         let db = want_b.then(|| {
             let bt = sum_parts(&parts_b, rank * out);
             let db: Vec<f32> = (0..out * rank).map(|i| bt[(i % rank) * out + i / rank]).collect();
@@ -187,9 +188,9 @@ impl Kernels {
         let mut parts_a = vec![0.0f32; if x.is_some() { spans.len() * rank * d_in } else { 0 }];
         if want_x || x.is_some() {
             let t = &t;
-            let dxs = parts_chunks(&mut dx, spans.first().map_or(1, |s| s.1) * d_in, spans.len());
+            let dxs = parts_chunks(&mut dx, chunk * d_in, spans.len());
             let jobs: Vec<_> = spans.iter().zip(dxs).zip(parts_chunks(&mut parts_a, rank * d_in, spans.len())).map(|((s, d), p)| (*s, d, p)).collect();
-            each(jobs, 2 * rows * d_in * rank, |(span, dx, part)| through_x(ThroughX { a, t, x, d_in, rank, span, dx, part }, isa));
+            jobs.into_par_iter().with_min_len(min_len(2 * rows * d_in * rank >= PARALLEL_WORK)).for_each(|(span, dx, part)| through_x(ThroughX { a, t, x, d_in, rank, span, dx, part }, isa));
         }
         let dx = want_x.then(|| FlexTensor::from_data(TensorData::new(dx, [rows, d_in])));
         let da = x.map(|_| FlexTensor::from_data(TensorData::new(sum_parts(&parts_a, rank * d_in), [rank, d_in])));
@@ -204,15 +205,6 @@ fn parts_chunks(v: &mut [f32], len: usize, count: usize) -> Vec<&mut [f32]> {
         return (0..count).map(|_| <&mut [f32]>::default()).collect();
     }
     v.chunks_mut(len.max(1)).collect()
-}
-
-/// `f` on every job: on every thread from `work` multiply-adds up.
-fn each<J: Send>(jobs: Vec<J>, work: usize, f: impl Fn(J) + Sync + Send) {
-    if work >= PARALLEL_WORK {
-        jobs.into_par_iter().for_each(f);
-    } else {
-        jobs.into_iter().for_each(f);
-    }
 }
 
 /// The parts (each `len` values) added in order.
