@@ -287,7 +287,9 @@ mod tests {
                         let y = op(x.clone()).cast(dtype);
                         let grad = tracked.then(|| {
                             let g = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
-                            values(x.grad(&g).expect("a gradient").cast(dtype))
+                            let grad = x.grad(&g).expect("a gradient");
+                            assert_eq!(grad.dtype(), x.dtype(), "{name}: the input's gradient in its dtype");
+                            values(grad.cast(dtype))
                         });
                         (y.dtype(), values(y), grad)
                     };

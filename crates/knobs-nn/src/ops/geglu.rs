@@ -5,8 +5,9 @@
 //! backward that pads each half's gradient back to full width with zeros and adds the two;
 //! at SD-1.5's 64x64 level each of those is a 42 MB tensor. Here one pass each way, reading
 //! the projection where it lies, which is all the op keeps. The GPU backends take
-//! `activation_portable`'s GEGLU under autodiff, which keeps the same. Half precision
-//! elsewhere is computed in f32 and rounded once.
+//! `activation_portable`'s GEGLU under autodiff, which keeps the same. f16 and bf16 are
+//! computed in f32 a piece at a time and rounded once (`half_pieces`); the op keeps the
+//! projection in its own dtype.
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
 use burn::backend::autodiff::checkpoint::state::BackwardStates;
@@ -15,13 +16,12 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData};
-use rayon::prelude::*;
+use burn::tensor::{DType, Tensor};
 
 use super::activation::{GeluFn, PIECE, Pointwise};
 use std::mem::MaybeUninit;
 
-use super::fresh::written;
+use super::half_pieces::{Values, filled};
 use super::lanes::{self, Lanes, on_lanes};
 use super::record::{kept, record};
 use crate::param::{f32_value, half_dtype, value_as};
@@ -29,7 +29,8 @@ use crate::param::{f32_value, half_dtype, value_as};
 /// `h * gelu(g)` for `y = [h, g]` along the last dimension (of even width).
 pub fn geglu<const D: usize>(y: Tensor<D>) -> Tensor<D> {
     // An odd width has a gate one wider than its values (burn's ops drop the last column).
-    if y.dtype() == DType::F32
+    // Half precision on the CPU: the f32 kernel a piece at a time (`half_pieces`).
+    if matches!(y.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && y.dims()[D - 1].is_multiple_of(2)
         && let Some(out) = fused(&y)
     {
@@ -73,28 +74,25 @@ fn rows_per_piece(width: usize) -> usize {
     (PIECE / width.max(1)).max(1)
 }
 
+/// The output, in the projection's dtype.
 fn forward(y: &FlexTensor) -> FlexTensor {
     let y = y.to_contiguous();
     let mut shape = y.layout().shape().clone();
     let width = shape[shape.num_dims() - 1];
     let inner = width / 2;
-    let ys = y.as_slice::<f32>().expect("a contiguous f32 tensor");
+    let ys = Values::of(&y).expect("an f32, f16 or bf16 tensor");
     let isa = lanes::isa();
-    let rows = rows_per_piece(width);
-    // SAFETY: the width is even, so the rows' halves cover every output value.
-    let out = unsafe {
-        written(ys.len() / 2, |out| {
-            out.par_chunks_mut(rows * inner).zip(ys.par_chunks(rows * width)).for_each(|(out, y)| {
-                for (out, y) in out.chunks_exact_mut(inner).zip(y.chunks_exact(width)) {
-                    let (h, g) = y.split_at(inner);
-                    gated((h, g, out), isa);
-                }
-            })
-        })
-    };
     let last = shape.num_dims() - 1;
     shape[last] = inner;
-    FlexTensor::from_data(TensorData::new(out, shape))
+    // The width is even, so the rows' halves cover every output value.
+    filled(shape, y.dtype(), rows_per_piece(width) * inner, |start, out, (scratch, _)| {
+        let row = start / inner;
+        let y = ys.f32s(row * width..(row + out.len() / inner) * width, scratch);
+        for (out, y) in out.chunks_exact_mut(inner).zip(y.chunks_exact(width)) {
+            let (h, g) = y.split_at(inner);
+            gated((h, g, out), isa);
+        }
+    })
 }
 
 on_lanes! {
@@ -170,23 +168,20 @@ impl Backward<Flex, 1> for Geglu {
         let shape = y.layout().shape().clone();
         let width = shape[shape.num_dims() - 1];
         let inner = width / 2;
-        let (ys, ds) = (y.as_slice::<f32>().expect("a contiguous f32 tensor"), d.as_slice::<f32>().expect("a contiguous f32 tensor"));
+        let (ys, ds) = (Values::of(&y).expect("an f32, f16 or bf16 tensor"), Values::of(&d).expect("an f32, f16 or bf16 tensor"));
         let isa = lanes::isa();
-        let rows = rows_per_piece(width);
-        // SAFETY: the width is even (`geglu` takes no other), so each row's two halves are
-        // written in full.
-        let dy = unsafe {
-            written(ys.len(), |dy| {
-                dy.par_chunks_mut(rows * width).zip(ys.par_chunks(rows * width)).zip(ds.par_chunks(rows * inner)).for_each(|((dy, y), d)| {
-                    for ((dy, y), d) in dy.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(d.chunks_exact(inner)) {
-                        let (h, g) = y.split_at(inner);
-                        let (dh, dg) = dy.split_at_mut(inner);
-                        gated_grad((h, g, d, dh, dg), isa);
-                    }
-                })
-            })
-        };
-        grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dy, shape)));
+        // The projection's gradient in its dtype. The width is even (`geglu` takes no other),
+        // so each row's two halves are written in full.
+        let dy = filled(shape, y.dtype(), rows_per_piece(width) * width, |start, dy, (sy, sd)| {
+            let (row, rows) = (start / width, dy.len() / width);
+            let (y, d) = (ys.f32s(row * width..(row + rows) * width, sy), ds.f32s(row * inner..(row + rows) * inner, sd));
+            for ((dy, y), d) in dy.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(d.chunks_exact(inner)) {
+                let (h, g) = y.split_at(inner);
+                let (dh, dg) = dy.split_at_mut(inner);
+                gated_grad((h, g, d, dh, dg), isa);
+            }
+        });
+        grads.register::<Flex>(node.id, dy);
     }
 }
 

@@ -21,6 +21,7 @@ mod conv_kernel;
 pub(crate) mod fresh;
 pub mod linear;
 pub mod geglu;
+mod half_pieces;
 pub mod kernel_layout;
 pub mod group_norm;
 pub mod layer_norm;

@@ -36,7 +36,7 @@ pub(crate) fn half_to_f32(bits: &[u16], bf16: bool, out: &mut [MaybeUninit<f32>]
     out.par_chunks_mut(BLOCK).zip(bits.par_chunks(BLOCK)).for_each(|(dst, src)| widen_block(src, bf16, dst));
 }
 
-fn widen_block(src: &[u16], bf16: bool, dst: &mut [MaybeUninit<f32>]) {
+pub(crate) fn widen_block(src: &[u16], bf16: bool, dst: &mut [MaybeUninit<f32>]) {
     if bf16 {
         // bf16 is the top half of an f32.
         dst.iter_mut().zip(src).for_each(|(d, b)| {
@@ -322,6 +322,11 @@ fn narrow_values<H: Send>(values: &[f32], block: impl Fn(&[f32], &mut [MaybeUnin
             out.par_chunks_mut(BLOCK).zip(values.par_chunks(BLOCK)).for_each(|(dst, src)| block(src, dst));
         })
     }
+}
+
+/// f32 to the bits of bf16 (`bf16`) or f16, to nearest even, as burn's cast rounds them.
+pub(crate) fn narrow_block(src: &[f32], bf16: bool, dst: &mut [MaybeUninit<u16>]) {
+    if bf16 { bf16_block(src, dst) } else { f32_block(src, dst) }
 }
 
 /// f32 to bf16 bits, to nearest even (NaN stays NaN), 16 values an instruction with
