@@ -61,8 +61,17 @@ pub(crate) type Scratch = (Vec<f32>, Vec<f32>);
 /// buffer a piece long and narrowed from there. Pieces are fixed by `piece`, so results do
 /// not depend on the thread count.
 pub(crate) fn filled(shape: Shape, dtype: DType, piece: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>], &mut Scratch) + Sync) -> FlexTensor {
+    let pieces = shape.num_elements().div_ceil(piece.max(1));
+    filled_beside(shape, dtype, piece, (&mut vec![(); pieces], 1), |start, out, _, scratch| fill(start, out, scratch))
+}
+
+/// [`filled`], each piece also given its own part of `side` (`side.1` values of `side.0`
+/// each, one part a piece): a second output, such as a norm's statistics per row.
+pub(crate) fn filled_beside<S: Send>(shape: Shape, dtype: DType, piece: usize, side: (&mut [S], usize), fill: impl Fn(usize, &mut [MaybeUninit<f32>], &mut [S], &mut Scratch) + Sync) -> FlexTensor {
     let n = shape.num_elements();
     let piece = piece.max(1);
+    assert_eq!(side.0.len().div_ceil(side.1.max(1)), n.div_ceil(piece), "a part of `side` for every piece");
+    let sides = side.0.par_chunks_mut(side.1.max(1));
     let scratch = || (Scratch::default(), Vec::<f32>::new());
     match dtype {
         // SAFETY (both arms): `fill` writes every value of its piece (its contract), and the
@@ -70,7 +79,7 @@ pub(crate) fn filled(shape: Shape, dtype: DType, piece: usize, fill: impl Fn(usi
         DType::F32 => {
             let out = unsafe {
                 written(n, |out: &mut [MaybeUninit<f32>]| {
-                    out.par_chunks_mut(piece).enumerate().for_each_init(scratch, |(s, _), (i, out)| fill(i * piece, out, s))
+                    out.par_chunks_mut(piece).zip(sides).enumerate().for_each_init(scratch, |(s, _), (i, (out, side))| fill(i * piece, out, side, s))
                 })
             };
             FlexTensor::from_data(TensorData::new(out, shape))
@@ -79,11 +88,11 @@ pub(crate) fn filled(shape: Shape, dtype: DType, piece: usize, fill: impl Fn(usi
             let bf16 = dtype == DType::BF16;
             let bits = unsafe {
                 written(n, |out: &mut [MaybeUninit<u16>]| {
-                    out.par_chunks_mut(piece).enumerate().for_each_init(scratch, |(s, wide), (i, out)| {
+                    out.par_chunks_mut(piece).zip(sides).enumerate().for_each_init(scratch, |(s, wide), (i, (out, side))| {
                         let len = out.len();
                         wide.clear();
                         wide.reserve(len);
-                        fill(i * piece, &mut wide.spare_capacity_mut()[..len], s);
+                        fill(i * piece, &mut wide.spare_capacity_mut()[..len], side, s);
                         // `fill` wrote the piece's len values (under the block's SAFETY).
                         wide.set_len(len);
                         narrow_block(wide, bf16, out);

@@ -11,12 +11,12 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::module;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Shape, Tensor};
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::fresh::written;
+use super::half_pieces::{Scratch, Values, filled_beside};
 use super::group_norm::{flex, slice, sum_pairs};
 use super::record::{lifted, record};
 use crate::param::{f32_value, value_as};
@@ -41,21 +41,24 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, bias: Tensor<
         return y.reshape(dims);
     }
     let dtype = x.dtype();
-    if dtype != DType::F32 {
-        return value_as(&layer_norm(f32_value(&x), weight, bias, eps), dtype);
-    }
+    // f16 and bf16 under autodiff too: widened a piece at a time (`half_pieces`), the input
+    // kept as it came.
     if f32_params
         && c > 0
+        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
         && let Some(y) = fused(x.clone().reshape([rows, c]), &weight, &bias, eps)
     {
         return y.reshape(dims);
+    }
+    if dtype != DType::F32 {
+        return value_as(&layer_norm(f32_value(&x), weight, bias, eps), dtype);
     }
     module::layer_norm(x, weight, Some(bias), eps)
 }
 
 /// The kernel on the CPU backend under autodiff; `None` without autodiff and on other backends.
 fn fused(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Option<Tensor<2>> {
-    let [rows, c] = x.dims();
+    let c = x.dims()[1];
     let eps = eps as f32;
     // Without autodiff burn-flex's own layer_norm is faster (0.235 against 0.311 ms at
     // [4096, 320]): nothing is kept, so this kernel has nothing to add there.
@@ -68,8 +71,8 @@ fn fused(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Option
     let (x, w, b) = (lifted(&x, strategy), lifted(weight, strategy), lifted(bias, strategy));
     record!(LayerNormOp, strategy, [x, w, b], {
         let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
-        let (y, stats) = forward(slice(&x), slice(&w), slice(&b), c, eps);
-        (flex(y, [rows, c]), Saved { x, w, stats, c })
+        let (y, stats) = forward(&x, slice(&w), slice(&b), c, eps);
+        (y, Saved { x, w, stats, c })
     })
 }
 
@@ -86,27 +89,24 @@ fn stats(x: &[f32], eps: f32) -> [f32; 2] {
     [mean, (1.0 / (var + eps as f64).sqrt()) as f32]
 }
 
-/// The normalised, scaled and shifted rows, and each row's mean and reciprocal standard
-/// deviation, interleaved.
-fn forward(x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let rows = x.len() / c;
+/// The normalised, scaled and shifted rows `[rows, c]` in `x`'s dtype, and each row's mean
+/// and reciprocal standard deviation, interleaved.
+fn forward(x: &FlexTensor, w: &[f32], b: &[f32], c: usize, eps: f32) -> (FlexTensor, Vec<f32>) {
+    let xs = Values::of(x).expect("an f32, f16 or bf16 input");
+    let rows = x.layout().num_elements() / c;
     let mut stats_out = vec![0.0f32; 2 * rows];
     let per = rows_per_piece(c);
-    // SAFETY: the pieces cover every row, and every value of each row is written.
-    let y = unsafe {
-        written(x.len(), |y| {
-            y.par_chunks_mut(per * c).zip(stats_out.par_chunks_mut(2 * per)).enumerate().for_each(|(i, (y, s))| {
-                let x = &x[i * per * c..][..y.len()];
-                for ((y, x), s) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(s.chunks_exact_mut(2)) {
-                    let [mean, rstd] = stats(x, eps);
-                    s.copy_from_slice(&[mean, rstd]);
-                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        y.write((x - mean) * rstd * w + b);
-                    }
-                }
-            })
-        })
-    };
+    // Every value of each row is written.
+    let y = filled_beside(Shape::new([rows, c]), x.dtype(), per * c, (&mut stats_out, 2 * per), |start, y, s, (scratch, _)| {
+        let x = xs.f32s(start..start + y.len(), scratch);
+        for ((y, x), s) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(s.chunks_exact_mut(2)) {
+            let [mean, rstd] = stats(x, eps);
+            s.copy_from_slice(&[mean, rstd]);
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                y.write((x - mean) * rstd * w + b);
+            }
+        }
+    });
     (y, stats_out)
 }
 
@@ -119,32 +119,35 @@ struct Saved {
     c: usize,
 }
 
-/// Gradients from the output gradient `g`: the input's (when `want_x`), and when `want_params`
-/// the weight's and the bias's, `sum g x^` and `sum g` over rows (per piece of rows, then
-/// over pieces in order).
-fn backward(x: &[f32], w: &[f32], stats: &[f32], g: &[f32], c: usize, want_x: bool, want_params: bool) -> (Option<Vec<f32>>, [Vec<f32>; 2]) {
+/// Gradients from the output gradient `g`: the input's in `x`'s dtype (when `want_x`), and
+/// when `want_params` the weight's and the bias's, `sum g x^` and `sum g` over rows (per
+/// piece of rows, then over pieces in order).
+fn backward(x: &FlexTensor, w: &[f32], stats: &[f32], g: &FlexTensor, c: usize, want_x: bool, want_params: bool) -> (Option<FlexTensor>, [Vec<f32>; 2]) {
+    let (xs, gs) = (Values::of(x).expect("an f32, f16 or bf16 input"), Values::of(g).expect("an f32, f16 or bf16 gradient"));
+    let rows = x.layout().num_elements() / c;
     let per = rows_per_piece(c);
-    let mut dx = Vec::with_capacity(if want_x { x.len() } else { 0 });
-    let pieces = x.len().div_ceil(per * c);
+    let pieces = rows.div_ceil(per);
     // Per piece: sum g x^ over its rows, then sum g.
-    let mut partial = vec![0.0f32; if want_params { 2 * c * pieces } else { 0 }];
-    let work = |i: usize, dx: &mut [MaybeUninit<f32>], partial: &mut [f32], dxhat: &mut Vec<f32>| {
-        let (x, g) = (&x[i * per * c..], &g[i * per * c..]);
-        let n = (x.len() / c).min(per);
-        for r in 0..n {
-            let (x, g) = (&x[r * c..][..c], &g[r * c..][..c]);
+    let mut partial = vec![0.0f32; 2 * c * pieces];
+    // Piece `i`'s rows: the input's gradient into `dx` (when it is wanted, else empty), the
+    // parameters' into `partial` (when wanted).
+    let work = |i: usize, dx: &mut [MaybeUninit<f32>], partial: &mut [f32], (sx, sg): &mut Scratch| {
+        let range = i * per * c..((i + 1) * per).min(rows) * c;
+        let (x, g) = (xs.f32s(range.clone(), sx), gs.f32s(range, sg));
+        let mut dxhat = Vec::with_capacity(if dx.is_empty() { 0 } else { c });
+        for (r, (x, g)) in x.chunks_exact(c).zip(g.chunks_exact(c)).enumerate() {
             let (mean, rstd) = (stats[2 * (i * per + r)], stats[2 * (i * per + r) + 1]);
             if !dx.is_empty() {
                 // With dx^ = g w: dx = rstd (dx^ - mean(dx^) - x^ mean(dx^ x^)).
                 dxhat.clear();
                 dxhat.extend(g.iter().zip(w).map(|(&g, &w)| g * w));
-                let m1 = (sum_pairs(dxhat, dxhat, |d, _| d) / c as f64) as f32;
-                let m2 = (sum_pairs(dxhat, x, |d, x| d * (x - mean)) * rstd as f64 / c as f64) as f32;
+                let m1 = (sum_pairs(&dxhat, &dxhat, |d, _| d) / c as f64) as f32;
+                let m2 = (sum_pairs(&dxhat, x, |d, x| d * (x - mean)) * rstd as f64 / c as f64) as f32;
                 for ((dx, &d), &x) in dx[r * c..][..c].iter_mut().zip(dxhat.iter()).zip(x) {
                     dx.write(rstd * (d - m1 - (x - mean) * rstd * m2));
                 }
             }
-            if !partial.is_empty() {
+            if want_params {
                 let (gx, gs) = partial.split_at_mut(c);
                 for (((gx, gs), &x), &g) in gx.iter_mut().zip(gs).zip(x).zip(g) {
                     *gx += g * (x - mean) * rstd;
@@ -153,16 +156,15 @@ fn backward(x: &[f32], w: &[f32], stats: &[f32], g: &[f32], c: usize, want_x: bo
             }
         }
     };
-    let dx_pieces: Vec<&mut [MaybeUninit<f32>]> = if want_x { dx.spare_capacity_mut()[..x.len()].chunks_mut(per * c).collect() } else { (0..pieces).map(|_| &mut [][..]).collect() };
-    let partial_pieces: Vec<&mut [f32]> = if want_params { partial.chunks_mut(2 * c).collect() } else { (0..pieces).map(|_| &mut [][..]).collect() };
-    dx_pieces.into_par_iter().zip(partial_pieces).enumerate().for_each_init(Vec::new, |dxhat, (i, (dx, p))| work(i, dx, p, dxhat));
-    if want_x {
-        // SAFETY: the pieces cover every row, and every value of each row was written.
-        unsafe { dx.set_len(x.len()) };
-    }
+    let dx = if want_x {
+        Some(filled_beside(Shape::new([rows, c]), x.dtype(), per * c, (&mut partial, 2 * c), |start, dx, p, s| work(start / (per * c), dx, p, s)))
+    } else {
+        partial.par_chunks_mut(2 * c).enumerate().for_each_init(Scratch::default, |s, (i, p)| work(i, &mut [], p, s));
+        None
+    };
     let summed = |k: usize| (0..c).map(|j| (0..pieces).map(|p| partial[2 * c * p + k * c + j] as f64).sum::<f64>() as f32).collect();
     let params = if want_params { [summed(0), summed(1)] } else { [Vec::new(), Vec::new()] };
-    (want_x.then_some(dx), params)
+    (dx, params)
 }
 
 #[derive(Debug)]
@@ -175,9 +177,9 @@ impl Backward<Flex, 3> for LayerNormOp {
         let Saved { x, w, stats, c } = ops.state;
         let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let [px, pw, pb] = ops.parents;
-        let (dx, [dw, db]) = backward(slice(&x), slice(&w), &stats, slice(&g), c, px.is_some(), pw.is_some() || pb.is_some());
+        let (dx, [dw, db]) = backward(&x, slice(&w), &stats, &g, c, px.is_some(), pw.is_some() || pb.is_some());
         if let (Some(node), Some(dx)) = (px, dx) {
-            grads.register::<Flex>(node.id, flex(dx, [x.layout().shape()[0], c]));
+            grads.register::<Flex>(node.id, dx);
         }
         for (parent, grad) in [(pw, dw), (pb, db)] {
             if let Some(node) = parent {
@@ -224,6 +226,35 @@ mod tests {
                         let err = max_rel(got, &want);
                         assert!(err < 1e-4, "[{rows}, {c}], params train {params_train}, {device:?}: output {i} off by {err}");
                     }
+                }
+            }
+        }
+    }
+
+    /// f16 and bf16 under autodiff, plain and checkpointed: the f32 kernel on the widened
+    /// input rounded once, bit for bit, value and every gradient (the input's in its dtype),
+    /// in one piece and in several.
+    #[test]
+    fn half_precision_is_the_f32_kernel_rounded() {
+        for device in [cpu_autodiff(), cpu_autodiff_checkpointed()] {
+            for dtype in [DType::BF16, DType::F16] {
+                for (rows, c) in [(5, 33), (700, 320)] {
+                    let mut init = Init::new(7);
+                    let x = (init.normal::<2>([rows, c], 2.0, &device) + 3.0).cast(dtype);
+                    let (w, b) = (init.normal::<1>([c], 1.0, &device).require_grad(), init.normal::<1>([c], 1.0, &device).require_grad());
+                    let probe = init.normal::<2>([rows, c], 1.0, &device);
+                    let run = |widen: bool| {
+                        let x = if widen { x.clone().cast(DType::F32).require_grad() } else { x.clone().require_grad() };
+                        let y = layer_norm(x.clone(), w.clone(), b.clone(), 1e-5);
+                        let y = if widen { crate::param::value_as(&y, dtype) } else { y };
+                        assert_eq!(y.dtype(), dtype);
+                        let g = (crate::param::f32_value(&y) * probe.clone()).sum().backward();
+                        let dx = x.grad(&g).unwrap();
+                        let dx = if widen { crate::param::value_as(&dx, dtype) } else { dx };
+                        assert_eq!(dx.dtype(), dtype);
+                        [values(y), values(dx), values(w.grad(&g).unwrap()), values(b.grad(&g).unwrap())]
+                    };
+                    assert!(run(false) == run(true), "{dtype:?} [{rows}, {c}] on {device:?}");
                 }
             }
         }
