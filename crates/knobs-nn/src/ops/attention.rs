@@ -19,7 +19,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::attention_kernel::{self, Dims};
 use super::matrix::Products;
-use super::record::record;
+use super::precision::{converted, widened};
+use super::record::{lifted, record};
 use crate::param::{f32_value, half_dtype, value_as};
 
 /// Above this many key floats per head (head width x keys), one head's keys no longer stay
@@ -55,6 +56,10 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
     if let Some(dtype) = half_dtype(&q).filter(|&d| k.dtype() == d && v.dtype() == d)
         && (tracked || super::on_cpu(&q))
     {
+        // Under autodiff the op takes them as they are and keeps them so (`fused_half`).
+        if tracked && let Some(out) = fused_half(&q, &k, &v, dims, scale as f32, Products::for_dtype(dtype)) {
+            return out;
+        }
         let (q32, k32, v32) = (f32_value(&q), f32_value(&k), f32_value(&v));
         let out = fused_if_fusable(&q32, &k32, &v32, dims, scale, Products::for_dtype(dtype)).unwrap_or_else(|| attention(q32, k32, v32, heads, scale));
         return value_as(&out, dtype);
@@ -70,13 +75,33 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, scale: 
 /// The fused kernel where it applies (f32 tensors on the CPU backend, a head shape it runs
 /// well), else `None`.
 fn fused_if_fusable(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, dims: Dims, scale: f64, products: Products) -> Option<Tensor<3>> {
-    let fusable = [q, k, v].iter().all(|t| t.dtype() == DType::F32)
-        && (attention_kernel::Path::best(dims.head_dim, products).blocked() || dims.head_dim * dims.m <= MAX_FUSED_KEY_FLOATS)
-        && dims.width() == q.dims()[2];
-    if !fusable {
+    if ![q, k, v].iter().all(|t| t.dtype() == DType::F32) || !fusable(q, dims, products) {
         return None;
     }
     fused(q.clone(), k.clone(), v.clone(), dims, scale as f32, products)
+}
+
+/// Whether the fused kernel runs this head shape well.
+fn fusable(q: &Tensor<3>, dims: Dims, products: Products) -> bool {
+    (attention_kernel::Path::best(dims.head_dim, products).blocked() || dims.head_dim * dims.m <= MAX_FUSED_KEY_FLOATS) && dims.width() == q.dims()[2]
+}
+
+/// The fused kernel under autodiff on f16 / bf16 `q`, `k`, `v` on the CPU backend: widened
+/// for the kernel and kept as they came (the output's f32 values too: the backward pass
+/// reads them), the output and the gradients narrowed once. The same bits as widening first,
+/// where the op kept f32 copies of all three: 0.8 GiB of SDXL's LoRA step at 1024 px.
+/// `None` off the CPU backend or for a shape the kernel does not take.
+fn fused_half(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, dims: Dims, scale: f32, products: Products) -> Option<Tensor<3>> {
+    if !fusable(q, dims, products) {
+        return None;
+    }
+    let strategy = [q, k, v].iter().find_map(|t| t.gradient_checkpointing_strategy());
+    let (q, k, v) = (lifted(q, strategy), lifted(k, strategy), lifted(v, strategy));
+    record!(FusedAttention, strategy, [q, k, v], {
+        let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+        let (out, lse) = forward(&widened(&q), &widened(&k), &widened(&v), dims, scale, products);
+        (converted(&out, q.dtype()), Saved { q, k, v, out, lse, dims, scale, products })
+    })
 }
 
 /// The backend's own fused attention (`module::attention`) on `[B, N, heads * d]` tensors.
@@ -157,11 +182,13 @@ impl Backward<Flex, 3> for FusedAttention {
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let s = ops.state;
-        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        // Half-precision inputs (`fused_half`) widened for the kernel, their gradients narrowed.
+        let grad = widened(&grads.consume::<Flex>(&ops.node));
+        let (q, k, v) = (widened(&s.q), widened(&s.k), widened(&s.v));
         let (dq, dk, dv) = attention_kernel::backward(
-            slice(&s.q),
-            slice(&s.k),
-            slice(&s.v),
+            slice(&q),
+            slice(&k),
+            slice(&v),
             slice(&s.out),
             slice(&s.lse),
             slice(&grad),
@@ -172,9 +199,9 @@ impl Backward<Flex, 3> for FusedAttention {
         let Dims { batch, n, m, heads, head_dim } = s.dims;
         let width = heads * head_dim;
         let [pq, pk, pv] = ops.parents;
-        for (parent, g, rows) in [(pq, dq, n), (pk, dk, m), (pv, dv, m)] {
+        for (parent, g, rows, dtype) in [(pq, dq, n, s.q.dtype()), (pk, dk, m, s.k.dtype()), (pv, dv, m, s.v.dtype())] {
             if let Some(node) = parent {
-                grads.register::<Flex>(node.id, flex(g, [batch, rows, width]));
+                grads.register::<Flex>(node.id, converted(&flex(g, [batch, rows, width]), dtype));
             }
         }
     }
@@ -250,7 +277,7 @@ mod tests {
     }
 
     /// Half precision on the CPU is the f32 kernel on the widened inputs, rounded once: without
-    /// autodiff, and under it output and input gradients alike (burn's ops would round the
+    /// autodiff, and under it (plain and checkpointed) output and input gradients alike (burn's ops would round the
     /// scores first, and keep every head's probabilities).
     #[test]
     fn half_precision_is_the_f32_kernel_rounded() {
@@ -262,9 +289,8 @@ mod tests {
             let want = attention(q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32), 3, 0.4).cast(dtype);
             assert_eq!(values(got), values(want), "{dtype:?}, no autodiff");
         }
-        let device = cpu_autodiff();
         let (n, m, heads, d) = (70, 77, 2, 8);
-        for dtype in [DType::BF16, DType::F16] {
+        for (device, dtype) in [(cpu_autodiff(), DType::BF16), (cpu_autodiff(), DType::F16), (crate::cpu_autodiff_checkpointed(), DType::BF16)] {
             let inputs = [n, m, m].map(|rows| rand([2, rows, heads * d], &device).cast(dtype));
             let w = rand([2, n, heads * d], &device);
             let run = |widen: bool| {
@@ -272,7 +298,11 @@ mod tests {
                 // Rounded to the half dtype either way, so its gradient arrives rounded too.
                 let out = attention(q.clone(), k.clone(), v.clone(), heads, 0.4).cast(dtype);
                 let g = (out.clone().cast(DType::F32) * w.clone()).sum().backward();
-                let grads = [&q, &k, &v].map(|t| values(t.grad(&g).expect("a gradient").cast(dtype)));
+                let grads = [&q, &k, &v].map(|t| {
+                    let grad = t.grad(&g).expect("a gradient");
+                    assert_eq!(grad.dtype(), t.dtype(), "the gradient in its input's dtype");
+                    values(grad.cast(dtype))
+                });
                 (values(out), grads)
             };
             let (out, grads) = run(false);

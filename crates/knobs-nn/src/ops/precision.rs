@@ -240,7 +240,7 @@ fn rounded(t: &FlexTensor, half: DType) -> FlexTensor {
 }
 
 /// `t` in `dtype` (f32, f16 or bf16), contiguous.
-fn converted(t: &FlexTensor, dtype: DType) -> FlexTensor {
+pub(crate) fn converted(t: &FlexTensor, dtype: DType) -> FlexTensor {
     let wide = widened(t);
     if dtype == DType::F32 {
         return wide;
