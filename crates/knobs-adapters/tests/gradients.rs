@@ -157,3 +157,54 @@ fn oft_gradients_match_finite_differences() {
     finite_differences(Box::new(oft(false, false)), &["conv.oft_R", "fc1.oft_R", "head.oft_R"]);
     finite_differences(Box::new(oft(true, true)), &["conv.oft_R", "fc2.oft_R"]);
 }
+
+/// Under mixed precision a LoRA'd linear takes its bf16 input as it is (`takes_half_input`),
+/// where it widened it to f32 first (rebuilt here from the same ops): the same output and the
+/// same gradients of A and B, bit for bit; the input's gradient, now its two parts each
+/// rounded to bf16 before they are added, within bf16's rounding of the widened path's.
+#[test]
+fn a_lora_takes_a_bf16_input_as_it_is() {
+    use knobs_nn::burn::tensor::{DType, Distribution};
+    use knobs_nn::param::{f32_value, value_as};
+    use knobs_nn::Tensor;
+    let device = cpu_autodiff();
+    let mut m = AdaptedModel::new(vec![knobs_nn::Linear::new(96, 80, true, &mut knobs_nn::Init::new(1), &device)], 2);
+    // alpha = r: the branch's scale is 1.
+    m.add_adapter("a", Box::new(LoraConfig::new(4, 4.0, Pattern::names(&["0"])))).unwrap();
+    randomize_adapters(&mut m.model, 0.5, 3);
+    m.model.store_frozen_as(DType::BF16);
+    let weights = knobs_nn::io::state_dict(&m.model);
+    let factor = |name: &str| Tensor::<2>::from_data(weights[&format!("0.{name}.a.weight")].clone(), &device).require_grad();
+    let x = Tensor::<2>::random([300, 96], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16);
+    let probe = Tensor::<2>::random([300, 80], Distribution::Normal(0.0, 1.0), &device);
+    let values = |t: Tensor<2>| -> Vec<f32> { t.cast(DType::F32).into_data().try_into_vec().unwrap() };
+    let backward = |y: Tensor<2>| (f32_value(&y) * probe.clone()).sum().backward();
+
+    let x_ours = x.clone().require_grad();
+    let y = m.model[0].forward(x_ours.clone());
+    assert_eq!(y.dtype(), DType::BF16);
+    let grads = backward(y.clone());
+    let mut ours = Vec::new();
+    m.model.for_each_param(|path, p| match p.grad(&grads) {
+        Some(g) => ours.push((path.to_string(), values(g.reshape([-1, 1])))),
+        None => assert!(!p.is_trainable(), "`{path}` got no gradient"),
+    });
+    ours.sort_by(|p, q| p.0.cmp(&q.0));
+    let dx = x_ours.grad(&grads).unwrap();
+    assert_eq!(dx.dtype(), DType::BF16);
+
+    // The widened path: the layer's product on the input rounded back, the branch in f32.
+    let (x_wide, a, b) = (x.clone().require_grad(), factor("lora_A"), factor("lora_B"));
+    let x32 = f32_value(&x_wide);
+    let base = f32_value(&m.model[0].forward_base(value_as(&x32, DType::BF16)));
+    let y_wide = value_as(&(base + knobs_nn::ops::low_rank(x32, a.clone(), b.clone(), 1.0)), DType::BF16);
+    let grads = backward(y_wide.clone());
+    let widened = vec![("0.lora_A.a.weight".to_string(), values(a.grad(&grads).unwrap().reshape([-1, 1]))), ("0.lora_B.a.weight".to_string(), values(b.grad(&grads).unwrap().reshape([-1, 1])))];
+
+    assert!(values(y) == values(y_wide), "output");
+    assert!(ours == widened, "the factors' gradients");
+    let (dx, dx_wide) = (values(dx), values(x_wide.grad(&grads).unwrap()));
+    let scale = dx_wide.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let off = dx.iter().zip(&dx_wide).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    assert!(off > 0.0 && off < 2f32.powi(-7), "input gradient off by {off}");
+}

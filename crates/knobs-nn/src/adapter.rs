@@ -47,6 +47,14 @@ pub trait LinearAdapter: Adapter {
     fn adds_to_output(&self) -> bool {
         false
     }
+    /// Whether `forward` takes a half-precision `x` as it is (mixed precision on the CPU): its
+    /// `inner` then gets that `x` too and returns f32, the adapter's own output is f32, and the
+    /// input's gradient comes back in its dtype. Otherwise the layer hands it `x` widened to
+    /// f32, a copy that an adapter keeping its input for the backward pass keeps at twice the
+    /// size, once per layer where q, k and v share one input.
+    fn takes_half_input(&self) -> bool {
+        false
+    }
 }
 
 /// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].

@@ -72,8 +72,10 @@ impl Adapter for LoraLinear {
 
 impl LinearAdapter for LoraLinear {
     fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
-        // One op for the branch (knobs_nn::ops::low_rank), which scales the rank-r values.
-        let branch = low_rank(dropout(x.clone(), self.dropout, self.training), self.a.clone(), self.b.clone(), self.scale * weight as f64);
+        // One op for the branch (knobs_nn::ops::low_rank), which scales the rank-r values and
+        // takes a half-precision input as it is (`takes_half_input`); dropout works in f32.
+        let dropped = if self.training && self.dropout > 0.0 { dropout(knobs_nn::param::f32_value(&x), self.dropout, true) } else { x.clone() };
+        let branch = low_rank(dropped, self.a.clone(), self.b.clone(), self.scale * weight as f64);
         inner(x) + branch
     }
     fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _unmerged: &Tensor<2>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
@@ -83,6 +85,9 @@ impl LinearAdapter for LoraLinear {
         (w - self.delta_weight() * weight as f64, b)
     }
     fn adds_to_output(&self) -> bool {
+        true
+    }
+    fn takes_half_input(&self) -> bool {
         true
     }
 }

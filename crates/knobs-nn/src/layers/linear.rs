@@ -87,7 +87,11 @@ impl Linear {
             return self.base_added(x, residual).reshape(dims);
         }
         let dtype = x.dtype();
-        let y = self.chain(&live, f32_value(&x), &|x| f32_value(&self.base_added(value_as(&x, dtype), residual.clone())));
+        let y = if takes_as_it_is(&x, &live) {
+            self.chain(&live, x, &|x| f32_value(&self.base_added(x, residual.clone())))
+        } else {
+            self.chain(&live, f32_value(&x), &|x| f32_value(&self.base_added(value_as(&x, dtype), residual.clone())))
+        };
         value_as(&y, dtype).reshape(dims)
     }
 
@@ -107,7 +111,12 @@ impl Linear {
         let rows = dims[..D - 1].iter().product::<usize>();
         let live: Vec<_> = self.adapters.live().collect();
         let dtype = x.dtype();
-        let y = self.chain(&live, f32_value(&x.reshape([rows, self.d_in()])), &|x| self.base_of_f32(x, dtype));
+        let x = x.reshape([rows, self.d_in()]);
+        let y = if takes_as_it_is(&x, &live) {
+            self.chain(&live, x, &|x| f32_value(&self.forward_base(x)))
+        } else {
+            self.chain(&live, f32_value(&x), &|x| self.base_of_f32(x, dtype))
+        };
         dims[D - 1] = self.d_out();
         value_as(&y, dtype).reshape(dims)
     }
@@ -126,6 +135,12 @@ impl Linear {
             Some((outer, rest)) => outer.adapter.forward(x, self, &|x| self.chain(rest, x, base), outer.weight()),
         }
     }
+}
+
+/// Whether the live adapters all take `x` in its half precision on the CPU as it is
+/// ([`LinearAdapter::takes_half_input`]), the layer's own product taking it so too.
+fn takes_as_it_is(x: &Tensor<2>, live: &[&SlotEntry<dyn LinearAdapter>]) -> bool {
+    half_on_cpu(x).is_some() && live.iter().all(|e| e.adapter.takes_half_input())
 }
 
 impl Module for Linear {

@@ -16,16 +16,20 @@ use super::matrix::min_len;
 
 use burn::backend::autodiff::NodeId;
 
+use super::precision::{converted, widened};
 use super::record::{kept, lifted, record};
 
-/// `scale (x A^T) B^T` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`.
+/// `scale (x A^T) B^T` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`. `x` may be f16 or
+/// bf16 with f32 factors (a LoRA under mixed precision): the op widens it for its products,
+/// keeps it as it came, and gives its gradient in its dtype; the output is f32.
 pub fn low_rank(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tensor<2> {
-    if [&x, &a, &b].iter().all(|t| t.dtype() == DType::F32)
+    if [&a, &b].iter().all(|t| t.dtype() == DType::F32)
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && let Some(y) = fused(&x, &a, &b, scale as f32)
     {
         return y;
     }
-    decomposed(x, a, b, scale)
+    decomposed(crate::param::f32_value(&x), a, b, scale)
 }
 
 /// The same from burn's ops: other backends, and the tests' reference. The rank-r values are
@@ -45,7 +49,7 @@ fn forward(x: &Plain, a: &Plain, b: &Plain, scale: f32) -> (Plain, Plain) {
 
 fn fused(x: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f32) -> Option<Tensor<2>> {
     if ![x, a, b].iter().any(|t| t.is_autodiff()) {
-        let plain = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok().map(Tensor::<2>::from_primitive::<Flex>);
+        let plain = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok().map(|t| Tensor::<2>::from_primitive::<Flex>(widened(&t)));
         let (_, y) = forward(&plain(x)?, &plain(a)?, &plain(b)?, scale);
         return Some(Tensor::from_primitive::<Flex>(y.try_into_primitive::<Flex>().ok()?));
     }
@@ -56,9 +60,10 @@ fn fused(x: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f32) -> Option<Tens
     // balanced checkpointing recomputes rather than holds.
     record!(LowRank, strategy, [x, a, b], keep [0], {
         let plain = |t| Tensor::<2>::from_primitive::<Flex>(t);
-        let (x, a, b) = (plain(x), plain(a), plain(b));
+        let x_dtype = x.dtype();
+        let (x, a, b) = (plain(widened(&x)), plain(a), plain(b));
         let (h, y) = forward(&x, &a, &b, scale);
-        (y.try_into_primitive::<Flex>().ok()?, Saved { a, b, h, scale })
+        (y.try_into_primitive::<Flex>().ok()?, Saved { a, b, h, scale, x_dtype })
     })
 }
 
@@ -73,21 +78,24 @@ struct Saved {
     b: Plain,
     h: Plain,
     scale: f32,
+    /// The input's dtype, its gradient's.
+    x_dtype: DType,
 }
 
 impl Backward<Flex, 3> for LowRank {
     type State = (Saved, Vec<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-        let (Saved { a, b, h, scale }, kept_x) = ops.state;
+        let (Saved { a, b, h, scale, x_dtype }, kept_x) = ops.state;
         let g = grads.consume::<Flex>(&ops.node);
         let [px, pa, pb] = ops.parents;
-        // The input, kept where A trains.
-        let x = pa.as_ref().map(|_| kept(checkpointer, kept_x[0]).to_contiguous());
+        // The input, kept where A trains (in its dtype: widened here).
+        let x = pa.as_ref().map(|_| widened(&kept(checkpointer, kept_x[0])));
         if let Some(kernels) = Kernels::new(&g, &a, &b, &h) {
-            // The op takes f32 tensors only (`low_rank`), and the kept input is made contiguous.
+            // The kept input is f32 and contiguous (`widened`).
             let xs = x.as_ref().map(|x| x.as_slice::<f32>().expect("the op's f32 input"));
             let (db, dx, da) = kernels.run(scale, pb.is_some(), px.is_some(), xs);
+            let dx = dx.map(|dx| converted(&dx, x_dtype));
             for (parent, grad) in [(pb, db), (px, dx), (pa, da)] {
                 if let (Some(node), Some(grad)) = (parent, grad) {
                     grads.register::<Flex>(node.id, grad);
@@ -108,7 +116,7 @@ impl Backward<Flex, 3> for LowRank {
                 grads.register::<Flex>(node.id, flex(dxa.clone().transpose().matmul(x)));
             }
             if let Some(node) = px {
-                grads.register::<Flex>(node.id, flex(dxa.matmul(a)));
+                grads.register::<Flex>(node.id, converted(&flex(dxa.matmul(a)), x_dtype));
             }
         }
     }
@@ -321,6 +329,33 @@ mod tests {
         let (xu, a2, b2) = (Tensor::<2>::from_data(x.to_data(), &device), on(&a), on(&b));
         let g = low_rank(xu.clone(), a2.clone(), b2.clone(), 0.5).sum().backward();
         assert!(xu.grad(&g).is_none() && a2.grad(&g).is_some() && b2.grad(&g).is_some());
+    }
+
+    /// A half-precision input with f32 factors, plain and checkpointed: the output, dA and dB
+    /// are the widened input's bit for bit, the input's gradient is theirs narrowed once, in
+    /// the input's dtype; the output is f32.
+    #[test]
+    fn a_half_input_is_its_widened_values() {
+        let mut init = Init::new(8);
+        let (rows, d_in, rank, out) = (300, 70, 4, 130);
+        let (x, a, b) = (init.normal::<2>([rows, d_in], 1.0, &cpu()), init.normal::<2>([rank, d_in], 1.0, &cpu()), init.normal::<2>([out, rank], 1.0, &cpu()));
+        let probe = init.normal::<2>([rows, out], 1.0, &cpu());
+        for device in [cpu_autodiff(), crate::cpu_autodiff_checkpointed()] {
+            for dtype in [DType::BF16, DType::F16] {
+                let on = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &device);
+                let half = on(&x).cast(dtype);
+                let run = |x: Tensor<2>| {
+                    let (x, a, b) = (x.require_grad(), on(&a).require_grad(), on(&b).require_grad());
+                    let y = low_rank(x.clone(), a.clone(), b.clone(), 0.5);
+                    assert_eq!(y.dtype(), DType::F32);
+                    let g = (y.clone() * on(&probe)).sum().backward();
+                    let dx = x.grad(&g).unwrap();
+                    assert_eq!(dx.dtype(), x.dtype());
+                    [values(y), values(crate::param::value_as(&dx, dtype)), values(a.grad(&g).unwrap()), values(b.grad(&g).unwrap())]
+                };
+                assert!(run(half.clone()) == run(half.clone().cast(DType::F32)), "{dtype:?} on {device:?}");
+            }
+        }
     }
 
     /// The gradients' sums run in chunks of rows added in order: the same bits on one thread
