@@ -2,8 +2,9 @@
 //! their own backward on the CPU backend. burn builds SiLU from a sigmoid (a scalar `exp` per
 //! value) and a product, whose autodiff keeps both and runs four passes back, and runs GELU
 //! with a scalar `erf`; here one vectorised pass each way, and only `x` is kept. The GPU
-//! backends take `activation_portable` under autodiff. Half precision elsewhere is computed
-//! in f32 and rounded once; f32 without a gradient off the CPU takes burn's ops.
+//! backends take `activation_portable` under autodiff. f16 and bf16 on the CPU are computed
+//! in f32 a piece at a time and rounded once (`half_pieces`), the input kept in its dtype;
+//! elsewhere widened first. f32 without a gradient off the CPU takes burn's ops.
 use std::mem::MaybeUninit;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -11,10 +12,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData, activation};
-use rayon::prelude::*;
+use burn::tensor::{DType, Tensor, activation};
 
-use super::fresh::written;
+use super::half_pieces::{Values, filled};
 use super::lanes::{self, Isa, Lanes, on_lanes};
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
@@ -46,7 +46,8 @@ impl Kind {
 }
 
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() == DType::F32
+    // f16 and bf16 on the CPU: the f32 kernel a piece at a time (`half_pieces`).
+    if matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && let Some(y) = fused(&x, Kind::Silu)
     {
         return y;
@@ -64,7 +65,8 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() == DType::F32
+    // f16 and bf16 on the CPU: the f32 kernel a piece at a time (`half_pieces`).
+    if matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && let Some(y) = fused(&x, Kind::Gelu)
     {
         return y;
@@ -102,28 +104,23 @@ pub(super) fn silu_into(x: &[f32], y: &mut [MaybeUninit<f32>], isa: Isa) {
     silu_kernel((x, None, y), isa)
 }
 
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous f32 tensor")
-}
-
-/// `f` over pieces of `x` (and `g`), in parallel for large tensors.
-fn map_pieces(x: &[f32], g: Option<&[f32]>, f: Kernel) -> Vec<f32> {
+/// `f` over pieces of `x` (and `g`) into a tensor of `x`'s shape and dtype (f32, f16 or
+/// bf16), in parallel for large tensors.
+fn map_pieces(x: &FlexTensor, g: Option<&FlexTensor>, f: Kernel) -> FlexTensor {
     let isa = lanes::isa();
-    // SAFETY: the pieces cover every value, and the kernel writes all of each.
-    unsafe {
-        written(x.len(), |out| {
-            out.par_chunks_mut(PIECE).enumerate().for_each(|(i, dst)| {
-                let at = i * PIECE;
-                f((&x[at..][..dst.len()], g.map(|g| &g[at..][..dst.len()]), dst), isa)
-            })
-        })
+    fn of(t: &FlexTensor) -> Values<'_> {
+        Values::of(t).expect("a contiguous f32, f16 or bf16 tensor")
     }
+    let (xs, gs) = (of(x), g.map(of));
+    // The kernel writes every value of each piece.
+    filled(x.layout().shape().clone(), x.dtype(), PIECE, |at, dst, (sx, sg)| {
+        let range = at..at + dst.len();
+        f((xs.f32s(range.clone(), sx), gs.as_ref().map(|g| g.f32s(range, sg)), dst), isa)
+    })
 }
 
 fn forward(x: &FlexTensor, kind: Kind) -> FlexTensor {
-    let x = x.to_contiguous();
-    let y = map_pieces(values(&x), None, kind.kernel());
-    FlexTensor::from_data(TensorData::new(y, x.layout().shape().clone()))
+    map_pieces(&x.to_contiguous(), None, kind.kernel())
 }
 
 /// A function and its derivative, written once for every lane width.
@@ -252,8 +249,7 @@ impl Backward<Flex, 1> for Elementwise {
         if let Some(node) = parent {
             let (kind, kept_x) = ops.state;
             let x = kept(checkpointer, kept_x[0]).to_contiguous();
-            let dx = map_pieces(values(&x), Some(values(&g)), kind.kernel());
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, x.layout().shape().clone())));
+            grads.register::<Flex>(node.id, map_pieces(&x, Some(&g), kind.kernel()));
         }
     }
 }
