@@ -14,6 +14,7 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod lycoris;
+mod merged;
 mod manager;
 mod method;
 pub mod oft;

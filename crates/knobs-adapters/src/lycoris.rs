@@ -111,7 +111,7 @@ pub fn kaiming<const D: usize>(shape: [usize; D], init: &mut Init, device: &knob
 }
 
 /// One factor tensor of a method, 2-D or a 4-D Tucker core.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Factor {
     D2(Tensor<2>),
     D4(Tensor<4>),
@@ -135,7 +135,7 @@ impl Factor {
 /// A method's parameters: named as PEFT names them (`hada_w1_a`, `lokr_w2`, ...), and the
 /// weight change they make, flattened to `[out, in * k * k]` (k = 1 for Linear) or, with a
 /// Tucker core, `[out, in, k, k]`; scaling is applied by the adapter.
-pub trait WeightFactors: std::fmt::Debug + Send + Sync + 'static {
+pub trait WeightFactors: std::fmt::Debug + Clone + Send + Sync + 'static {
     const METHOD: &'static str;
     fn factors(&self) -> &[(&'static str, Factor)];
     fn factors_mut(&mut self) -> &mut [(&'static str, Factor)];
@@ -161,7 +161,7 @@ pub fn tucker(t: Tensor<4>, wa: Tensor<2>, wb: Tensor<2>) -> Tensor<4> {
 }
 
 /// A weight-change adapter on any Linear or Conv2d: `y = inner(x) + x * (scale * weight * dW)`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DeltaAdapter<F: WeightFactors> {
     pub factors: F,
     /// `alpha / r`.
@@ -234,6 +234,9 @@ impl<F: WeightFactors> Adapter for DeltaAdapter<F> {
 }
 
 impl<F: WeightFactors> LinearAdapter for DeltaAdapter<F> {
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<2>, base: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         if self.skipped() {
             return inner(x);
@@ -253,6 +256,9 @@ impl<F: WeightFactors> LinearAdapter for DeltaAdapter<F> {
 }
 
 impl<F: WeightFactors> Conv2dAdapter for DeltaAdapter<F> {
+    fn copied(&self) -> Box<dyn Conv2dAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         if self.skipped() {
             return inner(x);

@@ -55,6 +55,8 @@ pub trait LinearAdapter: Adapter {
     fn takes_half_input(&self) -> bool {
         false
     }
+    /// A copy that holds every parameter it uses itself ([`Slot`]'s `Clone`).
+    fn copied(&self) -> Box<dyn LinearAdapter>;
 }
 
 /// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].
@@ -62,6 +64,8 @@ pub trait Conv2dAdapter: Adapter {
     fn forward(&self, x: Tensor<4>, base: &crate::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4>;
     fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, unmerged: &Tensor<4>, weight: f32) -> Result<(Tensor<4>, Option<Tensor<1>>)>;
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
+    /// A copy that holds every parameter it uses itself ([`Slot`]'s `Clone`).
+    fn copied(&self) -> Box<dyn Conv2dAdapter>;
 }
 
 /// An adapter on an [`crate::Embedding`]: `y` is `[batch, seq, dim]` for token ids `ids`.
@@ -71,6 +75,30 @@ pub trait EmbeddingAdapter: Adapter {
     }
     fn merge(&self, table: Tensor<2>, weight: f32) -> Result<Tensor<2>>;
     fn unmerge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
+    /// A copy that holds every parameter it uses itself ([`Slot`]'s `Clone`).
+    fn copied(&self) -> Box<dyn EmbeddingAdapter>;
+}
+
+/// An adapter kind whose adapters copy themselves: a layer copied with its slot (a block that
+/// gradient checkpointing recomputes, [`crate::checkpoint`]) must not share parameters with
+/// the original, whose values its copy replaces.
+pub trait Copied {
+    fn copied_box(&self) -> Box<Self>;
+}
+impl Copied for dyn LinearAdapter {
+    fn copied_box(&self) -> Box<Self> {
+        self.copied()
+    }
+}
+impl Copied for dyn Conv2dAdapter {
+    fn copied_box(&self) -> Box<Self> {
+        self.copied()
+    }
+}
+impl Copied for dyn EmbeddingAdapter {
+    fn copied_box(&self) -> Box<Self> {
+        self.copied()
+    }
 }
 
 /// The run-time state of one attached adapter.
@@ -110,6 +138,13 @@ pub struct Slot<A: ?Sized> {
     pub entries: Vec<SlotEntry<A>>,
     /// When false every unmerged adapter is bypassed (PEFT's `disable_adapter`).
     pub enabled: bool,
+}
+
+impl<A: ?Sized + Copied> Clone for Slot<A> {
+    fn clone(&self) -> Self {
+        let entries = self.entries.iter().map(|e| SlotEntry { name: e.name.clone(), adapter: e.adapter.copied_box(), state: e.state }).collect();
+        Slot { entries, enabled: self.enabled }
+    }
 }
 
 impl<A: ?Sized> Default for Slot<A> {

@@ -192,21 +192,15 @@ pub fn inference() -> Device {
     selected().device_unchecked()
 }
 
-/// The selected device with autodiff, for training; `checkpointed` turns on burn's balanced
-/// gradient checkpointing (element-wise results recomputed in the backward pass).
-pub fn training(checkpointed: bool) -> Device {
-    with_autodiff(inference(), checkpointed)
+/// The selected device with autodiff, for training.
+pub fn training() -> Device {
+    inference().autodiff()
 }
 
 /// `target` with autodiff, for a training replica on it (data-parallel training); brought
 /// up like [`select`] does.
-pub fn training_on(target: Target, checkpointed: bool) -> Result<Device> {
-    Ok(with_autodiff(target.bring_up()?, checkpointed))
-}
-
-fn with_autodiff(device: Device, checkpointed: bool) -> Device {
-    let device = device.autodiff();
-    if checkpointed { device.gradient_checkpointing() } else { device }
+pub fn training_on(target: Target) -> Result<Device> {
+    Ok(target.bring_up()?.autodiff())
 }
 
 /// A backend that is compiled in may still find no device (no driver, no GPU): burn panics

@@ -22,6 +22,17 @@ fn draw<T>(f: impl FnOnce(&mut StdRng) -> T) -> T {
     STREAM.with(|s| f(s.borrow_mut().get_or_insert_with(|| StdRng::from_rng(&mut rand::rng()))))
 }
 
+/// This thread's stream as it stands (seeded from entropy first if it never was), so that a
+/// recomputed forward pass draws the masks of the first one ([`crate::checkpoint`]).
+pub fn stream() -> StdRng {
+    draw(|rng| rng.clone())
+}
+
+/// Puts `stream` in place of this thread's stream, returning the one it replaces.
+pub fn swap_stream(stream: StdRng) -> StdRng {
+    STREAM.with(|s| s.borrow_mut().replace(stream)).unwrap_or_else(|| StdRng::from_rng(&mut rand::rng()))
+}
+
 /// A tensor of `dims` holding 1 with probability `keep`, else 0.
 pub fn keep_mask<const D: usize>(dims: [usize; D], keep: f64, device: &Device) -> Tensor<D> {
     let n = dims.iter().product();

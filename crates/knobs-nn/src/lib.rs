@@ -3,6 +3,7 @@
 //! Nothing here knows about diffusion or about any particular adapter method.
 pub mod adapter;
 pub mod allocator;
+pub mod checkpoint;
 #[cfg(feature = "cuda")]
 mod cuda_without_llvm;
 pub mod device;

@@ -36,7 +36,7 @@ fn mixed_precision_casts_are_recomputed_under_checkpointing() {
     assert_eq!(checkpointed, plain, "the same gradient");
     // Without checkpointing each SiLU keeps its input as it came, in bf16 (2 bytes a value),
     // and no widened f32 copy (4 bytes a value more).
-    assert!(plain_held >= LAYERS * VALUES * 2 && plain_held < LAYERS * VALUES * 4, "{plain_held}");
+    assert!((LAYERS * VALUES * 2..LAYERS * VALUES * 4).contains(&plain_held), "{plain_held}");
     // Recomputed: the chain's first bf16 input and the graph's bookkeeping. Kept casts held
     // at least each layer's widened f32 input again.
     assert!(held < VALUES * 4, "checkpointing held {} MiB for {LAYERS} layers of {} MiB", held >> 20, (VALUES * 4) >> 20);

@@ -122,7 +122,7 @@ pub fn measure(mode: &str, o: &BenchOptions) -> Result<Measurement> {
     if o.steps == 0 || o.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
-    let dev = if method.is_some() { knobs_nn::device::training(o.gradient_checkpointing) } else { knobs_nn::device::inference() };
+    let dev = if method.is_some() { knobs_nn::device::training() } else { knobs_nn::device::inference() };
     let loaded = Instant::now();
     let weights = match method {
         Some(_) => o.weights_dtype.unwrap_or(FloatDtype::F32).dtype().into(),
@@ -180,10 +180,11 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     cfg.tokens.placeholder_token = Some("<knobs-bench>".into());
     cfg.tokens.initializer_token = Some(one_token_word(sd)?);
     sd.vae.for_inference();
+    sd.unet.set_gradient_checkpointing(o.gradient_checkpointing);
     let mut adapters = PipelineAdapters::new(0);
     let attached = cfg.method.attach(&cfg, sd, &mut adapters)?;
     let trainable = set_trainable(&cfg, sd, &attached.trainable)?;
-    let objective = Objective::new(sd, &knobs_nn::device::training(o.gradient_checkpointing));
+    let objective = Objective::new(sd, &knobs_nn::device::training());
     let mut opt = AdamW::new(AdamWConfig { lr: cfg.learning_rate(), ..Default::default() });
     let word = attached.placeholder.as_deref().unwrap_or("sks");
     let prompts = vec![format!("a photo of {word}"); o.batch];

@@ -61,13 +61,19 @@ impl std::fmt::Display for Estimate {
     }
 }
 
-/// Activation bytes of one sample through the UNet at `latent` x `latent`.
-fn unet_activations_per_sample(sd: &StableDiffusion, latent: usize) -> f64 {
+/// Activation bytes of one sample through the UNet at `latent` x `latent`. With its blocks
+/// checkpointed each keeps its input alone (one value per channel and pixel), and the
+/// backward pass holds one block's activations at a time (the largest's are added).
+fn unet_activations_per_sample(sd: &StableDiffusion, latent: usize, checkpointed: bool) -> f64 {
     let c = &sd.unet.config;
     let Ok(down) = c.down_plans() else { return 0.0 };
     let level = |i: usize| (latent * latent) as f64 / 4f64.powi(i as i32);
-    let block = |channels: usize, pixels: f64, resnets: usize, transformers: usize| {
-        channels as f64 * pixels * (resnets as f64 * RESNET_VALUES + transformers as f64 * TRANSFORMER_VALUES)
+    let mut largest: f64 = 0.0;
+    let mut block = |channels: usize, pixels: f64, resnets: usize, transformers: usize| {
+        let one = channels as f64 * pixels * if transformers > 0 { TRANSFORMER_VALUES.max(RESNET_VALUES) } else { RESNET_VALUES };
+        largest = largest.max(one);
+        let (resnet, transformer) = if checkpointed { (1.0, 1.0) } else { (RESNET_VALUES, TRANSFORMER_VALUES) };
+        channels as f64 * pixels * (resnets as f64 * resnet + transformers as f64 * transformer)
     };
     let mut values = 0.0;
     for (i, p) in down.iter().enumerate() {
@@ -78,6 +84,10 @@ fn unet_activations_per_sample(sd: &StableDiffusion, latent: usize) -> f64 {
     if let Some(last) = down.last() {
         let t = if c.mid_block_type.is_some() { last.transformer_layers.max(1) } else { 0 };
         values += block(last.channels, level(down.len() - 1), 2, t);
+    }
+    if checkpointed {
+        // The block run again, and the gradients of its activations as its backward makes them.
+        values += 2.0 * largest;
     }
     values * 4.0
 }
@@ -104,14 +114,10 @@ pub fn estimate(cfg: &TrainConfig, sd: &StableDiffusion, res: u32) -> Estimate {
     };
     let trained = trained_values * state;
     let latent = res as usize / sd.vae.config.downscale_factor();
-    let mut per_sample = unet_activations_per_sample(sd, latent);
+    let mut per_sample = unet_activations_per_sample(sd, latent, cfg.memory.gradient_checkpointing);
     if full {
         per_sample *= FULL_FACTOR;
     }
-    // `--gradient-checkpointing` (burn's balanced strategy) lowers no peak now: knobs' ops keep
-    // only what their backward needs, and recomputing an element-wise op keeps its inputs
-    // instead of its output. Peak with it against without, 2026-12-07: SD-1.5 at 512 px
-    // 1.00-1.02x (LoRA, full fine-tune), SDXL at 1024 px 1.10-1.18x (bf16, f32).
     let samples = cfg.optim.train_batch_size as f64 * if cfg.with_prior_preservation() { 2.0 } else { 1.0 };
     Estimate { overhead: OVERHEAD, weights, trained, activations: (per_sample * samples) as u64 }
 }
@@ -132,6 +138,9 @@ pub fn check(cfg: &TrainConfig, estimate: &Estimate) -> anyhow::Result<()> {
     }
     if cfg.optim.optimizer == crate::finetune::config::OptimizerKind::Adamw && estimate.trained > estimate.total() / 5 {
         hints.push("--optimizer adamw8bit or adafactor (a quarter of AdamW's state)".into());
+    }
+    if !cfg.memory.gradient_checkpointing {
+        hints.push("--gradient-checkpointing (each UNet block keeps only its input; one more forward pass a step)".into());
     }
     if cfg.data.resolution.is_some() {
         hints.push("a smaller --resolution".into());

@@ -108,3 +108,71 @@ fn check_method(cfg: TrainConfig, model: PathBuf) {
         assert!(nonzero + silent >= grads.len() && nonzero > 0, "{method}: {nonzero} of {} gradients are non-zero", grads.len());
     }
 }
+
+/// Every method with the UNet's resnets and transformer blocks checkpointed (recomputed in
+/// the backward pass): the loss bit for bit as without, and the gradients to rounding (the
+/// graph's steps run in another order, so gradients meeting at a tensor add in another order:
+/// measured up to 2.3e-5 of a gradient's largest value, a full fine-tune's conv bias), with the
+/// text encoders training where the method can (the blocks' context then takes gradients
+/// too), and LoRA's dropout drawing its masks again in the recomputed pass.
+#[test]
+fn each_method_gets_the_same_gradients_with_its_unet_blocks_checkpointed() {
+    for &method in Method::all().iter().filter(|m| !m.own_loop()) {
+        let mut cfg = config(method, tiny_sd());
+        cfg.train_text_encoder = method.options().contains(&OptionGroup::TextEncoder);
+        cfg.lora.lora_dropout = 0.25;
+        let (loss, grads) = loss_and_grads(&cfg, false);
+        let (loss_checkpointed, grads_checkpointed) = loss_and_grads(&cfg, true);
+        assert_eq!(loss.to_bits(), loss_checkpointed.to_bits(), "{method}: loss");
+        assert!(!grads.is_empty(), "{method}");
+        assert_eq!(grads.keys().collect::<Vec<_>>(), grads_checkpointed.keys().collect::<Vec<_>>(), "{method}");
+        let largest = grads.values().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for (path, g) in &grads {
+            // One that is zero but for rounding (a key projection's bias) is held to the
+            // model's scale.
+            let scale = g.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3 * largest);
+            let err = g.iter().zip(&grads_checkpointed[path]).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale.max(f32::MIN_POSITIVE);
+            assert!(err < 1e-4, "{method}: {path} differs by {err} of its largest value");
+        }
+    }
+}
+
+/// The loss of one batch of tiny-sd and its gradients by parameter, the UNet's blocks
+/// checkpointed or not.
+fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collections::BTreeMap<String, Vec<f32>>) {
+    let dev = knobs_nn::cpu_autodiff();
+    let mut sd = StableDiffusion::from_dir(tiny_sd(), &dev).unwrap();
+    sd.vae.for_inference();
+    let mut adapters = PipelineAdapters::new(0);
+    let attached = cfg.method.attach(cfg, &mut sd, &mut adapters).unwrap();
+    set_trainable(cfg, &mut sd, &attached.trainable).unwrap();
+    sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
+    sd.unet.set_gradient_checkpointing(checkpointed);
+    let res = resolution(&sd);
+    let examples = data::instance_examples(cfg, res).unwrap();
+    let mut rng = step_rng(0, "test", 0);
+    let images: Vec<_> = examples.iter().take(2).map(|e| data::crop(e, res, true, false, &mut rng)).collect();
+    let prompts: Vec<String> = examples.iter().take(2).map(|e| e.prompt.replace("sks", "<knobs-star>")).collect();
+    knobs_nn::dropout::seed_thread(3);
+    let recomputed = knobs_nn::checkpoint::blocks_recomputed();
+    let loss = Objective::new(&sd, &dev).per_sample(&sd, &images, &prompts, &mut rng, Default::default()).unwrap().mean();
+    let grads = collect_grads(&sd, &loss.backward());
+    // Each resnet and transformer block ran again, but for the first resnet where none of its
+    // weights train (its input and time embedding frozen too: nothing to differentiate, so
+    // it runs once); none without checkpointing.
+    let u = &sd.unet;
+    let transformers = |a: &[knobs_diffusion::unet::transformer::Transformer2DModel]| a.iter().map(|t| t.transformer_blocks.len()).sum::<usize>();
+    let blocks = u.down_blocks.iter().map(|b| b.resnets.len() + transformers(&b.attentions)).sum::<usize>()
+        + u.mid_block.iter().map(|b| b.resnets.len() + transformers(&b.attentions)).sum::<usize>()
+        + u.up_blocks.iter().map(|b| b.resnets.len() + transformers(&b.attentions)).sum::<usize>();
+    let mut first_trains = false;
+    u.down_blocks[0].resnets[0].for_each_param(|_, p| first_trains |= p.is_trainable());
+    let expected = match (checkpointed, first_trains) {
+        (false, _) => 0,
+        (true, true) => blocks,
+        (true, false) => blocks - 1,
+    };
+    assert_eq!(knobs_nn::checkpoint::blocks_recomputed() - recomputed, expected, "{}", cfg.method);
+    let values = |t: knobs_nn::Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    (loss.into_scalar::<f32>(), grads.into_iter().map(|(k, g)| (k, values(g))).collect())
+}

@@ -14,14 +14,14 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 /// A1111's "Normal" initialisation: N(0, 0.01) weights.
 const INIT_STD: f64 = 0.01;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Norm {
     seq: usize,
     weight: Tensor<1>,
     bias: Tensor<1>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Layer {
     seq: usize,
     /// `[out, in]`, as torch stores it.
@@ -34,7 +34,7 @@ struct Layer {
 
 /// One of A1111's `HypernetworkModule`s for one context width: `mlp(x)`, without the
 /// residual (the adapter adds it, with the strength).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Mlp {
     pub structure: Structure,
     pub width: usize,
@@ -211,6 +211,15 @@ impl LinearAdapter for HyperLinear {
     /// weights stay as they are.
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
         (w, b)
+    }
+    /// Its own copy of the shared module, which it owns (visits): a copied layer's parameters
+    /// are replaced without touching the original's, and every copy of one module sends its
+    /// gradient to the original's parameters, where they add up as for the shared uses.
+    /// Whether dropout runs is settled now, as the original would settle it.
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        let mlp = self.lock();
+        let training = Some(self.training.unwrap_or_else(|| mlp.is_trainable()));
+        Box::new(HyperLinear { mlp: Arc::new(Mutex::new(mlp.clone())), width: self.width, kind: self.kind, owner: true, training, seed: self.seed })
     }
 }
 

@@ -13,7 +13,7 @@ fn weighted<const D: usize>(l: &Tensor<D>, weight: f32) -> Tensor<D> {
     if weight == 1.0 { l.clone() } else { (l.clone() - 1.0) * weight as f64 + 1.0 }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Ia3Linear {
     /// `[out, 1]`, or `[1, in]` for a feed-forward target (PEFT's shapes).
     pub l: Tensor<2>,
@@ -33,6 +33,9 @@ impl Adapter for Ia3Linear {
 }
 
 impl LinearAdapter for Ia3Linear {
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let l = weighted(&self.l, weight);
         if self.feedforward {
@@ -63,7 +66,7 @@ impl LinearAdapter for Ia3Linear {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Ia3Conv2d {
     /// `[1, out, 1, 1]`, or `[1, in, 1, 1]` for a feed-forward target.
     pub l: Tensor<4>,
@@ -91,6 +94,9 @@ impl Ia3Conv2d {
 }
 
 impl Conv2dAdapter for Ia3Conv2d {
+    fn copied(&self) -> Box<dyn Conv2dAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<4>, _: &knobs_nn::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let l = weighted(&self.l, weight);
         if self.feedforward { inner(x * l) } else { inner(x) * l }

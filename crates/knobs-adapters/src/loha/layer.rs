@@ -6,7 +6,7 @@ use crate::lycoris::{DeltaShape, Factor, WeightFactors, kaiming, tucker};
 /// LoHa's factors. Flat: `hada_w1_a` / `hada_w2_a` `[out, r]`, `hada_w1_b` / `hada_w2_b`
 /// `[r, in*k*k]`. With Tucker cores: `hada_t1` / `hada_t2` `[r, r, k, k]`, `*_a` `[r, out]`,
 /// `*_b` `[r, in]`. PEFT's and LyCORIS's names and shapes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Hada {
     pub params: Vec<(&'static str, Factor)>,
 }

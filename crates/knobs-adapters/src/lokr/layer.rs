@@ -31,7 +31,7 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 /// `lokr_w2` `[b, d(, k, k)]`, or `lokr_w2_a` `[b, r]` x `lokr_w2_b` `[r, d*k*k]`, or a Tucker
 /// core `lokr_t2` `[r, r, k, k]` with `lokr_w2_a` `[r, b]`, `lokr_w2_b` `[r, d]`; where
 /// out = a*b and in = c*d.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Kron {
     pub params: Vec<(&'static str, Factor)>,
 }

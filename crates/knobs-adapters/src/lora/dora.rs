@@ -4,7 +4,6 @@
 //! PEFT does, section 4.3 of the paper). Run unmerged, the layer adds
 //! `(m / n - 1) * (inner(x) - bias) + (m / n) * s * B(A(x))`, PEFT's exact expression, so with
 //! several adapters DoRA rescales what the earlier ones added too, as PEFT does.
-use std::sync::Mutex;
 
 use knobs_nn::ops::conv2d;
 use knobs_nn::burn::tensor::ops::ConvOptions;
@@ -29,7 +28,7 @@ fn filter_norms(w: Tensor<4>, delta: Tensor<4>) -> Tensor<4> {
     (w + delta).detach().reshape([out, c * kh * kw]).powi_scalar(2).sum_dim(1).sqrt().reshape([1, out, 1, 1])
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DoraLinear {
     pub lora: LoraLinear,
     /// `[out]`, starting at the row norms of the adapted weight.
@@ -37,13 +36,13 @@ pub struct DoraLinear {
     /// The norms the last merge divided by, for unmerging (PEFT caches them the same way: the
     /// merged weight no longer tells them). Kept after an unmerge: a later adapter's merge
     /// replays this unmerge to find the layer's own weight.
-    merged_norm: Mutex<Option<Tensor<1>>>,
+    merged_norm: crate::merged::Merged<Tensor<1>>,
 }
 
 impl DoraLinear {
     pub fn new(base: &Linear, lora: LoraLinear) -> Self {
         let magnitude = row_norms(f32_value(&base.weight), lora.delta_weight());
-        DoraLinear { lora, magnitude, merged_norm: Mutex::new(None) }
+        DoraLinear { lora, magnitude, merged_norm: Default::default() }
     }
 }
 
@@ -65,6 +64,9 @@ impl Adapter for DoraLinear {
 }
 
 impl LinearAdapter for DoraLinear {
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<2>, base: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let s = self.lora.scale * weight as f64;
         let w = f32_value(&base.weight);
@@ -91,29 +93,29 @@ impl LinearAdapter for DoraLinear {
         let norm = row_norms(unmerged.clone(), delta.clone());
         let out = norm.dims()[0];
         let factor = (self.magnitude.clone().inner() / norm.clone()).reshape([out, 1]);
-        *self.merged_norm.lock().expect("not poisoned") = Some(norm);
+        self.merged_norm.set(norm);
         Ok((factor * (w + delta), b))
     }
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
-        let norm = self.merged_norm.lock().expect("not poisoned").clone().expect("unmerge follows a merge");
+        let norm = self.merged_norm.get();
         let out = norm.dims()[0];
         let factor = (self.magnitude.clone().inner() / norm).reshape([out, 1]);
         (w / factor - self.lora.delta_weight() * weight as f64, b)
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DoraConv2d {
     pub lora: LoraConv2d,
     /// `[1, out, 1, 1]`.
     pub magnitude: Tensor<4>,
-    merged_norm: Mutex<Option<Tensor<4>>>,
+    merged_norm: crate::merged::Merged<Tensor<4>>,
 }
 
 impl DoraConv2d {
     pub fn new(base: &Conv2d, lora: LoraConv2d) -> Self {
         let magnitude = filter_norms(f32_value(&base.weight), lora.delta_weight());
-        DoraConv2d { lora, magnitude, merged_norm: Mutex::new(None) }
+        DoraConv2d { lora, magnitude, merged_norm: Default::default() }
     }
 }
 
@@ -135,6 +137,9 @@ impl Adapter for DoraConv2d {
 }
 
 impl Conv2dAdapter for DoraConv2d {
+    fn copied(&self) -> Box<dyn Conv2dAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let s = self.lora.scale * weight as f64;
         let w = f32_value(&base.weight);
@@ -160,11 +165,11 @@ impl Conv2dAdapter for DoraConv2d {
         let delta = self.lora.delta_weight() * weight as f64;
         let norm = filter_norms(unmerged.clone(), delta.clone());
         let factor = (self.magnitude.clone().inner() / norm.clone()).swap_dims(0, 1);
-        *self.merged_norm.lock().expect("not poisoned") = Some(norm);
+        self.merged_norm.set(norm);
         Ok((factor * (w + delta), b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
-        let norm = self.merged_norm.lock().expect("not poisoned").clone().expect("unmerge follows a merge");
+        let norm = self.merged_norm.get();
         let factor = (self.magnitude.clone().inner() / norm).swap_dims(0, 1);
         (w / factor - self.lora.delta_weight() * weight as f64, b)
     }

@@ -22,7 +22,7 @@ fn init_down<const D: usize>(shape: [usize; D], fan_in: usize, r: usize, gaussia
     if gaussian { init.normal(shape, 1.0 / r as f64, device) } else { init.uniform(shape, 1.0 / (fan_in as f64).sqrt(), device) }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// Down projection `[r, in]` (`lora_A`).
     pub a: Tensor<2>,
@@ -71,6 +71,9 @@ impl Adapter for LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         // One op for the branch (knobs_nn::ops::low_rank), which scales the rank-r values and
         // takes a half-precision input as it is (`takes_half_input`); dropout works in f32.
@@ -93,7 +96,7 @@ impl LinearAdapter for LoraLinear {
 }
 
 /// LoCon: a k x k down convolution with the base layer's stride and padding, then a 1x1 up.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoraConv2d {
     /// `[r, in, k, k]`
     pub a: Tensor<4>,
@@ -150,6 +153,9 @@ impl Adapter for LoraConv2d {
 }
 
 impl Conv2dAdapter for LoraConv2d {
+    fn copied(&self) -> Box<dyn Conv2dAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<4>, _: &knobs_nn::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let down = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
         let h = conv2d(dropout(x.clone(), self.dropout, self.training), self.a.clone(), None, down);
@@ -165,7 +171,7 @@ impl Conv2dAdapter for LoraConv2d {
 }
 
 /// LoRA on an embedding table: rows of `A^T` looked up, then projected by `B`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoraEmbedding {
     /// `[r, num_embeddings]` (`lora_embedding_A`)
     pub a: Tensor<2>,
@@ -208,6 +214,9 @@ impl Adapter for LoraEmbedding {
 }
 
 impl EmbeddingAdapter for LoraEmbedding {
+    fn copied(&self) -> Box<dyn EmbeddingAdapter> {
+        Box::new(self.clone())
+    }
     fn output(&self, ids: &Tensor<2, Int>, y: Tensor<3>, weight: f32) -> Tensor<3> {
         let h = embedding(self.a.clone().transpose(), ids.clone());
         let [bsz, seq, r] = h.dims();

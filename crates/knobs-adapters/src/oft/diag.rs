@@ -5,7 +5,6 @@
 //! adds `x (W' - W)^T`, so the bias is not rotated. Read from and written to LyCORIS files for
 //! generation; the inverse is taken on the host, so it does not train (PEFT's OFT does).
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use knobs_nn::ops::conv2d;
 use knobs_nn::param::{ParamMut, ParamRef, f32_value};
@@ -44,7 +43,7 @@ impl AdapterConfig for DiagOftConfig {
         if blocks * bs != out {
             return Err(AdapterError::Config(format!("diag-OFT on `{path}`: {blocks} blocks of {bs} do not cover its {out} outputs")));
         }
-        let adapter = DiagOft { blocks: Tensor::zeros([blocks * bs, bs], &device), block_size: bs, constraint, merged_delta: Mutex::new(None) };
+        let adapter = DiagOft { blocks: Tensor::zeros([blocks * bs, bs], &device), block_size: bs, constraint, merged_delta: Default::default() };
         match layer {
             LayerMut::Linear(l) => l.adapters.insert(name, Box::new(adapter)),
             LayerMut::Conv2d(l) => l.adapters.insert(name, Box::new(adapter)),
@@ -64,14 +63,14 @@ impl AdapterConfig for DiagOftConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DiagOft {
     /// `oft_blocks` stacked: `[blocks * bs, bs]`.
     pub blocks: Tensor<2>,
     pub block_size: usize,
     /// LyCORIS's `alpha`; 0 leaves `Q` free.
     pub constraint: f64,
-    merged_delta: Mutex<Option<Tensor<2>>>,
+    merged_delta: crate::merged::Merged<Tensor<2>>,
 }
 
 impl DiagOft {
@@ -110,21 +109,27 @@ impl Adapter for DiagOft {
 }
 
 impl LinearAdapter for DiagOft {
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<2>, base: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let delta = self.delta(f32_value(&base.weight).inner(), weight);
         inner(x.clone()) + x.matmul(delta.transpose())
     }
     fn merge(&self, w: Tensor<2>, b: Option<Tensor<1>>, unmerged: &Tensor<2>, weight: f32) -> knobs_nn::Result<(Tensor<2>, Option<Tensor<1>>)> {
         let delta = self.delta(unmerged.clone(), weight);
-        *self.merged_delta.lock().expect("not poisoned") = Some(delta.clone());
+        self.merged_delta.set(delta.clone());
         Ok((w + delta, b))
     }
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
-        (w - self.merged_delta.lock().expect("not poisoned").clone().expect("unmerge follows a merge"), b)
+        (w - self.merged_delta.get(), b)
     }
 }
 
 impl Conv2dAdapter for DiagOft {
+    fn copied(&self) -> Box<dyn Conv2dAdapter> {
+        Box::new(self.clone())
+    }
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let w = f32_value(&base.weight).inner();
         let dims = w.dims();
@@ -134,12 +139,12 @@ impl Conv2dAdapter for DiagOft {
     fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, unmerged: &Tensor<4>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
         let dims = w.dims();
         let delta = self.delta(unmerged.clone().reshape([dims[0], dims[1] * dims[2] * dims[3]]), weight);
-        *self.merged_delta.lock().expect("not poisoned") = Some(delta.clone());
+        self.merged_delta.set(delta.clone());
         Ok((w + delta.reshape(dims), b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, _weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
         let dims = w.dims();
-        let delta = self.merged_delta.lock().expect("not poisoned").clone().expect("unmerge follows a merge");
+        let delta = self.merged_delta.get();
         (w - delta.reshape(dims), b)
     }
 }

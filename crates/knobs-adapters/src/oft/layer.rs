@@ -3,7 +3,6 @@
 //! `in * k * k` axis and added as a change, which is what PEFT merges; PEFT 0.21's unmerged
 //! k x k path unfolds and folds the input, which sums overlapping patches and does not equal
 //! its own merged layer, so knobs follows the merged form).
-use std::sync::Mutex;
 
 use knobs_nn::ops::conv2d;
 use knobs_nn::param::{ParamMut, ParamRef, f32_value};
@@ -27,7 +26,7 @@ fn visit_q_mut(q: &mut Tensor<2>, layer: &str, adapter: &str, v: &mut dyn Visito
     v.param(&format!("{layer}.oft_R.{adapter}.weight"), ParamMut::D2(q));
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OftLinear {
     /// `oft_R.weight`: `[blocks (1 with block_share), bs(bs-1)/2]`.
     pub q: Tensor<2>,
@@ -47,6 +46,9 @@ impl Adapter for OftLinear {
 }
 
 impl LinearAdapter for OftLinear {
+    fn copied(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
     /// `inner(x R)`: each block of input features rotated, `x_b R_b`.
     fn forward(&self, x: Tensor<2>, _: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let r = self.rotation.blocks(&self.q, weight);
@@ -63,18 +65,18 @@ impl LinearAdapter for OftLinear {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OftConv2d {
     pub q: Tensor<2>,
     pub rotation: Rotation,
     /// `W R^T - W` as the last merge added it, for unmerging (the rotation of the layer's own
     /// kernel, which the merged weight no longer shows apart from other adapters).
-    pub merged_delta: Mutex<Option<Tensor<4>>>,
+    pub merged_delta: crate::merged::Merged<Tensor<4>>,
 }
 
 impl OftConv2d {
     pub fn new(q: Tensor<2>, rotation: Rotation) -> Self {
-        OftConv2d { q, rotation, merged_delta: Mutex::new(None) }
+        OftConv2d { q, rotation, merged_delta: Default::default() }
     }
 
     /// `W R^T - W` for kernel `w`, rotated along its flattened `in * k * k` axis.
@@ -98,6 +100,9 @@ impl Adapter for OftConv2d {
 }
 
 impl Conv2dAdapter for OftConv2d {
+    fn copied(&self) -> Box<dyn Conv2dAdapter> {
+        Box::new(self.clone())
+    }
     /// `inner(x) + conv(x, W R^T - W)`: the layer's own kernel rotated, beside whatever
     /// `inner` adds.
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
@@ -106,11 +111,11 @@ impl Conv2dAdapter for OftConv2d {
     }
     fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, unmerged: &Tensor<4>, weight: f32) -> knobs_nn::Result<(Tensor<4>, Option<Tensor<1>>)> {
         let delta = self.delta(unmerged.clone(), self.rotation.blocks(&self.q.clone().inner(), weight));
-        *self.merged_delta.lock().expect("not poisoned") = Some(delta.clone());
+        self.merged_delta.set(delta.clone());
         Ok((w + delta, b))
     }
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, _weight: f32) -> (Tensor<4>, Option<Tensor<1>>) {
-        let delta = self.merged_delta.lock().expect("not poisoned").clone().expect("unmerge follows a merge");
+        let delta = self.merged_delta.get();
         (w - delta, b)
     }
 }

@@ -12,7 +12,7 @@ use crate::{AdapterError, Result};
 
 pub const METHOD: &str = crate::PeftType::Tokens.as_str();
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TokenRows {
     /// Id of the first new token; the rows cover `first_id..first_id + rows`.
     pub first_id: usize,
@@ -58,6 +58,9 @@ impl Adapter for TokenRows {
 }
 
 impl EmbeddingAdapter for TokenRows {
+    fn copied(&self) -> Box<dyn EmbeddingAdapter> {
+        Box::new(self.clone())
+    }
     fn output(&self, ids: &Tensor<2, Int>, y: Tensor<3>, weight: f32) -> Tensor<3> {
         let [b, l, dim] = y.dims();
         let (first, k) = (self.first_id as i64, self.num_tokens() as i64);

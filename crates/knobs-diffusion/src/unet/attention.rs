@@ -3,7 +3,7 @@
 use knobs_nn::ops::attention;
 use knobs_nn::{Device, Init, Linear, Tensor, impl_module};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Attention {
     pub to_q: Linear,
     pub to_k: Linear,

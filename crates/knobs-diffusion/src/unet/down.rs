@@ -2,6 +2,7 @@
 //! cross-attention kind), then an optional stride-2 conv. Every layer's output is kept as a
 //! skip connection for the up path.
 use knobs_nn::burn::tensor::ops::PadMode;
+use knobs_nn::checkpoint::checkpointed_if;
 use knobs_nn::{Conv2d, Device, Init, Tensor, impl_module};
 
 use super::config::BlockPlan;
@@ -44,6 +45,9 @@ pub struct DownBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
     pub downsamplers: Vec<Downsample2D>,
+    /// Each resnet keeps only its inputs for the backward pass, which runs it again
+    /// (`knobs_nn::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 impl_module!(DownBlock { "resnets" => resnets, "attentions" => attentions, "downsamplers" => downsamplers });
 
@@ -63,13 +67,13 @@ impl DownBlock {
             }
         }
         let downsamplers = downsample.map(|pad| Downsample2D::new(c, pad, init, device)).into_iter().collect();
-        DownBlock { resnets, attentions, downsamplers }
+        DownBlock { resnets, attentions, downsamplers, gradient_checkpointing: false }
     }
 
     /// Runs the block, pushing each layer's output onto `skips`.
     pub fn forward(&self, mut x: Tensor<4>, temb_act: &Tensor<2>, context: &Tensor<3>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, temb_act);
+            x = checkpointed_if(self.gradient_checkpointing, resnet, x, temb_act, ResnetBlock2D::forward);
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(x, context);
             }

@@ -1,4 +1,5 @@
 //! `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs, at the lowest resolution.
+use knobs_nn::checkpoint::checkpointed_if;
 use knobs_nn::{Device, Init, Tensor, impl_module};
 
 use super::config::BlockPlan;
@@ -10,6 +11,9 @@ use super::transformer::Transformer2DModel;
 pub struct UNetMidBlock2DCrossAttn {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
+    /// Each resnet keeps only its inputs for the backward pass, which runs it again
+    /// (`knobs_nn::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 impl_module!(UNetMidBlock2DCrossAttn { "resnets" => resnets, "attentions" => attentions });
 
@@ -25,13 +29,14 @@ impl UNetMidBlock2DCrossAttn {
             common.use_linear_projection, init, device,
         );
         let second = resnet(init);
-        UNetMidBlock2DCrossAttn { resnets: vec![first, second], attentions: vec![attn] }
+        UNetMidBlock2DCrossAttn { resnets: vec![first, second], attentions: vec![attn], gradient_checkpointing: false }
     }
 
     pub fn forward(&self, x: Tensor<4>, temb_act: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
-        let mut x = self.resnets[0].forward(x, temb_act);
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = resnet.forward(attn.forward(x, context), temb_act);
+        let resnet = |r: &ResnetBlock2D, x| checkpointed_if(self.gradient_checkpointing, r, x, temb_act, ResnetBlock2D::forward);
+        let mut x = resnet(&self.resnets[0], x);
+        for (attn, r) in self.attentions.iter().zip(&self.resnets[1..]) {
+            x = resnet(r, attn.forward(x, context));
         }
         x
     }

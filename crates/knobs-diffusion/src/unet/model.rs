@@ -188,6 +188,26 @@ impl UNet2DConditionModel {
         }
     }
 
+    /// diffusers' `enable_gradient_checkpointing` (and its disabling): each resnet and each
+    /// transformer block keeps only its inputs for the backward pass, which runs it again, so
+    /// a training step holds one such block's activations at a time, for one more forward
+    /// pass of the blocks (`knobs_nn::checkpoint`).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        let transformers = |attentions: &mut Vec<super::transformer::Transformer2DModel>| attentions.iter_mut().for_each(|a| a.gradient_checkpointing = on);
+        for block in &mut self.down_blocks {
+            block.gradient_checkpointing = on;
+            transformers(&mut block.attentions);
+        }
+        if let Some(block) = &mut self.mid_block {
+            block.gradient_checkpointing = on;
+            transformers(&mut block.attentions);
+        }
+        for block in &mut self.up_blocks {
+            block.gradient_checkpointing = on;
+            transformers(&mut block.attentions);
+        }
+    }
+
     /// An error naming `unet` when the weights are deferred or released.
     pub fn check_weights_in_memory(&self) -> Result<()> {
         self.weights.check_in_memory()

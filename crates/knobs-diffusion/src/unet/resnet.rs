@@ -1,7 +1,7 @@
 //! diffusers `ResnetBlock2D` with the "default" time-embedding path (added, not scale-shift).
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, Linear, Tensor, impl_module};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
     pub conv1: Conv2d,

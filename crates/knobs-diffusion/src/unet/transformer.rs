@@ -1,13 +1,14 @@
 //! diffusers `Transformer2DModel` (continuous input) and its `BasicTransformerBlock`s:
 //! the image is flattened to tokens, refined by self-attention, cross-attention over the
 //! text and a GEGLU feed-forward, then folded back and added to the input.
+use knobs_nn::checkpoint::checkpointed_if;
 use knobs_nn::ops::geglu;
 use knobs_nn::{Conv2d, Device, GroupNorm, Init, LayerNorm, Linear, Module, Tensor, Visitor, VisitorMut, impl_module};
 
 use super::attention::Attention;
 
 /// diffusers `FeedForward` with GEGLU: `net.2(a * gelu(b))` where `[a, b] = net.0.proj(x)`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FeedForward {
     pub proj: Linear,
     pub out: Linear,
@@ -29,7 +30,7 @@ impl FeedForward {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BasicTransformerBlock {
     pub norm1: LayerNorm,
     pub attn1: Attention,
@@ -62,7 +63,7 @@ impl BasicTransformerBlock {
 }
 
 /// `proj_in` / `proj_out`: a 1x1 conv (SD 1.x) or a linear over tokens (SD 2.x).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Projection {
     Conv(Conv2d),
     Linear(Linear),
@@ -93,12 +94,15 @@ impl Projection {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Transformer2DModel {
     pub norm: GroupNorm,
     pub proj_in: Projection,
     pub transformer_blocks: Vec<BasicTransformerBlock>,
     pub proj_out: Projection,
+    /// Each transformer block keeps only its input for the backward pass, which runs it again
+    /// (`knobs_nn::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 impl_module!(Transformer2DModel {
     "norm" => norm, "proj_in" => proj_in, "transformer_blocks" => transformer_blocks, "proj_out" => proj_out,
@@ -125,6 +129,7 @@ impl Transformer2DModel {
             proj_in: Projection::new(use_linear_projection, channels, inner, init, device),
             transformer_blocks: (0..layers).map(|_| BasicTransformerBlock::new(inner, heads, dim_head, context_dim, init, device)).collect(),
             proj_out: Projection::new(use_linear_projection, inner, channels, init, device),
+            gradient_checkpointing: false,
         }
     }
 
@@ -141,7 +146,7 @@ impl Transformer2DModel {
             Projection::Linear(l) => l.forward(normed.reshape([b, c, h * w]).swap_dims(1, 2)),
         };
         for block in &self.transformer_blocks {
-            tokens = block.forward(tokens, context);
+            tokens = checkpointed_if(self.gradient_checkpointing, block, tokens, context, BasicTransformerBlock::forward);
         }
         let inner = tokens.dims()[2];
         let out = match &self.proj_out {

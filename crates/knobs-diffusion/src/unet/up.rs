@@ -1,6 +1,7 @@
 //! `CrossAttnUpBlock2D` and `UpBlock2D`: each resnet takes the running features concatenated
 //! with one skip from the down path (last in, first out), then an optional nearest 2x
 //! upsampling followed by a 3x3 conv.
+use knobs_nn::checkpoint::checkpointed_if;
 use knobs_nn::{Device, Init, Tensor, impl_module};
 
 use super::config::BlockPlan;
@@ -15,6 +16,9 @@ pub struct UpBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
     pub upsamplers: Vec<Upsample2D>,
+    /// Each resnet keeps only its inputs for the backward pass, which runs it again
+    /// (`knobs_nn::checkpoint`).
+    pub gradient_checkpointing: bool,
 }
 impl_module!(UpBlock { "resnets" => resnets, "attentions" => attentions, "upsamplers" => upsamplers });
 
@@ -38,14 +42,14 @@ impl UpBlock {
             }
         }
         let upsamplers = if upsample { vec![Upsample2D::new(c, init, device)] } else { Vec::new() };
-        UpBlock { resnets, attentions, upsamplers }
+        UpBlock { resnets, attentions, upsamplers, gradient_checkpointing: false }
     }
 
     /// Runs the block, popping one skip per resnet off `skips`.
     pub fn forward(&self, mut x: Tensor<4>, temb_act: &Tensor<2>, context: &Tensor<3>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the UNet pushes one skip per up-block resnet");
-            x = resnet.forward(Tensor::cat(vec![x, skip], 1), temb_act);
+            x = checkpointed_if(self.gradient_checkpointing, resnet, Tensor::cat(vec![x, skip], 1), temb_act, ResnetBlock2D::forward);
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(x, context);
             }

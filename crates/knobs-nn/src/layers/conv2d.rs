@@ -9,7 +9,7 @@ use crate::module::{LayerMut, LayerRef, Module, Visitor, VisitorMut, join};
 use crate::param::{ParamMut, ParamRef, f32_value, half_on_cpu, value_as};
 
 /// A 2-D convolution over NCHW input; weight `[out, in/groups, kh, kw]` as in PyTorch.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Conv2d {
     pub weight: Tensor<4>,
     pub bias: Option<Tensor<1>>,

@@ -8,7 +8,7 @@ use crate::Result;
 use crate::param::{ParamMut, ParamRef, f32_value, like_stored};
 
 /// A lookup table `[num_embeddings, dim]`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Embedding {
     pub weight: Tensor<2>,
     pub adapters: Slot<dyn EmbeddingAdapter>,

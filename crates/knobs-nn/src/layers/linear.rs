@@ -8,7 +8,7 @@ use crate::ops::Products;
 use crate::param::{ParamMut, ParamRef, f32_value, half_on_cpu, value_as};
 
 /// `y = x W^T + b`, with the weight stored as PyTorch does (`[out, in]`) so files map 1:1.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,

@@ -6,7 +6,7 @@ use crate::module::{Module, Visitor, VisitorMut, join};
 use crate::param::{ParamMut, ParamRef};
 
 /// `torch.nn.GroupNorm` over `[N, C, ...]`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct GroupNorm {
     pub weight: Tensor<1>,
     pub bias: Tensor<1>,
@@ -40,7 +40,7 @@ impl GroupNorm {
 }
 
 /// `torch.nn.LayerNorm` over the last dimension.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor<1>,
     pub bias: Tensor<1>,

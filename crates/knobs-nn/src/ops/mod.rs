@@ -28,7 +28,7 @@ pub mod layer_norm;
 mod lanes;
 pub mod low_rank;
 mod matrix;
-mod record;
+pub(crate) mod record;
 mod simd;
 #[cfg(test)]
 mod testing;

@@ -281,10 +281,10 @@ pub struct MemoryOptions {
     /// encoder's weights, so one folder serves runs on several models.
     #[arg(long, value_name = "DIR")]
     pub latent_cache: Option<PathBuf>,
-    /// burn's balanced checkpointing: element-wise results recomputed in the backward pass,
-    /// matmul and conv outputs kept; the same gradients. Measured (2026-12-07) it lowers no
-    /// peak and slows steps (SDXL at 1024 px: 1.10-1.18x the memory), since knobs' own ops
-    /// already keep only what their backward needs; it is not PyTorch's block checkpointing.
+    /// Checkpoint the UNet's blocks (diffusers' --gradient_checkpointing): each resnet and
+    /// each transformer block keeps only its inputs for the backward pass, which runs it
+    /// again. Far less memory for about one more forward pass of the UNet a step; the same
+    /// gradients (to rounding).
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Keep the frozen weight matrices and convolution kernels in f16 or bf16, widened to

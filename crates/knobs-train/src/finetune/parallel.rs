@@ -49,7 +49,7 @@ pub fn replicas(cfg: &TrainConfig, model: &Path, targets: &[Target]) -> Result<V
         .iter()
         .skip(1)
         .map(|&target| {
-            let dev = knobs_nn::device::training_on(target, cfg.memory.gradient_checkpointing).with_context(|| format!("--devices: {target}"))?;
+            let dev = knobs_nn::device::training_on(target).with_context(|| format!("--devices: {target}"))?;
             let mut sd = load_for_training(cfg, model, &dev).with_context(|| format!("on {target}"))?;
             let mut adapters = PipelineAdapters::new(cfg.optim.seed);
             attach_for_training(cfg, &mut sd, &mut adapters)?;

@@ -166,11 +166,17 @@ pub fn set_trainable(cfg: &TrainConfig, sd: &mut StableDiffusion, learned: &BTre
 /// The pipeline as the shared loop holds it, on `dev`: weight matrices and kernels in
 /// --weights-dtype as they load (before adapters attach: what the method trains is widened
 /// back to f32 by set_trainable), the VAE out of autodiff, the UNet (and under bf16 the VAE)
-/// computing in --mixed-precision's dtype.
+/// computing in --mixed-precision's dtype, its blocks checkpointed under
+/// --gradient-checkpointing.
 pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -> Result<StableDiffusion> {
     let mut sd = StableDiffusion::load_as(model, dev, cfg.memory.weights_dtype.dtype()).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
     cfg.optim.mixed_precision.apply(&mut sd);
+    sd.unet.set_gradient_checkpointing(cfg.memory.gradient_checkpointing);
+    let device = knobs_nn::device::selected();
+    if cfg.memory.gradient_checkpointing && device != knobs_nn::device::Target::Cpu {
+        tracing::warn!("--gradient-checkpointing: blocks are checkpointed on the CPU backend only; on {device} every block keeps its activations");
+    }
     Ok(sd)
 }
 
@@ -203,7 +209,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
     let model = cfg.model()?;
-    let dev = knobs_nn::device::training(cfg.memory.gradient_checkpointing);
+    let dev = knobs_nn::device::training();
     let mut sd = load_for_training(cfg, &model, &dev)?;
     let res = cfg.data.resolution.map_or_else(|| resolution(&sd), |r| r as u32);
     let buckets = if cfg.data.bucket { Some(Buckets::new(res, size_unit(&sd, res)?)) } else { None };
@@ -370,6 +376,7 @@ pub fn run(cfg: &TrainConfig, progress: Progress) -> Result<Summary> {
     let mut extra = std::collections::BTreeMap::new();
     extra.insert("estimated_peak_bytes".to_string(), serde_json::json!(memory.total()));
     extra.insert("text_encoders_released".to_string(), serde_json::json!(sd.text_encoder.is_released()));
+    extra.insert("blocks_recomputed".to_string(), serde_json::json!(knobs_nn::checkpoint::blocks_recomputed()));
     // The first device's: with --devices each replica caches the rows it computes.
     if let Some((read, encoded)) = objective.latent_counts() {
         extra.insert("latents_read".to_string(), serde_json::json!(read));

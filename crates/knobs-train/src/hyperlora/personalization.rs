@@ -115,7 +115,7 @@ pub fn personalize(cfg: &PersonalizeConfig, progress: Progress) -> Result<Summar
         cfg.hypernetwork_dir.display()
     );
     let judge = Judge::load(&cfg.judge).with_context(|| format!("--judge {}", cfg.judge.display()))?;
-    let dev = if cfg.steps > 0 || cfg.code_steps > 0 { knobs_nn::device::training(false) } else { knobs_nn::device::inference() };
+    let dev = if cfg.steps > 0 || cfg.code_steps > 0 { knobs_nn::device::training() } else { knobs_nn::device::inference() };
     let mut sd = StableDiffusion::load(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();

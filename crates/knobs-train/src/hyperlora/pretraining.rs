@@ -125,7 +125,7 @@ pub fn pretrain(cfg: &HyperPretrainConfig, progress: Progress) -> Result<Outcome
     cfg.validate()?;
     let deadline = Deadline::new(cfg.max_seconds);
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("--out {}: cannot create", cfg.out.display()))?;
-    let dev = knobs_nn::device::training(false);
+    let dev = knobs_nn::device::training();
     let mut sd = StableDiffusion::load(&cfg.model, &dev).with_context(|| format!("--model {}", cfg.model.display()))?;
     sd.vae.for_inference();
     sd.freeze_all();

@@ -106,7 +106,7 @@ pub fn train(config: &PretrainConfig, vae: &AutoencoderKL, deadline: &Deadline, 
         return Ok(ControlFlow::Continue(()));
     }
     let phase = config.base;
-    let dev = knobs_nn::device::training(false);
+    let dev = knobs_nn::device::training();
     let tokenizer = ClipTokenizer::from_dir(model_dir.join("tokenizer"))?;
     let (mut base, te_json) = new_base(config, &tokenizer, &dev)?;
     check_vae_fits(&vae.config, &base.unet.config, &model_dir)?;

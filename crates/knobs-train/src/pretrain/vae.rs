@@ -73,7 +73,7 @@ pub fn train(config: &PretrainConfig, deadline: &Deadline, progress: Progress) -
         return Ok(ControlFlow::Continue(AutoencoderKL::from_dir(&dir, &knobs_nn::device::inference())?));
     }
     let phase = config.vae;
-    let dev = knobs_nn::device::training(false);
+    let dev = knobs_nn::device::training();
     let vae_config = VaeConfig::from_json_str(&recipe::vae_config().to_string())?;
     let mut vae = AutoencoderKL::new(vae_config, &mut Init::new(config.seed), &dev)?;
     start_nearly_deterministic(&mut vae);

@@ -42,7 +42,7 @@ fn config(method: &str) -> Result<(Box<dyn AdapterConfig>, f64)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = knobs_nn::device::training(false);
+    let device = knobs_nn::device::training();
     let data = batch(64, args.seed + 1, &device);
     let held_out = batch(64, args.seed + 2, &device);
     let mut rows = Vec::new();

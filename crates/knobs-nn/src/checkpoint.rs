@@ -1,0 +1,320 @@
+//! Block gradient checkpointing, as PyTorch's `torch.utils.checkpoint` (diffusers'
+//! `enable_gradient_checkpointing`): a block runs its forward pass keeping nothing but its
+//! inputs, and the backward pass runs it again under autodiff to get its gradients. A model
+//! then holds one block's activations at a time instead of every block's, for one more forward
+//! pass per step.
+//!
+//! In burn's graph a checkpointed block is one op whose parent is its input. Its backward step
+//! recomputes the block on a copy of the module whose tracked tensors (trainable parameters,
+//! or an adapter's weights computed upstream) are fresh leaves, in a graph of its own, and
+//! runs that graph's backward. burn's ops take a fixed number of parents, and a block uses any
+//! number of tracked tensors; so each tracked tensor is tied to the input in a chain of
+//! identity ops before the block op, and each tie hands its tensor the gradient the block's
+//! step left for it. The ties come before the block in the graph, so their steps run after its.
+//!
+//! The recomputed pass draws the dropout masks of the first (the thread's stream is replayed)
+//! and computes the same values, so the gradients are those of the block run once (tested bit
+//! for bit against it). On the CPU backend; elsewhere the block runs as it is.
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use burn::backend::Flex;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{GradientCheckpointingStrategy, Tensor};
+use rand::rngs::StdRng;
+
+use crate::module::{Module, ModuleExt};
+use crate::ops::record::record;
+use crate::param::{ParamMut, autodiff_with};
+
+/// What a block computes from its input `x` and one more tensor (a time embedding, a text
+/// encoding), as the plain `forward` of its module.
+pub type BlockForward<M, const D: usize, const A: usize> = fn(&M, Tensor<D>, &Tensor<A>) -> Tensor<D>;
+
+static RECOMPUTED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many checkpointed blocks this process has run again in a backward pass: proof that
+/// checkpointing ran, for tests and logs.
+pub fn blocks_recomputed() -> usize {
+    RECOMPUTED.load(Ordering::Relaxed)
+}
+
+/// `forward(module, x, aux)`, checkpointed when `on` (see the module's comment).
+pub fn checkpointed_if<M, const D: usize, const A: usize>(on: bool, module: &M, x: Tensor<D>, aux: &Tensor<A>, forward: BlockForward<M, D, A>) -> Tensor<D>
+where
+    M: Module + Clone + Debug + Send + Sync + 'static,
+{
+    if on { checkpointed(module, x, aux, forward) } else { forward(module, x, aux) }
+}
+
+/// `forward(module, x, aux)` keeping only `x` and `aux` for the backward pass, which runs it
+/// again. Runs it as it is where nothing in it is tracked or it is not on the CPU backend.
+pub fn checkpointed<M, const D: usize, const A: usize>(module: &M, x: Tensor<D>, aux: &Tensor<A>, forward: BlockForward<M, D, A>) -> Tensor<D>
+where
+    M: Module + Clone + Debug + Send + Sync + 'static,
+{
+    let on_cpu = x.clone().inner().try_into_primitive::<Flex>().is_ok();
+    // The copy's tracked tensors become plain values; the originals are tied to the input.
+    let mut copy = module.clone();
+    let (mut tracked, mut originals) = (Vec::new(), Vec::new());
+    copy.for_each_param_mut(|_, p| {
+        let is_tracked = on_param!(&p, t => t.is_tracked());
+        tracked.push(is_tracked);
+        if is_tracked {
+            originals.push(on_param!(p, t => {
+                let original = t.clone();
+                *t = original.clone().inner();
+                Held::from(original)
+            }));
+        }
+    });
+    if !on_cpu || !(x.is_tracked() || aux.is_tracked() || !originals.is_empty()) {
+        return forward(module, x, aux);
+    }
+    let strategy = [x.gradient_checkpointing_strategy(), aux.gradient_checkpointing_strategy()]
+        .into_iter()
+        .chain(originals.iter().map(Held::strategy))
+        .flatten()
+        .next();
+    let state = Block {
+        module: Arc::new(copy),
+        tracked,
+        x: x.clone().inner(),
+        x_tracked: x.is_tracked(),
+        aux: aux.clone().inner(),
+        aux_tracked: aux.is_tracked(),
+        strategy,
+        forward,
+        masks: crate::dropout::stream(),
+        stash: Stash::default(),
+    };
+    // The input when it is tracked, else a stand-in of one value: the chain only carries the
+    // input's gradient, and each tie its tensor's.
+    let mut chain = if state.x_tracked { x } else { autodiff_with(Tensor::<D>::zeros([1; D], &x.device()), strategy) };
+    let mut slot = 0;
+    if state.aux_tracked {
+        chain = tie(chain, aux.clone(), slot, &state.stash, strategy).expect("a tensor on the CPU backend");
+        slot += 1;
+    }
+    for original in originals {
+        chain = match original {
+            Held::D1(t) => tie(chain, t, slot, &state.stash, strategy),
+            Held::D2(t) => tie(chain, t, slot, &state.stash, strategy),
+            Held::D4(t) => tie(chain, t, slot, &state.stash, strategy),
+        }
+        .expect("a tensor on the CPU backend");
+        slot += 1;
+    }
+    // The first pass: every tensor untracked, so it records nothing and keeps nothing.
+    let y = state.run(false).y.inner().try_into_primitive::<Flex>().expect("a tensor on the CPU backend");
+    block_op(chain, y, state).expect("a tensor on the CPU backend")
+}
+
+/// The block's output `y` as the op whose parent is `chain`.
+fn block_op<M, const D: usize, const A: usize>(chain: Tensor<D>, y: FlexTensor, state: Block<M, D, A>) -> Option<Tensor<D>>
+where
+    M: Module + Clone + Debug + Send + Sync + 'static,
+{
+    record!(BlockOp::<M, D, A>(PhantomData), state.strategy, [chain], {
+        drop(chain);
+        (y, state)
+    })
+}
+
+macro_rules! on_param {
+    ($p:expr, $t:ident => $e:expr) => {
+        match $p {
+            ParamMut::D1($t) => $e,
+            ParamMut::D2($t) => $e,
+            ParamMut::D4($t) => $e,
+        }
+    };
+}
+use on_param;
+
+/// A tracked tensor of any parameter rank.
+enum Held {
+    D1(Tensor<1>),
+    D2(Tensor<2>),
+    D4(Tensor<4>),
+}
+impl From<Tensor<1>> for Held {
+    fn from(t: Tensor<1>) -> Self {
+        Held::D1(t)
+    }
+}
+impl From<Tensor<2>> for Held {
+    fn from(t: Tensor<2>) -> Self {
+        Held::D2(t)
+    }
+}
+impl From<Tensor<4>> for Held {
+    fn from(t: Tensor<4>) -> Self {
+        Held::D4(t)
+    }
+}
+impl Held {
+    fn strategy(&self) -> Option<GradientCheckpointingStrategy> {
+        match self {
+            Held::D1(t) => t.gradient_checkpointing_strategy(),
+            Held::D2(t) => t.gradient_checkpointing_strategy(),
+            Held::D4(t) => t.gradient_checkpointing_strategy(),
+        }
+    }
+    /// The gradient this leaf got, as the CPU primitive.
+    fn grad(&self, grads: &burn::tensor::Gradients) -> Option<FlexTensor> {
+        match self {
+            Held::D1(t) => t.grad(grads).and_then(|g| g.try_into_primitive::<Flex>().ok()),
+            Held::D2(t) => t.grad(grads).and_then(|g| g.try_into_primitive::<Flex>().ok()),
+            Held::D4(t) => t.grad(grads).and_then(|g| g.try_into_primitive::<Flex>().ok()),
+        }
+    }
+}
+
+/// The gradients the block's backward step leaves for its tracked tensors (the `aux` input
+/// first when tracked, then the parameters in visiting order), each taken by its tie.
+#[derive(Debug, Clone, Default)]
+struct Stash(Arc<Mutex<Vec<Option<FlexTensor>>>>);
+
+impl Stash {
+    fn take(&self, slot: usize) -> Option<FlexTensor> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot).and_then(Option::take)
+    }
+}
+
+/// `chain` as it is, with `t` as a second parent whose gradient comes from `stash`.
+fn tie<const D: usize, const R: usize>(chain: Tensor<D>, t: Tensor<R>, slot: usize, stash: &Stash, strategy: Option<GradientCheckpointingStrategy>) -> Option<Tensor<D>> {
+    let stash = stash.clone();
+    record!(Tie, strategy, [chain, t], {
+        drop(t);
+        (chain, (slot, stash))
+    })
+}
+
+#[derive(Debug)]
+struct Tie;
+
+impl Backward<Flex, 2> for Tie {
+    type State = (usize, Stash);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d = grads.consume::<Flex>(&ops.node);
+        let [chain, tied] = ops.parents;
+        let (slot, stash) = ops.state;
+        if let (Some(node), Some(g)) = (tied, stash.take(slot)) {
+            grads.register::<Flex>(node.id, g);
+        }
+        if let Some(node) = chain {
+            grads.register::<Flex>(node.id, d);
+        }
+    }
+}
+
+/// What the block op keeps: its inputs and a copy of its module, tracked tensors as plain
+/// values (`tracked` marks them in visiting order).
+#[derive(Debug, Clone)]
+struct Block<M, const D: usize, const A: usize> {
+    module: Arc<M>,
+    tracked: Vec<bool>,
+    x: Tensor<D>,
+    x_tracked: bool,
+    aux: Tensor<A>,
+    aux_tracked: bool,
+    strategy: Option<GradientCheckpointingStrategy>,
+    forward: BlockForward<M, D, A>,
+    /// The dropout stream as the first pass found it.
+    masks: StdRng,
+    stash: Stash,
+}
+
+/// One run of the block on autodiff tensors.
+struct Run<const D: usize, const A: usize> {
+    y: Tensor<D>,
+    x: Tensor<D>,
+    aux: Tensor<A>,
+    /// The tracked parameters' leaves, in visiting order (empty for an untracked run).
+    params: Vec<Held>,
+}
+
+impl<M: Module + Clone, const D: usize, const A: usize> Block<M, D, A> {
+    /// The block, its tracked tensors fresh leaves when `leaves`, else untracked.
+    fn run(&self, leaves: bool) -> Run<D, A> {
+        let mut module = (*self.module).clone();
+        let mut params = Vec::new();
+        let mut i = 0;
+        module.for_each_param_mut(|_, p| {
+            if self.tracked[i] {
+                on_param!(p, t => {
+                    *t = lift(t.clone(), self.strategy, leaves);
+                    if leaves {
+                        params.push(Held::from(t.clone()));
+                    }
+                });
+            }
+            i += 1;
+        });
+        let x = lift(self.x.clone(), self.strategy, leaves && self.x_tracked);
+        let aux = lift(self.aux.clone(), self.strategy, leaves && self.aux_tracked);
+        // The recomputed pass draws the first pass's masks, and leaves the stream as it was.
+        let before = leaves.then(|| crate::dropout::swap_stream(self.masks.clone()));
+        let y = (self.forward)(&module, x.clone(), &aux);
+        if let Some(before) = before {
+            crate::dropout::swap_stream(before);
+        }
+        Run { y, x, aux, params }
+    }
+}
+
+impl<M, const D: usize, const A: usize> Backward<Flex, 1> for BlockOp<M, D, A>
+where
+    M: Module + Clone + Debug + Send + Sync + 'static,
+{
+    type State = Block<M, D, A>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [chain] = ops.parents;
+        let block = ops.state;
+        // The recomputed block in a graph of its own, whose backward starts from `dy`: the
+        // gradient of `sum(y * dy)` with respect to `y` is `dy`, exactly.
+        let run = block.run(true);
+        RECOMPUTED.fetch_add(1, Ordering::Relaxed);
+        let dy = autodiff_with(Tensor::<D>::from_primitive::<Flex>(dy), block.strategy);
+        let inner = (run.y * dy).sum().backward();
+        {
+            let mut stash = block.stash.0.lock().unwrap_or_else(|e| e.into_inner());
+            if block.aux_tracked {
+                stash.push(run.aux.grad(&inner).and_then(|g| g.try_into_primitive::<Flex>().ok()));
+            }
+            stash.extend(run.params.iter().map(|p| p.grad(&inner)));
+        }
+        let Some(node) = chain else { return };
+        // The chain's node always gets a gradient (its ties consume one): zeros where the
+        // input is a stand-in or the block did not use it.
+        let dx = match (block.x_tracked, run.x.grad(&inner)) {
+            (true, Some(dx)) => dx,
+            (true, None) => Tensor::<D>::zeros(block.x.dims(), &block.x.device()).cast(block.x.dtype()),
+            (false, _) => Tensor::<D>::zeros([1; D], &block.x.device()),
+        };
+        grads.register::<Flex>(node.id, dx.try_into_primitive::<Flex>().expect("a tensor on the CPU backend"));
+    }
+}
+
+/// `t` on autodiff under `strategy`, a leaf that keeps its gradient when `leaf`.
+fn lift<const D: usize>(t: Tensor<D>, strategy: Option<GradientCheckpointingStrategy>, leaf: bool) -> Tensor<D> {
+    let t = autodiff_with(t, strategy);
+    if leaf { t.require_grad() } else { t }
+}
+
+struct BlockOp<M, const D: usize, const A: usize>(PhantomData<fn() -> M>);
+
+impl<M, const D: usize, const A: usize> Debug for BlockOp<M, D, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CheckpointedBlock")
+    }
+}
