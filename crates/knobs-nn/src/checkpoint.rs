@@ -13,8 +13,11 @@
 //! step left for it. The ties come before the block in the graph, so their steps run after its.
 //!
 //! The recomputed pass draws the dropout masks of the first (the thread's stream is replayed)
-//! and computes the same values, so the gradients are those of the block run once (tested bit
-//! for bit against it). On the CPU backend; elsewhere the block runs as it is.
+//! and computes the same values, so the gradients are those of the block run once: bit for bit
+//! through a chain of blocks, to rounding in a model where gradients meet (the ties deepen the
+//! graph, so its steps run, and add into a shared tensor's gradient, in another order). A
+//! block with nothing tracked in it runs once. On the CPU backend; elsewhere the block runs as
+//! it is.
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
