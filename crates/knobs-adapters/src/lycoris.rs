@@ -234,9 +234,6 @@ impl<F: WeightFactors> Adapter for DeltaAdapter<F> {
 }
 
 impl<F: WeightFactors> LinearAdapter for DeltaAdapter<F> {
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<2>, base: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         if self.skipped() {
             return inner(x);
@@ -256,9 +253,6 @@ impl<F: WeightFactors> LinearAdapter for DeltaAdapter<F> {
 }
 
 impl<F: WeightFactors> Conv2dAdapter for DeltaAdapter<F> {
-    fn copied(&self) -> Box<dyn Conv2dAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         if self.skipped() {
             return inner(x);

@@ -30,7 +30,7 @@ pub trait Adapter: Any + Send + Sync + Debug {
 /// `inner(x) + delta(x)`, IA3 `inner(x) * l` or `inner(x * l)`. Merging in attachment order
 /// therefore gives exactly the same function. `base` is the host layer, for methods that read
 /// its weights (DoRA's column norms); its own forward is `inner` with no adapters left.
-pub trait LinearAdapter: Adapter {
+pub trait LinearAdapter: Adapter + CopyLinear {
     fn forward(&self, x: Tensor<2>, base: &crate::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2>;
     /// Folds the adapter into the layer's weight `[out, in]` and bias; an error when the
     /// adapter has no weight form (a hypernetwork transforms the input non-linearly).
@@ -55,51 +55,52 @@ pub trait LinearAdapter: Adapter {
     fn takes_half_input(&self) -> bool {
         false
     }
-    /// A copy that holds every parameter it uses itself ([`Slot`]'s `Clone`).
-    fn copied(&self) -> Box<dyn LinearAdapter>;
 }
 
 /// An adapter on a [`crate::Conv2d`]; tensors are NCHW. Wraps `inner` as [`LinearAdapter`].
-pub trait Conv2dAdapter: Adapter {
+pub trait Conv2dAdapter: Adapter + CopyConv2d {
     fn forward(&self, x: Tensor<4>, base: &crate::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4>;
     fn merge(&self, w: Tensor<4>, b: Option<Tensor<1>>, unmerged: &Tensor<4>, weight: f32) -> Result<(Tensor<4>, Option<Tensor<1>>)>;
     fn unmerge(&self, w: Tensor<4>, b: Option<Tensor<1>>, weight: f32) -> (Tensor<4>, Option<Tensor<1>>);
-    /// A copy that holds every parameter it uses itself ([`Slot`]'s `Clone`).
-    fn copied(&self) -> Box<dyn Conv2dAdapter>;
 }
 
 /// An adapter on an [`crate::Embedding`]: `y` is `[batch, seq, dim]` for token ids `ids`.
-pub trait EmbeddingAdapter: Adapter {
+pub trait EmbeddingAdapter: Adapter + CopyEmbedding {
     fn output(&self, _ids: &Tensor<2, Int>, y: Tensor<3>, _weight: f32) -> Tensor<3> {
         y
     }
     fn merge(&self, table: Tensor<2>, weight: f32) -> Result<Tensor<2>>;
     fn unmerge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
-    /// A copy that holds every parameter it uses itself ([`Slot`]'s `Clone`).
-    fn copied(&self) -> Box<dyn EmbeddingAdapter>;
 }
 
-/// An adapter kind whose adapters copy themselves: a layer copied with its slot (a block that
+/// An adapter behind its trait object copied: a layer copied with its slot (a block that
 /// gradient checkpointing recomputes, [`crate::checkpoint`]) must not share parameters with
-/// the original, whose values its copy replaces.
+/// the original, whose values its copy replaces. Every adapter that is `Clone` has it; a
+/// `Clone` must then copy whatever the adapter shares with others (an A1111 hypernetwork's
+/// module).
 pub trait Copied {
-    fn copied_box(&self) -> Box<Self>;
+    fn copied(&self) -> Box<Self>;
 }
-impl Copied for dyn LinearAdapter {
-    fn copied_box(&self) -> Box<Self> {
-        self.copied()
-    }
+
+macro_rules! copied_by_clone {
+    ($($helper:ident => $kind:ident),*) => {$(
+        #[doc = concat!("[`Copied`] for a `", stringify!($kind), "` that is `Clone`.")]
+        pub trait $helper {
+            fn copied_box(&self) -> Box<dyn $kind>;
+        }
+        impl<T: $kind + Clone> $helper for T {
+            fn copied_box(&self) -> Box<dyn $kind> {
+                Box::new(self.clone())
+            }
+        }
+        impl Copied for dyn $kind {
+            fn copied(&self) -> Box<Self> {
+                self.copied_box()
+            }
+        }
+    )*};
 }
-impl Copied for dyn Conv2dAdapter {
-    fn copied_box(&self) -> Box<Self> {
-        self.copied()
-    }
-}
-impl Copied for dyn EmbeddingAdapter {
-    fn copied_box(&self) -> Box<Self> {
-        self.copied()
-    }
-}
+copied_by_clone!(CopyLinear => LinearAdapter, CopyConv2d => Conv2dAdapter, CopyEmbedding => EmbeddingAdapter);
 
 /// The run-time state of one attached adapter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,7 +143,7 @@ pub struct Slot<A: ?Sized> {
 
 impl<A: ?Sized + Copied> Clone for Slot<A> {
     fn clone(&self) -> Self {
-        let entries = self.entries.iter().map(|e| SlotEntry { name: e.name.clone(), adapter: e.adapter.copied_box(), state: e.state }).collect();
+        let entries = self.entries.iter().map(|e| SlotEntry { name: e.name.clone(), adapter: e.adapter.copied(), state: e.state }).collect();
         Slot { entries, enabled: self.enabled }
     }
 }

@@ -165,6 +165,19 @@ impl HyperLinear {
     }
 }
 
+/// A copy owns a copy of the shared module (and visits it): a copied layer's parameters are
+/// replaced without touching the original's, and every copy of one module sends its gradient
+/// to the original's parameters, where they add up as for the shared uses (gradient
+/// checkpointing's recomputed blocks). Whether dropout runs is settled now, as the original
+/// would settle it.
+impl Clone for HyperLinear {
+    fn clone(&self) -> Self {
+        let mlp = self.lock();
+        let training = Some(self.training.unwrap_or_else(|| mlp.is_trainable()));
+        HyperLinear { mlp: Arc::new(Mutex::new(mlp.clone())), width: self.width, kind: self.kind, owner: true, training, seed: self.seed }
+    }
+}
+
 impl Adapter for HyperLinear {
     fn method(&self) -> &'static str {
         super::config::METHOD
@@ -211,15 +224,6 @@ impl LinearAdapter for HyperLinear {
     /// weights stay as they are.
     fn unmerge(&self, w: Tensor<2>, b: Option<Tensor<1>>, _weight: f32) -> (Tensor<2>, Option<Tensor<1>>) {
         (w, b)
-    }
-    /// Its own copy of the shared module, which it owns (visits): a copied layer's parameters
-    /// are replaced without touching the original's, and every copy of one module sends its
-    /// gradient to the original's parameters, where they add up as for the shared uses.
-    /// Whether dropout runs is settled now, as the original would settle it.
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        let mlp = self.lock();
-        let training = Some(self.training.unwrap_or_else(|| mlp.is_trainable()));
-        Box::new(HyperLinear { mlp: Arc::new(Mutex::new(mlp.clone())), width: self.width, kind: self.kind, owner: true, training, seed: self.seed })
     }
 }
 

@@ -33,9 +33,6 @@ impl Adapter for Ia3Linear {
 }
 
 impl LinearAdapter for Ia3Linear {
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let l = weighted(&self.l, weight);
         if self.feedforward {
@@ -94,9 +91,6 @@ impl Ia3Conv2d {
 }
 
 impl Conv2dAdapter for Ia3Conv2d {
-    fn copied(&self) -> Box<dyn Conv2dAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<4>, _: &knobs_nn::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let l = weighted(&self.l, weight);
         if self.feedforward { inner(x * l) } else { inner(x) * l }

@@ -64,9 +64,6 @@ impl Adapter for DoraLinear {
 }
 
 impl LinearAdapter for DoraLinear {
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<2>, base: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let s = self.lora.scale * weight as f64;
         let w = f32_value(&base.weight);
@@ -137,9 +134,6 @@ impl Adapter for DoraConv2d {
 }
 
 impl Conv2dAdapter for DoraConv2d {
-    fn copied(&self) -> Box<dyn Conv2dAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let s = self.lora.scale * weight as f64;
         let w = f32_value(&base.weight);

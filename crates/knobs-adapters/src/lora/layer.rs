@@ -71,9 +71,6 @@ impl Adapter for LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<2>, _: &knobs_nn::Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         // One op for the branch (knobs_nn::ops::low_rank), which scales the rank-r values and
         // takes a half-precision input as it is (`takes_half_input`); dropout works in f32.
@@ -153,9 +150,6 @@ impl Adapter for LoraConv2d {
 }
 
 impl Conv2dAdapter for LoraConv2d {
-    fn copied(&self) -> Box<dyn Conv2dAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<4>, _: &knobs_nn::Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let down = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
         let h = conv2d(dropout(x.clone(), self.dropout, self.training), self.a.clone(), None, down);
@@ -214,9 +208,6 @@ impl Adapter for LoraEmbedding {
 }
 
 impl EmbeddingAdapter for LoraEmbedding {
-    fn copied(&self) -> Box<dyn EmbeddingAdapter> {
-        Box::new(self.clone())
-    }
     fn output(&self, ids: &Tensor<2, Int>, y: Tensor<3>, weight: f32) -> Tensor<3> {
         let h = embedding(self.a.clone().transpose(), ids.clone());
         let [bsz, seq, r] = h.dims();

@@ -109,9 +109,6 @@ impl Adapter for DiagOft {
 }
 
 impl LinearAdapter for DiagOft {
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<2>, base: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let delta = self.delta(f32_value(&base.weight).inner(), weight);
         inner(x.clone()) + x.matmul(delta.transpose())
@@ -127,9 +124,6 @@ impl LinearAdapter for DiagOft {
 }
 
 impl Conv2dAdapter for DiagOft {
-    fn copied(&self) -> Box<dyn Conv2dAdapter> {
-        Box::new(self.clone())
-    }
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {
         let w = f32_value(&base.weight).inner();
         let dims = w.dims();

@@ -46,9 +46,6 @@ impl Adapter for OftLinear {
 }
 
 impl LinearAdapter for OftLinear {
-    fn copied(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
-    }
     /// `inner(x R)`: each block of input features rotated, `x_b R_b`.
     fn forward(&self, x: Tensor<2>, _: &Linear, inner: &dyn Fn(Tensor<2>) -> Tensor<2>, weight: f32) -> Tensor<2> {
         let r = self.rotation.blocks(&self.q, weight);
@@ -100,9 +97,6 @@ impl Adapter for OftConv2d {
 }
 
 impl Conv2dAdapter for OftConv2d {
-    fn copied(&self) -> Box<dyn Conv2dAdapter> {
-        Box::new(self.clone())
-    }
     /// `inner(x) + conv(x, W R^T - W)`: the layer's own kernel rotated, beside whatever
     /// `inner` adds.
     fn forward(&self, x: Tensor<4>, base: &Conv2d, inner: &dyn Fn(Tensor<4>) -> Tensor<4>, weight: f32) -> Tensor<4> {

@@ -58,9 +58,6 @@ impl Adapter for TokenRows {
 }
 
 impl EmbeddingAdapter for TokenRows {
-    fn copied(&self) -> Box<dyn EmbeddingAdapter> {
-        Box::new(self.clone())
-    }
     fn output(&self, ids: &Tensor<2, Int>, y: Tensor<3>, weight: f32) -> Tensor<3> {
         let [b, l, dim] = y.dims();
         let (first, k) = (self.first_id as i64, self.num_tokens() as i64);
