@@ -180,7 +180,7 @@ fn train_steps(method: &str, sd: &mut StableDiffusion, res: u32, o: &BenchOption
     cfg.tokens.placeholder_token = Some("<knobs-bench>".into());
     cfg.tokens.initializer_token = Some(one_token_word(sd)?);
     sd.vae.for_inference();
-    sd.unet.set_gradient_checkpointing(o.gradient_checkpointing);
+    sd.set_gradient_checkpointing(o.gradient_checkpointing);
     let mut adapters = PipelineAdapters::new(0);
     let attached = cfg.method.attach(&cfg, sd, &mut adapters)?;
     let trainable = set_trainable(&cfg, sd, &attached.trainable)?;

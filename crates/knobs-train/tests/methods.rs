@@ -109,8 +109,8 @@ fn check_method(cfg: TrainConfig, model: PathBuf) {
     }
 }
 
-/// Every method with the UNet's resnets and transformer blocks checkpointed (recomputed in
-/// the backward pass): the loss bit for bit as without, and the gradients to rounding (the
+/// Every method with the UNet's resnets and transformer blocks and the text encoder's layers
+/// checkpointed (recomputed in the backward pass): the loss bit for bit as without, and the gradients to rounding (the
 /// graph's steps run in another order, so gradients meeting at a tensor add in another order:
 /// measured up to 2.3e-5 of a gradient's largest value, a full fine-tune's conv bias), with the
 /// text encoders training where the method can (the blocks' context then takes gradients
@@ -137,8 +137,7 @@ fn each_method_gets_the_same_gradients_with_its_unet_blocks_checkpointed() {
     }
 }
 
-/// The loss of one batch of tiny-sd and its gradients by parameter, the UNet's blocks
-/// checkpointed or not.
+/// The loss of one batch of tiny-sd and its gradients by parameter, checkpointed or not.
 fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collections::BTreeMap<String, Vec<f32>>) {
     let dev = knobs_nn::cpu_autodiff();
     let mut sd = StableDiffusion::from_dir(tiny_sd(), &dev).unwrap();
@@ -147,7 +146,7 @@ fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collectio
     let attached = cfg.method.attach(cfg, &mut sd, &mut adapters).unwrap();
     set_trainable(cfg, &mut sd, &attached.trainable).unwrap();
     sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
-    sd.unet.set_gradient_checkpointing(checkpointed);
+    sd.set_gradient_checkpointing(checkpointed);
     let res = resolution(&sd);
     let examples = data::instance_examples(cfg, res).unwrap();
     let mut rng = step_rng(0, "test", 0);
@@ -159,7 +158,8 @@ fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collectio
     let grads = collect_grads(&sd, &loss.backward());
     // Each resnet and transformer block ran again, but for the first resnet where none of its
     // weights train (its input and time embedding frozen too: nothing to differentiate, so
-    // it runs once); none without checkpointing.
+    // it runs once), and each text encoder layer where anything of the encoder trains (its
+    // token embeddings or its layers); none without checkpointing.
     let u = &sd.unet;
     let transformers = |a: &[knobs_diffusion::unet::transformer::Transformer2DModel]| a.iter().map(|t| t.transformer_blocks.len()).sum::<usize>();
     let blocks = u.down_blocks.iter().map(|b| b.resnets.len() + transformers(&b.attentions)).sum::<usize>()
@@ -167,10 +167,13 @@ fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collectio
         + u.up_blocks.iter().map(|b| b.resnets.len() + transformers(&b.attentions)).sum::<usize>();
     let mut first_trains = false;
     u.down_blocks[0].resnets[0].for_each_param(|_, p| first_trains |= p.is_trainable());
+    let mut encoder_trains = false;
+    sd.text_encoder.for_each_param(|_, p| encoder_trains |= p.is_trainable());
+    let layers = if encoder_trains { sd.text_encoder.num_layers() } else { 0 };
     let expected = match (checkpointed, first_trains) {
         (false, _) => 0,
-        (true, true) => blocks,
-        (true, false) => blocks - 1,
+        (true, true) => blocks + layers,
+        (true, false) => blocks - 1 + layers,
     };
     assert_eq!(knobs_nn::checkpoint::blocks_recomputed() - recomputed, expected, "{}", cfg.method);
     let values = |t: knobs_nn::Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();

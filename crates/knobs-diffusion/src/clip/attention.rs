@@ -5,7 +5,7 @@ use knobs_nn::{Device, Init, Linear, Tensor, impl_module};
 
 use super::config::ClipTextConfig;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ClipAttention {
     pub q_proj: Linear,
     pub k_proj: Linear,

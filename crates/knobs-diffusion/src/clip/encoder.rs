@@ -1,12 +1,13 @@
 //! The pre-LayerNorm transformer stack (`CLIPEncoder`, `CLIPEncoderLayer`, `CLIPMLP`).
 use knobs_nn::burn::tensor::activation::sigmoid;
+use knobs_nn::checkpoint::checkpointed_if;
 use knobs_nn::ops::gelu;
 use knobs_nn::{Device, Init, LayerNorm, Linear, Tensor, impl_module};
 
 use super::attention::ClipAttention;
 use super::config::{Activation, ClipTextConfig};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ClipMlp {
     pub fc1: Linear,
     pub fc2: Linear,
@@ -33,7 +34,7 @@ impl ClipMlp {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ClipEncoderLayer {
     pub self_attn: ClipAttention,
     pub layer_norm1: LayerNorm,
@@ -66,21 +67,26 @@ impl ClipEncoderLayer {
 #[derive(Debug)]
 pub struct ClipEncoder {
     pub layers: Vec<ClipEncoderLayer>,
+    /// Each layer keeps only its input for the backward pass, which runs it again
+    /// (`knobs_nn::checkpoint`; transformers' `gradient_checkpointing_enable`).
+    pub gradient_checkpointing: bool,
 }
 impl_module!(ClipEncoder { "layers" => layers });
 
 impl ClipEncoder {
     pub fn new(cfg: &ClipTextConfig, act: Activation, init: &mut Init, device: &Device) -> Self {
-        ClipEncoder { layers: (0..cfg.num_hidden_layers).map(|_| ClipEncoderLayer::new(cfg, act, init, device)).collect() }
+        ClipEncoder { layers: (0..cfg.num_hidden_layers).map(|_| ClipEncoderLayer::new(cfg, act, init, device)).collect(), gradient_checkpointing: false }
     }
 
     /// Runs the first `n` layers and returns the input followed by each layer's output, as
     /// transformers' `hidden_states` (so `n + 1` tensors).
     pub fn forward_layers(&self, x: Tensor<3>, n: usize) -> Vec<Tensor<3>> {
         let mut states = Vec::with_capacity(n + 1);
+        // A layer takes nothing beside its input: the block's second tensor is an empty one.
+        let nothing = Tensor::<1>::empty([0], &x.device());
         states.push(x);
         for layer in self.layers.iter().take(n) {
-            let next = layer.forward(states.last().unwrap().clone());
+            let next = checkpointed_if(self.gradient_checkpointing, layer, states.last().unwrap().clone(), &nothing, |l, x, _| l.forward(x));
             states.push(next);
         }
         states

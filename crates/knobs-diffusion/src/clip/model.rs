@@ -119,6 +119,13 @@ impl ClipTextModel {
         Ok(())
     }
 
+    /// transformers' `gradient_checkpointing_enable` (and its disabling): each encoder layer
+    /// keeps only its input for the backward pass, which runs it again
+    /// (`knobs_nn::checkpoint`). A frozen encoder whose input takes no gradient runs as it is.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.text_model.encoder.gradient_checkpointing = on;
+    }
+
     pub fn num_layers(&self) -> usize {
         self.text_model.encoder.layers.len()
     }

@@ -122,6 +122,17 @@ pub struct Conditioning {
 }
 
 impl StableDiffusion {
+    /// Block gradient checkpointing in the UNet and the text encoders (diffusers'
+    /// `--gradient_checkpointing`): each resnet, transformer block and encoder layer with
+    /// something to differentiate keeps only its inputs and runs again in the backward pass.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.unet.set_gradient_checkpointing(on);
+        self.text_encoder.set_gradient_checkpointing(on);
+        if let Some(encoder) = &mut self.text_encoder_2 {
+            encoder.set_gradient_checkpointing(on);
+        }
+    }
+
     /// Loads a diffusers pipeline folder (`model_index.json` plus the `tokenizer`,
     /// `text_encoder`, `unet`, `vae` and `scheduler` folders; SDXL's also `tokenizer_2` and
     /// `text_encoder_2`). Inference wants the plain (non-autodiff) device, `knobs_nn::cpu()`.

@@ -282,9 +282,9 @@ pub struct MemoryOptions {
     #[arg(long, value_name = "DIR")]
     pub latent_cache: Option<PathBuf>,
     /// Checkpoint the UNet's blocks (diffusers' --gradient_checkpointing): each resnet and
-    /// each transformer block keeps only its inputs for the backward pass, which runs it
-    /// again. Far less memory for about one more forward pass of the UNet a step; the same
-    /// gradients (to rounding).
+    /// each transformer block, and each layer of a text encoder that trains, keeps only its
+    /// inputs for the backward pass, which runs it again. Far less memory for about one more
+    /// forward pass a step; the same gradients (to rounding).
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Keep the frozen weight matrices and convolution kernels in f16 or bf16, widened to

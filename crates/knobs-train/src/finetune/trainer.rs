@@ -172,7 +172,7 @@ pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -
     let mut sd = StableDiffusion::load_as(model, dev, cfg.memory.weights_dtype.dtype()).with_context(|| format!("--model {}", model.display()))?;
     sd.vae.for_inference();
     cfg.optim.mixed_precision.apply(&mut sd);
-    sd.unet.set_gradient_checkpointing(cfg.memory.gradient_checkpointing);
+    sd.set_gradient_checkpointing(cfg.memory.gradient_checkpointing);
     let device = knobs_nn::device::selected();
     if cfg.memory.gradient_checkpointing && device != knobs_nn::device::Target::Cpu {
         tracing::warn!("--gradient-checkpointing: blocks are checkpointed on the CPU backend only; on {device} every block keeps its activations");
