@@ -73,7 +73,7 @@ pub trait EmbeddingAdapter: Adapter + CopyEmbedding {
     fn unmerge(&self, table: Tensor<2>, weight: f32) -> Tensor<2>;
 }
 
-/// An adapter behind its trait object copied: a layer copied with its slot (a block that
+/// Copies an adapter behind its trait object. A layer copied with its slot (a block that
 /// gradient checkpointing recomputes, [`crate::checkpoint`]) must not share parameters with
 /// the original, whose values its copy replaces. Every adapter that is `Clone` has it; a
 /// `Clone` must then copy whatever the adapter shares with others (an A1111 hypernetwork's
