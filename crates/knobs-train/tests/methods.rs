@@ -69,12 +69,8 @@ fn check_method(cfg: TrainConfig, model: PathBuf) {
     {
         cfg.validate().unwrap();
         let dev = knobs_nn::cpu_autodiff();
-        let mut sd = StableDiffusion::from_dir(&model, &dev).unwrap();
-        sd.vae.for_inference();
-        let mut adapters = PipelineAdapters::new(0);
-        let attached = method.attach(&cfg, &mut sd, &mut adapters).unwrap();
-        assert!(!attached.trainable.is_empty(), "{method}");
-        set_trainable(&cfg, &mut sd, &attached.trainable).unwrap();
+        let (sd, _adapters, attached) = prepared(&cfg, &model, &dev);
+        assert!(!attached.is_empty(), "{method}");
         let mut trainable = std::collections::BTreeSet::new();
         sd.for_each_param(|p, t| {
             if t.is_trainable() {
@@ -83,20 +79,14 @@ fn check_method(cfg: TrainConfig, model: PathBuf) {
         });
         let unused = knobs_diffusion::pipeline::sdxl::unused_param_prefixes(&sd);
         let expected: std::collections::BTreeSet<String> =
-            attached.trainable.iter().filter(|p| !unused.iter().any(|u| p.starts_with(u.as_str()))).cloned().collect();
+            attached.iter().filter(|p| !unused.iter().any(|u| p.starts_with(u.as_str()))).cloned().collect();
         assert_eq!(trainable, expected, "{method}: the trainable parameters are exactly the attached ones the pipeline reads");
         if cfg.train_text_encoder {
             for encoder in ["text_encoder.", "text_encoder_2."] {
                 assert!(trainable.iter().any(|p| p.starts_with(encoder)), "{method}: nothing of {encoder} trains");
             }
         }
-        let res = resolution(&sd);
-        let examples = data::instance_examples(&cfg, res).unwrap();
-        let mut rng = step_rng(0, "test", 0);
-        let images: Vec<_> = examples.iter().take(2).map(|e| data::crop(e, res, true, false, &mut rng)).collect();
-        let prompts: Vec<String> = examples.iter().take(2).map(|e| e.prompt.replace("sks", "<knobs-star>")).collect();
-        let loss = Objective::new(&sd, &dev).per_sample(&sd, &images, &prompts, &mut rng, Default::default()).unwrap().mean();
-        let grads = collect_grads(&sd, &loss.backward());
+        let grads = collect_grads(&sd, &batch_loss(&cfg, &sd, &dev).backward());
         let with_grad: std::collections::BTreeSet<String> = grads.keys().cloned().collect();
         assert_eq!(with_grad, trainable, "{method}: gradients reach exactly the trainable parameters");
         let nonzero = grads.values().filter(|g| (*g).clone().abs().sum().into_scalar::<f32>() > 0.0).count();
@@ -140,21 +130,12 @@ fn each_method_gets_the_same_gradients_with_its_unet_blocks_checkpointed() {
 /// The loss of one batch of tiny-sd and its gradients by parameter, checkpointed or not.
 fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collections::BTreeMap<String, Vec<f32>>) {
     let dev = knobs_nn::cpu_autodiff();
-    let mut sd = StableDiffusion::from_dir(tiny_sd(), &dev).unwrap();
-    sd.vae.for_inference();
-    let mut adapters = PipelineAdapters::new(0);
-    let attached = cfg.method.attach(cfg, &mut sd, &mut adapters).unwrap();
-    set_trainable(cfg, &mut sd, &attached.trainable).unwrap();
+    let (mut sd, _adapters, _) = prepared(cfg, &tiny_sd(), &dev);
     sd.for_each_layer_mut(|_, mut layer| layer.set_training(true));
     sd.set_gradient_checkpointing(checkpointed);
-    let res = resolution(&sd);
-    let examples = data::instance_examples(cfg, res).unwrap();
-    let mut rng = step_rng(0, "test", 0);
-    let images: Vec<_> = examples.iter().take(2).map(|e| data::crop(e, res, true, false, &mut rng)).collect();
-    let prompts: Vec<String> = examples.iter().take(2).map(|e| e.prompt.replace("sks", "<knobs-star>")).collect();
     knobs_nn::dropout::seed_thread(3);
     let recomputed = knobs_nn::checkpoint::blocks_recomputed();
-    let loss = Objective::new(&sd, &dev).per_sample(&sd, &images, &prompts, &mut rng, Default::default()).unwrap().mean();
+    let loss = batch_loss(cfg, &sd, &dev);
     let grads = collect_grads(&sd, &loss.backward());
     // Each resnet and transformer block ran again, but for the first resnet where none of its
     // weights train (its input and time embedding frozen too: nothing to differentiate, so
@@ -178,4 +159,25 @@ fn loss_and_grads(cfg: &TrainConfig, checkpointed: bool) -> (f32, std::collectio
     assert_eq!(knobs_nn::checkpoint::blocks_recomputed() - recomputed, expected, "{}", cfg.method);
     let values = |t: knobs_nn::Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     (loss.into_scalar::<f32>(), grads.into_iter().map(|(k, g)| (k, values(g))).collect())
+}
+
+/// The pipeline at `model` with `cfg`'s method attached and its trainable set made, the
+/// adapters' manager (kept while the pipeline is used) and the attached trainable paths.
+fn prepared(cfg: &TrainConfig, model: &std::path::Path, dev: &knobs_nn::Device) -> (StableDiffusion, PipelineAdapters, std::collections::BTreeSet<String>) {
+    let mut sd = StableDiffusion::from_dir(model, dev).unwrap();
+    sd.vae.for_inference();
+    let mut adapters = PipelineAdapters::new(0);
+    let attached = cfg.method.attach(cfg, &mut sd, &mut adapters).unwrap();
+    set_trainable(cfg, &mut sd, &attached.trainable).unwrap();
+    (sd, adapters, attached.trainable)
+}
+
+/// The mean denoising loss of the first two training examples.
+fn batch_loss(cfg: &TrainConfig, sd: &StableDiffusion, dev: &knobs_nn::Device) -> knobs_nn::Tensor<1> {
+    let res = resolution(sd);
+    let examples = data::instance_examples(cfg, res).unwrap();
+    let mut rng = step_rng(0, "test", 0);
+    let images: Vec<_> = examples.iter().take(2).map(|e| data::crop(e, res, true, false, &mut rng)).collect();
+    let prompts: Vec<String> = examples.iter().take(2).map(|e| e.prompt.replace("sks", "<knobs-star>")).collect();
+    Objective::new(sd, dev).per_sample(sd, &images, &prompts, &mut rng, Default::default()).unwrap().mean()
 }
