@@ -61,7 +61,10 @@ pub fn checkpointed<M, const D: usize, const A: usize>(module: &M, x: Tensor<D>,
 where
     M: Module + Clone + Debug + Send + Sync + 'static,
 {
-    let on_cpu = x.clone().inner().try_into_primitive::<Flex>().is_ok();
+    // Off the CPU backend the block runs as it is: no copy, no visit.
+    if x.clone().inner().try_into_primitive::<Flex>().is_err() {
+        return forward(module, x, aux);
+    }
     // The copy's tracked tensors become plain values; the originals are tied to the input.
     let mut copy = module.clone();
     let (mut tracked, mut originals) = (Vec::new(), Vec::new());
@@ -76,7 +79,7 @@ where
             }));
         }
     });
-    if !on_cpu || !(x.is_tracked() || aux.is_tracked() || !originals.is_empty()) {
+    if !(x.is_tracked() || aux.is_tracked() || !originals.is_empty()) {
         return forward(module, x, aux);
     }
     let strategy = [x.gradient_checkpointing_strategy(), aux.gradient_checkpointing_strategy()]
