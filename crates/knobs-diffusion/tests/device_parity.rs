@@ -66,7 +66,17 @@ fn pipeline_matches_the_golden_on_the_device() {
 
 #[test]
 fn lora_training_step_matches_torch_on_the_device() {
-    let report = sd_goldens::lora_train_step(&device().autodiff());
+    lora_training_step_on_the_device(false);
+}
+
+/// Block gradient checkpointing on the device: the same step, the blocks run again.
+#[test]
+fn lora_training_step_with_checkpointed_blocks_matches_torch_on_the_device() {
+    lora_training_step_on_the_device(true);
+}
+
+fn lora_training_step_on_the_device(checkpointed: bool) {
+    let report = sd_goldens::lora_train_step(&device().autodiff(), checkpointed);
     let (forward, grads): (Vec<_>, Vec<_>) = report.into_iter().partition(|(name, _)| ["noisy_latents", "model_pred", "loss"].contains(&name.as_str()));
     assert_eq!((forward.len(), grads.len()), (3, 2));
     assert_within(&forward, forward_tol());

@@ -109,7 +109,12 @@ fn ia3_from_peft_folder_and_raw_file_matches_golden() {
 
 #[test]
 fn lora_training_step_matches_torch() {
-    let report = common::sd_goldens::lora_train_step(&cpu_autodiff());
+    let report = common::sd_goldens::lora_train_step(&cpu_autodiff(), false);
     common::sd_goldens::assert_within(&report, 1e-4);
     assert!(report[0].1 <= 1e-6, "noising: {:?}", report[0]);
+}
+
+#[test]
+fn lora_training_step_with_checkpointed_blocks_matches_torch() {
+    common::sd_goldens::assert_within(&common::sd_goldens::lora_train_step(&cpu_autodiff(), true), 1e-4);
 }

@@ -16,23 +16,24 @@
 //! and computes the same values, so the gradients are those of the block run once: bit for bit
 //! through a chain of blocks, to rounding in a model where gradients meet (the ties deepen the
 //! graph, so its steps run, and add into a shared tensor's gradient, in another order). A
-//! block with nothing tracked in it runs once. On the CPU backend; elsewhere the block runs as
-//! it is.
+//! block with nothing tracked in it runs once. The op is the same on the CPU backend and on
+//! burn's GPU one (cubecl): it only runs dispatch tensors and hands gradients on.
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
-use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor, Flex};
 use burn::tensor::{GradientCheckpointingStrategy, Tensor};
 use rand::rngs::StdRng;
 
 use crate::module::{Module, ModuleExt};
-use crate::ops::record::record;
+use crate::ops::portable;
 use crate::param::{ParamMut, autodiff_with};
 
 /// What a block computes from its input `x` and one more tensor (a time embedding, a text
@@ -55,16 +56,35 @@ where
     if on { checkpointed(module, x, aux, forward) } else { forward(module, x, aux) }
 }
 
+/// The backends the block op is recorded on: every one knobs builds with.
+#[derive(Clone, Copy)]
+enum Inner {
+    Flex,
+    #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+    Cube,
+}
+
+impl Inner {
+    fn of<const D: usize>(x: &Tensor<D>) -> Option<Inner> {
+        let plain = x.clone().inner();
+        if plain.clone().try_into_primitive::<Flex>().is_ok() {
+            return Some(Inner::Flex);
+        }
+        #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+        if plain.try_into_primitive::<burn::backend::Cube>().is_ok() {
+            return Some(Inner::Cube);
+        }
+        None
+    }
+}
+
 /// `forward(module, x, aux)` keeping only `x` and `aux` for the backward pass, which runs it
-/// again. Runs it as it is where nothing in it is tracked or it is not on the CPU backend.
+/// again. Runs it as it is where nothing in it is tracked.
 pub fn checkpointed<M, const D: usize, const A: usize>(module: &M, x: Tensor<D>, aux: &Tensor<A>, forward: BlockForward<M, D, A>) -> Tensor<D>
 where
     M: Module + Clone + Debug + Send + Sync + 'static,
 {
-    // Off the CPU backend the block runs as it is: no copy, no visit.
-    if x.clone().inner().try_into_primitive::<Flex>().is_err() {
-        return forward(module, x, aux);
-    }
+    let Some(inner) = Inner::of(&x) else { return forward(module, x, aux) };
     // The copy's tracked tensors become plain values; the originals are tied to the input.
     let mut copy = module.clone();
     let (mut tracked, mut originals) = (Vec::new(), Vec::new());
@@ -87,49 +107,68 @@ where
         .chain(originals.iter().map(Held::strategy))
         .flatten()
         .next();
-    let state = Block {
-        module: Arc::new(copy),
-        tracked,
+    let parts = Parts { copy, tracked, originals, strategy, forward };
+    macro_rules! on {
+        ($ib:ty) => {
+            match strategy {
+                Some(GradientCheckpointingStrategy::Balanced) => recorded::<$ib, BalancedCheckpointing, M, D, A>(parts, x, aux),
+                _ => recorded::<$ib, NoCheckpointing, M, D, A>(parts, x, aux),
+            }
+        };
+    }
+    match inner {
+        Inner::Flex => on!(Flex),
+        #[cfg(any(feature = "cuda", feature = "wgpu", feature = "vulkan"))]
+        Inner::Cube => on!(burn::backend::Cube),
+    }
+}
+
+/// What the visit of the module found.
+struct Parts<M, const D: usize, const A: usize> {
+    /// The module with its tracked tensors as plain values.
+    copy: M,
+    /// Which of its parameters were tracked, in visiting order.
+    tracked: Vec<bool>,
+    /// The tracked ones as they were.
+    originals: Vec<Held>,
+    strategy: Option<GradientCheckpointingStrategy>,
+    forward: BlockForward<M, D, A>,
+}
+
+/// The block as one op on `Autodiff<IB, C>`: each tracked tensor tied to the input, then the
+/// block op on the chain, with the output of a first pass that records nothing.
+fn recorded<IB: Backend, C: CheckpointStrategy, M, const D: usize, const A: usize>(parts: Parts<M, D, A>, x: Tensor<D>, aux: &Tensor<A>) -> Tensor<D>
+where
+    M: Module + Clone + Debug + Send + Sync + 'static,
+    DispatchTensor: DispatchKindConversion<IB> + DispatchKindConversion<Autodiff<IB, C>>,
+{
+    let on_backend = "a tensor on the backend it was found on";
+    let state = Block::<IB, M, D, A> {
+        module: Arc::new(parts.copy),
+        tracked: parts.tracked,
         x: x.clone().inner(),
         x_tracked: x.is_tracked(),
         aux: aux.clone().inner(),
         aux_tracked: aux.is_tracked(),
-        strategy,
-        forward,
+        strategy: parts.strategy,
+        forward: parts.forward,
         masks: crate::dropout::stream(),
         stash: Stash::default(),
     };
     // The input when it is tracked, else a stand-in of one value: the chain only carries the
     // input's gradient, and each tie its tensor's.
-    let mut chain = if state.x_tracked { x } else { autodiff_with(Tensor::<D>::zeros([1; D], &x.device()), strategy) };
-    let mut slot = 0;
-    if state.aux_tracked {
-        chain = tie(chain, aux.clone(), slot, &state.stash, strategy).expect("a tensor on the CPU backend");
-        slot += 1;
-    }
-    for original in originals {
-        chain = match original {
-            Held::D1(t) => tie(chain, t, slot, &state.stash, strategy),
-            Held::D2(t) => tie(chain, t, slot, &state.stash, strategy),
-            Held::D4(t) => tie(chain, t, slot, &state.stash, strategy),
-        }
-        .expect("a tensor on the CPU backend");
-        slot += 1;
+    let chain = if state.x_tracked { x } else { autodiff_with(Tensor::<D>::zeros([1; D], &x.device()), state.strategy) };
+    let mut chain = chain.try_into_primitive::<Autodiff<IB, C>>().expect(on_backend);
+    let aux = state.aux_tracked.then(|| aux.clone().try_into_primitive::<Autodiff<IB, C>>().expect(on_backend));
+    let tied = aux.into_iter().chain(parts.originals.into_iter().map(|t| t.primitive::<Autodiff<IB, C>>().expect(on_backend)));
+    for (slot, t) in tied.enumerate() {
+        let stash = state.stash.clone();
+        chain = portable::recorded::<IB, C, _, 2>(Tie, [chain, t], |[chain, _]| Some((chain, (slot, stash)))).expect("a tie computes nothing");
     }
     // The first pass: every tensor untracked, so it records nothing and keeps nothing.
-    let y = state.run(false).y.inner().try_into_primitive::<Flex>().expect("a tensor on the CPU backend");
-    block_op(chain, y, state).expect("a tensor on the CPU backend")
-}
-
-/// The block's output `y` as the op whose parent is `chain`.
-fn block_op<M, const D: usize, const A: usize>(chain: Tensor<D>, y: FlexTensor, state: Block<M, D, A>) -> Option<Tensor<D>>
-where
-    M: Module + Clone + Debug + Send + Sync + 'static,
-{
-    record!(BlockOp::<M, D, A>(PhantomData), state.strategy, [chain], {
-        drop(chain);
-        (y, state)
-    })
+    let y = state.run(false).y.inner().try_into_primitive::<IB>().expect(on_backend);
+    let out = portable::recorded::<IB, C, _, 1>(BlockOp::<M, D, A>(PhantomData), [chain], |_| Some((y, state))).expect("the output is computed");
+    Tensor::from_primitive::<Autodiff<IB, C>>(out)
 }
 
 macro_rules! on_param {
@@ -164,59 +203,77 @@ impl From<Tensor<4>> for Held {
         Held::D4(t)
     }
 }
+macro_rules! on_held {
+    ($h:expr, $t:ident => $e:expr) => {
+        match $h {
+            Held::D1($t) => $e,
+            Held::D2($t) => $e,
+            Held::D4($t) => $e,
+        }
+    };
+}
 impl Held {
     fn strategy(&self) -> Option<GradientCheckpointingStrategy> {
-        match self {
-            Held::D1(t) => t.gradient_checkpointing_strategy(),
-            Held::D2(t) => t.gradient_checkpointing_strategy(),
-            Held::D4(t) => t.gradient_checkpointing_strategy(),
-        }
+        on_held!(self, t => t.gradient_checkpointing_strategy())
     }
-    /// The gradient this leaf got, as the CPU primitive.
-    fn grad(&self, grads: &burn::tensor::Gradients) -> Option<FlexTensor> {
-        match self {
-            Held::D1(t) => t.grad(grads).and_then(|g| g.try_into_primitive::<Flex>().ok()),
-            Held::D2(t) => t.grad(grads).and_then(|g| g.try_into_primitive::<Flex>().ok()),
-            Held::D4(t) => t.grad(grads).and_then(|g| g.try_into_primitive::<Flex>().ok()),
-        }
+    /// The tensor as backend `B`'s primitive (of any rank).
+    fn primitive<B: Backend>(self) -> Option<FloatTensor<B>>
+    where
+        DispatchTensor: DispatchKindConversion<B>,
+    {
+        on_held!(self, t => t.try_into_primitive::<B>().ok())
+    }
+    /// The gradient this leaf got, as backend `IB`'s primitive.
+    fn grad<IB: Backend>(&self, grads: &burn::tensor::Gradients) -> Option<FloatTensor<IB>>
+    where
+        DispatchTensor: DispatchKindConversion<IB>,
+    {
+        on_held!(self, t => t.grad(grads).and_then(|g| g.try_into_primitive::<IB>().ok()))
     }
 }
 
 /// The gradients the block's backward step leaves for its tracked tensors (the `aux` input
 /// first when tracked, then the parameters in visiting order), each taken by its tie.
-#[derive(Debug, Clone, Default)]
-struct Stash(Arc<Mutex<Vec<Option<FlexTensor>>>>);
+struct Stash<IB: Backend>(Arc<Mutex<Vec<Option<FloatTensor<IB>>>>>);
 
-impl Stash {
-    fn take(&self, slot: usize) -> Option<FlexTensor> {
+impl<IB: Backend> Stash<IB> {
+    fn take(&self, slot: usize) -> Option<FloatTensor<IB>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot).and_then(Option::take)
     }
 }
-
-/// `chain` as it is, with `t` as a second parent whose gradient comes from `stash`.
-fn tie<const D: usize, const R: usize>(chain: Tensor<D>, t: Tensor<R>, slot: usize, stash: &Stash, strategy: Option<GradientCheckpointingStrategy>) -> Option<Tensor<D>> {
-    let stash = stash.clone();
-    record!(Tie, strategy, [chain, t], {
-        drop(t);
-        (chain, (slot, stash))
-    })
+impl<IB: Backend> Default for Stash<IB> {
+    fn default() -> Self {
+        Stash(Arc::default())
+    }
+}
+impl<IB: Backend> Clone for Stash<IB> {
+    fn clone(&self) -> Self {
+        Stash(self.0.clone())
+    }
+}
+impl<IB: Backend> Debug for Stash<IB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stash")
+    }
 }
 
+/// The chain as it is, with a tracked tensor as a second parent whose gradient comes from
+/// the stash.
 #[derive(Debug)]
 struct Tie;
 
-impl Backward<Flex, 2> for Tie {
-    type State = (usize, Stash);
+impl<IB: Backend> Backward<IB, 2> for Tie {
+    type State = (usize, Stash<IB>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d = grads.consume::<Flex>(&ops.node);
+        let d = grads.consume::<IB>(&ops.node);
         let [chain, tied] = ops.parents;
         let (slot, stash) = ops.state;
         if let (Some(node), Some(g)) = (tied, stash.take(slot)) {
-            grads.register::<Flex>(node.id, g);
+            grads.register::<IB>(node.id, g);
         }
         if let Some(node) = chain {
-            grads.register::<Flex>(node.id, d);
+            grads.register::<IB>(node.id, d);
         }
     }
 }
@@ -224,7 +281,7 @@ impl Backward<Flex, 2> for Tie {
 /// What the block op keeps: its inputs and a copy of its module, tracked tensors as plain
 /// values (`tracked` marks them in visiting order).
 #[derive(Debug, Clone)]
-struct Block<M, const D: usize, const A: usize> {
+struct Block<IB: Backend, M, const D: usize, const A: usize> {
     module: Arc<M>,
     tracked: Vec<bool>,
     x: Tensor<D>,
@@ -235,7 +292,7 @@ struct Block<M, const D: usize, const A: usize> {
     forward: BlockForward<M, D, A>,
     /// The dropout stream as the first pass found it.
     masks: StdRng,
-    stash: Stash,
+    stash: Stash<IB>,
 }
 
 /// One run of the block on autodiff tensors.
@@ -247,7 +304,7 @@ struct Run<const D: usize, const A: usize> {
     params: Vec<Held>,
 }
 
-impl<M: Module + Clone, const D: usize, const A: usize> Block<M, D, A> {
+impl<IB: Backend, M: Module + Clone, const D: usize, const A: usize> Block<IB, M, D, A> {
     /// The block, its tracked tensors fresh leaves when `leaves`, else untracked.
     fn run(&self, leaves: bool) -> Run<D, A> {
         let mut module = (*self.module).clone();
@@ -276,28 +333,29 @@ impl<M: Module + Clone, const D: usize, const A: usize> Block<M, D, A> {
     }
 }
 
-impl<M, const D: usize, const A: usize> Backward<Flex, 1> for BlockOp<M, D, A>
+impl<IB: Backend, M, const D: usize, const A: usize> Backward<IB, 1> for BlockOp<M, D, A>
 where
     M: Module + Clone + Debug + Send + Sync + 'static,
+    DispatchTensor: DispatchKindConversion<IB>,
 {
-    type State = Block<M, D, A>;
+    type State = Block<IB, M, D, A>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = grads.consume::<Flex>(&ops.node);
+        let dy = grads.consume::<IB>(&ops.node);
         let [chain] = ops.parents;
         let block = ops.state;
         // The recomputed block in a graph of its own, whose backward starts from `dy`: the
         // gradient of `sum(y * dy)` with respect to `y` is `dy`, exactly.
         let run = block.run(true);
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
-        let dy = autodiff_with(Tensor::<D>::from_primitive::<Flex>(dy), block.strategy);
+        let dy = autodiff_with(Tensor::<D>::from_primitive::<IB>(dy), block.strategy);
         let inner = (run.y * dy).sum().backward();
         {
             let mut stash = block.stash.0.lock().unwrap_or_else(|e| e.into_inner());
             if block.aux_tracked {
-                stash.push(run.aux.grad(&inner).and_then(|g| g.try_into_primitive::<Flex>().ok()));
+                stash.push(run.aux.grad(&inner).and_then(|g| g.try_into_primitive::<IB>().ok()));
             }
-            stash.extend(run.params.iter().map(|p| p.grad(&inner)));
+            stash.extend(run.params.iter().map(|p| p.grad::<IB>(&inner)));
         }
         let Some(node) = chain else { return };
         // The chain's node always gets a gradient (its ties consume one): zeros where the
@@ -307,7 +365,7 @@ where
             (true, None) => Tensor::<D>::zeros(block.x.dims(), &block.x.device()).cast(block.x.dtype()),
             (false, _) => Tensor::<D>::zeros([1; D], &block.x.device()),
         };
-        grads.register::<Flex>(node.id, dx.try_into_primitive::<Flex>().expect("a tensor on the CPU backend"));
+        grads.register::<IB>(node.id, dx.try_into_primitive::<IB>().expect("a gradient on the block's backend"));
     }
 }
 

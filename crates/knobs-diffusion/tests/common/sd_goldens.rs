@@ -131,10 +131,14 @@ pub fn pipeline(device: &Device) -> Report {
 }
 
 /// One LoRA training step as PEFT + torch took it: noising, prediction, loss, every LoRA
-/// gradient (the worst is reported) and the AdamW update. `device` must have autodiff.
-pub fn lora_train_step(device: &Device) -> Report {
+/// gradient (the worst is reported) and the AdamW update. `device` must have autodiff. With
+/// `checkpointed`, the UNet's blocks are checkpointed (torch's step was not: the gradients
+/// must not change), and the step must have run blocks again.
+pub fn lora_train_step(device: &Device, checkpointed: bool) -> Report {
     let g = read_safetensors(golden_tensors("lora_train_step.safetensors")).unwrap();
-    let mut m = AdaptedModel::new(UNet2DConditionModel::from_dir(Path::new(SD_GOLDEN).join("tiny-sd/unet"), device).unwrap(), 0);
+    let mut unet = UNet2DConditionModel::from_dir(Path::new(SD_GOLDEN).join("tiny-sd/unet"), device).unwrap();
+    unet.set_gradient_checkpointing(checkpointed);
+    let mut m = AdaptedModel::new(unet, 0);
     peft::load(&mut m, golden_tensors("lora_peft"), "default").unwrap();
     m.train_adapter("default").unwrap();
     let name = |p: &str| strip_adapter_name(p, "default");
@@ -161,7 +165,11 @@ pub fn lora_train_step(device: &Device) -> Report {
     let loss = (pred - noise).powi_scalar(2).mean();
     compare(&mut report, "loss", loss.clone(), &g, "loss");
 
+    let recomputed = knobs_nn::checkpoint::blocks_recomputed();
     let grads = collect_grads(&m.model, &loss.backward());
+    // At least, since tests run side by side and the count is the process's.
+    let recomputed = knobs_nn::checkpoint::blocks_recomputed() - recomputed;
+    assert!(!checkpointed || recomputed > 0, "no block was checkpointed");
     assert_eq!(grads.len(), 96);
     let (mut grad_err, mut worst) = (0f32, String::new());
     for (p, grad) in &grads {

@@ -9,8 +9,7 @@ mod activation_portable;
 mod attention_blocked;
 #[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
 mod group_norm_portable;
-#[cfg(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan"))]
-mod portable;
+pub(crate) mod portable;
 mod attention_kernel;
 pub(crate) mod bf16_product;
 mod attention_products;

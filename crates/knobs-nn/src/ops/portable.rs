@@ -1,5 +1,5 @@
 //! What an op with its own backward pass needs to appear in burn's autodiff graph on any
-//! backend (`record!` is the CPU backend's): its inputs' nodes as the op's parents, their
+//! backend (`record!` is the CPU backend's kernels'): its inputs' nodes as the op's parents, their
 //! plain values to the forward pass, and the state the backward pass reads.
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -29,6 +29,8 @@ pub(crate) fn recorded<IB: Backend, C: CheckpointStrategy, Op: Backward<IB, N>, 
 /// which the backward pass gets back with `retrieve_node_output`), and the op is memory
 /// bound, so under balanced checkpointing `retro` (given the input's id) recomputes the
 /// output where a later op needs it instead of it being held.
+// Used by the GPU backends' ops only.
+#[cfg_attr(not(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan")), allow(dead_code))]
 pub(crate) fn recorded_elementwise<IB: Backend, C: CheckpointStrategy, Op: Backward<IB, 1, State = NodeId>, R: RetroForward>(
     op: Op,
     input: FloatTensor<Autodiff<IB, C>>,
@@ -45,6 +47,8 @@ pub(crate) fn recorded_elementwise<IB: Backend, C: CheckpointStrategy, Op: Backw
 }
 
 /// Gives each parent that takes part (`Some`) its gradient, in order.
+// Used by the GPU backends' ops only.
+#[cfg_attr(not(any(test, feature = "cuda", feature = "wgpu", feature = "vulkan")), allow(dead_code))]
 pub(crate) fn register<IB: Backend, const N: usize>(grads: &mut Gradients, parents: [Option<NodeId>; N], gradients: [FloatTensor<IB>; N]) {
     for (parent, g) in parents.into_iter().zip(gradients) {
         if let Some(id) = parent {

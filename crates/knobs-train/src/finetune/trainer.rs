@@ -173,10 +173,6 @@ pub(crate) fn load_for_training(cfg: &TrainConfig, model: &Path, dev: &Device) -
     sd.vae.for_inference();
     cfg.optim.mixed_precision.apply(&mut sd);
     sd.set_gradient_checkpointing(cfg.memory.gradient_checkpointing);
-    let device = knobs_nn::device::selected();
-    if cfg.memory.gradient_checkpointing && device != knobs_nn::device::Target::Cpu {
-        tracing::warn!("--gradient-checkpointing: blocks are checkpointed on the CPU backend only; on {device} every block keeps its activations");
-    }
     Ok(sd)
 }
 
