@@ -43,7 +43,7 @@ fn device() -> Device {
 fn a_device_that_is_not_there_is_refused_with_the_reason() {
     let backend = target().to_string();
     let missing: Target = format!("{}:9", backend.split(':').next().unwrap()).parse().unwrap();
-    let err = knobs_nn::device::training_on(missing).err().expect("a tenth GPU came up").to_string();
+    let err = knobs_nn::device::training_on(missing).expect_err("a tenth GPU came up").to_string();
     let reason = err.split("did not come up: ").nth(1).unwrap_or_else(|| panic!("{err}"));
     assert!(err.starts_with(&format!("--device {missing}")), "{err}");
     assert!(reason.len() > 20 && !reason.contains("RecvError"), "the runtime's reason is lost: {err}");
