@@ -41,11 +41,92 @@ use crate::param::{ParamMut, autodiff_with};
 pub type BlockForward<M, const D: usize, const A: usize> = fn(&M, Tensor<D>, &Tensor<A>) -> Tensor<D>;
 
 static RECOMPUTED: AtomicUsize = AtomicUsize::new(0);
+static REUSED: AtomicUsize = AtomicUsize::new(0);
 
 /// How many checkpointed blocks this process has run again in a backward pass: proof that
 /// checkpointing ran, for tests and logs.
 pub fn blocks_recomputed() -> usize {
     RECOMPUTED.load(Ordering::Relaxed)
+}
+
+/// How many results ops kept in a checkpointed block's first pass and took again in its
+/// recomputed pass instead of computing them ([`kept`]).
+pub fn results_reused() -> usize {
+    REUSED.load(Ordering::Relaxed)
+}
+
+/// What an op computed in a checkpointed block's first pass, handed back to the same op
+/// in the block's recomputed pass (in call order, checked by `key`), so the op runs once:
+/// for results cheap to keep and dear to compute (attention over many keys), as PyTorch's
+/// selective checkpointing keeps its attention's output. Elsewhere it is `compute()`.
+pub(crate) fn kept<K, T>(key: K, compute: impl FnOnce() -> T) -> T
+where
+    K: PartialEq + Send + Sync + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    let replayed = FRAMES.with(|frames| match frames.borrow_mut().last_mut() {
+        Some(Frame::Replay(items)) => {
+            let item = items.next().and_then(|item| item.downcast::<(K, T)>().ok()).filter(|item| item.0 == key);
+            if item.is_none() {
+                // Another path than the first pass's: nothing after this point is trusted.
+                items.by_ref().for_each(drop);
+            }
+            Some(item.map(|item| item.1.clone()))
+        }
+        _ => None,
+    });
+    if let Some(Some(value)) = replayed {
+        REUSED.fetch_add(1, Ordering::Relaxed);
+        return value;
+    }
+    let value = compute();
+    FRAMES.with(|frames| {
+        if let Some(Frame::Keep(items)) = frames.borrow_mut().last_mut() {
+            items.push(Arc::new((key, value.clone())));
+        }
+    });
+    value
+}
+
+type KeptResult = Arc<dyn std::any::Any + Send + Sync>;
+
+/// A checkpointed block's pass in progress on this thread: its first, keeping results, or
+/// its recomputed one, handing them back.
+enum Frame {
+    Keep(Vec<KeptResult>),
+    Replay(std::vec::IntoIter<KeptResult>),
+}
+
+thread_local! {
+    static FRAMES: std::cell::RefCell<Vec<Frame>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f()` with `frame` as this thread's innermost pass; the frame as `f` left it.
+fn in_frame<T>(frame: Frame, f: impl FnOnce() -> T) -> (T, Frame) {
+    /// Pops the frame when `f` panics, so that a thread that goes on (a server's) does not
+    /// replay a dead block's results.
+    struct OnUnwind;
+    impl Drop for OnUnwind {
+        fn drop(&mut self) {
+            FRAMES.with(|frames| frames.borrow_mut().pop());
+        }
+    }
+    FRAMES.with(|frames| frames.borrow_mut().push(frame));
+    let on_unwind = OnUnwind;
+    let out = f();
+    std::mem::forget(on_unwind);
+    let frame = FRAMES.with(|frames| frames.borrow_mut().pop()).expect("the frame pushed above");
+    (out, frame)
+}
+
+/// The results a block's first pass kept.
+#[derive(Clone, Default)]
+struct KeptResults(Arc<Vec<KeptResult>>);
+
+impl Debug for KeptResults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} kept results", self.0.len())
+    }
 }
 
 /// `forward(module, x, aux)`, checkpointed when `on` (see the module's comment).
@@ -154,6 +235,7 @@ where
         forward: parts.forward,
         masks: crate::dropout::stream(),
         stash: Stash::default(),
+        kept: KeptResults::default(),
     };
     // The input when it is tracked, else a stand-in of one value: the chain only carries the
     // input's gradient, and each tie its tensor's.
@@ -165,8 +247,14 @@ where
         let stash = state.stash.clone();
         chain = portable::recorded::<IB, C, _, 2>(Tie, [chain, t], |[chain, _]| Some((chain, (slot, stash)))).expect("a tie computes nothing");
     }
-    // The first pass: every tensor untracked, so it records nothing and keeps nothing.
-    let y = state.run(false).y.inner().try_into_primitive::<IB>().expect(on_backend);
+    // The first pass: every tensor untracked, so it records nothing and keeps nothing but
+    // what its ops chose to keep for the second.
+    let (run, frame) = in_frame(Frame::Keep(Vec::new()), || state.run(false));
+    let y = run.y.inner().try_into_primitive::<IB>().expect(on_backend);
+    let mut state = state;
+    if let Frame::Keep(items) = frame {
+        state.kept = KeptResults(Arc::new(items));
+    }
     let out = portable::recorded::<IB, C, _, 1>(BlockOp::<M, D, A>(PhantomData), [chain], |_| Some((y, state))).expect("the output is computed");
     Tensor::from_primitive::<Autodiff<IB, C>>(out)
 }
@@ -293,6 +381,8 @@ struct Block<IB: Backend, M, const D: usize, const A: usize> {
     /// The dropout stream as the first pass found it.
     masks: StdRng,
     stash: Stash<IB>,
+    /// What the first pass's ops kept for the recomputed one (`kept`).
+    kept: KeptResults,
 }
 
 /// One run of the block on autodiff tensors.
@@ -343,10 +433,12 @@ where
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<IB>(&ops.node);
         let [chain] = ops.parents;
-        let block = ops.state;
+        let mut block = ops.state;
         // The recomputed block in a graph of its own, whose backward starts from `dy`: the
         // gradient of `sum(y * dy)` with respect to `y` is `dy`, exactly.
-        let run = block.run(true);
+        let kept = std::mem::take(&mut block.kept).0;
+        let kept = Arc::try_unwrap(kept).unwrap_or_else(|shared| shared.to_vec());
+        let (run, _) = in_frame(Frame::Replay(kept.into_iter()), || block.run(true));
         RECOMPUTED.fetch_add(1, Ordering::Relaxed);
         let dy = autodiff_with(Tensor::<D>::from_primitive::<IB>(dy), block.strategy);
         let inner = (run.y * dy).sum().backward();
@@ -380,5 +472,89 @@ struct BlockOp<M, const D: usize, const A: usize>(PhantomData<fn() -> M>);
 impl<M, const D: usize, const A: usize> Debug for BlockOp<M, D, A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CheckpointedBlock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::module::ModuleExt;
+    use crate::ops::attention::attention;
+    use crate::param::{f32_value, value_as};
+    use crate::{Init, Linear, cpu, cpu_autodiff};
+    use burn::tensor::DType;
+
+    /// `x + attention(p, p, p)` with `p = proj(x)`, the attention in `dtype`: 96 keys of 16
+    /// channels, dear enough to keep.
+    fn block(proj: &Linear, x: Tensor<3>, dtype: &Tensor<1>) -> Tensor<3> {
+        let p = proj.forward(x.clone());
+        let p = if dtype.dtype() == DType::BF16 { value_as(&p, DType::BF16) } else { p };
+        x + f32_value(&attention(p.clone(), p.clone(), p, 2, 0.35))
+    }
+
+    /// Gradients of a chain of three blocks (the input's, then each weight's and bias's), and
+    /// the blocks run again and results reused meanwhile.
+    fn chain(checkpointed: bool, dtype: DType) -> (Vec<Vec<f32>>, usize, usize) {
+        let dev = cpu_autodiff();
+        let mut init = Init::new(3);
+        let mut blocks: Vec<Linear> = (0..3).map(|_| Linear::new(16, 16, true, &mut init, &dev)).collect();
+        blocks.train_only(|_| true);
+        let x = Tensor::<3>::from_data(init.normal::<3>([1, 96, 16], 1.0, &cpu()).to_data(), &dev).require_grad();
+        let marker = Tensor::<1>::zeros([1], &dev).cast(dtype);
+        let (recomputed, reused) = (blocks_recomputed(), results_reused());
+        let mut h = x.clone();
+        for b in &blocks {
+            h = checkpointed_if(checkpointed, b, h, &marker, block);
+        }
+        let grads = (h.clone() * h).sum().backward();
+        let values = |t: Tensor<1>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let mut out = vec![values(x.grad(&grads).unwrap().reshape([96 * 16]))];
+        blocks.for_each_param(|_, p| out.push(values(p.grad(&grads).unwrap())));
+        (out, blocks_recomputed() - recomputed, results_reused() - reused)
+    }
+
+    /// The attention's output and log-sum-exp from the first pass serve the recomputed one:
+    /// the same gradient bits as the blocks run once, f32 and bf16 (whose first pass takes
+    /// another path through `attention` than the tracked one).
+    #[test]
+    fn kept_attention_results_give_the_same_gradients() {
+        for dtype in [DType::F32, DType::BF16] {
+            let (plain, plain_runs, plain_reused) = chain(false, dtype);
+            let (checkpointed, runs, reused) = chain(true, dtype);
+            assert_eq!((plain_runs, plain_reused), (0, 0), "{dtype:?}");
+            assert_eq!((runs, reused), (3, 3), "{dtype:?}: blocks run again, results reused");
+            assert_eq!(plain.len(), checkpointed.len());
+            for (i, (a, b)) in plain.iter().zip(&checkpointed).enumerate() {
+                assert!(a == b, "{dtype:?}: gradient {i} differs");
+            }
+        }
+    }
+
+    /// A recomputed pass that asks for another result than the first pass kept computes it,
+    /// and trusts nothing kept after it.
+    #[test]
+    fn a_panicking_pass_leaves_no_frame() {
+        let kept: Vec<KeptResult> = vec![Arc::new((1u32, 10i32))];
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| in_frame(Frame::Replay(kept.into_iter()), || panic!("inside"))));
+        assert!(caught.is_err());
+        assert_eq!(kept_value(1, -1), -1, "a dead pass's result replayed");
+    }
+
+    #[test]
+    fn a_result_asked_out_of_turn_is_computed() {
+        let kept: Vec<KeptResult> = vec![Arc::new((1u32, 10i32)), Arc::new((2u32, 20i32))];
+        let (got, _) = in_frame(Frame::Replay(kept.into_iter()), || [kept_value(2, -2), kept_value(2, -3)]);
+        assert_eq!(got, [-2, -3]);
+        let kept: Vec<KeptResult> = vec![Arc::new((1u32, 10i32)), Arc::new((2u32, 20i32))];
+        let (got, _) = in_frame(Frame::Replay(kept.into_iter()), || [kept_value(1, -1), kept_value(2, -2)]);
+        assert_eq!(got, [10, 20]);
+        let (got, frame) = in_frame(Frame::Keep(Vec::new()), || kept_value(5, 50));
+        let Frame::Keep(items) = frame else { panic!("the frame changed kind") };
+        assert_eq!((got, items.len()), (50, 1));
+        assert_eq!(kept_value(6, 60), 60, "outside a block");
+    }
+
+    fn kept_value(key: u32, value: i32) -> i32 {
+        kept(key, || value)
     }
 }

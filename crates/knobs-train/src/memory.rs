@@ -62,7 +62,8 @@ impl std::fmt::Display for Estimate {
 }
 
 /// Activation bytes of one sample through the UNet at `latent` x `latent`. With its blocks
-/// checkpointed each keeps its input alone (one value per channel and pixel), and the
+/// checkpointed each keeps its input alone (one value per channel and pixel; a transformer
+/// block over many tokens also its self-attention's output, see `ops::attention`), and the
 /// backward pass holds one block's activations at a time (the largest's are added).
 fn unet_activations_per_sample(sd: &StableDiffusion, latent: usize, checkpointed: bool) -> f64 {
     let c = &sd.unet.config;
@@ -72,7 +73,8 @@ fn unet_activations_per_sample(sd: &StableDiffusion, latent: usize, checkpointed
     let mut block = |channels: usize, pixels: f64, resnets: usize, transformers: usize| {
         let one = channels as f64 * pixels * if transformers > 0 { TRANSFORMER_VALUES.max(RESNET_VALUES) } else { RESNET_VALUES };
         largest = largest.max(one);
-        let (resnet, transformer) = if checkpointed { (1.0, 1.0) } else { (RESNET_VALUES, TRANSFORMER_VALUES) };
+        let keeps_attention = pixels >= (knobs_nn::ops::attention::KEEP_FROM_KEYS_PER_CHANNEL * channels) as f64;
+        let (resnet, transformer) = if checkpointed { (1.0, if keeps_attention { 2.0 } else { 1.0 }) } else { (RESNET_VALUES, TRANSFORMER_VALUES) };
         channels as f64 * pixels * (resnets as f64 * resnet + transformers as f64 * transformer)
     };
     let mut values = 0.0;
