@@ -100,7 +100,7 @@ fn fused_half(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, dims: Dims, scale: f3
     let (q, k, v) = (lifted(q, strategy), lifted(k, strategy), lifted(v, strategy));
     record!(FusedAttention, strategy, [q, k, v], {
         let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-        let (out, lse) = kept_if_dear(dims, || forward(&widened(&q), &widened(&k), &widened(&v), dims, scale, products));
+        let (out, lse) = kept_if_dear(dims, products, || forward(&widened(&q), &widened(&k), &widened(&v), dims, scale, products));
         (converted(&out, q.dtype()), Saved { q, k, v, out, lse, dims, scale, products })
     })
 }
@@ -141,7 +141,7 @@ fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32, produ
     }
     record!(FusedAttention, q.gradient_checkpointing_strategy(), [q, k, v], {
         let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-        let (out, lse) = kept_if_dear(dims, || forward(&q, &k, &v, dims, scale, products));
+        let (out, lse) = kept_if_dear(dims, products, || forward(&q, &k, &v, dims, scale, products));
         (out.clone(), Saved { q, k, v, out, lse, dims, scale, products })
     })
 }
@@ -155,9 +155,10 @@ fn fused(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, dims: Dims, scale: f32, produ
 /// 1280 channels, and cross-attention over 77 tokens, do not.
 pub const KEEP_FROM_KEYS_PER_CHANNEL: usize = 4;
 
-/// `forward()`, kept across a checkpointed block's passes where it is dear (see above).
-fn kept_if_dear(dims: Dims, forward: impl FnOnce() -> (FlexTensor, FlexTensor)) -> (FlexTensor, FlexTensor) {
-    if dims.m >= KEEP_FROM_KEYS_PER_CHANNEL * dims.width() { crate::checkpoint::kept(dims, forward) } else { forward() }
+/// `forward()`, kept across a checkpointed block's passes where it is dear (see above); the
+/// shape and the products it ran with check that the recomputed pass asks for the same.
+fn kept_if_dear(dims: Dims, products: Products, forward: impl FnOnce() -> (FlexTensor, FlexTensor)) -> (FlexTensor, FlexTensor) {
+    if dims.m >= KEEP_FROM_KEYS_PER_CHANNEL * dims.width() { crate::checkpoint::kept((dims, products), forward) } else { forward() }
 }
 
 fn slice(t: &FlexTensor) -> &[f32] {
