@@ -34,7 +34,7 @@ use rand::rngs::StdRng;
 
 use crate::module::{Module, ModuleExt};
 use crate::ops::portable;
-use crate::param::{ParamMut, autodiff_with};
+use crate::param::{autodiff_with, lift};
 
 /// What a block computes from its input `x` and one more tensor (a time embedding, a text
 /// encoding), as the plain `forward` of its module.
@@ -168,27 +168,22 @@ where
     let Some(inner) = Inner::of(&x) else { return forward(module, x, aux) };
     // The copy's tracked tensors become plain values; the originals are tied to the input.
     let mut copy = module.clone();
-    let (mut tracked, mut originals) = (Vec::new(), Vec::new());
-    copy.for_each_param_mut(|_, p| {
-        let is_tracked = on_param!(&p, t => t.is_tracked());
+    let (mut tracked, mut strategy) = (Vec::new(), x.gradient_checkpointing_strategy().or(aux.gradient_checkpointing_strategy()));
+    copy.for_each_param_mut(|_, mut p| {
+        let is_tracked = p.as_ref().is_tracked();
         tracked.push(is_tracked);
         if is_tracked {
-            originals.push(on_param!(p, t => {
-                let original = t.clone();
-                *t = original.clone().inner();
-                Held::from(original)
-            }));
+            strategy = strategy.or(p.as_ref().gradient_checkpointing_strategy());
+            p.set_inference();
         }
     });
-    if !(x.is_tracked() || aux.is_tracked() || !originals.is_empty()) {
+    if !(x.is_tracked() || aux.is_tracked() || tracked.contains(&true)) {
         return forward(module, x, aux);
     }
-    let strategy = [x.gradient_checkpointing_strategy(), aux.gradient_checkpointing_strategy()]
-        .into_iter()
-        .chain(originals.iter().map(Held::strategy))
-        .flatten()
-        .next();
-    let parts = Parts { copy, tracked, originals, strategy, forward };
+    // The tracked tensors as they were come from a second copy, not from `module`: a copy can
+    // visit other tensors than its original (an A1111 hypernetwork's copy owns its shared
+    // module, which only one of the original's layers visits), and two copies visit alike.
+    let parts = Parts { original: module.clone(), copy, tracked, strategy, forward };
     macro_rules! on {
         ($ib:ty) => {
             match strategy {
@@ -206,12 +201,12 @@ where
 
 /// What the visit of the module found.
 struct Parts<M, const D: usize, const A: usize> {
+    /// A copy of the module as it was: its tracked tensors are tied to the input.
+    original: M,
     /// The module with its tracked tensors as plain values.
     copy: M,
     /// Which of its parameters were tracked, in visiting order.
     tracked: Vec<bool>,
-    /// The tracked ones as they were.
-    originals: Vec<Held>,
     strategy: Option<GradientCheckpointingStrategy>,
     forward: BlockForward<M, D, A>,
 }
@@ -241,9 +236,13 @@ where
     // input's gradient, and each tie its tensor's.
     let chain = if state.x_tracked { x } else { autodiff_with(Tensor::<D>::zeros([1; D], &x.device()), state.strategy) };
     let mut chain = chain.try_into_primitive::<Autodiff<IB, C>>().expect(on_backend);
-    let aux = state.aux_tracked.then(|| aux.clone().try_into_primitive::<Autodiff<IB, C>>().expect(on_backend));
-    let tied = aux.into_iter().chain(parts.originals.into_iter().map(|t| t.primitive::<Autodiff<IB, C>>().expect(on_backend)));
-    for (slot, t) in tied.enumerate() {
+    let mut tied: Vec<_> = state.aux_tracked.then(|| aux.clone().try_into_primitive::<Autodiff<IB, C>>().expect(on_backend)).into_iter().collect();
+    parts.original.for_each_param(|_, p| {
+        if p.is_tracked() {
+            tied.push(p.primitive::<Autodiff<IB, C>>().expect(on_backend));
+        }
+    });
+    for (slot, t) in tied.into_iter().enumerate() {
         let stash = state.stash.clone();
         chain = portable::recorded::<IB, C, _, 2>(Tie, [chain, t], |[chain, _]| Some((chain, (slot, stash)))).expect("a tie computes nothing");
     }
@@ -257,67 +256,6 @@ where
     }
     let out = portable::recorded::<IB, C, _, 1>(BlockOp::<M, D, A>(PhantomData), [chain], |_| Some((y, state))).expect("the output is computed");
     Tensor::from_primitive::<Autodiff<IB, C>>(out)
-}
-
-macro_rules! on_param {
-    ($p:expr, $t:ident => $e:expr) => {
-        match $p {
-            ParamMut::D1($t) => $e,
-            ParamMut::D2($t) => $e,
-            ParamMut::D4($t) => $e,
-        }
-    };
-}
-use on_param;
-
-/// A tracked tensor of any parameter rank.
-enum Held {
-    D1(Tensor<1>),
-    D2(Tensor<2>),
-    D4(Tensor<4>),
-}
-impl From<Tensor<1>> for Held {
-    fn from(t: Tensor<1>) -> Self {
-        Held::D1(t)
-    }
-}
-impl From<Tensor<2>> for Held {
-    fn from(t: Tensor<2>) -> Self {
-        Held::D2(t)
-    }
-}
-impl From<Tensor<4>> for Held {
-    fn from(t: Tensor<4>) -> Self {
-        Held::D4(t)
-    }
-}
-macro_rules! on_held {
-    ($h:expr, $t:ident => $e:expr) => {
-        match $h {
-            Held::D1($t) => $e,
-            Held::D2($t) => $e,
-            Held::D4($t) => $e,
-        }
-    };
-}
-impl Held {
-    fn strategy(&self) -> Option<GradientCheckpointingStrategy> {
-        on_held!(self, t => t.gradient_checkpointing_strategy())
-    }
-    /// The tensor as backend `B`'s primitive (of any rank).
-    fn primitive<B: Backend>(self) -> Option<FloatTensor<B>>
-    where
-        DispatchTensor: DispatchKindConversion<B>,
-    {
-        on_held!(self, t => t.try_into_primitive::<B>().ok())
-    }
-    /// The gradient this leaf got, as backend `IB`'s primitive.
-    fn grad<IB: Backend>(&self, grads: &burn::tensor::Gradients) -> Option<FloatTensor<IB>>
-    where
-        DispatchTensor: DispatchKindConversion<IB>,
-    {
-        on_held!(self, t => t.grad(grads).and_then(|g| g.try_into_primitive::<IB>().ok()))
-    }
 }
 
 /// The gradients the block's backward step leaves for its tracked tensors (the `aux` input
@@ -386,30 +324,23 @@ struct Block<IB: Backend, M, const D: usize, const A: usize> {
 }
 
 /// One run of the block on autodiff tensors.
-struct Run<const D: usize, const A: usize> {
+struct Run<M, const D: usize, const A: usize> {
     y: Tensor<D>,
     x: Tensor<D>,
     aux: Tensor<A>,
-    /// The tracked parameters' leaves, in visiting order (empty for an untracked run).
-    params: Vec<Held>,
+    /// The module run, its tracked parameters leaves of this run's graph when it has one.
+    module: M,
 }
 
 impl<IB: Backend, M: Module + Clone, const D: usize, const A: usize> Block<IB, M, D, A> {
     /// The block, its tracked tensors fresh leaves when `leaves`, else untracked.
-    fn run(&self, leaves: bool) -> Run<D, A> {
+    fn run(&self, leaves: bool) -> Run<M, D, A> {
         let mut module = (*self.module).clone();
-        let mut params = Vec::new();
-        let mut i = 0;
-        module.for_each_param_mut(|_, p| {
-            if self.tracked[i] {
-                on_param!(p, t => {
-                    *t = lift(t.clone(), self.strategy, leaves);
-                    if leaves {
-                        params.push(Held::from(t.clone()));
-                    }
-                });
+        let mut tracked = self.tracked.iter();
+        module.for_each_param_mut(|_, mut p| {
+            if tracked.next() == Some(&true) {
+                p.lift(self.strategy, leaves);
             }
-            i += 1;
         });
         let x = lift(self.x.clone(), self.strategy, leaves && self.x_tracked);
         let aux = lift(self.aux.clone(), self.strategy, leaves && self.aux_tracked);
@@ -419,7 +350,7 @@ impl<IB: Backend, M: Module + Clone, const D: usize, const A: usize> Block<IB, M
         if let Some(before) = before {
             crate::dropout::swap_stream(before);
         }
-        Run { y, x, aux, params }
+        Run { y, x, aux, module }
     }
 }
 
@@ -447,7 +378,12 @@ where
             if block.aux_tracked {
                 stash.push(run.aux.grad(&inner).and_then(|g| g.try_into_primitive::<IB>().ok()));
             }
-            stash.extend(run.params.iter().map(|p| p.grad::<IB>(&inner)));
+            let mut tracked = block.tracked.iter();
+            run.module.for_each_param(|_, p| {
+                if tracked.next() == Some(&true) {
+                    stash.push(p.grad_primitive::<IB>(&inner));
+                }
+            });
         }
         let Some(node) = chain else { return };
         // The chain's node always gets a gradient (its ties consume one): zeros where the
@@ -459,12 +395,6 @@ where
         };
         grads.register::<IB>(node.id, dx.try_into_primitive::<IB>().expect("a gradient on the block's backend"));
     }
-}
-
-/// `t` on autodiff under `strategy`, a leaf that keeps its gradient when `leaf`.
-fn lift<const D: usize>(t: Tensor<D>, strategy: Option<GradientCheckpointingStrategy>, leaf: bool) -> Tensor<D> {
-    let t = autodiff_with(t, strategy);
-    if leaf { t.require_grad() } else { t }
 }
 
 struct BlockOp<M, const D: usize, const A: usize>(PhantomData<fn() -> M>);

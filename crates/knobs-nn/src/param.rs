@@ -1,5 +1,7 @@
 //! A borrowed view of one parameter, whatever its rank, so that visitors (optimizers,
 //! loaders, savers, freezers) handle every tensor of a model through one interface.
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, DispatchKindConversion, DispatchTensor};
 use burn::tensor::{DType, GradientCheckpointingStrategy, Gradients, Tensor, TensorData};
 
 use crate::ops::precision::data_as;
@@ -70,6 +72,30 @@ impl ParamRef<'_> {
     pub fn flat(&self) -> Tensor<1> {
         let n = self.numel();
         each!(self, t => (*t).clone().inner().reshape([n]))
+    }
+    /// Whether the autodiff graph tracks it: a trainable leaf, or a value computed from one
+    /// (a generated adapter weight).
+    pub fn is_tracked(&self) -> bool {
+        each!(self, t => t.is_tracked())
+    }
+    pub fn gradient_checkpointing_strategy(&self) -> Option<GradientCheckpointingStrategy> {
+        each!(self, t => t.gradient_checkpointing_strategy())
+    }
+    /// The value as backend `B`'s primitive, for an op recorded by hand; `None` when it is
+    /// not on `B`.
+    pub fn primitive<B: Backend>(&self) -> Option<FloatTensor<B>>
+    where
+        DispatchTensor: DispatchKindConversion<B>,
+    {
+        each!(self, t => (*t).clone().try_into_primitive::<B>().ok())
+    }
+    /// The gradient in its own shape as backend `B`'s primitive; `None` where [`Self::grad`]
+    /// has none or it is not on `B`.
+    pub fn grad_primitive<B: Backend>(&self, grads: &Gradients) -> Option<FloatTensor<B>>
+    where
+        DispatchTensor: DispatchKindConversion<B>,
+    {
+        each!(self, t => t.grad(grads).and_then(|g| g.try_into_primitive::<B>().ok()))
     }
 }
 
@@ -144,6 +170,12 @@ impl ParamMut<'_> {
     /// Takes the parameter out of autodiff altogether, for inference.
     pub fn set_inference(&mut self) {
         each!(self, t => **t = (*t).clone().inner())
+    }
+
+    /// Puts the value on autodiff under `strategy`: a fresh leaf that keeps its gradient when
+    /// `leaf`, else untracked. The dtype stays (unlike [`Self::set_trainable`]).
+    pub fn lift(&mut self, strategy: Option<GradientCheckpointingStrategy>, leaf: bool) {
+        each!(self, t => **t = lift((*t).clone(), strategy, leaf))
     }
 
     /// Replaces the value with `data`, which must have the same shape. Trainability is kept.
@@ -252,4 +284,10 @@ pub fn autodiff_with<const D: usize>(t: Tensor<D>, strategy: Option<GradientChec
         Some(s) => t.autodiff().with_gradient_checkpointing_strategy(s),
         None => t,
     }
+}
+
+/// `t` on autodiff under `strategy`, a fresh leaf that keeps its gradient when `leaf`.
+pub(crate) fn lift<const D: usize>(t: Tensor<D>, strategy: Option<GradientCheckpointingStrategy>, leaf: bool) -> Tensor<D> {
+    let t = autodiff_with(t, strategy);
+    if leaf { t.require_grad() } else { t }
 }
